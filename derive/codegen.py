@@ -1,0 +1,185 @@
+"""Stage 4: render a flow IR into a self-contained numba module.
+
+The Python here turns the IR into plain data (code lines, loop nests, layout);
+the Jinja templates in derive/templates decide the module's shape. Output is a
+pure function of the inputs: symbols are ordered, ``cse`` uses numbered
+symbols, and the header holds a hash of every input and no timestamp.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+import jinja2.meta
+import sympy as sp
+
+from . import __version__
+from .activations import get_activation, z
+from .expand import FUNC_OF_KIND, RawTerm
+from .flow import Component, FlowIR, FlowTerm, build_flow
+from .models import model_file
+from .printer import code
+from .symbols import STUDENT, index_kind
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+KERNEL_TEMPLATE = "kernel.py.jinja"
+
+
+def environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def check_context(env: jinja2.Environment, name: str, context: dict) -> None:
+    """A template variable missing from the context, or a context key the template
+    never reads, is an error rather than a blank or a silent omission."""
+    source = env.loader.get_source(env, name)[0]
+    wanted = jinja2.meta.find_undeclared_variables(env.parse(source))
+    missing = wanted - set(context)
+    extra = set(context) - wanted
+    if missing or extra:
+        raise ValueError(f"template {name}: missing {sorted(missing)}, unused {sorted(extra)}")
+
+
+@dataclass(frozen=True)
+class Loop:
+    """A nest of loops over summation indices and the statements in its body."""
+
+    indices: tuple[tuple[str, str], ...]  # (name, bound) from outermost
+    statements: tuple[str, ...]
+
+
+def _bound(idx: sp.Idx) -> str:
+    return "K" if index_kind(idx) == STUDENT else "M"
+
+
+def _term_expr(t) -> sp.Expr:
+    if isinstance(t, FlowTerm):
+        body = t.coeff
+        if t.primitive is not None:
+            body = body * sp.Function(t.primitive)(*t.args)
+        return body
+    assert isinstance(t, RawTerm)
+    body = t.coeff * sp.Symbol("zeta") ** t.zeta_power
+    for kind, fld in t.factors:
+        body = body * (fld if kind == "id" else FUNC_OF_KIND[kind](fld))
+    return body
+
+
+def loops(component: Component, primitive_names) -> list[Loop]:
+    """Group the component's terms by their summation indices, one loop nest each."""
+    groups: dict[tuple, list[str]] = {}
+    for t in component.terms:
+        key = tuple((str(s.label), _bound(s)) for s in t.sums)
+        groups.setdefault(key, []).append(code(_term_expr(t), primitive_names))
+    return [Loop(k, tuple(v)) for k, v in groups.items()]
+
+
+def primitive_code(d) -> dict:
+    """Body of one primitive: covariance loads, cse temporaries, return value."""
+    syms = sorted(d.expr.free_symbols, key=str)
+    loads = []
+    for s in syms:
+        a, b = str(s)[2], str(s)[3]
+        loads.append(f"{s} = C[{a}, {b}]")
+    temps, (ret,) = sp.cse([d.expr], symbols=sp.numbered_symbols("t"), order="canonical")
+    return {
+        "name": d.name,
+        "labels": list(d.labels),
+        "kinds": list(d.kinds),
+        "loads": loads,
+        "temps": [f"{s} = {code(e)}" for s, e in temps],
+        "ret": code(ret),
+        "provenance": list(d.provenance),
+        "ops": int(sp.count_ops(d.expr)),
+    }
+
+
+def _shape(v) -> str:
+    return "K" if v.over == STUDENT else "M"
+
+
+def context(ir: FlowIR) -> dict:
+    model = ir.model
+    act = get_activation(ir.activation)
+    names = [d.name for d in ir.primitives]
+    state = [("Q", ("K", "K")), ("R", ("K", "M"))] + [(v.name, ("K",)) for v in model.state_vectors]
+    consts = [("T", ("M", "M"))] + [(v.name, (_shape(v),)) for v in model.const_vectors]
+    vectors = [(v.name, (_shape(v),)) for v in model.state_vectors + model.const_vectors]
+    shapes = dict(state)
+    comps = []
+    for c in ir.derivatives:
+        comps.append({
+            "name": c.name,
+            "shape": shapes[c.name],
+            "free": [(str(i.label), _bound(i)) for i in c.free],
+            "loops": loops(c, names),
+        })
+    mets = [{"name": c.name, "loops": loops(c, names)} for c in ir.metrics]
+    samples = [
+        {"name": c.name, "free": [(str(i.label), _bound(i)) for i in c.free], "loops": loops(c, names)}
+        for c in ir.samples
+    ]
+    prims = [primitive_code(d) for d in ir.primitives]
+    acts = [
+        {"name": "g", "code": code(act.expr)},
+        {"name": "gp", "code": code(act.d1)},
+        {"name": "gpp", "code": code(act.d2)},
+    ]
+    ops = sum(p["ops"] for p in prims) + sum(
+        int(sp.count_ops(t.coeff)) for c in ir.derivatives + ir.metrics for t in c.terms
+    )
+    return {
+        "model": model.name,
+        "model_doc": model.doc,
+        "section": model.section,
+        "model_file": model_file(model.name),
+        "activation": act.name,
+        "activation_doc": act.doc,
+        "template": f"derive/templates/{KERNEL_TEMPLATE}",
+        "inputs_hash": inputs_hash(model.name, act.name),
+        "derive_version": __version__,
+        "sympy_version": sp.__version__,
+        "ops": ops,
+        "params": [p.name for p in model.params],
+        "state": state,
+        "consts": consts,
+        "vectors": vectors,
+        "derivatives": comps,
+        "metrics": mets,
+        "samples": samples,
+        "primitives": prims,
+        "activations": acts,
+        "z": str(z),
+    }
+
+
+def inputs_hash(model_name: str, activation: str) -> str:
+    """sha256 over everything the output depends on: derive's sources, the
+    templates, the model and activation names and the sympy version."""
+    h = hashlib.sha256()
+    files = sorted(p for p in (ROOT / "derive").rglob("*") if p.suffix in (".py", ".jinja"))
+    for p in files:
+        h.update(p.relative_to(ROOT).as_posix().encode() + b"\0")
+        h.update(p.read_bytes().replace(b"\r\n", b"\n") + b"\0")
+    h.update(f"{model_name}\0{activation}\0sympy {sp.__version__}".encode())
+    return h.hexdigest()
+
+
+def render(model_name: str, activation: str) -> str:
+    """The text of ``generated/{model}_{activation}.py``."""
+    ir = build_flow(model_name, activation)
+    env = environment()
+    ctx = context(ir)
+    check_context(env, KERNEL_TEMPLATE, ctx)
+    return env.get_template(KERNEL_TEMPLATE).render(**ctx)

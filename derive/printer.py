@@ -1,0 +1,61 @@
+"""Printing sympy expressions as numba-compatible Python (used by derive/codegen.py).
+
+Symbols map to names and array slots here, never by string replacement:
+fields inside a primitive become rows of the covariance matrix (student k ->
+``k``, teacher m -> ``K + m``), the field arrays of a sample become ``lam`` and
+``nu``, Kronecker deltas become conditional expressions.
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+from sympy.printing.pycode import PythonCodePrinter
+
+from .gaussian import PRIMITIVES
+from .symbols import g, gp, gpp, lam, nu
+
+
+class KernelPrinter(PythonCodePrinter):
+    """Python code for numba: ``math`` functions, array slots for indexed symbols."""
+
+    def __init__(self, primitive_names=(), settings=None):
+        super().__init__(settings or {"fully_qualified_modules": True, "standard": "python3"})
+        self.primitive_names = set(primitive_names) | set(PRIMITIVES)
+
+    def _print_Idx(self, expr):
+        return str(expr.label)
+
+    def _print_Indexed(self, expr):
+        base = "lam" if expr.base == lam else str(expr.base)
+        return f"{base}[{', '.join(self._print(i) for i in expr.indices)}]"
+
+    def _print_KroneckerDelta(self, expr):
+        a, b = expr.args
+        return f"(1.0 if {self._print(a)} == {self._print(b)} else 0.0)"
+
+    def _print_Function(self, expr):
+        name = expr.func.__name__
+        if name in self.primitive_names:
+            return f"{name}(C, {', '.join(self._field_row(a) for a in expr.args)})"
+        if expr.func in (g, gp, gpp):
+            return f"{name}({self._print(expr.args[0])})"
+        return super()._print_Function(expr)
+
+    def _field_row(self, fld: sp.Indexed) -> str:
+        (i,) = fld.indices
+        if fld.base == lam:
+            return self._print(i)
+        if fld.base == nu:
+            return f"K + {self._print(i)}"
+        raise ValueError(f"primitive argument {fld} is not a field")
+
+    def _print_Rational(self, expr):
+        # float literals keep numba's arithmetic in float64
+        return f"{float(expr.p)}/{float(expr.q)}" if expr.q != 1 else f"{float(expr.p)}"
+
+    def _print_Integer(self, expr):
+        return f"{int(expr)}"
+
+
+def code(expr: sp.Expr, primitive_names=()) -> str:
+    return KernelPrinter(primitive_names).doprint(expr)

@@ -1,0 +1,88 @@
+"""The vocabulary of model files (MODELS.md section 1).
+
+A model file writes its network with these sympy objects:
+
+- ``K``, ``M``: numbers of student and teacher units;
+- ``student_index(name)`` / ``teacher_index(name)``: summation indices over
+  ``0..K-1`` and ``0..M-1``;
+- ``lam[k]`` and ``nu[m]``: the local fields of student and teacher units;
+- ``g``: the activation, left abstract here (``g.diff`` gives ``gp`` = g',
+  ``gp.diff`` gives ``gpp``); the derivation substitutes a concrete activation
+  only when it evaluates Gaussian expectations;
+- ``zeta``: a standard Gaussian label noise, independent of every field.
+
+The kind of an index (student or teacher) is read from its range, so that
+``lam[k]`` with a teacher index is caught as an error.
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+
+K = sp.Symbol("K", integer=True, positive=True)
+M = sp.Symbol("M", integer=True, positive=True)
+
+lam = sp.IndexedBase("lambda")
+nu = sp.IndexedBase("nu")
+zeta = sp.Symbol("zeta", real=True)
+
+STUDENT = "student"
+TEACHER = "teacher"
+
+
+class gpp(sp.Function):
+    """Second derivative of the activation, g''(z)."""
+
+    nargs = 1
+
+
+class gp(sp.Function):
+    """Derivative of the activation, g'(z)."""
+
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return gpp(self.args[0])
+
+
+class g(sp.Function):
+    """The activation g(z); made concrete by an Activation at expectation time."""
+
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        return gp(self.args[0])
+
+
+def student_index(name: str) -> sp.Idx:
+    """A summation index over the K student units."""
+    return sp.Idx(name, K)
+
+
+def teacher_index(name: str) -> sp.Idx:
+    """A summation index over the M teacher units."""
+    return sp.Idx(name, M)
+
+
+def index_kind(idx: sp.Idx) -> str:
+    """``STUDENT`` or ``TEACHER``, from the index range."""
+    upper = idx.upper
+    if upper == K - 1:
+        return STUDENT
+    if upper == M - 1:
+        return TEACHER
+    raise ValueError(f"index {idx} has range {idx.lower}..{upper}; expected 0..K-1 or 0..M-1")
+
+
+def student_sum(expr: sp.Expr, idx: sp.Idx) -> sp.Sum:
+    """sum over the student units, ``idx = 0..K-1``."""
+    if index_kind(idx) != STUDENT:
+        raise ValueError(f"student_sum needs a student index, got {idx}")
+    return sp.Sum(expr, (idx, 0, K - 1))
+
+
+def teacher_sum(expr: sp.Expr, idx: sp.Idx) -> sp.Sum:
+    """sum over the teacher units, ``idx = 0..M-1``."""
+    if index_kind(idx) != TEACHER:
+        raise ValueError(f"teacher_sum needs a teacher index, got {idx}")
+    return sp.Sum(expr, (idx, 0, M - 1))
