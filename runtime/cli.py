@@ -1,0 +1,167 @@
+"""Command line of runtime (INTERFACE.md): the main job, flow, simulate, models."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from derive.models import MODEL_NAMES, get_model
+
+from .init import Init, sampled_init
+from .integrate import METHODS, FlowDiverged, flow
+from .plots import plot_metric, plot_overlaps
+from .simulate import simulate
+
+RUNS = Path("runs")
+
+
+def parse_sets(items: list[str], model: str) -> dict[str, float]:
+    """``key=value`` pairs, each checked against the model's parameters."""
+    spec = get_model(model)
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set takes key=value, got {item!r}")
+        key, val = item.split("=", 1)
+        key = key.strip()
+        try:
+            num = float(val)
+        except ValueError:
+            raise ValueError(f"--set {key}: {val!r} is not a number") from None
+        out[key] = spec.param(key).check(num)
+    return out
+
+
+def _out_dir(args, kind: str, config: dict) -> Path:
+    if getattr(args, "out", None):
+        return Path(args.out)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return RUNS / f"{kind}-{config.get('model', 'main')}-{digest}"
+
+
+def _init(args, model: str) -> Init:
+    spec = get_model(model)
+    if args.init:
+        return Init.from_file(args.init, spec)
+    return sampled_init(spec, args.K, args.M, args.n, args.seed, args.sigma0)
+
+
+def _add_common(p: argparse.ArgumentParser, flow_cmd: bool) -> None:
+    p.add_argument("--model", required=True, choices=MODEL_NAMES)
+    p.add_argument("--activation", default="erf", choices=("erf", "linear"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a model parameter (see `python -m runtime models`)")
+    p.add_argument("--init", help="initial order parameters (.npz with Q, R, T and the readouts)")
+    p.add_argument("--t-max", type=float, required=True, help="final alpha")
+    p.add_argument("--record-every", type=float, default=None,
+                   help="recording interval in alpha (default: every step for flow, 0.1 for simulate)")
+    p.add_argument("--K", type=int, default=2, help="student units for a sampled start (no --init)")
+    p.add_argument("--M", type=int, default=2, help="teacher units for a sampled start (no --init)")
+    p.add_argument("--sigma0", type=float, default=0.1, help="std of the sampled first-layer weights")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled start (simulate: of the first seed)")
+    p.add_argument("--out", help="output directory (default: runs/<kind>-<model>-<config hash>)")
+    p.add_argument("--no-progress", action="store_true")
+    if flow_cmd:
+        p.add_argument("--dt", type=float, required=True)
+        p.add_argument("--method", default="euler", choices=METHODS)
+        p.add_argument("--n", type=int, default=1000, help="N of the sampled network behind a sampled start")
+    else:
+        p.add_argument("--n", type=int, required=True, help="input dimension N")
+        p.add_argument("--seeds", type=int, default=5, help="number of independent runs")
+
+
+def cmd_flow(args) -> Path:
+    params = parse_sets(args.set, args.model)
+    init = _init(args, args.model)
+    traj = flow(args.model, init, params, t_max=args.t_max, dt=args.dt, method=args.method,
+                record_every=args.record_every, activation=args.activation, progress=not args.no_progress)
+    out = _out_dir(args, "flow", {"model": args.model, **vars(args)})
+    traj.save(out)
+    if "eps_g" in traj.arrays:
+        plot_metric(traj, None, "eps_g", out / "eps_g.png", f"{args.model} flow")
+    return out
+
+
+def cmd_simulate(args) -> Path:
+    params = parse_sets(args.set, args.model)
+    init = Init.from_file(args.init, get_model(args.model)) if args.init else None
+    traj = simulate(args.model, params, N=args.n, seeds=args.seeds, t_max=args.t_max, init=init, K=args.K,
+                    M=args.M, sigma0=args.sigma0, record_every=args.record_every or 0.1, seed=args.seed,
+                    activation=args.activation, progress=not args.no_progress)
+    out = _out_dir(args, "simulate", {"model": args.model, **vars(args)})
+    traj.save(out)
+    if "eps_g" in traj.arrays:
+        plot_metric(None, traj, "eps_g", out / "eps_g.png", f"{args.model} simulation")
+    return out
+
+
+def cmd_models(args) -> None:
+    for name in MODEL_NAMES:
+        spec = get_model(name)
+        print(f"{name}: {spec.doc} ({spec.section})")
+        for p in spec.params:
+            rng = f", >= {p.minimum:g}" if p.minimum is not None else ""
+            print(f"    {p.name:<8} default {p.default:<6g}{rng}  {p.doc}")
+        for v in spec.vectors:
+            print(f"    {v.name:<8} readout over {v.over} units, default all {v.default:g}: {v.doc}")
+        print()
+
+
+# The main job until the meta-learning model lands: the classic plateau of the
+# soft committee machine, flow and finite-N simulation side by side.
+MAIN = {
+    "model": "scm",
+    "params": {"eta": 1.0, "sigma": 0.0},
+    "Q0": [[0.01, 0.0], [0.0, 0.01]],
+    "R0": [[0.03, -0.01], [-0.01, 0.03]],
+    "t_max": 120.0,
+    "dt": 0.01,
+    "record_every": 2.0,
+    "N": 1000,
+    "seeds": 5,
+}
+
+
+def cmd_main(args) -> Path:
+    cfg = MAIN
+    spec = get_model(cfg["model"])
+    init = Init(np.array(cfg["Q0"]), np.array(cfg["R0"]), np.eye(2)).validate(spec)
+    fl = flow(cfg["model"], init, cfg["params"], t_max=cfg["t_max"], dt=cfg["dt"],
+              record_every=cfg["record_every"], progress=True)
+    sim = simulate(cfg["model"], cfg["params"], N=cfg["N"], seeds=cfg["seeds"], t_max=cfg["t_max"], init=init,
+                   record_every=cfg["record_every"], progress=True)
+    out = Path(args.out) if args.out else _out_dir(args, "main", cfg)
+    fl.save(out / "flow")
+    sim.save(out / "simulation")
+    title = f"{cfg['model']}, K = M = 2, eta = {cfg['params']['eta']}"
+    plot_metric(fl, sim, "eps_g", out / "eps_g.png", title)
+    plot_overlaps(fl, sim, out / "overlaps.png", title)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
+    parser.add_argument("--out", help="output directory of the main job")
+    sub = parser.add_subparsers(dest="command")
+    _add_common(sub.add_parser("flow", help="integrate the flow of one model"), True)
+    _add_common(sub.add_parser("simulate", help="run the finite-N simulation of one model"), False)
+    sub.add_parser("models", help="list the models and their parameters")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "models":
+            cmd_models(args)
+            return 0
+        out = {"flow": cmd_flow, "simulate": cmd_simulate, None: cmd_main}[args.command](args)
+    except FlowDiverged as exc:
+        print(f"error: {exc}; nothing was written", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"results written to {out}")
+    return 0

@@ -1,0 +1,118 @@
+"""Integrating a generated flow (Euler as in the literature, or RK4).
+
+The time loops are the generated ``run_euler`` and ``run_rk4`` (rendered from
+derive/templates/_macros.jinja into every kernel, so numba's cache sees them
+with their right-hand side); this front end checks inputs, runs them in chunks
+for the progress bar, stops on divergence and assembles the trajectory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .init import Init
+from .kernels import Kernel, load
+from .trajectory import Trajectory, metadata
+
+METHODS = ("euler", "rk4")
+
+
+class FlowDiverged(RuntimeError):
+    """The state stopped being finite; ``alpha`` says where."""
+
+    def __init__(self, alpha: float, model: str):
+        self.alpha = alpha
+        super().__init__(
+            f"the {model} flow diverged at alpha = {alpha:.6g} (state no longer finite); "
+            "try a smaller dt or learning rate"
+        )
+
+
+def steps_for(t: float, dt: float, what: str) -> int:
+    """Number of steps of length ``dt`` in ``t``; ``t`` must be a multiple of ``dt``."""
+    if not (dt > 0 and math.isfinite(dt)):
+        raise ValueError(f"dt must be a positive number, got {dt}")
+    if not (t > 0 and math.isfinite(t)):
+        raise ValueError(f"{what} must be a positive number, got {t}")
+    n = round(t / dt)
+    if n < 1 or abs(n * dt - t) > 1e-9 * max(1.0, t):
+        raise ValueError(f"{what} = {t} is not a whole number of steps dt = {dt}")
+    return n
+
+
+def flow(
+    model: str,
+    init: Init,
+    params: dict | None = None,
+    t_max: float = 10.0,
+    dt: float = 0.01,
+    method: str = "euler",
+    record_every: float | None = None,
+    activation: str = "erf",
+    progress: bool = False,
+) -> Trajectory:
+    """Integrate the flow of ``model`` from ``init`` up to ``alpha = t_max``.
+
+    ``record_every`` (in alpha, a multiple of ``dt``; default ``dt``, every step)
+    sets the recorded times, which start at 0 and end at ``t_max``.
+    """
+    kernel = load(model, activation)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    values = kernel.model.resolve_params(params)
+    init = init.validate(kernel.model)
+    n_steps = steps_for(t_max, dt, "t_max")
+    rec = steps_for(record_every if record_every is not None else dt, dt, "record_every")
+    if n_steps % rec:
+        raise ValueError(f"t_max = {t_max} is not a multiple of record_every = {record_every}")
+    K, M = init.K, init.M
+    y = kernel.pack_state(init.arrays(), K, M)
+    c = kernel.pack_consts(init.arrays(), K, M)
+    p = kernel.param_vector(values)
+    n_rec = n_steps // rec
+    traj = np.empty((n_rec + 1, y.size))
+    traj[0] = y
+    run = kernel.module.run_euler if method == "euler" else kernel.module.run_rk4
+    # chunks of whole recording intervals, about 50 of them when a bar is shown
+    per_chunk = max(1, n_rec // 50) if progress else n_rec
+    bar = _bar(n_steps, progress, f"flow {model}")
+    done = 0
+    while done < n_rec:
+        todo = min(per_chunk, n_rec - done)
+        bad = run(y, c, p, K, M, dt, todo * rec, rec, traj, done)
+        if bad >= 0:
+            if bar:
+                bar.close()
+            raise FlowDiverged((done * rec + bad) * dt, model)
+        done += todo
+        if bar:
+            bar.update(todo * rec)
+    if bar:
+        bar.close()
+    return _assemble(kernel, traj, c, p, K, M, np.arange(n_rec + 1) * (rec * dt), values,
+                     {"t_max": t_max, "dt": dt, "method": method, "record_every": rec * dt})
+
+
+def _assemble(kernel: Kernel, traj, c, p, K, M, alpha, values, extra) -> Trajectory:
+    arrays = {"alpha": alpha}
+    state = kernel.unpack_state(traj, K, M)
+    consts = kernel.unpack(kernel.module.CONSTS, c, K, M)
+    arrays.update({k: np.array(v) for k, v in state.items()})
+    arrays["T"] = np.array(consts["T"])
+    for name, val in consts.items():
+        if name != "T":
+            arrays[name] = np.array(val)
+    mets = kernel.metrics(traj, c, p, K, M)
+    for i, name in enumerate(kernel.metric_names):
+        arrays[name] = mets[:, i]
+    return Trajectory(arrays, metadata("flow", kernel, values, K=K, M=M, **extra))
+
+
+def _bar(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", leave=False, mininterval=0.5)

@@ -1,0 +1,105 @@
+"""Loading a generated kernel module and packing its flat arrays."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from derive.activations import ACTIVATIONS
+from derive.model import Model
+from derive.models import get_model
+
+
+def _dims(shape: tuple[str, ...], K: int, M: int) -> tuple[int, ...]:
+    return tuple(K if s == "K" else M for s in shape)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A generated module with its model definition and layout helpers."""
+
+    module: ModuleType
+    model: Model
+    activation: str
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return self.module.PARAMS
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return self.module.METRICS
+
+    @property
+    def file_hash(self) -> str:
+        """sha256 of the generated file that runs (recorded in metadata.json)."""
+        return hashlib.sha256(Path(self.module.__file__).read_bytes()).hexdigest()
+
+    def state_size(self, K: int, M: int) -> int:
+        return sum(int(np.prod(_dims(s, K, M))) for _, s in self.module.STATE)
+
+    def pack(self, items, arrays: dict[str, np.ndarray], K: int, M: int) -> np.ndarray:
+        parts = []
+        for name, shape in items:
+            a = np.asarray(arrays[name], dtype=np.float64)
+            if a.shape != _dims(shape, K, M):
+                raise ValueError(f"{name} has shape {a.shape}, expected {_dims(shape, K, M)}")
+            parts.append(a.ravel())
+        return np.ascontiguousarray(np.concatenate(parts)) if parts else np.zeros(0)
+
+    def unpack(self, items, flat: np.ndarray, K: int, M: int) -> dict[str, np.ndarray]:
+        """Views of a flat array (or of the last axis of a stack of them)."""
+        out, o = {}, 0
+        lead = flat.shape[:-1]
+        for name, shape in items:
+            dims = _dims(shape, K, M)
+            size = int(np.prod(dims))
+            out[name] = flat[..., o : o + size].reshape(lead + dims)
+            o += size
+        return out
+
+    def pack_state(self, arrays, K, M):
+        return self.pack(self.module.STATE, arrays, K, M)
+
+    def unpack_state(self, y, K, M):
+        return self.unpack(self.module.STATE, y, K, M)
+
+    def pack_consts(self, arrays, K, M):
+        return self.pack(self.module.CONSTS, arrays, K, M)
+
+    def param_vector(self, values: dict[str, float]) -> np.ndarray:
+        return np.array([values[p] for p in self.params], dtype=np.float64)
+
+    def metrics(self, y: np.ndarray, c: np.ndarray, p: np.ndarray, K: int, M: int) -> np.ndarray:
+        """Metrics at one state (1-d y) or at each state of a stack (n, size)."""
+        ys = np.atleast_2d(y)
+        out = np.empty((ys.shape[0], len(self.metric_names)))
+        for i in range(ys.shape[0]):
+            self.module.metrics(np.ascontiguousarray(ys[i]), c, p, K, M, out[i])
+        return out if y.ndim == 2 else out[0]
+
+
+@lru_cache(maxsize=None)
+def load(model: str, activation: str = "erf") -> Kernel:
+    """The generated kernel of ``model`` with ``activation`` (erf or linear)."""
+    spec = get_model(model)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; known: {', '.join(sorted(ACTIVATIONS))}")
+    try:
+        module = importlib.import_module(f"generated.{model}_{activation}")
+    except ImportError as exc:
+        raise RuntimeError(
+            f"no generated kernel for {model}/{activation}; run: python -m derive regenerate"
+        ) from exc
+    if tuple(module.PARAMS) != tuple(p.name for p in spec.params):
+        raise RuntimeError(
+            f"generated/{model}_{activation}.py is stale (parameters {module.PARAMS} differ from "
+            f"the model definition); run: python -m derive regenerate"
+        )
+    return Kernel(module, spec, activation)
