@@ -119,12 +119,14 @@ def context(ir: FlowIR) -> dict:
     shapes = dict(state)
     comps = []
     for c in ir.derivatives:
-        comps.append({
-            "name": c.name,
-            "shape": shapes[c.name],
-            "free": [(str(i.label), _bound(i)) for i in c.free],
-            "loops": loops(c, names),
-        })
+        comps.append(
+            {
+                "name": c.name,
+                "shape": shapes[c.name],
+                "free": [(str(i.label), _bound(i)) for i in c.free],
+                "loops": loops(c, names),
+            }
+        )
     mets = [{"name": c.name, "loops": loops(c, names)} for c in ir.metrics]
     samples = [
         {"name": c.name, "free": [(str(i.label), _bound(i)) for i in c.free], "loops": loops(c, names)}

@@ -209,9 +209,7 @@ class _Engine:
             ua, ub = sp.symbols("x_1 x_2", real=True)
             Cl = {(ua, ua): p, (ub, ub): q, (ua, ub): c, (ub, ua): c}
             sub = _Engine(self.act)
-            integrand = sub.expect(
-                sp.diff(h1.subs(a, ua), ua) * sp.diff(h2.subs(b, ub), ub), [ua, ub], Cl
-            )
+            integrand = sub.expect(sp.diff(h1.subs(a, ua), ua) * sp.diff(h2.subs(b, ub), ub), [ua, ub], Cl)
             integrand = sp.simplify(integrand)
             value = sp.integrate(integrand, (c, 0, x))
             value = sp.simplify(value)

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 e237cc43a3a3db802bfadd1476cbb3826db2d76f0516f961da41091652cbb483
+# inputs:     sha256 047bec9e1bac3a9e879b67821c503345f4c9d1a48aebdc6e75f3612b0082393a
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 200 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "e237cc43a3a3db802bfadd1476cbb3826db2d76f0516f961da41091652cbb483"
+INPUTS_SHA256 = "047bec9e1bac3a9e879b67821c503345f4c9d1a48aebdc6e75f3612b0082393a"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

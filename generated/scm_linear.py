@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 fe2017fddd2acea231e85d4a8940527626a94198ab0f298d23248f78c0452615
+# inputs:     sha256 b317ee1ed0ef61b925c0a5fc5b3e1d3c546aaefe48194c60668a983f7e08ad53
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "fe2017fddd2acea231e85d4a8940527626a94198ab0f298d23248f78c0452615"
+INPUTS_SHA256 = "b317ee1ed0ef61b925c0a5fc5b3e1d3c546aaefe48194c60668a983f7e08ad53"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 3b18392692b5bd3ad9aa6281600bb15e5957cd30497a044eb45d398f516a7c3c
+# inputs:     sha256 b0848802d0fe90e3dfcabf8e8bff4f3b43f2507e58ca3a2da99066d2af5f4c53
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 279 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "3b18392692b5bd3ad9aa6281600bb15e5957cd30497a044eb45d398f516a7c3c"
+INPUTS_SHA256 = "b0848802d0fe90e3dfcabf8e8bff4f3b43f2507e58ca3a2da99066d2af5f4c53"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

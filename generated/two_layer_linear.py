@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 92581ed1dda144472eaba13bc399c3ea8590535ab48797ceff3cc4fae6b55daf
+# inputs:     sha256 23d656f97acbfed41ad2b82789fe4f662bc098433ae0c66f315c38164129cd0a
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "92581ed1dda144472eaba13bc399c3ea8590535ab48797ceff3cc4fae6b55daf"
+INPUTS_SHA256 = "23d656f97acbfed41ad2b82789fe4f662bc098433ae0c66f315c38164129cd0a"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

@@ -1,9 +1,9 @@
 """runtime: integrate generated flows, simulate the networks they describe, plot both.
 
-    from runtime import flow, simulate, Init, sampled_init
-    init = sampled_init("two_layer", K=2, M=2, N=1000, seed=0)
-    traj = flow("two_layer", init, {"eta": 1.0}, t_max=10, dt=0.01)
-    traj.eps_g, traj.Q, traj.alpha
+from runtime import flow, simulate, Init, sampled_init
+init = sampled_init("two_layer", K=2, M=2, N=1000, seed=0)
+traj = flow("two_layer", init, {"eta": 1.0}, t_max=10, dt=0.01)
+traj.eps_g, traj.Q, traj.alpha
 """
 
 from .init import Init, realise, sample_network, sampled_init

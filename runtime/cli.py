@@ -54,16 +54,27 @@ def _init(args, model: str) -> Init:
 def _add_common(p: argparse.ArgumentParser, flow_cmd: bool) -> None:
     p.add_argument("--model", required=True, choices=MODEL_NAMES)
     p.add_argument("--activation", default="erf", choices=("erf", "linear"))
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a model parameter (see `python -m runtime models`)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a model parameter (see `python -m runtime models`)",
+    )
     p.add_argument("--init", help="initial order parameters (.npz with Q, R, T and the readouts)")
     p.add_argument("--t-max", type=float, required=True, help="final alpha")
-    p.add_argument("--record-every", type=float, default=None,
-                   help="recording interval in alpha (default: every step for flow, 0.1 for simulate)")
+    p.add_argument(
+        "--record-every",
+        type=float,
+        default=None,
+        help="recording interval in alpha (default: every step for flow, 0.1 for simulate)",
+    )
     p.add_argument("--K", type=int, default=2, help="student units for a sampled start (no --init)")
     p.add_argument("--M", type=int, default=2, help="teacher units for a sampled start (no --init)")
     p.add_argument("--sigma0", type=float, default=0.1, help="std of the sampled first-layer weights")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampled start (simulate: of the first seed)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the sampled start (simulate: of the first seed)"
+    )
     p.add_argument("--out", help="output directory (default: runs/<kind>-<model>-<config hash>)")
     p.add_argument("--no-progress", action="store_true")
     if flow_cmd:
@@ -78,8 +89,17 @@ def _add_common(p: argparse.ArgumentParser, flow_cmd: bool) -> None:
 def cmd_flow(args) -> Path:
     params = parse_sets(args.set, args.model)
     init = _init(args, args.model)
-    traj = flow(args.model, init, params, t_max=args.t_max, dt=args.dt, method=args.method,
-                record_every=args.record_every, activation=args.activation, progress=not args.no_progress)
+    traj = flow(
+        args.model,
+        init,
+        params,
+        t_max=args.t_max,
+        dt=args.dt,
+        method=args.method,
+        record_every=args.record_every,
+        activation=args.activation,
+        progress=not args.no_progress,
+    )
     out = _out_dir(args, "flow", {"model": args.model, **vars(args)})
     traj.save(out)
     if "eps_g" in traj.arrays:
@@ -90,9 +110,21 @@ def cmd_flow(args) -> Path:
 def cmd_simulate(args) -> Path:
     params = parse_sets(args.set, args.model)
     init = Init.from_file(args.init, get_model(args.model)) if args.init else None
-    traj = simulate(args.model, params, N=args.n, seeds=args.seeds, t_max=args.t_max, init=init, K=args.K,
-                    M=args.M, sigma0=args.sigma0, record_every=args.record_every or 0.1, seed=args.seed,
-                    activation=args.activation, progress=not args.no_progress)
+    traj = simulate(
+        args.model,
+        params,
+        N=args.n,
+        seeds=args.seeds,
+        t_max=args.t_max,
+        init=init,
+        K=args.K,
+        M=args.M,
+        sigma0=args.sigma0,
+        record_every=args.record_every or 0.1,
+        seed=args.seed,
+        activation=args.activation,
+        progress=not args.no_progress,
+    )
     out = _out_dir(args, "simulate", {"model": args.model, **vars(args)})
     traj.save(out)
     if "eps_g" in traj.arrays:
@@ -131,10 +163,25 @@ def cmd_main(args) -> Path:
     cfg = MAIN
     spec = get_model(cfg["model"])
     init = Init(np.array(cfg["Q0"]), np.array(cfg["R0"]), np.eye(2)).validate(spec)
-    fl = flow(cfg["model"], init, cfg["params"], t_max=cfg["t_max"], dt=cfg["dt"],
-              record_every=cfg["record_every"], progress=True)
-    sim = simulate(cfg["model"], cfg["params"], N=cfg["N"], seeds=cfg["seeds"], t_max=cfg["t_max"], init=init,
-                   record_every=cfg["record_every"], progress=True)
+    fl = flow(
+        cfg["model"],
+        init,
+        cfg["params"],
+        t_max=cfg["t_max"],
+        dt=cfg["dt"],
+        record_every=cfg["record_every"],
+        progress=True,
+    )
+    sim = simulate(
+        cfg["model"],
+        cfg["params"],
+        N=cfg["N"],
+        seeds=cfg["seeds"],
+        t_max=cfg["t_max"],
+        init=init,
+        record_every=cfg["record_every"],
+        progress=True,
+    )
     out = Path(args.out) if args.out else _out_dir(args, "main", cfg)
     fl.save(out / "flow")
     sim.save(out / "simulation")

@@ -66,9 +66,8 @@ class Init:
         known = {v.name: v for v in model.vectors}
         for name in self.vectors:
             if name not in known:
-                raise ValueError(
-                    f"model {model.name!r} has no readout {name!r}; its readouts: {', '.join(known) or 'none'}"
-                )
+                names = ", ".join(known) or "none"
+                raise ValueError(f"model {model.name!r} has no readout {name!r}; its readouts: {names}")
         for v in model.vectors:
             n = K if v.over == "student" else M
             a = np.asarray(self.vectors.get(v.name, np.full(n, v.default)), dtype=np.float64)

@@ -91,8 +91,17 @@ def flow(
             bar.update(todo * rec)
     if bar:
         bar.close()
-    return _assemble(kernel, traj, c, p, K, M, np.arange(n_rec + 1) * (rec * dt), values,
-                     {"t_max": t_max, "dt": dt, "method": method, "record_every": rec * dt})
+    return _assemble(
+        kernel,
+        traj,
+        c,
+        p,
+        K,
+        M,
+        np.arange(n_rec + 1) * (rec * dt),
+        values,
+        {"t_max": t_max, "dt": dt, "method": method, "record_every": rec * dt},
+    )
 
 
 def _assemble(kernel: Kernel, traj, c, p, K, M, alpha, values, extra) -> Trajectory:

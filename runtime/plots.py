@@ -16,7 +16,9 @@ def _plt():
     return plt
 
 
-def plot_metric(flow, sim=None, metric: str = "eps_g", path: str | Path = "eps_g.png", title: str = "") -> Path:
+def plot_metric(
+    flow, sim=None, metric: str = "eps_g", path: str | Path = "eps_g.png", title: str = ""
+) -> Path:
     """``metric`` against alpha: flow line, simulation mean +- s.e.m. over seeds."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.8), constrained_layout=True)
@@ -25,8 +27,13 @@ def plot_metric(flow, sim=None, metric: str = "eps_g", path: str | Path = "eps_g
     if sim is not None:
         n_seeds = sim.arrays[metric].shape[0]
         ax.errorbar(
-            sim.alpha, sim.arrays[f"{metric}_mean"], yerr=sim.arrays[f"{metric}_sem"], fmt="o", ms=3,
-            color="C1", capsize=2,
+            sim.alpha,
+            sim.arrays[f"{metric}_mean"],
+            yerr=sim.arrays[f"{metric}_sem"],
+            fmt="o",
+            ms=3,
+            color="C1",
+            capsize=2,
             label=f"simulation N = {sim.metadata.get('N')}, {n_seeds} seeds (mean +- s.e.m.)",
         )
     ax.set_xlabel("alpha (steps / N)")
@@ -60,8 +67,15 @@ def plot_overlaps(flow, sim=None, path: str | Path = "overlaps.png", title: str 
                 ax.plot(flow.alpha, r[:, k, m], "-", color=color, label=f"r[{k},{m}]")
             if sim is not None:
                 r = r_of(sim.Q, sim.R, sim.T)
-                ax.errorbar(sim.alpha, r.mean(0)[:, k, m], yerr=r.std(0, ddof=1)[:, k, m] / np.sqrt(r.shape[0]),
-                            fmt="o", ms=2.5, color=color, capsize=2)
+                ax.errorbar(
+                    sim.alpha,
+                    r.mean(0)[:, k, m],
+                    yerr=r.std(0, ddof=1)[:, k, m] / np.sqrt(r.shape[0]),
+                    fmt="o",
+                    ms=2.5,
+                    color=color,
+                    capsize=2,
+                )
     ax.set_xlabel("alpha (steps / N)")
     ax.set_ylabel("r_km = R_km / sqrt(Q_kk T_mm)")
     ax.set_title(title)

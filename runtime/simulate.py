@@ -107,7 +107,9 @@ def simulate(
         K, M = init.K, init.M
         base_vectors = init.vectors
     else:
-        base_vectors = Init(np.eye(K), np.zeros((K, M)), np.eye(M), dict(vectors or {})).validate(spec).vectors
+        base_vectors = (
+            Init(np.eye(K), np.zeros((K, M)), np.eye(M), dict(vectors or {})).validate(spec).vectors
+        )
     if N < K + M:
         raise ValueError(f"N = {N} must be at least K + M = {K + M}")
     p = kernel.param_vector(values)
@@ -124,7 +126,9 @@ def simulate(
             W, B = realise(init, N, rng)
         else:
             W, B = sample_network(K, M, N, rng, sigma0)
-        vec = np.concatenate([np.asarray(base_vectors[v.name], dtype=np.float64) for v in order] + [np.zeros(0)])
+        vec = np.concatenate(
+            [np.asarray(base_vectors[v.name], dtype=np.float64) for v in order] + [np.zeros(0)]
+        )
         T_real = B @ B.T / N
         results.append(_run_seed(kernel, W, B, vec, p, rates, N, n_steps, rec, rng, bar))
     if bar:
@@ -155,8 +159,17 @@ def simulate(
             a.std(axis=0, ddof=1) / np.sqrt(n_seeds) if n_seeds > 1 else np.full(a.shape[1:], np.nan)
         )
     meta = metadata(
-        "simulation", kernel, values, K=K, M=M, N=N, seeds=int(seeds), seed=seed, t_max=t_max,
-        record_every=rec / N, sigma0=None if init is not None else sigma0,
+        "simulation",
+        kernel,
+        values,
+        K=K,
+        M=M,
+        N=N,
+        seeds=int(seeds),
+        seed=seed,
+        t_max=t_max,
+        record_every=rec / N,
+        sigma0=None if init is not None else sigma0,
         init="explicit overlaps (realised exactly)" if init is not None else "sampled network",
     )
     return Trajectory(arrays, meta)

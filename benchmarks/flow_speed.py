@@ -1,0 +1,105 @@
+"""Speed of the generated flows: prints figures, asserts nothing.
+
+    python benchmarks/flow_speed.py [--sizes 2 8 16] [--repeats 5]
+
+- time per Euler step and per unit alpha (dt = 0.01) of two_layer (erf, both
+  layers trained), one thread, median of --repeats runs after a warm-up;
+- time of `python -m derive regenerate` (in a scratch copy, the tree untouched);
+- cold start (empty numba cache: compile) and warm start (cache filled) of a
+  fresh process, up to the first integrated step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def step_time(model: str, K: int, M: int, repeats: int, dt: float = 0.01) -> float:
+    from runtime import Init, load
+
+    kernel = load(model)
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((K + M, K + M))
+    full = A @ A.T / (K + M) + 0.5 * np.eye(K + M)
+    init = Init(full[:K, :K], full[:K, K:], full[K:, K:], {"v": np.full(K, 0.5), "vs": np.ones(M)})
+    init = init.validate(kernel.model)
+    y0 = kernel.pack_state(init.arrays(), K, M)
+    c = kernel.pack_consts(init.arrays(), K, M)
+    p = kernel.param_vector(
+        kernel.model.resolve_params({"eta": 0.1, "eta_v": 0.1} if model == "two_layer" else {})
+    )
+    n = max(20, int(2e6 / (K + M) ** 4))
+    traj = np.empty((2, y0.size))
+    kernel.module.run_euler(y0.copy(), c, p, K, M, dt, 2, n + 10, traj, 0)  # compile / warm
+    times = []
+    for _ in range(repeats):
+        y = y0.copy()
+        t0 = time.perf_counter()
+        kernel.module.run_euler(y, c, p, K, M, dt, n, n + 10, traj, 0)
+        times.append((time.perf_counter() - t0) / n)
+    return statistics.median(times)
+
+
+STARTUP = """
+import time; t0 = time.perf_counter()
+import numpy as np
+from runtime import Init, flow
+init = Init(0.5 * np.eye(2), 0.1 * np.ones((2, 2)), np.eye(2))
+flow("two_layer", init, {"eta_v": 0.5}, t_max=0.01, dt=0.01)
+print(time.perf_counter() - t0)
+"""
+
+
+def startup(cache: str) -> float:
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache, NUMBA_NUM_THREADS="1")
+    out = subprocess.run(
+        [sys.executable, "-c", STARTUP], env=env, cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def regenerate_time() -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        for part in ("derive", "generated"):
+            shutil.copytree(ROOT / part, Path(tmp) / part, ignore=shutil.ignore_patterns("__pycache__"))
+        t0 = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "derive", "regenerate"], cwd=tmp, check=True, capture_output=True
+        )
+        return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2, 8, 16])
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    threads = os.environ["NUMBA_NUM_THREADS"]
+    print(f"python {sys.version.split()[0]}, numba threads {threads}, {os.cpu_count()} cpus")
+    print("two_layer, erf, both layers trained, Euler dt = 0.01")
+    print(f"{'K = M':>6} {'ms / step':>12} {'s / alpha':>12}")
+    for K in args.sizes:
+        t = step_time("two_layer", K, K, args.repeats)
+        print(f"{K:>6} {t * 1e3:>12.4f} {t * 100:>12.4f}")
+    print(f"regenerate (all models): {regenerate_time():.2f} s")
+    with tempfile.TemporaryDirectory() as cache:
+        print(f"cold start to first step (empty numba cache): {startup(cache):.2f} s")
+        print(f"warm start to first step (numba cache filled): {startup(cache):.2f} s")
+
+
+if __name__ == "__main__":
+    main()
