@@ -15,7 +15,20 @@ import sympy as sp
 from derive.expand import RawTerm, expand
 from derive.flow import FlowTerm, average
 from derive.printer import code
-from derive.symbols import K, M, g, gp, gpp, lam, nu, student_index, student_sum, teacher_index, teacher_sum, zeta
+from derive.symbols import (
+    K,
+    M,
+    g,
+    gp,
+    gpp,
+    lam,
+    nu,
+    student_index,
+    student_sum,
+    teacher_index,
+    teacher_sum,
+    zeta,
+)
 
 j = student_index("j")
 k = student_index("k")

@@ -155,8 +155,17 @@ def test_erf_primitive_equals_literature_closed_form(name, covariances):
 
 @pytest.mark.parametrize(
     "name, idx",
-    [("I4", (1, 1, 2, 2)), ("I4", (0, 1, 1, 0)), ("I4", (3, 3, 3, 3)), ("I4", (2, 0, 0, 0)),
-     ("I3", (1, 1, 1)), ("I3", (0, 0, 2)), ("I3", (2, 1, 2)), ("I2", (3, 3)), ("J2", (2, 2))],
+    [
+        ("I4", (1, 1, 2, 2)),
+        ("I4", (0, 1, 1, 0)),
+        ("I4", (3, 3, 3, 3)),
+        ("I4", (2, 0, 0, 0)),
+        ("I3", (1, 1, 1)),
+        ("I3", (0, 0, 2)),
+        ("I3", (2, 1, 2)),
+        ("I2", (3, 3)),
+        ("J2", (2, 2)),
+    ],
 )
 def test_erf_repeated_indices(name, idx, covariances):
     """Named repeated-index cases (also covered by the exhaustive test above)."""

@@ -96,12 +96,7 @@ def reference_flow(Q, R, T, v, vs, eta, eta_v, kappa, sigma, activation):
     AQ = A[:, st]  # AQ[k, l] = E[g'(lam_k) lam_l d]
     # E[g'(lam_k) g'(lam_l) d^2] = sum_pq s_p s_q I4(k, l, p, q) + sigma^2 J2(k, l)
     D2 = np.einsum("klpq,p,q->kl", I4[st, st], s, s) + sigma**2 * J2[st, st]
-    dQ = (
-        eta * v[:, None] * AQ
-        + eta * v[None, :] * AQ.T
-        + eta**2 * np.outer(v, v) * D2
-        - 2 * kappa * Q
-    )
+    dQ = eta * v[:, None] * AQ + eta * v[None, :] * AQ.T + eta**2 * np.outer(v, v) * D2 - 2 * kappa * Q
     # E[g(lam_k) d] = sum_p s_p I2(k, p)
     dv = eta_v * I2[st] @ s - (kappa if eta_v != 0 else 0.0) * v
     eps_g = 0.5 * s @ I2 @ s
@@ -175,7 +170,9 @@ def assert_rel(got, want, rtol=RTOL, what=""):
     scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
     err = float(np.max(np.abs(got - want))) if want.size else 0.0
     assert np.all(np.isfinite(got)), f"{what}: not finite: {got}"
-    assert err <= rtol * scale, f"{what}: max error {err:.3g} > {rtol:g} * {scale:.3g}\ngot  {got}\nwant {want}"
+    assert err <= rtol * scale, (
+        f"{what}: max error {err:.3g} > {rtol:g} * {scale:.3g}\ngot  {got}\nwant {want}"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -228,7 +225,16 @@ def test_scm_rhs_matches_reference(module, i):
     dQ, dR, dv, eps = run(mod, Q, R, T, ones_k, ones_m, p)
     assert dv is None, "scm has no readout in its state"
     rQ, rR, _, reps = reference_flow(
-        Q, R, T, ones_k, ones_m, eta=p["eta"], eta_v=0.0, kappa=0.0, sigma=p["sigma"], activation=mod.ACTIVATION
+        Q,
+        R,
+        T,
+        ones_k,
+        ones_m,
+        eta=p["eta"],
+        eta_v=0.0,
+        kappa=0.0,
+        sigma=p["sigma"],
+        activation=mod.ACTIVATION,
     )
     tag = f"{module} K,M={R.shape} {p}"
     assert_rel(dQ, rQ, what=f"dQ {tag}")
@@ -241,8 +247,12 @@ def test_reference_flow_is_sensitive():
     decay changes the reference by far more than the tolerance."""
     Q, R, T, v, vs, params = state_case(5)
     base = reference_flow(Q, R, T, v, vs, activation="erf", **params)
-    for change in ({"sigma": params["sigma"] + 0.1}, {"kappa": params["kappa"] + 0.1},
-                   {"eta": params["eta"] * 1.01}, {"eta_v": params["eta_v"] + 0.1}):
+    for change in (
+        {"sigma": params["sigma"] + 0.1},
+        {"kappa": params["kappa"] + 0.1},
+        {"eta": params["eta"] * 1.01},
+        {"eta_v": params["eta_v"] + 0.1},
+    ):
         other = reference_flow(Q, R, T, v, vs, activation="erf", **{**params, **change})
         diff = max(float(np.max(np.abs(a - b))) for a, b in zip(base[:3], other[:3]))
         assert diff > 1e-6, change
@@ -260,7 +270,15 @@ def test_scm_equals_two_layer_with_unit_readouts(activation, i):
     K, M = R.shape
     ones_k, ones_m = np.ones(K), np.ones(M)
     a = run(scm, Q, R, T, ones_k, ones_m, {"eta": params["eta"], "sigma": params["sigma"]})
-    b = run(tl, Q, R, T, ones_k, ones_m, {"eta": params["eta"], "eta_v": 0.0, "kappa": 0.0, "sigma": params["sigma"]})
+    b = run(
+        tl,
+        Q,
+        R,
+        T,
+        ones_k,
+        ones_m,
+        {"eta": params["eta"], "eta_v": 0.0, "kappa": 0.0, "sigma": params["sigma"]},
+    )
     for name, x, y in (("dQ", a[0], b[0]), ("dR", a[1], b[1]), ("eps_g", a[3], b[3])):
         assert_rel(x, y, rtol=1e-14, what=f"{name} {activation} K,M={R.shape}")
     assert np.all(b[2] == 0.0), "frozen readout (eta_v = 0, kappa = 0) must not move"
@@ -296,8 +314,12 @@ def test_teacher_equal_start_is_fixed_point(module, K):
     _, _, T, _, vs = random_state(rng, K, M)
     if mod.MODEL == "scm":
         vs = np.ones(M)
-    params = {"eta": float(rng.uniform(0.2, 2.0)), "eta_v": float(rng.uniform(0.2, 2.0)),
-              "kappa": 0.0, "sigma": 0.0}
+    params = {
+        "eta": float(rng.uniform(0.2, 2.0)),
+        "eta_v": float(rng.uniform(0.2, 2.0)),
+        "kappa": 0.0,
+        "sigma": 0.0,
+    }
     dQ, dR, dv, eps = run(mod, T.copy(), T.copy(), T, vs.copy(), vs, params)
     assert np.max(np.abs(dQ)) <= 1e-12, dQ
     assert np.max(np.abs(dR)) <= 1e-12, dR
@@ -311,12 +333,12 @@ def test_noise_moves_the_fixed_point(module):
     """With sigma > 0 the teacher-equal start is no longer fixed (dQ gets
     eta^2 sigma^2 v_k v_l J2) while eps_g (noise excluded) stays 0."""
     mod = load(module)
-    K = M = 2
     T = np.array([[1.0, 0.2], [0.2, 0.8]])
     vs = np.array([0.7, -1.3]) if mod.MODEL == "two_layer" else np.ones(2)
     eta, sigma = 0.9, 0.4
-    dQ, dR, _, eps = run(mod, T.copy(), T.copy(), T, vs.copy(), vs,
-                         {"eta": eta, "eta_v": 0.5, "kappa": 0.0, "sigma": sigma})
+    dQ, dR, _, eps = run(
+        mod, T.copy(), T.copy(), T, vs.copy(), vs, {"eta": eta, "eta_v": 0.5, "kappa": 0.0, "sigma": sigma}
+    )
     J2 = (2 / np.pi) / np.sqrt(np.outer(1 + np.diag(T), 1 + np.diag(T)) - T**2)
     assert_rel(dQ, eta**2 * sigma**2 * np.outer(vs, vs) * J2, rtol=1e-13, what="dQ")
     assert np.max(np.abs(dR)) <= 1e-13
@@ -355,10 +377,12 @@ def fd(fun, x, h=1e-3):
     """Fourth-order central differences of fun at every component of x."""
     out = np.empty_like(x)
     for i in range(x.size):
+
         def at(t):
             z = x.copy()
             z[i] += t
             return fun(z)
+
         out[i] = (-at(2 * h) + 8 * at(h) - 8 * at(-h) + at(-2 * h)) / (12 * h)
     return out
 

@@ -1,0 +1,169 @@
+"""generated/ is a pure, reproducible function of derive/ (derive/regenerate.py,
+derive/codegen.py): the committed tree is up to date, rendering does not depend
+on hash randomisation, and ``check`` sees every kind of drift.
+
+Everything that modifies files works on a temporary copy of generated/.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from derive import codegen, regenerate
+from derive.flow import build_flow
+
+RENDER_SCRIPT = (
+    "import json, sys\nfrom derive.regenerate import render_all\njson.dump(render_all(), sys.stdout)\n"
+)
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env.update(extra)
+    return env
+
+
+def test_check_cli_passes_on_committed_tree(repo_root):
+    r = subprocess.run(
+        [sys.executable, "-m", "derive", "check"], cwd=repo_root, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, f"python -m derive check failed:\n{r.stdout}\n{r.stderr}"
+    assert "up to date" in r.stdout
+
+
+def test_render_is_identical_across_hash_seeds(repo_root):
+    seeds = ("0", "2718281")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RENDER_SCRIPT],
+            cwd=repo_root,
+            env=_env(PYTHONHASHSEED=s),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for s in seeds
+    ]
+    outs = []
+    for s, p in zip(seeds, procs):
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, f"render with PYTHONHASHSEED={s} failed:\n{err}"
+        outs.append(json.loads(out))
+    a, b = outs
+    assert sorted(a) == sorted(b)
+    expected = {"__init__.py"} | {f"{m}_{act}.py" for m, act in regenerate.targets()}
+    assert set(a) == expected
+    differing = [name for name in a if a[name] != b[name]]
+    assert not differing, f"rendering depends on PYTHONHASHSEED: {differing}"
+
+
+# ---------------------------------------------------------------------------
+# check() and regenerate() on a temporary copy
+
+
+@pytest.fixture
+def generated_copy(tmp_path, repo_root):
+    out = tmp_path / "generated"
+    out.mkdir()
+    for p in (repo_root / "generated").glob("*.py"):
+        shutil.copyfile(p, out / p.name)
+    return out
+
+
+def test_check_passes_on_unmodified_copy(generated_copy):
+    ok, report = regenerate.check(out=generated_copy)
+    assert ok, report
+    assert "up to date" in report
+
+
+def test_check_reports_modified_file(generated_copy):
+    target = generated_copy / "two_layer_erf.py"
+    lines = target.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines.insert(3, "# edited by hand\n")
+    target.write_text("".join(lines), encoding="utf-8")
+    ok, report = regenerate.check(out=generated_copy)
+    assert not ok
+    assert "--- generated/two_layer_erf.py (committed)" in report
+    assert "+++ generated/two_layer_erf.py (regenerated)" in report
+    assert "\n-# edited by hand" in report
+    assert "python -m derive regenerate" in report
+    # only the edited file is reported
+    for other in ("scm_erf.py", "scm_linear.py", "two_layer_linear.py", "__init__.py"):
+        assert f"generated/{other}" not in report
+
+
+def test_check_cli_exits_1_on_modified_file(generated_copy, monkeypatch, capsys):
+    from derive.__main__ import main
+
+    target = generated_copy / "scm_erf.py"
+    text = target.read_text(encoding="utf-8")
+    assert "acc += eta**2*sigma**2*J2(C, k, l)" in text
+    target.write_text(
+        text.replace("acc += eta**2*sigma**2*J2(C, k, l)", "acc += eta*sigma**2*J2(C, k, l)"),
+        encoding="utf-8",
+    )
+    monkeypatch.setattr(regenerate, "check", functools.partial(regenerate.check, out=generated_copy))
+    assert main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert "-            acc += eta*sigma**2*J2(C, k, l)" in out
+    assert "+            acc += eta**2*sigma**2*J2(C, k, l)" in out
+
+
+def test_check_reports_orphan_file(generated_copy):
+    (generated_copy / "old_model_erf.py").write_text("# left over\n", encoding="utf-8")
+    ok, report = regenerate.check(out=generated_copy)
+    assert not ok
+    assert "orphan (no model produces it): generated/old_model_erf.py" in report
+
+
+def test_check_reports_missing_file(generated_copy):
+    (generated_copy / "scm_linear.py").unlink()
+    ok, report = regenerate.check(out=generated_copy)
+    assert not ok
+    assert "missing: generated/scm_linear.py" in report
+    assert "two_layer_erf" not in report
+
+
+def test_regenerate_into_copy_restores_and_prunes(generated_copy, repo_root):
+    (generated_copy / "scm_erf.py").write_text("broken\n", encoding="utf-8")
+    (generated_copy / "two_layer_linear.py").unlink()
+    (generated_copy / "stale_erf.py").write_text("# stale\n", encoding="utf-8")
+    names = regenerate.regenerate(out=generated_copy)
+    assert sorted(names) == sorted(p.name for p in generated_copy.glob("*.py"))
+    assert not (generated_copy / "stale_erf.py").exists()
+    for name in names:
+        assert (generated_copy / name).read_bytes() == (repo_root / "generated" / name).read_bytes(), name
+    ok, report = regenerate.check(out=generated_copy)
+    assert ok, report
+
+
+# ---------------------------------------------------------------------------
+# the template context
+
+
+@pytest.fixture
+def context():
+    return codegen.context(build_flow("scm", "linear"))
+
+
+def test_template_context_complete(context):
+    codegen.check_context(codegen.environment(), codegen.KERNEL_TEMPLATE, context)
+
+
+def test_template_context_missing_key(context):
+    del context["primitives"]
+    with pytest.raises(ValueError, match=r"missing \['primitives'\], unused \[\]"):
+        codegen.check_context(codegen.environment(), codegen.KERNEL_TEMPLATE, context)
+
+
+def test_template_context_extra_key(context):
+    context["timestamp"] = "2024-01-01"
+    with pytest.raises(ValueError, match=r"missing \[\], unused \['timestamp'\]"):
+        codegen.check_context(codegen.environment(), codegen.KERNEL_TEMPLATE, context)
