@@ -7,7 +7,7 @@ traj.eps_g, traj.Q, traj.alpha
 """
 
 from .init import Init, realise, sample_network, sampled_init
-from .integrate import FlowDiverged, flow
+from .integrate import FlowDiverged, SimulationDiverged, flow
 from .kernels import load
 from .simulate import simulate
 from .trajectory import Trajectory
@@ -15,6 +15,7 @@ from .trajectory import Trajectory
 __all__ = [
     "FlowDiverged",
     "Init",
+    "SimulationDiverged",
     "Trajectory",
     "flow",
     "load",

@@ -13,7 +13,7 @@ import numpy as np
 from derive.models import MODEL_NAMES, get_model
 
 from .init import Init, sampled_init
-from .integrate import METHODS, FlowDiverged, flow
+from .integrate import METHODS, FlowDiverged, SimulationDiverged, flow
 from .plots import plot_metric, plot_overlaps
 from .simulate import simulate
 
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd_models(args)
             return 0
         out = {"flow": cmd_flow, "simulate": cmd_simulate, None: cmd_main}[args.command](args)
-    except FlowDiverged as exc:
+    except (FlowDiverged, SimulationDiverged) as exc:
         print(f"error: {exc}; nothing was written", file=sys.stderr)
         return 3
     except (ValueError, FileNotFoundError) as exc:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from derive.model import Model
+from derive.models import get_model
 
 
 @dataclass
@@ -142,8 +143,13 @@ def sample_network(
     return W, B
 
 
-def sampled_init(model: Model, K: int, M: int, N: int, seed: int, sigma0: float = 0.1, vectors=None) -> Init:
-    """The order parameters of the network ``simulate`` builds from the same seed."""
+def sampled_init(
+    model: Model | str, K: int, M: int, N: int, seed: int, sigma0: float = 0.1, vectors=None
+) -> Init:
+    """The order parameters of the network ``simulate`` builds from the same seed
+    (``model``: a model name or its definition)."""
+    if isinstance(model, str):
+        model = get_model(model)
     rng = np.random.default_rng(seed)
     W, B = sample_network(K, M, N, rng, sigma0)
     v = Init(np.eye(K), np.zeros((K, M)), np.eye(M), dict(vectors or {})).validate(model).vectors

@@ -30,15 +30,26 @@ class FlowDiverged(RuntimeError):
         )
 
 
-def steps_for(t: float, dt: float, what: str) -> int:
+class SimulationDiverged(RuntimeError):
+    """The simulated weights stopped being finite; ``alpha`` says where."""
+
+    def __init__(self, alpha: float, model: str):
+        self.alpha = alpha
+        super().__init__(
+            f"the {model} simulation diverged at alpha = {alpha:.6g} (weights no longer finite); "
+            "try a smaller learning rate"
+        )
+
+
+def steps_for(t: float, dt: float, what: str, step_name: str = "dt") -> int:
     """Number of steps of length ``dt`` in ``t``; ``t`` must be a multiple of ``dt``."""
     if not (dt > 0 and math.isfinite(dt)):
-        raise ValueError(f"dt must be a positive number, got {dt}")
+        raise ValueError(f"{step_name} must be a positive number, got {dt}")
     if not (t > 0 and math.isfinite(t)):
         raise ValueError(f"{what} must be a positive number, got {t}")
     n = round(t / dt)
     if n < 1 or abs(n * dt - t) > 1e-9 * max(1.0, t):
-        raise ValueError(f"{what} = {t} is not a whole number of steps dt = {dt}")
+        raise ValueError(f"{what} = {t} is not a whole number of steps {step_name} = {dt:g}")
     return n
 
 

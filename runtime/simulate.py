@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from .init import Init, realise, sample_network
-from .integrate import _bar, steps_for
+from .integrate import SimulationDiverged, _bar, steps_for
 from .kernels import load
 from .trajectory import Trajectory, metadata
 
@@ -59,10 +59,10 @@ def _run_seed(kernel, W, B, vec, p, rates, N, n_steps, rec, rng, bar):
             rule.step(views[rule.vector.name], out[K * (i + 1) : K * (i + 2)], N, *ro[i])
         if step % rec == 0:
             record(step // rec)
+            if not np.all(np.isfinite(Qs[step // rec])):
+                raise SimulationDiverged(step / N, model.name)
             if bar:
                 bar.update(rec)
-    if not (np.all(np.isfinite(Qs)) and np.all(np.isfinite(Rs))):
-        raise RuntimeError("the simulation diverged (weights no longer finite); try a smaller learning rate")
     return Qs, Rs, vecs
 
 
@@ -98,10 +98,6 @@ def simulate(
         raise ValueError(f"N must be >= 1, got {N}")
     if int(seeds) < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
-    n_steps = steps_for(t_max, 1.0 / N, "t_max")
-    rec = steps_for(record_every, 1.0 / N, "record_every")
-    if n_steps % rec:
-        raise ValueError(f"t_max = {t_max} is not a multiple of record_every = {record_every}")
     if init is not None:
         init = init.validate(spec)
         K, M = init.K, init.M
@@ -112,6 +108,11 @@ def simulate(
         )
     if N < K + M:
         raise ValueError(f"N = {N} must be at least K + M = {K + M}")
+    # one step is 1/N of alpha: times must be whole numbers of steps
+    n_steps = steps_for(t_max, 1.0 / N, "t_max", "1/N")
+    rec = steps_for(record_every, 1.0 / N, "record_every", "1/N")
+    if n_steps % rec:
+        raise ValueError(f"t_max = {t_max} is not a multiple of record_every = {record_every}")
     p = kernel.param_vector(values)
     rates = [(spec.numeric(spec.first_layer.rate, values), spec.numeric(spec.first_layer.decay, values))]
     rates += [(spec.numeric(r.rate, values), spec.numeric(r.decay, values)) for r in spec.readout_updates]

@@ -1,0 +1,141 @@
+"""The command lines of INTERFACE.md, run as a user runs them (subprocesses, outputs in tmp_path)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runtime
+from runtime import Init
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(package, *args):
+    res = subprocess.run(
+        [sys.executable, "-m", package, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    return res
+
+
+def test_models_lists_both_models_with_their_parameters():
+    res = run("runtime", "models")
+    assert res.returncode == 0, res.stderr
+    # split the listing into one block per model (a block starts with "name:" at column 0)
+    blocks, current = {}, None
+    for line in res.stdout.splitlines():
+        if line and not line[0].isspace():
+            current = line.split(":", 1)[0]
+            blocks[current] = []
+        elif current and line.strip():
+            blocks[current].append(line.split()[0])
+    assert set(blocks) == {"scm", "two_layer"}
+    assert blocks["scm"] == ["eta", "sigma"]
+    assert set(blocks["two_layer"]) >= {"eta", "eta_v", "kappa", "sigma", "v", "vs"}
+    # each parameter with its default and meaning
+    assert "default" in res.stdout and "learning rate" in res.stdout and "noise" in res.stdout
+
+
+@pytest.fixture(scope="module")
+def init_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("init") / "init.npz"
+    Init(
+        np.array([[0.6, 0.1, 0.0], [0.1, 0.5, -0.1], [0.0, -0.1, 0.7]]),
+        np.array([[0.4, 0.1], [-0.2, 0.3], [0.1, 0.4]]),
+        np.eye(2),
+        {"v": np.array([0.8, 1.1, 0.6]), "vs": np.array([1.0, 0.7])},
+    ).save(path)
+    return path
+
+
+def test_flow_command(init_file, tmp_path):
+    out = tmp_path / "flow"
+    cmd = "flow --model two_layer --set eta_v=0.5 --t-max 1 --dt 0.01 --record-every 0.1 --no-progress"
+    res = run("runtime", *cmd.split(), "--init", str(init_file), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert str(out) in res.stdout
+    K, M, n = 3, 2, 11
+    with np.load(out / "trajectory.npz") as data:
+        arrays = {k: np.array(data[k]) for k in data.files}
+    expected = {"alpha": (n,), "Q": (n, K, K), "R": (n, K, M), "T": (M, M), "v": (n, K), "eps_g": (n,)}
+    for name, shape in expected.items():
+        assert arrays[name].shape == shape, name
+    np.testing.assert_allclose(arrays["alpha"], np.linspace(0, 1, n), atol=1e-12)
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["model"] == "two_layer"
+    assert meta["params"]["eta_v"] == 0.5 and meta["params"]["eta"] == 1.0
+    assert "flow" in meta["command"] and "--set" in meta["command"]
+    assert meta["version"] and len(meta["kernel_sha256"]) == 64
+    # the command line is a thin layer: the same numbers as the Python call
+    init = Init.from_file(init_file, runtime.load("two_layer").model)
+    py = runtime.flow("two_layer", init, {"eta_v": 0.5}, t_max=1.0, dt=0.01, record_every=0.1)
+    for name in expected:
+        assert np.array_equal(arrays[name], py.arrays[name]), name
+
+
+def test_flow_command_rk4_differs_from_euler(init_file, tmp_path):
+    outs = {}
+    for method in ("euler", "rk4"):
+        outs[method] = tmp_path / method
+        cmd = f"flow --model two_layer --t-max 0.5 --dt 0.05 --method {method} --no-progress"
+        res = run("runtime", *cmd.split(), "--init", str(init_file), "--out", str(outs[method]))
+        assert res.returncode == 0, res.stderr
+    with np.load(outs["euler"] / "trajectory.npz") as e, np.load(outs["rk4"] / "trajectory.npz") as r:
+        assert e["Q"].shape == r["Q"].shape == (11, 3, 3)
+        assert not np.array_equal(e["Q"][-1], r["Q"][-1])
+    assert json.loads((outs["rk4"] / "metadata.json").read_text())["method"] == "rk4"
+
+
+def test_simulate_command(tmp_path):
+    out = tmp_path / "sim"
+    cmd = "simulate --model scm --n 200 --seeds 3 --t-max 0.5 --no-progress"
+    res = run("runtime", *cmd.split(), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    S, n, K, M = 3, 6, 2, 2  # records at 0, 0.1, ..., 0.5 (default interval 0.1)
+    with np.load(out / "trajectory.npz") as data:
+        arrays = {k: np.array(data[k]) for k in data.files}
+    assert arrays["alpha"].shape == (n,)
+    assert arrays["T"].shape == (M, M)
+    expected = {"Q": (K, K), "R": (K, M), "eps_g": ()}
+    for name, shape in expected.items():
+        assert arrays[name].shape == (S, n, *shape), name
+        assert arrays[f"{name}_mean"].shape == (n, *shape), name
+        assert arrays[f"{name}_sem"].shape == (n, *shape), name
+        np.testing.assert_allclose(arrays[f"{name}_mean"], arrays[name].mean(axis=0), rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(
+            arrays[f"{name}_sem"], arrays[name].std(axis=0, ddof=1) / np.sqrt(S), rtol=1e-12, atol=1e-15
+        )
+    assert np.all(arrays["eps_g_sem"][1:] > 0)  # the seeds really differ
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["model"] == "scm" and meta["params"] == {"eta": 1.0, "sigma": 0.0}
+    assert meta["N"] == 200 and meta["seeds"] == 3
+
+
+def test_derive_show_text():
+    res = run("derive", "show", "two_layer")
+    assert res.returncode == 0, res.stderr
+    for needle in ("dQ[k,l]/dalpha", "dR[k,n]/dalpha", "dv[k]/dalpha", "I4(", "I3(", "I2(", "J2(", "eps_g"):
+        assert needle in res.stdout, needle
+    # the primitives' derived forms are printed too, with how they were derived
+    assert "asin" in res.stdout and "by:" in res.stdout
+
+
+def test_derive_show_latex():
+    res = run("derive", "show", "two_layer", "--latex")
+    assert res.returncode == 0, res.stderr
+    assert r"\begin{align}" in res.stdout and r"\end{align}" in res.stdout
+    assert r"\frac{d Q_{kl}}{d\alpha}" in res.stdout
+    assert r"\frac{d v_{k}}{d\alpha}" in res.stdout
+    assert r"\eta" in res.stdout and "I_{4}" in res.stdout
+
+
+def test_derive_show_unknown_model():
+    res = run("derive", "show", "nosuchmodel")
+    assert res.returncode == 2
+    assert "nosuchmodel" in res.stderr
+    assert "Traceback" not in res.stderr

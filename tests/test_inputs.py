@@ -1,0 +1,390 @@
+"""Bad inputs get a clear error that names what is wrong; outputs are whole or absent.
+
+Python calls raise ``ValueError`` (``FileNotFoundError`` for a missing file)
+whose message names the parameter; the command line turns them into exit code 2
+and a message on stderr (``runtime.cli.main`` in-process where the exit code is
+the point, a real ``python -m runtime`` subprocess for the end-to-end cases).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runtime
+from derive.models import get_model
+from runtime import Init, Trajectory
+from runtime.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+Q0 = np.array([[0.5, 0.1], [0.1, 0.4]])
+R0 = np.array([[0.3, 0.05], [-0.1, 0.2]])
+GOOD = Init(Q0, R0, np.eye(2))
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run(
+        [sys.executable, "-m", "runtime", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def write_init(path, **arrays):
+    np.savez(path, **arrays)
+    return str(path)
+
+
+# --- parameters -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "model,name", [("scm", "eta"), ("scm", "sigma"), ("two_layer", "eta_v"), ("two_layer", "kappa")]
+)
+def test_negative_parameter_is_rejected_by_flow(model, name):
+    with pytest.raises(ValueError, match=rf"\b{name}\b.*>= 0"):
+        runtime.flow(model, GOOD, {name: -1.0}, t_max=0.1, dt=0.01)
+
+
+def test_negative_rate_is_rejected_by_simulate():
+    with pytest.raises(ValueError, match=r"\beta\b"):
+        runtime.simulate("scm", {"eta": -1.0}, N=100, seeds=1, t_max=0.1)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_parameter_is_rejected(value):
+    with pytest.raises(ValueError, match=r"\bsigma\b.*finite"):
+        runtime.flow("scm", GOOD, {"sigma": value}, t_max=0.1, dt=0.01)
+
+
+def test_negative_rate_on_the_command_line(tmp_path):
+    out = tmp_path / "out"
+    res = run_cli(
+        *"flow --model scm --set eta=-1 --t-max 0.1 --dt 0.01 --no-progress --out".split(), str(out)
+    )
+    assert res.returncode == 2, res.stderr
+    assert "eta" in res.stderr and "-1" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "model,names", [("scm", ["eta", "sigma"]), ("two_layer", ["eta", "eta_v", "kappa", "sigma"])]
+)
+def test_unknown_parameter_lists_the_models_parameters(model, names):
+    with pytest.raises(ValueError) as info:
+        runtime.flow(model, GOOD, {"etta": 1.0}, t_max=0.1, dt=0.01)
+    msg = str(info.value)
+    assert "etta" in msg and model in msg
+    for n in names:
+        assert n in msg
+
+
+def test_unknown_parameter_on_the_command_line(capsys):
+    assert cli_main("flow --model two_layer --set alpha_in=1 --t-max 0.1 --dt 0.01".split()) == 2
+    err = capsys.readouterr().err
+    assert "alpha_in" in err
+    for n in ("eta", "eta_v", "kappa", "sigma"):
+        assert n in err
+
+
+@pytest.mark.parametrize("item", ["eta", "eta=abc"])
+def test_malformed_set_on_the_command_line(item, capsys):
+    assert cli_main(["flow", "--model", "scm", "--set", item, "--t-max", "0.1", "--dt", "0.01"]) == 2
+    assert "eta" in capsys.readouterr().err
+
+
+# --- models -----------------------------------------------------------------------
+
+
+def test_unknown_model_in_python():
+    for call in (
+        lambda: runtime.load("nosuchmodel"),
+        lambda: runtime.flow("nosuchmodel", GOOD),
+        lambda: runtime.simulate("nosuchmodel", N=100),
+    ):
+        with pytest.raises(ValueError) as info:
+            call()
+        msg = str(info.value)
+        assert "nosuchmodel" in msg and "scm" in msg and "two_layer" in msg
+
+
+def test_unknown_activation():
+    with pytest.raises(ValueError, match="activation.*tanh"):
+        runtime.load("scm", "tanh")
+
+
+def test_unknown_model_on_the_command_line(tmp_path):
+    res = run_cli(*"flow --model nosuchmodel --t-max 0.1 --dt 0.01 --out".split(), str(tmp_path / "o"))
+    assert res.returncode == 2
+    assert "nosuchmodel" in res.stderr and "scm" in res.stderr and "two_layer" in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+# --- sizes and initial conditions -----------------------------------------------------
+
+
+@pytest.mark.parametrize("K,M,name", [(0, 2, "K"), (2, 0, "M"), (-1, 1, "K")])
+def test_sample_network_needs_units(K, M, name):
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        runtime.sample_network(K, M, 100, np.random.default_rng(0))
+
+
+def test_no_student_units_in_simulate_and_cli(capsys):
+    with pytest.raises(ValueError, match=r"\bK\b"):
+        runtime.simulate("scm", N=100, K=0, t_max=0.1)
+    assert cli_main(["flow", "--model", "scm", "--K", "0", "--t-max", "0.1", "--dt", "0.01"]) == 2
+    assert "K" in capsys.readouterr().err
+
+
+def test_overlaps_no_network_can_have():
+    # |R| larger than Q and T allow: [[Q, R], [R^T, T]] has a negative eigenvalue
+    bad = Init(np.eye(2) * 0.5, np.eye(2), np.eye(2))
+    with pytest.raises(ValueError, match=r"positive semi-definite") as info:
+        runtime.flow("scm", bad, t_max=0.1, dt=0.01)
+    assert "[[Q, R], [R^T, T]]" in str(info.value)
+    with pytest.raises(ValueError, match=r"positive semi-definite"):
+        runtime.simulate("scm", N=100, init=bad, t_max=0.1)
+    with pytest.raises(ValueError, match=r"positive semi-definite"):
+        runtime.flow("scm", Init(-np.eye(2), np.zeros((2, 2)), np.eye(2)), t_max=0.1, dt=0.01)
+
+
+@pytest.mark.parametrize("which", ["Q", "T"])
+def test_non_symmetric_overlaps(which):
+    A = np.array([[1.0, 0.2], [0.1, 1.0]])
+    init = Init(A, np.zeros((2, 2)), np.eye(2)) if which == "Q" else Init(np.eye(2), np.zeros((2, 2)), A)
+    with pytest.raises(ValueError, match=rf"\b{which}\b.*symmetric"):
+        runtime.flow("scm", init, t_max=0.1, dt=0.01)
+
+
+def test_empty_q():
+    with pytest.raises(ValueError, match=r"\bQ\b"):
+        runtime.flow("scm", Init(np.zeros((0, 0)), np.zeros((0, 2)), np.eye(2)), t_max=0.1, dt=0.01)
+
+
+INIT_FILES = {
+    # name: (arrays in the file, model, words the message must contain)
+    "R_wrong_shape": ({"Q": Q0, "R": np.zeros((3, 2)), "T": np.eye(2)}, "scm", ["R", "(2, 2)", "(3, 2)"]),
+    "R_wrong_shape_K_M": ({"Q": Q0, "R": np.zeros((2, 3)), "T": np.eye(2)}, "two_layer", ["R", "(2, 3)"]),
+    "v_wrong_length": (
+        {"Q": Q0, "R": R0, "T": np.eye(2), "v": np.ones(3), "vs": np.ones(2)},
+        "two_layer",
+        ["v", "(2,)", "(3,)"],
+    ),
+    "vs_wrong_length": (
+        {"Q": Q0, "R": R0, "T": np.eye(2), "v": np.ones(2), "vs": np.ones(3)},
+        "two_layer",
+        ["vs", "(2,)"],
+    ),
+    "missing_T": ({"Q": Q0, "R": R0}, "scm", ["T"]),
+    "missing_Q_and_R": ({"T": np.eye(2)}, "two_layer", ["Q", "R"]),
+    "unknown_readout": ({"Q": Q0, "R": R0, "T": np.eye(2), "a": np.ones(2)}, "two_layer", ["'a'", "v", "vs"]),
+    "readout_in_scm": ({"Q": Q0, "R": R0, "T": np.eye(2), "v": np.ones(2)}, "scm", ["'v'", "scm"]),
+    "non_finite": ({"Q": Q0, "R": np.array([[np.nan, 0], [0, 0]]), "T": np.eye(2)}, "scm", ["R", "finite"]),
+}
+
+
+@pytest.mark.parametrize("case", list(INIT_FILES))
+def test_bad_init_file(case, tmp_path, capsys):
+    arrays, model, words = INIT_FILES[case]
+    path = write_init(tmp_path / "init.npz", **arrays)
+    with pytest.raises(ValueError) as info:
+        Init.from_file(path, get_model(model))
+    for w in words:
+        assert w in str(info.value), f"{w!r} not in {info.value}"
+    out = tmp_path / "out"
+    args = ["flow", "--model", model, "--init", path, "--out", str(out)]
+    code = cli_main(args + "--t-max 0.1 --dt 0.01 --no-progress".split())
+    assert code == 2
+    err = capsys.readouterr().err
+    for w in words:
+        assert w in err
+    assert not out.exists()
+
+
+def test_missing_init_file(tmp_path, capsys):
+    path = tmp_path / "nope.npz"
+    with pytest.raises(FileNotFoundError, match="nope.npz"):
+        Init.from_file(path, get_model("scm"))
+    assert cli_main(["flow", "--model", "scm", "--init", str(path), "--t-max", "0.1", "--dt", "0.01"]) == 2
+    assert "nope.npz" in capsys.readouterr().err
+
+
+def test_good_init_file_round_trip(tmp_path):
+    init = Init(Q0, R0, np.eye(2), {"v": np.array([0.5, 1.5]), "vs": np.array([1.0, 2.0])})
+    init.save(tmp_path / "i.npz")
+    back = Init.from_file(tmp_path / "i.npz", get_model("two_layer"))
+    for k, a in init.arrays().items():
+        assert np.array_equal(back.arrays()[k], a), k
+    # readouts left out of the file take the model's defaults (all ones)
+    write_init(tmp_path / "j.npz", Q=Q0, R=R0, T=np.eye(2))
+    back = Init.from_file(tmp_path / "j.npz", get_model("two_layer"))
+    assert np.array_equal(back.vectors["v"], np.ones(2)) and np.array_equal(back.vectors["vs"], np.ones(2))
+
+
+# --- steps and recording ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        ({"dt": 0.0}, "dt"),
+        ({"dt": -0.01}, "dt"),
+        ({"dt": float("nan")}, "dt"),
+        ({"t_max": 0.0}, "t_max"),
+        ({"t_max": -1.0}, "t_max"),
+        ({"t_max": 1.005}, "t_max"),  # not a whole number of steps of 0.01
+        ({"t_max": 1.0, "dt": 0.3}, "t_max"),
+        ({"record_every": 0.015}, "record_every"),  # not a multiple of dt
+        ({"record_every": 0.005}, "record_every"),  # shorter than dt
+        ({"record_every": 0.3}, "record_every"),  # a multiple of dt, but t_max is not a multiple of it
+        ({"method": "heun"}, "method"),
+    ],
+)
+def test_bad_steps(kw, name):
+    args = {"t_max": 1.0, "dt": 0.01, **kw}
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        runtime.flow("scm", GOOD, **args)
+
+
+def test_bad_dt_on_the_command_line(capsys):
+    assert cli_main(["flow", "--model", "scm", "--t-max", "1", "--dt", "0", "--no-progress"]) == 2
+    assert "dt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        ({"N": 3, "K": 2, "M": 2, "t_max": 1.0, "record_every": 1.0}, "N"),
+        (
+            {"N": 4, "init": Init(np.eye(3), np.zeros((3, 2)), np.eye(2)), "t_max": 1.0, "record_every": 1.0},
+            "N",
+        ),
+        ({"N": 0}, "N"),
+        ({"N": 100, "seeds": 0}, "seeds"),
+        ({"N": 100, "seeds": -2}, "seeds"),
+        ({"N": 100, "t_max": 0.105}, "t_max"),  # not a whole number of steps 1/N
+        ({"N": 100, "t_max": 1.0, "record_every": 0.015}, "record_every"),
+        ({"N": 100, "t_max": 1.0, "record_every": 0.3}, "record_every"),
+    ],
+)
+def test_bad_simulation_sizes(kw, name):
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        runtime.simulate("two_layer", **kw)
+
+
+def test_too_few_seeds_on_the_command_line(capsys):
+    assert cli_main("simulate --model scm --n 100 --seeds 0 --t-max 0.1 --no-progress".split()) == 2
+    assert "seeds" in capsys.readouterr().err
+
+
+# --- whole or nothing ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_diverging_flow_on_the_command_line_writes_nothing(tmp_path, existing):
+    init = write_init(tmp_path / "init.npz", Q=Q0, R=R0, T=np.eye(2))
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+    cmd = "flow --model scm --activation linear --set eta=100 --t-max 2 --dt 0.01 --no-progress"
+    res = run_cli(*cmd.split(), "--init", init, "--out", str(out))
+    assert res.returncode != 0
+    assert "diverged" in res.stderr and "alpha" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_diverging_simulation_on_the_command_line_writes_nothing(tmp_path):
+    init = write_init(tmp_path / "init.npz", Q=Q0, R=R0, T=np.eye(2))
+    out = tmp_path / "out"
+    cmd = "simulate --model scm --activation linear --set eta=100 --n 100 --seeds 2 --t-max 2 --no-progress"
+    res = run_cli(*cmd.split(), "--init", init, "--out", str(out))
+    assert res.returncode != 0
+    assert "diverged" in res.stderr
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_diverging_simulation_is_reported_without_a_traceback(tmp_path, capsys):
+    init = write_init(tmp_path / "init.npz", Q=Q0, R=R0, T=np.eye(2))
+    with np.errstate(all="ignore"):
+        cmd = (
+            "simulate --model scm --activation linear --set eta=100 --n 100 --seeds 1 --t-max 2 --no-progress"
+        )
+        code = cli_main(cmd.split() + ["--init", init, "--out", str(tmp_path / "o")])
+    assert code in (2, 3)
+    assert "diverged" in capsys.readouterr().err
+
+
+# --- reproducibility ----------------------------------------------------------------------
+
+
+def sim(seed, seeds=2):
+    init = Init(Q0, R0, np.eye(2), {"v": np.array([0.8, 1.1])})
+    return runtime.simulate(
+        "two_layer", {"eta_v": 0.5, "sigma": 0.3}, N=200, seeds=seeds, t_max=0.5, init=init, seed=seed
+    )
+
+
+def test_same_seed_same_simulation():
+    a, b = sim(3), sim(3)
+    assert set(a.arrays) == set(b.arrays)
+    for k in a.arrays:
+        assert np.array_equal(a.arrays[k], b.arrays[k], equal_nan=True), k
+
+
+def test_different_seed_different_simulation():
+    a, b = sim(3), sim(4)
+    for k in ("Q", "R", "v", "eps_g"):
+        assert not np.array_equal(a.arrays[k][:, -1], b.arrays[k][:, -1]), k
+
+
+def test_seed_index_i_uses_seed_plus_i():
+    """simulate(seed=s, seeds=2) runs seeds s and s + 1: its second run is simulate(seed=s + 1)'s first."""
+    a, b = sim(3), sim(4, seeds=1)
+    for k in ("Q", "R", "v", "eps_g"):
+        assert np.array_equal(a.arrays[k][1], b.arrays[k][0]), k
+
+
+# --- saving and loading ------------------------------------------------------------------
+
+
+def kernel_file_sha(model, activation="erf"):
+    return hashlib.sha256((ROOT / "generated" / f"{model}_{activation}.py").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("kind", ["flow", "simulation"])
+def test_trajectory_round_trip_and_metadata(kind, tmp_path):
+    params = {"eta": 0.9, "eta_v": 0.5}
+    init = Init(Q0, R0, np.eye(2), {"v": np.array([0.8, 1.1])})
+    if kind == "flow":
+        traj = runtime.flow("two_layer", init, params, t_max=0.5, dt=0.01, record_every=0.1)
+    else:
+        traj = runtime.simulate("two_layer", params, N=100, seeds=2, t_max=0.5, init=init)
+    out = traj.save(tmp_path / "nested" / "out")
+    # no temporary files left behind
+    assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "trajectory.npz"]
+    back = Trajectory.load(out)
+    assert set(back.arrays) == set(traj.arrays)
+    for k, a in traj.arrays.items():
+        assert back.arrays[k].shape == a.shape, k
+        assert np.array_equal(back.arrays[k], a, equal_nan=True), k
+    meta = json.loads((out / "metadata.json").read_text())
+    assert back.metadata == meta
+    assert meta["model"] == "two_layer"
+    assert meta["params"] == {"eta": 0.9, "eta_v": 0.5, "kappa": 0.0, "sigma": 0.0}  # all, defaults included
+    assert isinstance(meta["command"], str)
+    assert meta["version"] == importlib.metadata.version("metaflow-ts")
+    assert meta["kernel_sha256"] == kernel_file_sha("two_layer")
+
+
+def test_metadata_of_the_linear_kernel_hashes_the_linear_file(tmp_path):
+    traj = runtime.flow("scm", GOOD, t_max=0.1, dt=0.01, activation="linear")
+    assert traj.metadata["kernel_sha256"] == kernel_file_sha("scm", "linear")
+    assert traj.metadata["kernel_sha256"] != kernel_file_sha("scm", "erf")
