@@ -20,9 +20,10 @@ from . import __version__
 from .activations import get_activation, z
 from .expand import FUNC_OF_KIND, RawTerm
 from .flow import Component, FlowIR, FlowTerm, build_flow
+from .model import Q, R
 from .models import model_file
 from .printer import code
-from .symbols import STUDENT, index_kind
+from .symbols import FIELD_KIND, STUDENT, K, M, index_kind
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -90,11 +91,12 @@ def primitive_code(d) -> dict:
     syms = sorted(d.expr.free_symbols, key=str)
     loads = []
     for s in syms:
-        a, b = str(s)[2], str(s)[3]
-        loads.append(f"{s} = C[{a}, {b}]")
+        matrix, pair = str(s).split("_")
+        loads.append(f"{s} = {matrix}[{pair[0]}, {pair[1]}]")
     temps, (ret,) = sp.cse([d.expr], symbols=sp.numbered_symbols("t"), order="canonical")
     return {
         "name": d.name,
+        "args": ("C, dC, " if d.name.endswith("_dir") else "C, ") + ", ".join(d.labels),
         "labels": list(d.labels),
         "kinds": list(d.kinds),
         "loads": loads,
@@ -107,6 +109,86 @@ def primitive_code(d) -> dict:
 
 def _shape(v) -> str:
     return "K" if v.over == STUDENT else "M"
+
+
+FIELD_OFFSET = {"lambda": "0", "nu": "K", "nut": "K + M"}
+
+
+def _covariance(model) -> tuple[str, list[dict], dict]:
+    """Size of the field covariance, its blocks as code, and where Q and R sit in it."""
+    sizes = ["K" if FIELD_KIND[f] == STUDENT else "M" for f in model.fields]
+    n_teacher = sizes.count("M")
+    size = "K + M" if n_teacher == 1 else f"K + {n_teacher} * M"
+    blocks, where = [], {"Q": [], "R": []}
+    for (f1, f2), entry in model.covariance.items():
+        i = sp.Idx("i", K if FIELD_KIND[f1] == STUDENT else M)
+        j = sp.Idx("j", K if FIELD_KIND[f2] == STUDENT else M)
+        e = entry(i, j)
+        o1, o2 = FIELD_OFFSET[str(f1)], FIELD_OFFSET[str(f2)]
+        blocks.append(
+            {"o1": o1, "o2": o2, "n1": _bound(i), "n2": _bound(j), "expr": code(e), "diag": f1 == f2}
+        )
+        for name, base in (("Q", Q), ("R", R)):
+            if e == base[i, j]:
+                where[name].append((o1, o2))
+            elif e.has(base):
+                raise ValueError(
+                    f"covariance block ({f1}, {f2}) = {e}: {name} may enter only as {name}[i, j]"
+                )
+    return size, blocks, where
+
+
+def _dims(kinds) -> list[str]:
+    return ["K" if k == STUDENT else "M" for k in kinds]
+
+
+def _task_context(ir: FlowIR, names, where) -> dict | None:
+    model = ir.model
+    inner = model.inner_loop
+    if inner is None:
+        return None
+    fams = [{"name": f.name, "dims": _dims(f.kinds)} for f in model.random_families]
+    dims = {f["name"]: f["dims"] for f in fams}
+    moments = []
+    for base in ir.moments:
+        name = str(base)
+        if name.startswith("mu_"):
+            continue  # returned by task_moments directly
+        x, y = name[2:].split("__")
+        moments.append({"name": name, "x": x, "y": y, "dx": dims[x], "dy": dims[y]})
+
+    def comp(c):
+        return {
+            "name": c.name,
+            "free": [(str(i.label), _bound(i)) for i in c.free],
+            "loops": loops(c, names),
+        }
+
+    sup = ir.support
+    returns = ", ".join(f"mu_{f['name']}, L_{f['name']}" for f in fams) + ", A_S"
+    return {
+        "families": fams,
+        "family_names": ", ".join(f["name"] for f in fams),
+        "returns": returns,
+        "moments": moments,
+        "adapted": inner.adapted.name,
+        "task_name": inner.task.name,
+        "optimal": inner.optimal.name if inner.optimal is not None else None,
+        "dQ": inner.dQ.name,
+        "dR": inner.dR.name,
+        "start": inner.start.name,
+        "task_mean": inner.task_mean.name,
+        "spread": code(inner.spread),
+        "steps": code(inner.steps),
+        "rate": code(inner.rate),
+        "second_order": code(inner.second_order),
+        "C": comp(sup.C),
+        "D": comp(sup.D),
+        "dC": comp(sup.dC),
+        "dD": comp(sup.dD),
+        "q_blocks": where["Q"],
+        "r_blocks": where["R"],
+    }
 
 
 def context(ir: FlowIR) -> dict:
@@ -138,6 +220,7 @@ def context(ir: FlowIR) -> dict:
         {"name": "gp", "code": code(act.d1)},
         {"name": "gpp", "code": code(act.d2)},
     ]
+    cov_size, cov_blocks, where = _covariance(model)
     ops = sum(p["ops"] for p in prims) + sum(
         int(sp.count_ops(t.coeff)) for c in ir.derivatives + ir.metrics for t in c.terms
     )
@@ -163,6 +246,9 @@ def context(ir: FlowIR) -> dict:
         "primitives": prims,
         "activations": acts,
         "z": str(z),
+        "cov_size": cov_size,
+        "cov_blocks": cov_blocks,
+        "task": _task_context(ir, names, where),
     }
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from .symbols import STUDENT, K, M, g, gp, gpp, index_kind, lam, nu, zeta
+from .symbols import FIELD_KIND, STUDENT, K, M, g, gp, gpp, index_kind, is_field, zeta
 
 KIND_OF_FUNC = {g: "g", gp: "gp", gpp: "gpp"}
 FUNC_OF_KIND = {v: k for k, v in KIND_OF_FUNC.items()}
@@ -60,8 +60,10 @@ class RawTerm:
         return body
 
 
-def _is_field(e) -> bool:
-    return isinstance(e, sp.Indexed) and e.base in (lam, nu)
+def _check_field(fld: sp.Indexed) -> None:
+    (i,) = fld.indices
+    if index_kind(i) != FIELD_KIND[fld.base]:
+        raise ValueError(f"field {fld} needs a {FIELD_KIND[fld.base]} index, got {i} ({index_kind(i)})")
 
 
 class _Expander:
@@ -96,16 +98,18 @@ class _Expander:
             return [RawTerm(t.coeff, (new,) + t.sums, t.factors, t.zeta_power) for t in body]
         if isinstance(e, sp.Function) and e.func in KIND_OF_FUNC:
             (arg,) = e.args
-            if not _is_field(arg):
-                raise ValueError(f"activation applied to {arg}; only to a field lambda[k] or nu[m]")
+            if not is_field(arg):
+                raise ValueError(f"activation applied to {arg}; only to a field lambda[k], nu[m] or nut[m]")
+            _check_field(arg)
             return [RawTerm(sp.S.One, (), ((KIND_OF_FUNC[e.func], arg),))]
-        if _is_field(e):
+        if is_field(e):
+            _check_field(e)
             return [RawTerm(sp.S.One, (), (("id", e),))]
         if e == zeta:
             return [RawTerm(sp.S.One, (), (), 1)]
         if isinstance(e, sp.Pow) and e.base == zeta and e.exp.is_Integer and e.exp > 0:
             return [RawTerm(sp.S.One, (), (), int(e.exp))]
-        if e.has(lam, nu, zeta, sp.Sum, g, gp, gpp):
+        if e.has(*FIELD_KIND, zeta, sp.Sum, g, gp, gpp):
             raise ValueError(f"cannot expand {e}: fields may enter only polynomially through g, g', g''")
         return [RawTerm(e, (), ())]
 

@@ -17,9 +17,10 @@ from functools import lru_cache
 import sympy as sp
 
 from .expand import RawTerm, expand
-from .gaussian import Derived, expectation, name_of
+from .gaussian import Derived, directional, expectation, name_of
 from .model import Model
 from .models import get_model
+from .symbols import student_index, teacher_index
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,18 @@ class Component:
 
 
 @dataclass(frozen=True)
+class SupportIR:
+    """The inner loop's population support gradient ``C c - D task`` (MODELS.md 5.3):
+    ``C`` (K,K) and ``D`` (K,M) as primitives, and their directional derivatives
+    along a perturbation of the covariance (primitives ``P_dir``), for second order."""
+
+    C: Component
+    D: Component
+    dC: Component
+    dD: Component
+
+
+@dataclass(frozen=True)
 class FlowIR:
     model: Model
     activation: str
@@ -57,6 +70,8 @@ class FlowIR:
     metrics: tuple[Component, ...]
     samples: tuple[Component, ...]  # per-sample gradients the simulator applies
     primitives: tuple[Derived, ...]  # those the flow uses, in a fixed order
+    support: SupportIR | None = None
+    moments: tuple[sp.IndexedBase, ...] = ()  # task moments (mu_*, S_*__*) the flow reads
 
 
 def _noise_moment(p: int) -> int:
@@ -69,8 +84,49 @@ def _noise_moment(p: int) -> int:
     return out
 
 
-def average(raw: list[RawTerm], activation: str, used: dict) -> tuple[FlowTerm, ...]:
-    """Expectation of each expanded term over the Gaussian fields and the noise."""
+def mean_symbol(x: sp.Indexed) -> sp.Indexed:
+    return sp.IndexedBase(f"mu_{x.base}")[x.indices]
+
+
+def cov_symbol(x: sp.Indexed, y: sp.Indexed, rank: dict) -> sp.Indexed:
+    """Covariance of two task quantities, its factors in a canonical order."""
+    x, y = sorted((x, y), key=lambda e: (rank[e.base], str(e.indices)))
+    return sp.IndexedBase(f"S_{x.base}__{y.base}")[x.indices + y.indices]
+
+
+def isserlis(factors: list[sp.Indexed], rank: dict) -> sp.Expr:
+    """E[prod factors] for jointly Gaussian factors with means and covariances:
+    E[X_1 F] = E[X_1] E[F] + sum_j Cov(X_1, X_j) E[F / X_j] (Isserlis / Wick)."""
+    if not factors:
+        return sp.S.One
+    first, rest = factors[0], factors[1:]
+    out = mean_symbol(first) * isserlis(rest, rank)
+    for i, other in enumerate(rest):
+        out += cov_symbol(first, other, rank) * isserlis(rest[:i] + rest[i + 1 :], rank)
+    return out
+
+
+def task_average(coeff: sp.Expr, families) -> sp.Expr:
+    """Average a coefficient over the task quantities (``families``, in order)."""
+    rank = {f.base: i for i, f in enumerate(families)}
+    if not rank or not coeff.has(*rank):
+        return coeff
+    out = sp.S.Zero
+    for mono in sp.Add.make_args(sp.expand(coeff)):
+        rand, rest = [], sp.S.One
+        for f in sp.Mul.make_args(mono):
+            b, e = f.as_base_exp()
+            if isinstance(b, sp.Indexed) and b.base in rank:
+                rand += [b] * int(e)
+            else:
+                rest *= f
+        out += rest * isserlis(sorted(rand, key=lambda e: (rank[e.base], str(e.indices))), rank)
+    return out
+
+
+def average(raw: list[RawTerm], activation: str, used: dict, families=()) -> tuple[FlowTerm, ...]:
+    """Expectation of each expanded term over the Gaussian fields, the noise and
+    the task quantities ``families`` (independent of the query sample)."""
     merged: dict = {}
     for t in raw:
         w = _noise_moment(t.zeta_power)
@@ -78,7 +134,7 @@ def average(raw: list[RawTerm], activation: str, used: dict) -> tuple[FlowTerm, 
             continue
         kinds = tuple(k for k, _ in t.factors)
         args = tuple(f for _, f in t.factors)
-        coeff = w * t.coeff
+        coeff = task_average(w * t.coeff, families)
         name = None
         if kinds:
             d = expectation(kinds, activation, name_of(kinds))
@@ -94,17 +150,68 @@ def average(raw: list[RawTerm], activation: str, used: dict) -> tuple[FlowTerm, 
     return tuple(FlowTerm(sp.factor_terms(c), *key) for key, c in merged.items() if c != 0)
 
 
+def _directional(terms: tuple[FlowTerm, ...], activation: str, used: dict) -> tuple[FlowTerm, ...]:
+    out = []
+    for t in terms:
+        if t.primitive is None:
+            continue  # constant in the covariance
+        d = directional(used[t.primitive])
+        used[d.name] = d
+        out.append(FlowTerm(t.coeff, t.sums, d.name, t.args))
+    return tuple(out)
+
+
+def support_ir(model: Model, activation: str, used: dict) -> SupportIR:
+    """``grad_c L_sup = C c - D task``, derived and checked to be linear (MODELS.md 5.3)."""
+    inner = model.inner_loop
+    c = sp.IndexedBase("c")
+    k, l_ = student_index("k"), student_index("l")
+    n = teacher_index("n")
+    grad = sp.diff(inner.support_loss(c), c[k])
+    Cexpr = sp.diff(grad, c[l_])
+    Dexpr = -sp.diff(grad, inner.task.base[n])
+    for name, e in (("C", Cexpr), ("D", Dexpr)):
+        for t in expand(e):
+            if t.coeff.has(c, inner.task.base):
+                raise ValueError(
+                    f"the support gradient of {model.name} is not linear in the readout ({name})"
+                )
+    rest = [t for t in expand(grad) if not t.coeff.has(c, inner.task.base)]
+    if average(rest, activation, {}):
+        raise ValueError(f"the support gradient of {model.name} has a part free of readouts: not C c - D v")
+    Cterms = average(expand(Cexpr), activation, used)
+    Dterms = average(expand(Dexpr), activation, used)
+    return SupportIR(
+        Component("Cm", (k, l_), Cterms),
+        Component("Dm", (k, n), Dterms),
+        Component("dCm", (k, l_), _directional(Cterms, activation, used)),
+        Component("dDm", (k, n), _directional(Dterms, activation, used)),
+    )
+
+
+def _moment_bases(components) -> tuple[sp.IndexedBase, ...]:
+    names = set()
+    for comp in components:
+        for t in comp.terms:
+            for x in t.coeff.atoms(sp.Indexed):
+                n = str(x.base)
+                if n.startswith("mu_") or n.startswith("S_"):
+                    names.add(n)
+    return tuple(sp.IndexedBase(n) for n in sorted(names))
+
+
 @lru_cache(maxsize=None)
 def build_flow(model_name: str, activation: str) -> FlowIR:
-    """Derive the flow of ``model_name`` with ``activation`` (MODELS.md sections 3-4)."""
+    """Derive the flow of ``model_name`` with ``activation`` (MODELS.md sections 3-5)."""
     model = get_model(model_name)
     loss = model.loss
+    fams = model.random_families
     used: dict = {}
     derivs = []
     rules = [model.first_layer, *model.readout_updates]
     for rule in rules:
         for name, (free, integrand, deterministic) in rule.flows(loss).items():
-            terms = average(expand(integrand), activation, used)
+            terms = average(expand(integrand), activation, used, fams)
             terms += tuple(FlowTerm(t.coeff, t.sums, None, ()) for t in expand(deterministic))
             derivs.append(Component(name, free, terms))
     # a student readout without an update rule stays constant in time
@@ -113,14 +220,19 @@ def build_flow(model_name: str, activation: str) -> FlowIR:
         if v.name not in updated:
             derivs.append(Component(v.name, (sp.Idx("k", v.length),), ()))
     metrics = tuple(
-        Component(name, (), average(expand(integrand), activation, used))
+        Component(name, (), average(expand(integrand), activation, used, fams))
         for name, integrand in model.metrics.items()
     )
     samples = []
-    free, grad = model.first_layer.sample_gradient(loss)
-    samples.append(Component("G", free, tuple(expand(grad))))
-    for r in model.readout_updates:
-        free, grad = r.sample_gradient(loss)
-        samples.append(Component(f"H_{r.vector.name}", free, tuple(expand(grad))))
+    if model.inner_loop is None:
+        # per-sample gradients for the generic simulator; a model with an inner
+        # loop has its own simulator (runtime/simulate_meta.py)
+        free, grad = model.first_layer.sample_gradient(loss)
+        samples.append(Component("G", free, tuple(expand(grad))))
+        for r in model.readout_updates:
+            free, grad = r.sample_gradient(loss)
+            samples.append(Component(f"H_{r.vector.name}", free, tuple(expand(grad))))
+    support = support_ir(model, activation, used) if model.inner_loop is not None else None
     prims = tuple(used[k] for k in sorted(used))
-    return FlowIR(model, activation, tuple(derivs), metrics, tuple(samples), prims)
+    moments = _moment_bases(derivs + list(metrics))
+    return FlowIR(model, activation, tuple(derivs), metrics, tuple(samples), prims, support, moments)

@@ -259,6 +259,31 @@ def expectation(kinds: tuple[str, ...], activation: str, name: str | None = None
     )
 
 
+def dcov_symbol(a: str, b: str) -> sp.Symbol:
+    """Entry ``dC_ab`` of a perturbation of the covariance (a direction)."""
+    a, b = sorted((a, b))
+    return sp.Symbol(f"dC_{a}{b}", real=True)
+
+
+@lru_cache(maxsize=None)
+def directional(d: Derived) -> Derived:
+    """``P_dir = sum_{a<=b} (dP/dC_ab) dC_ab``: the derivative of a primitive along a
+    symmetric perturbation ``dC`` of the covariance (chain rule, by sympy)."""
+    expr = sp.S.Zero
+    for a, b in itertools.combinations_with_replacement(d.labels, 2):
+        c = cov_symbol(a, b)
+        if d.expr.has(c):
+            expr += sp.diff(d.expr, c) * dcov_symbol(a, b)
+    return Derived(
+        name=d.name + "_dir",
+        kinds=d.kinds,
+        labels=d.labels,
+        expr=expr,
+        provenance=d.provenance + ("derivative along dC: sum over a <= b of dP/dC_ab dC_ab (sympy diff)",),
+        activation=d.activation,
+    )
+
+
 def primitive(name: str, activation: str) -> Derived:
     """One of the named primitives of MODELS.md section 2, derived for ``activation``."""
     try:

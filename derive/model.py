@@ -11,12 +11,26 @@ sign.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import sympy as sp
 
-from .symbols import STUDENT, TEACHER, K, M, lam, nu, student_index, teacher_index, zeta
+from .symbols import (
+    STUDENT,
+    TEACHER,
+    K,
+    M,
+    lam,
+    nu,
+    rename_bound,
+    student_index,
+    student_sum,
+    teacher_index,
+    teacher_sum,
+    zeta,
+)
 
 
 @dataclass(frozen=True)
@@ -28,6 +42,8 @@ class Param:
     doc: str
     minimum: float | None = 0.0
     integer: bool = False
+    choices: tuple[float, ...] | None = None
+    allow_inf: bool = False
 
     @property
     def symbol(self) -> sp.Symbol:
@@ -35,11 +51,14 @@ class Param:
 
     def check(self, value: float) -> float:
         value = float(value)
-        if not math.isfinite(value):
+        if math.isnan(value) or (math.isinf(value) and not (self.allow_inf and value > 0)):
             raise ValueError(f"parameter {self.name} must be finite, got {value}")
+        if self.choices is not None and value not in self.choices:
+            allowed = " or ".join(f"{c:g}" for c in self.choices)
+            raise ValueError(f"parameter {self.name} must be {allowed} ({self.doc}), got {value:g}")
         if self.minimum is not None and value < self.minimum:
-            raise ValueError(f"parameter {self.name} must be >= {self.minimum} ({self.doc}), got {value}")
-        if self.integer and value != int(value):
+            raise ValueError(f"parameter {self.name} must be >= {self.minimum:g} ({self.doc}), got {value:g}")
+        if self.integer and math.isfinite(value) and value != int(value):
             raise ValueError(f"parameter {self.name} must be an integer, got {value}")
         return value
 
@@ -66,10 +85,86 @@ class Vector:
         return K if self.over == STUDENT else M
 
 
+@dataclass(frozen=True)
+class TaskVector:
+    """A random quantity drawn with each task (MODELS.md 5.1-5.3), jointly Gaussian
+    with the other task quantities and independent of the query sample; the flow
+    needs only its means and covariances (``mu_NAME``, ``S_NAME__OTHER``), which
+    the kernel computes (derive/flow.py takes the expectations by Isserlis' theorem).
+    ``kinds`` are the kinds of its indices (student or teacher)."""
+
+    name: str
+    kinds: tuple[str, ...]
+    doc: str
+
+    @property
+    def base(self) -> sp.IndexedBase:
+        return sp.IndexedBase(self.name)
+
+
 # Order parameters as indexed symbols, for decay terms and for `show`.
 Q = sp.IndexedBase("Q")
 R = sp.IndexedBase("R")
 T = sp.IndexedBase("T")
+# A_S = (I - alpha_in C)^S, the inner loop's linear map of the readout initialisation
+A_S = sp.IndexedBase("A_S")
+
+
+@dataclass(frozen=True)
+class InnerLoop:
+    """Adaptation of a readout to each task (MODELS.md 5.3, population support loss).
+
+    ``c^(0) = start``, ``c^(s+1) = c^(s) - rate * grad_c L_sup(c^(s))`` for ``steps``
+    steps, with ``L_sup(c) = 1/2 E_x[(student(c) - teacher)^2]``. The gradient is
+    derived (derive/flow.py) and must be linear, ``C c - D task``; then
+    ``adapted = A_S start + G_S task``, affine in the task readout
+    ``task = task_mean + spread * xi``, so the adapted readout is Gaussian over
+    tasks. ``optimal`` is the best readout ``C^+ D task``. The derivatives of
+    ``adapted`` with respect to ``Q_kl`` (symmetric variable) and ``R_km`` are the
+    task quantities ``{adapted}_dQ[j, k, l]`` and ``{adapted}_dR[j, k, m]``,
+    evaluated as forward sensitivities of the recursion.
+    """
+
+    adapted: TaskVector
+    start: Vector
+    task: TaskVector
+    task_mean: Vector
+    spread: sp.Expr
+    steps: sp.Expr
+    rate: sp.Expr
+    student: Callable[[sp.IndexedBase], sp.Expr]
+    teacher: sp.Expr
+    optimal: TaskVector | None = None
+    second_order: sp.Expr = sp.S.Zero  # nonzero when the sensitivities are needed
+
+    @property
+    def dQ(self) -> TaskVector:
+        return TaskVector(f"{self.adapted.name}_dQ", (STUDENT,) * 3, "d adapted_j / d Q_kl")
+
+    @property
+    def dR(self) -> TaskVector:
+        return TaskVector(f"{self.adapted.name}_dR", (STUDENT, STUDENT, TEACHER), "d adapted_j / d R_km")
+
+    def support_loss(self, c: sp.IndexedBase) -> sp.Expr:
+        return rename_bound((self.student(c) - self.teacher) ** 2 / 2)
+
+
+@dataclass(frozen=True)
+class MetaGradient:
+    """The part of the outer gradient that flows through the inner loop (MODELS.md 5.4,
+    ``order = 2``): ``w_k`` also moves by ``-rate * sum_j dL/da'_j da'_j/dw_k`` with
+    ``da'_j/dw_k = (1/N)[sum_l (da'_j/dQ_kl)(1 + [k=l]) w_l + sum_m (da'_j/dR_km) B_m]``,
+    scaled by ``weight`` (1 for second order, 0 for first)."""
+
+    inner: InnerLoop
+    weight: sp.Expr
+
+
+DEFAULT_COVARIANCE = {
+    (lam, lam): lambda i, j: Q[i, j],
+    (lam, nu): lambda i, j: R[i, j],
+    (nu, nu): lambda i, j: T[i, j],
+}
 
 
 @dataclass(frozen=True)
@@ -84,6 +179,8 @@ class FirstLayer:
 
     rate: sp.Expr
     decay: sp.Expr = sp.S.Zero
+    batch: sp.Expr = sp.S.One  # n_q samples averaged per step: the rate^2 term is divided by it
+    meta: MetaGradient | None = None
 
     def flows(self, loss: sp.Expr) -> dict[str, tuple[tuple[sp.Idx, ...], sp.Expr, sp.Expr]]:
         """name -> (free indices, expectation integrand, deterministic part)."""
@@ -92,9 +189,33 @@ class FirstLayer:
         Gk = sp.diff(loss, lam[k])
         Gl = sp.diff(loss, lam[l_])
         r, d = self.rate, self.decay
+        dQ = -r * (Gk * lam[l_] + Gl * lam[k]) + r**2 / self.batch * Gk * Gl
+        dR = -r * Gk * nu[n]
+        if self.meta is not None:
+            inner = self.meta.inner
+            ap, Dq, Dr = inner.adapted.base, inner.dQ.base, inner.dR.base
+            j, i = student_index("j"), student_index("i")
+            mm = teacher_index("mm")
+            dL = sp.diff(loss, ap[j])
+
+            def through(k_, other):
+                # sum_j dL/da'_j (da'_j/dw_k . other / N), ``other`` = w_l or B_n
+                Qpart = student_sum(Dq[j, k_, i] * (1 + sp.KroneckerDelta(k_, i)) * other("w", i), i)
+                Rpart = teacher_sum(Dr[j, k_, mm] * other("B", mm), mm)
+                return student_sum(dL * (Qpart + Rpart), j)
+
+            def with_w(l__):
+                return lambda kind, idx: Q[idx, l__] if kind == "w" else R[l__, idx]
+
+            def with_B(n_):
+                return lambda kind, idx: R[idx, n_] if kind == "w" else T[idx, n_]
+
+            wgt = self.meta.weight
+            dQ += -r * wgt * (through(k, with_w(l_)) + through(l_, with_w(k)))
+            dR += -r * wgt * through(k, with_B(n))
         return {
-            "Q": ((k, l_), -r * (Gk * lam[l_] + Gl * lam[k]) + r**2 * Gk * Gl, -2 * d * Q[k, l_]),
-            "R": ((k, n), -r * Gk * nu[n], -d * R[k, n]),
+            "Q": ((k, l_), dQ, -2 * d * Q[k, l_]),
+            "R": ((k, n), dR, -d * R[k, n]),
         }
 
     def sample_gradient(self, loss: sp.Expr) -> tuple[tuple[sp.Idx, ...], sp.Expr]:
@@ -104,11 +225,23 @@ class FirstLayer:
 
     @staticmethod
     def step(W: np.ndarray, G: np.ndarray, x: np.ndarray, rate: float, decay: float) -> None:
-        """One update of the (K, N) first layer in place, from per-sample G (K,) and x (N,)."""
-        N = x.shape[0]
+        """One update of the (K, N) first layer in place, from per-sample G (K,) and x (N,).
+
+        With a batch, ``G`` is (n_q, K) and ``x`` (n_q, N): the step is their average."""
+        N = x.shape[-1]
         if decay:
             W *= 1.0 - decay / N
-        W -= np.outer((rate / math.sqrt(N)) * G, x)
+        if G.ndim == 1:
+            W -= np.outer((rate / math.sqrt(N)) * G, x)
+        else:
+            W -= (rate / (math.sqrt(N) * G.shape[0])) * (G.T @ x)
+
+    @staticmethod
+    def step_weights(W: np.ndarray, grad_W: np.ndarray, rate: float) -> None:
+        """A step along a gradient already in weight space (the second-order part):
+        ``W <- W - rate * grad_W``; ``rate/sqrt(N)`` times ``G x`` is the same rule
+        for the part along the input, since ``dL/dw_k = G_k x / sqrt(N)``."""
+        W -= rate * grad_W
 
 
 @dataclass(frozen=True)
@@ -121,15 +254,22 @@ class ReadoutUpdate:
     vector: Vector
     rate: sp.Expr
     decay: sp.Expr = sp.S.Zero
+    # dL/dc_k as a function of (loss, k); default: differentiate the loss in c_k
+    gradient: Callable[[sp.Expr, sp.Idx], sp.Expr] | None = None
+
+    def grad(self, loss: sp.Expr, k: sp.Idx) -> sp.Expr:
+        if self.gradient is not None:
+            return self.gradient(loss, k)
+        return sp.diff(loss, self.vector.base[k])
 
     def flows(self, loss: sp.Expr):
         k = student_index("k")
         c = self.vector.base
-        return {self.vector.name: ((k,), -self.rate * sp.diff(loss, c[k]), -self.decay * c[k])}
+        return {self.vector.name: ((k,), -self.rate * self.grad(loss, k), -self.decay * c[k])}
 
     def sample_gradient(self, loss: sp.Expr):
         k = student_index("k")
-        return (k,), sp.diff(loss, self.vector.base[k])
+        return (k,), self.grad(loss, k)
 
     @staticmethod
     def step(c: np.ndarray, H: np.ndarray, N: int, rate: float, decay: float) -> None:
@@ -153,11 +293,27 @@ class Model:
     first_layer: FirstLayer
     readout_updates: tuple[ReadoutUpdate, ...] = ()
     metrics: dict = field(default_factory=dict)  # name -> integrand (expectation taken)
+    # field families and the blocks of their covariance, (f1, f2) -> (i, j) -> entry
+    fields: tuple = (lam, nu)
+    covariance: dict = field(default_factory=lambda: dict(DEFAULT_COVARIANCE))
+    task_vectors: tuple[TaskVector, ...] = ()
+    inner_loop: InnerLoop | None = None
+    # (parameter, value the flow needs, why): e.g. finite support sets are simulated only
+    flow_requires: tuple = ()
+
+    @property
+    def random_families(self) -> tuple[TaskVector, ...]:
+        """Every task quantity the flow may average over, in a fixed order."""
+        fams = list(self.task_vectors)
+        if self.inner_loop is not None:
+            fams += [self.inner_loop.dQ, self.inner_loop.dR]
+        return tuple(fams)
 
     @property
     def loss(self) -> sp.Expr:
-        """Per-sample loss ``L = (f - y)^2 / 2`` with ``y = y_clean + noise * zeta``."""
-        return (self.student_output - self.teacher_output - self.noise * zeta) ** 2 / 2
+        """Per-sample loss ``L = (f - y)^2 / 2`` with ``y = y_clean + noise * zeta``
+        (summation indices renamed apart from every free index)."""
+        return rename_bound((self.student_output - self.teacher_output - self.noise * zeta) ** 2 / 2)
 
     @property
     def state_vectors(self) -> tuple[Vector, ...]:
@@ -182,6 +338,14 @@ class Model:
         for key, val in (values or {}).items():
             out[key] = self.param(key).check(val)
         return out
+
+    def check_flow(self, params: dict[str, float]) -> None:
+        """Raise if the flow of this model is not derived for these parameter values."""
+        for name, value, why in self.flow_requires:
+            if params[name] != value:
+                raise ValueError(
+                    f"parameter {name} = {params[name]:g}: the flow needs {name} = {value:g} ({why})"
+                )
 
     def numeric(self, expr: sp.Expr, params: dict[str, float]) -> float:
         """Evaluate a rate or decay expression of the update rules at ``params``."""

@@ -2,8 +2,10 @@
 
 Symbols map to names and array slots here, never by string replacement:
 fields inside a primitive become rows of the covariance matrix (student k ->
-``k``, teacher m -> ``K + m``), the field arrays of a sample become ``lam`` and
-``nu``, Kronecker deltas become conditional expressions.
+``k``, teacher m -> ``K + m``, task teacher m -> ``K + M + m``), the field
+arrays of a sample become ``lam`` and ``nu``, Kronecker deltas become
+conditional expressions. A primitive ``P_dir`` is the directional derivative
+of ``P`` along a perturbation ``dC`` of the covariance: ``P_dir(C, dC, ...)``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import sympy as sp
 from sympy.printing.pycode import PythonCodePrinter
 
 from .gaussian import PRIMITIVES
-from .symbols import g, gp, gpp, lam, nu
+from .symbols import g, gp, gpp, lam, nu, nut
+
+FIELD_ROW = {lam: "", nu: "K + ", nut: "K + M + "}
 
 
 class KernelPrinter(PythonCodePrinter):
@@ -36,18 +40,17 @@ class KernelPrinter(PythonCodePrinter):
     def _print_Function(self, expr):
         name = expr.func.__name__
         if name in self.primitive_names:
-            return f"{name}(C, {', '.join(self._field_row(a) for a in expr.args)})"
+            rows = ", ".join(self._field_row(a) for a in expr.args)
+            return f"{name}(C, dC, {rows})" if name.endswith("_dir") else f"{name}(C, {rows})"
         if expr.func in (g, gp, gpp):
             return f"{name}({self._print(expr.args[0])})"
         return super()._print_Function(expr)
 
     def _field_row(self, fld: sp.Indexed) -> str:
+        if not isinstance(fld, sp.Indexed) or fld.base not in FIELD_ROW:
+            raise ValueError(f"primitive argument {fld} is not a field")
         (i,) = fld.indices
-        if fld.base == lam:
-            return self._print(i)
-        if fld.base == nu:
-            return f"K + {self._print(i)}"
-        raise ValueError(f"primitive argument {fld} is not a field")
+        return FIELD_ROW[fld.base] + self._print(i)
 
     def _print_Rational(self, expr):
         # float literals keep numba's arithmetic in float64

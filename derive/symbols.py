@@ -6,6 +6,8 @@ A model file writes its network with these sympy objects:
 - ``student_index(name)`` / ``teacher_index(name)``: summation indices over
   ``0..K-1`` and ``0..M-1``;
 - ``lam[k]`` and ``nu[m]``: the local fields of student and teacher units;
+- ``nut[m]``: the teacher fields of the current task (meta-learning, MODELS.md
+  5.1), which differ from ``nu`` when the task's features vary (``eps_B > 0``);
 - ``g``: the activation, left abstract here (``g.diff`` gives ``gp`` = g',
   ``gp.diff`` gives ``gpp``); the derivation substitutes a concrete activation
   only when it evaluates Gaussian expectations;
@@ -24,10 +26,19 @@ M = sp.Symbol("M", integer=True, positive=True)
 
 lam = sp.IndexedBase("lambda")
 nu = sp.IndexedBase("nu")
+nut = sp.IndexedBase("nut")
 zeta = sp.Symbol("zeta", real=True)
 
 STUDENT = "student"
 TEACHER = "teacher"
+
+# every field family, with the kind of unit that indexes it
+FIELD_KIND = {lam: STUDENT, nu: TEACHER, nut: TEACHER}
+
+
+def is_field(e) -> bool:
+    """A local field: ``lam[k]``, ``nu[m]`` or ``nut[m]``."""
+    return isinstance(e, sp.Indexed) and e.base in FIELD_KIND
 
 
 class gpp(sp.Function):
@@ -86,3 +97,25 @@ def teacher_sum(expr: sp.Expr, idx: sp.Idx) -> sp.Sum:
     if index_kind(idx) != TEACHER:
         raise ValueError(f"teacher_sum needs a teacher index, got {idx}")
     return sp.Sum(expr, (idx, 0, M - 1))
+
+
+def rename_bound(expr: sp.Expr, prefix: str = "_b") -> sp.Expr:
+    """Rename every summation index to a fresh name (``_b0``, ``_b1``, ...), so
+    that differentiating by ``x[k]`` can never confuse a model file's bound
+    index with a free index of the same name."""
+    counter = iter(range(10**6))
+
+    def walk(e):
+        if isinstance(e, sp.Sum):
+            body = walk(e.function)
+            limits = []
+            for idx, lo, hi in e.limits:
+                new = sp.Idx(f"{prefix}{next(counter)}", (idx.lower, idx.upper))
+                body = body.xreplace({idx: new})
+                limits.append((new, lo, hi))
+            return sp.Sum(body, *limits)
+        if e.args and not isinstance(e, (sp.Indexed, sp.Idx)):
+            return e.func(*[walk(a) for a in e.args])
+        return e
+
+    return walk(sp.sympify(expr))

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 047bec9e1bac3a9e879b67821c503345f4c9d1a48aebdc6e75f3612b0082393a
+# inputs:     sha256 9e87dc14547840ed92c53d26200bfa7121dc179a8c49b9d0fb8c289ef105c570
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 200 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "047bec9e1bac3a9e879b67821c503345f4c9d1a48aebdc6e75f3612b0082393a"
+INPUTS_SHA256 = "9e87dc14547840ed92c53d26200bfa7121dc179a8c49b9d0fb8c289ef105c570"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )
@@ -122,24 +122,33 @@ def J2(C, a, b):
 
 
 @njit(cache=True)
-def covariance(y, c, K, M, C):
-    """Fill C (K+M, K+M) with [[Q, R], [R^T, T]]."""
+def covariance(y, c, p, K, M, C):
+    """Fill C (K + M, K + M), the covariance of the fields, from the order parameters."""
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
     o += K * K
     R = y[o : o + K * M].reshape((K, M))
     o += K * M
 
-    T = c[0 : M * M].reshape((M, M))
-    for a in range(K):
-        for b in range(K):
-            C[a, b] = Q[a, b]
-        for b in range(M):
-            C[a, K + b] = R[a, b]
-            C[K + b, a] = R[a, b]
-    for a in range(M):
-        for b in range(M):
-            C[K + a, K + b] = T[a, b]
+    o = 0
+    T = c[o : o + M * M].reshape((M, M))
+    o += M * M
+
+    eta = p[0]
+    sigma = p[1]
+    for i in range(K):
+        for j in range(K):
+            x = Q[i, j]
+            C[0 + i, 0 + j] = x
+    for i in range(K):
+        for j in range(M):
+            x = R[i, j]
+            C[0 + i, K + j] = x
+            C[K + j, 0 + i] = x
+    for i in range(M):
+        for j in range(M):
+            x = T[i, j]
+            C[K + i, K + j] = x
 
 
 @njit(cache=True)
@@ -158,7 +167,8 @@ def rhs(y, c, p, K, M, dy):
     eta = p[0]
     sigma = p[1]
     C = np.empty((K + M, K + M))
-    covariance(y, c, K, M, C)
+    covariance(y, c, p, K, M, C)
+
     o = 0
     dQ = dy[o : o + K * K].reshape((K, K))
     o += K * K
@@ -210,7 +220,8 @@ def metrics(y, c, p, K, M, out):
     eta = p[0]
     sigma = p[1]
     C = np.empty((K + M, K + M))
-    covariance(y, c, K, M, C)
+    covariance(y, c, p, K, M, C)
+
     acc = 0.0
     for j0 in range(K):
         for j1 in range(K):

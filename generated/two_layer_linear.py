@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 23d656f97acbfed41ad2b82789fe4f662bc098433ae0c66f315c38164129cd0a
+# inputs:     sha256 e67350d1a621fa704e611b12bedce130c5609302ef5fa81e2c8accb2fb3c7e0b
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "23d656f97acbfed41ad2b82789fe4f662bc098433ae0c66f315c38164129cd0a"
+INPUTS_SHA256 = "e67350d1a621fa704e611b12bedce130c5609302ef5fa81e2c8accb2fb3c7e0b"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
@@ -77,24 +77,39 @@ def I4(C, a, b, c, d):
 
 
 @njit(cache=True)
-def covariance(y, c, K, M, C):
-    """Fill C (K+M, K+M) with [[Q, R], [R^T, T]]."""
+def covariance(y, c, p, K, M, C):
+    """Fill C (K + M, K + M), the covariance of the fields, from the order parameters."""
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
     o += K * K
     R = y[o : o + K * M].reshape((K, M))
     o += K * M
+    v = y[o : o + K]
+    o += K
 
-    T = c[0 : M * M].reshape((M, M))
-    for a in range(K):
-        for b in range(K):
-            C[a, b] = Q[a, b]
-        for b in range(M):
-            C[a, K + b] = R[a, b]
-            C[K + b, a] = R[a, b]
-    for a in range(M):
-        for b in range(M):
-            C[K + a, K + b] = T[a, b]
+    o = 0
+    T = c[o : o + M * M].reshape((M, M))
+    o += M * M
+    vs = c[o : o + M]
+    o += M
+
+    eta = p[0]
+    eta_v = p[1]
+    kappa = p[2]
+    sigma = p[3]
+    for i in range(K):
+        for j in range(K):
+            x = Q[i, j]
+            C[0 + i, 0 + j] = x
+    for i in range(K):
+        for j in range(M):
+            x = R[i, j]
+            C[0 + i, K + j] = x
+            C[K + j, 0 + i] = x
+    for i in range(M):
+        for j in range(M):
+            x = T[i, j]
+            C[K + i, K + j] = x
 
 
 @njit(cache=True)
@@ -119,7 +134,8 @@ def rhs(y, c, p, K, M, dy):
     kappa = p[2]
     sigma = p[3]
     C = np.empty((K + M, K + M))
-    covariance(y, c, K, M, C)
+    covariance(y, c, p, K, M, C)
+
     o = 0
     dQ = dy[o : o + K * K].reshape((K, K))
     o += K * K
@@ -189,7 +205,8 @@ def metrics(y, c, p, K, M, out):
     kappa = p[2]
     sigma = p[3]
     C = np.empty((K + M, K + M))
-    covariance(y, c, K, M, C)
+    covariance(y, c, p, K, M, C)
+
     acc = 0.0
     for j0 in range(K):
         for j1 in range(K):

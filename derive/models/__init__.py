@@ -6,7 +6,7 @@ import importlib
 
 from ..model import Model
 
-MODEL_NAMES = ("scm", "two_layer")
+MODEL_NAMES = ("scm", "two_layer", "anil")
 
 
 def get_model(name: str) -> Model:
