@@ -8,13 +8,13 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 
 from derive.models import MODEL_NAMES, get_model
 
 from .init import Init, sampled_init
 from .integrate import METHODS, FlowDiverged, SimulationDiverged, flow
-from .plots import plot_metric, plot_overlaps
+from .plots import plot_metric, plot_metrics
+from .scenarios import REFERENCE, STUDIES, main_job, run_study, validate
 from .simulate import simulate
 
 RUNS = Path("runs")
@@ -86,6 +86,20 @@ def _add_common(p: argparse.ArgumentParser, flow_cmd: bool) -> None:
         p.add_argument("--seeds", type=int, default=5, help="number of independent runs")
 
 
+def _figure(fl, sim, out: Path, title: str) -> None:
+    src = fl if fl is not None else sim
+    if "eps_g" in src.arrays:
+        plot_metric(fl, sim, "eps_g", out / "eps_g.png", title)
+    else:
+        plot_metrics(
+            fl,
+            sim,
+            [k for k in ("eps_meta", "eps_pre", "eps_opt") if k in src.arrays],
+            out / "errors.png",
+            title,
+        )
+
+
 def cmd_flow(args) -> Path:
     params = parse_sets(args.set, args.model)
     init = _init(args, args.model)
@@ -102,8 +116,7 @@ def cmd_flow(args) -> Path:
     )
     out = _out_dir(args, "flow", {"model": args.model, **vars(args)})
     traj.save(out)
-    if "eps_g" in traj.arrays:
-        plot_metric(traj, None, "eps_g", out / "eps_g.png", f"{args.model} flow")
+    _figure(traj, None, out, f"{args.model} flow")
     return out
 
 
@@ -127,8 +140,7 @@ def cmd_simulate(args) -> Path:
     )
     out = _out_dir(args, "simulate", {"model": args.model, **vars(args)})
     traj.save(out)
-    if "eps_g" in traj.arrays:
-        plot_metric(None, traj, "eps_g", out / "eps_g.png", f"{args.model} simulation")
+    _figure(None, traj, out, f"{args.model} simulation")
     return out
 
 
@@ -144,50 +156,29 @@ def cmd_models(args) -> None:
         print()
 
 
-# The main job until the meta-learning model lands: the classic plateau of the
-# soft committee machine, flow and finite-N simulation side by side.
-MAIN = {
-    "model": "scm",
-    "params": {"eta": 1.0, "sigma": 0.0},
-    "Q0": [[0.01, 0.0], [0.0, 0.01]],
-    "R0": [[0.03, -0.01], [-0.01, 0.03]],
-    "t_max": 120.0,
-    "dt": 0.01,
-    "record_every": 2.0,
-    "N": 1000,
-    "seeds": 5,
-}
-
-
 def cmd_main(args) -> Path:
-    cfg = MAIN
-    spec = get_model(cfg["model"])
-    init = Init(np.array(cfg["Q0"]), np.array(cfg["R0"]), np.eye(2)).validate(spec)
-    fl = flow(
-        cfg["model"],
-        init,
-        cfg["params"],
-        t_max=cfg["t_max"],
-        dt=cfg["dt"],
-        record_every=cfg["record_every"],
-        progress=True,
-    )
-    sim = simulate(
-        cfg["model"],
-        cfg["params"],
-        N=cfg["N"],
-        seeds=cfg["seeds"],
-        t_max=cfg["t_max"],
-        init=init,
-        record_every=cfg["record_every"],
-        progress=True,
-    )
-    out = Path(args.out) if args.out else _out_dir(args, "main", cfg)
-    fl.save(out / "flow")
-    sim.save(out / "simulation")
-    title = f"{cfg['model']}, K = M = 2, eta = {cfg['params']['eta']}"
-    plot_metric(fl, sim, "eps_g", out / "eps_g.png", title)
-    plot_overlaps(fl, sim, out / "overlaps.png", title)
+    out = Path(args.out) if args.out else _out_dir(args, "main", REFERENCE)
+    main_job(out, REFERENCE, progress=True)
+    return out
+
+
+def cmd_study(args) -> Path:
+    names = list(STUDIES) if args.name == "all" else [args.name]
+    out = Path(args.out) if args.out else RUNS / "studies"
+    for name in names:
+        print(f"study {name}: {' '.join(STUDIES[name].__doc__.split())}")
+        result = run_study(name, out, progress=True)
+        for label, val in result.items():
+            what = "" if ":" in label else "final eps_meta "
+            print(f"    {label:<44} {what}{val:.4f}")
+    return out
+
+
+def cmd_validate(args) -> Path:
+    rows = validate(sizes=tuple(args.sizes), seeds=args.seeds, t_max=args.t_max)
+    out = Path(args.out) if args.out else RUNS / "validation"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "validation.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
     return out
 
 
@@ -198,12 +189,21 @@ def main(argv: list[str] | None = None) -> int:
     _add_common(sub.add_parser("flow", help="integrate the flow of one model"), True)
     _add_common(sub.add_parser("simulate", help="run the finite-N simulation of one model"), False)
     sub.add_parser("models", help="list the models and their parameters")
+    p_study = sub.add_parser("study", help="one of the studies of the meta-learning model, or all")
+    p_study.add_argument("name", choices=[*STUDIES, "all"])
+    p_study.add_argument("--out", help="output directory (default runs/studies)")
+    p_val = sub.add_parser("validate", help="flow against simulation at two sizes, many seeds (minutes)")
+    p_val.add_argument("--sizes", type=int, nargs="+", default=[250, 1000])
+    p_val.add_argument("--seeds", type=int, default=10)
+    p_val.add_argument("--t-max", type=float, default=2.0)
+    p_val.add_argument("--out", help="output directory (default runs/validation)")
     args = parser.parse_args(argv)
     try:
         if args.command == "models":
             cmd_models(args)
             return 0
-        out = {"flow": cmd_flow, "simulate": cmd_simulate, None: cmd_main}[args.command](args)
+        commands = {"flow": cmd_flow, "simulate": cmd_simulate, "study": cmd_study, "validate": cmd_validate}
+        out = commands.get(args.command, cmd_main)(args)
     except (FlowDiverged, SimulationDiverged) as exc:
         print(f"error: {exc}; nothing was written", file=sys.stderr)
         return 3

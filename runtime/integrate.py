@@ -35,10 +35,14 @@ class SimulationDiverged(RuntimeError):
 
     def __init__(self, alpha: float, model: str):
         self.alpha = alpha
+        self.model = model
         super().__init__(
             f"the {model} simulation diverged at alpha = {alpha:.6g} (weights no longer finite); "
             "try a smaller learning rate"
         )
+
+    def __reduce__(self):  # raised in worker processes, rebuilt in the parent
+        return (SimulationDiverged, (self.alpha, self.model))
 
 
 def steps_for(t: float, dt: float, what: str, step_name: str = "dt") -> int:
@@ -73,6 +77,7 @@ def flow(
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     values = kernel.model.resolve_params(params)
+    kernel.model.check_flow(values)
     init = init.validate(kernel.model)
     n_steps = steps_for(t_max, dt, "t_max")
     rec = steps_for(record_every if record_every is not None else dt, dt, "record_every")
@@ -127,7 +132,15 @@ def _assemble(kernel: Kernel, traj, c, p, K, M, alpha, values, extra) -> Traject
     mets = kernel.metrics(traj, c, p, K, M)
     for i, name in enumerate(kernel.metric_names):
         arrays[name] = mets[:, i]
+    arrays["r"] = normalised_overlaps(arrays["Q"], arrays["R"], arrays["T"])
     return Trajectory(arrays, metadata("flow", kernel, values, K=K, M=M, **extra))
+
+
+def normalised_overlaps(Q: np.ndarray, R: np.ndarray, T: np.ndarray) -> np.ndarray:
+    """``r_km = R_km / sqrt(Q_kk T_mm)`` (MODELS.md 5.7), over any leading axes."""
+    q = np.einsum("...kk->...k", Q)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return R / np.sqrt(q[..., :, None] * np.diag(T)[None, :])
 
 
 def _bar(total: int, enabled: bool, desc: str):

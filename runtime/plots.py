@@ -55,22 +55,16 @@ def plot_overlaps(flow, sim=None, path: str | Path = "overlaps.png", title: str 
     fig, ax = plt.subplots(figsize=(5.5, 3.8), constrained_layout=True)
     src = flow if flow is not None else sim
     K, M = src.arrays["R"].shape[-2:]
-
-    def r_of(Q, R, T):
-        return R / np.sqrt(np.einsum("...kk->...k", Q)[..., :, None] * np.diag(T)[None, :])
-
     for k in range(K):
         for m in range(M):
             color = f"C{(k * M + m) % 10}"
             if flow is not None:
-                r = r_of(flow.Q, flow.R, flow.T)
-                ax.plot(flow.alpha, r[:, k, m], "-", color=color, label=f"r[{k},{m}]")
+                ax.plot(flow.alpha, flow.r[:, k, m], "-", color=color, label=f"r[{k},{m}]")
             if sim is not None:
-                r = r_of(sim.Q, sim.R, sim.T)
                 ax.errorbar(
                     sim.alpha,
-                    r.mean(0)[:, k, m],
-                    yerr=r.std(0, ddof=1)[:, k, m] / np.sqrt(r.shape[0]),
+                    sim.r_mean[:, k, m],
+                    yerr=sim.r_sem[:, k, m],
                     fmt="o",
                     ms=2.5,
                     color=color,
@@ -80,6 +74,82 @@ def plot_overlaps(flow, sim=None, path: str | Path = "overlaps.png", title: str 
     ax.set_ylabel("r_km = R_km / sqrt(Q_kk T_mm)")
     ax.set_title(title)
     ax.legend(fontsize=8, ncol=2)
+    path = Path(path)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def plot_metrics(flow, sim, metrics, path, title: str = "", logy: bool = False) -> Path:
+    """Several metrics against alpha: flow lines, simulation points (mean +- s.e.m.)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    for i, name in enumerate(metrics):
+        color = f"C{i}"
+        if flow is not None:
+            ax.plot(flow.alpha, flow.arrays[name], "-", color=color, label=f"{name} (flow)")
+        if sim is not None:
+            ax.errorbar(
+                sim.alpha,
+                sim.arrays[f"{name}_mean"],
+                yerr=sim.arrays[f"{name}_sem"],
+                fmt="o",
+                ms=2.5,
+                color=color,
+                capsize=1.5,
+                alpha=0.8,
+                label=f"{name} (N = {sim.metadata.get('N')}, {sim.arrays[name].shape[0]} seeds)",
+            )
+    ax.set_xlabel("alpha (outer steps / N)")
+    ax.set_ylabel("error")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    path = Path(path)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def annotate_matrix(ax, r) -> None:
+    """Values on a heat map of r in [-1, 1], integer ticks."""
+    K, M = r.shape
+    for k in range(K):
+        for m in range(M):
+            ax.text(
+                m,
+                k,
+                f"{r[k, m]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if abs(r[k, m]) > 0.5 else "black",
+            )
+    ax.set_xticks(range(M))
+    ax.set_yticks(range(K))
+
+
+def plot_r_heatmap(flow, sim, path, title: str = "") -> Path:
+    """The final normalised overlaps r_km as heat maps (flow, and simulation mean)."""
+    plt = _plt()
+    panels = [("flow", flow.r[-1])] if flow is not None else []
+    if sim is not None:
+        panels.append((f"simulation (mean of {sim.r.shape[0]})", sim.r_mean[-1]))
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(3.2 * len(panels) + 0.8, 3.2), constrained_layout=True, squeeze=False
+    )
+    for ax, (name, r) in zip(axes[0], panels):
+        im = ax.imshow(r, vmin=-1, vmax=1, cmap="RdBu_r")
+        K, M = r.shape
+        annotate_matrix(ax, r)
+        ax.set_xticks(range(M))
+        ax.set_yticks(range(K))
+        ax.set_xlabel("teacher unit m")
+        ax.set_ylabel("student unit k")
+        ax.set_title(name, fontsize=9)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="r_km")
+    fig.suptitle(title, fontsize=10)
     path = Path(path)
     fig.savefig(path, dpi=130)
     plt.close(fig)

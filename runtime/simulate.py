@@ -6,18 +6,25 @@ One step: a fresh input ``x ~ N(0, I_N)`` and label noise ``zeta``; the fields
 the model's loss (``G_k = dL/dlambda_k`` and ``dL/dc_k`` for each trained
 readout, generated from the same model file as the flow); then each update rule
 of the model file (derive/model.py: ``FirstLayer.step``,
-``ReadoutUpdate.step``) with its own rate, decay and scaling.
+``ReadoutUpdate.step``) with its own rate, decay and scaling. Models with an
+inner loop (meta-learning) run the algorithm of runtime/simulate_meta.py, which
+applies the same update rules.
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
 from .init import Init, realise, sample_network
-from .integrate import SimulationDiverged, _bar, steps_for
+from .integrate import SimulationDiverged, _bar, normalised_overlaps, steps_for
 from .kernels import load
+from .simulate_meta import run_seed_meta
 from .trajectory import Trajectory, metadata
 
 
@@ -66,6 +73,77 @@ def _run_seed(kernel, W, B, vec, p, rates, N, n_steps, rec, rng, bar):
     return Qs, Rs, vecs
 
 
+class _SharedCounter:
+    """A progress counter that worker processes update (``.update(n)`` like tqdm)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def update(self, n: int) -> None:
+        with self.value.get_lock():
+            self.value.value += n
+
+
+_COUNTER = None
+
+
+def _init_worker(value) -> None:
+    global _COUNTER
+    _COUNTER = _SharedCounter(value)
+
+
+def _seed_job(job: dict, seed_i: int, bar=None):
+    """One seed: build the network, run it; (Q, R, readouts, T) over the records."""
+    kernel = load(job["model"], job["activation"])
+    spec = kernel.model
+    bar = bar if bar is not None else _COUNTER
+    rng = np.random.default_rng(seed_i)
+    N, K, M = job["N"], job["K"], job["M"]
+    if job["init"] is not None:
+        W, B = realise(job["init"], N, rng)
+    else:
+        W, B = sample_network(K, M, N, rng, job["sigma0"])
+    order = spec.state_vectors + spec.const_vectors
+    vec = np.concatenate(
+        [np.asarray(job["base_vectors"][v.name], dtype=np.float64) for v in order] + [np.zeros(0)]
+    )
+    args = (W, B, vec)
+    if spec.inner_loop is not None:
+        out = run_seed_meta(
+            spec,
+            *args,
+            job["values"],
+            job["rates"],
+            N,
+            job["n_steps"],
+            job["rec"],
+            rng,
+            bar,
+            job["activation"],
+        )
+    else:
+        out = _run_seed(kernel, *args, job["p"], job["rates"], N, job["n_steps"], job["rec"], rng, bar)
+    return (*out, B @ B.T / N)
+
+
+def _parallel(job, seeds_list, n_workers, total, progress, desc):
+    ctx = mp.get_context("fork")
+    value = ctx.Value("q", 0)
+    bar = _bar(total, progress, desc)
+    with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker, initargs=(value,)) as pool:
+        futures = [pool.submit(_seed_job, job, sd) for sd in seeds_list]
+        while not all(f.done() for f in futures):
+            time.sleep(0.2)
+            if bar:
+                bar.n = value.value
+                bar.refresh()
+        results = [f.result() for f in futures]
+    if bar:
+        bar.n = total
+        bar.close()
+    return results
+
+
 def simulate(
     model: str,
     params: dict | None = None,
@@ -81,6 +159,7 @@ def simulate(
     seed: int = 0,
     activation: str = "erf",
     progress: bool = False,
+    workers: int | None = None,
 ) -> Trajectory:
     """Run ``seeds`` independent finite-N simulations of ``model`` up to ``alpha = t_max``.
 
@@ -88,7 +167,8 @@ def simulate(
     networks are built with exactly its overlaps (``realise``); without it, they
     are sampled (``w ~ N(0, sigma0^2)``, ``T = I``, readouts from ``vectors`` or
     the model's defaults), so that ``sampled_init(model, K, M, N, seed)`` is the
-    flow's starting point for seed index 0.
+    flow's starting point for seed index 0. Seeds run in ``workers`` processes
+    (default: one per core for long runs); the results do not depend on it.
     """
     kernel = load(model, activation)
     spec = kernel.model
@@ -116,44 +196,63 @@ def simulate(
     p = kernel.param_vector(values)
     rates = [(spec.numeric(spec.first_layer.rate, values), spec.numeric(spec.first_layer.decay, values))]
     rates += [(spec.numeric(r.rate, values), spec.numeric(r.decay, values)) for r in spec.readout_updates]
-    order = spec.state_vectors + spec.const_vectors
 
-    results = []
-    T_real = None
-    bar = _bar(n_steps * int(seeds), progress, f"simulate {model} N={N}")
-    for i in range(int(seeds)):
-        rng = np.random.default_rng(seed + i)
-        if init is not None:
-            W, B = realise(init, N, rng)
-        else:
-            W, B = sample_network(K, M, N, rng, sigma0)
-        vec = np.concatenate(
-            [np.asarray(base_vectors[v.name], dtype=np.float64) for v in order] + [np.zeros(0)]
-        )
-        T_real = B @ B.T / N
-        results.append(_run_seed(kernel, W, B, vec, p, rates, N, n_steps, rec, rng, bar))
-    if bar:
-        bar.close()
+    job = {
+        "model": model,
+        "activation": activation,
+        "values": values,
+        "init": init,
+        "base_vectors": base_vectors,
+        "K": K,
+        "M": M,
+        "N": N,
+        "sigma0": sigma0,
+        "n_steps": n_steps,
+        "rec": rec,
+        "rates": rates,
+        "p": p,
+    }
+    seeds_list = [seed + i for i in range(int(seeds))]
+    total = n_steps * int(seeds)
+    if workers is None:  # processes pay off only for long runs
+        workers = (os.cpu_count() or 1) if total >= 200_000 else 1
+    n_workers = max(1, min(int(seeds), int(workers)))
+    if n_workers == 1:
+        bar = _bar(total, progress, f"simulate {model} N={N}")
+        results = [_seed_job(job, sd, bar) for sd in seeds_list]
+        if bar:
+            bar.close()
+    else:
+        results = _parallel(job, seeds_list, n_workers, total, progress, f"simulate {model} N={N}")
+    # each seed's teacher has its own realised T (equal to round-off); its metrics use it
+    T_seeds = [r[3] for r in results]
 
     arrays = {"alpha": np.arange(n_steps // rec + 1) * (rec / N)}
     arrays["Q"] = np.stack([r[0] for r in results])
     arrays["R"] = np.stack([r[1] for r in results])
-    arrays["T"] = T_real
+    arrays["T"] = T_seeds[0]
     for v in spec.state_vectors:
         arrays[v.name] = np.stack([r[2][v.name] for r in results])
-    consts = {"T": T_real, **{v.name: base_vectors[v.name] for v in spec.const_vectors}}
-    c = kernel.pack_consts(consts, K, M)
     for v in spec.const_vectors:
         arrays[v.name] = np.asarray(base_vectors[v.name], dtype=np.float64)
     n_seeds, n_t = arrays["Q"].shape[:2]
-    states = np.empty((n_seeds, n_t, kernel.state_size(K, M)))
+    mets = np.empty((n_seeds, n_t, len(kernel.metric_names)))
+    r = np.empty_like(arrays["R"])
     for s in range(n_seeds):
-        for t in range(n_t):
-            states[s, t] = kernel.pack_state({k: arrays[k][s, t] for k, _ in kernel.module.STATE}, K, M)
-    mets = kernel.metrics(states.reshape(-1, states.shape[-1]), c, p, K, M).reshape(n_seeds, n_t, -1)
+        consts = {"T": T_seeds[s], **{v.name: base_vectors[v.name] for v in spec.const_vectors}}
+        c = kernel.pack_consts(consts, K, M)
+        states = np.stack(
+            [
+                kernel.pack_state({k: arrays[k][s, t] for k, _ in kernel.module.STATE}, K, M)
+                for t in range(n_t)
+            ]
+        )
+        mets[s] = kernel.metrics(states, c, p, K, M)
+        r[s] = normalised_overlaps(arrays["Q"][s], arrays["R"][s], T_seeds[s])
     for i, name in enumerate(kernel.metric_names):
         arrays[name] = mets[..., i]
-    for name in ["Q", "R", *[v.name for v in spec.state_vectors], *kernel.metric_names]:
+    arrays["r"] = r
+    for name in ["Q", "R", "r", *[v.name for v in spec.state_vectors], *kernel.metric_names]:
         a = arrays[name]
         arrays[f"{name}_mean"] = a.mean(axis=0)
         arrays[f"{name}_sem"] = (

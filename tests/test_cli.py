@@ -23,7 +23,7 @@ def run(package, *args):
     return res
 
 
-def test_models_lists_both_models_with_their_parameters():
+def test_models_lists_every_model_with_its_parameters():
     res = run("runtime", "models")
     assert res.returncode == 0, res.stderr
     # split the listing into one block per model (a block starts with "name:" at column 0)
@@ -34,9 +34,11 @@ def test_models_lists_both_models_with_their_parameters():
             blocks[current] = []
         elif current and line.strip():
             blocks[current].append(line.split()[0])
-    assert set(blocks) == {"scm", "two_layer"}
+    assert set(blocks) == {"scm", "two_layer", "anil"}
     assert blocks["scm"] == ["eta", "sigma"]
     assert set(blocks["two_layer"]) >= {"eta", "eta_v", "kappa", "sigma", "v", "vs"}
+    anil = {"eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", "a", "vbar"}
+    assert set(blocks["anil"]) == anil
     # each parameter with its default and meaning
     assert "default" in res.stdout and "learning rate" in res.stdout and "noise" in res.stdout
 

@@ -1,0 +1,354 @@
+"""The main job, the studies and the validation (MODELS.md sections 5-7).
+
+- ``main_job``: the reference scenario of MODELS.md section 7, flow and a
+  finite-N simulation beside it, with its figures;
+- ``STUDIES``: one figure each on a question the paper raises (inner rate and
+  steps, over-parameterisation, task variability, first against second order);
+- ``validate``: flow against simulation at two sizes, many seeds, printed in
+  units of the seeds' standard error (not run by CI).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .init import Init
+from .integrate import flow
+from .plots import _plt, annotate_matrix, plot_metrics, plot_overlaps, plot_r_heatmap
+from .simulate import simulate
+from .trajectory import Trajectory
+
+META_METRICS = ("eps_meta", "eps_pre", "eps_opt")
+
+
+def reference_init(d: float = 1e-3, K: int = 2, M: int = 2, q0: float = 0.01, r0: float = 0.01) -> Init:
+    """MODELS.md section 7: ``Q0 = q0 I``, ``R0 = r0 (all ones) + d (+1 on the
+    diagonal, -1 off it)`` (for K != M the pattern is unit k favouring teacher k mod M)."""
+    R0 = np.full((K, M), r0)
+    for k in range(K):
+        for m in range(M):
+            R0[k, m] += d if k % M == m else -d
+    return Init(q0 * np.eye(K), R0, np.eye(M), {"a": np.zeros(K), "vbar": np.zeros(M)})
+
+
+# MODELS.md section 7, the main job's default
+REFERENCE = {
+    "model": "anil",
+    "params": {
+        "eta": 1.0,
+        "eta_a": 0.0,
+        "alpha_in": 1.0,
+        "S": 1,
+        "order": 1,
+        "n_q": 1,
+        "s": 1.0,
+        "eps_B": 0.0,
+        "sigma": 0.0,
+    },
+    "d": 1e-3,
+    "t_max": 300.0,
+    "dt": 0.01,
+    "record_every": 2.0,
+    "N": 1000,
+    "seeds": 4,
+    "sim_record_every": 5.0,
+}
+
+
+def align_units(sim: Trajectory, reference: np.ndarray) -> Trajectory:
+    """Relabel each seed's student units to match ``reference`` (K, M) overlaps at
+    the last time: hidden units are exchangeable, and seeds may specialise in
+    different pairings, which a plain mean over seeds would blur."""
+    a = dict(sim.arrays)
+    K = a["Q"].shape[-1]
+    for s_ in range(a["Q"].shape[0]):
+        best = max(
+            itertools.permutations(range(K)), key=lambda p: float(np.sum(a["r"][s_, -1][list(p)] * reference))
+        )
+        p = list(best)
+        a["Q"][s_] = a["Q"][s_][:, p][:, :, p]
+        for name in ("R", "r"):
+            a[name][s_] = a[name][s_][:, p]
+        for name in ("a", "v"):
+            if name in a and a[name].ndim == 3:
+                a[name][s_] = a[name][s_][:, p]
+    n = a["Q"].shape[0]
+    for name in ("Q", "R", "r", "a", "v"):
+        if name in a and a[name].ndim >= 2 and a[name].shape[0] == n:
+            a[f"{name}_mean"] = a[name].mean(0)
+            a[f"{name}_sem"] = (
+                a[name].std(0, ddof=1) / np.sqrt(n) if n > 1 else np.full(a[name].shape[1:], np.nan)
+            )
+    return Trajectory(a, dict(sim.metadata, units_aligned_to_flow=True))
+
+
+def main_job(out: Path, cfg: dict = REFERENCE, progress: bool = True) -> Path:
+    """The reference scenario: flow, simulation, trajectories and figures in ``out``."""
+    init = reference_init(cfg["d"])
+    params = cfg["params"]
+    fl = flow(
+        cfg["model"],
+        init,
+        params,
+        t_max=cfg["t_max"],
+        dt=cfg["dt"],
+        record_every=cfg["record_every"],
+        progress=progress,
+    )
+    sim = simulate(
+        cfg["model"],
+        params,
+        N=cfg["N"],
+        seeds=cfg["seeds"],
+        t_max=cfg["t_max"],
+        init=init,
+        record_every=cfg["sim_record_every"],
+        progress=progress,
+    )
+    sim = align_units(sim, fl.r[-1])
+    fl.save(out / "flow")
+    sim.save(out / "simulation")
+    title = (
+        f"ANIL, K = M = 2, S = {params['S']}, alpha_in = {params['alpha_in']}, eta = {params['eta']}, "
+        f"order {params['order']}"
+    )
+    plot_metrics(fl, sim, META_METRICS, out / "errors.png", title)
+    plot_overlaps(fl, sim, out / "overlaps.png", title)
+    plot_r_heatmap(fl, sim, out / "r_final.png", f"final r_km at alpha = {cfg['t_max']:g}")
+    summary = summarise(fl)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return out
+
+
+def summarise(fl: Trajectory) -> dict:
+    """Plateau and end point of a flow: where the two largest r of unit 0 differ by
+    less than 0.05 (the permutation-symmetric phase) and the final values."""
+    r = fl.r
+    spread = np.abs(np.sort(r, axis=-1)[..., -1] - np.sort(r, axis=-1)[..., -2]).max(-1)
+    sym = spread < 0.05
+    out = {
+        "final_alpha": float(fl.alpha[-1]),
+        "final_eps_meta": float(fl.eps_meta[-1]),
+        "final_eps_opt": float(fl.eps_opt[-1]),
+        "final_max_abs_r": float(np.abs(r[-1]).max()),
+    }
+    if sym[1:].any():
+        idx = np.nonzero(sym)[0]
+        out["symmetric_phase_alpha"] = [float(fl.alpha[idx[0]]), float(fl.alpha[idx[-1]])]
+        out["symmetric_phase_eps_meta"] = float(fl.eps_meta[idx[-1]])
+    return out
+
+
+# --------------------------------------------------------------------------- studies
+def _curves(ax, runs, metric, logy=True):
+    for label, tr in runs:
+        ax.plot(tr.alpha, tr.arrays[metric], label=label)
+    ax.set_xlabel("alpha")
+    ax.set_ylabel(metric)
+    if logy:
+        ax.set_yscale("log")
+    ax.legend(fontsize=7)
+
+
+def _run(params, init, t_max, progress):
+    base = dict(REFERENCE["params"])
+    base.update(params)
+    return flow("anil", init, base, t_max=t_max, dt=0.01, record_every=1.0, progress=progress)
+
+
+def study_inner(out: Path, progress: bool) -> dict:
+    """eps_meta against alpha for the inner rate alpha_in (S = 1) and the number of
+    inner steps S (alpha_in = 0.5; S = 0 is no adaptation)."""
+    init = reference_init(1e-3)
+    by_rate = [
+        (f"alpha_in = {a_}", _run({"alpha_in": a_}, init, 300, progress)) for a_ in (0.25, 0.5, 1.0, 1.5)
+    ]
+    by_steps = [(f"S = {s_}", _run({"S": s_, "alpha_in": 0.5}, init, 300, progress)) for s_ in (0, 1, 2, 4)]
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    _curves(axes[0], by_rate, "eps_meta")
+    axes[0].set_title("inner learning rate (S = 1)")
+    _curves(axes[1], by_steps, "eps_meta")
+    axes[1].set_title("inner steps (alpha_in = 0.5)")
+    fig.savefig(out / "inner.png", dpi=130)
+    plt.close(fig)
+    return {label: float(tr.eps_meta[-1]) for label, tr in by_rate + by_steps}
+
+
+def study_overparam(out: Path, progress: bool) -> dict:
+    """K = 2, 3, 4 student units for M = 2 teacher units."""
+    runs = [(f"K = {K}", _run({}, reference_init(1e-3, K=K, M=2), 400, progress)) for K in (2, 3, 4)]
+    plt = _plt()
+    fig, axes = plt.subplots(1, 1 + len(runs), figsize=(4.2 * (1 + len(runs)), 3.6), constrained_layout=True)
+    _curves(axes[0], runs, "eps_meta")
+    axes[0].set_title("eps_meta, M = 2")
+    for ax, (label, tr) in zip(axes[1:], runs):
+        im = ax.imshow(tr.r[-1], vmin=-1, vmax=1, cmap="RdBu_r")
+        annotate_matrix(ax, tr.r[-1])
+        ax.set_title(f"final r_km, {label}")
+        ax.set_xlabel("teacher m")
+        ax.set_ylabel("student k")
+    fig.colorbar(im, ax=axes[1:].tolist(), shrink=0.8)
+    fig.savefig(out / "overparam.png", dpi=130)
+    plt.close(fig)
+    return {label: float(tr.eps_meta[-1]) for label, tr in runs}
+
+
+def study_variability(out: Path, progress: bool) -> dict:
+    """Task spread s and feature variability eps_B: eps_meta and eps_opt."""
+    init = reference_init(1e-3)
+    by_s = [(f"s = {s_}", _run({"s": s_}, init, 300, progress)) for s_ in (0.5, 1.0, 2.0)]
+    by_eps = [(f"eps_B = {e}", _run({"eps_B": e}, init, 300, progress)) for e in (0.0, 0.5, 1.0)]
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    for (label, tr), s_ in zip(by_s, (0.5, 1.0, 2.0)):
+        # with vbar = 0 the labels scale with s: errors divided by s^2 compare shapes
+        axes[0].plot(tr.alpha, tr.eps_meta / s_**2, label=f"{label}: eps_meta / s^2")
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("alpha")
+    axes[0].set_ylabel("eps_meta / s^2")
+    axes[0].legend(fontsize=7)
+    axes[0].set_title("task spread s (readout vt = s xi)")
+    for i, (label, tr) in enumerate(by_eps):
+        axes[1].plot(tr.alpha, tr.eps_meta, color=f"C{i}", label=f"{label}: eps_meta")
+        axes[1].plot(tr.alpha, tr.eps_opt, "--", color=f"C{i}", label=f"{label}: eps_opt")
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("alpha")
+    axes[1].legend(fontsize=7)
+    axes[1].set_title("feature variability eps_B (s = 1)")
+    fig.savefig(out / "variability.png", dpi=130)
+    plt.close(fig)
+    return {label: float(tr.eps_meta[-1]) for label, tr in by_s + by_eps}
+
+
+def study_order(out: Path, progress: bool) -> dict:
+    """First against second order, for two inner rates."""
+    init = reference_init(1e-3)
+    runs = []
+    for a_ in (0.5, 1.0):
+        for o in (1, 2):
+            runs.append(
+                (f"order {o}, alpha_in = {a_}", _run({"order": o, "alpha_in": a_}, init, 300, progress))
+            )
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    _curves(axes[0], runs, "eps_meta")
+    axes[0].set_title("eps_meta")
+    for i, (label, tr) in enumerate(runs):
+        axes[1].plot(tr.alpha, np.abs(tr.r[:, 0, 0] - tr.r[:, 0, 1]), color=f"C{i}", label=label)
+    axes[1].set_xlabel("alpha")
+    axes[1].set_ylabel("|r_00 - r_01| (symmetry breaking)")
+    axes[1].legend(fontsize=7)
+    fig.savefig(out / "order.png", dpi=130)
+    plt.close(fig)
+    return {label: float(tr.eps_meta[-1]) for label, tr in runs}
+
+
+def study_symmetry(out: Path, progress: bool) -> dict:
+    """The initial asymmetry d of the reference start: the permutation-symmetric
+    plateau (all r_km equal) lasts longer the smaller d is."""
+    runs = [(f"d = {d:g}", _run({}, reference_init(d), 300, progress)) for d in (1e-3, 1e-4, 1e-5, 1e-6)]
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    _curves(axes[0], runs, "eps_meta")
+    axes[0].set_title("eps_meta, reference scenario")
+    for i, (label, tr) in enumerate(runs):
+        axes[1].plot(tr.alpha, tr.r[:, 0, 0], color=f"C{i}", label=f"{label}: r_00")
+        axes[1].plot(tr.alpha, tr.r[:, 0, 1], "--", color=f"C{i}", label=f"{label}: r_01")
+    axes[1].set_xlabel("alpha")
+    axes[1].set_ylabel("r_km of student unit 0")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.savefig(out / "symmetry.png", dpi=130)
+    plt.close(fig)
+    result = {}
+    for label, tr in runs:
+        summary = summarise(tr)
+        result[label] = float(tr.eps_meta[-1])
+        if "symmetric_phase_alpha" in summary:
+            result[f"{label}: symmetric phase until alpha"] = summary["symmetric_phase_alpha"][1]
+            result[f"{label}: eps_meta at its end"] = summary["symmetric_phase_eps_meta"]
+    return result
+
+
+STUDIES = {
+    "symmetry": study_symmetry,
+    "inner": study_inner,
+    "overparam": study_overparam,
+    "variability": study_variability,
+    "order": study_order,
+}
+
+
+def run_study(name: str, out: Path, progress: bool = True) -> dict:
+    if name not in STUDIES:
+        raise ValueError(f"unknown study {name!r}; studies: {', '.join(STUDIES)}")
+    out.mkdir(parents=True, exist_ok=True)
+    result = STUDIES[name](out, progress)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# --------------------------------------------------------------------------- validation
+def validation_init() -> Init:
+    """Explicit, N-independent, well-conditioned overlaps away from any plateau."""
+    Q = np.array([[0.5, 0.1], [0.1, 0.4]])
+    R = np.array([[0.4, 0.1], [0.05, 0.3]])
+    return Init(Q, R, np.eye(2), {"a": np.array([0.3, -0.2]), "vbar": np.array([0.4, 0.2])})
+
+
+VALIDATION = [
+    {"order": 1},
+    {"order": 2},
+    {"order": 1, "eta_a": 0.5, "S": 2, "alpha_in": 0.6},
+    {"order": 2, "eta_a": 0.5, "S": 2, "alpha_in": 0.6},
+    {"order": 1, "eps_B": 0.5, "sigma": 0.3, "n_q": 2},
+    {"order": 2, "eps_B": 0.5, "s": 0.7},
+]
+
+
+def validate(sizes=(250, 1000), seeds: int = 10, t_max: float = 2.0, progress: bool = True) -> list[dict]:
+    """Flow against simulation for each configuration of VALIDATION, printed."""
+    init = validation_init()
+    names = ["Q", "R", "a", *META_METRICS]
+    rows = []
+    print(
+        f"anil, K = M = 2, t_max = {t_max}, {seeds} seeds; deviations |sim mean - flow| over all recorded "
+        "times and entries"
+    )
+    for cfg in VALIDATION:
+        fl = flow("anil", init, cfg, t_max=t_max, dt=0.005, record_every=0.5)
+        line = {"config": cfg}
+        for N in sizes:
+            t0 = time.time()
+            sim = simulate(
+                "anil", cfg, N=N, seeds=seeds, t_max=t_max, init=init, record_every=0.5, progress=progress
+            )
+            z, gap = [], []
+            for name in names:
+                diff = sim.arrays[f"{name}_mean"][1:] - fl.arrays[name][1:]
+                sem = sim.arrays[f"{name}_sem"][1:]
+                ok = sem > 1e-10  # constant quantities (a with eta_a = 0) have round-off sems
+                z.extend(np.abs(diff[ok] / sem[ok]).ravel())
+                gap.extend(np.abs(diff).ravel())
+            line[N] = {
+                "max_z": float(np.max(z)),
+                "mean_z": float(np.mean(z)),
+                "mean_gap": float(np.mean(gap)),
+                "seconds": time.time() - t0,
+            }
+            print(
+                f"  {json.dumps(cfg):<55} N = {N:>5}: mean |z| {np.mean(z):.2f}, max |z| {np.max(z):.2f} "
+                f"(of {len(z)}), mean |gap| {np.mean(gap):.2e}  [{time.time() - t0:.0f} s]"
+            )
+        rows.append(line)
+    shrink = sum(row[sizes[-1]]["mean_gap"] < row[sizes[0]]["mean_gap"] for row in rows)
+    print(f"gap smaller at N = {sizes[-1]} than at N = {sizes[0]} in {shrink} of {len(rows)} configurations")
+    return rows
+
+
+__all__ = ["REFERENCE", "STUDIES", "main_job", "reference_init", "run_study", "validate"]

@@ -1,0 +1,226 @@
+"""The finite-N simulator of meta-learning on streaming tasks (MODELS.md section 5).
+
+The real algorithm on real vectors, one task per step:
+
+1. task: ``vt = vbar + s xi``; teacher vectors ``B + eps_B Z`` (fresh ``Z``);
+2. inner loop from ``c = a``, ``S`` steps ``c <- c - alpha_in (C c - h)``:
+   ``population`` mode (``n_s = inf``): ``C_kl = I2(lambda_k, lambda_l)``,
+   ``h = D vt`` with ``D_km = I2(lambda_k, nu^tau_m)`` at the network's current
+   overlaps; ``samples`` mode: ``C = g(Lam)^T g(Lam) / n_s``,
+   ``h = g(Lam)^T y / n_s`` over ``n_s`` fresh support samples;
+3. query: ``n_q`` fresh samples, ``delta = f_{a'}(x) - y``, query loss
+   ``L = mean(delta^2) / 2``; the outer step ``W <- W - eta grad_W L``,
+   ``a <- a - (eta_a / N) grad_a L`` with ``grad_W`` at fixed ``a'`` (order 1)
+   or through the inner loop (order 2, by reverse-mode differentiation of the
+   inner loop, written out below), and ``grad_a = dL/da'`` (order 1) or
+   ``A^T dL/da'`` (order 2).
+
+``I2`` and its partial derivatives are typed here from their closed forms
+(MODELS.md section 2), independently of the generated kernels, and the
+gradient is tested against finite differences of the query loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import vectorize
+
+from .integrate import SimulationDiverged
+
+TWO_OVER_PI = 2.0 / math.pi
+
+
+@vectorize(["float64(float64)"], cache=True)
+def erf(x):
+    return math.erf(x)
+
+
+class Activation:
+    """g, g' and the closed form of I2(a, b, c) = E[g(u) g(v)] for Var u = a,
+    Var v = b, Cov = c, with its partial derivatives."""
+
+    def __init__(self, name: str):
+        if name not in ("erf", "linear"):
+            raise ValueError(f"the meta-learning simulator knows erf and linear, not {name!r}")
+        self.name = name
+
+    def g(self, x):
+        return erf(x / math.sqrt(2.0)) if self.name == "erf" else x
+
+    def gp(self, x):
+        return math.sqrt(2.0 / math.pi) * np.exp(-0.5 * x * x) if self.name == "erf" else np.ones_like(x)
+
+    def I2(self, a, b, c):
+        if self.name == "linear":
+            return np.asarray(c, dtype=float)
+        return TWO_OVER_PI * np.arcsin(c / np.sqrt((1.0 + a) * (1.0 + b)))
+
+    def I2_partials(self, a, b, c):
+        """(dI2/da, dI2/db, dI2/dc)."""
+        if self.name == "linear":
+            z = np.zeros(np.broadcast(a, b, c).shape)
+            return z, z, np.ones_like(z)
+        root = np.sqrt((1.0 + a) * (1.0 + b) - c * c)
+        dc = TWO_OVER_PI / root
+        da = -TWO_OVER_PI * c / (2.0 * (1.0 + a) * root)
+        db = -TWO_OVER_PI * c / (2.0 * (1.0 + b) * root)
+        return da, db, dc
+
+
+class MetaStep:
+    """One outer step of the meta-learner; ``query_loss`` and ``gradients`` are
+    exposed separately so that the gradient can be checked by finite differences."""
+
+    def __init__(self, act: Activation, params: dict):
+        self.act = act
+        self.alpha_in = params["alpha_in"]
+        self.S = int(params["S"])
+        self.order = int(params["order"])
+        self.n_q = int(params["n_q"])
+        self.n_s = params["n_s"]
+        self.s = params["s"]
+        self.eps_B = params["eps_B"]
+        self.sigma = params["sigma"]
+        self.population = not math.isfinite(self.n_s)
+
+    def draw_task(self, rng, B, vbar):
+        """(vt, task teacher vectors, support inputs or None, support noise, query inputs, query noise)."""
+        M, N = B.shape
+        vt = vbar + self.s * rng.standard_normal(M)
+        Bt = B + self.eps_B * rng.standard_normal((M, N)) if self.eps_B > 0 else B
+        Xs = zs = None
+        if not self.population:
+            ns = int(self.n_s)
+            Xs = rng.standard_normal((ns, N))
+            zs = rng.standard_normal(ns)
+        Xq = rng.standard_normal((self.n_q, N))
+        zq = rng.standard_normal(self.n_q)
+        return vt, Bt, Xs, zs, Xq, zq
+
+    # -- inner loop -----------------------------------------------------------
+    def support(self, W, task):
+        """(C, h, cache) of the support gradient C c - h."""
+        vt, Bt, Xs, zs, _, _ = task
+        N = W.shape[1]
+        act = self.act
+        if self.population:
+            Q = W @ W.T / N
+            Rt = W @ Bt.T / N
+            Tt = np.einsum("mi,mi->m", Bt, Bt) / N
+            q = np.diag(Q)
+            C = act.I2(q[:, None], q[None, :], Q)
+            D = act.I2(q[:, None], Tt[None, :], Rt)
+            return C, D @ vt, (Q, Rt, Tt, D)
+        sq = math.sqrt(N)
+        Lam = Xs @ W.T / sq
+        ys = act.g(Xs @ Bt.T / sq) @ vt + self.sigma * zs
+        gL = act.g(Lam)
+        ns = Xs.shape[0]
+        return gL.T @ gL / ns, gL.T @ ys / ns, (Lam, gL, ys)
+
+    def adapt(self, C, h, a):
+        """c^(0..S) of the inner loop."""
+        cs = [a.copy()]
+        for _ in range(self.S):
+            cs.append(cs[-1] - self.alpha_in * (C @ cs[-1] - h))
+        return cs
+
+    # -- query ----------------------------------------------------------------
+    def query(self, W, ap, task):
+        vt, Bt, _, _, Xq, zq = task
+        sq = math.sqrt(W.shape[1])
+        lam = Xq @ W.T / sq
+        y = self.act.g(Xq @ Bt.T / sq) @ vt + self.sigma * zq
+        delta = self.act.g(lam) @ ap - y
+        return lam, delta
+
+    def query_loss(self, W, a, task) -> float:
+        """L = mean over the query samples of delta^2 / 2, through the inner loop."""
+        C, h, _ = self.support(W, task)
+        ap = self.adapt(C, h, a)[-1]
+        _, delta = self.query(W, ap, task)
+        return 0.5 * float(np.mean(delta**2))
+
+    def gradients(self, W, a, task):
+        """(G (n_q, K), grad_W through the inner loop or None, grad_a) for one step.
+
+        ``G`` is the coefficient of x in the first-order gradient,
+        ``dL/dw_k = mean_mu G[mu, k] x_mu / sqrt(N)``."""
+        act = self.act
+        C, h, cache = self.support(W, task)
+        cs = self.adapt(C, h, a)
+        ap = cs[-1]
+        lam, delta = self.query(W, ap, task)
+        nq = lam.shape[0]
+        G = (delta[:, None] * act.gp(lam)) * ap[None, :]
+        b = act.g(lam).T @ delta / nq  # dL/da'
+        if self.order == 1:
+            return G, None, b
+        # reverse mode through c^(s+1) = c^(s) - alpha_in (C c^(s) - h)
+        adj = b.copy()
+        dC = np.zeros_like(C)
+        dh = np.zeros_like(h)
+        for s_ in range(self.S - 1, -1, -1):
+            dC -= self.alpha_in * np.outer(adj, cs[s_])
+            dh += self.alpha_in * adj
+            adj = adj - self.alpha_in * (C.T @ adj)
+        grad_a = adj  # A^T dL/da'
+        N = W.shape[1]
+        if self.population:
+            Q, Rt, Tt, D = cache
+            vt, Bt = task[0], task[1]
+            dD = np.outer(dh, vt)
+            q = np.diag(Q)
+            ca, cb, cc = act.I2_partials(q[:, None], q[None, :], Q)
+            da, _, dc = act.I2_partials(q[:, None], Tt[None, :], Rt)
+            GQ = dC * cc  # off-diagonal slots, Q_kl and Q_lk distinct variables
+            GQ[np.diag_indices_from(GQ)] += (dC * ca).sum(1) + (dC * cb).sum(0) + (dD * da).sum(1)
+            GR = dD * dc
+            grad_W = (GQ + GQ.T) @ W / N + GR @ Bt / N
+        else:
+            Lam, gL, ys = cache
+            Xs = task[2]
+            ns = Lam.shape[0]
+            dLam = ((gL @ (dC + dC.T)) + np.outer(ys, dh)) / ns * act.gp(Lam)
+            grad_W = dLam.T @ Xs / math.sqrt(N)
+        return G, grad_W, grad_a
+
+
+def run_seed_meta(model, W, B, vec, values, rates, N, n_steps, rec, rng, bar, activation):
+    """One seed: ``n_steps`` outer steps, the order parameters every ``rec`` steps."""
+    K, M = W.shape[0], B.shape[0]
+    names = [v.name for v in model.state_vectors + model.const_vectors]
+    if names != ["a", "vbar"]:
+        raise ValueError(f"the meta-learning simulator expects readouts a, vbar, got {names}")
+    a = vec[:K].copy()
+    vbar = vec[K : K + M].copy()
+    step = MetaStep(Activation(activation), values)
+    (eta, decay), (eta_a, decay_a) = rates
+    fl, ro = model.first_layer, model.readout_updates[0]
+    n_rec = n_steps // rec
+    Qs = np.empty((n_rec + 1, K, K))
+    Rs = np.empty((n_rec + 1, K, M))
+    As = np.empty((n_rec + 1, K))
+
+    def record(i):
+        Qs[i] = W @ W.T / N
+        Rs[i] = W @ B.T / N
+        As[i] = a
+
+    record(0)
+    for t in range(1, n_steps + 1):
+        task = step.draw_task(rng, B, vbar)
+        G, grad_W, grad_a = step.gradients(W, a, task)
+        fl.step(W, G, task[4], eta, decay)
+        if grad_W is not None:
+            fl.step_weights(W, grad_W, eta)
+        ro.step(a, grad_a, N, eta_a, decay_a)
+        if t % rec == 0:
+            record(t // rec)
+            if not np.all(np.isfinite(W)):
+                raise SimulationDiverged(t / N, model.name)
+            if bar:
+                bar.update(rec)
+    return Qs, Rs, {"a": As}
