@@ -67,7 +67,7 @@ def _add_common(p: argparse.ArgumentParser, flow_cmd: bool) -> None:
         "--record-every",
         type=float,
         default=None,
-        help="recording interval in alpha (default: every step for flow, 0.1 for simulate)",
+        help="recording interval in alpha (default: every step for flow, about 100 records for simulate)",
     )
     p.add_argument("--K", type=int, default=2, help="student units for a sampled start (no --init)")
     p.add_argument("--M", type=int, default=2, help="teacher units for a sampled start (no --init)")
@@ -133,7 +133,7 @@ def cmd_simulate(args) -> Path:
         K=args.K,
         M=args.M,
         sigma0=args.sigma0,
-        record_every=args.record_every or 0.1,
+        record_every=args.record_every,
         seed=args.seed,
         activation=args.activation,
         progress=not args.no_progress,

@@ -16,37 +16,19 @@ def _plt():
     return plt
 
 
-def plot_metric(
-    flow, sim=None, metric: str = "eps_g", path: str | Path = "eps_g.png", title: str = ""
-) -> Path:
-    """``metric`` against alpha: flow line, simulation mean +- s.e.m. over seeds."""
+def _save(fig, path) -> Path:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), constrained_layout=True)
-    if flow is not None:
-        ax.plot(flow.alpha, flow.arrays[metric], "-", color="C0", label="flow (N -> inf)")
-    if sim is not None:
-        n_seeds = sim.arrays[metric].shape[0]
-        ax.errorbar(
-            sim.alpha,
-            sim.arrays[f"{metric}_mean"],
-            yerr=sim.arrays[f"{metric}_sem"],
-            fmt="o",
-            ms=3,
-            color="C1",
-            capsize=2,
-            label=f"simulation N = {sim.metadata.get('N')}, {n_seeds} seeds (mean +- s.e.m.)",
-        )
-    ax.set_xlabel("alpha (steps / N)")
-    ax.set_ylabel(metric)
-    vals = np.asarray(flow.arrays[metric] if flow is not None else sim.arrays[f"{metric}_mean"])
-    if np.all(vals > 0) and vals.max() / max(vals.min(), 1e-300) > 20:
-        ax.set_yscale("log")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
     path = Path(path)
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
+
+
+def plot_metric(
+    flow, sim=None, metric: str = "eps_g", path: str | Path = "eps_g.png", title: str = ""
+) -> Path:
+    """``metric`` against alpha: flow line, simulation mean +- s.e.m. over seeds."""
+    return plot_metrics(flow, sim, [metric], path, title)
 
 
 def plot_overlaps(flow, sim=None, path: str | Path = "overlaps.png", title: str = "") -> Path:
@@ -74,21 +56,20 @@ def plot_overlaps(flow, sim=None, path: str | Path = "overlaps.png", title: str 
     ax.set_ylabel("r_km = R_km / sqrt(Q_kk T_mm)")
     ax.set_title(title)
     ax.legend(fontsize=8, ncol=2)
-    path = Path(path)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
-def plot_metrics(flow, sim, metrics, path, title: str = "", logy: bool = False) -> Path:
-    """Several metrics against alpha: flow lines, simulation points (mean +- s.e.m.)."""
+def plot_metrics(flow, sim, metrics, path, title: str = "", logy: bool | None = None) -> Path:
+    """Metrics against alpha: flow lines, simulation points (mean +- s.e.m. over
+    seeds). ``logy=None`` uses a log scale when the values span more than 20x."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
     for i, name in enumerate(metrics):
         color = f"C{i}"
         if flow is not None:
-            ax.plot(flow.alpha, flow.arrays[name], "-", color=color, label=f"{name} (flow)")
+            ax.plot(flow.alpha, flow.arrays[name], "-", color=color, label=f"{name} (flow, N -> inf)")
         if sim is not None:
+            n_seeds = sim.arrays[name].shape[0]
             ax.errorbar(
                 sim.alpha,
                 sim.arrays[f"{name}_mean"],
@@ -98,18 +79,19 @@ def plot_metrics(flow, sim, metrics, path, title: str = "", logy: bool = False) 
                 color=color,
                 capsize=1.5,
                 alpha=0.8,
-                label=f"{name} (N = {sim.metadata.get('N')}, {sim.arrays[name].shape[0]} seeds)",
+                label=f"{name} (simulation N = {sim.metadata.get('N')}, {n_seeds} seeds, mean +- s.e.m.)",
             )
-    ax.set_xlabel("alpha (outer steps / N)")
-    ax.set_ylabel("error")
+    ax.set_xlabel("alpha (steps / N)")
+    ax.set_ylabel(metrics[0] if len(metrics) == 1 else "error")
+    if logy is None:
+        src = flow.arrays[metrics[0]] if flow is not None else sim.arrays[f"{metrics[0]}_mean"]
+        vals = np.asarray(src)
+        logy = bool(np.all(vals > 0) and vals.max() / max(vals.min(), 1e-300) > 20)
     if logy:
         ax.set_yscale("log")
     ax.set_title(title)
     ax.legend(fontsize=7)
-    path = Path(path)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def annotate_matrix(ax, r) -> None:
@@ -150,7 +132,4 @@ def plot_r_heatmap(flow, sim, path, title: str = "") -> Path:
         ax.set_title(name, fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="r_km")
     fig.suptitle(title, fontsize=10)
-    path = Path(path)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -73,6 +73,13 @@ def _run_seed(kernel, W, B, vec, p, rates, N, n_steps, rec, rng, bar):
     return Qs, Rs, vecs
 
 
+def default_record_steps(n_steps: int, records: int = 100) -> int:
+    """About ``records`` records: the largest divisor of ``n_steps`` not above
+    ``n_steps / records``, so that the last record is at ``t_max``."""
+    target = max(1, n_steps // records)
+    return max(d for d in range(1, target + 1) if n_steps % d == 0)
+
+
 class _SharedCounter:
     """A progress counter that worker processes update (``.update(n)`` like tqdm)."""
 
@@ -155,7 +162,7 @@ def simulate(
     M: int = 2,
     sigma0: float = 0.1,
     vectors: dict | None = None,
-    record_every: float = 0.1,
+    record_every: float | None = None,
     seed: int = 0,
     activation: str = "erf",
     progress: bool = False,
@@ -167,7 +174,8 @@ def simulate(
     networks are built with exactly its overlaps (``realise``); without it, they
     are sampled (``w ~ N(0, sigma0^2)``, ``T = I``, readouts from ``vectors`` or
     the model's defaults), so that ``sampled_init(model, K, M, N, seed)`` is the
-    flow's starting point for seed index 0. Seeds run in ``workers`` processes
+    flow's starting point for seed index 0. ``record_every`` (in alpha, a
+    multiple of 1/N) defaults to about 100 records. Seeds run in ``workers`` processes
     (default: one per core for long runs); the results do not depend on it.
     """
     kernel = load(model, activation)
@@ -190,7 +198,10 @@ def simulate(
         raise ValueError(f"N = {N} must be at least K + M = {K + M}")
     # one step is 1/N of alpha: times must be whole numbers of steps
     n_steps = steps_for(t_max, 1.0 / N, "t_max", "1/N")
-    rec = steps_for(record_every, 1.0 / N, "record_every", "1/N")
+    if record_every is None:
+        rec = default_record_steps(n_steps)
+    else:
+        rec = steps_for(record_every, 1.0 / N, "record_every", "1/N")
     if n_steps % rec:
         raise ValueError(f"t_max = {t_max} is not a multiple of record_every = {record_every}")
     p = kernel.param_vector(values)

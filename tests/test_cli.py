@@ -98,7 +98,8 @@ def test_simulate_command(tmp_path):
     cmd = "simulate --model scm --n 200 --seeds 3 --t-max 0.5 --no-progress"
     res = run("runtime", *cmd.split(), "--out", str(out))
     assert res.returncode == 0, res.stderr
-    S, n, K, M = 3, 6, 2, 2  # records at 0, 0.1, ..., 0.5 (default interval 0.1)
+    # default: about 100 records, the largest divisor of the 100 steps (0.5 * 200) not above 1: every step
+    S, n, K, M = 3, 101, 2, 2
     with np.load(out / "trajectory.npz") as data:
         arrays = {k: np.array(data[k]) for k in data.files}
     assert arrays["alpha"].shape == (n,)
