@@ -20,10 +20,12 @@ from . import __version__
 from .activations import get_activation, z
 from .expand import FUNC_OF_KIND, RawTerm
 from .flow import Component, FlowIR, FlowTerm, build_flow
+from .gaussian import PRIMITIVES, tilt_split
 from .model import Q, R
 from .models import model_file
 from .printer import code
-from .symbols import FIELD_KIND, STUDENT, K, M, index_kind
+from .printer import TILTED
+from .symbols import FIELD_KIND, STUDENT, K, M, index_kind, lam
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -58,6 +60,9 @@ class Loop:
 
     indices: tuple[tuple[str, str], ...]  # (name, bound) from outermost
     statements: tuple[str, ...]
+    # the term is symmetric in its two summation indices: sum over i0 <= i1 only,
+    # off-diagonal terms counted twice
+    triangular: bool = False
 
 
 def _bound(idx: sp.Idx) -> str:
@@ -77,13 +82,72 @@ def _term_expr(t) -> sp.Expr:
     return body
 
 
-def loops(component: Component, primitive_names) -> list[Loop]:
-    """Group the component's terms by their summation indices, one loop nest each."""
+TILT_PREF = sp.Symbol("tilt_pref")
+
+
+def _hoisted_tilt(component: Component, t, activation: str):
+    """``t`` rewritten as ``coeff * tilt_pref * base(Ct; rest)`` when its primitive
+    starts by tilting on the component's two free indices (I4(k, l, ., .) in dQ):
+    the tilt is then computed once per (k, l) instead of once per term. None if not."""
+    if activation is None or not isinstance(t, FlowTerm) or t.primitive is None or len(component.free) != 2:
+        return None
+    split = tilt_split(_kinds_of(t.primitive), activation)
+    if split is None:
+        return None
+    free = tuple(component.free)
+    if tuple(a.indices[0] for a in t.args[:2]) != free or any(a.base != lam for a in t.args[:2]):
+        return None
+    expr = t.coeff * TILT_PREF
+    if split.base is not None:
+        expr = expr * sp.Function(split.base.name + TILTED)(*t.args[2:])
+    return expr, split
+
+
+def _kinds_of(name: str) -> tuple[str, ...]:
+    if name in PRIMITIVES:
+        return PRIMITIVES[name]
+    return tuple(name.removeprefix("E_").split("_"))
+
+
+def loops(component: Component, primitive_names, activation: str | None = None, hoisted=None) -> list[Loop]:
+    """Group the component's terms by their summation indices, one loop nest each.
+
+    With ``activation``, terms whose tilt can be hoisted to the free-index level
+    are rewritten (see ``_hoisted_tilt``); their splits are collected in ``hoisted``."""
     groups: dict[tuple, list[str]] = {}
     for t in component.terms:
-        key = tuple((str(s.label), _bound(s)) for s in t.sums)
-        groups.setdefault(key, []).append(code(_term_expr(t), primitive_names))
-    return [Loop(k, tuple(v)) for k, v in groups.items()]
+        h = _hoisted_tilt(component, t, activation)
+        if h is not None and hoisted is not None:
+            expr, split = h
+            hoisted.append(split)
+        else:
+            expr = _term_expr(t)
+        tri = _triangular(t)
+        key = (tuple((str(s.label), _bound(s)) for s in t.sums), tri)
+        stmt = code(expr, primitive_names)
+        if tri:
+            i0, i1 = (str(s.label) for s in t.sums)
+            stmt = f"(1.0 if {i0} == {i1} else 2.0) * ({stmt})"
+        groups.setdefault(key, []).append(stmt)
+    return [Loop(k, tuple(v), tri) for (k, tri), v in groups.items()]
+
+
+def _triangular(t) -> bool:
+    """A term summed over two indices of one kind that are the last two arguments of
+    its primitive, of the same factor kind (I4(k, l, j0, j1), I2(j0, j1)), with a
+    coefficient unchanged by swapping them: sum over j0 <= j1, twice off the diagonal."""
+    if not isinstance(t, FlowTerm) or t.primitive is None or len(t.sums) != 2 or len(t.args) < 2:
+        return False
+    s0, s1 = t.sums
+    if index_kind(s0) != index_kind(s1):
+        return False
+    a0, a1 = t.args[-2], t.args[-1]
+    kinds = _kinds_of(t.primitive)
+    if kinds[-2] != kinds[-1] or a0.base != a1.base or (a0.indices[0], a1.indices[0]) != (s0, s1):
+        return False
+    if any(s0 in a.indices or s1 in a.indices for a in t.args[:-2]):
+        return False
+    return sp.expand(t.coeff.xreplace({s0: s1, s1: s0}) - t.coeff) == 0
 
 
 def primitive_code(d) -> dict:
@@ -159,6 +223,8 @@ def _task_context(ir: FlowIR, names, where) -> dict | None:
 
     def comp(c):
         return {
+            "symmetric": False,
+            "hoist": [],
             "name": c.name,
             "free": [(str(i.label), _bound(i)) for i in c.free],
             "loops": loops(c, names),
@@ -200,21 +266,44 @@ def context(ir: FlowIR) -> dict:
     vectors = [(v.name, (_shape(v),)) for v in model.state_vectors + model.const_vectors]
     shapes = dict(state)
     comps = []
+    splits = []
     for c in ir.derivatives:
+        hoisted: list = []
+        lps = loops(c, names, act.name, hoisted)
+        splits += hoisted
+        free = [str(i.label) for i in c.free]
         comps.append(
             {
                 "name": c.name,
                 "shape": shapes[c.name],
                 "free": [(str(i.label), _bound(i)) for i in c.free],
-                "loops": loops(c, names),
+                "loops": lps,
+                "symmetric": c.symmetric,
+                "hoist": [f"tilt_pref = tilt2(C, {free[0]}, {free[1]}, Ct)"] if hoisted else [],
             }
         )
+    # the base primitives of hoisted tilts (I2 for I4) must be in the module
+    prim_list = list(ir.primitives)
+    for sp_ in splits:
+        if sp_.base is not None and sp_.base.name not in [d.name for d in prim_list]:
+            prim_list.append(sp_.base)
+    prim_list.sort(key=lambda d: d.name)
+    tilt = None
+    if splits:
+        w, amp = splits[0].width, splits[0].amplitude
+        tilt = {"width": code(sp.sympify(w)), "amp2": code(sp.sympify(amp) ** 2)}
     mets = [{"name": c.name, "loops": loops(c, names)} for c in ir.metrics]
     samples = [
-        {"name": c.name, "free": [(str(i.label), _bound(i)) for i in c.free], "loops": loops(c, names)}
+        {
+            "name": c.name,
+            "free": [(str(i.label), _bound(i)) for i in c.free],
+            "loops": loops(c, names),
+            "symmetric": False,
+            "hoist": [],
+        }
         for c in ir.samples
     ]
-    prims = [primitive_code(d) for d in ir.primitives]
+    prims = [primitive_code(d) for d in prim_list]
     acts = [
         {"name": "g", "code": code(act.expr)},
         {"name": "gp", "code": code(act.d1)},
@@ -249,6 +338,7 @@ def context(ir: FlowIR) -> dict:
         "cov_size": cov_size,
         "cov_blocks": cov_blocks,
         "task": _task_context(ir, names, where),
+        "tilt": tilt,
     }
 
 

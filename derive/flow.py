@@ -48,6 +48,8 @@ class Component:
     name: str
     free: tuple[sp.Idx, ...]
     terms: tuple  # FlowTerm for flows and metrics, RawTerm for per-sample gradients
+    # symmetric in its two free indices: the kernel computes one triangle and mirrors it
+    symmetric: bool = False
 
 
 @dataclass(frozen=True)
@@ -213,7 +215,7 @@ def build_flow(model_name: str, activation: str) -> FlowIR:
         for name, (free, integrand, deterministic) in rule.flows(loss).items():
             terms = average(expand(integrand), activation, used, fams)
             terms += tuple(FlowTerm(t.coeff, t.sums, None, ()) for t in expand(deterministic))
-            derivs.append(Component(name, free, terms))
+            derivs.append(Component(name, free, terms, symmetric=name in rule.symmetric))
     # a student readout without an update rule stays constant in time
     updated = {r.vector.name for r in model.readout_updates}
     for v in model.state_vectors:

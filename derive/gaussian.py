@@ -293,6 +293,40 @@ def primitive(name: str, activation: str) -> Derived:
     return expectation(kinds, activation, name)
 
 
+@dataclass(frozen=True)
+class TiltSplit:
+    """``E[g'(u_a) g'(u_b) F(u_rest)] = pref(C_SS) E'[F]`` (the tilt rule, applied first):
+    the first ``n`` factors are g' = ``amplitude exp(-z^2 / (2 width))``; ``base`` is the
+    expectation of the remaining factors at the tilted covariance (None: it is 1)."""
+
+    n: int
+    amplitude: sp.Expr
+    width: sp.Expr
+    base: Derived | None
+
+
+@lru_cache(maxsize=None)
+def tilt_split(kinds: tuple[str, ...], activation: str) -> TiltSplit | None:
+    """The tilt structure of a pattern whose leading factors are two g' of a
+    Gaussian-shaped g' (erf), so that a kernel can tilt once per pair of units."""
+    n = 0
+    while n < len(kinds) and kinds[n] == "gp":
+        n += 1
+    if n != 2 or "gp" in kinds[n:]:
+        return None
+    act = get_activation(activation)
+    u = sp.Symbol("u", real=True)
+    shape = _Engine._gaussian_factor(act.at(1, u), [u])
+    if shape is None:
+        return None
+    _, amplitude, width = shape
+    rest = tuple(kinds[n:])
+    base = expectation(rest, activation, name_of(rest)) if rest else None
+    if base is not None and base.expr.is_number:
+        return None
+    return TiltSplit(n, amplitude, width, base)
+
+
 def name_of(kinds: tuple[str, ...]) -> str:
     for name, k in PRIMITIVES.items():
         if k == kinds:

@@ -181,6 +181,8 @@ class FirstLayer:
     decay: sp.Expr = sp.S.Zero
     batch: sp.Expr = sp.S.One  # n_q samples averaged per step: the rate^2 term is divided by it
     meta: MetaGradient | None = None
+    # flows symmetric in their two free indices (Q_kl = Q_lk by construction)
+    symmetric = ("Q",)
 
     def flows(self, loss: sp.Expr) -> dict[str, tuple[tuple[sp.Idx, ...], sp.Expr, sp.Expr]]:
         """name -> (free indices, expectation integrand, deterministic part)."""
@@ -256,6 +258,7 @@ class ReadoutUpdate:
     decay: sp.Expr = sp.S.Zero
     # dL/dc_k as a function of (loss, k); default: differentiate the loss in c_k
     gradient: Callable[[sp.Expr, sp.Idx], sp.Expr] | None = None
+    symmetric = ()
 
     def grad(self, loss: sp.Expr, k: sp.Idx) -> sp.Expr:
         if self.gradient is not None:

@@ -17,6 +17,7 @@ from .gaussian import PRIMITIVES
 from .symbols import g, gp, gpp, lam, nu, nut
 
 FIELD_ROW = {lam: "", nu: "K + ", nut: "K + M + "}
+TILTED = "__tilted"
 
 
 class KernelPrinter(PythonCodePrinter):
@@ -39,6 +40,10 @@ class KernelPrinter(PythonCodePrinter):
 
     def _print_Function(self, expr):
         name = expr.func.__name__
+        if name.endswith(TILTED):
+            # a primitive evaluated at the tilted covariance Ct of the hoisted tilt
+            rows = ", ".join(self._field_row(a) for a in expr.args)
+            return f"{name[: -len(TILTED)]}(Ct, {rows})"
         if name in self.primitive_names:
             rows = ", ".join(self._field_row(a) for a in expr.args)
             return f"{name}(C, dC, {rows})" if name.endswith("_dir") else f"{name}(C, {rows})"

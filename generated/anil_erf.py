@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 cf1579bf29d06bcdfcbd2910037b469d1a1afde58e049559e11aaff7377266f5
+# inputs:     sha256 fb7f8b57b4d2c5da2aad20c21fe32feeb7ca3a8804c02a821349045bcc1b444e
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 836 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "cf1579bf29d06bcdfcbd2910037b469d1a1afde58e049559e11aaff7377266f5"
+INPUTS_SHA256 = "fb7f8b57b4d2c5da2aad20c21fe32feeb7ca3a8804c02a821349045bcc1b444e"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -141,6 +141,28 @@ def J2(C, a, b):
     C_ab = C[a, b]
     C_bb = C[b, b]
     return 2/(math.pi*math.sqrt(C_aa*C_bb + C_aa - C_ab**2 + C_bb + 1))
+
+
+@njit(cache=True)
+def tilt2(C, a, b, Ct):
+    """The tilt rule of derive/gaussian.py for two g' factors on fields a, b:
+    Ct = C - C[:, (a, b)] (w I + C_SS)^-1 C[(a, b), :] for every pair of fields;
+    returns the prefactor A^2 det(I + C_SS / w)^(-1/2) (g' = A exp(-z^2 / (2 w)))."""
+    w = 1
+    s00 = w + C[a, a]
+    s01 = C[a, b]
+    s11 = w + C[b, b]
+    det = s00 * s11 - s01 * s01
+    i00 = s11 / det
+    i01 = -s01 / det
+    i11 = s00 / det
+    n = C.shape[0]
+    for r in range(n):
+        ua = i00 * C[r, a] + i01 * C[r, b]
+        ub = i01 * C[r, a] + i11 * C[r, b]
+        for q in range(n):
+            Ct[r, q] = C[r, q] - (ua * C[a, q] + ub * C[b, q])
+    return 2/math.pi / math.sqrt(det / (w * w))
 
 
 @njit(cache=True)
@@ -420,6 +442,7 @@ def rhs(y, c, p, K, M, dy):
     sigma = p[9]
     C = np.empty((K + 2 * M, K + 2 * M))
     covariance(y, c, p, K, M, C)
+    Ct = np.empty_like(C)
     mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S = task_moments(y, c, p, K, M, C)
     S_aopt__aopt = (L_aopt.reshape((K, M)) @ L_aopt.reshape((K, M)).T).reshape(
         (K, K)
@@ -453,9 +476,10 @@ def rhs(y, c, p, K, M, dy):
     dQ = dy[o : o + K * K].reshape((K, K))
     o += K * K
     for k in range(K):
-        for l in range(K):
+        for l in range(k, K):
+            tilt_pref = tilt2(C, k, l, Ct)
             acc = 0.0
-            acc += eta**2*sigma**2*(S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*J2(C, k, l)/n_q
+            acc += eta**2*sigma**2*tilt_pref*(S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])/n_q
             for j0 in range(K):
                 acc += -eta*(S_ap__ap[j0, k] + mu_ap[j0]*mu_ap[k])*I3(C, k, l, j0)
                 acc += -eta*(S_ap__ap[j0, l] + mu_ap[j0]*mu_ap[l])*I3(C, l, k, j0)
@@ -465,14 +489,14 @@ def rhs(y, c, p, K, M, dy):
             for j0 in range(K):
                 for j1 in range(K):
                     acc += -eta*((S_ap__ap_dQ[j0, j1, k, k] + mu_ap[j0]*mu_ap_dQ[j1, k, k])*Q[k, l] + (S_ap__ap_dQ[j0, j1, l, l] + mu_ap[j0]*mu_ap_dQ[j1, l, l])*Q[l, k])*I2(C, j0, j1)*((1) if (order == 2) else (0))
-                    acc += eta**2*((S_ap__ap[j1, k] + mu_ap[j1]*mu_ap[k])*S_ap__ap[j0, l] + (S_ap__ap[j1, l] + mu_ap[j1]*mu_ap[l])*S_ap__ap[j0, k] + (S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*S_ap__ap[j0, j1] + ((S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*mu_ap[j1] + S_ap__ap[j1, k]*mu_ap[l] + S_ap__ap[j1, l]*mu_ap[k])*mu_ap[j0])*I4(C, k, l, j0, j1)/n_q
+                    acc += eta**2*tilt_pref*((S_ap__ap[j1, k] + mu_ap[j1]*mu_ap[k])*S_ap__ap[j0, l] + (S_ap__ap[j1, l] + mu_ap[j1]*mu_ap[l])*S_ap__ap[j0, k] + (S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*S_ap__ap[j0, j1] + ((S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*mu_ap[j1] + S_ap__ap[j1, k]*mu_ap[l] + S_ap__ap[j1, l]*mu_ap[k])*mu_ap[j0])*I2(Ct, j0, j1)/n_q
             for j0 in range(K):
                 for m0 in range(M):
                     acc += eta*((S_vt__ap_dQ[m0, j0, k, k] + mu_ap_dQ[j0, k, k]*mu_vt[m0])*Q[k, l] + (S_vt__ap_dQ[m0, j0, l, l] + mu_ap_dQ[j0, l, l]*mu_vt[m0])*Q[l, k])*I2(C, j0, K + M + m0)*((1) if (order == 2) else (0))
-                    acc += -2*eta**2*((S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*S_ap__vt[j0, m0] + (S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*S_ap__ap[j0, l] + (S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*S_ap__ap[j0, k] + ((S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*mu_ap[k] + S_ap__ap[k, l]*mu_vt[m0] + S_ap__vt[k, m0]*mu_ap[l])*mu_ap[j0])*I4(C, k, l, j0, K + M + m0)/n_q
+                    acc += -2*eta**2*tilt_pref*((S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*S_ap__vt[j0, m0] + (S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*S_ap__ap[j0, l] + (S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*S_ap__ap[j0, k] + ((S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*mu_ap[k] + S_ap__ap[k, l]*mu_vt[m0] + S_ap__vt[k, m0]*mu_ap[l])*mu_ap[j0])*I2(Ct, j0, K + M + m0)/n_q
             for m0 in range(M):
                 for m1 in range(M):
-                    acc += eta**2*((S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*S_ap__vt[k, m1] + (S_ap__vt[l, m1] + mu_ap[l]*mu_vt[m1])*S_ap__vt[k, m0] + (S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*S_ap__ap[k, l] + ((S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*mu_ap[l] + S_ap__vt[l, m0]*mu_vt[m1] + S_ap__vt[l, m1]*mu_vt[m0])*mu_ap[k])*I4(C, k, l, K + M + m0, K + M + m1)/n_q
+                    acc += eta**2*tilt_pref*((S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*S_ap__vt[k, m1] + (S_ap__vt[l, m1] + mu_ap[l]*mu_vt[m1])*S_ap__vt[k, m0] + (S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*S_ap__ap[k, l] + ((S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*mu_ap[l] + S_ap__vt[l, m0]*mu_vt[m1] + S_ap__vt[l, m1]*mu_vt[m0])*mu_ap[k])*I2(Ct, K + M + m0, K + M + m1)/n_q
             for j0 in range(K):
                 for j1 in range(K):
                     for j2 in range(K):
@@ -490,6 +514,7 @@ def rhs(y, c, p, K, M, dy):
                     for m1 in range(M):
                         acc += eta*((S_vt__ap_dR[m0, j0, k, m1] + mu_ap_dR[j0, k, m1]*mu_vt[m0])*R[l, m1] + (S_vt__ap_dR[m0, j0, l, m1] + mu_ap_dR[j0, l, m1]*mu_vt[m0])*R[k, m1])*I2(C, j0, K + M + m0)*((1) if (order == 2) else (0))
             dQ[k, l] = acc
+            dQ[l, k] = acc
     dR = dy[o : o + K * M].reshape((K, M))
     o += K * M
     for k in range(K):
@@ -599,8 +624,8 @@ def metrics(y, c, p, K, M, out):
 
     acc = 0.0
     for j0 in range(K):
-        for j1 in range(K):
-            acc += (1.0/2.0)*I2(C, j0, j1)*a[j0]*a[j1]
+        for j1 in range(j0, K):
+            acc += (1.0 if j0 == j1 else 2.0) * ((1.0/2.0)*I2(C, j0, j1)*a[j0]*a[j1])
     for j0 in range(K):
         for m0 in range(M):
             acc += -I2(C, j0, K + M + m0)*a[j0]*mu_vt[m0]

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 639b60c42b12fb85cedaaf6988e177852ac79d024582e58eaf9eb05c38b6c475
+# inputs:     sha256 e8fd3e18c06703b76e3d485daa145205c58b1b02a8e7b52dde54ccdaf1a3e6c2
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 579 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "639b60c42b12fb85cedaaf6988e177852ac79d024582e58eaf9eb05c38b6c475"
+INPUTS_SHA256 = "e8fd3e18c06703b76e3d485daa145205c58b1b02a8e7b52dde54ccdaf1a3e6c2"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -397,7 +397,7 @@ def rhs(y, c, p, K, M, dy):
     dQ = dy[o : o + K * K].reshape((K, K))
     o += K * K
     for k in range(K):
-        for l in range(K):
+        for l in range(k, K):
             acc = 0.0
             acc += eta**2*sigma**2*(S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])/n_q
             for j0 in range(K):
@@ -434,6 +434,7 @@ def rhs(y, c, p, K, M, dy):
                     for m1 in range(M):
                         acc += eta*((S_vt__ap_dR[m0, j0, k, m1] + mu_ap_dR[j0, k, m1]*mu_vt[m0])*R[l, m1] + (S_vt__ap_dR[m0, j0, l, m1] + mu_ap_dR[j0, l, m1]*mu_vt[m0])*R[k, m1])*I2(C, j0, K + M + m0)*((1) if (order == 2) else (0))
             dQ[k, l] = acc
+            dQ[l, k] = acc
     dR = dy[o : o + K * M].reshape((K, M))
     o += K * M
     for k in range(K):
@@ -543,8 +544,8 @@ def metrics(y, c, p, K, M, out):
 
     acc = 0.0
     for j0 in range(K):
-        for j1 in range(K):
-            acc += (1.0/2.0)*I2(C, j0, j1)*a[j0]*a[j1]
+        for j1 in range(j0, K):
+            acc += (1.0 if j0 == j1 else 2.0) * ((1.0/2.0)*I2(C, j0, j1)*a[j0]*a[j1])
     for j0 in range(K):
         for m0 in range(M):
             acc += -I2(C, j0, K + M + m0)*a[j0]*mu_vt[m0]

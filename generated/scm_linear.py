@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 9ec53972da7952459cc2628052081d4db809d421c374d2743abedb9d22f2ae19
+# inputs:     sha256 79173dadb9357fd888d1f15f746814dfea14b4da289c149a0bd7b289b64ca4e9
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "9ec53972da7952459cc2628052081d4db809d421c374d2743abedb9d22f2ae19"
+INPUTS_SHA256 = "79173dadb9357fd888d1f15f746814dfea14b4da289c149a0bd7b289b64ca4e9"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )
@@ -128,7 +128,7 @@ def rhs(y, c, p, K, M, dy):
     dQ = dy[o : o + K * K].reshape((K, K))
     o += K * K
     for k in range(K):
-        for l in range(K):
+        for l in range(k, K):
             acc = 0.0
             acc += eta**2*sigma**2
             for j0 in range(K):
@@ -138,15 +138,16 @@ def rhs(y, c, p, K, M, dy):
                 acc += eta*I3(C, k, l, K + m0)
                 acc += eta*I3(C, l, k, K + m0)
             for j0 in range(K):
-                for j1 in range(K):
-                    acc += eta**2*I4(C, k, l, j0, j1)
+                for j1 in range(j0, K):
+                    acc += (1.0 if j0 == j1 else 2.0) * (eta**2*I4(C, k, l, j0, j1))
             for j0 in range(K):
                 for m0 in range(M):
                     acc += -2*eta**2*I4(C, k, l, j0, K + m0)
             for m0 in range(M):
-                for m1 in range(M):
-                    acc += eta**2*I4(C, k, l, K + m0, K + m1)
+                for m1 in range(m0, M):
+                    acc += (1.0 if m0 == m1 else 2.0) * (eta**2*I4(C, k, l, K + m0, K + m1))
             dQ[k, l] = acc
+            dQ[l, k] = acc
     dR = dy[o : o + K * M].reshape((K, M))
     o += K * M
     for k in range(K):
@@ -179,14 +180,14 @@ def metrics(y, c, p, K, M, out):
 
     acc = 0.0
     for j0 in range(K):
-        for j1 in range(K):
-            acc += (1.0/2.0)*I2(C, j0, j1)
+        for j1 in range(j0, K):
+            acc += (1.0 if j0 == j1 else 2.0) * ((1.0/2.0)*I2(C, j0, j1))
     for j0 in range(K):
         for m0 in range(M):
             acc += -I2(C, j0, K + m0)
     for m0 in range(M):
-        for m1 in range(M):
-            acc += (1.0/2.0)*I2(C, K + m0, K + m1)
+        for m1 in range(m0, M):
+            acc += (1.0 if m0 == m1 else 2.0) * ((1.0/2.0)*I2(C, K + m0, K + m1))
     out[0] = acc
 
 

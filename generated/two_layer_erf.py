@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 b882f762de862d5ff4cd78cc10579f4fba251e461969c30614620c1a2fba78e6
+# inputs:     sha256 d54b370578207562fd3e9f822bf7ee75941eb9ddb6ed0874cceca83c73672471
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 279 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "b882f762de862d5ff4cd78cc10579f4fba251e461969c30614620c1a2fba78e6"
+INPUTS_SHA256 = "d54b370578207562fd3e9f822bf7ee75941eb9ddb6ed0874cceca83c73672471"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
@@ -122,6 +122,28 @@ def J2(C, a, b):
 
 
 @njit(cache=True)
+def tilt2(C, a, b, Ct):
+    """The tilt rule of derive/gaussian.py for two g' factors on fields a, b:
+    Ct = C - C[:, (a, b)] (w I + C_SS)^-1 C[(a, b), :] for every pair of fields;
+    returns the prefactor A^2 det(I + C_SS / w)^(-1/2) (g' = A exp(-z^2 / (2 w)))."""
+    w = 1
+    s00 = w + C[a, a]
+    s01 = C[a, b]
+    s11 = w + C[b, b]
+    det = s00 * s11 - s01 * s01
+    i00 = s11 / det
+    i01 = -s01 / det
+    i11 = s00 / det
+    n = C.shape[0]
+    for r in range(n):
+        ua = i00 * C[r, a] + i01 * C[r, b]
+        ub = i01 * C[r, a] + i11 * C[r, b]
+        for q in range(n):
+            Ct[r, q] = C[r, q] - (ua * C[a, q] + ub * C[b, q])
+    return 2/math.pi / math.sqrt(det / (w * w))
+
+
+@njit(cache=True)
 def covariance(y, c, p, K, M, C):
     """Fill C (K + M, K + M), the covariance of the fields, from the order parameters."""
     o = 0
@@ -180,14 +202,16 @@ def rhs(y, c, p, K, M, dy):
     sigma = p[3]
     C = np.empty((K + M, K + M))
     covariance(y, c, p, K, M, C)
+    Ct = np.empty_like(C)
 
     o = 0
     dQ = dy[o : o + K * K].reshape((K, K))
     o += K * K
     for k in range(K):
-        for l in range(K):
+        for l in range(k, K):
+            tilt_pref = tilt2(C, k, l, Ct)
             acc = 0.0
-            acc += eta**2*sigma**2*J2(C, k, l)*v[k]*v[l]
+            acc += eta**2*sigma**2*tilt_pref*v[k]*v[l]
             acc += -2*kappa*Q[k, l]
             for j0 in range(K):
                 acc += -eta*I3(C, k, l, j0)*v[j0]*v[k]
@@ -196,15 +220,16 @@ def rhs(y, c, p, K, M, dy):
                 acc += eta*I3(C, k, l, K + m0)*v[k]*vs[m0]
                 acc += eta*I3(C, l, k, K + m0)*v[l]*vs[m0]
             for j0 in range(K):
-                for j1 in range(K):
-                    acc += eta**2*I4(C, k, l, j0, j1)*v[j0]*v[j1]*v[k]*v[l]
+                for j1 in range(j0, K):
+                    acc += (1.0 if j0 == j1 else 2.0) * (eta**2*tilt_pref*I2(Ct, j0, j1)*v[j0]*v[j1]*v[k]*v[l])
             for j0 in range(K):
                 for m0 in range(M):
-                    acc += -2*eta**2*I4(C, k, l, j0, K + m0)*v[j0]*v[k]*v[l]*vs[m0]
+                    acc += -2*eta**2*tilt_pref*I2(Ct, j0, K + m0)*v[j0]*v[k]*v[l]*vs[m0]
             for m0 in range(M):
-                for m1 in range(M):
-                    acc += eta**2*I4(C, k, l, K + m0, K + m1)*v[k]*v[l]*vs[m0]*vs[m1]
+                for m1 in range(m0, M):
+                    acc += (1.0 if m0 == m1 else 2.0) * (eta**2*tilt_pref*I2(Ct, K + m0, K + m1)*v[k]*v[l]*vs[m0]*vs[m1])
             dQ[k, l] = acc
+            dQ[l, k] = acc
     dR = dy[o : o + K * M].reshape((K, M))
     o += K * M
     for k in range(K):
@@ -254,14 +279,14 @@ def metrics(y, c, p, K, M, out):
 
     acc = 0.0
     for j0 in range(K):
-        for j1 in range(K):
-            acc += (1.0/2.0)*I2(C, j0, j1)*v[j0]*v[j1]
+        for j1 in range(j0, K):
+            acc += (1.0 if j0 == j1 else 2.0) * ((1.0/2.0)*I2(C, j0, j1)*v[j0]*v[j1])
     for j0 in range(K):
         for m0 in range(M):
             acc += -I2(C, j0, K + m0)*v[j0]*vs[m0]
     for m0 in range(M):
-        for m1 in range(M):
-            acc += (1.0/2.0)*I2(C, K + m0, K + m1)*vs[m0]*vs[m1]
+        for m1 in range(m0, M):
+            acc += (1.0 if m0 == m1 else 2.0) * ((1.0/2.0)*I2(C, K + m0, K + m1)*vs[m0]*vs[m1])
     out[0] = acc
 
 

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 e67350d1a621fa704e611b12bedce130c5609302ef5fa81e2c8accb2fb3c7e0b
+# inputs:     sha256 013465a71fecc03f2c92613cf8d08b4a736198ece16458c38494853fb7337246
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "e67350d1a621fa704e611b12bedce130c5609302ef5fa81e2c8accb2fb3c7e0b"
+INPUTS_SHA256 = "013465a71fecc03f2c92613cf8d08b4a736198ece16458c38494853fb7337246"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
@@ -140,7 +140,7 @@ def rhs(y, c, p, K, M, dy):
     dQ = dy[o : o + K * K].reshape((K, K))
     o += K * K
     for k in range(K):
-        for l in range(K):
+        for l in range(k, K):
             acc = 0.0
             acc += eta**2*sigma**2*v[k]*v[l]
             acc += -2*kappa*Q[k, l]
@@ -151,15 +151,16 @@ def rhs(y, c, p, K, M, dy):
                 acc += eta*I3(C, k, l, K + m0)*v[k]*vs[m0]
                 acc += eta*I3(C, l, k, K + m0)*v[l]*vs[m0]
             for j0 in range(K):
-                for j1 in range(K):
-                    acc += eta**2*I4(C, k, l, j0, j1)*v[j0]*v[j1]*v[k]*v[l]
+                for j1 in range(j0, K):
+                    acc += (1.0 if j0 == j1 else 2.0) * (eta**2*I4(C, k, l, j0, j1)*v[j0]*v[j1]*v[k]*v[l])
             for j0 in range(K):
                 for m0 in range(M):
                     acc += -2*eta**2*I4(C, k, l, j0, K + m0)*v[j0]*v[k]*v[l]*vs[m0]
             for m0 in range(M):
-                for m1 in range(M):
-                    acc += eta**2*I4(C, k, l, K + m0, K + m1)*v[k]*v[l]*vs[m0]*vs[m1]
+                for m1 in range(m0, M):
+                    acc += (1.0 if m0 == m1 else 2.0) * (eta**2*I4(C, k, l, K + m0, K + m1)*v[k]*v[l]*vs[m0]*vs[m1])
             dQ[k, l] = acc
+            dQ[l, k] = acc
     dR = dy[o : o + K * M].reshape((K, M))
     o += K * M
     for k in range(K):
@@ -209,14 +210,14 @@ def metrics(y, c, p, K, M, out):
 
     acc = 0.0
     for j0 in range(K):
-        for j1 in range(K):
-            acc += (1.0/2.0)*I2(C, j0, j1)*v[j0]*v[j1]
+        for j1 in range(j0, K):
+            acc += (1.0 if j0 == j1 else 2.0) * ((1.0/2.0)*I2(C, j0, j1)*v[j0]*v[j1])
     for j0 in range(K):
         for m0 in range(M):
             acc += -I2(C, j0, K + m0)*v[j0]*vs[m0]
     for m0 in range(M):
-        for m1 in range(M):
-            acc += (1.0/2.0)*I2(C, K + m0, K + m1)*vs[m0]*vs[m1]
+        for m1 in range(m0, M):
+            acc += (1.0 if m0 == m1 else 2.0) * ((1.0/2.0)*I2(C, K + m0, K + m1)*vs[m0]*vs[m1])
     out[0] = acc
 
 

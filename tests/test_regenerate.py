@@ -104,16 +104,16 @@ def test_check_cli_exits_1_on_modified_file(generated_copy, monkeypatch, capsys)
 
     target = generated_copy / "scm_erf.py"
     text = target.read_text(encoding="utf-8")
-    assert "acc += eta**2*sigma**2*J2(C, k, l)" in text
+    assert "acc += eta**2*sigma**2*tilt_pref" in text
     target.write_text(
-        text.replace("acc += eta**2*sigma**2*J2(C, k, l)", "acc += eta*sigma**2*J2(C, k, l)"),
+        text.replace("acc += eta**2*sigma**2*tilt_pref", "acc += eta*sigma**2*tilt_pref"),
         encoding="utf-8",
     )
     monkeypatch.setattr(regenerate, "check", functools.partial(regenerate.check, out=generated_copy))
     assert main(["check"]) == 1
     out = capsys.readouterr().out
-    assert "-            acc += eta*sigma**2*J2(C, k, l)" in out
-    assert "+            acc += eta**2*sigma**2*J2(C, k, l)" in out
+    assert "-            acc += eta*sigma**2*tilt_pref" in out
+    assert "+            acc += eta**2*sigma**2*tilt_pref" in out
 
 
 def test_check_reports_orphan_file(generated_copy):
