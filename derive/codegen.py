@@ -63,6 +63,8 @@ class Loop:
     # the term is symmetric in its two summation indices: sum over i0 <= i1 only,
     # off-diagonal terms counted twice
     triangular: bool = False
+    # a condition on the parameters outside which every term of the nest vanishes
+    guard: str | None = None
 
 
 def _bound(idx: sp.Idx) -> str:
@@ -116,6 +118,7 @@ def loops(component: Component, primitive_names, activation: str | None = None, 
     are rewritten (see ``_hoisted_tilt``); their splits are collected in ``hoisted``."""
     groups: dict[tuple, list[str]] = {}
     for t in component.terms:
+        t, guard = _guarded(t)
         h = _hoisted_tilt(component, t, activation)
         if h is not None and hoisted is not None:
             expr, split = h
@@ -123,13 +126,36 @@ def loops(component: Component, primitive_names, activation: str | None = None, 
         else:
             expr = _term_expr(t)
         tri = _triangular(t)
-        key = (tuple((str(s.label), _bound(s)) for s in t.sums), tri)
+        key = (tuple((str(s.label), _bound(s)) for s in t.sums), tri, guard)
         stmt = code(expr, primitive_names)
         if tri:
             i0, i1 = (str(s.label) for s in t.sums)
             stmt = f"(1.0 if {i0} == {i1} else 2.0) * ({stmt})"
         groups.setdefault(key, []).append(stmt)
-    return [Loop(k, tuple(v), tri) for (k, tri), v in groups.items()]
+    return [Loop(k, tuple(v), tri, guard) for (k, tri, guard), v in groups.items()]
+
+
+def _guarded(t):
+    """Split an indicator factor ``Piecewise((1, cond), (0, True))`` off the coefficient
+    (e.g. the second-order terms of anil): its terms run only when ``cond`` holds."""
+    if not isinstance(t, FlowTerm):
+        return t, None
+    conds, rest = [], []
+    for f in sp.Mul.make_args(t.coeff):
+        if (
+            isinstance(f, sp.Piecewise)
+            and len(f.args) == 2
+            and f.args[0].expr == 1
+            and f.args[1].expr == 0
+            and f.args[1].cond == sp.true
+        ):
+            conds.append(f.args[0].cond)
+        else:
+            rest.append(f)
+    if not conds:
+        return t, None
+    guard = " and ".join(f"({code(c)})" for c in conds)
+    return FlowTerm(sp.Mul(*rest), t.sums, t.primitive, t.args), guard
 
 
 def _triangular(t) -> bool:

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 e8fd3e18c06703b76e3d485daa145205c58b1b02a8e7b52dde54ccdaf1a3e6c2
+# inputs:     sha256 c02f2b701cbbc1b186e510a27243f0180284bb566351ffd17652a8fc6448575a
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 579 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "e8fd3e18c06703b76e3d485daa145205c58b1b02a8e7b52dde54ccdaf1a3e6c2"
+INPUTS_SHA256 = "c02f2b701cbbc1b186e510a27243f0180284bb566351ffd17652a8fc6448575a"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -406,33 +406,43 @@ def rhs(y, c, p, K, M, dy):
             for m0 in range(M):
                 acc += eta*(S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*I3(C, k, l, K + M + m0)
                 acc += eta*(S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*I3(C, l, k, K + M + m0)
+            if ((order == 2)):
+                for j0 in range(K):
+                    for j1 in range(K):
+                        acc += -eta*((S_ap__ap_dQ[j0, j1, k, k] + mu_ap[j0]*mu_ap_dQ[j1, k, k])*Q[k, l] + (S_ap__ap_dQ[j0, j1, l, l] + mu_ap[j0]*mu_ap_dQ[j1, l, l])*Q[l, k])*I2(C, j0, j1)
             for j0 in range(K):
                 for j1 in range(K):
-                    acc += -eta*((S_ap__ap_dQ[j0, j1, k, k] + mu_ap[j0]*mu_ap_dQ[j1, k, k])*Q[k, l] + (S_ap__ap_dQ[j0, j1, l, l] + mu_ap[j0]*mu_ap_dQ[j1, l, l])*Q[l, k])*I2(C, j0, j1)*((1) if (order == 2) else (0))
                     acc += eta**2*((S_ap__ap[j1, k] + mu_ap[j1]*mu_ap[k])*S_ap__ap[j0, l] + (S_ap__ap[j1, l] + mu_ap[j1]*mu_ap[l])*S_ap__ap[j0, k] + (S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*S_ap__ap[j0, j1] + ((S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*mu_ap[j1] + S_ap__ap[j1, k]*mu_ap[l] + S_ap__ap[j1, l]*mu_ap[k])*mu_ap[j0])*I4(C, k, l, j0, j1)/n_q
+            if ((order == 2)):
+                for j0 in range(K):
+                    for m0 in range(M):
+                        acc += eta*((S_vt__ap_dQ[m0, j0, k, k] + mu_ap_dQ[j0, k, k]*mu_vt[m0])*Q[k, l] + (S_vt__ap_dQ[m0, j0, l, l] + mu_ap_dQ[j0, l, l]*mu_vt[m0])*Q[l, k])*I2(C, j0, K + M + m0)
             for j0 in range(K):
                 for m0 in range(M):
-                    acc += eta*((S_vt__ap_dQ[m0, j0, k, k] + mu_ap_dQ[j0, k, k]*mu_vt[m0])*Q[k, l] + (S_vt__ap_dQ[m0, j0, l, l] + mu_ap_dQ[j0, l, l]*mu_vt[m0])*Q[l, k])*I2(C, j0, K + M + m0)*((1) if (order == 2) else (0))
                     acc += -2*eta**2*((S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*S_ap__vt[j0, m0] + (S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*S_ap__ap[j0, l] + (S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*S_ap__ap[j0, k] + ((S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*mu_ap[k] + S_ap__ap[k, l]*mu_vt[m0] + S_ap__vt[k, m0]*mu_ap[l])*mu_ap[j0])*I4(C, k, l, j0, K + M + m0)/n_q
             for m0 in range(M):
                 for m1 in range(M):
                     acc += eta**2*((S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*S_ap__vt[k, m1] + (S_ap__vt[l, m1] + mu_ap[l]*mu_vt[m1])*S_ap__vt[k, m0] + (S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*S_ap__ap[k, l] + ((S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*mu_ap[l] + S_ap__vt[l, m0]*mu_vt[m1] + S_ap__vt[l, m1]*mu_vt[m0])*mu_ap[k])*I4(C, k, l, K + M + m0, K + M + m1)/n_q
-            for j0 in range(K):
-                for j1 in range(K):
-                    for j2 in range(K):
-                        acc += -eta*((S_ap__ap_dQ[j0, j1, k, j2] + mu_ap[j0]*mu_ap_dQ[j1, k, j2])*Q[j2, l] + (S_ap__ap_dQ[j0, j1, l, j2] + mu_ap[j0]*mu_ap_dQ[j1, l, j2])*Q[j2, k])*I2(C, j0, j1)*((1) if (order == 2) else (0))
-            for j0 in range(K):
-                for j1 in range(K):
-                    for m0 in range(M):
-                        acc += -eta*((S_ap__ap_dR[j0, j1, k, m0] + mu_ap[j0]*mu_ap_dR[j1, k, m0])*R[l, m0] + (S_ap__ap_dR[j0, j1, l, m0] + mu_ap[j0]*mu_ap_dR[j1, l, m0])*R[k, m0])*I2(C, j0, j1)*((1) if (order == 2) else (0))
-            for j0 in range(K):
-                for m0 in range(M):
+            if ((order == 2)):
+                for j0 in range(K):
                     for j1 in range(K):
-                        acc += eta*((S_vt__ap_dQ[m0, j0, k, j1] + mu_ap_dQ[j0, k, j1]*mu_vt[m0])*Q[j1, l] + (S_vt__ap_dQ[m0, j0, l, j1] + mu_ap_dQ[j0, l, j1]*mu_vt[m0])*Q[j1, k])*I2(C, j0, K + M + m0)*((1) if (order == 2) else (0))
-            for j0 in range(K):
-                for m0 in range(M):
-                    for m1 in range(M):
-                        acc += eta*((S_vt__ap_dR[m0, j0, k, m1] + mu_ap_dR[j0, k, m1]*mu_vt[m0])*R[l, m1] + (S_vt__ap_dR[m0, j0, l, m1] + mu_ap_dR[j0, l, m1]*mu_vt[m0])*R[k, m1])*I2(C, j0, K + M + m0)*((1) if (order == 2) else (0))
+                        for j2 in range(K):
+                            acc += -eta*((S_ap__ap_dQ[j0, j1, k, j2] + mu_ap[j0]*mu_ap_dQ[j1, k, j2])*Q[j2, l] + (S_ap__ap_dQ[j0, j1, l, j2] + mu_ap[j0]*mu_ap_dQ[j1, l, j2])*Q[j2, k])*I2(C, j0, j1)
+            if ((order == 2)):
+                for j0 in range(K):
+                    for j1 in range(K):
+                        for m0 in range(M):
+                            acc += -eta*((S_ap__ap_dR[j0, j1, k, m0] + mu_ap[j0]*mu_ap_dR[j1, k, m0])*R[l, m0] + (S_ap__ap_dR[j0, j1, l, m0] + mu_ap[j0]*mu_ap_dR[j1, l, m0])*R[k, m0])*I2(C, j0, j1)
+            if ((order == 2)):
+                for j0 in range(K):
+                    for m0 in range(M):
+                        for j1 in range(K):
+                            acc += eta*((S_vt__ap_dQ[m0, j0, k, j1] + mu_ap_dQ[j0, k, j1]*mu_vt[m0])*Q[j1, l] + (S_vt__ap_dQ[m0, j0, l, j1] + mu_ap_dQ[j0, l, j1]*mu_vt[m0])*Q[j1, k])*I2(C, j0, K + M + m0)
+            if ((order == 2)):
+                for j0 in range(K):
+                    for m0 in range(M):
+                        for m1 in range(M):
+                            acc += eta*((S_vt__ap_dR[m0, j0, k, m1] + mu_ap_dR[j0, k, m1]*mu_vt[m0])*R[l, m1] + (S_vt__ap_dR[m0, j0, l, m1] + mu_ap_dR[j0, l, m1]*mu_vt[m0])*R[k, m1])*I2(C, j0, K + M + m0)
             dQ[k, l] = acc
             dQ[l, k] = acc
     dR = dy[o : o + K * M].reshape((K, M))
@@ -444,28 +454,34 @@ def rhs(y, c, p, K, M, dy):
                 acc += -eta*(S_ap__ap[j0, k] + mu_ap[j0]*mu_ap[k])*I3(C, k, K + n, j0)
             for m0 in range(M):
                 acc += eta*(S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*I3(C, k, K + n, K + M + m0)
-            for j0 in range(K):
-                for j1 in range(K):
-                    acc += -eta*(S_ap__ap_dQ[j1, j0, k, k] + mu_ap[j1]*mu_ap_dQ[j0, k, k])*I2(C, j0, j1)*((1) if (order == 2) else (0))*R[k, n]
-            for j0 in range(K):
-                for m0 in range(M):
-                    acc += eta*(S_vt__ap_dQ[m0, j0, k, k] + mu_ap_dQ[j0, k, k]*mu_vt[m0])*I2(C, j0, K + M + m0)*((1) if (order == 2) else (0))*R[k, n]
-            for j0 in range(K):
-                for j1 in range(K):
-                    for j2 in range(K):
-                        acc += -eta*(S_ap__ap_dQ[j1, j0, k, j2] + mu_ap[j1]*mu_ap_dQ[j0, k, j2])*I2(C, j0, j1)*((1) if (order == 2) else (0))*R[j2, n]
-            for j0 in range(K):
-                for j1 in range(K):
-                    for m0 in range(M):
-                        acc += -eta*(S_ap__ap_dR[j1, j0, k, m0] + mu_ap[j1]*mu_ap_dR[j0, k, m0])*I2(C, j0, j1)*((1) if (order == 2) else (0))*T[m0, n]
-            for j0 in range(K):
-                for m0 in range(M):
+            if ((order == 2)):
+                for j0 in range(K):
                     for j1 in range(K):
-                        acc += eta*(S_vt__ap_dQ[m0, j0, k, j1] + mu_ap_dQ[j0, k, j1]*mu_vt[m0])*I2(C, j0, K + M + m0)*((1) if (order == 2) else (0))*R[j1, n]
-            for j0 in range(K):
-                for m0 in range(M):
-                    for m1 in range(M):
-                        acc += eta*(S_vt__ap_dR[m0, j0, k, m1] + mu_ap_dR[j0, k, m1]*mu_vt[m0])*I2(C, j0, K + M + m0)*((1) if (order == 2) else (0))*T[m1, n]
+                        acc += -eta*(S_ap__ap_dQ[j1, j0, k, k] + mu_ap[j1]*mu_ap_dQ[j0, k, k])*I2(C, j0, j1)*R[k, n]
+            if ((order == 2)):
+                for j0 in range(K):
+                    for m0 in range(M):
+                        acc += eta*(S_vt__ap_dQ[m0, j0, k, k] + mu_ap_dQ[j0, k, k]*mu_vt[m0])*I2(C, j0, K + M + m0)*R[k, n]
+            if ((order == 2)):
+                for j0 in range(K):
+                    for j1 in range(K):
+                        for j2 in range(K):
+                            acc += -eta*(S_ap__ap_dQ[j1, j0, k, j2] + mu_ap[j1]*mu_ap_dQ[j0, k, j2])*I2(C, j0, j1)*R[j2, n]
+            if ((order == 2)):
+                for j0 in range(K):
+                    for j1 in range(K):
+                        for m0 in range(M):
+                            acc += -eta*(S_ap__ap_dR[j1, j0, k, m0] + mu_ap[j1]*mu_ap_dR[j0, k, m0])*I2(C, j0, j1)*T[m0, n]
+            if ((order == 2)):
+                for j0 in range(K):
+                    for m0 in range(M):
+                        for j1 in range(K):
+                            acc += eta*(S_vt__ap_dQ[m0, j0, k, j1] + mu_ap_dQ[j0, k, j1]*mu_vt[m0])*I2(C, j0, K + M + m0)*R[j1, n]
+            if ((order == 2)):
+                for j0 in range(K):
+                    for m0 in range(M):
+                        for m1 in range(M):
+                            acc += eta*(S_vt__ap_dR[m0, j0, k, m1] + mu_ap_dR[j0, k, m1]*mu_vt[m0])*I2(C, j0, K + M + m0)*T[m1, n]
             dR[k, n] = acc
     da = dy[o : o + K]
     o += K
@@ -475,12 +491,14 @@ def rhs(y, c, p, K, M, dy):
             acc += eta_a*(((1) if (order == 2) else (0)) - 1)*I2(C, j0, k)*mu_ap[j0]
         for m0 in range(M):
             acc += eta_a*(1 - ((1) if (order == 2) else (0)))*I2(C, k, K + M + m0)*mu_vt[m0]
-        for j0 in range(K):
-            for j1 in range(K):
-                acc += -eta_a*I2(C, j0, j1)*((1) if (order == 2) else (0))*A_S[j1, k]*mu_ap[j0]
-        for j0 in range(K):
-            for m0 in range(M):
-                acc += eta_a*I2(C, j0, K + M + m0)*((1) if (order == 2) else (0))*A_S[j0, k]*mu_vt[m0]
+        if ((order == 2)):
+            for j0 in range(K):
+                for j1 in range(K):
+                    acc += -eta_a*I2(C, j0, j1)*A_S[j1, k]*mu_ap[j0]
+        if ((order == 2)):
+            for j0 in range(K):
+                for m0 in range(M):
+                    acc += eta_a*I2(C, j0, K + M + m0)*A_S[j0, k]*mu_vt[m0]
         da[k] = acc
 
 

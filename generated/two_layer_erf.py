@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 d54b370578207562fd3e9f822bf7ee75941eb9ddb6ed0874cceca83c73672471
+# inputs:     sha256 76a998b4f57a39c6d253fab94e8c2aa0276ae215f4a70a80e3e8f6797c9eae02
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 279 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "d54b370578207562fd3e9f822bf7ee75941eb9ddb6ed0874cceca83c73672471"
+INPUTS_SHA256 = "76a998b4f57a39c6d253fab94e8c2aa0276ae215f4a70a80e3e8f6797c9eae02"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
