@@ -1,17 +1,21 @@
-"""Speed of the generated flows: prints figures, asserts nothing.
+"""Speed of the generated flows and of the simulator: prints figures, asserts nothing.
 
-    python benchmarks/flow_speed.py [--sizes 2 8 16] [--repeats 5]
+    python benchmarks/flow_speed.py [--sizes 2 8 16 32 64] [--anil-sizes 2 8 16] [--repeats 5] [--plot FILE]
 
 - time per Euler step and per unit alpha (dt = 0.01) of two_layer (erf, both
-  layers trained), one thread, median of --repeats runs after a warm-up;
+  layers trained) and anil (erf, order 1, S = 1), one thread, median of
+  --repeats runs after a warm-up; the fitted exponent of cost against K;
+- the simulator's outer step of anil (order 1, population mode, N = 1000, K = M = 2);
 - time of `python -m derive regenerate` (in a scratch copy, the tree untouched);
 - cold start (empty numba cache: compile) and warm start (cache filled) of a
-  fresh process, up to the first integrated step.
+  fresh process, up to the first integrated step;
+- with --plot, a log-log figure of the time per step against K.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import statistics
@@ -35,7 +39,12 @@ def step_time(model: str, K: int, M: int, repeats: int, dt: float = 0.01) -> flo
     rng = np.random.default_rng(0)
     A = rng.standard_normal((K + M, K + M))
     full = A @ A.T / (K + M) + 0.5 * np.eye(K + M)
-    init = Init(full[:K, :K], full[:K, K:], full[K:, K:], {"v": np.full(K, 0.5), "vs": np.ones(M)})
+    vectors = (
+        {"v": np.full(K, 0.5), "vs": np.ones(M)}
+        if model == "two_layer"
+        else {"a": np.zeros(K), "vbar": np.zeros(M)}
+    )
+    init = Init(full[:K, :K], full[:K, K:], full[K:, K:], vectors)
     init = init.validate(kernel.model)
     y0 = kernel.pack_state(init.arrays(), K, M)
     c = kernel.pack_consts(init.arrays(), K, M)
@@ -83,22 +92,74 @@ def regenerate_time() -> float:
         return time.perf_counter() - t0
 
 
+def simulator_step_time(N: int = 1000, steps: int = 2000) -> float:
+    """Seconds per outer step of the anil simulator (order 1, population mode, K = M = 2)."""
+    from runtime import simulate
+    from runtime.scenarios import validation_init
+
+    kw = {"N": N, "seeds": 1, "init": validation_init(), "workers": 1}
+    simulate("anil", {}, t_max=10 / N, record_every=10 / N, **kw)  # warm
+    t0 = time.perf_counter()
+    simulate("anil", {}, t_max=steps / N, record_every=steps / N, **kw)
+    return (time.perf_counter() - t0) / steps
+
+
+def fit_exponent(sizes, times) -> float:
+    """Slope of log(time) against log(K) over the sizes >= 8 (the asymptotic regime)."""
+    pts = [(math.log(k), math.log(t)) for k, t in zip(sizes, times) if k >= 8]
+    if len(pts) < 2:
+        return float("nan")
+    x, y = np.array(pts).T
+    return float(np.polyfit(x, y, 1)[0])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[2, 8, 16])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2, 8, 16, 32, 64])
+    ap.add_argument("--anil-sizes", type=int, nargs="+", default=[2, 8, 16])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--plot", help="write a log-log figure of the time per step here")
     args = ap.parse_args()
     threads = os.environ["NUMBA_NUM_THREADS"]
     print(f"python {sys.version.split()[0]}, numba threads {threads}, {os.cpu_count()} cpus")
-    print("two_layer, erf, both layers trained, Euler dt = 0.01")
-    print(f"{'K = M':>6} {'ms / step':>12} {'s / alpha':>12}")
-    for K in args.sizes:
-        t = step_time("two_layer", K, K, args.repeats)
-        print(f"{K:>6} {t * 1e3:>12.4f} {t * 100:>12.4f}")
+    results = {}
+    for model, sizes, what in (
+        ("two_layer", args.sizes, "erf, both layers trained"),
+        ("anil", args.anil_sizes, "erf, order 1, S = 1"),
+    ):
+        print(f"{model}, {what}, Euler dt = 0.01")
+        print(f"{'K = M':>6} {'ms / step':>12} {'s / alpha':>12}")
+        times = []
+        for K in sizes:
+            t = step_time(model, K, K, args.repeats if K <= 16 else 1)
+            times.append(t)
+            print(f"{K:>6} {t * 1e3:>12.4f} {t * 100:>12.4f}")
+        print(f"  cost ~ K^{fit_exponent(sizes, times):.2f} (fit over K >= 8)")
+        results[model] = (sizes, times)
+    sim_us = simulator_step_time() * 1e6
+    print(f"anil simulator, order 1, population, N = 1000, K = M = 2: {sim_us:.1f} us / outer step")
+    if args.plot:
+        plot(results, args.plot)
     print(f"regenerate (all models): {regenerate_time():.2f} s")
     with tempfile.TemporaryDirectory() as cache:
         print(f"cold start to first step (empty numba cache): {startup(cache):.2f} s")
         print(f"warm start to first step (numba cache filled): {startup(cache):.2f} s")
+
+
+def plot(results, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.8), constrained_layout=True)
+    for model, (sizes, times) in results.items():
+        ax.loglog(sizes, np.array(times) * 1e3, "o-", label=model)
+    ax.set_xlabel("K = M")
+    ax.set_ylabel("ms per Euler step (one thread)")
+    ax.legend()
+    fig.savefig(path, dpi=130)
+    print(f"figure: {path}")
 
 
 if __name__ == "__main__":
