@@ -369,10 +369,15 @@ def context(ir: FlowIR) -> dict:
 
 
 def inputs_hash(model_name: str, activation: str) -> str:
-    """sha256 over everything the output depends on: derive's sources, the
-    templates, the model and activation names and the sympy version."""
+    """sha256 over everything the output depends on: derive's sources (but its
+    command line and ``show``), the templates, the model and activation names
+    and the sympy version."""
     h = hashlib.sha256()
-    files = sorted(p for p in (ROOT / "derive").rglob("*") if p.suffix in (".py", ".jinja"))
+    # the command line and `show` do not shape the generated text
+    skip = {"__main__.py", "show.py"}
+    files = sorted(
+        p for p in (ROOT / "derive").rglob("*") if p.suffix in (".py", ".jinja") and p.name not in skip
+    )
     for p in files:
         h.update(p.relative_to(ROOT).as_posix().encode() + b"\0")
         h.update(p.read_bytes().replace(b"\r\n", b"\n") + b"\0")

@@ -6,7 +6,7 @@ import sympy as sp
 
 from .flow import FlowIR, build_flow
 from .gaussian import cov_symbol
-from .symbols import lam, nu
+from .symbols import FIELD_KIND, STUDENT, K, M, lam, nu
 
 _FIELD_TEX = {lam: r"\lambda", nu: r"\nu"}
 
@@ -30,7 +30,8 @@ def text(ir: FlowIR) -> str:
     m = ir.model
     out = [
         f"model {m.name}: {m.doc} ({m.section}), activation {ir.activation}",
-        "fields u = (lambda[0..K-1], nu[0..M-1]), covariance [[Q, R], [R^T, T]];",
+        "fields: " + ", ".join(f"{f}[0..{'K' if FIELD_KIND[f] == STUDENT else 'M'}-1]" for f in m.fields),
+        "covariance of the fields: " + "; ".join(_block(f1, f2, e) for (f1, f2), e in m.covariance.items()),
         "a primitive's arguments are fields, e.g. I3(lambda[k], nu[n], lambda[j0]).",
         "",
         "flow:",
@@ -57,6 +58,12 @@ def text(ir: FlowIR) -> str:
         for line in d.provenance:
             out.append(f"      by: {line}")
     return "\n".join(out) + "\n"
+
+
+def _block(f1, f2, entry) -> str:
+    i = sp.Idx("i", K if FIELD_KIND[f1] == STUDENT else M)
+    j = sp.Idx("j", K if FIELD_KIND[f2] == STUDENT else M)
+    return f"Cov({f1}[i], {f2}[j]) = {sp.sstr(entry(i, j))}"
 
 
 def _factors(d) -> str:

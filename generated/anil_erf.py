@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 6ba529926ff1d4f8ec993675b09905e4402f41e1e7e101c5f44e9906fe112d5f
+# inputs:     sha256 f0e407f54fb8f3b9a3b724b5dbd02122efae843a208c720fcc0dd1fcccfec2f9
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 836 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "6ba529926ff1d4f8ec993675b09905e4402f41e1e7e101c5f44e9906fe112d5f"
+INPUTS_SHA256 = "f0e407f54fb8f3b9a3b724b5dbd02122efae843a208c720fcc0dd1fcccfec2f9"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 c02f2b701cbbc1b186e510a27243f0180284bb566351ffd17652a8fc6448575a
+# inputs:     sha256 48cac92991736a7b78de5274f2a5e4d6815be720b6e519d17fad58f2611876ae
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 579 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "c02f2b701cbbc1b186e510a27243f0180284bb566351ffd17652a8fc6448575a"
+INPUTS_SHA256 = "48cac92991736a7b78de5274f2a5e4d6815be720b6e519d17fad58f2611876ae"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 79c5dc3aa6b3ee8b7a152e99ab2f27e5bbc8588715fb369d069ddb2895bcd183
+# inputs:     sha256 7d8997ee28016024fa8f1622442ce0e30d888b1e224dcde9b60ae120051c626e
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 200 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "79c5dc3aa6b3ee8b7a152e99ab2f27e5bbc8588715fb369d069ddb2895bcd183"
+INPUTS_SHA256 = "7d8997ee28016024fa8f1622442ce0e30d888b1e224dcde9b60ae120051c626e"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

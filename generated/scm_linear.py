@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 ce0fedd0f7ddc5f5b374488f61d7f3f9b3acd6fed694639ceb150afb15a0a6a2
+# inputs:     sha256 1a82ed59cd4fff48aca67bd22e971b65d4ba5bb3879d4bbbaf9290797e742f9b
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "ce0fedd0f7ddc5f5b374488f61d7f3f9b3acd6fed694639ceb150afb15a0a6a2"
+INPUTS_SHA256 = "1a82ed59cd4fff48aca67bd22e971b65d4ba5bb3879d4bbbaf9290797e742f9b"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

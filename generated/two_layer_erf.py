@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 76a998b4f57a39c6d253fab94e8c2aa0276ae215f4a70a80e3e8f6797c9eae02
+# inputs:     sha256 b9e44f571baed158e8449a8a3d361c3ca24c2320b5808ec93d23aeae2198471a
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 279 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "76a998b4f57a39c6d253fab94e8c2aa0276ae215f4a70a80e3e8f6797c9eae02"
+INPUTS_SHA256 = "b9e44f571baed158e8449a8a3d361c3ca24c2320b5808ec93d23aeae2198471a"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
