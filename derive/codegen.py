@@ -23,8 +23,7 @@ from .flow import Component, FlowIR, FlowTerm, build_flow
 from .gaussian import PRIMITIVES, tilt_split
 from .model import Q, R
 from .models import model_file
-from .printer import code
-from .printer import TILTED
+from .printer import TILTED, TILTED1, code
 from .symbols import FIELD_KIND, STUDENT, K, M, index_kind, lam
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,10 +90,19 @@ def _hoisted_tilt(component: Component, t, activation: str):
     """``t`` rewritten as ``coeff * tilt_pref * base(Ct; rest)`` when its primitive
     starts by tilting on the component's two free indices (I4(k, l, ., .) in dQ):
     the tilt is then computed once per (k, l) instead of once per term. None if not."""
-    if activation is None or not isinstance(t, FlowTerm) or t.primitive is None or len(component.free) != 2:
+    if activation is None or not isinstance(t, FlowTerm) or t.primitive is None:
         return None
     split = tilt_split(_kinds_of(t.primitive), activation)
     if split is None:
+        return None
+    if split.n == 1:
+        # one g': the kernel tilts by every student unit once per call (tilt1_all)
+        a = t.args[0]
+        if a.base != lam or split.base is None:
+            return None
+        pref = sp.IndexedBase("tilt1_pref")[a.indices[0]]
+        return t.coeff * pref * sp.Function(split.base.name + TILTED1)(a, *t.args[1:]), split
+    if len(component.free) != 2:
         return None
     free = tuple(component.free)
     if tuple(a.indices[0] for a in t.args[:2]) != free or any(a.base != lam for a in t.args[:2]):
@@ -305,7 +313,9 @@ def context(ir: FlowIR) -> dict:
                 "free": [(str(i.label), _bound(i)) for i in c.free],
                 "loops": lps,
                 "symmetric": c.symmetric,
-                "hoist": [f"tilt_pref = tilt2(C, {free[0]}, {free[1]}, Ct)"] if hoisted else [],
+                "hoist": [f"tilt_pref = tilt2(C, {free[0]}, {free[1]}, Ct)"]
+                if any(h.n == 2 for h in hoisted)
+                else [],
             }
         )
     # the base primitives of hoisted tilts (I2 for I4) must be in the module
@@ -317,7 +327,13 @@ def context(ir: FlowIR) -> dict:
     tilt = None
     if splits:
         w, amp = splits[0].width, splits[0].amplitude
-        tilt = {"width": code(sp.sympify(w)), "amp2": code(sp.sympify(amp) ** 2)}
+        tilt = {
+            "width": code(sp.sympify(w)),
+            "amp": code(sp.sympify(amp)),
+            "amp2": code(sp.sympify(amp) ** 2),
+            "pair": any(h.n == 2 for h in splits),
+            "single": any(h.n == 1 for h in splits),
+        }
     mets = [{"name": c.name, "loops": loops(c, names)} for c in ir.metrics]
     samples = [
         {

@@ -307,12 +307,12 @@ class TiltSplit:
 
 @lru_cache(maxsize=None)
 def tilt_split(kinds: tuple[str, ...], activation: str) -> TiltSplit | None:
-    """The tilt structure of a pattern whose leading factors are two g' of a
-    Gaussian-shaped g' (erf), so that a kernel can tilt once per pair of units."""
+    """The tilt structure of a pattern whose leading factors are one or two g' of
+    a Gaussian-shaped g' (erf), so that a kernel can tilt once per unit or pair."""
     n = 0
     while n < len(kinds) and kinds[n] == "gp":
         n += 1
-    if n != 2 or "gp" in kinds[n:]:
+    if n not in (1, 2) or "gp" in kinds[n:]:
         return None
     act = get_activation(activation)
     u = sp.Symbol("u", real=True)

@@ -18,6 +18,7 @@ from .symbols import g, gp, gpp, lam, nu, nut
 
 FIELD_ROW = {lam: "", nu: "K + ", nut: "K + M + "}
 TILTED = "__tilted"
+TILTED1 = "__tilted1"
 
 
 class KernelPrinter(PythonCodePrinter):
@@ -40,6 +41,11 @@ class KernelPrinter(PythonCodePrinter):
 
     def _print_Function(self, expr):
         name = expr.func.__name__
+        if name.endswith(TILTED1):
+            # a primitive at the covariance tilted by the unit of its first argument
+            (a, *rest) = expr.args
+            rows = ", ".join(self._field_row(x) for x in rest)
+            return f"{name[: -len(TILTED1)]}(Ct1[{self._field_row(a)}], {rows})"
         if name.endswith(TILTED):
             # a primitive evaluated at the tilted covariance Ct of the hoisted tilt
             rows = ", ".join(self._field_row(a) for a in expr.args)

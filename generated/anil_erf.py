@@ -2,9 +2,9 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 f0e407f54fb8f3b9a3b724b5dbd02122efae843a208c720fcc0dd1fcccfec2f9
+# inputs:     sha256 d901af0a01556054f38b6c63be8ce898e9ee381b107399506aba638cb5d20e24
 # versions:   derive 0.1.0, sympy 1.14.0
-# operations: 836 (sympy count_ops of the primitives and coefficients)
+# operations: 846 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
 
 Flat arrays, row-major, in the order of STATE (y), CONSTS (c) and PARAMS (p);
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "f0e407f54fb8f3b9a3b724b5dbd02122efae843a208c720fcc0dd1fcccfec2f9"
+INPUTS_SHA256 = "d901af0a01556054f38b6c63be8ce898e9ee381b107399506aba638cb5d20e24"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -46,6 +46,18 @@ def gpp(z):
 
 
 # Gaussian primitives, derived by derive/gaussian.py
+@njit(cache=True)
+def E_id_g(C, a, b):
+    """E[(u_a) g(u_b)] at covariance C.
+
+    - Stein on u_a
+    - tilt by u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    """
+    C_ab = C[a, b]
+    C_bb = C[b, b]
+    return math.sqrt(2)*C_ab/(math.sqrt(math.pi)*math.sqrt(C_bb + 1))
+
+
 @njit(cache=True)
 def I2(C, a, b):
     """E[g(u_a) g(u_b)] at covariance C.
@@ -141,6 +153,22 @@ def J2(C, a, b):
     C_ab = C[a, b]
     C_bb = C[b, b]
     return 2/(math.pi*math.sqrt(C_aa*C_bb + C_aa - C_ab**2 + C_bb + 1))
+
+
+@njit(cache=True)
+def tilt1_all(C, K, Ct1, pref):
+    """The tilt rule of derive/gaussian.py for one g' factor, on every student
+    field a: Ct1[a] = C - C[:, a] C[a, :] / (w + C_aa), pref[a] = A det(1 + C_aa / w)^(-1/2)
+    (g' = A exp(-z^2 / (2 w)))."""
+    w = 1
+    n = C.shape[0]
+    for a in range(K):
+        s = w + C[a, a]
+        for r in range(n):
+            u = C[r, a] / s
+            for q in range(n):
+                Ct1[a, r, q] = C[r, q] - u * C[a, q]
+        pref[a] = math.sqrt(2)/math.sqrt(math.pi) / math.sqrt(s / w)
 
 
 @njit(cache=True)
@@ -443,6 +471,9 @@ def rhs(y, c, p, K, M, dy):
     C = np.empty((K + 2 * M, K + 2 * M))
     covariance(y, c, p, K, M, C)
     Ct = np.empty_like(C)
+    Ct1 = np.empty((K, C.shape[0], C.shape[0]))
+    tilt1_pref = np.empty(K)
+    tilt1_all(C, K, Ct1, tilt1_pref)
     mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S = task_moments(y, c, p, K, M, C)
     S_aopt__aopt = (L_aopt.reshape((K, M)) @ L_aopt.reshape((K, M)).T).reshape(
         (K, K)
@@ -481,11 +512,11 @@ def rhs(y, c, p, K, M, dy):
             acc = 0.0
             acc += eta**2*sigma**2*tilt_pref*(S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])/n_q
             for j0 in range(K):
-                acc += -eta*(S_ap__ap[j0, k] + mu_ap[j0]*mu_ap[k])*I3(C, k, l, j0)
-                acc += -eta*(S_ap__ap[j0, l] + mu_ap[j0]*mu_ap[l])*I3(C, l, k, j0)
+                acc += -eta*(S_ap__ap[j0, k] + mu_ap[j0]*mu_ap[k])*E_id_g(Ct1[k], l, j0)*tilt1_pref[k]
+                acc += -eta*(S_ap__ap[j0, l] + mu_ap[j0]*mu_ap[l])*E_id_g(Ct1[l], k, j0)*tilt1_pref[l]
             for m0 in range(M):
-                acc += eta*(S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*I3(C, k, l, K + M + m0)
-                acc += eta*(S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*I3(C, l, k, K + M + m0)
+                acc += eta*(S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*E_id_g(Ct1[k], l, K + M + m0)*tilt1_pref[k]
+                acc += eta*(S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*E_id_g(Ct1[l], k, K + M + m0)*tilt1_pref[l]
             if ((order == 2)):
                 for j0 in range(K):
                     for j1 in range(K):
@@ -531,9 +562,9 @@ def rhs(y, c, p, K, M, dy):
         for n in range(M):
             acc = 0.0
             for j0 in range(K):
-                acc += -eta*(S_ap__ap[j0, k] + mu_ap[j0]*mu_ap[k])*I3(C, k, K + n, j0)
+                acc += -eta*(S_ap__ap[j0, k] + mu_ap[j0]*mu_ap[k])*E_id_g(Ct1[k], K + n, j0)*tilt1_pref[k]
             for m0 in range(M):
-                acc += eta*(S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*I3(C, k, K + n, K + M + m0)
+                acc += eta*(S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*E_id_g(Ct1[k], K + n, K + M + m0)*tilt1_pref[k]
             if ((order == 2)):
                 for j0 in range(K):
                     for j1 in range(K):

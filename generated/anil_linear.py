@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 48cac92991736a7b78de5274f2a5e4d6815be720b6e519d17fad58f2611876ae
+# inputs:     sha256 8cd3c1448070fde8c3ec75dffd38c75aa9bcdf8441a98c970472126f71b2aebd
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 579 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "48cac92991736a7b78de5274f2a5e4d6815be720b6e519d17fad58f2611876ae"
+INPUTS_SHA256 = "8cd3c1448070fde8c3ec75dffd38c75aa9bcdf8441a98c970472126f71b2aebd"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -2,9 +2,9 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 7d8997ee28016024fa8f1622442ce0e30d888b1e224dcde9b60ae120051c626e
+# inputs:     sha256 217b01bf938e7d539cbce26fd767c2ac6160d1238c9e04c68e8aea7e4b5a7799
 # versions:   derive 0.1.0, sympy 1.14.0
-# operations: 200 (sympy count_ops of the primitives and coefficients)
+# operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
 
 Flat arrays, row-major, in the order of STATE (y), CONSTS (c) and PARAMS (p);
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "7d8997ee28016024fa8f1622442ce0e30d888b1e224dcde9b60ae120051c626e"
+INPUTS_SHA256 = "217b01bf938e7d539cbce26fd767c2ac6160d1238c9e04c68e8aea7e4b5a7799"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )
@@ -46,6 +46,18 @@ def gpp(z):
 
 
 # Gaussian primitives, derived by derive/gaussian.py
+@njit(cache=True)
+def E_id_g(C, a, b):
+    """E[(u_a) g(u_b)] at covariance C.
+
+    - Stein on u_a
+    - tilt by u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    """
+    C_ab = C[a, b]
+    C_bb = C[b, b]
+    return math.sqrt(2)*C_ab/(math.sqrt(math.pi)*math.sqrt(C_bb + 1))
+
+
 @njit(cache=True)
 def I2(C, a, b):
     """E[g(u_a) g(u_b)] at covariance C.
@@ -122,6 +134,22 @@ def J2(C, a, b):
 
 
 @njit(cache=True)
+def tilt1_all(C, K, Ct1, pref):
+    """The tilt rule of derive/gaussian.py for one g' factor, on every student
+    field a: Ct1[a] = C - C[:, a] C[a, :] / (w + C_aa), pref[a] = A det(1 + C_aa / w)^(-1/2)
+    (g' = A exp(-z^2 / (2 w)))."""
+    w = 1
+    n = C.shape[0]
+    for a in range(K):
+        s = w + C[a, a]
+        for r in range(n):
+            u = C[r, a] / s
+            for q in range(n):
+                Ct1[a, r, q] = C[r, q] - u * C[a, q]
+        pref[a] = math.sqrt(2)/math.sqrt(math.pi) / math.sqrt(s / w)
+
+
+@njit(cache=True)
 def tilt2(C, a, b, Ct):
     """The tilt rule of derive/gaussian.py for two g' factors on fields a, b:
     Ct = C - C[:, (a, b)] (w I + C_SS)^-1 C[(a, b), :] for every pair of fields;
@@ -191,6 +219,9 @@ def rhs(y, c, p, K, M, dy):
     C = np.empty((K + M, K + M))
     covariance(y, c, p, K, M, C)
     Ct = np.empty_like(C)
+    Ct1 = np.empty((K, C.shape[0], C.shape[0]))
+    tilt1_pref = np.empty(K)
+    tilt1_all(C, K, Ct1, tilt1_pref)
 
     o = 0
     dQ = dy[o : o + K * K].reshape((K, K))
@@ -201,11 +232,11 @@ def rhs(y, c, p, K, M, dy):
             acc = 0.0
             acc += eta**2*sigma**2*tilt_pref
             for j0 in range(K):
-                acc += -eta*I3(C, k, l, j0)
-                acc += -eta*I3(C, l, k, j0)
+                acc += -eta*E_id_g(Ct1[k], l, j0)*tilt1_pref[k]
+                acc += -eta*E_id_g(Ct1[l], k, j0)*tilt1_pref[l]
             for m0 in range(M):
-                acc += eta*I3(C, k, l, K + m0)
-                acc += eta*I3(C, l, k, K + m0)
+                acc += eta*E_id_g(Ct1[k], l, K + m0)*tilt1_pref[k]
+                acc += eta*E_id_g(Ct1[l], k, K + m0)*tilt1_pref[l]
             for j0 in range(K):
                 for j1 in range(j0, K):
                     acc += (1.0 if j0 == j1 else 2.0) * (eta**2*tilt_pref*I2(Ct, j0, j1))
@@ -223,9 +254,9 @@ def rhs(y, c, p, K, M, dy):
         for n in range(M):
             acc = 0.0
             for j0 in range(K):
-                acc += -eta*I3(C, k, K + n, j0)
+                acc += -eta*E_id_g(Ct1[k], K + n, j0)*tilt1_pref[k]
             for m0 in range(M):
-                acc += eta*I3(C, k, K + n, K + m0)
+                acc += eta*E_id_g(Ct1[k], K + n, K + m0)*tilt1_pref[k]
             dR[k, n] = acc
 
 

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 1a82ed59cd4fff48aca67bd22e971b65d4ba5bb3879d4bbbaf9290797e742f9b
+# inputs:     sha256 0c241eda5524f1ca2ab8d1364ef1785844e4b0928c312790512de01513c33284
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "1a82ed59cd4fff48aca67bd22e971b65d4ba5bb3879d4bbbaf9290797e742f9b"
+INPUTS_SHA256 = "0c241eda5524f1ca2ab8d1364ef1785844e4b0928c312790512de01513c33284"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,9 +2,9 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 b9e44f571baed158e8449a8a3d361c3ca24c2320b5808ec93d23aeae2198471a
+# inputs:     sha256 e14070f23652b2970312e1180018b2427cb6c42a875edf72e0ec9a54b2b86316
 # versions:   derive 0.1.0, sympy 1.14.0
-# operations: 279 (sympy count_ops of the primitives and coefficients)
+# operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
 
 Flat arrays, row-major, in the order of STATE (y), CONSTS (c) and PARAMS (p);
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "b9e44f571baed158e8449a8a3d361c3ca24c2320b5808ec93d23aeae2198471a"
+INPUTS_SHA256 = "e14070f23652b2970312e1180018b2427cb6c42a875edf72e0ec9a54b2b86316"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
@@ -46,6 +46,18 @@ def gpp(z):
 
 
 # Gaussian primitives, derived by derive/gaussian.py
+@njit(cache=True)
+def E_id_g(C, a, b):
+    """E[(u_a) g(u_b)] at covariance C.
+
+    - Stein on u_a
+    - tilt by u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    """
+    C_ab = C[a, b]
+    C_bb = C[b, b]
+    return math.sqrt(2)*C_ab/(math.sqrt(math.pi)*math.sqrt(C_bb + 1))
+
+
 @njit(cache=True)
 def I2(C, a, b):
     """E[g(u_a) g(u_b)] at covariance C.
@@ -119,6 +131,22 @@ def J2(C, a, b):
     C_ab = C[a, b]
     C_bb = C[b, b]
     return 2/(math.pi*math.sqrt(C_aa*C_bb + C_aa - C_ab**2 + C_bb + 1))
+
+
+@njit(cache=True)
+def tilt1_all(C, K, Ct1, pref):
+    """The tilt rule of derive/gaussian.py for one g' factor, on every student
+    field a: Ct1[a] = C - C[:, a] C[a, :] / (w + C_aa), pref[a] = A det(1 + C_aa / w)^(-1/2)
+    (g' = A exp(-z^2 / (2 w)))."""
+    w = 1
+    n = C.shape[0]
+    for a in range(K):
+        s = w + C[a, a]
+        for r in range(n):
+            u = C[r, a] / s
+            for q in range(n):
+                Ct1[a, r, q] = C[r, q] - u * C[a, q]
+        pref[a] = math.sqrt(2)/math.sqrt(math.pi) / math.sqrt(s / w)
 
 
 @njit(cache=True)
@@ -203,6 +231,9 @@ def rhs(y, c, p, K, M, dy):
     C = np.empty((K + M, K + M))
     covariance(y, c, p, K, M, C)
     Ct = np.empty_like(C)
+    Ct1 = np.empty((K, C.shape[0], C.shape[0]))
+    tilt1_pref = np.empty(K)
+    tilt1_all(C, K, Ct1, tilt1_pref)
 
     o = 0
     dQ = dy[o : o + K * K].reshape((K, K))
@@ -214,11 +245,11 @@ def rhs(y, c, p, K, M, dy):
             acc += eta**2*sigma**2*tilt_pref*v[k]*v[l]
             acc += -2*kappa*Q[k, l]
             for j0 in range(K):
-                acc += -eta*I3(C, k, l, j0)*v[j0]*v[k]
-                acc += -eta*I3(C, l, k, j0)*v[j0]*v[l]
+                acc += -eta*E_id_g(Ct1[k], l, j0)*tilt1_pref[k]*v[j0]*v[k]
+                acc += -eta*E_id_g(Ct1[l], k, j0)*tilt1_pref[l]*v[j0]*v[l]
             for m0 in range(M):
-                acc += eta*I3(C, k, l, K + m0)*v[k]*vs[m0]
-                acc += eta*I3(C, l, k, K + m0)*v[l]*vs[m0]
+                acc += eta*E_id_g(Ct1[k], l, K + m0)*tilt1_pref[k]*v[k]*vs[m0]
+                acc += eta*E_id_g(Ct1[l], k, K + m0)*tilt1_pref[l]*v[l]*vs[m0]
             for j0 in range(K):
                 for j1 in range(j0, K):
                     acc += (1.0 if j0 == j1 else 2.0) * (eta**2*tilt_pref*I2(Ct, j0, j1)*v[j0]*v[j1]*v[k]*v[l])
@@ -236,9 +267,9 @@ def rhs(y, c, p, K, M, dy):
         for n in range(M):
             acc = 0.0
             for j0 in range(K):
-                acc += -eta*I3(C, k, K + n, j0)*v[j0]*v[k]
+                acc += -eta*E_id_g(Ct1[k], K + n, j0)*tilt1_pref[k]*v[j0]*v[k]
             for m0 in range(M):
-                acc += eta*I3(C, k, K + n, K + m0)*v[k]*vs[m0]
+                acc += eta*E_id_g(Ct1[k], K + n, K + m0)*tilt1_pref[k]*v[k]*vs[m0]
             acc += -kappa*R[k, n]
             dR[k, n] = acc
     dv = dy[o : o + K]
