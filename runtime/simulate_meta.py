@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import vectorize
+from numba import njit, vectorize
 
 from .integrate import SimulationDiverged
 
@@ -84,6 +84,13 @@ class MetaStep:
         self.eps_B = params["eps_B"]
         self.sigma = params["sigma"]
         self.population = not math.isfinite(self.n_s)
+        self._B = None
+        self._Tt = None
+
+    def use_teacher(self, B):
+        """The seed's fixed teacher vectors (their norms are computed once)."""
+        self._B = B
+        self._Tt = np.einsum("mi,mi->m", B, B) / B.shape[1]
 
     def draw_task(self, rng, B, vbar):
         """(vt, task teacher vectors, support inputs or None, support noise, query inputs, query noise)."""
@@ -143,11 +150,19 @@ class MetaStep:
         _, delta = self.query(W, ap, task)
         return 0.5 * float(np.mean(delta**2))
 
-    def gradients(self, W, a, task):
+    def gradients(self, W, a, task, fast: bool = True):
         """(G (n_q, K), grad_W through the inner loop or None, grad_a) for one step.
 
         ``G`` is the coefficient of x in the first-order gradient,
-        ``dL/dw_k = mean_mu G[mu, k] x_mu / sqrt(N)``."""
+        ``dL/dw_k = mean_mu G[mu, k] x_mu / sqrt(N)``. The first-order step in
+        population mode without feature variability runs the same arithmetic
+        compiled (``_first_order_population``); ``fast=False`` forces numpy."""
+        if fast and self.order == 1 and self.population and task[1] is self._B:
+            vt, B, _, _, Xq, zq = task
+            G, grad_a = _first_order_population(
+                W, B, self._Tt, a, vt, Xq, zq, self.alpha_in, self.S, self.sigma, self.act.name == "linear"
+            )
+            return G, None, grad_a
         act = self.act
         C, h, cache = self.support(W, task)
         cs = self.adapt(C, h, a)
@@ -188,6 +203,82 @@ class MetaStep:
         return G, grad_W, grad_a
 
 
+@njit(cache=True)
+def _first_order_population(W, B, Tt, a, vt, Xq, zq, alpha_in, S, sigma, linear):
+    """MetaStep.gradients for order 1, population mode, eps_B = 0, in one compiled
+    pass: the same formulas (C, D from I2 at the current overlaps, S inner steps,
+    query delta), returning (G, dL/da'). Tested equal to the numpy path."""
+    K, N = W.shape
+    M = B.shape[0]
+    nq = Xq.shape[0]
+    sq = math.sqrt(N)
+    Q = np.empty((K, K))
+    R = np.empty((K, M))
+    for k in range(K):
+        for q in range(K):
+            acc = 0.0
+            for i in range(N):
+                acc += W[k, i] * W[q, i]
+            Q[k, q] = acc / N
+        for m in range(M):
+            acc = 0.0
+            for i in range(N):
+                acc += W[k, i] * B[m, i]
+            R[k, m] = acc / N
+    C = np.empty((K, K))
+    h = np.zeros(K)
+    for k in range(K):
+        for q in range(K):
+            if linear:
+                C[k, q] = Q[k, q]
+            else:
+                C[k, q] = TWO_OVER_PI * math.asin(Q[k, q] / math.sqrt((1.0 + Q[k, k]) * (1.0 + Q[q, q])))
+        for m in range(M):
+            if linear:
+                d = R[k, m]
+            else:
+                d = TWO_OVER_PI * math.asin(R[k, m] / math.sqrt((1.0 + Q[k, k]) * (1.0 + Tt[m])))
+            h[k] += d * vt[m]
+    c = a.copy()
+    for _ in range(S):
+        cn = np.empty(K)
+        for k in range(K):
+            acc = 0.0
+            for q in range(K):
+                acc += C[k, q] * c[q]
+            cn[k] = c[k] - alpha_in * (acc - h[k])
+        c = cn
+    G = np.empty((nq, K))
+    grad_a = np.zeros(K)
+    for mu in range(nq):
+        delta = 0.0
+        glam = np.empty(K)
+        gplam = np.empty(K)
+        for k in range(K):
+            acc = 0.0
+            for i in range(N):
+                acc += Xq[mu, i] * W[k, i]
+            lam = acc / sq
+            if linear:
+                glam[k] = lam
+                gplam[k] = 1.0
+            else:
+                glam[k] = math.erf(lam / math.sqrt(2.0))
+                gplam[k] = math.sqrt(2.0 / math.pi) * math.exp(-0.5 * lam * lam)
+            delta += glam[k] * c[k]
+        for m in range(M):
+            acc = 0.0
+            for i in range(N):
+                acc += Xq[mu, i] * B[m, i]
+            nu = acc / sq
+            delta -= (nu if linear else math.erf(nu / math.sqrt(2.0))) * vt[m]
+        delta -= sigma * zq[mu]
+        for k in range(K):
+            G[mu, k] = delta * gplam[k] * c[k]
+            grad_a[k] += glam[k] * delta / nq
+    return G, grad_a
+
+
 def run_seed_meta(model, W, B, vec, values, rates, N, n_steps, rec, rng, bar, activation):
     """One seed: ``n_steps`` outer steps, the order parameters every ``rec`` steps."""
     K, M = W.shape[0], B.shape[0]
@@ -197,6 +288,7 @@ def run_seed_meta(model, W, B, vec, values, rates, N, n_steps, rec, rng, bar, ac
     a = vec[:K].copy()
     vbar = vec[K : K + M].copy()
     step = MetaStep(Activation(activation), values)
+    step.use_teacher(B)
     (eta, decay), (eta_a, decay_a) = rates
     fl, ro = model.first_layer, model.readout_updates[0]
     n_rec = n_steps // rec
