@@ -247,13 +247,20 @@ def _task_context(ir: FlowIR, names, where) -> dict | None:
         return None
     fams = [{"name": f.name, "dims": _dims(f.kinds)} for f in model.random_families]
     dims = {f["name"]: f["dims"] for f in fams}
-    moments = []
-    for base in ir.moments:
-        name = str(base)
-        if name.startswith("mu_"):
-            continue  # returned by task_moments directly
-        x, y = name[2:].split("__")
-        moments.append({"name": name, "x": x, "y": y, "dx": dims[x], "dy": dims[y]})
+
+    def covariances(bases):
+        out = []
+        for base in bases:
+            name = str(base)
+            if name.startswith("mu_"):
+                continue  # returned by task_moments directly
+            x, y = name[2:].split("__")
+            out.append({"name": name, "x": x, "y": y, "dx": dims[x], "dy": dims[y]})
+        return out
+
+    def reads_optimal(bases):
+        opt = inner.optimal.name if inner.optimal is not None else None
+        return opt is not None and any(opt in str(b)[2:].split("__") or str(b) == f"mu_{opt}" for b in bases)
 
     def comp(c):
         return {
@@ -270,7 +277,10 @@ def _task_context(ir: FlowIR, names, where) -> dict | None:
         "families": fams,
         "family_names": ", ".join(f["name"] for f in fams),
         "returns": returns,
-        "moments": moments,
+        # the derivatives and the metrics each get only the moments they read; the
+        # best readout (a pseudo-inverse) is computed only where it is read
+        "rhs": {"moments": covariances(ir.moments), "optimal": reads_optimal(ir.moments)},
+        "metrics": {"moments": covariances(ir.metric_moments), "optimal": reads_optimal(ir.metric_moments)},
         "adapted": inner.adapted.name,
         "task_name": inner.task.name,
         "optimal": inner.optimal.name if inner.optimal is not None else None,

@@ -73,7 +73,8 @@ class FlowIR:
     samples: tuple[Component, ...]  # per-sample gradients the simulator applies
     primitives: tuple[Derived, ...]  # those the flow uses, in a fixed order
     support: SupportIR | None = None
-    moments: tuple[sp.IndexedBase, ...] = ()  # task moments (mu_*, S_*__*) the flow reads
+    moments: tuple[sp.IndexedBase, ...] = ()  # task moments (mu_*, S_*__*) the derivatives read
+    metric_moments: tuple[sp.IndexedBase, ...] = ()  # and those the metrics read
 
 
 def _noise_moment(p: int) -> int:
@@ -236,5 +237,14 @@ def build_flow(model_name: str, activation: str) -> FlowIR:
             samples.append(Component(f"H_{r.vector.name}", free, tuple(expand(grad))))
     support = support_ir(model, activation, used) if model.inner_loop is not None else None
     prims = tuple(used[k] for k in sorted(used))
-    moments = _moment_bases(derivs + list(metrics))
-    return FlowIR(model, activation, tuple(derivs), metrics, tuple(samples), prims, support, moments)
+    return FlowIR(
+        model,
+        activation,
+        tuple(derivs),
+        metrics,
+        tuple(samples),
+        prims,
+        support,
+        _moment_bases(derivs),
+        _moment_bases(metrics),
+    )

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 8cd3c1448070fde8c3ec75dffd38c75aa9bcdf8441a98c970472126f71b2aebd
+# inputs:     sha256 65fbeecd522709c2621c0ffc9ee7e2537e8d6156fabf5ad5572579142816089f
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 579 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "8cd3c1448070fde8c3ec75dffd38c75aa9bcdf8441a98c970472126f71b2aebd"
+INPUTS_SHA256 = "65fbeecd522709c2621c0ffc9ee7e2537e8d6156fabf5ad5572579142816089f"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -246,7 +246,7 @@ def _sensitivity(y, c, p, K, M, C, dC, Cm, Dm, steps, rate):
 
 
 @njit(cache=True)
-def task_moments(y, c, p, K, M, C):
+def task_moments(y, c, p, K, M, C, with_optimal=True):
     """Means (mu_*) and loadings (L_*, over xi ~ N(0, I_M)) of the task quantities
     ap, vt, aopt, ap_dQ, ap_dR, and A_S.
 
@@ -294,7 +294,10 @@ def task_moments(y, c, p, K, M, C):
     L_ap = spread * G
     mu_vt = vbar.copy()
     L_vt = spread * np.eye(M)
-    Gopt = np.linalg.pinv(Cm) @ Dm
+    if with_optimal:
+        Gopt = np.linalg.pinv(Cm) @ Dm
+    else:
+        Gopt = np.zeros((K, M))
     mu_aopt = Gopt @ vbar
     L_aopt = spread * Gopt
     mu_ap_dQ = np.zeros((K, K, K))
@@ -364,10 +367,7 @@ def rhs(y, c, p, K, M, dy):
     sigma = p[9]
     C = np.empty((K + 2 * M, K + 2 * M))
     covariance(y, c, p, K, M, C)
-    mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S = task_moments(y, c, p, K, M, C)
-    S_aopt__aopt = (L_aopt.reshape((K, M)) @ L_aopt.reshape((K, M)).T).reshape(
-        (K, K)
-    )
+    mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S = task_moments(y, c, p, K, M, C, False)
     S_ap__ap = (L_ap.reshape((K, M)) @ L_ap.reshape((K, M)).T).reshape(
         (K, K)
     )
@@ -379,9 +379,6 @@ def rhs(y, c, p, K, M, dy):
     )
     S_ap__vt = (L_ap.reshape((K, M)) @ L_vt.reshape((M, M)).T).reshape(
         (K, M)
-    )
-    S_vt__aopt = (L_vt.reshape((M, M)) @ L_aopt.reshape((K, M)).T).reshape(
-        (M, K)
     )
     S_vt__ap_dQ = (L_vt.reshape((M, M)) @ L_ap_dQ.reshape((K * K * K, M)).T).reshape(
         (M, K, K, K)
@@ -531,30 +528,18 @@ def metrics(y, c, p, K, M, out):
     sigma = p[9]
     C = np.empty((K + 2 * M, K + 2 * M))
     covariance(y, c, p, K, M, C)
-    mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S = task_moments(y, c, p, K, M, C)
+    mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S = task_moments(y, c, p, K, M, C, True)
     S_aopt__aopt = (L_aopt.reshape((K, M)) @ L_aopt.reshape((K, M)).T).reshape(
         (K, K)
     )
     S_ap__ap = (L_ap.reshape((K, M)) @ L_ap.reshape((K, M)).T).reshape(
         (K, K)
     )
-    S_ap__ap_dQ = (L_ap.reshape((K, M)) @ L_ap_dQ.reshape((K * K * K, M)).T).reshape(
-        (K, K, K, K)
-    )
-    S_ap__ap_dR = (L_ap.reshape((K, M)) @ L_ap_dR.reshape((K * K * M, M)).T).reshape(
-        (K, K, K, M)
-    )
     S_ap__vt = (L_ap.reshape((K, M)) @ L_vt.reshape((M, M)).T).reshape(
         (K, M)
     )
     S_vt__aopt = (L_vt.reshape((M, M)) @ L_aopt.reshape((K, M)).T).reshape(
         (M, K)
-    )
-    S_vt__ap_dQ = (L_vt.reshape((M, M)) @ L_ap_dQ.reshape((K * K * K, M)).T).reshape(
-        (M, K, K, K)
-    )
-    S_vt__ap_dR = (L_vt.reshape((M, M)) @ L_ap_dR.reshape((K * K * M, M)).T).reshape(
-        (M, K, K, M)
     )
     S_vt__vt = (L_vt.reshape((M, M)) @ L_vt.reshape((M, M)).T).reshape(
         (M, M)

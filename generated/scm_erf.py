@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 217b01bf938e7d539cbce26fd767c2ac6160d1238c9e04c68e8aea7e4b5a7799
+# inputs:     sha256 eacf987a1840552c650964db7373e5cdee8b518ed62339f4252429ab9bf25b07
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "217b01bf938e7d539cbce26fd767c2ac6160d1238c9e04c68e8aea7e4b5a7799"
+INPUTS_SHA256 = "eacf987a1840552c650964db7373e5cdee8b518ed62339f4252429ab9bf25b07"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

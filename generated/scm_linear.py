@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 0c241eda5524f1ca2ab8d1364ef1785844e4b0928c312790512de01513c33284
+# inputs:     sha256 c11816e7d3b34d4a3cc5adcf0073bb84ec110d57d7254bfdad9b7f117a214d3b
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "0c241eda5524f1ca2ab8d1364ef1785844e4b0928c312790512de01513c33284"
+INPUTS_SHA256 = "c11816e7d3b34d4a3cc5adcf0073bb84ec110d57d7254bfdad9b7f117a214d3b"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 e14070f23652b2970312e1180018b2427cb6c42a875edf72e0ec9a54b2b86316
+# inputs:     sha256 c7b97387f941823f6e3ae232357303f2d8fe656c6fb9efff33ff7e937cbc12e9
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "e14070f23652b2970312e1180018b2427cb6c42a875edf72e0ec9a54b2b86316"
+INPUTS_SHA256 = "c7b97387f941823f6e3ae232357303f2d8fe656c6fb9efff33ff7e937cbc12e9"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

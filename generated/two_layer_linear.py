@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 ce786c7898fe44d04823ebeca13666b715b95b0a4963192f26a3505533452ed8
+# inputs:     sha256 df43068982628866f12ff5c7212ed3c5216e5fb9242ccc347bdc8bf85cd9cd6a
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "ce786c7898fe44d04823ebeca13666b715b95b0a4963192f26a3505533452ed8"
+INPUTS_SHA256 = "df43068982628866f12ff5c7212ed3c5216e5fb9242ccc347bdc8bf85cd9cd6a"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
