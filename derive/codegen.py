@@ -24,6 +24,7 @@ from .gaussian import PRIMITIVES, tilt_split
 from .model import Q, R
 from .models import model_file
 from .printer import TILTED, TILTED1, code
+from .special import asin_horner
 from .symbols import FIELD_KIND, STUDENT, K, M, index_kind, lam
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,13 +55,24 @@ def check_context(env: jinja2.Environment, name: str, context: dict) -> None:
 
 
 @dataclass(frozen=True)
+class Sum:
+    """One term of a loop nest, ``outer * sum over the nest of inner``: the factors
+    that do not depend on the summation indices are multiplied once, after the sum.
+    ``diagonal`` is ``inner`` on the diagonal of a triangular nest (i1 = i0)."""
+
+    outer: str
+    inner: str
+    diagonal: str | None = None
+
+
+@dataclass(frozen=True)
 class Loop:
-    """A nest of loops over summation indices and the statements in its body."""
+    """A nest of loops over summation indices and the terms summed in its body."""
 
     indices: tuple[tuple[str, str], ...]  # (name, bound) from outermost
-    statements: tuple[str, ...]
-    # the term is symmetric in its two summation indices: sum over i0 <= i1 only,
-    # off-diagonal terms counted twice
+    statements: tuple[Sum, ...]
+    # the term is symmetric in its two summation indices: the diagonal i0 = i1 once,
+    # the pairs i0 < i1 twice
     triangular: bool = False
     # a condition on the parameters outside which every term of the nest vanishes
     guard: str | None = None
@@ -113,18 +125,105 @@ def _hoisted_tilt(component: Component, t, activation: str):
     return expr, split
 
 
+def separable_form(d) -> dict:
+    """The primitive ``d(C; a, b)`` written as ``value(x, Da, Db)`` with ``x = C_ab`` and
+    ``Dr = norm(C_rr)``, so that a table over all pairs of rows computes ``norm`` once
+    per row. A square root of a polynomial in the two variances that factors as
+    ``f(C_aa) f(C_bb)`` becomes ``1 / (Da Db)`` with ``norm = 1/sqrt(f)``; for
+    erf, ``I2 = 2 asin(C_ab / sqrt((1 + C_aa)(1 + C_bb))) / pi = 2 asin(x Da Db) / pi``.
+    Otherwise ``norm`` is the variance itself. The rewrite is checked numerically."""
+    la, lb = d.labels
+    by_name = {str(s): s for s in d.expr.free_symbols}
+    caa, cbb, cab = (
+        by_name.get(f"C_{u}{v}", sp.Symbol(f"C_{u}{v}")) for u, v in ((la, la), (lb, lb), (la, lb))
+    )
+    x, Da, Db, var = sp.symbols("x Da Db d")
+    expr = d.expr
+    norm = None
+    for pw in sorted(expr.atoms(sp.Pow), key=sp.default_sort_key):
+        if pw.exp not in (sp.S.Half, -sp.S.Half):
+            continue
+        const, factors = sp.factor_list(pw.base)
+        fa = sp.Mul(*[f**m for f, m in factors if f.free_symbols == {caa}])
+        fb = sp.Mul(*[f**m for f, m in factors if f.free_symbols == {cbb}])
+        if sp.Mul(*[f**m for f, m in factors]) != fa * fb or fb != fa.xreplace({caa: cbb}) or fa == 1:
+            continue
+        cand = 1 / sp.sqrt(fa.xreplace({caa: var}))
+        if norm is not None and cand != norm:
+            continue
+        norm = cand
+        root = sp.sqrt(const) / (Da * Db)
+        expr = expr.xreplace({pw: root if pw.exp > 0 else 1 / root})
+    if norm is None or expr.has(caa) or expr.has(cbb):
+        norm, expr = var, d.expr.xreplace({caa: Da, cbb: Db})
+    value = expr.xreplace({cab: x})
+    # the rewrite must give the primitive back
+    for pa, pb, pab in ((0.7, 1.3, 0.4), (2.0, 0.5, -0.6), (0.3, 0.3, 0.1)):
+        want = complex(d.expr.xreplace({caa: pa, cbb: pb, cab: pab}).evalf(30))
+        at = {x: pab, Da: norm.xreplace({var: pa}), Db: norm.xreplace({var: pb})}
+        got = complex(value.xreplace(at).evalf(30))
+        if abs(want - got) > 1e-12 * max(1.0, abs(want)):
+            raise AssertionError(f"separable form of {d.name} is wrong: {value}, norm {norm}")
+    text = f"{value}, D = {norm.xreplace({var: sp.Symbol('C_rr')})}"
+    return {"norm": code(norm), "value": code(value), "text": text}
+
+
+def _table_plan(ir: FlowIR, activation: str) -> dict | None:
+    """The table of a hoisted pair tilt: when every term tilted on the two free indices
+    (I4(k, l, ., .) in dQ) has the same two-field base primitive (I2), it is tabulated
+    once per (k, l) over the rows of the field families it is read at; the kernel
+    fills ``F[r, q] = base(Ct; r, q)`` in one vectorisable loop (``tilt2_table``)."""
+    model = ir.model
+    bases, fams = {}, {lam}
+    for c in ir.derivatives:
+        for t in c.terms:
+            t, _ = _guarded(t)
+            h = _hoisted_tilt(c, t, activation)
+            if h is None or h[1].n != 2 or h[1].base is None:
+                continue
+            base = h[1].base
+            if len(base.labels) != 2 or base.kinds[0] != base.kinds[1]:
+                return None
+            bases[base.name] = base
+            fams |= {a.base for a in t.args[2:]}
+    if len(bases) != 1 or model.fields[0] != lam:
+        return None
+    (base,) = bases.values()
+    rows, blocks, sizes = {}, [], []
+    for f in model.fields:
+        if f not in fams:
+            continue
+        at = " + ".join(sizes) if sizes else "0"
+        rows[f] = f"{at} + " if sizes else ""
+        n = "K" if FIELD_KIND[f] == STUDENT else "M"
+        blocks.append({"to": at, "src": FIELD_OFFSET[str(f)], "n": n})
+        sizes.append(n)
+    return {
+        "rows": rows,
+        "blocks": blocks,
+        "size": " + ".join(sizes),
+        "whole": len(rows) == len(model.fields),
+        "base": base.name,
+        **separable_form(base),
+    }
+
+
 def _kinds_of(name: str) -> tuple[str, ...]:
     if name in PRIMITIVES:
         return PRIMITIVES[name]
     return tuple(name.removeprefix("E_").split("_"))
 
 
-def loops(component: Component, primitive_names, activation: str | None = None, hoisted=None) -> list[Loop]:
+def loops(
+    component: Component, primitive_names, activation: str | None = None, hoisted=None, table=None
+) -> list[Loop]:
     """Group the component's terms by their summation indices, one loop nest each.
 
     With ``activation``, terms whose tilt can be hoisted to the free-index level
-    are rewritten (see ``_hoisted_tilt``); their splits are collected in ``hoisted``."""
-    groups: dict[tuple, list[str]] = {}
+    are rewritten (see ``_hoisted_tilt``); their splits are collected in ``hoisted``.
+    With ``table`` (see ``_table_plan``), the base primitive at the tilted
+    covariance is read from the table filled once per pair of free indices."""
+    groups: dict[tuple, list[Sum]] = {}
     for t in component.terms:
         t, guard = _guarded(t)
         h = _hoisted_tilt(component, t, activation)
@@ -135,12 +234,24 @@ def loops(component: Component, primitive_names, activation: str | None = None, 
             expr = _term_expr(t)
         tri = _triangular(t)
         key = (tuple((str(s.label), _bound(s)) for s in t.sums), tri, guard)
-        stmt = code(expr, primitive_names)
-        if tri:
-            i0, i1 = (str(s.label) for s in t.sums)
-            stmt = f"(1.0 if {i0} == {i1} else 2.0) * ({stmt})"
-        groups.setdefault(key, []).append(stmt)
+        groups.setdefault(key, []).append(_sum(expr, t.sums, tri, primitive_names, table))
     return [Loop(k, tuple(v), tri, guard) for (k, tri, guard), v in groups.items()]
+
+
+def _sum(expr: sp.Expr, sums, triangular: bool, primitive_names, table) -> Sum:
+    """Split ``expr`` into the factors free of the summation indices and the rest."""
+    rows = table["rows"] if table else None
+    if not sums:
+        return Sum("1.0", code(expr, primitive_names, rows))
+    outer, inner = [], []
+    for f in sp.Mul.make_args(expr):
+        (inner if any(f.has(s) for s in sums) else outer).append(f)
+    inner_e = sp.Mul(*inner)
+    diagonal = None
+    if triangular:
+        s0, s1 = sums
+        diagonal = code(inner_e.xreplace({s1: s0}), primitive_names, rows)
+    return Sum(code(sp.Mul(*outer), primitive_names, rows), code(inner_e, primitive_names, rows), diagonal)
 
 
 def _guarded(t):
@@ -255,7 +366,9 @@ def _task_context(ir: FlowIR, names, where) -> dict | None:
             if name.startswith("mu_"):
                 continue  # returned by task_moments directly
             x, y = name[2:].split("__")
-            out.append({"name": name, "x": x, "y": y, "dx": dims[x], "dy": dims[y]})
+            # moments of the sensitivities: read only by the second-order terms
+            second = bool({x, y} & {inner.dQ.name, inner.dR.name})
+            out.append({"name": name, "x": x, "y": y, "dx": dims[x], "dy": dims[y], "second": second})
         return out
 
     def reads_optimal(bases):
@@ -311,11 +424,19 @@ def context(ir: FlowIR) -> dict:
     shapes = dict(state)
     comps = []
     splits = []
+    table = _table_plan(ir, act.name)
     for c in ir.derivatives:
         hoisted: list = []
-        lps = loops(c, names, act.name, hoisted)
+        lps = loops(c, names, act.name, hoisted, table)
         splits += hoisted
         free = [str(i.label) for i in c.free]
+        call = None
+        if len(free) == 2:
+            call = (
+                f"tilt2_table(Cu, {free[0]}, {free[1]}, F, Dn, ua, ub)"
+                if table
+                else f"tilt2(C, {free[0]}, {free[1]}, Ct)"
+            )
         comps.append(
             {
                 "name": c.name,
@@ -323,9 +444,7 @@ def context(ir: FlowIR) -> dict:
                 "free": [(str(i.label), _bound(i)) for i in c.free],
                 "loops": lps,
                 "symmetric": c.symmetric,
-                "hoist": [f"tilt_pref = tilt2(C, {free[0]}, {free[1]}, Ct)"]
-                if any(h.n == 2 for h in hoisted)
-                else [],
+                "hoist": [f"tilt_pref = {call}"] if any(h.n == 2 for h in hoisted) else [],
             }
         )
     # the base primitives of hoisted tilts (I2 for I4) must be in the module
@@ -343,6 +462,7 @@ def context(ir: FlowIR) -> dict:
             "amp2": code(sp.sympify(amp) ** 2),
             "pair": any(h.n == 2 for h in splits),
             "single": any(h.n == 1 for h in splits),
+            "table": table,
         }
     mets = [{"name": c.name, "loops": loops(c, names)} for c in ir.metrics]
     samples = [
@@ -391,6 +511,8 @@ def context(ir: FlowIR) -> dict:
         "cov_blocks": cov_blocks,
         "task": _task_context(ir, names, where),
         "tilt": tilt,
+        # the vectorisable arcsine, when a primitive needs one (derive/special.py)
+        "asin": asin_horner() if any(d.expr.has(sp.asin) for d in prim_list) else None,
     }
 
 

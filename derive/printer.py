@@ -24,9 +24,15 @@ TILTED1 = "__tilted1"
 class KernelPrinter(PythonCodePrinter):
     """Python code for numba: ``math`` functions, array slots for indexed symbols."""
 
-    def __init__(self, primitive_names=(), settings=None):
+    def __init__(self, primitive_names=(), table_rows=None, settings=None):
         super().__init__(settings or {"fully_qualified_modules": True, "standard": "python3"})
         self.primitive_names = set(primitive_names) | set(PRIMITIVES)
+        # field family -> offset of its rows in the table F of a hoisted tilt
+        self.table_rows = table_rows
+
+    def _print_asin(self, expr):
+        # the module's vectorisable arcsine (derive/special.py)
+        return f"asin_({self._print(expr.args[0])})"
 
     def _print_Idx(self, expr):
         return str(expr.label)
@@ -46,6 +52,10 @@ class KernelPrinter(PythonCodePrinter):
             (a, *rest) = expr.args
             rows = ", ".join(self._field_row(x) for x in rest)
             return f"{name[: -len(TILTED1)]}(Ct1[{self._field_row(a)}], {rows})"
+        if name.endswith(TILTED) and self.table_rows is not None:
+            # a primitive at the tilted covariance, read from the table of the hoisted tilt
+            rows = ", ".join(self._field_row(a, self.table_rows) for a in expr.args)
+            return f"F[{rows}]"
         if name.endswith(TILTED):
             # a primitive evaluated at the tilted covariance Ct of the hoisted tilt
             rows = ", ".join(self._field_row(a) for a in expr.args)
@@ -57,11 +67,12 @@ class KernelPrinter(PythonCodePrinter):
             return f"{name}({self._print(expr.args[0])})"
         return super()._print_Function(expr)
 
-    def _field_row(self, fld: sp.Indexed) -> str:
-        if not isinstance(fld, sp.Indexed) or fld.base not in FIELD_ROW:
-            raise ValueError(f"primitive argument {fld} is not a field")
+    def _field_row(self, fld: sp.Indexed, rows=None) -> str:
+        rows = FIELD_ROW if rows is None else rows
+        if not isinstance(fld, sp.Indexed) or fld.base not in rows:
+            raise ValueError(f"primitive argument {fld} is not a field (of the table)")
         (i,) = fld.indices
-        return FIELD_ROW[fld.base] + self._print(i)
+        return rows[fld.base] + self._print(i)
 
     def _print_Rational(self, expr):
         # float literals keep numba's arithmetic in float64
@@ -71,5 +82,5 @@ class KernelPrinter(PythonCodePrinter):
         return f"{int(expr)}"
 
 
-def code(expr: sp.Expr, primitive_names=()) -> str:
-    return KernelPrinter(primitive_names).doprint(expr)
+def code(expr: sp.Expr, primitive_names=(), table_rows=None) -> str:
+    return KernelPrinter(primitive_names, table_rows).doprint(expr)

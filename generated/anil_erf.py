@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 d96a76470e6bdc8c51ffd6d63633f1baea9197aa669975bb3e36891b0ffe305d
+# inputs:     sha256 62bf29816be3f437d5d59860504af18df9ce4b668f9c944dcafbd4c7eb6dada7
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 846 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "d96a76470e6bdc8c51ffd6d63633f1baea9197aa669975bb3e36891b0ffe305d"
+INPUTS_SHA256 = "62bf29816be3f437d5d59860504af18df9ce4b668f9c944dcafbd4c7eb6dada7"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -30,23 +30,50 @@ SAMPLES = ()
 
 
 # activation and its derivatives, for the per-sample gradients
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def g(z):
     return math.erf((1.0/2.0)*math.sqrt(2)*z)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def gp(z):
     return math.sqrt(2)*math.exp(-1.0/2.0*z**2)/math.sqrt(math.pi)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def gpp(z):
     return -math.sqrt(2)*z*math.exp(-1.0/2.0*z**2)/math.sqrt(math.pi)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def asin_(x):
+    """arcsin(x), by the polynomial of derive/special.py: within 2 ulp of the correctly
+    rounded value, NaN outside [-1, 1]; no branch or call numba cannot vectorise."""
+    ax = abs(x)
+    big = ax > 0.5
+    t = 0.5 * (1.0 - ax) if big else ax * ax
+    z = math.sqrt(t) if big else ax
+    p = 0.02961201126495512
+    p = p * t + -0.01924167174674304
+    p = p * t + 0.019554513336123378
+    p = p * t + 0.0030448799094556773
+    p = p * t + 0.009319560794767446
+    p = p * t + 0.009621842970100282
+    p = p * t + 0.011566459612121669
+    p = p * t + 0.01396378001220357
+    p = p * t + 0.017352816540325496
+    p = p * t + 0.02237215744350722
+    p = p * t + 0.03038194447553234
+    p = p * t + 0.044642857142551895
+    p = p * t + 0.07500000000000118
+    p = p * t + 0.16666666666666666
+    r = z + z * (t * p)
+    r = 1.5707963267948966 - 2.0 * r if big else r
+    return math.copysign(r, x)
+
+
 # Gaussian primitives, derived by derive/gaussian.py
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def E_id_g(C, a, b):
     """E[(u_a) g(u_b)] at covariance C.
 
@@ -58,7 +85,7 @@ def E_id_g(C, a, b):
     return math.sqrt(2)*C_ab/(math.sqrt(math.pi)*math.sqrt(C_bb + 1))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def I2(C, a, b):
     """E[g(u_a) g(u_b)] at covariance C.
 
@@ -70,10 +97,10 @@ def I2(C, a, b):
     C_aa = C[a, a]
     C_ab = C[a, b]
     C_bb = C[b, b]
-    return 2*math.asin(C_ab/math.sqrt(C_aa*C_bb + C_aa + C_bb + 1))/math.pi
+    return 2*asin_(C_ab/math.sqrt(C_aa*C_bb + C_aa + C_bb + 1))/math.pi
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def I2_dir(C, dC, a, b):
     """E[g(u_a) g(u_b)] at covariance C.
 
@@ -95,7 +122,7 @@ def I2_dir(C, dC, a, b):
     return dC_aa*t2*(-1.0/2.0*C_bb - 1.0/2.0) + dC_ab*t1/math.sqrt(t0) + dC_bb*t2*(-1.0/2.0*C_aa - 1.0/2.0)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def I3(C, a, b, c):
     """E[g'(u_a) (u_b) g(u_c)] at covariance C.
 
@@ -112,7 +139,7 @@ def I3(C, a, b, c):
     return 2*(-C_ab*C_ac + C_bc*t0)/(math.pi*t0**(3.0/2.0)*math.sqrt((C_aa*C_cc - C_ac**2 + C_cc + t0)/t0))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def I4(C, a, b, c, d):
     """E[g'(u_a) g'(u_b) g(u_c) g(u_d)] at covariance C.
 
@@ -140,10 +167,10 @@ def I4(C, a, b, c, d):
     t5 = -C_ab*C_ac + C_bc*t4
     t6 = -C_ac*t3 - C_bc*t5 + C_cc*t1
     t7 = -C_ad*(-C_ab*C_bd + C_ad*t0) - C_bd*(-C_ab*C_ad + C_bd*t4) + C_dd*t1
-    return 4*math.asin(t2*(-C_ad*t3 - C_bd*t5 + C_cd*t1)/math.sqrt(t2*t6 + t2*t7 + 1 + t6*t7/t1**2))/(math.pi**2*math.sqrt(t1))
+    return 4*asin_(t2*(-C_ad*t3 - C_bd*t5 + C_cd*t1)/math.sqrt(t2*t6 + t2*t7 + 1 + t6*t7/t1**2))/(math.pi**2*math.sqrt(t1))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def J2(C, a, b):
     """E[g'(u_a) g'(u_b)] at covariance C.
 
@@ -155,7 +182,7 @@ def J2(C, a, b):
     return 2/(math.pi*math.sqrt(C_aa*C_bb + C_aa - C_ab**2 + C_bb + 1))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def tilt1_all(C, K, Ct1, pref):
     """The tilt rule of derive/gaussian.py for one g' factor, on every student
     field a: Ct1[a] = C - C[:, a] C[a, :] / (w + C_aa), pref[a] = A det(1 + C_aa / w)^(-1/2)
@@ -171,11 +198,14 @@ def tilt1_all(C, K, Ct1, pref):
         pref[a] = math.sqrt(2)/math.sqrt(math.pi) / math.sqrt(s / w)
 
 
-@njit(cache=True)
-def tilt2(C, a, b, Ct):
-    """The tilt rule of derive/gaussian.py for two g' factors on fields a, b:
-    Ct = C - C[:, (a, b)] (w I + C_SS)^-1 C[(a, b), :] for every pair of fields;
-    returns the prefactor A^2 det(I + C_SS / w)^(-1/2) (g' = A exp(-z^2 / (2 w)))."""
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
+def tilt2_table(C, a, b, F, Dn, ua, ub):
+    """The tilt rule of derive/gaussian.py for two g' factors on rows a, b of C, and
+    I2 at the tilted covariance Ct = C - C[:, (a, b)] (w I + C_SS)^-1 C[(a, b), :]
+    for every pair of rows: F[r, q] = I2(Ct; r, q), written as
+    2*asin(Da*Db*x)/pi, D = 1/sqrt(C_rr + 1) (derive/codegen.py: separable_form), so that D is computed once
+    per row. Returns the prefactor A^2 det(I + C_SS / w)^(-1/2) (g' = A exp(-z^2 / (2 w))).
+    The loop over q has no branch or call: numba vectorises it."""
     w = 1
     s00 = w + C[a, a]
     s01 = C[a, b]
@@ -186,14 +216,22 @@ def tilt2(C, a, b, Ct):
     i11 = s00 / det
     n = C.shape[0]
     for r in range(n):
-        ua = i00 * C[r, a] + i01 * C[r, b]
-        ub = i01 * C[r, a] + i11 * C[r, b]
+        ua[r] = i00 * C[r, a] + i01 * C[r, b]
+        ub[r] = i01 * C[r, a] + i11 * C[r, b]
+        d = C[r, r] - (ua[r] * C[a, r] + ub[r] * C[b, r])
+        Dn[r] = 1/math.sqrt(d + 1)
+    for r in range(n):
+        xa = ua[r]
+        xb = ub[r]
+        Da = Dn[r]
         for q in range(n):
-            Ct[r, q] = C[r, q] - (ua * C[a, q] + ub * C[b, q])
+            x = C[r, q] - (xa * C[a, q] + xb * C[b, q])
+            Db = Dn[q]
+            F[r, q] = 2*asin_(Da*Db*x)/math.pi
     return 2/math.pi / math.sqrt(det / (w * w))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def covariance(y, c, p, K, M, C):
     """Fill C (K + 2 * M, K + 2 * M), the covariance of the fields, from the order parameters."""
     o = 0
@@ -249,7 +287,7 @@ def covariance(y, c, p, K, M, C):
             C[K + M + i, K + M + j] = x
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def support_matrices(y, c, p, K, M, C, Cm, Dm):
     """The inner loop's support gradient C c - D v (MODELS.md 5.3): Cm (K, K), Dm (K, M)."""
     o = 0
@@ -290,7 +328,7 @@ def support_matrices(y, c, p, K, M, C, Cm, Dm):
 
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def support_matrices_dir(y, c, p, K, M, C, dC, dCm, dDm):
     """Derivatives of Cm and Dm along the covariance perturbation dC."""
     o = 0
@@ -331,7 +369,7 @@ def support_matrices_dir(y, c, p, K, M, C, dC, dCm, dDm):
 
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _sensitivity(y, c, p, K, M, C, dC, Cm, Dm, steps, rate):
     """Forward sensitivities (dA_S, dG_S) of the inner recursion along dC:
     A <- (I - rate C) A, G <- (I - rate C) G + rate D, differentiated."""
@@ -351,7 +389,7 @@ def _sensitivity(y, c, p, K, M, C, dC, Cm, Dm, steps, rate):
     return dA, dG
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def task_moments(y, c, p, K, M, C, with_optimal=True):
     """Means (mu_*) and loadings (L_*, over xi ~ N(0, I_M)) of the task quantities
     ap, vt, aopt, ap_dQ, ap_dR, and A_S.
@@ -406,10 +444,12 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
         Gopt = np.zeros((K, M))
     mu_aopt = Gopt @ vbar
     L_aopt = spread * Gopt
-    mu_ap_dQ = np.zeros((K, K, K))
-    L_ap_dQ = np.zeros((K, K, K, M))
-    mu_ap_dR = np.zeros((K, K, M))
-    L_ap_dR = np.zeros((K, K, M, M))
+    # the sensitivities exist only when the second-order flow reads them (empty otherwise)
+    n2 = K if ((1) if (order == 2) else (0)) != 0 else 0
+    mu_ap_dQ = np.zeros((K, n2, n2))
+    L_ap_dQ = np.zeros((K, n2, n2, M))
+    mu_ap_dR = np.zeros((K, n2, M))
+    L_ap_dR = np.zeros((K, n2, M, M))
     if ((1) if (order == 2) else (0)) != 0:
         dC = np.zeros_like(C)
         for a_ in range(K):
@@ -444,7 +484,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
     return mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def rhs(y, c, p, K, M, dy):
     """dy = d(state)/d(alpha) at state y."""
     o = 0
@@ -473,7 +513,20 @@ def rhs(y, c, p, K, M, dy):
     sigma = p[9]
     C = np.empty((K + 2 * M, K + 2 * M))
     covariance(y, c, p, K, M, C)
-    Ct = np.empty_like(C)
+    # the rows of the table: the fields the tilted primitive is read at
+    Cu = np.empty((K + M, K + M))
+    rows = np.empty(K + M, np.int64)
+    for i in range(K):
+        rows[0 + i] = 0 + i
+    for i in range(M):
+        rows[K + i] = K + M + i
+    for i in range(rows.size):
+        for j in range(rows.size):
+            Cu[i, j] = C[rows[i], rows[j]]
+    F = np.empty_like(Cu)
+    Dn = np.empty(Cu.shape[0])
+    ua = np.empty(Cu.shape[0])
+    ub = np.empty(Cu.shape[0])
     Ct1 = np.empty((K, C.shape[0], C.shape[0]))
     tilt1_pref = np.empty(K)
     tilt1_all(C, K, Ct1, tilt1_pref)
@@ -481,21 +534,33 @@ def rhs(y, c, p, K, M, dy):
     S_ap__ap = (L_ap.reshape((K, M)) @ L_ap.reshape((K, M)).T).reshape(
         (K, K)
     )
-    S_ap__ap_dQ = (L_ap.reshape((K, M)) @ L_ap_dQ.reshape((K * K * K, M)).T).reshape(
-        (K, K, K, K)
-    )
-    S_ap__ap_dR = (L_ap.reshape((K, M)) @ L_ap_dR.reshape((K * K * M, M)).T).reshape(
-        (K, K, K, M)
-    )
+    if ((1) if (order == 2) else (0)) != 0:
+        S_ap__ap_dQ = (L_ap.reshape((K, M)) @ L_ap_dQ.reshape((K * K * K, M)).T).reshape(
+            (K, K, K, K)
+        )
+    else:
+        S_ap__ap_dQ = np.zeros((0, 0, 0, 0))
+    if ((1) if (order == 2) else (0)) != 0:
+        S_ap__ap_dR = (L_ap.reshape((K, M)) @ L_ap_dR.reshape((K * K * M, M)).T).reshape(
+            (K, K, K, M)
+        )
+    else:
+        S_ap__ap_dR = np.zeros((0, 0, 0, 0))
     S_ap__vt = (L_ap.reshape((K, M)) @ L_vt.reshape((M, M)).T).reshape(
         (K, M)
     )
-    S_vt__ap_dQ = (L_vt.reshape((M, M)) @ L_ap_dQ.reshape((K * K * K, M)).T).reshape(
-        (M, K, K, K)
-    )
-    S_vt__ap_dR = (L_vt.reshape((M, M)) @ L_ap_dR.reshape((K * K * M, M)).T).reshape(
-        (M, K, K, M)
-    )
+    if ((1) if (order == 2) else (0)) != 0:
+        S_vt__ap_dQ = (L_vt.reshape((M, M)) @ L_ap_dQ.reshape((K * K * K, M)).T).reshape(
+            (M, K, K, K)
+        )
+    else:
+        S_vt__ap_dQ = np.zeros((0, 0, 0, 0))
+    if ((1) if (order == 2) else (0)) != 0:
+        S_vt__ap_dR = (L_vt.reshape((M, M)) @ L_ap_dR.reshape((K * K * M, M)).T).reshape(
+            (M, K, K, M)
+        )
+    else:
+        S_vt__ap_dR = np.zeros((0, 0, 0, 0))
     S_vt__vt = (L_vt.reshape((M, M)) @ L_vt.reshape((M, M)).T).reshape(
         (M, M)
     )
@@ -505,52 +570,78 @@ def rhs(y, c, p, K, M, dy):
     o += K * K
     for k in range(K):
         for l in range(k, K):
-            tilt_pref = tilt2(C, k, l, Ct)
+            tilt_pref = tilt2_table(Cu, k, l, F, Dn, ua, ub)
             acc = 0.0
             acc += eta**2*sigma**2*tilt_pref*(S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])/n_q
+            s0 = 0.0
+            s1 = 0.0
             for j0 in range(K):
-                acc += -eta*(S_ap__ap[j0, k] + mu_ap[j0]*mu_ap[k])*E_id_g(Ct1[k], l, j0)*tilt1_pref[k]
-                acc += -eta*(S_ap__ap[j0, l] + mu_ap[j0]*mu_ap[l])*E_id_g(Ct1[l], k, j0)*tilt1_pref[l]
+                s0 += (S_ap__ap[j0, k] + mu_ap[j0]*mu_ap[k])*E_id_g(Ct1[k], l, j0)
+                s1 += (S_ap__ap[j0, l] + mu_ap[j0]*mu_ap[l])*E_id_g(Ct1[l], k, j0)
+            acc += -eta*tilt1_pref[k] * s0
+            acc += -eta*tilt1_pref[l] * s1
+            s0 = 0.0
+            s1 = 0.0
             for m0 in range(M):
-                acc += eta*(S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*E_id_g(Ct1[k], l, K + M + m0)*tilt1_pref[k]
-                acc += eta*(S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*E_id_g(Ct1[l], k, K + M + m0)*tilt1_pref[l]
+                s0 += (S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*E_id_g(Ct1[k], l, K + M + m0)
+                s1 += (S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*E_id_g(Ct1[l], k, K + M + m0)
+            acc += eta*tilt1_pref[k] * s0
+            acc += eta*tilt1_pref[l] * s1
             if ((order == 2)):
+                s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
-                        acc += -eta*((S_ap__ap_dQ[j0, j1, k, k] + mu_ap[j0]*mu_ap_dQ[j1, k, k])*Q[k, l] + (S_ap__ap_dQ[j0, j1, l, l] + mu_ap[j0]*mu_ap_dQ[j1, l, l])*Q[l, k])*I2(C, j0, j1)
+                        s0 += ((S_ap__ap_dQ[j0, j1, k, k] + mu_ap[j0]*mu_ap_dQ[j1, k, k])*Q[k, l] + (S_ap__ap_dQ[j0, j1, l, l] + mu_ap[j0]*mu_ap_dQ[j1, l, l])*Q[l, k])*I2(C, j0, j1)
+                acc += -eta * s0
+            s0 = 0.0
             for j0 in range(K):
                 for j1 in range(K):
-                    acc += eta**2*tilt_pref*((S_ap__ap[j1, k] + mu_ap[j1]*mu_ap[k])*S_ap__ap[j0, l] + (S_ap__ap[j1, l] + mu_ap[j1]*mu_ap[l])*S_ap__ap[j0, k] + (S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*S_ap__ap[j0, j1] + ((S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*mu_ap[j1] + S_ap__ap[j1, k]*mu_ap[l] + S_ap__ap[j1, l]*mu_ap[k])*mu_ap[j0])*I2(Ct, j0, j1)/n_q
+                    s0 += ((S_ap__ap[j1, k] + mu_ap[j1]*mu_ap[k])*S_ap__ap[j0, l] + (S_ap__ap[j1, l] + mu_ap[j1]*mu_ap[l])*S_ap__ap[j0, k] + (S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*S_ap__ap[j0, j1] + ((S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*mu_ap[j1] + S_ap__ap[j1, k]*mu_ap[l] + S_ap__ap[j1, l]*mu_ap[k])*mu_ap[j0])*F[j0, j1]
+            acc += eta**2*tilt_pref/n_q * s0
             if ((order == 2)):
+                s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
-                        acc += eta*((S_vt__ap_dQ[m0, j0, k, k] + mu_ap_dQ[j0, k, k]*mu_vt[m0])*Q[k, l] + (S_vt__ap_dQ[m0, j0, l, l] + mu_ap_dQ[j0, l, l]*mu_vt[m0])*Q[l, k])*I2(C, j0, K + M + m0)
+                        s0 += ((S_vt__ap_dQ[m0, j0, k, k] + mu_ap_dQ[j0, k, k]*mu_vt[m0])*Q[k, l] + (S_vt__ap_dQ[m0, j0, l, l] + mu_ap_dQ[j0, l, l]*mu_vt[m0])*Q[l, k])*I2(C, j0, K + M + m0)
+                acc += eta * s0
+            s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    acc += -2*eta**2*tilt_pref*((S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*S_ap__vt[j0, m0] + (S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*S_ap__ap[j0, l] + (S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*S_ap__ap[j0, k] + ((S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*mu_ap[k] + S_ap__ap[k, l]*mu_vt[m0] + S_ap__vt[k, m0]*mu_ap[l])*mu_ap[j0])*I2(Ct, j0, K + M + m0)/n_q
+                    s0 += ((S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*S_ap__vt[j0, m0] + (S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*S_ap__ap[j0, l] + (S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*S_ap__ap[j0, k] + ((S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*mu_ap[k] + S_ap__ap[k, l]*mu_vt[m0] + S_ap__vt[k, m0]*mu_ap[l])*mu_ap[j0])*F[j0, K + m0]
+            acc += -2*eta**2*tilt_pref/n_q * s0
+            s0 = 0.0
             for m0 in range(M):
                 for m1 in range(M):
-                    acc += eta**2*tilt_pref*((S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*S_ap__vt[k, m1] + (S_ap__vt[l, m1] + mu_ap[l]*mu_vt[m1])*S_ap__vt[k, m0] + (S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*S_ap__ap[k, l] + ((S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*mu_ap[l] + S_ap__vt[l, m0]*mu_vt[m1] + S_ap__vt[l, m1]*mu_vt[m0])*mu_ap[k])*I2(Ct, K + M + m0, K + M + m1)/n_q
+                    s0 += ((S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*S_ap__vt[k, m1] + (S_ap__vt[l, m1] + mu_ap[l]*mu_vt[m1])*S_ap__vt[k, m0] + (S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*S_ap__ap[k, l] + ((S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*mu_ap[l] + S_ap__vt[l, m0]*mu_vt[m1] + S_ap__vt[l, m1]*mu_vt[m0])*mu_ap[k])*F[K + m0, K + m1]
+            acc += eta**2*tilt_pref/n_q * s0
             if ((order == 2)):
+                s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
                         for j2 in range(K):
-                            acc += -eta*((S_ap__ap_dQ[j0, j1, k, j2] + mu_ap[j0]*mu_ap_dQ[j1, k, j2])*Q[j2, l] + (S_ap__ap_dQ[j0, j1, l, j2] + mu_ap[j0]*mu_ap_dQ[j1, l, j2])*Q[j2, k])*I2(C, j0, j1)
+                            s0 += ((S_ap__ap_dQ[j0, j1, k, j2] + mu_ap[j0]*mu_ap_dQ[j1, k, j2])*Q[j2, l] + (S_ap__ap_dQ[j0, j1, l, j2] + mu_ap[j0]*mu_ap_dQ[j1, l, j2])*Q[j2, k])*I2(C, j0, j1)
+                acc += -eta * s0
             if ((order == 2)):
+                s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
                         for m0 in range(M):
-                            acc += -eta*((S_ap__ap_dR[j0, j1, k, m0] + mu_ap[j0]*mu_ap_dR[j1, k, m0])*R[l, m0] + (S_ap__ap_dR[j0, j1, l, m0] + mu_ap[j0]*mu_ap_dR[j1, l, m0])*R[k, m0])*I2(C, j0, j1)
+                            s0 += ((S_ap__ap_dR[j0, j1, k, m0] + mu_ap[j0]*mu_ap_dR[j1, k, m0])*R[l, m0] + (S_ap__ap_dR[j0, j1, l, m0] + mu_ap[j0]*mu_ap_dR[j1, l, m0])*R[k, m0])*I2(C, j0, j1)
+                acc += -eta * s0
             if ((order == 2)):
+                s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
                         for j1 in range(K):
-                            acc += eta*((S_vt__ap_dQ[m0, j0, k, j1] + mu_ap_dQ[j0, k, j1]*mu_vt[m0])*Q[j1, l] + (S_vt__ap_dQ[m0, j0, l, j1] + mu_ap_dQ[j0, l, j1]*mu_vt[m0])*Q[j1, k])*I2(C, j0, K + M + m0)
+                            s0 += ((S_vt__ap_dQ[m0, j0, k, j1] + mu_ap_dQ[j0, k, j1]*mu_vt[m0])*Q[j1, l] + (S_vt__ap_dQ[m0, j0, l, j1] + mu_ap_dQ[j0, l, j1]*mu_vt[m0])*Q[j1, k])*I2(C, j0, K + M + m0)
+                acc += eta * s0
             if ((order == 2)):
+                s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
                         for m1 in range(M):
-                            acc += eta*((S_vt__ap_dR[m0, j0, k, m1] + mu_ap_dR[j0, k, m1]*mu_vt[m0])*R[l, m1] + (S_vt__ap_dR[m0, j0, l, m1] + mu_ap_dR[j0, l, m1]*mu_vt[m0])*R[k, m1])*I2(C, j0, K + M + m0)
+                            s0 += ((S_vt__ap_dR[m0, j0, k, m1] + mu_ap_dR[j0, k, m1]*mu_vt[m0])*R[l, m1] + (S_vt__ap_dR[m0, j0, l, m1] + mu_ap_dR[j0, l, m1]*mu_vt[m0])*R[k, m1])*I2(C, j0, K + M + m0)
+                acc += eta * s0
             dQ[k, l] = acc
             dQ[l, k] = acc
     dR = dy[o : o + K * M].reshape((K, M))
@@ -558,59 +649,83 @@ def rhs(y, c, p, K, M, dy):
     for k in range(K):
         for n in range(M):
             acc = 0.0
+            s0 = 0.0
             for j0 in range(K):
-                acc += -eta*(S_ap__ap[j0, k] + mu_ap[j0]*mu_ap[k])*E_id_g(Ct1[k], K + n, j0)*tilt1_pref[k]
+                s0 += (S_ap__ap[j0, k] + mu_ap[j0]*mu_ap[k])*E_id_g(Ct1[k], K + n, j0)
+            acc += -eta*tilt1_pref[k] * s0
+            s0 = 0.0
             for m0 in range(M):
-                acc += eta*(S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*E_id_g(Ct1[k], K + n, K + M + m0)*tilt1_pref[k]
+                s0 += (S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*E_id_g(Ct1[k], K + n, K + M + m0)
+            acc += eta*tilt1_pref[k] * s0
             if ((order == 2)):
+                s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
-                        acc += -eta*(S_ap__ap_dQ[j1, j0, k, k] + mu_ap[j1]*mu_ap_dQ[j0, k, k])*I2(C, j0, j1)*R[k, n]
+                        s0 += (S_ap__ap_dQ[j1, j0, k, k] + mu_ap[j1]*mu_ap_dQ[j0, k, k])*I2(C, j0, j1)
+                acc += -eta*R[k, n] * s0
             if ((order == 2)):
+                s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
-                        acc += eta*(S_vt__ap_dQ[m0, j0, k, k] + mu_ap_dQ[j0, k, k]*mu_vt[m0])*I2(C, j0, K + M + m0)*R[k, n]
+                        s0 += (S_vt__ap_dQ[m0, j0, k, k] + mu_ap_dQ[j0, k, k]*mu_vt[m0])*I2(C, j0, K + M + m0)
+                acc += eta*R[k, n] * s0
             if ((order == 2)):
+                s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
                         for j2 in range(K):
-                            acc += -eta*(S_ap__ap_dQ[j1, j0, k, j2] + mu_ap[j1]*mu_ap_dQ[j0, k, j2])*I2(C, j0, j1)*R[j2, n]
+                            s0 += (S_ap__ap_dQ[j1, j0, k, j2] + mu_ap[j1]*mu_ap_dQ[j0, k, j2])*I2(C, j0, j1)*R[j2, n]
+                acc += -eta * s0
             if ((order == 2)):
+                s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
                         for m0 in range(M):
-                            acc += -eta*(S_ap__ap_dR[j1, j0, k, m0] + mu_ap[j1]*mu_ap_dR[j0, k, m0])*I2(C, j0, j1)*T[m0, n]
+                            s0 += (S_ap__ap_dR[j1, j0, k, m0] + mu_ap[j1]*mu_ap_dR[j0, k, m0])*I2(C, j0, j1)*T[m0, n]
+                acc += -eta * s0
             if ((order == 2)):
+                s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
                         for j1 in range(K):
-                            acc += eta*(S_vt__ap_dQ[m0, j0, k, j1] + mu_ap_dQ[j0, k, j1]*mu_vt[m0])*I2(C, j0, K + M + m0)*R[j1, n]
+                            s0 += (S_vt__ap_dQ[m0, j0, k, j1] + mu_ap_dQ[j0, k, j1]*mu_vt[m0])*I2(C, j0, K + M + m0)*R[j1, n]
+                acc += eta * s0
             if ((order == 2)):
+                s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
                         for m1 in range(M):
-                            acc += eta*(S_vt__ap_dR[m0, j0, k, m1] + mu_ap_dR[j0, k, m1]*mu_vt[m0])*I2(C, j0, K + M + m0)*T[m1, n]
+                            s0 += (S_vt__ap_dR[m0, j0, k, m1] + mu_ap_dR[j0, k, m1]*mu_vt[m0])*I2(C, j0, K + M + m0)*T[m1, n]
+                acc += eta * s0
             dR[k, n] = acc
     da = dy[o : o + K]
     o += K
     for k in range(K):
         acc = 0.0
+        s0 = 0.0
         for j0 in range(K):
-            acc += eta_a*(((1) if (order == 2) else (0)) - 1)*I2(C, j0, k)*mu_ap[j0]
+            s0 += I2(C, j0, k)*mu_ap[j0]
+        acc += eta_a*(((1) if (order == 2) else (0)) - 1) * s0
+        s0 = 0.0
         for m0 in range(M):
-            acc += eta_a*(1 - ((1) if (order == 2) else (0)))*I2(C, k, K + M + m0)*mu_vt[m0]
+            s0 += I2(C, k, K + M + m0)*mu_vt[m0]
+        acc += eta_a*(1 - ((1) if (order == 2) else (0))) * s0
         if ((order == 2)):
+            s0 = 0.0
             for j0 in range(K):
                 for j1 in range(K):
-                    acc += -eta_a*I2(C, j0, j1)*A_S[j1, k]*mu_ap[j0]
+                    s0 += I2(C, j0, j1)*A_S[j1, k]*mu_ap[j0]
+            acc += -eta_a * s0
         if ((order == 2)):
+            s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    acc += eta_a*I2(C, j0, K + M + m0)*A_S[j0, k]*mu_vt[m0]
+                    s0 += I2(C, j0, K + M + m0)*A_S[j0, k]*mu_vt[m0]
+            acc += eta_a * s0
         da[k] = acc
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def metrics(y, c, p, K, M, out):
     """out[i] = METRICS[i] at state y."""
     o = 0
@@ -657,41 +772,61 @@ def metrics(y, c, p, K, M, out):
     )
 
     acc = 0.0
+    s0 = 0.0
+    d0 = 0.0
     for j0 in range(K):
-        for j1 in range(j0, K):
-            acc += (1.0 if j0 == j1 else 2.0) * ((1.0/2.0)*I2(C, j0, j1)*a[j0]*a[j1])
+        d0 += I2(C, j0, j0)*a[j0]**2
+        for j1 in range(j0 + 1, K):
+            s0 += I2(C, j0, j1)*a[j0]*a[j1]
+    acc += 1.0/2.0 * (d0 + 2.0 * s0)
+    s0 = 0.0
     for j0 in range(K):
         for m0 in range(M):
-            acc += -I2(C, j0, K + M + m0)*a[j0]*mu_vt[m0]
+            s0 += I2(C, j0, K + M + m0)*a[j0]*mu_vt[m0]
+    acc += -1 * s0
+    s0 = 0.0
     for m0 in range(M):
         for m1 in range(M):
-            acc += (1.0/2.0)*(S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*I2(C, K + M + m0, K + M + m1)
+            s0 += (S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*I2(C, K + M + m0, K + M + m1)
+    acc += 1.0/2.0 * s0
     out[0] = acc
     acc = 0.0
+    s0 = 0.0
     for j0 in range(K):
         for j1 in range(K):
-            acc += (1.0/2.0)*(S_ap__ap[j0, j1] + mu_ap[j0]*mu_ap[j1])*I2(C, j0, j1)
+            s0 += (S_ap__ap[j0, j1] + mu_ap[j0]*mu_ap[j1])*I2(C, j0, j1)
+    acc += 1.0/2.0 * s0
+    s0 = 0.0
     for j0 in range(K):
         for m0 in range(M):
-            acc += -(S_ap__vt[j0, m0] + mu_ap[j0]*mu_vt[m0])*I2(C, j0, K + M + m0)
+            s0 += (S_ap__vt[j0, m0] + mu_ap[j0]*mu_vt[m0])*I2(C, j0, K + M + m0)
+    acc += -1 * s0
+    s0 = 0.0
     for m0 in range(M):
         for m1 in range(M):
-            acc += (1.0/2.0)*(S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*I2(C, K + M + m0, K + M + m1)
+            s0 += (S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*I2(C, K + M + m0, K + M + m1)
+    acc += 1.0/2.0 * s0
     out[1] = acc
     acc = 0.0
+    s0 = 0.0
     for j0 in range(K):
         for j1 in range(K):
-            acc += (1.0/2.0)*(S_aopt__aopt[j0, j1] + mu_aopt[j0]*mu_aopt[j1])*I2(C, j0, j1)
+            s0 += (S_aopt__aopt[j0, j1] + mu_aopt[j0]*mu_aopt[j1])*I2(C, j0, j1)
+    acc += 1.0/2.0 * s0
+    s0 = 0.0
     for j0 in range(K):
         for m0 in range(M):
-            acc += -(S_vt__aopt[m0, j0] + mu_aopt[j0]*mu_vt[m0])*I2(C, j0, K + M + m0)
+            s0 += (S_vt__aopt[m0, j0] + mu_aopt[j0]*mu_vt[m0])*I2(C, j0, K + M + m0)
+    acc += -1 * s0
+    s0 = 0.0
     for m0 in range(M):
         for m1 in range(M):
-            acc += (1.0/2.0)*(S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*I2(C, K + M + m0, K + M + m1)
+            s0 += (S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*I2(C, K + M + m0, K + M + m1)
+    acc += 1.0/2.0 * s0
     out[2] = acc
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def run_euler(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     """Euler steps y <- y + dt * rhs(y) in place; every `record_every` steps the
     state is written to traj[first_record + 1 + i]. Returns -1, or the number of
@@ -708,7 +843,7 @@ def run_euler(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     return -1
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def run_rk4(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     """Classical fourth-order Runge-Kutta steps, recorded as in run_euler."""
     k1 = np.empty_like(y)

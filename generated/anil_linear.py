@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 65fbeecd522709c2621c0ffc9ee7e2537e8d6156fabf5ad5572579142816089f
+# inputs:     sha256 5ef54a3ad88e118329697e21fbc91d282227d4a981e4fe20aa0180944c4c5860
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 579 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "65fbeecd522709c2621c0ffc9ee7e2537e8d6156fabf5ad5572579142816089f"
+INPUTS_SHA256 = "5ef54a3ad88e118329697e21fbc91d282227d4a981e4fe20aa0180944c4c5860"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -30,23 +30,23 @@ SAMPLES = ()
 
 
 # activation and its derivatives, for the per-sample gradients
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def g(z):
     return z
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def gp(z):
     return 1
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def gpp(z):
     return 0
 
 
 # Gaussian primitives, derived by derive/gaussian.py
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def I2(C, a, b):
     """E[g(u_a) g(u_b)] at covariance C.
 
@@ -56,7 +56,7 @@ def I2(C, a, b):
     return C_ab
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def I2_dir(C, dC, a, b):
     """E[g(u_a) g(u_b)] at covariance C.
 
@@ -67,7 +67,7 @@ def I2_dir(C, dC, a, b):
     return dC_ab
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def I3(C, a, b, c):
     """E[g'(u_a) (u_b) g(u_c)] at covariance C.
 
@@ -77,7 +77,7 @@ def I3(C, a, b, c):
     return C_bc
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def I4(C, a, b, c, d):
     """E[g'(u_a) g'(u_b) g(u_c) g(u_d)] at covariance C.
 
@@ -87,7 +87,7 @@ def I4(C, a, b, c, d):
     return C_cd
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def covariance(y, c, p, K, M, C):
     """Fill C (K + 2 * M, K + 2 * M), the covariance of the fields, from the order parameters."""
     o = 0
@@ -143,7 +143,7 @@ def covariance(y, c, p, K, M, C):
             C[K + M + i, K + M + j] = x
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def support_matrices(y, c, p, K, M, C, Cm, Dm):
     """The inner loop's support gradient C c - D v (MODELS.md 5.3): Cm (K, K), Dm (K, M)."""
     o = 0
@@ -184,7 +184,7 @@ def support_matrices(y, c, p, K, M, C, Cm, Dm):
 
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def support_matrices_dir(y, c, p, K, M, C, dC, dCm, dDm):
     """Derivatives of Cm and Dm along the covariance perturbation dC."""
     o = 0
@@ -225,7 +225,7 @@ def support_matrices_dir(y, c, p, K, M, C, dC, dCm, dDm):
 
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _sensitivity(y, c, p, K, M, C, dC, Cm, Dm, steps, rate):
     """Forward sensitivities (dA_S, dG_S) of the inner recursion along dC:
     A <- (I - rate C) A, G <- (I - rate C) G + rate D, differentiated."""
@@ -245,7 +245,7 @@ def _sensitivity(y, c, p, K, M, C, dC, Cm, Dm, steps, rate):
     return dA, dG
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def task_moments(y, c, p, K, M, C, with_optimal=True):
     """Means (mu_*) and loadings (L_*, over xi ~ N(0, I_M)) of the task quantities
     ap, vt, aopt, ap_dQ, ap_dR, and A_S.
@@ -300,10 +300,12 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
         Gopt = np.zeros((K, M))
     mu_aopt = Gopt @ vbar
     L_aopt = spread * Gopt
-    mu_ap_dQ = np.zeros((K, K, K))
-    L_ap_dQ = np.zeros((K, K, K, M))
-    mu_ap_dR = np.zeros((K, K, M))
-    L_ap_dR = np.zeros((K, K, M, M))
+    # the sensitivities exist only when the second-order flow reads them (empty otherwise)
+    n2 = K if ((1) if (order == 2) else (0)) != 0 else 0
+    mu_ap_dQ = np.zeros((K, n2, n2))
+    L_ap_dQ = np.zeros((K, n2, n2, M))
+    mu_ap_dR = np.zeros((K, n2, M))
+    L_ap_dR = np.zeros((K, n2, M, M))
     if ((1) if (order == 2) else (0)) != 0:
         dC = np.zeros_like(C)
         for a_ in range(K):
@@ -338,7 +340,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
     return mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def rhs(y, c, p, K, M, dy):
     """dy = d(state)/d(alpha) at state y."""
     o = 0
@@ -371,21 +373,33 @@ def rhs(y, c, p, K, M, dy):
     S_ap__ap = (L_ap.reshape((K, M)) @ L_ap.reshape((K, M)).T).reshape(
         (K, K)
     )
-    S_ap__ap_dQ = (L_ap.reshape((K, M)) @ L_ap_dQ.reshape((K * K * K, M)).T).reshape(
-        (K, K, K, K)
-    )
-    S_ap__ap_dR = (L_ap.reshape((K, M)) @ L_ap_dR.reshape((K * K * M, M)).T).reshape(
-        (K, K, K, M)
-    )
+    if ((1) if (order == 2) else (0)) != 0:
+        S_ap__ap_dQ = (L_ap.reshape((K, M)) @ L_ap_dQ.reshape((K * K * K, M)).T).reshape(
+            (K, K, K, K)
+        )
+    else:
+        S_ap__ap_dQ = np.zeros((0, 0, 0, 0))
+    if ((1) if (order == 2) else (0)) != 0:
+        S_ap__ap_dR = (L_ap.reshape((K, M)) @ L_ap_dR.reshape((K * K * M, M)).T).reshape(
+            (K, K, K, M)
+        )
+    else:
+        S_ap__ap_dR = np.zeros((0, 0, 0, 0))
     S_ap__vt = (L_ap.reshape((K, M)) @ L_vt.reshape((M, M)).T).reshape(
         (K, M)
     )
-    S_vt__ap_dQ = (L_vt.reshape((M, M)) @ L_ap_dQ.reshape((K * K * K, M)).T).reshape(
-        (M, K, K, K)
-    )
-    S_vt__ap_dR = (L_vt.reshape((M, M)) @ L_ap_dR.reshape((K * K * M, M)).T).reshape(
-        (M, K, K, M)
-    )
+    if ((1) if (order == 2) else (0)) != 0:
+        S_vt__ap_dQ = (L_vt.reshape((M, M)) @ L_ap_dQ.reshape((K * K * K, M)).T).reshape(
+            (M, K, K, K)
+        )
+    else:
+        S_vt__ap_dQ = np.zeros((0, 0, 0, 0))
+    if ((1) if (order == 2) else (0)) != 0:
+        S_vt__ap_dR = (L_vt.reshape((M, M)) @ L_ap_dR.reshape((K * K * M, M)).T).reshape(
+            (M, K, K, M)
+        )
+    else:
+        S_vt__ap_dR = np.zeros((0, 0, 0, 0))
     S_vt__vt = (L_vt.reshape((M, M)) @ L_vt.reshape((M, M)).T).reshape(
         (M, M)
     )
@@ -397,49 +411,75 @@ def rhs(y, c, p, K, M, dy):
         for l in range(k, K):
             acc = 0.0
             acc += eta**2*sigma**2*(S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])/n_q
+            s0 = 0.0
+            s1 = 0.0
             for j0 in range(K):
-                acc += -eta*(S_ap__ap[j0, k] + mu_ap[j0]*mu_ap[k])*I3(C, k, l, j0)
-                acc += -eta*(S_ap__ap[j0, l] + mu_ap[j0]*mu_ap[l])*I3(C, l, k, j0)
+                s0 += (S_ap__ap[j0, k] + mu_ap[j0]*mu_ap[k])*I3(C, k, l, j0)
+                s1 += (S_ap__ap[j0, l] + mu_ap[j0]*mu_ap[l])*I3(C, l, k, j0)
+            acc += -eta * s0
+            acc += -eta * s1
+            s0 = 0.0
+            s1 = 0.0
             for m0 in range(M):
-                acc += eta*(S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*I3(C, k, l, K + M + m0)
-                acc += eta*(S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*I3(C, l, k, K + M + m0)
+                s0 += (S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*I3(C, k, l, K + M + m0)
+                s1 += (S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*I3(C, l, k, K + M + m0)
+            acc += eta * s0
+            acc += eta * s1
             if ((order == 2)):
+                s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
-                        acc += -eta*((S_ap__ap_dQ[j0, j1, k, k] + mu_ap[j0]*mu_ap_dQ[j1, k, k])*Q[k, l] + (S_ap__ap_dQ[j0, j1, l, l] + mu_ap[j0]*mu_ap_dQ[j1, l, l])*Q[l, k])*I2(C, j0, j1)
+                        s0 += ((S_ap__ap_dQ[j0, j1, k, k] + mu_ap[j0]*mu_ap_dQ[j1, k, k])*Q[k, l] + (S_ap__ap_dQ[j0, j1, l, l] + mu_ap[j0]*mu_ap_dQ[j1, l, l])*Q[l, k])*I2(C, j0, j1)
+                acc += -eta * s0
+            s0 = 0.0
             for j0 in range(K):
                 for j1 in range(K):
-                    acc += eta**2*((S_ap__ap[j1, k] + mu_ap[j1]*mu_ap[k])*S_ap__ap[j0, l] + (S_ap__ap[j1, l] + mu_ap[j1]*mu_ap[l])*S_ap__ap[j0, k] + (S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*S_ap__ap[j0, j1] + ((S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*mu_ap[j1] + S_ap__ap[j1, k]*mu_ap[l] + S_ap__ap[j1, l]*mu_ap[k])*mu_ap[j0])*I4(C, k, l, j0, j1)/n_q
+                    s0 += ((S_ap__ap[j1, k] + mu_ap[j1]*mu_ap[k])*S_ap__ap[j0, l] + (S_ap__ap[j1, l] + mu_ap[j1]*mu_ap[l])*S_ap__ap[j0, k] + (S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*S_ap__ap[j0, j1] + ((S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*mu_ap[j1] + S_ap__ap[j1, k]*mu_ap[l] + S_ap__ap[j1, l]*mu_ap[k])*mu_ap[j0])*I4(C, k, l, j0, j1)
+            acc += eta**2/n_q * s0
             if ((order == 2)):
+                s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
-                        acc += eta*((S_vt__ap_dQ[m0, j0, k, k] + mu_ap_dQ[j0, k, k]*mu_vt[m0])*Q[k, l] + (S_vt__ap_dQ[m0, j0, l, l] + mu_ap_dQ[j0, l, l]*mu_vt[m0])*Q[l, k])*I2(C, j0, K + M + m0)
+                        s0 += ((S_vt__ap_dQ[m0, j0, k, k] + mu_ap_dQ[j0, k, k]*mu_vt[m0])*Q[k, l] + (S_vt__ap_dQ[m0, j0, l, l] + mu_ap_dQ[j0, l, l]*mu_vt[m0])*Q[l, k])*I2(C, j0, K + M + m0)
+                acc += eta * s0
+            s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    acc += -2*eta**2*((S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*S_ap__vt[j0, m0] + (S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*S_ap__ap[j0, l] + (S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*S_ap__ap[j0, k] + ((S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*mu_ap[k] + S_ap__ap[k, l]*mu_vt[m0] + S_ap__vt[k, m0]*mu_ap[l])*mu_ap[j0])*I4(C, k, l, j0, K + M + m0)/n_q
+                    s0 += ((S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*S_ap__vt[j0, m0] + (S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*S_ap__ap[j0, l] + (S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*S_ap__ap[j0, k] + ((S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*mu_ap[k] + S_ap__ap[k, l]*mu_vt[m0] + S_ap__vt[k, m0]*mu_ap[l])*mu_ap[j0])*I4(C, k, l, j0, K + M + m0)
+            acc += -2*eta**2/n_q * s0
+            s0 = 0.0
             for m0 in range(M):
                 for m1 in range(M):
-                    acc += eta**2*((S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*S_ap__vt[k, m1] + (S_ap__vt[l, m1] + mu_ap[l]*mu_vt[m1])*S_ap__vt[k, m0] + (S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*S_ap__ap[k, l] + ((S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*mu_ap[l] + S_ap__vt[l, m0]*mu_vt[m1] + S_ap__vt[l, m1]*mu_vt[m0])*mu_ap[k])*I4(C, k, l, K + M + m0, K + M + m1)/n_q
+                    s0 += ((S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*S_ap__vt[k, m1] + (S_ap__vt[l, m1] + mu_ap[l]*mu_vt[m1])*S_ap__vt[k, m0] + (S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*S_ap__ap[k, l] + ((S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*mu_ap[l] + S_ap__vt[l, m0]*mu_vt[m1] + S_ap__vt[l, m1]*mu_vt[m0])*mu_ap[k])*I4(C, k, l, K + M + m0, K + M + m1)
+            acc += eta**2/n_q * s0
             if ((order == 2)):
+                s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
                         for j2 in range(K):
-                            acc += -eta*((S_ap__ap_dQ[j0, j1, k, j2] + mu_ap[j0]*mu_ap_dQ[j1, k, j2])*Q[j2, l] + (S_ap__ap_dQ[j0, j1, l, j2] + mu_ap[j0]*mu_ap_dQ[j1, l, j2])*Q[j2, k])*I2(C, j0, j1)
+                            s0 += ((S_ap__ap_dQ[j0, j1, k, j2] + mu_ap[j0]*mu_ap_dQ[j1, k, j2])*Q[j2, l] + (S_ap__ap_dQ[j0, j1, l, j2] + mu_ap[j0]*mu_ap_dQ[j1, l, j2])*Q[j2, k])*I2(C, j0, j1)
+                acc += -eta * s0
             if ((order == 2)):
+                s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
                         for m0 in range(M):
-                            acc += -eta*((S_ap__ap_dR[j0, j1, k, m0] + mu_ap[j0]*mu_ap_dR[j1, k, m0])*R[l, m0] + (S_ap__ap_dR[j0, j1, l, m0] + mu_ap[j0]*mu_ap_dR[j1, l, m0])*R[k, m0])*I2(C, j0, j1)
+                            s0 += ((S_ap__ap_dR[j0, j1, k, m0] + mu_ap[j0]*mu_ap_dR[j1, k, m0])*R[l, m0] + (S_ap__ap_dR[j0, j1, l, m0] + mu_ap[j0]*mu_ap_dR[j1, l, m0])*R[k, m0])*I2(C, j0, j1)
+                acc += -eta * s0
             if ((order == 2)):
+                s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
                         for j1 in range(K):
-                            acc += eta*((S_vt__ap_dQ[m0, j0, k, j1] + mu_ap_dQ[j0, k, j1]*mu_vt[m0])*Q[j1, l] + (S_vt__ap_dQ[m0, j0, l, j1] + mu_ap_dQ[j0, l, j1]*mu_vt[m0])*Q[j1, k])*I2(C, j0, K + M + m0)
+                            s0 += ((S_vt__ap_dQ[m0, j0, k, j1] + mu_ap_dQ[j0, k, j1]*mu_vt[m0])*Q[j1, l] + (S_vt__ap_dQ[m0, j0, l, j1] + mu_ap_dQ[j0, l, j1]*mu_vt[m0])*Q[j1, k])*I2(C, j0, K + M + m0)
+                acc += eta * s0
             if ((order == 2)):
+                s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
                         for m1 in range(M):
-                            acc += eta*((S_vt__ap_dR[m0, j0, k, m1] + mu_ap_dR[j0, k, m1]*mu_vt[m0])*R[l, m1] + (S_vt__ap_dR[m0, j0, l, m1] + mu_ap_dR[j0, l, m1]*mu_vt[m0])*R[k, m1])*I2(C, j0, K + M + m0)
+                            s0 += ((S_vt__ap_dR[m0, j0, k, m1] + mu_ap_dR[j0, k, m1]*mu_vt[m0])*R[l, m1] + (S_vt__ap_dR[m0, j0, l, m1] + mu_ap_dR[j0, l, m1]*mu_vt[m0])*R[k, m1])*I2(C, j0, K + M + m0)
+                acc += eta * s0
             dQ[k, l] = acc
             dQ[l, k] = acc
     dR = dy[o : o + K * M].reshape((K, M))
@@ -447,59 +487,83 @@ def rhs(y, c, p, K, M, dy):
     for k in range(K):
         for n in range(M):
             acc = 0.0
+            s0 = 0.0
             for j0 in range(K):
-                acc += -eta*(S_ap__ap[j0, k] + mu_ap[j0]*mu_ap[k])*I3(C, k, K + n, j0)
+                s0 += (S_ap__ap[j0, k] + mu_ap[j0]*mu_ap[k])*I3(C, k, K + n, j0)
+            acc += -eta * s0
+            s0 = 0.0
             for m0 in range(M):
-                acc += eta*(S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*I3(C, k, K + n, K + M + m0)
+                s0 += (S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*I3(C, k, K + n, K + M + m0)
+            acc += eta * s0
             if ((order == 2)):
+                s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
-                        acc += -eta*(S_ap__ap_dQ[j1, j0, k, k] + mu_ap[j1]*mu_ap_dQ[j0, k, k])*I2(C, j0, j1)*R[k, n]
+                        s0 += (S_ap__ap_dQ[j1, j0, k, k] + mu_ap[j1]*mu_ap_dQ[j0, k, k])*I2(C, j0, j1)
+                acc += -eta*R[k, n] * s0
             if ((order == 2)):
+                s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
-                        acc += eta*(S_vt__ap_dQ[m0, j0, k, k] + mu_ap_dQ[j0, k, k]*mu_vt[m0])*I2(C, j0, K + M + m0)*R[k, n]
+                        s0 += (S_vt__ap_dQ[m0, j0, k, k] + mu_ap_dQ[j0, k, k]*mu_vt[m0])*I2(C, j0, K + M + m0)
+                acc += eta*R[k, n] * s0
             if ((order == 2)):
+                s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
                         for j2 in range(K):
-                            acc += -eta*(S_ap__ap_dQ[j1, j0, k, j2] + mu_ap[j1]*mu_ap_dQ[j0, k, j2])*I2(C, j0, j1)*R[j2, n]
+                            s0 += (S_ap__ap_dQ[j1, j0, k, j2] + mu_ap[j1]*mu_ap_dQ[j0, k, j2])*I2(C, j0, j1)*R[j2, n]
+                acc += -eta * s0
             if ((order == 2)):
+                s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
                         for m0 in range(M):
-                            acc += -eta*(S_ap__ap_dR[j1, j0, k, m0] + mu_ap[j1]*mu_ap_dR[j0, k, m0])*I2(C, j0, j1)*T[m0, n]
+                            s0 += (S_ap__ap_dR[j1, j0, k, m0] + mu_ap[j1]*mu_ap_dR[j0, k, m0])*I2(C, j0, j1)*T[m0, n]
+                acc += -eta * s0
             if ((order == 2)):
+                s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
                         for j1 in range(K):
-                            acc += eta*(S_vt__ap_dQ[m0, j0, k, j1] + mu_ap_dQ[j0, k, j1]*mu_vt[m0])*I2(C, j0, K + M + m0)*R[j1, n]
+                            s0 += (S_vt__ap_dQ[m0, j0, k, j1] + mu_ap_dQ[j0, k, j1]*mu_vt[m0])*I2(C, j0, K + M + m0)*R[j1, n]
+                acc += eta * s0
             if ((order == 2)):
+                s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
                         for m1 in range(M):
-                            acc += eta*(S_vt__ap_dR[m0, j0, k, m1] + mu_ap_dR[j0, k, m1]*mu_vt[m0])*I2(C, j0, K + M + m0)*T[m1, n]
+                            s0 += (S_vt__ap_dR[m0, j0, k, m1] + mu_ap_dR[j0, k, m1]*mu_vt[m0])*I2(C, j0, K + M + m0)*T[m1, n]
+                acc += eta * s0
             dR[k, n] = acc
     da = dy[o : o + K]
     o += K
     for k in range(K):
         acc = 0.0
+        s0 = 0.0
         for j0 in range(K):
-            acc += eta_a*(((1) if (order == 2) else (0)) - 1)*I2(C, j0, k)*mu_ap[j0]
+            s0 += I2(C, j0, k)*mu_ap[j0]
+        acc += eta_a*(((1) if (order == 2) else (0)) - 1) * s0
+        s0 = 0.0
         for m0 in range(M):
-            acc += eta_a*(1 - ((1) if (order == 2) else (0)))*I2(C, k, K + M + m0)*mu_vt[m0]
+            s0 += I2(C, k, K + M + m0)*mu_vt[m0]
+        acc += eta_a*(1 - ((1) if (order == 2) else (0))) * s0
         if ((order == 2)):
+            s0 = 0.0
             for j0 in range(K):
                 for j1 in range(K):
-                    acc += -eta_a*I2(C, j0, j1)*A_S[j1, k]*mu_ap[j0]
+                    s0 += I2(C, j0, j1)*A_S[j1, k]*mu_ap[j0]
+            acc += -eta_a * s0
         if ((order == 2)):
+            s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    acc += eta_a*I2(C, j0, K + M + m0)*A_S[j0, k]*mu_vt[m0]
+                    s0 += I2(C, j0, K + M + m0)*A_S[j0, k]*mu_vt[m0]
+            acc += eta_a * s0
         da[k] = acc
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def metrics(y, c, p, K, M, out):
     """out[i] = METRICS[i] at state y."""
     o = 0
@@ -546,41 +610,61 @@ def metrics(y, c, p, K, M, out):
     )
 
     acc = 0.0
+    s0 = 0.0
+    d0 = 0.0
     for j0 in range(K):
-        for j1 in range(j0, K):
-            acc += (1.0 if j0 == j1 else 2.0) * ((1.0/2.0)*I2(C, j0, j1)*a[j0]*a[j1])
+        d0 += I2(C, j0, j0)*a[j0]**2
+        for j1 in range(j0 + 1, K):
+            s0 += I2(C, j0, j1)*a[j0]*a[j1]
+    acc += 1.0/2.0 * (d0 + 2.0 * s0)
+    s0 = 0.0
     for j0 in range(K):
         for m0 in range(M):
-            acc += -I2(C, j0, K + M + m0)*a[j0]*mu_vt[m0]
+            s0 += I2(C, j0, K + M + m0)*a[j0]*mu_vt[m0]
+    acc += -1 * s0
+    s0 = 0.0
     for m0 in range(M):
         for m1 in range(M):
-            acc += (1.0/2.0)*(S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*I2(C, K + M + m0, K + M + m1)
+            s0 += (S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*I2(C, K + M + m0, K + M + m1)
+    acc += 1.0/2.0 * s0
     out[0] = acc
     acc = 0.0
+    s0 = 0.0
     for j0 in range(K):
         for j1 in range(K):
-            acc += (1.0/2.0)*(S_ap__ap[j0, j1] + mu_ap[j0]*mu_ap[j1])*I2(C, j0, j1)
+            s0 += (S_ap__ap[j0, j1] + mu_ap[j0]*mu_ap[j1])*I2(C, j0, j1)
+    acc += 1.0/2.0 * s0
+    s0 = 0.0
     for j0 in range(K):
         for m0 in range(M):
-            acc += -(S_ap__vt[j0, m0] + mu_ap[j0]*mu_vt[m0])*I2(C, j0, K + M + m0)
+            s0 += (S_ap__vt[j0, m0] + mu_ap[j0]*mu_vt[m0])*I2(C, j0, K + M + m0)
+    acc += -1 * s0
+    s0 = 0.0
     for m0 in range(M):
         for m1 in range(M):
-            acc += (1.0/2.0)*(S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*I2(C, K + M + m0, K + M + m1)
+            s0 += (S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*I2(C, K + M + m0, K + M + m1)
+    acc += 1.0/2.0 * s0
     out[1] = acc
     acc = 0.0
+    s0 = 0.0
     for j0 in range(K):
         for j1 in range(K):
-            acc += (1.0/2.0)*(S_aopt__aopt[j0, j1] + mu_aopt[j0]*mu_aopt[j1])*I2(C, j0, j1)
+            s0 += (S_aopt__aopt[j0, j1] + mu_aopt[j0]*mu_aopt[j1])*I2(C, j0, j1)
+    acc += 1.0/2.0 * s0
+    s0 = 0.0
     for j0 in range(K):
         for m0 in range(M):
-            acc += -(S_vt__aopt[m0, j0] + mu_aopt[j0]*mu_vt[m0])*I2(C, j0, K + M + m0)
+            s0 += (S_vt__aopt[m0, j0] + mu_aopt[j0]*mu_vt[m0])*I2(C, j0, K + M + m0)
+    acc += -1 * s0
+    s0 = 0.0
     for m0 in range(M):
         for m1 in range(M):
-            acc += (1.0/2.0)*(S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*I2(C, K + M + m0, K + M + m1)
+            s0 += (S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*I2(C, K + M + m0, K + M + m1)
+    acc += 1.0/2.0 * s0
     out[2] = acc
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def run_euler(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     """Euler steps y <- y + dt * rhs(y) in place; every `record_every` steps the
     state is written to traj[first_record + 1 + i]. Returns -1, or the number of
@@ -597,7 +681,7 @@ def run_euler(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     return -1
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def run_rk4(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     """Classical fourth-order Runge-Kutta steps, recorded as in run_euler."""
     k1 = np.empty_like(y)

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 eacf987a1840552c650964db7373e5cdee8b518ed62339f4252429ab9bf25b07
+# inputs:     sha256 f046d8f09627f56bb6f0a384c8f8b5d65534acafcfae4f4ae9a7fac8e6d8877c
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "eacf987a1840552c650964db7373e5cdee8b518ed62339f4252429ab9bf25b07"
+INPUTS_SHA256 = "f046d8f09627f56bb6f0a384c8f8b5d65534acafcfae4f4ae9a7fac8e6d8877c"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )
@@ -30,23 +30,50 @@ SAMPLES = ("G", )
 
 
 # activation and its derivatives, for the per-sample gradients
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def g(z):
     return math.erf((1.0/2.0)*math.sqrt(2)*z)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def gp(z):
     return math.sqrt(2)*math.exp(-1.0/2.0*z**2)/math.sqrt(math.pi)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def gpp(z):
     return -math.sqrt(2)*z*math.exp(-1.0/2.0*z**2)/math.sqrt(math.pi)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def asin_(x):
+    """arcsin(x), by the polynomial of derive/special.py: within 2 ulp of the correctly
+    rounded value, NaN outside [-1, 1]; no branch or call numba cannot vectorise."""
+    ax = abs(x)
+    big = ax > 0.5
+    t = 0.5 * (1.0 - ax) if big else ax * ax
+    z = math.sqrt(t) if big else ax
+    p = 0.02961201126495512
+    p = p * t + -0.01924167174674304
+    p = p * t + 0.019554513336123378
+    p = p * t + 0.0030448799094556773
+    p = p * t + 0.009319560794767446
+    p = p * t + 0.009621842970100282
+    p = p * t + 0.011566459612121669
+    p = p * t + 0.01396378001220357
+    p = p * t + 0.017352816540325496
+    p = p * t + 0.02237215744350722
+    p = p * t + 0.03038194447553234
+    p = p * t + 0.044642857142551895
+    p = p * t + 0.07500000000000118
+    p = p * t + 0.16666666666666666
+    r = z + z * (t * p)
+    r = 1.5707963267948966 - 2.0 * r if big else r
+    return math.copysign(r, x)
+
+
 # Gaussian primitives, derived by derive/gaussian.py
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def E_id_g(C, a, b):
     """E[(u_a) g(u_b)] at covariance C.
 
@@ -58,7 +85,7 @@ def E_id_g(C, a, b):
     return math.sqrt(2)*C_ab/(math.sqrt(math.pi)*math.sqrt(C_bb + 1))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def I2(C, a, b):
     """E[g(u_a) g(u_b)] at covariance C.
 
@@ -70,10 +97,10 @@ def I2(C, a, b):
     C_aa = C[a, a]
     C_ab = C[a, b]
     C_bb = C[b, b]
-    return 2*math.asin(C_ab/math.sqrt(C_aa*C_bb + C_aa + C_bb + 1))/math.pi
+    return 2*asin_(C_ab/math.sqrt(C_aa*C_bb + C_aa + C_bb + 1))/math.pi
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def I3(C, a, b, c):
     """E[g'(u_a) (u_b) g(u_c)] at covariance C.
 
@@ -90,7 +117,7 @@ def I3(C, a, b, c):
     return 2*(-C_ab*C_ac + C_bc*t0)/(math.pi*t0**(3.0/2.0)*math.sqrt((C_aa*C_cc - C_ac**2 + C_cc + t0)/t0))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def I4(C, a, b, c, d):
     """E[g'(u_a) g'(u_b) g(u_c) g(u_d)] at covariance C.
 
@@ -118,10 +145,10 @@ def I4(C, a, b, c, d):
     t5 = -C_ab*C_ac + C_bc*t4
     t6 = -C_ac*t3 - C_bc*t5 + C_cc*t1
     t7 = -C_ad*(-C_ab*C_bd + C_ad*t0) - C_bd*(-C_ab*C_ad + C_bd*t4) + C_dd*t1
-    return 4*math.asin(t2*(-C_ad*t3 - C_bd*t5 + C_cd*t1)/math.sqrt(t2*t6 + t2*t7 + 1 + t6*t7/t1**2))/(math.pi**2*math.sqrt(t1))
+    return 4*asin_(t2*(-C_ad*t3 - C_bd*t5 + C_cd*t1)/math.sqrt(t2*t6 + t2*t7 + 1 + t6*t7/t1**2))/(math.pi**2*math.sqrt(t1))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def J2(C, a, b):
     """E[g'(u_a) g'(u_b)] at covariance C.
 
@@ -133,7 +160,7 @@ def J2(C, a, b):
     return 2/(math.pi*math.sqrt(C_aa*C_bb + C_aa - C_ab**2 + C_bb + 1))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def tilt1_all(C, K, Ct1, pref):
     """The tilt rule of derive/gaussian.py for one g' factor, on every student
     field a: Ct1[a] = C - C[:, a] C[a, :] / (w + C_aa), pref[a] = A det(1 + C_aa / w)^(-1/2)
@@ -149,11 +176,14 @@ def tilt1_all(C, K, Ct1, pref):
         pref[a] = math.sqrt(2)/math.sqrt(math.pi) / math.sqrt(s / w)
 
 
-@njit(cache=True)
-def tilt2(C, a, b, Ct):
-    """The tilt rule of derive/gaussian.py for two g' factors on fields a, b:
-    Ct = C - C[:, (a, b)] (w I + C_SS)^-1 C[(a, b), :] for every pair of fields;
-    returns the prefactor A^2 det(I + C_SS / w)^(-1/2) (g' = A exp(-z^2 / (2 w)))."""
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
+def tilt2_table(C, a, b, F, Dn, ua, ub):
+    """The tilt rule of derive/gaussian.py for two g' factors on rows a, b of C, and
+    I2 at the tilted covariance Ct = C - C[:, (a, b)] (w I + C_SS)^-1 C[(a, b), :]
+    for every pair of rows: F[r, q] = I2(Ct; r, q), written as
+    2*asin(Da*Db*x)/pi, D = 1/sqrt(C_rr + 1) (derive/codegen.py: separable_form), so that D is computed once
+    per row. Returns the prefactor A^2 det(I + C_SS / w)^(-1/2) (g' = A exp(-z^2 / (2 w))).
+    The loop over q has no branch or call: numba vectorises it."""
     w = 1
     s00 = w + C[a, a]
     s01 = C[a, b]
@@ -164,14 +194,22 @@ def tilt2(C, a, b, Ct):
     i11 = s00 / det
     n = C.shape[0]
     for r in range(n):
-        ua = i00 * C[r, a] + i01 * C[r, b]
-        ub = i01 * C[r, a] + i11 * C[r, b]
+        ua[r] = i00 * C[r, a] + i01 * C[r, b]
+        ub[r] = i01 * C[r, a] + i11 * C[r, b]
+        d = C[r, r] - (ua[r] * C[a, r] + ub[r] * C[b, r])
+        Dn[r] = 1/math.sqrt(d + 1)
+    for r in range(n):
+        xa = ua[r]
+        xb = ub[r]
+        Da = Dn[r]
         for q in range(n):
-            Ct[r, q] = C[r, q] - (ua * C[a, q] + ub * C[b, q])
+            x = C[r, q] - (xa * C[a, q] + xb * C[b, q])
+            Db = Dn[q]
+            F[r, q] = 2*asin_(Da*Db*x)/math.pi
     return 2/math.pi / math.sqrt(det / (w * w))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def covariance(y, c, p, K, M, C):
     """Fill C (K + M, K + M), the covariance of the fields, from the order parameters."""
     o = 0
@@ -201,7 +239,7 @@ def covariance(y, c, p, K, M, C):
             C[K + i, K + j] = x
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def rhs(y, c, p, K, M, dy):
     """dy = d(state)/d(alpha) at state y."""
     o = 0
@@ -218,7 +256,11 @@ def rhs(y, c, p, K, M, dy):
     sigma = p[1]
     C = np.empty((K + M, K + M))
     covariance(y, c, p, K, M, C)
-    Ct = np.empty_like(C)
+    Cu = C
+    F = np.empty_like(Cu)
+    Dn = np.empty(Cu.shape[0])
+    ua = np.empty(Cu.shape[0])
+    ub = np.empty(Cu.shape[0])
     Ct1 = np.empty((K, C.shape[0], C.shape[0]))
     tilt1_pref = np.empty(K)
     tilt1_all(C, K, Ct1, tilt1_pref)
@@ -228,24 +270,42 @@ def rhs(y, c, p, K, M, dy):
     o += K * K
     for k in range(K):
         for l in range(k, K):
-            tilt_pref = tilt2(C, k, l, Ct)
+            tilt_pref = tilt2_table(Cu, k, l, F, Dn, ua, ub)
             acc = 0.0
             acc += eta**2*sigma**2*tilt_pref
+            s0 = 0.0
+            s1 = 0.0
             for j0 in range(K):
-                acc += -eta*E_id_g(Ct1[k], l, j0)*tilt1_pref[k]
-                acc += -eta*E_id_g(Ct1[l], k, j0)*tilt1_pref[l]
+                s0 += E_id_g(Ct1[k], l, j0)
+                s1 += E_id_g(Ct1[l], k, j0)
+            acc += -eta*tilt1_pref[k] * s0
+            acc += -eta*tilt1_pref[l] * s1
+            s0 = 0.0
+            s1 = 0.0
             for m0 in range(M):
-                acc += eta*E_id_g(Ct1[k], l, K + m0)*tilt1_pref[k]
-                acc += eta*E_id_g(Ct1[l], k, K + m0)*tilt1_pref[l]
+                s0 += E_id_g(Ct1[k], l, K + m0)
+                s1 += E_id_g(Ct1[l], k, K + m0)
+            acc += eta*tilt1_pref[k] * s0
+            acc += eta*tilt1_pref[l] * s1
+            s0 = 0.0
+            d0 = 0.0
             for j0 in range(K):
-                for j1 in range(j0, K):
-                    acc += (1.0 if j0 == j1 else 2.0) * (eta**2*tilt_pref*I2(Ct, j0, j1))
+                d0 += F[j0, j0]
+                for j1 in range(j0 + 1, K):
+                    s0 += F[j0, j1]
+            acc += eta**2*tilt_pref * (d0 + 2.0 * s0)
+            s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    acc += -2*eta**2*tilt_pref*I2(Ct, j0, K + m0)
+                    s0 += F[j0, K + m0]
+            acc += -2*eta**2*tilt_pref * s0
+            s0 = 0.0
+            d0 = 0.0
             for m0 in range(M):
-                for m1 in range(m0, M):
-                    acc += (1.0 if m0 == m1 else 2.0) * (eta**2*tilt_pref*I2(Ct, K + m0, K + m1))
+                d0 += F[K + m0, K + m0]
+                for m1 in range(m0 + 1, M):
+                    s0 += F[K + m0, K + m1]
+            acc += eta**2*tilt_pref * (d0 + 2.0 * s0)
             dQ[k, l] = acc
             dQ[l, k] = acc
     dR = dy[o : o + K * M].reshape((K, M))
@@ -253,14 +313,18 @@ def rhs(y, c, p, K, M, dy):
     for k in range(K):
         for n in range(M):
             acc = 0.0
+            s0 = 0.0
             for j0 in range(K):
-                acc += -eta*E_id_g(Ct1[k], K + n, j0)*tilt1_pref[k]
+                s0 += E_id_g(Ct1[k], K + n, j0)
+            acc += -eta*tilt1_pref[k] * s0
+            s0 = 0.0
             for m0 in range(M):
-                acc += eta*E_id_g(Ct1[k], K + n, K + m0)*tilt1_pref[k]
+                s0 += E_id_g(Ct1[k], K + n, K + m0)
+            acc += eta*tilt1_pref[k] * s0
             dR[k, n] = acc
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def metrics(y, c, p, K, M, out):
     """out[i] = METRICS[i] at state y."""
     o = 0
@@ -279,19 +343,29 @@ def metrics(y, c, p, K, M, out):
     covariance(y, c, p, K, M, C)
 
     acc = 0.0
+    s0 = 0.0
+    d0 = 0.0
     for j0 in range(K):
-        for j1 in range(j0, K):
-            acc += (1.0 if j0 == j1 else 2.0) * ((1.0/2.0)*I2(C, j0, j1))
+        d0 += I2(C, j0, j0)
+        for j1 in range(j0 + 1, K):
+            s0 += I2(C, j0, j1)
+    acc += 1.0/2.0 * (d0 + 2.0 * s0)
+    s0 = 0.0
     for j0 in range(K):
         for m0 in range(M):
-            acc += -I2(C, j0, K + m0)
+            s0 += I2(C, j0, K + m0)
+    acc += -1 * s0
+    s0 = 0.0
+    d0 = 0.0
     for m0 in range(M):
-        for m1 in range(m0, M):
-            acc += (1.0 if m0 == m1 else 2.0) * ((1.0/2.0)*I2(C, K + m0, K + m1))
+        d0 += I2(C, K + m0, K + m0)
+        for m1 in range(m0 + 1, M):
+            s0 += I2(C, K + m0, K + m1)
+    acc += 1.0/2.0 * (d0 + 2.0 * s0)
     out[0] = acc
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def sample_gradients(lam, nu, zeta, vec, p, K, M, out):
     """Per-sample gradients the simulator applies, concatenated in the order of
     SAMPLES: fields lam (K,), nu (M,), label noise zeta, readouts vec (VECTORS)."""
@@ -305,15 +379,19 @@ def sample_gradients(lam, nu, zeta, vec, p, K, M, out):
     for k in range(K):
         acc = 0.0
         acc += -sigma*zeta*gp(lam[k])
+        s0 = 0.0
         for j0 in range(K):
-            acc += g(lam[j0])*gp(lam[k])
+            s0 += g(lam[j0])
+        acc += gp(lam[k]) * s0
+        s0 = 0.0
         for m0 in range(M):
-            acc += -g(nu[m0])*gp(lam[k])
+            s0 += g(nu[m0])
+        acc += -gp(lam[k]) * s0
         G[k] = acc
 
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def run_euler(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     """Euler steps y <- y + dt * rhs(y) in place; every `record_every` steps the
     state is written to traj[first_record + 1 + i]. Returns -1, or the number of
@@ -330,7 +408,7 @@ def run_euler(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     return -1
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def run_rk4(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     """Classical fourth-order Runge-Kutta steps, recorded as in run_euler."""
     k1 = np.empty_like(y)

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 c11816e7d3b34d4a3cc5adcf0073bb84ec110d57d7254bfdad9b7f117a214d3b
+# inputs:     sha256 934f8e59bb3812f7d70603ab792368a99c6f97ba7f973a4d5b258a4c5278cf81
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "c11816e7d3b34d4a3cc5adcf0073bb84ec110d57d7254bfdad9b7f117a214d3b"
+INPUTS_SHA256 = "934f8e59bb3812f7d70603ab792368a99c6f97ba7f973a4d5b258a4c5278cf81"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )
@@ -30,23 +30,23 @@ SAMPLES = ("G", )
 
 
 # activation and its derivatives, for the per-sample gradients
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def g(z):
     return z
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def gp(z):
     return 1
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def gpp(z):
     return 0
 
 
 # Gaussian primitives, derived by derive/gaussian.py
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def I2(C, a, b):
     """E[g(u_a) g(u_b)] at covariance C.
 
@@ -56,7 +56,7 @@ def I2(C, a, b):
     return C_ab
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def I3(C, a, b, c):
     """E[g'(u_a) (u_b) g(u_c)] at covariance C.
 
@@ -66,7 +66,7 @@ def I3(C, a, b, c):
     return C_bc
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def I4(C, a, b, c, d):
     """E[g'(u_a) g'(u_b) g(u_c) g(u_d)] at covariance C.
 
@@ -76,7 +76,7 @@ def I4(C, a, b, c, d):
     return C_cd
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def covariance(y, c, p, K, M, C):
     """Fill C (K + M, K + M), the covariance of the fields, from the order parameters."""
     o = 0
@@ -106,7 +106,7 @@ def covariance(y, c, p, K, M, C):
             C[K + i, K + j] = x
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def rhs(y, c, p, K, M, dy):
     """dy = d(state)/d(alpha) at state y."""
     o = 0
@@ -131,21 +131,39 @@ def rhs(y, c, p, K, M, dy):
         for l in range(k, K):
             acc = 0.0
             acc += eta**2*sigma**2
+            s0 = 0.0
+            s1 = 0.0
             for j0 in range(K):
-                acc += -eta*I3(C, k, l, j0)
-                acc += -eta*I3(C, l, k, j0)
+                s0 += I3(C, k, l, j0)
+                s1 += I3(C, l, k, j0)
+            acc += -eta * s0
+            acc += -eta * s1
+            s0 = 0.0
+            s1 = 0.0
             for m0 in range(M):
-                acc += eta*I3(C, k, l, K + m0)
-                acc += eta*I3(C, l, k, K + m0)
+                s0 += I3(C, k, l, K + m0)
+                s1 += I3(C, l, k, K + m0)
+            acc += eta * s0
+            acc += eta * s1
+            s0 = 0.0
+            d0 = 0.0
             for j0 in range(K):
-                for j1 in range(j0, K):
-                    acc += (1.0 if j0 == j1 else 2.0) * (eta**2*I4(C, k, l, j0, j1))
+                d0 += I4(C, k, l, j0, j0)
+                for j1 in range(j0 + 1, K):
+                    s0 += I4(C, k, l, j0, j1)
+            acc += eta**2 * (d0 + 2.0 * s0)
+            s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    acc += -2*eta**2*I4(C, k, l, j0, K + m0)
+                    s0 += I4(C, k, l, j0, K + m0)
+            acc += -2*eta**2 * s0
+            s0 = 0.0
+            d0 = 0.0
             for m0 in range(M):
-                for m1 in range(m0, M):
-                    acc += (1.0 if m0 == m1 else 2.0) * (eta**2*I4(C, k, l, K + m0, K + m1))
+                d0 += I4(C, k, l, K + m0, K + m0)
+                for m1 in range(m0 + 1, M):
+                    s0 += I4(C, k, l, K + m0, K + m1)
+            acc += eta**2 * (d0 + 2.0 * s0)
             dQ[k, l] = acc
             dQ[l, k] = acc
     dR = dy[o : o + K * M].reshape((K, M))
@@ -153,14 +171,18 @@ def rhs(y, c, p, K, M, dy):
     for k in range(K):
         for n in range(M):
             acc = 0.0
+            s0 = 0.0
             for j0 in range(K):
-                acc += -eta*I3(C, k, K + n, j0)
+                s0 += I3(C, k, K + n, j0)
+            acc += -eta * s0
+            s0 = 0.0
             for m0 in range(M):
-                acc += eta*I3(C, k, K + n, K + m0)
+                s0 += I3(C, k, K + n, K + m0)
+            acc += eta * s0
             dR[k, n] = acc
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def metrics(y, c, p, K, M, out):
     """out[i] = METRICS[i] at state y."""
     o = 0
@@ -179,19 +201,29 @@ def metrics(y, c, p, K, M, out):
     covariance(y, c, p, K, M, C)
 
     acc = 0.0
+    s0 = 0.0
+    d0 = 0.0
     for j0 in range(K):
-        for j1 in range(j0, K):
-            acc += (1.0 if j0 == j1 else 2.0) * ((1.0/2.0)*I2(C, j0, j1))
+        d0 += I2(C, j0, j0)
+        for j1 in range(j0 + 1, K):
+            s0 += I2(C, j0, j1)
+    acc += 1.0/2.0 * (d0 + 2.0 * s0)
+    s0 = 0.0
     for j0 in range(K):
         for m0 in range(M):
-            acc += -I2(C, j0, K + m0)
+            s0 += I2(C, j0, K + m0)
+    acc += -1 * s0
+    s0 = 0.0
+    d0 = 0.0
     for m0 in range(M):
-        for m1 in range(m0, M):
-            acc += (1.0 if m0 == m1 else 2.0) * ((1.0/2.0)*I2(C, K + m0, K + m1))
+        d0 += I2(C, K + m0, K + m0)
+        for m1 in range(m0 + 1, M):
+            s0 += I2(C, K + m0, K + m1)
+    acc += 1.0/2.0 * (d0 + 2.0 * s0)
     out[0] = acc
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def sample_gradients(lam, nu, zeta, vec, p, K, M, out):
     """Per-sample gradients the simulator applies, concatenated in the order of
     SAMPLES: fields lam (K,), nu (M,), label noise zeta, readouts vec (VECTORS)."""
@@ -205,15 +237,19 @@ def sample_gradients(lam, nu, zeta, vec, p, K, M, out):
     for k in range(K):
         acc = 0.0
         acc += -sigma*zeta*gp(lam[k])
+        s0 = 0.0
         for j0 in range(K):
-            acc += g(lam[j0])*gp(lam[k])
+            s0 += g(lam[j0])
+        acc += gp(lam[k]) * s0
+        s0 = 0.0
         for m0 in range(M):
-            acc += -g(nu[m0])*gp(lam[k])
+            s0 += g(nu[m0])
+        acc += -gp(lam[k]) * s0
         G[k] = acc
 
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def run_euler(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     """Euler steps y <- y + dt * rhs(y) in place; every `record_every` steps the
     state is written to traj[first_record + 1 + i]. Returns -1, or the number of
@@ -230,7 +266,7 @@ def run_euler(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     return -1
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def run_rk4(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     """Classical fourth-order Runge-Kutta steps, recorded as in run_euler."""
     k1 = np.empty_like(y)

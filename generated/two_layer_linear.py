@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 df43068982628866f12ff5c7212ed3c5216e5fb9242ccc347bdc8bf85cd9cd6a
+# inputs:     sha256 1b580dbcaa9f3edcb9c49655c841734fea51386e1d5a0fb74761c6f6940a3819
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "df43068982628866f12ff5c7212ed3c5216e5fb9242ccc347bdc8bf85cd9cd6a"
+INPUTS_SHA256 = "1b580dbcaa9f3edcb9c49655c841734fea51386e1d5a0fb74761c6f6940a3819"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
@@ -30,23 +30,23 @@ SAMPLES = ("G", "H_v", )
 
 
 # activation and its derivatives, for the per-sample gradients
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def g(z):
     return z
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def gp(z):
     return 1
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def gpp(z):
     return 0
 
 
 # Gaussian primitives, derived by derive/gaussian.py
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def I2(C, a, b):
     """E[g(u_a) g(u_b)] at covariance C.
 
@@ -56,7 +56,7 @@ def I2(C, a, b):
     return C_ab
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def I3(C, a, b, c):
     """E[g'(u_a) (u_b) g(u_c)] at covariance C.
 
@@ -66,7 +66,7 @@ def I3(C, a, b, c):
     return C_bc
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def I4(C, a, b, c, d):
     """E[g'(u_a) g'(u_b) g(u_c) g(u_d)] at covariance C.
 
@@ -76,7 +76,7 @@ def I4(C, a, b, c, d):
     return C_cd
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def covariance(y, c, p, K, M, C):
     """Fill C (K + M, K + M), the covariance of the fields, from the order parameters."""
     o = 0
@@ -112,7 +112,7 @@ def covariance(y, c, p, K, M, C):
             C[K + i, K + j] = x
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def rhs(y, c, p, K, M, dy):
     """dy = d(state)/d(alpha) at state y."""
     o = 0
@@ -144,21 +144,39 @@ def rhs(y, c, p, K, M, dy):
             acc = 0.0
             acc += eta**2*sigma**2*v[k]*v[l]
             acc += -2*kappa*Q[k, l]
+            s0 = 0.0
+            s1 = 0.0
             for j0 in range(K):
-                acc += -eta*I3(C, k, l, j0)*v[j0]*v[k]
-                acc += -eta*I3(C, l, k, j0)*v[j0]*v[l]
+                s0 += I3(C, k, l, j0)*v[j0]
+                s1 += I3(C, l, k, j0)*v[j0]
+            acc += -eta*v[k] * s0
+            acc += -eta*v[l] * s1
+            s0 = 0.0
+            s1 = 0.0
             for m0 in range(M):
-                acc += eta*I3(C, k, l, K + m0)*v[k]*vs[m0]
-                acc += eta*I3(C, l, k, K + m0)*v[l]*vs[m0]
+                s0 += I3(C, k, l, K + m0)*vs[m0]
+                s1 += I3(C, l, k, K + m0)*vs[m0]
+            acc += eta*v[k] * s0
+            acc += eta*v[l] * s1
+            s0 = 0.0
+            d0 = 0.0
             for j0 in range(K):
-                for j1 in range(j0, K):
-                    acc += (1.0 if j0 == j1 else 2.0) * (eta**2*I4(C, k, l, j0, j1)*v[j0]*v[j1]*v[k]*v[l])
+                d0 += I4(C, k, l, j0, j0)*v[j0]**2
+                for j1 in range(j0 + 1, K):
+                    s0 += I4(C, k, l, j0, j1)*v[j0]*v[j1]
+            acc += eta**2*v[k]*v[l] * (d0 + 2.0 * s0)
+            s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    acc += -2*eta**2*I4(C, k, l, j0, K + m0)*v[j0]*v[k]*v[l]*vs[m0]
+                    s0 += I4(C, k, l, j0, K + m0)*v[j0]*vs[m0]
+            acc += -2*eta**2*v[k]*v[l] * s0
+            s0 = 0.0
+            d0 = 0.0
             for m0 in range(M):
-                for m1 in range(m0, M):
-                    acc += (1.0 if m0 == m1 else 2.0) * (eta**2*I4(C, k, l, K + m0, K + m1)*v[k]*v[l]*vs[m0]*vs[m1])
+                d0 += I4(C, k, l, K + m0, K + m0)*vs[m0]**2
+                for m1 in range(m0 + 1, M):
+                    s0 += I4(C, k, l, K + m0, K + m1)*vs[m0]*vs[m1]
+            acc += eta**2*v[k]*v[l] * (d0 + 2.0 * s0)
             dQ[k, l] = acc
             dQ[l, k] = acc
     dR = dy[o : o + K * M].reshape((K, M))
@@ -166,25 +184,33 @@ def rhs(y, c, p, K, M, dy):
     for k in range(K):
         for n in range(M):
             acc = 0.0
+            s0 = 0.0
             for j0 in range(K):
-                acc += -eta*I3(C, k, K + n, j0)*v[j0]*v[k]
+                s0 += I3(C, k, K + n, j0)*v[j0]
+            acc += -eta*v[k] * s0
+            s0 = 0.0
             for m0 in range(M):
-                acc += eta*I3(C, k, K + n, K + m0)*v[k]*vs[m0]
+                s0 += I3(C, k, K + n, K + m0)*vs[m0]
+            acc += eta*v[k] * s0
             acc += -kappa*R[k, n]
             dR[k, n] = acc
     dv = dy[o : o + K]
     o += K
     for k in range(K):
         acc = 0.0
+        s0 = 0.0
         for j0 in range(K):
-            acc += -eta_v*I2(C, j0, k)*v[j0]
+            s0 += I2(C, j0, k)*v[j0]
+        acc += -eta_v * s0
+        s0 = 0.0
         for m0 in range(M):
-            acc += eta_v*I2(C, k, K + m0)*vs[m0]
+            s0 += I2(C, k, K + m0)*vs[m0]
+        acc += eta_v * s0
         acc += -((kappa) if (eta_v != 0) else (0))*v[k]
         dv[k] = acc
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def metrics(y, c, p, K, M, out):
     """out[i] = METRICS[i] at state y."""
     o = 0
@@ -209,19 +235,29 @@ def metrics(y, c, p, K, M, out):
     covariance(y, c, p, K, M, C)
 
     acc = 0.0
+    s0 = 0.0
+    d0 = 0.0
     for j0 in range(K):
-        for j1 in range(j0, K):
-            acc += (1.0 if j0 == j1 else 2.0) * ((1.0/2.0)*I2(C, j0, j1)*v[j0]*v[j1])
+        d0 += I2(C, j0, j0)*v[j0]**2
+        for j1 in range(j0 + 1, K):
+            s0 += I2(C, j0, j1)*v[j0]*v[j1]
+    acc += 1.0/2.0 * (d0 + 2.0 * s0)
+    s0 = 0.0
     for j0 in range(K):
         for m0 in range(M):
-            acc += -I2(C, j0, K + m0)*v[j0]*vs[m0]
+            s0 += I2(C, j0, K + m0)*v[j0]*vs[m0]
+    acc += -1 * s0
+    s0 = 0.0
+    d0 = 0.0
     for m0 in range(M):
-        for m1 in range(m0, M):
-            acc += (1.0 if m0 == m1 else 2.0) * ((1.0/2.0)*I2(C, K + m0, K + m1)*vs[m0]*vs[m1])
+        d0 += I2(C, K + m0, K + m0)*vs[m0]**2
+        for m1 in range(m0 + 1, M):
+            s0 += I2(C, K + m0, K + m1)*vs[m0]*vs[m1]
+    acc += 1.0/2.0 * (d0 + 2.0 * s0)
     out[0] = acc
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def sample_gradients(lam, nu, zeta, vec, p, K, M, out):
     """Per-sample gradients the simulator applies, concatenated in the order of
     SAMPLES: fields lam (K,), nu (M,), label noise zeta, readouts vec (VECTORS)."""
@@ -241,10 +277,14 @@ def sample_gradients(lam, nu, zeta, vec, p, K, M, out):
     for k in range(K):
         acc = 0.0
         acc += -sigma*zeta*gp(lam[k])*v[k]
+        s0 = 0.0
         for j0 in range(K):
-            acc += g(lam[j0])*gp(lam[k])*v[j0]*v[k]
+            s0 += g(lam[j0])*v[j0]
+        acc += gp(lam[k])*v[k] * s0
+        s0 = 0.0
         for m0 in range(M):
-            acc += -g(nu[m0])*gp(lam[k])*v[k]*vs[m0]
+            s0 += g(nu[m0])*vs[m0]
+        acc += -gp(lam[k])*v[k] * s0
         G[k] = acc
 
     H_v = out[o : o + K]
@@ -252,15 +292,19 @@ def sample_gradients(lam, nu, zeta, vec, p, K, M, out):
     for k in range(K):
         acc = 0.0
         acc += -sigma*zeta*g(lam[k])
+        s0 = 0.0
         for j0 in range(K):
-            acc += g(lam[j0])*g(lam[k])*v[j0]
+            s0 += g(lam[j0])*v[j0]
+        acc += g(lam[k]) * s0
+        s0 = 0.0
         for m0 in range(M):
-            acc += -g(lam[k])*g(nu[m0])*vs[m0]
+            s0 += g(nu[m0])*vs[m0]
+        acc += -g(lam[k]) * s0
         H_v[k] = acc
 
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def run_euler(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     """Euler steps y <- y + dt * rhs(y) in place; every `record_every` steps the
     state is written to traj[first_record + 1 + i]. Returns -1, or the number of
@@ -277,7 +321,7 @@ def run_euler(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     return -1
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def run_rk4(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     """Classical fourth-order Runge-Kutta steps, recorded as in run_euler."""
     k1 = np.empty_like(y)
