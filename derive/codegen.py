@@ -208,6 +208,19 @@ def _table_plan(ir: FlowIR, activation: str) -> dict | None:
     }
 
 
+def _tilt_buffers(tilt) -> list[str]:
+    if tilt and tilt["table"]:
+        return [
+            "F = np.empty_like(Cu)",
+            "Dn = np.empty(Cu.shape[0])",
+            "ua = np.empty(Cu.shape[0])",
+            "ub = np.empty(Cu.shape[0])",
+        ]
+    if tilt and tilt["pair"]:
+        return ["Ct = np.empty_like(C)"]
+    return []
+
+
 def _kinds_of(name: str) -> tuple[str, ...]:
     if name in PRIMITIVES:
         return PRIMITIVES[name]
@@ -511,6 +524,8 @@ def context(ir: FlowIR) -> dict:
         "cov_blocks": cov_blocks,
         "task": _task_context(ir, names, where),
         "tilt": tilt,
+        # buffers of the hoisted pair tilt: once per call of rhs, once per chunk of rhs_parallel
+        "tilt_buffers": _tilt_buffers(tilt),
         # the vectorisable arcsine, when a primitive needs one (derive/special.py)
         "asin": asin_horner() if any(d.expr.has(sp.asin) for d in prim_list) else None,
     }

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 62bf29816be3f437d5d59860504af18df9ce4b668f9c944dcafbd4c7eb6dada7
+# inputs:     sha256 59924db0341f8e0ec3af7e5a2ab76ec8f1d26c7b0509f52043c7e4eb6b381088
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 846 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -16,11 +16,11 @@ K student and M teacher units. The covariance C of the fields
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "62bf29816be3f437d5d59860504af18df9ce4b668f9c944dcafbd4c7eb6dada7"
+INPUTS_SHA256 = "59924db0341f8e0ec3af7e5a2ab76ec8f1d26c7b0509f52043c7e4eb6b381088"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -725,6 +725,264 @@ def rhs(y, c, p, K, M, dy):
         da[k] = acc
 
 
+@njit(cache=False, error_model="numpy", parallel=True)
+def rhs_parallel(y, c, p, K, M, dy):
+    """rhs with the pairs (k, l) of its symmetric components shared among numba's
+    threads; each element is computed by the same code as in rhs, so the result is
+    the same to the last bit. Not cached, nor are the loops that call it: numba's
+    cache of threaded functions depends on the thread count and on the order of
+    compilation (numba issues 8578 and 10128: a stale entry crashes the process)."""
+    o = 0
+    Q = y[o : o + K * K].reshape((K, K))
+    o += K * K
+    R = y[o : o + K * M].reshape((K, M))
+    o += K * M
+    a = y[o : o + K]
+    o += K
+
+    o = 0
+    T = c[o : o + M * M].reshape((M, M))
+    o += M * M
+    vbar = c[o : o + M]
+    o += M
+
+    eta = p[0]
+    eta_a = p[1]
+    alpha_in = p[2]
+    S = p[3]
+    order = p[4]
+    n_q = p[5]
+    n_s = p[6]
+    s = p[7]
+    eps_B = p[8]
+    sigma = p[9]
+    C = np.empty((K + 2 * M, K + 2 * M))
+    covariance(y, c, p, K, M, C)
+    # the rows of the table: the fields the tilted primitive is read at
+    Cu = np.empty((K + M, K + M))
+    rows = np.empty(K + M, np.int64)
+    for i in range(K):
+        rows[0 + i] = 0 + i
+    for i in range(M):
+        rows[K + i] = K + M + i
+    for i in range(rows.size):
+        for j in range(rows.size):
+            Cu[i, j] = C[rows[i], rows[j]]
+    Ct1 = np.empty((K, C.shape[0], C.shape[0]))
+    tilt1_pref = np.empty(K)
+    tilt1_all(C, K, Ct1, tilt1_pref)
+    mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S = task_moments(y, c, p, K, M, C, False)
+    S_ap__ap = (L_ap.reshape((K, M)) @ L_ap.reshape((K, M)).T).reshape(
+        (K, K)
+    )
+    if ((1) if (order == 2) else (0)) != 0:
+        S_ap__ap_dQ = (L_ap.reshape((K, M)) @ L_ap_dQ.reshape((K * K * K, M)).T).reshape(
+            (K, K, K, K)
+        )
+    else:
+        S_ap__ap_dQ = np.zeros((0, 0, 0, 0))
+    if ((1) if (order == 2) else (0)) != 0:
+        S_ap__ap_dR = (L_ap.reshape((K, M)) @ L_ap_dR.reshape((K * K * M, M)).T).reshape(
+            (K, K, K, M)
+        )
+    else:
+        S_ap__ap_dR = np.zeros((0, 0, 0, 0))
+    S_ap__vt = (L_ap.reshape((K, M)) @ L_vt.reshape((M, M)).T).reshape(
+        (K, M)
+    )
+    if ((1) if (order == 2) else (0)) != 0:
+        S_vt__ap_dQ = (L_vt.reshape((M, M)) @ L_ap_dQ.reshape((K * K * K, M)).T).reshape(
+            (M, K, K, K)
+        )
+    else:
+        S_vt__ap_dQ = np.zeros((0, 0, 0, 0))
+    if ((1) if (order == 2) else (0)) != 0:
+        S_vt__ap_dR = (L_vt.reshape((M, M)) @ L_ap_dR.reshape((K * K * M, M)).T).reshape(
+            (M, K, K, M)
+        )
+    else:
+        S_vt__ap_dR = np.zeros((0, 0, 0, 0))
+    S_vt__vt = (L_vt.reshape((M, M)) @ L_vt.reshape((M, M)).T).reshape(
+        (M, M)
+    )
+
+    o = 0
+    dQ = dy[o : o + K * K].reshape((K, K))
+    o += K * K
+    # the pairs k <= l, shared among the threads in chunks, each with its own buffers
+    n_pairs = K * (K + 1) // 2
+    pair_k = np.empty(n_pairs, np.int64)
+    pair_l = np.empty(n_pairs, np.int64)
+    i_ = 0
+    for k_ in range(K):
+        for l_ in range(k_, K):
+            pair_k[i_] = k_
+            pair_l[i_] = l_
+            i_ += 1
+    n_chunks = min(n_pairs, 64)
+    for chunk in prange(n_chunks):
+        F = np.empty_like(Cu)
+        Dn = np.empty(Cu.shape[0])
+        ua = np.empty(Cu.shape[0])
+        ub = np.empty(Cu.shape[0])
+        for i_ in range(chunk, n_pairs, n_chunks):
+            k = pair_k[i_]
+            l = pair_l[i_]
+            tilt_pref = tilt2_table(Cu, k, l, F, Dn, ua, ub)
+            acc = 0.0
+            acc += eta**2*sigma**2*tilt_pref*(S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])/n_q
+            s0 = 0.0
+            s1 = 0.0
+            for j0 in range(K):
+                s0 += (S_ap__ap[j0, k] + mu_ap[j0]*mu_ap[k])*E_id_g(Ct1[k], l, j0)
+                s1 += (S_ap__ap[j0, l] + mu_ap[j0]*mu_ap[l])*E_id_g(Ct1[l], k, j0)
+            acc += -eta*tilt1_pref[k] * s0
+            acc += -eta*tilt1_pref[l] * s1
+            s0 = 0.0
+            s1 = 0.0
+            for m0 in range(M):
+                s0 += (S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*E_id_g(Ct1[k], l, K + M + m0)
+                s1 += (S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*E_id_g(Ct1[l], k, K + M + m0)
+            acc += eta*tilt1_pref[k] * s0
+            acc += eta*tilt1_pref[l] * s1
+            if ((order == 2)):
+                s0 = 0.0
+                for j0 in range(K):
+                    for j1 in range(K):
+                        s0 += ((S_ap__ap_dQ[j0, j1, k, k] + mu_ap[j0]*mu_ap_dQ[j1, k, k])*Q[k, l] + (S_ap__ap_dQ[j0, j1, l, l] + mu_ap[j0]*mu_ap_dQ[j1, l, l])*Q[l, k])*I2(C, j0, j1)
+                acc += -eta * s0
+            s0 = 0.0
+            for j0 in range(K):
+                for j1 in range(K):
+                    s0 += ((S_ap__ap[j1, k] + mu_ap[j1]*mu_ap[k])*S_ap__ap[j0, l] + (S_ap__ap[j1, l] + mu_ap[j1]*mu_ap[l])*S_ap__ap[j0, k] + (S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*S_ap__ap[j0, j1] + ((S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*mu_ap[j1] + S_ap__ap[j1, k]*mu_ap[l] + S_ap__ap[j1, l]*mu_ap[k])*mu_ap[j0])*F[j0, j1]
+            acc += eta**2*tilt_pref/n_q * s0
+            if ((order == 2)):
+                s0 = 0.0
+                for j0 in range(K):
+                    for m0 in range(M):
+                        s0 += ((S_vt__ap_dQ[m0, j0, k, k] + mu_ap_dQ[j0, k, k]*mu_vt[m0])*Q[k, l] + (S_vt__ap_dQ[m0, j0, l, l] + mu_ap_dQ[j0, l, l]*mu_vt[m0])*Q[l, k])*I2(C, j0, K + M + m0)
+                acc += eta * s0
+            s0 = 0.0
+            for j0 in range(K):
+                for m0 in range(M):
+                    s0 += ((S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*S_ap__vt[j0, m0] + (S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*S_ap__ap[j0, l] + (S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*S_ap__ap[j0, k] + ((S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*mu_ap[k] + S_ap__ap[k, l]*mu_vt[m0] + S_ap__vt[k, m0]*mu_ap[l])*mu_ap[j0])*F[j0, K + m0]
+            acc += -2*eta**2*tilt_pref/n_q * s0
+            s0 = 0.0
+            for m0 in range(M):
+                for m1 in range(M):
+                    s0 += ((S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*S_ap__vt[k, m1] + (S_ap__vt[l, m1] + mu_ap[l]*mu_vt[m1])*S_ap__vt[k, m0] + (S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*S_ap__ap[k, l] + ((S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*mu_ap[l] + S_ap__vt[l, m0]*mu_vt[m1] + S_ap__vt[l, m1]*mu_vt[m0])*mu_ap[k])*F[K + m0, K + m1]
+            acc += eta**2*tilt_pref/n_q * s0
+            if ((order == 2)):
+                s0 = 0.0
+                for j0 in range(K):
+                    for j1 in range(K):
+                        for j2 in range(K):
+                            s0 += ((S_ap__ap_dQ[j0, j1, k, j2] + mu_ap[j0]*mu_ap_dQ[j1, k, j2])*Q[j2, l] + (S_ap__ap_dQ[j0, j1, l, j2] + mu_ap[j0]*mu_ap_dQ[j1, l, j2])*Q[j2, k])*I2(C, j0, j1)
+                acc += -eta * s0
+            if ((order == 2)):
+                s0 = 0.0
+                for j0 in range(K):
+                    for j1 in range(K):
+                        for m0 in range(M):
+                            s0 += ((S_ap__ap_dR[j0, j1, k, m0] + mu_ap[j0]*mu_ap_dR[j1, k, m0])*R[l, m0] + (S_ap__ap_dR[j0, j1, l, m0] + mu_ap[j0]*mu_ap_dR[j1, l, m0])*R[k, m0])*I2(C, j0, j1)
+                acc += -eta * s0
+            if ((order == 2)):
+                s0 = 0.0
+                for j0 in range(K):
+                    for m0 in range(M):
+                        for j1 in range(K):
+                            s0 += ((S_vt__ap_dQ[m0, j0, k, j1] + mu_ap_dQ[j0, k, j1]*mu_vt[m0])*Q[j1, l] + (S_vt__ap_dQ[m0, j0, l, j1] + mu_ap_dQ[j0, l, j1]*mu_vt[m0])*Q[j1, k])*I2(C, j0, K + M + m0)
+                acc += eta * s0
+            if ((order == 2)):
+                s0 = 0.0
+                for j0 in range(K):
+                    for m0 in range(M):
+                        for m1 in range(M):
+                            s0 += ((S_vt__ap_dR[m0, j0, k, m1] + mu_ap_dR[j0, k, m1]*mu_vt[m0])*R[l, m1] + (S_vt__ap_dR[m0, j0, l, m1] + mu_ap_dR[j0, l, m1]*mu_vt[m0])*R[k, m1])*I2(C, j0, K + M + m0)
+                acc += eta * s0
+            dQ[k, l] = acc
+            dQ[l, k] = acc
+    dR = dy[o : o + K * M].reshape((K, M))
+    o += K * M
+    for k in range(K):
+        for n in range(M):
+            acc = 0.0
+            s0 = 0.0
+            for j0 in range(K):
+                s0 += (S_ap__ap[j0, k] + mu_ap[j0]*mu_ap[k])*E_id_g(Ct1[k], K + n, j0)
+            acc += -eta*tilt1_pref[k] * s0
+            s0 = 0.0
+            for m0 in range(M):
+                s0 += (S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*E_id_g(Ct1[k], K + n, K + M + m0)
+            acc += eta*tilt1_pref[k] * s0
+            if ((order == 2)):
+                s0 = 0.0
+                for j0 in range(K):
+                    for j1 in range(K):
+                        s0 += (S_ap__ap_dQ[j1, j0, k, k] + mu_ap[j1]*mu_ap_dQ[j0, k, k])*I2(C, j0, j1)
+                acc += -eta*R[k, n] * s0
+            if ((order == 2)):
+                s0 = 0.0
+                for j0 in range(K):
+                    for m0 in range(M):
+                        s0 += (S_vt__ap_dQ[m0, j0, k, k] + mu_ap_dQ[j0, k, k]*mu_vt[m0])*I2(C, j0, K + M + m0)
+                acc += eta*R[k, n] * s0
+            if ((order == 2)):
+                s0 = 0.0
+                for j0 in range(K):
+                    for j1 in range(K):
+                        for j2 in range(K):
+                            s0 += (S_ap__ap_dQ[j1, j0, k, j2] + mu_ap[j1]*mu_ap_dQ[j0, k, j2])*I2(C, j0, j1)*R[j2, n]
+                acc += -eta * s0
+            if ((order == 2)):
+                s0 = 0.0
+                for j0 in range(K):
+                    for j1 in range(K):
+                        for m0 in range(M):
+                            s0 += (S_ap__ap_dR[j1, j0, k, m0] + mu_ap[j1]*mu_ap_dR[j0, k, m0])*I2(C, j0, j1)*T[m0, n]
+                acc += -eta * s0
+            if ((order == 2)):
+                s0 = 0.0
+                for j0 in range(K):
+                    for m0 in range(M):
+                        for j1 in range(K):
+                            s0 += (S_vt__ap_dQ[m0, j0, k, j1] + mu_ap_dQ[j0, k, j1]*mu_vt[m0])*I2(C, j0, K + M + m0)*R[j1, n]
+                acc += eta * s0
+            if ((order == 2)):
+                s0 = 0.0
+                for j0 in range(K):
+                    for m0 in range(M):
+                        for m1 in range(M):
+                            s0 += (S_vt__ap_dR[m0, j0, k, m1] + mu_ap_dR[j0, k, m1]*mu_vt[m0])*I2(C, j0, K + M + m0)*T[m1, n]
+                acc += eta * s0
+            dR[k, n] = acc
+    da = dy[o : o + K]
+    o += K
+    for k in range(K):
+        acc = 0.0
+        s0 = 0.0
+        for j0 in range(K):
+            s0 += I2(C, j0, k)*mu_ap[j0]
+        acc += eta_a*(((1) if (order == 2) else (0)) - 1) * s0
+        s0 = 0.0
+        for m0 in range(M):
+            s0 += I2(C, k, K + M + m0)*mu_vt[m0]
+        acc += eta_a*(1 - ((1) if (order == 2) else (0))) * s0
+        if ((order == 2)):
+            s0 = 0.0
+            for j0 in range(K):
+                for j1 in range(K):
+                    s0 += I2(C, j0, j1)*A_S[j1, k]*mu_ap[j0]
+            acc += -eta_a * s0
+        if ((order == 2)):
+            s0 = 0.0
+            for j0 in range(K):
+                for m0 in range(M):
+                    s0 += I2(C, j0, K + M + m0)*A_S[j0, k]*mu_vt[m0]
+            acc += eta_a * s0
+        da[k] = acc
+
+
 @njit(cache=True, error_model="numpy")
 def metrics(y, c, p, K, M, out):
     """out[i] = METRICS[i] at state y."""
@@ -862,6 +1120,52 @@ def run_rk4(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
         for q in range(y.size):
             tmp[q] = y[q] + dt * k3[q]
         rhs(tmp, c, p, K, M, k4)
+        for q in range(y.size):
+            y[q] += dt / 6.0 * (k1[q] + 2.0 * k2[q] + 2.0 * k3[q] + k4[q])
+        if not np.all(np.isfinite(y)):
+            return i + 1
+        if (i + 1) % record_every == 0:
+            traj[first_record + (i + 1) // record_every, :] = y
+    return -1
+
+
+
+@njit(cache=False, error_model="numpy")
+def run_euler_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
+    """Euler steps y <- y + dt * rhs(y) in place; every `record_every` steps the
+    state is written to traj[first_record + 1 + i]. Returns -1, or the number of
+    the step after which the state was no longer finite."""
+    dy = np.empty_like(y)
+    for i in range(n_steps):
+        rhs_parallel(y, c, p, K, M, dy)
+        for q in range(y.size):
+            y[q] += dt * dy[q]
+        if not np.all(np.isfinite(y)):
+            return i + 1
+        if (i + 1) % record_every == 0:
+            traj[first_record + (i + 1) // record_every, :] = y
+    return -1
+
+
+@njit(cache=False, error_model="numpy")
+def run_rk4_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
+    """Classical fourth-order Runge-Kutta steps, recorded as in run_euler."""
+    k1 = np.empty_like(y)
+    k2 = np.empty_like(y)
+    k3 = np.empty_like(y)
+    k4 = np.empty_like(y)
+    tmp = np.empty_like(y)
+    for i in range(n_steps):
+        rhs_parallel(y, c, p, K, M, k1)
+        for q in range(y.size):
+            tmp[q] = y[q] + 0.5 * dt * k1[q]
+        rhs_parallel(tmp, c, p, K, M, k2)
+        for q in range(y.size):
+            tmp[q] = y[q] + 0.5 * dt * k2[q]
+        rhs_parallel(tmp, c, p, K, M, k3)
+        for q in range(y.size):
+            tmp[q] = y[q] + dt * k3[q]
+        rhs_parallel(tmp, c, p, K, M, k4)
         for q in range(y.size):
             y[q] += dt / 6.0 * (k1[q] + 2.0 * k2[q] + 2.0 * k3[q] + k4[q])
         if not np.all(np.isfinite(y)):

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 4dc6570e53c5cf6bcf0d80339687e7eb40bf4aa836419cfb6f0da40ad6f89c0e
+# inputs:     sha256 a27c8f74a261f39b785fc746f8e04b24d06cbc5e3f99b1795766ef7c5c31671a
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -16,11 +16,11 @@ K student and M teacher units. The covariance C of the fields
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "4dc6570e53c5cf6bcf0d80339687e7eb40bf4aa836419cfb6f0da40ad6f89c0e"
+INPUTS_SHA256 = "a27c8f74a261f39b785fc746f8e04b24d06cbc5e3f99b1795766ef7c5c31671a"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
@@ -352,6 +352,130 @@ def rhs(y, c, p, K, M, dy):
         dv[k] = acc
 
 
+@njit(cache=False, error_model="numpy", parallel=True)
+def rhs_parallel(y, c, p, K, M, dy):
+    """rhs with the pairs (k, l) of its symmetric components shared among numba's
+    threads; each element is computed by the same code as in rhs, so the result is
+    the same to the last bit. Not cached, nor are the loops that call it: numba's
+    cache of threaded functions depends on the thread count and on the order of
+    compilation (numba issues 8578 and 10128: a stale entry crashes the process)."""
+    o = 0
+    Q = y[o : o + K * K].reshape((K, K))
+    o += K * K
+    R = y[o : o + K * M].reshape((K, M))
+    o += K * M
+    v = y[o : o + K]
+    o += K
+
+    o = 0
+    T = c[o : o + M * M].reshape((M, M))
+    o += M * M
+    vs = c[o : o + M]
+    o += M
+
+    eta = p[0]
+    eta_v = p[1]
+    kappa = p[2]
+    sigma = p[3]
+    C = np.empty((K + M, K + M))
+    covariance(y, c, p, K, M, C)
+    Cu = C
+    Ct1 = np.empty((K, C.shape[0], C.shape[0]))
+    tilt1_pref = np.empty(K)
+    tilt1_all(C, K, Ct1, tilt1_pref)
+
+    o = 0
+    dQ = dy[o : o + K * K].reshape((K, K))
+    o += K * K
+    # the pairs k <= l, shared among the threads in chunks, each with its own buffers
+    n_pairs = K * (K + 1) // 2
+    pair_k = np.empty(n_pairs, np.int64)
+    pair_l = np.empty(n_pairs, np.int64)
+    i_ = 0
+    for k_ in range(K):
+        for l_ in range(k_, K):
+            pair_k[i_] = k_
+            pair_l[i_] = l_
+            i_ += 1
+    n_chunks = min(n_pairs, 64)
+    for chunk in prange(n_chunks):
+        F = np.empty_like(Cu)
+        Dn = np.empty(Cu.shape[0])
+        ua = np.empty(Cu.shape[0])
+        ub = np.empty(Cu.shape[0])
+        for i_ in range(chunk, n_pairs, n_chunks):
+            k = pair_k[i_]
+            l = pair_l[i_]
+            tilt_pref = tilt2_table(Cu, k, l, F, Dn, ua, ub)
+            acc = 0.0
+            acc += eta**2*sigma**2*tilt_pref*v[k]*v[l]
+            acc += -2*kappa*Q[k, l]
+            s0 = 0.0
+            s1 = 0.0
+            for j0 in range(K):
+                s0 += E_id_g(Ct1[k], l, j0)*v[j0]
+                s1 += E_id_g(Ct1[l], k, j0)*v[j0]
+            acc += -eta*tilt1_pref[k]*v[k] * s0
+            acc += -eta*tilt1_pref[l]*v[l] * s1
+            s0 = 0.0
+            s1 = 0.0
+            for m0 in range(M):
+                s0 += E_id_g(Ct1[k], l, K + m0)*vs[m0]
+                s1 += E_id_g(Ct1[l], k, K + m0)*vs[m0]
+            acc += eta*tilt1_pref[k]*v[k] * s0
+            acc += eta*tilt1_pref[l]*v[l] * s1
+            s0 = 0.0
+            d0 = 0.0
+            for j0 in range(K):
+                d0 += F[j0, j0]*v[j0]**2
+                for j1 in range(j0 + 1, K):
+                    s0 += F[j0, j1]*v[j0]*v[j1]
+            acc += eta**2*tilt_pref*v[k]*v[l] * (d0 + 2.0 * s0)
+            s0 = 0.0
+            for j0 in range(K):
+                for m0 in range(M):
+                    s0 += F[j0, K + m0]*v[j0]*vs[m0]
+            acc += -2*eta**2*tilt_pref*v[k]*v[l] * s0
+            s0 = 0.0
+            d0 = 0.0
+            for m0 in range(M):
+                d0 += F[K + m0, K + m0]*vs[m0]**2
+                for m1 in range(m0 + 1, M):
+                    s0 += F[K + m0, K + m1]*vs[m0]*vs[m1]
+            acc += eta**2*tilt_pref*v[k]*v[l] * (d0 + 2.0 * s0)
+            dQ[k, l] = acc
+            dQ[l, k] = acc
+    dR = dy[o : o + K * M].reshape((K, M))
+    o += K * M
+    for k in range(K):
+        for n in range(M):
+            acc = 0.0
+            s0 = 0.0
+            for j0 in range(K):
+                s0 += E_id_g(Ct1[k], K + n, j0)*v[j0]
+            acc += -eta*tilt1_pref[k]*v[k] * s0
+            s0 = 0.0
+            for m0 in range(M):
+                s0 += E_id_g(Ct1[k], K + n, K + m0)*vs[m0]
+            acc += eta*tilt1_pref[k]*v[k] * s0
+            acc += -kappa*R[k, n]
+            dR[k, n] = acc
+    dv = dy[o : o + K]
+    o += K
+    for k in range(K):
+        acc = 0.0
+        s0 = 0.0
+        for j0 in range(K):
+            s0 += I2(C, j0, k)*v[j0]
+        acc += -eta_v * s0
+        s0 = 0.0
+        for m0 in range(M):
+            s0 += I2(C, k, K + m0)*vs[m0]
+        acc += eta_v * s0
+        acc += -((kappa) if (eta_v != 0) else (0))*v[k]
+        dv[k] = acc
+
+
 @njit(cache=True, error_model="numpy")
 def metrics(y, c, p, K, M, out):
     """out[i] = METRICS[i] at state y."""
@@ -482,6 +606,52 @@ def run_rk4(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
         for q in range(y.size):
             tmp[q] = y[q] + dt * k3[q]
         rhs(tmp, c, p, K, M, k4)
+        for q in range(y.size):
+            y[q] += dt / 6.0 * (k1[q] + 2.0 * k2[q] + 2.0 * k3[q] + k4[q])
+        if not np.all(np.isfinite(y)):
+            return i + 1
+        if (i + 1) % record_every == 0:
+            traj[first_record + (i + 1) // record_every, :] = y
+    return -1
+
+
+
+@njit(cache=False, error_model="numpy")
+def run_euler_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
+    """Euler steps y <- y + dt * rhs(y) in place; every `record_every` steps the
+    state is written to traj[first_record + 1 + i]. Returns -1, or the number of
+    the step after which the state was no longer finite."""
+    dy = np.empty_like(y)
+    for i in range(n_steps):
+        rhs_parallel(y, c, p, K, M, dy)
+        for q in range(y.size):
+            y[q] += dt * dy[q]
+        if not np.all(np.isfinite(y)):
+            return i + 1
+        if (i + 1) % record_every == 0:
+            traj[first_record + (i + 1) // record_every, :] = y
+    return -1
+
+
+@njit(cache=False, error_model="numpy")
+def run_rk4_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
+    """Classical fourth-order Runge-Kutta steps, recorded as in run_euler."""
+    k1 = np.empty_like(y)
+    k2 = np.empty_like(y)
+    k3 = np.empty_like(y)
+    k4 = np.empty_like(y)
+    tmp = np.empty_like(y)
+    for i in range(n_steps):
+        rhs_parallel(y, c, p, K, M, k1)
+        for q in range(y.size):
+            tmp[q] = y[q] + 0.5 * dt * k1[q]
+        rhs_parallel(tmp, c, p, K, M, k2)
+        for q in range(y.size):
+            tmp[q] = y[q] + 0.5 * dt * k2[q]
+        rhs_parallel(tmp, c, p, K, M, k3)
+        for q in range(y.size):
+            tmp[q] = y[q] + dt * k3[q]
+        rhs_parallel(tmp, c, p, K, M, k4)
         for q in range(y.size):
             y[q] += dt / 6.0 * (k1[q] + 2.0 * k2[q] + 2.0 * k3[q] + k4[q])
         if not np.all(np.isfinite(y)):

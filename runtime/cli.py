@@ -80,6 +80,14 @@ def _add_common(p: argparse.ArgumentParser, flow_cmd: bool) -> None:
     if flow_cmd:
         p.add_argument("--dt", type=float, required=True)
         p.add_argument("--method", default="euler", choices=METHODS)
+        p.add_argument(
+            "--parallel",
+            default="auto",
+            choices=("auto", "on", "off"),
+            help="share each step among numba's threads (NUMBA_NUM_THREADS); auto: from K = 12 "
+            "up, for runs of over a minute (the threaded loops compile on each start); "
+            "the result is the same either way",
+        )
         p.add_argument("--n", type=int, default=1000, help="N of the sampled network behind a sampled start")
     else:
         p.add_argument("--n", type=int, required=True, help="input dimension N")
@@ -113,8 +121,11 @@ def cmd_flow(args) -> Path:
         record_every=args.record_every,
         activation=args.activation,
         progress=not args.no_progress,
+        parallel={"auto": None, "on": True, "off": False}[args.parallel],
     )
-    out = _out_dir(args, "flow", {"model": args.model, **vars(args)})
+    # the thread count does not change the result, so it does not name the run
+    config = {k: v for k, v in vars(args).items() if k != "parallel"}
+    out = _out_dir(args, "flow", {"model": args.model, **config})
     traj.save(out)
     _figure(traj, None, out, f"{args.model} flow")
     return out

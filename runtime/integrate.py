@@ -9,6 +9,7 @@ for the progress bar, stops on divergence and assembles the trajectory.
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
@@ -17,6 +18,43 @@ from .kernels import Kernel, load
 from .trajectory import Trajectory, metadata
 
 METHODS = ("euler", "rk4")
+# The threaded right-hand side (rhs_parallel) shares the pairs (k, l) of dQ among
+# numba's threads. Below PARALLEL_FROM_K student units the threads cost more than
+# they save (two threads, benchmarks/flow_speed.py: 1.25x for two_layer and 1.06x
+# for anil at K = M = 8, 1.5x for both at K = M = 16). Its loops are compiled on
+# each start (5-20 s; numba cannot cache threaded functions safely), so the
+# automatic choice takes it only for runs that would last PARALLEL_MIN_SECONDS serially.
+PARALLEL_FROM_K = 12
+PARALLEL_MIN_SECONDS = 60.0
+
+
+def use_parallel(parallel: bool | None, K: int, serial_seconds=None) -> bool:
+    """Whether to run the threaded right-hand side: ``parallel`` if given; if None,
+    ``K >= PARALLEL_FROM_K``, more than one numba thread, and ``serial_seconds()``
+    (an estimate of the serial run time) above ``PARALLEL_MIN_SECONDS``."""
+    if parallel is None:
+        import numba
+
+        if K < PARALLEL_FROM_K or numba.get_num_threads() < 2:
+            return False
+        return serial_seconds is None or serial_seconds() > PARALLEL_MIN_SECONDS
+    if not isinstance(parallel, bool):
+        raise ValueError(f"parallel must be True, False or None (automatic), got {parallel!r}")
+    return parallel
+
+
+def _serial_estimate(run, y, c, p, K, M, dt, n_steps):
+    """Seconds the serial loop would take for ``n_steps``, from a few timed steps on a copy."""
+
+    def estimate():
+        probe = 3
+        scratch = np.empty((1, y.size))
+        run(y.copy(), c, p, K, M, dt, 1, 2, scratch, 0)  # compiled or loaded from the cache
+        t0 = time.perf_counter()
+        run(y.copy(), c, p, K, M, dt, probe, probe + 1, scratch, 0)
+        return (time.perf_counter() - t0) / probe * n_steps
+
+    return estimate
 
 
 class FlowDiverged(RuntimeError):
@@ -67,11 +105,16 @@ def flow(
     record_every: float | None = None,
     activation: str = "erf",
     progress: bool = False,
+    parallel: bool | None = None,
 ) -> Trajectory:
     """Integrate the flow of ``model`` from ``init`` up to ``alpha = t_max``.
 
     ``record_every`` (in alpha, a multiple of ``dt``; default ``dt``, every step)
-    sets the recorded times, which start at 0 and end at ``t_max``.
+    sets the recorded times, which start at 0 and end at ``t_max``. ``parallel``
+    shares the work of each step among numba's threads (``NUMBA_NUM_THREADS``);
+    the default (None) does so for K >= PARALLEL_FROM_K when the serial run would
+    take over PARALLEL_MIN_SECONDS (``use_parallel``). The result is the same to
+    the last bit either way.
     """
     kernel = load(model, activation)
     if method not in METHODS:
@@ -90,7 +133,9 @@ def flow(
     n_rec = n_steps // rec
     traj = np.empty((n_rec + 1, y.size))
     traj[0] = y
-    run = kernel.module.run_euler if method == "euler" else kernel.module.run_rk4
+    run = getattr(kernel.module, f"run_{method}")
+    if use_parallel(parallel, K, _serial_estimate(run, y, c, p, K, M, dt, n_steps)):
+        run = getattr(kernel.module, f"run_{method}_parallel")
     # chunks of whole recording intervals, about 50 of them when a bar is shown
     per_chunk = max(1, n_rec // 50) if progress else n_rec
     bar = _bar(n_steps, progress, f"flow {model}")

@@ -274,3 +274,42 @@ def test_scm_is_two_layer_with_unit_readouts(method, sigma):
     for k in ("alpha", "Q", "R", "eps_g"):
         assert np.abs(getattr(scm, k) - getattr(two, k)).max() < 1e-12, k
     assert np.array_equal(two.v, np.ones_like(two.v))
+
+
+@pytest.mark.parametrize(
+    "model, params, method",
+    [
+        ("two_layer", PARAMS, "euler"),
+        ("anil", {"order": 2, "S": 2}, "rk4"),
+        ("anil", {}, "euler"),
+    ],
+)
+def test_threaded_rhs_gives_the_same_bits(model, params, method):
+    """rhs_parallel computes each element of dQ with the code of rhs, so the
+    trajectories agree to the last bit, threads or not."""
+    if model == "two_layer":
+        init = start(K=4, M=3)
+    else:
+        init = runtime.sampled_init(model, 3, 2, 500, seed=1)
+    kw = {"t_max": 0.5, "dt": 0.05, "method": method}
+    serial = runtime.flow(model, init, params, parallel=False, **kw)
+    threaded = runtime.flow(model, init, params, parallel=True, **kw)
+    for name in ("Q", "R"):
+        np.testing.assert_array_equal(getattr(serial, name), getattr(threaded, name))
+    assert np.abs(serial.Q[-1] - serial.Q[0]).max() > 1e-6  # the flow moved
+
+
+def test_parallel_choice(monkeypatch):
+    import numba
+
+    from runtime.integrate import PARALLEL_FROM_K, PARALLEL_MIN_SECONDS, use_parallel
+
+    assert use_parallel(True, 2) and not use_parallel(False, 64)
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 2)
+    assert not use_parallel(None, PARALLEL_FROM_K - 1, lambda: 1e9)
+    assert use_parallel(None, PARALLEL_FROM_K, lambda: 2 * PARALLEL_MIN_SECONDS)
+    assert not use_parallel(None, PARALLEL_FROM_K, lambda: 0.5 * PARALLEL_MIN_SECONDS)
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 1)
+    assert not use_parallel(None, 64, lambda: 1e9)
+    with pytest.raises(ValueError, match="parallel must be"):
+        use_parallel("yes", 4)
