@@ -226,17 +226,26 @@ class FirstLayer:
         return (k,), sp.diff(loss, lam[k])
 
     @staticmethod
-    def step(W: np.ndarray, G: np.ndarray, x: np.ndarray, rate: float, decay: float) -> None:
+    def coefficients(N: int, rate: float, decay: float, batch: int = 1) -> tuple[float, float]:
+        """``(shrink, scale)`` of one step on real vectors,
+        ``w_k <- shrink w_k - scale sum_mu G_mu,k x_mu`` over a batch of ``batch``
+        samples: ``shrink = 1 - decay/N``, ``scale = rate / (sqrt(N) batch)``.
+        The one place these scalings are written: ``step`` applies them, and the
+        compiled simulator loop (runtime/simulate_meta.py) takes them as numbers."""
+        return 1.0 - decay / N, rate / (math.sqrt(N) * batch)
+
+    def step(self, W: np.ndarray, G: np.ndarray, x: np.ndarray, rate: float, decay: float) -> None:
         """One update of the (K, N) first layer in place, from per-sample G (K,) and x (N,).
 
         With a batch, ``G`` is (n_q, K) and ``x`` (n_q, N): the step is their average."""
-        N = x.shape[-1]
-        if decay:
-            W *= 1.0 - decay / N
+        batch = 1 if G.ndim == 1 else G.shape[0]
+        shrink, scale = self.coefficients(x.shape[-1], rate, decay, batch)
+        if shrink != 1.0:
+            W *= shrink
         if G.ndim == 1:
-            W -= np.outer((rate / math.sqrt(N)) * G, x)
+            W -= np.outer(scale * G, x)
         else:
-            W -= (rate / (math.sqrt(N) * G.shape[0])) * (G.T @ x)
+            W -= scale * (G.T @ x)
 
     @staticmethod
     def step_weights(W: np.ndarray, grad_W: np.ndarray, rate: float) -> None:
@@ -275,10 +284,17 @@ class ReadoutUpdate:
         return (k,), self.grad(loss, k)
 
     @staticmethod
-    def step(c: np.ndarray, H: np.ndarray, N: int, rate: float, decay: float) -> None:
-        if decay:
-            c *= 1.0 - decay / N
-        c -= (rate / N) * H
+    def coefficients(N: int, rate: float, decay: float) -> tuple[float, float]:
+        """``(shrink, scale)`` of one step, ``c_k <- shrink c_k - scale dL/dc_k``:
+        ``shrink = 1 - decay/N``, ``scale = rate/N`` (the one place these are
+        written; ``step`` and the compiled simulator loop read them)."""
+        return 1.0 - decay / N, rate / N
+
+    def step(self, c: np.ndarray, H: np.ndarray, N: int, rate: float, decay: float) -> None:
+        shrink, scale = self.coefficients(N, rate, decay)
+        if shrink != 1.0:
+            c *= shrink
+        c -= scale * H
 
 
 @dataclass(frozen=True)

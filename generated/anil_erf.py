@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 59924db0341f8e0ec3af7e5a2ab76ec8f1d26c7b0509f52043c7e4eb6b381088
+# inputs:     sha256 2a74f575dd28d509b971660de722bbac14f25cdb1e403459a851f91691979416
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 846 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "59924db0341f8e0ec3af7e5a2ab76ec8f1d26c7b0509f52043c7e4eb6b381088"
+INPUTS_SHA256 = "2a74f575dd28d509b971660de722bbac14f25cdb1e403459a851f91691979416"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

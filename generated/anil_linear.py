@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 3b39aac9a6ce78517987688fddc5bdb5be7f17d81f273253344e7db1eeac2d88
+# inputs:     sha256 b26d1fcbfae3f3a774596b5065ed30480eab758927a9afeb2c7ead80659730be
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 579 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "3b39aac9a6ce78517987688fddc5bdb5be7f17d81f273253344e7db1eeac2d88"
+INPUTS_SHA256 = "b26d1fcbfae3f3a774596b5065ed30480eab758927a9afeb2c7ead80659730be"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 debfd48779444ac06994143604ee3149fb431f8bc7ee4454c374af6d3dbe49ce
+# inputs:     sha256 b01f89f8560e57eca9b5eea34cb4727b29e5d5f85b1c553c58e54132b5fbd5ef
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "debfd48779444ac06994143604ee3149fb431f8bc7ee4454c374af6d3dbe49ce"
+INPUTS_SHA256 = "b01f89f8560e57eca9b5eea34cb4727b29e5d5f85b1c553c58e54132b5fbd5ef"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 f5ad5afb3ef209fa8f72b83dedc9e8513553ff2b57657b5d588a1d2744a85f2b
+# inputs:     sha256 7ae7f871c0713a84f243035a15ed6420825d5c4977953bfb45dd6d00ffe62ae8
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "f5ad5afb3ef209fa8f72b83dedc9e8513553ff2b57657b5d588a1d2744a85f2b"
+INPUTS_SHA256 = "7ae7f871c0713a84f243035a15ed6420825d5c4977953bfb45dd6d00ffe62ae8"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

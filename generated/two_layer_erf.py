@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 a27c8f74a261f39b785fc746f8e04b24d06cbc5e3f99b1795766ef7c5c31671a
+# inputs:     sha256 fda9de085b93969956071f4a9a542ce44b90b8767c3f6604b731524d7bde8b0e
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "a27c8f74a261f39b785fc746f8e04b24d06cbc5e3f99b1795766ef7c5c31671a"
+INPUTS_SHA256 = "fda9de085b93969956071f4a9a542ce44b90b8767c3f6604b731524d7bde8b0e"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

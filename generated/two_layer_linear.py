@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 303d96988f406ea6e808fe15a6591a943f70028fb6ec5b84355b541006307918
+# inputs:     sha256 4bcfa73123132b092458584dba58c50a8f310ff6397a703034cc841e01983411
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "303d96988f406ea6e808fe15a6591a943f70028fb6ec5b84355b541006307918"
+INPUTS_SHA256 = "4bcfa73123132b092458584dba58c50a8f310ff6397a703034cc841e01983411"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

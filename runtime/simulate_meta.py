@@ -18,6 +18,12 @@ The real algorithm on real vectors, one task per step:
 ``I2`` and its partial derivatives are typed here from their closed forms
 (MODELS.md section 2), independently of the generated kernels, and the
 gradient is tested against finite differences of the query loss.
+
+Order 1 in population mode without feature variability (the main job) runs whole
+outer steps compiled (``_first_order_population_steps``): the same random draws
+from the same numpy Generator (numba reproduces its stream), the same formulas,
+and the coefficients of the update rules taken from derive/model.py; it is tested
+equal to the numpy loop, step for step.
 """
 
 from __future__ import annotations
@@ -84,6 +90,8 @@ class MetaStep:
         self.eps_B = params["eps_B"]
         self.sigma = params["sigma"]
         self.population = not math.isfinite(self.n_s)
+        # the case whose whole outer step runs compiled (run_seed_meta)
+        self.compiled = self.order == 1 and self.population and self.eps_B == 0
         self._B = None
         self._Tt = None
 
@@ -203,31 +211,52 @@ class MetaStep:
         return G, grad_W, grad_a
 
 
+# -- the compiled first-order population path ------------------------------------
+# Order 1, population mode, eps_B = 0: the same formulas as MetaStep (C, D from
+# I2 at the current overlaps, S inner steps, query delta), compiled. Every sum over
+# the N coordinates is one call of ``_dot``, so the per-step function and the
+# whole-loop function below give the same numbers to the last bit.
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def _dot(x, y):
+    """sum_i x_i y_i, vectorised (reassociation only: inf and nan propagate).
+    Not inlined into its callers, which would drop the fastmath flag."""
+    acc = 0.0
+    for i in range(x.size):
+        acc += x[i] * y[i]
+    return acc
+
+
 @njit(cache=True)
-def _first_order_population(W, B, Tt, a, vt, Xq, zq, alpha_in, S, sigma, linear):
-    """MetaStep.gradients for order 1, population mode, eps_B = 0, in one compiled
-    pass: the same formulas (C, D from I2 at the current overlaps, S inner steps,
-    query delta), returning (G, dL/da'). Tested equal to the numpy path."""
+def _overlaps(W, B, Q, R):
+    """Q = W W^T / N, R = W B^T / N."""
     K, N = W.shape
-    M = B.shape[0]
-    nq = Xq.shape[0]
-    sq = math.sqrt(N)
-    Q = np.empty((K, K))
-    R = np.empty((K, M))
     for k in range(K):
-        for q in range(K):
-            acc = 0.0
-            for i in range(N):
-                acc += W[k, i] * W[q, i]
-            Q[k, q] = acc / N
-        for m in range(M):
-            acc = 0.0
-            for i in range(N):
-                acc += W[k, i] * B[m, i]
-            R[k, m] = acc / N
-    C = np.empty((K, K))
-    h = np.zeros(K)
+        for q in range(k, K):
+            Q[k, q] = _dot(W[k], W[q]) / N
+            Q[q, k] = Q[k, q]
+        for m in range(B.shape[0]):
+            R[k, m] = _dot(W[k], B[m]) / N
+
+
+@njit(cache=True)
+def _fields(Xq, W, B, lam, nu):
+    """The query fields lam = X W^T / sqrt(N) (n_q, K), nu = X B^T / sqrt(N) (n_q, M)."""
+    sq = math.sqrt(W.shape[1])
+    for mu in range(Xq.shape[0]):
+        for k in range(W.shape[0]):
+            lam[mu, k] = _dot(Xq[mu], W[k]) / sq
+        for m in range(B.shape[0]):
+            nu[mu, m] = _dot(Xq[mu], B[m]) / sq
+
+
+@njit(cache=True)
+def _adapt(Q, R, Tt, a, vt, alpha_in, S, linear, C, h, c, cn):
+    """The adapted readout c = c^(S) of the population inner loop, into ``c``."""
+    K, M = R.shape
     for k in range(K):
+        h[k] = 0.0
         for q in range(K):
             if linear:
                 C[k, q] = Q[k, q]
@@ -239,48 +268,131 @@ def _first_order_population(W, B, Tt, a, vt, Xq, zq, alpha_in, S, sigma, linear)
             else:
                 d = TWO_OVER_PI * math.asin(R[k, m] / math.sqrt((1.0 + Q[k, k]) * (1.0 + Tt[m])))
             h[k] += d * vt[m]
-    c = a.copy()
+    for k in range(K):
+        c[k] = a[k]
     for _ in range(S):
-        cn = np.empty(K)
         for k in range(K):
             acc = 0.0
             for q in range(K):
                 acc += C[k, q] * c[q]
             cn[k] = c[k] - alpha_in * (acc - h[k])
-        c = cn
-    G = np.empty((nq, K))
-    grad_a = np.zeros(K)
+        for k in range(K):
+            c[k] = cn[k]
+
+
+@njit(cache=True)
+def _query_gradients(lam, nu, zq, c, vt, sigma, linear, G, grad_a):
+    """G[mu, k] = delta_mu g'(lam_muk) c_k and grad_a = dL/da' = mean_mu g(lam_mu) delta_mu."""
+    nq, K = lam.shape
+    M = nu.shape[1]
+    for k in range(K):
+        grad_a[k] = 0.0
     for mu in range(nq):
         delta = 0.0
-        glam = np.empty(K)
-        gplam = np.empty(K)
         for k in range(K):
-            acc = 0.0
-            for i in range(N):
-                acc += Xq[mu, i] * W[k, i]
-            lam = acc / sq
-            if linear:
-                glam[k] = lam
-                gplam[k] = 1.0
-            else:
-                glam[k] = math.erf(lam / math.sqrt(2.0))
-                gplam[k] = math.sqrt(2.0 / math.pi) * math.exp(-0.5 * lam * lam)
-            delta += glam[k] * c[k]
+            x = lam[mu, k]
+            delta += (x if linear else math.erf(x / math.sqrt(2.0))) * c[k]
         for m in range(M):
-            acc = 0.0
-            for i in range(N):
-                acc += Xq[mu, i] * B[m, i]
-            nu = acc / sq
-            delta -= (nu if linear else math.erf(nu / math.sqrt(2.0))) * vt[m]
+            x = nu[mu, m]
+            delta -= (x if linear else math.erf(x / math.sqrt(2.0))) * vt[m]
         delta -= sigma * zq[mu]
         for k in range(K):
-            G[mu, k] = delta * gplam[k] * c[k]
-            grad_a[k] += glam[k] * delta / nq
+            x = lam[mu, k]
+            if linear:
+                g, gp = x, 1.0
+            else:
+                g, gp = math.erf(x / math.sqrt(2.0)), math.sqrt(2.0 / math.pi) * math.exp(-0.5 * x * x)
+            G[mu, k] = delta * gp * c[k]
+            grad_a[k] += g * delta / nq
+
+
+@njit(cache=True)
+def _first_order_population(W, B, Tt, a, vt, Xq, zq, alpha_in, S, sigma, linear):
+    """MetaStep.gradients for order 1, population mode, eps_B = 0, compiled:
+    (G, dL/da'). Tested equal to the numpy path."""
+    K, M, nq = W.shape[0], B.shape[0], Xq.shape[0]
+    Q, R = np.empty((K, K)), np.empty((K, M))
+    _overlaps(W, B, Q, R)
+    c = np.empty(K)
+    _adapt(Q, R, Tt, a, vt, alpha_in, S, linear, np.empty((K, K)), np.empty(K), c, np.empty(K))
+    lam, nu = np.empty((nq, K)), np.empty((nq, M))
+    _fields(Xq, W, B, lam, nu)
+    G, grad_a = np.empty((nq, K)), np.empty(K)
+    _query_gradients(lam, nu, zq, c, vt, sigma, linear, G, grad_a)
     return G, grad_a
 
 
-def run_seed_meta(model, W, B, vec, values, rates, N, n_steps, rec, rng, bar, activation):
-    """One seed: ``n_steps`` outer steps, the order parameters every ``rec`` steps."""
+@njit(cache=True)
+def _first_order_population_steps(
+    W, B, Tt, a, vbar, rng, n_steps, n_q, s, alpha_in, S, sigma, linear, w_shrink, w_scale, a_shrink, a_scale
+):
+    """``n_steps`` whole outer steps (order 1, population, eps_B = 0) in place on
+    W and a, without allocating: the task drawn from ``rng`` in the order of
+    ``MetaStep.draw_task`` (vt, query inputs, query noise), the gradients of
+    ``_first_order_population``, then ``w_k <- w_shrink w_k - w_scale sum_mu G_mu,k x_mu``
+    and ``a <- a_shrink a - a_scale dL/da'`` with the coefficients of
+    ``FirstLayer.step`` and ``ReadoutUpdate.step`` (derive/model.py) passed in."""
+    K, N = W.shape
+    M = B.shape[0]
+    Q, R = np.empty((K, K)), np.empty((K, M))
+    C, h, c, cn = np.empty((K, K)), np.empty(K), np.empty(K), np.empty(K)
+    vt = np.empty(M)
+    Xq, zq = np.empty((n_q, N)), np.empty(n_q)
+    lam, nu = np.empty((n_q, K)), np.empty((n_q, M))
+    G, grad_a = np.empty((n_q, K)), np.empty(K)
+    gx = np.empty(N)
+    for _ in range(n_steps):
+        for m in range(M):
+            vt[m] = vbar[m] + s * rng.standard_normal()
+        for mu in range(n_q):
+            for i in range(N):
+                Xq[mu, i] = rng.standard_normal()
+        for mu in range(n_q):
+            zq[mu] = rng.standard_normal()
+        _overlaps(W, B, Q, R)
+        _adapt(Q, R, Tt, a, vt, alpha_in, S, linear, C, h, c, cn)
+        _fields(Xq, W, B, lam, nu)
+        _query_gradients(lam, nu, zq, c, vt, sigma, linear, G, grad_a)
+        for k in range(K):
+            if w_shrink != 1.0:
+                for i in range(N):
+                    W[k, i] *= w_shrink
+            g = G[0, k]
+            if n_q == 1:
+                for i in range(N):
+                    W[k, i] -= w_scale * (g * Xq[0, i])
+                continue
+            # sum_mu G_mu,k x_mu, summed in increasing mu
+            for i in range(N):
+                gx[i] = g * Xq[0, i]
+            for mu in range(1, n_q):
+                g = G[mu, k]
+                for i in range(N):
+                    gx[i] += g * Xq[mu, i]
+            for i in range(N):
+                W[k, i] -= w_scale * gx[i]
+        if a_shrink != 1.0:
+            for k in range(K):
+                a[k] *= a_shrink
+        for k in range(K):
+            a[k] -= a_scale * grad_a[k]
+
+
+# at most this many steps per call of the compiled loop (the progress bar moves
+# at least this often); its results do not depend on it
+CHUNK = 4096
+
+
+def run_seed_meta(model, W, B, vec, values, rates, N, n_steps, rec, rng, bar, activation, path="compiled"):
+    """One seed: ``n_steps`` outer steps, the order parameters every ``rec`` steps.
+
+    ``path``: ``"compiled"`` runs whole outer steps compiled where
+    ``MetaStep.compiled`` holds (order 1, population, eps_B = 0; elsewhere the
+    Python loop); ``"step"`` the Python loop with the compiled gradients;
+    ``"numpy"`` the Python loop with the numpy gradients (the reference). With
+    a seeded ``rng`` the three draw the same random numbers and agree to round-off."""
+    if path not in ("compiled", "step", "numpy"):
+        raise ValueError(f"path must be compiled, step or numpy, got {path!r}")
     K, M = W.shape[0], B.shape[0]
     names = [v.name for v in model.state_vectors + model.const_vectors]
     if names != ["a", "vbar"]:
@@ -301,18 +413,38 @@ def run_seed_meta(model, W, B, vec, values, rates, N, n_steps, rec, rng, bar, ac
         Rs[i] = W @ B.T / N
         As[i] = a
 
+    if path == "compiled" and step.compiled:
+        # the update rules' own coefficients (derive/model.py), as numbers
+        w_shrink, w_scale = fl.coefficients(N, eta, decay, step.n_q)
+        a_shrink, a_scale = ro.coefficients(N, eta_a, decay_a)
+        task = (step.n_q, float(step.s), float(step.alpha_in), step.S, float(step.sigma))
+        rules = (step.act.name == "linear", w_shrink, w_scale, a_shrink, a_scale)
+
+        def advance(n):
+            _first_order_population_steps(W, B, step._Tt, a, vbar, rng, n, *task, *rules)
+
+    else:
+        fast = path != "numpy"
+
+        def advance(n):
+            for _ in range(n):
+                task = step.draw_task(rng, B, vbar)
+                G, grad_W, grad_a = step.gradients(W, a, task, fast=fast)
+                fl.step(W, G, task[4], eta, decay)
+                if grad_W is not None:
+                    fl.step_weights(W, grad_W, eta)
+                ro.step(a, grad_a, N, eta_a, decay_a)
+
     record(0)
-    for t in range(1, n_steps + 1):
-        task = step.draw_task(rng, B, vbar)
-        G, grad_W, grad_a = step.gradients(W, a, task)
-        fl.step(W, G, task[4], eta, decay)
-        if grad_W is not None:
-            fl.step_weights(W, grad_W, eta)
-        ro.step(a, grad_a, N, eta_a, decay_a)
-        if t % rec == 0:
-            record(t // rec)
-            if not np.all(np.isfinite(W)):
-                raise SimulationDiverged(t / N, model.name)
+    for r in range(1, n_rec + 1):
+        done = 0
+        while done < rec:
+            n = min(CHUNK, rec - done)
+            advance(n)
+            done += n
             if bar:
-                bar.update(rec)
+                bar.update(n)
+        record(r)
+        if not np.all(np.isfinite(W)):
+            raise SimulationDiverged(r * rec / N, model.name)
     return Qs, Rs, {"a": As}

@@ -1,5 +1,8 @@
-"""The compiled first-order population step of the meta-learning simulator
-(runtime/simulate_meta.py: _first_order_population) against its numpy path."""
+"""The compiled first-order population path of the meta-learning simulator
+(runtime/simulate_meta.py): the compiled gradients of one step
+(``_first_order_population``) and the compiled outer loop
+(``_first_order_population_steps``, random draws included) against the numpy
+path, and the update rules' coefficients that both apply."""
 
 from __future__ import annotations
 
@@ -8,7 +11,12 @@ import math
 import numpy as np
 import pytest
 
-from runtime.simulate_meta import Activation, MetaStep
+import runtime
+from derive.model import FirstLayer, ReadoutUpdate
+from derive.models import get_model
+from runtime import SimulationDiverged, simulate_meta
+from runtime.scenarios import validation_init
+from runtime.simulate_meta import Activation, MetaStep, run_seed_meta
 
 
 @pytest.mark.parametrize("activation", ["erf", "linear"])
@@ -45,3 +53,157 @@ def test_fast_path_is_not_used_with_feature_variability():
     G2, _, g2 = step.gradients(W, np.ones(2), task, fast=False)
     np.testing.assert_array_equal(G1, G2)
     np.testing.assert_array_equal(g1, g2)
+
+
+# =========================================================================== the compiled outer loop
+SPEC = get_model("anil")
+
+
+def run_loop(path, activation="erf", N=120, n_steps=50, rec=10, seed=3, bar=None, **over):
+    """``run_seed_meta`` on a generic network from ``seed``: (records, final W, final a
+    record, the next number of the rng: the draws consumed)."""
+    values = SPEC.resolve_params(over)
+    rates = [(SPEC.numeric(SPEC.first_layer.rate, values), SPEC.numeric(SPEC.first_layer.decay, values))]
+    rates += [(SPEC.numeric(r.rate, values), SPEC.numeric(r.decay, values)) for r in SPEC.readout_updates]
+    rng = np.random.default_rng(seed)
+    W = 0.7 * rng.standard_normal((2, N))
+    B = rng.standard_normal((2, N))
+    vec = np.array([0.3, -0.2, 0.4, 0.2])
+    Qs, Rs, vecs = run_seed_meta(
+        SPEC, W, B, vec, values, rates, N, n_steps, rec, rng, bar, activation, path=path
+    )
+    return Qs, Rs, vecs["a"], W, rng.standard_normal()
+
+
+FAST_CASES = [
+    {},
+    {"n_q": 3, "eta_a": 0.5, "S": 2, "alpha_in": 0.6, "sigma": 0.3, "s": 0.7},
+    {"S": 0, "eta_a": 0.8, "n_q": 2},
+]
+
+
+@pytest.mark.parametrize("activation", ["erf", "linear"])
+@pytest.mark.parametrize(
+    "over", FAST_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults"
+)
+def test_compiled_loop_equals_the_python_loops(activation, over):
+    """Whole outer steps compiled (random draws included) against the Python loop
+    with the compiled gradients and with the numpy gradients: same seed, same
+    random numbers (numba draws numpy's stream of the same Generator), the same
+    records to round-off, and the same number of draws consumed."""
+    assert MetaStep(Activation(activation), SPEC.resolve_params(over)).compiled
+    comp = run_loop("compiled", activation, **over)
+    step = run_loop("step", activation, **over)
+    ref = run_loop("numpy", activation, **over)
+    for other in (step, ref):
+        for x, y in zip(comp[:4], other[:4]):
+            np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-13)
+        assert comp[4] == other[4]  # the rng stands at the same place
+    if over.get("n_q", 1) == 1:  # no batch sum in numpy's order: the same bits as the Python loop
+        for x, y in zip(comp[:4], step[:4]):
+            np.testing.assert_array_equal(x, y)
+    # the comparison is not empty: the network moved over the records
+    assert np.abs(comp[0][-1] - comp[0][0]).max() > 1e-3
+    if over.get("eta_a", 0.0):
+        assert np.abs(comp[2][-1] - comp[2][0]).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "over", [{"order": 2}, {"n_s": 5}, {"eps_B": 0.3}, {"order": 2, "n_s": 4, "eps_B": 0.2, "n_q": 2}]
+)
+def test_other_modes_run_the_python_loop(over):
+    """Order 2, finite support sets and feature variability are not compiled:
+    the default path is the numpy loop, to the bit."""
+    assert not MetaStep(Activation("erf"), SPEC.resolve_params(over)).compiled
+    comp = run_loop("compiled", n_steps=20, rec=5, **over)
+    ref = run_loop("numpy", n_steps=20, rec=5, **over)
+    for x, y in zip(comp, ref):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_compiled_loop_is_reproducible_and_seeded():
+    one = run_loop("compiled", n_steps=40, rec=40)
+    again = run_loop("compiled", n_steps=40, rec=40)
+    other = run_loop("compiled", n_steps=40, rec=40, seed=4)
+    for x, y in zip(one, again):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(one[3], other[3])
+
+
+def test_seeded_first_order_simulation_is_reproducible_and_independent_of_workers():
+    kw = dict(N=100, seeds=3, t_max=0.3, init=validation_init(), record_every=0.1, seed=7)
+    params = {"order": 1, "eta_a": 0.5, "S": 2, "sigma": 0.2}
+    one = runtime.simulate("anil", params, workers=1, **kw)
+    two = runtime.simulate("anil", params, workers=2, **kw)
+    again = runtime.simulate("anil", params, workers=1, **kw)
+    for name in ("Q", "R", "a", "eps_meta"):
+        np.testing.assert_array_equal(one.arrays[name], two.arrays[name], err_msg=name)
+        np.testing.assert_array_equal(one.arrays[name], again.arrays[name], err_msg=name)
+    assert not np.array_equal(one.Q[0, -1], one.Q[1, -1])
+
+
+def test_the_compiled_loop_takes_the_update_rules_coefficients(monkeypatch):
+    """The compiled loop has no scalings of its own: changing the coefficients of
+    FirstLayer / ReadoutUpdate (derive/model.py) changes it exactly as it changes
+    the Python loop, which applies them through ``step``."""
+    over = {"eta_a": 0.5, "n_q": 2}
+    plain = run_loop("compiled", **over)
+    fl_coef, ro_coef = FirstLayer.coefficients, ReadoutUpdate.coefficients
+    monkeypatch.setattr(FirstLayer, "coefficients", staticmethod(lambda *a: (0.97, 1.7 * fl_coef(*a)[1])))
+    monkeypatch.setattr(ReadoutUpdate, "coefficients", staticmethod(lambda *a: (0.95, 0.6 * ro_coef(*a)[1])))
+    comp = run_loop("compiled", **over)
+    ref = run_loop("numpy", **over)
+    for x, y in zip(comp[:4], ref[:4]):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-13)
+    assert np.abs(comp[3] - plain[3]).max() > 1e-2
+    assert np.abs(comp[2][-1] - plain[2][-1]).max() > 1e-3
+
+
+def test_coefficients_are_the_documented_rules():
+    """w_k <- (1 - decay/N) w_k - rate/(sqrt(N) n) sum_mu G_mu,k x_mu and
+    c <- (1 - decay/N) c - (rate/N) H, through ``step`` (per sample and batch)."""
+    rng = np.random.default_rng(0)
+    N, rate, decay = 50, 0.7, 0.3
+    assert FirstLayer.coefficients(N, rate, decay, 4) == (1 - decay / N, rate / (math.sqrt(N) * 4))
+    assert ReadoutUpdate.coefficients(N, rate, decay) == (1 - decay / N, rate / N)
+    fl = SPEC.first_layer
+    W0, G, X = rng.standard_normal((2, N)), rng.standard_normal((4, 2)), rng.standard_normal((4, N))
+    W = W0.copy()
+    fl.step(W, G, X, rate, decay)
+    np.testing.assert_allclose(W, (1 - decay / N) * W0 - rate / (math.sqrt(N) * 4) * G.T @ X, rtol=1e-13)
+    W = W0.copy()
+    fl.step(W, G[0], X[0], rate, decay)
+    np.testing.assert_allclose(
+        W, (1 - decay / N) * W0 - rate / math.sqrt(N) * np.outer(G[0], X[0]), rtol=1e-13
+    )
+    c0, H = rng.standard_normal(2), rng.standard_normal(2)
+    c = c0.copy()
+    SPEC.readout_updates[0].step(c, H, N, rate, decay)
+    np.testing.assert_allclose(c, (1 - decay / N) * c0 - rate / N * H, rtol=1e-14)
+
+
+def test_divergence_is_reported_at_the_same_record_by_both_loops():
+    """A learning rate far too large: both loops raise SimulationDiverged at the
+    first record where W is not finite, the same alpha (records every 50 steps)."""
+    alphas = []
+    for path in ("compiled", "numpy"):
+        with pytest.raises(SimulationDiverged) as info, np.errstate(all="ignore"):
+            run_loop(path, "linear", N=50, n_steps=4000, rec=50, eta=40.0)
+        alphas.append(info.value.alpha)
+    assert alphas[0] == alphas[1]
+    assert 1 <= alphas[0] < 4000 / 50 and alphas[0] == int(alphas[0])  # a record, rec / N = 1
+
+
+class CountingBar:
+    def __init__(self):
+        self.updates = []
+
+    def update(self, n):
+        self.updates.append(n)
+
+
+def test_progress_bar_moves_every_chunk(monkeypatch):
+    monkeypatch.setattr(simulate_meta, "CHUNK", 7)
+    bar = CountingBar()
+    run_loop("compiled", n_steps=50, rec=25, bar=bar)
+    assert sum(bar.updates) == 50 and max(bar.updates) <= 7 and len(bar.updates) == 8
