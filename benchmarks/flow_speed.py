@@ -1,10 +1,15 @@
 """Speed of the generated flows and of the simulator: prints figures, asserts nothing.
 
-    python benchmarks/flow_speed.py [--sizes 2 8 16 32 64] [--anil-sizes 2 8 16] [--repeats 5] [--plot FILE]
+    python benchmarks/flow_speed.py [--sizes 2 8 16 32 64] [--anil-sizes 2 8 16 32 64]
+                                    [--repeats 5] [--threads 2] [--plot FILE]
 
 - time per Euler step and per unit alpha (dt = 0.01) of two_layer (erf, both
   layers trained) and anil (erf, order 1, S = 1), one thread, median of
-  --repeats runs after a warm-up; the fitted exponent of cost against K;
+  --repeats runs after a warm-up (K <= 16; one run above); the fitted exponent
+  of cost against K;
+- with --threads T > 1: the same with the threaded right-hand side
+  (run_euler_parallel, T numba threads; its compile time is not counted) for
+  K >= 8, and the speed-up over one thread;
 - the simulator's outer step of anil (order 1, population mode, N = 1000, K = M = 2);
 - time of `python -m derive regenerate` (in a scratch copy, the tree untouched);
 - cold start (empty numba cache: compile) and warm start (cache filled) of a
@@ -25,15 +30,18 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("NUMBA_NUM_THREADS", "1")
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def step_time(model: str, K: int, M: int, repeats: int, dt: float = 0.01) -> float:
+def step_time(model: str, K: int, M: int, repeats: int, dt: float = 0.01, threads: int = 1) -> float:
+    import numba
+
     from runtime import Init, load
+
+    numba.set_num_threads(threads)
+    run = "run_euler_parallel" if threads > 1 else "run_euler"
 
     kernel = load(model)
     rng = np.random.default_rng(0)
@@ -53,13 +61,14 @@ def step_time(model: str, K: int, M: int, repeats: int, dt: float = 0.01) -> flo
     )
     n = max(20, int(2e6 / (K + M) ** 4))
     traj = np.empty((2, y0.size))
-    kernel.module.run_euler(y0.copy(), c, p, K, M, dt, 2, n + 10, traj, 0)  # compile / warm
+    getattr(kernel.module, run)(y0.copy(), c, p, K, M, dt, 2, n + 10, traj, 0)  # compile / warm
     times = []
     for _ in range(repeats):
         y = y0.copy()
         t0 = time.perf_counter()
-        kernel.module.run_euler(y, c, p, K, M, dt, n, n + 10, traj, 0)
+        getattr(kernel.module, run)(y, c, p, K, M, dt, n, n + 10, traj, 0)
         times.append((time.perf_counter() - t0) / n)
+    numba.set_num_threads(1)
     return statistics.median(times)
 
 
@@ -116,47 +125,69 @@ def fit_exponent(sizes, times) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[2, 8, 16, 32, 64])
-    ap.add_argument("--anil-sizes", type=int, nargs="+", default=[2, 8, 16])
+    ap.add_argument("--anil-sizes", type=int, nargs="+", default=[2, 8, 16, 32, 64])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2, help="threads of the threaded timings (1: none)")
     ap.add_argument("--plot", help="write a log-log figure of the time per step here")
     args = ap.parse_args()
-    threads = os.environ["NUMBA_NUM_THREADS"]
-    print(f"python {sys.version.split()[0]}, numba threads {threads}, {os.cpu_count()} cpus")
+    # numba reads this when first imported: room for the threaded timings
+    os.environ["NUMBA_NUM_THREADS"] = str(max(1, args.threads))
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus")
     results = {}
     for model, sizes, what in (
         ("two_layer", args.sizes, "erf, both layers trained"),
         ("anil", args.anil_sizes, "erf, order 1, S = 1"),
     ):
         print(f"{model}, {what}, Euler dt = 0.01")
-        print(f"{'K = M':>6} {'ms / step':>12} {'s / alpha':>12}")
-        times = []
+        head = f"{'K = M':>6} {'ms / step':>12} {'s / alpha':>12}"
+        if args.threads > 1:
+            head += f" {f'{args.threads} threads':>12} {'speed-up':>9}"
+        print(head)
+        times, threaded = [], []
         for K in sizes:
-            t = step_time(model, K, K, args.repeats if K <= 16 else 1)
+            reps = args.repeats if K <= 16 else 1
+            t = step_time(model, K, K, reps)
             times.append(t)
-            print(f"{K:>6} {t * 1e3:>12.4f} {t * 100:>12.4f}")
-        print(f"  cost ~ K^{fit_exponent(sizes, times):.2f} (fit over K >= 8)")
-        results[model] = (sizes, times)
+            line = f"{K:>6} {t * 1e3:>12.4f} {t * 100:>12.4f}"
+            if args.threads > 1 and K >= 8:
+                tp = step_time(model, K, K, reps, threads=args.threads)
+                threaded.append((K, tp))
+                line += f" {tp * 1e3:>12.4f} {t / tp:>9.2f}"
+            print(line, flush=True)
+        print(f"  cost ~ K^{fit_exponent(sizes, times):.2f} (fit over K >= 8, one thread)")
+        results[model] = (sizes, times, threaded)
     sim_us = simulator_step_time() * 1e6
     print(f"anil simulator, order 1, population, N = 1000, K = M = 2: {sim_us:.1f} us / outer step")
     if args.plot:
-        plot(results, args.plot)
+        plot(results, args.plot, args.threads)
     print(f"regenerate (all models): {regenerate_time():.2f} s")
     with tempfile.TemporaryDirectory() as cache:
         print(f"cold start to first step (empty numba cache): {startup(cache):.2f} s")
         print(f"warm start to first step (numba cache filled): {startup(cache):.2f} s")
 
 
-def plot(results, path) -> None:
+def plot(results, path, threads) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.8), constrained_layout=True)
-    for model, (sizes, times) in results.items():
-        ax.loglog(sizes, np.array(times) * 1e3, "o-", label=model)
+    for i, (model, (sizes, times, threaded)) in enumerate(results.items()):
+        ax.loglog(sizes, np.array(times) * 1e3, "o-", color=f"C{i}", label=f"{model}, one thread")
+        if threaded:
+            ks, ts = zip(*threaded)
+            label = f"{model}, {threads} threads"
+            ax.loglog(ks, np.array(ts) * 1e3, "s--", color=f"C{i}", mfc="none", label=label)
+    # Goldt et al.'s C++ reference integrator, two_layer, one thread (issue 4)
+    ax.loglog([8, 16], [0.19, 3.0], "kx", ms=8, label="C++ reference (two_layer)")
+    ks = sorted({k for sizes, _, _ in results.values() for k in sizes})
+    ax.set_xticks(ks)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("K = M")
-    ax.set_ylabel("ms per Euler step (one thread)")
+    ax.set_ylabel("ms per Euler step")
     ax.legend()
     fig.savefig(path, dpi=130)
     print(f"figure: {path}")
