@@ -299,6 +299,57 @@ def test_threaded_rhs_gives_the_same_bits(model, params, method):
     assert np.abs(serial.Q[-1] - serial.Q[0]).max() > 1e-6  # the flow moved
 
 
+def test_threaded_rhs_with_several_pairs_per_chunk():
+    """K = 12: 78 pairs in 64 chunks, so some chunks run two pairs in turn with one
+    set of buffers; two threads share them (a race on the buffers shows here)."""
+    import numba
+
+    if numba.get_num_threads() < 2:
+        pytest.skip("one numba thread: the threads cannot race")
+    rng = np.random.default_rng(5)
+    K, M = 12, 2
+    R = rng.uniform(-0.3, 0.3, (K, M))
+    A = 0.3 * rng.normal(size=(K, K))
+    vectors = {"v": rng.uniform(0.3, 1, K), "vs": np.ones(M)}
+    init = Init(R @ R.T + A @ A.T + 0.3 * np.eye(K), R, np.eye(M), vectors)
+    kw = {"t_max": 0.2, "dt": 0.05}
+    serial = runtime.flow("two_layer", init, PARAMS, parallel=False, **kw)
+    threaded = runtime.flow("two_layer", init, PARAMS, parallel=True, **kw)
+    np.testing.assert_array_equal(serial.Q, threaded.Q)
+    np.testing.assert_array_equal(serial.R, threaded.R)
+
+
+def test_automatic_choice_estimates_without_touching_the_state(monkeypatch):
+    import numba
+
+    from runtime import integrate, load
+
+    kernel = load("two_layer")
+    K, M = 3, 2
+    init = start(K, M).validate(kernel.model)
+    y = kernel.pack_state(init.arrays(), K, M)
+    c = kernel.pack_consts(init.arrays(), K, M)
+    p = kernel.param_vector(kernel.model.resolve_params(PARAMS))
+    y0, c0, p0 = y.copy(), c.copy(), p.copy()
+    seconds = integrate._serial_estimate(kernel.module.run_euler, y, c, p, K, M, 0.05, 10**6)()
+    assert 0 < seconds < 1e3
+    np.testing.assert_array_equal(y, y0)
+    np.testing.assert_array_equal(c, c0)
+    np.testing.assert_array_equal(p, p0)
+    # the automatic choice takes the threaded loop for a long run, with the same result
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(integrate, "PARALLEL_FROM_K", 1)
+    taken = []
+    real = integrate.use_parallel
+    monkeypatch.setattr(integrate, "use_parallel", lambda *a: taken.append(real(*a)) or taken[-1])
+    monkeypatch.setattr(integrate, "PARALLEL_MIN_SECONDS", 0.0)
+    auto = runtime.flow("two_layer", start(K, M), PARAMS, t_max=0.2, dt=0.05)
+    monkeypatch.setattr(integrate, "PARALLEL_MIN_SECONDS", 1e9)
+    auto_serial = runtime.flow("two_layer", start(K, M), PARAMS, t_max=0.2, dt=0.05)
+    assert taken == [True, False]
+    np.testing.assert_array_equal(auto.Q, auto_serial.Q)
+
+
 def test_parallel_choice(monkeypatch):
     import numba
 
