@@ -158,6 +158,22 @@ def test_two_layer_rhs_matches_reference(module, i):
     assert_rel(eps, reps, what=f"eps_g {tag}")
 
 
+@pytest.mark.parametrize("K, M", [(9, 9), (13, 5), (6, 17)])
+def test_two_layer_rhs_matches_reference_at_larger_sizes(K, M):
+    """Sizes where the vectorised table loop (tilt2_table) runs whole vectors and
+    remainders, and the triangular sums have long rows."""
+    mod = load("two_layer_erf")
+    rng = np.random.default_rng(100 * K + M)
+    Q, R, T, v, vs = random_state(rng, K, M)
+    params = {"eta": 0.7, "eta_v": 0.4, "kappa": 0.1, "sigma": 0.3}
+    dQ, dR, dv, eps = run(mod, Q, R, T, v, vs, params)
+    rQ, rR, rv, reps = reference_flow(Q, R, T, v, vs, activation="erf", **params)
+    assert_rel(dQ, rQ, what=f"dQ K,M={K, M}")
+    assert_rel(dR, rR, what=f"dR K,M={K, M}")
+    assert_rel(dv, rv, what=f"dv K,M={K, M}")
+    assert_rel(eps, reps, what=f"eps_g K,M={K, M}")
+
+
 @pytest.mark.parametrize("module", ["scm_erf", "scm_linear"])
 @pytest.mark.parametrize("i", range(N_STATES))
 def test_scm_rhs_matches_reference(module, i):
