@@ -318,6 +318,25 @@ def test_first_order_rhs_and_metrics_match_reference(i):
         assert_rel(met[n], rmet[n], RTOL1, f"{name} {t}")
 
 
+@pytest.mark.parametrize("K, M, order", [(7, 5, 1), (5, 9, 1), (6, 4, 2)])
+def test_rhs_matches_reference_at_larger_sizes(K, M, order):
+    """Sizes where the table of the tilted I2 (students and task-teacher rows, a
+    compact copy of the covariance) runs whole vectors and remainders."""
+    mod = load("anil_erf")
+    rng = np.random.default_rng(10 * K + M)
+    Q, R, T, a, vbar = random_state(rng, K, M)
+    prm = dict(state_case(12, order)[5], eps_B=0.4, s=0.8, S=2.0)
+    dQ, dR, da, met = run(mod, Q, R, T, a, vbar, prm)
+    rQ, rR, ra, rmet = reference(Q, R, T, a, vbar, prm)
+    t = tag(R, prm)
+    rtol = RTOL1 if order == 1 else RTOL2
+    assert_rel(dQ, rQ, rtol, f"dQ {t}")
+    assert_rel(dR, rR, rtol, f"dR {t}")
+    if prm["eta_a"] != 0.0:
+        assert_rel(da, ra, rtol, f"da {t}")
+    assert_rel(met, rmet, RTOL1, f"metrics {t}")
+
+
 def test_reference_is_sensitive():
     """The comparisons have teeth: each ingredient of the reference moves it by far
     more than the tolerances (noise, n_q, eps_B, s, S, the second-order terms)."""
