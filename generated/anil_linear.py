@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 b26d1fcbfae3f3a774596b5065ed30480eab758927a9afeb2c7ead80659730be
+# inputs:     sha256 1fdea3abcaccdcef18b12c725b098077488c9359b833b87b097d98f003db852a
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 579 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "b26d1fcbfae3f3a774596b5065ed30480eab758927a9afeb2c7ead80659730be"
+INPUTS_SHA256 = "1fdea3abcaccdcef18b12c725b098077488c9359b833b87b097d98f003db852a"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -144,6 +144,33 @@ def covariance(y, c, p, K, M, C):
 
 
 @njit(cache=True, error_model="numpy")
+def mm_(A, B):
+    """A @ B. Small products (the inner loop's K x K and K x M matrices for a few
+    units) run as plain loops: a BLAS call costs more than their arithmetic."""
+    if A.shape[0] * A.shape[1] * B.shape[1] > 4096:
+        return np.ascontiguousarray(A) @ np.ascontiguousarray(B)
+    out = np.zeros((A.shape[0], B.shape[1]))
+    for i in range(A.shape[0]):
+        for q in range(A.shape[1]):
+            x = A[i, q]
+            for j in range(B.shape[1]):
+                out[i, j] += x * B[q, j]
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def mv_(A, x):
+    """A @ x for a matrix and a vector, as plain loops."""
+    out = np.zeros(A.shape[0])
+    for i in range(A.shape[0]):
+        acc = 0.0
+        for q in range(A.shape[1]):
+            acc += A[i, q] * x[q]
+        out[i] = acc
+    return out
+
+
+@njit(cache=True, error_model="numpy")
 def support_matrices(y, c, p, K, M, C, Cm, Dm):
     """The inner loop's support gradient C c - D v (MODELS.md 5.3): Cm (K, K), Dm (K, M)."""
     o = 0
@@ -238,10 +265,10 @@ def _sensitivity(y, c, p, K, M, C, dC, Cm, Dm, steps, rate):
     dA = np.zeros((K, K))
     dG = np.zeros((K, M))
     for _ in range(steps):
-        dA = Bm @ dA - rate * (dCm @ A)
-        dG = Bm @ dG - rate * (dCm @ G) + rate * dDm
-        A = Bm @ A
-        G = Bm @ G + rate * Dm
+        dA = mm_(Bm, dA) - rate * mm_(dCm, A)
+        dG = mm_(Bm, dG) - rate * mm_(dCm, G) + rate * dDm
+        A = mm_(Bm, A)
+        G = mm_(Bm, G) + rate * Dm
     return dA, dG
 
 
@@ -288,17 +315,17 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
     A_S = np.eye(K)
     G = np.zeros((K, M))
     for _ in range(steps):
-        A_S = Bm @ A_S
-        G = Bm @ G + rate * Dm
-    mu_ap = A_S @ a + G @ vbar
+        A_S = mm_(Bm, A_S)
+        G = mm_(Bm, G) + rate * Dm
+    mu_ap = mv_(A_S, a) + mv_(G, vbar)
     L_ap = spread * G
     mu_vt = vbar.copy()
     L_vt = spread * np.eye(M)
     if with_optimal:
-        Gopt = np.linalg.pinv(Cm) @ Dm
+        Gopt = mm_(np.linalg.pinv(Cm), Dm)
     else:
         Gopt = np.zeros((K, M))
-    mu_aopt = Gopt @ vbar
+    mu_aopt = mv_(Gopt, vbar)
     L_aopt = spread * Gopt
     # the sensitivities exist only when the second-order flow reads them (empty otherwise)
     n2 = K if ((1) if (order == 2) else (0)) != 0 else 0
@@ -317,7 +344,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                 dC[0 + b_, 0 + a_] = 1.0
                 dC[0 + a_, 0 + b_] = 1.0
                 dA, dG = _sensitivity(y, c, p, K, M, C, dC, Cm, Dm, steps, rate)
-                d_mu = dA @ a + dG @ vbar
+                d_mu = mv_(dA, a) + mv_(dG, vbar)
                 for j_ in range(K):
                     mu_ap_dQ[j_, a_, b_] = d_mu[j_]
                     mu_ap_dQ[j_, b_, a_] = d_mu[j_]
@@ -332,7 +359,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                 dC[0 + a_, K + M + b_] = 1.0
                 dC[K + M + b_, 0 + a_] = 1.0
                 dA, dG = _sensitivity(y, c, p, K, M, C, dC, Cm, Dm, steps, rate)
-                d_mu = dA @ a + dG @ vbar
+                d_mu = mv_(dA, a) + mv_(dG, vbar)
                 for j_ in range(K):
                     mu_ap_dR[j_, a_, b_] = d_mu[j_]
                     for r_ in range(M):
@@ -370,37 +397,37 @@ def rhs(y, c, p, K, M, dy):
     C = np.empty((K + 2 * M, K + 2 * M))
     covariance(y, c, p, K, M, C)
     mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S = task_moments(y, c, p, K, M, C, False)
-    S_ap__ap = (L_ap.reshape((K, M)) @ L_ap.reshape((K, M)).T).reshape(
+    S_ap__ap = mm_(L_ap.reshape((K, M)), L_ap.reshape((K, M)).T).reshape(
         (K, K)
     )
     if ((1) if (order == 2) else (0)) != 0:
-        S_ap__ap_dQ = (L_ap.reshape((K, M)) @ L_ap_dQ.reshape((K * K * K, M)).T).reshape(
+        S_ap__ap_dQ = mm_(L_ap.reshape((K, M)), L_ap_dQ.reshape((K * K * K, M)).T).reshape(
             (K, K, K, K)
         )
     else:
         S_ap__ap_dQ = np.zeros((0, 0, 0, 0))
     if ((1) if (order == 2) else (0)) != 0:
-        S_ap__ap_dR = (L_ap.reshape((K, M)) @ L_ap_dR.reshape((K * K * M, M)).T).reshape(
+        S_ap__ap_dR = mm_(L_ap.reshape((K, M)), L_ap_dR.reshape((K * K * M, M)).T).reshape(
             (K, K, K, M)
         )
     else:
         S_ap__ap_dR = np.zeros((0, 0, 0, 0))
-    S_ap__vt = (L_ap.reshape((K, M)) @ L_vt.reshape((M, M)).T).reshape(
+    S_ap__vt = mm_(L_ap.reshape((K, M)), L_vt.reshape((M, M)).T).reshape(
         (K, M)
     )
     if ((1) if (order == 2) else (0)) != 0:
-        S_vt__ap_dQ = (L_vt.reshape((M, M)) @ L_ap_dQ.reshape((K * K * K, M)).T).reshape(
+        S_vt__ap_dQ = mm_(L_vt.reshape((M, M)), L_ap_dQ.reshape((K * K * K, M)).T).reshape(
             (M, K, K, K)
         )
     else:
         S_vt__ap_dQ = np.zeros((0, 0, 0, 0))
     if ((1) if (order == 2) else (0)) != 0:
-        S_vt__ap_dR = (L_vt.reshape((M, M)) @ L_ap_dR.reshape((K * K * M, M)).T).reshape(
+        S_vt__ap_dR = mm_(L_vt.reshape((M, M)), L_ap_dR.reshape((K * K * M, M)).T).reshape(
             (M, K, K, M)
         )
     else:
         S_vt__ap_dR = np.zeros((0, 0, 0, 0))
-    S_vt__vt = (L_vt.reshape((M, M)) @ L_vt.reshape((M, M)).T).reshape(
+    S_vt__vt = mm_(L_vt.reshape((M, M)), L_vt.reshape((M, M)).T).reshape(
         (M, M)
     )
 
@@ -597,37 +624,37 @@ def rhs_parallel(y, c, p, K, M, dy):
     C = np.empty((K + 2 * M, K + 2 * M))
     covariance(y, c, p, K, M, C)
     mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S = task_moments(y, c, p, K, M, C, False)
-    S_ap__ap = (L_ap.reshape((K, M)) @ L_ap.reshape((K, M)).T).reshape(
+    S_ap__ap = mm_(L_ap.reshape((K, M)), L_ap.reshape((K, M)).T).reshape(
         (K, K)
     )
     if ((1) if (order == 2) else (0)) != 0:
-        S_ap__ap_dQ = (L_ap.reshape((K, M)) @ L_ap_dQ.reshape((K * K * K, M)).T).reshape(
+        S_ap__ap_dQ = mm_(L_ap.reshape((K, M)), L_ap_dQ.reshape((K * K * K, M)).T).reshape(
             (K, K, K, K)
         )
     else:
         S_ap__ap_dQ = np.zeros((0, 0, 0, 0))
     if ((1) if (order == 2) else (0)) != 0:
-        S_ap__ap_dR = (L_ap.reshape((K, M)) @ L_ap_dR.reshape((K * K * M, M)).T).reshape(
+        S_ap__ap_dR = mm_(L_ap.reshape((K, M)), L_ap_dR.reshape((K * K * M, M)).T).reshape(
             (K, K, K, M)
         )
     else:
         S_ap__ap_dR = np.zeros((0, 0, 0, 0))
-    S_ap__vt = (L_ap.reshape((K, M)) @ L_vt.reshape((M, M)).T).reshape(
+    S_ap__vt = mm_(L_ap.reshape((K, M)), L_vt.reshape((M, M)).T).reshape(
         (K, M)
     )
     if ((1) if (order == 2) else (0)) != 0:
-        S_vt__ap_dQ = (L_vt.reshape((M, M)) @ L_ap_dQ.reshape((K * K * K, M)).T).reshape(
+        S_vt__ap_dQ = mm_(L_vt.reshape((M, M)), L_ap_dQ.reshape((K * K * K, M)).T).reshape(
             (M, K, K, K)
         )
     else:
         S_vt__ap_dQ = np.zeros((0, 0, 0, 0))
     if ((1) if (order == 2) else (0)) != 0:
-        S_vt__ap_dR = (L_vt.reshape((M, M)) @ L_ap_dR.reshape((K * K * M, M)).T).reshape(
+        S_vt__ap_dR = mm_(L_vt.reshape((M, M)), L_ap_dR.reshape((K * K * M, M)).T).reshape(
             (M, K, K, M)
         )
     else:
         S_vt__ap_dR = np.zeros((0, 0, 0, 0))
-    S_vt__vt = (L_vt.reshape((M, M)) @ L_vt.reshape((M, M)).T).reshape(
+    S_vt__vt = mm_(L_vt.reshape((M, M)), L_vt.reshape((M, M)).T).reshape(
         (M, M)
     )
 
@@ -833,19 +860,19 @@ def metrics(y, c, p, K, M, out):
     C = np.empty((K + 2 * M, K + 2 * M))
     covariance(y, c, p, K, M, C)
     mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S = task_moments(y, c, p, K, M, C, True)
-    S_aopt__aopt = (L_aopt.reshape((K, M)) @ L_aopt.reshape((K, M)).T).reshape(
+    S_aopt__aopt = mm_(L_aopt.reshape((K, M)), L_aopt.reshape((K, M)).T).reshape(
         (K, K)
     )
-    S_ap__ap = (L_ap.reshape((K, M)) @ L_ap.reshape((K, M)).T).reshape(
+    S_ap__ap = mm_(L_ap.reshape((K, M)), L_ap.reshape((K, M)).T).reshape(
         (K, K)
     )
-    S_ap__vt = (L_ap.reshape((K, M)) @ L_vt.reshape((M, M)).T).reshape(
+    S_ap__vt = mm_(L_ap.reshape((K, M)), L_vt.reshape((M, M)).T).reshape(
         (K, M)
     )
-    S_vt__aopt = (L_vt.reshape((M, M)) @ L_aopt.reshape((K, M)).T).reshape(
+    S_vt__aopt = mm_(L_vt.reshape((M, M)), L_aopt.reshape((K, M)).T).reshape(
         (M, K)
     )
-    S_vt__vt = (L_vt.reshape((M, M)) @ L_vt.reshape((M, M)).T).reshape(
+    S_vt__vt = mm_(L_vt.reshape((M, M)), L_vt.reshape((M, M)).T).reshape(
         (M, M)
     )
 

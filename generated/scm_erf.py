@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 b01f89f8560e57eca9b5eea34cb4727b29e5d5f85b1c553c58e54132b5fbd5ef
+# inputs:     sha256 1a46da94a640a0acf3c4a44dee17bcb675de11f0e3e0ff25c52f1300bcffd2a5
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "b01f89f8560e57eca9b5eea34cb4727b29e5d5f85b1c553c58e54132b5fbd5ef"
+INPUTS_SHA256 = "1a46da94a640a0acf3c4a44dee17bcb675de11f0e3e0ff25c52f1300bcffd2a5"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 7ae7f871c0713a84f243035a15ed6420825d5c4977953bfb45dd6d00ffe62ae8
+# inputs:     sha256 b4c3d7965daebff63f70f57a6dc6a43267edb83dc1774885e0d16af297bbfe9b
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "7ae7f871c0713a84f243035a15ed6420825d5c4977953bfb45dd6d00ffe62ae8"
+INPUTS_SHA256 = "b4c3d7965daebff63f70f57a6dc6a43267edb83dc1774885e0d16af297bbfe9b"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

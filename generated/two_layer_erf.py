@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 fda9de085b93969956071f4a9a542ce44b90b8767c3f6604b731524d7bde8b0e
+# inputs:     sha256 0042cc6c94b90bfd4462122cc0d590214cadfc52e63355c4bf076e0557d30b4d
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "fda9de085b93969956071f4a9a542ce44b90b8767c3f6604b731524d7bde8b0e"
+INPUTS_SHA256 = "0042cc6c94b90bfd4462122cc0d590214cadfc52e63355c4bf076e0557d30b4d"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 4bcfa73123132b092458584dba58c50a8f310ff6397a703034cc841e01983411
+# inputs:     sha256 3a394d45401d1008fe606646291e427cf3cc0cd4dbfb04b8c9a1d3a39ff9f035
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "4bcfa73123132b092458584dba58c50a8f310ff6397a703034cc841e01983411"
+INPUTS_SHA256 = "3a394d45401d1008fe606646291e427cf3cc0cd4dbfb04b8c9a1d3a39ff9f035"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
