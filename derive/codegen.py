@@ -221,6 +221,15 @@ def _tilt_buffers(tilt) -> list[str]:
     return []
 
 
+def _workspace(tilt) -> list[str]:
+    names = ["C"]
+    if tilt and tilt["table"]:
+        names += ["Cu", "rows"]
+    if tilt and tilt["single"]:
+        names += ["Ct1", "tilt1_pref"]
+    return names + [line.split(" = ")[0] for line in _tilt_buffers(tilt)]
+
+
 def _kinds_of(name: str) -> tuple[str, ...]:
     if name in PRIMITIVES:
         return PRIMITIVES[name]
@@ -524,8 +533,10 @@ def context(ir: FlowIR) -> dict:
         "cov_blocks": cov_blocks,
         "task": _task_context(ir, names, where),
         "tilt": tilt,
-        # buffers of the hoisted pair tilt: once per call of rhs, once per chunk of rhs_parallel
+        # buffers of the hoisted pair tilt: in the workspace of rhs, once per chunk of rhs_parallel
         "tilt_buffers": _tilt_buffers(tilt),
+        # the buffers of rhs_ws, in the order of its arguments (see workspace in the template)
+        "workspace": _workspace(tilt),
         # the vectorisable arcsine, when a primitive needs one (derive/special.py)
         "asin": asin_horner() if any(d.expr.has(sp.asin) for d in prim_list) else None,
     }

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 88fbafc7d24777cbc81effe0b1ba28ad63ba2d1c55ea10bea1713f7b4bb229d0
+# inputs:     sha256 e665919140d511109dcc85c6fd1186b2120c43ad1a40660f375c7e3e20383b74
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 846 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "88fbafc7d24777cbc81effe0b1ba28ad63ba2d1c55ea10bea1713f7b4bb229d0"
+INPUTS_SHA256 = "e665919140d511109dcc85c6fd1186b2120c43ad1a40660f375c7e3e20383b74"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -512,8 +512,36 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
 
 
 @njit(cache=True, error_model="numpy")
+def workspace(K, M):
+    """The buffers of one evaluation of the right-hand side, allocated once per
+    integration by run_euler and run_rk4 rather than once per step."""
+    C = np.empty((K + 2 * M, K + 2 * M))
+    # the rows of the table: the fields the tilted primitive is read at
+    Cu = np.empty((K + M, K + M))
+    rows = np.empty(K + M, np.int64)
+    for i in range(K):
+        rows[0 + i] = 0 + i
+    for i in range(M):
+        rows[K + i] = K + M + i
+    Ct1 = np.empty((K, C.shape[0], C.shape[0]))
+    tilt1_pref = np.empty(K)
+
+    F = np.empty_like(Cu)
+    Dn = np.empty(Cu.shape[0])
+    ua = np.empty(Cu.shape[0])
+    ub = np.empty(Cu.shape[0])
+    return (C, Cu, rows, Ct1, tilt1_pref, F, Dn, ua, ub,)
+
+
+@njit(cache=True, error_model="numpy")
 def rhs(y, c, p, K, M, dy):
     """dy = d(state)/d(alpha) at state y."""
+    rhs_ws(y, c, p, K, M, dy, *workspace(K, M))
+
+
+@njit(cache=True, error_model="numpy")
+def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, ua, ub):
+    """rhs with its buffers given (from workspace(K, M)): no allocation of its own beyond the task moments."""
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
     o += K * K
@@ -538,24 +566,10 @@ def rhs(y, c, p, K, M, dy):
     s = p[7]
     eps_B = p[8]
     sigma = p[9]
-    C = np.empty((K + 2 * M, K + 2 * M))
     covariance(y, c, p, K, M, C)
-    # the rows of the table: the fields the tilted primitive is read at
-    Cu = np.empty((K + M, K + M))
-    rows = np.empty(K + M, np.int64)
-    for i in range(K):
-        rows[0 + i] = 0 + i
-    for i in range(M):
-        rows[K + i] = K + M + i
     for i in range(rows.size):
         for j in range(rows.size):
             Cu[i, j] = C[rows[i], rows[j]]
-    F = np.empty_like(Cu)
-    Dn = np.empty(Cu.shape[0])
-    ua = np.empty(Cu.shape[0])
-    ub = np.empty(Cu.shape[0])
-    Ct1 = np.empty((K, C.shape[0], C.shape[0]))
-    tilt1_pref = np.empty(K)
     tilt1_all(C, K, Ct1, tilt1_pref)
     mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S = task_moments(y, c, p, K, M, C, False)
     S_ap__ap = mm_(L_ap.reshape((K, M)), L_ap.reshape((K, M)).T).reshape(
@@ -755,10 +769,22 @@ def rhs(y, c, p, K, M, dy):
 @njit(cache=False, error_model="numpy", parallel=True)
 def rhs_parallel(y, c, p, K, M, dy):
     """rhs with the pairs (k, l) of its symmetric components shared among numba's
-    threads; each element is computed by the same code as in rhs, so the result is
-    the same to the last bit. Not cached, nor are the loops that call it: numba's
-    cache of threaded functions depends on the thread count and on the order of
-    compilation (numba issues 8578 and 10128: a stale entry crashes the process)."""
+    threads (each chunk of pairs with its own table buffers); each element is
+    computed by the same code as in rhs, so the result is the same to the last bit.
+    Not cached, nor are the loops that call it: numba's cache of threaded functions
+    depends on the thread count and on the order of compilation (numba issues 8578
+    and 10128: a stale entry crashes the process)."""
+    C = np.empty((K + 2 * M, K + 2 * M))
+    # the rows of the table: the fields the tilted primitive is read at
+    Cu = np.empty((K + M, K + M))
+    rows = np.empty(K + M, np.int64)
+    for i in range(K):
+        rows[0 + i] = 0 + i
+    for i in range(M):
+        rows[K + i] = K + M + i
+    Ct1 = np.empty((K, C.shape[0], C.shape[0]))
+    tilt1_pref = np.empty(K)
+
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
     o += K * K
@@ -783,20 +809,10 @@ def rhs_parallel(y, c, p, K, M, dy):
     s = p[7]
     eps_B = p[8]
     sigma = p[9]
-    C = np.empty((K + 2 * M, K + 2 * M))
     covariance(y, c, p, K, M, C)
-    # the rows of the table: the fields the tilted primitive is read at
-    Cu = np.empty((K + M, K + M))
-    rows = np.empty(K + M, np.int64)
-    for i in range(K):
-        rows[0 + i] = 0 + i
-    for i in range(M):
-        rows[K + i] = K + M + i
     for i in range(rows.size):
         for j in range(rows.size):
             Cu[i, j] = C[rows[i], rows[j]]
-    Ct1 = np.empty((K, C.shape[0], C.shape[0]))
-    tilt1_pref = np.empty(K)
     tilt1_all(C, K, Ct1, tilt1_pref)
     mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S = task_moments(y, c, p, K, M, C, False)
     S_ap__ap = mm_(L_ap.reshape((K, M)), L_ap.reshape((K, M)).T).reshape(
@@ -1117,11 +1133,15 @@ def run_euler(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     state is written to traj[first_record + 1 + i]. Returns -1, or the number of
     the step after which the state was no longer finite."""
     dy = np.empty_like(y)
+    ws = workspace(K, M)
     for i in range(n_steps):
-        rhs(y, c, p, K, M, dy)
+        rhs_ws(y, c, p, K, M, dy, *ws)
+        # nan if any entry is not finite (inf * 0 = nan), without a temporary array
+        probe = 0.0
         for q in range(y.size):
             y[q] += dt * dy[q]
-        if not np.all(np.isfinite(y)):
+            probe += y[q] * 0.0
+        if probe != probe:
             return i + 1
         if (i + 1) % record_every == 0:
             traj[first_record + (i + 1) // record_every, :] = y
@@ -1136,20 +1156,23 @@ def run_rk4(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     k3 = np.empty_like(y)
     k4 = np.empty_like(y)
     tmp = np.empty_like(y)
+    ws = workspace(K, M)
     for i in range(n_steps):
-        rhs(y, c, p, K, M, k1)
+        rhs_ws(y, c, p, K, M, k1, *ws)
         for q in range(y.size):
             tmp[q] = y[q] + 0.5 * dt * k1[q]
-        rhs(tmp, c, p, K, M, k2)
+        rhs_ws(tmp, c, p, K, M, k2, *ws)
         for q in range(y.size):
             tmp[q] = y[q] + 0.5 * dt * k2[q]
-        rhs(tmp, c, p, K, M, k3)
+        rhs_ws(tmp, c, p, K, M, k3, *ws)
         for q in range(y.size):
             tmp[q] = y[q] + dt * k3[q]
-        rhs(tmp, c, p, K, M, k4)
+        rhs_ws(tmp, c, p, K, M, k4, *ws)
+        probe = 0.0
         for q in range(y.size):
             y[q] += dt / 6.0 * (k1[q] + 2.0 * k2[q] + 2.0 * k3[q] + k4[q])
-        if not np.all(np.isfinite(y)):
+            probe += y[q] * 0.0
+        if probe != probe:
             return i + 1
         if (i + 1) % record_every == 0:
             traj[first_record + (i + 1) // record_every, :] = y
@@ -1165,9 +1188,12 @@ def run_euler_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_rec
     dy = np.empty_like(y)
     for i in range(n_steps):
         rhs_parallel(y, c, p, K, M, dy)
+        # nan if any entry is not finite (inf * 0 = nan), without a temporary array
+        probe = 0.0
         for q in range(y.size):
             y[q] += dt * dy[q]
-        if not np.all(np.isfinite(y)):
+            probe += y[q] * 0.0
+        if probe != probe:
             return i + 1
         if (i + 1) % record_every == 0:
             traj[first_record + (i + 1) // record_every, :] = y
@@ -1193,9 +1219,11 @@ def run_rk4_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_recor
         for q in range(y.size):
             tmp[q] = y[q] + dt * k3[q]
         rhs_parallel(tmp, c, p, K, M, k4)
+        probe = 0.0
         for q in range(y.size):
             y[q] += dt / 6.0 * (k1[q] + 2.0 * k2[q] + 2.0 * k3[q] + k4[q])
-        if not np.all(np.isfinite(y)):
+            probe += y[q] * 0.0
+        if probe != probe:
             return i + 1
         if (i + 1) % record_every == 0:
             traj[first_record + (i + 1) // record_every, :] = y

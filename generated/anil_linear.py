@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 1fdea3abcaccdcef18b12c725b098077488c9359b833b87b097d98f003db852a
+# inputs:     sha256 e09b838ca74a21776aafa45e67d7f1160b7efe81016c30ab3475a25171d78b35
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 579 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "1fdea3abcaccdcef18b12c725b098077488c9359b833b87b097d98f003db852a"
+INPUTS_SHA256 = "e09b838ca74a21776aafa45e67d7f1160b7efe81016c30ab3475a25171d78b35"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -368,8 +368,23 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
 
 
 @njit(cache=True, error_model="numpy")
+def workspace(K, M):
+    """The buffers of one evaluation of the right-hand side, allocated once per
+    integration by run_euler and run_rk4 rather than once per step."""
+    C = np.empty((K + 2 * M, K + 2 * M))
+
+    return (C,)
+
+
+@njit(cache=True, error_model="numpy")
 def rhs(y, c, p, K, M, dy):
     """dy = d(state)/d(alpha) at state y."""
+    rhs_ws(y, c, p, K, M, dy, *workspace(K, M))
+
+
+@njit(cache=True, error_model="numpy")
+def rhs_ws(y, c, p, K, M, dy, C):
+    """rhs with its buffers given (from workspace(K, M)): no allocation of its own beyond the task moments."""
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
     o += K * K
@@ -394,7 +409,6 @@ def rhs(y, c, p, K, M, dy):
     s = p[7]
     eps_B = p[8]
     sigma = p[9]
-    C = np.empty((K + 2 * M, K + 2 * M))
     covariance(y, c, p, K, M, C)
     mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S = task_moments(y, c, p, K, M, C, False)
     S_ap__ap = mm_(L_ap.reshape((K, M)), L_ap.reshape((K, M)).T).reshape(
@@ -593,10 +607,13 @@ def rhs(y, c, p, K, M, dy):
 @njit(cache=False, error_model="numpy", parallel=True)
 def rhs_parallel(y, c, p, K, M, dy):
     """rhs with the pairs (k, l) of its symmetric components shared among numba's
-    threads; each element is computed by the same code as in rhs, so the result is
-    the same to the last bit. Not cached, nor are the loops that call it: numba's
-    cache of threaded functions depends on the thread count and on the order of
-    compilation (numba issues 8578 and 10128: a stale entry crashes the process)."""
+    threads (each chunk of pairs with its own table buffers); each element is
+    computed by the same code as in rhs, so the result is the same to the last bit.
+    Not cached, nor are the loops that call it: numba's cache of threaded functions
+    depends on the thread count and on the order of compilation (numba issues 8578
+    and 10128: a stale entry crashes the process)."""
+    C = np.empty((K + 2 * M, K + 2 * M))
+
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
     o += K * K
@@ -621,7 +638,6 @@ def rhs_parallel(y, c, p, K, M, dy):
     s = p[7]
     eps_B = p[8]
     sigma = p[9]
-    C = np.empty((K + 2 * M, K + 2 * M))
     covariance(y, c, p, K, M, C)
     mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S = task_moments(y, c, p, K, M, C, False)
     S_ap__ap = mm_(L_ap.reshape((K, M)), L_ap.reshape((K, M)).T).reshape(
@@ -937,11 +953,15 @@ def run_euler(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     state is written to traj[first_record + 1 + i]. Returns -1, or the number of
     the step after which the state was no longer finite."""
     dy = np.empty_like(y)
+    ws = workspace(K, M)
     for i in range(n_steps):
-        rhs(y, c, p, K, M, dy)
+        rhs_ws(y, c, p, K, M, dy, *ws)
+        # nan if any entry is not finite (inf * 0 = nan), without a temporary array
+        probe = 0.0
         for q in range(y.size):
             y[q] += dt * dy[q]
-        if not np.all(np.isfinite(y)):
+            probe += y[q] * 0.0
+        if probe != probe:
             return i + 1
         if (i + 1) % record_every == 0:
             traj[first_record + (i + 1) // record_every, :] = y
@@ -956,20 +976,23 @@ def run_rk4(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     k3 = np.empty_like(y)
     k4 = np.empty_like(y)
     tmp = np.empty_like(y)
+    ws = workspace(K, M)
     for i in range(n_steps):
-        rhs(y, c, p, K, M, k1)
+        rhs_ws(y, c, p, K, M, k1, *ws)
         for q in range(y.size):
             tmp[q] = y[q] + 0.5 * dt * k1[q]
-        rhs(tmp, c, p, K, M, k2)
+        rhs_ws(tmp, c, p, K, M, k2, *ws)
         for q in range(y.size):
             tmp[q] = y[q] + 0.5 * dt * k2[q]
-        rhs(tmp, c, p, K, M, k3)
+        rhs_ws(tmp, c, p, K, M, k3, *ws)
         for q in range(y.size):
             tmp[q] = y[q] + dt * k3[q]
-        rhs(tmp, c, p, K, M, k4)
+        rhs_ws(tmp, c, p, K, M, k4, *ws)
+        probe = 0.0
         for q in range(y.size):
             y[q] += dt / 6.0 * (k1[q] + 2.0 * k2[q] + 2.0 * k3[q] + k4[q])
-        if not np.all(np.isfinite(y)):
+            probe += y[q] * 0.0
+        if probe != probe:
             return i + 1
         if (i + 1) % record_every == 0:
             traj[first_record + (i + 1) // record_every, :] = y
@@ -985,9 +1008,12 @@ def run_euler_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_rec
     dy = np.empty_like(y)
     for i in range(n_steps):
         rhs_parallel(y, c, p, K, M, dy)
+        # nan if any entry is not finite (inf * 0 = nan), without a temporary array
+        probe = 0.0
         for q in range(y.size):
             y[q] += dt * dy[q]
-        if not np.all(np.isfinite(y)):
+            probe += y[q] * 0.0
+        if probe != probe:
             return i + 1
         if (i + 1) % record_every == 0:
             traj[first_record + (i + 1) // record_every, :] = y
@@ -1013,9 +1039,11 @@ def run_rk4_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_recor
         for q in range(y.size):
             tmp[q] = y[q] + dt * k3[q]
         rhs_parallel(tmp, c, p, K, M, k4)
+        probe = 0.0
         for q in range(y.size):
             y[q] += dt / 6.0 * (k1[q] + 2.0 * k2[q] + 2.0 * k3[q] + k4[q])
-        if not np.all(np.isfinite(y)):
+            probe += y[q] * 0.0
+        if probe != probe:
             return i + 1
         if (i + 1) % record_every == 0:
             traj[first_record + (i + 1) // record_every, :] = y

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 b4c3d7965daebff63f70f57a6dc6a43267edb83dc1774885e0d16af297bbfe9b
+# inputs:     sha256 f4b4fc2ee1bfdd6514338e02b8a9f28f6c27b9717a0e782423bea0680218da7b
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "b4c3d7965daebff63f70f57a6dc6a43267edb83dc1774885e0d16af297bbfe9b"
+INPUTS_SHA256 = "f4b4fc2ee1bfdd6514338e02b8a9f28f6c27b9717a0e782423bea0680218da7b"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )
@@ -107,8 +107,23 @@ def covariance(y, c, p, K, M, C):
 
 
 @njit(cache=True, error_model="numpy")
+def workspace(K, M):
+    """The buffers of one evaluation of the right-hand side, allocated once per
+    integration by run_euler and run_rk4 rather than once per step."""
+    C = np.empty((K + M, K + M))
+
+    return (C,)
+
+
+@njit(cache=True, error_model="numpy")
 def rhs(y, c, p, K, M, dy):
     """dy = d(state)/d(alpha) at state y."""
+    rhs_ws(y, c, p, K, M, dy, *workspace(K, M))
+
+
+@njit(cache=True, error_model="numpy")
+def rhs_ws(y, c, p, K, M, dy, C):
+    """rhs with its buffers given (from workspace(K, M)): no allocation of its own."""
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
     o += K * K
@@ -121,7 +136,6 @@ def rhs(y, c, p, K, M, dy):
 
     eta = p[0]
     sigma = p[1]
-    C = np.empty((K + M, K + M))
     covariance(y, c, p, K, M, C)
 
     o = 0
@@ -185,10 +199,13 @@ def rhs(y, c, p, K, M, dy):
 @njit(cache=False, error_model="numpy", parallel=True)
 def rhs_parallel(y, c, p, K, M, dy):
     """rhs with the pairs (k, l) of its symmetric components shared among numba's
-    threads; each element is computed by the same code as in rhs, so the result is
-    the same to the last bit. Not cached, nor are the loops that call it: numba's
-    cache of threaded functions depends on the thread count and on the order of
-    compilation (numba issues 8578 and 10128: a stale entry crashes the process)."""
+    threads (each chunk of pairs with its own table buffers); each element is
+    computed by the same code as in rhs, so the result is the same to the last bit.
+    Not cached, nor are the loops that call it: numba's cache of threaded functions
+    depends on the thread count and on the order of compilation (numba issues 8578
+    and 10128: a stale entry crashes the process)."""
+    C = np.empty((K + M, K + M))
+
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
     o += K * K
@@ -201,7 +218,6 @@ def rhs_parallel(y, c, p, K, M, dy):
 
     eta = p[0]
     sigma = p[1]
-    C = np.empty((K + M, K + M))
     covariance(y, c, p, K, M, C)
 
     o = 0
@@ -348,11 +364,15 @@ def run_euler(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     state is written to traj[first_record + 1 + i]. Returns -1, or the number of
     the step after which the state was no longer finite."""
     dy = np.empty_like(y)
+    ws = workspace(K, M)
     for i in range(n_steps):
-        rhs(y, c, p, K, M, dy)
+        rhs_ws(y, c, p, K, M, dy, *ws)
+        # nan if any entry is not finite (inf * 0 = nan), without a temporary array
+        probe = 0.0
         for q in range(y.size):
             y[q] += dt * dy[q]
-        if not np.all(np.isfinite(y)):
+            probe += y[q] * 0.0
+        if probe != probe:
             return i + 1
         if (i + 1) % record_every == 0:
             traj[first_record + (i + 1) // record_every, :] = y
@@ -367,20 +387,23 @@ def run_rk4(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     k3 = np.empty_like(y)
     k4 = np.empty_like(y)
     tmp = np.empty_like(y)
+    ws = workspace(K, M)
     for i in range(n_steps):
-        rhs(y, c, p, K, M, k1)
+        rhs_ws(y, c, p, K, M, k1, *ws)
         for q in range(y.size):
             tmp[q] = y[q] + 0.5 * dt * k1[q]
-        rhs(tmp, c, p, K, M, k2)
+        rhs_ws(tmp, c, p, K, M, k2, *ws)
         for q in range(y.size):
             tmp[q] = y[q] + 0.5 * dt * k2[q]
-        rhs(tmp, c, p, K, M, k3)
+        rhs_ws(tmp, c, p, K, M, k3, *ws)
         for q in range(y.size):
             tmp[q] = y[q] + dt * k3[q]
-        rhs(tmp, c, p, K, M, k4)
+        rhs_ws(tmp, c, p, K, M, k4, *ws)
+        probe = 0.0
         for q in range(y.size):
             y[q] += dt / 6.0 * (k1[q] + 2.0 * k2[q] + 2.0 * k3[q] + k4[q])
-        if not np.all(np.isfinite(y)):
+            probe += y[q] * 0.0
+        if probe != probe:
             return i + 1
         if (i + 1) % record_every == 0:
             traj[first_record + (i + 1) // record_every, :] = y
@@ -396,9 +419,12 @@ def run_euler_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_rec
     dy = np.empty_like(y)
     for i in range(n_steps):
         rhs_parallel(y, c, p, K, M, dy)
+        # nan if any entry is not finite (inf * 0 = nan), without a temporary array
+        probe = 0.0
         for q in range(y.size):
             y[q] += dt * dy[q]
-        if not np.all(np.isfinite(y)):
+            probe += y[q] * 0.0
+        if probe != probe:
             return i + 1
         if (i + 1) % record_every == 0:
             traj[first_record + (i + 1) // record_every, :] = y
@@ -424,9 +450,11 @@ def run_rk4_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_recor
         for q in range(y.size):
             tmp[q] = y[q] + dt * k3[q]
         rhs_parallel(tmp, c, p, K, M, k4)
+        probe = 0.0
         for q in range(y.size):
             y[q] += dt / 6.0 * (k1[q] + 2.0 * k2[q] + 2.0 * k3[q] + k4[q])
-        if not np.all(np.isfinite(y)):
+            probe += y[q] * 0.0
+        if probe != probe:
             return i + 1
         if (i + 1) % record_every == 0:
             traj[first_record + (i + 1) // record_every, :] = y

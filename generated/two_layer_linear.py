@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 3a394d45401d1008fe606646291e427cf3cc0cd4dbfb04b8c9a1d3a39ff9f035
+# inputs:     sha256 8dc4c9d2b2d7d13021b6733e3165bda7363f0d20f36899d52808fafbf981fced
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "3a394d45401d1008fe606646291e427cf3cc0cd4dbfb04b8c9a1d3a39ff9f035"
+INPUTS_SHA256 = "8dc4c9d2b2d7d13021b6733e3165bda7363f0d20f36899d52808fafbf981fced"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
@@ -113,8 +113,23 @@ def covariance(y, c, p, K, M, C):
 
 
 @njit(cache=True, error_model="numpy")
+def workspace(K, M):
+    """The buffers of one evaluation of the right-hand side, allocated once per
+    integration by run_euler and run_rk4 rather than once per step."""
+    C = np.empty((K + M, K + M))
+
+    return (C,)
+
+
+@njit(cache=True, error_model="numpy")
 def rhs(y, c, p, K, M, dy):
     """dy = d(state)/d(alpha) at state y."""
+    rhs_ws(y, c, p, K, M, dy, *workspace(K, M))
+
+
+@njit(cache=True, error_model="numpy")
+def rhs_ws(y, c, p, K, M, dy, C):
+    """rhs with its buffers given (from workspace(K, M)): no allocation of its own."""
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
     o += K * K
@@ -133,7 +148,6 @@ def rhs(y, c, p, K, M, dy):
     eta_v = p[1]
     kappa = p[2]
     sigma = p[3]
-    C = np.empty((K + M, K + M))
     covariance(y, c, p, K, M, C)
 
     o = 0
@@ -213,10 +227,13 @@ def rhs(y, c, p, K, M, dy):
 @njit(cache=False, error_model="numpy", parallel=True)
 def rhs_parallel(y, c, p, K, M, dy):
     """rhs with the pairs (k, l) of its symmetric components shared among numba's
-    threads; each element is computed by the same code as in rhs, so the result is
-    the same to the last bit. Not cached, nor are the loops that call it: numba's
-    cache of threaded functions depends on the thread count and on the order of
-    compilation (numba issues 8578 and 10128: a stale entry crashes the process)."""
+    threads (each chunk of pairs with its own table buffers); each element is
+    computed by the same code as in rhs, so the result is the same to the last bit.
+    Not cached, nor are the loops that call it: numba's cache of threaded functions
+    depends on the thread count and on the order of compilation (numba issues 8578
+    and 10128: a stale entry crashes the process)."""
+    C = np.empty((K + M, K + M))
+
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
     o += K * K
@@ -235,7 +252,6 @@ def rhs_parallel(y, c, p, K, M, dy):
     eta_v = p[1]
     kappa = p[2]
     sigma = p[3]
-    C = np.empty((K + M, K + M))
     covariance(y, c, p, K, M, C)
 
     o = 0
@@ -425,11 +441,15 @@ def run_euler(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     state is written to traj[first_record + 1 + i]. Returns -1, or the number of
     the step after which the state was no longer finite."""
     dy = np.empty_like(y)
+    ws = workspace(K, M)
     for i in range(n_steps):
-        rhs(y, c, p, K, M, dy)
+        rhs_ws(y, c, p, K, M, dy, *ws)
+        # nan if any entry is not finite (inf * 0 = nan), without a temporary array
+        probe = 0.0
         for q in range(y.size):
             y[q] += dt * dy[q]
-        if not np.all(np.isfinite(y)):
+            probe += y[q] * 0.0
+        if probe != probe:
             return i + 1
         if (i + 1) % record_every == 0:
             traj[first_record + (i + 1) // record_every, :] = y
@@ -444,20 +464,23 @@ def run_rk4(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     k3 = np.empty_like(y)
     k4 = np.empty_like(y)
     tmp = np.empty_like(y)
+    ws = workspace(K, M)
     for i in range(n_steps):
-        rhs(y, c, p, K, M, k1)
+        rhs_ws(y, c, p, K, M, k1, *ws)
         for q in range(y.size):
             tmp[q] = y[q] + 0.5 * dt * k1[q]
-        rhs(tmp, c, p, K, M, k2)
+        rhs_ws(tmp, c, p, K, M, k2, *ws)
         for q in range(y.size):
             tmp[q] = y[q] + 0.5 * dt * k2[q]
-        rhs(tmp, c, p, K, M, k3)
+        rhs_ws(tmp, c, p, K, M, k3, *ws)
         for q in range(y.size):
             tmp[q] = y[q] + dt * k3[q]
-        rhs(tmp, c, p, K, M, k4)
+        rhs_ws(tmp, c, p, K, M, k4, *ws)
+        probe = 0.0
         for q in range(y.size):
             y[q] += dt / 6.0 * (k1[q] + 2.0 * k2[q] + 2.0 * k3[q] + k4[q])
-        if not np.all(np.isfinite(y)):
+            probe += y[q] * 0.0
+        if probe != probe:
             return i + 1
         if (i + 1) % record_every == 0:
             traj[first_record + (i + 1) // record_every, :] = y
@@ -473,9 +496,12 @@ def run_euler_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_rec
     dy = np.empty_like(y)
     for i in range(n_steps):
         rhs_parallel(y, c, p, K, M, dy)
+        # nan if any entry is not finite (inf * 0 = nan), without a temporary array
+        probe = 0.0
         for q in range(y.size):
             y[q] += dt * dy[q]
-        if not np.all(np.isfinite(y)):
+            probe += y[q] * 0.0
+        if probe != probe:
             return i + 1
         if (i + 1) % record_every == 0:
             traj[first_record + (i + 1) // record_every, :] = y
@@ -501,9 +527,11 @@ def run_rk4_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_recor
         for q in range(y.size):
             tmp[q] = y[q] + dt * k3[q]
         rhs_parallel(tmp, c, p, K, M, k4)
+        probe = 0.0
         for q in range(y.size):
             y[q] += dt / 6.0 * (k1[q] + 2.0 * k2[q] + 2.0 * k3[q] + k4[q])
-        if not np.all(np.isfinite(y)):
+            probe += y[q] * 0.0
+        if probe != probe:
             return i + 1
         if (i + 1) % record_every == 0:
             traj[first_record + (i + 1) // record_every, :] = y
