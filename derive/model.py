@@ -248,11 +248,18 @@ class FirstLayer:
             W -= scale * (G.T @ x)
 
     @staticmethod
-    def step_weights(W: np.ndarray, grad_W: np.ndarray, rate: float) -> None:
+    def weights_coefficient(rate: float) -> float:
+        """``scale`` of a step along a gradient already in weight space,
+        ``W <- W - scale grad_W``: ``scale = rate`` (the one place it is written;
+        ``step_weights`` and the compiled simulator loop read it)."""
+        return rate
+
+    @classmethod
+    def step_weights(cls, W: np.ndarray, grad_W: np.ndarray, rate: float) -> None:
         """A step along a gradient already in weight space (the second-order part):
         ``W <- W - rate * grad_W``; ``rate/sqrt(N)`` times ``G x`` is the same rule
         for the part along the input, since ``dL/dw_k = G_k x / sqrt(N)``."""
-        W -= rate * grad_W
+        W -= cls.weights_coefficient(rate) * grad_W
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 e665919140d511109dcc85c6fd1186b2120c43ad1a40660f375c7e3e20383b74
+# inputs:     sha256 d842c5157c4f3dbc31cc23ae0a5a058daf1101e20dbc2a879c0f214e0c3f9f4a
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 846 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "e665919140d511109dcc85c6fd1186b2120c43ad1a40660f375c7e3e20383b74"
+INPUTS_SHA256 = "d842c5157c4f3dbc31cc23ae0a5a058daf1101e20dbc2a879c0f214e0c3f9f4a"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

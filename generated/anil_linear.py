@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 e09b838ca74a21776aafa45e67d7f1160b7efe81016c30ab3475a25171d78b35
+# inputs:     sha256 add40fbe1de1a1da86a55f36ee50de196b3ec6a5f2bcf7bbbcc6b8917a646c85
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 579 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "e09b838ca74a21776aafa45e67d7f1160b7efe81016c30ab3475a25171d78b35"
+INPUTS_SHA256 = "add40fbe1de1a1da86a55f36ee50de196b3ec6a5f2bcf7bbbcc6b8917a646c85"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 f4b4fc2ee1bfdd6514338e02b8a9f28f6c27b9717a0e782423bea0680218da7b
+# inputs:     sha256 87d7f198a10e00a45c57a537ab5ef520561cc8bfe2db9ef8cf4cac82c390a870
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "f4b4fc2ee1bfdd6514338e02b8a9f28f6c27b9717a0e782423bea0680218da7b"
+INPUTS_SHA256 = "87d7f198a10e00a45c57a537ab5ef520561cc8bfe2db9ef8cf4cac82c390a870"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

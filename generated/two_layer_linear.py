@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 8dc4c9d2b2d7d13021b6733e3165bda7363f0d20f36899d52808fafbf981fced
+# inputs:     sha256 cbb8372319d4f8ee2a116e2b050defb5a84f85ff791a517754d60782fdc8ebb6
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "8dc4c9d2b2d7d13021b6733e3165bda7363f0d20f36899d52808fafbf981fced"
+INPUTS_SHA256 = "cbb8372319d4f8ee2a116e2b050defb5a84f85ff791a517754d60782fdc8ebb6"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

@@ -19,11 +19,12 @@ The real algorithm on real vectors, one task per step:
 (MODELS.md section 2), independently of the generated kernels, and the
 gradient is tested against finite differences of the query loss.
 
-Order 1 in population mode without feature variability (the main job) runs whole
-outer steps compiled (``_first_order_population_steps``): the same random draws
-from the same numpy Generator (numba reproduces its stream), the same formulas,
-and the coefficients of the update rules taken from derive/model.py; it is tested
-equal to the numpy loop, step for step.
+Whole outer steps run compiled (``_meta_steps``; orders 1 and 2, population and
+samples mode, with or without feature variability): the same random draws from
+the same numpy Generator (numba reproduces its stream), the same formulas (the
+reverse mode through the inner loop at order 2), and the coefficients of the
+update rules taken from derive/model.py; they are tested equal to the numpy
+loop, step for step.
 """
 
 from __future__ import annotations
@@ -90,8 +91,9 @@ class MetaStep:
         self.eps_B = params["eps_B"]
         self.sigma = params["sigma"]
         self.population = not math.isfinite(self.n_s)
-        # the case whose whole outer step runs compiled (run_seed_meta)
-        self.compiled = self.order == 1 and self.population and self.eps_B == 0
+        # the cases whose whole outer steps run compiled (run_seed_meta,
+        # _meta_steps): orders 1 and 2, population and samples mode, any eps_B
+        self.compiled = self.order in (1, 2)
         self._B = None
         self._Tt = None
 
@@ -211,11 +213,14 @@ class MetaStep:
         return G, grad_W, grad_a
 
 
-# -- the compiled first-order population path ------------------------------------
-# Order 1, population mode, eps_B = 0: the same formulas as MetaStep (C, D from
-# I2 at the current overlaps, S inner steps, query delta), compiled. Every sum over
-# the N coordinates is one call of ``_dot``, so the per-step function and the
-# whole-loop function below give the same numbers to the last bit.
+# -- the compiled path -------------------------------------------------------------
+# The same formulas as MetaStep (C, D from I2 at the current overlaps or C, h from
+# the support samples, S inner steps, query delta; at order 2 the reverse mode
+# through the inner loop), compiled. ``_first_order_population`` is one step's
+# first-order population gradients (eps_B = 0), ``_meta_steps`` whole outer
+# steps. Every overlap and field (a sum over the N coordinates) is one call of
+# ``_dot``, so the per-step function and the whole-loop function below give the
+# same numbers to the last bit.
 
 
 @njit(cache=True, fastmath={"reassoc"})
@@ -252,8 +257,9 @@ def _fields(Xq, W, B, lam, nu):
 
 
 @njit(cache=True)
-def _adapt(Q, R, Tt, a, vt, alpha_in, S, linear, C, h, c, cn):
-    """The adapted readout c = c^(S) of the population inner loop, into ``c``."""
+def _adapt(Q, R, Tt, a, vt, alpha_in, S, linear, C, D, h, cs):
+    """The population inner loop: C, D = I2 at the overlaps, h = D vt, and the
+    readouts c^(0..S) into the rows of ``cs`` (the adapted readout is cs[S])."""
     K, M = R.shape
     for k in range(K):
         h[k] = 0.0
@@ -267,17 +273,52 @@ def _adapt(Q, R, Tt, a, vt, alpha_in, S, linear, C, h, c, cn):
                 d = R[k, m]
             else:
                 d = TWO_OVER_PI * math.asin(R[k, m] / math.sqrt((1.0 + Q[k, k]) * (1.0 + Tt[m])))
+            D[k, m] = d
             h[k] += d * vt[m]
+    _inner_steps(C, h, a, alpha_in, S, cs)
+
+
+@njit(cache=True)
+def _inner_steps(C, h, a, alpha_in, S, cs):
+    """c^(0) = a, c^(s+1) = c^(s) - alpha_in (C c^(s) - h), into the rows of ``cs``."""
+    K = a.size
     for k in range(K):
-        c[k] = a[k]
-    for _ in range(S):
+        cs[0, k] = a[k]
+    for s_ in range(S):
         for k in range(K):
             acc = 0.0
             for q in range(K):
-                acc += C[k, q] * c[q]
-            cn[k] = c[k] - alpha_in * (acc - h[k])
+                acc += C[k, q] * cs[s_, q]
+            cs[s_ + 1, k] = cs[s_, k] - alpha_in * (acc - h[k])
+
+
+@njit(cache=True)
+def _support_samples(Xs, zs, W, Bt, vt, sigma, linear, Lam, gL, ys, C, h):
+    """Samples mode: Lam = Xs W^T / sqrt(N), gL = g(Lam), the support labels
+    ys = g(Xs Bt^T / sqrt(N)) vt + sigma zs, C = gL^T gL / n_s, h = gL^T ys / n_s."""
+    ns, K = Lam.shape
+    M = Bt.shape[0]
+    sq = math.sqrt(W.shape[1])
+    for mu in range(ns):
         for k in range(K):
-            c[k] = cn[k]
+            x = _dot(Xs[mu], W[k]) / sq
+            Lam[mu, k] = x
+            gL[mu, k] = x if linear else math.erf(x / math.sqrt(2.0))
+        y = 0.0
+        for m in range(M):
+            x = _dot(Xs[mu], Bt[m]) / sq
+            y += (x if linear else math.erf(x / math.sqrt(2.0))) * vt[m]
+        ys[mu] = y + sigma * zs[mu]
+    for k in range(K):
+        for q in range(K):
+            acc = 0.0
+            for mu in range(ns):
+                acc += gL[mu, k] * gL[mu, q]
+            C[k, q] = acc / ns
+        acc = 0.0
+        for mu in range(ns):
+            acc += gL[mu, k] * ys[mu]
+        h[k] = acc / ns
 
 
 @njit(cache=True)
@@ -313,46 +354,196 @@ def _first_order_population(W, B, Tt, a, vt, Xq, zq, alpha_in, S, sigma, linear)
     K, M, nq = W.shape[0], B.shape[0], Xq.shape[0]
     Q, R = np.empty((K, K)), np.empty((K, M))
     _overlaps(W, B, Q, R)
-    c = np.empty(K)
-    _adapt(Q, R, Tt, a, vt, alpha_in, S, linear, np.empty((K, K)), np.empty(K), c, np.empty(K))
+    cs = np.empty((S + 1, K))
+    _adapt(Q, R, Tt, a, vt, alpha_in, S, linear, np.empty((K, K)), np.empty((K, M)), np.empty(K), cs)
     lam, nu = np.empty((nq, K)), np.empty((nq, M))
     _fields(Xq, W, B, lam, nu)
     G, grad_a = np.empty((nq, K)), np.empty(K)
-    _query_gradients(lam, nu, zq, c, vt, sigma, linear, G, grad_a)
+    _query_gradients(lam, nu, zq, cs[S], vt, sigma, linear, G, grad_a)
     return G, grad_a
 
 
 @njit(cache=True)
-def _first_order_population_steps(
-    W, B, Tt, a, vbar, rng, n_steps, n_q, s, alpha_in, S, sigma, linear, w_shrink, w_scale, a_shrink, a_scale
-):
-    """``n_steps`` whole outer steps (order 1, population, eps_B = 0) in place on
-    W and a, without allocating: the task drawn from ``rng`` in the order of
-    ``MetaStep.draw_task`` (vt, query inputs, query noise), the gradients of
-    ``_first_order_population``, then ``w_k <- w_shrink w_k - w_scale sum_mu G_mu,k x_mu``
-    and ``a <- a_shrink a - a_scale dL/da'`` with the coefficients of
-    ``FirstLayer.step`` and ``ReadoutUpdate.step`` (derive/model.py) passed in."""
+def _through_inner_loop(C, cs, alpha_in, S, grad_a, adj, adjn, dC, dh):
+    """Order 2: reverse mode through c^(s+1) = c^(s) - alpha_in (C c^(s) - h), as
+    ``MetaStep.gradients``. On entry ``grad_a`` holds dL/da'; on return it holds
+    A^T dL/da', and dC, dh the gradients in C and h."""
+    K = C.shape[0]
+    for k in range(K):
+        adj[k] = grad_a[k]
+        dh[k] = 0.0
+        for q in range(K):
+            dC[k, q] = 0.0
+    for s_ in range(S - 1, -1, -1):
+        for k in range(K):
+            for q in range(K):
+                dC[k, q] -= alpha_in * (adj[k] * cs[s_, q])
+            dh[k] += alpha_in * adj[k]
+        for k in range(K):
+            acc = 0.0
+            for q in range(K):
+                acc += C[q, k] * adj[q]
+            adjn[k] = adj[k] - alpha_in * acc
+        for k in range(K):
+            adj[k] = adjn[k]
+    for k in range(K):
+        grad_a[k] = adj[k]
+
+
+@njit(cache=True)
+def _population_overlap_gradients(Q, R, Tt, vt, linear, dC, dh, GQ, GR):
+    """Order 2, population mode: from dC, dh the gradients in the overlaps, ``GQ``
+    (already symmetrised, GQ + GQ^T) and ``GR``; ``grad_W = (GQ @ W + GR @ Bt) / N``."""
+    K, M = R.shape
+    # dI2(a, b, c): erf dc = 2/pi / root, da = -2/pi c / (2 (1 + a) root), db likewise
+    for k in range(K):
+        diag = 0.0
+        for q in range(K):
+            if linear:
+                cc, ca, cb_qk = 1.0, 0.0, 0.0
+            else:
+                root = math.sqrt((1.0 + Q[k, k]) * (1.0 + Q[q, q]) - Q[k, q] * Q[k, q])
+                cc = TWO_OVER_PI / root
+                ca = -TWO_OVER_PI * Q[k, q] / (2.0 * (1.0 + Q[k, k]) * root)
+                # the b-partial at (q, k): Q_qk / (2 (1 + Q_kk) root_qk)
+                root_qk = math.sqrt((1.0 + Q[q, q]) * (1.0 + Q[k, k]) - Q[q, k] * Q[q, k])
+                cb_qk = -TWO_OVER_PI * Q[q, k] / (2.0 * (1.0 + Q[k, k]) * root_qk)
+            GQ[k, q] = dC[k, q] * cc
+            diag += dC[k, q] * ca + dC[q, k] * cb_qk
+        for m in range(M):
+            dD = dh[k] * vt[m]
+            if linear:
+                GR[k, m] = dD
+            else:
+                root = math.sqrt((1.0 + Q[k, k]) * (1.0 + Tt[m]) - R[k, m] * R[k, m])
+                GR[k, m] = dD * (TWO_OVER_PI / root)
+                diag += dD * (-TWO_OVER_PI * R[k, m] / (2.0 * (1.0 + Q[k, k]) * root))
+        GQ[k, k] += diag
+    for k in range(K):
+        for q in range(k, K):
+            x = GQ[k, q] + GQ[q, k]
+            GQ[k, q] = x
+            GQ[q, k] = x
+
+
+@njit(cache=True)
+def _combine(x, W, y, Bt, N, scratch, out):
+    """out = (sum_q x_q W_q) / N + (sum_m y_m Bt_m) / N, each sum in increasing index."""
+    for i in range(out.size):
+        out[i] = x[0] * W[0, i]
+    for q in range(1, x.size):
+        for i in range(out.size):
+            out[i] += x[q] * W[q, i]
+    for i in range(out.size):
+        scratch[i] = y[0] * Bt[0, i]
+    for m in range(1, y.size):
+        for i in range(out.size):
+            scratch[i] += y[m] * Bt[m, i]
+    for i in range(out.size):
+        out[i] = out[i] / N + scratch[i] / N
+
+
+@njit(cache=True)
+def _samples_weight_gradient(Xs, Lam, gL, ys, dC, dh, linear, dLam, grad_W):
+    """Order 2, samples mode: dLam = (gL (dC + dC^T) + ys dh^T) / n_s * g'(Lam),
+    grad_W = dLam^T Xs / sqrt(N), at the weights before the step."""
+    ns, K = Lam.shape
+    N = Xs.shape[1]
+    sq = math.sqrt(N)
+    for mu in range(ns):
+        for k in range(K):
+            acc = 0.0
+            for q in range(K):
+                acc += gL[mu, q] * (dC[q, k] + dC[k, q])
+            x = Lam[mu, k]
+            gp = 1.0 if linear else math.sqrt(2.0 / math.pi) * math.exp(-0.5 * x * x)
+            dLam[mu, k] = (acc + ys[mu] * dh[k]) / ns * gp
+    for k in range(K):
+        g = dLam[0, k]
+        for i in range(N):
+            grad_W[k, i] = g * Xs[0, i]
+        for mu in range(1, ns):
+            g = dLam[mu, k]
+            for i in range(N):
+                grad_W[k, i] += g * Xs[mu, i]
+        for i in range(N):
+            grad_W[k, i] /= sq
+
+
+@njit(cache=True)
+def _meta_steps(
+    W, B, Tt0, a, vbar, rng, n_steps, n_q, s, alpha_in, S, sigma, eps_B, second, linear,
+    w_shrink, w_scale, weights_scale, a_shrink, a_scale, n_s,
+):  # fmt: skip
+    """``n_steps`` whole outer steps, in place on W and a, without allocating.
+    The task is drawn from ``rng`` in the order of ``MetaStep.draw_task``: vt,
+    then (eps_B > 0) the task teacher ``Bt = B + eps_B Z`` with its own norms Tt,
+    then (samples mode, ``n_s > 0``; ``n_s = 0`` is population mode) the support
+    inputs and noise, then the query inputs and noise. The inner loop runs on C, h
+    of the population support loss (``_adapt``) or of the support samples
+    (``_support_samples``); the query gives G and dL/da' (``_query_gradients``);
+    with ``second`` (order 2) the reverse mode through the inner loop
+    (``_through_inner_loop``) gives A^T dL/da' and grad_W (through the overlaps,
+    ``_population_overlap_gradients``, or the support fields,
+    ``_samples_weight_gradient``). Then
+    ``w_k <- w_shrink w_k - w_scale sum_mu G_mu,k x_mu``,
+    ``W <- W - weights_scale grad_W`` (order 2) and ``a <- a_shrink a - a_scale grad_a``,
+    with the coefficients of ``FirstLayer.step``, ``FirstLayer.step_weights`` and
+    ``ReadoutUpdate.step`` (derive/model.py) passed in."""
     K, N = W.shape
     M = B.shape[0]
     Q, R = np.empty((K, K)), np.empty((K, M))
-    C, h, c, cn = np.empty((K, K)), np.empty(K), np.empty(K), np.empty(K)
+    C, D, h, cs = np.empty((K, K)), np.empty((K, M)), np.empty(K), np.empty((S + 1, K))
     vt = np.empty(M)
+    Bt = B.copy()
+    Tt = Tt0.copy()
     Xq, zq = np.empty((n_q, N)), np.empty(n_q)
     lam, nu = np.empty((n_q, K)), np.empty((n_q, M))
     G, grad_a = np.empty((n_q, K)), np.empty(K)
     gx = np.empty(N)
+    adj, adjn, dC, dh = np.empty(K), np.empty(K), np.empty((K, K)), np.empty(K)
+    GQ, GR, grad_W = np.empty((K, K)), np.empty((K, M)), np.empty((K, N))
+    # samples mode (n_s > 0): the support set
+    ns = max(n_s, 1)
+    Xs, zs, ys = np.empty((ns, N)), np.empty(ns), np.empty(ns)
+    Lam, gL, dLam = np.empty((ns, K)), np.empty((ns, K)), np.empty((ns, K))
     for _ in range(n_steps):
         for m in range(M):
             vt[m] = vbar[m] + s * rng.standard_normal()
+        if eps_B > 0.0:
+            for m in range(M):
+                for i in range(N):
+                    Bt[m, i] = B[m, i] + eps_B * rng.standard_normal()
+            for m in range(M):
+                Tt[m] = _dot(Bt[m], Bt[m]) / N
+        if n_s > 0:
+            for mu in range(n_s):
+                for i in range(N):
+                    Xs[mu, i] = rng.standard_normal()
+            for mu in range(n_s):
+                zs[mu] = rng.standard_normal()
         for mu in range(n_q):
             for i in range(N):
                 Xq[mu, i] = rng.standard_normal()
         for mu in range(n_q):
             zq[mu] = rng.standard_normal()
-        _overlaps(W, B, Q, R)
-        _adapt(Q, R, Tt, a, vt, alpha_in, S, linear, C, h, c, cn)
-        _fields(Xq, W, B, lam, nu)
-        _query_gradients(lam, nu, zq, c, vt, sigma, linear, G, grad_a)
+        if n_s > 0:
+            _support_samples(Xs, zs, W, Bt, vt, sigma, linear, Lam, gL, ys, C, h)
+            _inner_steps(C, h, a, alpha_in, S, cs)
+        else:
+            _overlaps(W, Bt, Q, R)
+            _adapt(Q, R, Tt, a, vt, alpha_in, S, linear, C, D, h, cs)
+        _fields(Xq, W, Bt, lam, nu)
+        _query_gradients(lam, nu, zq, cs[S], vt, sigma, linear, G, grad_a)
+        if second:
+            _through_inner_loop(C, cs, alpha_in, S, grad_a, adj, adjn, dC, dh)
+            if n_s > 0:
+                _samples_weight_gradient(Xs, Lam, gL, ys, dC, dh, linear, dLam, grad_W)
+            else:
+                _population_overlap_gradients(Q, R, Tt, vt, linear, dC, dh, GQ, GR)
+                # grad_W = (GQ W + GR Bt) / N at the weights before the step, row by row
+                for k in range(K):
+                    _combine(GQ[k], W, GR[k], Bt, N, gx, grad_W[k])
         for k in range(K):
             if w_shrink != 1.0:
                 for i in range(N):
@@ -361,16 +552,19 @@ def _first_order_population_steps(
             if n_q == 1:
                 for i in range(N):
                     W[k, i] -= w_scale * (g * Xq[0, i])
-                continue
-            # sum_mu G_mu,k x_mu, summed in increasing mu
-            for i in range(N):
-                gx[i] = g * Xq[0, i]
-            for mu in range(1, n_q):
-                g = G[mu, k]
+            else:
+                # sum_mu G_mu,k x_mu, summed in increasing mu
                 for i in range(N):
-                    gx[i] += g * Xq[mu, i]
-            for i in range(N):
-                W[k, i] -= w_scale * gx[i]
+                    gx[i] = g * Xq[0, i]
+                for mu in range(1, n_q):
+                    g = G[mu, k]
+                    for i in range(N):
+                        gx[i] += g * Xq[mu, i]
+                for i in range(N):
+                    W[k, i] -= w_scale * gx[i]
+            if second:
+                for i in range(N):
+                    W[k, i] -= weights_scale * grad_W[k, i]
         if a_shrink != 1.0:
             for k in range(K):
                 a[k] *= a_shrink
@@ -387,8 +581,8 @@ def run_seed_meta(model, W, B, vec, values, rates, N, n_steps, rec, rng, bar, ac
     """One seed: ``n_steps`` outer steps, the order parameters every ``rec`` steps.
 
     ``path``: ``"compiled"`` runs whole outer steps compiled where
-    ``MetaStep.compiled`` holds (order 1, population, eps_B = 0; elsewhere the
-    Python loop); ``"step"`` the Python loop with the compiled gradients;
+    ``MetaStep.compiled`` holds (orders 1 and 2, both support modes, any eps_B:
+    every case the model allows); ``"step"`` the Python loop with the compiled gradients;
     ``"numpy"`` the Python loop with the numpy gradients (the reference). With
     a seeded ``rng`` the three draw the same random numbers and agree to round-off."""
     if path not in ("compiled", "step", "numpy"):
@@ -416,12 +610,15 @@ def run_seed_meta(model, W, B, vec, values, rates, N, n_steps, rec, rng, bar, ac
     if path == "compiled" and step.compiled:
         # the update rules' own coefficients (derive/model.py), as numbers
         w_shrink, w_scale = fl.coefficients(N, eta, decay, step.n_q)
+        weights_scale = float(fl.weights_coefficient(eta))
         a_shrink, a_scale = ro.coefficients(N, eta_a, decay_a)
-        task = (step.n_q, float(step.s), float(step.alpha_in), step.S, float(step.sigma))
-        rules = (step.act.name == "linear", w_shrink, w_scale, a_shrink, a_scale)
+        task = (step.n_q, float(step.s), float(step.alpha_in), step.S, float(step.sigma), float(step.eps_B))
+        second, linear = step.order == 2, step.act.name == "linear"
+        rules = (second, linear, w_shrink, w_scale, weights_scale, a_shrink, a_scale)
+        n_s = 0 if step.population else int(step.n_s)  # 0: population mode
 
         def advance(n):
-            _first_order_population_steps(W, B, step._Tt, a, vbar, rng, n, *task, *rules)
+            _meta_steps(W, B, step._Tt, a, vbar, rng, n, *task, *rules, n_s)
 
     else:
         fast = path != "numpy"

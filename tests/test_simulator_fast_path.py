@@ -1,8 +1,9 @@
-"""The compiled first-order population path of the meta-learning simulator
-(runtime/simulate_meta.py): the compiled gradients of one step
+"""The compiled population path of the meta-learning simulator
+(runtime/simulate_meta.py): the compiled first-order gradients of one step
 (``_first_order_population``) and the compiled outer loop
-(``_first_order_population_steps``, random draws included) against the numpy
-path, and the update rules' coefficients that both apply."""
+(``_meta_steps``, random draws included; orders 1 and 2, population and samples
+mode, with and without feature variability) against the numpy path, which cases
+run compiled, and the update rules' coefficients that both apply."""
 
 from __future__ import annotations
 
@@ -108,17 +109,112 @@ def test_compiled_loop_equals_the_python_loops(activation, over):
         assert np.abs(comp[2][-1] - comp[2][0]).max() > 1e-3
 
 
-@pytest.mark.parametrize(
-    "over", [{"order": 2}, {"n_s": 5}, {"eps_B": 0.3}, {"order": 2, "n_s": 4, "eps_B": 0.2, "n_q": 2}]
-)
-def test_other_modes_run_the_python_loop(over):
-    """Order 2, finite support sets and feature variability are not compiled:
-    the default path is the numpy loop, to the bit."""
-    assert not MetaStep(Activation("erf"), SPEC.resolve_params(over)).compiled
-    comp = run_loop("compiled", n_steps=20, rec=5, **over)
-    ref = run_loop("numpy", n_steps=20, rec=5, **over)
-    for x, y in zip(comp, ref):
-        np.testing.assert_array_equal(x, y)
+# order 2 and feature variability (eps_B > 0): (order, eps_B) with the same draws
+NEW_CASES = [(2, 0.0), (1, 0.5), (2, 0.5)]
+
+
+@pytest.mark.parametrize("activation", ["erf", "linear"])
+@pytest.mark.parametrize("S", [0, 1, 2])
+@pytest.mark.parametrize("order,eps_B", NEW_CASES)
+def test_compiled_loop_equals_numpy_loop_order2_and_feature_variability(order, eps_B, S, activation):
+    """Order 2 (reverse mode through the inner loop, the step along grad_W) and
+    eps_B > 0 (a fresh task teacher B + eps_B Z drawn each step, between vt and the
+    query) compiled: the numpy loop's records step for step, to round-off, and
+    the rng at the same place after 50 steps."""
+    over = {"order": order, "eps_B": eps_B, "S": S, "eta_a": 0.5}
+    assert MetaStep(Activation(activation), SPEC.resolve_params(over)).compiled
+    comp = run_loop("compiled", activation, **over)
+    ref = run_loop("numpy", activation, **over)
+    for x, y in zip(comp[:4], ref[:4]):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-13)
+    assert comp[4] == ref[4]
+    assert np.abs(comp[0][-1] - comp[0][0]).max() > 1e-3
+    assert np.abs(comp[2][-1] - comp[2][0]).max() > 1e-3
+    if order == 2 and S > 0:
+        # the part through the inner loop is not empty: order 1 gives other weights
+        first = run_loop("compiled", activation, **{**over, "order": 1})
+        assert np.abs(first[3] - comp[3]).max() > 1e-6
+        assert np.abs(first[2] - comp[2]).max() > 1e-6
+
+
+@pytest.mark.parametrize("activation", ["erf", "linear"])
+def test_compiled_loop_order2_feature_variability_batch_and_noise(activation):
+    """The remaining knobs at order 2 with eps_B > 0: a query batch, label noise,
+    the inner rate and the task spread."""
+    over = {"order": 2, "eps_B": 0.3, "n_q": 3, "eta_a": 0.5, "S": 2, "alpha_in": 0.6, "sigma": 0.3, "s": 0.7}
+    comp = run_loop("compiled", activation, **over)
+    ref = run_loop("numpy", activation, **over)
+    for x, y in zip(comp[:4], ref[:4]):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-13)
+    assert comp[4] == ref[4]
+
+
+@pytest.mark.parametrize("activation", ["erf", "linear"])
+@pytest.mark.parametrize("S", [0, 1, 2])
+@pytest.mark.parametrize("order,eps_B", [(1, 0.0)] + NEW_CASES)
+def test_compiled_loop_equals_numpy_loop_samples_mode(order, eps_B, S, activation):
+    """Finite support sets (n_s = 4 fresh support samples per task, drawn after
+    the task teacher and before the query) compiled, at orders 1 and 2 (grad_W
+    through the support fields), with and without feature variability: the numpy
+    loop's records step for step, and the rng at the same place."""
+    over = {"n_s": 4, "order": order, "eps_B": eps_B, "S": S, "eta_a": 0.5, "eta": 0.5, "alpha_in": 0.5}
+    assert MetaStep(Activation(activation), SPEC.resolve_params(over)).compiled
+    comp = run_loop("compiled", activation, **over)
+    ref = run_loop("numpy", activation, **over)
+    for x, y in zip(comp[:4], ref[:4]):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-13)
+    assert comp[4] == ref[4]
+    assert np.abs(comp[0][-1] - comp[0][0]).max() > 1e-3
+    assert np.abs(comp[2][-1] - comp[2][0]).max() > 1e-3
+    if order == 2 and S > 0:
+        first = run_loop("compiled", activation, **{**over, "order": 1})
+        assert np.abs(first[3] - comp[3]).max() > 1e-6
+        assert np.abs(first[2] - comp[2]).max() > 1e-6
+
+
+@pytest.mark.parametrize("activation", ["erf", "linear"])
+def test_compiled_loop_samples_mode_batch_noise_one_sample(activation):
+    """One support sample, a query batch, label noise, order 2 with eps_B."""
+    over = {"n_s": 1, "order": 2, "eps_B": 0.3, "n_q": 3, "S": 2, "alpha_in": 0.3, "sigma": 0.3, "eta_a": 0.5}
+    comp = run_loop("compiled", activation, **over)
+    ref = run_loop("numpy", activation, **over)
+    for x, y in zip(comp[:4], ref[:4]):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-13)
+    assert comp[4] == ref[4]
+
+
+COMPILED = [
+    {},
+    {"order": 2},
+    {"eps_B": 0.3},
+    {"order": 2, "eps_B": 0.2, "n_q": 2, "S": 0},
+    {"n_s": 5},
+    {"n_s": 3, "order": 2},
+    {"order": 2, "n_s": 4, "eps_B": 0.2, "n_q": 2},
+]
+
+
+@pytest.mark.parametrize("over", COMPILED, ids=str)
+def test_which_cases_run_compiled(over, monkeypatch):
+    """Every case the model allows (orders 1 and 2, population mode n_s = inf and
+    finite support sets, any eps_B) runs whole outer steps compiled: the Python
+    step (``MetaStep.gradients``) is never called, while the numpy path calls it
+    once per step."""
+    assert MetaStep(Activation("erf"), SPEC.resolve_params(over)).compiled
+    calls = []
+    original = MetaStep.gradients
+    monkeypatch.setattr(MetaStep, "gradients", lambda *a, **k: calls.append(1) or original(*a, **k))
+    run_loop("compiled", n_steps=10, rec=5, **over)
+    assert calls == []
+    run_loop("numpy", n_steps=10, rec=5, **over)
+    assert len(calls) == 10
+
+
+def test_an_order_the_compiled_loop_does_not_know_is_not_compiled():
+    """The selection is explicit: MetaStep built around the model's parameter
+    check with another order does not take the compiled loop."""
+    params = {**SPEC.resolve_params({}), "order": 3}
+    assert not MetaStep(Activation("erf"), params).compiled
 
 
 def test_compiled_loop_is_reproducible_and_seeded():
@@ -142,21 +238,31 @@ def test_seeded_first_order_simulation_is_reproducible_and_independent_of_worker
     assert not np.array_equal(one.Q[0, -1], one.Q[1, -1])
 
 
-def test_the_compiled_loop_takes_the_update_rules_coefficients(monkeypatch):
+@pytest.mark.parametrize("over", [{"eta_a": 0.5, "n_q": 2}, {"eta_a": 0.5, "order": 2, "S": 2, "eps_B": 0.3}])
+def test_the_compiled_loop_takes_the_update_rules_coefficients(monkeypatch, over):
     """The compiled loop has no scalings of its own: changing the coefficients of
     FirstLayer / ReadoutUpdate (derive/model.py) changes it exactly as it changes
-    the Python loop, which applies them through ``step``."""
-    over = {"eta_a": 0.5, "n_q": 2}
+    the Python loop, which applies them through ``step`` and ``step_weights``."""
     plain = run_loop("compiled", **over)
     fl_coef, ro_coef = FirstLayer.coefficients, ReadoutUpdate.coefficients
     monkeypatch.setattr(FirstLayer, "coefficients", staticmethod(lambda *a: (0.97, 1.7 * fl_coef(*a)[1])))
     monkeypatch.setattr(ReadoutUpdate, "coefficients", staticmethod(lambda *a: (0.95, 0.6 * ro_coef(*a)[1])))
+    monkeypatch.setattr(FirstLayer, "weights_coefficient", staticmethod(lambda rate: 2.5 * rate))
     comp = run_loop("compiled", **over)
     ref = run_loop("numpy", **over)
     for x, y in zip(comp[:4], ref[:4]):
         np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-13)
     assert np.abs(comp[3] - plain[3]).max() > 1e-2
     assert np.abs(comp[2][-1] - plain[2][-1]).max() > 1e-3
+    if over.get("order") == 2:
+        # the weight-space coefficient alone moves both loops alike
+        monkeypatch.setattr(FirstLayer, "coefficients", staticmethod(fl_coef))
+        monkeypatch.setattr(ReadoutUpdate, "coefficients", staticmethod(ro_coef))
+        comp = run_loop("compiled", **over)
+        ref = run_loop("numpy", **over)
+        for x, y in zip(comp[:4], ref[:4]):
+            np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-13)
+        assert np.abs(comp[3] - plain[3]).max() > 1e-6
 
 
 def test_coefficients_are_the_documented_rules():
@@ -176,19 +282,24 @@ def test_coefficients_are_the_documented_rules():
     np.testing.assert_allclose(
         W, (1 - decay / N) * W0 - rate / math.sqrt(N) * np.outer(G[0], X[0]), rtol=1e-13
     )
+    assert FirstLayer.weights_coefficient(rate) == rate
+    W, gW = W0.copy(), rng.standard_normal((2, N))
+    fl.step_weights(W, gW, rate)
+    np.testing.assert_array_equal(W, W0 - rate * gW)
     c0, H = rng.standard_normal(2), rng.standard_normal(2)
     c = c0.copy()
     SPEC.readout_updates[0].step(c, H, N, rate, decay)
     np.testing.assert_allclose(c, (1 - decay / N) * c0 - rate / N * H, rtol=1e-14)
 
 
-def test_divergence_is_reported_at_the_same_record_by_both_loops():
+@pytest.mark.parametrize("over", [{}, {"order": 2, "eps_B": 0.3}], ids=str)
+def test_divergence_is_reported_at_the_same_record_by_both_loops(over):
     """A learning rate far too large: both loops raise SimulationDiverged at the
     first record where W is not finite, the same alpha (records every 50 steps)."""
     alphas = []
     for path in ("compiled", "numpy"):
         with pytest.raises(SimulationDiverged) as info, np.errstate(all="ignore"):
-            run_loop(path, "linear", N=50, n_steps=4000, rec=50, eta=40.0)
+            run_loop(path, "linear", N=50, n_steps=4000, rec=50, eta=40.0, **over)
         alphas.append(info.value.alpha)
     assert alphas[0] == alphas[1]
     assert 1 <= alphas[0] < 4000 / 50 and alphas[0] == int(alphas[0])  # a record, rec / N = 1
