@@ -208,16 +208,17 @@ def _table_plan(ir: FlowIR, activation: str) -> dict | None:
     }
 
 
-def _tilt_buffers(tilt) -> list[str]:
+def _tilt_buffers(tilt) -> list[tuple[str, str]]:
+    """(name, allocation) of the buffers of the hoisted pair tilt."""
     if tilt and tilt["table"]:
         return [
-            "F = np.empty_like(Cu)",
-            "Dn = np.empty(Cu.shape[0])",
-            "ua = np.empty(Cu.shape[0])",
-            "ub = np.empty(Cu.shape[0])",
+            ("F", "np.empty_like(Cu)"),
+            ("Dn", "np.empty(Cu.shape[0])"),
+            ("ua", "np.empty(Cu.shape[0])"),
+            ("ub", "np.empty(Cu.shape[0])"),
         ]
     if tilt and tilt["pair"]:
-        return ["Ct = np.empty_like(C)"]
+        return [("Ct", "np.empty_like(C)")]
     return []
 
 
@@ -227,7 +228,7 @@ def _workspace(tilt) -> list[str]:
         names += ["Cu", "rows"]
     if tilt and tilt["single"]:
         names += ["Ct1", "tilt1_pref"]
-    return names + [line.split(" = ")[0] for line in _tilt_buffers(tilt)]
+    return names + [name for name, _ in _tilt_buffers(tilt)]
 
 
 def _kinds_of(name: str) -> tuple[str, ...]:

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 d842c5157c4f3dbc31cc23ae0a5a058daf1101e20dbc2a879c0f214e0c3f9f4a
+# inputs:     sha256 d6f7ecd72a6205daa3bbd69a38c427122245287ba6ceae652dfb15d296d37b9b
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 846 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "d842c5157c4f3dbc31cc23ae0a5a058daf1101e20dbc2a879c0f214e0c3f9f4a"
+INPUTS_SHA256 = "d6f7ecd72a6205daa3bbd69a38c427122245287ba6ceae652dfb15d296d37b9b"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -572,39 +572,29 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, ua, ub):
             Cu[i, j] = C[rows[i], rows[j]]
     tilt1_all(C, K, Ct1, tilt1_pref)
     mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S = task_moments(y, c, p, K, M, C, False)
-    S_ap__ap = mm_(L_ap.reshape((K, M)), L_ap.reshape((K, M)).T).reshape(
-        (K, K)
-    )
+    S_ap__ap = mm_(L_ap.reshape((K, M)), L_ap.reshape((K, M)).T).reshape((K, K))
+    # read only by the second-order terms
     if ((1) if (order == 2) else (0)) != 0:
-        S_ap__ap_dQ = mm_(L_ap.reshape((K, M)), L_ap_dQ.reshape((K * K * K, M)).T).reshape(
-            (K, K, K, K)
-        )
+        S_ap__ap_dQ = mm_(L_ap.reshape((K, M)), L_ap_dQ.reshape((K * K * K, M)).T).reshape((K, K, K, K))
     else:
         S_ap__ap_dQ = np.zeros((0, 0, 0, 0))
+    # read only by the second-order terms
     if ((1) if (order == 2) else (0)) != 0:
-        S_ap__ap_dR = mm_(L_ap.reshape((K, M)), L_ap_dR.reshape((K * K * M, M)).T).reshape(
-            (K, K, K, M)
-        )
+        S_ap__ap_dR = mm_(L_ap.reshape((K, M)), L_ap_dR.reshape((K * K * M, M)).T).reshape((K, K, K, M))
     else:
         S_ap__ap_dR = np.zeros((0, 0, 0, 0))
-    S_ap__vt = mm_(L_ap.reshape((K, M)), L_vt.reshape((M, M)).T).reshape(
-        (K, M)
-    )
+    S_ap__vt = mm_(L_ap.reshape((K, M)), L_vt.reshape((M, M)).T).reshape((K, M))
+    # read only by the second-order terms
     if ((1) if (order == 2) else (0)) != 0:
-        S_vt__ap_dQ = mm_(L_vt.reshape((M, M)), L_ap_dQ.reshape((K * K * K, M)).T).reshape(
-            (M, K, K, K)
-        )
+        S_vt__ap_dQ = mm_(L_vt.reshape((M, M)), L_ap_dQ.reshape((K * K * K, M)).T).reshape((M, K, K, K))
     else:
         S_vt__ap_dQ = np.zeros((0, 0, 0, 0))
+    # read only by the second-order terms
     if ((1) if (order == 2) else (0)) != 0:
-        S_vt__ap_dR = mm_(L_vt.reshape((M, M)), L_ap_dR.reshape((K * K * M, M)).T).reshape(
-            (M, K, K, M)
-        )
+        S_vt__ap_dR = mm_(L_vt.reshape((M, M)), L_ap_dR.reshape((K * K * M, M)).T).reshape((M, K, K, M))
     else:
         S_vt__ap_dR = np.zeros((0, 0, 0, 0))
-    S_vt__vt = mm_(L_vt.reshape((M, M)), L_vt.reshape((M, M)).T).reshape(
-        (M, M)
-    )
+    S_vt__vt = mm_(L_vt.reshape((M, M)), L_vt.reshape((M, M)).T).reshape((M, M))
 
     o = 0
     dQ = dy[o : o + K * K].reshape((K, K))
@@ -815,39 +805,29 @@ def rhs_parallel(y, c, p, K, M, dy):
             Cu[i, j] = C[rows[i], rows[j]]
     tilt1_all(C, K, Ct1, tilt1_pref)
     mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S = task_moments(y, c, p, K, M, C, False)
-    S_ap__ap = mm_(L_ap.reshape((K, M)), L_ap.reshape((K, M)).T).reshape(
-        (K, K)
-    )
+    S_ap__ap = mm_(L_ap.reshape((K, M)), L_ap.reshape((K, M)).T).reshape((K, K))
+    # read only by the second-order terms
     if ((1) if (order == 2) else (0)) != 0:
-        S_ap__ap_dQ = mm_(L_ap.reshape((K, M)), L_ap_dQ.reshape((K * K * K, M)).T).reshape(
-            (K, K, K, K)
-        )
+        S_ap__ap_dQ = mm_(L_ap.reshape((K, M)), L_ap_dQ.reshape((K * K * K, M)).T).reshape((K, K, K, K))
     else:
         S_ap__ap_dQ = np.zeros((0, 0, 0, 0))
+    # read only by the second-order terms
     if ((1) if (order == 2) else (0)) != 0:
-        S_ap__ap_dR = mm_(L_ap.reshape((K, M)), L_ap_dR.reshape((K * K * M, M)).T).reshape(
-            (K, K, K, M)
-        )
+        S_ap__ap_dR = mm_(L_ap.reshape((K, M)), L_ap_dR.reshape((K * K * M, M)).T).reshape((K, K, K, M))
     else:
         S_ap__ap_dR = np.zeros((0, 0, 0, 0))
-    S_ap__vt = mm_(L_ap.reshape((K, M)), L_vt.reshape((M, M)).T).reshape(
-        (K, M)
-    )
+    S_ap__vt = mm_(L_ap.reshape((K, M)), L_vt.reshape((M, M)).T).reshape((K, M))
+    # read only by the second-order terms
     if ((1) if (order == 2) else (0)) != 0:
-        S_vt__ap_dQ = mm_(L_vt.reshape((M, M)), L_ap_dQ.reshape((K * K * K, M)).T).reshape(
-            (M, K, K, K)
-        )
+        S_vt__ap_dQ = mm_(L_vt.reshape((M, M)), L_ap_dQ.reshape((K * K * K, M)).T).reshape((M, K, K, K))
     else:
         S_vt__ap_dQ = np.zeros((0, 0, 0, 0))
+    # read only by the second-order terms
     if ((1) if (order == 2) else (0)) != 0:
-        S_vt__ap_dR = mm_(L_vt.reshape((M, M)), L_ap_dR.reshape((K * K * M, M)).T).reshape(
-            (M, K, K, M)
-        )
+        S_vt__ap_dR = mm_(L_vt.reshape((M, M)), L_ap_dR.reshape((K * K * M, M)).T).reshape((M, K, K, M))
     else:
         S_vt__ap_dR = np.zeros((0, 0, 0, 0))
-    S_vt__vt = mm_(L_vt.reshape((M, M)), L_vt.reshape((M, M)).T).reshape(
-        (M, M)
-    )
+    S_vt__vt = mm_(L_vt.reshape((M, M)), L_vt.reshape((M, M)).T).reshape((M, M))
 
     o = 0
     dQ = dy[o : o + K * K].reshape((K, K))
@@ -1056,21 +1036,11 @@ def metrics(y, c, p, K, M, out):
     C = np.empty((K + 2 * M, K + 2 * M))
     covariance(y, c, p, K, M, C)
     mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S = task_moments(y, c, p, K, M, C, True)
-    S_aopt__aopt = mm_(L_aopt.reshape((K, M)), L_aopt.reshape((K, M)).T).reshape(
-        (K, K)
-    )
-    S_ap__ap = mm_(L_ap.reshape((K, M)), L_ap.reshape((K, M)).T).reshape(
-        (K, K)
-    )
-    S_ap__vt = mm_(L_ap.reshape((K, M)), L_vt.reshape((M, M)).T).reshape(
-        (K, M)
-    )
-    S_vt__aopt = mm_(L_vt.reshape((M, M)), L_aopt.reshape((K, M)).T).reshape(
-        (M, K)
-    )
-    S_vt__vt = mm_(L_vt.reshape((M, M)), L_vt.reshape((M, M)).T).reshape(
-        (M, M)
-    )
+    S_aopt__aopt = mm_(L_aopt.reshape((K, M)), L_aopt.reshape((K, M)).T).reshape((K, K))
+    S_ap__ap = mm_(L_ap.reshape((K, M)), L_ap.reshape((K, M)).T).reshape((K, K))
+    S_ap__vt = mm_(L_ap.reshape((K, M)), L_vt.reshape((M, M)).T).reshape((K, M))
+    S_vt__aopt = mm_(L_vt.reshape((M, M)), L_aopt.reshape((K, M)).T).reshape((M, K))
+    S_vt__vt = mm_(L_vt.reshape((M, M)), L_vt.reshape((M, M)).T).reshape((M, M))
 
     acc = 0.0
     s0 = 0.0

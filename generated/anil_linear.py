@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 add40fbe1de1a1da86a55f36ee50de196b3ec6a5f2bcf7bbbcc6b8917a646c85
+# inputs:     sha256 8d8980b0fc40ea1677e4ff60cafd48db10618c3f0f5ebe26d51040484dc77251
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 579 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "add40fbe1de1a1da86a55f36ee50de196b3ec6a5f2bcf7bbbcc6b8917a646c85"
+INPUTS_SHA256 = "8d8980b0fc40ea1677e4ff60cafd48db10618c3f0f5ebe26d51040484dc77251"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -411,39 +411,29 @@ def rhs_ws(y, c, p, K, M, dy, C):
     sigma = p[9]
     covariance(y, c, p, K, M, C)
     mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S = task_moments(y, c, p, K, M, C, False)
-    S_ap__ap = mm_(L_ap.reshape((K, M)), L_ap.reshape((K, M)).T).reshape(
-        (K, K)
-    )
+    S_ap__ap = mm_(L_ap.reshape((K, M)), L_ap.reshape((K, M)).T).reshape((K, K))
+    # read only by the second-order terms
     if ((1) if (order == 2) else (0)) != 0:
-        S_ap__ap_dQ = mm_(L_ap.reshape((K, M)), L_ap_dQ.reshape((K * K * K, M)).T).reshape(
-            (K, K, K, K)
-        )
+        S_ap__ap_dQ = mm_(L_ap.reshape((K, M)), L_ap_dQ.reshape((K * K * K, M)).T).reshape((K, K, K, K))
     else:
         S_ap__ap_dQ = np.zeros((0, 0, 0, 0))
+    # read only by the second-order terms
     if ((1) if (order == 2) else (0)) != 0:
-        S_ap__ap_dR = mm_(L_ap.reshape((K, M)), L_ap_dR.reshape((K * K * M, M)).T).reshape(
-            (K, K, K, M)
-        )
+        S_ap__ap_dR = mm_(L_ap.reshape((K, M)), L_ap_dR.reshape((K * K * M, M)).T).reshape((K, K, K, M))
     else:
         S_ap__ap_dR = np.zeros((0, 0, 0, 0))
-    S_ap__vt = mm_(L_ap.reshape((K, M)), L_vt.reshape((M, M)).T).reshape(
-        (K, M)
-    )
+    S_ap__vt = mm_(L_ap.reshape((K, M)), L_vt.reshape((M, M)).T).reshape((K, M))
+    # read only by the second-order terms
     if ((1) if (order == 2) else (0)) != 0:
-        S_vt__ap_dQ = mm_(L_vt.reshape((M, M)), L_ap_dQ.reshape((K * K * K, M)).T).reshape(
-            (M, K, K, K)
-        )
+        S_vt__ap_dQ = mm_(L_vt.reshape((M, M)), L_ap_dQ.reshape((K * K * K, M)).T).reshape((M, K, K, K))
     else:
         S_vt__ap_dQ = np.zeros((0, 0, 0, 0))
+    # read only by the second-order terms
     if ((1) if (order == 2) else (0)) != 0:
-        S_vt__ap_dR = mm_(L_vt.reshape((M, M)), L_ap_dR.reshape((K * K * M, M)).T).reshape(
-            (M, K, K, M)
-        )
+        S_vt__ap_dR = mm_(L_vt.reshape((M, M)), L_ap_dR.reshape((K * K * M, M)).T).reshape((M, K, K, M))
     else:
         S_vt__ap_dR = np.zeros((0, 0, 0, 0))
-    S_vt__vt = mm_(L_vt.reshape((M, M)), L_vt.reshape((M, M)).T).reshape(
-        (M, M)
-    )
+    S_vt__vt = mm_(L_vt.reshape((M, M)), L_vt.reshape((M, M)).T).reshape((M, M))
 
     o = 0
     dQ = dy[o : o + K * K].reshape((K, K))
@@ -640,39 +630,29 @@ def rhs_parallel(y, c, p, K, M, dy):
     sigma = p[9]
     covariance(y, c, p, K, M, C)
     mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S = task_moments(y, c, p, K, M, C, False)
-    S_ap__ap = mm_(L_ap.reshape((K, M)), L_ap.reshape((K, M)).T).reshape(
-        (K, K)
-    )
+    S_ap__ap = mm_(L_ap.reshape((K, M)), L_ap.reshape((K, M)).T).reshape((K, K))
+    # read only by the second-order terms
     if ((1) if (order == 2) else (0)) != 0:
-        S_ap__ap_dQ = mm_(L_ap.reshape((K, M)), L_ap_dQ.reshape((K * K * K, M)).T).reshape(
-            (K, K, K, K)
-        )
+        S_ap__ap_dQ = mm_(L_ap.reshape((K, M)), L_ap_dQ.reshape((K * K * K, M)).T).reshape((K, K, K, K))
     else:
         S_ap__ap_dQ = np.zeros((0, 0, 0, 0))
+    # read only by the second-order terms
     if ((1) if (order == 2) else (0)) != 0:
-        S_ap__ap_dR = mm_(L_ap.reshape((K, M)), L_ap_dR.reshape((K * K * M, M)).T).reshape(
-            (K, K, K, M)
-        )
+        S_ap__ap_dR = mm_(L_ap.reshape((K, M)), L_ap_dR.reshape((K * K * M, M)).T).reshape((K, K, K, M))
     else:
         S_ap__ap_dR = np.zeros((0, 0, 0, 0))
-    S_ap__vt = mm_(L_ap.reshape((K, M)), L_vt.reshape((M, M)).T).reshape(
-        (K, M)
-    )
+    S_ap__vt = mm_(L_ap.reshape((K, M)), L_vt.reshape((M, M)).T).reshape((K, M))
+    # read only by the second-order terms
     if ((1) if (order == 2) else (0)) != 0:
-        S_vt__ap_dQ = mm_(L_vt.reshape((M, M)), L_ap_dQ.reshape((K * K * K, M)).T).reshape(
-            (M, K, K, K)
-        )
+        S_vt__ap_dQ = mm_(L_vt.reshape((M, M)), L_ap_dQ.reshape((K * K * K, M)).T).reshape((M, K, K, K))
     else:
         S_vt__ap_dQ = np.zeros((0, 0, 0, 0))
+    # read only by the second-order terms
     if ((1) if (order == 2) else (0)) != 0:
-        S_vt__ap_dR = mm_(L_vt.reshape((M, M)), L_ap_dR.reshape((K * K * M, M)).T).reshape(
-            (M, K, K, M)
-        )
+        S_vt__ap_dR = mm_(L_vt.reshape((M, M)), L_ap_dR.reshape((K * K * M, M)).T).reshape((M, K, K, M))
     else:
         S_vt__ap_dR = np.zeros((0, 0, 0, 0))
-    S_vt__vt = mm_(L_vt.reshape((M, M)), L_vt.reshape((M, M)).T).reshape(
-        (M, M)
-    )
+    S_vt__vt = mm_(L_vt.reshape((M, M)), L_vt.reshape((M, M)).T).reshape((M, M))
 
     o = 0
     dQ = dy[o : o + K * K].reshape((K, K))
@@ -876,21 +856,11 @@ def metrics(y, c, p, K, M, out):
     C = np.empty((K + 2 * M, K + 2 * M))
     covariance(y, c, p, K, M, C)
     mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S = task_moments(y, c, p, K, M, C, True)
-    S_aopt__aopt = mm_(L_aopt.reshape((K, M)), L_aopt.reshape((K, M)).T).reshape(
-        (K, K)
-    )
-    S_ap__ap = mm_(L_ap.reshape((K, M)), L_ap.reshape((K, M)).T).reshape(
-        (K, K)
-    )
-    S_ap__vt = mm_(L_ap.reshape((K, M)), L_vt.reshape((M, M)).T).reshape(
-        (K, M)
-    )
-    S_vt__aopt = mm_(L_vt.reshape((M, M)), L_aopt.reshape((K, M)).T).reshape(
-        (M, K)
-    )
-    S_vt__vt = mm_(L_vt.reshape((M, M)), L_vt.reshape((M, M)).T).reshape(
-        (M, M)
-    )
+    S_aopt__aopt = mm_(L_aopt.reshape((K, M)), L_aopt.reshape((K, M)).T).reshape((K, K))
+    S_ap__ap = mm_(L_ap.reshape((K, M)), L_ap.reshape((K, M)).T).reshape((K, K))
+    S_ap__vt = mm_(L_ap.reshape((K, M)), L_vt.reshape((M, M)).T).reshape((K, M))
+    S_vt__aopt = mm_(L_vt.reshape((M, M)), L_aopt.reshape((K, M)).T).reshape((M, K))
+    S_vt__vt = mm_(L_vt.reshape((M, M)), L_vt.reshape((M, M)).T).reshape((M, M))
 
     acc = 0.0
     s0 = 0.0
