@@ -8,6 +8,7 @@ symbols, and the header holds a hash of every input and no timestamp.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,8 @@ from .gaussian import PRIMITIVES, tilt_split
 from .model import Q, R
 from .models import model_file
 from .printer import TILTED, TILTED1, code
-from .special import asin_horner
+from .special import asin_body
+from .tables import tilt_code
 from .symbols import FIELD_KIND, STUDENT, K, M, index_kind, lam
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,10 +100,12 @@ def _term_expr(t) -> sp.Expr:
 TILT_PREF = sp.Symbol("tilt_pref")
 
 
-def _hoisted_tilt(component: Component, t, activation: str):
+def _hoisted_tilt(component: Component, t, activation: str, pair: bool = True):
     """``t`` rewritten as ``coeff * tilt_pref * base(Ct; rest)`` when its primitive
     starts by tilting on the component's two free indices (I4(k, l, ., .) in dQ):
-    the tilt is then computed once per (k, l) instead of once per term. None if not."""
+    the tilt is then computed once per (k, l) instead of once per term (only with
+    ``pair``, i.e. when the kernel tabulates the base at the tilted covariance;
+    otherwise the closed-form primitive is called). None if not."""
     if activation is None or not isinstance(t, FlowTerm) or t.primitive is None:
         return None
     split = tilt_split(_kinds_of(t.primitive), activation)
@@ -114,7 +118,7 @@ def _hoisted_tilt(component: Component, t, activation: str):
             return None
         pref = sp.IndexedBase("tilt1_pref")[a.indices[0]]
         return t.coeff * pref * sp.Function(split.base.name + TILTED1)(a, *t.args[1:]), split
-    if len(component.free) != 2:
+    if len(component.free) != 2 or not pair:
         return None
     free = tuple(component.free)
     if tuple(a.indices[0] for a in t.args[:2]) != free or any(a.base != lam for a in t.args[:2]):
@@ -174,13 +178,14 @@ def _table_plan(ir: FlowIR, activation: str) -> dict | None:
     once per (k, l) over the rows of the field families it is read at; the kernel
     fills ``F[r, q] = base(Ct; r, q)`` in one vectorisable loop (``tilt2_table``)."""
     model = ir.model
-    bases, fams = {}, {lam}
+    bases, fams, splits = {}, {lam}, []
     for c in ir.derivatives:
         for t in c.terms:
             t, _ = _guarded(t)
             h = _hoisted_tilt(c, t, activation)
             if h is None or h[1].n != 2 or h[1].base is None:
                 continue
+            splits.append(h[1])
             base = h[1].base
             if len(base.labels) != 2 or base.kinds[0] != base.kinds[1]:
                 return None
@@ -205,30 +210,27 @@ def _table_plan(ir: FlowIR, activation: str) -> dict | None:
         "whole": len(rows) == len(model.fields),
         "base": base.name,
         **separable_form(base),
+        # the engine's tilt rule for the pair, as the levels of the table's loops
+        "tilt": tilt_code(2, splits[0].amplitude, splits[0].width),
     }
 
 
-def _tilt_buffers(tilt) -> list[tuple[str, str]]:
-    """(name, allocation) of the buffers of the hoisted pair tilt."""
-    if tilt and tilt["table"]:
-        return [
-            ("F", "np.empty_like(Cu)"),
-            ("Dn", "np.empty(Cu.shape[0])"),
-            ("ua", "np.empty(Cu.shape[0])"),
-            ("ub", "np.empty(Cu.shape[0])"),
-        ]
-    if tilt and tilt["pair"]:
-        return [("Ct", "np.empty_like(C)")]
-    return []
+def _tilt_buffers(table) -> list[tuple[str, str]]:
+    """(name, allocation) of the buffers of the table of the hoisted pair tilt: the
+    table F, the per-row factors Dn of its base, the row coefficients U_s[r]."""
+    if not table:
+        return []
+    rows = [(name.upper(), "np.empty(Cu.shape[0])") for name, _ in table["tilt"].row]
+    return [("F", "np.empty_like(Cu)"), ("Dn", "np.empty(Cu.shape[0])"), *rows]
 
 
-def _workspace(tilt) -> list[str]:
+def _workspace(table, tilt1) -> list[str]:
     names = ["C"]
-    if tilt and tilt["table"]:
+    if table:
         names += ["Cu", "rows"]
-    if tilt and tilt["single"]:
+    if tilt1:
         names += ["Ct1", "tilt1_pref"]
-    return names + [name for name, _ in _tilt_buffers(tilt)]
+    return names + [name for name, _ in _tilt_buffers(table)]
 
 
 def _kinds_of(name: str) -> tuple[str, ...]:
@@ -249,7 +251,7 @@ def loops(
     groups: dict[tuple, list[Sum]] = {}
     for t in component.terms:
         t, guard = _guarded(t)
-        h = _hoisted_tilt(component, t, activation)
+        h = _hoisted_tilt(component, t, activation, pair=table is not None)
         if h is not None and hoisted is not None:
             expr, split = h
             hoisted.append(split)
@@ -453,13 +455,10 @@ def context(ir: FlowIR) -> dict:
         lps = loops(c, names, act.name, hoisted, table)
         splits += hoisted
         free = [str(i.label) for i in c.free]
-        call = None
-        if len(free) == 2:
-            call = (
-                f"tilt2_table(Cu, {free[0]}, {free[1]}, F, Dn, ua, ub)"
-                if table
-                else f"tilt2(C, {free[0]}, {free[1]}, Ct)"
-            )
+        hoist = []
+        if any(h.n == 2 for h in hoisted):
+            rows = ", ".join(name for name, _ in _tilt_buffers(table))
+            hoist = [f"tilt_pref = tilt2_table(Cu, {free[0]}, {free[1]}, {rows})"]
         comps.append(
             {
                 "name": c.name,
@@ -467,7 +466,7 @@ def context(ir: FlowIR) -> dict:
                 "free": [(str(i.label), _bound(i)) for i in c.free],
                 "loops": lps,
                 "symmetric": c.symmetric,
-                "hoist": [f"tilt_pref = {call}"] if any(h.n == 2 for h in hoisted) else [],
+                "hoist": hoist,
             }
         )
     # the base primitives of hoisted tilts (I2 for I4) must be in the module
@@ -476,17 +475,15 @@ def context(ir: FlowIR) -> dict:
         if sp_.base is not None and sp_.base.name not in [d.name for d in prim_list]:
             prim_list.append(sp_.base)
     prim_list.sort(key=lambda d: d.name)
-    tilt = None
-    if splits:
-        w, amp = splits[0].width, splits[0].amplitude
-        tilt = {
-            "width": code(sp.sympify(w)),
-            "amp": code(sp.sympify(amp)),
-            "amp2": code(sp.sympify(amp) ** 2),
-            "pair": any(h.n == 2 for h in splits),
-            "single": any(h.n == 1 for h in splits),
-            "table": table,
-        }
+    # the tilt rule of the engine as loop nests (derive/tables.py), for one g' per
+    # student unit (tilt1_all) and for the pair (k, l) of the table (tilt2_table)
+    tilt1 = None
+    singles = [h for h in splits if h.n == 1]
+    if singles:
+        tilt1 = tilt_code(1, singles[0].amplitude, singles[0].width)
+    if table:
+        pairs = [h for h in splits if h.n == 2]
+        table = {**table, "tilt": tilt_code(2, pairs[0].amplitude, pairs[0].width)}
     mets = [{"name": c.name, "loops": loops(c, names)} for c in ir.metrics]
     samples = [
         {
@@ -533,13 +530,14 @@ def context(ir: FlowIR) -> dict:
         "cov_size": cov_size,
         "cov_blocks": cov_blocks,
         "task": _task_context(ir, names, where),
-        "tilt": tilt,
+        "tilt1": tilt1,
+        "table": table,
         # buffers of the hoisted pair tilt: in the workspace of rhs, once per chunk of rhs_parallel
-        "tilt_buffers": _tilt_buffers(tilt),
+        "tilt_buffers": _tilt_buffers(table),
         # the buffers of rhs_ws, in the order of its arguments (see workspace in the template)
-        "workspace": _workspace(tilt),
+        "workspace": _workspace(table, tilt1),
         # the vectorisable arcsine, when a primitive needs one (derive/special.py)
-        "asin": asin_horner() if any(d.expr.has(sp.asin) for d in prim_list) else None,
+        "asin": asin_body() if any(d.expr.has(sp.asin) for d in prim_list) else None,
     }
 
 
@@ -560,10 +558,50 @@ def inputs_hash(model_name: str, activation: str) -> str:
     return h.hexdigest()
 
 
+def reachable(tree: ast.Module, entry_points) -> set[str]:
+    """Names of the module's top-level functions that its entry points call,
+    directly or through one another."""
+    defs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    calls = {
+        name: {x.id for x in ast.walk(node) if isinstance(x, ast.Name) and x.id in defs}
+        for name, node in defs.items()
+    }
+    seen, todo = set(), [e for e in entry_points if e in defs]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += sorted(calls[name] - seen)
+    return seen
+
+
+def prune(text: str) -> str:
+    """Drop the top-level functions that no entry point (``ENTRY_POINTS`` of the
+    module) reaches: a primitive whose every use was hoisted into a table, the
+    activation where no per-sample gradient calls it."""
+    tree = ast.parse(text)
+    entry = next(
+        ast.literal_eval(n.value)
+        for n in tree.body
+        if isinstance(n, ast.Assign) and [getattr(t, "id", None) for t in n.targets] == ["ENTRY_POINTS"]
+    )
+    keep = reachable(tree, entry)
+    lines = text.splitlines(keepends=True)
+    drop = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name not in keep:
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
+            end = node.end_lineno
+            while end < len(lines) and not lines[end].strip():
+                end += 1  # the blank lines that follow the function go with it
+            drop.update(range(start, end))
+    return "".join(line for i, line in enumerate(lines) if i not in drop)
+
+
 def render(model_name: str, activation: str) -> str:
     """The text of ``generated/{model}_{activation}.py``."""
     ir = build_flow(model_name, activation)
     env = environment()
     ctx = context(ir)
     check_context(env, KERNEL_TEMPLATE, ctx)
-    return env.get_template(KERNEL_TEMPLATE).render(**ctx)
+    return prune(env.get_template(KERNEL_TEMPLATE).render(**ctx))

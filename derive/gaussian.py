@@ -75,6 +75,33 @@ class UnreducibleExpectation(NotImplementedError):
     pass
 
 
+# -- the tilt rule, written once ------------------------------------------------
+# The engine (``_Engine._tilt``) applies it to derive closed forms; the code
+# generator (derive/codegen.py) applies the same three functions to symbols of a
+# loop nest, so that a kernel's tilted covariances and prefactors are this rule.
+
+
+def tilt_prefactor(amplitudes, widths, CSS: sp.Matrix) -> sp.Expr:
+    """``prod_s A_s det(I + P^-1 C_SS)^(-1/2)``, ``P = diag(widths)``: the mass of the
+    Gaussian factors ``A_s exp(-u_s^2 / (2 p_s))`` under the Gaussian of covariance
+    ``C_SS``."""
+    P = sp.diag(*widths)
+    det = sp.factor((sp.eye(len(widths)) + P.inv() * CSS).det())
+    return sp.Mul(*amplitudes) / sp.sqrt(det)
+
+
+def tilt_inverse(widths, CSS: sp.Matrix) -> sp.Matrix:
+    """``(P + C_SS)^-1``, the matrix of the Schur complement of the tilt."""
+    return (sp.diag(*widths) + CSS).inv()
+
+
+def tilted_entry(Cxy: sp.Expr, cx, cy, inv: sp.Matrix) -> sp.Expr:
+    """Entry (x, y) of the tilted covariance, ``C_xy - C_xS (P + C_SS)^-1 C_Sy``, from
+    ``cx = C_xS`` and ``cy = C_Sy`` (sequences over the tilted fields)."""
+    n = len(cx)
+    return Cxy - (sp.Matrix(1, n, list(cx)) * inv * sp.Matrix(n, 1, list(cy)))[0, 0]
+
+
 class _Engine:
     def __init__(self, act: Activation):
         self.act = act
@@ -160,22 +187,20 @@ class _Engine:
         S = [u for u, _, _ in tilts]
         if len(set(S)) != len(S):
             raise UnreducibleExpectation("two Gaussian factors on one field")
-        amp = sp.Mul(*[A for _, A, _ in tilts])
-        P = sp.diag(*[p for _, _, p in tilts])
+        amps = [A for _, A, _ in tilts]
+        widths = [p for _, _, p in tilts]
         CSS = sp.Matrix(len(S), len(S), lambda i, j: C[S[i], S[j]])
-        # E[exp(-u_S^T P^-1 u_S / 2)] = det(I + P^-1 C_SS)^(-1/2)
-        det = sp.factor((sp.eye(len(S)) + P.inv() * CSS).det())
-        inv = (P + CSS).inv()
+        inv = tilt_inverse(widths, CSS)
         others = list(variables)
         Cnew = {}
         for x in others:
             for y in others:
-                cx = sp.Matrix(1, len(S), lambda _, j: C[x, S[j]])
-                cy = sp.Matrix(len(S), 1, lambda i, _: C[S[i], y])
-                Cnew[x, y] = sp.together(C[x, y] - (cx * inv * cy)[0, 0])
+                cx = [C[x, s] for s in S]
+                cy = [C[s, y] for s in S]
+                Cnew[x, y] = sp.together(tilted_entry(C[x, y], cx, cy, inv))
         names = ", ".join(str(u) for u in S)
         self.trace.append(f"tilt by {names}: factor det(I + C_SS)^(-1/2), Schur-complement covariance")
-        return amp / sp.sqrt(det) * self.expect(sp.Mul(*rest), others, Cnew)
+        return tilt_prefactor(amps, widths, CSS) * self.expect(sp.Mul(*rest), others, Cnew)
 
     def _stein(self, u, power, others, variables, C):
         F = u ** (power - 1) * sp.Mul(*others)

@@ -52,14 +52,12 @@ class KernelPrinter(PythonCodePrinter):
             (a, *rest) = expr.args
             rows = ", ".join(self._field_row(x) for x in rest)
             return f"{name[: -len(TILTED1)]}(Ct1[{self._field_row(a)}], {rows})"
-        if name.endswith(TILTED) and self.table_rows is not None:
+        if name.endswith(TILTED):
             # a primitive at the tilted covariance, read from the table of the hoisted tilt
+            if self.table_rows is None:
+                raise ValueError(f"{name}: a primitive at a pair-tilted covariance needs its table")
             rows = ", ".join(self._field_row(a, self.table_rows) for a in expr.args)
             return f"F[{rows}]"
-        if name.endswith(TILTED):
-            # a primitive evaluated at the tilted covariance Ct of the hoisted tilt
-            rows = ", ".join(self._field_row(a) for a in expr.args)
-            return f"{name[: -len(TILTED)]}(Ct, {rows})"
         if name in self.primitive_names:
             rows = ", ".join(self._field_row(a) for a in expr.args)
             return f"{name}(C, dC, {rows})" if name.endswith("_dir") else f"{name}(C, {rows})"

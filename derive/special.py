@@ -44,9 +44,24 @@ def asin_coefficients() -> tuple[float, ...]:
     raise RuntimeError("no polynomial degree below 40 reaches the asin tolerance")
 
 
-def asin_horner(var: str = "t", acc: str = "p") -> list[str]:
-    """Horner's scheme for P(var) as lines of code, ending with ``acc = P(var)``."""
+def asin_body(x: str = "x") -> list[str]:
+    """The body of the kernels' arcsine ``asin_(x)`` as lines of code: the two
+    ranges above (one select each, so that numba vectorises loops that call it),
+    Horner's scheme for P, and the sign of ``x``. The generated modules carry it
+    as it is; the template only wraps it in a function."""
     cs = asin_coefficients()
-    lines = [f"{acc} = {cs[-1]!r}"]
-    lines += [f"{acc} = {acc} * {var} + {c!r}" for c in reversed(cs[:-1])]
+    lines = [
+        f"ax = abs({x})",
+        "big = ax > 0.5",
+        # t = x^2 below 1/2; above, t = z^2 = (1 - |x|)/2 and z = sqrt(t)
+        "t = 0.5 * (1.0 - ax) if big else ax * ax",
+        "z = math.sqrt(t) if big else ax",
+        f"p = {cs[-1]!r}",
+    ]
+    lines += [f"p = p * t + {c!r}" for c in reversed(cs[:-1])]
+    lines += [
+        "r = z + z * (t * p)",
+        f"r = {float(mpmath.pi / 2)!r} - 2.0 * r if big else r",
+        f"return math.copysign(r, {x})",
+    ]
     return lines

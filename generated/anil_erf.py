@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 d6f7ecd72a6205daa3bbd69a38c427122245287ba6ceae652dfb15d296d37b9b
+# inputs:     sha256 38baff98a6c04a52e2f40d00a8b7af43f6b37b8bc68dd893b5230c8ec33c525a
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 846 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -20,34 +20,21 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "d6f7ecd72a6205daa3bbd69a38c427122245287ba6ceae652dfb15d296d37b9b"
+INPUTS_SHA256 = "38baff98a6c04a52e2f40d00a8b7af43f6b37b8bc68dd893b5230c8ec33c525a"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
 VECTORS = (("a", "K"), ("vbar", "M"), )
 METRICS = ("eps_pre", "eps_meta", "eps_opt", )
 SAMPLES = ()
+# the functions the runtime calls; every other function here is called from them
+ENTRY_POINTS = ("workspace", "rhs", "rhs_ws", "rhs_parallel", "metrics", "run_euler", "run_rk4", "run_euler_parallel", "run_rk4_parallel")
 
 
 # activation and its derivatives, for the per-sample gradients
-@njit(cache=True, error_model="numpy")
-def g(z):
-    return math.erf((1.0/2.0)*math.sqrt(2)*z)
-
-
-@njit(cache=True, error_model="numpy")
-def gp(z):
-    return math.sqrt(2)*math.exp(-1.0/2.0*z**2)/math.sqrt(math.pi)
-
-
-@njit(cache=True, error_model="numpy")
-def gpp(z):
-    return -math.sqrt(2)*z*math.exp(-1.0/2.0*z**2)/math.sqrt(math.pi)
-
-
 @njit(cache=True, error_model="numpy", inline="always")
 def asin_(x):
-    """arcsin(x), by the polynomial of derive/special.py: within 2 ulp of the correctly
+    """The arcsine of x, by the polynomial of derive/special.py: within 2 ulp of the correctly
     rounded value, NaN outside [-1, 1]; no branch or call numba cannot vectorise."""
     ax = abs(x)
     big = ax > 0.5
@@ -123,112 +110,57 @@ def I2_dir(C, dC, a, b):
 
 
 @njit(cache=True, error_model="numpy")
-def I3(C, a, b, c):
-    """E[g'(u_a) (u_b) g(u_c)] at covariance C.
-
-    - tilt by u_a: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Stein on u_b
-    - tilt by u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    """
-    C_aa = C[a, a]
-    C_ab = C[a, b]
-    C_ac = C[a, c]
-    C_bc = C[b, c]
-    C_cc = C[c, c]
-    t0 = C_aa + 1
-    return 2*(-C_ab*C_ac + C_bc*t0)/(math.pi*t0**(3.0/2.0)*math.sqrt((C_aa*C_cc - C_ac**2 + C_cc + t0)/t0))
-
-
-@njit(cache=True, error_model="numpy")
-def I4(C, a, b, c, d):
-    """E[g'(u_a) g'(u_b) g(u_c) g(u_d)] at covariance C.
-
-    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    """
-    C_aa = C[a, a]
-    C_ab = C[a, b]
-    C_ac = C[a, c]
-    C_ad = C[a, d]
-    C_bb = C[b, b]
-    C_bc = C[b, c]
-    C_bd = C[b, d]
-    C_cc = C[c, c]
-    C_cd = C[c, d]
-    C_dd = C[d, d]
-    t0 = C_bb + 1
-    t1 = C_aa*C_bb + C_aa - C_ab**2 + t0
-    t2 = 1/t1
-    t3 = -C_ab*C_bc + C_ac*t0
-    t4 = C_aa + 1
-    t5 = -C_ab*C_ac + C_bc*t4
-    t6 = -C_ac*t3 - C_bc*t5 + C_cc*t1
-    t7 = -C_ad*(-C_ab*C_bd + C_ad*t0) - C_bd*(-C_ab*C_ad + C_bd*t4) + C_dd*t1
-    return 4*asin_(t2*(-C_ad*t3 - C_bd*t5 + C_cd*t1)/math.sqrt(t2*t6 + t2*t7 + 1 + t6*t7/t1**2))/(math.pi**2*math.sqrt(t1))
-
-
-@njit(cache=True, error_model="numpy")
-def J2(C, a, b):
-    """E[g'(u_a) g'(u_b)] at covariance C.
-
-    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    """
-    C_aa = C[a, a]
-    C_ab = C[a, b]
-    C_bb = C[b, b]
-    return 2/(math.pi*math.sqrt(C_aa*C_bb + C_aa - C_ab**2 + C_bb + 1))
-
-
-@njit(cache=True, error_model="numpy")
 def tilt1_all(C, K, Ct1, pref):
-    """The tilt rule of derive/gaussian.py for one g' factor, on every student
-    field a: Ct1[a] = C - C[:, a] C[a, :] / (w + C_aa), pref[a] = A det(1 + C_aa / w)^(-1/2)
-    (g' = A exp(-z^2 / (2 w)))."""
-    w = 1
+    """The tilt rule of derive/gaussian.py for one g' factor, on every student row a:
+    Ct = C - C[:, S] (w I + C_SS)^-1 C[S, :] with S = (a), prefactor A^1 det(I +
+    C_SS / w)^(-1/2), for g' = A exp(-z^2 / (2 w)), A = sqrt(2)/sqrt(pi), w = 1.
+    Ct1[a] is the tilted covariance and pref[a] the prefactor; each expression is
+    the rule's own, split by loop level in derive/tables.py."""
     n = C.shape[0]
     for a in range(K):
-        s = w + C[a, a]
+        e0 = C[a, a] + 1
+        k00 = -1/e0
+        pref[a] = math.sqrt(2)/(math.sqrt(math.pi)*math.sqrt(e0))
         for r in range(n):
-            u = C[r, a] / s
+            u0 = k00*C[r, a]
             for q in range(n):
-                Ct1[a, r, q] = C[r, q] - u * C[a, q]
-        pref[a] = math.sqrt(2)/math.sqrt(math.pi) / math.sqrt(s / w)
+                Ct1[a, r, q] = u0*C[a, q] + C[r, q]
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
-def tilt2_table(C, a, b, F, Dn, ua, ub):
-    """The tilt rule of derive/gaussian.py for two g' factors on rows a, b of C, and
-    I2 at the tilted covariance Ct = C - C[:, (a, b)] (w I + C_SS)^-1 C[(a, b), :]
-    for every pair of rows: F[r, q] = I2(Ct; r, q), written as
-    2*asin(Da*Db*x)/pi, D = 1/sqrt(C_rr + 1) (derive/codegen.py: separable_form), so that D is computed once
-    per row. Returns the prefactor A^2 det(I + C_SS / w)^(-1/2) (g' = A exp(-z^2 / (2 w))).
-    The loop over q has no branch or call: numba vectorises it."""
-    w = 1
-    s00 = w + C[a, a]
-    s01 = C[a, b]
-    s11 = w + C[b, b]
-    det = s00 * s11 - s01 * s01
-    i00 = s11 / det
-    i01 = -s01 / det
-    i11 = s00 / det
+def tilt2_table(C, a, b, F, Dn, U0, U1):
+    """The tilt rule of derive/gaussian.py for two g' factors on rows a, b of C,
+    Ct = C - C[:, S] (w I + C_SS)^-1 C[S, :] with S = (a, b), prefactor A^2 det(I +
+    C_SS / w)^(-1/2), for g' = A exp(-z^2 / (2 w)), A = sqrt(2)/sqrt(pi), w = 1,
+    and I2 at the tilted covariance for every pair of rows:
+    F[r, q] = I2(Ct; r, q), written as 2*asin(Da*Db*x)/pi, D = 1/sqrt(C_rr + 1)
+    (derive/codegen.py: separable_form), so that D is computed once per row.
+    Returns the prefactor. Each expression is the rule's own, split by loop level
+    in derive/tables.py; the loop over q has no branch or call: numba vectorises it."""
+    e0 = C[a, a]*C[b, b] + C[a, a] - C[a, b]**2 + C[b, b] + 1
+    e1 = 1/e0
+    e2 = e1*C[a, b]
+    k00 = -e1*C[b, b] - e1
+    k01 = e2
+    k10 = e2
+    k11 = -e1*C[a, a] - e1
     n = C.shape[0]
     for r in range(n):
-        ua[r] = i00 * C[r, a] + i01 * C[r, b]
-        ub[r] = i01 * C[r, a] + i11 * C[r, b]
-        d = C[r, r] - (ua[r] * C[a, r] + ub[r] * C[b, r])
+        u0 = k00*C[r, a] + k01*C[r, b]
+        U0[r] = u0
+        u1 = k10*C[r, a] + k11*C[r, b]
+        U1[r] = u1
+        d = u0*C[a, r] + u1*C[b, r] + C[r, r]
         Dn[r] = 1/math.sqrt(d + 1)
     for r in range(n):
-        xa = ua[r]
-        xb = ub[r]
+        u0 = U0[r]
+        u1 = U1[r]
         Da = Dn[r]
         for q in range(n):
-            x = C[r, q] - (xa * C[a, q] + xb * C[b, q])
+            x = u0*C[a, q] + u1*C[b, q] + C[r, q]
             Db = Dn[q]
             F[r, q] = 2*asin_(Da*Db*x)/math.pi
-    return 2/math.pi / math.sqrt(det / (w * w))
+    return 2/(math.pi*math.sqrt(e0))
 
 
 @njit(cache=True, error_model="numpy")
@@ -528,9 +460,9 @@ def workspace(K, M):
 
     F = np.empty_like(Cu)
     Dn = np.empty(Cu.shape[0])
-    ua = np.empty(Cu.shape[0])
-    ub = np.empty(Cu.shape[0])
-    return (C, Cu, rows, Ct1, tilt1_pref, F, Dn, ua, ub,)
+    U0 = np.empty(Cu.shape[0])
+    U1 = np.empty(Cu.shape[0])
+    return (C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1,)
 
 
 @njit(cache=True, error_model="numpy")
@@ -540,7 +472,7 @@ def rhs(y, c, p, K, M, dy):
 
 
 @njit(cache=True, error_model="numpy")
-def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, ua, ub):
+def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1):
     """rhs with its buffers given (from workspace(K, M)): no allocation of its own beyond the task moments."""
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
@@ -601,7 +533,7 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, ua, ub):
     o += K * K
     for k in range(K):
         for l in range(k, K):
-            tilt_pref = tilt2_table(Cu, k, l, F, Dn, ua, ub)
+            tilt_pref = tilt2_table(Cu, k, l, F, Dn, U0, U1)
             acc = 0.0
             acc += eta**2*sigma**2*tilt_pref*(S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])/n_q
             s0 = 0.0
@@ -846,12 +778,12 @@ def rhs_parallel(y, c, p, K, M, dy):
     for chunk in prange(n_chunks):
         F = np.empty_like(Cu)
         Dn = np.empty(Cu.shape[0])
-        ua = np.empty(Cu.shape[0])
-        ub = np.empty(Cu.shape[0])
+        U0 = np.empty(Cu.shape[0])
+        U1 = np.empty(Cu.shape[0])
         for i_ in range(chunk, n_pairs, n_chunks):
             k = pair_k[i_]
             l = pair_l[i_]
-            tilt_pref = tilt2_table(Cu, k, l, F, Dn, ua, ub)
+            tilt_pref = tilt2_table(Cu, k, l, F, Dn, U0, U1)
             acc = 0.0
             acc += eta**2*sigma**2*tilt_pref*(S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])/n_q
             s0 = 0.0

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 8d8980b0fc40ea1677e4ff60cafd48db10618c3f0f5ebe26d51040484dc77251
+# inputs:     sha256 e258abc4673f97195466486847ccc5b296c12a2d8cd6280e5be3dd3be6227407
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 579 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -20,31 +20,18 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "8d8980b0fc40ea1677e4ff60cafd48db10618c3f0f5ebe26d51040484dc77251"
+INPUTS_SHA256 = "e258abc4673f97195466486847ccc5b296c12a2d8cd6280e5be3dd3be6227407"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
 VECTORS = (("a", "K"), ("vbar", "M"), )
 METRICS = ("eps_pre", "eps_meta", "eps_opt", )
 SAMPLES = ()
+# the functions the runtime calls; every other function here is called from them
+ENTRY_POINTS = ("workspace", "rhs", "rhs_ws", "rhs_parallel", "metrics", "run_euler", "run_rk4", "run_euler_parallel", "run_rk4_parallel")
 
 
 # activation and its derivatives, for the per-sample gradients
-@njit(cache=True, error_model="numpy")
-def g(z):
-    return z
-
-
-@njit(cache=True, error_model="numpy")
-def gp(z):
-    return 1
-
-
-@njit(cache=True, error_model="numpy")
-def gpp(z):
-    return 0
-
-
 # Gaussian primitives, derived by derive/gaussian.py
 @njit(cache=True, error_model="numpy")
 def I2(C, a, b):

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 9bd4b038b0d314a57b55b7411a557041c5eb9bc099cdd171e8c42276278e2938
+# inputs:     sha256 2fcb14d211a4cb36bdd6e2d240023a76d4aecd188ec1788c3e3b1baf4d327b98
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -20,13 +20,15 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "9bd4b038b0d314a57b55b7411a557041c5eb9bc099cdd171e8c42276278e2938"
+INPUTS_SHA256 = "2fcb14d211a4cb36bdd6e2d240023a76d4aecd188ec1788c3e3b1baf4d327b98"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )
 VECTORS = ()
 METRICS = ("eps_g", )
 SAMPLES = ("G", )
+# the functions the runtime calls; every other function here is called from them
+ENTRY_POINTS = ("workspace", "rhs", "rhs_ws", "rhs_parallel", "metrics", "sample_gradients", "run_euler", "run_rk4", "run_euler_parallel", "run_rk4_parallel")
 
 
 # activation and its derivatives, for the per-sample gradients
@@ -38,11 +40,6 @@ def g(z):
 @njit(cache=True, error_model="numpy")
 def gp(z):
     return 1
-
-
-@njit(cache=True, error_model="numpy")
-def gpp(z):
-    return 0
 
 
 # Gaussian primitives, derived by derive/gaussian.py

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 6408706f8e6cd2982a0ee74e2de91a455de1f5d61ee03d141266cd939b1f52da
+# inputs:     sha256 3156d88a5e7a1ff70dfcca42eb3a372b02894fd4601ad20ad536e71414c769a1
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -20,13 +20,15 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "6408706f8e6cd2982a0ee74e2de91a455de1f5d61ee03d141266cd939b1f52da"
+INPUTS_SHA256 = "3156d88a5e7a1ff70dfcca42eb3a372b02894fd4601ad20ad536e71414c769a1"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
 VECTORS = (("v", "K"), ("vs", "M"), )
 METRICS = ("eps_g", )
 SAMPLES = ("G", "H_v", )
+# the functions the runtime calls; every other function here is called from them
+ENTRY_POINTS = ("workspace", "rhs", "rhs_ws", "rhs_parallel", "metrics", "sample_gradients", "run_euler", "run_rk4", "run_euler_parallel", "run_rk4_parallel")
 
 
 # activation and its derivatives, for the per-sample gradients
@@ -38,11 +40,6 @@ def g(z):
 @njit(cache=True, error_model="numpy")
 def gp(z):
     return 1
-
-
-@njit(cache=True, error_model="numpy")
-def gpp(z):
-    return 0
 
 
 # Gaussian primitives, derived by derive/gaussian.py

@@ -103,6 +103,21 @@ def test_tilt_table_equals_the_tilted_I2(module):
             assert pref == pytest.approx(pref_ref, rel=1e-13)
 
 
+def test_tilt_by_one_unit_equals_the_schur_complement():
+    """tilt1_all: for each student row a, the covariance conditioned on one g'
+    factor, C - C[:, a] C[a, :] / (1 + C_aa), and the prefactor E[g'(u_a)]."""
+    rng = np.random.default_rng(5)
+    for n, K in ((3, 2), (7, 4)):
+        A = rng.standard_normal((n, n + 2))
+        C = A @ A.T / n + 0.2 * np.eye(n)
+        Ct1, pref = np.empty((K, n, n)), np.empty(K)
+        two_layer_erf.tilt1_all(C, K, Ct1, pref)
+        for a in range(K):
+            ref = C - np.outer(C[:, a], C[a, :]) / (1 + C[a, a])
+            np.testing.assert_allclose(Ct1[a], ref, rtol=1e-13, atol=1e-15)
+            assert pref[a] == pytest.approx(math.sqrt(2 / math.pi) / math.sqrt(1 + C[a, a]), rel=1e-14)
+
+
 def test_separable_form_of_I2_and_the_fallback():
     i2 = separable_form(expectation(("g", "g"), "erf", "I2"))
     assert i2["value"] == "2*asin_(Da*Db*x)/math.pi"
