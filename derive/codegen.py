@@ -24,10 +24,10 @@ from .flow import Component, FlowIR, FlowTerm, build_flow
 from .gaussian import PRIMITIVES, tilt_split
 from .model import Q, R
 from .models import model_file
-from .printer import TILTED, TILTED1, code
+from .printer import TILTED, TILTED1, code, field_rows
 from .special import asin_body
 from .tables import tilt_code
-from .symbols import FIELD_KIND, STUDENT, K, M, index_kind, lam
+from .symbols import STUDENT, K, M, field_doc, field_kind, index_kind
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -114,14 +114,16 @@ def _hoisted_tilt(component: Component, t, activation: str, pair: bool = True):
     if split.n == 1:
         # one g': the kernel tilts by every student unit once per call (tilt1_all)
         a = t.args[0]
-        if a.base != lam or split.base is None:
+        if field_kind(a.base) != STUDENT or split.base is None:
             return None
         pref = sp.IndexedBase("tilt1_pref")[a.indices[0]]
         return t.coeff * pref * sp.Function(split.base.name + TILTED1)(a, *t.args[1:]), split
     if len(component.free) != 2 or not pair:
         return None
     free = tuple(component.free)
-    if tuple(a.indices[0] for a in t.args[:2]) != free or any(a.base != lam for a in t.args[:2]):
+    if tuple(a.indices[0] for a in t.args[:2]) != free or any(
+        field_kind(a.base) != STUDENT for a in t.args[:2]
+    ):
         return None
     expr = t.coeff * TILT_PREF
     if split.base is not None:
@@ -178,7 +180,8 @@ def _table_plan(ir: FlowIR, activation: str) -> dict | None:
     once per (k, l) over the rows of the field families it is read at; the kernel
     fills ``F[r, q] = base(Ct; r, q)`` in one vectorisable loop (``tilt2_table``)."""
     model = ir.model
-    bases, fams, splits = {}, {lam}, []
+    student = model.fields[0]  # the rows 0..K-1 of C, the units a table is tilted by
+    bases, fams, splits = {}, {student}, []
     for c in ir.derivatives:
         for t in c.terms:
             t, _ = _guarded(t)
@@ -191,18 +194,17 @@ def _table_plan(ir: FlowIR, activation: str) -> dict | None:
                 return None
             bases[base.name] = base
             fams |= {a.base for a in t.args[2:]}
-    if len(bases) != 1 or model.fields[0] != lam:
+    if len(bases) != 1:
         return None
     (base,) = bases.values()
     rows, blocks, sizes = {}, [], []
-    for f in model.fields:
+    for f, src, n in model.layout:
         if f not in fams:
             continue
         at = " + ".join(sizes) if sizes else "0"
         rows[f] = f"{at} + " if sizes else ""
-        n = "K" if FIELD_KIND[f] == STUDENT else "M"
-        blocks.append({"to": at, "src": FIELD_OFFSET[str(f)], "n": n})
-        sizes.append(n)
+        blocks.append({"to": at, "src": code(src), "n": str(n)})
+        sizes.append(str(n))
     return {
         "rows": rows,
         "blocks": blocks,
@@ -240,14 +242,20 @@ def _kinds_of(name: str) -> tuple[str, ...]:
 
 
 def loops(
-    component: Component, primitive_names, activation: str | None = None, hoisted=None, table=None
+    component: Component,
+    primitive_names,
+    activation: str | None = None,
+    hoisted=None,
+    table=None,
+    rows=None,
 ) -> list[Loop]:
     """Group the component's terms by their summation indices, one loop nest each.
 
     With ``activation``, terms whose tilt can be hoisted to the free-index level
     are rewritten (see ``_hoisted_tilt``); their splits are collected in ``hoisted``.
     With ``table`` (see ``_table_plan``), the base primitive at the tilted
-    covariance is read from the table filled once per pair of free indices."""
+    covariance is read from the table filled once per pair of free indices.
+    ``rows``: the model's field rows (``printer.field_rows``)."""
     groups: dict[tuple, list[Sum]] = {}
     for t in component.terms:
         t, guard = _guarded(t)
@@ -259,15 +267,19 @@ def loops(
             expr = _term_expr(t)
         tri = _triangular(t)
         key = (tuple((str(s.label), _bound(s)) for s in t.sums), tri, guard)
-        groups.setdefault(key, []).append(_sum(expr, t.sums, tri, primitive_names, table))
+        groups.setdefault(key, []).append(_sum(expr, t.sums, tri, primitive_names, table, rows))
     return [Loop(k, tuple(v), tri, guard) for (k, tri, guard), v in groups.items()]
 
 
-def _sum(expr: sp.Expr, sums, triangular: bool, primitive_names, table) -> Sum:
+def _sum(expr: sp.Expr, sums, triangular: bool, primitive_names, table, field_rows=None) -> Sum:
     """Split ``expr`` into the factors free of the summation indices and the rest."""
-    rows = table["rows"] if table else None
+    table_rows = table["rows"] if table else None
+
+    def pr(e):
+        return code(e, primitive_names, table_rows, field_rows)
+
     if not sums:
-        return Sum("1.0", code(expr, primitive_names, rows))
+        return Sum("1.0", pr(expr))
     outer, inner = [], []
     for f in sp.Mul.make_args(expr):
         (inner if any(f.has(s) for s in sums) else outer).append(f)
@@ -275,8 +287,8 @@ def _sum(expr: sp.Expr, sums, triangular: bool, primitive_names, table) -> Sum:
     diagonal = None
     if triangular:
         s0, s1 = sums
-        diagonal = code(inner_e.xreplace({s1: s0}), primitive_names, rows)
-    return Sum(code(sp.Mul(*outer), primitive_names, rows), code(inner_e, primitive_names, rows), diagonal)
+        diagonal = pr(inner_e.xreplace({s1: s0}))
+    return Sum(pr(sp.Mul(*outer)), pr(inner_e), diagonal)
 
 
 def _guarded(t):
@@ -345,20 +357,16 @@ def _shape(v) -> str:
     return "K" if v.over == STUDENT else "M"
 
 
-FIELD_OFFSET = {"lambda": "0", "nu": "K", "nut": "K + M"}
-
-
 def _covariance(model) -> tuple[str, list[dict], dict]:
     """Size of the field covariance, its blocks as code, and where Q and R sit in it."""
-    sizes = ["K" if FIELD_KIND[f] == STUDENT else "M" for f in model.fields]
-    n_teacher = sizes.count("M")
-    size = "K + M" if n_teacher == 1 else f"K + {n_teacher} * M"
+    offset = {f: code(at) for f, at, _ in model.layout}
+    size = code(sum((n for _, _, n in model.layout), sp.S.Zero))
     blocks, where = [], {"Q": [], "R": []}
     for (f1, f2), entry in model.covariance.items():
-        i = sp.Idx("i", K if FIELD_KIND[f1] == STUDENT else M)
-        j = sp.Idx("j", K if FIELD_KIND[f2] == STUDENT else M)
+        i = sp.Idx("i", K if field_kind(f1) == STUDENT else M)
+        j = sp.Idx("j", K if field_kind(f2) == STUDENT else M)
         e = entry(i, j)
-        o1, o2 = FIELD_OFFSET[str(f1)], FIELD_OFFSET[str(f2)]
+        o1, o2 = offset[f1], offset[f2]
         blocks.append(
             {"o1": o1, "o2": o2, "n1": _bound(i), "n2": _bound(j), "expr": code(e), "diag": f1 == f2}
         )
@@ -378,6 +386,7 @@ def _dims(kinds) -> list[str]:
 
 def _task_context(ir: FlowIR, names, where) -> dict | None:
     model = ir.model
+    frows = field_rows(model.layout)
     inner = model.inner_loop
     if inner is None:
         return None
@@ -406,7 +415,7 @@ def _task_context(ir: FlowIR, names, where) -> dict | None:
             "hoist": [],
             "name": c.name,
             "free": [(str(i.label), _bound(i)) for i in c.free],
-            "loops": loops(c, names),
+            "loops": loops(c, names, rows=frows),
         }
 
     sup = ir.support
@@ -443,6 +452,7 @@ def context(ir: FlowIR) -> dict:
     model = ir.model
     act = get_activation(ir.activation)
     names = [d.name for d in ir.primitives]
+    frows = field_rows(model.layout)
     state = [("Q", ("K", "K")), ("R", ("K", "M"))] + [(v.name, ("K",)) for v in model.state_vectors]
     consts = [("T", ("M", "M"))] + [(v.name, (_shape(v),)) for v in model.const_vectors]
     vectors = [(v.name, (_shape(v),)) for v in model.state_vectors + model.const_vectors]
@@ -452,7 +462,7 @@ def context(ir: FlowIR) -> dict:
     table = _table_plan(ir, act.name)
     for c in ir.derivatives:
         hoisted: list = []
-        lps = loops(c, names, act.name, hoisted, table)
+        lps = loops(c, names, act.name, hoisted, table, frows)
         splits += hoisted
         free = [str(i.label) for i in c.free]
         hoist = []
@@ -481,15 +491,12 @@ def context(ir: FlowIR) -> dict:
     singles = [h for h in splits if h.n == 1]
     if singles:
         tilt1 = tilt_code(1, singles[0].amplitude, singles[0].width)
-    if table:
-        pairs = [h for h in splits if h.n == 2]
-        table = {**table, "tilt": tilt_code(2, pairs[0].amplitude, pairs[0].width)}
-    mets = [{"name": c.name, "loops": loops(c, names)} for c in ir.metrics]
+    mets = [{"name": c.name, "loops": loops(c, names, rows=frows)} for c in ir.metrics]
     samples = [
         {
             "name": c.name,
             "free": [(str(i.label), _bound(i)) for i in c.free],
-            "loops": loops(c, names),
+            "loops": loops(c, names, rows=frows),
             "symmetric": False,
             "hoist": [],
         }
@@ -528,6 +535,9 @@ def context(ir: FlowIR) -> dict:
         "activations": acts,
         "z": str(z),
         "cov_size": cov_size,
+        "layout_doc": "; ".join(
+            f"{code(at)}..{code(at + n - 1)} for {f} ({field_doc(f)})" for f, at, n in model.layout
+        ),
         "cov_blocks": cov_blocks,
         "task": _task_context(ir, names, where),
         "tilt1": tilt1,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from .symbols import FIELD_KIND, STUDENT, K, M, g, gp, gpp, index_kind, is_field, zeta
+from .symbols import STUDENT, K, M, field_kind, g, gp, gpp, index_kind, is_field, zeta
 
 KIND_OF_FUNC = {g: "g", gp: "gp", gpp: "gpp"}
 FUNC_OF_KIND = {v: k for k, v in KIND_OF_FUNC.items()}
@@ -62,8 +62,8 @@ class RawTerm:
 
 def _check_field(fld: sp.Indexed) -> None:
     (i,) = fld.indices
-    if index_kind(i) != FIELD_KIND[fld.base]:
-        raise ValueError(f"field {fld} needs a {FIELD_KIND[fld.base]} index, got {i} ({index_kind(i)})")
+    if index_kind(i) != field_kind(fld.base):
+        raise ValueError(f"field {fld} needs a {field_kind(fld.base)} index, got {i} ({index_kind(i)})")
 
 
 class _Expander:
@@ -99,7 +99,7 @@ class _Expander:
         if isinstance(e, sp.Function) and e.func in KIND_OF_FUNC:
             (arg,) = e.args
             if not is_field(arg):
-                raise ValueError(f"activation applied to {arg}; only to a field lambda[k], nu[m] or nut[m]")
+                raise ValueError(f"activation applied to {arg}; only to a field such as lambda[k] or nu[m]")
             _check_field(arg)
             return [RawTerm(sp.S.One, (), ((KIND_OF_FUNC[e.func], arg),))]
         if is_field(e):
@@ -109,7 +109,7 @@ class _Expander:
             return [RawTerm(sp.S.One, (), (), 1)]
         if isinstance(e, sp.Pow) and e.base == zeta and e.exp.is_Integer and e.exp > 0:
             return [RawTerm(sp.S.One, (), (), int(e.exp))]
-        if e.has(*FIELD_KIND, zeta, sp.Sum, g, gp, gpp):
+        if any(is_field(x) for x in e.atoms(sp.Indexed)) or e.has(zeta, sp.Sum, g, gp, gpp):
             raise ValueError(f"cannot expand {e}: fields may enter only polynomially through g, g', g''")
         return [RawTerm(e, (), ())]
 

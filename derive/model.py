@@ -22,6 +22,7 @@ from .symbols import (
     TEACHER,
     K,
     M,
+    field_kind,
     lam,
     nu,
     rename_bound,
@@ -326,6 +327,34 @@ class Model:
     inner_loop: InnerLoop | None = None
     # (parameter, value the flow needs, why): e.g. finite support sets are simulated only
     flow_requires: tuple = ()
+
+    def __post_init__(self):
+        if not self.fields or field_kind(self.fields[0]) != STUDENT:
+            raise ValueError(
+                f"model {self.name!r}: the first field family must be the student fields "
+                "(the rows 0..K-1 of the covariance, which the kernels tilt by)"
+            )
+        for i, f1 in enumerate(self.fields):
+            for f2 in self.fields[i:]:
+                if (f1, f2) not in self.covariance and (f2, f1) not in self.covariance:
+                    raise ValueError(f"model {self.name!r}: no covariance block for ({f1}, {f2})")
+        for f1, f2 in self.covariance:
+            if f1 not in self.fields or f2 not in self.fields:
+                raise ValueError(
+                    f"model {self.name!r}: covariance block ({f1}, {f2}) of a field not in fields"
+                )
+
+    @property
+    def layout(self) -> tuple[tuple[sp.IndexedBase, sp.Expr, sp.Symbol], ...]:
+        """``(family, first row, number of rows)`` of each field family in the
+        covariance of the fields, in the order of ``fields``: the one place the
+        rows are laid out (read by the printer, the code generator and ``show``)."""
+        out, at = [], sp.S.Zero
+        for f in self.fields:
+            n = K if field_kind(f) == STUDENT else M
+            out.append((f, at, n))
+            at = at + n
+        return tuple(out)
 
     @property
     def random_families(self) -> tuple[TaskVector, ...]:

@@ -1,8 +1,9 @@
 """Printing sympy expressions as numba-compatible Python (used by derive/codegen.py).
 
 Symbols map to names and array slots here, never by string replacement:
-fields inside a primitive become rows of the covariance matrix (student k ->
-``k``, teacher m -> ``K + m``, task teacher m -> ``K + M + m``), the field
+fields inside a primitive become rows of the covariance matrix, at the offsets
+of the model's layout (``Model.layout``; for two_layer student k -> ``k``,
+teacher m -> ``K + m``), the field
 arrays of a sample become ``lam`` and ``nu``, Kronecker deltas become
 conditional expressions. A primitive ``P_dir`` is the directional derivative
 of ``P`` along a perturbation ``dC`` of the covariance: ``P_dir(C, dC, ...)``.
@@ -14,9 +15,7 @@ import sympy as sp
 from sympy.printing.pycode import PythonCodePrinter
 
 from .gaussian import PRIMITIVES
-from .symbols import g, gp, gpp, lam, nu, nut
-
-FIELD_ROW = {lam: "", nu: "K + ", nut: "K + M + "}
+from .symbols import g, gp, gpp, lam
 TILTED = "__tilted"
 TILTED1 = "__tilted1"
 
@@ -24,11 +23,13 @@ TILTED1 = "__tilted1"
 class KernelPrinter(PythonCodePrinter):
     """Python code for numba: ``math`` functions, array slots for indexed symbols."""
 
-    def __init__(self, primitive_names=(), table_rows=None, settings=None):
+    def __init__(self, primitive_names=(), table_rows=None, field_rows=None, settings=None):
         super().__init__(settings or {"fully_qualified_modules": True, "standard": "python3"})
         self.primitive_names = set(primitive_names) | set(PRIMITIVES)
         # field family -> offset of its rows in the table F of a hoisted tilt
         self.table_rows = table_rows
+        # field family -> offset of its rows in the covariance C (the model's layout)
+        self.field_rows = field_rows or {}
 
     def _print_asin(self, expr):
         # the module's vectorisable arcsine (derive/special.py)
@@ -66,9 +67,9 @@ class KernelPrinter(PythonCodePrinter):
         return super()._print_Function(expr)
 
     def _field_row(self, fld: sp.Indexed, rows=None) -> str:
-        rows = FIELD_ROW if rows is None else rows
+        rows = self.field_rows if rows is None else rows
         if not isinstance(fld, sp.Indexed) or fld.base not in rows:
-            raise ValueError(f"primitive argument {fld} is not a field (of the table)")
+            raise ValueError(f"primitive argument {fld} is not a field (of the layout or the table)")
         (i,) = fld.indices
         return rows[fld.base] + self._print(i)
 
@@ -80,5 +81,13 @@ class KernelPrinter(PythonCodePrinter):
         return f"{int(expr)}"
 
 
-def code(expr: sp.Expr, primitive_names=(), table_rows=None) -> str:
-    return KernelPrinter(primitive_names, table_rows).doprint(expr)
+def code(expr: sp.Expr, primitive_names=(), table_rows=None, field_rows=None) -> str:
+    """``expr`` as numba code; ``field_rows`` maps each field family to the offset of
+    its rows in C (``"K + "``), ``table_rows`` to its rows in the table of a tilt."""
+    return KernelPrinter(primitive_names, table_rows, field_rows).doprint(expr)
+
+
+def field_rows(layout) -> dict:
+    """Field family -> the printed offset of its rows (``""``, ``"K + "``, ...), from
+    ``Model.layout``."""
+    return {f: ("" if at == 0 else f"{KernelPrinter().doprint(at)} + ") for f, at, _ in layout}

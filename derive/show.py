@@ -6,7 +6,7 @@ import sympy as sp
 
 from .flow import FlowIR, build_flow
 from .gaussian import cov_symbol
-from .symbols import FIELD_KIND, STUDENT, K, M, lam, nu
+from .symbols import STUDENT, K, M, field_kind, lam, nu
 
 _FIELD_TEX = {lam: r"\lambda", nu: r"\nu"}
 
@@ -30,7 +30,8 @@ def text(ir: FlowIR) -> str:
     m = ir.model
     out = [
         f"model {m.name}: {m.doc} ({m.section}), activation {ir.activation}",
-        "fields: " + ", ".join(f"{f}[0..{'K' if FIELD_KIND[f] == STUDENT else 'M'}-1]" for f in m.fields),
+        "fields: "
+        + ", ".join(f"{f}[0..{n}-1] (rows {at}..{at + n}-1 of C)" for f, at, n in m.layout),
         "covariance of the fields: " + "; ".join(_block(f1, f2, e) for (f1, f2), e in m.covariance.items()),
         "a primitive's arguments are fields, e.g. I3(lambda[k], nu[n], lambda[j0]).",
         "",
@@ -61,8 +62,8 @@ def text(ir: FlowIR) -> str:
 
 
 def _block(f1, f2, entry) -> str:
-    i = sp.Idx("i", K if FIELD_KIND[f1] == STUDENT else M)
-    j = sp.Idx("j", K if FIELD_KIND[f2] == STUDENT else M)
+    i = sp.Idx("i", K if field_kind(f1) == STUDENT else M)
+    j = sp.Idx("j", K if field_kind(f2) == STUDENT else M)
     return f"Cov({f1}[i], {f2}[j]) = {sp.sstr(entry(i, j))}"
 
 

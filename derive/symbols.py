@@ -8,6 +8,10 @@ A model file writes its network with these sympy objects:
 - ``lam[k]`` and ``nu[m]``: the local fields of student and teacher units;
 - ``nut[m]``: the teacher fields of the current task (meta-learning, MODELS.md
   5.1), which differ from ``nu`` when the task's features vary (``eps_B > 0``);
+- ``field_family(name, kind, doc)``: a further family of fields, declared once
+  (for example in a model file) with the kind of unit that indexes it; a model
+  lists the families it uses in ``Model.fields``, and their rows in the
+  covariance follow that order (``Model.layout``);
 - ``g``: the activation, left abstract here (``g.diff`` gives ``gp`` = g',
   ``gp.diff`` gives ``gpp``); the derivation substitutes a concrete activation
   only when it evaluates Gaussian expectations;
@@ -24,21 +28,45 @@ import sympy as sp
 K = sp.Symbol("K", integer=True, positive=True)
 M = sp.Symbol("M", integer=True, positive=True)
 
-lam = sp.IndexedBase("lambda")
-nu = sp.IndexedBase("nu")
-nut = sp.IndexedBase("nut")
-zeta = sp.Symbol("zeta", real=True)
-
 STUDENT = "student"
 TEACHER = "teacher"
 
-# every field family, with the kind of unit that indexes it
-FIELD_KIND = {lam: STUDENT, nu: TEACHER, nut: TEACHER}
+# every declared field family (by name), with the kind of unit that indexes it and its doc
+_FIELDS: dict[str, tuple[str, str]] = {}
+
+
+def field_family(name: str, kind: str, doc: str) -> sp.IndexedBase:
+    """Declare a family of local fields indexed by student or teacher units; the
+    one place its kind is written (read by ``field_kind``)."""
+    if kind not in (STUDENT, TEACHER):
+        raise ValueError(f"field family {name!r}: kind must be {STUDENT!r} or {TEACHER!r}, got {kind!r}")
+    if name in _FIELDS and _FIELDS[name][0] != kind:
+        raise ValueError(f"field family {name!r} is already declared with kind {_FIELDS[name][0]!r}")
+    _FIELDS[name] = (kind, doc)
+    return sp.IndexedBase(name)
+
+
+def field_kind(base) -> str:
+    """``STUDENT`` or ``TEACHER``: the kind of unit that indexes the field family ``base``."""
+    try:
+        return _FIELDS[str(base)][0]
+    except KeyError:
+        raise ValueError(f"{base} is not a declared field family") from None
+
+
+def field_doc(base) -> str:
+    return _FIELDS[str(base)][1]
+
+
+lam = field_family("lambda", STUDENT, "student fields w_k . x / sqrt(N)")
+nu = field_family("nu", TEACHER, "teacher fields B_m . x / sqrt(N)")
+nut = field_family("nut", TEACHER, "the current task's teacher fields (MODELS.md 5.1)")
+zeta = sp.Symbol("zeta", real=True)
 
 
 def is_field(e) -> bool:
-    """A local field: ``lam[k]``, ``nu[m]`` or ``nut[m]``."""
-    return isinstance(e, sp.Indexed) and e.base in FIELD_KIND
+    """A local field of a declared family: ``lam[k]``, ``nu[m]``, ``nut[m]``, ..."""
+    return isinstance(e, sp.Indexed) and str(e.base) in _FIELDS
 
 
 class gpp(sp.Function):

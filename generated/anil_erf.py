@@ -2,14 +2,16 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 38baff98a6c04a52e2f40d00a8b7af43f6b37b8bc68dd893b5230c8ec33c525a
+# inputs:     sha256 c5a4f975d323c7e25746374628bac5e1533c69178751c78d116019e26779d79e
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 846 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
 
 Flat arrays, row-major, in the order of STATE (y), CONSTS (c) and PARAMS (p);
-K student and M teacher units. The covariance C of the fields
-(lambda_1..K, nu_1..M) has rows 0..K-1 for students and K..K+M-1 for teachers.
+K student and M teacher units. The covariance C of the fields has the rows
+0..K - 1 for lambda (student fields w_k . x / sqrt(N)); K..K + M - 1 for nu
+(teacher fields B_m . x / sqrt(N)); K + M..K + 2*M - 1 for nut (the current
+task's teacher fields (MODELS.md 5.1)).
 `python -m derive show anil` prints the equations this module computes.
 """
 
@@ -20,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "38baff98a6c04a52e2f40d00a8b7af43f6b37b8bc68dd893b5230c8ec33c525a"
+INPUTS_SHA256 = "c5a4f975d323c7e25746374628bac5e1533c69178751c78d116019e26779d79e"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -165,7 +167,7 @@ def tilt2_table(C, a, b, F, Dn, U0, U1):
 
 @njit(cache=True, error_model="numpy")
 def covariance(y, c, p, K, M, C):
-    """Fill C (K + 2 * M, K + 2 * M), the covariance of the fields, from the order parameters."""
+    """Fill C (K + 2*M, K + 2*M), the covariance of the fields, from the order parameters."""
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
     o += K * K
@@ -447,7 +449,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
 def workspace(K, M):
     """The buffers of one evaluation of the right-hand side, allocated once per
     integration by run_euler and run_rk4 rather than once per step."""
-    C = np.empty((K + 2 * M, K + 2 * M))
+    C = np.empty((K + 2*M, K + 2*M))
     # the rows of the table: the fields the tilted primitive is read at
     Cu = np.empty((K + M, K + M))
     rows = np.empty(K + M, np.int64)
@@ -696,7 +698,7 @@ def rhs_parallel(y, c, p, K, M, dy):
     Not cached, nor are the loops that call it: numba's cache of threaded functions
     depends on the thread count and on the order of compilation (numba issues 8578
     and 10128: a stale entry crashes the process)."""
-    C = np.empty((K + 2 * M, K + 2 * M))
+    C = np.empty((K + 2*M, K + 2*M))
     # the rows of the table: the fields the tilted primitive is read at
     Cu = np.empty((K + M, K + M))
     rows = np.empty(K + M, np.int64)
@@ -965,7 +967,7 @@ def metrics(y, c, p, K, M, out):
     s = p[7]
     eps_B = p[8]
     sigma = p[9]
-    C = np.empty((K + 2 * M, K + 2 * M))
+    C = np.empty((K + 2*M, K + 2*M))
     covariance(y, c, p, K, M, C)
     mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S = task_moments(y, c, p, K, M, C, True)
     S_aopt__aopt = mm_(L_aopt.reshape((K, M)), L_aopt.reshape((K, M)).T).reshape((K, K))

@@ -2,14 +2,16 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 e258abc4673f97195466486847ccc5b296c12a2d8cd6280e5be3dd3be6227407
+# inputs:     sha256 9dc768a0117f4931a8d857883ab5e274954ef86282f4aaf61e79d97f997885b1
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 579 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
 
 Flat arrays, row-major, in the order of STATE (y), CONSTS (c) and PARAMS (p);
-K student and M teacher units. The covariance C of the fields
-(lambda_1..K, nu_1..M) has rows 0..K-1 for students and K..K+M-1 for teachers.
+K student and M teacher units. The covariance C of the fields has the rows
+0..K - 1 for lambda (student fields w_k . x / sqrt(N)); K..K + M - 1 for nu
+(teacher fields B_m . x / sqrt(N)); K + M..K + 2*M - 1 for nut (the current
+task's teacher fields (MODELS.md 5.1)).
 `python -m derive show anil` prints the equations this module computes.
 """
 
@@ -20,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "e258abc4673f97195466486847ccc5b296c12a2d8cd6280e5be3dd3be6227407"
+INPUTS_SHA256 = "9dc768a0117f4931a8d857883ab5e274954ef86282f4aaf61e79d97f997885b1"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -76,7 +78,7 @@ def I4(C, a, b, c, d):
 
 @njit(cache=True, error_model="numpy")
 def covariance(y, c, p, K, M, C):
-    """Fill C (K + 2 * M, K + 2 * M), the covariance of the fields, from the order parameters."""
+    """Fill C (K + 2*M, K + 2*M), the covariance of the fields, from the order parameters."""
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
     o += K * K
@@ -358,7 +360,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
 def workspace(K, M):
     """The buffers of one evaluation of the right-hand side, allocated once per
     integration by run_euler and run_rk4 rather than once per step."""
-    C = np.empty((K + 2 * M, K + 2 * M))
+    C = np.empty((K + 2*M, K + 2*M))
 
     return (C,)
 
@@ -589,7 +591,7 @@ def rhs_parallel(y, c, p, K, M, dy):
     Not cached, nor are the loops that call it: numba's cache of threaded functions
     depends on the thread count and on the order of compilation (numba issues 8578
     and 10128: a stale entry crashes the process)."""
-    C = np.empty((K + 2 * M, K + 2 * M))
+    C = np.empty((K + 2*M, K + 2*M))
 
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
@@ -840,7 +842,7 @@ def metrics(y, c, p, K, M, out):
     s = p[7]
     eps_B = p[8]
     sigma = p[9]
-    C = np.empty((K + 2 * M, K + 2 * M))
+    C = np.empty((K + 2*M, K + 2*M))
     covariance(y, c, p, K, M, C)
     mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S = task_moments(y, c, p, K, M, C, True)
     S_aopt__aopt = mm_(L_aopt.reshape((K, M)), L_aopt.reshape((K, M)).T).reshape((K, K))

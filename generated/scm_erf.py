@@ -2,14 +2,15 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 13a095636de35ae1e2d25ec397ab653f10ea02806281e95c1bcde2c9661afc56
+# inputs:     sha256 5f6083a26c3d4b6106df9fceb2335f7af68c425f8960bc8894bfe8e51f691ec1
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
 
 Flat arrays, row-major, in the order of STATE (y), CONSTS (c) and PARAMS (p);
-K student and M teacher units. The covariance C of the fields
-(lambda_1..K, nu_1..M) has rows 0..K-1 for students and K..K+M-1 for teachers.
+K student and M teacher units. The covariance C of the fields has the rows
+0..K - 1 for lambda (student fields w_k . x / sqrt(N)); K..K + M - 1 for nu
+(teacher fields B_m . x / sqrt(N)).
 `python -m derive show scm` prints the equations this module computes.
 """
 
@@ -20,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "13a095636de35ae1e2d25ec397ab653f10ea02806281e95c1bcde2c9661afc56"
+INPUTS_SHA256 = "5f6083a26c3d4b6106df9fceb2335f7af68c425f8960bc8894bfe8e51f691ec1"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,14 +2,15 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 2fcb14d211a4cb36bdd6e2d240023a76d4aecd188ec1788c3e3b1baf4d327b98
+# inputs:     sha256 18cc33c3e2ddf8cc2a0130e07727fcc7ee2ab8336e16671927182c48db2a2f8c
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
 
 Flat arrays, row-major, in the order of STATE (y), CONSTS (c) and PARAMS (p);
-K student and M teacher units. The covariance C of the fields
-(lambda_1..K, nu_1..M) has rows 0..K-1 for students and K..K+M-1 for teachers.
+K student and M teacher units. The covariance C of the fields has the rows
+0..K - 1 for lambda (student fields w_k . x / sqrt(N)); K..K + M - 1 for nu
+(teacher fields B_m . x / sqrt(N)).
 `python -m derive show scm` prints the equations this module computes.
 """
 
@@ -20,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "2fcb14d211a4cb36bdd6e2d240023a76d4aecd188ec1788c3e3b1baf4d327b98"
+INPUTS_SHA256 = "18cc33c3e2ddf8cc2a0130e07727fcc7ee2ab8336e16671927182c48db2a2f8c"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

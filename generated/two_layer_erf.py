@@ -2,14 +2,15 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 f699aaa6ecf1141e559ed72294b56ae4633cfdf0e0b45e8b4cf28a3c8f0f4279
+# inputs:     sha256 5c980192537b18bf8335d36d571192b3cf83951e68a0ea25b92e8909d48c11d9
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
 
 Flat arrays, row-major, in the order of STATE (y), CONSTS (c) and PARAMS (p);
-K student and M teacher units. The covariance C of the fields
-(lambda_1..K, nu_1..M) has rows 0..K-1 for students and K..K+M-1 for teachers.
+K student and M teacher units. The covariance C of the fields has the rows
+0..K - 1 for lambda (student fields w_k . x / sqrt(N)); K..K + M - 1 for nu
+(teacher fields B_m . x / sqrt(N)).
 `python -m derive show two_layer` prints the equations this module computes.
 """
 
@@ -20,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "f699aaa6ecf1141e559ed72294b56ae4633cfdf0e0b45e8b4cf28a3c8f0f4279"
+INPUTS_SHA256 = "5c980192537b18bf8335d36d571192b3cf83951e68a0ea25b92e8909d48c11d9"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

@@ -2,14 +2,15 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 3156d88a5e7a1ff70dfcca42eb3a372b02894fd4601ad20ad536e71414c769a1
+# inputs:     sha256 416023f602da51a50ddb01efd7f18a9be8614230f2406f004ef122ae63586fdd
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
 
 Flat arrays, row-major, in the order of STATE (y), CONSTS (c) and PARAMS (p);
-K student and M teacher units. The covariance C of the fields
-(lambda_1..K, nu_1..M) has rows 0..K-1 for students and K..K+M-1 for teachers.
+K student and M teacher units. The covariance C of the fields has the rows
+0..K - 1 for lambda (student fields w_k . x / sqrt(N)); K..K + M - 1 for nu
+(teacher fields B_m . x / sqrt(N)).
 `python -m derive show two_layer` prints the equations this module computes.
 """
 
@@ -20,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "3156d88a5e7a1ff70dfcca42eb3a372b02894fd4601ad20ad536e71414c769a1"
+INPUTS_SHA256 = "416023f602da51a50ddb01efd7f18a9be8614230f2406f004ef122ae63586fdd"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

@@ -155,3 +155,36 @@ def test_templates_compute_no_special_function_of_their_own():
                 if re.search(rf"\b{name}\s*\(", code_part) or re.search(rf"\.{name}\b", code_part):
                     found.add((path.name, name))
     assert found == STILL_IN_TEMPLATES
+
+
+def test_field_families_and_their_rows_are_declared_once():
+    """Field kinds come from their declaration, rows from the model's field order."""
+    import sympy as sp
+
+    from derive.model import Model
+    from derive.models import get_model
+    from derive.printer import field_rows
+    from derive.symbols import STUDENT, TEACHER, K, M, field_family, field_kind, lam, nu
+
+    anil = get_model("anil")
+    assert [(str(f), at, n) for f, at, n in anil.layout] == [
+        ("lambda", 0, K),
+        ("nu", K, M),
+        ("nut", K + M, M),
+    ]
+    assert list(field_rows(anil.layout).values()) == ["", "K + ", "K + M + "]
+    extra = field_family("nu_extra_test", TEACHER, "a second teacher's fields")
+    assert field_kind(extra) == TEACHER and field_kind(lam) == STUDENT
+    with pytest.raises(ValueError, match="already declared"):
+        field_family("nu_extra_test", STUDENT, "")
+    with pytest.raises(ValueError, match="not a declared field family"):
+        field_kind(sp.IndexedBase("undeclared"))
+    two = get_model("two_layer")
+    fields = dict(
+        name="t", doc="", section="", params=(), vectors=(), student_output=two.student_output,
+        teacher_output=two.teacher_output, noise=0, first_layer=two.first_layer,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="first field family must be the student"):
+        Model(**fields, fields=(nu, lam))
+    with pytest.raises(ValueError, match="no covariance block"):
+        Model(**fields, fields=(lam, nu, extra))

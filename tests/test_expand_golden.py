@@ -198,7 +198,8 @@ def test_average_I3_with_teacher_field():
     ],
 )
 def test_printer_golden(expr, text):
-    assert code(expr) == text
+    # the rows of two_layer's layout: students first, then teachers
+    assert code(expr, field_rows={lam: "", nu: "K + "}) == text
 
 
 def test_printer_reads_tilted_primitives_from_the_table():
@@ -221,4 +222,5 @@ def test_printer_primitive_argument_must_be_field():
 
 
 def test_printer_extra_primitive_name():
-    assert code(sp.Function("E_gp")(nu[m]), primitive_names=("E_gp",)) == "E_gp(C, K + m)"
+    rows = {lam: "", nu: "K + "}
+    assert code(sp.Function("E_gp")(nu[m]), primitive_names=("E_gp",), field_rows=rows) == "E_gp(C, K + m)"
