@@ -35,7 +35,8 @@ from .symbols import (
 
 @dataclass(frozen=True)
 class Param:
-    """A scalar hyper-parameter of a model, with its allowed range."""
+    """A scalar hyper-parameter of a model, with its allowed range
+    ``minimum <= value <= maximum`` (either bound None: unbounded on that side)."""
 
     name: str
     default: float
@@ -44,6 +45,13 @@ class Param:
     integer: bool = False
     choices: tuple[float, ...] | None = None
     allow_inf: bool = False
+    maximum: float | None = None
+
+    def __post_init__(self):
+        if self.minimum is not None and self.maximum is not None and self.minimum > self.maximum:
+            raise ValueError(
+                f"parameter {self.name}: minimum {self.minimum:g} is above maximum {self.maximum:g}"
+            )
 
     @property
     def symbol(self) -> sp.Symbol:
@@ -56,11 +64,24 @@ class Param:
         if self.choices is not None and value not in self.choices:
             allowed = " or ".join(f"{c:g}" for c in self.choices)
             raise ValueError(f"parameter {self.name} must be {allowed} ({self.doc}), got {value:g}")
-        if self.minimum is not None and value < self.minimum:
-            raise ValueError(f"parameter {self.name} must be >= {self.minimum:g} ({self.doc}), got {value:g}")
+        below = self.minimum is not None and value < self.minimum
+        above = self.maximum is not None and value > self.maximum
+        if below or above:
+            raise ValueError(f"parameter {self.name} must be {self.range} ({self.doc}), got {value:g}")
         if self.integer and math.isfinite(value) and value != int(value):
             raise ValueError(f"parameter {self.name} must be an integer, got {value}")
         return value
+
+    @property
+    def range(self) -> str:
+        """The allowed range in words, e.g. ``>= 0``, ``<= 1``, ``in [0, 1]``."""
+        if self.minimum is not None and self.maximum is not None:
+            return f"in [{self.minimum:g}, {self.maximum:g}]"
+        if self.maximum is not None:
+            return f"<= {self.maximum:g}"
+        if self.minimum is not None:
+            return f">= {self.minimum:g}"
+        return "any real number"
 
 
 @dataclass(frozen=True)
