@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import sympy as sp
 
+from .names import check_name
 from .symbols import (
     STUDENT,
     TEACHER,
@@ -48,6 +49,7 @@ class Param:
     maximum: float | None = None
 
     def __post_init__(self):
+        check_name("parameter", self.name)
         if self.minimum is not None and self.maximum is not None and self.minimum > self.maximum:
             raise ValueError(
                 f"parameter {self.name}: minimum {self.minimum:g} is above maximum {self.maximum:g}"
@@ -94,6 +96,7 @@ class Vector:
     default: float = 1.0
 
     def __post_init__(self):
+        check_name("vector", self.name)
         if self.over not in (STUDENT, TEACHER):
             raise ValueError(f"Vector.over must be {STUDENT!r} or {TEACHER!r}")
 
@@ -117,6 +120,9 @@ class TaskVector:
     name: str
     kinds: tuple[str, ...]
     doc: str
+
+    def __post_init__(self):
+        check_name("task vector", self.name)
 
     @property
     def base(self) -> sp.IndexedBase:
@@ -347,6 +353,20 @@ class Model:
     inner_loop: InnerLoop | None = None
     # (parameter, value the flow needs, why): e.g. finite support sets are simulated only
     flow_requires: tuple = ()
+
+    def __post_init__(self):
+        names = [p.name for p in self.params] + [v.name for v in self.vectors]
+        names += [t.name for t in self.random_families]
+        # the kernels name the derivative of a state vector ``x`` ``dx``
+        derived = {f"d{v.name}": v.name for v in self.state_vectors}
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"model {self.name!r}: the name {name!r} is declared twice")
+            if name in derived:
+                raise ValueError(
+                    f"model {self.name!r}: the name {name!r} is reserved: the generated kernels use it "
+                    f"for the derivative of {derived[name]!r}; choose another name"
+                )
 
     @property
     def random_families(self) -> tuple[TaskVector, ...]:

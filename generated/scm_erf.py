@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 e9aa65c3499a837c68a9dcc85671ad72deddba567794eb1947b9a06407fd7a2c
+# inputs:     sha256 a22492523cab3c07a8f92f9874d3b330a8441079558ab7633e1262bfcd1f530e
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "e9aa65c3499a837c68a9dcc85671ad72deddba567794eb1947b9a06407fd7a2c"
+INPUTS_SHA256 = "a22492523cab3c07a8f92f9874d3b330a8441079558ab7633e1262bfcd1f530e"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

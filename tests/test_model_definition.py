@@ -1,13 +1,22 @@
-"""What a model file may declare (derive/model.py): parameter ranges."""
+"""What a model file may declare (derive/model.py, derive/names.py): parameter
+ranges and names that do not collide with the generated kernels' own."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 
-from derive.model import Param
-from derive.models import get_model
+from derive import regenerate
+from derive.model import Param, TaskVector, Vector
+from derive.models import MODEL_NAMES, get_model
+from derive.names import RESERVED, reserved_use
+from derive.symbols import STUDENT
+
+GENERATED = Path(__file__).resolve().parent.parent / "generated"
 
 
 # ---------------------------------------------------------------------------
@@ -43,3 +52,87 @@ def test_minimum_message_is_unchanged():
 def test_empty_range_is_refused():
     with pytest.raises(ValueError, match="parameter bad: minimum 2 is above maximum 1"):
         Param("bad", 1.0, "nothing fits", minimum=2.0, maximum=1.0)
+
+
+# ---------------------------------------------------------------------------
+# reserved names
+
+
+@pytest.mark.parametrize("name", ["c", "p"])
+def test_kernel_argument_as_parameter_name_is_refused(name):
+    with pytest.raises(ValueError) as err:
+        Param(name, 1.0, "a rate")
+    msg = str(err.value)
+    assert msg.startswith(f"parameter name {name!r} is reserved: the generated kernels use it as ")
+    assert "kernel argument" in msg and msg.endswith("; choose another name")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda n: Vector(n, STUDENT, "a readout"),
+        lambda n: TaskVector(n, (STUDENT,), "a task readout"),
+        lambda n: Param(n, 1.0, "a rate"),
+    ],
+    ids=["vector", "task vector", "parameter"],
+)
+@pytest.mark.parametrize("name", ["acc", "s0", "j0", "np", "lambda", "range", "mu_x", "tilt_pref", "i_", "Q"])
+def test_reserved_names_are_refused_for_every_kind(make, name):
+    with pytest.raises(ValueError, match=rf"name '{name}' is reserved: .*; choose another name"):
+        make(name)
+
+
+@pytest.mark.parametrize("name", ["1eta", "eta-v", ""])
+def test_names_must_be_identifiers(name):
+    with pytest.raises(ValueError, match="must be a Python identifier"):
+        Param(name, 1.0, "a rate")
+
+
+def test_model_names_in_use_are_not_reserved():
+    for model in MODEL_NAMES:
+        spec = get_model(model)
+        for name in [p.name for p in spec.params] + [v.name for v in spec.vectors]:
+            assert reserved_use(name) is None, (model, name)
+
+
+def test_a_name_declared_twice_or_taking_a_derivatives_name_is_refused():
+    spec = get_model("two_layer")
+    with pytest.raises(ValueError, match="the name 'eta' is declared twice"):
+        dataclasses.replace(spec, params=spec.params + (Param("eta", 1.0, "again"),))
+    with pytest.raises(ValueError, match="'dv' is reserved: .*derivative of 'v'"):
+        dataclasses.replace(spec, params=spec.params + (Param("dv", 1.0, "a rate"),))
+
+
+def _kernel_scope_names(path: Path) -> set[str]:
+    """Every name read, written or taken as an argument in the functions of a
+    generated module that see the model's names: those unpacking the parameter
+    vector ``p`` (helpers such as ``I2(C, a, b)`` have scopes of their own, where
+    a model name cannot collide)."""
+    names = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.FunctionDef) and "p" in {a.arg for a in node.args.args}:
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Name):
+                    names.add(sub.id)
+                elif isinstance(sub, ast.arg):
+                    names.add(sub.arg)
+    return names
+
+
+@pytest.mark.parametrize("model,activation", regenerate.targets())
+def test_reserved_set_covers_every_name_the_kernels_use(model, activation):
+    """Fails when the templates start using a name derive/names.py does not
+    reserve: a model could then take that name and rebind it."""
+    spec = get_model(model)
+    own = {p.name for p in spec.params} | {v.name for v in spec.vectors}
+    own |= {t.name for t in spec.random_families}
+    own |= {f"d{v.name}" for v in spec.state_vectors}  # refused by Model itself
+    names = _kernel_scope_names(GENERATED / f"{regenerate.module_name(model, activation)}.py")
+    assert {"y", "c", "p", "K", "M"} <= names
+    uncovered = sorted(n for n in names - own if reserved_use(n) is None)
+    assert not uncovered, f"generated names not in derive/names.py: {uncovered}"
+
+
+def test_reserved_set_names_the_kernel_arguments():
+    for name in ("y", "c", "p", "K", "M", "dy", "C", "out", "acc", "o", "math", "np", "prange"):
+        assert name in RESERVED, name
