@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import sympy as sp
 
+from .activations import ACTIVATIONS
 from .names import check_name
 from .symbols import (
     STUDENT,
@@ -353,8 +354,20 @@ class Model:
     inner_loop: InnerLoop | None = None
     # (parameter, value the flow needs, why): e.g. finite support sets are simulated only
     flow_requires: tuple = ()
+    # the activations generated/ holds kernels for (derive/activations.py names)
+    activations: tuple[str, ...] = ("erf", "linear")
 
     def __post_init__(self):
+        unknown = [a for a in self.activations if a not in ACTIVATIONS]
+        if unknown:
+            raise ValueError(
+                f"model {self.name!r}: unknown activation {unknown[0]!r}; "
+                f"known: {', '.join(sorted(ACTIVATIONS))}"
+            )
+        if not self.activations or len(set(self.activations)) != len(self.activations):
+            raise ValueError(
+                f"model {self.name!r}: activations {self.activations!r} must be distinct, at least one"
+            )
         names = [p.name for p in self.params] + [v.name for v in self.vectors]
         names += [t.name for t in self.random_families]
         # the kernels name the derivative of a state vector ``x`` ``dx``

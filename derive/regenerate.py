@@ -7,9 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from .activations import ACTIVATIONS
 from .codegen import ROOT, render
-from .models import MODEL_NAMES
+from .models import MODEL_NAMES, get_model
 
 GENERATED = ROOT / "generated"
 INIT_TEXT = (
@@ -18,9 +17,11 @@ INIT_TEXT = (
 )
 
 
-def targets() -> list[tuple[str, str]]:
-    """(model, activation) pairs, in a fixed order."""
-    return [(m, a) for m in MODEL_NAMES for a in sorted(ACTIVATIONS)]
+def targets(models: tuple[str, ...] | list[str] | None = None) -> list[tuple[str, str]]:
+    """(model, activation) pairs of ``models`` (default: every registered model),
+    each with the activations its model declares, in a fixed order."""
+    names = MODEL_NAMES if models is None else models
+    return [(m, a) for m in names for a in sorted(get_model(m).activations)]
 
 
 def module_name(model: str, activation: str) -> str:

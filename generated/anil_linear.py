@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 2e84c6a814dbd9f5292ac111e05068386dd334fe509d2c79d213914cdc110026
+# inputs:     sha256 fa375559815dface094a344fc468b295455c221375676b21cf8c0044347b59b4
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 579 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "2e84c6a814dbd9f5292ac111e05068386dd334fe509d2c79d213914cdc110026"
+INPUTS_SHA256 = "fa375559815dface094a344fc468b295455c221375676b21cf8c0044347b59b4"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

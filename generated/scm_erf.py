@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 a22492523cab3c07a8f92f9874d3b330a8441079558ab7633e1262bfcd1f530e
+# inputs:     sha256 7e0dddde69c7dcbcce6645545379f6b3e9cba8eb31a8c193e1d00cf790b7acda
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "a22492523cab3c07a8f92f9874d3b330a8441079558ab7633e1262bfcd1f530e"
+INPUTS_SHA256 = "7e0dddde69c7dcbcce6645545379f6b3e9cba8eb31a8c193e1d00cf790b7acda"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

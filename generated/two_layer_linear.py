@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 9030aefb8d4183fa4d4452507ab395a49fad0c188afd33f307e5c48ba057c995
+# inputs:     sha256 3e9c99783dca54df3bdabad123814e8164755a3404e9645bae17b7f1253e5f63
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "9030aefb8d4183fa4d4452507ab395a49fad0c188afd33f307e5c48ba057c995"
+INPUTS_SHA256 = "3e9c99783dca54df3bdabad123814e8164755a3404e9645bae17b7f1253e5f63"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

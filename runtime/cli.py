@@ -158,7 +158,7 @@ def cmd_simulate(args) -> Path:
 def cmd_models(args) -> None:
     for name in MODEL_NAMES:
         spec = get_model(name)
-        print(f"{name}: {spec.doc} ({spec.section})")
+        print(f"{name}: {spec.doc} ({spec.section}); activations {', '.join(spec.activations)}")
         for p in spec.params:
             bounded = p.minimum is not None or p.maximum is not None
             rng = f", {p.range}" if bounded else ""

@@ -1,5 +1,6 @@
 """What a model file may declare (derive/model.py, derive/names.py): parameter
-ranges and names that do not collide with the generated kernels' own."""
+ranges, names that do not collide with the generated kernels' own, and the
+activations a model is built for."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+import runtime
 from derive import regenerate
-from derive.model import Param, TaskVector, Vector
+from derive.model import Model, Param, TaskVector, Vector
 from derive.models import MODEL_NAMES, get_model
 from derive.names import RESERVED, reserved_use
 from derive.symbols import STUDENT
@@ -136,3 +138,46 @@ def test_reserved_set_covers_every_name_the_kernels_use(model, activation):
 def test_reserved_set_names_the_kernel_arguments():
     for name in ("y", "c", "p", "K", "M", "dy", "C", "out", "acc", "o", "math", "np", "prange"):
         assert name in RESERVED, name
+
+
+# ---------------------------------------------------------------------------
+# activations declared per model
+
+
+def test_models_declare_both_activations_by_default():
+    default = {f.name: f.default for f in dataclasses.fields(Model)}["activations"]
+    assert default == ("erf", "linear")
+    for model in ("scm", "two_layer", "anil"):
+        assert get_model(model).activations == default
+
+
+def test_unknown_activation_in_a_model_is_refused():
+    with pytest.raises(ValueError, match=r"model 'scm': unknown activation 'tanh'; known: erf, linear"):
+        dataclasses.replace(get_model("scm"), activations=("erf", "tanh"))
+    with pytest.raises(ValueError, match="must be distinct"):
+        dataclasses.replace(get_model("scm"), activations=("erf", "erf"))
+
+
+def test_targets_read_the_models_activations(monkeypatch):
+    from derive.models import scm
+
+    monkeypatch.setattr(scm, "MODEL", dataclasses.replace(scm.MODEL, activations=("linear",)))
+    assert regenerate.targets(["scm", "two_layer"]) == [
+        ("scm", "linear"),
+        ("two_layer", "erf"),
+        ("two_layer", "linear"),
+    ]
+
+
+def test_load_refuses_an_activation_the_model_is_not_built_for(monkeypatch):
+    from derive.models import scm
+
+    monkeypatch.setattr(scm, "MODEL", dataclasses.replace(scm.MODEL, activations=("linear",)))
+    runtime.kernels.load.cache_clear()
+    try:
+        with pytest.raises(
+            ValueError, match=r"model 'scm' is not built for activation 'erf'; its activations: linear"
+        ):
+            runtime.kernels.load("scm", "erf")
+    finally:
+        runtime.kernels.load.cache_clear()
