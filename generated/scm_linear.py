@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 2bcc47d2fa41e2021fc9e4de7634887916aa8de8c39f5ae97c8d972d388e4a35
+# inputs:     sha256 aedb229aa9f03f1e508185034cfb603faafe8d114f3c9fbfc4de9ff3bf33a67c
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "2bcc47d2fa41e2021fc9e4de7634887916aa8de8c39f5ae97c8d972d388e4a35"
+INPUTS_SHA256 = "aedb229aa9f03f1e508185034cfb603faafe8d114f3c9fbfc4de9ff3bf33a67c"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )
