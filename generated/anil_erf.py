@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 4963878e95ed9e97a17a431f5d2c2d8799c72329d600562d988cc1d09eee9c0c
+# inputs:     sha256 5e3c0aeb0063582373f5ad258d8e9e65e110a775423ae62dfaa53e33f295fa03
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 846 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "4963878e95ed9e97a17a431f5d2c2d8799c72329d600562d988cc1d09eee9c0c"
+INPUTS_SHA256 = "5e3c0aeb0063582373f5ad258d8e9e65e110a775423ae62dfaa53e33f295fa03"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

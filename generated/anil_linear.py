@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 310afe20dcaae5a67b393176be7bf2c956522251a8c69b1a578fe7a0efa2226c
+# inputs:     sha256 a112b3c57a5afec3af275120a8ef49feb5f46ba59735cf813f4e35ad2319a5f4
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 579 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "310afe20dcaae5a67b393176be7bf2c956522251a8c69b1a578fe7a0efa2226c"
+INPUTS_SHA256 = "a112b3c57a5afec3af275120a8ef49feb5f46ba59735cf813f4e35ad2319a5f4"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 55b82add58e827f03194c89073c5880d93f2b8d4fa8eeabc2499a4b845b0e821
+# inputs:     sha256 c1f4d47301433fb22f0d747894b111feac4ed362c925849f98f89650a62166f6
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "55b82add58e827f03194c89073c5880d93f2b8d4fa8eeabc2499a4b845b0e821"
+INPUTS_SHA256 = "c1f4d47301433fb22f0d747894b111feac4ed362c925849f98f89650a62166f6"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 aedb229aa9f03f1e508185034cfb603faafe8d114f3c9fbfc4de9ff3bf33a67c
+# inputs:     sha256 e5974900e58d91f78ef07d0561f4f6795a3bf7e65f981340155e323aadf44ade
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "aedb229aa9f03f1e508185034cfb603faafe8d114f3c9fbfc4de9ff3bf33a67c"
+INPUTS_SHA256 = "e5974900e58d91f78ef07d0561f4f6795a3bf7e65f981340155e323aadf44ade"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

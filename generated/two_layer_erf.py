@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 585c3de25fbcf9b16fa52fb20b4283e6e4b3daa8ff63c5a503daf3b6ec68494e
+# inputs:     sha256 aa12842840f1c1eb77e38f589b1b478aaacb50bd96f1c3d909738a243af61648
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "585c3de25fbcf9b16fa52fb20b4283e6e4b3daa8ff63c5a503daf3b6ec68494e"
+INPUTS_SHA256 = "aa12842840f1c1eb77e38f589b1b478aaacb50bd96f1c3d909738a243af61648"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 fd6dc0456cb58c02bb7d7619e7fb0871561e748b50822debe149d669c3c43398
+# inputs:     sha256 3946c5bf0a46c8e1e4d1a4d9a4221575807985fb3b60cd93554ffaffbb61fa4a
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "fd6dc0456cb58c02bb7d7619e7fb0871561e748b50822debe149d669c3c43398"
+INPUTS_SHA256 = "3946c5bf0a46c8e1e4d1a4d9a4221575807985fb3b60cd93554ffaffbb61fa4a"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

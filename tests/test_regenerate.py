@@ -173,7 +173,43 @@ def test_template_context_extra_key(context):
 
 
 # ---------------------------------------------------------------------------
-# one model at a time: MODEL arguments, error lines
+# one model at a time: per-model inputs hash, MODEL arguments, error lines
+
+
+def _copy_derive(src, dst):
+    shutil.copytree(src / "derive", dst / "derive", ignore=shutil.ignore_patterns("__pycache__"))
+    return dst / "derive"
+
+
+def test_inputs_hash_covers_the_models_own_file_only(repo_root, tmp_path):
+    """Adding a model file, or editing another model, changes no other model's hash."""
+    before = codegen.inputs_hash("two_layer", "erf")
+    derive_copy = _copy_derive(repo_root, tmp_path)
+    assert codegen.inputs_hash("two_layer", "erf", root=tmp_path) == before
+    (derive_copy / "models" / "extra_model.py").write_text('"""a new model"""\n', encoding="utf-8")
+    init = derive_copy / "models" / "__init__.py"
+    init.write_text(init.read_text(encoding="utf-8").replace('"anil")', '"anil", "extra_model")'))
+    scm = derive_copy / "models" / "scm.py"
+    scm.write_text(scm.read_text(encoding="utf-8") + "\n# edited\n", encoding="utf-8")
+    assert codegen.inputs_hash("two_layer", "erf", root=tmp_path) == before
+    assert codegen.inputs_hash("scm", "erf", root=tmp_path) != codegen.inputs_hash("scm", "erf")
+    own = derive_copy / "models" / "two_layer.py"
+    own.write_text(own.read_text(encoding="utf-8") + "\n# edited\n", encoding="utf-8")
+    assert codegen.inputs_hash("two_layer", "erf", root=tmp_path) != before
+
+
+def test_inputs_hash_covers_the_engine_and_the_templates(repo_root, tmp_path):
+    before = codegen.inputs_hash("scm", "linear")
+    derive_copy = _copy_derive(repo_root, tmp_path)
+    for edited in (derive_copy / "gaussian.py", derive_copy / "templates" / codegen.KERNEL_TEMPLATE):
+        edited.write_text(edited.read_text(encoding="utf-8") + "\n", encoding="utf-8")
+        assert codegen.inputs_hash("scm", "linear", root=tmp_path) != before, edited.name
+        before = codegen.inputs_hash("scm", "linear", root=tmp_path)
+    # the command line and `show` do not shape the generated text
+    for skipped in ("__main__.py", "show.py"):
+        (derive_copy / skipped).write_text("# edited\n", encoding="utf-8")
+    assert codegen.inputs_hash("scm", "linear", root=tmp_path) == before
+    assert codegen.inputs_hash("scm", "erf", root=tmp_path) != before
 
 
 def test_regenerate_one_model_leaves_the_others_alone(generated_copy, repo_root, monkeypatch):
