@@ -7,29 +7,55 @@ import sys
 import time
 
 
+def _error(message: str) -> int:
+    """Report a user-facing failure as one line on stderr; exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m derive", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("regenerate", help="rewrite generated/ from the model definitions")
-    sub.add_parser("check", help="exit 1 with a diff if generated/ differs from a fresh rendering")
+    p_regen = sub.add_parser("regenerate", help="rewrite generated/ from the model definitions")
+    p_check = sub.add_parser("check", help="exit 1 with a diff if generated/ differs from a fresh rendering")
+    for p in (p_regen, p_check):
+        p.add_argument("models", nargs="*", metavar="MODEL", help="only these models (default: all)")
     p_show = sub.add_parser("show", help="print the derived flow of a model")
     p_show.add_argument("model")
     p_show.add_argument("--activation", default="erf", help="erf (default) or linear")
     p_show.add_argument("--latex", action="store_true", help="print LaTeX instead of text")
     args = parser.parse_args(argv)
 
+    from .gaussian import UnreducibleExpectation
+    from .models import MODEL_NAMES
+    from .regenerate import DeriveError
+
+    asked = [args.model] if args.command == "show" else args.models
+    for name in asked:
+        if name not in MODEL_NAMES:
+            return _error(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+    models = tuple(dict.fromkeys(asked)) or None
+
     if args.command == "regenerate":
-        from .regenerate import GENERATED, regenerate
+        from . import regenerate as regen
 
         t0 = time.perf_counter()
-        names = regenerate(progress=lambda s: print(f"  deriving {s}", file=sys.stderr))
+        try:
+            names = regen.regenerate(
+                progress=lambda s: print(f"  deriving {s}", file=sys.stderr), models=models
+            )
+        except DeriveError as exc:
+            return _error(str(exc))
         dt = time.perf_counter() - t0
-        print(f"wrote {len(names)} files to {GENERATED} in {dt:.1f} s")
+        print(f"wrote {len(names)} files to {regen.GENERATED} in {dt:.1f} s")
         return 0
     if args.command == "check":
-        from .regenerate import check
+        from . import regenerate as regen
 
-        ok, report = check()
+        try:
+            ok, report = regen.check(models=models)
+        except DeriveError as exc:
+            return _error(str(exc))
         print(report)
         return 0 if ok else 1
     if args.command == "show":
@@ -37,9 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             print(show(args.model, args.activation, args.latex), end="")
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        except (UnreducibleExpectation, ValueError) as exc:
+            return _error(f"model {args.model}, activation {args.activation}: {exc}")
         return 0
     return 2  # pragma: no cover
 

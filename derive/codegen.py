@@ -551,18 +551,20 @@ def context(ir: FlowIR) -> dict:
     }
 
 
-def inputs_hash(model_name: str, activation: str) -> str:
-    """sha256 over everything the output depends on: derive's sources (but its
-    command line and ``show``), the templates, the model and activation names
-    and the sympy version."""
+def inputs_hash(model_name: str, activation: str, root: Path = ROOT) -> str:
+    """sha256 over everything one generated module depends on: the engine
+    (derive/*.py but its command line and ``show``, and the templates), the
+    model's own file, the model and activation names and the sympy version.
+    Other model files and the registry (derive/models/__init__.py) are left
+    out, so adding or editing one model changes no other model's files.
+    ``root`` is the repository root (tests hash a modified copy)."""
     h = hashlib.sha256()
-    # the command line and `show` do not shape the generated text
-    skip = {"__main__.py", "show.py"}
-    files = sorted(
-        p for p in (ROOT / "derive").rglob("*") if p.suffix in (".py", ".jinja") and p.name not in skip
-    )
+    skip = {"__main__.py", "show.py"}  # they do not shape the generated text
+    engine = [p for p in (root / "derive").glob("*.py") if p.name not in skip]
+    engine += list((root / "derive" / "templates").glob("*.jinja"))
+    files = sorted(engine) + [root / model_file(model_name)]
     for p in files:
-        h.update(p.relative_to(ROOT).as_posix().encode() + b"\0")
+        h.update(p.relative_to(root).as_posix().encode() + b"\0")
         h.update(p.read_bytes().replace(b"\r\n", b"\n") + b"\0")
     h.update(f"{model_name}\0{activation}\0sympy {sp.__version__}".encode())
     return h.hexdigest()

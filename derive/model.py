@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import sympy as sp
 
+from .activations import ACTIVATIONS
+from .names import check_name
 from .symbols import (
     STUDENT,
     TEACHER,
@@ -36,7 +38,8 @@ from .symbols import (
 
 @dataclass(frozen=True)
 class Param:
-    """A scalar hyper-parameter of a model, with its allowed range."""
+    """A scalar hyper-parameter of a model, with its allowed range
+    ``minimum <= value <= maximum`` (either bound None: unbounded on that side)."""
 
     name: str
     default: float
@@ -45,6 +48,14 @@ class Param:
     integer: bool = False
     choices: tuple[float, ...] | None = None
     allow_inf: bool = False
+    maximum: float | None = None
+
+    def __post_init__(self):
+        check_name("parameter", self.name)
+        if self.minimum is not None and self.maximum is not None and self.minimum > self.maximum:
+            raise ValueError(
+                f"parameter {self.name}: minimum {self.minimum:g} is above maximum {self.maximum:g}"
+            )
 
     @property
     def symbol(self) -> sp.Symbol:
@@ -57,11 +68,24 @@ class Param:
         if self.choices is not None and value not in self.choices:
             allowed = " or ".join(f"{c:g}" for c in self.choices)
             raise ValueError(f"parameter {self.name} must be {allowed} ({self.doc}), got {value:g}")
-        if self.minimum is not None and value < self.minimum:
-            raise ValueError(f"parameter {self.name} must be >= {self.minimum:g} ({self.doc}), got {value:g}")
+        below = self.minimum is not None and value < self.minimum
+        above = self.maximum is not None and value > self.maximum
+        if below or above:
+            raise ValueError(f"parameter {self.name} must be {self.range} ({self.doc}), got {value:g}")
         if self.integer and math.isfinite(value) and value != int(value):
             raise ValueError(f"parameter {self.name} must be an integer, got {value}")
         return value
+
+    @property
+    def range(self) -> str:
+        """The allowed range in words, e.g. ``>= 0``, ``<= 1``, ``in [0, 1]``."""
+        if self.minimum is not None and self.maximum is not None:
+            return f"in [{self.minimum:g}, {self.maximum:g}]"
+        if self.maximum is not None:
+            return f"<= {self.maximum:g}"
+        if self.minimum is not None:
+            return f">= {self.minimum:g}"
+        return "any real number"
 
 
 @dataclass(frozen=True)
@@ -74,6 +98,7 @@ class Vector:
     default: float = 1.0
 
     def __post_init__(self):
+        check_name("vector", self.name)
         if self.over not in (STUDENT, TEACHER):
             raise ValueError(f"Vector.over must be {STUDENT!r} or {TEACHER!r}")
 
@@ -97,6 +122,9 @@ class TaskVector:
     name: str
     kinds: tuple[str, ...]
     doc: str
+
+    def __post_init__(self):
+        check_name("task vector", self.name)
 
     @property
     def base(self) -> sp.IndexedBase:
@@ -327,8 +355,32 @@ class Model:
     inner_loop: InnerLoop | None = None
     # (parameter, value the flow needs, why): e.g. finite support sets are simulated only
     flow_requires: tuple = ()
+    # the activations generated/ holds kernels for (derive/activations.py names)
+    activations: tuple[str, ...] = ("erf", "linear")
 
     def __post_init__(self):
+        unknown = [a for a in self.activations if a not in ACTIVATIONS]
+        if unknown:
+            raise ValueError(
+                f"model {self.name!r}: unknown activation {unknown[0]!r}; "
+                f"known: {', '.join(sorted(ACTIVATIONS))}"
+            )
+        if not self.activations or len(set(self.activations)) != len(self.activations):
+            raise ValueError(
+                f"model {self.name!r}: activations {self.activations!r} must be distinct, at least one"
+            )
+        names = [p.name for p in self.params] + [v.name for v in self.vectors]
+        names += [t.name for t in self.random_families]
+        # the kernels name the derivative of a state vector ``x`` ``dx``
+        derived = {f"d{v.name}": v.name for v in self.state_vectors}
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"model {self.name!r}: the name {name!r} is declared twice")
+            if name in derived:
+                raise ValueError(
+                    f"model {self.name!r}: the name {name!r} is reserved: the generated kernels use it "
+                    f"for the derivative of {derived[name]!r}; choose another name"
+                )
         if not self.fields or field_kind(self.fields[0]) != STUDENT:
             raise ValueError(
                 f"model {self.name!r}: the first field family must be the student fields "

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from .activations import ACTIVATIONS
 from .codegen import ROOT, render
-from .models import MODEL_NAMES
+from .gaussian import UnreducibleExpectation
+from .models import MODEL_NAMES, get_model
 
 GENERATED = ROOT / "generated"
 INIT_TEXT = (
@@ -18,23 +19,45 @@ INIT_TEXT = (
 )
 
 
-def targets() -> list[tuple[str, str]]:
-    """(model, activation) pairs, in a fixed order."""
-    return [(m, a) for m in MODEL_NAMES for a in sorted(ACTIVATIONS)]
+class DeriveError(Exception):
+    """A model that cannot be derived or rendered, with the (model, activation) it was."""
+
+
+def targets(models: tuple[str, ...] | list[str] | None = None) -> list[tuple[str, str]]:
+    """(model, activation) pairs of ``models`` (default: every registered model),
+    each with the activations its model declares, in a fixed order."""
+    names = MODEL_NAMES if models is None else models
+    return [(m, a) for m in names for a in sorted(get_model(m).activations)]
 
 
 def module_name(model: str, activation: str) -> str:
     return f"{model}_{activation}"
 
 
-def render_all(progress=None) -> dict[str, str]:
-    """File name -> text for every file that belongs in ``generated/``."""
+def render_all(progress=None, models=None) -> dict[str, str]:
+    """File name -> text for every file of ``models`` (default: all) in ``generated/``.
+
+    A failure of the engine (an expectation no rule reduces, a model it refuses)
+    is raised as ``DeriveError`` naming the model and the activation."""
     files = {"__init__.py": INIT_TEXT}
-    for model, act in targets():
+    for model, act in targets(models):
         if progress:
             progress(f"{model} / {act}")
-        files[module_name(model, act) + ".py"] = render(model, act)
+        try:
+            files[module_name(model, act) + ".py"] = render(model, act)
+        except (UnreducibleExpectation, ValueError) as exc:
+            raise DeriveError(f"model {model}, activation {act}: {exc}") from exc
     return dict(sorted(files.items()))
+
+
+def _owned(name: str, models) -> bool:
+    """Whether ``name`` in generated/ belongs to the run over ``models``: with
+    every model, every file does; with a subset, only ``__init__.py`` and the
+    files ``{model}_{activation}.py`` of those models (a known activation the
+    model may have dropped), so other models' files are left alone."""
+    if models is None:
+        return True
+    return name == "__init__.py" or name in {f"{module_name(m, a)}.py" for m in models for a in ACTIVATIONS}
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -44,22 +67,23 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def regenerate(out: Path = GENERATED, progress=None) -> list[str]:
-    """Rewrite ``out`` from the model definitions; stale .py files are removed."""
-    files = render_all(progress)
+def regenerate(out: Path = GENERATED, progress=None, models=None) -> list[str]:
+    """Rewrite the files of ``models`` (default: every model) in ``out``; their
+    stale .py files are removed (with every model, any file no model produces)."""
+    files = render_all(progress, models)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
         _write_atomic(out / name, text)
     for p in out.glob("*.py"):
-        if p.name not in files:
+        if p.name not in files and _owned(p.name, models):
             p.unlink()
     return list(files)
 
 
-def check(out: Path = GENERATED) -> tuple[bool, str]:
-    """Compare ``out`` with a fresh rendering: (identical, report)."""
-    files = render_all()
-    have = {p.name for p in out.glob("*.py")} if out.is_dir() else set()
+def check(out: Path = GENERATED, models=None) -> tuple[bool, str]:
+    """Compare the files of ``models`` (default: all) in ``out`` with a fresh rendering."""
+    files = render_all(models=models)
+    have = {p.name for p in out.glob("*.py") if _owned(p.name, models)} if out.is_dir() else set()
     report = []
     for name in sorted(set(files) | have):
         if name not in have:
@@ -77,7 +101,8 @@ def check(out: Path = GENERATED) -> tuple[bool, str]:
                 f"generated/{name} (regenerated)",
             )
             report.append("".join(diff))
+    fix = "python -m derive regenerate" + "".join(f" {m}" for m in models or ())
     if report:
-        report.append("generated/ is out of date; fix with: python -m derive regenerate")
+        report.append(f"generated/ is out of date; fix with: {fix}")
         return False, "\n".join(report)
     return True, f"generated/ is up to date ({len(files)} files)"

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 9dc768a0117f4931a8d857883ab5e274954ef86282f4aaf61e79d97f997885b1
+# inputs:     sha256 0199cd47fb9acdfe31b350c12ddd3c42c06c6cc782a743cd1d86d3041059620c
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 579 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "9dc768a0117f4931a8d857883ab5e274954ef86282f4aaf61e79d97f997885b1"
+INPUTS_SHA256 = "0199cd47fb9acdfe31b350c12ddd3c42c06c6cc782a743cd1d86d3041059620c"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

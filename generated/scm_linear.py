@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 18cc33c3e2ddf8cc2a0130e07727fcc7ee2ab8336e16671927182c48db2a2f8c
+# inputs:     sha256 2fc947c182ecc9b4b690cb5de1e17f8588869a1715e8eb99cafa14a084ab69a0
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "18cc33c3e2ddf8cc2a0130e07727fcc7ee2ab8336e16671927182c48db2a2f8c"
+INPUTS_SHA256 = "2fc947c182ecc9b4b690cb5de1e17f8588869a1715e8eb99cafa14a084ab69a0"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -158,9 +158,10 @@ def cmd_simulate(args) -> Path:
 def cmd_models(args) -> None:
     for name in MODEL_NAMES:
         spec = get_model(name)
-        print(f"{name}: {spec.doc} ({spec.section})")
+        print(f"{name}: {spec.doc} ({spec.section}); activations {', '.join(spec.activations)}")
         for p in spec.params:
-            rng = f", >= {p.minimum:g}" if p.minimum is not None else ""
+            bounded = p.minimum is not None or p.maximum is not None
+            rng = f", {p.range}" if bounded else ""
             print(f"    {p.name:<8} default {p.default:<6g}{rng}  {p.doc}")
         for v in spec.vectors:
             print(f"    {v.name:<8} readout over {v.over} units, default all {v.default:g}: {v.doc}")

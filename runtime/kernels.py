@@ -13,7 +13,7 @@ import numpy as np
 
 from derive.activations import ACTIVATIONS
 from derive.model import Model
-from derive.models import get_model
+from derive.models import get_model, model_file
 
 
 def _dims(shape: tuple[str, ...], K: int, M: int) -> tuple[int, ...]:
@@ -87,10 +87,16 @@ class Kernel:
 
 @lru_cache(maxsize=None)
 def load(model: str, activation: str = "erf") -> Kernel:
-    """The generated kernel of ``model`` with ``activation`` (erf or linear)."""
+    """The generated kernel of ``model`` with ``activation``, one of the
+    activations the model declares (``Model.activations``)."""
     spec = get_model(model)
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; known: {', '.join(sorted(ACTIVATIONS))}")
+    if activation not in spec.activations:
+        raise ValueError(
+            f"model {model!r} is not built for activation {activation!r}; "
+            f"its activations: {', '.join(spec.activations)} (Model.activations in {model_file(model)})"
+        )
     try:
         module = importlib.import_module(f"generated.{model}_{activation}")
     except ImportError as exc:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import runtime
+from derive.models import MODEL_NAMES, get_model
 from runtime import Init
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,18 +28,20 @@ def test_models_lists_every_model_with_its_parameters():
     res = run("runtime", "models")
     assert res.returncode == 0, res.stderr
     # split the listing into one block per model (a block starts with "name:" at column 0)
-    blocks, current = {}, None
+    blocks, headers, current = {}, {}, None
     for line in res.stdout.splitlines():
         if line and not line[0].isspace():
             current = line.split(":", 1)[0]
-            blocks[current] = []
+            blocks[current], headers[current] = [], line
         elif current and line.strip():
             blocks[current].append(line.split()[0])
-    assert set(blocks) == {"scm", "two_layer", "anil"}
+    # every registered model, each with its parameters then its vectors, in declaration order
+    assert list(blocks) == list(MODEL_NAMES)
+    for name in MODEL_NAMES:
+        spec = get_model(name)
+        assert blocks[name] == [p.name for p in spec.params] + [v.name for v in spec.vectors], name
+        assert headers[name].endswith("activations " + ", ".join(spec.activations)), name
     assert blocks["scm"] == ["eta", "sigma"]
-    assert set(blocks["two_layer"]) >= {"eta", "eta_v", "kappa", "sigma", "v", "vs"}
-    anil = {"eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", "a", "vbar"}
-    assert set(blocks["anil"]) == anil
     # each parameter with its default and meaning
     assert "default" in res.stdout and "learning rate" in res.stdout and "noise" in res.stdout
 

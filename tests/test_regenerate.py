@@ -7,6 +7,7 @@ Everything that modifies files works on a temporary copy of generated/.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -15,9 +16,11 @@ import subprocess
 import sys
 
 import pytest
+import sympy as sp
 
 from derive import codegen, regenerate
 from derive.flow import build_flow
+from derive.models import MODEL_NAMES
 
 RENDER_SCRIPT = (
     "import json, sys\nfrom derive.regenerate import render_all\njson.dump(render_all(), sys.stdout)\n"
@@ -167,3 +170,125 @@ def test_template_context_extra_key(context):
     context["timestamp"] = "2024-01-01"
     with pytest.raises(ValueError, match=r"missing \[\], unused \['timestamp'\]"):
         codegen.check_context(codegen.environment(), codegen.KERNEL_TEMPLATE, context)
+
+
+# ---------------------------------------------------------------------------
+# one model at a time: per-model inputs hash, MODEL arguments, error lines
+
+
+def _copy_derive(src, dst):
+    shutil.copytree(src / "derive", dst / "derive", ignore=shutil.ignore_patterns("__pycache__"))
+    return dst / "derive"
+
+
+def test_inputs_hash_covers_the_models_own_file_only(repo_root, tmp_path):
+    """Adding a model file, or editing another model, changes no other model's hash."""
+    before = codegen.inputs_hash("two_layer", "erf")
+    derive_copy = _copy_derive(repo_root, tmp_path)
+    assert codegen.inputs_hash("two_layer", "erf", root=tmp_path) == before
+    (derive_copy / "models" / "extra_model.py").write_text('"""a new model"""\n', encoding="utf-8")
+    init = derive_copy / "models" / "__init__.py"
+    init.write_text(init.read_text(encoding="utf-8").replace('"anil")', '"anil", "extra_model")'))
+    scm = derive_copy / "models" / "scm.py"
+    scm.write_text(scm.read_text(encoding="utf-8") + "\n# edited\n", encoding="utf-8")
+    assert codegen.inputs_hash("two_layer", "erf", root=tmp_path) == before
+    assert codegen.inputs_hash("scm", "erf", root=tmp_path) != codegen.inputs_hash("scm", "erf")
+    own = derive_copy / "models" / "two_layer.py"
+    own.write_text(own.read_text(encoding="utf-8") + "\n# edited\n", encoding="utf-8")
+    assert codegen.inputs_hash("two_layer", "erf", root=tmp_path) != before
+
+
+def test_inputs_hash_covers_the_engine_and_the_templates(repo_root, tmp_path):
+    before = codegen.inputs_hash("scm", "linear")
+    derive_copy = _copy_derive(repo_root, tmp_path)
+    for edited in (derive_copy / "gaussian.py", derive_copy / "templates" / codegen.KERNEL_TEMPLATE):
+        edited.write_text(edited.read_text(encoding="utf-8") + "\n", encoding="utf-8")
+        assert codegen.inputs_hash("scm", "linear", root=tmp_path) != before, edited.name
+        before = codegen.inputs_hash("scm", "linear", root=tmp_path)
+    # the command line and `show` do not shape the generated text
+    for skipped in ("__main__.py", "show.py"):
+        (derive_copy / skipped).write_text("# edited\n", encoding="utf-8")
+    assert codegen.inputs_hash("scm", "linear", root=tmp_path) == before
+    assert codegen.inputs_hash("scm", "erf", root=tmp_path) != before
+
+
+def test_regenerate_one_model_leaves_the_others_alone(generated_copy, repo_root, monkeypatch):
+    from derive.models import scm
+
+    (generated_copy / "two_layer_erf.py").write_text("# another model's file, stale\n", encoding="utf-8")
+    (generated_copy / "newmodel_erf.py").write_text("# a model another branch adds\n", encoding="utf-8")
+    (generated_copy / "scm_erf.py").write_text("broken\n", encoding="utf-8")
+    # scm drops an activation: its file of that activation is scm's orphan
+    monkeypatch.setattr(scm, "MODEL", dataclasses.replace(scm.MODEL, activations=("erf",)))
+    names = regenerate.regenerate(out=generated_copy, models=("scm",))
+    assert names == ["__init__.py", "scm_erf.py"]
+    assert (generated_copy / "scm_erf.py").read_bytes() == (
+        repo_root / "generated" / "scm_erf.py"
+    ).read_bytes()
+    assert not (generated_copy / "scm_linear.py").exists()
+    assert (generated_copy / "two_layer_erf.py").read_text() == "# another model's file, stale\n"
+    assert (generated_copy / "newmodel_erf.py").exists()
+    assert (generated_copy / "anil_linear.py").exists()
+
+
+def test_check_one_model(generated_copy, monkeypatch, capsys):
+    from derive.__main__ import main
+
+    (generated_copy / "two_layer_erf.py").write_text("# stale\n", encoding="utf-8")
+    (generated_copy / "newmodel_erf.py").write_text("# a model another branch adds\n", encoding="utf-8")
+    ok, report = regenerate.check(out=generated_copy, models=("scm",))
+    assert ok, report
+    ok, report = regenerate.check(out=generated_copy, models=("scm", "two_layer"))
+    assert not ok
+    assert "generated/two_layer_erf.py (committed)" in report and "newmodel" not in report
+    assert report.endswith("fix with: python -m derive regenerate scm two_layer")
+    monkeypatch.setattr(regenerate, "check", functools.partial(regenerate.check, out=generated_copy))
+    assert main(["check", "scm"]) == 0
+    assert main(["check", "two_layer"]) == 1
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("command", ["regenerate", "check", "show"])
+def test_unknown_model_is_one_line_exit_2(command, capsys):
+    from derive.__main__ import main
+
+    args = [command, "scm", "nosuchmodel"] if command != "show" else [command, "nosuchmodel"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: unknown model 'nosuchmodel'; known models: {', '.join(MODEL_NAMES)}\n"
+
+
+@pytest.fixture
+def tanh(monkeypatch):
+    """An activation the engine has no rule for (g' even: Price's theorem does not apply)."""
+    from derive import activations, gaussian
+    from derive.flow import build_flow
+
+    monkeypatch.setitem(
+        activations.ACTIVATIONS, "tanh", activations.Activation("tanh", sp.tanh(activations.z), "tanh(z)")
+    )
+    yield "tanh"
+    for cached in (build_flow, gaussian.expectation, gaussian.directional, gaussian.tilt_split):
+        cached.cache_clear()
+
+
+@pytest.mark.parametrize("command", ["regenerate", "check", "show"])
+def test_unreducible_expectation_is_one_line_exit_2(command, tanh, generated_copy, monkeypatch, capsys):
+    from derive.__main__ import main
+    from derive.models import scm
+
+    monkeypatch.setattr(scm, "MODEL", dataclasses.replace(scm.MODEL, activations=("linear", tanh)))
+    for name in ("regenerate", "check"):
+        monkeypatch.setattr(
+            regenerate, name, functools.partial(getattr(regenerate, name), out=generated_copy)
+        )
+    before = {p.name: p.read_bytes() for p in generated_copy.glob("*.py")}
+    args = ["show", "scm", "--activation", tanh] if command == "show" else [command, "scm"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    # regenerate reports its progress on stderr too
+    lines = [line for line in captured.err.splitlines() if not line.startswith("  deriving ")]
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert lines[0].startswith("error: model scm, activation tanh: no rule reduces E[")
+    assert "tanh(u_a)" in lines[0]
+    assert {p.name: p.read_bytes() for p in generated_copy.glob("*.py")} == before
