@@ -21,6 +21,7 @@ from . import __version__
 from .activations import get_activation, z
 from .expand import FUNC_OF_KIND, RawTerm
 from .flow import Component, FlowIR, FlowTerm, build_flow
+from . import meta
 from .gaussian import PRIMITIVES, tilt_split
 from .model import Q, R
 from .models import model_file
@@ -384,67 +385,98 @@ def _dims(kinds) -> list[str]:
     return ["K" if k == STUDENT else "M" for k in kinds]
 
 
+def _comp(c, names, rows, out=None, target=None) -> dict:
+    """A component as the template's ``component`` macro reads it."""
+    return {
+        "symmetric": False,
+        "hoist": [],
+        "name": c.name,
+        "free": [(str(i.label), _bound(i)) for i in c.free],
+        "loops": loops(c, names, rows=rows),
+        "target": list(target or [str(i.label) for i in c.free]),
+        "out": out or c.name,
+    }
+
+
+def _statements(stmts, names, rows, where) -> list[dict]:
+    """A task program (derive/meta.py) as the template's ``statements`` macro reads it."""
+    out = []
+    for st in stmts:
+        if isinstance(st, meta.Alloc):
+            out.append({"kind": "alloc", "name": st.name, "dims": list(st.dims)})
+        elif isinstance(st, meta.Let):
+            out.append({"kind": "let", "target": st.target, "source": st.source})
+        elif isinstance(st, meta.Assign):
+            out.append({"kind": "assign", "comp": _comp(st.component, names, rows, st.out, st.target)})
+        elif isinstance(st, meta.Repeat):
+            body = _statements(st.body, names, rows, where)
+            out.append({"kind": "repeat", "var": st.var, "count": code(st.count), "body": body})
+        elif isinstance(st, meta.Guard):
+            cond = st.cond if isinstance(st.cond, str) else f"({code(st.cond)}) != 0"
+            out.append({"kind": "if", "cond": cond, "body": _statements(st.body, names, rows, where)})
+        elif isinstance(st, meta.Directions):
+            blocks = {"Q": where["Q"], "R": where["R"], "start": []}[st.kind]
+            body = _statements(st.body, names, rows, where)
+            out.append({"kind": "directions", "dir": st.kind, "blocks": blocks, "body": body})
+        else:  # pragma: no cover
+            raise TypeError(f"unknown statement {st!r}")
+    return out
+
+
 def _task_context(ir: FlowIR, names, where) -> dict | None:
+    """The task program of a model with an inner loop, and the covariances of its
+    task quantities that the flow and the metrics read."""
     model = ir.model
-    frows = field_rows(model.layout)
     inner = model.inner_loop
     if inner is None:
         return None
-    fams = [{"name": f.name, "dims": _dims(f.kinds)} for f in model.random_families]
-    dims = {f["name"]: f["dims"] for f in fams}
+    frows = field_rows(model.layout)
+    by_name = {f.name: f for f in model.random_families}
+    sens = {f.name for f in inner.sensitivities}
+    second = f"({code(inner.second_order)}) != 0"
 
     def covariances(bases):
-        out = []
+        """Allocations and loops of the covariances S_X__Y among ``bases``; those of
+        the sensitivities only when the second-order terms read them."""
+        stmts = []
         for base in bases:
             name = str(base)
             if name.startswith("mu_"):
                 continue  # returned by task_moments directly
-            x, y = name[2:].split("__")
-            # moments of the sensitivities: read only by the second-order terms
-            second = bool({x, y} & {inner.dQ.name, inner.dR.name})
-            out.append({"name": name, "x": x, "y": y, "dx": dims[x], "dy": dims[y], "second": second})
-        return out
+            x, y = (by_name[n] for n in name[2:].split("__"))
+            cov = meta.covariance_component(x, y, inner.noise)
+            dims = [_bound(i) for i in cov.free]
+            if {x.name, y.name} & sens:
+                dims = [f"{d} * s2_" for d in dims]
+                stmts += [
+                    {"kind": "alloc", "name": name, "dims": dims},
+                    {
+                        "kind": "if",
+                        "cond": second,
+                        "body": [{"kind": "assign", "comp": _comp(cov, names, frows)}],
+                    },
+                ]
+            else:
+                stmts += [
+                    {"kind": "alloc", "name": name, "dims": dims},
+                    {"kind": "assign", "comp": _comp(cov, names, frows)},
+                ]
+        return stmts
 
     def reads_optimal(bases):
         opt = inner.optimal.name if inner.optimal is not None else None
         return opt is not None and any(opt in str(b)[2:].split("__") or str(b) == f"mu_{opt}" for b in bases)
 
-    def comp(c):
-        return {
-            "symmetric": False,
-            "hoist": [],
-            "name": c.name,
-            "free": [(str(i.label), _bound(i)) for i in c.free],
-            "loops": loops(c, names, rows=frows),
-        }
-
-    sup = ir.support
-    returns = ", ".join(f"mu_{f['name']}, L_{f['name']}" for f in fams) + ", A_S"
+    returns = ", ".join(f"mu_{f.name}, L_{f.name}" for f in model.random_families)
     return {
-        "families": fams,
-        "family_names": ", ".join(f["name"] for f in fams),
+        "family_names": ", ".join(f.name for f in model.random_families),
         "returns": returns,
+        "program": _statements(ir.program.statements, names, frows, where),
+        "second_order": second,
         # the derivatives and the metrics each get only the moments they read; the
         # best readout (a pseudo-inverse) is computed only where it is read
         "rhs": {"moments": covariances(ir.moments), "optimal": reads_optimal(ir.moments)},
         "metrics": {"moments": covariances(ir.metric_moments), "optimal": reads_optimal(ir.metric_moments)},
-        "adapted": inner.adapted.name,
-        "task_name": inner.task.name,
-        "optimal": inner.optimal.name if inner.optimal is not None else None,
-        "dQ": inner.dQ.name,
-        "dR": inner.dR.name,
-        "start": inner.start.name,
-        "task_mean": inner.task_mean.name,
-        "spread": code(inner.spread),
-        "steps": code(inner.steps),
-        "rate": code(inner.rate),
-        "second_order": code(inner.second_order),
-        "C": comp(sup.C),
-        "D": comp(sup.D),
-        "dC": comp(sup.dC),
-        "dD": comp(sup.dD),
-        "q_blocks": where["Q"],
-        "r_blocks": where["R"],
     }
 
 
@@ -477,6 +509,7 @@ def context(ir: FlowIR) -> dict:
                 "loops": lps,
                 "symmetric": c.symmetric,
                 "hoist": hoist,
+                "target": free,
             }
         )
     # the base primitives of hoisted tilts (I2 for I4) must be in the module
@@ -499,6 +532,7 @@ def context(ir: FlowIR) -> dict:
             "loops": loops(c, names, rows=frows),
             "symmetric": False,
             "hoist": [],
+            "target": [str(i.label) for i in c.free],
         }
         for c in ir.samples
     ]

@@ -20,7 +20,6 @@ from .expand import RawTerm, expand
 from .gaussian import Derived, directional, expectation, name_of
 from .model import Model
 from .models import get_model
-from .symbols import student_index, teacher_index
 
 
 @dataclass(frozen=True)
@@ -53,18 +52,6 @@ class Component:
 
 
 @dataclass(frozen=True)
-class SupportIR:
-    """The inner loop's population support gradient ``C c - D task`` (MODELS.md 5.3):
-    ``C`` (K,K) and ``D`` (K,M) as primitives, and their directional derivatives
-    along a perturbation of the covariance (primitives ``P_dir``), for second order."""
-
-    C: Component
-    D: Component
-    dC: Component
-    dD: Component
-
-
-@dataclass(frozen=True)
 class FlowIR:
     model: Model
     activation: str
@@ -72,7 +59,7 @@ class FlowIR:
     metrics: tuple[Component, ...]
     samples: tuple[Component, ...]  # per-sample gradients the simulator applies
     primitives: tuple[Derived, ...]  # those the flow uses, in a fixed order
-    support: SupportIR | None = None
+    program: object = None  # derive.meta.TaskProgram of a model with an inner loop
     moments: tuple[sp.IndexedBase, ...] = ()  # task moments (mu_*, S_*__*) the derivatives read
     metric_moments: tuple[sp.IndexedBase, ...] = ()  # and those the metrics read
 
@@ -164,34 +151,6 @@ def _directional(terms: tuple[FlowTerm, ...], activation: str, used: dict) -> tu
     return tuple(out)
 
 
-def support_ir(model: Model, activation: str, used: dict) -> SupportIR:
-    """``grad_c L_sup = C c - D task``, derived and checked to be linear (MODELS.md 5.3)."""
-    inner = model.inner_loop
-    c = sp.IndexedBase("c")
-    k, l_ = student_index("k"), student_index("l")
-    n = teacher_index("n")
-    grad = sp.diff(inner.support_loss(c), c[k])
-    Cexpr = sp.diff(grad, c[l_])
-    Dexpr = -sp.diff(grad, inner.task.base[n])
-    for name, e in (("C", Cexpr), ("D", Dexpr)):
-        for t in expand(e):
-            if t.coeff.has(c, inner.task.base):
-                raise ValueError(
-                    f"the support gradient of {model.name} is not linear in the readout ({name})"
-                )
-    rest = [t for t in expand(grad) if not t.coeff.has(c, inner.task.base)]
-    if average(rest, activation, {}):
-        raise ValueError(f"the support gradient of {model.name} has a part free of readouts: not C c - D v")
-    Cterms = average(expand(Cexpr), activation, used)
-    Dterms = average(expand(Dexpr), activation, used)
-    return SupportIR(
-        Component("Cm", (k, l_), Cterms),
-        Component("Dm", (k, n), Dterms),
-        Component("dCm", (k, l_), _directional(Cterms, activation, used)),
-        Component("dDm", (k, n), _directional(Dterms, activation, used)),
-    )
-
-
 def _moment_bases(components) -> tuple[sp.IndexedBase, ...]:
     names = set()
     for comp in components:
@@ -235,7 +194,11 @@ def build_flow(model_name: str, activation: str) -> FlowIR:
         for r in model.readout_updates:
             free, grad = r.sample_gradient(loss)
             samples.append(Component(f"H_{r.vector.name}", free, tuple(expand(grad))))
-    support = support_ir(model, activation, used) if model.inner_loop is not None else None
+    program = None
+    if model.inner_loop is not None:
+        from .meta import task_program
+
+        program = task_program(model, activation, used)
     prims = tuple(used[k] for k in sorted(used))
     return FlowIR(
         model,
@@ -244,7 +207,7 @@ def build_flow(model_name: str, activation: str) -> FlowIR:
         metrics,
         tuple(samples),
         prims,
-        support,
+        program,
         _moment_bases(derivs),
         _moment_bases(metrics),
     )

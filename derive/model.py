@@ -122,6 +122,9 @@ class TaskVector:
     name: str
     kinds: tuple[str, ...]
     doc: str
+    # the task law: the entry at the given indices as an expression in a TaskNoise
+    # (affine in it), or None for a quantity the inner loop derives (the adapted readout)
+    law: Callable[..., sp.Expr] | None = None
 
     def __post_init__(self):
         check_name("task vector", self.name)
@@ -135,8 +138,29 @@ class TaskVector:
 Q = sp.IndexedBase("Q")
 R = sp.IndexedBase("R")
 T = sp.IndexedBase("T")
-# A_S = (I - alpha_in C)^S, the inner loop's linear map of the readout initialisation
-A_S = sp.IndexedBase("A_S")
+
+
+@dataclass(frozen=True)
+class TaskNoise:
+    """The standard normal draws of a task, ``xi ~ N(0, I)`` over the units of
+    ``kind`` (MODELS.md 5.1): the randomness a task law is written in."""
+
+    name: str
+    kind: str
+    doc: str
+
+    def __post_init__(self):
+        check_name("task noise", self.name)
+        if self.kind not in (STUDENT, TEACHER):
+            raise ValueError(f"TaskNoise.kind must be {STUDENT!r} or {TEACHER!r}")
+
+    @property
+    def base(self) -> sp.IndexedBase:
+        return sp.IndexedBase(self.name)
+
+
+def _no_regulariser(c: sp.IndexedBase) -> sp.Expr:
+    return sp.S.Zero
 
 
 @dataclass(frozen=True)
@@ -144,25 +168,26 @@ class InnerLoop:
     """Adaptation of a readout to each task (MODELS.md 5.3, population support loss).
 
     ``c^(0) = start``, ``c^(s+1) = c^(s) - rate * grad_c L_sup(c^(s))`` for ``steps``
-    steps, with ``L_sup(c) = 1/2 E_x[(student(c) - teacher)^2]``. The gradient is
-    derived (derive/flow.py) and must be linear, ``C c - D task``; then
-    ``adapted = A_S start + G_S task``, affine in the task readout
-    ``task = task_mean + spread * xi``, so the adapted readout is Gaussian over
-    tasks. ``optimal`` is the best readout ``C^+ D task``. The derivatives of
-    ``adapted`` with respect to ``Q_kl`` (symmetric variable) and ``R_km`` are the
-    task quantities ``{adapted}_dQ[j, k, l]`` and ``{adapted}_dR[j, k, m]``,
-    evaluated as forward sensitivities of the recursion.
+    steps, with ``L_sup(c) = E_x[loss(c)] + regulariser(c)``: ``loss(c)`` is the
+    per-sample support loss of a readout ``c`` (an IndexedBase over the student
+    units), its expectation over the fields the population support loss, and
+    ``regulariser(c)`` a deterministic term (for example a proximal
+    ``lambda |c - a|^2 / 2``). derive/meta.py derives the gradient, checks it is
+    linear in ``c`` (``grad = Hs c - h``), and computes the means and loadings
+    over the task draws ``noise`` of the adapted readout ``adapted`` (a'), of
+    ``optimal`` (the minimiser of ``E_x[loss]``, if given) and, when
+    ``second_order`` is nonzero, of the derivatives of a' with respect to
+    ``Q_kl`` (symmetric variable), ``R_km`` and the start: the task quantities
+    ``{adapted}_dQ[j, k, l]``, ``{adapted}_dR[j, k, m]``, ``{adapted}_da[j, k]``.
     """
 
     adapted: TaskVector
     start: Vector
-    task: TaskVector
-    task_mean: Vector
-    spread: sp.Expr
+    noise: TaskNoise
+    loss: Callable[[sp.IndexedBase], sp.Expr]
     steps: sp.Expr
     rate: sp.Expr
-    student: Callable[[sp.IndexedBase], sp.Expr]
-    teacher: sp.Expr
+    regulariser: Callable[[sp.IndexedBase], sp.Expr] = _no_regulariser
     optimal: TaskVector | None = None
     second_order: sp.Expr = sp.S.Zero  # nonzero when the sensitivities are needed
 
@@ -174,8 +199,13 @@ class InnerLoop:
     def dR(self) -> TaskVector:
         return TaskVector(f"{self.adapted.name}_dR", (STUDENT, STUDENT, TEACHER), "d adapted_j / d R_km")
 
-    def support_loss(self, c: sp.IndexedBase) -> sp.Expr:
-        return rename_bound((self.student(c) - self.teacher) ** 2 / 2)
+    @property
+    def da(self) -> TaskVector:
+        return TaskVector(f"{self.adapted.name}_da", (STUDENT, STUDENT), "d adapted_j / d start_k")
+
+    @property
+    def sensitivities(self) -> tuple[TaskVector, ...]:
+        return (self.dQ, self.dR, self.da)
 
 
 @dataclass(frozen=True)
@@ -413,7 +443,7 @@ class Model:
         """Every task quantity the flow may average over, in a fixed order."""
         fams = list(self.task_vectors)
         if self.inner_loop is not None:
-            fams += [self.inner_loop.dQ, self.inner_loop.dR]
+            fams += list(self.inner_loop.sensitivities)
         return tuple(fams)
 
     @property

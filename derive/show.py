@@ -51,6 +51,10 @@ def text(ir: FlowIR) -> str:
         for t in c.terms:
             out.append(f"      + {sp.sstr(t.as_expr())}")
     out.append("")
+    if ir.program is not None:
+        out.append("task program (derive/meta.py: means mu_X and loadings L_X over the task's draws):")
+        out += _program(ir.program.statements, "  ")
+        out.append("")
     out.append("primitives (C_xy = covariance of u_x and u_y):")
     for d in ir.primitives:
         args = ", ".join(f"u_{a}" for a in d.labels)
@@ -59,6 +63,29 @@ def text(ir: FlowIR) -> str:
         for line in d.provenance:
             out.append(f"      by: {line}")
     return "\n".join(out) + "\n"
+
+
+def _program(stmts, pad: str) -> list[str]:
+    from . import meta
+
+    out = []
+    for st in stmts:
+        if isinstance(st, meta.Assign):
+            rhs = " + ".join(sp.sstr(t.as_expr()) for t in st.component.terms) or "0"
+            out.append(f"{pad}{st.out}[{', '.join(st.target)}] = {rhs}")
+        elif isinstance(st, meta.Let):
+            out.append(f"{pad}{st.target} = {st.source}")
+        elif isinstance(st, meta.Repeat):
+            out.append(f"{pad}repeat {st.var} = 0 .. {sp.sstr(st.count)} - 1:")
+            out += _program(st.body, pad + "    ")
+        elif isinstance(st, meta.Guard):
+            out.append(f"{pad}if {st.cond if isinstance(st.cond, str) else sp.sstr(st.cond)}:")
+            out += _program(st.body, pad + "    ")
+        elif isinstance(st, meta.Directions):
+            what = {"Q": "Q_ab (a <= b)", "R": "R_ab", "start": "the start's entry a_"}[st.kind]
+            out.append(f"{pad}for each direction along {what} (dC = its covariance perturbation):")
+            out += _program(st.body, pad + "    ")
+    return out
 
 
 def _block(f1, f2, entry) -> str:

@@ -2,9 +2,9 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 0199cd47fb9acdfe31b350c12ddd3c42c06c6cc782a743cd1d86d3041059620c
+# inputs:     sha256 c300652eb6172f9e195284f8590fe9a26be70e81727e9bf9a05fd2395ce66139
 # versions:   derive 0.1.0, sympy 1.14.0
-# operations: 579 (sympy count_ops of the primitives and coefficients)
+# operations: 587 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
 
 Flat arrays, row-major, in the order of STATE (y), CONSTS (c) and PARAMS (p);
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "0199cd47fb9acdfe31b350c12ddd3c42c06c6cc782a743cd1d86d3041059620c"
+INPUTS_SHA256 = "c300652eb6172f9e195284f8590fe9a26be70e81727e9bf9a05fd2395ce66139"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -133,35 +133,12 @@ def covariance(y, c, p, K, M, C):
 
 
 @njit(cache=True, error_model="numpy")
-def mm_(A, B):
-    """A @ B. Small products (the inner loop's K x K and K x M matrices for a few
-    units) run as plain loops: a BLAS call costs more than their arithmetic."""
-    if A.shape[0] * A.shape[1] * B.shape[1] > 4096:
-        return np.ascontiguousarray(A) @ np.ascontiguousarray(B)
-    out = np.zeros((A.shape[0], B.shape[1]))
-    for i in range(A.shape[0]):
-        for q in range(A.shape[1]):
-            x = A[i, q]
-            for j in range(B.shape[1]):
-                out[i, j] += x * B[q, j]
-    return out
-
-
-@njit(cache=True, error_model="numpy")
-def mv_(A, x):
-    """A @ x for a matrix and a vector, as plain loops."""
-    out = np.zeros(A.shape[0])
-    for i in range(A.shape[0]):
-        acc = 0.0
-        for q in range(A.shape[1]):
-            acc += A[i, q] * x[q]
-        out[i] = acc
-    return out
-
-
-@njit(cache=True, error_model="numpy")
-def support_matrices(y, c, p, K, M, C, Cm, Dm):
-    """The inner loop's support gradient C c - D v (MODELS.md 5.3): Cm (K, K), Dm (K, M)."""
+def task_moments(y, c, p, K, M, C, with_optimal=True):
+    """Means (mu_*) and loadings (L_*, over the task's draws) of the task quantities
+    ap, vt, aopt, ap_dQ, ap_dR, ap_da, by the program that derive/meta.py derives from the
+    model's task law and inner loop (MODELS.md 5.1-5.4): the support gradient
+    H_s c - h, the recursion of the inner loop on means and loadings, the best
+    readout, and (second order) the forward sensitivities of the adapted readout."""
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
     o += K * K
@@ -186,143 +163,99 @@ def support_matrices(y, c, p, K, M, C, Cm, Dm):
     s = p[7]
     eps_B = p[8]
     sigma = p[9]
+    mu_vt = np.zeros((M,))
+    L_vt = np.zeros((M, M,))
+    for i0 in range(M):
+        acc = 0.0
+        acc += vbar[i0]
+        mu_vt[i0] = acc
+    for i0 in range(M):
+        for r_ in range(M):
+            acc = 0.0
+            acc += s*(1.0 if i0 == r_ else 0.0)
+            L_vt[i0, r_] = acc
+    H_s = np.zeros((K, K,))
+    mu_h = np.zeros((K,))
+    L_h = np.zeros((K, M,))
     for k in range(K):
         for l in range(K):
             acc = 0.0
             acc += I2(C, k, l)
-            Cm[k, l] = acc
-
+            H_s[k, l] = acc
     for k in range(K):
-        for n in range(M):
-            acc = 0.0
-            acc += I2(C, k, K + M + n)
-            Dm[k, n] = acc
-
-
-
-@njit(cache=True, error_model="numpy")
-def support_matrices_dir(y, c, p, K, M, C, dC, dCm, dDm):
-    """Derivatives of Cm and Dm along the covariance perturbation dC."""
-    o = 0
-    Q = y[o : o + K * K].reshape((K, K))
-    o += K * K
-    R = y[o : o + K * M].reshape((K, M))
-    o += K * M
-    a = y[o : o + K]
-    o += K
-
-    o = 0
-    T = c[o : o + M * M].reshape((M, M))
-    o += M * M
-    vbar = c[o : o + M]
-    o += M
-
-    eta = p[0]
-    eta_a = p[1]
-    alpha_in = p[2]
-    S = p[3]
-    order = p[4]
-    n_q = p[5]
-    n_s = p[6]
-    s = p[7]
-    eps_B = p[8]
-    sigma = p[9]
+        acc = 0.0
+        s0 = 0.0
+        for m0 in range(M):
+            s0 += I2(C, k, K + M + m0)*mu_vt[m0]
+        acc += 1 * s0
+        mu_h[k] = acc
     for k in range(K):
-        for l in range(K):
+        for r_ in range(M):
             acc = 0.0
-            acc += I2_dir(C, dC, k, l)
-            dCm[k, l] = acc
-
+            s0 = 0.0
+            for m0 in range(M):
+                s0 += I2(C, k, K + M + m0)*L_vt[m0, r_]
+            acc += 1 * s0
+            L_h[k, r_] = acc
+    steps_ = int(round(S))
+    mu_c = np.zeros((steps_ + 1, K,))
+    L_c = np.zeros((steps_ + 1, K, M,))
     for k in range(K):
-        for n in range(M):
+        acc = 0.0
+        acc += a[k]
+        mu_c[0, k] = acc
+    for s_ in range(steps_):
+        for k in range(K):
             acc = 0.0
-            acc += I2_dir(C, dC, k, K + M + n)
-            dDm[k, n] = acc
-
-
-
-@njit(cache=True, error_model="numpy")
-def _sensitivity(y, c, p, K, M, C, dC, Cm, Dm, steps, rate):
-    """Forward sensitivities (dA_S, dG_S) of the inner recursion along dC:
-    A <- (I - rate C) A, G <- (I - rate C) G + rate D, differentiated."""
-    dCm = np.empty((K, K))
-    dDm = np.empty((K, M))
-    support_matrices_dir(y, c, p, K, M, C, dC, dCm, dDm)
-    Bm = np.eye(K) - rate * Cm
-    A = np.eye(K)
-    G = np.zeros((K, M))
-    dA = np.zeros((K, K))
-    dG = np.zeros((K, M))
-    for _ in range(steps):
-        dA = mm_(Bm, dA) - rate * mm_(dCm, A)
-        dG = mm_(Bm, dG) - rate * mm_(dCm, G) + rate * dDm
-        A = mm_(Bm, A)
-        G = mm_(Bm, G) + rate * Dm
-    return dA, dG
-
-
-@njit(cache=True, error_model="numpy")
-def task_moments(y, c, p, K, M, C, with_optimal=True):
-    """Means (mu_*) and loadings (L_*, over xi ~ N(0, I_M)) of the task quantities
-    ap, vt, aopt, ap_dQ, ap_dR, and A_S.
-
-    ap = A_S a + G_S vt with A_S = (I - rate C)^S,
-    G_S = rate sum_(s<S) (I - rate C)^s D and vt = vbar + spread xi
-    (MODELS.md 5.3); the derivatives of ap in Q and R are forward
-    sensitivities, computed only when the second-order flow needs them."""
-    o = 0
-    Q = y[o : o + K * K].reshape((K, K))
-    o += K * K
-    R = y[o : o + K * M].reshape((K, M))
-    o += K * M
-    a = y[o : o + K]
-    o += K
-
-    o = 0
-    T = c[o : o + M * M].reshape((M, M))
-    o += M * M
-    vbar = c[o : o + M]
-    o += M
-
-    eta = p[0]
-    eta_a = p[1]
-    alpha_in = p[2]
-    S = p[3]
-    order = p[4]
-    n_q = p[5]
-    n_s = p[6]
-    s = p[7]
-    eps_B = p[8]
-    sigma = p[9]
-    Cm = np.empty((K, K))
-    Dm = np.empty((K, M))
-    support_matrices(y, c, p, K, M, C, Cm, Dm)
-    steps = int(round(S))
-    rate = alpha_in
-    spread = s
-    Bm = np.eye(K) - rate * Cm
-    A_S = np.eye(K)
-    G = np.zeros((K, M))
-    for _ in range(steps):
-        A_S = mm_(Bm, A_S)
-        G = mm_(Bm, G) + rate * Dm
-    mu_ap = mv_(A_S, a) + mv_(G, vbar)
-    L_ap = spread * G
-    mu_vt = vbar.copy()
-    L_vt = spread * np.eye(M)
+            acc += alpha_in*mu_h[k] + mu_c[s_, k]
+            s0 = 0.0
+            for j0 in range(K):
+                s0 += H_s[k, j0]*mu_c[s_, j0]
+            acc += -alpha_in * s0
+            mu_c[s_ + 1, k] = acc
+        for k in range(K):
+            for r_ in range(M):
+                acc = 0.0
+                acc += alpha_in*L_h[k, r_] + L_c[s_, k, r_]
+                s0 = 0.0
+                for j0 in range(K):
+                    s0 += H_s[k, j0]*L_c[s_, j0, r_]
+                acc += -alpha_in * s0
+                L_c[s_ + 1, k, r_] = acc
+    mu_ap = mu_c[steps_]
+    L_ap = L_c[steps_]
+    mu_aopt = np.zeros((K,))
+    L_aopt = np.zeros((K, M,))
     if with_optimal:
-        Gopt = mm_(np.linalg.pinv(Cm), Dm)
-    else:
-        Gopt = np.zeros((K, M))
-    mu_aopt = mv_(Gopt, vbar)
-    L_aopt = spread * Gopt
-    # the sensitivities exist only when the second-order flow reads them (empty otherwise)
-    n2 = K if ((1) if (order == 2) else (0)) != 0 else 0
-    mu_ap_dQ = np.zeros((K, n2, n2))
-    L_ap_dQ = np.zeros((K, n2, n2, M))
-    mu_ap_dR = np.zeros((K, n2, M))
-    L_ap_dR = np.zeros((K, n2, M, M))
-    if ((1) if (order == 2) else (0)) != 0:
+        H_p = np.linalg.pinv(H_s)
+        for k in range(K):
+            acc = 0.0
+            s0 = 0.0
+            for j0 in range(K):
+                s0 += H_p[k, j0]*mu_h[j0]
+            acc += 1 * s0
+            mu_aopt[k] = acc
+        for k in range(K):
+            for r_ in range(M):
+                acc = 0.0
+                s0 = 0.0
+                for j0 in range(K):
+                    s0 += H_p[k, j0]*L_h[j0, r_]
+                acc += 1 * s0
+                L_aopt[k, r_] = acc
+    n2_ = K if (((1) if (order == 2) else (0))) != 0 else 0
+    mu_ap_dQ = np.zeros((K, n2_, n2_,))
+    L_ap_dQ = np.zeros((K, n2_, n2_, M,))
+    mu_ap_dR = np.zeros((K, n2_, M,))
+    L_ap_dR = np.zeros((K, n2_, M, M,))
+    mu_ap_da = np.zeros((K, n2_,))
+    L_ap_da = np.zeros((K, n2_, M,))
+    if (((1) if (order == 2) else (0))) != 0:
+        H_ds = np.zeros((K, K,))
+        mu_dh = np.zeros((K,))
+        L_dh = np.zeros((K, M,))
+        mu_dc = np.zeros((steps_ + 1, K,))
+        L_dc = np.zeros((steps_ + 1, K, M,))
         dC = np.zeros_like(C)
         for a_ in range(K):
             for b_ in range(a_, K):
@@ -332,14 +265,66 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                 dC[0 + b_, 0 + a_] = 1.0
                 dC[0 + b_, 0 + a_] = 1.0
                 dC[0 + a_, 0 + b_] = 1.0
-                dA, dG = _sensitivity(y, c, p, K, M, C, dC, Cm, Dm, steps, rate)
-                d_mu = mv_(dA, a) + mv_(dG, vbar)
-                for j_ in range(K):
-                    mu_ap_dQ[j_, a_, b_] = d_mu[j_]
-                    mu_ap_dQ[j_, b_, a_] = d_mu[j_]
+                for k in range(K):
+                    for l in range(K):
+                        acc = 0.0
+                        acc += I2_dir(C, dC, k, l)
+                        H_ds[k, l] = acc
+                for k in range(K):
+                    acc = 0.0
+                    s0 = 0.0
+                    for m0 in range(M):
+                        s0 += I2_dir(C, dC, k, K + M + m0)*mu_vt[m0]
+                    acc += 1 * s0
+                    mu_dh[k] = acc
+                for k in range(K):
                     for r_ in range(M):
-                        L_ap_dQ[j_, a_, b_, r_] = spread * dG[j_, r_]
-                        L_ap_dQ[j_, b_, a_, r_] = spread * dG[j_, r_]
+                        acc = 0.0
+                        s0 = 0.0
+                        for m0 in range(M):
+                            s0 += I2_dir(C, dC, k, K + M + m0)*L_vt[m0, r_]
+                        acc += 1 * s0
+                        L_dh[k, r_] = acc
+                for k in range(K):
+                    acc = 0.0
+                    mu_dc[0, k] = acc
+                for s_ in range(steps_):
+                    for k in range(K):
+                        acc = 0.0
+                        acc += alpha_in*mu_dh[k] + mu_dc[s_, k]
+                        s0 = 0.0
+                        for j0 in range(K):
+                            s0 += H_ds[k, j0]*mu_c[s_, j0] + H_s[k, j0]*mu_dc[s_, j0]
+                        acc += -alpha_in * s0
+                        mu_dc[s_ + 1, k] = acc
+                    for k in range(K):
+                        for r_ in range(M):
+                            acc = 0.0
+                            acc += alpha_in*L_dh[k, r_] + L_dc[s_, k, r_]
+                            s0 = 0.0
+                            for j0 in range(K):
+                                s0 += H_ds[k, j0]*L_c[s_, j0, r_] + H_s[k, j0]*L_dc[s_, j0, r_]
+                            acc += -alpha_in * s0
+                            L_dc[s_ + 1, k, r_] = acc
+                for j in range(K):
+                    acc = 0.0
+                    acc += mu_dc[steps_, j]
+                    mu_ap_dQ[j, a_, b_] = acc
+                for j in range(K):
+                    acc = 0.0
+                    acc += mu_dc[steps_, j]
+                    mu_ap_dQ[j, b_, a_] = acc
+                for j in range(K):
+                    for r_ in range(M):
+                        acc = 0.0
+                        acc += L_dc[steps_, j, r_]
+                        L_ap_dQ[j, a_, b_, r_] = acc
+                for j in range(K):
+                    for r_ in range(M):
+                        acc = 0.0
+                        acc += L_dc[steps_, j, r_]
+                        L_ap_dQ[j, b_, a_, r_] = acc
+        dC = np.zeros_like(C)
         for a_ in range(K):
             for b_ in range(M):
                 dC[:, :] = 0.0
@@ -347,13 +332,101 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                 dC[K + b_, 0 + a_] = 1.0
                 dC[0 + a_, K + M + b_] = 1.0
                 dC[K + M + b_, 0 + a_] = 1.0
-                dA, dG = _sensitivity(y, c, p, K, M, C, dC, Cm, Dm, steps, rate)
-                d_mu = mv_(dA, a) + mv_(dG, vbar)
-                for j_ in range(K):
-                    mu_ap_dR[j_, a_, b_] = d_mu[j_]
+                for k in range(K):
+                    for l in range(K):
+                        acc = 0.0
+                        acc += I2_dir(C, dC, k, l)
+                        H_ds[k, l] = acc
+                for k in range(K):
+                    acc = 0.0
+                    s0 = 0.0
+                    for m0 in range(M):
+                        s0 += I2_dir(C, dC, k, K + M + m0)*mu_vt[m0]
+                    acc += 1 * s0
+                    mu_dh[k] = acc
+                for k in range(K):
                     for r_ in range(M):
-                        L_ap_dR[j_, a_, b_, r_] = spread * dG[j_, r_]
-    return mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S
+                        acc = 0.0
+                        s0 = 0.0
+                        for m0 in range(M):
+                            s0 += I2_dir(C, dC, k, K + M + m0)*L_vt[m0, r_]
+                        acc += 1 * s0
+                        L_dh[k, r_] = acc
+                for k in range(K):
+                    acc = 0.0
+                    mu_dc[0, k] = acc
+                for s_ in range(steps_):
+                    for k in range(K):
+                        acc = 0.0
+                        acc += alpha_in*mu_dh[k] + mu_dc[s_, k]
+                        s0 = 0.0
+                        for j0 in range(K):
+                            s0 += H_ds[k, j0]*mu_c[s_, j0] + H_s[k, j0]*mu_dc[s_, j0]
+                        acc += -alpha_in * s0
+                        mu_dc[s_ + 1, k] = acc
+                    for k in range(K):
+                        for r_ in range(M):
+                            acc = 0.0
+                            acc += alpha_in*L_dh[k, r_] + L_dc[s_, k, r_]
+                            s0 = 0.0
+                            for j0 in range(K):
+                                s0 += H_ds[k, j0]*L_c[s_, j0, r_] + H_s[k, j0]*L_dc[s_, j0, r_]
+                            acc += -alpha_in * s0
+                            L_dc[s_ + 1, k, r_] = acc
+                for j in range(K):
+                    acc = 0.0
+                    acc += mu_dc[steps_, j]
+                    mu_ap_dR[j, a_, b_] = acc
+                for j in range(K):
+                    for r_ in range(M):
+                        acc = 0.0
+                        acc += L_dc[steps_, j, r_]
+                        L_ap_dR[j, a_, b_, r_] = acc
+        for a_ in range(K):
+            for k in range(K):
+                for l in range(K):
+                    acc = 0.0
+                    H_ds[k, l] = acc
+            for k in range(K):
+                acc = 0.0
+                mu_dh[k] = acc
+            for k in range(K):
+                for r_ in range(M):
+                    acc = 0.0
+                    L_dh[k, r_] = acc
+            for k in range(K):
+                acc = 0.0
+                acc += (1.0 if a_ == k else 0.0)
+                mu_dc[0, k] = acc
+            for s_ in range(steps_):
+                for k in range(K):
+                    acc = 0.0
+                    acc += alpha_in*mu_dh[k] + mu_dc[s_, k]
+                    s0 = 0.0
+                    for j0 in range(K):
+                        s0 += H_ds[k, j0]*mu_c[s_, j0] + H_s[k, j0]*mu_dc[s_, j0]
+                    acc += -alpha_in * s0
+                    mu_dc[s_ + 1, k] = acc
+                for k in range(K):
+                    for r_ in range(M):
+                        acc = 0.0
+                        acc += alpha_in*L_dh[k, r_] + L_dc[s_, k, r_]
+                        s0 = 0.0
+                        for j0 in range(K):
+                            s0 += H_ds[k, j0]*L_c[s_, j0, r_] + H_s[k, j0]*L_dc[s_, j0, r_]
+                        acc += -alpha_in * s0
+                        L_dc[s_ + 1, k, r_] = acc
+            for j in range(K):
+                acc = 0.0
+                acc += mu_dc[steps_, j]
+                mu_ap_da[j, a_] = acc
+            for j in range(K):
+                for r_ in range(M):
+                    acc = 0.0
+                    acc += L_dc[steps_, j, r_]
+                    L_ap_da[j, a_, r_] = acc
+
+    return mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, mu_ap_da, L_ap_da
 
 
 @njit(cache=True, error_model="numpy")
@@ -399,30 +472,107 @@ def rhs_ws(y, c, p, K, M, dy, C):
     eps_B = p[8]
     sigma = p[9]
     covariance(y, c, p, K, M, C)
-    mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S = task_moments(y, c, p, K, M, C, False)
-    S_ap__ap = mm_(L_ap.reshape((K, M)), L_ap.reshape((K, M)).T).reshape((K, K))
-    # read only by the second-order terms
-    if ((1) if (order == 2) else (0)) != 0:
-        S_ap__ap_dQ = mm_(L_ap.reshape((K, M)), L_ap_dQ.reshape((K * K * K, M)).T).reshape((K, K, K, K))
-    else:
-        S_ap__ap_dQ = np.zeros((0, 0, 0, 0))
-    # read only by the second-order terms
-    if ((1) if (order == 2) else (0)) != 0:
-        S_ap__ap_dR = mm_(L_ap.reshape((K, M)), L_ap_dR.reshape((K * K * M, M)).T).reshape((K, K, K, M))
-    else:
-        S_ap__ap_dR = np.zeros((0, 0, 0, 0))
-    S_ap__vt = mm_(L_ap.reshape((K, M)), L_vt.reshape((M, M)).T).reshape((K, M))
-    # read only by the second-order terms
-    if ((1) if (order == 2) else (0)) != 0:
-        S_vt__ap_dQ = mm_(L_vt.reshape((M, M)), L_ap_dQ.reshape((K * K * K, M)).T).reshape((M, K, K, K))
-    else:
-        S_vt__ap_dQ = np.zeros((0, 0, 0, 0))
-    # read only by the second-order terms
-    if ((1) if (order == 2) else (0)) != 0:
-        S_vt__ap_dR = mm_(L_vt.reshape((M, M)), L_ap_dR.reshape((K * K * M, M)).T).reshape((M, K, K, M))
-    else:
-        S_vt__ap_dR = np.zeros((0, 0, 0, 0))
-    S_vt__vt = mm_(L_vt.reshape((M, M)), L_vt.reshape((M, M)).T).reshape((M, M))
+    mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, mu_ap_da, L_ap_da = task_moments(y, c, p, K, M, C, False)
+    # the covariances of the task quantities that are read; those of the
+    # sensitivities only by the second-order terms (empty otherwise)
+    s2_ = 1 if (((1) if (order == 2) else (0))) != 0 else 0
+    S_ap__ap = np.zeros((K, K,))
+    for i0 in range(K):
+        for i1 in range(K):
+            acc = 0.0
+            s0 = 0.0
+            for m0 in range(M):
+                s0 += L_ap[i0, m0]*L_ap[i1, m0]
+            acc += 1 * s0
+            S_ap__ap[i0, i1] = acc
+    S_ap__ap_dQ = np.zeros((K * s2_, K * s2_, K * s2_, K * s2_,))
+    if (((1) if (order == 2) else (0))) != 0:
+        for i0 in range(K):
+            for i1 in range(K):
+                for i2 in range(K):
+                    for i3 in range(K):
+                        acc = 0.0
+                        s0 = 0.0
+                        for m0 in range(M):
+                            s0 += L_ap[i0, m0]*L_ap_dQ[i1, i2, i3, m0]
+                        acc += 1 * s0
+                        S_ap__ap_dQ[i0, i1, i2, i3] = acc
+    S_ap__ap_dR = np.zeros((K * s2_, K * s2_, K * s2_, M * s2_,))
+    if (((1) if (order == 2) else (0))) != 0:
+        for i0 in range(K):
+            for i1 in range(K):
+                for i2 in range(K):
+                    for i3 in range(M):
+                        acc = 0.0
+                        s0 = 0.0
+                        for m0 in range(M):
+                            s0 += L_ap[i0, m0]*L_ap_dR[i1, i2, i3, m0]
+                        acc += 1 * s0
+                        S_ap__ap_dR[i0, i1, i2, i3] = acc
+    S_ap__ap_da = np.zeros((K * s2_, K * s2_, K * s2_,))
+    if (((1) if (order == 2) else (0))) != 0:
+        for i0 in range(K):
+            for i1 in range(K):
+                for i2 in range(K):
+                    acc = 0.0
+                    s0 = 0.0
+                    for m0 in range(M):
+                        s0 += L_ap[i0, m0]*L_ap_da[i1, i2, m0]
+                    acc += 1 * s0
+                    S_ap__ap_da[i0, i1, i2] = acc
+    S_ap__vt = np.zeros((K, M,))
+    for i0 in range(K):
+        for i1 in range(M):
+            acc = 0.0
+            s0 = 0.0
+            for m0 in range(M):
+                s0 += L_ap[i0, m0]*L_vt[i1, m0]
+            acc += 1 * s0
+            S_ap__vt[i0, i1] = acc
+    S_vt__ap_dQ = np.zeros((M * s2_, K * s2_, K * s2_, K * s2_,))
+    if (((1) if (order == 2) else (0))) != 0:
+        for i0 in range(M):
+            for i1 in range(K):
+                for i2 in range(K):
+                    for i3 in range(K):
+                        acc = 0.0
+                        s0 = 0.0
+                        for m0 in range(M):
+                            s0 += L_ap_dQ[i1, i2, i3, m0]*L_vt[i0, m0]
+                        acc += 1 * s0
+                        S_vt__ap_dQ[i0, i1, i2, i3] = acc
+    S_vt__ap_dR = np.zeros((M * s2_, K * s2_, K * s2_, M * s2_,))
+    if (((1) if (order == 2) else (0))) != 0:
+        for i0 in range(M):
+            for i1 in range(K):
+                for i2 in range(K):
+                    for i3 in range(M):
+                        acc = 0.0
+                        s0 = 0.0
+                        for m0 in range(M):
+                            s0 += L_ap_dR[i1, i2, i3, m0]*L_vt[i0, m0]
+                        acc += 1 * s0
+                        S_vt__ap_dR[i0, i1, i2, i3] = acc
+    S_vt__ap_da = np.zeros((M * s2_, K * s2_, K * s2_,))
+    if (((1) if (order == 2) else (0))) != 0:
+        for i0 in range(M):
+            for i1 in range(K):
+                for i2 in range(K):
+                    acc = 0.0
+                    s0 = 0.0
+                    for m0 in range(M):
+                        s0 += L_ap_da[i1, i2, m0]*L_vt[i0, m0]
+                    acc += 1 * s0
+                    S_vt__ap_da[i0, i1, i2] = acc
+    S_vt__vt = np.zeros((M, M,))
+    for i0 in range(M):
+        for i1 in range(M):
+            acc = 0.0
+            s0 = 0.0
+            for m0 in range(M):
+                s0 += L_vt[i0, m0]*L_vt[i1, m0]
+            acc += 1 * s0
+            S_vt__vt[i0, i1] = acc
 
     o = 0
     dQ = dy[o : o + K * K].reshape((K, K))
@@ -572,13 +722,13 @@ def rhs_ws(y, c, p, K, M, dy, C):
             s0 = 0.0
             for j0 in range(K):
                 for j1 in range(K):
-                    s0 += I2(C, j0, j1)*A_S[j1, k]*mu_ap[j0]
+                    s0 += (S_ap__ap_da[j0, j1, k] + mu_ap[j0]*mu_ap_da[j1, k])*I2(C, j0, j1)
             acc += -eta_a * s0
         if ((order == 2)):
             s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    s0 += I2(C, j0, K + M + m0)*A_S[j0, k]*mu_vt[m0]
+                    s0 += (S_vt__ap_da[m0, j0, k] + mu_ap_da[j0, k]*mu_vt[m0])*I2(C, j0, K + M + m0)
             acc += eta_a * s0
         da[k] = acc
 
@@ -618,30 +768,107 @@ def rhs_parallel(y, c, p, K, M, dy):
     eps_B = p[8]
     sigma = p[9]
     covariance(y, c, p, K, M, C)
-    mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S = task_moments(y, c, p, K, M, C, False)
-    S_ap__ap = mm_(L_ap.reshape((K, M)), L_ap.reshape((K, M)).T).reshape((K, K))
-    # read only by the second-order terms
-    if ((1) if (order == 2) else (0)) != 0:
-        S_ap__ap_dQ = mm_(L_ap.reshape((K, M)), L_ap_dQ.reshape((K * K * K, M)).T).reshape((K, K, K, K))
-    else:
-        S_ap__ap_dQ = np.zeros((0, 0, 0, 0))
-    # read only by the second-order terms
-    if ((1) if (order == 2) else (0)) != 0:
-        S_ap__ap_dR = mm_(L_ap.reshape((K, M)), L_ap_dR.reshape((K * K * M, M)).T).reshape((K, K, K, M))
-    else:
-        S_ap__ap_dR = np.zeros((0, 0, 0, 0))
-    S_ap__vt = mm_(L_ap.reshape((K, M)), L_vt.reshape((M, M)).T).reshape((K, M))
-    # read only by the second-order terms
-    if ((1) if (order == 2) else (0)) != 0:
-        S_vt__ap_dQ = mm_(L_vt.reshape((M, M)), L_ap_dQ.reshape((K * K * K, M)).T).reshape((M, K, K, K))
-    else:
-        S_vt__ap_dQ = np.zeros((0, 0, 0, 0))
-    # read only by the second-order terms
-    if ((1) if (order == 2) else (0)) != 0:
-        S_vt__ap_dR = mm_(L_vt.reshape((M, M)), L_ap_dR.reshape((K * K * M, M)).T).reshape((M, K, K, M))
-    else:
-        S_vt__ap_dR = np.zeros((0, 0, 0, 0))
-    S_vt__vt = mm_(L_vt.reshape((M, M)), L_vt.reshape((M, M)).T).reshape((M, M))
+    mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, mu_ap_da, L_ap_da = task_moments(y, c, p, K, M, C, False)
+    # the covariances of the task quantities that are read; those of the
+    # sensitivities only by the second-order terms (empty otherwise)
+    s2_ = 1 if (((1) if (order == 2) else (0))) != 0 else 0
+    S_ap__ap = np.zeros((K, K,))
+    for i0 in range(K):
+        for i1 in range(K):
+            acc = 0.0
+            s0 = 0.0
+            for m0 in range(M):
+                s0 += L_ap[i0, m0]*L_ap[i1, m0]
+            acc += 1 * s0
+            S_ap__ap[i0, i1] = acc
+    S_ap__ap_dQ = np.zeros((K * s2_, K * s2_, K * s2_, K * s2_,))
+    if (((1) if (order == 2) else (0))) != 0:
+        for i0 in range(K):
+            for i1 in range(K):
+                for i2 in range(K):
+                    for i3 in range(K):
+                        acc = 0.0
+                        s0 = 0.0
+                        for m0 in range(M):
+                            s0 += L_ap[i0, m0]*L_ap_dQ[i1, i2, i3, m0]
+                        acc += 1 * s0
+                        S_ap__ap_dQ[i0, i1, i2, i3] = acc
+    S_ap__ap_dR = np.zeros((K * s2_, K * s2_, K * s2_, M * s2_,))
+    if (((1) if (order == 2) else (0))) != 0:
+        for i0 in range(K):
+            for i1 in range(K):
+                for i2 in range(K):
+                    for i3 in range(M):
+                        acc = 0.0
+                        s0 = 0.0
+                        for m0 in range(M):
+                            s0 += L_ap[i0, m0]*L_ap_dR[i1, i2, i3, m0]
+                        acc += 1 * s0
+                        S_ap__ap_dR[i0, i1, i2, i3] = acc
+    S_ap__ap_da = np.zeros((K * s2_, K * s2_, K * s2_,))
+    if (((1) if (order == 2) else (0))) != 0:
+        for i0 in range(K):
+            for i1 in range(K):
+                for i2 in range(K):
+                    acc = 0.0
+                    s0 = 0.0
+                    for m0 in range(M):
+                        s0 += L_ap[i0, m0]*L_ap_da[i1, i2, m0]
+                    acc += 1 * s0
+                    S_ap__ap_da[i0, i1, i2] = acc
+    S_ap__vt = np.zeros((K, M,))
+    for i0 in range(K):
+        for i1 in range(M):
+            acc = 0.0
+            s0 = 0.0
+            for m0 in range(M):
+                s0 += L_ap[i0, m0]*L_vt[i1, m0]
+            acc += 1 * s0
+            S_ap__vt[i0, i1] = acc
+    S_vt__ap_dQ = np.zeros((M * s2_, K * s2_, K * s2_, K * s2_,))
+    if (((1) if (order == 2) else (0))) != 0:
+        for i0 in range(M):
+            for i1 in range(K):
+                for i2 in range(K):
+                    for i3 in range(K):
+                        acc = 0.0
+                        s0 = 0.0
+                        for m0 in range(M):
+                            s0 += L_ap_dQ[i1, i2, i3, m0]*L_vt[i0, m0]
+                        acc += 1 * s0
+                        S_vt__ap_dQ[i0, i1, i2, i3] = acc
+    S_vt__ap_dR = np.zeros((M * s2_, K * s2_, K * s2_, M * s2_,))
+    if (((1) if (order == 2) else (0))) != 0:
+        for i0 in range(M):
+            for i1 in range(K):
+                for i2 in range(K):
+                    for i3 in range(M):
+                        acc = 0.0
+                        s0 = 0.0
+                        for m0 in range(M):
+                            s0 += L_ap_dR[i1, i2, i3, m0]*L_vt[i0, m0]
+                        acc += 1 * s0
+                        S_vt__ap_dR[i0, i1, i2, i3] = acc
+    S_vt__ap_da = np.zeros((M * s2_, K * s2_, K * s2_,))
+    if (((1) if (order == 2) else (0))) != 0:
+        for i0 in range(M):
+            for i1 in range(K):
+                for i2 in range(K):
+                    acc = 0.0
+                    s0 = 0.0
+                    for m0 in range(M):
+                        s0 += L_ap_da[i1, i2, m0]*L_vt[i0, m0]
+                    acc += 1 * s0
+                    S_vt__ap_da[i0, i1, i2] = acc
+    S_vt__vt = np.zeros((M, M,))
+    for i0 in range(M):
+        for i1 in range(M):
+            acc = 0.0
+            s0 = 0.0
+            for m0 in range(M):
+                s0 += L_vt[i0, m0]*L_vt[i1, m0]
+            acc += 1 * s0
+            S_vt__vt[i0, i1] = acc
 
     o = 0
     dQ = dy[o : o + K * K].reshape((K, K))
@@ -804,13 +1031,13 @@ def rhs_parallel(y, c, p, K, M, dy):
             s0 = 0.0
             for j0 in range(K):
                 for j1 in range(K):
-                    s0 += I2(C, j0, j1)*A_S[j1, k]*mu_ap[j0]
+                    s0 += (S_ap__ap_da[j0, j1, k] + mu_ap[j0]*mu_ap_da[j1, k])*I2(C, j0, j1)
             acc += -eta_a * s0
         if ((order == 2)):
             s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    s0 += I2(C, j0, K + M + m0)*A_S[j0, k]*mu_vt[m0]
+                    s0 += (S_vt__ap_da[m0, j0, k] + mu_ap_da[j0, k]*mu_vt[m0])*I2(C, j0, K + M + m0)
             acc += eta_a * s0
         da[k] = acc
 
@@ -844,12 +1071,55 @@ def metrics(y, c, p, K, M, out):
     sigma = p[9]
     C = np.empty((K + 2*M, K + 2*M))
     covariance(y, c, p, K, M, C)
-    mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, A_S = task_moments(y, c, p, K, M, C, True)
-    S_aopt__aopt = mm_(L_aopt.reshape((K, M)), L_aopt.reshape((K, M)).T).reshape((K, K))
-    S_ap__ap = mm_(L_ap.reshape((K, M)), L_ap.reshape((K, M)).T).reshape((K, K))
-    S_ap__vt = mm_(L_ap.reshape((K, M)), L_vt.reshape((M, M)).T).reshape((K, M))
-    S_vt__aopt = mm_(L_vt.reshape((M, M)), L_aopt.reshape((K, M)).T).reshape((M, K))
-    S_vt__vt = mm_(L_vt.reshape((M, M)), L_vt.reshape((M, M)).T).reshape((M, M))
+    mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, mu_ap_da, L_ap_da = task_moments(y, c, p, K, M, C, True)
+    # the covariances of the task quantities that are read; those of the
+    # sensitivities only by the second-order terms (empty otherwise)
+    s2_ = 1 if (((1) if (order == 2) else (0))) != 0 else 0
+    S_aopt__aopt = np.zeros((K, K,))
+    for i0 in range(K):
+        for i1 in range(K):
+            acc = 0.0
+            s0 = 0.0
+            for m0 in range(M):
+                s0 += L_aopt[i0, m0]*L_aopt[i1, m0]
+            acc += 1 * s0
+            S_aopt__aopt[i0, i1] = acc
+    S_ap__ap = np.zeros((K, K,))
+    for i0 in range(K):
+        for i1 in range(K):
+            acc = 0.0
+            s0 = 0.0
+            for m0 in range(M):
+                s0 += L_ap[i0, m0]*L_ap[i1, m0]
+            acc += 1 * s0
+            S_ap__ap[i0, i1] = acc
+    S_ap__vt = np.zeros((K, M,))
+    for i0 in range(K):
+        for i1 in range(M):
+            acc = 0.0
+            s0 = 0.0
+            for m0 in range(M):
+                s0 += L_ap[i0, m0]*L_vt[i1, m0]
+            acc += 1 * s0
+            S_ap__vt[i0, i1] = acc
+    S_vt__aopt = np.zeros((M, K,))
+    for i0 in range(M):
+        for i1 in range(K):
+            acc = 0.0
+            s0 = 0.0
+            for m0 in range(M):
+                s0 += L_aopt[i1, m0]*L_vt[i0, m0]
+            acc += 1 * s0
+            S_vt__aopt[i0, i1] = acc
+    S_vt__vt = np.zeros((M, M,))
+    for i0 in range(M):
+        for i1 in range(M):
+            acc = 0.0
+            s0 = 0.0
+            for m0 in range(M):
+                s0 += L_vt[i0, m0]*L_vt[i1, m0]
+            acc += 1 * s0
+            S_vt__vt[i0, i1] = acc
 
     acc = 0.0
     s0 = 0.0

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 edb6a1d9135f878dbab882cede5b5c9a5a39b7725793efe1b1149d9c17c5c0e5
+# inputs:     sha256 57f9757492f7ed48c52705da75f9e0a573b58e0a95514419d41c6120dfd3af8b
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "edb6a1d9135f878dbab882cede5b5c9a5a39b7725793efe1b1149d9c17c5c0e5"
+INPUTS_SHA256 = "57f9757492f7ed48c52705da75f9e0a573b58e0a95514419d41c6120dfd3af8b"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

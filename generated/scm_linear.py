@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 2fc947c182ecc9b4b690cb5de1e17f8588869a1715e8eb99cafa14a084ab69a0
+# inputs:     sha256 4811a9eae6558f23351d2e197d217fe4e0e827cd4d87498f743cddf46141f50f
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "2fc947c182ecc9b4b690cb5de1e17f8588869a1715e8eb99cafa14a084ab69a0"
+INPUTS_SHA256 = "4811a9eae6558f23351d2e197d217fe4e0e827cd4d87498f743cddf46141f50f"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

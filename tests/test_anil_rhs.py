@@ -601,13 +601,15 @@ def mc_close(samples, want, what, nse=5.0):
 def test_task_moments_monte_carlo(i):
     """Draw tasks vt = vbar + s xi, run the inner loop c <- c - alpha_in (C c - D vt)
     step by step, and compare the mean and covariance of a' (and of a* = C^+ D vt)
-    with task_moments; A_S against the loop run on unit vectors with vt = 0."""
+    with task_moments; A_S = d a' / d a against the loop run on unit vectors with vt = 0."""
     mod = load("anil_erf")
     Q, R, T, a, vbar, prm = state_case(i, order=2)
     K, M = R.shape
     y, c, p = pack(mod, Q, R, T, a, vbar, prm)
     Cf = field_cov(Q, R, T, prm["eps_B"])
-    mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, *_, A_S = mod.task_moments(y, c, p, K, M, Cf)
+    out = mod.task_moments(y, c, p, K, M, Cf)
+    mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt = out[:6]
+    A_S = out[10]  # mu_ap_da: d a'_j / d a_k, the sensitivity along the start
     C, D = support(Q, R, T, prm["eps_B"], "erf")
     S, alpha, s = int(prm["S"]), prm["alpha_in"], prm["s"]
 

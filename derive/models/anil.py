@@ -8,7 +8,7 @@ population support loss from ``c = a``, giving the adapted readout ``ap`` (a').
 Outer loop, one task per step, ``n_q`` query samples:
 ``w_k <- w_k - (eta/sqrt(N)) ap_k delta g'(lambda_k) x`` (+ the gradient through
 the inner loop when ``order = 2``), ``a <- a - (eta_a/N) delta g(lambda)``
-(``A_S^T delta g(lambda)`` when ``order = 2``).
+(``(da'/da)^T delta g(lambda)`` when ``order = 2``).
 """
 
 import math
@@ -16,7 +16,6 @@ import math
 import sympy as sp
 
 from ..model import (
-    A_S,
     FirstLayer,
     InnerLoop,
     MetaGradient,
@@ -26,6 +25,7 @@ from ..model import (
     R,
     ReadoutUpdate,
     T,
+    TaskNoise,
     TaskVector,
     Vector,
 )
@@ -64,8 +64,11 @@ sigma = Param("sigma", 0.0, "standard deviation of the additive Gaussian label n
 
 a = Vector("a", STUDENT, "readout initialisation (meta-learned when eta_a > 0)", default=0.0)
 vbar = Vector("vbar", TEACHER, "mean task readout", default=0.0)
+xi = TaskNoise("xi", TEACHER, "the task's draws, xi ~ N(0, I_M)")
 ap = TaskVector("ap", (STUDENT,), "adapted readout a' after the inner loop")
-vt = TaskVector("vt", (TEACHER,), "task readout vbar + s xi")
+vt = TaskVector(
+    "vt", (TEACHER,), "task readout vbar + s xi", law=lambda m: vbar.base[m] + s.symbol * xi.base[m]
+)
 aopt = TaskVector("aopt", (STUDENT,), "best readout for the task, C^+ D vt")
 
 j, m = student_index("j"), teacher_index("m")
@@ -84,23 +87,22 @@ first = 1 - second
 inner = InnerLoop(
     adapted=ap,
     start=a,
-    task=vt,
-    task_mean=vbar,
-    spread=s.symbol,
+    noise=xi,
+    # the per-sample support loss of a readout c: its expectation over the fields
+    # is the population support loss of MODELS.md 5.3
+    loss=lambda c: (output(c) - y_task) ** 2 / 2,
     steps=S.symbol,
     rate=alpha_in.symbol,
-    student=output,
-    teacher=y_task,
     optimal=aopt,
     second_order=second,
 )
 
 
 def readout_gradient(loss, k):
-    """dL/da_k: dL/da'_k at first order, (A_S^T dL/da')_k at second order."""
+    """dL/da_k: dL/da'_k at first order, sum_j (da'_j/da_k) dL/da'_j at second order."""
     jj = student_index("jj")
     return first * sp.diff(loss, ap.base[k]) + second * student_sum(
-        A_S[jj, k] * sp.diff(loss, ap.base[jj]), jj
+        inner.da.base[jj, k] * sp.diff(loss, ap.base[jj]), jj
     )
 
 

@@ -1,0 +1,403 @@
+"""Stage 3b: the meta-learner's task program, derived from the model file (MODELS.md 5.1-5.4).
+
+A model with an inner loop declares (derive/model.py):
+
+- its task draws (``TaskNoise``: a standard normal vector ``xi`` per task) and
+  the law of each task vector as an expression in them, affine (the task
+  readout ``vt = vbar + s xi`` of anil);
+- the inner loop (``InnerLoop``): a per-sample support loss of the adapted
+  readout ``c`` (its expectation over the fields is the population support
+  loss), a deterministic regulariser, the start ``c^(0)``, the steps and the
+  rate of gradient descent, the readout that minimises the support loss, and the
+  weight of the second-order terms (which need the sensitivities of ``c^(S)``).
+
+Every task quantity ``X`` is then affine in the draws, ``X = mu_X + L_X xi``; the
+flow needs only the means ``mu_X`` and loadings ``L_X`` (and the covariances
+``S_X__Y = L_X L_Y^T``, by Isserlis' theorem in derive/flow.py). This module
+derives the program that computes them, as components (sympy terms that the code
+generator turns into loop nests) and control flow:
+
+1. the task law: ``mu_X = law(xi = 0)``, ``L_X[., r] = d law / d xi_r``;
+2. the support gradient, derived from the support loss and checked linear,
+   ``grad_c = Hs c - h``: the Hessian ``Hs`` (fields' expectations) and the force
+   ``h``, whose mean and loading follow from the task law (``h`` is affine in the
+   task vectors);
+3. the recursion ``c^(s+1) = c^(s) - rate grad_c(c^(s))``, on the means and on
+   the loadings;
+4. the best readout, the minimiser ``Hs^+ h`` of the support loss;
+5. the forward sensitivities of ``c^(S)`` along each overlap ``Q_ab`` (a <= b,
+   one symmetric variable), ``R_am`` and each entry of the start ``a``: the
+   recursion differentiated (``dHs``, ``dh`` are the directional derivatives of
+   the primitives along the covariance perturbation ``dC``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from .expand import expand
+from .symbols import STUDENT, K, M, rename_bound, student_index
+
+EPS = sp.Symbol("epsilon")
+
+
+@dataclass(frozen=True)
+class Alloc:
+    """``name = np.zeros(dims)``."""
+
+    name: str
+    dims: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Let:
+    """``target = source``: a view or a call that derive writes (never a formula of
+    the template's own)."""
+
+    target: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Assign:
+    """``out[target] = sum of the component's terms`` for every value of its free indices."""
+
+    component: object  # derive.flow.Component
+    out: str
+    target: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """``for var in range(count): body``."""
+
+    var: str
+    count: sp.Expr
+    body: tuple
+
+
+@dataclass(frozen=True)
+class Guard:
+    """``if cond: body``."""
+
+    cond: sp.Expr | str
+    body: tuple
+
+
+@dataclass(frozen=True)
+class Directions:
+    """The body once per direction of ``kind``: ``Q`` (pairs a_ <= b_ of student
+    units), ``R`` (a student unit a_ and a teacher unit b_) with the covariance
+    perturbation ``dC`` set to the entries where that overlap sits, or ``start``
+    (a student unit a_, the entry of the inner loop's start)."""
+
+    kind: str
+    body: tuple
+
+
+@dataclass(frozen=True)
+class TaskProgram:
+    families: tuple  # TaskVector, in the order of the returned (mu, L) pairs
+    statements: tuple
+    terms: dict = field(default_factory=dict)  # name -> terms of the support components
+
+
+def _replace_base(expr: sp.Expr, base, make) -> sp.Expr:
+    """Every ``base[idx]`` in ``expr`` replaced by ``make(idx)`` (inside sums too)."""
+    return expr.replace(
+        lambda e: isinstance(e, sp.Indexed) and e.base == base,
+        lambda e: make(e.indices),
+    )
+
+
+def _count(expr: sp.Expr, bases) -> int:
+    """How many factors of ``expr`` (a product) are entries of ``bases``."""
+    n = 0
+    for f in sp.Mul.make_args(expr):
+        b, e = f.as_base_exp()
+        if isinstance(b, sp.Indexed) and b.base in bases:
+            n += int(e)
+    return n
+
+
+def _affine_terms(expr: sp.Expr, bases, what: str):
+    """The expanded terms of ``expr``, checked to hold at most one entry of ``bases``."""
+    raw = expand(expr)
+    for t in raw:
+        if _count(t.coeff, bases) > 1:
+            raise ValueError(f"{what} is not affine in {', '.join(str(b) for b in bases)}: {t.as_expr()}")
+    return raw
+
+
+def mean_base(name: str) -> sp.IndexedBase:
+    return sp.IndexedBase(f"mu_{name}")
+
+
+def loading_base(name: str) -> sp.IndexedBase:
+    return sp.IndexedBase(f"L_{name}")
+
+
+def _dims(kinds) -> tuple[str, ...]:
+    return tuple("K" if k == STUDENT else "M" for k in kinds)
+
+
+def _idx(kinds, first: int = 0) -> tuple[sp.Idx, ...]:
+    return tuple(sp.Idx(f"i{first + n}", K if kd == STUDENT else M) for n, kd in enumerate(kinds))
+
+
+# The best readout is the minimiser of a quadratic support loss, Hs^+ h: numpy's
+# Moore-Penrose pseudo-inverse (the minimum-norm minimiser where Hs is singular).
+BEST_READOUT = "np.linalg.pinv({})"
+
+
+def task_program(model, activation: str, used: dict) -> TaskProgram:
+    """The program that computes the mean and loading of every task quantity of
+    ``model`` (see the module doc); ``used`` collects the primitives it calls."""
+    from .flow import Component, _directional, average
+    from .printer import code
+
+    inner = model.inner_loop
+    noise = inner.noise
+    r = sp.Idx("r_", K if noise.kind == STUDENT else M)
+    nr = _dims((noise.kind,))[0]
+    k, l_, j = student_index("k"), student_index("l"), student_index("j")
+    laws = [tv for tv in model.task_vectors if tv.law is not None]
+    random = [tv.base for tv in laws]
+    stmts: list = []
+
+    def comp(name, free, expr):
+        """A component from a sympy expression: expanded, averaged over the fields
+        (population expectations become primitives), deterministic otherwise."""
+        return Component(name, tuple(free), average(expand(sp.sympify(expr)), activation, used))
+
+    def assign(c, out=None, target=None):
+        return Assign(c, out or c.name, tuple(target or [str(i.label) for i in c.free]))
+
+    # 1. the task law: mu_X = law at xi = 0, L_X[., r] = d law / d xi_r
+    for tv in laws:
+        idx = _idx(tv.kinds)
+        law = sp.sympify(tv.law(*idx))
+        if not law.has(noise.base):
+            raise ValueError(f"the law of task vector {tv.name} draws nothing from {noise.name}")
+        _affine_terms(law, [noise.base], f"the law of {tv.name}")
+        mu = _replace_base(law, noise.base, lambda ix: sp.S.Zero)
+        load = _replace_base(sp.expand(law - mu), noise.base, lambda ix: sp.KroneckerDelta(ix[0], r))
+        stmts += [
+            Alloc(f"mu_{tv.name}", _dims(tv.kinds)),
+            Alloc(f"L_{tv.name}", _dims(tv.kinds) + (nr,)),
+            assign(comp(f"mu_{tv.name}", idx, mu)),
+            assign(comp(f"L_{tv.name}", idx + (r,), load)),
+        ]
+
+    # 2. the support gradient grad_c = Hs c - h, derived and checked linear in c
+    c = sp.IndexedBase("c")
+    loss = rename_bound(inner.loss(c) + inner.regulariser(c))
+    grad = sp.diff(loss, c[k])
+    _affine_terms(grad, [c], "the support gradient")
+    Hexpr = sp.diff(grad, c[l_])
+    if any(_count(t.coeff, [c, *random]) for t in expand(Hexpr)):
+        raise ValueError(f"the support Hessian of {model.name} depends on the readout or the task")
+    hexpr = -_replace_base(grad, c, lambda ix: sp.S.Zero)
+    _affine_terms(hexpr, random, "the support force h")
+
+    def mean_of(e):
+        for tv in laws:
+            e = _replace_base(e, tv.base, lambda ix, n=tv.name: mean_base(n)[ix])
+        return e
+
+    def loading_of(e):
+        """The part of ``e`` linear in the task vectors, each replaced by its loading."""
+        zero = e
+        for tv in laws:
+            zero = _replace_base(zero, tv.base, lambda ix: sp.S.Zero)
+        lin = e - zero
+        for tv in laws:
+            lin = _replace_base(lin, tv.base, lambda ix, n=tv.name: loading_base(n)[ix + (r,)])
+        return lin
+
+    Hs = comp("H_s", (k, l_), Hexpr)
+    mu_h = comp("mu_h", (k,), mean_of(hexpr))
+    L_h = comp("L_h", (k, r), loading_of(hexpr))
+    stmts += [Alloc("H_s", ("K", "K")), Alloc("mu_h", ("K",)), Alloc("L_h", ("K", nr))]
+    stmts += [assign(Hs), assign(mu_h), assign(L_h)]
+
+    # 3. the recursion c^(s+1) = c^(s) - rate (Hs c^(s) - h), on means and loadings
+    s = sp.Symbol("s_", integer=True)
+    steps = sp.Symbol("steps_", integer=True)
+    cb, Hb, hb = sp.IndexedBase("c"), sp.IndexedBase("H_s"), sp.IndexedBase("h")
+    step = cb[k] - inner.rate * (sp.Sum(Hb[k, l_] * cb[l_], (l_, 0, K - 1)) - hb[k])
+    mu_c, L_c = sp.IndexedBase("mu_c"), sp.IndexedBase("L_c")
+
+    def on_means(e):
+        e = _replace_base(e, cb, lambda ix: mu_c[(s,) + ix])
+        return _replace_base(e, hb, lambda ix: sp.IndexedBase("mu_h")[ix])
+
+    def on_loadings(e):
+        e = _replace_base(e, cb, lambda ix: L_c[(s,) + ix + (r,)])
+        return _replace_base(e, hb, lambda ix: sp.IndexedBase("L_h")[ix + (r,)])
+
+    start = inner.start.base[k]
+    ap = inner.adapted.name
+    stmts += [
+        Let("steps_", f"int(round({code(inner.steps)}))"),
+        Alloc("mu_c", ("steps_ + 1", "K")),
+        Alloc("L_c", ("steps_ + 1", "K", nr)),
+        assign(comp("mu_c", (k,), start), "mu_c", ("0", "k")),
+        Repeat(
+            "s_",
+            steps,
+            (
+                assign(comp("mu_c", (k,), on_means(step)), "mu_c", ("s_ + 1", "k")),
+                assign(comp("L_c", (k, r), on_loadings(step)), "L_c", ("s_ + 1", "k", "r_")),
+            ),
+        ),
+        Let(f"mu_{ap}", "mu_c[steps_]"),
+        Let(f"L_{ap}", "L_c[steps_]"),
+    ]
+    fams = [*laws, inner.adapted]
+
+    # 4. the best readout for the task, the minimiser of the support loss without
+    # its regulariser: a* = Hs^+ h
+    if inner.optimal is not None:
+        opt = inner.optimal.name
+        Ho, mu_ho, L_ho = "H_s", "mu_h", "L_h"
+        body: list = []
+        if sp.sympify(inner.regulariser(c)) != 0:
+            g0 = sp.diff(rename_bound(inner.loss(c)), c[k])
+            h0 = -_replace_base(g0, c, lambda ix: sp.S.Zero)
+            Ho, mu_ho, L_ho = "H_o", "mu_ho", "L_ho"
+            body += [
+                Alloc("H_o", ("K", "K")),
+                Alloc("mu_ho", ("K",)),
+                Alloc("L_ho", ("K", nr)),
+                assign(comp("H_o", (k, l_), sp.diff(g0, c[l_]))),
+                assign(comp("mu_ho", (k,), mean_of(h0))),
+                assign(comp("L_ho", (k, r), loading_of(h0))),
+            ]
+        Hp = sp.IndexedBase("H_p")
+        body += [
+            Let("H_p", BEST_READOUT.format(Ho)),
+            assign(comp(f"mu_{opt}", (k,), sp.Sum(Hp[k, l_] * sp.IndexedBase(mu_ho)[l_], (l_, 0, K - 1)))),
+            assign(comp(f"L_{opt}", (k, r), sp.Sum(Hp[k, l_] * sp.IndexedBase(L_ho)[l_, r], (l_, 0, K - 1)))),
+        ]
+        stmts += [
+            Alloc(f"mu_{opt}", ("K",)),
+            Alloc(f"L_{opt}", ("K", nr)),
+            Guard("with_optimal", tuple(body)),
+        ]
+        fams.append(inner.optimal)
+
+    # 5. the forward sensitivities of c^(S), read by the second-order terms only:
+    # the recursion differentiated along a direction (dc, dHs, dh)
+    dcb, dHb, dhb = sp.IndexedBase("dc"), sp.IndexedBase("dH"), sp.IndexedBase("dh")
+    pert = step
+    for b, db in ((cb, dcb), (Hb, dHb), (hb, dhb)):
+        pert = _replace_base(pert, b, lambda ix, b=b, db=db: b[ix] + EPS * db[ix])
+    dstep = sp.diff(pert, EPS).subs(EPS, 0)
+    mu_dc, L_dc = sp.IndexedBase("mu_dc"), sp.IndexedBase("L_dc")
+    H_ds = sp.IndexedBase("H_ds")
+
+    def d_on_means(e):
+        e = _replace_base(on_means(e), dcb, lambda ix: mu_dc[(s,) + ix])
+        e = _replace_base(e, dHb, lambda ix: H_ds[ix])
+        return _replace_base(e, dhb, lambda ix: sp.IndexedBase("mu_dh")[ix])
+
+    def d_on_loadings(e):
+        # the loading of dH c is dH L_c (dH does not depend on the task)
+        e = _replace_base(e, dcb, lambda ix: L_dc[(s,) + ix + (r,)])
+        e = _replace_base(e, dHb, lambda ix: H_ds[ix])
+        e = _replace_base(e, dhb, lambda ix: sp.IndexedBase("L_dh")[ix + (r,)])
+        return on_loadings(e)
+
+    def recursion(dstart):
+        """The differentiated recursion along one direction, from dc^(0) = dstart."""
+        return [
+            assign(comp("mu_dc", (k,), dstart), "mu_dc", ("0", "k")),
+            Repeat(
+                "s_",
+                steps,
+                (
+                    assign(comp("mu_dc", (k,), d_on_means(dstep)), "mu_dc", ("s_ + 1", "k")),
+                    assign(comp("L_dc", (k, r), d_on_loadings(dstep)), "L_dc", ("s_ + 1", "k", "r_")),
+                ),
+            ),
+        ]
+
+    def last(name, target, loading=False):
+        src = L_dc[steps, j, r] if loading else mu_dc[steps, j]
+        return assign(comp(name, (j, r) if loading else (j,), src), name, target)
+
+    dQ, dR, dS = inner.dQ.name, inner.dR.name, inner.da.name
+    a_ = sp.Idx("a_", K)  # the entry of the start that a direction moves
+    along_cov = [
+        assign(Component("H_ds", (k, l_), _directional(Hs.terms, activation, used))),
+        assign(Component("mu_dh", (k,), _directional(mu_h.terms, activation, used))),
+        assign(Component("L_dh", (k, r), _directional(L_h.terms, activation, used))),
+    ]
+    along_start = [
+        assign(comp("H_ds", (k, l_), sp.S.Zero)),
+        assign(comp("mu_dh", (k,), sp.diff(mean_of(hexpr), inner.start.base[a_]))),
+        assign(comp("L_dh", (k, r), sp.diff(loading_of(hexpr), inner.start.base[a_]))),
+    ]
+    sens = (
+        Alloc("H_ds", ("K", "K")),
+        Alloc("mu_dh", ("K",)),
+        Alloc("L_dh", ("K", nr)),
+        Alloc("mu_dc", ("steps_ + 1", "K")),
+        Alloc("L_dc", ("steps_ + 1", "K", nr)),
+        Directions(
+            "Q",
+            tuple(
+                along_cov
+                + recursion(sp.S.Zero)
+                + [
+                    last(f"mu_{dQ}", ("j", "a_", "b_")),
+                    last(f"mu_{dQ}", ("j", "b_", "a_")),
+                    last(f"L_{dQ}", ("j", "a_", "b_", "r_"), True),
+                    last(f"L_{dQ}", ("j", "b_", "a_", "r_"), True),
+                ]
+            ),
+        ),
+        Directions(
+            "R",
+            tuple(
+                along_cov
+                + recursion(sp.S.Zero)
+                + [last(f"mu_{dR}", ("j", "a_", "b_")), last(f"L_{dR}", ("j", "a_", "b_", "r_"), True)]
+            ),
+        ),
+        Directions(
+            "start",
+            tuple(
+                along_start
+                + recursion(sp.diff(start, inner.start.base[a_]))
+                + [last(f"mu_{dS}", ("j", "a_")), last(f"L_{dS}", ("j", "a_", "r_"), True)]
+            ),
+        ),
+    )
+    stmts += [
+        Let("n2_", f"K if ({code(inner.second_order)}) != 0 else 0"),
+        Alloc(f"mu_{dQ}", ("K", "n2_", "n2_")),
+        Alloc(f"L_{dQ}", ("K", "n2_", "n2_", nr)),
+        Alloc(f"mu_{dR}", ("K", "n2_", "M")),
+        Alloc(f"L_{dR}", ("K", "n2_", "M", nr)),
+        Alloc(f"mu_{dS}", ("K", "n2_")),
+        Alloc(f"L_{dS}", ("K", "n2_", nr)),
+        Guard(inner.second_order, sens),
+    ]
+    fams += [inner.dQ, inner.dR, inner.da]
+    return TaskProgram(tuple(fams), tuple(stmts))
+
+
+def covariance_component(x, y, noise):
+    """``S_X__Y[ix, iy] = sum_r L_X[ix, r] L_Y[iy, r]``: the covariance of two task
+    quantities over the draws (MODELS.md 5.3)."""
+    from .flow import Component, average
+
+    ix = _idx(x.kinds)
+    iy = _idx(y.kinds, len(ix))
+    r = sp.Idx("r_", K if noise.kind == STUDENT else M)
+    e = sp.Sum(loading_base(x.name)[ix + (r,)] * loading_base(y.name)[iy + (r,)], (r, 0, r.upper))
+    return Component(f"S_{x.name}__{y.name}", ix + iy, average(expand(e), "linear", {}))
