@@ -25,6 +25,7 @@ from .gaussian import PRIMITIVES, tilt_split
 from .model import Q, R
 from .models import model_file
 from .printer import TILTED, TILTED1, code
+from .simulator import context as simulator_context
 from .special import asin_body
 from .tables import tilt_code
 from .symbols import FIELD_KIND, STUDENT, K, M, index_kind, lam
@@ -538,6 +539,7 @@ def context(ir: FlowIR) -> dict:
         "workspace": _workspace(table, tilt1),
         # the vectorisable arcsine, when a primitive needs one (derive/special.py)
         "asin": asin_body() if any(d.expr.has(sp.asin) for d in prim_list) else None,
+        "simulator": simulator_context(ir),  # the compiled meta-learning simulator (derive/simulator.py)
     }
 
 

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 13a095636de35ae1e2d25ec397ab653f10ea02806281e95c1bcde2c9661afc56
+# inputs:     sha256 7deef298cd493196c0550227138d0edc158419c236fd36bc5fcea7f02a023b09
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "13a095636de35ae1e2d25ec397ab653f10ea02806281e95c1bcde2c9661afc56"
+INPUTS_SHA256 = "7deef298cd493196c0550227138d0edc158419c236fd36bc5fcea7f02a023b09"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 2fcb14d211a4cb36bdd6e2d240023a76d4aecd188ec1788c3e3b1baf4d327b98
+# inputs:     sha256 ac3a4f5d23928f640488f155d995c0d609d75f9009d55c01512de0ee66f6b086
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "2fcb14d211a4cb36bdd6e2d240023a76d4aecd188ec1788c3e3b1baf4d327b98"
+INPUTS_SHA256 = "ac3a4f5d23928f640488f155d995c0d609d75f9009d55c01512de0ee66f6b086"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

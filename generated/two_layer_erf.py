@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 f699aaa6ecf1141e559ed72294b56ae4633cfdf0e0b45e8b4cf28a3c8f0f4279
+# inputs:     sha256 4fcc20674cfd527d03a68a474a0536971dfd42cce733006fce68d28c5a2d9e69
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "f699aaa6ecf1141e559ed72294b56ae4633cfdf0e0b45e8b4cf28a3c8f0f4279"
+INPUTS_SHA256 = "4fcc20674cfd527d03a68a474a0536971dfd42cce733006fce68d28c5a2d9e69"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
