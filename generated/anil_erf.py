@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 699b258b9d7270b0d3aa015c8ad185c0d6ba1265eb2bcecb315496cc719f70fd
+# inputs:     sha256 8d2ed1ad3b499fb1adf912a6f8ee8b3db34d692269cf15fca8fd3f523a1ebe4c
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 846 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "699b258b9d7270b0d3aa015c8ad185c0d6ba1265eb2bcecb315496cc719f70fd"
+INPUTS_SHA256 = "8d2ed1ad3b499fb1adf912a6f8ee8b3db34d692269cf15fca8fd3f523a1ebe4c"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -31,7 +31,7 @@ SAMPLES = ()
 ENTRY_POINTS = ("workspace", "rhs", "rhs_ws", "rhs_parallel", "metrics", "run_euler", "run_rk4", "run_euler_parallel", "run_rk4_parallel", "meta_steps", "g", "gp", "I2_value", "I2_partials")
 
 
-# activation and its derivatives, for the per-sample gradients and the simulator
+# activation and its derivatives, for the meta-learning simulator
 @njit(cache=True, error_model="numpy")
 def g(z):
     return math.erf((1.0/2.0)*math.sqrt(2)*z)

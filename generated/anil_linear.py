@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 c43bb1849bde0e3b3466820d7fe599f9f11848d5309a2683f364844a8e20947e
+# inputs:     sha256 7c88a6e250f2433b2b3428a4aa75dbc9a44c341f8a22e812a6a50c42edcfcf1a
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 579 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "c43bb1849bde0e3b3466820d7fe599f9f11848d5309a2683f364844a8e20947e"
+INPUTS_SHA256 = "7c88a6e250f2433b2b3428a4aa75dbc9a44c341f8a22e812a6a50c42edcfcf1a"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -31,7 +31,7 @@ SAMPLES = ()
 ENTRY_POINTS = ("workspace", "rhs", "rhs_ws", "rhs_parallel", "metrics", "run_euler", "run_rk4", "run_euler_parallel", "run_rk4_parallel", "meta_steps", "g", "gp", "I2_value", "I2_partials")
 
 
-# activation and its derivatives, for the per-sample gradients and the simulator
+# activation and its derivatives, for the meta-learning simulator
 @njit(cache=True, error_model="numpy")
 def g(z):
     return z

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 7deef298cd493196c0550227138d0edc158419c236fd36bc5fcea7f02a023b09
+# inputs:     sha256 888ddf6337f38459c6a18a6bc90b5047a9ef9093450db3a8ff5bae3beb0c3fb0
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "7deef298cd493196c0550227138d0edc158419c236fd36bc5fcea7f02a023b09"
+INPUTS_SHA256 = "888ddf6337f38459c6a18a6bc90b5047a9ef9093450db3a8ff5bae3beb0c3fb0"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 ac3a4f5d23928f640488f155d995c0d609d75f9009d55c01512de0ee66f6b086
+# inputs:     sha256 f83ce669981e7b80f465931e16864eca400d5934242214f01a291b474055101a
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "ac3a4f5d23928f640488f155d995c0d609d75f9009d55c01512de0ee66f6b086"
+INPUTS_SHA256 = "f83ce669981e7b80f465931e16864eca400d5934242214f01a291b474055101a"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

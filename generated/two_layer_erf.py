@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 4fcc20674cfd527d03a68a474a0536971dfd42cce733006fce68d28c5a2d9e69
+# inputs:     sha256 023f95ea696243d7ce11c731a5ff11dd9413779f72a6268667cd231ea681a699
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "4fcc20674cfd527d03a68a474a0536971dfd42cce733006fce68d28c5a2d9e69"
+INPUTS_SHA256 = "023f95ea696243d7ce11c731a5ff11dd9413779f72a6268667cd231ea681a699"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

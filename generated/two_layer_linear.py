@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 a221d38e4c577583c7635460e13bce1d5bde8d93161e8c1c476bed984fa53559
+# inputs:     sha256 0b3fc466ddc4d332caaeaf2781ef834299b7fa54a2c86d08a693cf712d1ae257
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "a221d38e4c577583c7635460e13bce1d5bde8d93161e8c1c476bed984fa53559"
+INPUTS_SHA256 = "0b3fc466ddc4d332caaeaf2781ef834299b7fa54a2c86d08a693cf712d1ae257"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
