@@ -26,6 +26,7 @@ from .gaussian import PRIMITIVES, tilt_split
 from .model import Q, R
 from .models import model_file
 from .printer import TILTED, TILTED1, code, field_rows
+from .simulator import context as simulator_context
 from .special import asin_body
 from .tables import tilt_code
 from .symbols import STUDENT, K, M, field_doc, field_kind, index_kind
@@ -582,6 +583,7 @@ def context(ir: FlowIR) -> dict:
         "workspace": _workspace(table, tilt1),
         # the vectorisable arcsine, when a primitive needs one (derive/special.py)
         "asin": asin_body() if any(d.expr.has(sp.asin) for d in prim_list) else None,
+        "simulator": simulator_context(ir),  # the compiled meta-learning simulator (derive/simulator.py)
     }
 
 

@@ -291,7 +291,7 @@ class FirstLayer:
         samples: ``shrink = 1 - decay/N``, ``scale = rate / (sqrt(N) batch)``.
         The one place these scalings are written: ``step`` applies them, and the
         compiled simulator loop (runtime/simulate_meta.py) takes them as numbers."""
-        return 1.0 - decay / N, rate / (math.sqrt(N) * batch)
+        return 1.0 - decay / N, rate / (FirstLayer.input_norm(N) * batch)
 
     def step(self, W: np.ndarray, G: np.ndarray, x: np.ndarray, rate: float, decay: float) -> None:
         """One update of the (K, N) first layer in place, from per-sample G (K,) and x (N,).
@@ -305,6 +305,14 @@ class FirstLayer:
             W -= np.outer(scale * G, x)
         else:
             W -= scale * (G.T @ x)
+
+    @staticmethod
+    def input_norm(N: int) -> float:
+        """``sqrt(N)``, the norm of an input ``x ~ N(0, I_N)``: the fields of a network on
+        real vectors are ``lambda_k = w_k . x / input_norm(N)``, and ``dL/dw_k =
+        G_k x / input_norm(N)`` (the one place this scaling is written for the
+        simulators; the compiled simulator loop takes it as a number)."""
+        return math.sqrt(N)
 
     @staticmethod
     def weights_coefficient(rate: float) -> float:

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 c300652eb6172f9e195284f8590fe9a26be70e81727e9bf9a05fd2395ce66139
+# inputs:     sha256 e5b2d4bc6a648bf8b325ff1a3050a7968ad991f01e02c97ed2f2888b75eedb51
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 587 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "c300652eb6172f9e195284f8590fe9a26be70e81727e9bf9a05fd2395ce66139"
+INPUTS_SHA256 = "e5b2d4bc6a648bf8b325ff1a3050a7968ad991f01e02c97ed2f2888b75eedb51"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -30,10 +30,20 @@ VECTORS = (("a", "K"), ("vbar", "M"), )
 METRICS = ("eps_pre", "eps_meta", "eps_opt", )
 SAMPLES = ()
 # the functions the runtime calls; every other function here is called from them
-ENTRY_POINTS = ("workspace", "rhs", "rhs_ws", "rhs_parallel", "metrics", "run_euler", "run_rk4", "run_euler_parallel", "run_rk4_parallel")
+ENTRY_POINTS = ("workspace", "rhs", "rhs_ws", "rhs_parallel", "metrics", "run_euler", "run_rk4", "run_euler_parallel", "run_rk4_parallel", "meta_steps", "g", "gp", "I2_value", "I2_partials")
 
 
-# activation and its derivatives, for the per-sample gradients
+# activation and its derivatives, for the meta-learning simulator
+@njit(cache=True, error_model="numpy")
+def g(z):
+    return z
+
+
+@njit(cache=True, error_model="numpy")
+def gp(z):
+    return 1
+
+
 # Gaussian primitives, derived by derive/gaussian.py
 @njit(cache=True, error_model="numpy")
 def I2(C, a, b):
@@ -1174,6 +1184,330 @@ def metrics(y, c, p, K, M, out):
             s0 += (S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*I2(C, K + M + m0, K + M + m1)
     acc += 1.0/2.0 * s0
     out[2] = acc
+
+
+# -- the finite-N simulator of meta-learning (runtime/simulate_meta.py) --------------
+@njit(cache=True, error_model="numpy")
+def I2_value(C_aa, C_bb, C_ab):
+    """I2 = E[g(u_a) g(u_b)] at Var u_a = C_aa, Var u_b = C_bb, Cov = C_ab, for the
+    simulator's population support loss (derive/simulator.py):
+
+    - Stein on u_a
+    """
+    return C_ab
+
+
+@njit(cache=True, error_model="numpy")
+def I2_partials(C_aa, C_bb, C_ab):
+    """(dI2/dC_aa, dI2/dC_bb, dI2/dC_ab), sympy's derivatives of I2_value."""
+    return 0.0, 0.0, 1.0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"reassoc"})
+def sim_dot_(x, y):
+    """sum_i x_i y_i, vectorised (reassociation only: inf and nan propagate).
+    Not inlined into its callers, which would drop the fastmath flag."""
+    acc = 0.0
+    for i in range(x.size):
+        acc += x[i] * y[i]
+    return acc
+
+
+@njit(cache=True, error_model="numpy")
+def sim_overlaps_(W, B, Q, R):
+    """Q = W W^T / N, R = W B^T / N."""
+    K, N = W.shape
+    for k in range(K):
+        for q in range(k, K):
+            Q[k, q] = sim_dot_(W[k], W[q]) / N
+            Q[q, k] = Q[k, q]
+        for m in range(B.shape[0]):
+            R[k, m] = sim_dot_(W[k], B[m]) / N
+
+
+@njit(cache=True, error_model="numpy")
+def sim_fields_(X, W, B, norm, lam, nu):
+    """The fields lam = X W^T / norm (n, K) and nu = X B^T / norm (n, M), norm the input norm."""
+    for mu in range(X.shape[0]):
+        for k in range(W.shape[0]):
+            lam[mu, k] = sim_dot_(X[mu], W[k]) / norm
+        for m in range(B.shape[0]):
+            nu[mu, m] = sim_dot_(X[mu], B[m]) / norm
+
+
+@njit(cache=True, error_model="numpy")
+def sim_inner_steps_(C, h, a, alpha_in, S, cs):
+    """c^(0) = a, c^(s+1) = c^(s) - alpha_in (C c^(s) - h), into the rows of ``cs``."""
+    K = a.size
+    for k in range(K):
+        cs[0, k] = a[k]
+    for s_ in range(S):
+        for k in range(K):
+            acc = 0.0
+            for q in range(K):
+                acc += C[k, q] * cs[s_, q]
+            cs[s_ + 1, k] = cs[s_, k] - alpha_in * (acc - h[k])
+
+
+@njit(cache=True, error_model="numpy")
+def sim_support_population_(Q, R, Tt, vt, C, D, h):
+    """Population mode: C_kl = I2(Q_kk, Q_ll, Q_kl), D_km = I2(Q_kk, Tt_m, R_km), h = D vt."""
+    K, M = R.shape
+    for k in range(K):
+        h[k] = 0.0
+        for q in range(K):
+            C[k, q] = I2_value(Q[k, k], Q[q, q], Q[k, q])
+        for m in range(M):
+            d = I2_value(Q[k, k], Tt[m], R[k, m])
+            D[k, m] = d
+            h[k] += d * vt[m]
+
+
+@njit(cache=True, error_model="numpy")
+def sim_support_samples_(Xs, zs, W, Bt, vt, sigma, norm, Lam, gL, ys, C, h):
+    """Samples mode: Lam = Xs W^T / norm, gL = g(Lam), the support labels
+    ys = g(Xs Bt^T / norm) vt + sigma zs, C = gL^T gL / n_s, h = gL^T ys / n_s."""
+    ns, K = Lam.shape
+    M = Bt.shape[0]
+    for mu in range(ns):
+        for k in range(K):
+            x = sim_dot_(Xs[mu], W[k]) / norm
+            Lam[mu, k] = x
+            gL[mu, k] = g(x)
+        y = 0.0
+        for m in range(M):
+            y += g(sim_dot_(Xs[mu], Bt[m]) / norm) * vt[m]
+        ys[mu] = y + sigma * zs[mu]
+    for k in range(K):
+        for q in range(K):
+            acc = 0.0
+            for mu in range(ns):
+                acc += gL[mu, k] * gL[mu, q]
+            C[k, q] = acc / ns
+        acc = 0.0
+        for mu in range(ns):
+            acc += gL[mu, k] * ys[mu]
+        h[k] = acc / ns
+
+
+@njit(cache=True, error_model="numpy")
+def sim_query_gradients_(lam, nu, zq, c, vt, sigma, G, grad_a):
+    """delta_mu = g(lam_mu) c - g(nu_mu) vt - sigma zq_mu; G[mu, k] = delta_mu g'(lam_muk) c_k
+    and grad_a = dL/da' = mean_mu g(lam_mu) delta_mu."""
+    nq, K = lam.shape
+    M = nu.shape[1]
+    for k in range(K):
+        grad_a[k] = 0.0
+    for mu in range(nq):
+        delta = 0.0
+        for k in range(K):
+            delta += g(lam[mu, k]) * c[k]
+        for m in range(M):
+            delta -= g(nu[mu, m]) * vt[m]
+        delta -= sigma * zq[mu]
+        for k in range(K):
+            x = lam[mu, k]
+            G[mu, k] = delta * gp(x) * c[k]
+            grad_a[k] += g(x) * delta / nq
+
+
+@njit(cache=True, error_model="numpy")
+def sim_through_inner_loop_(C, cs, alpha_in, S, grad_a, adj, adjn, dC, dh):
+    """Order 2: reverse mode through c^(s+1) = c^(s) - alpha_in (C c^(s) - h). On entry
+    ``grad_a`` holds dL/da'; on return it holds A^T dL/da', and dC, dh the gradients
+    in C and h."""
+    K = C.shape[0]
+    for k in range(K):
+        adj[k] = grad_a[k]
+        dh[k] = 0.0
+        for q in range(K):
+            dC[k, q] = 0.0
+    for s_ in range(S - 1, -1, -1):
+        for k in range(K):
+            for q in range(K):
+                dC[k, q] -= alpha_in * (adj[k] * cs[s_, q])
+            dh[k] += alpha_in * adj[k]
+        for k in range(K):
+            acc = 0.0
+            for q in range(K):
+                acc += C[q, k] * adj[q]
+            adjn[k] = adj[k] - alpha_in * acc
+        for k in range(K):
+            adj[k] = adjn[k]
+    for k in range(K):
+        grad_a[k] = adj[k]
+
+
+@njit(cache=True, error_model="numpy")
+def sim_overlap_gradients_(Q, R, Tt, vt, dC, dh, Pa, Pb, Pc, GQ, GR):
+    """Order 2, population mode: from dC, dh (D enters through h = D vt, dD = dh vt^T)
+    the gradients in the overlaps by the chain rule through I2_partials, ``GQ``
+    (symmetrised, GQ + GQ^T: Q_kl and Q_lk are one variable) and ``GR``;
+    grad_W = (GQ W + GR Bt) / N. Pa, Pb, Pc hold the partials of C_kl."""
+    K, M = R.shape
+    for k in range(K):
+        for q in range(K):
+            Pa[k, q], Pb[k, q], Pc[k, q] = I2_partials(Q[k, k], Q[q, q], Q[k, q])
+    for k in range(K):
+        diag = 0.0
+        for q in range(K):
+            GQ[k, q] = dC[k, q] * Pc[k, q]
+            # C_kq reads Q_kk as its first variance, C_qk as its second
+            diag += dC[k, q] * Pa[k, q] + dC[q, k] * Pb[q, k]
+        for m in range(M):
+            dD = dh[k] * vt[m]
+            da, _, dc = I2_partials(Q[k, k], Tt[m], R[k, m])
+            GR[k, m] = dD * dc
+            diag += dD * da
+        GQ[k, k] += diag
+    for k in range(K):
+        for q in range(k, K):
+            x = GQ[k, q] + GQ[q, k]
+            GQ[k, q] = x
+            GQ[q, k] = x
+
+
+@njit(cache=True, error_model="numpy")
+def sim_combine_(x, W, y, Bt, N, scratch, out):
+    """out = (sum_q x_q W_q) / N + (sum_m y_m Bt_m) / N, each sum in increasing index."""
+    for i in range(out.size):
+        out[i] = x[0] * W[0, i]
+    for q in range(1, x.size):
+        for i in range(out.size):
+            out[i] += x[q] * W[q, i]
+    for i in range(out.size):
+        scratch[i] = y[0] * Bt[0, i]
+    for m in range(1, y.size):
+        for i in range(out.size):
+            scratch[i] += y[m] * Bt[m, i]
+    for i in range(out.size):
+        out[i] = out[i] / N + scratch[i] / N
+
+
+@njit(cache=True, error_model="numpy")
+def sim_samples_weight_gradient_(Xs, Lam, gL, ys, dC, dh, norm, dLam, grad_W):
+    """Order 2, samples mode: dLam = (gL (dC + dC^T) + ys dh^T) / n_s * g'(Lam),
+    grad_W = dLam^T Xs / norm, at the weights before the step."""
+    ns, K = Lam.shape
+    N = Xs.shape[1]
+    for mu in range(ns):
+        for k in range(K):
+            acc = 0.0
+            for q in range(K):
+                acc += gL[mu, q] * (dC[q, k] + dC[k, q])
+            dLam[mu, k] = (acc + ys[mu] * dh[k]) / ns * gp(Lam[mu, k])
+    for k in range(K):
+        x = dLam[0, k]
+        for i in range(N):
+            grad_W[k, i] = x * Xs[0, i]
+        for mu in range(1, ns):
+            x = dLam[mu, k]
+            for i in range(N):
+                grad_W[k, i] += x * Xs[mu, i]
+        for i in range(N):
+            grad_W[k, i] /= norm
+
+
+@njit(cache=True, error_model="numpy")
+def meta_steps(
+    W, B, Tt0, a, vbar, rng, n_steps, n_q, s, alpha_in, S, sigma, eps_B, second, norm,
+    w_shrink, w_scale, weights_scale, a_shrink, a_scale, n_s,
+):  # fmt: skip
+    """``n_steps`` whole outer steps of the meta-learner, in place on W and a, without
+    allocating (runtime/simulate_meta.py, whose MetaStep is the numpy reference).
+
+    The task is drawn from ``rng`` in the order of ``MetaStep.draw_task``: vt, then
+    (eps_B > 0) the task teacher ``Bt = B + eps_B Z`` with its own norms Tt, then
+    (samples mode, ``n_s > 0``; ``n_s = 0`` is population mode) the support inputs
+    and noise, then the query inputs and noise. The inner loop runs on C, h of the
+    population support loss or of the support samples; the query gives G and
+    dL/da'; with ``second`` (order 2) the reverse mode through the inner loop gives
+    A^T dL/da' and grad_W (through the overlaps or the support fields). Then
+    ``w_k <- w_shrink w_k - w_scale sum_mu G_mu,k x_mu``,
+    ``W <- W - weights_scale grad_W`` (order 2) and ``a <- a_shrink a - a_scale grad_a``.
+    ``norm`` (the input norm, fields x.w / norm) and the coefficients are those of
+    ``FirstLayer`` and ``ReadoutUpdate`` (derive/model.py), passed in as numbers."""
+    K, N = W.shape
+    M = B.shape[0]
+    Q, R = np.empty((K, K)), np.empty((K, M))
+    C, D, h, cs = np.empty((K, K)), np.empty((K, M)), np.empty(K), np.empty((S + 1, K))
+    vt = np.empty(M)
+    Bt = B.copy()
+    Tt = Tt0.copy()
+    Xq, zq = np.empty((n_q, N)), np.empty(n_q)
+    lam, nu = np.empty((n_q, K)), np.empty((n_q, M))
+    G, grad_a = np.empty((n_q, K)), np.empty(K)
+    gx = np.empty(N)
+    adj, adjn, dC, dh = np.empty(K), np.empty(K), np.empty((K, K)), np.empty(K)
+    Pa, Pb, Pc = np.empty((K, K)), np.empty((K, K)), np.empty((K, K))
+    GQ, GR, grad_W = np.empty((K, K)), np.empty((K, M)), np.empty((K, N))
+    # samples mode (n_s > 0): the support set
+    ns = max(n_s, 1)
+    Xs, zs, ys = np.empty((ns, N)), np.empty(ns), np.empty(ns)
+    Lam, gL, dLam = np.empty((ns, K)), np.empty((ns, K)), np.empty((ns, K))
+    for _ in range(n_steps):
+        for m in range(M):
+            vt[m] = vbar[m] + s * rng.standard_normal()
+        if eps_B > 0.0:
+            for m in range(M):
+                for i in range(N):
+                    Bt[m, i] = B[m, i] + eps_B * rng.standard_normal()
+            for m in range(M):
+                Tt[m] = sim_dot_(Bt[m], Bt[m]) / N
+        if n_s > 0:
+            for mu in range(n_s):
+                for i in range(N):
+                    Xs[mu, i] = rng.standard_normal()
+            for mu in range(n_s):
+                zs[mu] = rng.standard_normal()
+        for mu in range(n_q):
+            for i in range(N):
+                Xq[mu, i] = rng.standard_normal()
+        for mu in range(n_q):
+            zq[mu] = rng.standard_normal()
+        if n_s > 0:
+            sim_support_samples_(Xs, zs, W, Bt, vt, sigma, norm, Lam, gL, ys, C, h)
+        else:
+            sim_overlaps_(W, Bt, Q, R)
+            sim_support_population_(Q, R, Tt, vt, C, D, h)
+        sim_inner_steps_(C, h, a, alpha_in, S, cs)
+        sim_fields_(Xq, W, Bt, norm, lam, nu)
+        sim_query_gradients_(lam, nu, zq, cs[S], vt, sigma, G, grad_a)
+        if second:
+            sim_through_inner_loop_(C, cs, alpha_in, S, grad_a, adj, adjn, dC, dh)
+            if n_s > 0:
+                sim_samples_weight_gradient_(Xs, Lam, gL, ys, dC, dh, norm, dLam, grad_W)
+            else:
+                sim_overlap_gradients_(Q, R, Tt, vt, dC, dh, Pa, Pb, Pc, GQ, GR)
+                # grad_W = (GQ W + GR Bt) / N at the weights before the step, row by row
+                for k in range(K):
+                    sim_combine_(GQ[k], W, GR[k], Bt, N, gx, grad_W[k])
+        for k in range(K):
+            if w_shrink != 1.0:
+                for i in range(N):
+                    W[k, i] *= w_shrink
+            x = G[0, k]
+            if n_q == 1:
+                for i in range(N):
+                    W[k, i] -= w_scale * (x * Xq[0, i])
+            else:
+                # sum_mu G_mu,k x_mu, summed in increasing mu
+                for i in range(N):
+                    gx[i] = x * Xq[0, i]
+                for mu in range(1, n_q):
+                    x = G[mu, k]
+                    for i in range(N):
+                        gx[i] += x * Xq[mu, i]
+                for i in range(N):
+                    W[k, i] -= w_scale * gx[i]
+            if second:
+                for i in range(N):
+                    W[k, i] -= weights_scale * grad_W[k, i]
+        if a_shrink != 1.0:
+            for k in range(K):
+                a[k] *= a_shrink
+        for k in range(K):
+            a[k] -= a_scale * grad_a[k]
 
 
 @njit(cache=True, error_model="numpy")

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 4811a9eae6558f23351d2e197d217fe4e0e827cd4d87498f743cddf46141f50f
+# inputs:     sha256 e7d2a90d869e40dc6162a6e4bf9591c393d0a9fec87b5f980c7dd61a70b61753
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "4811a9eae6558f23351d2e197d217fe4e0e827cd4d87498f743cddf46141f50f"
+INPUTS_SHA256 = "e7d2a90d869e40dc6162a6e4bf9591c393d0a9fec87b5f980c7dd61a70b61753"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

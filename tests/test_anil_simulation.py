@@ -3,7 +3,7 @@
 1. The simulator's gradients against finite differences of its own query loss
    through the inner loop (``MetaStep.query_loss``: same task, same support and
    query samples), first and second order, population and samples modes; its
-   ``I2`` closed form against finite differences and Monte Carlo; the two
+   ``I2`` (derive's, lambdified) against finite differences and Monte Carlo; the two
    inner-loop modes against each other and the flow's metrics against a Monte
    Carlo of the algorithm.
 2. Flow against simulation from explicit N-independent overlaps, with a band
