@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 0e6862186898dbedc5f4577e3b3057f494d7860300b827ea74fd0bb35a17788d
+# inputs:     sha256 4cde624d048004982bf6e9eb0d0a78aae53b062d6edee600c70f06916a02ce15
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "0e6862186898dbedc5f4577e3b3057f494d7860300b827ea74fd0bb35a17788d"
+INPUTS_SHA256 = "4cde624d048004982bf6e9eb0d0a78aae53b062d6edee600c70f06916a02ce15"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 9bd4b038b0d314a57b55b7411a557041c5eb9bc099cdd171e8c42276278e2938
+# inputs:     sha256 8441667ed2d461a2d60feacd14f5aa59d2568f53f052bc61c81070bbabc67797
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "9bd4b038b0d314a57b55b7411a557041c5eb9bc099cdd171e8c42276278e2938"
+INPUTS_SHA256 = "8441667ed2d461a2d60feacd14f5aa59d2568f53f052bc61c81070bbabc67797"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

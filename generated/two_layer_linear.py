@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 6408706f8e6cd2982a0ee74e2de91a455de1f5d61ee03d141266cd939b1f52da
+# inputs:     sha256 1ac561911d310262ebad9fa73b50224631d2e1c5a62cbf896eb1b5357a4cd625
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "6408706f8e6cd2982a0ee74e2de91a455de1f5d61ee03d141266cd939b1f52da"
+INPUTS_SHA256 = "1ac561911d310262ebad9fa73b50224631d2e1c5a62cbf896eb1b5357a4cd625"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
