@@ -21,7 +21,7 @@ from .activations import get_activation, z
 from .expand import FUNC_OF_KIND, RawTerm
 from .flow import Component, FlowIR, FlowTerm, build_flow
 from .gaussian import PRIMITIVES, tilt_split
-from .model import Q, R
+from .model import Model, Q, R
 from .models import model_file
 from .printer import TILTED, TILTED1, code
 from .special import asin_horner
@@ -437,7 +437,9 @@ def _task_context(ir: FlowIR, names, where) -> dict | None:
     }
 
 
-def context(ir: FlowIR) -> dict:
+def context(ir: FlowIR, source: str | None = None) -> dict:
+    """The template's variables; ``source`` names the model file (default: the
+    registry's file of the model)."""
     model = ir.model
     act = get_activation(ir.activation)
     names = [d.name for d in ir.primitives]
@@ -512,7 +514,7 @@ def context(ir: FlowIR) -> dict:
         "model": model.name,
         "model_doc": model.doc,
         "section": model.section,
-        "model_file": model_file(model.name),
+        "model_file": source or model_file(model.name),
         "activation": act.name,
         "activation_doc": act.doc,
         "template": f"derive/templates/{KERNEL_TEMPLATE}",
@@ -558,6 +560,24 @@ def inputs_hash(model_name: str, activation: str) -> str:
         h.update(p.read_bytes().replace(b"\r\n", b"\n") + b"\0")
     h.update(f"{model_name}\0{activation}\0sympy {sp.__version__}".encode())
     return h.hexdigest()
+
+
+def render_model(model: Model, activation: str, model_file: str | Path) -> str:
+    """The kernel module of a ``Model`` object that need not be in the registry,
+    e.g. one defined in a file under tests/ (``model_file``, recorded in the
+    header and hashed with the other inputs)."""
+    ir = build_flow(model, activation)
+    env = environment()
+    path = Path(model_file)
+    inside = path.is_absolute() and path.is_relative_to(ROOT)
+    shown = path.relative_to(ROOT).as_posix() if inside else str(path)
+    ctx = context(ir, shown)
+    h = hashlib.sha256(ctx["inputs_hash"].encode() + b"\0")
+    if path.is_file():
+        h.update(path.read_bytes().replace(b"\r\n", b"\n"))
+    ctx["inputs_hash"] = h.hexdigest()
+    check_context(env, KERNEL_TEMPLATE, ctx)
+    return env.get_template(KERNEL_TEMPLATE).render(**ctx)
 
 
 def render(model_name: str, activation: str) -> str:

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 6cbaf6716caa532d54eaf747ba5345e805ec75136e1fba4f1433a0f3e030742f
+# inputs:     sha256 1b0631a2e894f2f2777ff76647159b2eb1be4cc355974631e59a318333691db3
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 846 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "6cbaf6716caa532d54eaf747ba5345e805ec75136e1fba4f1433a0f3e030742f"
+INPUTS_SHA256 = "1b0631a2e894f2f2777ff76647159b2eb1be4cc355974631e59a318333691db3"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

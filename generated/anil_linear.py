@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 1fbd489ed59c431ae7a9f00262783d7c083d7a5fe61cb0c11d6696a38e69b97e
+# inputs:     sha256 3bae3ec5525cebab066e1518b50afe07afd82f01a56b79233b83236058b3b25a
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 579 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "1fbd489ed59c431ae7a9f00262783d7c083d7a5fe61cb0c11d6696a38e69b97e"
+INPUTS_SHA256 = "3bae3ec5525cebab066e1518b50afe07afd82f01a56b79233b83236058b3b25a"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

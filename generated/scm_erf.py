@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 4cde624d048004982bf6e9eb0d0a78aae53b062d6edee600c70f06916a02ce15
+# inputs:     sha256 7d1de72d03153da7cd175e6a83248ce47ddae9367aa110a4cac05de9a501c0a5
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "4cde624d048004982bf6e9eb0d0a78aae53b062d6edee600c70f06916a02ce15"
+INPUTS_SHA256 = "7d1de72d03153da7cd175e6a83248ce47ddae9367aa110a4cac05de9a501c0a5"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 8441667ed2d461a2d60feacd14f5aa59d2568f53f052bc61c81070bbabc67797
+# inputs:     sha256 46d777a70b405b78bc2527577e81136fbc25ed583f2b91a996c529eb220a3164
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "8441667ed2d461a2d60feacd14f5aa59d2568f53f052bc61c81070bbabc67797"
+INPUTS_SHA256 = "46d777a70b405b78bc2527577e81136fbc25ed583f2b91a996c529eb220a3164"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

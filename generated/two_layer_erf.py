@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 646296bd7ecd7f524e503c61f650e4d986a4c3fe4d244a6c4825a9215cb5c8b1
+# inputs:     sha256 097557072ec6180f2ce37007655db0039f9f228a94053728f1efd9c1927b814a
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "646296bd7ecd7f524e503c61f650e4d986a4c3fe4d244a6c4825a9215cb5c8b1"
+INPUTS_SHA256 = "097557072ec6180f2ce37007655db0039f9f228a94053728f1efd9c1927b814a"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

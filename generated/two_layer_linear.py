@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 1ac561911d310262ebad9fa73b50224631d2e1c5a62cbf896eb1b5357a4cd625
+# inputs:     sha256 b1f7805bbb5324e32f96d47616563470b72597fe92bcdd9c8c255ad128fc808a
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -20,7 +20,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "1ac561911d310262ebad9fa73b50224631d2e1c5a62cbf896eb1b5357a4cd625"
+INPUTS_SHA256 = "b1f7805bbb5324e32f96d47616563470b72597fe92bcdd9c8c255ad128fc808a"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
