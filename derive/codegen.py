@@ -23,7 +23,7 @@ from .expand import FUNC_OF_KIND, RawTerm
 from .flow import Component, FlowIR, FlowTerm, build_flow
 from . import meta
 from .gaussian import PRIMITIVES, tilt_split
-from .model import Q, R
+from .model import Model, Q, R
 from .models import model_file
 from .printer import TILTED, TILTED1, code, field_rows
 from .simulator import context as simulator_context
@@ -481,7 +481,9 @@ def _task_context(ir: FlowIR, names, where) -> dict | None:
     }
 
 
-def context(ir: FlowIR) -> dict:
+def context(ir: FlowIR, source: str | None = None) -> dict:
+    """The template's variables; ``source`` names the model file (default: the
+    registry's file of the model)."""
     model = ir.model
     act = get_activation(ir.activation)
     names = [d.name for d in ir.primitives]
@@ -551,7 +553,7 @@ def context(ir: FlowIR) -> dict:
         "model": model.name,
         "model_doc": model.doc,
         "section": model.section,
-        "model_file": model_file(model.name),
+        "model_file": source or model_file(model.name),
         "activation": act.name,
         "activation_doc": act.doc,
         "template": f"derive/templates/{KERNEL_TEMPLATE}",
@@ -644,6 +646,24 @@ def prune(text: str) -> str:
                 end += 1  # the blank lines that follow the function go with it
             drop.update(range(start, end))
     return "".join(line for i, line in enumerate(lines) if i not in drop)
+
+
+def render_model(model: Model, activation: str, model_file: str | Path) -> str:
+    """The kernel module of a ``Model`` object that need not be in the registry,
+    e.g. one defined in a file under tests/ (``model_file``, recorded in the
+    header and hashed with the other inputs)."""
+    ir = build_flow(model, activation)
+    env = environment()
+    path = Path(model_file)
+    inside = path.is_absolute() and path.is_relative_to(ROOT)
+    shown = path.relative_to(ROOT).as_posix() if inside else str(path)
+    ctx = context(ir, shown)
+    h = hashlib.sha256(ctx["inputs_hash"].encode() + b"\0")
+    if path.is_file():
+        h.update(path.read_bytes().replace(b"\r\n", b"\n"))
+    ctx["inputs_hash"] = h.hexdigest()
+    check_context(env, KERNEL_TEMPLATE, ctx)
+    return prune(env.get_template(KERNEL_TEMPLATE).render(**ctx))
 
 
 def render(model_name: str, activation: str) -> str:

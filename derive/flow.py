@@ -162,11 +162,31 @@ def _moment_bases(components) -> tuple[sp.IndexedBase, ...]:
     return tuple(sp.IndexedBase(n) for n in sorted(names))
 
 
+# flows of Model objects outside the registry, by identity: (id, activation) -> (model, flow)
+_BY_OBJECT: dict = {}
+
+
+def build_flow(model: str | Model, activation: str) -> FlowIR:
+    """Derive the flow of ``model`` (a registered name or a ``Model``, e.g. from a
+    file outside derive/models) with ``activation`` (MODELS.md sections 3-5).
+    Cached by name, and for a ``Model`` by identity."""
+    if isinstance(model, str):
+        return _build_named(model, activation)
+    hit = _BY_OBJECT.get((id(model), activation))
+    if hit is None or hit[0] is not model:
+        hit = (model, derive_flow(model, activation))
+        _BY_OBJECT[id(model), activation] = hit
+    return hit[1]
+
+
 @lru_cache(maxsize=None)
-def build_flow(model_name: str, activation: str) -> FlowIR:
-    """Derive the flow of ``model_name`` with ``activation`` (MODELS.md sections 3-5)."""
-    model = get_model(model_name)
-    loss = model.loss
+def _build_named(model_name: str, activation: str) -> FlowIR:
+    return derive_flow(get_model(model_name), activation)
+
+
+def derive_flow(model: Model, activation: str) -> FlowIR:
+    """The flow IR of ``model`` with ``activation``, derived afresh (no cache)."""
+    loss = model.sample_loss
     fams = model.random_families
     used: dict = {}
     derivs = []

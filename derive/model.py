@@ -371,9 +371,20 @@ class ReadoutUpdate:
         c -= scale * H
 
 
+def square_loss(f: sp.Expr, y: sp.Expr) -> sp.Expr:
+    """The square loss ``(f - y)^2 / 2`` of MODELS.md 3-5 (the default of ``Model.loss``)."""
+    return (f - y) ** 2 / 2
+
+
 @dataclass(frozen=True)
 class Model:
-    """A model file's content: network, loss, updates, metrics (MODELS.md 3-4)."""
+    """A model file's content: network, loss, updates, metrics (MODELS.md 3-4).
+
+    ``loss(f, y)`` is the per-sample loss as a function of the student output
+    ``f`` and the noisy label ``y``; the flows and the simulator both read it
+    through ``sample_loss``. It must keep the fields polynomial, through ``g``,
+    ``g'``, ``g''`` (derive/expand.py), e.g. ``(f - y)**2/2 + gamma*f**2/2``.
+    """
 
     name: str
     doc: str
@@ -395,6 +406,7 @@ class Model:
     flow_requires: tuple = ()
     # the activations generated/ holds kernels for (derive/activations.py names)
     activations: tuple[str, ...] = ("erf", "linear")
+    loss: Callable[[sp.Expr, sp.Expr], sp.Expr] = square_loss
 
     def __post_init__(self):
         unknown = [a for a in self.activations if a not in ACTIVATIONS]
@@ -455,10 +467,11 @@ class Model:
         return tuple(fams)
 
     @property
-    def loss(self) -> sp.Expr:
-        """Per-sample loss ``L = (f - y)^2 / 2`` with ``y = y_clean + noise * zeta``
+    def sample_loss(self) -> sp.Expr:
+        """Per-sample loss ``L = loss(f, y)`` with ``y = y_clean + noise * zeta``
         (summation indices renamed apart from every free index)."""
-        return rename_bound((self.student_output - self.teacher_output - self.noise * zeta) ** 2 / 2)
+        y = self.teacher_output + self.noise * zeta
+        return rename_bound(sp.sympify(self.loss(self.student_output, y)))
 
     @property
     def state_vectors(self) -> tuple[Vector, ...]:

@@ -8,8 +8,9 @@ import tempfile
 from pathlib import Path
 
 from .activations import ACTIVATIONS
-from .codegen import ROOT, render
+from .codegen import ROOT, render, render_model
 from .gaussian import UnreducibleExpectation
+from .model import Model
 from .models import MODEL_NAMES, get_model
 
 GENERATED = ROOT / "generated"
@@ -65,6 +66,19 @@ def _write_atomic(path: Path, text: str) -> None:
     with os.fdopen(fd, "w", newline="\n", encoding="utf-8") as fh:
         fh.write(text)
     os.replace(tmp, path)
+
+
+def write_module(
+    model: Model, activation: str, folder: str | Path, model_file: str | Path | None = None
+) -> Path:
+    """Render the kernel of a ``Model`` object (in the registry or not) into
+    ``folder/{model.name}_{activation}.py`` and return its path; ``model_file``
+    is the file that defines the model (default: its name)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (module_name(model.name, activation) + ".py")
+    _write_atomic(path, render_model(model, activation, model_file or model.name))
+    return path
 
 
 def regenerate(out: Path = GENERATED, progress=None, models=None) -> list[str]:

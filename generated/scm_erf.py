@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 34a7d34828c4221e5ccdd91bcea8558476a972e3fa99f092f5e423895f7c9271
+# inputs:     sha256 493d653ea272af6ee4190fabbf01c66ec115fdc8d2d0bf0ae9b621eeed70bf3e
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "34a7d34828c4221e5ccdd91bcea8558476a972e3fa99f092f5e423895f7c9271"
+INPUTS_SHA256 = "493d653ea272af6ee4190fabbf01c66ec115fdc8d2d0bf0ae9b621eeed70bf3e"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from .init import Init
-from .kernels import Kernel, load
+from .kernels import Kernel, as_kernel
 from .trajectory import Trajectory, metadata
 
 METHODS = ("euler", "rk4")
@@ -96,7 +96,7 @@ def steps_for(t: float, dt: float, what: str, step_name: str = "dt") -> int:
 
 
 def flow(
-    model: str,
+    model: str | Kernel,
     init: Init,
     params: dict | None = None,
     t_max: float = 10.0,
@@ -114,9 +114,11 @@ def flow(
     shares the work of each step among numba's threads (``NUMBA_NUM_THREADS``);
     the default (None) does so for K >= PARALLEL_FROM_K when the serial run would
     take over PARALLEL_MIN_SECONDS (``use_parallel``). The result is the same to
-    the last bit either way.
+    the last bit either way. ``model`` is a model name or a loaded ``Kernel``
+    (``runtime.kernels.load_path``; its activation is its own).
     """
-    kernel = load(model, activation)
+    kernel = as_kernel(model, activation)
+    name = kernel.model.name
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     values = kernel.model.resolve_params(params)
@@ -138,7 +140,7 @@ def flow(
         run = getattr(kernel.module, f"run_{method}_parallel")
     # chunks of whole recording intervals, about 50 of them when a bar is shown
     per_chunk = max(1, n_rec // 50) if progress else n_rec
-    bar = _bar(n_steps, progress, f"flow {model}")
+    bar = _bar(n_steps, progress, f"flow {name}")
     done = 0
     while done < n_rec:
         todo = min(per_chunk, n_rec - done)
@@ -146,7 +148,7 @@ def flow(
         if bad >= 0:
             if bar:
                 bar.close()
-            raise FlowDiverged((done * rec + bad) * dt, model)
+            raise FlowDiverged((done * rec + bad) * dt, name)
         done += todo
         if bar:
             bar.update(todo * rec)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
+import itertools
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -109,3 +112,32 @@ def load(model: str, activation: str = "erf") -> Kernel:
             f"the model definition); run: python -m derive regenerate"
         )
     return Kernel(module, spec, activation)
+
+
+_LOADED = itertools.count()
+
+
+def load_path(path: str | Path, model: Model, activation: str) -> Kernel:
+    """A kernel module rendered outside generated/ (``derive.regenerate.write_module``),
+    imported from ``path`` under a module name of its own, with the ``Model`` it
+    was rendered from."""
+    path = Path(path).resolve()
+    name = f"_metaflow_kernel_{next(_LOADED)}_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot import a kernel module from {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # numba's cache locates functions by their module
+    spec.loader.exec_module(module)
+    if module.MODEL != model.name or module.ACTIVATION != activation:
+        raise RuntimeError(
+            f"{path} holds the kernel of {module.MODEL}/{module.ACTIVATION}, not {model.name}/{activation}"
+        )
+    if tuple(module.PARAMS) != tuple(p.name for p in model.params):
+        raise RuntimeError(f"{path} is stale (parameters {module.PARAMS} differ from the model definition)")
+    return Kernel(module, model, activation)
+
+
+def as_kernel(model: str | Kernel, activation: str = "erf") -> Kernel:
+    """A ``Kernel`` as it is, a model name through ``load``."""
+    return model if isinstance(model, Kernel) else load(model, activation)

@@ -23,7 +23,7 @@ import numpy as np
 
 from .init import Init, realise, sample_network
 from .integrate import SimulationDiverged, _bar, normalised_overlaps, steps_for
-from .kernels import load
+from .kernels import Kernel, as_kernel
 from .simulate_meta import run_seed_meta
 from .trajectory import Trajectory, metadata
 
@@ -99,9 +99,15 @@ def _init_worker(value) -> None:
     _COUNTER = _SharedCounter(value)
 
 
+# The kernels of the simulations of this process, by id. A Kernel holds a module,
+# which a job cannot carry to a worker by pickling; the workers are forked after
+# the kernel is entered here, so they find it by its key.
+_KERNELS: dict[int, Kernel] = {}
+
+
 def _seed_job(job: dict, seed_i: int, bar=None):
     """One seed: build the network, run it; (Q, R, readouts, T) over the records."""
-    kernel = load(job["model"], job["activation"])
+    kernel = _KERNELS[job["kernel"]]
     spec = kernel.model
     bar = bar if bar is not None else _COUNTER
     rng = np.random.default_rng(seed_i)
@@ -152,7 +158,7 @@ def _parallel(job, seeds_list, n_workers, total, progress, desc):
 
 
 def simulate(
-    model: str,
+    model: str | Kernel,
     params: dict | None = None,
     N: int = 500,
     seeds: int = 5,
@@ -177,8 +183,12 @@ def simulate(
     flow's starting point for seed index 0. ``record_every`` (in alpha, a
     multiple of 1/N) defaults to about 100 records. Seeds run in ``workers`` processes
     (default: one per core for long runs); the results do not depend on it.
+    ``model`` is a model name or a loaded ``Kernel`` (``runtime.kernels.load_path``;
+    its activation is its own).
     """
-    kernel = load(model, activation)
+    kernel = as_kernel(model, activation)
+    _KERNELS[id(kernel)] = kernel
+    name = kernel.model.name
     spec = kernel.model
     values = spec.resolve_params(params)
     N = int(N)
@@ -209,8 +219,8 @@ def simulate(
     rates += [(spec.numeric(r.rate, values), spec.numeric(r.decay, values)) for r in spec.readout_updates]
 
     job = {
-        "model": model,
-        "activation": activation,
+        "kernel": id(kernel),
+        "activation": kernel.activation,
         "values": values,
         "init": init,
         "base_vectors": base_vectors,
@@ -229,12 +239,12 @@ def simulate(
         workers = (os.cpu_count() or 1) if total >= 200_000 else 1
     n_workers = max(1, min(int(seeds), int(workers)))
     if n_workers == 1:
-        bar = _bar(total, progress, f"simulate {model} N={N}")
+        bar = _bar(total, progress, f"simulate {name} N={N}")
         results = [_seed_job(job, sd, bar) for sd in seeds_list]
         if bar:
             bar.close()
     else:
-        results = _parallel(job, seeds_list, n_workers, total, progress, f"simulate {model} N={N}")
+        results = _parallel(job, seeds_list, n_workers, total, progress, f"simulate {name} N={N}")
     # each seed's teacher has its own realised T (equal to round-off); its metrics use it
     T_seeds = [r[3] for r in results]
 
