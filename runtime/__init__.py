@@ -8,7 +8,7 @@ traj.eps_g, traj.Q, traj.alpha
 
 from .init import Init, realise, sample_network, sampled_init
 from .integrate import FlowDiverged, SimulationDiverged, flow
-from .kernels import load
+from .kernels import load, load_path
 from .simulate import simulate
 from .trajectory import Trajectory
 
@@ -19,6 +19,7 @@ __all__ = [
     "Trajectory",
     "flow",
     "load",
+    "load_path",
     "realise",
     "sample_network",
     "sampled_init",

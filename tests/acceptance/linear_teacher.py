@@ -48,5 +48,5 @@ MODEL = Model(
 # settings of tests/test_acceptance.py
 ACTIVATION = "erf"
 K, M = 2, 2
-PARAMS = {"eta": 1.0, "eta_v": 0.5, "kappa": 0.1, "sigma": 0.3}
+PARAMS = {"eta": 1.0, "eta_v": 0.5, "kappa": 0.1, "sigma": 0.6}
 WRONG = {"eta": 1.0, "eta_v": 0.5, "kappa": 0.1}  # the flow without the label noise
