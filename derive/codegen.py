@@ -557,7 +557,7 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
         "activation": act.name,
         "activation_doc": act.doc,
         "template": f"derive/templates/{KERNEL_TEMPLATE}",
-        "inputs_hash": inputs_hash(model.name, act.name),
+        "inputs_hash": inputs_hash(model.name, act.name, source=source),
         "derive_version": __version__,
         "sympy_version": sp.__version__,
         "ops": ops,
@@ -589,19 +589,22 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
     }
 
 
-def inputs_hash(model_name: str, activation: str, root: Path = ROOT) -> str:
+def inputs_hash(model_name: str, activation: str, root: Path = ROOT, source: str | None = None) -> str:
     """sha256 over everything one generated module depends on: the engine
     (derive/*.py but its command line and ``show``, and the templates), the
     model's own file, the model and activation names and the sympy version.
     Other model files and the registry (derive/models/__init__.py) are left
     out, so adding or editing one model changes no other model's files.
-    ``root`` is the repository root (tests hash a modified copy)."""
+    ``root`` is the repository root (tests hash a modified copy); ``source`` the
+    model's file for a model outside the registry (relative to ``root``)."""
     h = hashlib.sha256()
     skip = {"__main__.py", "show.py"}  # they do not shape the generated text
     engine = [p for p in (root / "derive").glob("*.py") if p.name not in skip]
     engine += list((root / "derive" / "templates").glob("*.jinja"))
-    files = sorted(engine) + [root / model_file(model_name)]
+    files = sorted(engine) + [root / (source or model_file(model_name))]
     for p in files:
+        if not p.is_file():
+            continue  # a model object given without its file
         h.update(p.relative_to(root).as_posix().encode() + b"\0")
         h.update(p.read_bytes().replace(b"\r\n", b"\n") + b"\0")
     h.update(f"{model_name}\0{activation}\0sympy {sp.__version__}".encode())
@@ -658,10 +661,6 @@ def render_model(model: Model, activation: str, model_file: str | Path) -> str:
     inside = path.is_absolute() and path.is_relative_to(ROOT)
     shown = path.relative_to(ROOT).as_posix() if inside else str(path)
     ctx = context(ir, shown)
-    h = hashlib.sha256(ctx["inputs_hash"].encode() + b"\0")
-    if path.is_file():
-        h.update(path.read_bytes().replace(b"\r\n", b"\n"))
-    ctx["inputs_hash"] = h.hexdigest()
     check_context(env, KERNEL_TEMPLATE, ctx)
     return prune(env.get_template(KERNEL_TEMPLATE).render(**ctx))
 

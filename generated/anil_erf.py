@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 2d1fa16df15566691011fbdaca30570333225c1e561cf8b79f2b670f8f4a3bc9
+# inputs:     sha256 a6830afbdafc04d8249bf4a209cfc031a670bd9b7cf22306d1f8e28777b24d91
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 854 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "2d1fa16df15566691011fbdaca30570333225c1e561cf8b79f2b670f8f4a3bc9"
+INPUTS_SHA256 = "a6830afbdafc04d8249bf4a209cfc031a670bd9b7cf22306d1f8e28777b24d91"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 a79ca9080152f43c5c57ea1b1e046b811e8b63c34faae72db9089879bfb1661c
+# inputs:     sha256 743700d2ade3f223e1154a30c9fa45ddf6c73e914cc6d7c2ca30851b7280c237
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 587 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "a79ca9080152f43c5c57ea1b1e046b811e8b63c34faae72db9089879bfb1661c"
+INPUTS_SHA256 = "743700d2ade3f223e1154a30c9fa45ddf6c73e914cc6d7c2ca30851b7280c237"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
