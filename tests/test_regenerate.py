@@ -261,14 +261,14 @@ def test_unknown_model_is_one_line_exit_2(command, capsys):
 @pytest.fixture
 def tanh(monkeypatch):
     """An activation the engine has no rule for (g' even: Price's theorem does not apply)."""
-    from derive import activations, gaussian
-    from derive.flow import build_flow
+    from derive import activations, flow, gaussian
 
     monkeypatch.setitem(
         activations.ACTIVATIONS, "tanh", activations.Activation("tanh", sp.tanh(activations.z), "tanh(z)")
     )
     yield "tanh"
-    for cached in (build_flow, gaussian.expectation, gaussian.directional, gaussian.tilt_split):
+    flow._BY_OBJECT.clear()
+    for cached in (flow._build_named, gaussian.expectation, gaussian.directional, gaussian.tilt_split):
         cached.cache_clear()
 
 
