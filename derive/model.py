@@ -254,15 +254,16 @@ class FirstLayer:
         dR = -r * Gk * nu[n]
         if self.meta is not None:
             inner = self.meta.inner
-            ap, Dq, Dr = inner.adapted.base, inner.dQ.base, inner.dR.base
+            adapted = inner.adapted.base
+            by_Q, by_R = inner.dQ.base, inner.dR.base  # d a'_j / d Q_kl, d a'_j / d R_km
             j, i = student_index("j"), student_index("i")
-            mm = teacher_index("mm")
-            dL = sp.diff(loss, ap[j])
+            m_ = teacher_index("mm")
+            dL = sp.diff(loss, adapted[j])
 
             def through(k_, other):
                 # sum_j dL/da'_j (da'_j/dw_k . other / N), ``other`` = w_l or B_n
-                Qpart = student_sum(Dq[j, k_, i] * (1 + sp.KroneckerDelta(k_, i)) * other("w", i), i)
-                Rpart = teacher_sum(Dr[j, k_, mm] * other("B", mm), mm)
+                Qpart = student_sum(by_Q[j, k_, i] * (1 + sp.KroneckerDelta(k_, i)) * other("w", i), i)
+                Rpart = teacher_sum(by_R[j, k_, m_] * other("B", m_), m_)
                 return student_sum(dL * (Qpart + Rpart), j)
 
             def with_w(l__):
@@ -271,9 +272,9 @@ class FirstLayer:
             def with_B(n_):
                 return lambda kind, idx: R[idx, n_] if kind == "w" else T[idx, n_]
 
-            wgt = self.meta.weight
-            dQ += -r * wgt * (through(k, with_w(l_)) + through(l_, with_w(k)))
-            dR += -r * wgt * through(k, with_B(n))
+            weight = self.meta.weight
+            dQ += -r * weight * (through(k, with_w(l_)) + through(l_, with_w(k)))
+            dR += -r * weight * through(k, with_B(n))
         return {
             "Q": ((k, l_), dQ, -2 * d * Q[k, l_]),
             "R": ((k, n), dR, -d * R[k, n]),

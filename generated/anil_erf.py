@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 a6830afbdafc04d8249bf4a209cfc031a670bd9b7cf22306d1f8e28777b24d91
+# inputs:     sha256 08c25398f988f153d2e70bc3c4102d9f5120e7aa30a41937e0b2da62af841dd8
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 854 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "a6830afbdafc04d8249bf4a209cfc031a670bd9b7cf22306d1f8e28777b24d91"
+INPUTS_SHA256 = "08c25398f988f153d2e70bc3c4102d9f5120e7aa30a41937e0b2da62af841dd8"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

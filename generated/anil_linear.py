@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 743700d2ade3f223e1154a30c9fa45ddf6c73e914cc6d7c2ca30851b7280c237
+# inputs:     sha256 a25f0e45547d5bd2314c4e9e498f60a988b4075f8038df9dd80207e2c5ffc87a
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 587 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "743700d2ade3f223e1154a30c9fa45ddf6c73e914cc6d7c2ca30851b7280c237"
+INPUTS_SHA256 = "a25f0e45547d5bd2314c4e9e498f60a988b4075f8038df9dd80207e2c5ffc87a"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 9b6f3505e28b57a80e93bfa42d52d86278997efb0242cc26ed90163e9053fe4d
+# inputs:     sha256 1e139cad66d3dbfc16075b4ab628c91258c4d6004f1589cd6377c1da7f92c7c8
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "9b6f3505e28b57a80e93bfa42d52d86278997efb0242cc26ed90163e9053fe4d"
+INPUTS_SHA256 = "1e139cad66d3dbfc16075b4ab628c91258c4d6004f1589cd6377c1da7f92c7c8"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 541dda6547db9bd6ffe00a5313e0728bd0267aa843f48d0b09766e00e99473b7
+# inputs:     sha256 cb8c82d7f0daf29e6c820046303b02568c3df54f0d6d445bfb23953316c4400e
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "541dda6547db9bd6ffe00a5313e0728bd0267aa843f48d0b09766e00e99473b7"
+INPUTS_SHA256 = "cb8c82d7f0daf29e6c820046303b02568c3df54f0d6d445bfb23953316c4400e"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
