@@ -424,14 +424,13 @@ def _statements(stmts, names, rows, where) -> list[dict]:
     return out
 
 
-def _task_context(ir: FlowIR, names, where) -> dict | None:
+def _task_context(ir: FlowIR, names, where, frows) -> dict | None:
     """The task program of a model with an inner loop, and the covariances of its
-    task quantities that the flow and the metrics read."""
+    task quantities that the flow and the metrics read (``frows``: the field rows)."""
     model = ir.model
     inner = model.inner_loop
     if inner is None:
         return None
-    frows = field_rows(model.layout)
     by_name = {f.name: f for f in model.random_families}
     sens = {f.name for f in inner.sensitivities}
     second = f"({code(inner.second_order)}) != 0"
@@ -447,21 +446,12 @@ def _task_context(ir: FlowIR, names, where) -> dict | None:
             x, y = (by_name[n] for n in name[2:].split("__"))
             cov = meta.covariance_component(x, y, inner.noise)
             dims = [_bound(i) for i in cov.free]
+            assign = {"kind": "assign", "comp": _comp(cov, names, frows)}
             if {x.name, y.name} & sens:
+                # empty unless the second-order terms read it
                 dims = [f"{d} * s2_" for d in dims]
-                stmts += [
-                    {"kind": "alloc", "name": name, "dims": dims},
-                    {
-                        "kind": "if",
-                        "cond": second,
-                        "body": [{"kind": "assign", "comp": _comp(cov, names, frows)}],
-                    },
-                ]
-            else:
-                stmts += [
-                    {"kind": "alloc", "name": name, "dims": dims},
-                    {"kind": "assign", "comp": _comp(cov, names, frows)},
-                ]
+                assign = {"kind": "if", "cond": second, "body": [assign]}
+            stmts += [{"kind": "alloc", "name": name, "dims": dims}, assign]
         return stmts
 
     def reads_optimal(bases):
@@ -576,7 +566,7 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
             f"{code(at)}..{code(at + n - 1)} for {f} ({field_doc(f)})" for f, at, n in model.layout
         ),
         "cov_blocks": cov_blocks,
-        "task": _task_context(ir, names, where),
+        "task": _task_context(ir, names, where, frows),
         "tilt1": tilt1,
         "table": table,
         # buffers of the hoisted pair tilt: in the workspace of rhs, once per chunk of rhs_parallel

@@ -33,7 +33,7 @@ generator turns into loop nests) and control flow:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import sympy as sp
 
@@ -101,7 +101,6 @@ class Directions:
 class TaskProgram:
     families: tuple  # TaskVector, in the order of the returned (mu, L) pairs
     statements: tuple
-    terms: dict = field(default_factory=dict)  # name -> terms of the support components
 
 
 def _replace_base(expr: sp.Expr, base, make) -> sp.Expr:
@@ -217,11 +216,38 @@ def task_program(model, activation: str, used: dict) -> TaskProgram:
             lin = _replace_base(lin, tv.base, lambda ix, n=tv.name: loading_base(n)[ix + (r,)])
         return lin
 
+    # h = h0 + sum_X J_X X: the part free of the task vectors and the Jacobian in
+    # each (its primitives evaluated once per entry, not once per draw); then
+    # mu_h = h0 + J mu_X and L_h = J L_X are contractions
+    h0 = hexpr
+    for tv in laws:
+        h0 = _replace_base(h0, tv.base, lambda ix: sp.S.Zero)
+    jacobians = [(tv, _idx(tv.kinds), f"H_{tv.name}") for tv in laws]
+
+    def contract(first, jac_prefix, loading):
+        """``first[k] + sum_X J_X[k, ix] mu_X[ix]`` (means) or ``sum_X J_X[k, ix] L_X[ix, r]``."""
+        e = sp.S.Zero if loading else sp.IndexedBase(first)[k]
+        for tv, ix, name in jacobians:
+            J = sp.IndexedBase(jac_prefix + name[2:])[(k, *ix)]
+            X = loading_base(tv.name)[ix + (r,)] if loading else mean_base(tv.name)[ix]
+            e += sp.Sum(J * X, *[(i, 0, i.upper) for i in ix])
+        return e
+
     Hs = comp("H_s", (k, l_), Hexpr)
-    mu_h = comp("mu_h", (k,), mean_of(hexpr))
-    L_h = comp("L_h", (k, r), loading_of(hexpr))
-    stmts += [Alloc("H_s", ("K", "K")), Alloc("mu_h", ("K",)), Alloc("L_h", ("K", nr))]
-    stmts += [assign(Hs), assign(mu_h), assign(L_h)]
+    H0 = comp("mu_h0", (k,), h0)
+    jac = [comp(name, (k, *ix), sp.diff(hexpr, tv.base[ix])) for tv, ix, name in jacobians]
+    stmts += [
+        Alloc("H_s", ("K", "K")),
+        Alloc("mu_h0", ("K",)),
+        Alloc("mu_h", ("K",)),
+        Alloc("L_h", ("K", nr)),
+    ]
+    stmts += [Alloc(name, ("K", *_dims(tv.kinds))) for tv, _, name in jacobians]
+    stmts += [assign(Hs), assign(H0), *[assign(J) for J in jac]]
+    stmts += [
+        assign(comp("mu_h", (k,), contract("mu_h0", "H_", False))),
+        assign(comp("L_h", (k, r), contract(None, "H_", True))),
+    ]
 
     # 3. the recursion c^(s+1) = c^(s) - rate (Hs c^(s) - h), on means and loadings
     s = sp.Symbol("s_", integer=True)
@@ -333,8 +359,13 @@ def task_program(model, activation: str, used: dict) -> TaskProgram:
     a_ = sp.Idx("a_", K)  # the entry of the start that a direction moves
     along_cov = [
         assign(Component("H_ds", (k, l_), _directional(Hs.terms, activation, used))),
-        assign(Component("mu_dh", (k,), _directional(mu_h.terms, activation, used))),
-        assign(Component("L_dh", (k, r), _directional(L_h.terms, activation, used))),
+        assign(Component("mu_dh0", (k,), _directional(H0.terms, activation, used))),
+        *[
+            assign(Component("H_d" + J.name[2:], J.free, _directional(J.terms, activation, used)))
+            for J in jac
+        ],
+        assign(comp("mu_dh", (k,), contract("mu_dh0", "H_d", False))),
+        assign(comp("L_dh", (k, r), contract(None, "H_d", True))),
     ]
     along_start = [
         assign(comp("H_ds", (k, l_), sp.S.Zero)),
@@ -343,6 +374,8 @@ def task_program(model, activation: str, used: dict) -> TaskProgram:
     ]
     sens = (
         Alloc("H_ds", ("K", "K")),
+        Alloc("mu_dh0", ("K",)),
+        *[Alloc("H_d" + name[2:], ("K", *_dims(tv.kinds))) for tv, _, name in jacobians],
         Alloc("mu_dh", ("K",)),
         Alloc("L_dh", ("K", nr)),
         Alloc("mu_dc", ("steps_ + 1", "K")),

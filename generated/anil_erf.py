@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 08c25398f988f153d2e70bc3c4102d9f5120e7aa30a41937e0b2da62af841dd8
+# inputs:     sha256 cee15444dac0093776b70276346af9629dd2f9cfe4dde0d5408a8e4cfa30dae9
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 854 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "08c25398f988f153d2e70bc3c4102d9f5120e7aa30a41937e0b2da62af841dd8"
+INPUTS_SHA256 = "cee15444dac0093776b70276346af9629dd2f9cfe4dde0d5408a8e4cfa30dae9"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -274,8 +274,10 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
             acc += s*(1.0 if i0 == r_ else 0.0)
             L_vt[i0, r_] = acc
     H_s = np.zeros((K, K,))
+    mu_h0 = np.zeros((K,))
     mu_h = np.zeros((K,))
     L_h = np.zeros((K, M,))
+    H_vt = np.zeros((K, M,))
     for k in range(K):
         for l in range(K):
             acc = 0.0
@@ -283,9 +285,18 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
             H_s[k, l] = acc
     for k in range(K):
         acc = 0.0
+        mu_h0[k] = acc
+    for k in range(K):
+        for i0 in range(M):
+            acc = 0.0
+            acc += I2(C, k, K + M + i0)
+            H_vt[k, i0] = acc
+    for k in range(K):
+        acc = 0.0
+        acc += mu_h0[k]
         s0 = 0.0
         for m0 in range(M):
-            s0 += I2(C, k, K + M + m0)*mu_vt[m0]
+            s0 += H_vt[k, m0]*mu_vt[m0]
         acc += 1 * s0
         mu_h[k] = acc
     for k in range(K):
@@ -293,7 +304,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
             acc = 0.0
             s0 = 0.0
             for m0 in range(M):
-                s0 += I2(C, k, K + M + m0)*L_vt[m0, r_]
+                s0 += H_vt[k, m0]*L_vt[m0, r_]
             acc += 1 * s0
             L_h[k, r_] = acc
     steps_ = int(round(S))
@@ -351,6 +362,8 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
     L_ap_da = np.zeros((K, n2_, M,))
     if (((1) if (order == 2) else (0))) != 0:
         H_ds = np.zeros((K, K,))
+        mu_dh0 = np.zeros((K,))
+        H_dvt = np.zeros((K, M,))
         mu_dh = np.zeros((K,))
         L_dh = np.zeros((K, M,))
         mu_dc = np.zeros((steps_ + 1, K,))
@@ -371,9 +384,18 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                         H_ds[k, l] = acc
                 for k in range(K):
                     acc = 0.0
+                    mu_dh0[k] = acc
+                for k in range(K):
+                    for i0 in range(M):
+                        acc = 0.0
+                        acc += I2_dir(C, dC, k, K + M + i0)
+                        H_dvt[k, i0] = acc
+                for k in range(K):
+                    acc = 0.0
+                    acc += mu_dh0[k]
                     s0 = 0.0
                     for m0 in range(M):
-                        s0 += I2_dir(C, dC, k, K + M + m0)*mu_vt[m0]
+                        s0 += H_dvt[k, m0]*mu_vt[m0]
                     acc += 1 * s0
                     mu_dh[k] = acc
                 for k in range(K):
@@ -381,7 +403,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                         acc = 0.0
                         s0 = 0.0
                         for m0 in range(M):
-                            s0 += I2_dir(C, dC, k, K + M + m0)*L_vt[m0, r_]
+                            s0 += H_dvt[k, m0]*L_vt[m0, r_]
                         acc += 1 * s0
                         L_dh[k, r_] = acc
                 for k in range(K):
@@ -438,9 +460,18 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                         H_ds[k, l] = acc
                 for k in range(K):
                     acc = 0.0
+                    mu_dh0[k] = acc
+                for k in range(K):
+                    for i0 in range(M):
+                        acc = 0.0
+                        acc += I2_dir(C, dC, k, K + M + i0)
+                        H_dvt[k, i0] = acc
+                for k in range(K):
+                    acc = 0.0
+                    acc += mu_dh0[k]
                     s0 = 0.0
                     for m0 in range(M):
-                        s0 += I2_dir(C, dC, k, K + M + m0)*mu_vt[m0]
+                        s0 += H_dvt[k, m0]*mu_vt[m0]
                     acc += 1 * s0
                     mu_dh[k] = acc
                 for k in range(K):
@@ -448,7 +479,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                         acc = 0.0
                         s0 = 0.0
                         for m0 in range(M):
-                            s0 += I2_dir(C, dC, k, K + M + m0)*L_vt[m0, r_]
+                            s0 += H_dvt[k, m0]*L_vt[m0, r_]
                         acc += 1 * s0
                         L_dh[k, r_] = acc
                 for k in range(K):

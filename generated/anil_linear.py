@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 a25f0e45547d5bd2314c4e9e498f60a988b4075f8038df9dd80207e2c5ffc87a
+# inputs:     sha256 b6812945db962dd17e834d35e4366e695a11b1d16831a5e2b4a3304b3e6789a4
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 587 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "a25f0e45547d5bd2314c4e9e498f60a988b4075f8038df9dd80207e2c5ffc87a"
+INPUTS_SHA256 = "b6812945db962dd17e834d35e4366e695a11b1d16831a5e2b4a3304b3e6789a4"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -185,8 +185,10 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
             acc += s*(1.0 if i0 == r_ else 0.0)
             L_vt[i0, r_] = acc
     H_s = np.zeros((K, K,))
+    mu_h0 = np.zeros((K,))
     mu_h = np.zeros((K,))
     L_h = np.zeros((K, M,))
+    H_vt = np.zeros((K, M,))
     for k in range(K):
         for l in range(K):
             acc = 0.0
@@ -194,9 +196,18 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
             H_s[k, l] = acc
     for k in range(K):
         acc = 0.0
+        mu_h0[k] = acc
+    for k in range(K):
+        for i0 in range(M):
+            acc = 0.0
+            acc += I2(C, k, K + M + i0)
+            H_vt[k, i0] = acc
+    for k in range(K):
+        acc = 0.0
+        acc += mu_h0[k]
         s0 = 0.0
         for m0 in range(M):
-            s0 += I2(C, k, K + M + m0)*mu_vt[m0]
+            s0 += H_vt[k, m0]*mu_vt[m0]
         acc += 1 * s0
         mu_h[k] = acc
     for k in range(K):
@@ -204,7 +215,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
             acc = 0.0
             s0 = 0.0
             for m0 in range(M):
-                s0 += I2(C, k, K + M + m0)*L_vt[m0, r_]
+                s0 += H_vt[k, m0]*L_vt[m0, r_]
             acc += 1 * s0
             L_h[k, r_] = acc
     steps_ = int(round(S))
@@ -262,6 +273,8 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
     L_ap_da = np.zeros((K, n2_, M,))
     if (((1) if (order == 2) else (0))) != 0:
         H_ds = np.zeros((K, K,))
+        mu_dh0 = np.zeros((K,))
+        H_dvt = np.zeros((K, M,))
         mu_dh = np.zeros((K,))
         L_dh = np.zeros((K, M,))
         mu_dc = np.zeros((steps_ + 1, K,))
@@ -282,9 +295,18 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                         H_ds[k, l] = acc
                 for k in range(K):
                     acc = 0.0
+                    mu_dh0[k] = acc
+                for k in range(K):
+                    for i0 in range(M):
+                        acc = 0.0
+                        acc += I2_dir(C, dC, k, K + M + i0)
+                        H_dvt[k, i0] = acc
+                for k in range(K):
+                    acc = 0.0
+                    acc += mu_dh0[k]
                     s0 = 0.0
                     for m0 in range(M):
-                        s0 += I2_dir(C, dC, k, K + M + m0)*mu_vt[m0]
+                        s0 += H_dvt[k, m0]*mu_vt[m0]
                     acc += 1 * s0
                     mu_dh[k] = acc
                 for k in range(K):
@@ -292,7 +314,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                         acc = 0.0
                         s0 = 0.0
                         for m0 in range(M):
-                            s0 += I2_dir(C, dC, k, K + M + m0)*L_vt[m0, r_]
+                            s0 += H_dvt[k, m0]*L_vt[m0, r_]
                         acc += 1 * s0
                         L_dh[k, r_] = acc
                 for k in range(K):
@@ -349,9 +371,18 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                         H_ds[k, l] = acc
                 for k in range(K):
                     acc = 0.0
+                    mu_dh0[k] = acc
+                for k in range(K):
+                    for i0 in range(M):
+                        acc = 0.0
+                        acc += I2_dir(C, dC, k, K + M + i0)
+                        H_dvt[k, i0] = acc
+                for k in range(K):
+                    acc = 0.0
+                    acc += mu_dh0[k]
                     s0 = 0.0
                     for m0 in range(M):
-                        s0 += I2_dir(C, dC, k, K + M + m0)*mu_vt[m0]
+                        s0 += H_dvt[k, m0]*mu_vt[m0]
                     acc += 1 * s0
                     mu_dh[k] = acc
                 for k in range(K):
@@ -359,7 +390,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                         acc = 0.0
                         s0 = 0.0
                         for m0 in range(M):
-                            s0 += I2_dir(C, dC, k, K + M + m0)*L_vt[m0, r_]
+                            s0 += H_dvt[k, m0]*L_vt[m0, r_]
                         acc += 1 * s0
                         L_dh[k, r_] = acc
                 for k in range(K):

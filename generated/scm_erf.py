@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 1e139cad66d3dbfc16075b4ab628c91258c4d6004f1589cd6377c1da7f92c7c8
+# inputs:     sha256 196b93e1dd26173f9bbf29bea5e64436d4a6250d88390a33446048d1b0dc2316
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "1e139cad66d3dbfc16075b4ab628c91258c4d6004f1589cd6377c1da7f92c7c8"
+INPUTS_SHA256 = "196b93e1dd26173f9bbf29bea5e64436d4a6250d88390a33446048d1b0dc2316"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 444c974e6dcdbd9be385be443a7b2873b05a2798f4743fcd146692cebc1c6e84
+# inputs:     sha256 1aa6b16cb8ff731992a834e25b1d77b75252af3a792b9a00351302cc691038c8
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "444c974e6dcdbd9be385be443a7b2873b05a2798f4743fcd146692cebc1c6e84"
+INPUTS_SHA256 = "1aa6b16cb8ff731992a834e25b1d77b75252af3a792b9a00351302cc691038c8"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

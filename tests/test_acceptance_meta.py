@@ -360,7 +360,9 @@ def simulate_meta_reference(model, params, Q0, R0, a0, vbar, N, steps, seed, rec
     tv = next(t for t in model.task_vectors if t.law is not None)
     names = [f"mu_{tv.name}", model.inner_loop.start.name, *[v.name for v in model.const_vectors]]
     H_s = ComponentValue(comps["H_s"], model, K, M, params, rows, names)
-    h = ComponentValue(comps["mu_h"], model, K, M, params, rows, names)
+    # the support force h = h0 + J vt at the task's own readouts (h is affine in them)
+    h0 = ComponentValue(comps["mu_h0"], model, K, M, params, rows, names)
+    J = ComponentValue(comps[f"H_{tv.name}"], model, K, M, params, rows, names)
     inner = model.inner_loop
     rate = float(sp.sympify(inner.rate).subs(num.sub))
     S = int(params["S"])
@@ -383,7 +385,7 @@ def simulate_meta_reference(model, params, Q0, R0, a0, vbar, N, steps, seed, rec
         C = num.covariance(Qn, Rn, Tn)
         vt = num.law(rng.standard_normal((M, 1)), a, vbar)[:, 0]
         values = (vt, a, vbar)
-        Hm, hv = H_s(C, values), h(C, values)
+        Hm, hv = H_s(C, values), h0(C, values) + J(C, values) @ vt
         c = a.copy()
         for _ in range(S):
             c = c - rate * (Hm @ c - hv)
