@@ -190,6 +190,9 @@ class InnerLoop:
     regulariser: Callable[[sp.IndexedBase], sp.Expr] = _no_regulariser
     optimal: TaskVector | None = None
     second_order: sp.Expr = sp.S.Zero  # nonzero when the sensitivities are needed
+    # support samples per task: oo is the population support loss (the flow's); the
+    # simulator draws this many support samples when it is finite
+    support: sp.Expr = sp.oo
 
     @property
     def dQ(self) -> TaskVector:

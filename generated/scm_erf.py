@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 196b93e1dd26173f9bbf29bea5e64436d4a6250d88390a33446048d1b0dc2316
+# inputs:     sha256 f8bde5e59a74dbe928bd055eee015c59a9060acd86adac6d00b6588ecfe0a426
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "196b93e1dd26173f9bbf29bea5e64436d4a6250d88390a33446048d1b0dc2316"
+INPUTS_SHA256 = "f8bde5e59a74dbe928bd055eee015c59a9060acd86adac6d00b6588ecfe0a426"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -133,6 +133,7 @@ def _seed_job(job: dict, seed_i: int, bar=None):
             rng,
             bar,
             job["activation"],
+            module=kernel.module,
         )
     else:
         out = _run_seed(kernel, *args, job["p"], job["rates"], N, job["n_steps"], job["rec"], rng, bar)

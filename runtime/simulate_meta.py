@@ -1,47 +1,59 @@
 """The finite-N simulator of meta-learning on streaming tasks (MODELS.md section 5).
 
-The real algorithm on real vectors, one task per step:
+The real algorithm of a model with an inner loop, on real vectors, one task per
+step, as its model file declares it:
 
-1. task: ``vt = vbar + s xi``; teacher vectors ``B + eps_B Z`` (fresh ``Z``);
-2. inner loop from ``c = a``, ``S`` steps ``c <- c - alpha_in (C c - h)``:
-   ``population`` mode (``n_s = inf``): ``C_kl = I2(lambda_k, lambda_l)``,
-   ``h = D vt`` with ``D_km = I2(lambda_k, nu^tau_m)`` at the network's current
-   overlaps; ``samples`` mode: ``C = g(Lam)^T g(Lam) / n_s``,
-   ``h = g(Lam)^T y / n_s`` over ``n_s`` fresh support samples;
-3. query: ``n_q`` fresh samples, ``delta = f_{a'}(x) - y``, query loss
-   ``L = mean(delta^2) / 2``; the outer step ``W <- W - eta grad_W L``,
-   ``a <- a - (eta_a / N) grad_a L`` with ``grad_W`` at fixed ``a'`` (order 1)
-   or through the inner loop (order 2, by reverse-mode differentiation of the
-   inner loop, written out below), and ``grad_a = dL/da'`` (order 1) or
-   ``A^T dL/da'`` (order 2).
+1. task: the task noise ``xi ~ N(0, I)`` and the task law (``TaskVector(law=...)``,
+   for anil ``vt = vbar + s xi``); each teacher field family realised from the
+   teacher ``B`` plus a fresh isotropic perturbation whose variance the model's
+   covariance blocks state (``derive.simulator.field_sources``; anil's task teacher
+   ``B + eps_B Z``);
+2. inner loop from ``c = start`` (``InnerLoop``), ``steps`` steps
+   ``c <- c - rate (H c - f)`` on the gradient of the per-sample support loss plus
+   the regulariser: with ``InnerLoop.support`` infinite (population mode) ``H`` and
+   ``f`` are the expectations of the per-sample ones over Gaussian fields with the
+   covariance the vectors realise (the engine's Gaussian integrals at the current
+   overlaps); with a finite support, their averages over that many fresh samples;
+3. query: ``n_q`` (``FirstLayer.batch``) fresh samples, the model's per-sample
+   loss ``L`` at the adapted readout; the outer step ``W <- W - eta grad_W L``
+   (``FirstLayer.step``) and the start's update rule (``ReadoutUpdate.step``, its
+   gradient read from the model with ``da'/da`` by forward mode), with ``grad_W``
+   at fixed ``a'`` (order 1) or also through the inner loop (order 2: the model's
+   ``MetaGradient`` weight; reverse mode through the inner loop, into the realised
+   covariance or the support fields).
 
-Two paths run it. ``MetaStep`` is the numpy reference, one step at a time. The
-compiled path runs whole outer steps (``meta_steps`` of the generated module of
-the model and activation, rendered from derive/templates/meta_simulator.py.jinja):
-the same random draws from the same numpy Generator (numba reproduces its
-stream), the same arithmetic, and it is tested equal to the reference step for
-step. No formula of the activation is typed here: ``g``, ``g'``, ``I2`` and the
-partial derivatives of ``I2`` are derive's (derive/simulator.py: the activation's
-sympy expression, the engine's ``I2`` and sympy's derivatives of it), lambdified
-for the reference and printed into the generated module for the compiled path, so
-a new activation needs no edit here. The simulation itself does not use the
-flow's algebra (the task moments, the sensitivities): it runs the algorithm on
-real vectors, and the gradient is tested against finite differences of the query
-loss. The input norm ``sqrt(N)`` and the coefficients of the update rules are
-those of derive/model.py.
+Two paths run it. ``MetaStep`` is the numpy reference, one step at a time; it
+reads any model: every model-specific number is an expression of its model file,
+written out at the network's K and M and turned into numpy by sympy
+(``_Concrete``), and the Gaussian integrals of the population mode are the
+engine's (derive/simulator.py ``field_mean``). The compiled path runs whole outer
+steps (``meta_steps`` of the generated module, rendered from
+derive/templates/meta_simulator.py.jinja) for the models whose algorithm the
+derivation recognises as that loop's (``derive.simulator.standard_form``: square
+loss, the same loss in the inner loop without a regulariser, ``vt = vbar + s xi``;
+anil), with its numbers read from the model's expressions: the same random draws
+from the same numpy Generator (numba reproduces its stream) and tested equal to
+the reference step for step. Any other model (a proximal inner loop, a correlated
+task law) runs the reference. The simulation does not use the flow's algebra (the
+task moments, the sensitivities): it runs the algorithm on real vectors, and its
+gradients are tested against finite differences of the query loss. The input
+norm ``sqrt(N)`` and the coefficients of the update rules are those of
+derive/model.py.
 """
 
 from __future__ import annotations
 
 import math
 from functools import cached_property, lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import sympy as sp
 
-from derive.activations import get_activation
+from derive.activations import get_activation, z
 from derive.model import FirstLayer
-from derive.simulator import formulas
+from derive.simulator import COV, concrete, field_mean, field_sources, formulas, inner_law, standard_form
+from derive.symbols import g, gp, gpp, student_index, zeta
 
 from .integrate import SimulationDiverged
 from .kernels import load
@@ -99,30 +111,212 @@ class Activation:
         return tuple(d(a, b, c) for d in self._fns[3])
 
 
+class Task(NamedTuple):
+    """One task's draws: the task readouts ``vt`` (the law's vector), the task
+    teacher ``Bt`` (the last teacher family the model perturbs, else ``B``), the
+    support inputs and noise (samples mode; None in population mode), the query
+    inputs and noise; ``teachers``: every teacher family's vectors by name."""
+
+    vt: np.ndarray
+    Bt: np.ndarray
+    Xs: np.ndarray | None
+    zs: np.ndarray | None
+    Xq: np.ndarray
+    zq: np.ndarray
+    teachers: dict
+
+
+def _lambdify(args, exprs):
+    """numpy function of ``args`` returning the list of ``exprs`` (constants broadcast
+    by the caller)."""
+    return sp.lambdify(args, list(exprs), MODULES)
+
+
+class _Concrete:
+    """The model's expressions written out at K student and M teacher units
+    (derive/simulator.py ``concrete``) and turned into numpy functions, once per
+    (K, M): task law, support gradient (per sample, its population mean over the
+    realised covariance of the fields and the derivatives the second-order
+    gradient needs), regulariser, query gradients and metrics."""
+
+    def __init__(self, model, activation, values, K, M):
+        inner = model.inner_loop
+        self.K, self.M = K, M
+        sub = {p.symbol: values[p.name] for p in model.params}
+        self.sources = field_sources(model)
+        fams = [s_.family for s_ in self.sources]
+        self.c = c = sp.IndexedBase("c_inner")
+        self.law_vector = next(tv for tv in model.task_vectors if tv.law is not None)
+        self.vectors = [v.base for v in model.vectors]
+        tasks = [tv.base for tv in model.task_vectors]
+        da = inner.da.base
+        self.args = (*fams, zeta, c, *self.vectors, *tasks, inner.noise.base, da)
+        self.names = (
+            *[str(f) for f in fams],
+            "zeta",
+            "c",
+            *[v.name for v in model.vectors],
+            *[tv.name for tv in model.task_vectors],
+            "xi",
+            "da",
+        )
+
+        def conc(e, act=activation):
+            return concrete(sp.sympify(e).subs(sub), K, M, act)
+
+        self.rows = {}
+        row = 0
+        for s_ in self.sources:
+            n = K if s_.kind == "student" else M
+            for i in range(n):
+                self.rows[s_.family[sp.Integer(i)]] = row + i
+            row += n
+        self.n_rows = row
+        lam_ = fams[0]
+        ks = range(K)
+        # the task law
+        self.law = _lambdify(self.args, [conc(inner_law(self.law_vector, m)) for m in range(M)])
+        # support loss per sample: its gradient in c is Hs c - fs (checked linear)
+        Ls = conc(inner.loss(c), None)
+        grad = [sp.diff(Ls, c[k]) for k in ks]
+        Hs = [sp.diff(grad[k], c[l_]) for k in ks for l_ in ks]
+        if any(h.has(c) for h in Hs):
+            raise ValueError(f"model {model.name!r}: the support loss must be quadratic in the readout")
+        zero = {c[k]: 0 for k in ks}
+        fs = [-gr.xreplace(zero) for gr in grad]
+        self.Hs_exprs, self.fs_exprs = Hs, fs
+        act = get_activation(activation)
+
+        def with_act(e):
+            return (
+                e.replace(g, lambda x: act.expr.subs(z, x))
+                .replace(gp, lambda x: act.d1.subs(z, x))
+                .replace(gpp, lambda x: act.d2.subs(z, x))
+            )
+
+        self.support_samples = _lambdify(self.args, [with_act(e) for e in Hs + fs])
+        self.support_samples_d = _lambdify(
+            self.args, [with_act(sp.diff(e, lam_[sp.Integer(r)])) for e in Hs + fs for r in ks]
+        )
+        means = [field_mean(e, self.rows, activation) for e in Hs + fs]
+        cov_args = (*self.args, COV)
+        self.support_mean = _lambdify(cov_args, means)
+        # the entries of the covariance the weights move: those with a student row
+        self.cov_entries = [(i, j) for i in range(K) for j in range(i, self.n_rows)]
+        self.support_mean_d = _lambdify(
+            cov_args, [sp.diff(e, COV[i, j]) for e in means for (i, j) in self.cov_entries]
+        )
+        # the regulariser: its gradient Hr c - fr, fr affine in the start a
+        Lr = conc(inner.regulariser(c), None)
+        gr = [sp.diff(Lr, c[k]) for k in ks]
+        Hr = [sp.diff(gr[k], c[l_]) for k in ks for l_ in ks]
+        if any(h.has(c) or h.has(inner.start.base) for h in Hr):
+            raise ValueError(f"model {model.name!r}: the regulariser must be quadratic in the readout")
+        fr = [-e.xreplace(zero) for e in gr]
+        a_ = inner.start.base
+        self.regulariser = _lambdify(self.args, Hr + fr)
+        self.regulariser_da = _lambdify(self.args, [sp.diff(f, a_[sp.Integer(j)]) for f in fr for j in ks])
+        # the query: G_k = dL/dlambda_k, dL/da'_k, the start's update, the metrics
+        loss = model.sample_loss
+        ap = inner.adapted.base
+        k_ = student_index("k")
+        (_, Gk) = model.first_layer.sample_gradient(loss)
+        self.query_G = _lambdify(self.args, [conc(Gk.xreplace({k_: sp.Integer(k)})) for k in ks])
+        self.query_b = _lambdify(self.args, [conc(sp.diff(loss, ap[sp.Integer(k)])) for k in ks])
+        rules = model.readout_updates
+        if len(rules) > 1 or (rules and rules[0].vector != inner.start):
+            raise ValueError(
+                f"model {model.name!r}: the meta-learning simulator updates the inner loop's start only"
+            )
+        self.rule = rules[0] if rules else None
+        if self.rule is not None:
+            self.readout = _lambdify(self.args, [conc(self.rule.grad(loss, sp.Integer(k))) for k in ks])
+        self.metric_names = tuple(model.metrics)
+        self.metrics = _lambdify(self.args, [conc(e) for e in model.metrics.values()])
+
+
+def _values(fn, args, n=None, shape=None):
+    """The list ``fn(*args)`` as one float array (entries broadcast to ``n`` samples)."""
+    out = [np.asarray(x, dtype=float) for x in fn(*args)]
+    if n is not None:
+        out = [np.broadcast_to(x, (n,)) for x in out]
+        arr = np.array(out)
+        return arr.reshape((*shape, n)) if shape else arr
+    arr = np.array(out, dtype=float)
+    return arr.reshape(shape) if shape else arr
+
+
 class MetaStep:
-    """One outer step of the meta-learner; ``query_loss`` and ``gradients`` are
-    exposed separately so that the gradient can be checked by finite differences."""
+    """One outer step of a meta-learning model, read from its model file (the numpy
+    reference): ``query_loss`` and ``gradients`` are exposed separately so that the
+    gradient can be checked by finite differences.
 
-    def __init__(self, act: Activation, params: dict):
-        self.act = act
-        self.alpha_in = params["alpha_in"]
-        self.S = int(params["S"])
-        self.order = int(params["order"])
-        self.n_q = int(params["n_q"])
-        self.n_s = params["n_s"]
-        self.s = params["s"]
-        self.eps_B = params["eps_B"]
-        self.sigma = params["sigma"]
+    Everything model-specific is an expression of the model file written out at the
+    network's K and M and turned into numpy (``_Concrete``): the task law, the
+    per-sample support loss and regulariser (the inner loop runs on their gradient
+    ``H c - f``), the first layer's per-sample gradient, the start's update and the
+    metrics. In population mode (``InnerLoop.support`` infinite) ``H`` and ``f`` are
+    the expectations of the per-sample ones over fields with the covariance realised
+    by the vectors (the engine's Gaussian integrals); with support samples, their
+    averages over the samples. The order-2 gradient is reverse mode through the
+    inner loop, into the support fields or the realised covariance."""
+
+    def __init__(self, model, activation: str, params: dict):
+        if model.inner_loop is None:
+            raise ValueError(f"model {model.name!r} has no inner loop")
+        get_activation(activation)  # an unknown activation is refused here
+        self.model, self.activation, self.values = model, activation, params
+        inner = model.inner_loop
+        self.S = int(model.numeric(inner.steps, params))
+        self.alpha_in = model.numeric(inner.rate, params)
+        self.n_q = int(model.numeric(model.first_layer.batch, params))
+        self.n_s = model.numeric(inner.support, params)
         self.population = not math.isfinite(self.n_s)
-        # the cases whose whole outer steps run compiled (run_seed_meta, meta_steps
-        # of the generated module): orders 1 and 2, population and samples mode, any eps_B
-        self.compiled = self.order in (1, 2)
+        meta = model.first_layer.meta
+        self.weight = model.numeric(meta.weight, params) if meta is not None else 0.0
+        self.order = 2 if self.weight != 0 else 1
+        self.sources = field_sources(model)
+        self.spreads = [math.sqrt(model.numeric(s_.spread2, params)) for s_ in self.sources]
+        self._at: dict = {}
+        self._laws: dict = {}
 
-    def draw_task(self, rng, B, vbar):
-        """(vt, task teacher vectors, support inputs or None, support noise, query inputs, query noise)."""
+    def concrete(self, K: int, M: int) -> _Concrete:
+        if (K, M) not in self._at:
+            self._at[(K, M)] = _Concrete(self.model, self.activation, self.values, K, M)
+        return self._at[(K, M)]
+
+    def _args(self, cc, fields=None, zeta_=0.0, c=None, vectors=None, tasks=None, xi=None, da=None):
+        """The argument tuple of ``cc``'s functions, by name."""
+        K, M = cc.K, cc.M
+        fields = fields or [np.zeros(K)] + [np.zeros(M)] * (len(cc.sources) - 1)
+        vectors = vectors or {}
+        tasks = tasks or {}
+        vec = [vectors.get(v.name, np.zeros(K if v.over == "student" else M)) for v in self.model.vectors]
+        tks = [tasks.get(tv.name, np.zeros((K,) * len(tv.kinds))) for tv in self.model.task_vectors]
+        return (
+            *fields,
+            zeta_,
+            np.zeros(K) if c is None else c,
+            *vec,
+            *tks,
+            np.zeros(M) if xi is None else xi,
+            np.zeros((K, K)) if da is None else da,
+        )
+
+    def draw_task(self, rng, B, vectors: dict) -> Task:
+        """The task's draws in a fixed order: the task noise and its law, each perturbed
+        teacher family, the support inputs and noise (samples mode), the query
+        inputs and noise."""
         M, N = B.shape
-        vt = vbar + self.s * rng.standard_normal(M)
-        Bt = B + self.eps_B * rng.standard_normal((M, N)) if self.eps_B > 0 else B
+        xi = rng.standard_normal(M)
+        teachers = {}
+        Bt = B
+        for s_, spread in zip(self.sources[1:], self.spreads[1:]):
+            if spread > 0:
+                Bt = B + spread * rng.standard_normal((M, N))
+                teachers[str(s_.family)] = Bt
+            else:
+                teachers[str(s_.family)] = B
         Xs = zs = None
         if not self.population:
             ns = int(self.n_s)
@@ -130,95 +324,167 @@ class MetaStep:
             zs = rng.standard_normal(ns)
         Xq = rng.standard_normal((self.n_q, N))
         zq = rng.standard_normal(self.n_q)
-        return vt, Bt, Xs, zs, Xq, zq
+        law = self._law(xi, vectors)
+        return Task(law, Bt, Xs, zs, Xq, zq, {**teachers, "_xi": xi, "_vectors": dict(vectors)})
+
+    def _law(self, xi, vectors):
+        """The law's vector for the task noise ``xi`` (written out at M, and at the K of
+        a student vector in ``vectors`` if the law reads one)."""
+        M = xi.size
+        K = next((np.size(v) for k, v in vectors.items() if self._over(k) == "student"), 1)
+        key = (K, M)
+        if key not in self._laws:
+            tv = next(tv for tv in self.model.task_vectors if tv.law is not None)
+            sub = _sub(self)
+            args = (self.model.inner_loop.noise.base, *[v.base for v in self.model.vectors])
+            exprs = [concrete(inner_law(tv, m).subs(sub), K, M) for m in range(M)]
+            self._laws[key] = (_lambdify(args, exprs), args)
+        fn, _ = self._laws[key]
+        vec = [
+            np.asarray(vectors.get(v.name, np.zeros(K if v.over == "student" else M)), dtype=float)
+            for v in self.model.vectors
+        ]
+        return np.array([np.broadcast_to(np.asarray(x, dtype=float), ()) for x in fn(xi, *vec)], dtype=float)
+
+    def _over(self, name):
+        return next((v.over for v in self.model.vectors if v.name == name), None)
+
+    def _fields(self, W, task, X):
+        """The fields of every family at inputs X (n, N): a list of (rows, n) arrays."""
+        norm = FirstLayer.input_norm(W.shape[1])
+        out = [W @ X.T / norm]
+        for s_ in self.sources[1:]:
+            out.append(task.teachers[str(s_.family)] @ X.T / norm)
+        return out
+
+    def _vectors_matrix(self, W, task):
+        return np.vstack([W] + [task.teachers[str(s_.family)] for s_ in self.sources[1:]])
 
     # -- inner loop -----------------------------------------------------------
     def support(self, W, task):
-        """(C, h, cache) of the support gradient C c - h."""
-        vt, Bt, Xs, zs, _, _ = task
-        N = W.shape[1]
-        act = self.act
+        """(H, f, cache) of the support loss's gradient ``H c - f`` (without the
+        regulariser, which ``adapt`` adds)."""
+        K, M = W.shape[0], task.vt.size
+        cc = self.concrete(K, M)
+        tasks = {cc.law_vector.name: task.vt}
         if self.population:
-            Q = W @ W.T / N
-            Rt = W @ Bt.T / N
-            Tt = np.einsum("mi,mi->m", Bt, Bt) / N
-            q = np.diag(Q)
-            C = act.I2(q[:, None], q[None, :], Q)
-            D = act.I2(q[:, None], Tt[None, :], Rt)
-            return C, D @ vt, (Q, Rt, Tt, D)
-        sq = FirstLayer.input_norm(N)
-        Lam = Xs @ W.T / sq
-        ys = act.g(Xs @ Bt.T / sq) @ vt + self.sigma * zs
-        gL = act.g(Lam)
-        ns = Xs.shape[0]
-        return gL.T @ gL / ns, gL.T @ ys / ns, (Lam, gL, ys)
+            V = self._vectors_matrix(W, task)
+            C = V @ V.T / W.shape[1]
+            args = (*self._args(cc, tasks=tasks), C)
+            vals = _values(cc.support_mean, args)
+            return vals[: K * K].reshape(K, K), vals[K * K :], (C, args)
+        fields = self._fields(W, task, task.Xs)
+        ns = task.Xs.shape[0]
+        args = self._args(cc, fields=fields, zeta_=task.zs, tasks=tasks)
+        per = _values(cc.support_samples, args, n=ns)
+        Hs, fs = per[: K * K].reshape(K, K, ns), per[K * K :]
+        return Hs.mean(-1), fs.mean(-1), (args, Hs, fs)
 
-    def adapt(self, C, h, a):
-        """c^(0..S) of the inner loop."""
+    def _regulariser(self, cc, a, task):
+        K = cc.K
+        args = self._args(cc, vectors={**task.teachers["_vectors"], self.model.inner_loop.start.name: a})
+        r = _values(cc.regulariser, args)
+        return r[: K * K].reshape(K, K), r[K * K :], _values(cc.regulariser_da, args).reshape(K, K)
+
+    def adapt(self, C, h, a, task=None):
+        """c^(0..S) of the inner loop from ``c = a`` on ``H c - f`` plus the regulariser."""
+        if task is not None:
+            cc = self.concrete(a.size, task.vt.size)
+            Hr, fr, _ = self._regulariser(cc, a, task)
+            C, h = C + Hr, h + fr
         cs = [a.copy()]
         for _ in range(self.S):
             cs.append(cs[-1] - self.alpha_in * (C @ cs[-1] - h))
         return cs
 
     # -- query ----------------------------------------------------------------
-    def query(self, W, ap, task):
-        vt, Bt, _, _, Xq, zq = task
-        sq = FirstLayer.input_norm(W.shape[1])
-        lam = Xq @ W.T / sq
-        y = self.act.g(Xq @ Bt.T / sq) @ vt + self.sigma * zq
-        delta = self.act.g(lam) @ ap - y
-        return lam, delta
+    def _query_args(self, W, c, task, a=None, da=None, optimal=None):
+        K, M = W.shape[0], task.vt.size
+        cc = self.concrete(K, M)
+        inner = self.model.inner_loop
+        tasks = {cc.law_vector.name: task.vt, inner.adapted.name: c}
+        if optimal is not None and inner.optimal is not None:
+            tasks[inner.optimal.name] = optimal
+        vectors = dict(task.teachers["_vectors"])
+        if a is not None:
+            vectors[inner.start.name] = a
+        fields = self._fields(W, task, task.Xq)
+        return cc, self._args(cc, fields=fields, zeta_=task.zq, tasks=tasks, vectors=vectors, da=da)
 
     def query_loss(self, W, a, task) -> float:
-        """L = mean over the query samples of delta^2 / 2, through the inner loop."""
+        """The mean per-sample loss over the query samples, through the inner loop."""
         C, h, _ = self.support(W, task)
-        ap = self.adapt(C, h, a)[-1]
-        _, delta = self.query(W, ap, task)
-        return 0.5 * float(np.mean(delta**2))
+        return self.query_loss_at(W, self.adapt(C, h, a, task)[-1], task, a)
+
+    def query_loss_at(self, W, c, task, a=None) -> float:
+        """The mean per-sample loss over the query samples with the adapted readout
+        held at ``c`` (the inner loop frozen)."""
+        cc, args = self._query_args(W, c, task, a=a)
+        loss = self.model.sample_loss
+        if not hasattr(cc, "query_loss"):
+            cc.query_loss = _lambdify(cc.args, [concrete(loss.subs(_sub(self)), cc.K, cc.M, self.activation)])
+        return float(np.mean(_values(cc.query_loss, args, n=self.n_q)))
+
+    def metric_samples(self, W, a, task, optimal=None):
+        """The model's metrics on the query samples of ``task`` (mean over them), with
+        the start ``a``, the adapted readout and the optimal readout ``optimal``."""
+        C, h, _ = self.support(W, task)
+        ap = self.adapt(C, h, a, task)[-1]
+        cc, args = self._query_args(W, ap, task, a=a, optimal=optimal)
+        return dict(zip(cc.metric_names, _values(cc.metrics, args, n=self.n_q).mean(-1)))
 
     def gradients(self, W, a, task):
-        """(G (n_q, K), grad_W through the inner loop or None, grad_a) for one step.
+        """(G (n_q, K), grad_W through the inner loop or None, the start's gradient).
 
         ``G`` is the coefficient of x in the first-order gradient,
         ``dL/dw_k = mean_mu G[mu, k] x_mu / sqrt(N)``."""
-        act = self.act
+        K, N = W.shape
+        cc = self.concrete(K, task.vt.size)
         C, h, cache = self.support(W, task)
-        cs = self.adapt(C, h, a)
+        Hr, fr, fr_da = self._regulariser(cc, a, task)
+        Ct, ht = C + Hr, h + fr
+        cs = self.adapt(Ct, ht, a)
         ap = cs[-1]
-        lam, delta = self.query(W, ap, task)
-        nq = lam.shape[0]
-        G = (delta[:, None] * act.gp(lam)) * ap[None, :]
-        b = act.g(lam).T @ delta / nq  # dL/da'
+        # forward mode: A = da'/da (the start enters c^(0) and the regulariser's force)
+        A = np.eye(K)
+        for _ in range(self.S):
+            A = A - self.alpha_in * (Ct @ A - fr_da)
+        _, args = self._query_args(W, ap, task, a=a, da=A)
+        nq = self.n_q
+        G = _values(cc.query_G, args, n=nq).T
+        grad_a = _values(cc.readout, args, n=nq).mean(-1) if cc.rule is not None else np.zeros(K)
         if self.order == 1:
-            return G, None, b
-        # reverse mode through c^(s+1) = c^(s) - alpha_in (C c^(s) - h)
+            return G, None, grad_a
+        b = _values(cc.query_b, args, n=nq).mean(-1)  # dL/da'
+        # reverse mode through c^(s+1) = c^(s) - alpha_in (Ct c^(s) - ht)
         adj = b.copy()
-        dC = np.zeros_like(C)
-        dh = np.zeros_like(h)
+        dC = np.zeros((K, K))
+        dh = np.zeros(K)
         for s_ in range(self.S - 1, -1, -1):
             dC -= self.alpha_in * np.outer(adj, cs[s_])
             dh += self.alpha_in * adj
-            adj = adj - self.alpha_in * (C.T @ adj)
-        grad_a = adj  # A^T dL/da'
-        N = W.shape[1]
+            adj = adj - self.alpha_in * (Ct.T @ adj)
         if self.population:
-            Q, Rt, Tt, D = cache
-            vt, Bt = task[0], task[1]
-            dD = np.outer(dh, vt)
-            q = np.diag(Q)
-            ca, cb, cc = act.I2_partials(q[:, None], q[None, :], Q)
-            da, _, dc = act.I2_partials(q[:, None], Tt[None, :], Rt)
-            GQ = dC * cc  # off-diagonal slots, Q_kl and Q_lk distinct variables
-            GQ[np.diag_indices_from(GQ)] += (dC * ca).sum(1) + (dC * cb).sum(0) + (dD * da).sum(1)
-            GR = dD * dc
-            grad_W = (GQ + GQ.T) @ W / N + GR @ Bt / N
+            Cf, cargs = cache
+            d = _values(cc.support_mean_d, cargs).reshape(K * K + K, len(cc.cov_entries))
+            weights = np.concatenate([dC.ravel(), dh])
+            Gc = np.zeros((cc.n_rows, cc.n_rows))
+            for (i, j), x in zip(cc.cov_entries, weights @ d):
+                Gc[i, j] += x
+            V = self._vectors_matrix(W, task)
+            grad_W = ((Gc + Gc.T)[:K] @ V) / N
         else:
-            Lam, gL, ys = cache
-            Xs = task[2]
-            ns = Lam.shape[0]
-            dLam = ((gL @ (dC + dC.T)) + np.outer(ys, dh)) / ns * act.gp(Lam)
-            grad_W = dLam.T @ Xs / FirstLayer.input_norm(N)
-        return G, grad_W, grad_a
+            sargs, _, _ = cache
+            ns = task.Xs.shape[0]
+            d = _values(cc.support_samples_d, sargs, n=ns).reshape(K * K + K, K, ns)
+            weights = np.concatenate([dC.ravel(), dh])
+            dLam = np.einsum("e,ern->nr", weights, d) / ns
+            grad_W = dLam.T @ task.Xs / FirstLayer.input_norm(N)
+        return G, self.weight * grad_W, grad_a
+
+
+def _sub(step):
+    return {p.symbol: step.values[p.name] for p in step.model.params}
 
 
 # at most this many steps per call of the compiled loop (the progress bar moves
@@ -226,60 +492,76 @@ class MetaStep:
 CHUNK = 4096
 
 
-def run_seed_meta(model, W, B, vec, values, rates, N, n_steps, rec, rng, bar, activation, path="compiled"):
+def run_seed_meta(
+    model, W, B, vec, values, rates, N, n_steps, rec, rng, bar, activation, path="compiled", module=None
+):
     """One seed: ``n_steps`` outer steps, the order parameters every ``rec`` steps.
 
     ``path``: ``"compiled"`` runs whole outer steps compiled (``meta_steps`` of the
-    generated module of ``model`` and ``activation``) where ``MetaStep.compiled``
-    holds (orders 1 and 2, both support modes, any eps_B: every case the model
-    allows); ``"numpy"`` the Python loop of ``MetaStep`` (the reference). With a
-    seeded ``rng`` the two draw the same random numbers and agree to round-off."""
+    generated ``module`` of ``model`` and ``activation``, by default the registry's)
+    when the derivation recognises the model's algorithm as the compiled loop's
+    (derive/simulator.py ``standard_form``; its numbers are read from the model's
+    expressions); otherwise, and with ``"numpy"``, the Python loop of ``MetaStep``
+    (the reference, which reads any model). With a seeded ``rng`` the two draw the
+    same random numbers and agree to round-off."""
     if path not in ("compiled", "numpy"):
         raise ValueError(f"path must be compiled or numpy, got {path!r}")
     K, M = W.shape[0], B.shape[0]
-    names = [v.name for v in model.state_vectors + model.const_vectors]
-    if names != ["a", "vbar"]:
-        raise ValueError(f"the meta-learning simulator expects readouts a, vbar, got {names}")
-    a = vec[:K].copy()
-    vbar = vec[K : K + M].copy()
-    step = MetaStep(Activation(activation), values)
-    (eta, decay), (eta_a, decay_a) = rates
-    fl, ro = model.first_layer, model.readout_updates[0]
+    inner = model.inner_loop
+    offsets, o = {}, 0
+    for v in model.state_vectors + model.const_vectors:
+        n = K if v.over == "student" else M
+        offsets[v.name] = slice(o, o + n)
+        o += n
+    vectors = {name: vec[sl].copy() for name, sl in offsets.items()}
+    a = vectors[inner.start.name]
+    step = MetaStep(model, activation, values)
+    (eta, decay), *readout_rates = rates
+    fl = model.first_layer
     n_rec = n_steps // rec
     Qs = np.empty((n_rec + 1, K, K))
     Rs = np.empty((n_rec + 1, K, M))
-    As = np.empty((n_rec + 1, K))
+    records = {v.name: np.empty((n_rec + 1, K)) for v in model.state_vectors}
 
     def record(i):
         Qs[i] = W @ W.T / N
         Rs[i] = W @ B.T / N
-        As[i] = a
+        for name in records:
+            records[name][i] = vectors[name]
 
-    if path == "compiled" and step.compiled:
-        meta_steps = load(model.name, activation).module.meta_steps
+    form = standard_form(model) if path == "compiled" else None
+    if form is not None and module is None:
+        module = load(model.name, activation).module
+    if form is not None and hasattr(module, "meta_steps"):
+        meta_steps = module.meta_steps
+        nums = form.numbers(model, values)
+        vbar = vectors[model.const_vectors[0].name]
+        (eta_a, decay_a) = readout_rates[0]
+        ro = model.readout_updates[0]
         # the input norm and the update rules' own coefficients (derive/model.py), as numbers
         norm = float(fl.input_norm(N))
-        w_shrink, w_scale = fl.coefficients(N, eta, decay, step.n_q)
+        w_shrink, w_scale = fl.coefficients(N, eta, decay, nums["n_q"])
         weights_scale = float(fl.weights_coefficient(eta))
         a_shrink, a_scale = ro.coefficients(N, eta_a, decay_a)
-        task = (step.n_q, float(step.s), float(step.alpha_in), step.S, float(step.sigma), float(step.eps_B))
-        rules = (step.order == 2, norm, w_shrink, w_scale, weights_scale, a_shrink, a_scale)
-        n_s = 0 if step.population else int(step.n_s)  # 0: population mode
+        task = (nums["n_q"], nums["s"], nums["alpha_in"], nums["S"], nums["sigma"], nums["eps_B"])
+        rules = (nums["second"], norm, w_shrink, w_scale, weights_scale, a_shrink, a_scale)
         Tt = np.einsum("mi,mi->m", B, B) / N  # the fixed teacher's norms
 
         def advance(n):
-            meta_steps(W, B, Tt, a, vbar, rng, n, *task, *rules, n_s)
+            meta_steps(W, B, Tt, a, vbar, rng, n, *task, *rules, nums["n_s"])
 
     else:
+        rule = model.readout_updates[0] if model.readout_updates else None
 
         def advance(n):
             for _ in range(n):
-                task = step.draw_task(rng, B, vbar)
+                task = step.draw_task(rng, B, vectors)
                 G, grad_W, grad_a = step.gradients(W, a, task)
-                fl.step(W, G, task[4], eta, decay)
+                fl.step(W, G, task.Xq, eta, decay)
                 if grad_W is not None:
                     fl.step_weights(W, grad_W, eta)
-                ro.step(a, grad_a, N, eta_a, decay_a)
+                if rule is not None:
+                    rule.step(a, grad_a, N, *readout_rates[0])
 
     record(0)
     for r in range(1, n_rec + 1):
@@ -293,4 +575,4 @@ def run_seed_meta(model, W, B, vec, values, rates, N, n_steps, rec, rng, bar, ac
         record(r)
         if not np.all(np.isfinite(W)):
             raise SimulationDiverged(r * rec / N, model.name)
-    return Qs, Rs, {"a": As}
+    return Qs, Rs, records

@@ -30,12 +30,12 @@ import sympy as sp
 from scipy.special import erf
 
 import derive.codegen as codegen
+from derive.simulator import concrete
 from derive.activations import get_activation, z
 from derive.model import Q as QB
 from derive.model import R as RB
 from derive.model import T as TB
 from derive.symbols import K as KS
-from derive.symbols import M as MS
 from derive.symbols import g, gp, gpp, lam, nu, nut, student_index, zeta
 
 HERE = Path(__file__).resolve().parent
@@ -64,31 +64,9 @@ def _kernel_module(model, folder: Path):
 # -- the model's expressions as numpy functions, at concrete K and M ---------------
 
 
-def _expand_sums(e):
-    """Every Sum written out term by term (its limits are numbers by now)."""
-    while True:
-        sums = [x for x in sp.preorder_traversal(e) if isinstance(x, sp.Sum)]
-        if not sums:
-            return e
-        s_ = sums[0]
-        body = s_.function
-        for idx, lo, hi in reversed(s_.limits):
-            label = idx.label if isinstance(idx, sp.Idx) else idx
-
-            def at(e_, i, label=label):
-                # the index by its label: substituting K, M changes the range an Idx carries
-                return e_.replace(
-                    lambda x: isinstance(x, (sp.Idx, sp.Symbol)) and getattr(x, "label", x) == label,
-                    lambda x: sp.Integer(i),
-                )
-
-            body = sp.Add(*[at(body, i) for i in range(int(lo), int(hi) + 1)])
-        e = e.xreplace({s_: body})
-
-
 def _concrete(expr, K, M, act):
-    """Sums written out at K, M; g, g', g'' replaced by the activation."""
-    e = _expand_sums(sp.sympify(expr).subs({KS: K, MS: M}))
+    """Sums written out at K, M (derive/simulator.py); g, g', g'' replaced by the activation."""
+    e = concrete(expr, K, M)
     return (
         e.replace(g, lambda x: act.expr.subs(z, x))
         .replace(gp, lambda x: act.d1.subs(z, x))
@@ -282,129 +260,11 @@ def test_meta_model_rhs_matches_monte_carlo_of_its_update_rules(path, tmp_path):
         assert _check(wrong, mc), f"{model.name}: a 10 % wrong task spread passed the check"
 
 
-# -- flow against a finite-N simulation of the model's own algorithm -----------------
-
-
-class ComponentValue:
-    """A component of the task program (H_s, mu_h: the population support gradient)
-    evaluated at numbers: each term's coefficient and primitive turned into numpy by
-    sympy at concrete indices. The primitives are the engine's closed forms
-    (derive/gaussian.py), the population expectations that define the inner loop;
-    nothing of the code generator or the kernel is used."""
-
-    def __init__(self, component, model, K, M, params, rows, arrays):
-        import itertools
-
-        from derive.gaussian import PRIMITIVES, expectation, name_of
-
-        def size(i):
-            return K if str(i.upper) == str(KS - 1) else M
-
-        self.shape = tuple(size(i) for i in component.free)
-        sub = {p.symbol: params.get(p.name, p.default) for p in model.params}
-        bases = [sp.IndexedBase(n) for n in arrays]
-        self.parts = []
-        for idx in np.ndindex(self.shape):
-            at = {f: sp.Integer(i) for f, i in zip(component.free, idx)}
-            for t in component.terms:
-                for vals in itertools.product(*[range(size(s)) for s in t.sums]):
-                    where = {**at, **{s: sp.Integer(v) for s, v in zip(t.sums, vals)}}
-                    coeff = sp.lambdify(bases, sp.sympify(t.coeff).xreplace(where).subs(sub), "numpy")
-                    prim = None
-                    if t.primitive is not None:
-                        kinds = PRIMITIVES.get(t.primitive) or tuple(
-                            t.primitive.removeprefix("E_").split("_")
-                        )
-                        d = expectation(kinds, "erf", name_of(kinds))
-                        fields = [rows[a.xreplace(where)] for a in t.args]
-                        syms = sorted(d.expr.free_symbols, key=str)
-                        slots = []
-                        for s_ in syms:  # C_xy -> the rows of the fields in positions x, y
-                            x, y = str(s_)[2], str(s_)[3]
-                            slots.append((fields[d.labels.index(x)], fields[d.labels.index(y)]))
-                        prim = (sp.lambdify(syms, d.expr, "numpy"), slots)
-                    self.parts.append((idx, coeff, prim))
-
-    def __call__(self, C, values):
-        out = np.zeros(self.shape)
-        for idx, coeff, prim in self.parts:
-            c = float(coeff(*values))
-            if prim is not None:
-                fn, slots = prim
-                c *= float(fn(*[C[r] for r in slots]))
-            out[idx] += c
-        return out
-
-
-def simulate_meta_reference(model, params, Q0, R0, a0, vbar, N, steps, seed, record):
-    """The model's algorithm at first order on real vectors (MODELS.md 5, population
-    inner loop): draw a task from the law, adapt c from a by the population support
-    gradient at the current overlaps, one query sample, then the model's update
-    rules (FirstLayer.step, ReadoutUpdate.step) with the query gradients of its loss."""
-    from derive import meta
-    from derive.flow import build_flow
-    from runtime.init import Init, realise
-
-    K, M = R0.shape
-    rng = np.random.default_rng(seed)
-    W, B = realise(Init(Q0, R0, np.eye(M), {}), N, rng)
-    a = a0.astype(float).copy()
-    num = Numeric(model, K, M, params)
-    ir = build_flow(model, "erf")
-    comps = {st.out: st.component for st in ir.program.statements if isinstance(st, meta.Assign)}
-    rows = {}
-    for f, at, n in model.layout:
-        o = int(sp.sympify(at).subs({KS: K, MS: M}))
-        for i in range(int(sp.sympify(n).subs({KS: K, MS: M}))):
-            rows[f[sp.Integer(i)]] = o + i
-    tv = next(t for t in model.task_vectors if t.law is not None)
-    names = [f"mu_{tv.name}", model.inner_loop.start.name, *[v.name for v in model.const_vectors]]
-    H_s = ComponentValue(comps["H_s"], model, K, M, params, rows, names)
-    # the support force h = h0 + J vt at the task's own readouts (h is affine in them)
-    h0 = ComponentValue(comps["mu_h0"], model, K, M, params, rows, names)
-    J = ComponentValue(comps[f"H_{tv.name}"], model, K, M, params, rows, names)
-    inner = model.inner_loop
-    rate = float(sp.sympify(inner.rate).subs(num.sub))
-    S = int(params["S"])
-    loss = model.sample_loss if hasattr(model, "sample_loss") else model.loss
-    k = student_index("k")
-    G = [num.fn(sp.diff(loss, lam[kk])) for kk in range(K)]
-    rule = model.readout_updates[0]
-    Hr = [num.fn(rule.grad(loss, k).xreplace({k: sp.Integer(kk)})) for kk in range(K)]
-    fl_rate = float(sp.sympify(model.first_layer.rate).subs(num.sub))
-    ro_rate = float(sp.sympify(rule.rate).subs(num.sub))
-    Qs, Rs, As = [], [], []
-    for step in range(steps + 1):
-        if step % record == 0:
-            Qs.append(W @ W.T / N)
-            Rs.append(W @ B.T / N)
-            As.append(a.copy())
-        if step == steps:
-            break
-        Qn, Rn, Tn = W @ W.T / N, W @ B.T / N, B @ B.T / N
-        C = num.covariance(Qn, Rn, Tn)
-        vt = num.law(rng.standard_normal((M, 1)), a, vbar)[:, 0]
-        values = (vt, a, vbar)
-        Hm, hv = H_s(C, values), h0(C, values) + J(C, values) @ vt
-        c = a.copy()
-        for _ in range(S):
-            c = c - rate * (Hm @ c - hv)
-        x = rng.standard_normal(N)
-        zq = rng.standard_normal()
-        lq, nq = W @ x / math.sqrt(N), B @ x / math.sqrt(N)
-        args = (lq, nq, nq, zq, np.zeros(K), c, vt, a, vbar, Qn, Rn, Tn, np.zeros(K))
-        g_ = np.array([float(f(*args)) for f in G])
-        hr = np.array([float(f(*args)) for f in Hr])
-        model.first_layer.step(W, g_, x, fl_rate, 0.0)
-        rule.step(a, hr, N, ro_rate, 0.0)
-    return np.array(Qs), np.array(Rs), np.array(As)
-
-
 @pytest.mark.parametrize("path", MODEL_FILES, ids=lambda p: p.stem)
 def test_meta_model_flow_matches_its_simulation(path, tmp_path):
     """The flow of the rendered kernel against the mean of the model's algorithm
     on real vectors (N = 400, 12 seeds, alpha up to 1) from explicit overlaps."""
-    from runtime import Init, flow
+    from runtime import Init, flow, simulate
     from runtime.kernels import Kernel
 
     spec = _load_model_file(path)
@@ -415,12 +275,13 @@ def test_meta_model_flow_matches_its_simulation(path, tmp_path):
     R0 = np.array([[0.3, 0.05], [0.02, 0.25]])
     a0, vbar = np.array([0.3, -0.2]), np.array([0.4, 0.2])
     N, seeds, t_max = 400, 12, 1.0
-    steps, record = int(t_max * N), N // 4
-    runs = [
-        simulate_meta_reference(model, params, Q0, R0, a0, vbar, N, steps, s, record) for s in range(seeds)
-    ]
     kern = Kernel(module, model, "erf")
     init = Init(Q0, R0, np.eye(M), {"a": a0, "vbar": vbar})
+    # the runtime's simulator: the model is not of the compiled loop's form, so each
+    # step is the numpy reference reading this model file (runtime/simulate_meta.py)
+    assert not hasattr(module, "meta_steps")
+    sim = simulate(kern, params, N=N, seeds=seeds, t_max=t_max, init=init, record_every=0.25, workers=1)
+    runs = [(sim.arrays["Q"][s], sim.arrays["R"][s], sim.arrays["a"][s]) for s in range(seeds)]
 
     def worst(prm):
         fl = flow(kern, init, prm, t_max=t_max, dt=0.005, record_every=0.25)
@@ -437,3 +298,67 @@ def test_meta_model_flow_matches_its_simulation(path, tmp_path):
     # the check can fail: the flow without the model's own feature (WRONG) leaves the band
     wrong = worst({**params, **spec.WRONG})
     assert wrong > 1.0, f"{model.name}: the flow with {spec.WRONG} stayed within {wrong:.2f} of the band"
+
+
+def _second_order(model, support):
+    """``model`` with the gradient through its inner loop switched on (the start's
+    update ``(da'/da)^T dL/da'``) and ``support`` samples per task."""
+    import dataclasses
+
+    inner = dataclasses.replace(model.inner_loop, support=sp.sympify(support))
+    meta = dataclasses.replace(model.first_layer.meta, inner=inner, weight=sp.S.One)
+    jj = student_index("jj")
+    rule = dataclasses.replace(
+        model.readout_updates[0],
+        gradient=lambda loss, k: sp.Sum(
+            inner.da.base[jj, k] * sp.diff(loss, inner.adapted.base[jj]), (jj, 0, KS - 1)
+        ),
+    )
+    return dataclasses.replace(
+        model,
+        inner_loop=inner,
+        first_layer=dataclasses.replace(model.first_layer, meta=meta),
+        readout_updates=(rule,),
+    )
+
+
+@pytest.mark.parametrize("support", [math.inf, 7], ids=["population", "n_s=7"])
+@pytest.mark.parametrize("path", MODEL_FILES, ids=lambda p: p.stem)
+def test_reference_simulator_gradients_are_the_derivatives_of_the_query_loss(path, support):
+    """The runtime's reference simulator reads the model file: at second order its
+    weight gradient (along the query inputs plus through the inner loop, into the
+    realised covariance or the support fields) and the start's gradient are the
+    derivatives of the model's query loss through its own inner loop (regulariser
+    and task law included), by central differences."""
+    from runtime.simulate_meta import MetaStep
+
+    spec = _load_model_file(path)
+    model = _second_order(spec.MODEL, support)
+    step = MetaStep(model, "erf", model.resolve_params(spec.PARAMS))
+    assert step.order == 2 and step.population == math.isinf(support)
+    rng = np.random.default_rng(5)
+    K, M, N = 3, 2, 40
+    W, B = 0.8 * rng.standard_normal((K, N)), rng.standard_normal((M, N))
+    a, vbar = 0.5 * rng.standard_normal(K), 0.4 * rng.standard_normal(M)
+    task = step.draw_task(rng, B, {"vbar": vbar, "a": a})
+    G, grad_W2, grad_a = step.gradients(W, a, task)
+    grad_W = G.T @ task.Xq / (G.shape[0] * math.sqrt(N)) + grad_W2
+    h = 1e-4
+
+    def fd(f, X, D):
+        return (8 * (f(X + h * D) - f(X - h * D)) - (f(X + 2 * h * D) - f(X - 2 * h * D))) / (12 * h)
+
+    through = []
+    for _ in range(3):
+        D = rng.standard_normal(W.shape)
+        D /= np.linalg.norm(D)
+        num = fd(lambda X: step.query_loss(X, a, task), W, D)
+        an = float(np.sum(grad_W * D))
+        tol = 1e-6 * max(abs(num), 1e-3 * np.linalg.norm(grad_W))
+        assert abs(num - an) <= tol, (num, an)
+        through.append(abs(float(np.sum(grad_W2 * D))) / tol)
+    assert max(through) > 1e3, through  # the part through the inner loop is visible
+    for k in range(K):
+        e = np.eye(K)[k]
+        num = fd(lambda x: step.query_loss(W, x, task), a, e)
+        assert abs(num - grad_a[k]) <= 1e-6 * max(abs(num), 1e-3 * np.linalg.norm(grad_a)), (k, num, grad_a)

@@ -18,7 +18,8 @@ from derive.model import FirstLayer, ReadoutUpdate
 from derive.models import get_model
 from runtime import SimulationDiverged, simulate_meta
 from runtime.scenarios import validation_init
-from runtime.simulate_meta import Activation, MetaStep, run_seed_meta
+from derive.simulator import standard_form
+from runtime.simulate_meta import MetaStep, run_seed_meta
 
 
 # =========================================================================== the compiled outer loop
@@ -58,7 +59,7 @@ def test_compiled_loop_equals_the_reference_loop(activation, over):
     MetaStep: same seed, same random numbers (numba draws numpy's stream of the
     same Generator), the same records to round-off after every step, and the same
     number of draws consumed."""
-    assert MetaStep(Activation(activation), SPEC.resolve_params(over)).compiled
+    assert standard_form(SPEC) is not None
     comp = run_loop("compiled", activation, **over)
     ref = run_loop("numpy", activation, **over)
     for x, y in zip(comp[:4], ref[:4]):
@@ -88,7 +89,7 @@ def test_compiled_loop_equals_numpy_loop_order2_and_feature_variability(order, e
     query) compiled: the numpy loop's records step for step, to round-off, and
     the rng at the same place after 50 steps."""
     over = {"order": order, "eps_B": eps_B, "S": S, "eta_a": 0.5}
-    assert MetaStep(Activation(activation), SPEC.resolve_params(over)).compiled
+    assert standard_form(SPEC) is not None
     comp = run_loop("compiled", activation, **over)
     ref = run_loop("numpy", activation, **over)
     for x, y in zip(comp[:4], ref[:4]):
@@ -124,7 +125,7 @@ def test_compiled_loop_equals_numpy_loop_samples_mode(order, eps_B, S, activatio
     through the support fields), with and without feature variability: the numpy
     loop's records step for step, and the rng at the same place."""
     over = {"n_s": 4, "order": order, "eps_B": eps_B, "S": S, "eta_a": 0.5, "eta": 0.5, "alpha_in": 0.5}
-    assert MetaStep(Activation(activation), SPEC.resolve_params(over)).compiled
+    assert standard_form(SPEC) is not None
     comp = run_loop("compiled", activation, **over)
     ref = run_loop("numpy", activation, **over)
     for x, y in zip(comp[:4], ref[:4]):
@@ -166,7 +167,7 @@ def test_which_cases_run_compiled(over, monkeypatch):
     finite support sets, any eps_B) runs whole outer steps compiled: the Python
     step (``MetaStep.gradients``) is never called, while the numpy path calls it
     once per step."""
-    assert MetaStep(Activation("erf"), SPEC.resolve_params(over)).compiled
+    assert standard_form(SPEC) is not None
     calls = []
     original = MetaStep.gradients
     monkeypatch.setattr(MetaStep, "gradients", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -176,11 +177,22 @@ def test_which_cases_run_compiled(over, monkeypatch):
     assert len(calls) == 10
 
 
-def test_an_order_the_compiled_loop_does_not_know_is_not_compiled():
-    """The selection is explicit: MetaStep built around the model's parameter
-    check with another order does not take the compiled loop."""
-    params = {**SPEC.resolve_params({}), "order": 3}
-    assert not MetaStep(Activation("erf"), params).compiled
+def test_a_model_the_compiled_loop_does_not_run_is_not_compiled():
+    """The selection reads the model: an inner loop with a regulariser (another
+    algorithm than the compiled loop's) is recognised as such and simulated by the
+    reference, which reads its model file."""
+    import dataclasses
+
+    import sympy as sp
+
+    from derive.symbols import student_index, student_sum
+
+    j = student_index("j")
+    inner = dataclasses.replace(SPEC.inner_loop, regulariser=lambda c: student_sum(c[j] ** 2, j) / 2)
+    fl = dataclasses.replace(SPEC.first_layer, meta=dataclasses.replace(SPEC.first_layer.meta, inner=inner))
+    other = dataclasses.replace(SPEC, inner_loop=inner, first_layer=fl)
+    assert standard_form(SPEC) is not None and standard_form(other) is None
+    assert sp.sympify(other.inner_loop.regulariser(sp.IndexedBase("c"))) != 0
 
 
 def test_compiled_loop_is_reproducible_and_seeded():

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import math
 import sys
@@ -91,31 +90,38 @@ def test_module_formulas_are_the_reference_formulas(act):
     np.testing.assert_allclose(got, np.array(ref.I2_partials(a, b, c)), rtol=1e-13, atol=1e-15)
 
 
-def _doubled(index):
-    """derive/simulator.formulas with its partial derivative ``index`` doubled."""
-    original = simulate_meta.formulas
+def _doubled(diagonal):
+    """The reference's ``_Concrete`` with the derivatives of the population support
+    gradient in the diagonal (variances) or the off-diagonal (covariances) entries
+    of the realised covariance doubled."""
+    original = simulate_meta._Concrete
 
-    def wrong(name):
-        f = original(name)
-        partials = tuple(2 * p if i == index else p for i, p in enumerate(f.partials))
-        return dataclasses.replace(f, partials=partials)
+    class Wrong(original):
+        def __init__(self, *args):
+            super().__init__(*args)
+            right = self.support_mean_d
+            n = len(self.cov_entries)
+            scale = np.array([2.0 if (i == j) == diagonal else 1.0 for i, j in self.cov_entries])
 
-    return wrong
+            def wrong(*a):
+                d = np.array(right(*a), dtype=float).reshape(-1, n)
+                return list((d * scale).ravel())
+
+            self.support_mean_d = wrong
+
+    return Wrong
 
 
-@pytest.mark.parametrize("index", [0, 2], ids=["dI2/dC_aa", "dI2/dC_ab"])
-def test_a_wrong_partial_derivative_in_one_path_breaks_their_agreement(index, monkeypatch):
-    """Order 2 in population mode reads the partial derivatives of I2: the reference
-    given a doubled one no longer equals the compiled loop."""
+@pytest.mark.parametrize("diagonal", [True, False], ids=["variances", "covariances"])
+def test_a_wrong_partial_derivative_in_one_path_breaks_their_agreement(diagonal, monkeypatch):
+    """Order 2 in population mode reads the derivatives of the population support
+    gradient in the overlaps: the reference given a doubled one no longer equals
+    the compiled loop."""
     over = {"order": 2, "S": 2, "eta_a": 0.5}
     comp = run_loop("compiled", "erf", **over)
     assert_same_run(comp, run_loop("numpy", "erf", **over))
-    monkeypatch.setattr(simulate_meta, "formulas", _doubled(index))
-    simulate_meta._numpy_formulas.cache_clear()
-    try:
-        wrong = run_loop("numpy", "erf", **over)
-    finally:
-        simulate_meta._numpy_formulas.cache_clear()
+    monkeypatch.setattr(simulate_meta, "_Concrete", _doubled(diagonal))
+    wrong = run_loop("numpy", "erf", **over)
     assert np.abs(wrong[3] - comp[3]).max() > 1e-8
 
 
@@ -171,10 +177,10 @@ def test_new_activation_gradient_matches_finite_differences(new_activation, n_s)
     N, K, M = 40, 2, 2
     params = {**SPEC.resolve_params({}), "order": 2, "S": 2, "alpha_in": 0.7, "n_q": 2, "n_s": n_s}
     params.update(eps_B=0.3, sigma=0.2, s=0.8)
-    step = MetaStep(Activation(new_activation), params)
+    step = MetaStep(SPEC, new_activation, params)
     W, B = rng.standard_normal((K, N)), rng.standard_normal((M, N))
     a = rng.standard_normal(K)
-    task = step.draw_task(rng, B, rng.standard_normal(M))
+    task = step.draw_task(rng, B, {"vbar": rng.standard_normal(M)})
     G, grad_W2, grad_a = step.gradients(W, a, task)
     Xq = task[4]
     grad_W = G.T @ Xq / (Xq.shape[0] * math.sqrt(N)) + grad_W2

@@ -40,6 +40,7 @@ from ..symbols import (
     student_sum,
     teacher_index,
     teacher_sum,
+    zeta,
 )
 
 eta = Param("eta", 1.0, "outer learning rate of the first layer (step eta/sqrt(N))")
@@ -88,13 +89,14 @@ inner = InnerLoop(
     adapted=ap,
     start=a,
     noise=xi,
-    # the per-sample support loss of a readout c: its expectation over the fields
-    # is the population support loss of MODELS.md 5.3
-    loss=lambda c: (output(c) - y_task) ** 2 / 2,
+    # the per-sample support loss of a readout c on a noisy label: its expectation
+    # over the fields and the noise is the population support loss of MODELS.md 5.3
+    loss=lambda c: (output(c) - y_task - sigma.symbol * zeta) ** 2 / 2,
     steps=S.symbol,
     rate=alpha_in.symbol,
     optimal=aopt,
     second_order=second,
+    support=n_s.symbol,
 )
 
 

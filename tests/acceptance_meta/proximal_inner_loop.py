@@ -32,6 +32,7 @@ from derive.symbols import (
     student_sum,
     teacher_index,
     teacher_sum,
+    zeta,
 )
 
 eta = Param("eta", 1.0, "outer rate of the first layer")
@@ -62,7 +63,7 @@ inner = InnerLoop(
     adapted=ap,
     start=a,
     noise=xi,
-    loss=lambda c: (output(c) - y_task) ** 2 / 2,
+    loss=lambda c: (output(c) - y_task - sigma.symbol * zeta) ** 2 / 2,
     regulariser=lambda c: lam_p.symbol * student_sum((c[jj] - a.base[jj]) ** 2, jj) / 2,
     steps=S.symbol,
     rate=alpha_in.symbol,
