@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 cee15444dac0093776b70276346af9629dd2f9cfe4dde0d5408a8e4cfa30dae9
+# inputs:     sha256 3149efb418c209e584f7e722caff4f6e56efc896b3a3d163b15abc284d137264
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 854 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "cee15444dac0093776b70276346af9629dd2f9cfe4dde0d5408a8e4cfa30dae9"
+INPUTS_SHA256 = "3149efb418c209e584f7e722caff4f6e56efc896b3a3d163b15abc284d137264"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

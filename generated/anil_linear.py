@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 b6812945db962dd17e834d35e4366e695a11b1d16831a5e2b4a3304b3e6789a4
+# inputs:     sha256 0f1d58857fe9b8a481549e17dfc91985cd0b7bb1c4f38aacb7bc4bb61efeddfd
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 587 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "b6812945db962dd17e834d35e4366e695a11b1d16831a5e2b4a3304b3e6789a4"
+INPUTS_SHA256 = "0f1d58857fe9b8a481549e17dfc91985cd0b7bb1c4f38aacb7bc4bb61efeddfd"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 196b93e1dd26173f9bbf29bea5e64436d4a6250d88390a33446048d1b0dc2316
+# inputs:     sha256 990551a20a29b0afaf0ccd459e245b60f8fc6d0728c4a05b44983350cd0ef14d
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "196b93e1dd26173f9bbf29bea5e64436d4a6250d88390a33446048d1b0dc2316"
+INPUTS_SHA256 = "990551a20a29b0afaf0ccd459e245b60f8fc6d0728c4a05b44983350cd0ef14d"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

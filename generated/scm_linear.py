@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 1aa6b16cb8ff731992a834e25b1d77b75252af3a792b9a00351302cc691038c8
+# inputs:     sha256 259edb5873e2f9f0799687b731b790732a55a0dd1533418fd1cb4cb8080c4739
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "1aa6b16cb8ff731992a834e25b1d77b75252af3a792b9a00351302cc691038c8"
+INPUTS_SHA256 = "259edb5873e2f9f0799687b731b790732a55a0dd1533418fd1cb4cb8080c4739"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

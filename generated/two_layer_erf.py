@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 7f23699a8dfd8e9100a9710a29099f7dc79334383fc46dc4230638941eb63d68
+# inputs:     sha256 56d7072120f5ef41bb7d98759eb18fb083867dbc1f502d4670abfaf257519409
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "7f23699a8dfd8e9100a9710a29099f7dc79334383fc46dc4230638941eb63d68"
+INPUTS_SHA256 = "56d7072120f5ef41bb7d98759eb18fb083867dbc1f502d4670abfaf257519409"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 e8793a5b6bdabf79b47df3cff9e8852015bfe97ec03bdf3b50519a6bfc60490e
+# inputs:     sha256 d745511d193a743b18f3fa30e82f04bab33cd20ee7b1b4e9ab3ddc343efdf6b7
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "e8793a5b6bdabf79b47df3cff9e8852015bfe97ec03bdf3b50519a6bfc60490e"
+INPUTS_SHA256 = "d745511d193a743b18f3fa30e82f04bab33cd20ee7b1b4e9ab3ddc343efdf6b7"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
