@@ -40,7 +40,7 @@ import numpy as np
 import sympy as sp
 
 from derive.activations import get_activation
-from derive.model import FirstLayer
+from derive.model import STATE_OVERLAPS, FirstLayer
 from derive.simulator import formulas
 
 from .integrate import SimulationDiverged
@@ -246,13 +246,12 @@ def run_seed_meta(model, W, B, vec, values, rates, N, n_steps, rec, rng, bar, ac
     (eta, decay), (eta_a, decay_a) = rates
     fl, ro = model.first_layer, model.readout_updates[0]
     n_rec = n_steps // rec
-    Qs = np.empty((n_rec + 1, K, K))
-    Rs = np.empty((n_rec + 1, K, M))
+    overlaps = {o.name: np.empty((n_rec + 1, *o.shape(K, M))) for o in STATE_OVERLAPS}
     As = np.empty((n_rec + 1, K))
 
     def record(i):
-        Qs[i] = W @ W.T / N
-        Rs[i] = W @ B.T / N
+        for o in STATE_OVERLAPS:
+            overlaps[o.name][i] = o.of(W, B)
         As[i] = a
 
     if path == "compiled" and step.compiled:
@@ -293,4 +292,4 @@ def run_seed_meta(model, W, B, vec, values, rates, N, n_steps, rec, rng, bar, ac
         record(r)
         if not np.all(np.isfinite(W)):
             raise SimulationDiverged(r * rec / N, model.name)
-    return Qs, Rs, {"a": As}
+    return overlaps, {"a": As}
