@@ -23,7 +23,7 @@ from .expand import FUNC_OF_KIND, RawTerm
 from .flow import Component, FlowIR, FlowTerm, build_flow
 from . import meta
 from .gaussian import PRIMITIVES, tilt_split
-from .model import Model, Q, R
+from .model import CONST_OVERLAPS, STATE_OVERLAPS, UNITS, Model
 from .models import model_file
 from .printer import TILTED, TILTED1, code, field_rows
 from .simulator import context as simulator_context
@@ -356,14 +356,15 @@ def primitive_code(d) -> dict:
 
 
 def _shape(v) -> str:
-    return "K" if v.over == STUDENT else "M"
+    return UNITS[v.over]
 
 
 def _covariance(model) -> tuple[str, list[dict], dict]:
-    """Size of the field covariance, its blocks as code, and where Q and R sit in it."""
+    """Size of the field covariance, its blocks as code, and where each evolving
+    overlap (Q, R) sits in it."""
     offset = {f: code(at) for f, at, _ in model.layout}
     size = code(sum((n for _, _, n in model.layout), sp.S.Zero))
-    blocks, where = [], {"Q": [], "R": []}
+    blocks, where = [], {o.name: [] for o in STATE_OVERLAPS}
     for (f1, f2), entry in model.covariance.items():
         i = sp.Idx("i", K if field_kind(f1) == STUDENT else M)
         j = sp.Idx("j", K if field_kind(f2) == STUDENT else M)
@@ -372,7 +373,8 @@ def _covariance(model) -> tuple[str, list[dict], dict]:
         blocks.append(
             {"o1": o1, "o2": o2, "n1": _bound(i), "n2": _bound(j), "expr": code(e), "diag": f1 == f2}
         )
-        for name, base in (("Q", Q), ("R", R)):
+        for o in STATE_OVERLAPS:
+            name, base = o.name, o.base
             if e == base[i, j]:
                 where[name].append((o1, o2))
             elif e.has(base):
@@ -383,7 +385,7 @@ def _covariance(model) -> tuple[str, list[dict], dict]:
 
 
 def _dims(kinds) -> list[str]:
-    return ["K" if k == STUDENT else "M" for k in kinds]
+    return [UNITS[k] for k in kinds]
 
 
 def _comp(c, names, rows, out=None, target=None) -> dict:
@@ -416,7 +418,7 @@ def _statements(stmts, names, rows, where) -> list[dict]:
             cond = st.cond if isinstance(st.cond, str) else f"({code(st.cond)}) != 0"
             out.append({"kind": "if", "cond": cond, "body": _statements(st.body, names, rows, where)})
         elif isinstance(st, meta.Directions):
-            blocks = {"Q": where["Q"], "R": where["R"], "start": []}[st.kind]
+            blocks = {**where, "start": []}[st.kind]
             body = _statements(st.body, names, rows, where)
             out.append({"kind": "directions", "dir": st.kind, "blocks": blocks, "body": body})
         else:  # pragma: no cover
@@ -478,8 +480,10 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
     act = get_activation(ir.activation)
     names = [d.name for d in ir.primitives]
     frows = field_rows(model.layout)
-    state = [("Q", ("K", "K")), ("R", ("K", "M"))] + [(v.name, ("K",)) for v in model.state_vectors]
-    consts = [("T", ("M", "M"))] + [(v.name, (_shape(v),)) for v in model.const_vectors]
+    # the order parameters (derive/model.py OVERLAPS), then the readouts
+    state = [(o.name, o.dims) for o in STATE_OVERLAPS] + [(v.name, ("K",)) for v in model.state_vectors]
+    consts = [(o.name, o.dims) for o in CONST_OVERLAPS]
+    consts += [(v.name, (_shape(v),)) for v in model.const_vectors]
     vectors = [(v.name, (_shape(v),)) for v in model.state_vectors + model.const_vectors]
     shapes = dict(state)
     comps = []

@@ -134,10 +134,55 @@ class TaskVector:
         return sp.IndexedBase(self.name)
 
 
-# Order parameters as indexed symbols, for decay terms and for `show`.
-Q = sp.IndexedBase("Q")
-R = sp.IndexedBase("R")
-T = sp.IndexedBase("T")
+UNITS = {STUDENT: "K", TEACHER: "M"}  # the size of each kind of index
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """An order parameter of the first layer (MODELS.md 1): the overlaps
+    ``a_i . b_j / N`` of the rows of two weight matrices, ``pair = (a, b)``, each
+    ``"W"`` (the student's first layer, (K, N)) or ``"B"`` (the teacher, (M, N)).
+    ``kinds`` are the kinds of its two indices; an overlap the flow moves
+    ``evolves`` (part of the state), the others are constants."""
+
+    name: str
+    kinds: tuple[str, str]
+    pair: tuple[str, str]
+    evolves: bool
+    symmetric: bool
+    doc: str
+
+    @property
+    def base(self) -> sp.IndexedBase:
+        return sp.IndexedBase(self.name)
+
+    @property
+    def dims(self) -> tuple[str, ...]:
+        """The shape in the unit counts, e.g. ``("K", "M")``."""
+        return tuple(UNITS[k] for k in self.kinds)
+
+    def shape(self, K: int, M: int) -> tuple[int, ...]:
+        return tuple({"K": K, "M": M}[d] for d in self.dims)
+
+    def of(self, W: np.ndarray, B: np.ndarray) -> np.ndarray:
+        """The overlaps of real weights, ``a @ b.T / N``."""
+        weights = {"W": W, "B": B}
+        a, b = weights[self.pair[0]], weights[self.pair[1]]
+        return a @ b.T / a.shape[1]
+
+
+# The order parameters of the first layer, declared once: the kernels' state and
+# constants, the initial conditions and the simulator's records follow this table.
+OVERLAPS = (
+    Overlap("Q", (STUDENT, STUDENT), ("W", "W"), True, True, "Q_kl = w_k.w_l/N"),
+    Overlap("R", (STUDENT, TEACHER), ("W", "B"), True, False, "R_km = w_k.B_m/N"),
+    Overlap("T", (TEACHER, TEACHER), ("B", "B"), False, True, "T_mn = B_m.B_n/N"),
+)
+STATE_OVERLAPS = tuple(o for o in OVERLAPS if o.evolves)
+CONST_OVERLAPS = tuple(o for o in OVERLAPS if not o.evolves)
+
+# Order parameters as indexed symbols, for the covariance, decay terms and `show`.
+Q, R, T = (o.base for o in OVERLAPS)
 
 
 @dataclass(frozen=True)
@@ -244,7 +289,7 @@ class FirstLayer:
     batch: sp.Expr = sp.S.One  # n_q samples averaged per step: the rate^2 term is divided by it
     meta: MetaGradient | None = None
     # flows symmetric in their two free indices (Q_kl = Q_lk by construction)
-    symmetric = ("Q",)
+    symmetric = tuple(o.name for o in STATE_OVERLAPS if o.symmetric)
 
     def flows(self, loss: sp.Expr) -> dict[str, tuple[tuple[sp.Idx, ...], sp.Expr, sp.Expr]]:
         """name -> (free indices, expectation integrand, deterministic part)."""

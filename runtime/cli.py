@@ -44,6 +44,27 @@ def _out_dir(args, kind: str, config: dict) -> Path:
     return RUNS / f"{kind}-{config.get('model', 'main')}-{digest}"
 
 
+# The options of a sampled start and their defaults (flow: and --n, the N of the
+# sampled network); None on the parser, so that a value given with --init is seen.
+SAMPLED_START = {"K": 2, "M": 2, "sigma0": 0.1}
+SAMPLED_START_FLOW = {**SAMPLED_START, "n": 1000}
+
+
+def _sampled_start(args, defaults: dict) -> None:
+    """Refuse the options of a sampled start next to --init, which fixes K and M
+    and the start; fill their defaults otherwise."""
+    given = [f"--{k}" for k in defaults if getattr(args, k) is not None]
+    if args.init and given:
+        options = ", ".join(f"--{k}" for k in defaults)
+        raise ValueError(
+            f"{', '.join(given)} cannot be used with --init: the init file fixes K and M and the "
+            f"starting overlaps ({options} are for a sampled start, without --init)"
+        )
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+
+
 def _init(args, model: str) -> Init:
     spec = get_model(model)
     if args.init:
@@ -69,9 +90,11 @@ def _add_common(p: argparse.ArgumentParser, flow_cmd: bool) -> None:
         default=None,
         help="recording interval in alpha (default: every step for flow, about 100 records for simulate)",
     )
-    p.add_argument("--K", type=int, default=2, help="student units for a sampled start (no --init)")
-    p.add_argument("--M", type=int, default=2, help="teacher units for a sampled start (no --init)")
-    p.add_argument("--sigma0", type=float, default=0.1, help="std of the sampled first-layer weights")
+    p.add_argument("--K", type=int, help="student units for a sampled start (no --init; default 2)")
+    p.add_argument("--M", type=int, help="teacher units for a sampled start (no --init; default 2)")
+    p.add_argument(
+        "--sigma0", type=float, help="std of the sampled first-layer weights (no --init; default 0.1)"
+    )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the sampled start (simulate: of the first seed)"
     )
@@ -88,7 +111,9 @@ def _add_common(p: argparse.ArgumentParser, flow_cmd: bool) -> None:
             "up, for runs of over a minute (the threaded loops compile on each start); "
             "the result is the same either way",
         )
-        p.add_argument("--n", type=int, default=1000, help="N of the sampled network behind a sampled start")
+        p.add_argument(
+            "--n", type=int, help="N of the sampled network behind a sampled start (no --init; default 1000)"
+        )
     else:
         p.add_argument("--n", type=int, required=True, help="input dimension N")
         p.add_argument("--seeds", type=int, default=5, help="number of independent runs")
@@ -109,6 +134,7 @@ def _figure(fl, sim, out: Path, title: str) -> None:
 
 
 def cmd_flow(args) -> Path:
+    _sampled_start(args, SAMPLED_START_FLOW)
     params = parse_sets(args.set, args.model)
     init = _init(args, args.model)
     traj = flow(
@@ -132,6 +158,7 @@ def cmd_flow(args) -> Path:
 
 
 def cmd_simulate(args) -> Path:
+    _sampled_start(args, SAMPLED_START)
     params = parse_sets(args.set, args.model)
     init = Init.from_file(args.init, get_model(args.model)) if args.init else None
     traj = simulate(

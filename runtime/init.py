@@ -11,18 +11,22 @@ Two routes, both exact:
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from derive.model import Model
+from derive.model import OVERLAPS, UNITS, Model
 from derive.models import get_model
 
 
 @dataclass
 class Init:
-    """Initial order parameters ``Q`` (K,K), ``R`` (K,M), ``T`` (M,M) and readouts."""
+    """Initial order parameters and readouts. The order parameters are those of
+    derive/model.py ``OVERLAPS``, one field each in its order: ``Q`` (K,K),
+    ``R`` (K,M), ``T`` (M,M)."""
 
     Q: np.ndarray
     R: np.ndarray
@@ -30,76 +34,179 @@ class Init:
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
+    def overlaps(self) -> dict[str, np.ndarray]:
+        """The order parameters by name, in the order of ``OVERLAPS``."""
+        return {o.name: getattr(self, o.name) for o in OVERLAPS}
+
+    @property
     def K(self) -> int:
-        return self.Q.shape[0]
+        return _units(self.overlaps)["K"]
 
     @property
     def M(self) -> int:
-        return self.T.shape[0]
+        return _units(self.overlaps)["M"]
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"Q": self.Q, "R": self.R, "T": self.T, **self.vectors}
+        return {**self.overlaps, **self.vectors}
 
     def validate(self, model: Model, tol: float = 1e-10) -> Init:
-        """Check shapes, symmetry and positive semi-definiteness; fill default readouts."""
-        Q, R, T = (np.asarray(a, dtype=np.float64) for a in (self.Q, self.R, self.T))
-        if Q.ndim != 2 or Q.shape[0] != Q.shape[1] or Q.shape[0] < 1:
-            raise ValueError(f"Q must be a square (K, K) matrix with K >= 1, got shape {Q.shape}")
-        if T.ndim != 2 or T.shape[0] != T.shape[1] or T.shape[0] < 1:
-            raise ValueError(f"T must be a square (M, M) matrix with M >= 1, got shape {T.shape}")
-        K, M = Q.shape[0], T.shape[0]
-        if R.shape != (K, M):
-            raise ValueError(f"R must have shape (K, M) = ({K}, {M}), got {R.shape}")
-        for name, a in (("Q", Q), ("R", R), ("T", T)):
+        """Check each order parameter (real, finite, of its shape, symmetric where
+        ``OVERLAPS`` says so), that the teacher's overlaps are positive definite,
+        and that some network has all of them (their Gram matrix, MODELS.md 1, is
+        positive semi-definite); fill default readouts."""
+        arrays = {o.name: _real(f"{o.name} ({o.doc})", getattr(self, o.name)) for o in OVERLAPS}
+        units: dict[str, int] = {}
+        for o in _square_first():
+            a = arrays[o.name]
+            want = f"{o.name} ({o.doc}) must have shape ({', '.join(o.dims)})"
+            if a.ndim != len(o.dims):
+                raise ValueError(f"{want}, got shape {a.shape}")
+            for unit, n in zip(o.dims, a.shape):
+                units.setdefault(unit, n)
+            expected = tuple(units[unit] for unit in o.dims)
+            if min(expected) < 1:
+                raise ValueError(f"{want} with {', '.join(sorted(set(o.dims)))} >= 1, got {a.shape}")
+            if a.shape != expected:
+                raise ValueError(f"{want} = {expected}, got {a.shape}")
+        for o in OVERLAPS:
+            a = arrays[o.name]
             if not np.all(np.isfinite(a)):
-                raise ValueError(f"{name} has non-finite entries")
-        for name, a in (("Q", Q), ("T", T)):
-            if not np.allclose(a, a.T, rtol=0, atol=tol * max(1.0, np.abs(a).max())):
-                raise ValueError(f"{name} must be symmetric")
-        full = np.block([[Q, R], [R.T, T]])
+                raise ValueError(f"{o.name} has non-finite entries")
+            if o.symmetric and not np.allclose(a, a.T, rtol=0, atol=tol * max(1.0, np.abs(a).max())):
+                raise ValueError(f"{o.name} ({o.doc}) must be symmetric")
+        for o in OVERLAPS:
+            if o.pair == ("B", "B"):  # realise() builds the teacher from its Cholesky factor
+                eig = np.linalg.eigvalsh(arrays[o.name])
+                if eig[0] <= tol * max(1.0, eig[-1]):
+                    raise ValueError(
+                        f"{o.name} ({o.doc}) must be positive definite (the teacher vectors linearly "
+                        f"independent); its smallest eigenvalue is {eig[0]:.3g}"
+                    )
+        full, name = _gram(arrays)
         eig = np.linalg.eigvalsh((full + full.T) / 2)
         if eig[0] < -tol * max(1.0, eig[-1]):
             raise ValueError(
-                "the overlap matrix [[Q, R], [R^T, T]] must be positive semi-definite "
+                f"the overlap matrix {name} must be positive semi-definite "
                 f"(smallest eigenvalue {eig[0]:.3g}); no network has these overlaps"
             )
-        vectors = {}
-        known = {v.name: v for v in model.vectors}
-        for name in self.vectors:
-            if name not in known:
-                names = ", ".join(known) or "none"
-                raise ValueError(f"model {model.name!r} has no readout {name!r}; its readouts: {names}")
-        for v in model.vectors:
-            n = K if v.over == "student" else M
-            a = np.asarray(self.vectors.get(v.name, np.full(n, v.default)), dtype=np.float64)
-            if a.shape != (n,):
-                raise ValueError(f"{v.name} ({v.doc}) must have shape ({n},), got {a.shape}")
-            if not np.all(np.isfinite(a)):
-                raise ValueError(f"{v.name} has non-finite entries")
-            vectors[v.name] = a
-        return Init((Q + Q.T) / 2, R, (T + T.T) / 2, vectors)
+        vectors = readouts(model, units["K"], units["M"], self.vectors)
+        for o in OVERLAPS:
+            if o.symmetric:  # exactly symmetric, not to round-off
+                arrays[o.name] = (arrays[o.name] + arrays[o.name].T) / 2
+        return Init(**arrays, vectors=vectors)
 
     @classmethod
     def from_file(cls, path: str | Path, model: Model) -> Init:
-        """Read ``Q``, ``R``, ``T`` and the model's readouts from an ``.npz`` file."""
+        """Read the order parameters (``Q``, ``R``, ``T``) and the model's readouts
+        from an ``.npz`` file (``numpy.savez``)."""
         path = Path(path)
+        wanted = f"an .npz archive (numpy.savez) of {_contents(model)}"
+        if path.is_dir():
+            raise ValueError(f"init file {path} is a directory; it must be {wanted}")
         if not path.is_file():
             raise FileNotFoundError(f"init file {path} does not exist")
-        with np.load(path) as data:
-            arrays = {k: np.array(data[k]) for k in data.files}
-        missing = [k for k in ("Q", "R", "T") if k not in arrays]
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+        if magic == b"\x93NUMPY":
+            raise ValueError(f"init file {path} holds a single array (.npy); it must be {wanted}")
+        if not zipfile.is_zipfile(path):
+            raise ValueError(
+                f"init file {path} is not an .npz archive (or is truncated); it must be {wanted}"
+            )
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: np.array(data[k]) for k in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            msg = " ".join(str(exc).split())
+            raise ValueError(f"init file {path} cannot be read ({msg}); it must be {wanted}") from None
+        names = [o.name for o in OVERLAPS]
+        missing = [k for k in names if k not in arrays]
         if missing:
-            raise ValueError(f"init file {path} lacks {', '.join(missing)} (needs Q, R, T)")
-        vectors = {k: v for k, v in arrays.items() if k not in ("Q", "R", "T")}
-        return cls(arrays["Q"], arrays["R"], arrays["T"], vectors).validate(model)
+            raise ValueError(f"init file {path} lacks {', '.join(missing)} (needs {', '.join(names)})")
+        vectors = {k: v for k, v in arrays.items() if k not in names}
+        try:
+            return cls(**{k: arrays[k] for k in names}, vectors=vectors).validate(model)
+        except ValueError as exc:
+            raise ValueError(f"init file {path}: {exc}") from None
 
     def save(self, path: str | Path) -> None:
         np.savez(path, **self.arrays())
 
     @classmethod
     def from_network(cls, W: np.ndarray, B: np.ndarray, vectors: dict, model: Model) -> Init:
-        N = W.shape[1]
-        return cls(W @ W.T / N, W @ B.T / N, B @ B.T / N, dict(vectors)).validate(model)
+        """The order parameters of a student ``W`` (K, N) and a teacher ``B`` (M, N)."""
+        return cls(**{o.name: o.of(W, B) for o in OVERLAPS}, vectors=dict(vectors)).validate(model)
+
+
+def readouts(model: Model, K: int, M: int, vectors: dict | None = None) -> dict[str, np.ndarray]:
+    """The readouts of ``model`` for K student and M teacher units: those given
+    in ``vectors``, checked, and the model's defaults for the others."""
+    vectors = vectors or {}
+    known = {v.name: v for v in model.vectors}
+    for name in vectors:
+        if name not in known:
+            names = ", ".join(known) or "none"
+            raise ValueError(f"model {model.name!r} has no readout {name!r}; its readouts: {names}")
+    out = {}
+    for v in model.vectors:
+        n = K if v.over == "student" else M
+        a = _real(f"{v.name} ({v.doc})", vectors.get(v.name, np.full(n, v.default)))
+        if a.shape != (n,):
+            raise ValueError(f"{v.name} ({v.doc}) must have shape ({n},), got {a.shape}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{v.name} has non-finite entries")
+        out[v.name] = a
+    return out
+
+
+def _real(what: str, value) -> np.ndarray:
+    """``value`` as a float64 array, if it holds real numbers."""
+    a = np.asarray(value)
+    if a.dtype.kind not in "iuf":
+        raise ValueError(f"{what} must hold real numbers, got an array of {a.dtype}")
+    return a.astype(np.float64)
+
+
+def _square_first() -> list:
+    """The order parameters, those of one kind of unit with itself (Q, T) first:
+    they fix K and M, against which the others are checked."""
+    return sorted(OVERLAPS, key=lambda o: len(set(o.dims)))
+
+
+def _units(arrays: dict[str, np.ndarray]) -> dict[str, int]:
+    """K and M, read off the order parameters of each kind of unit with itself."""
+    out: dict[str, int] = {}
+    for o in _square_first():
+        for unit, n in zip(o.dims, np.shape(arrays[o.name])):
+            out.setdefault(unit, n)
+    return out
+
+
+def _gram(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, str]:
+    """The Gram matrix over N of the rows of the student W and the teacher B, in
+    blocks of the order parameters, and its name (``[[Q, R], [R^T, T]]``)."""
+    by_pair = {o.pair: o.name for o in OVERLAPS}
+    rows = ("W", "B")
+    blocks, names = [], []
+    for a in rows:
+        blocks.append([])
+        names.append([])
+        for b in rows:
+            if (a, b) in by_pair:
+                blocks[-1].append(arrays[by_pair[a, b]])
+                names[-1].append(by_pair[a, b])
+            else:
+                blocks[-1].append(arrays[by_pair[b, a]].T)
+                names[-1].append(by_pair[b, a] + "^T")
+    name = "[" + ", ".join("[" + ", ".join(row) + "]" for row in names) + "]"
+    return np.block(blocks), name
+
+
+def _contents(model: Model) -> str:
+    """What an init file holds, e.g. ``Q (K, K), R (K, M), T (M, M), v (K,)``."""
+    parts = [f"{o.name} ({', '.join(o.dims)})" for o in OVERLAPS]
+    parts += [f"{v.name} ({UNITS[v.over]},)" for v in model.vectors]
+    return ", ".join(parts)
 
 
 def _psd_sqrt(A: np.ndarray) -> np.ndarray:
@@ -152,5 +259,4 @@ def sampled_init(
         model = get_model(model)
     rng = np.random.default_rng(seed)
     W, B = sample_network(K, M, N, rng, sigma0)
-    v = Init(np.eye(K), np.zeros((K, M)), np.eye(M), dict(vectors or {})).validate(model).vectors
-    return Init.from_network(W, B, v, model)
+    return Init.from_network(W, B, readouts(model, K, M, vectors), model)

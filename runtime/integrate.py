@@ -171,11 +171,9 @@ def _assemble(kernel: Kernel, traj, c, p, K, M, alpha, values, extra) -> Traject
     arrays = {"alpha": alpha}
     state = kernel.unpack_state(traj, K, M)
     consts = kernel.unpack(kernel.module.CONSTS, c, K, M)
+    # the order parameters then the readouts, the kernel's layout (derive/model.py OVERLAPS)
     arrays.update({k: np.array(v) for k, v in state.items()})
-    arrays["T"] = np.array(consts["T"])
-    for name, val in consts.items():
-        if name != "T":
-            arrays[name] = np.array(val)
+    arrays.update({k: np.array(v) for k, v in consts.items()})
     mets = kernel.metrics(traj, c, p, K, M)
     for i, name in enumerate(kernel.metric_names):
         arrays[name] = mets[:, i]

@@ -21,7 +21,9 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from .init import Init, realise, sample_network
+from derive.model import CONST_OVERLAPS, STATE_OVERLAPS
+
+from .init import Init, readouts, realise, sample_network
 from .integrate import SimulationDiverged, _bar, normalised_overlaps, steps_for
 from .kernels import Kernel, as_kernel
 from .simulate_meta import run_seed_meta
@@ -44,13 +46,12 @@ def _run_seed(kernel, W, B, vec, p, rates, N, n_steps, rec, rng, bar):
     sqrt_n = math.sqrt(N)
     (fl_rate, fl_decay), ro = rates[0], rates[1:]
     n_rec = n_steps // rec
-    Qs = np.empty((n_rec + 1, K, K))
-    Rs = np.empty((n_rec + 1, K, M))
+    overlaps = {o.name: np.empty((n_rec + 1, *o.shape(K, M))) for o in STATE_OVERLAPS}
     vecs = {v.name: np.empty((n_rec + 1, K)) for v in model.state_vectors}
 
     def record(i):
-        Qs[i] = W @ W.T / N
-        Rs[i] = W @ B.T / N
+        for o in STATE_OVERLAPS:
+            overlaps[o.name][i] = o.of(W, B)
         for name in vecs:
             vecs[name][i] = views[name]
 
@@ -66,11 +67,11 @@ def _run_seed(kernel, W, B, vec, p, rates, N, n_steps, rec, rng, bar):
             rule.step(views[rule.vector.name], out[K * (i + 1) : K * (i + 2)], N, *ro[i])
         if step % rec == 0:
             record(step // rec)
-            if not np.all(np.isfinite(Qs[step // rec])):
+            if not all(np.all(np.isfinite(a[step // rec])) for a in overlaps.values()):
                 raise SimulationDiverged(step / N, model.name)
             if bar:
                 bar.update(rec)
-    return Qs, Rs, vecs
+    return overlaps, vecs
 
 
 def default_record_steps(n_steps: int, records: int = 100) -> int:
@@ -106,7 +107,8 @@ _KERNELS: dict[int, Kernel] = {}
 
 
 def _seed_job(job: dict, seed_i: int, bar=None):
-    """One seed: build the network, run it; (Q, R, readouts, T) over the records."""
+    """One seed: build the network, run it; its evolving order parameters and
+    readouts over the records, and its constant order parameters (T)."""
     kernel = _KERNELS[job["kernel"]]
     spec = kernel.model
     bar = bar if bar is not None else _COUNTER
@@ -137,7 +139,7 @@ def _seed_job(job: dict, seed_i: int, bar=None):
         )
     else:
         out = _run_seed(kernel, *args, job["p"], job["rates"], N, job["n_steps"], job["rec"], rng, bar)
-    return (*out, B @ B.T / N)
+    return (*out, {o.name: o.of(W, B) for o in CONST_OVERLAPS})
 
 
 def _parallel(job, seeds_list, n_workers, total, progress, desc):
@@ -202,9 +204,7 @@ def simulate(
         K, M = init.K, init.M
         base_vectors = init.vectors
     else:
-        base_vectors = (
-            Init(np.eye(K), np.zeros((K, M)), np.eye(M), dict(vectors or {})).validate(spec).vectors
-        )
+        base_vectors = readouts(spec, K, M, vectors)
     if N < K + M:
         raise ValueError(f"N = {N} must be at least K + M = {K + M}")
     # one step is 1/N of alpha: times must be whole numbers of steps
@@ -246,22 +246,23 @@ def simulate(
             bar.close()
     else:
         results = _parallel(job, seeds_list, n_workers, total, progress, f"simulate {name} N={N}")
+    overlaps_seeds, vectors_seeds, consts_seeds = zip(*results)
     # each seed's teacher has its own realised T (equal to round-off); its metrics use it
-    T_seeds = [r[3] for r in results]
+    T_seeds = [c["T"] for c in consts_seeds]
 
     arrays = {"alpha": np.arange(n_steps // rec + 1) * (rec / N)}
-    arrays["Q"] = np.stack([r[0] for r in results])
-    arrays["R"] = np.stack([r[1] for r in results])
-    arrays["T"] = T_seeds[0]
+    for o in STATE_OVERLAPS:
+        arrays[o.name] = np.stack([ov[o.name] for ov in overlaps_seeds])
+    arrays.update(consts_seeds[0])
     for v in spec.state_vectors:
-        arrays[v.name] = np.stack([r[2][v.name] for r in results])
+        arrays[v.name] = np.stack([vs[v.name] for vs in vectors_seeds])
     for v in spec.const_vectors:
         arrays[v.name] = np.asarray(base_vectors[v.name], dtype=np.float64)
     n_seeds, n_t = arrays["Q"].shape[:2]
     mets = np.empty((n_seeds, n_t, len(kernel.metric_names)))
     r = np.empty_like(arrays["R"])
     for s in range(n_seeds):
-        consts = {"T": T_seeds[s], **{v.name: base_vectors[v.name] for v in spec.const_vectors}}
+        consts = {**consts_seeds[s], **{v.name: base_vectors[v.name] for v in spec.const_vectors}}
         c = kernel.pack_consts(consts, K, M)
         states = np.stack(
             [
@@ -274,7 +275,8 @@ def simulate(
     for i, name in enumerate(kernel.metric_names):
         arrays[name] = mets[..., i]
     arrays["r"] = r
-    for name in ["Q", "R", "r", *[v.name for v in spec.state_vectors], *kernel.metric_names]:
+    summarised = [o.name for o in STATE_OVERLAPS] + ["r"] + [v.name for v in spec.state_vectors]
+    for name in summarised + list(kernel.metric_names):
         a = arrays[name]
         arrays[f"{name}_mean"] = a.mean(axis=0)
         arrays[f"{name}_sem"] = (

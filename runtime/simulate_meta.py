@@ -51,7 +51,7 @@ import numpy as np
 import sympy as sp
 
 from derive.activations import get_activation, z
-from derive.model import FirstLayer
+from derive.model import STATE_OVERLAPS, FirstLayer
 from derive.simulator import COV, concrete, field_mean, field_sources, formulas, inner_law, standard_form
 from derive.symbols import g, gp, gpp, student_index, zeta
 
@@ -519,13 +519,12 @@ def run_seed_meta(
     (eta, decay), *readout_rates = rates
     fl = model.first_layer
     n_rec = n_steps // rec
-    Qs = np.empty((n_rec + 1, K, K))
-    Rs = np.empty((n_rec + 1, K, M))
+    overlaps = {o.name: np.empty((n_rec + 1, *o.shape(K, M))) for o in STATE_OVERLAPS}
     records = {v.name: np.empty((n_rec + 1, K)) for v in model.state_vectors}
 
     def record(i):
-        Qs[i] = W @ W.T / N
-        Rs[i] = W @ B.T / N
+        for o in STATE_OVERLAPS:
+            overlaps[o.name][i] = o.of(W, B)
         for name in records:
             records[name][i] = vectors[name]
 
@@ -575,4 +574,4 @@ def run_seed_meta(
         record(r)
         if not np.all(np.isfinite(W)):
             raise SimulationDiverged(r * rec / N, model.name)
-    return Qs, Rs, records
+    return overlaps, records

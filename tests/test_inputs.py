@@ -8,6 +8,7 @@ the point, a real ``python -m runtime`` subprocess for the end-to-end cases).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 import runtime
+from derive.model import OVERLAPS
 from derive.models import get_model
 from runtime import Init, Trajectory
 from runtime.cli import main as cli_main
@@ -170,8 +172,37 @@ def test_empty_q():
 
 INIT_FILES = {
     # name: (arrays in the file, model, words the message must contain)
-    "R_wrong_shape": ({"Q": Q0, "R": np.zeros((3, 2)), "T": np.eye(2)}, "scm", ["R", "(2, 2)", "(3, 2)"]),
+    "R_wrong_shape": (
+        {"Q": Q0, "R": np.zeros((3, 2)), "T": np.eye(2)},
+        "scm",
+        ["R", "(K, M) = (2, 2)", "(3, 2)"],
+    ),
     "R_wrong_shape_K_M": ({"Q": Q0, "R": np.zeros((2, 3)), "T": np.eye(2)}, "two_layer", ["R", "(2, 3)"]),
+    "Q_not_square": (
+        {"Q": np.zeros((2, 3)), "R": R0, "T": np.eye(2)},
+        "scm",
+        ["Q", "(K, K) = (2, 2)", "(2, 3)"],
+    ),
+    "T_not_a_matrix": ({"Q": Q0, "R": R0, "T": np.ones(2)}, "scm", ["T", "(M, M)", "(2,)"]),
+    # T must be positive definite (realise builds the teacher from its Cholesky factor)
+    "T_singular": (
+        {"Q": Q0, "R": np.zeros((2, 2)), "T": np.ones((2, 2))},
+        "scm",
+        ["T", "positive definite", "linearly independent", "smallest eigenvalue"],
+    ),
+    "T_indefinite": (
+        {"Q": Q0, "R": np.zeros((2, 2)), "T": np.diag([1.0, -0.5])},
+        "scm",
+        ["T", "positive definite", "-0.5"],
+    ),
+    # complex or non-numeric entries are refused, not cast (the imaginary part was dropped)
+    "Q_complex": ({"Q": Q0 + 0.1j, "R": R0, "T": np.eye(2)}, "scm", ["Q", "real numbers", "complex"]),
+    "Q_text": ({"Q": np.array([["a", "b"], ["c", "d"]]), "R": R0, "T": np.eye(2)}, "scm", ["Q", "real"]),
+    "v_complex": (
+        {"Q": Q0, "R": R0, "T": np.eye(2), "v": np.ones(2) * 1j},
+        "two_layer",
+        ["v", "real numbers", "complex"],
+    ),
     "v_wrong_length": (
         {"Q": Q0, "R": R0, "T": np.eye(2), "v": np.ones(3), "vs": np.ones(2)},
         "two_layer",
@@ -205,7 +236,88 @@ def test_bad_init_file(case, tmp_path, capsys):
     err = capsys.readouterr().err
     for w in words:
         assert w in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["T_singular", "T_indefinite", "Q_complex", "Q_text"])
+def test_bad_overlaps_in_python(case):
+    arrays, model, words = INIT_FILES[case]
+    init = Init(**arrays)
+    for call in (
+        lambda: runtime.flow(model, init, t_max=0.1, dt=0.01),
+        lambda: runtime.simulate(model, N=100, init=init, t_max=0.1),
+    ):
+        with pytest.raises(ValueError) as info:
+            call()
+        for w in words:
+            assert w in str(info.value), f"{w!r} not in {info.value}"
+
+
+def _truncated_npz(path):
+    GOOD.save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+BAD_INIT_PATHS = {
+    # name: (file name, how it is made, words the message must contain besides the file name)
+    "truncated_npz": ("init.npz", _truncated_npz, ["not an .npz archive", "truncated"]),
+    "npy": ("init.npy", lambda p: np.save(p, Q0), ["single array (.npy)", ".npz"]),
+    "text_named_npz": ("init.npz", lambda p: p.write_text("Q = [[1, 0], [0, 1]]\n"), ["not an .npz archive"]),
+    "directory": ("init.npz", lambda p: p.mkdir(), ["is a directory"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INIT_PATHS))
+def test_unreadable_init_file(case, tmp_path):
+    name, make, words = BAD_INIT_PATHS[case]
+    path = tmp_path / name
+    make(path)
+    # what the file must be: an .npz of the order parameters, with their shapes
+    words = [name, *words, "Q (K, K), R (K, M), T (M, M)"]
+    with pytest.raises(ValueError) as info:
+        Init.from_file(path, get_model("scm"))
+    for w in words:
+        assert w in str(info.value), f"{w!r} not in {info.value}"
+    out = tmp_path / "out"
+    res = run_cli(
+        *"flow --model scm --t-max 0.1 --dt 0.01 --no-progress --init".split(), str(path), "--out", str(out)
+    )
+    assert res.returncode == 2, res.stderr
+    for w in words:
+        assert w in res.stderr, f"{w!r} not in {res.stderr}"
+    assert "Traceback" not in res.stderr and "pickle" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "command,option",
+    [
+        ("flow", "--K 3"),
+        ("flow", "--M 3"),
+        ("flow", "--sigma0 0.5"),
+        ("flow", "--n 50"),
+        ("flow", "--K 2"),  # given, even at its default
+        ("simulate", "--M 3"),
+    ],
+)
+def test_init_fixes_the_sampled_start(command, option, tmp_path, capsys):
+    init = write_init(tmp_path / "init.npz", Q=Q0, R=R0, T=np.eye(2))
+    out = tmp_path / "out"
+    steps = "--dt 0.01" if command == "flow" else "--n 100 --seeds 1"
+    args = f"{command} --model scm --t-max 0.1 {steps} --no-progress {option} --init {init} --out {out}"
+    assert cli_main(args.split()) == 2
+    err = capsys.readouterr().err
+    assert option.split()[0] in err and "--init" in err and "fixes K and M" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_init_fields_follow_the_order_parameter_table():
+    """Init has one field per order parameter of derive/model.py OVERLAPS, in its order."""
+    assert [f.name for f in dataclasses.fields(Init)] == [o.name for o in OVERLAPS] + ["vectors"]
 
 
 def test_missing_init_file(tmp_path, capsys):

@@ -61,10 +61,10 @@ def run_loop(path, activation, N=80, n_steps=30, seed=3, **over):
     W = 0.7 * rng.standard_normal((2, N))
     B = rng.standard_normal((2, N))
     vec = np.array([0.3, -0.2, 0.4, 0.2])
-    Qs, Rs, vecs = run_seed_meta(
+    overlaps, vecs = run_seed_meta(
         SPEC, W, B, vec, values, rates, N, n_steps, 1, rng, None, activation, path=path
     )
-    return Qs, Rs, vecs["a"], W, rng.standard_normal()
+    return overlaps["Q"], overlaps["R"], vecs["a"], W, rng.standard_normal()
 
 
 def assert_same_run(comp, ref):
