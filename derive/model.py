@@ -495,6 +495,30 @@ class Model:
                     f"model {self.name!r}: covariance block ({f1}, {f2}) of a field not in fields"
                 )
 
+        self._check_second_order()
+
+    def _check_second_order(self):
+        """The sensitivities of the inner loop are computed only when
+        ``InnerLoop.second_order`` is nonzero: a gradient through the inner loop
+        (the first layer's ``MetaGradient`` weight, or a readout rule reading
+        ``da'/da``) without them would read buffers never written."""
+        inner = self.inner_loop
+        if inner is None or sp.sympify(inner.second_order) != 0:
+            return
+        meta = self.first_layer.meta
+        if meta is not None and sp.sympify(meta.weight) != 0:
+            raise ValueError(
+                f"model {self.name!r}: the first layer's MetaGradient has weight {meta.weight} but "
+                "InnerLoop.second_order is 0; give the inner loop the same weight (second_order=...)"
+            )
+        k = student_index("k")
+        for rule in self.readout_updates:
+            if any(sp.sympify(rule.grad(self.sample_loss, k)).has(s_.base) for s_ in inner.sensitivities):
+                raise ValueError(
+                    f"model {self.name!r}: the update of {rule.vector.name!r} reads the inner loop's "
+                    "sensitivities but InnerLoop.second_order is 0; set second_order=..."
+                )
+
     @property
     def layout(self) -> tuple[tuple[sp.IndexedBase, sp.Expr, sp.Symbol], ...]:
         """``(family, first row, number of rows)`` of each field family in the

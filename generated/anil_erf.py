@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 0b5c2bd77a73bc1ee97fac8072a03dfc2d9d5751ce1b12e0c100d72afc26bcc0
+# inputs:     sha256 f1c9de62c4d2c03285db7b4259f88a93243ac0a50445f1fbd62ed35c137daa05
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 854 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "0b5c2bd77a73bc1ee97fac8072a03dfc2d9d5751ce1b12e0c100d72afc26bcc0"
+INPUTS_SHA256 = "f1c9de62c4d2c03285db7b4259f88a93243ac0a50445f1fbd62ed35c137daa05"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

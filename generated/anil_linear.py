@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, MODELS.md section 5)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 289aa99e2f95a5f1366238bd528ce6f06701618fd7e097197ac97808fb1642fd
+# inputs:     sha256 47f619b93398a8e77becfc00bab99e41e6a70a62befcc781a4dfb3fac017bda7
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 587 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "289aa99e2f95a5f1366238bd528ce6f06701618fd7e097197ac97808fb1642fd"
+INPUTS_SHA256 = "47f619b93398a8e77becfc00bab99e41e6a70a62befcc781a4dfb3fac017bda7"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

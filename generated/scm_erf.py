@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 c3f2a30f72d2c66dc9f15285d6496683c0ab5e99ffc4ec6a98d876f355572163
+# inputs:     sha256 27c24958b7ee200af2c43913e7518c146a0c4053c02ac7f8e15ac57db8cf558b
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "c3f2a30f72d2c66dc9f15285d6496683c0ab5e99ffc4ec6a98d876f355572163"
+INPUTS_SHA256 = "27c24958b7ee200af2c43913e7518c146a0c4053c02ac7f8e15ac57db8cf558b"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, MODELS.md section 3)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 8df1029fcbfc42b440fbd4995d0cca9796e51e980abbf1f13b23ffb7afa21bcf
+# inputs:     sha256 cd2fa973fea4e4a739b2dd61f5c728cc5670c4d819f5934858e2f7c59d10e478
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "8df1029fcbfc42b440fbd4995d0cca9796e51e980abbf1f13b23ffb7afa21bcf"
+INPUTS_SHA256 = "cd2fa973fea4e4a739b2dd61f5c728cc5670c4d819f5934858e2f7c59d10e478"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

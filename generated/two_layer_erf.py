@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 caa54db4f2a5857e4541c712621a5b78c97e3c2a466c9f6857122c97f8fcd211
+# inputs:     sha256 c36472a5c03f8b2a8842b1ce2c12fbe678f1fa681cb4221defba8e89e5a741ef
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "caa54db4f2a5857e4541c712621a5b78c97e3c2a466c9f6857122c97f8fcd211"
+INPUTS_SHA256 = "c36472a5c03f8b2a8842b1ce2c12fbe678f1fa681cb4221defba8e89e5a741ef"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

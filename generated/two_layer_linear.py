@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, MODELS.md section 4)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 5c832983922b156706ec8c7e8bacd16d4eb9c2c1842cf24d3fd3d52bc085bcb9
+# inputs:     sha256 da3eb6886bb57f46f7fd1e192436d1baed27a5fd26ea9ba309075e3f50fd7dda
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "5c832983922b156706ec8c7e8bacd16d4eb9c2c1842cf24d3fd3d52bc085bcb9"
+INPUTS_SHA256 = "da3eb6886bb57f46f7fd1e192436d1baed27a5fd26ea9ba309075e3f50fd7dda"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

@@ -260,15 +260,42 @@ def test_meta_model_rhs_matches_monte_carlo_of_its_update_rules(path, tmp_path):
         assert _check(wrong, mc), f"{model.name}: a 10 % wrong task spread passed the check"
 
 
+def _second_order(model, support):
+    """``model`` with the gradient through its inner loop switched on (the start's
+    update ``(da'/da)^T dL/da'``) and ``support`` samples per task."""
+    import dataclasses
+
+    inner = dataclasses.replace(model.inner_loop, support=sp.sympify(support), second_order=sp.S.One)
+    meta = dataclasses.replace(model.first_layer.meta, inner=inner, weight=sp.S.One)
+    jj = student_index("jj")
+    rule = dataclasses.replace(
+        model.readout_updates[0],
+        gradient=lambda loss, k: sp.Sum(
+            inner.da.base[jj, k] * sp.diff(loss, inner.adapted.base[jj]), (jj, 0, KS - 1)
+        ),
+    )
+    return dataclasses.replace(
+        model,
+        inner_loop=inner,
+        first_layer=dataclasses.replace(model.first_layer, meta=meta),
+        readout_updates=(rule,),
+    )
+
+
+@pytest.mark.parametrize("order", [1, 2])
 @pytest.mark.parametrize("path", MODEL_FILES, ids=lambda p: p.stem)
-def test_meta_model_flow_matches_its_simulation(path, tmp_path):
+def test_meta_model_flow_matches_its_simulation(path, order, tmp_path):
     """The flow of the rendered kernel against the mean of the model's algorithm
-    on real vectors (N = 400, 12 seeds, alpha up to 1) from explicit overlaps."""
+    on real vectors (N = 400, 12 seeds, alpha up to 1) from explicit overlaps; at
+    order 2 the model with the gradient through its inner loop switched on (its
+    sensitivities derived with its own regulariser and task law)."""
     from runtime import Init, flow, simulate
     from runtime.kernels import Kernel
 
     spec = _load_model_file(path)
     model, params = spec.MODEL, spec.PARAMS
+    if order == 2:
+        model = _second_order(model, math.inf)
     module = _kernel_module(model, tmp_path)
     M = 2
     Q0 = np.array([[0.5, 0.1], [0.1, 0.4]])
@@ -280,7 +307,7 @@ def test_meta_model_flow_matches_its_simulation(path, tmp_path):
     # the runtime's simulator: the model is not of the compiled loop's form, so each
     # step is the numpy reference reading this model file (runtime/simulate_meta.py)
     assert not hasattr(module, "meta_steps")
-    sim = simulate(kern, params, N=N, seeds=seeds, t_max=t_max, init=init, record_every=0.25, workers=1)
+    sim = simulate(kern, params, N=N, seeds=seeds, t_max=t_max, init=init, record_every=0.25)
     runs = [(sim.arrays["Q"][s], sim.arrays["R"][s], sim.arrays["a"][s]) for s in range(seeds)]
 
     def worst(prm):
@@ -298,28 +325,6 @@ def test_meta_model_flow_matches_its_simulation(path, tmp_path):
     # the check can fail: the flow without the model's own feature (WRONG) leaves the band
     wrong = worst({**params, **spec.WRONG})
     assert wrong > 1.0, f"{model.name}: the flow with {spec.WRONG} stayed within {wrong:.2f} of the band"
-
-
-def _second_order(model, support):
-    """``model`` with the gradient through its inner loop switched on (the start's
-    update ``(da'/da)^T dL/da'``) and ``support`` samples per task."""
-    import dataclasses
-
-    inner = dataclasses.replace(model.inner_loop, support=sp.sympify(support))
-    meta = dataclasses.replace(model.first_layer.meta, inner=inner, weight=sp.S.One)
-    jj = student_index("jj")
-    rule = dataclasses.replace(
-        model.readout_updates[0],
-        gradient=lambda loss, k: sp.Sum(
-            inner.da.base[jj, k] * sp.diff(loss, inner.adapted.base[jj]), (jj, 0, KS - 1)
-        ),
-    )
-    return dataclasses.replace(
-        model,
-        inner_loop=inner,
-        first_layer=dataclasses.replace(model.first_layer, meta=meta),
-        readout_updates=(rule,),
-    )
 
 
 @pytest.mark.parametrize("support", [math.inf, 7], ids=["population", "n_s=7"])

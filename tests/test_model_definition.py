@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
+import sympy as sp
 
 import runtime
 from derive import regenerate
@@ -181,3 +182,18 @@ def test_load_refuses_an_activation_the_model_is_not_built_for(monkeypatch):
             runtime.kernels.load("scm", "erf")
     finally:
         runtime.kernels.load.cache_clear()
+
+
+def test_a_gradient_through_the_inner_loop_needs_its_sensitivities():
+    """A MetaGradient of nonzero weight, or a readout rule reading da'/da, with an
+    inner loop whose second_order is 0 would read sensitivities nobody computes:
+    refused when the model is defined, naming what to set."""
+    anil = get_model("anil")
+    inner = dataclasses.replace(anil.inner_loop, second_order=sp.S.Zero)
+    fl = dataclasses.replace(anil.first_layer, meta=dataclasses.replace(anil.first_layer.meta, inner=inner))
+    with pytest.raises(ValueError, match="second_order"):
+        dataclasses.replace(anil, inner_loop=inner, first_layer=fl)
+    # the readout rule alone (anil's reads da'/da at order 2) is caught as well
+    fl0 = dataclasses.replace(fl, meta=dataclasses.replace(fl.meta, weight=sp.S.Zero))
+    with pytest.raises(ValueError, match="sensitivities"):
+        dataclasses.replace(anil, inner_loop=inner, first_layer=fl0)
