@@ -1,4 +1,4 @@
-"""Initial conditions (MODELS.md section 6): order parameters and the networks behind them.
+"""Initial conditions (docs/simulation.md section 6): order parameters and the networks behind them.
 
 Two routes, both exact:
 - ``sample_network``: a seeded random network (``w_k ~ N(0, sigma0^2 I_N)``,

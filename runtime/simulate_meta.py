@@ -1,4 +1,4 @@
-"""The finite-N simulator of meta-learning on streaming tasks (MODELS.md section 5).
+"""The finite-N simulator of meta-learning on streaming tasks (docs/models/anil.md).
 
 The real algorithm on real vectors, one task per step:
 

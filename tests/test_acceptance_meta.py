@@ -337,7 +337,7 @@ class ComponentValue:
 
 
 def simulate_meta_reference(model, params, Q0, R0, a0, vbar, N, steps, seed, record):
-    """The model's algorithm at first order on real vectors (MODELS.md 5, population
+    """The model's algorithm at first order on real vectors (docs/models/anil.md, population
     inner loop): draw a task from the law, adapt c from a by the population support
     gradient at the current overlaps, one query sample, then the model's update
     rules (FirstLayer.step, ReadoutUpdate.step) with the query gradients of its loss."""
