@@ -134,7 +134,7 @@ def _updates(model: Model) -> list[str]:
     if first.meta is not None:
         ap = tex_name(first.meta.inner.adapted.name)
         out.append(
-            rf"w_k \mathrel{{+}}= - {tex(first.rate)} \left({tex(first.meta.weight)}\right) \sum_j "
+            rf"w_k \mathrel{{+}}= - {tex(first.rate)}\, {tex(first.meta.weight)} \sum_j "
             rf"\frac{{\partial L}}{{\partial {ap}_j}} \frac{{\partial {ap}_j}}{{\partial w_k}},\qquad "
             rf"\frac{{\partial {ap}_j}}{{\partial w_k}} = \frac{{1}}{{N}}\Big[\sum_l "
             rf"\frac{{\partial {ap}_j}}{{\partial Q_{{kl}}}} (1 + \delta_{{kl}})\, w_l + \sum_m "

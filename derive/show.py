@@ -107,6 +107,7 @@ _TEX_NAMES = {
     "alpha_in": r"\alpha_{\mathrm{in}}",
     "n_q": r"n_{q}",
     "n_s": r"n_{s}",
+    "order": r"\mathrm{order}",
 }
 _DERIVATIVE = {"dQ": "Q", "dR": "R", "da": "a"}
 
@@ -128,6 +129,27 @@ def tex_name(name: str) -> str:
     return sp.latex(sp.Symbol(name))
 
 
+class _Iverson(sp.Function):
+    """``[cond]``: 1 where ``cond`` holds, else 0, printed as an Iverson bracket."""
+
+    nargs = 1
+
+    def _latex(self, printer):
+        return rf"[{printer._print(self.args[0])}]"
+
+
+def _iverson(expr: sp.Expr) -> sp.Expr:
+    """``Piecewise((v, cond), (0, True))`` as ``v [cond]``, which reads in one line."""
+
+    def fold(e):
+        if len(e.args) == 2 and e.args[1] == (0, True):
+            value, cond = e.args[0]
+            return value * _Iverson(cond)
+        return e
+
+    return expr.replace(lambda e: isinstance(e, sp.Piecewise), fold)
+
+
 def tex(expr) -> str:
     """LaTeX of a model or flow expression: indices by their names without their
     ranges (a model file's bound indices ``_b0, _b1`` as ``p_0, p_1``), and the
@@ -139,7 +161,7 @@ def tex(expr) -> str:
         if label.startswith("_b"):
             label = f"p_{label[2:]}"
         idx[i] = sp.Symbol(label)
-    expr = expr.xreplace(idx)
+    expr = _iverson(expr.xreplace(idx))
     names = {s: tex_name(s.name) for s in expr.atoms(sp.Symbol) if tex_name(s.name) != sp.latex(s)}
     out = sp.latex(expr, symbol_names=names)
     return out.replace(r"\operatorname{gpp}", "g''").replace(r"\operatorname{gp}", "g'")
