@@ -205,7 +205,7 @@ def model_context(model: Model, source: str | None = None) -> dict:
         "vectors": [
             {
                 "name": v.name,
-                "over": "student units (K): trained" if v.over == STUDENT else "teacher units (M): fixed",
+                "over": "student units (K), evolves" if v.over == STUDENT else "teacher units (M), constant",
                 "default": _number(v.default),
                 "doc": _cell(v.doc),
             }
