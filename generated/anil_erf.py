@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 e65ea30ee9698c167e743c17fa038f1fa07f7c7e4d69f2f5074b43e892d1be69
+# inputs:     sha256 7c79d13f5911c6e89f7e6605865cfbb55245a06199712adf78ab4481a92b3010
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 854 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "e65ea30ee9698c167e743c17fa038f1fa07f7c7e4d69f2f5074b43e892d1be69"
+INPUTS_SHA256 = "7c79d13f5911c6e89f7e6605865cfbb55245a06199712adf78ab4481a92b3010"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

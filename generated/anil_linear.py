@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 0a4724badfc75bb1efdd0eae401332ea26519895005d99f5de01267dc838eb23
+# inputs:     sha256 aa6a1f474f299e32bd7fa2cba3cb43e8986971f3d52928d048a0a736156a4200
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 587 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "0a4724badfc75bb1efdd0eae401332ea26519895005d99f5de01267dc838eb23"
+INPUTS_SHA256 = "aa6a1f474f299e32bd7fa2cba3cb43e8986971f3d52928d048a0a736156a4200"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -196,3 +196,29 @@ def test_pages_are_the_same_under_another_hash_seed():
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == docs.render_docs()
+
+
+def _math(text: str) -> list[str]:
+    """The display ($$ ... $$) and inline ($ ... $) math of a markdown text."""
+    blocks = re.findall(r"^\$\$\n(.*?)\n\$\$$", text, re.M | re.S)
+    rest = re.sub(r"^\$\$\n.*?\n\$\$$", "", text, flags=re.M | re.S)
+    rest = re.sub(r"`[^`]*`", "", rest)  # code spans hold no math
+    return blocks + re.findall(r"\$([^$\n]+)\$", rest)
+
+
+@pytest.mark.parametrize("page", markdown_files()[1:], ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_math_is_well_formed(page):
+    """Balanced braces and \\left/\\right, \\begin/\\end pairs, and no line break in inline math
+    (markdown would eat the backslash), in every formula of the docs."""
+    text = page.read_text(encoding="utf-8")
+    assert text.count("$$") % 2 == 0
+    for formula in _math(text):
+        depth = 0
+        for ch in re.sub(r"\\[{}]", "", formula):
+            depth += {"{": 1, "}": -1}.get(ch, 0)
+            assert depth >= 0, formula
+        assert depth == 0, formula
+        assert len(re.findall(r"\\left\b", formula)) == len(re.findall(r"\\right\b", formula)), formula
+        assert re.findall(r"\\begin\{(\w+)\}", formula) == re.findall(r"\\end\{(\w+)\}", formula), formula
+    inline = re.findall(r"(?<!\$)\$([^$\n]+)\$(?!\$)", re.sub(r"`[^`]*`", "", text))
+    assert not [f for f in inline if "\\\\" in f]

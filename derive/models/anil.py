@@ -58,8 +58,12 @@ $$
 
 so over the tasks $(a', \tilde v^\tau)$ is jointly Gaussian, with mean
 $(A_S a + G_S \bar v, \bar v)$ and covariance
-$s^2 \begin{pmatrix} G_S G_S^T & G_S \\ G_S^T & I \end{pmatrix}$. The engine
-does not use this closed form: it derives the support gradient from the model's
+
+$$
+s^2 \begin{pmatrix} G_S G_S^T & G_S \\ G_S^T & I \end{pmatrix}.
+$$
+
+The engine does not use this closed form: it derives the support gradient from the model's
 loss and runs the recursion on the task's means and loadings
 (derive/meta.py), which also covers other inner losses.
 
