@@ -248,7 +248,7 @@ def test_check_one_model(generated_copy, monkeypatch, capsys):
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("command", ["regenerate", "check", "show"])
+@pytest.mark.parametrize("command", ["regenerate", "check", "docs", "show"])
 def test_unknown_model_is_one_line_exit_2(command, capsys):
     from derive.__main__ import main
 
