@@ -222,3 +222,35 @@ def test_math_is_well_formed(page):
         assert re.findall(r"\\begin\{(\w+)\}", formula) == re.findall(r"\\end\{(\w+)\}", formula), formula
     inline = re.findall(r"(?<!\$)\$([^$\n]+)\$(?!\$)", re.sub(r"`[^`]*`", "", text))
     assert not [f for f in inline if "\\\\" in f]
+
+
+# a page of docs/ and the section numbers after it:
+# "docs/models/anil.md 5.1-5.4", "docs/simulation.md section 6"
+SECTION_REF = re.compile(
+    r"(?<![\w/])(docs/[\w/]+\.md)(?:,? sections?)? ?(\d+(?:\.\d+)?)?(?:-(\d+(?:\.\d+)?))?"
+)
+
+
+def _numbers(page: Path) -> set[str]:
+    """The section numbers of a page's headings (``## 5.3 Inner loop`` -> 5.3, ``## 7. The ...`` -> 7)."""
+    heads = re.findall(r"^#+ (\d+(?:\.\d+)?)\.? ", page.read_text(encoding="utf-8"), re.M)
+    return set(heads)
+
+
+def test_section_references_in_the_sources_name_existing_sections():
+    """A comment, docstring or help text citing ``docs/PAGE.md 5.3`` (or ``section 6``) names a
+    page of the repository and a numbered heading on it."""
+    sources = [ROOT / "README.md", ROOT / "pyproject.toml"]
+    for folder in ("derive", "runtime", "tests", "benchmarks"):
+        sources += [p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".jinja")]
+    bad = []
+    for src in sources:
+        for m in SECTION_REF.finditer(src.read_text(encoding="utf-8")):
+            page, numbers = ROOT / m.group(1), [n for n in m.group(2, 3) if n]
+            if page.stem.isupper():
+                continue  # a placeholder: MODEL.md, NAME.md stand for each model's page
+            if not page.is_file():
+                bad.append(f"{src.relative_to(ROOT)}: {m.group(0)} (no such page)")
+            elif any(n not in _numbers(page) for n in numbers):
+                bad.append(f"{src.relative_to(ROOT)}: {m.group(0)} (no such section)")
+    assert bad == []
