@@ -4,7 +4,7 @@
 
 Loads ``generated/{model}_erf.py`` as it was at ``REF`` (default: the parent of
 the first commit of this redesign, 401085a) beside the current one, integrates the
-same flows with each (the reference scenario of MODELS.md 7 to alpha = 300 at
+same flows with each (the reference scenario of docs/simulation.md section 7 to alpha = 300 at
 orders 1 and 2, and the validation configurations of ``runtime validate``), and
 prints the largest difference of every recorded state and metric. A refactor of
 the derivation should leave them equal to round-off.

@@ -1,4 +1,4 @@
-"""Command line of derive (INTERFACE.md): regenerate, check, show."""
+"""Command line of derive (docs/interface.md): regenerate, check, docs, show."""
 
 from __future__ import annotations
 
@@ -13,12 +13,32 @@ def _error(message: str) -> int:
     return 2
 
 
+def _write_docs(models) -> int:
+    """Write the generated pages of docs/ for ``models`` (default: all)."""
+    from . import docs
+    from .gaussian import UnreducibleExpectation
+
+    try:
+        names = docs.write_docs(models=models)
+    except (UnreducibleExpectation, ValueError) as exc:
+        return _error(str(exc))
+    print(f"wrote {len(names)} pages to {docs.DOCS}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m derive", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_regen = sub.add_parser("regenerate", help="rewrite generated/ from the model definitions")
-    p_check = sub.add_parser("check", help="exit 1 with a diff if generated/ differs from a fresh rendering")
-    for p in (p_regen, p_check):
+    p_regen = sub.add_parser(
+        "regenerate", help="rewrite generated/ and the generated pages of docs/ from the model definitions"
+    )
+    p_check = sub.add_parser(
+        "check", help="exit 1 with a diff if generated/ or docs/ differs from a fresh rendering"
+    )
+    p_docs = sub.add_parser(
+        "docs", help="rewrite the generated pages of docs/ (docs/README.md, docs/models/MODEL.md)"
+    )
+    for p in (p_regen, p_check, p_docs):
         p.add_argument("models", nargs="*", metavar="MODEL", help="only these models (default: all)")
     p_show = sub.add_parser("show", help="print the derived flow of a model")
     p_show.add_argument("model")
@@ -48,16 +68,23 @@ def main(argv: list[str] | None = None) -> int:
             return _error(str(exc))
         dt = time.perf_counter() - t0
         print(f"wrote {len(names)} files to {regen.GENERATED} in {dt:.1f} s")
-        return 0
+        return _write_docs(models)
+    if args.command == "docs":
+        return _write_docs(models)
     if args.command == "check":
+        from . import docs
         from . import regenerate as regen
 
         try:
             ok, report = regen.check(models=models)
+            docs_ok, docs_report = docs.check_docs(models=models)
         except DeriveError as exc:
             return _error(str(exc))
+        except (UnreducibleExpectation, ValueError) as exc:
+            return _error(str(exc))
         print(report)
-        return 0 if ok else 1
+        print(docs_report)
+        return 0 if ok and docs_ok else 1
     if args.command == "show":
         from .show import show
 

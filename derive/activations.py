@@ -1,4 +1,4 @@
-"""Activations as sympy definitions (MODELS.md section 1).
+"""Activations as sympy definitions (docs/conventions.md section 1).
 
 An activation is one expression ``g(z)``; its derivatives come from sympy.
 Adding an activation is adding one entry to ``ACTIVATIONS``; if its Gaussian

@@ -585,14 +585,15 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
 
 def inputs_hash(model_name: str, activation: str, root: Path = ROOT, source: str | None = None) -> str:
     """sha256 over everything one generated module depends on: the engine
-    (derive/*.py but its command line and ``show``, and the templates), the
+    (derive/*.py but its command line, ``show`` and ``docs``, and the kernel
+    templates; the docs templates live in a folder of their own), the
     model's own file, the model and activation names and the sympy version.
     Other model files and the registry (derive/models/__init__.py) are left
     out, so adding or editing one model changes no other model's files.
     ``root`` is the repository root (tests hash a modified copy); ``source`` the
     model's file for a model outside the registry (relative to ``root``)."""
     h = hashlib.sha256()
-    skip = {"__main__.py", "show.py"}  # they do not shape the generated text
+    skip = {"__main__.py", "show.py", "docs.py"}  # they do not shape the generated text
     engine = [p for p in (root / "derive").glob("*.py") if p.name not in skip]
     engine += list((root / "derive" / "templates").glob("*.jinja"))
     files = sorted(engine) + [root / (source or model_file(model_name))]

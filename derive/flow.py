@@ -168,7 +168,7 @@ _BY_OBJECT: dict = {}
 
 def build_flow(model: str | Model, activation: str) -> FlowIR:
     """Derive the flow of ``model`` (a registered name or a ``Model``, e.g. from a
-    file outside derive/models) with ``activation`` (MODELS.md sections 3-5).
+    file outside derive/models) with ``activation`` (docs/models/).
     Cached by name, and for a ``Model`` by identity."""
     if isinstance(model, str):
         return _build_named(model, activation)

@@ -1,4 +1,4 @@
-"""Gaussian expectations of products of activations, derived (MODELS.md section 2).
+"""Gaussian expectations of products of activations, derived (docs/conventions.md section 2).
 
 Stage 2 of the pipeline: an expectation ``E[prod_i h_i(u_i)]`` over a zero-mean
 Gaussian vector ``u`` with a symbolic covariance ``C`` is reduced to a closed
@@ -15,7 +15,7 @@ form by three rewrite rules, each a theorem about Gaussians:
 
 A product with odd total parity vanishes. Each result carries its provenance:
 the rules applied, in order. ``primitive(name, activation)`` gives the named
-expectations of MODELS.md (I2, I3, I4, J2) and ``expectation(kinds, activation)``
+expectations of docs/conventions.md section 2 (I2, I3, I4, J2) and ``expectation(kinds, activation)``
 any other pattern of factors.
 """
 
@@ -33,7 +33,7 @@ from .activations import Activation, get_activation
 FACTOR_KINDS = ("gp", "id", "g", "gpp")
 _ORDER = {"gp": 1, "id": None, "g": 0, "gpp": 2}
 
-# The named primitives of MODELS.md section 2: factor kinds in argument order.
+# The named primitives of docs/conventions.md section 2: factor kinds in argument order.
 PRIMITIVES: dict[str, tuple[str, ...]] = {
     "I2": ("g", "g"),
     "I3": ("gp", "id", "g"),
@@ -310,7 +310,7 @@ def directional(d: Derived) -> Derived:
 
 
 def primitive(name: str, activation: str) -> Derived:
-    """One of the named primitives of MODELS.md section 2, derived for ``activation``."""
+    """One of the named primitives of docs/conventions.md section 2, derived for ``activation``."""
     try:
         kinds = PRIMITIVES[name]
     except KeyError:

@@ -1,4 +1,4 @@
-"""Stage 3b: the meta-learner's task program, derived from the model file (MODELS.md 5.1-5.4).
+"""Stage 3b: the meta-learner's task program, derived from the model file (docs/models/anil.md 5.1-5.4).
 
 A model with an inner loop declares (derive/model.py):
 
@@ -426,7 +426,7 @@ def task_program(model, activation: str, used: dict) -> TaskProgram:
 
 def covariance_component(x, y, noise):
     """``S_X__Y[ix, iy] = sum_r L_X[ix, r] L_Y[iy, r]``: the covariance of two task
-    quantities over the draws (MODELS.md 5.3)."""
+    quantities over the draws (docs/models/anil.md 5.3)."""
     from .flow import Component, average
 
     ix = _idx(x.kinds)

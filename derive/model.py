@@ -1,4 +1,4 @@
-"""Stage 1: what a model file declares (MODELS.md sections 1, 3, 4).
+"""Stage 1: what a model file declares (docs/conventions.md section 1, docs/models/).
 
 A model is its network written in sympy (student output, clean teacher output,
 label noise, loss) plus its update rules. Each update rule below holds one
@@ -113,7 +113,7 @@ class Vector:
 
 @dataclass(frozen=True)
 class TaskVector:
-    """A random quantity drawn with each task (MODELS.md 5.1-5.3), jointly Gaussian
+    """A random quantity drawn with each task (docs/models/anil.md 5.1-5.3), jointly Gaussian
     with the other task quantities and independent of the query sample; the flow
     needs only its means and covariances (``mu_NAME``, ``S_NAME__OTHER``), which
     the kernel computes (derive/flow.py takes the expectations by Isserlis' theorem).
@@ -139,7 +139,7 @@ UNITS = {STUDENT: "K", TEACHER: "M"}  # the size of each kind of index
 
 @dataclass(frozen=True)
 class Overlap:
-    """An order parameter of the first layer (MODELS.md 1): the overlaps
+    """An order parameter of the first layer (docs/conventions.md 1): the overlaps
     ``a_i . b_j / N`` of the rows of two weight matrices, ``pair = (a, b)``, each
     ``"W"`` (the student's first layer, (K, N)) or ``"B"`` (the teacher, (M, N)).
     ``kinds`` are the kinds of its two indices; an overlap the flow moves
@@ -188,7 +188,7 @@ Q, R, T = (o.base for o in OVERLAPS)
 @dataclass(frozen=True)
 class TaskNoise:
     """The standard normal draws of a task, ``xi ~ N(0, I)`` over the units of
-    ``kind`` (MODELS.md 5.1): the randomness a task law is written in."""
+    ``kind`` (docs/models/anil.md 5.1): the randomness a task law is written in."""
 
     name: str
     kind: str
@@ -210,7 +210,7 @@ def _no_regulariser(c: sp.IndexedBase) -> sp.Expr:
 
 @dataclass(frozen=True)
 class InnerLoop:
-    """Adaptation of a readout to each task (MODELS.md 5.3, population support loss).
+    """Adaptation of a readout to each task (docs/models/anil.md 5.3, population support loss).
 
     ``c^(0) = start``, ``c^(s+1) = c^(s) - rate * grad_c L_sup(c^(s))`` for ``steps``
     steps, with ``L_sup(c) = E_x[loss(c)] + regulariser(c)``: ``loss(c)`` is the
@@ -258,7 +258,7 @@ class InnerLoop:
 
 @dataclass(frozen=True)
 class MetaGradient:
-    """The part of the outer gradient that flows through the inner loop (MODELS.md 5.4,
+    """The part of the outer gradient that flows through the inner loop (docs/models/anil.md 5.4,
     ``order = 2``): ``w_k`` also moves by ``-rate * sum_j dL/da'_j da'_j/dw_k`` with
     ``da'_j/dw_k = (1/N)[sum_l (da'_j/dQ_kl)(1 + [k=l]) w_l + sum_m (da'_j/dR_km) B_m]``,
     scaled by ``weight`` (1 for second order, 0 for first)."""
@@ -276,7 +276,8 @@ DEFAULT_COVARIANCE = {
 
 @dataclass(frozen=True)
 class FirstLayer:
-    """``w_k <- (1 - decay/N) w_k - (rate/sqrt(N)) (dL/dlambda_k) x`` (MODELS.md 1, 4).
+    """``w_k <- (1 - decay/N) w_k - (rate/sqrt(N)) (dL/dlambda_k) x``
+    (docs/conventions.md section 1, docs/models/two_layer.md).
 
     With ``G_k = dL/dlambda_k`` and one fresh sample per step, alpha = steps/N:
     ``dR_kn/dalpha = -rate E[G_k nu_n] - decay R_kn`` and
@@ -421,13 +422,13 @@ class ReadoutUpdate:
 
 
 def square_loss(f: sp.Expr, y: sp.Expr) -> sp.Expr:
-    """The square loss ``(f - y)^2 / 2`` of MODELS.md 3-5 (the default of ``Model.loss``)."""
+    """The square loss ``(f - y)^2 / 2`` of docs/models/ (the default of ``Model.loss``)."""
     return (f - y) ** 2 / 2
 
 
 @dataclass(frozen=True)
 class Model:
-    """A model file's content: network, loss, updates, metrics (MODELS.md 3-4).
+    """A model file's content: network, loss, updates, metrics (docs/models/).
 
     ``loss(f, y)`` is the per-sample loss as a function of the student output
     ``f`` and the noisy label ``y``; the flows and the simulator both read it

@@ -1,4 +1,4 @@
-"""Writing and checking ``generated/`` (INTERFACE.md: regenerate, check)."""
+"""Writing and checking ``generated/`` (docs/interface.md: regenerate, check)."""
 
 from __future__ import annotations
 

@@ -11,15 +11,6 @@ from .symbols import STUDENT, K, M, field_kind, lam, nu
 _FIELD_TEX = {lam: r"\lambda", nu: r"\nu"}
 
 
-def _rhs(component) -> sp.Expr:
-    return sp.Add(*[t.as_expr() for t in component.terms]) if component.terms else sp.S.Zero
-
-
-def _plain(expr: sp.Expr) -> sp.Expr:
-    """Indices printed by their names, without their ranges."""
-    return expr.xreplace({i: sp.Symbol(str(i.label)) for i in expr.atoms(sp.Idx)})
-
-
 def _lhs(component, derivative=True) -> str:
     idx = ",".join(str(i.label) for i in component.free)
     name = f"{component.name}[{idx}]" if idx else component.name
@@ -99,21 +90,113 @@ def _factors(d) -> str:
     return " ".join(f"{sym[k]}(u_{a})" if sym[k] else f"u_{a}" for k, a in zip(d.kinds, d.labels))
 
 
+# how names of model files and of the task program print in LaTeX (other names
+# print as sympy prints them); shared by ``show --latex`` and the docs pages
+_TEX_NAMES = {
+    "lambda": r"\lambda",
+    "nu": r"\nu",
+    "nut": r"\tilde{\nu}",
+    "vt": r"\tilde{v}",
+    "vs": r"v^{*}",
+    "vbar": r"\bar{v}",
+    "ap": r"a'",
+    "aopt": r"a^{*}",
+    "eps_B": r"\epsilon_{B}",
+    "eta_a": r"\eta_{a}",
+    "eta_v": r"\eta_{v}",
+    "alpha_in": r"\alpha_{\mathrm{in}}",
+    "n_q": r"n_{q}",
+    "n_s": r"n_{s}",
+    "order": r"\mathrm{order}",
+}
+_DERIVATIVE = {"dQ": "Q", "dR": "R", "da": "a"}
+
+
+def tex_name(name: str) -> str:
+    """LaTeX of a name: a model's symbols (``nut`` -> tilde nu), the task program's
+    moments (``mu_ap`` -> mu_{a'}, ``S_ap__vt`` -> Sigma_{a' tilde v}) and the
+    inner loop's sensitivities (``ap_dQ`` -> partial_Q a')."""
+    if name in _TEX_NAMES:
+        return _TEX_NAMES[name]
+    if name.startswith("mu_"):
+        return rf"\mu_{{{tex_name(name[3:])}}}"
+    if name.startswith("S_") and "__" in name:
+        x, y = name[2:].split("__", 1)
+        return rf"\Sigma_{{{tex_name(x)}\,{tex_name(y)}}}"
+    head, _, tail = name.rpartition("_")
+    if head and tail in _DERIVATIVE:
+        return rf"\partial_{{{_DERIVATIVE[tail]}}}{tex_name(head)}"
+    return sp.latex(sp.Symbol(name))
+
+
+class _Iverson(sp.Function):
+    """``[cond]``: 1 where ``cond`` holds, else 0, printed as an Iverson bracket."""
+
+    nargs = 1
+
+    def _latex(self, printer):
+        return rf"[{printer._print(self.args[0])}]"
+
+
+def _iverson(expr: sp.Expr) -> sp.Expr:
+    """``Piecewise((v, cond), (0, True))`` as ``v [cond]``, which reads in one line."""
+
+    def fold(e):
+        if len(e.args) == 2 and e.args[1] == (0, True):
+            value, cond = e.args[0]
+            return value * _Iverson(cond)
+        return e
+
+    return expr.replace(lambda e: isinstance(e, sp.Piecewise), fold)
+
+
+def tex(expr) -> str:
+    """LaTeX of a model or flow expression: indices by their names without their
+    ranges (a model file's bound indices ``_b0, _b1`` as ``p_0, p_1``), and the
+    names of ``tex_name``."""
+    expr = sp.sympify(expr)
+    idx = {}
+    for i in expr.atoms(sp.Idx):
+        label = str(i.label)
+        if label.startswith("_b"):
+            label = f"p_{label[2:]}"
+        idx[i] = sp.Symbol(label)
+    expr = _iverson(expr.xreplace(idx))
+    names = {s: tex_name(s.name) for s in expr.atoms(sp.Symbol) if tex_name(s.name) != sp.latex(s)}
+    out = sp.latex(expr, symbol_names=names)
+    return out.replace(r"\operatorname{gpp}", "g''").replace(r"\operatorname{gp}", "g'")
+
+
+def latex_equations(ir: FlowIR) -> list[tuple[str, list[str]]]:
+    """(left-hand side, LaTeX of each term) of every flow component, metric and
+    primitive of ``ir``: what ``show --latex`` prints and the docs pages show."""
+    out = []
+    for c in ir.derivatives:
+        idx = "".join(str(i.label) for i in c.free)
+        lhs = rf"\frac{{d {tex_name(c.name)}_{{{idx}}}}}{{d\alpha}}"
+        out.append((lhs, [tex(t.as_expr()) for t in c.terms] or ["0"]))
+    for c in ir.metrics:
+        name = tex_name(c.name).replace("eps", "\\epsilon")
+        out.append((name, [tex(t.as_expr()) for t in c.terms] or ["0"]))
+    for d in ir.primitives:
+        args = ", ".join(f"u_{a}" for a in d.labels)
+        sub = {cov_symbol(a, b): sp.Symbol(f"C_{{{a}{b}}}") for a in d.labels for b in d.labels}
+        out.append((rf"\mathrm{{{d.name}}}({args})", [sp.latex(d.expr.xreplace(sub))]))
+    return out
+
+
+def signed(term: str) -> str:
+    """A term after the first one, with its sign: ``+ t`` or ``- t``."""
+    return f"- {term[1:].lstrip()}" if term.startswith("-") else f"+ {term}"
+
+
 def latex(ir: FlowIR) -> str:
     m = ir.model
     out = [f"% model {m.name} ({m.section}), activation {ir.activation}", r"\begin{align}"]
     lines = []
-    for c in ir.derivatives:
-        idx = "".join(str(i.label) for i in c.free)
-        lhs = rf"\frac{{d {c.name}_{{{idx}}}}}{{d\alpha}}"
-        lines.append(rf"{lhs} &= {sp.latex(_plain(_rhs(c)))}")
-    for c in ir.metrics:
-        name = c.name.replace("eps", "\\epsilon")
-        lines.append(rf"{name} &= {sp.latex(_plain(_rhs(c)))}")
-    for d in ir.primitives:
-        args = ", ".join(f"u_{a}" for a in d.labels)
-        sub = {cov_symbol(a, b): sp.Symbol(f"C_{{{a}{b}}}") for a in d.labels for b in d.labels}
-        lines.append(rf"\mathrm{{{d.name}}}({args}) &= {sp.latex(d.expr.xreplace(sub))}")
+    for lhs, terms in latex_equations(ir):
+        first, rest = terms[0], terms[1:]
+        lines.append(rf"{lhs} &= {first}" + "".join(" \\\\\n&\\quad " + signed(t) for t in rest))
     out.append(" \\\\\n".join(lines))
     out.append(r"\end{align}")
     return "\n".join(out) + "\n"

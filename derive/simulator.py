@@ -1,6 +1,7 @@
-"""The formulas of the finite-N meta-learning simulator, derived (MODELS.md 1, 2, 5).
+"""The formulas of the finite-N meta-learning simulator, derived
+(docs/conventions.md sections 1-2, docs/models/anil.md).
 
-The simulator (runtime/simulate_meta.py) runs the algorithm of MODELS.md 5 on real
+The simulator (runtime/simulate_meta.py) runs the algorithm of docs/models/anil.md on real
 vectors. Beyond the arithmetic of weights and readouts it needs the activation
 ``g`` and its derivative ``g'``, the primitive ``I2(C_aa, C_bb, C_ab) = E[g(u_a) g(u_b)]``
 of the population support loss, and the partial derivatives of ``I2`` in its three

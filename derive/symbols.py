@@ -1,4 +1,4 @@
-"""The vocabulary of model files (MODELS.md section 1).
+"""The vocabulary of model files (docs/conventions.md section 1).
 
 A model file writes its network with these sympy objects:
 
@@ -6,8 +6,8 @@ A model file writes its network with these sympy objects:
 - ``student_index(name)`` / ``teacher_index(name)``: summation indices over
   ``0..K-1`` and ``0..M-1``;
 - ``lam[k]`` and ``nu[m]``: the local fields of student and teacher units;
-- ``nut[m]``: the teacher fields of the current task (meta-learning, MODELS.md
-  5.1), which differ from ``nu`` when the task's features vary (``eps_B > 0``);
+- ``nut[m]``: the teacher fields of the current task (meta-learning,
+  docs/models/anil.md 5.1), which differ from ``nu`` when the task's features vary (``eps_B > 0``);
 - ``field_family(name, kind, doc)``: a further family of fields, declared once
   (for example in a model file) with the kind of unit that indexes it; a model
   lists the families it uses in ``Model.fields``, and their rows in the
@@ -60,7 +60,7 @@ def field_doc(base) -> str:
 
 lam = field_family("lambda", STUDENT, "student fields w_k . x / sqrt(N)")
 nu = field_family("nu", TEACHER, "teacher fields B_m . x / sqrt(N)")
-nut = field_family("nut", TEACHER, "the current task's teacher fields (MODELS.md 5.1)")
+nut = field_family("nut", TEACHER, "the current task's teacher fields (docs/models/anil.md 5.1)")
 zeta = sp.Symbol("zeta", real=True)
 
 

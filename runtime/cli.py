@@ -1,4 +1,7 @@
-"""Command line of runtime (INTERFACE.md): the main job, flow, simulate, models."""
+"""Command line of runtime: the main job, flow, simulate, models, study, validate.
+
+The commands and files: docs/interface.md; the models' equations and
+parameters: docs/README.md and docs/models/MODEL.md."""
 
 from __future__ import annotations
 
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     _add_common(sub.add_parser("flow", help="integrate the flow of one model"), True)
     _add_common(sub.add_parser("simulate", help="run the finite-N simulation of one model"), False)
-    sub.add_parser("models", help="list the models and their parameters")
+    sub.add_parser("models", help="list the models and their parameters (equations: docs/models/)")
     p_study = sub.add_parser("study", help="one of the studies of the meta-learning model, or all")
     p_study.add_argument("name", choices=[*STUDIES, "all"])
     p_study.add_argument("--out", help="output directory (default runs/studies)")

@@ -1,4 +1,4 @@
-"""Initial conditions (MODELS.md section 6): order parameters and the networks behind them.
+"""Initial conditions (docs/simulation.md section 6): order parameters and the networks behind them.
 
 Two routes, both exact:
 - ``sample_network``: a seeded random network (``w_k ~ N(0, sigma0^2 I_N)``,
@@ -52,7 +52,7 @@ class Init:
     def validate(self, model: Model, tol: float = 1e-10) -> Init:
         """Check each order parameter (real, finite, of its shape, symmetric where
         ``OVERLAPS`` says so), that the teacher's overlaps are positive definite,
-        and that some network has all of them (their Gram matrix, MODELS.md 1, is
+        and that some network has all of them (their Gram matrix, docs/conventions.md 1, is
         positive semi-definite); fill default readouts."""
         arrays = {o.name: _real(f"{o.name} ({o.doc})", getattr(self, o.name)) for o in OVERLAPS}
         units: dict[str, int] = {}

@@ -182,7 +182,7 @@ def _assemble(kernel: Kernel, traj, c, p, K, M, alpha, values, extra) -> Traject
 
 
 def normalised_overlaps(Q: np.ndarray, R: np.ndarray, T: np.ndarray) -> np.ndarray:
-    """``r_km = R_km / sqrt(Q_kk T_mm)`` (MODELS.md 5.7), over any leading axes."""
+    """``r_km = R_km / sqrt(Q_kk T_mm)`` (docs/models/anil.md 5.7), over any leading axes."""
     q = np.einsum("...kk->...k", Q)
     with np.errstate(divide="ignore", invalid="ignore"):
         return R / np.sqrt(q[..., :, None] * np.diag(T)[None, :])

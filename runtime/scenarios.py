@@ -1,6 +1,6 @@
-"""The main job, the studies and the validation (MODELS.md sections 5-7).
+"""The main job, the studies and the validation (docs/models/anil.md and docs/simulation.md).
 
-- ``main_job``: the reference scenario of MODELS.md section 7, flow and a
+- ``main_job``: the reference scenario of docs/simulation.md section 7, flow and a
   finite-N simulation beside it, with its figures;
 - ``STUDIES``: one figure each on a question the paper raises (inner rate and
   steps, over-parameterisation, task variability, first against second order);
@@ -27,7 +27,7 @@ META_METRICS = ("eps_meta", "eps_pre", "eps_opt")
 
 
 def reference_init(d: float = 1e-3, K: int = 2, M: int = 2, q0: float = 0.01, r0: float = 0.01) -> Init:
-    """MODELS.md section 7: ``Q0 = q0 I``, ``R0 = r0 (all ones) + d (+1 on the
+    """docs/simulation.md section 7: ``Q0 = q0 I``, ``R0 = r0 (all ones) + d (+1 on the
     diagonal, -1 off it)`` (for K != M the pattern is unit k favouring teacher k mod M)."""
     R0 = np.full((K, M), r0)
     for k in range(K):
@@ -36,7 +36,7 @@ def reference_init(d: float = 1e-3, K: int = 2, M: int = 2, q0: float = 0.01, r0
     return Init(q0 * np.eye(K), R0, np.eye(M), {"a": np.zeros(K), "vbar": np.zeros(M)})
 
 
-# MODELS.md section 7, the main job's default
+# docs/simulation.md section 7, the main job's default
 REFERENCE = {
     "model": "anil",
     "params": {

@@ -1,6 +1,6 @@
 """The finite-N simulator: the update rules of a model applied to real vectors.
 
-This is the ground truth the flows are tested against (MODELS.md section 6).
+This is the ground truth the flows are tested against (docs/simulation.md section 6).
 One step: a fresh input ``x ~ N(0, I_N)`` and label noise ``zeta``; the fields
 ``lambda = W x / sqrt(N)``, ``nu = B x / sqrt(N)``; the per-sample gradients of
 the model's loss (``G_k = dL/dlambda_k`` and ``dL/dc_k`` for each trained

@@ -1,4 +1,4 @@
-"""The finite-N simulator of meta-learning on streaming tasks (MODELS.md section 5).
+"""The finite-N simulator of meta-learning on streaming tasks (docs/models/anil.md).
 
 The real algorithm of a model with an inner loop, on real vectors, one task per
 step, as its model file declares it:

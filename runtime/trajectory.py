@@ -1,4 +1,4 @@
-"""Trajectories: the arrays of INTERFACE.md, and writing them whole or not at all."""
+"""Trajectories: the arrays of docs/interface.md, and writing them whole or not at all."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The closed forms of MODELS.md section 2 as numpy tensors over all index tuples.
+"""The closed forms of docs/conventions.md section 2 as numpy tensors over all index tuples.
 
 Typed here from the literature (Saad & Solla 1995), independently of derive/,
 and shared by the tests that check generated kernels against them.

@@ -8,8 +8,9 @@ from there (``derive.regenerate.write_module``, ``runtime.kernels.load_path``), 
 checked twice:
 
 1. the generated right-hand side and metrics against a Monte Carlo estimate of
-   the expected change that the update rules define (MODELS.md 1 and 4, the
-   docstrings of ``FirstLayer`` and ``ReadoutUpdate``), at random order parameters.
+   the expected change that the update rules define (docs/conventions.md section 1,
+   docs/models/two_layer.md, the docstrings of ``FirstLayer`` and ``ReadoutUpdate``),
+   at random order parameters.
    Per sample, with ``G_k = dL/dlambda_k``:
    ``N dR_kn = -rate G_k nu_n - decay R_kn``,
    ``N dQ_kl = -rate (G_k lambda_l + G_l lambda_k) + rate^2 G_k G_l - 2 decay Q_kl``,

@@ -1,4 +1,4 @@
-"""The generated ``anil`` kernels against a direct numpy evaluation of MODELS.md section 5.
+"""The generated ``anil`` kernels against a direct numpy evaluation of docs/models/anil.md.
 
 The reference below does not import derive. It types the closed forms of
 section 2 as tensors over the fields ``u = (lambda_1..K, nu_1..M, nut_1..M)``
@@ -11,7 +11,7 @@ signed readouts: ``d = y - f = sum_p sgn_p z_p g(u_p) + sigma zeta`` with
 
 Second order (``order = 2``): the derivatives of ``a'`` in ``Q`` (one symmetric
 variable per pair) and ``R`` are central finite differences of that numpy inner
-loop, contracted as MODELS.md 5.4 / 5.5 say. Independently of that chain rule, the
+loop, contracted as docs/models/anil.md 5.4 / 5.5 say. Independently of that chain rule, the
 second-order flow is checked to be gradient descent on ``eps_meta`` (a finite
 difference of the meta-error along ``w_k -> w_k + eps B_n`` and ``w_k -> w_k + eps w_l``).
 """
@@ -47,7 +47,7 @@ TENSORS = {"erf": tensors_erf, "linear": tensors_linear}
 
 
 def field_cov(Q, R, T, eps_B):
-    """Covariance of (lambda_1..K, nu_1..M, nut_1..M), MODELS.md 5.1."""
+    """Covariance of (lambda_1..K, nu_1..M, nut_1..M), docs/models/anil.md 5.1."""
     M = T.shape[0]
     return np.block([[Q, R, R], [R.T, T, T], [R.T, T, T + eps_B**2 * np.eye(M)]])
 
@@ -132,7 +132,7 @@ def ap_derivatives(Q, R, T, a, vbar, eps_B, alpha_in, S, act, h=FD_STEP):
 
 
 def reference(Q, R, T, a, vbar, prm, act="erf"):
-    """dQ, dR, da and the metrics (eps_pre, eps_meta, eps_opt) of MODELS.md 5.5 / 5.7."""
+    """dQ, dR, da and the metrics (eps_pre, eps_meta, eps_opt) of docs/models/anil.md 5.5 / 5.7."""
     K, M = R.shape
     eta, eta_a, alpha_in = prm["eta"], prm["eta_a"], prm["alpha_in"]
     S, order, n_q = int(prm["S"]), prm["order"], prm["n_q"]

@@ -1,4 +1,5 @@
-"""The finite-N simulator of ``anil`` (MODELS.md sections 5-6) and its interface.
+"""The finite-N simulator of ``anil`` (docs/models/anil.md, docs/simulation.md section 6)
+and its interface.
 
 1. The simulator's gradients against finite differences of its own query loss
    through the inner loop (``MetaStep.query_loss``: same task, same support and
@@ -131,7 +132,7 @@ def test_second_order_gradient_matches_finite_differences_of_the_query_loss(case
 def test_second_order_part_lies_in_the_span_of_student_and_task_teacher_in_population_mode():
     """Population mode: a' depends on W only through Q and the task's R, so the
     part through the inner loop is a combination of the w_l and the task's B_m
-    (MODELS.md 5.4); the samples mode has a component along the support inputs."""
+    (docs/models/anil.md 5.4); the samples mode has a component along the support inputs."""
     for n_s in (math.inf, 7):
         rng, step, W, a, task = make_case(n_s, 2, 0.3, 0.2, 3, "erf", order=2, seed=11)
         _, grad_W2, _ = step.gradients(W, a, task)
@@ -196,7 +197,7 @@ def test_no_inner_step_makes_both_orders_equal():
 
 def test_population_inner_loop_matches_the_closed_form_recursion():
     """Population mode: a' = A_S a + G_S vt with A_S = (I - alpha_in C)^S and
-    G_S = alpha_in sum_{s<S} (I - alpha_in C)^s D (MODELS.md 5.3), with C, D the
+    G_S = alpha_in sum_{s<S} (I - alpha_in C)^s D (docs/models/anil.md 5.3), with C, D the
     erf closed forms at the task's overlaps."""
     rng = np.random.default_rng(2)
     K, M, N = 3, 2, 60
@@ -259,7 +260,7 @@ def test_I2_closed_form_against_monte_carlo(act):
         prod = g.g(u[:, 0]) * g.g(u[:, 1])
         mc, se = prod.mean(), prod.std() / math.sqrt(n)
         assert abs(g.I2(a, b, c) - mc) < 5 * se, (act, a, b, c, g.I2(a, b, c), mc, se)
-    if act == "erf":  # the literature form of MODELS.md section 2, typed here
+    if act == "erf":  # the literature form of docs/conventions.md section 2, typed here
         a, b, c = random_triples(rng, 50)
         ref = 2 / np.pi * np.arcsin(c / np.sqrt((1 + a) * (1 + b)))
         np.testing.assert_allclose(g.I2(a, b, c), ref, rtol=1e-14)
@@ -310,7 +311,7 @@ def test_flow_metrics_are_the_errors_of_the_simulated_algorithm(params):
     """eps_pre, eps_meta, eps_opt of the flow at the start equal a Monte Carlo of
     the simulator's own algorithm on the realised network: tasks drawn by
     ``draw_task``, readout a, a' from ``adapt`` (population mode), a* = C^-1 D vt,
-    errors 1/2 (f - y_clean)^2 on fresh query inputs (MODELS.md 5.7)."""
+    errors 1/2 (f - y_clean)^2 on fresh query inputs (docs/models/anil.md 5.7)."""
     init = validation_init()
     N, n_tasks, n_q = 1000, 1500, 40
     rng = np.random.default_rng(6)
@@ -465,7 +466,7 @@ def test_anil_flow_matches_simulation_mean(name):
     assert np.abs(fl.eps_meta[-1] - fl.eps_meta[0]) > C_FINITE_N / np.sqrt(FLOW_N)
     if params.get("eta_a"):
         assert np.abs(fl.a[-1] - fl.a[0]).max() > 3 * C_FINITE_N / np.sqrt(FLOW_N)
-    else:  # eta_a = 0 keeps the readout initialisation fixed (MODELS.md 5.4), exactly
+    else:  # eta_a = 0 keeps the readout initialisation fixed (docs/models/anil.md 5.4), exactly
         assert np.array_equal(sim.a, np.broadcast_to(init.vectors["a"], sim.a.shape))
     bad = violations(fl, sim, FLOW_N)
     assert not bad, f"{name}: flow outside the simulation's band: {bad}"
@@ -497,7 +498,7 @@ def test_first_and_second_order_simulations_differ():
 
 
 # =========================================================================== 3. finite support sets
-# ``n_s < inf`` is simulated only (MODELS.md 5.6). The finite support set adds a
+# ``n_s < inf`` is simulated only (docs/models/anil.md 5.6). The finite support set adds a
 # bias of order 1/n_s to the mean dynamics (the adapted readout becomes random
 # beyond the task draw, and its variance enters the outer step quadratically).
 # Measured from validation_init with s = 1.5 at N = 300, t = 1, 200 seeds:
@@ -754,7 +755,7 @@ def test_seeded_simulation_is_reproducible_and_independent_of_workers():
 
 def test_sampled_start_is_the_anil_simulations_first_record():
     """Without explicit overlaps, seed i starts from sampled_init(..., seed + i)
-    (MODELS.md 6), with the model's default readouts a = 0, vbar = 0."""
+    (docs/simulation.md section 6), with the model's default readouts a = 0, vbar = 0."""
     sim = runtime.simulate("anil", {"order": 2}, N=150, seeds=2, t_max=0.1, sigma0=0.3, seed=4)
     for i in range(2):
         init = runtime.sampled_init("anil", 2, 2, 150, 4 + i, sigma0=0.3)
@@ -782,6 +783,6 @@ def test_main_job_smoke(tmp_path):
     assert summary["final_alpha"] == 4.0
     assert summary["final_eps_meta"] == pytest.approx(float(fl.eps_meta[-1]), rel=1e-12)
     assert summary["final_eps_opt"] == pytest.approx(float(fl.eps_opt[-1]), rel=1e-12)
-    # the reference start (MODELS.md 7) is the flow's first point
+    # the reference start (docs/simulation.md section 7) is the flow's first point
     np.testing.assert_allclose(fl.Q[0], 0.01 * np.eye(2), atol=1e-15)
     np.testing.assert_allclose(fl.R[0], [[0.011, 0.009], [0.009, 0.011]], atol=1e-15)

@@ -1,4 +1,4 @@
-"""The command lines of INTERFACE.md, run as a user runs them (subprocesses, outputs in tmp_path)."""
+"""The command lines of docs/interface.md, run as a user runs them (subprocesses, outputs in tmp_path)."""
 
 from __future__ import annotations
 

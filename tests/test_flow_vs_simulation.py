@@ -1,4 +1,4 @@
-"""Flows against the finite-N simulation, the ground truth (MODELS.md section 6).
+"""Flows against the finite-N simulation, the ground truth (docs/simulation.md section 6).
 
 Every case starts from explicit, N-independent overlaps (``Init`` with ``Q0``,
 ``R0``, ``T`` and readouts), which ``simulate`` realises exactly, away from the
@@ -156,7 +156,8 @@ def test_gap_to_the_flow_shrinks_like_one_over_sqrt_n():
 
 
 def test_sampled_start_is_the_simulations_first_record():
-    """The same seed gives the simulation and the flow the same starting point (MODELS.md 6)."""
+    """The same seed gives the simulation and the flow the same starting point
+    (docs/simulation.md section 6)."""
     spec = get_model("two_layer")
     n, seed = 300, 5
     sim = runtime.simulate(
@@ -190,7 +191,7 @@ def test_sampled_init_accepts_a_model_name_as_documented():
 
 
 def test_frozen_readout_in_the_simulation_neither_learns_nor_decays():
-    """eta_v = 0 freezes v in the simulator too, weight decay included (MODELS.md section 4)."""
+    """eta_v = 0 freezes v in the simulator too, weight decay included (docs/models/two_layer.md)."""
     init = start(2, 2, 1)
     sim = runtime.simulate(
         "two_layer", {"eta_v": 0.0, "kappa": 0.5}, N=200, seeds=2, t_max=1.0, init=init, record_every=0.5

@@ -1,4 +1,4 @@
-"""The Gaussian primitives of derive/gaussian.py (MODELS.md section 2).
+"""The Gaussian primitives of derive/gaussian.py (docs/conventions.md section 2).
 
 Each derived primitive is evaluated (sympy lambdify of the derived expression,
 and the njit functions of the generated modules) and compared with
@@ -31,7 +31,7 @@ ARITY = {"I2": 2, "I3": 3, "I4": 4, "J2": 2}
 
 
 # ---------------------------------------------------------------------------
-# literature closed forms, MODELS.md section 2 (scalar in the indices, vectorised
+# literature closed forms, docs/conventions.md section 2 (scalar in the indices, vectorised
 # over a stack of covariances C[..., n, n])
 
 

@@ -1,5 +1,6 @@
 """The generated kernels against a direct numpy evaluation of the flows
-(MODELS.md sections 2-4), plus the properties of STYLE.md "Tests at three levels".
+(docs/conventions.md section 2, docs/models/scm.md, docs/models/two_layer.md), plus the
+properties of STYLE.md "Tests at three levels".
 
 The reference below does not import derive: the closed forms of section 2 are
 typed as tensors over all index tuples, and the flows of sections 3 and 4 are
@@ -26,7 +27,7 @@ TENSORS = {"erf": tensors_erf, "linear": tensors_linear}
 
 
 def reference_flow(Q, R, T, v, vs, eta, eta_v, kappa, sigma, activation):
-    """dQ, dR, dv and eps_g of MODELS.md section 4 (section 3 is v = vs = 1, eta_v = kappa = 0)."""
+    """dQ, dR, dv and eps_g of docs/models/two_layer.md (section 3 is v = vs = 1, eta_v = kappa = 0)."""
     K, M = R.shape
     C = np.block([[Q, R], [R.T, T]])
     I2, I3, I4, J2 = TENSORS[activation](C)

@@ -5,11 +5,11 @@ online SGD in a two-layer network with a plain Euler scheme (their C++
 integrator): at every step the covariance ``C = [[Q, R], [R^T, T]]`` is built
 from the old order parameters, every increment is computed from those old
 values, and the second layer moves (and decays) only when it is trained. The
-code below types that scheme and the Saad-Solla closed forms of MODELS.md
-section 2 by hand, in plain numpy, reading nothing from ``derive`` or
+code below types that scheme and the Saad-Solla closed forms of
+docs/conventions.md section 2 by hand, in plain numpy, reading nothing from ``derive`` or
 ``generated``; ``runtime.flow(method="euler")`` must follow it step by step.
 
-Conventions checked here (MODELS.md section 4): weight decay ``kappa`` is not
+Conventions checked here (docs/models/two_layer.md): weight decay ``kappa`` is not
 multiplied by a learning rate, ``eta_v = 0`` freezes ``v`` without decay, the
 noise enters as ``eta^2 sigma^2 v_i v_k J2(i, k)``, and
 ``eps_g = 1/2 E[(f - y_clean)^2]``.
@@ -30,7 +30,7 @@ N_STEPS = 250
 TOL = 1e-10
 
 
-# --- Saad & Solla (1995) closed forms for g(z) = erf(z / sqrt(2)), MODELS.md section 2 ---
+# --- Saad & Solla (1995) closed forms for g(z) = erf(z / sqrt(2)), docs/conventions.md section 2 ---
 
 
 def erf_I2(C, a, b):

@@ -205,8 +205,8 @@ def test_inputs_hash_covers_the_engine_and_the_templates(repo_root, tmp_path):
         edited.write_text(edited.read_text(encoding="utf-8") + "\n", encoding="utf-8")
         assert codegen.inputs_hash("scm", "linear", root=tmp_path) != before, edited.name
         before = codegen.inputs_hash("scm", "linear", root=tmp_path)
-    # the command line and `show` do not shape the generated text
-    for skipped in ("__main__.py", "show.py"):
+    # the command line, `show` and `docs` do not shape the generated text, nor do the docs templates
+    for skipped in ("__main__.py", "show.py", "docs.py", "templates/docs/model.md.jinja"):
         (derive_copy / skipped).write_text("# edited\n", encoding="utf-8")
     assert codegen.inputs_hash("scm", "linear", root=tmp_path) == before
     assert codegen.inputs_hash("scm", "erf", root=tmp_path) != before
@@ -248,7 +248,7 @@ def test_check_one_model(generated_copy, monkeypatch, capsys):
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("command", ["regenerate", "check", "show"])
+@pytest.mark.parametrize("command", ["regenerate", "check", "docs", "show"])
 def test_unknown_model_is_one_line_exit_2(command, capsys):
     from derive.__main__ import main
 

@@ -1,14 +1,147 @@
-"""Model ``anil``: meta-learning a shared representation on streaming tasks (MODELS.md section 5).
+r"""Model ``anil``: meta-learning a shared representation on streaming tasks.
 
-Tasks: readout ``vt = vbar + s xi``, ``xi ~ N(0, I_M)``, teacher fields ``nut``
-with ``Cov(lambda, nut) = R``, ``Cov(nu, nut) = T``, ``Cov(nut, nut) = T + eps_B^2 I``;
-labels ``y = sum_m vt_m g(nut_m) + sigma zeta``.
-Inner loop: ``S`` steps of gradient descent with rate ``alpha_in`` on the
-population support loss from ``c = a``, giving the adapted readout ``ap`` (a').
-Outer loop, one task per step, ``n_q`` query samples:
-``w_k <- w_k - (eta/sqrt(N)) ap_k delta g'(lambda_k) x`` (+ the gradient through
-the inner loop when ``order = 2``), ``a <- a - (eta_a/N) delta g(lambda)``
-(``(da'/da)^T delta g(lambda)`` when ``order = 2``).
+The page docs/models/anil.md is rendered from this docstring (from its first
+heading on) and the declarations below (``python -m derive docs``); it is
+section 5 of the docs.
+
+## 5. Meta-learning on streaming tasks
+
+The model of Wang, Yip & Li (2024, [arXiv:2408.12545](https://arxiv.org/abs/2408.12545)):
+gradient-based meta-learning of a two-layer network in the teacher-student
+setting. All tasks share the teacher's features; each task has its own readout.
+The first layer of the meta-learner (the representation) learns in an outer loop
+across tasks, while an inner loop adapts the readout to each task: the ANIL form
+of MAML. At large N, a few inner-loop steps on the first layer would move the
+fields by O(1/sqrt(N)) only, so only the readout adapts.
+
+## 5.1 Tasks
+
+The teacher features $B_m$ have overlaps $T$ (default $T = I$). Task $\tau$
+draws its readout
+
+$$
+\tilde v^\tau = \bar v + s\, \xi^\tau, \qquad \xi^\tau \sim \mathcal{N}(0, I_M),
+$$
+
+independently of every other task ($\bar v$: the mean readout, `vbar`;
+$s \ge 0$: the spread of the tasks). With feature variability $\epsilon_B \ge 0$
+the task also uses teacher vectors $B_m + \epsilon_B z^\tau_m$, fresh
+$z^\tau_m \sim \mathcal{N}(0, I_N)$. Its teacher fields $\tilde\nu_m$ (`nut`) then
+differ from the shared teacher's $\nu_m$ (the ones $R$ measures) by an
+independent unit Gaussian times $\epsilon_B$:
+$\mathrm{Cov}(\lambda, \tilde\nu) = R$, $\mathrm{Cov}(\nu, \tilde\nu) = T$,
+$\mathrm{Cov}(\tilde\nu, \tilde\nu) = T + \epsilon_B^2 I$. A task's labels are
+$y = \sum_m \tilde v^\tau_m\, g(\tilde\nu_m) + \sigma \zeta$.
+
+## 5.2 The meta-learner
+
+A first layer $W$ of K units and a readout initialisation $a \in \mathbb{R}^K$.
+With a readout $c$ the output is $f_c(x) = \sum_k c_k\, g(\lambda_k)$.
+
+## 5.3 Inner loop
+
+Starting from $c^{(0)} = a$, $S \ge 0$ steps of gradient descent with rate
+$\alpha_\mathrm{in}$ on the task's support loss give the adapted readout
+$a' = c^{(S)}$ (`ap` in the model file):
+$c^{(s+1)} = c^{(s)} - \alpha_\mathrm{in} \nabla_c L_\mathrm{sup}(c^{(s)})$.
+
+With the support loss over the whole population ($n_s = \infty$, the default),
+$L_\mathrm{sup}(c) = \tfrac12 \mathrm{E}_x[(f_c - y)^2]$ and
+$\nabla_c L_\mathrm{sup} = C c - D \tilde v^\tau$ with
+$C_{kl} = I_2(\lambda_k, \lambda_l)$ and $D_{km} = I_2(\lambda_k, \tilde\nu_m)$.
+The recursion is linear:
+
+$$
+a' = A_S\, a + G_S\, \tilde v^\tau, \qquad A_S = (I - \alpha_\mathrm{in} C)^S, \qquad
+G_S = \alpha_\mathrm{in} \sum_{s < S} (I - \alpha_\mathrm{in} C)^s D,
+$$
+
+so over the tasks $(a', \tilde v^\tau)$ is jointly Gaussian, with mean
+$(A_S a + G_S \bar v, \bar v)$ and covariance
+
+$$
+s^2 \begin{pmatrix} G_S G_S^T & G_S \\ G_S^T & I \end{pmatrix}.
+$$
+
+The engine does not use this closed form: it derives the support gradient from the model's
+loss and runs the recursion on the task's means and loadings
+(derive/meta.py), which also covers other inner losses.
+
+## 5.4 Outer loop
+
+Every step draws a new task, adapts to it, then takes $n_q$ fresh query samples
+of the task (default 1), with $\delta = f_{a'}(x) - y$.
+
+- First order (`order = 1`, FO-ANIL):
+  $w_k \leftarrow w_k - \frac{\eta}{\sqrt N}\, a'_k\, \delta\, g'(\lambda_k)\, x$ and
+  $a \leftarrow a - \frac{\eta_a}{N}\, \delta\, g(\lambda)$, each averaged over
+  the $n_q$ query samples.
+- Second order (`order = 2`): the exact gradient of the query loss through the
+  inner loop. $w_k$ moves in addition by
+  $-\eta \sum_j \delta\, g(\lambda_j)\, \partial a'_j / \partial w_k$, and $a$ by
+  $-\frac{\eta_a}{N} A_S^T \delta\, g(\lambda)$ instead of the first-order step.
+  $a'$ depends on $W$ only through $Q$ and $R$, so (with $Q$ a symmetric
+  variable: $Q_{kl}$ and $Q_{lk}$ are one entry)
+
+$$
+\frac{\partial a'_j}{\partial w_k} = \frac1N \Big[\sum_l \frac{\partial a'_j}{\partial Q_{kl}}
+(1 + \delta_{kl})\, w_l + \sum_m \frac{\partial a'_j}{\partial R_{km}} B_m\Big].
+$$
+
+With $\epsilon_B > 0$ it is $T$, not $T + \epsilon_B^2 I$, that enters the
+contraction of this direction at large N.
+
+$\eta_a = 0$ (the default) keeps the readout initialisation fixed (default $a = 0$).
+
+## 5.5 Flows
+
+Both the query sample's fields and the task's $z = (a', \tilde v^\tau)$ are
+averaged over; with $d = y - f_{a'}$, at first order
+
+$$
+\frac{dR_{kn}}{d\alpha} = \eta\, \mathrm{E}[a'_k\, g'(\lambda_k)\, \nu_n\, d], \qquad
+\frac{da_j}{d\alpha} = \eta_a\, \mathrm{E}[g(\lambda_j)\, d],
+$$
+
+$$
+\frac{dQ_{kl}}{d\alpha} = \eta\, \mathrm{E}[a'_k\, g'(\lambda_k)\, \lambda_l\, d] + (k \leftrightarrow l)
++ \frac{\eta^2}{n_q}\, \mathrm{E}[a'_k a'_l\, g'(\lambda_k)\, g'(\lambda_l)\, d^2].
+$$
+
+Each expectation is a product of task moments of $z$ (means, covariances, and
+fourth moments by Isserlis' theorem) and primitives $I_2, I_3, I_4, J_2$ of the
+fields. At second order, $-\eta \sum_j \mathrm{E}[\delta\, g(\lambda_j)\, \partial a'_j]$
+is added, contracted as the chain rule of 5.4 says; for $dR_{kn}$ with
+
+$$
+\sum_l \frac{\partial a'_j}{\partial Q_{kl}} (1 + \delta_{kl}) R_{ln}
++ \sum_m \frac{\partial a'_j}{\partial R_{km}} T_{mn},
+$$
+
+for $dQ_{kl}$ the same with $Q_{il}$ and $R_{lm}$, plus $(k \leftrightarrow l)$.
+Cross terms of first- and second-order steps are O(1/N).
+
+## 5.6 Finite support sets
+
+With `n_s` finite, each task's inner loop uses $n_s$ fresh support samples: the
+sample matrices $\hat C = \frac1{n_s} \sum_\mu g^\mu g^{\mu T}$ and
+$\hat h = \frac1{n_s} \sum_\mu y^\mu g^\mu$ replace $C$ and $D \tilde v^\tau$. The
+finite-N simulator runs this (inner mode `samples`); the flow is derived for
+$n_s = \infty$ only, and asking a flow for finite `n_s` is an error.
+
+## 5.7 Metrics
+
+All are errors on a new task, $\tfrac12 \mathrm{E}_\tau \mathrm{E}_x[(f - y_\mathrm{clean})^2]$, with closed
+forms in $I_2$ and the task moments:
+
+- `eps_pre`: with the readout before adaptation, $a$;
+- `eps_meta`: with the adapted readout $a'$ (the meta-generalisation error, what
+  is trained);
+- `eps_opt`: with the best readout for the task, $a^* = C^{+} D \tilde v^\tau$:
+  the quality of the representation alone.
+
+The normalised overlaps $r_{km} = R_{km} / \sqrt{Q_{kk} T_{mm}}$ measure
+specialisation: one student unit per teacher unit with $|r| \to 1$.
 """
 
 import math
@@ -90,7 +223,7 @@ inner = InnerLoop(
     start=a,
     noise=xi,
     # the per-sample support loss of a readout c on a noisy label: its expectation
-    # over the fields and the noise is the population support loss of MODELS.md 5.3
+    # over the fields and the noise is the population support loss of docs/models/anil.md 5.3
     loss=lambda c: (output(c) - y_task - sigma.symbol * zeta) ** 2 / 2,
     steps=S.symbol,
     rate=alpha_in.symbol,
@@ -111,7 +244,7 @@ def readout_gradient(loss, k):
 MODEL = Model(
     name="anil",
     doc="meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024)",
-    section="MODELS.md section 5",
+    section="docs/models/anil.md",
     params=(eta, eta_a, alpha_in, S, order, n_q, n_s, s, eps_B, sigma),
     vectors=(a, vbar),
     student_output=output(ap.base),
@@ -139,7 +272,7 @@ MODEL = Model(
         (
             "n_s",
             math.inf,
-            "finite support sets, MODELS.md 5.6, are simulated (inner mode samples) but not derived",
+            "finite support sets (docs/models/anil.md 5.6) are simulated (inner mode samples), not derived",
         ),
     ),
 )

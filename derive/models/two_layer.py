@@ -1,9 +1,66 @@
-"""Model ``two_layer``: both layers trained (Goldt et al., NeurIPS 2019), MODELS.md section 4.
+r"""Model ``two_layer``: a two-layer network whose two layers both learn.
 
-Student ``f = sum_k v_k g(lambda_k)``, teacher ``y = sum_m vs_m g(nu_m) + sigma zeta``.
-First layer: ``w_k <- (1 - kappa/N) w_k - (eta/sqrt(N)) v_k delta g'(lambda_k) x``;
-second layer, when trained (eta_v > 0): ``v_k <- (1 - kappa/N) v_k - (eta_v/N) delta g(lambda_k)``;
-``eta_v = 0`` freezes it, decay included.
+The page docs/models/two_layer.md is rendered from this docstring (from its first
+heading on) and the declarations below (``python -m derive docs``); it is
+section 4 of the docs.
+
+## 4.1 Network
+
+As [`scm`](scm.md), with readouts: a student readout $v \in \mathbb{R}^K$ that
+learns and a fixed teacher readout $v^* \in \mathbb{R}^M$ (`vs` in files and on
+the command line), as in Goldt et al. (NeurIPS 2019):
+
+$$
+f(x) = \sum_{k} v_k\, g(\lambda_k), \qquad y = \sum_{m} v^*_m\, g(\nu_m) + \sigma \zeta .
+$$
+
+## 4.2 Learning rules
+
+Online SGD on $L = (f - y)^2 / 2$ with $\delta = f - y$, and a weight decay
+$\kappa \ge 0$ that is not multiplied by a learning rate (the convention of
+Goldt et al.'s code):
+
+$$
+w_k \leftarrow \Big(1 - \frac{\kappa}{N}\Big) w_k - \frac{\eta}{\sqrt{N}}\, v_k\, \delta\, g'(\lambda_k)\, x,
+\qquad
+v_k \leftarrow \Big(1 - \frac{\kappa}{N}\Big) v_k - \frac{\eta_v}{N}\, \delta\, g(\lambda_k).
+$$
+
+The first layer steps by $\eta/\sqrt{N}$ along the input, the readout by
+$\eta_v/N$: both then change by O(1) per unit of $\alpha$ = steps / N. With
+$\eta_v = 0$ the readout is frozen, decay included (the flow's readout decay is
+$\kappa$ only when $\eta_v \ne 0$).
+
+## 4.3 Flow
+
+With $d = y - f$:
+
+$$
+\frac{dR_{kn}}{d\alpha} = \eta\, v_k\, \mathrm{E}[g'(\lambda_k)\, \nu_n\, d] - \kappa R_{kn},
+$$
+
+$$
+\frac{dQ_{kl}}{d\alpha} = \eta\, v_k\, \mathrm{E}[g'(\lambda_k)\, \lambda_l\, d]
++ \eta\, v_l\, \mathrm{E}[g'(\lambda_l)\, \lambda_k\, d]
++ \eta^2 v_k v_l\, \mathrm{E}[g'(\lambda_k)\, g'(\lambda_l)\, d^2] - 2 \kappa Q_{kl},
+$$
+
+$$
+\frac{dv_k}{d\alpha} = \eta_v\, \mathrm{E}[g(\lambda_k)\, d] - \kappa v_k
+\quad (\eta_v \ne 0;\ \text{else } 0).
+$$
+
+The decay terms are deterministic; products of decay and gradient steps are
+O(1/N) and drop out.
+
+## 4.4 Metric
+
+$$
+\epsilon_g = \tfrac12 \Big[\sum_{kl} v_k v_l I_2(\lambda_k, \lambda_l)
+- 2 \sum_{km} v_k v^*_m I_2(\lambda_k, \nu_m) + \sum_{mn} v^*_m v^*_n I_2(\nu_m, \nu_n)\Big]
+$$
+
+(label noise excluded).
 """
 
 import sympy as sp
@@ -28,7 +85,7 @@ readout_decay = sp.Piecewise((kappa.symbol, sp.Ne(eta_v.symbol, 0)), (0, True))
 MODEL = Model(
     name="two_layer",
     doc="two-layer network, both layers trained (Goldt et al. 2019)",
-    section="MODELS.md section 4",
+    section="docs/models/two_layer.md",
     params=(eta, eta_v, kappa, sigma),
     vectors=(v, vs),
     student_output=f,

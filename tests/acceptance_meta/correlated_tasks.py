@@ -1,7 +1,7 @@
 """Acceptance model: ANIL whose task readouts are correlated across teacher units.
 
 ``vt_m = vbar_m + s (xi_m + rho sum_n xi_n)``: the task covariance is
-``s^2 (I + rho 1 1^T)^2`` instead of ``s^2 I``. Everything else is MODELS.md 5
+``s^2 (I + rho 1 1^T)^2`` instead of ``s^2 I``. Everything else is docs/models/anil.md
 at first order. Only this file declares it.
 """
 

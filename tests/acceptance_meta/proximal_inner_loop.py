@@ -2,7 +2,7 @@
 
 The inner loop minimises the population support loss plus ``lam_p |c - a|^2 / 2``,
 which keeps the adapted readout near its initialisation; the outer loop is
-first-order ANIL. Everything else is MODELS.md 5. Only this file declares it.
+first-order ANIL. Everything else is docs/models/anil.md. Only this file declares it.
 """
 
 import sympy as sp
