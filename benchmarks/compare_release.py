@@ -60,10 +60,10 @@ def run(kernel: Kernel, init, params: dict, t_max: float, dt: float, every: int)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--commit", default="401085a")
-    ap.add_argument("--model", default="anil")
-    args = ap.parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--commit", default="401085a")
+    parser.add_argument("--model", default="anil")
+    args = parser.parse_args(argv)
     new, old = load(args.model, "erf"), old_kernel(args.commit, args.model, "erf")
     cases = [
         ("reference, order 1", reference_init(), {**REFERENCE["params"]}, 300.0, 0.01, 200),

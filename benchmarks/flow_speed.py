@@ -123,13 +123,15 @@ def fit_exponent(sizes, times) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[2, 8, 16, 32, 64])
-    ap.add_argument("--anil-sizes", type=int, nargs="+", default=[2, 8, 16, 32, 64])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2, help="threads of the threaded timings (1: none)")
-    ap.add_argument("--plot", help="write a log-log figure of the time per step here")
-    args = ap.parse_args()
+    adapted = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    adapted.add_argument("--sizes", type=int, nargs="+", default=[2, 8, 16, 32, 64])
+    adapted.add_argument("--anil-sizes", type=int, nargs="+", default=[2, 8, 16, 32, 64])
+    adapted.add_argument("--repeats", type=int, default=5)
+    adapted.add_argument("--threads", type=int, default=2, help="threads of the threaded timings (1: none)")
+    adapted.add_argument("--plot", help="write a log-log figure of the time per step here")
+    args = adapted.parse_args()
     # numba reads this when first imported: room for the threaded timings
     os.environ["NUMBA_NUM_THREADS"] = str(max(1, args.threads))
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus")

@@ -132,13 +132,13 @@ def _updates(model: Model) -> list[str]:
         rf"\qquad G_k = \frac{{\partial L}}{{\partial \lambda_k}} = {_at_k(grad, k)}"
     ]
     if first.meta is not None:
-        ap = tex_name(first.meta.inner.adapted.name)
+        ad = tex_name(first.meta.inner.adapted.name)
         out.append(
             rf"w_k \mathrel{{+}}= - {tex(first.rate)}\, {tex(first.meta.weight)} \sum_j "
-            rf"\frac{{\partial L}}{{\partial {ap}_j}} \frac{{\partial {ap}_j}}{{\partial w_k}},\qquad "
-            rf"\frac{{\partial {ap}_j}}{{\partial w_k}} = \frac{{1}}{{N}}\Big[\sum_l "
-            rf"\frac{{\partial {ap}_j}}{{\partial Q_{{kl}}}} (1 + \delta_{{kl}})\, w_l + \sum_m "
-            rf"\frac{{\partial {ap}_j}}{{\partial R_{{km}}}} B_m\Big]"
+            rf"\frac{{\partial L}}{{\partial {ad}_j}} \frac{{\partial {ad}_j}}{{\partial w_k}},\qquad "
+            rf"\frac{{\partial {ad}_j}}{{\partial w_k}} = \frac{{1}}{{N}}\Big[\sum_l "
+            rf"\frac{{\partial {ad}_j}}{{\partial Q_{{kl}}}} (1 + \delta_{{kl}})\, w_l + \sum_m "
+            rf"\frac{{\partial {ad}_j}}{{\partial R_{{km}}}} B_m\Big]"
         )
     for r in model.readout_updates:
         c = tex_name(r.vector.name)

@@ -4,7 +4,7 @@ A model with an inner loop declares (derive/model.py):
 
 - its task draws (``TaskNoise``: a standard normal vector ``xi`` per task) and
   the law of each task vector as an expression in them, affine (the task
-  readout ``vt = vbar + s xi`` of anil);
+  readout ``v_task = vbar + s xi`` of anil);
 - the inner loop (``InnerLoop``): a per-sample support loss of the adapted
   readout ``c`` (its expectation over the fields is the population support
   loss), a deterministic regulariser, the start ``c^(0)``, the steps and the
@@ -265,7 +265,7 @@ def task_program(model, activation: str, used: dict) -> TaskProgram:
         return _replace_base(e, hb, lambda ix: sp.IndexedBase("L_h")[ix + (r,)])
 
     start = inner.start.base[k]
-    ap = inner.adapted.name
+    adapted = inner.adapted.name
     stmts += [
         Let("steps_", f"int(round({code(inner.steps)}))"),
         Alloc("mu_c", ("steps_ + 1", "K")),
@@ -279,8 +279,8 @@ def task_program(model, activation: str, used: dict) -> TaskProgram:
                 assign(comp("L_c", (k, r), on_loadings(step)), "L_c", ("s_ + 1", "k", "r_")),
             ),
         ),
-        Let(f"mu_{ap}", "mu_c[steps_]"),
-        Let(f"L_{ap}", "L_c[steps_]"),
+        Let(f"mu_{adapted}", "mu_c[steps_]"),
+        Let(f"L_{adapted}", "L_c[steps_]"),
     ]
     fams = [*laws, inner.adapted]
 

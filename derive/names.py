@@ -24,7 +24,7 @@ _GROUPS = {
         "acc tmp x q u w vec rows probe chunk n_chunks n_pairs pair_k pair_l pref big det ax "
         "xa xb ua ub A B Bm Cm Cu Ct Ct1 Da Db Dm Dn F G Gopt dA dG dCm dDm d_mu da rate spread steps"
     ),
-    "a field or the label noise": "lam nu nut zeta z",
+    "a field or the label noise": "lam nu nu_task zeta z",
     "the activation and its derivatives": "g gp gpp",
     "a module name or a numba name": "math np numba njit prange",
     "a kernel function": (

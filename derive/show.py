@@ -95,12 +95,12 @@ def _factors(d) -> str:
 _TEX_NAMES = {
     "lambda": r"\lambda",
     "nu": r"\nu",
-    "nut": r"\tilde{\nu}",
-    "vt": r"\tilde{v}",
+    "nu_task": r"\tilde{\nu}",
+    "v_task": r"\tilde{v}",
     "vs": r"v^{*}",
     "vbar": r"\bar{v}",
-    "ap": r"a'",
-    "aopt": r"a^{*}",
+    "adapted": r"a'",
+    "a_best": r"a^{*}",
     "eps_B": r"\epsilon_{B}",
     "eta_a": r"\eta_{a}",
     "eta_v": r"\eta_{v}",
@@ -113,9 +113,9 @@ _DERIVATIVE = {"dQ": "Q", "dR": "R", "da": "a"}
 
 
 def tex_name(name: str) -> str:
-    """LaTeX of a name: a model's symbols (``nut`` -> tilde nu), the task program's
-    moments (``mu_ap`` -> mu_{a'}, ``S_ap__vt`` -> Sigma_{a' tilde v}) and the
-    inner loop's sensitivities (``ap_dQ`` -> partial_Q a')."""
+    """LaTeX of a name: a model's symbols (``nu_task`` -> tilde nu), the task program's
+    moments (``mu_adapted`` -> mu_{a'}, ``S_adapted__v_task`` -> Sigma_{a' tilde v}) and the
+    inner loop's sensitivities (``adapted_dQ`` -> partial_Q a')."""
     if name in _TEX_NAMES:
         return _TEX_NAMES[name]
     if name.startswith("mu_"):

@@ -233,9 +233,9 @@ def field_sources(model) -> tuple[FieldSource, ...]:
 class StandardForm:
     """A model whose algorithm is the one the compiled simulator loop runs
     (derive/templates/meta_simulator.py.jinja): the square loss of the student
-    output ``sum_j c_j g(lambda_j)`` against ``y = sum_m vt_m g(nut_m) + noise zeta``,
+    output ``sum_j c_j g(lambda_j)`` against ``y = sum_m v_task_m g(nu_task_m) + noise zeta``,
     the same per-sample loss in the inner loop with no regulariser, the task law
-    ``vt = vbar + spread xi``, the task teacher ``nut`` the teacher plus an isotropic
+    ``v_task = vbar + spread xi``, the task teacher ``nu_task`` the teacher plus an isotropic
     perturbation, and the start's update ``dL/da'`` (plus, weighted like the first
     layer's second-order part, ``(da'/da)^T dL/da'``). Its expressions give the
     numbers the compiled loop takes (``numbers``)."""
@@ -271,11 +271,11 @@ def standard_form(model, K: int = 2, M: int = 2) -> StandardForm | None:
         return None
     if len(sources) != 3 or len(model.const_vectors) != 1:
         return None
-    lam_, nu_, nut_ = (s_.family for s_ in sources)
+    lam_, nu_, nu_task_ = (s_.family for s_ in sources)
     laws = [tv for tv in model.task_vectors if tv.law is not None]
     if len(laws) != 1 or model.readout_updates[0].vector != inner.start:
         return None
-    vt, ap, vbar = laws[0].base, inner.adapted.base, model.const_vectors[0].base
+    v_task, adapted, vbar = laws[0].base, inner.adapted.base, model.const_vectors[0].base
     c = sp.IndexedBase("c_standard")
     xi = inner.noise.base
 
@@ -283,12 +283,12 @@ def standard_form(model, K: int = 2, M: int = 2) -> StandardForm | None:
         return sp.expand(concrete(x, K, M) - concrete(y, K, M)) == 0
 
     out_c = sum(c[j] * g(lam_[j]) for j in range(K))
-    y = sum(vt[m] * g(nut_[m]) for m in range(M)) + model.noise * zeta
-    if not eq(model.student_output.xreplace({ap: c}), out_c):
+    y = sum(v_task[m] * g(nu_task_[m]) for m in range(M)) + model.noise * zeta
+    if not eq(model.student_output.xreplace({adapted: c}), out_c):
         return None
     if not eq(model.teacher_output, y - model.noise * zeta):
         return None
-    if not eq(model.sample_loss.xreplace({ap: c}), square_loss(out_c, y)):
+    if not eq(model.sample_loss.xreplace({adapted: c}), square_loss(out_c, y)):
         return None
     if not eq(inner.loss(c), square_loss(out_c, y)) or not eq(inner.regulariser(c), 0):
         return None
@@ -300,8 +300,8 @@ def standard_form(model, K: int = 2, M: int = 2) -> StandardForm | None:
     loss = model.sample_loss
     for k in range(K):
         kk = sp.Integer(k)
-        want = (1 - weight) * sp.diff(loss, ap[kk]) + weight * sum(
-            inner.da.base[j, kk] * sp.diff(loss, ap[j]) for j in range(K)
+        want = (1 - weight) * sp.diff(loss, adapted[kk]) + weight * sum(
+            inner.da.base[j, kk] * sp.diff(loss, adapted[j]) for j in range(K)
         )
         if not eq(model.readout_updates[0].grad(loss, kk), want):
             return None

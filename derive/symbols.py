@@ -6,7 +6,7 @@ A model file writes its network with these sympy objects:
 - ``student_index(name)`` / ``teacher_index(name)``: summation indices over
   ``0..K-1`` and ``0..M-1``;
 - ``lam[k]`` and ``nu[m]``: the local fields of student and teacher units;
-- ``nut[m]``: the teacher fields of the current task (meta-learning,
+- ``nu_task[m]``: the teacher fields of the current task (meta-learning,
   docs/models/anil.md 5.1), which differ from ``nu`` when the task's features vary (``eps_B > 0``);
 - ``field_family(name, kind, doc)``: a further family of fields, declared once
   (for example in a model file) with the kind of unit that indexes it; a model
@@ -60,12 +60,12 @@ def field_doc(base) -> str:
 
 lam = field_family("lambda", STUDENT, "student fields w_k . x / sqrt(N)")
 nu = field_family("nu", TEACHER, "teacher fields B_m . x / sqrt(N)")
-nut = field_family("nut", TEACHER, "the current task's teacher fields (docs/models/anil.md 5.1)")
+nu_task = field_family("nu_task", TEACHER, "the current task's teacher fields (docs/models/anil.md 5.1)")
 zeta = sp.Symbol("zeta", real=True)
 
 
 def is_field(e) -> bool:
-    """A local field of a declared family: ``lam[k]``, ``nu[m]``, ``nut[m]``, ..."""
+    """A local field of a declared family: ``lam[k]``, ``nu[m]``, ``nu_task[m]``, ..."""
     return isinstance(e, sp.Indexed) and str(e.base) in _FIELDS
 
 

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 9fcd3a7eee272c1c5b52983da397a0180e845a09d4d2faef988a0cb794a3526c
+# inputs:     sha256 fa9dfe646d887a4c854631ceeda77aec810f0bc114e41d587f59a977878413b7
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 854 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -10,7 +10,7 @@
 Flat arrays, row-major, in the order of STATE (y), CONSTS (c) and PARAMS (p);
 K student and M teacher units. The covariance C of the fields has the rows
 0..K - 1 for lambda (student fields w_k . x / sqrt(N)); K..K + M - 1 for nu
-(teacher fields B_m . x / sqrt(N)); K + M..K + 2*M - 1 for nut (the current
+(teacher fields B_m . x / sqrt(N)); K + M..K + 2*M - 1 for nu_task (the current
 task's teacher fields (docs/models/anil.md 5.1)).
 `python -m derive show anil` prints the equations this module computes.
 """
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "9fcd3a7eee272c1c5b52983da397a0180e845a09d4d2faef988a0cb794a3526c"
+INPUTS_SHA256 = "fa9dfe646d887a4c854631ceeda77aec810f0bc114e41d587f59a977878413b7"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -234,7 +234,7 @@ def covariance(y, c, p, K, M, C):
 @njit(cache=True, error_model="numpy")
 def task_moments(y, c, p, K, M, C, with_optimal=True):
     """Means (mu_*) and loadings (L_*, over the task's draws) of the task quantities
-    ap, vt, aopt, ap_dQ, ap_dR, ap_da, by the program that derive/meta.py derives from the
+    adapted, v_task, a_best, adapted_dQ, adapted_dR, adapted_da, by the program that derive/meta.py derives from the
     model's task law and inner loop (docs/models/anil.md 5.1-5.4): the support gradient
     H_s c - h, the recursion of the inner loop on means and loadings, the best
     readout, and (second order) the forward sensitivities of the adapted readout."""
@@ -262,22 +262,22 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
     s = p[7]
     eps_B = p[8]
     sigma = p[9]
-    mu_vt = np.zeros((M,))
-    L_vt = np.zeros((M, M,))
+    mu_v_task = np.zeros((M,))
+    L_v_task = np.zeros((M, M,))
     for i0 in range(M):
         acc = 0.0
         acc += vbar[i0]
-        mu_vt[i0] = acc
+        mu_v_task[i0] = acc
     for i0 in range(M):
         for r_ in range(M):
             acc = 0.0
             acc += s*(1.0 if i0 == r_ else 0.0)
-            L_vt[i0, r_] = acc
+            L_v_task[i0, r_] = acc
     H_s = np.zeros((K, K,))
     mu_h0 = np.zeros((K,))
     mu_h = np.zeros((K,))
     L_h = np.zeros((K, M,))
-    H_vt = np.zeros((K, M,))
+    H_v_task = np.zeros((K, M,))
     for k in range(K):
         for l in range(K):
             acc = 0.0
@@ -290,13 +290,13 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
         for i0 in range(M):
             acc = 0.0
             acc += I2(C, k, K + M + i0)
-            H_vt[k, i0] = acc
+            H_v_task[k, i0] = acc
     for k in range(K):
         acc = 0.0
         acc += mu_h0[k]
         s0 = 0.0
         for m0 in range(M):
-            s0 += H_vt[k, m0]*mu_vt[m0]
+            s0 += H_v_task[k, m0]*mu_v_task[m0]
         acc += 1 * s0
         mu_h[k] = acc
     for k in range(K):
@@ -304,7 +304,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
             acc = 0.0
             s0 = 0.0
             for m0 in range(M):
-                s0 += H_vt[k, m0]*L_vt[m0, r_]
+                s0 += H_v_task[k, m0]*L_v_task[m0, r_]
             acc += 1 * s0
             L_h[k, r_] = acc
     steps_ = int(round(S))
@@ -332,10 +332,10 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                     s0 += H_s[k, j0]*L_c[s_, j0, r_]
                 acc += -alpha_in * s0
                 L_c[s_ + 1, k, r_] = acc
-    mu_ap = mu_c[steps_]
-    L_ap = L_c[steps_]
-    mu_aopt = np.zeros((K,))
-    L_aopt = np.zeros((K, M,))
+    mu_adapted = mu_c[steps_]
+    L_adapted = L_c[steps_]
+    mu_a_best = np.zeros((K,))
+    L_a_best = np.zeros((K, M,))
     if with_optimal:
         H_p = np.linalg.pinv(H_s)
         for k in range(K):
@@ -344,7 +344,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
             for j0 in range(K):
                 s0 += H_p[k, j0]*mu_h[j0]
             acc += 1 * s0
-            mu_aopt[k] = acc
+            mu_a_best[k] = acc
         for k in range(K):
             for r_ in range(M):
                 acc = 0.0
@@ -352,18 +352,18 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                 for j0 in range(K):
                     s0 += H_p[k, j0]*L_h[j0, r_]
                 acc += 1 * s0
-                L_aopt[k, r_] = acc
+                L_a_best[k, r_] = acc
     n2_ = K if (((1) if (order == 2) else (0))) != 0 else 0
-    mu_ap_dQ = np.zeros((K, n2_, n2_,))
-    L_ap_dQ = np.zeros((K, n2_, n2_, M,))
-    mu_ap_dR = np.zeros((K, n2_, M,))
-    L_ap_dR = np.zeros((K, n2_, M, M,))
-    mu_ap_da = np.zeros((K, n2_,))
-    L_ap_da = np.zeros((K, n2_, M,))
+    mu_adapted_dQ = np.zeros((K, n2_, n2_,))
+    L_adapted_dQ = np.zeros((K, n2_, n2_, M,))
+    mu_adapted_dR = np.zeros((K, n2_, M,))
+    L_adapted_dR = np.zeros((K, n2_, M, M,))
+    mu_adapted_da = np.zeros((K, n2_,))
+    L_adapted_da = np.zeros((K, n2_, M,))
     if (((1) if (order == 2) else (0))) != 0:
         H_ds = np.zeros((K, K,))
         mu_dh0 = np.zeros((K,))
-        H_dvt = np.zeros((K, M,))
+        H_dv_task = np.zeros((K, M,))
         mu_dh = np.zeros((K,))
         L_dh = np.zeros((K, M,))
         mu_dc = np.zeros((steps_ + 1, K,))
@@ -389,13 +389,13 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                     for i0 in range(M):
                         acc = 0.0
                         acc += I2_dir(C, dC, k, K + M + i0)
-                        H_dvt[k, i0] = acc
+                        H_dv_task[k, i0] = acc
                 for k in range(K):
                     acc = 0.0
                     acc += mu_dh0[k]
                     s0 = 0.0
                     for m0 in range(M):
-                        s0 += H_dvt[k, m0]*mu_vt[m0]
+                        s0 += H_dv_task[k, m0]*mu_v_task[m0]
                     acc += 1 * s0
                     mu_dh[k] = acc
                 for k in range(K):
@@ -403,7 +403,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                         acc = 0.0
                         s0 = 0.0
                         for m0 in range(M):
-                            s0 += H_dvt[k, m0]*L_vt[m0, r_]
+                            s0 += H_dv_task[k, m0]*L_v_task[m0, r_]
                         acc += 1 * s0
                         L_dh[k, r_] = acc
                 for k in range(K):
@@ -430,21 +430,21 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                 for j in range(K):
                     acc = 0.0
                     acc += mu_dc[steps_, j]
-                    mu_ap_dQ[j, a_, b_] = acc
+                    mu_adapted_dQ[j, a_, b_] = acc
                 for j in range(K):
                     acc = 0.0
                     acc += mu_dc[steps_, j]
-                    mu_ap_dQ[j, b_, a_] = acc
+                    mu_adapted_dQ[j, b_, a_] = acc
                 for j in range(K):
                     for r_ in range(M):
                         acc = 0.0
                         acc += L_dc[steps_, j, r_]
-                        L_ap_dQ[j, a_, b_, r_] = acc
+                        L_adapted_dQ[j, a_, b_, r_] = acc
                 for j in range(K):
                     for r_ in range(M):
                         acc = 0.0
                         acc += L_dc[steps_, j, r_]
-                        L_ap_dQ[j, b_, a_, r_] = acc
+                        L_adapted_dQ[j, b_, a_, r_] = acc
         dC = np.zeros_like(C)
         for a_ in range(K):
             for b_ in range(M):
@@ -465,13 +465,13 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                     for i0 in range(M):
                         acc = 0.0
                         acc += I2_dir(C, dC, k, K + M + i0)
-                        H_dvt[k, i0] = acc
+                        H_dv_task[k, i0] = acc
                 for k in range(K):
                     acc = 0.0
                     acc += mu_dh0[k]
                     s0 = 0.0
                     for m0 in range(M):
-                        s0 += H_dvt[k, m0]*mu_vt[m0]
+                        s0 += H_dv_task[k, m0]*mu_v_task[m0]
                     acc += 1 * s0
                     mu_dh[k] = acc
                 for k in range(K):
@@ -479,7 +479,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                         acc = 0.0
                         s0 = 0.0
                         for m0 in range(M):
-                            s0 += H_dvt[k, m0]*L_vt[m0, r_]
+                            s0 += H_dv_task[k, m0]*L_v_task[m0, r_]
                         acc += 1 * s0
                         L_dh[k, r_] = acc
                 for k in range(K):
@@ -506,12 +506,12 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                 for j in range(K):
                     acc = 0.0
                     acc += mu_dc[steps_, j]
-                    mu_ap_dR[j, a_, b_] = acc
+                    mu_adapted_dR[j, a_, b_] = acc
                 for j in range(K):
                     for r_ in range(M):
                         acc = 0.0
                         acc += L_dc[steps_, j, r_]
-                        L_ap_dR[j, a_, b_, r_] = acc
+                        L_adapted_dR[j, a_, b_, r_] = acc
         for a_ in range(K):
             for k in range(K):
                 for l in range(K):
@@ -549,14 +549,14 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
             for j in range(K):
                 acc = 0.0
                 acc += mu_dc[steps_, j]
-                mu_ap_da[j, a_] = acc
+                mu_adapted_da[j, a_] = acc
             for j in range(K):
                 for r_ in range(M):
                     acc = 0.0
                     acc += L_dc[steps_, j, r_]
-                    L_ap_da[j, a_, r_] = acc
+                    L_adapted_da[j, a_, r_] = acc
 
-    return mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, mu_ap_da, L_ap_da
+    return mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da
 
 
 @njit(cache=True, error_model="numpy")
@@ -619,20 +619,20 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1):
         for j in range(rows.size):
             Cu[i, j] = C[rows[i], rows[j]]
     tilt1_all(C, K, Ct1, tilt1_pref)
-    mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, mu_ap_da, L_ap_da = task_moments(y, c, p, K, M, C, False)
+    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da = task_moments(y, c, p, K, M, C, False)
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
     s2_ = 1 if (((1) if (order == 2) else (0))) != 0 else 0
-    S_ap__ap = np.zeros((K, K,))
+    S_adapted__adapted = np.zeros((K, K,))
     for i0 in range(K):
         for i1 in range(K):
             acc = 0.0
             s0 = 0.0
             for m0 in range(M):
-                s0 += L_ap[i0, m0]*L_ap[i1, m0]
+                s0 += L_adapted[i0, m0]*L_adapted[i1, m0]
             acc += 1 * s0
-            S_ap__ap[i0, i1] = acc
-    S_ap__ap_dQ = np.zeros((K * s2_, K * s2_, K * s2_, K * s2_,))
+            S_adapted__adapted[i0, i1] = acc
+    S_adapted__adapted_dQ = np.zeros((K * s2_, K * s2_, K * s2_, K * s2_,))
     if (((1) if (order == 2) else (0))) != 0:
         for i0 in range(K):
             for i1 in range(K):
@@ -641,10 +641,10 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1):
                         acc = 0.0
                         s0 = 0.0
                         for m0 in range(M):
-                            s0 += L_ap[i0, m0]*L_ap_dQ[i1, i2, i3, m0]
+                            s0 += L_adapted[i0, m0]*L_adapted_dQ[i1, i2, i3, m0]
                         acc += 1 * s0
-                        S_ap__ap_dQ[i0, i1, i2, i3] = acc
-    S_ap__ap_dR = np.zeros((K * s2_, K * s2_, K * s2_, M * s2_,))
+                        S_adapted__adapted_dQ[i0, i1, i2, i3] = acc
+    S_adapted__adapted_dR = np.zeros((K * s2_, K * s2_, K * s2_, M * s2_,))
     if (((1) if (order == 2) else (0))) != 0:
         for i0 in range(K):
             for i1 in range(K):
@@ -653,10 +653,10 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1):
                         acc = 0.0
                         s0 = 0.0
                         for m0 in range(M):
-                            s0 += L_ap[i0, m0]*L_ap_dR[i1, i2, i3, m0]
+                            s0 += L_adapted[i0, m0]*L_adapted_dR[i1, i2, i3, m0]
                         acc += 1 * s0
-                        S_ap__ap_dR[i0, i1, i2, i3] = acc
-    S_ap__ap_da = np.zeros((K * s2_, K * s2_, K * s2_,))
+                        S_adapted__adapted_dR[i0, i1, i2, i3] = acc
+    S_adapted__adapted_da = np.zeros((K * s2_, K * s2_, K * s2_,))
     if (((1) if (order == 2) else (0))) != 0:
         for i0 in range(K):
             for i1 in range(K):
@@ -664,19 +664,19 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1):
                     acc = 0.0
                     s0 = 0.0
                     for m0 in range(M):
-                        s0 += L_ap[i0, m0]*L_ap_da[i1, i2, m0]
+                        s0 += L_adapted[i0, m0]*L_adapted_da[i1, i2, m0]
                     acc += 1 * s0
-                    S_ap__ap_da[i0, i1, i2] = acc
-    S_ap__vt = np.zeros((K, M,))
+                    S_adapted__adapted_da[i0, i1, i2] = acc
+    S_adapted__v_task = np.zeros((K, M,))
     for i0 in range(K):
         for i1 in range(M):
             acc = 0.0
             s0 = 0.0
             for m0 in range(M):
-                s0 += L_ap[i0, m0]*L_vt[i1, m0]
+                s0 += L_adapted[i0, m0]*L_v_task[i1, m0]
             acc += 1 * s0
-            S_ap__vt[i0, i1] = acc
-    S_vt__ap_dQ = np.zeros((M * s2_, K * s2_, K * s2_, K * s2_,))
+            S_adapted__v_task[i0, i1] = acc
+    S_v_task__adapted_dQ = np.zeros((M * s2_, K * s2_, K * s2_, K * s2_,))
     if (((1) if (order == 2) else (0))) != 0:
         for i0 in range(M):
             for i1 in range(K):
@@ -685,10 +685,10 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1):
                         acc = 0.0
                         s0 = 0.0
                         for m0 in range(M):
-                            s0 += L_ap_dQ[i1, i2, i3, m0]*L_vt[i0, m0]
+                            s0 += L_adapted_dQ[i1, i2, i3, m0]*L_v_task[i0, m0]
                         acc += 1 * s0
-                        S_vt__ap_dQ[i0, i1, i2, i3] = acc
-    S_vt__ap_dR = np.zeros((M * s2_, K * s2_, K * s2_, M * s2_,))
+                        S_v_task__adapted_dQ[i0, i1, i2, i3] = acc
+    S_v_task__adapted_dR = np.zeros((M * s2_, K * s2_, K * s2_, M * s2_,))
     if (((1) if (order == 2) else (0))) != 0:
         for i0 in range(M):
             for i1 in range(K):
@@ -697,10 +697,10 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1):
                         acc = 0.0
                         s0 = 0.0
                         for m0 in range(M):
-                            s0 += L_ap_dR[i1, i2, i3, m0]*L_vt[i0, m0]
+                            s0 += L_adapted_dR[i1, i2, i3, m0]*L_v_task[i0, m0]
                         acc += 1 * s0
-                        S_vt__ap_dR[i0, i1, i2, i3] = acc
-    S_vt__ap_da = np.zeros((M * s2_, K * s2_, K * s2_,))
+                        S_v_task__adapted_dR[i0, i1, i2, i3] = acc
+    S_v_task__adapted_da = np.zeros((M * s2_, K * s2_, K * s2_,))
     if (((1) if (order == 2) else (0))) != 0:
         for i0 in range(M):
             for i1 in range(K):
@@ -708,18 +708,18 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1):
                     acc = 0.0
                     s0 = 0.0
                     for m0 in range(M):
-                        s0 += L_ap_da[i1, i2, m0]*L_vt[i0, m0]
+                        s0 += L_adapted_da[i1, i2, m0]*L_v_task[i0, m0]
                     acc += 1 * s0
-                    S_vt__ap_da[i0, i1, i2] = acc
-    S_vt__vt = np.zeros((M, M,))
+                    S_v_task__adapted_da[i0, i1, i2] = acc
+    S_v_task__v_task = np.zeros((M, M,))
     for i0 in range(M):
         for i1 in range(M):
             acc = 0.0
             s0 = 0.0
             for m0 in range(M):
-                s0 += L_vt[i0, m0]*L_vt[i1, m0]
+                s0 += L_v_task[i0, m0]*L_v_task[i1, m0]
             acc += 1 * s0
-            S_vt__vt[i0, i1] = acc
+            S_v_task__v_task[i0, i1] = acc
 
     o = 0
     dQ = dy[o : o + K * K].reshape((K, K))
@@ -728,75 +728,75 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1):
         for l in range(k, K):
             tilt_pref = tilt2_table(Cu, k, l, F, Dn, U0, U1)
             acc = 0.0
-            acc += eta**2*sigma**2*tilt_pref*(S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])/n_q
+            acc += eta**2*sigma**2*tilt_pref*(S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])/n_q
             s0 = 0.0
             s1 = 0.0
             for j0 in range(K):
-                s0 += (S_ap__ap[j0, k] + mu_ap[j0]*mu_ap[k])*E_id_g(Ct1[k], l, j0)
-                s1 += (S_ap__ap[j0, l] + mu_ap[j0]*mu_ap[l])*E_id_g(Ct1[l], k, j0)
+                s0 += (S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*E_id_g(Ct1[k], l, j0)
+                s1 += (S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*E_id_g(Ct1[l], k, j0)
             acc += -eta*tilt1_pref[k] * s0
             acc += -eta*tilt1_pref[l] * s1
             s0 = 0.0
             s1 = 0.0
             for m0 in range(M):
-                s0 += (S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*E_id_g(Ct1[k], l, K + M + m0)
-                s1 += (S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*E_id_g(Ct1[l], k, K + M + m0)
+                s0 += (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*E_id_g(Ct1[k], l, K + M + m0)
+                s1 += (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*E_id_g(Ct1[l], k, K + M + m0)
             acc += eta*tilt1_pref[k] * s0
             acc += eta*tilt1_pref[l] * s1
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
-                        s0 += ((S_ap__ap_dQ[j0, j1, k, k] + mu_ap[j0]*mu_ap_dQ[j1, k, k])*Q[k, l] + (S_ap__ap_dQ[j0, j1, l, l] + mu_ap[j0]*mu_ap_dQ[j1, l, l])*Q[l, k])*I2(C, j0, j1)
+                        s0 += ((S_adapted__adapted_dQ[j0, j1, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j0, j1, l, l] + mu_adapted[j0]*mu_adapted_dQ[j1, l, l])*Q[l, k])*I2(C, j0, j1)
                 acc += -eta * s0
             s0 = 0.0
             for j0 in range(K):
                 for j1 in range(K):
-                    s0 += ((S_ap__ap[j1, k] + mu_ap[j1]*mu_ap[k])*S_ap__ap[j0, l] + (S_ap__ap[j1, l] + mu_ap[j1]*mu_ap[l])*S_ap__ap[j0, k] + (S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*S_ap__ap[j0, j1] + ((S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*mu_ap[j1] + S_ap__ap[j1, k]*mu_ap[l] + S_ap__ap[j1, l]*mu_ap[k])*mu_ap[j0])*F[j0, j1]
+                    s0 += ((S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0])*F[j0, j1]
             acc += eta**2*tilt_pref/n_q * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
-                        s0 += ((S_vt__ap_dQ[m0, j0, k, k] + mu_ap_dQ[j0, k, k]*mu_vt[m0])*Q[k, l] + (S_vt__ap_dQ[m0, j0, l, l] + mu_ap_dQ[j0, l, l]*mu_vt[m0])*Q[l, k])*I2(C, j0, K + M + m0)
+                        s0 += ((S_v_task__adapted_dQ[m0, j0, k, k] + mu_adapted_dQ[j0, k, k]*mu_v_task[m0])*Q[k, l] + (S_v_task__adapted_dQ[m0, j0, l, l] + mu_adapted_dQ[j0, l, l]*mu_v_task[m0])*Q[l, k])*I2(C, j0, K + M + m0)
                 acc += eta * s0
             s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    s0 += ((S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*S_ap__vt[j0, m0] + (S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*S_ap__ap[j0, l] + (S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*S_ap__ap[j0, k] + ((S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*mu_ap[k] + S_ap__ap[k, l]*mu_vt[m0] + S_ap__vt[k, m0]*mu_ap[l])*mu_ap[j0])*F[j0, K + m0]
+                    s0 += ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__v_task[j0, m0] + (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*S_adapted__adapted[j0, l] + (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__adapted[j0, k] + ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*mu_adapted[k] + S_adapted__adapted[k, l]*mu_v_task[m0] + S_adapted__v_task[k, m0]*mu_adapted[l])*mu_adapted[j0])*F[j0, K + m0]
             acc += -2*eta**2*tilt_pref/n_q * s0
             s0 = 0.0
             for m0 in range(M):
                 for m1 in range(M):
-                    s0 += ((S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*S_ap__vt[k, m1] + (S_ap__vt[l, m1] + mu_ap[l]*mu_vt[m1])*S_ap__vt[k, m0] + (S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*S_ap__ap[k, l] + ((S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*mu_ap[l] + S_ap__vt[l, m0]*mu_vt[m1] + S_ap__vt[l, m1]*mu_vt[m0])*mu_ap[k])*F[K + m0, K + m1]
+                    s0 += ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + (S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k])*F[K + m0, K + m1]
             acc += eta**2*tilt_pref/n_q * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
                         for j2 in range(K):
-                            s0 += ((S_ap__ap_dQ[j0, j1, k, j2] + mu_ap[j0]*mu_ap_dQ[j1, k, j2])*Q[j2, l] + (S_ap__ap_dQ[j0, j1, l, j2] + mu_ap[j0]*mu_ap_dQ[j1, l, j2])*Q[j2, k])*I2(C, j0, j1)
+                            s0 += ((S_adapted__adapted_dQ[j0, j1, k, j2] + mu_adapted[j0]*mu_adapted_dQ[j1, k, j2])*Q[j2, l] + (S_adapted__adapted_dQ[j0, j1, l, j2] + mu_adapted[j0]*mu_adapted_dQ[j1, l, j2])*Q[j2, k])*I2(C, j0, j1)
                 acc += -eta * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
                         for m0 in range(M):
-                            s0 += ((S_ap__ap_dR[j0, j1, k, m0] + mu_ap[j0]*mu_ap_dR[j1, k, m0])*R[l, m0] + (S_ap__ap_dR[j0, j1, l, m0] + mu_ap[j0]*mu_ap_dR[j1, l, m0])*R[k, m0])*I2(C, j0, j1)
+                            s0 += ((S_adapted__adapted_dR[j0, j1, k, m0] + mu_adapted[j0]*mu_adapted_dR[j1, k, m0])*R[l, m0] + (S_adapted__adapted_dR[j0, j1, l, m0] + mu_adapted[j0]*mu_adapted_dR[j1, l, m0])*R[k, m0])*I2(C, j0, j1)
                 acc += -eta * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
                         for j1 in range(K):
-                            s0 += ((S_vt__ap_dQ[m0, j0, k, j1] + mu_ap_dQ[j0, k, j1]*mu_vt[m0])*Q[j1, l] + (S_vt__ap_dQ[m0, j0, l, j1] + mu_ap_dQ[j0, l, j1]*mu_vt[m0])*Q[j1, k])*I2(C, j0, K + M + m0)
+                            s0 += ((S_v_task__adapted_dQ[m0, j0, k, j1] + mu_adapted_dQ[j0, k, j1]*mu_v_task[m0])*Q[j1, l] + (S_v_task__adapted_dQ[m0, j0, l, j1] + mu_adapted_dQ[j0, l, j1]*mu_v_task[m0])*Q[j1, k])*I2(C, j0, K + M + m0)
                 acc += eta * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
                         for m1 in range(M):
-                            s0 += ((S_vt__ap_dR[m0, j0, k, m1] + mu_ap_dR[j0, k, m1]*mu_vt[m0])*R[l, m1] + (S_vt__ap_dR[m0, j0, l, m1] + mu_ap_dR[j0, l, m1]*mu_vt[m0])*R[k, m1])*I2(C, j0, K + M + m0)
+                            s0 += ((S_v_task__adapted_dR[m0, j0, k, m1] + mu_adapted_dR[j0, k, m1]*mu_v_task[m0])*R[l, m1] + (S_v_task__adapted_dR[m0, j0, l, m1] + mu_adapted_dR[j0, l, m1]*mu_v_task[m0])*R[k, m1])*I2(C, j0, K + M + m0)
                 acc += eta * s0
             dQ[k, l] = acc
             dQ[l, k] = acc
@@ -807,51 +807,51 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1):
             acc = 0.0
             s0 = 0.0
             for j0 in range(K):
-                s0 += (S_ap__ap[j0, k] + mu_ap[j0]*mu_ap[k])*E_id_g(Ct1[k], K + n, j0)
+                s0 += (S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*E_id_g(Ct1[k], K + n, j0)
             acc += -eta*tilt1_pref[k] * s0
             s0 = 0.0
             for m0 in range(M):
-                s0 += (S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*E_id_g(Ct1[k], K + n, K + M + m0)
+                s0 += (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*E_id_g(Ct1[k], K + n, K + M + m0)
             acc += eta*tilt1_pref[k] * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
-                        s0 += (S_ap__ap_dQ[j1, j0, k, k] + mu_ap[j1]*mu_ap_dQ[j0, k, k])*I2(C, j0, j1)
+                        s0 += (S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j1)
                 acc += -eta*R[k, n] * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
-                        s0 += (S_vt__ap_dQ[m0, j0, k, k] + mu_ap_dQ[j0, k, k]*mu_vt[m0])*I2(C, j0, K + M + m0)
+                        s0 += (S_v_task__adapted_dQ[m0, j0, k, k] + mu_adapted_dQ[j0, k, k]*mu_v_task[m0])*I2(C, j0, K + M + m0)
                 acc += eta*R[k, n] * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
                         for j2 in range(K):
-                            s0 += (S_ap__ap_dQ[j1, j0, k, j2] + mu_ap[j1]*mu_ap_dQ[j0, k, j2])*I2(C, j0, j1)*R[j2, n]
+                            s0 += (S_adapted__adapted_dQ[j1, j0, k, j2] + mu_adapted[j1]*mu_adapted_dQ[j0, k, j2])*I2(C, j0, j1)*R[j2, n]
                 acc += -eta * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
                         for m0 in range(M):
-                            s0 += (S_ap__ap_dR[j1, j0, k, m0] + mu_ap[j1]*mu_ap_dR[j0, k, m0])*I2(C, j0, j1)*T[m0, n]
+                            s0 += (S_adapted__adapted_dR[j1, j0, k, m0] + mu_adapted[j1]*mu_adapted_dR[j0, k, m0])*I2(C, j0, j1)*T[m0, n]
                 acc += -eta * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
                         for j1 in range(K):
-                            s0 += (S_vt__ap_dQ[m0, j0, k, j1] + mu_ap_dQ[j0, k, j1]*mu_vt[m0])*I2(C, j0, K + M + m0)*R[j1, n]
+                            s0 += (S_v_task__adapted_dQ[m0, j0, k, j1] + mu_adapted_dQ[j0, k, j1]*mu_v_task[m0])*I2(C, j0, K + M + m0)*R[j1, n]
                 acc += eta * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
                         for m1 in range(M):
-                            s0 += (S_vt__ap_dR[m0, j0, k, m1] + mu_ap_dR[j0, k, m1]*mu_vt[m0])*I2(C, j0, K + M + m0)*T[m1, n]
+                            s0 += (S_v_task__adapted_dR[m0, j0, k, m1] + mu_adapted_dR[j0, k, m1]*mu_v_task[m0])*I2(C, j0, K + M + m0)*T[m1, n]
                 acc += eta * s0
             dR[k, n] = acc
     da = dy[o : o + K]
@@ -860,23 +860,23 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1):
         acc = 0.0
         s0 = 0.0
         for j0 in range(K):
-            s0 += I2(C, j0, k)*mu_ap[j0]
+            s0 += I2(C, j0, k)*mu_adapted[j0]
         acc += eta_a*(((1) if (order == 2) else (0)) - 1) * s0
         s0 = 0.0
         for m0 in range(M):
-            s0 += I2(C, k, K + M + m0)*mu_vt[m0]
+            s0 += I2(C, k, K + M + m0)*mu_v_task[m0]
         acc += eta_a*(1 - ((1) if (order == 2) else (0))) * s0
         if ((order == 2)):
             s0 = 0.0
             for j0 in range(K):
                 for j1 in range(K):
-                    s0 += (S_ap__ap_da[j0, j1, k] + mu_ap[j0]*mu_ap_da[j1, k])*I2(C, j0, j1)
+                    s0 += (S_adapted__adapted_da[j0, j1, k] + mu_adapted[j0]*mu_adapted_da[j1, k])*I2(C, j0, j1)
             acc += -eta_a * s0
         if ((order == 2)):
             s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    s0 += (S_vt__ap_da[m0, j0, k] + mu_ap_da[j0, k]*mu_vt[m0])*I2(C, j0, K + M + m0)
+                    s0 += (S_v_task__adapted_da[m0, j0, k] + mu_adapted_da[j0, k]*mu_v_task[m0])*I2(C, j0, K + M + m0)
             acc += eta_a * s0
         da[k] = acc
 
@@ -929,20 +929,20 @@ def rhs_parallel(y, c, p, K, M, dy):
         for j in range(rows.size):
             Cu[i, j] = C[rows[i], rows[j]]
     tilt1_all(C, K, Ct1, tilt1_pref)
-    mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, mu_ap_da, L_ap_da = task_moments(y, c, p, K, M, C, False)
+    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da = task_moments(y, c, p, K, M, C, False)
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
     s2_ = 1 if (((1) if (order == 2) else (0))) != 0 else 0
-    S_ap__ap = np.zeros((K, K,))
+    S_adapted__adapted = np.zeros((K, K,))
     for i0 in range(K):
         for i1 in range(K):
             acc = 0.0
             s0 = 0.0
             for m0 in range(M):
-                s0 += L_ap[i0, m0]*L_ap[i1, m0]
+                s0 += L_adapted[i0, m0]*L_adapted[i1, m0]
             acc += 1 * s0
-            S_ap__ap[i0, i1] = acc
-    S_ap__ap_dQ = np.zeros((K * s2_, K * s2_, K * s2_, K * s2_,))
+            S_adapted__adapted[i0, i1] = acc
+    S_adapted__adapted_dQ = np.zeros((K * s2_, K * s2_, K * s2_, K * s2_,))
     if (((1) if (order == 2) else (0))) != 0:
         for i0 in range(K):
             for i1 in range(K):
@@ -951,10 +951,10 @@ def rhs_parallel(y, c, p, K, M, dy):
                         acc = 0.0
                         s0 = 0.0
                         for m0 in range(M):
-                            s0 += L_ap[i0, m0]*L_ap_dQ[i1, i2, i3, m0]
+                            s0 += L_adapted[i0, m0]*L_adapted_dQ[i1, i2, i3, m0]
                         acc += 1 * s0
-                        S_ap__ap_dQ[i0, i1, i2, i3] = acc
-    S_ap__ap_dR = np.zeros((K * s2_, K * s2_, K * s2_, M * s2_,))
+                        S_adapted__adapted_dQ[i0, i1, i2, i3] = acc
+    S_adapted__adapted_dR = np.zeros((K * s2_, K * s2_, K * s2_, M * s2_,))
     if (((1) if (order == 2) else (0))) != 0:
         for i0 in range(K):
             for i1 in range(K):
@@ -963,10 +963,10 @@ def rhs_parallel(y, c, p, K, M, dy):
                         acc = 0.0
                         s0 = 0.0
                         for m0 in range(M):
-                            s0 += L_ap[i0, m0]*L_ap_dR[i1, i2, i3, m0]
+                            s0 += L_adapted[i0, m0]*L_adapted_dR[i1, i2, i3, m0]
                         acc += 1 * s0
-                        S_ap__ap_dR[i0, i1, i2, i3] = acc
-    S_ap__ap_da = np.zeros((K * s2_, K * s2_, K * s2_,))
+                        S_adapted__adapted_dR[i0, i1, i2, i3] = acc
+    S_adapted__adapted_da = np.zeros((K * s2_, K * s2_, K * s2_,))
     if (((1) if (order == 2) else (0))) != 0:
         for i0 in range(K):
             for i1 in range(K):
@@ -974,19 +974,19 @@ def rhs_parallel(y, c, p, K, M, dy):
                     acc = 0.0
                     s0 = 0.0
                     for m0 in range(M):
-                        s0 += L_ap[i0, m0]*L_ap_da[i1, i2, m0]
+                        s0 += L_adapted[i0, m0]*L_adapted_da[i1, i2, m0]
                     acc += 1 * s0
-                    S_ap__ap_da[i0, i1, i2] = acc
-    S_ap__vt = np.zeros((K, M,))
+                    S_adapted__adapted_da[i0, i1, i2] = acc
+    S_adapted__v_task = np.zeros((K, M,))
     for i0 in range(K):
         for i1 in range(M):
             acc = 0.0
             s0 = 0.0
             for m0 in range(M):
-                s0 += L_ap[i0, m0]*L_vt[i1, m0]
+                s0 += L_adapted[i0, m0]*L_v_task[i1, m0]
             acc += 1 * s0
-            S_ap__vt[i0, i1] = acc
-    S_vt__ap_dQ = np.zeros((M * s2_, K * s2_, K * s2_, K * s2_,))
+            S_adapted__v_task[i0, i1] = acc
+    S_v_task__adapted_dQ = np.zeros((M * s2_, K * s2_, K * s2_, K * s2_,))
     if (((1) if (order == 2) else (0))) != 0:
         for i0 in range(M):
             for i1 in range(K):
@@ -995,10 +995,10 @@ def rhs_parallel(y, c, p, K, M, dy):
                         acc = 0.0
                         s0 = 0.0
                         for m0 in range(M):
-                            s0 += L_ap_dQ[i1, i2, i3, m0]*L_vt[i0, m0]
+                            s0 += L_adapted_dQ[i1, i2, i3, m0]*L_v_task[i0, m0]
                         acc += 1 * s0
-                        S_vt__ap_dQ[i0, i1, i2, i3] = acc
-    S_vt__ap_dR = np.zeros((M * s2_, K * s2_, K * s2_, M * s2_,))
+                        S_v_task__adapted_dQ[i0, i1, i2, i3] = acc
+    S_v_task__adapted_dR = np.zeros((M * s2_, K * s2_, K * s2_, M * s2_,))
     if (((1) if (order == 2) else (0))) != 0:
         for i0 in range(M):
             for i1 in range(K):
@@ -1007,10 +1007,10 @@ def rhs_parallel(y, c, p, K, M, dy):
                         acc = 0.0
                         s0 = 0.0
                         for m0 in range(M):
-                            s0 += L_ap_dR[i1, i2, i3, m0]*L_vt[i0, m0]
+                            s0 += L_adapted_dR[i1, i2, i3, m0]*L_v_task[i0, m0]
                         acc += 1 * s0
-                        S_vt__ap_dR[i0, i1, i2, i3] = acc
-    S_vt__ap_da = np.zeros((M * s2_, K * s2_, K * s2_,))
+                        S_v_task__adapted_dR[i0, i1, i2, i3] = acc
+    S_v_task__adapted_da = np.zeros((M * s2_, K * s2_, K * s2_,))
     if (((1) if (order == 2) else (0))) != 0:
         for i0 in range(M):
             for i1 in range(K):
@@ -1018,18 +1018,18 @@ def rhs_parallel(y, c, p, K, M, dy):
                     acc = 0.0
                     s0 = 0.0
                     for m0 in range(M):
-                        s0 += L_ap_da[i1, i2, m0]*L_vt[i0, m0]
+                        s0 += L_adapted_da[i1, i2, m0]*L_v_task[i0, m0]
                     acc += 1 * s0
-                    S_vt__ap_da[i0, i1, i2] = acc
-    S_vt__vt = np.zeros((M, M,))
+                    S_v_task__adapted_da[i0, i1, i2] = acc
+    S_v_task__v_task = np.zeros((M, M,))
     for i0 in range(M):
         for i1 in range(M):
             acc = 0.0
             s0 = 0.0
             for m0 in range(M):
-                s0 += L_vt[i0, m0]*L_vt[i1, m0]
+                s0 += L_v_task[i0, m0]*L_v_task[i1, m0]
             acc += 1 * s0
-            S_vt__vt[i0, i1] = acc
+            S_v_task__v_task[i0, i1] = acc
 
     o = 0
     dQ = dy[o : o + K * K].reshape((K, K))
@@ -1055,75 +1055,75 @@ def rhs_parallel(y, c, p, K, M, dy):
             l = pair_l[i_]
             tilt_pref = tilt2_table(Cu, k, l, F, Dn, U0, U1)
             acc = 0.0
-            acc += eta**2*sigma**2*tilt_pref*(S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])/n_q
+            acc += eta**2*sigma**2*tilt_pref*(S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])/n_q
             s0 = 0.0
             s1 = 0.0
             for j0 in range(K):
-                s0 += (S_ap__ap[j0, k] + mu_ap[j0]*mu_ap[k])*E_id_g(Ct1[k], l, j0)
-                s1 += (S_ap__ap[j0, l] + mu_ap[j0]*mu_ap[l])*E_id_g(Ct1[l], k, j0)
+                s0 += (S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*E_id_g(Ct1[k], l, j0)
+                s1 += (S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*E_id_g(Ct1[l], k, j0)
             acc += -eta*tilt1_pref[k] * s0
             acc += -eta*tilt1_pref[l] * s1
             s0 = 0.0
             s1 = 0.0
             for m0 in range(M):
-                s0 += (S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*E_id_g(Ct1[k], l, K + M + m0)
-                s1 += (S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*E_id_g(Ct1[l], k, K + M + m0)
+                s0 += (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*E_id_g(Ct1[k], l, K + M + m0)
+                s1 += (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*E_id_g(Ct1[l], k, K + M + m0)
             acc += eta*tilt1_pref[k] * s0
             acc += eta*tilt1_pref[l] * s1
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
-                        s0 += ((S_ap__ap_dQ[j0, j1, k, k] + mu_ap[j0]*mu_ap_dQ[j1, k, k])*Q[k, l] + (S_ap__ap_dQ[j0, j1, l, l] + mu_ap[j0]*mu_ap_dQ[j1, l, l])*Q[l, k])*I2(C, j0, j1)
+                        s0 += ((S_adapted__adapted_dQ[j0, j1, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j0, j1, l, l] + mu_adapted[j0]*mu_adapted_dQ[j1, l, l])*Q[l, k])*I2(C, j0, j1)
                 acc += -eta * s0
             s0 = 0.0
             for j0 in range(K):
                 for j1 in range(K):
-                    s0 += ((S_ap__ap[j1, k] + mu_ap[j1]*mu_ap[k])*S_ap__ap[j0, l] + (S_ap__ap[j1, l] + mu_ap[j1]*mu_ap[l])*S_ap__ap[j0, k] + (S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*S_ap__ap[j0, j1] + ((S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*mu_ap[j1] + S_ap__ap[j1, k]*mu_ap[l] + S_ap__ap[j1, l]*mu_ap[k])*mu_ap[j0])*F[j0, j1]
+                    s0 += ((S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0])*F[j0, j1]
             acc += eta**2*tilt_pref/n_q * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
-                        s0 += ((S_vt__ap_dQ[m0, j0, k, k] + mu_ap_dQ[j0, k, k]*mu_vt[m0])*Q[k, l] + (S_vt__ap_dQ[m0, j0, l, l] + mu_ap_dQ[j0, l, l]*mu_vt[m0])*Q[l, k])*I2(C, j0, K + M + m0)
+                        s0 += ((S_v_task__adapted_dQ[m0, j0, k, k] + mu_adapted_dQ[j0, k, k]*mu_v_task[m0])*Q[k, l] + (S_v_task__adapted_dQ[m0, j0, l, l] + mu_adapted_dQ[j0, l, l]*mu_v_task[m0])*Q[l, k])*I2(C, j0, K + M + m0)
                 acc += eta * s0
             s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    s0 += ((S_ap__ap[k, l] + mu_ap[k]*mu_ap[l])*S_ap__vt[j0, m0] + (S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*S_ap__ap[j0, l] + (S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*S_ap__ap[j0, k] + ((S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*mu_ap[k] + S_ap__ap[k, l]*mu_vt[m0] + S_ap__vt[k, m0]*mu_ap[l])*mu_ap[j0])*F[j0, K + m0]
+                    s0 += ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__v_task[j0, m0] + (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*S_adapted__adapted[j0, l] + (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__adapted[j0, k] + ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*mu_adapted[k] + S_adapted__adapted[k, l]*mu_v_task[m0] + S_adapted__v_task[k, m0]*mu_adapted[l])*mu_adapted[j0])*F[j0, K + m0]
             acc += -2*eta**2*tilt_pref/n_q * s0
             s0 = 0.0
             for m0 in range(M):
                 for m1 in range(M):
-                    s0 += ((S_ap__vt[l, m0] + mu_ap[l]*mu_vt[m0])*S_ap__vt[k, m1] + (S_ap__vt[l, m1] + mu_ap[l]*mu_vt[m1])*S_ap__vt[k, m0] + (S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*S_ap__ap[k, l] + ((S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*mu_ap[l] + S_ap__vt[l, m0]*mu_vt[m1] + S_ap__vt[l, m1]*mu_vt[m0])*mu_ap[k])*F[K + m0, K + m1]
+                    s0 += ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + (S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k])*F[K + m0, K + m1]
             acc += eta**2*tilt_pref/n_q * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
                         for j2 in range(K):
-                            s0 += ((S_ap__ap_dQ[j0, j1, k, j2] + mu_ap[j0]*mu_ap_dQ[j1, k, j2])*Q[j2, l] + (S_ap__ap_dQ[j0, j1, l, j2] + mu_ap[j0]*mu_ap_dQ[j1, l, j2])*Q[j2, k])*I2(C, j0, j1)
+                            s0 += ((S_adapted__adapted_dQ[j0, j1, k, j2] + mu_adapted[j0]*mu_adapted_dQ[j1, k, j2])*Q[j2, l] + (S_adapted__adapted_dQ[j0, j1, l, j2] + mu_adapted[j0]*mu_adapted_dQ[j1, l, j2])*Q[j2, k])*I2(C, j0, j1)
                 acc += -eta * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
                         for m0 in range(M):
-                            s0 += ((S_ap__ap_dR[j0, j1, k, m0] + mu_ap[j0]*mu_ap_dR[j1, k, m0])*R[l, m0] + (S_ap__ap_dR[j0, j1, l, m0] + mu_ap[j0]*mu_ap_dR[j1, l, m0])*R[k, m0])*I2(C, j0, j1)
+                            s0 += ((S_adapted__adapted_dR[j0, j1, k, m0] + mu_adapted[j0]*mu_adapted_dR[j1, k, m0])*R[l, m0] + (S_adapted__adapted_dR[j0, j1, l, m0] + mu_adapted[j0]*mu_adapted_dR[j1, l, m0])*R[k, m0])*I2(C, j0, j1)
                 acc += -eta * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
                         for j1 in range(K):
-                            s0 += ((S_vt__ap_dQ[m0, j0, k, j1] + mu_ap_dQ[j0, k, j1]*mu_vt[m0])*Q[j1, l] + (S_vt__ap_dQ[m0, j0, l, j1] + mu_ap_dQ[j0, l, j1]*mu_vt[m0])*Q[j1, k])*I2(C, j0, K + M + m0)
+                            s0 += ((S_v_task__adapted_dQ[m0, j0, k, j1] + mu_adapted_dQ[j0, k, j1]*mu_v_task[m0])*Q[j1, l] + (S_v_task__adapted_dQ[m0, j0, l, j1] + mu_adapted_dQ[j0, l, j1]*mu_v_task[m0])*Q[j1, k])*I2(C, j0, K + M + m0)
                 acc += eta * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
                         for m1 in range(M):
-                            s0 += ((S_vt__ap_dR[m0, j0, k, m1] + mu_ap_dR[j0, k, m1]*mu_vt[m0])*R[l, m1] + (S_vt__ap_dR[m0, j0, l, m1] + mu_ap_dR[j0, l, m1]*mu_vt[m0])*R[k, m1])*I2(C, j0, K + M + m0)
+                            s0 += ((S_v_task__adapted_dR[m0, j0, k, m1] + mu_adapted_dR[j0, k, m1]*mu_v_task[m0])*R[l, m1] + (S_v_task__adapted_dR[m0, j0, l, m1] + mu_adapted_dR[j0, l, m1]*mu_v_task[m0])*R[k, m1])*I2(C, j0, K + M + m0)
                 acc += eta * s0
             dQ[k, l] = acc
             dQ[l, k] = acc
@@ -1134,51 +1134,51 @@ def rhs_parallel(y, c, p, K, M, dy):
             acc = 0.0
             s0 = 0.0
             for j0 in range(K):
-                s0 += (S_ap__ap[j0, k] + mu_ap[j0]*mu_ap[k])*E_id_g(Ct1[k], K + n, j0)
+                s0 += (S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*E_id_g(Ct1[k], K + n, j0)
             acc += -eta*tilt1_pref[k] * s0
             s0 = 0.0
             for m0 in range(M):
-                s0 += (S_ap__vt[k, m0] + mu_ap[k]*mu_vt[m0])*E_id_g(Ct1[k], K + n, K + M + m0)
+                s0 += (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*E_id_g(Ct1[k], K + n, K + M + m0)
             acc += eta*tilt1_pref[k] * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
-                        s0 += (S_ap__ap_dQ[j1, j0, k, k] + mu_ap[j1]*mu_ap_dQ[j0, k, k])*I2(C, j0, j1)
+                        s0 += (S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j1)
                 acc += -eta*R[k, n] * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
-                        s0 += (S_vt__ap_dQ[m0, j0, k, k] + mu_ap_dQ[j0, k, k]*mu_vt[m0])*I2(C, j0, K + M + m0)
+                        s0 += (S_v_task__adapted_dQ[m0, j0, k, k] + mu_adapted_dQ[j0, k, k]*mu_v_task[m0])*I2(C, j0, K + M + m0)
                 acc += eta*R[k, n] * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
                         for j2 in range(K):
-                            s0 += (S_ap__ap_dQ[j1, j0, k, j2] + mu_ap[j1]*mu_ap_dQ[j0, k, j2])*I2(C, j0, j1)*R[j2, n]
+                            s0 += (S_adapted__adapted_dQ[j1, j0, k, j2] + mu_adapted[j1]*mu_adapted_dQ[j0, k, j2])*I2(C, j0, j1)*R[j2, n]
                 acc += -eta * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
                         for m0 in range(M):
-                            s0 += (S_ap__ap_dR[j1, j0, k, m0] + mu_ap[j1]*mu_ap_dR[j0, k, m0])*I2(C, j0, j1)*T[m0, n]
+                            s0 += (S_adapted__adapted_dR[j1, j0, k, m0] + mu_adapted[j1]*mu_adapted_dR[j0, k, m0])*I2(C, j0, j1)*T[m0, n]
                 acc += -eta * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
                         for j1 in range(K):
-                            s0 += (S_vt__ap_dQ[m0, j0, k, j1] + mu_ap_dQ[j0, k, j1]*mu_vt[m0])*I2(C, j0, K + M + m0)*R[j1, n]
+                            s0 += (S_v_task__adapted_dQ[m0, j0, k, j1] + mu_adapted_dQ[j0, k, j1]*mu_v_task[m0])*I2(C, j0, K + M + m0)*R[j1, n]
                 acc += eta * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
                         for m1 in range(M):
-                            s0 += (S_vt__ap_dR[m0, j0, k, m1] + mu_ap_dR[j0, k, m1]*mu_vt[m0])*I2(C, j0, K + M + m0)*T[m1, n]
+                            s0 += (S_v_task__adapted_dR[m0, j0, k, m1] + mu_adapted_dR[j0, k, m1]*mu_v_task[m0])*I2(C, j0, K + M + m0)*T[m1, n]
                 acc += eta * s0
             dR[k, n] = acc
     da = dy[o : o + K]
@@ -1187,23 +1187,23 @@ def rhs_parallel(y, c, p, K, M, dy):
         acc = 0.0
         s0 = 0.0
         for j0 in range(K):
-            s0 += I2(C, j0, k)*mu_ap[j0]
+            s0 += I2(C, j0, k)*mu_adapted[j0]
         acc += eta_a*(((1) if (order == 2) else (0)) - 1) * s0
         s0 = 0.0
         for m0 in range(M):
-            s0 += I2(C, k, K + M + m0)*mu_vt[m0]
+            s0 += I2(C, k, K + M + m0)*mu_v_task[m0]
         acc += eta_a*(1 - ((1) if (order == 2) else (0))) * s0
         if ((order == 2)):
             s0 = 0.0
             for j0 in range(K):
                 for j1 in range(K):
-                    s0 += (S_ap__ap_da[j0, j1, k] + mu_ap[j0]*mu_ap_da[j1, k])*I2(C, j0, j1)
+                    s0 += (S_adapted__adapted_da[j0, j1, k] + mu_adapted[j0]*mu_adapted_da[j1, k])*I2(C, j0, j1)
             acc += -eta_a * s0
         if ((order == 2)):
             s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    s0 += (S_vt__ap_da[m0, j0, k] + mu_ap_da[j0, k]*mu_vt[m0])*I2(C, j0, K + M + m0)
+                    s0 += (S_v_task__adapted_da[m0, j0, k] + mu_adapted_da[j0, k]*mu_v_task[m0])*I2(C, j0, K + M + m0)
             acc += eta_a * s0
         da[k] = acc
 
@@ -1237,55 +1237,55 @@ def metrics(y, c, p, K, M, out):
     sigma = p[9]
     C = np.empty((K + 2*M, K + 2*M))
     covariance(y, c, p, K, M, C)
-    mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt, mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR, mu_ap_da, L_ap_da = task_moments(y, c, p, K, M, C, True)
+    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da = task_moments(y, c, p, K, M, C, True)
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
     s2_ = 1 if (((1) if (order == 2) else (0))) != 0 else 0
-    S_aopt__aopt = np.zeros((K, K,))
+    S_a_best__a_best = np.zeros((K, K,))
     for i0 in range(K):
         for i1 in range(K):
             acc = 0.0
             s0 = 0.0
             for m0 in range(M):
-                s0 += L_aopt[i0, m0]*L_aopt[i1, m0]
+                s0 += L_a_best[i0, m0]*L_a_best[i1, m0]
             acc += 1 * s0
-            S_aopt__aopt[i0, i1] = acc
-    S_ap__ap = np.zeros((K, K,))
+            S_a_best__a_best[i0, i1] = acc
+    S_adapted__adapted = np.zeros((K, K,))
     for i0 in range(K):
         for i1 in range(K):
             acc = 0.0
             s0 = 0.0
             for m0 in range(M):
-                s0 += L_ap[i0, m0]*L_ap[i1, m0]
+                s0 += L_adapted[i0, m0]*L_adapted[i1, m0]
             acc += 1 * s0
-            S_ap__ap[i0, i1] = acc
-    S_ap__vt = np.zeros((K, M,))
+            S_adapted__adapted[i0, i1] = acc
+    S_adapted__v_task = np.zeros((K, M,))
     for i0 in range(K):
         for i1 in range(M):
             acc = 0.0
             s0 = 0.0
             for m0 in range(M):
-                s0 += L_ap[i0, m0]*L_vt[i1, m0]
+                s0 += L_adapted[i0, m0]*L_v_task[i1, m0]
             acc += 1 * s0
-            S_ap__vt[i0, i1] = acc
-    S_vt__aopt = np.zeros((M, K,))
+            S_adapted__v_task[i0, i1] = acc
+    S_v_task__a_best = np.zeros((M, K,))
     for i0 in range(M):
         for i1 in range(K):
             acc = 0.0
             s0 = 0.0
             for m0 in range(M):
-                s0 += L_aopt[i1, m0]*L_vt[i0, m0]
+                s0 += L_a_best[i1, m0]*L_v_task[i0, m0]
             acc += 1 * s0
-            S_vt__aopt[i0, i1] = acc
-    S_vt__vt = np.zeros((M, M,))
+            S_v_task__a_best[i0, i1] = acc
+    S_v_task__v_task = np.zeros((M, M,))
     for i0 in range(M):
         for i1 in range(M):
             acc = 0.0
             s0 = 0.0
             for m0 in range(M):
-                s0 += L_vt[i0, m0]*L_vt[i1, m0]
+                s0 += L_v_task[i0, m0]*L_v_task[i1, m0]
             acc += 1 * s0
-            S_vt__vt[i0, i1] = acc
+            S_v_task__v_task[i0, i1] = acc
 
     acc = 0.0
     s0 = 0.0
@@ -1298,46 +1298,46 @@ def metrics(y, c, p, K, M, out):
     s0 = 0.0
     for j0 in range(K):
         for m0 in range(M):
-            s0 += I2(C, j0, K + M + m0)*a[j0]*mu_vt[m0]
+            s0 += I2(C, j0, K + M + m0)*a[j0]*mu_v_task[m0]
     acc += -1 * s0
     s0 = 0.0
     for m0 in range(M):
         for m1 in range(M):
-            s0 += (S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*I2(C, K + M + m0, K + M + m1)
+            s0 += (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*I2(C, K + M + m0, K + M + m1)
     acc += 1.0/2.0 * s0
     out[0] = acc
     acc = 0.0
     s0 = 0.0
     for j0 in range(K):
         for j1 in range(K):
-            s0 += (S_ap__ap[j0, j1] + mu_ap[j0]*mu_ap[j1])*I2(C, j0, j1)
+            s0 += (S_adapted__adapted[j0, j1] + mu_adapted[j0]*mu_adapted[j1])*I2(C, j0, j1)
     acc += 1.0/2.0 * s0
     s0 = 0.0
     for j0 in range(K):
         for m0 in range(M):
-            s0 += (S_ap__vt[j0, m0] + mu_ap[j0]*mu_vt[m0])*I2(C, j0, K + M + m0)
+            s0 += (S_adapted__v_task[j0, m0] + mu_adapted[j0]*mu_v_task[m0])*I2(C, j0, K + M + m0)
     acc += -1 * s0
     s0 = 0.0
     for m0 in range(M):
         for m1 in range(M):
-            s0 += (S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*I2(C, K + M + m0, K + M + m1)
+            s0 += (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*I2(C, K + M + m0, K + M + m1)
     acc += 1.0/2.0 * s0
     out[1] = acc
     acc = 0.0
     s0 = 0.0
     for j0 in range(K):
         for j1 in range(K):
-            s0 += (S_aopt__aopt[j0, j1] + mu_aopt[j0]*mu_aopt[j1])*I2(C, j0, j1)
+            s0 += (S_a_best__a_best[j0, j1] + mu_a_best[j0]*mu_a_best[j1])*I2(C, j0, j1)
     acc += 1.0/2.0 * s0
     s0 = 0.0
     for j0 in range(K):
         for m0 in range(M):
-            s0 += (S_vt__aopt[m0, j0] + mu_aopt[j0]*mu_vt[m0])*I2(C, j0, K + M + m0)
+            s0 += (S_v_task__a_best[m0, j0] + mu_a_best[j0]*mu_v_task[m0])*I2(C, j0, K + M + m0)
     acc += -1 * s0
     s0 = 0.0
     for m0 in range(M):
         for m1 in range(M):
-            s0 += (S_vt__vt[m0, m1] + mu_vt[m0]*mu_vt[m1])*I2(C, K + M + m0, K + M + m1)
+            s0 += (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*I2(C, K + M + m0, K + M + m1)
     acc += 1.0/2.0 * s0
     out[2] = acc
 
@@ -1413,8 +1413,8 @@ def sim_inner_steps_(C, h, a, alpha_in, S, cs):
 
 
 @njit(cache=True, error_model="numpy")
-def sim_support_population_(Q, R, Tt, vt, C, D, h):
-    """Population mode: C_kl = I2(Q_kk, Q_ll, Q_kl), D_km = I2(Q_kk, Tt_m, R_km), h = D vt."""
+def sim_support_population_(Q, R, Tt, v_task, C, D, h):
+    """Population mode: C_kl = I2(Q_kk, Q_ll, Q_kl), D_km = I2(Q_kk, Tt_m, R_km), h = D v_task."""
     K, M = R.shape
     for k in range(K):
         h[k] = 0.0
@@ -1423,13 +1423,13 @@ def sim_support_population_(Q, R, Tt, vt, C, D, h):
         for m in range(M):
             d = I2_value(Q[k, k], Tt[m], R[k, m])
             D[k, m] = d
-            h[k] += d * vt[m]
+            h[k] += d * v_task[m]
 
 
 @njit(cache=True, error_model="numpy")
-def sim_support_samples_(Xs, zs, W, Bt, vt, sigma, norm, Lam, gL, ys, C, h):
+def sim_support_samples_(Xs, zs, W, Bt, v_task, sigma, norm, Lam, gL, ys, C, h):
     """Samples mode: Lam = Xs W^T / norm, gL = g(Lam), the support labels
-    ys = g(Xs Bt^T / norm) vt + sigma zs, C = gL^T gL / n_s, h = gL^T ys / n_s."""
+    ys = g(Xs Bt^T / norm) v_task + sigma zs, C = gL^T gL / n_s, h = gL^T ys / n_s."""
     ns, K = Lam.shape
     M = Bt.shape[0]
     for mu in range(ns):
@@ -1439,7 +1439,7 @@ def sim_support_samples_(Xs, zs, W, Bt, vt, sigma, norm, Lam, gL, ys, C, h):
             gL[mu, k] = g(x)
         y = 0.0
         for m in range(M):
-            y += g(sim_dot_(Xs[mu], Bt[m]) / norm) * vt[m]
+            y += g(sim_dot_(Xs[mu], Bt[m]) / norm) * v_task[m]
         ys[mu] = y + sigma * zs[mu]
     for k in range(K):
         for q in range(K):
@@ -1454,8 +1454,8 @@ def sim_support_samples_(Xs, zs, W, Bt, vt, sigma, norm, Lam, gL, ys, C, h):
 
 
 @njit(cache=True, error_model="numpy")
-def sim_query_gradients_(lam, nu, zq, c, vt, sigma, G, grad_a):
-    """delta_mu = g(lam_mu) c - g(nu_mu) vt - sigma zq_mu; G[mu, k] = delta_mu g'(lam_muk) c_k
+def sim_query_gradients_(lam, nu, zq, c, v_task, sigma, G, grad_a):
+    """delta_mu = g(lam_mu) c - g(nu_mu) v_task - sigma zq_mu; G[mu, k] = delta_mu g'(lam_muk) c_k
     and grad_a = dL/da' = mean_mu g(lam_mu) delta_mu."""
     nq, K = lam.shape
     M = nu.shape[1]
@@ -1466,7 +1466,7 @@ def sim_query_gradients_(lam, nu, zq, c, vt, sigma, G, grad_a):
         for k in range(K):
             delta += g(lam[mu, k]) * c[k]
         for m in range(M):
-            delta -= g(nu[mu, m]) * vt[m]
+            delta -= g(nu[mu, m]) * v_task[m]
         delta -= sigma * zq[mu]
         for k in range(K):
             x = lam[mu, k]
@@ -1502,8 +1502,8 @@ def sim_through_inner_loop_(C, cs, alpha_in, S, grad_a, adj, adjn, dC, dh):
 
 
 @njit(cache=True, error_model="numpy")
-def sim_overlap_gradients_(Q, R, Tt, vt, dC, dh, Pa, Pb, Pc, GQ, GR):
-    """Order 2, population mode: from dC, dh (D enters through h = D vt, dD = dh vt^T)
+def sim_overlap_gradients_(Q, R, Tt, v_task, dC, dh, Pa, Pb, Pc, GQ, GR):
+    """Order 2, population mode: from dC, dh (D enters through h = D v_task, dD = dh v_task^T)
     the gradients in the overlaps by the chain rule through I2_partials, ``GQ``
     (symmetrised, GQ + GQ^T: Q_kl and Q_lk are one variable) and ``GR``;
     grad_W = (GQ W + GR Bt) / N. Pa, Pb, Pc hold the partials of C_kl."""
@@ -1518,7 +1518,7 @@ def sim_overlap_gradients_(Q, R, Tt, vt, dC, dh, Pa, Pb, Pc, GQ, GR):
             # C_kq reads Q_kk as its first variance, C_qk as its second
             diag += dC[k, q] * Pa[k, q] + dC[q, k] * Pb[q, k]
         for m in range(M):
-            dD = dh[k] * vt[m]
+            dD = dh[k] * v_task[m]
             da, _, dc = I2_partials(Q[k, k], Tt[m], R[k, m])
             GR[k, m] = dD * dc
             diag += dD * da
@@ -1579,7 +1579,7 @@ def meta_steps(
     """``n_steps`` whole outer steps of the meta-learner, in place on W and a, without
     allocating (runtime/simulate_meta.py, whose MetaStep is the numpy reference).
 
-    The task is drawn from ``rng`` in the order of ``MetaStep.draw_task``: vt, then
+    The task is drawn from ``rng`` in the order of ``MetaStep.draw_task``: v_task, then
     (eps_B > 0) the task teacher ``Bt = B + eps_B Z`` with its own norms Tt, then
     (samples mode, ``n_s > 0``; ``n_s = 0`` is population mode) the support inputs
     and noise, then the query inputs and noise. The inner loop runs on C, h of the
@@ -1594,7 +1594,7 @@ def meta_steps(
     M = B.shape[0]
     Q, R = np.empty((K, K)), np.empty((K, M))
     C, D, h, cs = np.empty((K, K)), np.empty((K, M)), np.empty(K), np.empty((S + 1, K))
-    vt = np.empty(M)
+    v_task = np.empty(M)
     Bt = B.copy()
     Tt = Tt0.copy()
     Xq, zq = np.empty((n_q, N)), np.empty(n_q)
@@ -1610,7 +1610,7 @@ def meta_steps(
     Lam, gL, dLam = np.empty((ns, K)), np.empty((ns, K)), np.empty((ns, K))
     for _ in range(n_steps):
         for m in range(M):
-            vt[m] = vbar[m] + s * rng.standard_normal()
+            v_task[m] = vbar[m] + s * rng.standard_normal()
         if eps_B > 0.0:
             for m in range(M):
                 for i in range(N):
@@ -1629,19 +1629,19 @@ def meta_steps(
         for mu in range(n_q):
             zq[mu] = rng.standard_normal()
         if n_s > 0:
-            sim_support_samples_(Xs, zs, W, Bt, vt, sigma, norm, Lam, gL, ys, C, h)
+            sim_support_samples_(Xs, zs, W, Bt, v_task, sigma, norm, Lam, gL, ys, C, h)
         else:
             sim_overlaps_(W, Bt, Q, R)
-            sim_support_population_(Q, R, Tt, vt, C, D, h)
+            sim_support_population_(Q, R, Tt, v_task, C, D, h)
         sim_inner_steps_(C, h, a, alpha_in, S, cs)
         sim_fields_(Xq, W, Bt, norm, lam, nu)
-        sim_query_gradients_(lam, nu, zq, cs[S], vt, sigma, G, grad_a)
+        sim_query_gradients_(lam, nu, zq, cs[S], v_task, sigma, G, grad_a)
         if second:
             sim_through_inner_loop_(C, cs, alpha_in, S, grad_a, adj, adjn, dC, dh)
             if n_s > 0:
                 sim_samples_weight_gradient_(Xs, Lam, gL, ys, dC, dh, norm, dLam, grad_W)
             else:
-                sim_overlap_gradients_(Q, R, Tt, vt, dC, dh, Pa, Pb, Pc, GQ, GR)
+                sim_overlap_gradients_(Q, R, Tt, v_task, dC, dh, Pa, Pb, Pc, GQ, GR)
                 # grad_W = (GQ W + GR Bt) / N at the weights before the step, row by row
                 for k in range(K):
                     sim_combine_(GQ[k], W, GR[k], Bt, N, gx, grad_W[k])

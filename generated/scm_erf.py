@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 9651c4dae7e4b6a8d85c3fc4d1e83038323ba560e2665489f58e3daddfca5689
+# inputs:     sha256 a8172d36541de1aaa7ddfb6f17893c4ccef818698c899a00218e358a5829ecca
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "9651c4dae7e4b6a8d85c3fc4d1e83038323ba560e2665489f58e3daddfca5689"
+INPUTS_SHA256 = "a8172d36541de1aaa7ddfb6f17893c4ccef818698c899a00218e358a5829ecca"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

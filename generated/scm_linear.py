@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 7795e82bddc7d48e8ffbac3456a5b3b5c6f85357ab5bac6c800da93ce607bb9f
+# inputs:     sha256 2b6e7f5300ceefcb1042ee3248fdd269d51f35a88ea988bab03988b2694ff536
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "7795e82bddc7d48e8ffbac3456a5b3b5c6f85357ab5bac6c800da93ce607bb9f"
+INPUTS_SHA256 = "2b6e7f5300ceefcb1042ee3248fdd269d51f35a88ea988bab03988b2694ff536"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

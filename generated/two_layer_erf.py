@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 4d4f1cbd110820bf61c14d2922d7065034a6b1f13bffef3bae265671d81cb059
+# inputs:     sha256 f1d022ede6f99e19b2a7d6d7c90f8c22889ca4f0fb0db0a7b66092961ba67be2
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "4d4f1cbd110820bf61c14d2922d7065034a6b1f13bffef3bae265671d81cb059"
+INPUTS_SHA256 = "f1d022ede6f99e19b2a7d6d7c90f8c22889ca4f0fb0db0a7b66092961ba67be2"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 49816f6c82b8909808eab1dc95acea8aef4ff6bdd9c0d03e0c10955b2669f890
+# inputs:     sha256 fb4a6bc6d54bda5a970857a1e1616518db77842ec95cb4c1c5c1ad14a79ba1f6
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "49816f6c82b8909808eab1dc95acea8aef4ff6bdd9c0d03e0c10955b2669f890"
+INPUTS_SHA256 = "fb4a6bc6d54bda5a970857a1e1616518db77842ec95cb4c1c5c1ad14a79ba1f6"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

@@ -213,7 +213,7 @@ def study_variability(out: Path, progress: bool) -> dict:
     axes[0].set_xlabel("alpha")
     axes[0].set_ylabel("eps_meta / s^2")
     axes[0].legend(fontsize=7)
-    axes[0].set_title("task spread s (readout vt = s xi)")
+    axes[0].set_title("task spread s (readout v_task = s xi)")
     for i, (label, tr) in enumerate(by_eps):
         axes[1].plot(tr.alpha, tr.eps_meta, color=f"C{i}", label=f"{label}: eps_meta")
         axes[1].plot(tr.alpha, tr.eps_opt, "--", color=f"C{i}", label=f"{label}: eps_opt")

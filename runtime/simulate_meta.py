@@ -4,7 +4,7 @@ The real algorithm of a model with an inner loop, on real vectors, one task per
 step, as its model file declares it:
 
 1. task: the task noise ``xi ~ N(0, I)`` and the task law (``TaskVector(law=...)``,
-   for anil ``vt = vbar + s xi``); each teacher field family realised from the
+   for anil ``v_task = vbar + s xi``); each teacher field family realised from the
    teacher ``B`` plus a fresh isotropic perturbation whose variance the model's
    covariance blocks state (``derive.simulator.field_sources``; anil's task teacher
    ``B + eps_B Z``);
@@ -30,7 +30,7 @@ engine's (derive/simulator.py ``field_mean``). The compiled path runs whole oute
 steps (``meta_steps`` of the generated module, rendered from
 derive/templates/meta_simulator.py.jinja) for the models whose algorithm the
 derivation recognises as that loop's (``derive.simulator.standard_form``: square
-loss, the same loss in the inner loop without a regulariser, ``vt = vbar + s xi``;
+loss, the same loss in the inner loop without a regulariser, ``v_task = vbar + s xi``;
 anil), with its numbers read from the model's expressions: the same random draws
 from the same numpy Generator (numba reproduces its stream) and tested equal to
 the reference step for step. Any other model (a proximal inner loop, a correlated
@@ -112,12 +112,12 @@ class Activation:
 
 
 class Task(NamedTuple):
-    """One task's draws: the task readouts ``vt`` (the law's vector), the task
+    """One task's draws: the task readouts ``v_task`` (the law's vector), the task
     teacher ``Bt`` (the last teacher family the model perturbs, else ``B``), the
     support inputs and noise (samples mode; None in population mode), the query
     inputs and noise; ``teachers``: every teacher family's vectors by name."""
 
-    vt: np.ndarray
+    v_task: np.ndarray
     Bt: np.ndarray
     Xs: np.ndarray | None
     zs: np.ndarray | None
@@ -218,11 +218,11 @@ class _Concrete:
         self.regulariser_da = _lambdify(self.args, [sp.diff(f, a_[sp.Integer(j)]) for f in fr for j in ks])
         # the query: G_k = dL/dlambda_k, dL/da'_k, the start's update, the metrics
         loss = model.sample_loss
-        ap = inner.adapted.base
+        adapted = inner.adapted.base
         k_ = student_index("k")
         (_, Gk) = model.first_layer.sample_gradient(loss)
         self.query_G = _lambdify(self.args, [conc(Gk.xreplace({k_: sp.Integer(k)})) for k in ks])
-        self.query_b = _lambdify(self.args, [conc(sp.diff(loss, ap[sp.Integer(k)])) for k in ks])
+        self.query_b = _lambdify(self.args, [conc(sp.diff(loss, adapted[sp.Integer(k)])) for k in ks])
         rules = model.readout_updates
         if len(rules) > 1 or (rules and rules[0].vector != inner.start):
             raise ValueError(
@@ -364,9 +364,9 @@ class MetaStep:
     def support(self, W, task):
         """(H, f, cache) of the support loss's gradient ``H c - f`` (without the
         regulariser, which ``adapt`` adds)."""
-        K, M = W.shape[0], task.vt.size
+        K, M = W.shape[0], task.v_task.size
         cc = self.concrete(K, M)
-        tasks = {cc.law_vector.name: task.vt}
+        tasks = {cc.law_vector.name: task.v_task}
         if self.population:
             V = self._vectors_matrix(W, task)
             C = V @ V.T / W.shape[1]
@@ -389,7 +389,7 @@ class MetaStep:
     def adapt(self, C, h, a, task=None):
         """c^(0..S) of the inner loop from ``c = a`` on ``H c - f`` plus the regulariser."""
         if task is not None:
-            cc = self.concrete(a.size, task.vt.size)
+            cc = self.concrete(a.size, task.v_task.size)
             Hr, fr, _ = self._regulariser(cc, a, task)
             C, h = C + Hr, h + fr
         cs = [a.copy()]
@@ -399,10 +399,10 @@ class MetaStep:
 
     # -- query ----------------------------------------------------------------
     def _query_args(self, W, c, task, a=None, da=None, optimal=None):
-        K, M = W.shape[0], task.vt.size
+        K, M = W.shape[0], task.v_task.size
         cc = self.concrete(K, M)
         inner = self.model.inner_loop
-        tasks = {cc.law_vector.name: task.vt, inner.adapted.name: c}
+        tasks = {cc.law_vector.name: task.v_task, inner.adapted.name: c}
         if optimal is not None and inner.optimal is not None:
             tasks[inner.optimal.name] = optimal
         vectors = dict(task.teachers["_vectors"])
@@ -429,8 +429,8 @@ class MetaStep:
         """The model's metrics on the query samples of ``task`` (mean over them), with
         the start ``a``, the adapted readout and the optimal readout ``optimal``."""
         C, h, _ = self.support(W, task)
-        ap = self.adapt(C, h, a, task)[-1]
-        cc, args = self._query_args(W, ap, task, a=a, optimal=optimal)
+        adapted = self.adapt(C, h, a, task)[-1]
+        cc, args = self._query_args(W, adapted, task, a=a, optimal=optimal)
         return dict(zip(cc.metric_names, _values(cc.metrics, args, n=self.n_q).mean(-1)))
 
     def gradients(self, W, a, task):
@@ -439,17 +439,17 @@ class MetaStep:
         ``G`` is the coefficient of x in the first-order gradient,
         ``dL/dw_k = mean_mu G[mu, k] x_mu / sqrt(N)``."""
         K, N = W.shape
-        cc = self.concrete(K, task.vt.size)
+        cc = self.concrete(K, task.v_task.size)
         C, h, cache = self.support(W, task)
         Hr, fr, fr_da = self._regulariser(cc, a, task)
         Ct, ht = C + Hr, h + fr
         cs = self.adapt(Ct, ht, a)
-        ap = cs[-1]
+        adapted = cs[-1]
         # forward mode: A = da'/da (the start enters c^(0) and the regulariser's force)
         A = np.eye(K)
         for _ in range(self.S):
             A = A - self.alpha_in * (Ct @ A - fr_da)
-        _, args = self._query_args(W, ap, task, a=a, da=A)
+        _, args = self._query_args(W, adapted, task, a=a, da=A)
         nq = self.n_q
         G = _values(cc.query_G, args, n=nq).T
         grad_a = _values(cc.readout, args, n=nq).mean(-1) if cc.rule is not None else np.zeros(K)

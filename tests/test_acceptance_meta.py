@@ -11,7 +11,7 @@ computed here without the Gaussian engine, the task program or the kernel:
 - the task law, the support loss, the update rules' integrands and the metrics
   are the model file's sympy expressions, turned into numpy by sympy.lambdify
   at concrete K and M;
-- the population support gradient, ``A c + h0 + B vt`` (linear in the readout
+- the population support gradient, ``A c + h0 + B v_task`` (linear in the readout
   and the task, as the support loss is quadratic), is averaged over a large
   sample of fields; the inner loop then runs on it task by task;
 - the flows' integrands are averaged over sampled (task, query) pairs.
@@ -36,7 +36,7 @@ from derive.model import Q as QB
 from derive.model import R as RB
 from derive.model import T as TB
 from derive.symbols import K as KS
-from derive.symbols import g, gp, gpp, lam, nu, nut, student_index, zeta
+from derive.symbols import g, gp, gpp, lam, nu, nu_task, student_index, zeta
 
 HERE = Path(__file__).resolve().parent
 MODEL_FILES = sorted((HERE / "acceptance_meta").glob("*.py"))
@@ -87,13 +87,27 @@ class Numeric:
         self.c = sp.IndexedBase("c")
         self.xi = inner.noise.base
         tvs = {tv.name: tv for tv in model.task_vectors}
-        self.vt_name = next(tv.name for tv in model.task_vectors if tv.law is not None)
-        self.vt = tvs[self.vt_name].base
-        self.ap = inner.adapted.base
+        self.v_task_name = next(tv.name for tv in model.task_vectors if tv.law is not None)
+        self.v_task = tvs[self.v_task_name].base
+        self.adapted = inner.adapted.base
         self.a = inner.start.base
         self.vbar = next(v.base for v in model.const_vectors)
-        self.aopt = inner.optimal.base if inner.optimal is not None else sp.IndexedBase("aopt_")
-        self.args = (lam, nu, nut, zeta, self.c, self.ap, self.vt, self.a, self.vbar, QB, RB, TB, self.aopt)
+        self.a_best = inner.optimal.base if inner.optimal is not None else sp.IndexedBase("a_best_")
+        self.args = (
+            lam,
+            nu,
+            nu_task,
+            zeta,
+            self.c,
+            self.adapted,
+            self.v_task,
+            self.a,
+            self.vbar,
+            QB,
+            RB,
+            TB,
+            self.a_best,
+        )
 
     def fn(self, expr):
         e = _concrete(sp.sympify(expr).subs(self.sub), self.K, self.M, self.act)
@@ -114,10 +128,10 @@ class Numeric:
         return np.array([f(xi, vbar) * np.ones(xi.shape[1]) for f in self._law])
 
     def covariance(self, Q, R, T):
-        """The covariance of (lam, nu, nut) from the model's blocks."""
+        """The covariance of (lam, nu, nu_task) from the model's blocks."""
         if not hasattr(self, "_cov"):
             K, M = self.K, self.M
-            sizes = {lam: K, nu: M, nut: M}
+            sizes = {lam: K, nu: M, nu_task: M}
             offs, o = {}, 0
             for f in self.model.fields:
                 offs[f] = o
@@ -142,14 +156,14 @@ def monte_carlo_flow(model, Q, R, T, a, vbar, params, n_fields=400_000, n_pairs=
     num = Numeric(model, K, M, params)
     rng = np.random.default_rng(seed)
     C = num.covariance(Q, R, T)
-    w, V = np.linalg.eigh(C)  # C is singular when nut = nu (eps_B = 0): a square root, not Cholesky
+    w, V = np.linalg.eigh(C)  # C is singular when nu_task = nu (eps_B = 0): a square root, not Cholesky
     Lc = V * np.sqrt(np.clip(w, 0.0, None))
 
     def fields(n):
         u = Lc @ rng.standard_normal((C.shape[0], n))
         return u[:K], u[K : K + M], u[K + M :], rng.standard_normal(n)
 
-    # the population support gradient A c + h0 + B vt, averaged over the fields
+    # the population support gradient A c + h0 + B v_task, averaged over the fields
     inner = model.inner_loop
     c = num.c
     lf, nf, ntf, zf = fields(n_fields)
@@ -178,11 +192,11 @@ def monte_carlo_flow(model, Q, R, T, a, vbar, params, n_fields=400_000, n_pairs=
     # tasks, the inner loop on each, and one query sample per task
     steps, rate = int(params["S"]), float(sp.sympify(inner.rate).subs(num.sub))
     xi = rng.standard_normal((M, n_pairs))
-    vt = num.law(xi, a, vbar)
-    ap = np.repeat(a[:, None], n_pairs, axis=1).astype(float)
+    v_task = num.law(xi, a, vbar)
+    adapted = np.repeat(a[:, None], n_pairs, axis=1).astype(float)
     for _ in range(steps):
-        ap = ap - rate * (A @ ap + h0[:, None] + B @ vt)
-    aopt = -np.linalg.pinv(A0) @ (h00[:, None] + B0 @ vt)
+        adapted = adapted - rate * (A @ adapted + h0[:, None] + B @ v_task)
+    a_best = -np.linalg.pinv(A0) @ (h00[:, None] + B0 @ v_task)
     lq, nq, ntq, zq = fields(n_pairs)
     zc = np.zeros((K, n_pairs))
     out = {}
@@ -195,12 +209,16 @@ def monte_carlo_flow(model, Q, R, T, a, vbar, params, n_fields=400_000, n_pairs=
                 at = dict(zip(free, [sp.Integer(i) for i in idx]))
                 f = num.fn(sp.sympify(integrand).xreplace(at))
                 d = num.fn(sp.sympify(deterministic).xreplace(at))
-                x = f(lq, nq, ntq, zq, zc, ap, vt, a, vbar, Q, R, T, aopt) * np.ones(n_pairs)
-                mean[idx] = x.mean() + float(np.mean(d(lq, nq, ntq, zq, zc, ap, vt, a, vbar, Q, R, T, aopt)))
+                x = f(lq, nq, ntq, zq, zc, adapted, v_task, a, vbar, Q, R, T, a_best) * np.ones(n_pairs)
+                mean[idx] = x.mean() + float(
+                    np.mean(d(lq, nq, ntq, zq, zc, adapted, v_task, a, vbar, Q, R, T, a_best))
+                )
                 sem[idx] = x.std() / math.sqrt(n_pairs)
             out[name] = (mean, sem)
     for name, integrand in model.metrics.items():
-        x = num.fn(integrand)(lq, nq, ntq, zq, zc, ap, vt, a, vbar, Q, R, T, aopt) * np.ones(n_pairs)
+        x = num.fn(integrand)(lq, nq, ntq, zq, zc, adapted, v_task, a, vbar, Q, R, T, a_best) * np.ones(
+            n_pairs
+        )
         out[name] = (np.array(x.mean()), np.array(x.std() / math.sqrt(n_pairs)))
     return out, (A, h0, B)
 

@@ -1,13 +1,13 @@
 """The generated ``anil`` kernels against a direct numpy evaluation of docs/models/anil.md.
 
 The reference below does not import derive. It types the closed forms of
-section 2 as tensors over the fields ``u = (lambda_1..K, nu_1..M, nut_1..M)``
+section 2 as tensors over the fields ``u = (lambda_1..K, nu_1..M, nu_task_1..M)``
 with covariance ``[[Q, R, R], [R^T, T, T], [R^T, T, T + eps_B^2 I]]``, runs the
 inner loop of 5.3 as plain matrices (matrix powers, not the kernel's
-recursion), takes the task moments of ``z = (a', vt)`` and their fourth moments
+recursion), takes the task moments of ``z = (a', v_task)`` and their fourth moments
 by its own Isserlis formula, and assembles the flows of 5.5 with einsum over the
 signed readouts: ``d = y - f = sum_p sgn_p z_p g(u_p) + sigma zeta`` with
-``sgn = -1`` on the student entries ``a'`` and ``+1`` on the task readout ``vt``.
+``sgn = -1`` on the student entries ``a'`` and ``+1`` on the task readout ``v_task``.
 
 Second order (``order = 2``): the derivatives of ``a'`` in ``Q`` (one symmetric
 variable per pair) and ``R`` are central finite differences of that numpy inner
@@ -47,13 +47,13 @@ TENSORS = {"erf": tensors_erf, "linear": tensors_linear}
 
 
 def field_cov(Q, R, T, eps_B):
-    """Covariance of (lambda_1..K, nu_1..M, nut_1..M), docs/models/anil.md 5.1."""
+    """Covariance of (lambda_1..K, nu_1..M, nu_task_1..M), docs/models/anil.md 5.1."""
     M = T.shape[0]
     return np.block([[Q, R, R], [R.T, T, T], [R.T, T, T + eps_B**2 * np.eye(M)]])
 
 
 def support(Q, R, T, eps_B, act):
-    """C_kl = I2(lambda_k, lambda_l), D_km = I2(lambda_k, nut_m)."""
+    """C_kl = I2(lambda_k, lambda_l), D_km = I2(lambda_k, nu_task_m)."""
     K, M = R.shape
     I2 = i2_only(field_cov(Q, R, T, eps_B), act)
     return I2[:K, :K], I2[:K, K + M :]
@@ -70,7 +70,7 @@ def inner_maps(Q, R, T, eps_B, alpha_in, S, act):
 
 
 def adapted(Q, R, T, a, vbar, eps_B, alpha_in, S, act):
-    """a' = mu + G xi-part: returns (A a + G vbar, G) (a' = A a + G vt is affine in vt)."""
+    """a' = mu + G xi-part: returns (A a + G vbar, G) (a' = A a + G v_task is affine in v_task)."""
     A, G = inner_maps(Q, R, T, eps_B, alpha_in, S, act)
     return A @ a + G @ vbar, G
 
@@ -86,21 +86,21 @@ def isserlis4(m, S):
 
 
 def signed_index(K, M):
-    """Field index of each entry of z = (a', vt) and its sign in d = y - f."""
+    """Field index of each entry of z = (a', v_task) and its sign in d = y - f."""
     fidx = np.r_[np.arange(K), K + M + np.arange(M)]
     sgn = np.r_[-np.ones(K), np.ones(M)]
     return fidx, sgn
 
 
 def error_from_moments(I2, K, M, mz, Lz):
-    """1/2 E_tau E_x[(f - y_clean)^2] for z = (readout, vt) = mz + Lz xi."""
+    """1/2 E_tau E_x[(f - y_clean)^2] for z = (readout, v_task) = mz + Lz xi."""
     fidx, sgn = signed_index(K, M)
     E2 = Lz @ Lz.T + np.outer(mz, mz)
     return 0.5 * np.einsum("p,q,pq,pq->", sgn, sgn, E2, I2[np.ix_(fidx, fidx)])
 
 
-def ap_derivatives(Q, R, T, a, vbar, eps_B, alpha_in, S, act, h=FD_STEP):
-    """Central differences of (mu_ap, G) in Q_kl (Q_kl and Q_lk together) and R_km.
+def adapted_derivatives(Q, R, T, a, vbar, eps_B, alpha_in, S, act, h=FD_STEP):
+    """Central differences of (mu_adapted, G) in Q_kl (Q_kl and Q_lk together) and R_km.
 
     Returns dmuQ[j,k,l], dGQ[j,k,l,r], dmuR[j,k,m], dGR[j,k,m,r]."""
     K, M = R.shape
@@ -164,7 +164,7 @@ def reference(Q, R, T, a, vbar, prm, act="erf"):
         da = eta_a * Eg_d
     else:
         da = eta_a * A.T @ Eg_d  # a receives -eta_a A^T E[delta g(lambda)], delta = -d
-        dmuQ, dGQ, dmuR, dGR = ap_derivatives(Q, R, T, a, vbar, eps_B, alpha_in, S, act)
+        dmuQ, dGQ, dmuR, dGR = adapted_derivatives(Q, R, T, a, vbar, eps_B, alpha_in, S, act)
         two = 1.0 + np.eye(K)  # (1 + [k = i])
         # H[p, j]: -E_x[delta g(lam_j)] = sum_p sgn_p z_p I2(f(p), j)
         H = sgn[:, None] * I2[np.ix_(fidx, st)]
@@ -382,7 +382,7 @@ def test_second_order_rhs_matches_reference(i):
 
 @pytest.mark.parametrize("i", [1, 2, 3, 6, 7, 11])
 def test_sensitivities_match_finite_differences(i):
-    """task_moments' mu_ap_dQ, L_ap_dQ, mu_ap_dR, L_ap_dR against central differences
+    """task_moments' mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR against central differences
     of the numpy inner loop (the ingredient of the second-order flow, alone)."""
     mod = load("anil_erf")
     Q, R, T, a, vbar, prm = state_case(i, order=2)
@@ -391,18 +391,18 @@ def test_sensitivities_match_finite_differences(i):
     Cf = field_cov(Q, R, T, prm["eps_B"])
     out = mod.task_moments(y, c, p, K, M, Cf)
     mu_dQ, L_dQ, mu_dR, L_dR = out[6], out[7], out[8], out[9]
-    dmuQ, dGQ, dmuR, dGR = ap_derivatives(
+    dmuQ, dGQ, dmuR, dGR = adapted_derivatives(
         Q, R, T, a, vbar, prm["eps_B"], prm["alpha_in"], int(prm["S"]), "erf"
     )
     t = tag(R, prm)
-    assert_rel(mu_dQ, dmuQ, RTOL2, f"mu_ap_dQ {t}")
-    assert_rel(L_dQ, prm["s"] * dGQ, RTOL2, f"L_ap_dQ {t}")
-    assert_rel(mu_dR, dmuR, RTOL2, f"mu_ap_dR {t}")
-    assert_rel(L_dR, prm["s"] * dGR, RTOL2, f"L_ap_dR {t}")
+    assert_rel(mu_dQ, dmuQ, RTOL2, f"mu_adapted_dQ {t}")
+    assert_rel(L_dQ, prm["s"] * dGQ, RTOL2, f"L_adapted_dQ {t}")
+    assert_rel(mu_dR, dmuR, RTOL2, f"mu_adapted_dR {t}")
+    assert_rel(L_dR, prm["s"] * dGR, RTOL2, f"L_adapted_dR {t}")
 
 
 def eps_meta_of(Q, R, T, a, vbar, prm, frozen=None):
-    """eps_meta (numpy) at (Q, R, a); ``frozen = (mu_ap, G)`` keeps a' fixed (first order)."""
+    """eps_meta (numpy) at (Q, R, a); ``frozen = (mu_adapted, G)`` keeps a' fixed (first order)."""
     K, M = R.shape
     I2 = i2_only(field_cov(Q, R, T, prm["eps_B"]), "erf")
     if frozen is None:
@@ -432,7 +432,7 @@ def test_flow_is_gradient_descent_on_eps_meta(order, i):
     gradient of the meta-error (through the inner loop at order 2, at fixed a'
     at order 1), so dR_kn = -eta d eps_meta / d(w_k along B_n), the eta-linear part
     of dQ_kl = -eta (d/d(w_k along w_l) + d/d(w_l along w_k)) eps_meta, and
-    da = -eta_a grad_a eps_meta (through a' = A a + G vt at order 2)."""
+    da = -eta_a grad_a eps_meta (through a' = A a + G v_task at order 2)."""
     mod = load("anil_erf")
     Q, R, T, a, vbar, prm = state_case(i, order=order)
     prm["eta_a"] = 0.7
@@ -515,8 +515,8 @@ def test_deterministic_tasks_equal_two_layer_at_adapted_readout(i):
     Q, R, T, a, vbar, prm = state_case(i, order=1)
     prm.update(s=0.0, eps_B=0.0, n_q=1.0)
     dQ, dR, da, met = run(load("anil_erf"), Q, R, T, a, vbar, prm)
-    ap, _ = adapted(Q, R, T, a, vbar, 0.0, prm["alpha_in"], int(prm["S"]), "erf")
-    tQ, tR, tv, eps_g = two_layer_run(Q, R, T, ap, vbar, prm["eta"], prm["eta_a"], prm["sigma"])
+    a_adapted, _ = adapted(Q, R, T, a, vbar, 0.0, prm["alpha_in"], int(prm["S"]), "erf")
+    tQ, tR, tv, eps_g = two_layer_run(Q, R, T, a_adapted, vbar, prm["eta"], prm["eta_a"], prm["sigma"])
     t = tag(R, prm)
     assert_rel(dQ, tQ, 1e-11, f"dQ {t}")
     assert_rel(dR, tR, 1e-11, f"dR {t}")
@@ -535,7 +535,7 @@ def test_dQ_symmetric(order):
 
 @pytest.mark.parametrize("module", ["anil_erf", "anil_linear"])
 def test_errors_nonnegative_and_eps_opt_is_minimal(module):
-    """a* = C^+ D vt minimises the per-task error over readouts, so eps_opt <= eps_pre
+    """a* = C^+ D v_task minimises the per-task error over readouts, so eps_opt <= eps_pre
     and eps_opt <= eps_meta; all three are >= 0. eps_opt depends neither on a nor on
     the inner loop, and S = 0 gives eps_meta = eps_pre."""
     mod = load(module)
@@ -599,33 +599,37 @@ def mc_close(samples, want, what, nse=5.0):
 
 @pytest.mark.parametrize("i", [3, 6, 7, 11, 14])
 def test_task_moments_monte_carlo(i):
-    """Draw tasks vt = vbar + s xi, run the inner loop c <- c - alpha_in (C c - D vt)
-    step by step, and compare the mean and covariance of a' (and of a* = C^+ D vt)
-    with task_moments; A_S = d a' / d a against the loop run on unit vectors with vt = 0."""
+    """Draw tasks v_task = vbar + s xi, run the inner loop c <- c - alpha_in (C c - D v_task)
+    step by step, and compare the mean and covariance of a' (and of a* = C^+ D v_task)
+    with task_moments; A_S = d a' / d a against the loop run on unit vectors with v_task = 0."""
     mod = load("anil_erf")
     Q, R, T, a, vbar, prm = state_case(i, order=2)
     K, M = R.shape
     y, c, p = pack(mod, Q, R, T, a, vbar, prm)
     Cf = field_cov(Q, R, T, prm["eps_B"])
     out = mod.task_moments(y, c, p, K, M, Cf)
-    mu_ap, L_ap, mu_vt, L_vt, mu_aopt, L_aopt = out[:6]
-    A_S = out[10]  # mu_ap_da: d a'_j / d a_k, the sensitivity along the start
+    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best = out[:6]
+    A_S = out[10]  # mu_adapted_da: d a'_j / d a_k, the sensitivity along the start
     C, D = support(Q, R, T, prm["eps_B"], "erf")
     S, alpha, s = int(prm["S"]), prm["alpha_in"], prm["s"]
 
-    def loop(c0, vt):  # c0 (n, K), vt (n, M)
+    def loop(c0, v_task):  # c0 (n, K), v_task (n, M)
         cc = c0.copy()
         for _ in range(S):
-            cc = cc - alpha * (cc @ C.T - vt @ D.T)
+            cc = cc - alpha * (cc @ C.T - v_task @ D.T)
         return cc
 
     rng = np.random.default_rng(100 + i)
     n = 100_000
-    vt = vbar + s * rng.normal(size=(n, M))
-    ap = loop(np.broadcast_to(a, (n, K)), vt)
-    aopt = vt @ (np.linalg.pinv(C) @ D).T
+    v_task = vbar + s * rng.normal(size=(n, M))
+    a_adapted = loop(np.broadcast_to(a, (n, K)), v_task)
+    a_best = v_task @ (np.linalg.pinv(C) @ D).T
 
-    for name, x, mu, L in (("ap", ap, mu_ap, L_ap), ("vt", vt, mu_vt, L_vt), ("aopt", aopt, mu_aopt, L_aopt)):
+    for name, x, mu, L in (
+        ("adapted", a_adapted, mu_adapted, L_adapted),
+        ("v_task", v_task, mu_v_task, L_v_task),
+        ("a_best", a_best, mu_a_best, L_a_best),
+    ):
         mc_close(x, mu, f"mean of {name} K,M={K},{M}")
         xc = x - x.mean(axis=0)
         prods = np.einsum("ni,nj->nij", xc, xc)
@@ -658,27 +662,27 @@ def test_first_order_flow_monte_carlo(i):
     Cf = field_cov(Q, R, T, prm["eps_B"])
     w, V = np.linalg.eigh(Cf)
     u = rng.normal(size=(n, Cf.shape[0])) @ (V * np.sqrt(np.clip(w, 0, None))).T
-    lam, nu, nut = u[:, :K], u[:, K : K + M], u[:, K + M :]
+    lam, nu, nu_task = u[:, :K], u[:, K : K + M], u[:, K + M :]
     xi = rng.normal(size=(n, M))
-    vt = vbar + prm["s"] * xi
-    ap = mu + prm["s"] * xi @ G.T
-    astar = vt @ (np.linalg.pinv(C) @ D).T
-    y_clean = np.sum(vt * g(nut), axis=1)
-    d = y_clean - np.sum(ap * g(lam), axis=1) + prm["sigma"] * rng.normal(size=n)
+    v_task = vbar + prm["s"] * xi
+    a_adapted = mu + prm["s"] * xi @ G.T
+    astar = v_task @ (np.linalg.pinv(C) @ D).T
+    y_clean = np.sum(v_task * g(nu_task), axis=1)
+    d = y_clean - np.sum(a_adapted * g(lam), axis=1) + prm["sigma"] * rng.normal(size=n)
     eta, eta_a = prm["eta"], prm["eta_a"]
-    Gk = ap * gp(lam) * d[:, None]  # a'_k g'(lam_k) d
+    Gk = a_adapted * gp(lam) * d[:, None]  # a'_k g'(lam_k) d
     mc_close(eta * np.einsum("nk,nm->nkm", Gk, nu), dR, f"dR {tag(R, prm)}")
     XQ = eta * np.einsum("nk,nl->nkl", Gk, lam)
     mc_close(XQ + XQ.transpose(0, 2, 1) + eta**2 * np.einsum("nk,nl->nkl", Gk, Gk), dQ, f"dQ {tag(R, prm)}")
     mc_close(eta_a * g(lam) * d[:, None], da, f"da {tag(R, prm)}")
-    for n_, readout in enumerate((np.broadcast_to(a, (len(d), K)), ap, astar)):
+    for n_, readout in enumerate((np.broadcast_to(a, (len(d), K)), a_adapted, astar)):
         err = 0.5 * (np.sum(readout * g(lam), axis=1) - y_clean) ** 2
         mc_close(err, met[n_], f"{METRICS[n_]} {tag(R, prm)}")
 
 
 @pytest.mark.parametrize("module", ["anil_erf", "anil_linear"])
 def test_eps_opt_with_a_duplicated_unit(module):
-    """A student unit copied (w_{K+1} = w_1) makes C singular; a* = C^+ D vt then
+    """A student unit copied (w_{K+1} = w_1) makes C singular; a* = C^+ D v_task then
     spans the same functions, so eps_opt is that of the K distinct units."""
     mod = load(module)
     rng = np.random.default_rng(71)

@@ -153,13 +153,13 @@ def test_first_order_gradients_are_the_derivatives_at_frozen_adapted_readout(cas
     G, grad_W2, grad_a = step.gradients(W, a, task)
     assert grad_W2 is None
     C, h, _ = step.support(W, task)
-    ap = step.adapt(C, h, a)[-1]
+    adapted = step.adapt(C, h, a)[-1]
     grad_W = first_order_part(G, task[4])
 
     def frozen_W(X):
-        return step.query_loss_at(X, ap, task)
+        return step.query_loss_at(X, adapted, task)
 
-    def frozen_ap(c):
+    def frozen_adapted(c):
         return step.query_loss_at(W, c, task)
 
     def through(X):
@@ -179,7 +179,7 @@ def test_first_order_gradients_are_the_derivatives_at_frozen_adapted_readout(cas
     for k in range(a.size):
         e = np.zeros_like(a)
         e[k] = 1.0
-        fd = directional(frozen_ap, ap, e, H)
+        fd = directional(frozen_adapted, adapted, e, H)
         assert abs(fd - grad_a[k]) <= RTOL * max(abs(fd), 1e-3 * np.linalg.norm(grad_a)), (k, fd, grad_a)
 
 
@@ -196,7 +196,7 @@ def test_no_inner_step_makes_both_orders_equal():
 
 
 def test_population_inner_loop_matches_the_closed_form_recursion():
-    """Population mode: a' = A_S a + G_S vt with A_S = (I - alpha_in C)^S and
+    """Population mode: a' = A_S a + G_S v_task with A_S = (I - alpha_in C)^S and
     G_S = alpha_in sum_{s<S} (I - alpha_in C)^s D (docs/models/anil.md 5.3), with C, D the
     erf closed forms at the task's overlaps."""
     rng = np.random.default_rng(2)
@@ -205,23 +205,23 @@ def test_population_inner_loop_matches_the_closed_form_recursion():
     S, ain = 4, 0.45
     step = MetaStep(SPEC, "erf", meta_params(S=S, alpha_in=ain, eps_B=0.3))
     task = step.draw_task(rng, B, {"vbar": vbar})
-    vt, Bt = task[0], task[1]
+    v_task, Bt = task[0], task[1]
     C, h, _ = step.support(W, task)
     Q, Rt, Tt = W @ W.T / N, W @ Bt.T / N, np.sum(Bt**2, 1) / N
     q = np.diag(Q)
     C_ref = 2 / np.pi * np.arcsin(Q / np.sqrt(np.outer(1 + q, 1 + q)))
     D_ref = 2 / np.pi * np.arcsin(Rt / np.sqrt(np.outer(1 + q, 1 + Tt)))
     np.testing.assert_allclose(C, C_ref, rtol=1e-13, atol=1e-15)
-    np.testing.assert_allclose(h, D_ref @ vt, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(h, D_ref @ v_task, rtol=1e-13, atol=1e-15)
     P = np.eye(K) - ain * C_ref
     A_S = np.linalg.matrix_power(P, S)
     G_S = ain * sum(np.linalg.matrix_power(P, s_) for s_ in range(S)) @ D_ref
-    np.testing.assert_allclose(step.adapt(C, h, a)[-1], A_S @ a + G_S @ vt, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(step.adapt(C, h, a)[-1], A_S @ a + G_S @ v_task, rtol=1e-12, atol=1e-14)
 
 
 def test_support_modes_agree_in_expectation():
     """The sample averages of the samples mode estimate exactly the population
-    mode's C and h = D vt (same network, same task teacher and readout)."""
+    mode's C and h = D v_task (same network, same task teacher and readout)."""
     rng = np.random.default_rng(3)
     K, M, N = 2, 2, 40
     W, B, a, vbar = network(rng, K, M, N)
@@ -310,7 +310,7 @@ def test_unknown_activation_is_refused_by_the_simulator():
 def test_flow_metrics_are_the_errors_of_the_simulated_algorithm(params):
     """eps_pre, eps_meta, eps_opt of the flow at the start equal a Monte Carlo of
     the simulator's own algorithm on the realised network: tasks drawn by
-    ``draw_task``, readout a, a' from ``adapt`` (population mode), a* = C^-1 D vt,
+    ``draw_task``, readout a, a' from ``adapt`` (population mode), a* = C^-1 D v_task,
     errors 1/2 (f - y_clean)^2 on fresh query inputs (docs/models/anil.md 5.7)."""
     init = validation_init()
     N, n_tasks, n_q = 1000, 1500, 40

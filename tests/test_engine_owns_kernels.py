@@ -166,7 +166,7 @@ def test_field_families_and_their_rows_are_declared_once():
     assert [(str(f), at, n) for f, at, n in anil.layout] == [
         ("lambda", 0, K),
         ("nu", K, M),
-        ("nut", K + M, M),
+        ("nu_task", K + M, M),
     ]
     assert list(field_rows(anil.layout).values()) == ["", "K + ", "K + M + "]
     extra = field_family("nu_extra_test", TEACHER, "a second teacher's fields")

@@ -204,10 +204,10 @@ def test_printer_golden(expr, text):
 
 def test_printer_reads_tilted_primitives_from_the_table():
     from derive.printer import TILTED
-    from derive.symbols import nut
+    from derive.symbols import nu_task
 
-    rows = {lam: "", nut: "K + "}
-    e = sp.Function("I2" + TILTED)(lam[k], nut[m])
+    rows = {lam: "", nu_task: "K + "}
+    e = sp.Function("I2" + TILTED)(lam[k], nu_task[m])
     assert code(e, (), rows) == "F[k, K + m]"
     # without a table the kernel calls the closed form; a tilted primitive has no meaning
     with pytest.raises(ValueError, match="needs its table"):

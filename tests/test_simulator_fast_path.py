@@ -85,7 +85,7 @@ NEW_CASES = [(2, 0.0), (1, 0.5), (2, 0.5)]
 @pytest.mark.parametrize("order,eps_B", NEW_CASES)
 def test_compiled_loop_equals_numpy_loop_order2_and_feature_variability(order, eps_B, S, activation):
     """Order 2 (reverse mode through the inner loop, the step along grad_W) and
-    eps_B > 0 (a fresh task teacher B + eps_B Z drawn each step, between vt and the
+    eps_B > 0 (a fresh task teacher B + eps_B Z drawn each step, between v_task and the
     query) compiled: the numpy loop's records step for step, to round-off, and
     the rng at the same place after 50 steps."""
     over = {"order": order, "eps_B": eps_B, "S": S, "eta_a": 0.5}

@@ -26,7 +26,7 @@ $$
 independently of every other task ($\bar v$: the mean readout, `vbar`;
 $s \ge 0$: the spread of the tasks). With feature variability $\epsilon_B \ge 0$
 the task also uses teacher vectors $B_m + \epsilon_B z^\tau_m$, fresh
-$z^\tau_m \sim \mathcal{N}(0, I_N)$. Its teacher fields $\tilde\nu_m$ (`nut`) then
+$z^\tau_m \sim \mathcal{N}(0, I_N)$. Its teacher fields $\tilde\nu_m$ (`nu_task`) then
 differ from the shared teacher's $\nu_m$ (the ones $R$ measures) by an
 independent unit Gaussian times $\epsilon_B$:
 $\mathrm{Cov}(\lambda, \tilde\nu) = R$, $\mathrm{Cov}(\nu, \tilde\nu) = T$,
@@ -42,7 +42,7 @@ With a readout $c$ the output is $f_c(x) = \sum_k c_k\, g(\lambda_k)$.
 
 Starting from $c^{(0)} = a$, $S \ge 0$ steps of gradient descent with rate
 $\alpha_\mathrm{in}$ on the task's support loss give the adapted readout
-$a' = c^{(S)}$ (`ap` in the model file):
+$a' = c^{(S)}$ (`adapted` in the model file):
 $c^{(s+1)} = c^{(s)} - \alpha_\mathrm{in} \nabla_c L_\mathrm{sup}(c^{(s)})$.
 
 With the support loss over the whole population ($n_s = \infty$, the default),
@@ -168,7 +168,7 @@ from ..symbols import (
     g,
     lam,
     nu,
-    nut,
+    nu_task,
     student_index,
     student_sum,
     teacher_index,
@@ -192,18 +192,18 @@ n_s = Param(
     integer=True,
     allow_inf=True,
 )
-s = Param("s", 1.0, "task spread: vt = vbar + s xi")
+s = Param("s", 1.0, "task spread: v_task = vbar + s xi")
 eps_B = Param("eps_B", 0.0, "feature variability across tasks: B_m + eps_B z_m")
 sigma = Param("sigma", 0.0, "standard deviation of the additive Gaussian label noise")
 
 a = Vector("a", STUDENT, "readout initialisation (meta-learned when eta_a > 0)", default=0.0)
 vbar = Vector("vbar", TEACHER, "mean task readout", default=0.0)
 xi = TaskNoise("xi", TEACHER, "the task's draws, xi ~ N(0, I_M)")
-ap = TaskVector("ap", (STUDENT,), "adapted readout a' after the inner loop")
-vt = TaskVector(
-    "vt", (TEACHER,), "task readout vbar + s xi", law=lambda m: vbar.base[m] + s.symbol * xi.base[m]
+adapted = TaskVector("adapted", (STUDENT,), "adapted readout a' after the inner loop")
+v_task = TaskVector(
+    "v_task", (TEACHER,), "task readout vbar + s xi", law=lambda m: vbar.base[m] + s.symbol * xi.base[m]
 )
-aopt = TaskVector("aopt", (STUDENT,), "best readout for the task, C^+ D vt")
+a_best = TaskVector("a_best", (STUDENT,), "best readout for the task, C^+ D v_task")
 
 j, m = student_index("j"), teacher_index("m")
 
@@ -213,13 +213,13 @@ def output(c):
     return student_sum(c[j] * g(lam[j]), j)
 
 
-y_task = teacher_sum(vt.base[m] * g(nut[m]), m)
+y_task = teacher_sum(v_task.base[m] * g(nu_task[m]), m)
 
 second = sp.Piecewise((1, sp.Eq(order.symbol, 2)), (0, True))
 first = 1 - second
 
 inner = InnerLoop(
-    adapted=ap,
+    adapted=adapted,
     start=a,
     noise=xi,
     # the per-sample support loss of a readout c on a noisy label: its expectation
@@ -227,7 +227,7 @@ inner = InnerLoop(
     loss=lambda c: (output(c) - y_task - sigma.symbol * zeta) ** 2 / 2,
     steps=S.symbol,
     rate=alpha_in.symbol,
-    optimal=aopt,
+    optimal=a_best,
     second_order=second,
     support=n_s.symbol,
 )
@@ -236,8 +236,8 @@ inner = InnerLoop(
 def readout_gradient(loss, k):
     """dL/da_k: dL/da'_k at first order, sum_j (da'_j/da_k) dL/da'_j at second order."""
     jj = student_index("jj")
-    return first * sp.diff(loss, ap.base[k]) + second * student_sum(
-        inner.da.base[jj, k] * sp.diff(loss, ap.base[jj]), jj
+    return first * sp.diff(loss, adapted.base[k]) + second * student_sum(
+        inner.da.base[jj, k] * sp.diff(loss, adapted.base[jj]), jj
     )
 
 
@@ -247,26 +247,26 @@ MODEL = Model(
     section="docs/models/anil.md",
     params=(eta, eta_a, alpha_in, S, order, n_q, n_s, s, eps_B, sigma),
     vectors=(a, vbar),
-    student_output=output(ap.base),
+    student_output=output(adapted.base),
     teacher_output=y_task,
     noise=sigma.symbol,
     first_layer=FirstLayer(rate=eta.symbol, batch=n_q.symbol, meta=MetaGradient(inner, second)),
     readout_updates=(ReadoutUpdate(a, rate=eta_a.symbol, gradient=readout_gradient),),
     metrics={
         "eps_pre": (output(a.base) - y_task) ** 2 / 2,
-        "eps_meta": (output(ap.base) - y_task) ** 2 / 2,
-        "eps_opt": (output(aopt.base) - y_task) ** 2 / 2,
+        "eps_meta": (output(adapted.base) - y_task) ** 2 / 2,
+        "eps_opt": (output(a_best.base) - y_task) ** 2 / 2,
     },
-    fields=(lam, nu, nut),
+    fields=(lam, nu, nu_task),
     covariance={
         (lam, lam): lambda i, k: Q[i, k],
         (lam, nu): lambda i, k: R[i, k],
-        (lam, nut): lambda i, k: R[i, k],
+        (lam, nu_task): lambda i, k: R[i, k],
         (nu, nu): lambda i, k: T[i, k],
-        (nu, nut): lambda i, k: T[i, k],
-        (nut, nut): lambda i, k: T[i, k] + eps_B.symbol**2 * sp.KroneckerDelta(i, k),
+        (nu, nu_task): lambda i, k: T[i, k],
+        (nu_task, nu_task): lambda i, k: T[i, k] + eps_B.symbol**2 * sp.KroneckerDelta(i, k),
     },
-    task_vectors=(ap, vt, aopt),
+    task_vectors=(adapted, v_task, a_best),
     inner_loop=inner,
     flow_requires=(
         (

@@ -1,6 +1,6 @@
 """Acceptance model: ANIL whose task readouts are correlated across teacher units.
 
-``vt_m = vbar_m + s (xi_m + rho sum_n xi_n)``: the task covariance is
+``v_task_m = vbar_m + s (xi_m + rho sum_n xi_n)``: the task covariance is
 ``s^2 (I + rho 1 1^T)^2`` instead of ``s^2 I``. Everything else is docs/models/anil.md
 at first order. Only this file declares it.
 """
@@ -27,7 +27,7 @@ from derive.symbols import (
     g,
     lam,
     nu,
-    nut,
+    nu_task,
     student_index,
     student_sum,
     teacher_index,
@@ -46,10 +46,10 @@ sigma = Param("sigma", 0.0, "label noise")
 a = Vector("a", STUDENT, "readout initialisation", default=0.0)
 vbar = Vector("vbar", TEACHER, "mean task readout", default=0.0)
 xi = TaskNoise("xi", TEACHER, "the task's draws")
-ap = TaskVector("ap", (STUDENT,), "adapted readout")
+adapted = TaskVector("adapted", (STUDENT,), "adapted readout")
 nn = teacher_index("nn")
-vt = TaskVector(
-    "vt",
+v_task = TaskVector(
+    "v_task",
     (TEACHER,),
     "task readout, correlated across teacher units",
     law=lambda m: vbar.base[m] + s.symbol * (xi.base[m] + rho.symbol * teacher_sum(xi.base[nn], nn)),
@@ -62,9 +62,9 @@ def output(c):
     return student_sum(c[j] * g(lam[j]), j)
 
 
-y_task = teacher_sum(vt.base[m] * g(nut[m]), m)
+y_task = teacher_sum(v_task.base[m] * g(nu_task[m]), m)
 inner = InnerLoop(
-    adapted=ap,
+    adapted=adapted,
     start=a,
     noise=xi,
     loss=lambda c: (output(c) - y_task - sigma.symbol * zeta) ** 2 / 2,
@@ -78,27 +78,27 @@ MODEL = Model(
     section="tests/acceptance_meta",
     params=(eta, eta_a, alpha_in, S, rho, s, sigma),
     vectors=(a, vbar),
-    student_output=output(ap.base),
+    student_output=output(adapted.base),
     teacher_output=y_task,
     noise=sigma.symbol,
     first_layer=FirstLayer(rate=eta.symbol, meta=MetaGradient(inner, sp.S.Zero)),
     readout_updates=(
-        ReadoutUpdate(a, rate=eta_a.symbol, gradient=lambda loss, k: sp.diff(loss, ap.base[k])),
+        ReadoutUpdate(a, rate=eta_a.symbol, gradient=lambda loss, k: sp.diff(loss, adapted.base[k])),
     ),
     metrics={
         "eps_pre": (output(a.base) - y_task) ** 2 / 2,
-        "eps_meta": (output(ap.base) - y_task) ** 2 / 2,
+        "eps_meta": (output(adapted.base) - y_task) ** 2 / 2,
     },
-    fields=(lam, nu, nut),
+    fields=(lam, nu, nu_task),
     covariance={
         (lam, lam): lambda i, k: Q[i, k],
         (lam, nu): lambda i, k: R[i, k],
-        (lam, nut): lambda i, k: R[i, k],
+        (lam, nu_task): lambda i, k: R[i, k],
         (nu, nu): lambda i, k: T[i, k],
-        (nu, nut): lambda i, k: T[i, k],
-        (nut, nut): lambda i, k: T[i, k],
+        (nu, nu_task): lambda i, k: T[i, k],
+        (nu_task, nu_task): lambda i, k: T[i, k],
     },
-    task_vectors=(ap, vt),
+    task_vectors=(adapted, v_task),
     inner_loop=inner,
     activations=("erf",),
 )

@@ -27,7 +27,7 @@ from derive.symbols import (
     g,
     lam,
     nu,
-    nut,
+    nu_task,
     student_index,
     student_sum,
     teacher_index,
@@ -46,9 +46,9 @@ sigma = Param("sigma", 0.0, "label noise")
 a = Vector("a", STUDENT, "readout initialisation", default=0.0)
 vbar = Vector("vbar", TEACHER, "mean task readout", default=0.0)
 xi = TaskNoise("xi", TEACHER, "the task's draws")
-ap = TaskVector("ap", (STUDENT,), "adapted readout")
-vt = TaskVector("vt", (TEACHER,), "task readout", law=lambda m: vbar.base[m] + s.symbol * xi.base[m])
-aopt = TaskVector("aopt", (STUDENT,), "best readout for the task")
+adapted = TaskVector("adapted", (STUDENT,), "adapted readout")
+v_task = TaskVector("v_task", (TEACHER,), "task readout", law=lambda m: vbar.base[m] + s.symbol * xi.base[m])
+a_best = TaskVector("a_best", (STUDENT,), "best readout for the task")
 
 j, m = student_index("j"), teacher_index("m")
 
@@ -57,17 +57,17 @@ def output(c):
     return student_sum(c[j] * g(lam[j]), j)
 
 
-y_task = teacher_sum(vt.base[m] * g(nut[m]), m)
+y_task = teacher_sum(v_task.base[m] * g(nu_task[m]), m)
 jj = student_index("jj")
 inner = InnerLoop(
-    adapted=ap,
+    adapted=adapted,
     start=a,
     noise=xi,
     loss=lambda c: (output(c) - y_task - sigma.symbol * zeta) ** 2 / 2,
     regulariser=lambda c: lam_p.symbol * student_sum((c[jj] - a.base[jj]) ** 2, jj) / 2,
     steps=S.symbol,
     rate=alpha_in.symbol,
-    optimal=aopt,
+    optimal=a_best,
 )
 
 MODEL = Model(
@@ -76,28 +76,28 @@ MODEL = Model(
     section="tests/acceptance_meta",
     params=(eta, eta_a, alpha_in, S, lam_p, s, sigma),
     vectors=(a, vbar),
-    student_output=output(ap.base),
+    student_output=output(adapted.base),
     teacher_output=y_task,
     noise=sigma.symbol,
     first_layer=FirstLayer(rate=eta.symbol, meta=MetaGradient(inner, sp.S.Zero)),
     readout_updates=(
-        ReadoutUpdate(a, rate=eta_a.symbol, gradient=lambda loss, k: sp.diff(loss, ap.base[k])),
+        ReadoutUpdate(a, rate=eta_a.symbol, gradient=lambda loss, k: sp.diff(loss, adapted.base[k])),
     ),
     metrics={
         "eps_pre": (output(a.base) - y_task) ** 2 / 2,
-        "eps_meta": (output(ap.base) - y_task) ** 2 / 2,
-        "eps_opt": (output(aopt.base) - y_task) ** 2 / 2,
+        "eps_meta": (output(adapted.base) - y_task) ** 2 / 2,
+        "eps_opt": (output(a_best.base) - y_task) ** 2 / 2,
     },
-    fields=(lam, nu, nut),
+    fields=(lam, nu, nu_task),
     covariance={
         (lam, lam): lambda i, k: Q[i, k],
         (lam, nu): lambda i, k: R[i, k],
-        (lam, nut): lambda i, k: R[i, k],
+        (lam, nu_task): lambda i, k: R[i, k],
         (nu, nu): lambda i, k: T[i, k],
-        (nu, nut): lambda i, k: T[i, k],
-        (nut, nut): lambda i, k: T[i, k],
+        (nu, nu_task): lambda i, k: T[i, k],
+        (nu_task, nu_task): lambda i, k: T[i, k],
     },
-    task_vectors=(ap, vt, aopt),
+    task_vectors=(adapted, v_task, a_best),
     inner_loop=inner,
     activations=("erf",),
 )
