@@ -12,10 +12,12 @@ from pathlib import Path
 from derive.models import MODEL_NAMES, get_model
 
 from .init import Init, sampled_init
-from .integrate import METHODS, FlowDiverged, SimulationDiverged, flow
+from .integrate import METHODS, FlowDiverged, FlowInterrupted, SimulationDiverged, flow
+from .output import check_out_dir, write_text
 from .plots import plot_metric, plot_metrics
 from .scenarios import REFERENCE, STUDIES, main_job, run_study, validate
 from .simulate import simulate
+from .trajectory import Trajectory, jsonable
 
 RUNS = Path("runs")
 
@@ -37,11 +39,35 @@ def parse_sets(items: list[str], model: str) -> dict[str, float]:
     return out
 
 
+# options that do not change the result, so do not name the run folder
+NOT_IN_RUN_NAME = ("out", "no_progress", "parallel", "command")
+
+
 def _out_dir(args, kind: str, config: dict) -> Path:
+    """``--out``, or ``runs/<kind>-<model>-<hash of what the run computes>``; checked
+    to be a writable folder before anything is computed (OutputError otherwise)."""
     if getattr(args, "out", None):
-        return Path(args.out)
+        return check_out_dir(args.out)
+    config = {k: v for k, v in config.items() if k not in NOT_IN_RUN_NAME}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return RUNS / f"{kind}-{config.get('model', 'main')}-{digest}"
+    return check_out_dir(RUNS / f"{kind}-{config.get('model', 'main')}-{digest}", "the run folder")
+
+
+def _partial(out: Path) -> Trajectory | None:
+    """The partial trajectory an interrupted run left in ``out``, if any."""
+    try:
+        meta = json.loads((out / "metadata.json").read_text())
+        if meta.get("complete", True) or meta.get("kind") != "flow":
+            return None
+        return Trajectory.load(out)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _config(args, params: dict) -> dict:
+    """What a command computes: its options, with the parameters as resolved."""
+    config = {k: v for k, v in vars(args).items() if k != "set"}
+    return {**config, "params": params}
 
 
 def _init(args, model: str) -> Init:
@@ -108,24 +134,37 @@ def _figure(fl, sim, out: Path, title: str) -> None:
         )
 
 
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def cmd_flow(args) -> Path:
     params = parse_sets(args.set, args.model)
     init = _init(args, args.model)
-    traj = flow(
-        args.model,
-        init,
-        params,
-        t_max=args.t_max,
-        dt=args.dt,
-        method=args.method,
-        record_every=args.record_every,
-        activation=args.activation,
-        progress=not args.no_progress,
-        parallel={"auto": None, "on": True, "off": False}[args.parallel],
-    )
-    # the thread count does not change the result, so it does not name the run
-    config = {k: v for k, v in vars(args).items() if k != "parallel"}
-    out = _out_dir(args, "flow", {"model": args.model, **config})
+    out = _out_dir(args, "flow", _config(args, params))
+    resume = _partial(out)
+    try:
+        traj = flow(
+            args.model,
+            init,
+            params,
+            t_max=args.t_max,
+            dt=args.dt,
+            method=args.method,
+            record_every=args.record_every,
+            activation=args.activation,
+            progress=not args.no_progress,
+            parallel={"auto": None, "on": True, "off": False}[args.parallel],
+            resume=resume,
+            log=_log,
+        )
+    except (FlowInterrupted, FlowDiverged) as exc:
+        if exc.trajectory is not None:
+            exc.trajectory.save(out)
+            exc.out = out
+        raise
+    if "resumed_from_alpha" in traj.metadata:
+        print(f"continued the partial run in {out} from alpha = {traj.metadata['resumed_from_alpha']:g}")
     traj.save(out)
     _figure(traj, None, out, f"{args.model} flow")
     return out
@@ -134,6 +173,7 @@ def cmd_flow(args) -> Path:
 def cmd_simulate(args) -> Path:
     params = parse_sets(args.set, args.model)
     init = Init.from_file(args.init, get_model(args.model)) if args.init else None
+    out = _out_dir(args, "simulate", _config(args, params))
     traj = simulate(
         args.model,
         params,
@@ -149,7 +189,6 @@ def cmd_simulate(args) -> Path:
         activation=args.activation,
         progress=not args.no_progress,
     )
-    out = _out_dir(args, "simulate", {"model": args.model, **vars(args)})
     traj.save(out)
     _figure(None, traj, out, f"{args.model} simulation")
     return out
@@ -169,14 +208,14 @@ def cmd_models(args) -> None:
 
 
 def cmd_main(args) -> Path:
-    out = Path(args.out) if args.out else _out_dir(args, "main", REFERENCE)
+    out = _out_dir(args, "main", REFERENCE)
     main_job(out, REFERENCE, progress=True)
     return out
 
 
 def cmd_study(args) -> Path:
     names = list(STUDIES) if args.name == "all" else [args.name]
-    out = Path(args.out) if args.out else RUNS / "studies"
+    out = check_out_dir(args.out or RUNS / "studies")
     for name in names:
         print(f"study {name}: {' '.join(STUDIES[name].__doc__.split())}")
         result = run_study(name, out, progress=True)
@@ -187,10 +226,9 @@ def cmd_study(args) -> Path:
 
 
 def cmd_validate(args) -> Path:
+    out = check_out_dir(args.out or RUNS / "validation")
     rows = validate(sizes=tuple(args.sizes), seeds=args.seeds, t_max=args.t_max)
-    out = Path(args.out) if args.out else RUNS / "validation"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "validation.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    write_text(out / "validation.json", json.dumps(jsonable(rows), indent=2, allow_nan=False) + "\n")
     return out
 
 
@@ -216,7 +254,24 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         commands = {"flow": cmd_flow, "simulate": cmd_simulate, "study": cmd_study, "validate": cmd_validate}
         out = commands.get(args.command, cmd_main)(args)
-    except (FlowDiverged, SimulationDiverged) as exc:
+    except FlowInterrupted as exc:
+        where = getattr(exc, "out", None)
+        tail = (
+            f"partial trajectory saved to {where} (the same command continues it)"
+            if where
+            else "nothing was written"
+        )
+        print(f"interrupted at alpha = {exc.alpha:g}; {tail}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except FlowDiverged as exc:
+        where = getattr(exc, "out", None)
+        tail = f"; the trajectory up to it saved to {where} (partial)" if where else "; nothing was written"
+        print(f"error: {exc}{tail}", file=sys.stderr)
+        return 3
+    except SimulationDiverged as exc:
         print(f"error: {exc}; nothing was written", file=sys.stderr)
         return 3
     except (ValueError, FileNotFoundError) as exc:

@@ -19,7 +19,8 @@ import numpy as np
 
 from .init import Init
 from .integrate import flow
-from .plots import _plt, annotate_matrix, plot_metrics, plot_overlaps, plot_r_heatmap
+from .output import write_text
+from .plots import _plt, _save, annotate_matrix, plot_metrics, plot_overlaps, plot_r_heatmap
 from .simulate import simulate
 from .trajectory import Trajectory
 
@@ -121,7 +122,7 @@ def main_job(out: Path, cfg: dict = REFERENCE, progress: bool = True) -> Path:
     plot_overlaps(fl, sim, out / "overlaps.png", title)
     plot_r_heatmap(fl, sim, out / "r_final.png", f"final r_km at alpha = {cfg['t_max']:g}")
     summary = summarise(fl)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return out
 
 
@@ -175,8 +176,7 @@ def study_inner(out: Path, progress: bool) -> dict:
     axes[0].set_title("inner learning rate (S = 1)")
     _curves(axes[1], by_steps, "eps_meta")
     axes[1].set_title("inner steps (alpha_in = 0.5)")
-    fig.savefig(out / "inner.png", dpi=130)
-    plt.close(fig)
+    _save(fig, out / "inner.png")
     return {label: float(tr.eps_meta[-1]) for label, tr in by_rate + by_steps}
 
 
@@ -194,8 +194,7 @@ def study_overparam(out: Path, progress: bool) -> dict:
         ax.set_xlabel("teacher m")
         ax.set_ylabel("student k")
     fig.colorbar(im, ax=axes[1:].tolist(), shrink=0.8)
-    fig.savefig(out / "overparam.png", dpi=130)
-    plt.close(fig)
+    _save(fig, out / "overparam.png")
     return {label: float(tr.eps_meta[-1]) for label, tr in runs}
 
 
@@ -221,8 +220,7 @@ def study_variability(out: Path, progress: bool) -> dict:
     axes[1].set_xlabel("alpha")
     axes[1].legend(fontsize=7)
     axes[1].set_title("feature variability eps_B (s = 1)")
-    fig.savefig(out / "variability.png", dpi=130)
-    plt.close(fig)
+    _save(fig, out / "variability.png")
     return {label: float(tr.eps_meta[-1]) for label, tr in by_s + by_eps}
 
 
@@ -244,8 +242,7 @@ def study_order(out: Path, progress: bool) -> dict:
     axes[1].set_xlabel("alpha")
     axes[1].set_ylabel("|r_00 - r_01| (symmetry breaking)")
     axes[1].legend(fontsize=7)
-    fig.savefig(out / "order.png", dpi=130)
-    plt.close(fig)
+    _save(fig, out / "order.png")
     return {label: float(tr.eps_meta[-1]) for label, tr in runs}
 
 
@@ -263,8 +260,7 @@ def study_symmetry(out: Path, progress: bool) -> dict:
     axes[1].set_xlabel("alpha")
     axes[1].set_ylabel("r_km of student unit 0")
     axes[1].legend(fontsize=7, ncol=2)
-    fig.savefig(out / "symmetry.png", dpi=130)
-    plt.close(fig)
+    _save(fig, out / "symmetry.png")
     result = {}
     for label, tr in runs:
         summary = summarise(tr)
@@ -289,7 +285,7 @@ def run_study(name: str, out: Path, progress: bool = True) -> dict:
         raise ValueError(f"unknown study {name!r}; studies: {', '.join(STUDIES)}")
     out.mkdir(parents=True, exist_ok=True)
     result = STUDIES[name](out, progress)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text(out / f"{name}.json", json.dumps(result, indent=2) + "\n")
     return result
 
 

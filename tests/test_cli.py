@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +147,43 @@ def test_derive_show_unknown_model():
     assert res.returncode == 2
     assert "nosuchmodel" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_interrupted_flow_keeps_its_records_and_the_same_command_completes_it(tmp_path):
+    out = tmp_path / "flow"
+    cmd = "flow --model anil --set order=2 --K 4 --M 4 --t-max 120 --dt 0.01 --record-every 1 --no-progress"
+    args = [sys.executable, "-m", "runtime", *cmd.split(), "--out", str(out)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        started = proc.stderr.readline()  # once the first steps are timed
+        assert "ms per step" in started, started
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        stopped_after = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert stopped_after < 5.0  # about 1 s, generous for a busy machine
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("interrupted at alpha = ") and str(out) in err
+    partial = runtime.Trajectory.load(out)
+    meta = partial.metadata
+    assert meta["complete"] is False and meta["stopped"] == "interrupted"
+    assert 0 < partial.alpha[-1] == meta["alpha_reached"] < 120
+    assert float(err.split("alpha = ")[1].split(";")[0]) == meta["alpha_reached"]
+    assert partial.Q.shape == (len(partial.alpha), 4, 4) and np.all(np.isfinite(partial.eps_meta))
+    # the same command continues from the last record and completes the run
+    res = run("runtime", *cmd.split(), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert f"from alpha = {meta['alpha_reached']:g}" in res.stdout
+    full = runtime.Trajectory.load(out)
+    assert full.metadata["complete"] is True and full.metadata["resumed_from_alpha"] == meta["alpha_reached"]
+    ref = runtime.flow(
+        "anil", runtime.sampled_init("anil", 4, 4, 1000, 0), {"order": 2}, t_max=120, dt=0.01, record_every=1
+    )
+    assert set(full.arrays) == set(ref.arrays)
+    for name, a in ref.arrays.items():
+        np.testing.assert_allclose(full.arrays[name], a, rtol=1e-12, atol=1e-14, err_msg=name)
