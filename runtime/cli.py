@@ -12,7 +12,14 @@ from pathlib import Path
 from derive.models import MODEL_NAMES, get_model
 
 from .init import Init, sampled_init
-from .integrate import METHODS, FlowDiverged, FlowInterrupted, SimulationDiverged, flow
+from .integrate import (
+    METHODS,
+    FlowDiverged,
+    FlowInterrupted,
+    SimulationDiverged,
+    SimulationInterrupted,
+    flow,
+)
 from .output import check_out_dir, write_text
 from .plots import plot_metric, plot_metrics
 from .scenarios import REFERENCE, STUDIES, main_job, run_study, validate
@@ -174,7 +181,19 @@ def cmd_simulate(args) -> Path:
     params = parse_sets(args.set, args.model)
     init = Init.from_file(args.init, get_model(args.model)) if args.init else None
     out = _out_dir(args, "simulate", _config(args, params))
-    traj = simulate(
+    try:
+        traj = _simulate(args, params, init)
+    except SimulationInterrupted as exc:
+        exc.trajectory.save(out)
+        exc.out = out
+        raise
+    traj.save(out)
+    _figure(None, traj, out, f"{args.model} simulation")
+    return out
+
+
+def _simulate(args, params, init):
+    return simulate(
         args.model,
         params,
         N=args.n,
@@ -189,9 +208,6 @@ def cmd_simulate(args) -> Path:
         activation=args.activation,
         progress=not args.no_progress,
     )
-    traj.save(out)
-    _figure(None, traj, out, f"{args.model} simulation")
-    return out
 
 
 def cmd_models(args) -> None:
@@ -254,10 +270,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         commands = {"flow": cmd_flow, "simulate": cmd_simulate, "study": cmd_study, "validate": cmd_validate}
         out = commands.get(args.command, cmd_main)(args)
-    except FlowInterrupted as exc:
+    except (FlowInterrupted, SimulationInterrupted) as exc:
         where = getattr(exc, "out", None)
+        again = "continues it" if isinstance(exc, FlowInterrupted) else "runs it again"
         tail = (
-            f"partial trajectory saved to {where} (the same command continues it)"
+            f"partial trajectory saved to {where} (the same command {again})"
             if where
             else "nothing was written"
         )

@@ -99,6 +99,16 @@ class SimulationDiverged(RuntimeError):
         return (SimulationDiverged, (self.alpha, self.model))
 
 
+class SimulationInterrupted(KeyboardInterrupt):
+    """An interrupt (Ctrl-C) of a simulation: ``trajectory`` holds the records that
+    every seed that started had made (marked partial), ``alpha`` the last of them."""
+
+    def __init__(self, alpha: float, trajectory: Trajectory):
+        self.alpha = alpha
+        self.trajectory = trajectory
+        super().__init__(f"interrupted at alpha = {alpha:.6g}")
+
+
 def steps_for(t: float, dt: float, what: str, step_name: str = "dt") -> int:
     """Number of steps of length ``dt`` in ``t``; ``t`` must be a multiple of ``dt``."""
     if not (dt > 0 and math.isfinite(dt)):

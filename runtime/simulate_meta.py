@@ -221,19 +221,31 @@ class MetaStep:
         return G, grad_W, grad_a
 
 
+class SeedInterrupted(KeyboardInterrupt):
+    """An interrupt during one seed's run: ``records`` are (Q, R, readouts) so far."""
+
+    def __init__(self, records):
+        self.records = records
+        super().__init__("interrupted")
+
+
 # at most this many steps per call of the compiled loop (the progress bar moves
 # at least this often); its results do not depend on it
 CHUNK = 4096
 
 
-def run_seed_meta(model, W, B, vec, values, rates, N, n_steps, rec, rng, bar, activation, path="compiled"):
+def run_seed_meta(
+    model, W, B, vec, values, rates, N, n_steps, rec, rng, bar, activation, path="compiled", stop=None
+):
     """One seed: ``n_steps`` outer steps, the order parameters every ``rec`` steps.
 
     ``path``: ``"compiled"`` runs whole outer steps compiled (``meta_steps`` of the
     generated module of ``model`` and ``activation``) where ``MetaStep.compiled``
     holds (orders 1 and 2, both support modes, any eps_B: every case the model
     allows); ``"numpy"`` the Python loop of ``MetaStep`` (the reference). With a
-    seeded ``rng`` the two draw the same random numbers and agree to round-off."""
+    seeded ``rng`` the two draw the same random numbers and agree to round-off.
+    An interrupt (KeyboardInterrupt), or ``stop()`` true between two chunks, ends
+    the run early: the records made so far are returned (``runtime.simulate``)."""
     if path not in ("compiled", "numpy"):
         raise ValueError(f"path must be compiled or numpy, got {path!r}")
     K, M = W.shape[0], B.shape[0]
@@ -282,15 +294,22 @@ def run_seed_meta(model, W, B, vec, values, rates, N, n_steps, rec, rng, bar, ac
                 ro.step(a, grad_a, N, eta_a, decay_a)
 
     record(0)
-    for r in range(1, n_rec + 1):
-        done = 0
-        while done < rec:
-            n = min(CHUNK, rec - done)
-            advance(n)
-            done += n
-            if bar:
-                bar.update(n)
-        record(r)
-        if not np.all(np.isfinite(W)):
-            raise SimulationDiverged(r * rec / N, model.name)
-    return Qs, Rs, {"a": As}
+    made = 0  # the last record made
+    try:
+        for r in range(1, n_rec + 1):
+            done = 0
+            while done < rec and not (stop is not None and stop()):
+                n = min(CHUNK, rec - done)
+                advance(n)
+                done += n
+                if bar:
+                    bar.update(n)
+            if done < rec:
+                break
+            record(r)
+            made = r
+            if not np.all(np.isfinite(W)):
+                raise SimulationDiverged(r * rec / N, model.name)
+    except KeyboardInterrupt:
+        raise SeedInterrupted((Qs[: made + 1], Rs[: made + 1], {"a": As[: made + 1]})) from None
+    return Qs[: made + 1], Rs[: made + 1], {"a": As[: made + 1]}

@@ -187,3 +187,38 @@ def test_interrupted_flow_keeps_its_records_and_the_same_command_completes_it(tm
     assert set(full.arrays) == set(ref.arrays)
     for name, a in ref.arrays.items():
         np.testing.assert_allclose(full.arrays[name], a, rtol=1e-12, atol=1e-14, err_msg=name)
+
+
+def test_interrupted_simulation_stops_at_once_and_keeps_its_records(tmp_path):
+    out = tmp_path / "sim"
+    cmd = "simulate --model two_layer --n 2000 --seeds 4 --t-max 50"  # ~ 10 s in two worker processes
+    args = [sys.executable, "-m", "runtime", *cmd.split(), "--out", str(out)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = ""
+        while "simulate two_layer" not in seen:  # the progress bar: the seeds are running
+            char = proc.stderr.read(1)
+            assert char, seen
+            seen += char
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        stopped_after = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert stopped_after < 5.0  # about 1 s (it was 14-17 s, the workers running on)
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted at alpha = ") and str(out) in last
+    partial = runtime.Trajectory.load(out)
+    meta = partial.metadata
+    assert meta["complete"] is False and meta["seeds_asked"] == 4 and 1 <= meta["seeds"] <= 4
+    assert 0 < partial.alpha[-1] == meta["alpha_reached"] < 50
+    n_seeds, n_t = meta["seeds"], len(partial.alpha)
+    assert partial.Q.shape == (n_seeds, n_t, 2, 2) and partial.eps_g_mean.shape == (n_t,)
+    # the records are those of a run that stops there by itself
+    short = runtime.simulate("two_layer", N=2000, seeds=n_seeds, t_max=partial.alpha[-1], record_every=0.5)
+    for name in ("Q", "R", "v", "eps_g"):
+        assert np.array_equal(partial.arrays[name], short.arrays[name]), name
