@@ -89,7 +89,12 @@ def command_line(argv: list[str] | None = None) -> str:
 
 def metadata(kind: str, kernel, params: dict, **extra) -> dict:
     """What ran: model, parameters, command line, versions, hash of the kernel file."""
-    integer = {p.name for p in kernel.model.params if p.integer}
+    # whole-number parameters as integers: those declared so, and choices among whole numbers (order)
+    integer = {
+        p.name
+        for p in kernel.model.params
+        if p.integer or (p.choices and all(float(c).is_integer() for c in p.choices))
+    }
     return {
         "kind": kind,
         "model": kernel.model.name,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -222,3 +223,36 @@ def test_interrupted_simulation_stops_at_once_and_keeps_its_records(tmp_path):
     short = runtime.simulate("two_layer", N=2000, seeds=n_seeds, t_max=partial.alpha[-1], record_every=0.5)
     for name in ("Q", "R", "v", "eps_g"):
         assert np.array_equal(partial.arrays[name], short.arrays[name]), name
+
+
+def test_metadata_is_strict_json_with_integers_and_the_command_as_typed(tmp_path):
+    out = tmp_path / "my out"  # a space: the command is quoted as a shell would need it
+    args = [*"flow --model anil --set S=2 --t-max 0.1 --dt 0.01 --no-progress --out".split(), str(out)]
+    res = run("runtime", *args)
+    assert res.returncode == 0, res.stderr
+    text = (out / "metadata.json").read_text()
+
+    def no_constant(name):
+        raise AssertionError(f"metadata.json holds the non-JSON token {name}")
+
+    meta = json.loads(text, parse_constant=no_constant)
+    params = meta["params"]
+    assert params["n_s"] == "inf"  # the default: the population support loss
+    for name, value in (("S", 2), ("order", 1), ("n_q", 1)):
+        assert params[name] == value and isinstance(params[name], int), name
+    assert isinstance(params["eta"], float)
+    assert meta["command"] == shlex.join(["python", "-m", "runtime", *args])
+    assert meta["complete"] is True
+
+
+def test_run_folder_does_not_depend_on_options_that_do_not_change_the_result(tmp_path):
+    def folder(*extra):
+        cmd = [sys.executable, "-m", "runtime", *"flow --model scm --t-max 0.1 --dt 0.01".split(), *extra]
+        res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        return res.stdout.strip().splitlines()[-1].split()[-1]
+
+    plain = folder()
+    assert plain.startswith("runs/flow-scm-")
+    assert folder("--no-progress") == folder("--parallel", "off") == plain
+    assert folder("--set", "eta=0.5") != plain
