@@ -145,7 +145,13 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _check_seed(args) -> None:
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0 (a numpy seed), got {args.seed}")
+
+
 def cmd_flow(args) -> Path:
+    _check_seed(args)
     params = parse_sets(args.set, args.model)
     init = _init(args, args.model)
     out = _out_dir(args, "flow", _config(args, params))
@@ -178,6 +184,7 @@ def cmd_flow(args) -> Path:
 
 
 def cmd_simulate(args) -> Path:
+    _check_seed(args)
     params = parse_sets(args.set, args.model)
     init = Init.from_file(args.init, get_model(args.model)) if args.init else None
     out = _out_dir(args, "simulate", _config(args, params))
@@ -242,8 +249,12 @@ def cmd_study(args) -> Path:
 
 
 def cmd_validate(args) -> Path:
+    if args.seeds < 2:
+        raise ValueError(f"--seeds must be >= 2 (a standard error needs two runs), got {args.seeds}")
     out = check_out_dir(args.out or RUNS / "validation")
     rows = validate(sizes=tuple(args.sizes), seeds=args.seeds, t_max=args.t_max)
+    if not all(row["agree"] for row in rows):
+        args.exit_code = 1  # the results are written; the verdict is the exit code
     write_text(out / "validation.json", json.dumps(jsonable(rows), indent=2, allow_nan=False) + "\n")
     return out
 
@@ -295,4 +306,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"results written to {out}")
-    return 0
+    return getattr(args, "exit_code", 0)

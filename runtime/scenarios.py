@@ -307,18 +307,35 @@ VALIDATION = [
 ]
 
 
+def allowance(n_compared: int, seeds: int, level: float = 0.01) -> float:
+    """The |z| (deviation in units of the seeds' standard error) that ``n_compared``
+    deviations of an exact flow all stay below with probability ``1 - level``: each
+    mean over ``seeds`` runs, divided by its estimated s.e.m., follows Student's t
+    with ``seeds - 1`` degrees of freedom; Bonferroni over the comparisons (they
+    are correlated along alpha, so this errs towards agreeing)."""
+    from scipy.stats import t
+
+    if seeds < 2:
+        raise ValueError(f"seeds must be >= 2 for a standard error, got {seeds}")
+    return float(t.ppf(1 - level / (2 * max(1, n_compared)), seeds - 1))
+
+
 def validate(sizes=(250, 1000), seeds: int = 10, t_max: float = 2.0, progress: bool = True) -> list[dict]:
-    """Flow against simulation for each configuration of VALIDATION, printed."""
+    """Flow against simulation for each configuration of VALIDATION, printed with a
+    verdict: a configuration agrees when at every size the largest deviation |z|
+    (in s.e.m. of the seeds) is within ``allowance``; each row has ``agree``."""
+    if int(seeds) < 2:
+        raise ValueError(f"seeds must be >= 2 (a standard error needs two runs), got {seeds}")
     init = validation_init()
     names = ["Q", "R", "a", *META_METRICS]
     rows = []
     print(
-        f"anil, K = M = 2, t_max = {t_max}, {seeds} seeds; deviations |sim mean - flow| over all recorded "
-        "times and entries"
+        f"anil, K = M = 2, t_max = {t_max}, {seeds} seeds; deviations |z| = |sim mean - flow| / s.e.m. over "
+        "all recorded times and entries; agree: max |z| within the allowance (1% chance to exceed it)"
     )
     for cfg in VALIDATION:
         fl = flow("anil", init, cfg, t_max=t_max, dt=0.005, record_every=0.5)
-        line = {"config": cfg}
+        line = {"config": cfg, "agree": True}
         for N in sizes:
             t0 = time.time()
             sim = simulate(
@@ -331,19 +348,29 @@ def validate(sizes=(250, 1000), seeds: int = 10, t_max: float = 2.0, progress: b
                 ok = sem > 1e-10  # constant quantities (a with eta_a = 0) have round-off sems
                 z.extend(np.abs(diff[ok] / sem[ok]).ravel())
                 gap.extend(np.abs(diff).ravel())
+            allowed = allowance(len(z), seeds)
+            agree = bool(np.max(z) <= allowed)
+            line["agree"] = line["agree"] and agree
             line[N] = {
                 "max_z": float(np.max(z)),
                 "mean_z": float(np.mean(z)),
+                "allowed_z": allowed,
+                "agree": agree,
                 "mean_gap": float(np.mean(gap)),
                 "seconds": time.time() - t0,
             }
             print(
                 f"  {json.dumps(cfg):<55} N = {N:>5}: mean |z| {np.mean(z):.2f}, max |z| {np.max(z):.2f} "
-                f"(of {len(z)}), mean |gap| {np.mean(gap):.2e}  [{time.time() - t0:.0f} s]"
+                f"(of {len(z)}; allowed {allowed:.3g}), mean |gap| {np.mean(gap):.2e}  "
+                f"[{time.time() - t0:.0f} s]"
             )
+        verdict = "agree" if line["agree"] else "DISAGREE (max |z| above the allowance)"
+        print(f"  {json.dumps(cfg):<55} verdict: {verdict}")
         rows.append(line)
     shrink = sum(row[sizes[-1]]["mean_gap"] < row[sizes[0]]["mean_gap"] for row in rows)
     print(f"gap smaller at N = {sizes[-1]} than at N = {sizes[0]} in {shrink} of {len(rows)} configurations")
+    bad = sum(not row["agree"] for row in rows)
+    print(f"{len(rows) - bad} of {len(rows)} configurations agree" + (f", {bad} disagree" if bad else ""))
     return rows
 
 

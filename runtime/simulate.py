@@ -242,6 +242,8 @@ def simulate(
         raise ValueError(f"N must be >= 1, got {N}")
     if int(seeds) < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
+    if int(seed) < 0:
+        raise ValueError(f"seed must be >= 0 (a numpy seed), got {seed}")
     if init is not None:
         init = init.validate(spec)
         K, M = init.K, init.M

@@ -22,7 +22,7 @@ import pytest
 
 import runtime
 from derive.models import get_model
-from runtime import Init, Trajectory
+from runtime import Init, Trajectory, scenarios
 from runtime.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -503,3 +503,67 @@ def test_a_failed_save_leaves_the_old_files_whole(tmp_path):
     with pytest.raises(Exception, match="pickle"):
         Trajectory(arrays, good.metadata).save(tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+# --- seeds and validation -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["flow", "simulate"])
+def test_negative_seed_on_the_command_line(command, tmp_path):
+    out = tmp_path / "out"
+    res = run_cli(*COMMANDS[command][0].split(), "--seed", "-1", "--out", str(out))
+    assert res.returncode == 2
+    assert "--seed" in res.stderr and ">= 0" in res.stderr and "-1" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not out.exists()
+
+
+def test_negative_seed_in_python():
+    with pytest.raises(ValueError, match=r"\bseed\b.*>= 0"):
+        runtime.simulate("scm", N=100, seeds=2, t_max=0.1, seed=-1)
+
+
+VALIDATE = "validate --sizes 200 --seeds 8 --t-max 1".split()
+
+
+def test_validate_needs_two_seeds(tmp_path):
+    out = tmp_path / "out"
+    res = run_cli("validate", "--seeds", "1", "--out", str(out))
+    assert res.returncode == 2
+    assert "--seeds" in res.stderr and ">= 2" in res.stderr
+    assert "Traceback" not in res.stderr and "zero-size" not in res.stderr
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"\bseeds\b.*>= 2"):
+        scenarios.validate(seeds=1)
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_validate_gives_a_verdict_per_configuration(wrong, tmp_path, monkeypatch, capsys):
+    if wrong:  # a flow whose R moves the wrong way: every configuration must disagree
+        real = scenarios.flow
+
+        def backwards_flow(*args, **kw):
+            traj = real(*args, **kw)
+            traj.arrays["R"] = traj.arrays["R"][:1] - (traj.arrays["R"] - traj.arrays["R"][:1])
+            return traj
+
+        monkeypatch.setattr(scenarios, "flow", backwards_flow)
+    out = tmp_path / "out"
+    code = cli_main([*VALIDATE, "--out", str(out)])
+    text = capsys.readouterr().out
+    verdicts = [line.split("verdict: ")[1].split()[0] for line in text.splitlines() if "verdict: " in line]
+    assert len(verdicts) == len(scenarios.VALIDATION)
+    assert "allowed" in text
+    rows = json.loads((out / "validation.json").read_text())
+    assert [row["agree"] for row in rows] == [v == "agree" for v in verdicts]
+    if wrong:
+        assert code == 1 and set(verdicts) == {"DISAGREE"}
+        assert "6 disagree" in text
+    else:
+        assert code == 0 and set(verdicts) == {"agree"}
+
+
+def test_allowance_grows_with_comparisons_and_shrinks_with_seeds():
+    a = scenarios.allowance
+    assert a(100, 10) > a(10, 10) > a(10, 40) > 2.0
+    assert a(1, 10**6) == pytest.approx(2.576, abs=1e-3)  # 1% two-sided, normal
