@@ -15,6 +15,7 @@ from .init import Init, sampled_init
 from .integrate import (
     METHODS,
     FlowDiverged,
+    LARGE_STATE,
     FlowInterrupted,
     SimulationDiverged,
     SimulationInterrupted,
@@ -153,8 +154,10 @@ def _check_seed(args) -> None:
 def cmd_flow(args) -> Path:
     _check_seed(args)
     params = parse_sets(args.set, args.model)
-    init = _init(args, args.model)
     out = _out_dir(args, "flow", _config(args, params))
+    if not args.init and args.K * (args.K + args.M) >= LARGE_STATE:
+        _log(f"sampling a start of K = {args.K}, M = {args.M} and checking its overlaps (slow for large K)")
+    init = _init(args, args.model)
     resume = _partial(out)
     try:
         traj = flow(
@@ -304,6 +307,13 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except MemoryError as exc:  # e.g. a flow's buffers, K (K + M)^2 numbers for some models
+        print(
+            f"error: this run needs more memory than is available ({exc or 'allocation failed'}); "
+            "try a smaller --K (flow) or --n (simulate)",
+            file=sys.stderr,
+        )
         return 2
     print(f"results written to {out}")
     return getattr(args, "exit_code", 0)

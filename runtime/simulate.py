@@ -22,7 +22,15 @@ import time
 import numpy as np
 
 from .init import Init, realise, sample_network
-from .integrate import SimulationDiverged, SimulationInterrupted, _bar, normalised_overlaps, steps_for
+from .integrate import (
+    SimulationDiverged,
+    SimulationInterrupted,
+    _bar,
+    _gib,
+    normalised_overlaps,
+    physical_memory,
+    steps_for,
+)
 from .kernels import Kernel, as_kernel
 from .simulate_meta import SeedInterrupted, run_seed_meta
 from .trajectory import Trajectory, metadata
@@ -82,6 +90,30 @@ def _run_seed(kernel, W, B, vec, p, rates, N, n_steps, rec, rng, bar, stop=None)
     except KeyboardInterrupt:
         raise SeedInterrupted((Qs[: made + 1], Rs[: made + 1], {k: v[: made + 1] for k, v in vecs.items()}))
     return Qs[: made + 1], Rs[: made + 1], {k: v[: made + 1] for k, v in vecs.items()}
+
+
+def seed_bytes(model, values: dict, K: int, M: int, N: int) -> int:
+    """Bytes of the vectors of length N one seed holds at once: student and teacher
+    weights, the orthonormalised directions that build them (with QR's copy), and
+    the inputs of a step (one x; for meta-learning the query and support samples
+    and the task's teacher variations)."""
+    vectors = K + M + 2 * (K + M) + 1
+    if model.inner_loop is not None:
+        n_s = values.get("n_s", math.inf)
+        vectors += int(values.get("n_q", 1)) + (int(n_s) if math.isfinite(n_s) else 0) + M
+    return 8 * N * vectors
+
+
+def check_memory(model, values: dict, K: int, M: int, N: int, workers: int) -> None:
+    """Refuse a simulation whose seeds running at once would not fit in memory."""
+    need = seed_bytes(model, values, K, M, N) * workers
+    avail = physical_memory()
+    if avail and need > 0.8 * avail:
+        raise ValueError(
+            f"N = {N}: the simulation would need about {_gib(need)} ({workers} seed(s) at once, "
+            f"{_gib(need / workers)} each), over the memory of this machine ({_gib(avail)}); "
+            "use a smaller N"
+        )
 
 
 def default_record_steps(n_steps: int, records: int = 100) -> int:
@@ -256,6 +288,10 @@ def simulate(
         raise ValueError(f"N = {N} must be at least K + M = {K + M}")
     # one step is 1/N of alpha: times must be whole numbers of steps
     n_steps = steps_for(t_max, 1.0 / N, "t_max", "1/N")
+    if workers is None:  # processes pay off only for long runs
+        workers = (os.cpu_count() or 1) if n_steps * int(seeds) >= 200_000 else 1
+    n_workers = max(1, min(int(seeds), int(workers)))
+    check_memory(spec, values, K, M, N, n_workers)
     if record_every is None:
         rec = default_record_steps(n_steps)
     else:
@@ -283,9 +319,6 @@ def simulate(
     }
     seeds_list = [seed + i for i in range(int(seeds))]
     total = n_steps * int(seeds)
-    if workers is None:  # processes pay off only for long runs
-        workers = (os.cpu_count() or 1) if total >= 200_000 else 1
-    n_workers = max(1, min(int(seeds), int(workers)))
     global _STOP
     _STOP = mp.get_context("fork").Value("b", 0)
     try:

@@ -15,6 +15,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -567,3 +568,55 @@ def test_allowance_grows_with_comparisons_and_shrinks_with_seeds():
     a = scenarios.allowance
     assert a(100, 10) > a(10, 10) > a(10, 40) > 2.0
     assert a(1, 10**6) == pytest.approx(2.576, abs=1e-3)  # 1% two-sided, normal
+
+
+# --- sizes ----------------------------------------------------------------------------------
+
+
+def test_simulation_too_large_for_the_memory_is_refused_before_allocating(tmp_path):
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    res = run_cli(
+        *"simulate --model scm --n 10000000000 --seeds 2 --t-max 1 --no-progress --out".split(), str(out)
+    )
+    assert time.monotonic() - t0 < 60  # it allocated for 4.5 s before failing
+    assert res.returncode == 2
+    assert "N = 10000000000" in res.stderr and "GiB" in res.stderr and "memory" in res.stderr
+    assert "Traceback" not in res.stderr and "_ArrayMemoryError" not in res.stderr
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"N = 10000000000.*GiB"):
+        runtime.simulate("scm", N=10**10, seeds=2, t_max=1.0)
+
+
+def test_flow_trajectory_too_large_is_refused_with_a_hint(tmp_path):
+    out = tmp_path / "out"
+    res = run_cli(*"flow --model anil --t-max 1e8 --dt 0.01 --no-progress --out".split(), str(out))
+    assert res.returncode == 2
+    assert "GiB" in res.stderr and "record_every" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not out.exists()
+    # recording less often makes the same run acceptable (not run here: 10^10 steps)
+    with pytest.raises(ValueError, match="record_every"):
+        runtime.flow("scm", GOOD, t_max=1e8, dt=0.01)
+
+
+def test_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
+    import runtime.cli
+
+    def no_memory(*a, **k):
+        raise MemoryError("Allocation failed (probably too large).")
+
+    monkeypatch.setattr(runtime.cli, "flow", no_memory)
+    out = tmp_path / "out"
+    assert cli_main([*COMMANDS["flow"][0].split(), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "memory" in err and "--K" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_large_flow_says_it_is_preparing(tmp_path, monkeypatch, capsys):
+    import runtime.cli
+
+    monkeypatch.setattr(runtime.cli, "_init", lambda *a: (_ for _ in ()).throw(ValueError("stop here")))
+    assert cli_main("flow --model scm --K 200 --t-max 1 --dt 0.01 --no-progress".split()) == 2
+    assert "sampling a start of K = 200" in capsys.readouterr().err
