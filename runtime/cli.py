@@ -107,7 +107,11 @@ def _add_common(p: argparse.ArgumentParser, flow_cmd: bool) -> None:
     p.add_argument("--M", type=int, default=2, help="teacher units for a sampled start (no --init)")
     p.add_argument("--sigma0", type=float, default=0.1, help="std of the sampled first-layer weights")
     p.add_argument(
-        "--seed", type=int, default=0, help="seed of the sampled start (simulate: of the first seed)"
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the sampled start, >= 0 (simulate: of the first run; run i uses seed + i, so "
+        "batches that must not share runs need seeds at least --seeds apart)",
     )
     p.add_argument("--out", help="output directory (default: runs/<kind>-<model>-<config hash>)")
     p.add_argument("--no-progress", action="store_true")

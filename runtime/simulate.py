@@ -340,7 +340,8 @@ def simulate(
         interrupted = bool(_STOP.value)
     finally:
         _STOP = None
-    results = [r for r in results if r is not None]  # seeds that had not started
+    used = [sd for sd, r in zip(seeds_list, results) if r is not None]  # not: seeds that had not started
+    results = [r for r in results if r is not None]
     if interrupted and not results:
         raise KeyboardInterrupt
     n_t = min(len(r[0]) for r in results)
@@ -389,6 +390,7 @@ def simulate(
         N=N,
         seeds=len(results),
         seed=seed,
+        seeds_used=used,
         t_max=t_max,
         record_every=rec / N,
         sigma0=None if init is not None else sigma0,

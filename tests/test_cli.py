@@ -122,7 +122,7 @@ def test_simulate_command(tmp_path):
     assert np.all(arrays["eps_g_sem"][1:] > 0)  # the seeds really differ
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["model"] == "scm" and meta["params"] == {"eta": 1.0, "sigma": 0.0}
-    assert meta["N"] == 200 and meta["seeds"] == 3
+    assert meta["N"] == 200 and meta["seeds"] == 3 and meta["seeds_used"] == [0, 1, 2]
 
 
 def test_derive_show_text():
@@ -218,6 +218,7 @@ def test_interrupted_simulation_stops_at_once_and_keeps_its_records(tmp_path):
     assert meta["complete"] is False and meta["seeds_asked"] == 4 and 1 <= meta["seeds"] <= 4
     assert 0 < partial.alpha[-1] == meta["alpha_reached"] < 50
     n_seeds, n_t = meta["seeds"], len(partial.alpha)
+    assert meta["seeds_used"] == list(range(n_seeds))
     assert partial.Q.shape == (n_seeds, n_t, 2, 2) and partial.eps_g_mean.shape == (n_t,)
     # the records are those of a run that stops there by itself
     short = runtime.simulate("two_layer", N=2000, seeds=n_seeds, t_max=partial.alpha[-1], record_every=0.5)
