@@ -58,7 +58,9 @@ def _out_dir(args, kind: str, config: dict) -> Path:
         return check_out_dir(args.out)
     config = {k: v for k, v in config.items() if k not in NOT_IN_RUN_NAME}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return check_out_dir(RUNS / f"{kind}-{config.get('model', 'main')}-{digest}", "the run folder")
+    return check_out_dir(
+        RUNS / f"{kind}-{config.get('model', 'main')}-{digest}", "the run folder (or give --out)"
+    )
 
 
 def _partial(out: Path) -> Trajectory | None:

@@ -170,6 +170,7 @@ def test_interrupted_flow_keeps_its_records_and_the_same_command_completes_it(tm
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert err.startswith("interrupted at alpha = ") and str(out) in err
+    assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "trajectory.npz"]  # no figure
     partial = runtime.Trajectory.load(out)
     meta = partial.metadata
     assert meta["complete"] is False and meta["stopped"] == "interrupted"
@@ -213,6 +214,7 @@ def test_interrupted_simulation_stops_at_once_and_keeps_its_records(tmp_path):
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("interrupted at alpha = ") and str(out) in last
+    assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "trajectory.npz"]
     partial = runtime.Trajectory.load(out)
     meta = partial.metadata
     assert meta["complete"] is False and meta["seeds_asked"] == 4 and 1 <= meta["seeds"] <= 4
