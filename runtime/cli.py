@@ -63,17 +63,6 @@ def _out_dir(args, kind: str, config: dict) -> Path:
     )
 
 
-def _partial(out: Path) -> Trajectory | None:
-    """The partial trajectory an interrupted run left in ``out``, if any."""
-    try:
-        meta = json.loads((out / "metadata.json").read_text())
-        if meta.get("complete", True) or meta.get("kind") != "flow":
-            return None
-        return Trajectory.load(out)
-    except (OSError, ValueError, KeyError):
-        return None
-
-
 def _config(args, params: dict) -> dict:
     """What a command computes: its options, with the parameters as resolved."""
     config = {k: v for k, v in vars(args).items() if k != "set"}
@@ -164,7 +153,7 @@ def cmd_flow(args) -> Path:
     if not args.init and args.K * (args.K + args.M) >= LARGE_STATE:
         _log(f"sampling a start of K = {args.K}, M = {args.M} and checking its overlaps (slow for large K)")
     init = _init(args, args.model)
-    resume = _partial(out)
+    resume = Trajectory.partial_in(out)
     try:
         traj = flow(
             args.model,

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .init import Init
-from .integrate import flow
+from .integrate import FlowDiverged, FlowInterrupted, SimulationInterrupted, flow
 from .output import write_text
 from .plots import _plt, _save, annotate_matrix, plot_metrics, plot_overlaps, plot_r_heatmap
 from .simulate import simulate
@@ -92,25 +92,36 @@ def main_job(out: Path, cfg: dict = REFERENCE, progress: bool = True) -> Path:
     """The reference scenario: flow, simulation, trajectories and figures in ``out``."""
     init = reference_init(cfg["d"])
     params = cfg["params"]
-    fl = flow(
-        cfg["model"],
-        init,
-        params,
-        t_max=cfg["t_max"],
-        dt=cfg["dt"],
-        record_every=cfg["record_every"],
-        progress=progress,
-    )
-    sim = simulate(
-        cfg["model"],
-        params,
-        N=cfg["N"],
-        seeds=cfg["seeds"],
-        t_max=cfg["t_max"],
-        init=init,
-        record_every=cfg["sim_record_every"],
-        progress=progress,
-    )
+    try:  # an interrupted or diverging flow leaves its records in out/flow, continued by a rerun
+        fl = flow(
+            cfg["model"],
+            init,
+            params,
+            t_max=cfg["t_max"],
+            dt=cfg["dt"],
+            record_every=cfg["record_every"],
+            progress=progress,
+            resume=Trajectory.partial_in(out / "flow"),
+        )
+    except (FlowInterrupted, FlowDiverged) as exc:
+        if exc.trajectory is not None:
+            exc.out = exc.trajectory.save(out / "flow")
+        raise
+    try:  # an interrupted simulation leaves the flow and its own records so far
+        sim = simulate(
+            cfg["model"],
+            params,
+            N=cfg["N"],
+            seeds=cfg["seeds"],
+            t_max=cfg["t_max"],
+            init=init,
+            record_every=cfg["sim_record_every"],
+            progress=progress,
+        )
+    except SimulationInterrupted as exc:
+        fl.save(out / "flow")
+        exc.out = exc.trajectory.save(out / "simulation")
+        raise
     sim = align_units(sim, fl.r[-1])
     fl.save(out / "flow")
     sim.save(out / "simulation")

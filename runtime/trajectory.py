@@ -58,6 +58,19 @@ class Trajectory:
         meta = json.loads((out / "metadata.json").read_text())
         return cls(arrays, meta)
 
+    @classmethod
+    def partial_in(cls, out: str | Path) -> Trajectory | None:
+        """The partial trajectory of a flow that an interrupt or a divergence left in
+        ``out`` (``metadata["complete"]`` false), or None."""
+        out = Path(out)
+        try:
+            meta = json.loads((out / "metadata.json").read_text())
+            if meta.get("complete", True) or meta.get("kind") != "flow":
+                return None
+            return cls.load(out)
+        except (OSError, ValueError, KeyError):
+            return None
+
 
 def jsonable(x):
     """``x`` with numpy values as Python ones and non-finite floats as the strings

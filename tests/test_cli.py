@@ -259,3 +259,28 @@ def test_run_folder_does_not_depend_on_options_that_do_not_change_the_result(tmp
     assert plain.startswith("runs/flow-scm-")
     assert folder("--no-progress") == folder("--parallel", "off") == plain
     assert folder("--set", "eta=0.5") != plain
+
+
+def test_interrupted_main_job_keeps_its_flow_and_the_simulation_so_far(tmp_path):
+    out = tmp_path / "main"
+    args = [sys.executable, "-m", "runtime", "--out", str(out)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = ""
+        while "simulate anil" not in seen:  # the flow is done (0.1 s), the simulation running
+            char = proc.stderr.read(1)
+            assert char, seen
+            seen += char
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("interrupted at alpha = ")
+    assert sorted(p.name for p in out.iterdir()) == ["flow", "simulation"]  # no figure, no summary
+    fl = runtime.Trajectory.load(out / "flow")
+    assert fl.metadata["complete"] is True and fl.alpha[-1] == 300
+    sim = runtime.Trajectory.load(out / "simulation")
+    assert sim.metadata["complete"] is False and 0 < sim.alpha[-1] < 300
