@@ -64,8 +64,17 @@ def _out_dir(args, kind: str, config: dict) -> Path:
 
 
 def _config(args, params: dict) -> dict:
-    """What a command computes: its options, with the parameters as resolved."""
+    """What a command computes: its options, with the parameters as resolved and an
+    init file by its content; the options of a sampled start are left out when an
+    init file gives the start (all but N and the seed for a simulation)."""
     config = {k: v for k, v in vars(args).items() if k != "set"}
+    if args.init:
+        unused = ("K", "M", "sigma0") if args.command == "simulate" else ("K", "M", "sigma0", "seed", "n")
+        config = {k: v for k, v in config.items() if k not in unused}
+        try:
+            config["init"] = hashlib.sha256(Path(args.init).read_bytes()).hexdigest()
+        except OSError:
+            pass  # reported when the file is read
     return {**config, "params": params}
 
 

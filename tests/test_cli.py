@@ -259,6 +259,13 @@ def test_run_folder_does_not_depend_on_options_that_do_not_change_the_result(tmp
     assert plain.startswith("runs/flow-scm-")
     assert folder("--no-progress") == folder("--parallel", "off") == plain
     assert folder("--set", "eta=0.5") != plain
+    # with an init file, by its content; the options of a sampled start do not count
+    Init(np.eye(2), np.zeros((2, 2)), np.eye(2)).save(tmp_path / "a.npz")
+    Init(np.eye(2), np.zeros((2, 2)), np.eye(2)).save(tmp_path / "b.npz")
+    Init(np.eye(2), np.full((2, 2), 0.1), np.eye(2)).save(tmp_path / "c.npz")
+    from_a = folder("--init", "a.npz")
+    assert folder("--init", "b.npz", "--K", "3", "--seed", "5") == from_a != plain
+    assert folder("--init", "c.npz") != from_a
 
 
 def test_interrupted_main_job_keeps_its_flow_and_the_simulation_so_far(tmp_path):
