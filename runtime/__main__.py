@@ -1,5 +1,10 @@
 import sys
 
-from .cli import main
+try:
+    from .cli import main
 
-sys.exit(main())
+    code = main()
+except KeyboardInterrupt:  # before a command began (importing, compiling) or while one was saving
+    print("interrupted", file=sys.stderr)
+    code = 130
+sys.exit(code)

@@ -15,10 +15,20 @@ from pathlib import Path
 from derive.models import MODEL_NAMES, get_model
 
 from .init import Init, sampled_init
-from .integrate import METHODS, FlowDiverged, SimulationDiverged, flow
+from .integrate import (
+    METHODS,
+    FlowDiverged,
+    LARGE_STATE,
+    FlowInterrupted,
+    SimulationDiverged,
+    SimulationInterrupted,
+    flow,
+)
+from .output import check_out_dir, write_text
 from .plots import plot_metric, plot_metrics
 from .scenarios import REFERENCE, STUDIES, main_job, run_study, validate
 from .simulate import simulate
+from .trajectory import Trajectory, jsonable
 
 RUNS = Path("runs")
 
@@ -40,11 +50,35 @@ def parse_sets(items: list[str], model: str) -> dict[str, float]:
     return out
 
 
+# options that do not change the result, so do not name the run folder
+NOT_IN_RUN_NAME = ("out", "no_progress", "parallel", "command")
+
+
 def _out_dir(args, kind: str, config: dict) -> Path:
+    """``--out``, or ``runs/<kind>-<model>-<hash of what the run computes>``; checked
+    to be a writable folder before anything is computed (OutputError otherwise)."""
     if getattr(args, "out", None):
-        return Path(args.out)
+        return check_out_dir(args.out)
+    config = {k: v for k, v in config.items() if k not in NOT_IN_RUN_NAME}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return RUNS / f"{kind}-{config.get('model', 'main')}-{digest}"
+    return check_out_dir(
+        RUNS / f"{kind}-{config.get('model', 'main')}-{digest}", "the run folder (or give --out)"
+    )
+
+
+def _config(args, params: dict) -> dict:
+    """What a command computes: its options, with the parameters as resolved and an
+    init file by its content; the options of a sampled start are left out when an
+    init file gives the start (all but N and the seed for a simulation)."""
+    config = {k: v for k, v in vars(args).items() if k != "set"}
+    if args.init:
+        unused = ("K", "M", "sigma0") if args.command == "simulate" else ("K", "M", "sigma0", "seed", "n")
+        config = {k: v for k, v in config.items() if k not in unused}
+        try:
+            config["init"] = hashlib.sha256(Path(args.init).read_bytes()).hexdigest()
+        except OSError:
+            pass  # reported when the file is read
+    return {**config, "params": params}
 
 
 # The options of a sampled start and their defaults (flow: and --n, the N of the
@@ -99,7 +133,11 @@ def _add_common(p: argparse.ArgumentParser, flow_cmd: bool) -> None:
         "--sigma0", type=float, help="std of the sampled first-layer weights (no --init; default 0.1)"
     )
     p.add_argument(
-        "--seed", type=int, default=0, help="seed of the sampled start (simulate: of the first seed)"
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the sampled start, >= 0 (simulate: of the first run; run i uses seed + i, so "
+        "batches that must not share runs need seeds at least --seeds apart)",
     )
     p.add_argument("--out", help="output directory (default: runs/<kind>-<model>-<config hash>)")
     p.add_argument("--no-progress", action="store_true")
@@ -136,25 +174,46 @@ def _figure(fl, sim, out: Path, title: str) -> None:
         )
 
 
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _check_seed(args) -> None:
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0 (a numpy seed), got {args.seed}")
+
+
 def cmd_flow(args) -> Path:
     _sampled_start(args, SAMPLED_START_FLOW)
+    _check_seed(args)
     params = parse_sets(args.set, args.model)
+    out = _out_dir(args, "flow", _config(args, params))
+    if not args.init and args.K * (args.K + args.M) >= LARGE_STATE:
+        _log(f"sampling a start of K = {args.K}, M = {args.M} and checking its overlaps (slow for large K)")
     init = _init(args, args.model)
-    traj = flow(
-        args.model,
-        init,
-        params,
-        t_max=args.t_max,
-        dt=args.dt,
-        method=args.method,
-        record_every=args.record_every,
-        activation=args.activation,
-        progress=not args.no_progress,
-        parallel={"auto": None, "on": True, "off": False}[args.parallel],
-    )
-    # the thread count does not change the result, so it does not name the run
-    config = {k: v for k, v in vars(args).items() if k != "parallel"}
-    out = _out_dir(args, "flow", {"model": args.model, **config})
+    resume = Trajectory.partial_in(out)
+    try:
+        traj = flow(
+            args.model,
+            init,
+            params,
+            t_max=args.t_max,
+            dt=args.dt,
+            method=args.method,
+            record_every=args.record_every,
+            activation=args.activation,
+            progress=not args.no_progress,
+            parallel={"auto": None, "on": True, "off": False}[args.parallel],
+            resume=resume,
+            log=_log,
+        )
+    except (FlowInterrupted, FlowDiverged) as exc:
+        if exc.trajectory is not None:
+            exc.trajectory.save(out)
+            exc.out = out
+        raise
+    if "resumed_from_alpha" in traj.metadata:
+        print(f"continued the partial run in {out} from alpha = {traj.metadata['resumed_from_alpha']:g}")
     traj.save(out)
     _figure(traj, None, out, f"{args.model} flow")
     return out
@@ -162,9 +221,23 @@ def cmd_flow(args) -> Path:
 
 def cmd_simulate(args) -> Path:
     _sampled_start(args, SAMPLED_START)
+    _check_seed(args)
     params = parse_sets(args.set, args.model)
     init = Init.from_file(args.init, get_model(args.model)) if args.init else None
-    traj = simulate(
+    out = _out_dir(args, "simulate", _config(args, params))
+    try:
+        traj = _simulate(args, params, init)
+    except SimulationInterrupted as exc:
+        exc.trajectory.save(out)
+        exc.out = out
+        raise
+    traj.save(out)
+    _figure(None, traj, out, f"{args.model} simulation")
+    return out
+
+
+def _simulate(args, params, init):
+    return simulate(
         args.model,
         params,
         N=args.n,
@@ -179,10 +252,6 @@ def cmd_simulate(args) -> Path:
         activation=args.activation,
         progress=not args.no_progress,
     )
-    out = _out_dir(args, "simulate", {"model": args.model, **vars(args)})
-    traj.save(out)
-    _figure(None, traj, out, f"{args.model} simulation")
-    return out
 
 
 def cmd_models(args) -> None:
@@ -199,14 +268,14 @@ def cmd_models(args) -> None:
 
 
 def cmd_main(args) -> Path:
-    out = Path(args.out) if args.out else _out_dir(args, "main", REFERENCE)
+    out = _out_dir(args, "main", REFERENCE)
     main_job(out, REFERENCE, progress=True)
     return out
 
 
 def cmd_study(args) -> Path:
     names = list(STUDIES) if args.name == "all" else [args.name]
-    out = Path(args.out) if args.out else RUNS / "studies"
+    out = check_out_dir(args.out or RUNS / "studies")
     for name in names:
         print(f"study {name}: {' '.join(STUDIES[name].__doc__.split())}")
         result = run_study(name, out, progress=True)
@@ -217,10 +286,13 @@ def cmd_study(args) -> Path:
 
 
 def cmd_validate(args) -> Path:
+    if args.seeds < 2:
+        raise ValueError(f"--seeds must be >= 2 (a standard error needs two runs), got {args.seeds}")
+    out = check_out_dir(args.out or RUNS / "validation")
     rows = validate(sizes=tuple(args.sizes), seeds=args.seeds, t_max=args.t_max)
-    out = Path(args.out) if args.out else RUNS / "validation"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "validation.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    if not all(row["agree"] for row in rows):
+        args.exit_code = 1  # the results are written; the verdict is the exit code
+    write_text(out / "validation.json", json.dumps(jsonable(rows), indent=2, allow_nan=False) + "\n")
     return out
 
 
@@ -246,11 +318,36 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         commands = {"flow": cmd_flow, "simulate": cmd_simulate, "study": cmd_study, "validate": cmd_validate}
         out = commands.get(args.command, cmd_main)(args)
-    except (FlowDiverged, SimulationDiverged) as exc:
+    except (FlowInterrupted, SimulationInterrupted) as exc:
+        where = getattr(exc, "out", None)
+        again = "continues it" if isinstance(exc, FlowInterrupted) else "runs it again"
+        tail = (
+            f"partial trajectory saved to {where} (the same command {again})"
+            if where
+            else "nothing was written"
+        )
+        print(f"interrupted at alpha = {exc.alpha:g}; {tail}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except FlowDiverged as exc:
+        where = getattr(exc, "out", None)
+        tail = f"; the trajectory up to it saved to {where} (partial)" if where else "; nothing was written"
+        print(f"error: {exc}{tail}", file=sys.stderr)
+        return 3
+    except SimulationDiverged as exc:
         print(f"error: {exc}; nothing was written", file=sys.stderr)
         return 3
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except MemoryError as exc:  # e.g. a flow's buffers, K (K + M)^2 numbers for some models
+        print(
+            f"error: this run needs more memory than is available ({exc or 'allocation failed'}); "
+            "try a smaller --K (flow) or --n (simulate)",
+            file=sys.stderr,
+        )
+        return 2
     print(f"results written to {out}")
-    return 0
+    return getattr(args, "exit_code", 0)

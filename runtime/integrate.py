@@ -8,7 +8,10 @@ for the progress bar, stops on divergence and assembles the trajectory.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import time
 
 import numpy as np
@@ -58,14 +61,27 @@ def _serial_estimate(run, y, c, p, K, M, dt, n_steps):
 
 
 class FlowDiverged(RuntimeError):
-    """The state stopped being finite; ``alpha`` says where."""
+    """The state stopped being finite; ``alpha`` says where, ``trajectory`` holds
+    the records before it (marked partial), if any."""
 
-    def __init__(self, alpha: float, model: str):
+    def __init__(self, alpha: float, model: str, trajectory: Trajectory | None = None):
         self.alpha = alpha
+        self.trajectory = trajectory
         super().__init__(
             f"the {model} flow diverged at alpha = {alpha:.6g} (state no longer finite); "
             "try a smaller dt or learning rate"
         )
+
+
+class FlowInterrupted(KeyboardInterrupt):
+    """An interrupt (Ctrl-C) between two chunks of the integration: ``trajectory``
+    holds the records so far (marked partial), ``alpha`` the last recorded time;
+    ``flow(..., resume=trajectory)`` continues from there."""
+
+    def __init__(self, alpha: float, trajectory: Trajectory):
+        self.alpha = alpha
+        self.trajectory = trajectory
+        super().__init__(f"interrupted at alpha = {alpha:.6g}")
 
 
 class SimulationDiverged(RuntimeError):
@@ -83,6 +99,16 @@ class SimulationDiverged(RuntimeError):
         return (SimulationDiverged, (self.alpha, self.model))
 
 
+class SimulationInterrupted(KeyboardInterrupt):
+    """An interrupt (Ctrl-C) of a simulation: ``trajectory`` holds the records that
+    every seed that started had made (marked partial), ``alpha`` the last of them."""
+
+    def __init__(self, alpha: float, trajectory: Trajectory):
+        self.alpha = alpha
+        self.trajectory = trajectory
+        super().__init__(f"interrupted at alpha = {alpha:.6g}")
+
+
 def steps_for(t: float, dt: float, what: str, step_name: str = "dt") -> int:
     """Number of steps of length ``dt`` in ``t``; ``t`` must be a multiple of ``dt``."""
     if not (dt > 0 and math.isfinite(dt)):
@@ -93,6 +119,25 @@ def steps_for(t: float, dt: float, what: str, step_name: str = "dt") -> int:
     if n < 1 or abs(n * dt - t) > 1e-9 * max(1.0, t):
         raise ValueError(f"{what} = {t} is not a whole number of steps {step_name} = {dt:g}")
     return n
+
+
+def run_key(kernel: Kernel, values: dict, y0, c, method: str, dt: float, rec: int, n_steps: int) -> str:
+    """What determines a flow's records: a partial trajectory with the same key can
+    be resumed (``flow(..., resume=...)``) and gives the uninterrupted result."""
+    h = hashlib.sha256()
+    what = [kernel.model.name, kernel.activation, kernel.file_hash, sorted(values.items())]
+    h.update(json.dumps([*what, method, repr(dt), rec, n_steps], default=str).encode())
+    h.update(np.ascontiguousarray(y0, dtype=np.float64).tobytes())
+    h.update(np.ascontiguousarray(c, dtype=np.float64).tobytes())
+    return h.hexdigest()
+
+
+# Each call of the compiled loop runs about this long: an interrupt (Ctrl-C) is seen
+# between calls, and the progress bar moves.
+CHUNK_SECONDS = 0.2
+# ``flow(log=...)`` tells of runs longer than this, and of states at least this large
+LOG_SECONDS = 2.0
+LARGE_STATE = 10_000
 
 
 def flow(
@@ -106,6 +151,8 @@ def flow(
     activation: str = "erf",
     progress: bool = False,
     parallel: bool | None = None,
+    resume: Trajectory | None = None,
+    log=None,
 ) -> Trajectory:
     """Integrate the flow of ``model`` from ``init`` up to ``alpha = t_max``.
 
@@ -116,6 +163,15 @@ def flow(
     take over PARALLEL_MIN_SECONDS (``use_parallel``). The result is the same to
     the last bit either way. ``model`` is a model name or a loaded ``Kernel``
     (``runtime.kernels.load_path``; its activation is its own).
+
+    An interrupt (KeyboardInterrupt, Ctrl-C) raises ``FlowInterrupted`` with the
+    records so far; a divergence raises ``FlowDiverged`` with the records before
+    it. Such a partial trajectory (``metadata["complete"]`` false), given back as
+    ``resume`` with the same arguments, is continued from its last record: the
+    result equals the uninterrupted run. A ``resume`` of other arguments
+    (``metadata["run_key"]`` differs) or a complete one is ignored. ``log``, a
+    function of a string, hears of a long run: that a large flow is being prepared,
+    and the time per step once the first steps are timed.
     """
     kernel = as_kernel(model, activation)
     name = kernel.model.name
@@ -133,38 +189,99 @@ def flow(
     c = kernel.pack_consts(init.arrays(), K, M)
     p = kernel.param_vector(values)
     n_rec = n_steps // rec
+    check_trajectory_size(n_rec + 1, y.size, "record_every")
+    key = run_key(kernel, values, y, c, method, dt, rec, n_steps)
     traj = np.empty((n_rec + 1, y.size))
     traj[0] = y
+    done = 0  # records made
+    if resume is not None and resume.metadata.get("run_key") == key and not resume.metadata.get("complete"):
+        items = kernel.module.STATE
+        n = len(resume.arrays["alpha"])
+        if 1 <= n <= n_rec + 1:
+            traj[:n] = np.concatenate([resume.arrays[k].reshape(n, -1) for k, _ in items], axis=1)
+            done = n - 1
+            y = traj[done].copy()
+    resumed_at = done * rec * dt
+    if log and y.size >= LARGE_STATE:
+        log(f"preparing the {name} flow of K = {K}, M = {M} ({y.size} numbers in the state)")
     run = getattr(kernel.module, f"run_{method}")
-    if use_parallel(parallel, K, _serial_estimate(run, y, c, p, K, M, dt, n_steps)):
+    if use_parallel(parallel, K, _serial_estimate(run, y, c, p, K, M, dt, n_steps - done * rec)):
         run = getattr(kernel.module, f"run_{method}_parallel")
-    # chunks of whole recording intervals, about 50 of them when a bar is shown
-    per_chunk = max(1, n_rec // 50) if progress else n_rec
+    extra = {"t_max": t_max, "dt": dt, "method": method, "record_every": rec * dt, "run_key": key}
+    if done:
+        extra["resumed_from_alpha"] = resumed_at
+
+    def partial(n_records: int, stopped: str) -> Trajectory:
+        alpha = np.arange(n_records) * (rec * dt)
+        more = {"complete": False, "alpha_reached": float(alpha[-1]), "stopped": stopped}
+        return _assemble(kernel, traj[:n_records], c, p, K, M, alpha, values, {**extra, **more})
+
     bar = _bar(n_steps, progress, f"flow {name}")
-    done = 0
-    while done < n_rec:
-        todo = min(per_chunk, n_rec - done)
-        bad = run(y, c, p, K, M, dt, todo * rec, rec, traj, done)
-        if bad >= 0:
-            if bar:
-                bar.close()
-            raise FlowDiverged((done * rec + bad) * dt, name)
-        done += todo
-        if bar:
-            bar.update(todo * rec)
     if bar:
-        bar.close()
-    return _assemble(
-        kernel,
-        traj,
-        c,
-        p,
-        K,
-        M,
-        np.arange(n_rec + 1) * (rec * dt),
-        values,
-        {"t_max": t_max, "dt": dt, "method": method, "record_every": rec * dt},
-    )
+        bar.update(done * rec)
+    # Chunks of about CHUNK_SECONDS: whole recording intervals, or a part of one when
+    # one interval takes longer (then the record is copied at its end).
+    scratch = np.empty((2, y.size))
+    step = done * rec  # steps made; the state y is at step
+    made = done  # the last record made
+    run(y.copy(), c, p, K, M, dt, 0, 1, scratch, 0)  # compiled or loaded, so the first chunk times steps
+    chunk = 1
+    first = True
+    try:
+        while step < n_steps:
+            if chunk >= rec and step % rec == 0:
+                todo = min(chunk // rec * rec, n_steps - step)
+                t0 = time.perf_counter()
+                bad = run(y, c, p, K, M, dt, todo, rec, traj, step // rec)
+            else:
+                todo = min(chunk, rec - step % rec)
+                t0 = time.perf_counter()
+                bad = run(y, c, p, K, M, dt, todo, todo, scratch, 0)
+            elapsed = time.perf_counter() - t0
+            if bad >= 0:
+                last = (step + bad - 1) // rec  # the last finite record
+                raise FlowDiverged((step + bad) * dt, name, partial(last + 1, "diverged"))
+            step += todo
+            if step % rec == 0:
+                traj[step // rec] = y
+                made = step // rec
+            if bar:
+                bar.update(todo)
+            if log and first:
+                left = (n_steps - step) * elapsed / todo
+                if left > LOG_SECONDS:
+                    log(f"flow {name}: {elapsed / todo * 1e3:.3g} ms per step, about {left:.0f} s to go")
+            first = False
+            chunk = int(min(max(chunk * CHUNK_SECONDS / max(elapsed, 1e-6), chunk / 4, 1), chunk * 8))
+    except KeyboardInterrupt:
+        raise FlowInterrupted(made * rec * dt, partial(made + 1, "interrupted")) from None
+    finally:
+        if bar:
+            bar.close()
+    return _assemble(kernel, traj, c, p, K, M, np.arange(n_rec + 1) * (rec * dt), values, extra)
+
+
+def check_trajectory_size(n_records: int, size: int, hint: str) -> None:
+    """Refuse a trajectory (n_records, size) of float64 larger than the memory."""
+    need = n_records * size * 8
+    avail = physical_memory()
+    if avail and need > avail / 2:
+        raise ValueError(
+            f"the trajectory would take {_gib(need)} ({n_records} records of {size} numbers), "
+            f"over half the memory ({_gib(avail)}); record less often with a larger {hint}"
+        )
+
+
+def physical_memory() -> int:
+    """Bytes of physical memory (0 where unknown)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB" if n >= 2**30 else f"{n / 2**20:.3g} MiB"
 
 
 def _assemble(kernel: Kernel, traj, c, p, K, M, alpha, values, extra) -> Trajectory:

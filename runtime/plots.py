@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .output import atomic_path
+
 
 def _plt():
     import matplotlib
@@ -17,10 +19,14 @@ def _plt():
 
 
 def _save(fig, path) -> Path:
+    """Write ``fig`` to ``path`` whole or not at all, and close it."""
     plt = _plt()
     path = Path(path)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=130)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from .init import Init
-from .integrate import flow
-from .plots import _plt, annotate_matrix, plot_metrics, plot_overlaps, plot_r_heatmap
+from .integrate import FlowDiverged, FlowInterrupted, SimulationInterrupted, flow
+from .output import write_text
+from .plots import _plt, _save, annotate_matrix, plot_metrics, plot_overlaps, plot_r_heatmap
 from .simulate import simulate
 from .trajectory import Trajectory
 
@@ -91,25 +92,36 @@ def main_job(out: Path, cfg: dict = REFERENCE, progress: bool = True) -> Path:
     """The reference scenario: flow, simulation, trajectories and figures in ``out``."""
     init = reference_init(cfg["d"])
     params = cfg["params"]
-    fl = flow(
-        cfg["model"],
-        init,
-        params,
-        t_max=cfg["t_max"],
-        dt=cfg["dt"],
-        record_every=cfg["record_every"],
-        progress=progress,
-    )
-    sim = simulate(
-        cfg["model"],
-        params,
-        N=cfg["N"],
-        seeds=cfg["seeds"],
-        t_max=cfg["t_max"],
-        init=init,
-        record_every=cfg["sim_record_every"],
-        progress=progress,
-    )
+    try:  # an interrupted or diverging flow leaves its records in out/flow, continued by a rerun
+        fl = flow(
+            cfg["model"],
+            init,
+            params,
+            t_max=cfg["t_max"],
+            dt=cfg["dt"],
+            record_every=cfg["record_every"],
+            progress=progress,
+            resume=Trajectory.partial_in(out / "flow"),
+        )
+    except (FlowInterrupted, FlowDiverged) as exc:
+        if exc.trajectory is not None:
+            exc.out = exc.trajectory.save(out / "flow")
+        raise
+    try:  # an interrupted simulation leaves the flow and its own records so far
+        sim = simulate(
+            cfg["model"],
+            params,
+            N=cfg["N"],
+            seeds=cfg["seeds"],
+            t_max=cfg["t_max"],
+            init=init,
+            record_every=cfg["sim_record_every"],
+            progress=progress,
+        )
+    except SimulationInterrupted as exc:
+        fl.save(out / "flow")
+        exc.out = exc.trajectory.save(out / "simulation")
+        raise
     sim = align_units(sim, fl.r[-1])
     fl.save(out / "flow")
     sim.save(out / "simulation")
@@ -121,7 +133,7 @@ def main_job(out: Path, cfg: dict = REFERENCE, progress: bool = True) -> Path:
     plot_overlaps(fl, sim, out / "overlaps.png", title)
     plot_r_heatmap(fl, sim, out / "r_final.png", f"final r_km at alpha = {cfg['t_max']:g}")
     summary = summarise(fl)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return out
 
 
@@ -175,8 +187,7 @@ def study_inner(out: Path, progress: bool) -> dict:
     axes[0].set_title("inner learning rate (S = 1)")
     _curves(axes[1], by_steps, "eps_meta")
     axes[1].set_title("inner steps (alpha_in = 0.5)")
-    fig.savefig(out / "inner.png", dpi=130)
-    plt.close(fig)
+    _save(fig, out / "inner.png")
     return {label: float(tr.eps_meta[-1]) for label, tr in by_rate + by_steps}
 
 
@@ -194,8 +205,7 @@ def study_overparam(out: Path, progress: bool) -> dict:
         ax.set_xlabel("teacher m")
         ax.set_ylabel("student k")
     fig.colorbar(im, ax=axes[1:].tolist(), shrink=0.8)
-    fig.savefig(out / "overparam.png", dpi=130)
-    plt.close(fig)
+    _save(fig, out / "overparam.png")
     return {label: float(tr.eps_meta[-1]) for label, tr in runs}
 
 
@@ -221,8 +231,7 @@ def study_variability(out: Path, progress: bool) -> dict:
     axes[1].set_xlabel("alpha")
     axes[1].legend(fontsize=7)
     axes[1].set_title("feature variability eps_B (s = 1)")
-    fig.savefig(out / "variability.png", dpi=130)
-    plt.close(fig)
+    _save(fig, out / "variability.png")
     return {label: float(tr.eps_meta[-1]) for label, tr in by_s + by_eps}
 
 
@@ -244,8 +253,7 @@ def study_order(out: Path, progress: bool) -> dict:
     axes[1].set_xlabel("alpha")
     axes[1].set_ylabel("|r_00 - r_01| (symmetry breaking)")
     axes[1].legend(fontsize=7)
-    fig.savefig(out / "order.png", dpi=130)
-    plt.close(fig)
+    _save(fig, out / "order.png")
     return {label: float(tr.eps_meta[-1]) for label, tr in runs}
 
 
@@ -263,8 +271,7 @@ def study_symmetry(out: Path, progress: bool) -> dict:
     axes[1].set_xlabel("alpha")
     axes[1].set_ylabel("r_km of student unit 0")
     axes[1].legend(fontsize=7, ncol=2)
-    fig.savefig(out / "symmetry.png", dpi=130)
-    plt.close(fig)
+    _save(fig, out / "symmetry.png")
     result = {}
     for label, tr in runs:
         summary = summarise(tr)
@@ -289,7 +296,7 @@ def run_study(name: str, out: Path, progress: bool = True) -> dict:
         raise ValueError(f"unknown study {name!r}; studies: {', '.join(STUDIES)}")
     out.mkdir(parents=True, exist_ok=True)
     result = STUDIES[name](out, progress)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text(out / f"{name}.json", json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -311,18 +318,35 @@ VALIDATION = [
 ]
 
 
+def allowance(n_compared: int, seeds: int, level: float = 0.01) -> float:
+    """The |z| (deviation in units of the seeds' standard error) that ``n_compared``
+    deviations of an exact flow all stay below with probability ``1 - level``: each
+    mean over ``seeds`` runs, divided by its estimated s.e.m., follows Student's t
+    with ``seeds - 1`` degrees of freedom; Bonferroni over the comparisons (they
+    are correlated along alpha, so this errs towards agreeing)."""
+    from scipy.stats import t
+
+    if seeds < 2:
+        raise ValueError(f"seeds must be >= 2 for a standard error, got {seeds}")
+    return float(t.ppf(1 - level / (2 * max(1, n_compared)), seeds - 1))
+
+
 def validate(sizes=(250, 1000), seeds: int = 10, t_max: float = 2.0, progress: bool = True) -> list[dict]:
-    """Flow against simulation for each configuration of VALIDATION, printed."""
+    """Flow against simulation for each configuration of VALIDATION, printed with a
+    verdict: a configuration agrees when at every size the largest deviation |z|
+    (in s.e.m. of the seeds) is within ``allowance``; each row has ``agree``."""
+    if int(seeds) < 2:
+        raise ValueError(f"seeds must be >= 2 (a standard error needs two runs), got {seeds}")
     init = validation_init()
     names = ["Q", "R", "a", *META_METRICS]
     rows = []
     print(
-        f"anil, K = M = 2, t_max = {t_max}, {seeds} seeds; deviations |sim mean - flow| over all recorded "
-        "times and entries"
+        f"anil, K = M = 2, t_max = {t_max}, {seeds} seeds; deviations |z| = |sim mean - flow| / s.e.m. over "
+        "all recorded times and entries; agree: max |z| within the allowance (1% chance to exceed it)"
     )
     for cfg in VALIDATION:
         fl = flow("anil", init, cfg, t_max=t_max, dt=0.005, record_every=0.5)
-        line = {"config": cfg}
+        line = {"config": cfg, "agree": True}
         for N in sizes:
             t0 = time.time()
             sim = simulate(
@@ -335,19 +359,29 @@ def validate(sizes=(250, 1000), seeds: int = 10, t_max: float = 2.0, progress: b
                 ok = sem > 1e-10  # constant quantities (a with eta_a = 0) have round-off sems
                 z.extend(np.abs(diff[ok] / sem[ok]).ravel())
                 gap.extend(np.abs(diff).ravel())
+            allowed = allowance(len(z), seeds)
+            agree = bool(np.max(z) <= allowed)
+            line["agree"] = line["agree"] and agree
             line[N] = {
                 "max_z": float(np.max(z)),
                 "mean_z": float(np.mean(z)),
+                "allowed_z": allowed,
+                "agree": agree,
                 "mean_gap": float(np.mean(gap)),
                 "seconds": time.time() - t0,
             }
             print(
                 f"  {json.dumps(cfg):<55} N = {N:>5}: mean |z| {np.mean(z):.2f}, max |z| {np.max(z):.2f} "
-                f"(of {len(z)}), mean |gap| {np.mean(gap):.2e}  [{time.time() - t0:.0f} s]"
+                f"(of {len(z)}; allowed {allowed:.3g}), mean |gap| {np.mean(gap):.2e}  "
+                f"[{time.time() - t0:.0f} s]"
             )
+        verdict = "agree" if line["agree"] else "DISAGREE (max |z| above the allowance)"
+        print(f"  {json.dumps(cfg):<55} verdict: {verdict}")
         rows.append(line)
     shrink = sum(row[sizes[-1]]["mean_gap"] < row[sizes[0]]["mean_gap"] for row in rows)
     print(f"gap smaller at N = {sizes[-1]} than at N = {sizes[0]} in {shrink} of {len(rows)} configurations")
+    bad = sum(not row["agree"] for row in rows)
+    print(f"{len(rows) - bad} of {len(rows)} configurations agree" + (f", {bad} disagree" if bad else ""))
     return rows
 
 

@@ -16,21 +16,33 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
+import signal
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
 from derive.model import CONST_OVERLAPS, STATE_OVERLAPS
 
 from .init import Init, readouts, realise, sample_network
-from .integrate import SimulationDiverged, _bar, normalised_overlaps, steps_for
+from .integrate import (
+    SimulationDiverged,
+    SimulationInterrupted,
+    _bar,
+    _gib,
+    normalised_overlaps,
+    physical_memory,
+    steps_for,
+)
 from .kernels import Kernel, as_kernel
-from .simulate_meta import run_seed_meta
+from .simulate_meta import SeedInterrupted, run_seed_meta
 from .trajectory import Trajectory, metadata
 
 
-def _run_seed(kernel, W, B, vec, p, rates, N, n_steps, rec, rng, bar):
+# a simulation checks for a request to stop (an interrupt) every this many steps
+STOP_CHECK_STEPS = 256
+
+
+def _run_seed(kernel, W, B, vec, p, rates, N, n_steps, rec, rng, bar, stop=None):
     K, M = W.shape[0], B.shape[0]
     model = kernel.model
     rules = model.readout_updates
@@ -56,22 +68,60 @@ def _run_seed(kernel, W, B, vec, p, rates, N, n_steps, rec, rng, bar):
             vecs[name][i] = views[name]
 
     record(0)
-    for step in range(1, n_steps + 1):
-        x = rng.standard_normal(N)
-        zeta = rng.standard_normal()
-        lam = W @ x / sqrt_n
-        nu = B @ x / sqrt_n
-        grads(lam, nu, zeta, vec, p, K, M, out)
-        model.first_layer.step(W, out[:K], x, fl_rate, fl_decay)
-        for i, rule in enumerate(rules):
-            rule.step(views[rule.vector.name], out[K * (i + 1) : K * (i + 2)], N, *ro[i])
-        if step % rec == 0:
-            record(step // rec)
-            if not all(np.all(np.isfinite(a[step // rec])) for a in overlaps.values()):
-                raise SimulationDiverged(step / N, model.name)
-            if bar:
-                bar.update(rec)
-    return overlaps, vecs
+    made = 0  # the last record made; an interrupt returns the records up to it
+
+    def made_so_far():
+        return (
+            {name: x[: made + 1] for name, x in overlaps.items()},
+            {name: x[: made + 1] for name, x in vecs.items()},
+        )
+
+    try:
+        for step in range(1, n_steps + 1):
+            if stop is not None and step % STOP_CHECK_STEPS == 0 and stop():
+                break
+            x = rng.standard_normal(N)
+            zeta = rng.standard_normal()
+            lam = W @ x / sqrt_n
+            nu = B @ x / sqrt_n
+            grads(lam, nu, zeta, vec, p, K, M, out)
+            model.first_layer.step(W, out[:K], x, fl_rate, fl_decay)
+            for i, rule in enumerate(rules):
+                rule.step(views[rule.vector.name], out[K * (i + 1) : K * (i + 2)], N, *ro[i])
+            if step % rec == 0:
+                record(step // rec)
+                made = step // rec
+                if not all(np.all(np.isfinite(a[made])) for a in overlaps.values()):
+                    raise SimulationDiverged(step / N, model.name)
+                if bar:
+                    bar.update(rec)
+    except KeyboardInterrupt:
+        raise SeedInterrupted(made_so_far()) from None
+    return made_so_far()
+
+
+def seed_bytes(model, values: dict, K: int, M: int, N: int) -> int:
+    """Bytes of the vectors of length N one seed holds at once: student and teacher
+    weights, the orthonormalised directions that build them (with QR's copy), and
+    the inputs of a step (one x; for meta-learning the query and support samples
+    and the task's teacher variations)."""
+    vectors = K + M + 2 * (K + M) + 1
+    if model.inner_loop is not None:
+        n_s = values.get("n_s", math.inf)
+        vectors += int(values.get("n_q", 1)) + (int(n_s) if math.isfinite(n_s) else 0) + M
+    return 8 * N * vectors
+
+
+def check_memory(model, values: dict, K: int, M: int, N: int, workers: int) -> None:
+    """Refuse a simulation whose seeds running at once would not fit in memory."""
+    need = seed_bytes(model, values, K, M, N) * workers
+    avail = physical_memory()
+    if avail and need > 0.8 * avail:
+        raise ValueError(
+            f"N = {N}: the simulation would need about {_gib(need)} ({workers} seed(s) at once, "
+            f"{_gib(need / workers)} each), over the memory of this machine ({_gib(avail)}); "
+            "use a smaller N"
+        )
 
 
 def default_record_steps(n_steps: int, records: int = 100) -> int:
@@ -93,11 +143,21 @@ class _SharedCounter:
 
 
 _COUNTER = None
+# Set (to 1) by an interrupt: seeds running return their records so far, seeds not
+# yet started do not start. A multiprocessing Value, inherited by the workers.
+_STOP = None
 
 
-def _init_worker(value) -> None:
-    global _COUNTER
+def _stopping() -> bool:
+    return _STOP is not None and bool(_STOP.value)
+
+
+def _init_worker(value, stop) -> None:
+    global _COUNTER, _STOP
     _COUNTER = _SharedCounter(value)
+    _STOP = stop
+    # the parent decides: an interrupt sets _STOP, and each worker returns its records
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # The kernels of the simulations of this process, by id. A Kernel holds a module,
@@ -109,6 +169,8 @@ _KERNELS: dict[int, Kernel] = {}
 def _seed_job(job: dict, seed_i: int, bar=None):
     """One seed: build the network, run it; its evolving order parameters and
     readouts over the records, and its constant order parameters (T)."""
+    if _stopping():
+        return None
     kernel = _KERNELS[job["kernel"]]
     spec = kernel.model
     bar = bar if bar is not None else _COUNTER
@@ -123,6 +185,17 @@ def _seed_job(job: dict, seed_i: int, bar=None):
         [np.asarray(job["base_vectors"][v.name], dtype=np.float64) for v in order] + [np.zeros(0)]
     )
     args = (W, B, vec)
+    try:
+        out = _run(kernel, job, args, N, rng, bar)
+    except SeedInterrupted as exc:  # in this process (workers ignore SIGINT): stop the others
+        if _STOP is not None:
+            _STOP.value = 1
+        out = exc.records
+    return (*out, {o.name: o.of(W, B) for o in CONST_OVERLAPS})
+
+
+def _run(kernel, job, args, N, rng, bar):
+    spec = kernel.model
     if spec.inner_loop is not None:
         out = run_seed_meta(
             spec,
@@ -136,24 +209,36 @@ def _seed_job(job: dict, seed_i: int, bar=None):
             bar,
             job["activation"],
             module=kernel.module,
+            stop=_stopping,
         )
     else:
-        out = _run_seed(kernel, *args, job["p"], job["rates"], N, job["n_steps"], job["rec"], rng, bar)
-    return (*out, {o.name: o.of(W, B) for o in CONST_OVERLAPS})
+        args = (*args, job["p"], job["rates"], N, job["n_steps"], job["rec"], rng, bar)
+        out = _run_seed(kernel, *args, stop=_stopping)
+    return out
 
 
 def _parallel(job, seeds_list, n_workers, total, progress, desc):
+    """The seeds in ``n_workers`` forked processes. On an interrupt the workers (which
+    ignore SIGINT) are told to stop and return their records so far."""
     ctx = mp.get_context("fork")
     value = ctx.Value("q", 0)
     bar = _bar(total, progress, desc)
-    with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker, initargs=(value,)) as pool:
-        futures = [pool.submit(_seed_job, job, sd) for sd in seeds_list]
-        while not all(f.done() for f in futures):
-            time.sleep(0.2)
-            if bar:
-                bar.n = value.value
-                bar.refresh()
-        results = [f.result() for f in futures]
+    pool = ctx.Pool(n_workers, initializer=_init_worker, initargs=(value, _STOP))
+    try:
+        pending = [pool.apply_async(_seed_job, (job, sd)) for sd in seeds_list]
+        try:
+            while not all(f.ready() for f in pending):
+                time.sleep(0.1)
+                if bar:
+                    bar.n = value.value
+                    bar.refresh()
+        except KeyboardInterrupt:
+            _STOP.value = 1
+        results = [f.get() for f in pending]
+        pool.close()
+    finally:
+        pool.terminate()  # at once, also on a second interrupt while the workers stop
+        pool.join()
     if bar:
         bar.n = total
         bar.close()
@@ -199,6 +284,8 @@ def simulate(
         raise ValueError(f"N must be >= 1, got {N}")
     if int(seeds) < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
+    if int(seed) < 0:
+        raise ValueError(f"seed must be >= 0 (a numpy seed), got {seed}")
     if init is not None:
         init = init.validate(spec)
         K, M = init.K, init.M
@@ -209,6 +296,10 @@ def simulate(
         raise ValueError(f"N = {N} must be at least K + M = {K + M}")
     # one step is 1/N of alpha: times must be whole numbers of steps
     n_steps = steps_for(t_max, 1.0 / N, "t_max", "1/N")
+    if workers is None:  # processes pay off only for long runs
+        workers = (os.cpu_count() or 1) if n_steps * int(seeds) >= 200_000 else 1
+    n_workers = max(1, min(int(seeds), int(workers)))
+    check_memory(spec, values, K, M, N, n_workers)
     if record_every is None:
         rec = default_record_steps(n_steps)
     else:
@@ -236,21 +327,41 @@ def simulate(
     }
     seeds_list = [seed + i for i in range(int(seeds))]
     total = n_steps * int(seeds)
-    if workers is None:  # processes pay off only for long runs
-        workers = (os.cpu_count() or 1) if total >= 200_000 else 1
-    n_workers = max(1, min(int(seeds), int(workers)))
-    if n_workers == 1:
-        bar = _bar(total, progress, f"simulate {name} N={N}")
-        results = [_seed_job(job, sd, bar) for sd in seeds_list]
-        if bar:
-            bar.close()
-    else:
-        results = _parallel(job, seeds_list, n_workers, total, progress, f"simulate {name} N={N}")
+    global _STOP
+    _STOP = mp.get_context("fork").Value("b", 0)
+    try:
+        if n_workers == 1:
+            bar = _bar(total, progress, f"simulate {name} N={N}")
+            results = []
+            for sd in seeds_list:
+                try:
+                    results.append(_seed_job(job, sd, bar))
+                except KeyboardInterrupt:  # between two seeds
+                    _STOP.value = 1
+                if _stopping():  # an interrupt in this seed (its records so far) or between seeds
+                    _STOP.value = 1
+                    break
+            if bar:
+                bar.close()
+        else:
+            results = _parallel(job, seeds_list, n_workers, total, progress, f"simulate {name} N={N}")
+        interrupted = bool(_STOP.value)
+    finally:
+        _STOP = None
+    used = [sd for sd, r in zip(seeds_list, results) if r is not None]  # not: seeds that had not started
+    results = [r for r in results if r is not None]
+    if interrupted and not results:
+        raise KeyboardInterrupt
+    n_t = min(len(next(iter(r[0].values()))) for r in results)
+    results = [
+        ({k: v[:n_t] for k, v in r[0].items()}, {k: v[:n_t] for k, v in r[1].items()}, r[2]) for r in results
+    ]
+    interrupted = interrupted and n_t < n_steps // rec + 1
     overlaps_seeds, vectors_seeds, consts_seeds = zip(*results)
     # each seed's teacher has its own realised T (equal to round-off); its metrics use it
     T_seeds = [c["T"] for c in consts_seeds]
 
-    arrays = {"alpha": np.arange(n_steps // rec + 1) * (rec / N)}
+    arrays = {"alpha": np.arange(n_t) * (rec / N)}
     for o in STATE_OVERLAPS:
         arrays[o.name] = np.stack([ov[o.name] for ov in overlaps_seeds])
     arrays.update(consts_seeds[0])
@@ -289,11 +400,17 @@ def simulate(
         K=K,
         M=M,
         N=N,
-        seeds=int(seeds),
+        seeds=len(results),
         seed=seed,
+        seeds_used=used,
         t_max=t_max,
         record_every=rec / N,
         sigma0=None if init is not None else sigma0,
         init="explicit overlaps (realised exactly)" if init is not None else "sampled network",
     )
-    return Trajectory(arrays, meta)
+    traj = Trajectory(arrays, meta)
+    if interrupted:
+        alpha = float(arrays["alpha"][-1])
+        meta.update(complete=False, alpha_reached=alpha, stopped="interrupted", seeds_asked=int(seeds))
+        raise SimulationInterrupted(alpha, traj)
+    return traj

@@ -487,13 +487,22 @@ def _sub(step):
     return {p.symbol: step.values[p.name] for p in step.model.params}
 
 
+class SeedInterrupted(KeyboardInterrupt):
+    """An interrupt during one seed's run: ``records`` are (overlaps, readouts) so far."""
+
+    def __init__(self, records):
+        self.records = records
+        super().__init__("interrupted")
+
+
 # at most this many steps per call of the compiled loop (the progress bar moves
 # at least this often); its results do not depend on it
 CHUNK = 4096
 
 
 def run_seed_meta(
-    model, W, B, vec, values, rates, N, n_steps, rec, rng, bar, activation, path="compiled", module=None
+    model, W, B, vec, values, rates, N, n_steps, rec, rng, bar, activation, path="compiled", module=None,
+    stop=None,
 ):
     """One seed: ``n_steps`` outer steps, the order parameters every ``rec`` steps.
 
@@ -503,7 +512,9 @@ def run_seed_meta(
     (derive/simulator.py ``standard_form``; its numbers are read from the model's
     expressions); otherwise, and with ``"numpy"``, the Python loop of ``MetaStep``
     (the reference, which reads any model). With a seeded ``rng`` the two draw the
-    same random numbers and agree to round-off."""
+    same random numbers and agree to round-off. An interrupt (KeyboardInterrupt),
+    or ``stop()`` true between two chunks, ends the run early: the records made so
+    far are returned (``runtime.simulate``)."""
     if path not in ("compiled", "numpy"):
         raise ValueError(f"path must be compiled or numpy, got {path!r}")
     K, M = W.shape[0], B.shape[0]
@@ -563,15 +574,29 @@ def run_seed_meta(
                     rule.step(a, grad_a, N, *readout_rates[0])
 
     record(0)
-    for r in range(1, n_rec + 1):
-        done = 0
-        while done < rec:
-            n = min(CHUNK, rec - done)
-            advance(n)
-            done += n
-            if bar:
-                bar.update(n)
-        record(r)
-        if not np.all(np.isfinite(W)):
-            raise SimulationDiverged(r * rec / N, model.name)
-    return overlaps, records
+    made = 0  # the last record made
+
+    def made_so_far():
+        return (
+            {name: x[: made + 1] for name, x in overlaps.items()},
+            {name: x[: made + 1] for name, x in records.items()},
+        )
+
+    try:
+        for r in range(1, n_rec + 1):
+            done = 0
+            while done < rec and not (stop is not None and stop()):
+                n = min(CHUNK, rec - done)
+                advance(n)
+                done += n
+                if bar:
+                    bar.update(n)
+            if done < rec:
+                break
+            record(r)
+            made = r
+            if not np.all(np.isfinite(W)):
+                raise SimulationDiverged(r * rec / N, model.name)
+    except KeyboardInterrupt:
+        raise SeedInterrupted(made_so_far()) from None
+    return made_so_far()

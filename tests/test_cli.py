@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +122,7 @@ def test_simulate_command(tmp_path):
     assert np.all(arrays["eps_g_sem"][1:] > 0)  # the seeds really differ
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["model"] == "scm" and meta["params"] == {"eta": 1.0, "sigma": 0.0}
-    assert meta["N"] == 200 and meta["seeds"] == 3
+    assert meta["N"] == 200 and meta["seeds"] == 3 and meta["seeds_used"] == [0, 1, 2]
 
 
 def test_derive_show_text():
@@ -145,3 +148,146 @@ def test_derive_show_unknown_model():
     assert res.returncode == 2
     assert "nosuchmodel" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_interrupted_flow_keeps_its_records_and_the_same_command_completes_it(tmp_path):
+    out = tmp_path / "flow"
+    cmd = "flow --model anil --set order=2 --K 4 --M 4 --t-max 120 --dt 0.01 --record-every 1 --no-progress"
+    args = [sys.executable, "-m", "runtime", *cmd.split(), "--out", str(out)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        started = proc.stderr.readline()  # once the first steps are timed
+        assert "ms per step" in started, started
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        stopped_after = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert stopped_after < 5.0  # about 1 s, generous for a busy machine
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("interrupted at alpha = ") and str(out) in err
+    assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "trajectory.npz"]  # no figure
+    partial = runtime.Trajectory.load(out)
+    meta = partial.metadata
+    assert meta["complete"] is False and meta["stopped"] == "interrupted"
+    assert 0 < partial.alpha[-1] == meta["alpha_reached"] < 120
+    assert float(err.split("alpha = ")[1].split(";")[0]) == meta["alpha_reached"]
+    assert partial.Q.shape == (len(partial.alpha), 4, 4) and np.all(np.isfinite(partial.eps_meta))
+    # the same command continues from the last record and completes the run
+    res = run("runtime", *cmd.split(), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert f"from alpha = {meta['alpha_reached']:g}" in res.stdout
+    full = runtime.Trajectory.load(out)
+    assert full.metadata["complete"] is True and full.metadata["resumed_from_alpha"] == meta["alpha_reached"]
+    ref = runtime.flow(
+        "anil", runtime.sampled_init("anil", 4, 4, 1000, 0), {"order": 2}, t_max=120, dt=0.01, record_every=1
+    )
+    assert set(full.arrays) == set(ref.arrays)
+    for name, a in ref.arrays.items():
+        np.testing.assert_allclose(full.arrays[name], a, rtol=1e-12, atol=1e-14, err_msg=name)
+
+
+def test_interrupted_simulation_stops_at_once_and_keeps_its_records(tmp_path):
+    out = tmp_path / "sim"
+    cmd = "simulate --model two_layer --n 2000 --seeds 4 --t-max 50"  # ~ 10 s in two worker processes
+    args = [sys.executable, "-m", "runtime", *cmd.split(), "--out", str(out)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = ""
+        while "simulate two_layer" not in seen:  # the progress bar: the seeds are running
+            char = proc.stderr.read(1)
+            assert char, seen
+            seen += char
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        stopped_after = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert stopped_after < 5.0  # about 1 s (it was 14-17 s, the workers running on)
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted at alpha = ") and str(out) in last
+    assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "trajectory.npz"]
+    partial = runtime.Trajectory.load(out)
+    meta = partial.metadata
+    assert meta["complete"] is False and meta["seeds_asked"] == 4 and 1 <= meta["seeds"] <= 4
+    assert 0 < partial.alpha[-1] == meta["alpha_reached"] < 50
+    n_seeds, n_t = meta["seeds"], len(partial.alpha)
+    assert meta["seeds_used"] == list(range(n_seeds))
+    assert partial.Q.shape == (n_seeds, n_t, 2, 2) and partial.eps_g_mean.shape == (n_t,)
+    # the records are those of a run that stops there by itself
+    short = runtime.simulate("two_layer", N=2000, seeds=n_seeds, t_max=partial.alpha[-1], record_every=0.5)
+    for name in ("Q", "R", "v", "eps_g"):
+        assert np.array_equal(partial.arrays[name], short.arrays[name]), name
+
+
+def test_metadata_is_strict_json_with_integers_and_the_command_as_typed(tmp_path):
+    out = tmp_path / "my out"  # a space: the command is quoted as a shell would need it
+    args = [*"flow --model anil --set S=2 --t-max 0.1 --dt 0.01 --no-progress --out".split(), str(out)]
+    res = run("runtime", *args)
+    assert res.returncode == 0, res.stderr
+    text = (out / "metadata.json").read_text()
+
+    def no_constant(name):
+        raise AssertionError(f"metadata.json holds the non-JSON token {name}")
+
+    meta = json.loads(text, parse_constant=no_constant)
+    params = meta["params"]
+    assert params["n_s"] == "inf"  # the default: the population support loss
+    for name, value in (("S", 2), ("order", 1), ("n_q", 1)):
+        assert params[name] == value and isinstance(params[name], int), name
+    assert isinstance(params["eta"], float)
+    assert meta["command"] == shlex.join(["python", "-m", "runtime", *args])
+    assert meta["complete"] is True
+
+
+def test_run_folder_does_not_depend_on_options_that_do_not_change_the_result(tmp_path):
+    def folder(*extra):
+        cmd = [sys.executable, "-m", "runtime", *"flow --model scm --t-max 0.1 --dt 0.01".split(), *extra]
+        res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        return res.stdout.strip().splitlines()[-1].split()[-1]
+
+    plain = folder()
+    assert plain.startswith("runs/flow-scm-")
+    assert folder("--no-progress") == folder("--parallel", "off") == plain
+    assert folder("--set", "eta=0.5") != plain
+    # with an init file, by its content; the options of a sampled start do not count
+    Init(np.eye(2), np.zeros((2, 2)), np.eye(2)).save(tmp_path / "a.npz")
+    Init(np.eye(2), np.zeros((2, 2)), np.eye(2)).save(tmp_path / "b.npz")
+    Init(np.eye(2), np.full((2, 2), 0.1), np.eye(2)).save(tmp_path / "c.npz")
+    from_a = folder("--init", "a.npz")
+    assert folder("--init", "b.npz", "--K", "3", "--seed", "5") == from_a != plain
+    assert folder("--init", "c.npz") != from_a
+
+
+def test_interrupted_main_job_keeps_its_flow_and_the_simulation_so_far(tmp_path):
+    out = tmp_path / "main"
+    args = [sys.executable, "-m", "runtime", "--out", str(out)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = ""
+        while "simulate anil" not in seen:  # the flow is done (0.1 s), the simulation running
+            char = proc.stderr.read(1)
+            assert char, seen
+            seen += char
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("interrupted at alpha = ")
+    assert sorted(p.name for p in out.iterdir()) == ["flow", "simulation"]  # no figure, no summary
+    fl = runtime.Trajectory.load(out / "flow")
+    assert fl.metadata["complete"] is True and fl.alpha[-1] == 300
+    sim = runtime.Trajectory.load(out / "simulation")
+    assert sim.metadata["complete"] is False and 0 < sim.alpha[-1] < 300

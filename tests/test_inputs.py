@@ -12,8 +12,11 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import json
+import os
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,7 @@ import pytest
 import runtime
 from derive.model import OVERLAPS
 from derive.models import get_model
-from runtime import Init, Trajectory
+from runtime import Init, Trajectory, scenarios
 from runtime.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -400,17 +403,25 @@ def test_too_few_seeds_on_the_command_line(capsys):
 
 
 @pytest.mark.parametrize("existing", [False, True])
-def test_diverging_flow_on_the_command_line_writes_nothing(tmp_path, existing):
+def test_diverging_flow_on_the_command_line_saves_the_records_before_it(tmp_path, existing):
     init = write_init(tmp_path / "init.npz", Q=Q0, R=R0, T=np.eye(2))
     out = tmp_path / "out"
     if existing:
         out.mkdir()
     cmd = "flow --model scm --activation linear --set eta=100 --t-max 2 --dt 0.01 --no-progress"
     res = run_cli(*cmd.split(), "--init", init, "--out", str(out))
-    assert res.returncode != 0
-    assert "diverged" in res.stderr and "alpha" in res.stderr
+    assert res.returncode == 3
+    assert "diverged" in res.stderr and "alpha" in res.stderr and "partial" in res.stderr
     assert "Traceback" not in res.stderr
-    assert not out.exists() or list(out.iterdir()) == []
+    assert len(res.stderr.strip().splitlines()) == 1
+    # the records before the divergence, marked partial; no figure, no temporary file
+    assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "trajectory.npz"]
+    traj = Trajectory.load(out)
+    meta = traj.metadata
+    assert meta["complete"] is False and meta["stopped"] == "diverged"
+    diverged_at = float(res.stderr.split("alpha = ")[1].split()[0])
+    assert 0 < meta["alpha_reached"] == traj.alpha[-1] < diverged_at < 2
+    assert np.all(np.isfinite(traj.Q)) and traj.Q.shape == (len(traj.alpha), 2, 2)
 
 
 def test_diverging_simulation_on_the_command_line_writes_nothing(tmp_path):
@@ -500,3 +511,224 @@ def test_metadata_of_the_linear_kernel_hashes_the_linear_file(tmp_path):
     traj = runtime.flow("scm", GOOD, t_max=0.1, dt=0.01, activation="linear")
     assert traj.metadata["kernel_sha256"] == kernel_file_sha("scm", "linear")
     assert traj.metadata["kernel_sha256"] != kernel_file_sha("scm", "erf")
+
+
+# --- output location ---------------------------------------------------------------------
+
+COMMANDS = {
+    # command: (arguments before --out, the name in runtime.cli of the computation it starts)
+    "flow": ("flow --model scm --t-max 0.1 --dt 0.01 --no-progress", "flow"),
+    "simulate": ("simulate --model scm --n 50 --seeds 2 --t-max 0.1 --no-progress", "simulate"),
+    "study": ("study symmetry", "run_study"),
+    "validate": ("validate --seeds 2", "validate"),
+    "main": ("", "main_job"),
+}
+
+
+def bad_out(tmp_path, kind):
+    """An --out that cannot receive results, and what the message must say."""
+    if kind == "existing_file":
+        path = tmp_path / "taken"
+        path.write_text("keep me\n")
+        return path, "is an existing file"
+    if kind == "under_a_file":
+        (tmp_path / "taken").write_text("keep me\n")
+        return tmp_path / "taken" / "sub" / "out", "is under the file"
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    return folder / "out", "cannot write in"
+
+
+@pytest.mark.parametrize("kind", ["existing_file", "under_a_file", "read_only"])
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_unusable_out_is_refused_before_computing(command, kind, tmp_path, monkeypatch, capsys):
+    import runtime.cli
+    import runtime.output
+
+    args, computation = COMMANDS[command]
+
+    def must_not_run(*a, **k):
+        raise AssertionError(f"{computation} ran before --out was checked")
+
+    monkeypatch.setattr(runtime.cli, computation, must_not_run)
+    out, words = bad_out(tmp_path, kind)
+    if kind == "read_only":  # the probe is refused as by a read-only folder (root writes anywhere)
+
+        def refused(*a, dir=None, **k):
+            raise PermissionError(13, "Permission denied", str(dir))
+
+        monkeypatch.setattr(runtime.output.tempfile, "TemporaryFile", refused)
+    assert cli_main([*args.split(), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and str(out) in err and words in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists() or out.is_file()
+    if (tmp_path / "taken").exists():
+        assert (tmp_path / "taken").read_text() == "keep me\n"
+
+
+def test_read_only_out_folder_on_the_command_line(tmp_path):
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("this user writes into read-only folders (root)")
+        res = run_cli(*COMMANDS["flow"][0].split(), "--out", str(folder / "out"))
+    finally:
+        folder.chmod(0o755)
+    assert res.returncode == 2
+    assert "--out" in res.stderr and "cannot write" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("kind", ["existing_file", "under_a_file"])
+def test_unusable_out_on_the_command_line(kind, tmp_path):
+    out, words = bad_out(tmp_path, kind)
+    res = run_cli(*COMMANDS["flow"][0].split(), "--out", str(out))
+    assert res.returncode == 2
+    assert "--out" in res.stderr and words in res.stderr
+    assert "Traceback" not in res.stderr
+    assert (tmp_path / "taken").read_text() == "keep me\n"
+
+
+def test_outputs_are_readable_by_all_and_leave_no_temporary_file(tmp_path):
+    out = tmp_path / "out"
+    res = run_cli(*COMMANDS["flow"][0].split(), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["eps_g.png", "metadata.json", "trajectory.npz"]
+    for name in names:  # as a new file under the umask of the test run (022 -> 0644)
+        mask = os.umask(0)
+        os.umask(mask)
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~mask, name
+
+
+def test_a_failed_save_leaves_the_old_files_whole(tmp_path):
+    good = runtime.flow("scm", GOOD, t_max=0.1, dt=0.01)
+    good.save(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    # the metadata cannot be stored
+    with pytest.raises(TypeError):
+        Trajectory(good.arrays, {**good.metadata, "oops": object()}).save(tmp_path)
+    # the arrays fail half-way through writing (a function cannot be pickled)
+    arrays = {**good.arrays, "zz": np.array([lambda: 0], dtype=object)}
+    with pytest.raises(Exception, match="pickle"):
+        Trajectory(arrays, good.metadata).save(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+# --- seeds and validation -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["flow", "simulate"])
+def test_negative_seed_on_the_command_line(command, tmp_path):
+    out = tmp_path / "out"
+    res = run_cli(*COMMANDS[command][0].split(), "--seed", "-1", "--out", str(out))
+    assert res.returncode == 2
+    assert "--seed" in res.stderr and ">= 0" in res.stderr and "-1" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not out.exists()
+
+
+def test_negative_seed_in_python():
+    with pytest.raises(ValueError, match=r"\bseed\b.*>= 0"):
+        runtime.simulate("scm", N=100, seeds=2, t_max=0.1, seed=-1)
+
+
+VALIDATE = "validate --sizes 200 --seeds 8 --t-max 1".split()
+
+
+def test_validate_needs_two_seeds(tmp_path):
+    out = tmp_path / "out"
+    res = run_cli("validate", "--seeds", "1", "--out", str(out))
+    assert res.returncode == 2
+    assert "--seeds" in res.stderr and ">= 2" in res.stderr
+    assert "Traceback" not in res.stderr and "zero-size" not in res.stderr
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"\bseeds\b.*>= 2"):
+        scenarios.validate(seeds=1)
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_validate_gives_a_verdict_per_configuration(wrong, tmp_path, monkeypatch, capsys):
+    if wrong:  # a flow whose R moves the wrong way: every configuration must disagree
+        real = scenarios.flow
+
+        def backwards_flow(*args, **kw):
+            traj = real(*args, **kw)
+            traj.arrays["R"] = traj.arrays["R"][:1] - (traj.arrays["R"] - traj.arrays["R"][:1])
+            return traj
+
+        monkeypatch.setattr(scenarios, "flow", backwards_flow)
+    out = tmp_path / "out"
+    code = cli_main([*VALIDATE, "--out", str(out)])
+    text = capsys.readouterr().out
+    verdicts = [line.split("verdict: ")[1].split()[0] for line in text.splitlines() if "verdict: " in line]
+    assert len(verdicts) == len(scenarios.VALIDATION)
+    assert "allowed" in text
+    rows = json.loads((out / "validation.json").read_text())
+    assert [row["agree"] for row in rows] == [v == "agree" for v in verdicts]
+    if wrong:
+        assert code == 1 and set(verdicts) == {"DISAGREE"}
+        assert "6 disagree" in text
+    else:
+        assert code == 0 and set(verdicts) == {"agree"}
+
+
+def test_allowance_grows_with_comparisons_and_shrinks_with_seeds():
+    a = scenarios.allowance
+    assert a(100, 10) > a(10, 10) > a(10, 40) > 2.0
+    assert a(1, 10**6) == pytest.approx(2.576, abs=1e-3)  # 1% two-sided, normal
+
+
+# --- sizes ----------------------------------------------------------------------------------
+
+
+def test_simulation_too_large_for_the_memory_is_refused_before_allocating(tmp_path):
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    res = run_cli(
+        *"simulate --model scm --n 10000000000 --seeds 2 --t-max 1 --no-progress --out".split(), str(out)
+    )
+    assert time.monotonic() - t0 < 60  # it allocated for 4.5 s before failing
+    assert res.returncode == 2
+    assert "N = 10000000000" in res.stderr and "GiB" in res.stderr and "memory" in res.stderr
+    assert "Traceback" not in res.stderr and "_ArrayMemoryError" not in res.stderr
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"N = 10000000000.*GiB"):
+        runtime.simulate("scm", N=10**10, seeds=2, t_max=1.0)
+
+
+def test_flow_trajectory_too_large_is_refused_with_a_hint(tmp_path):
+    out = tmp_path / "out"
+    res = run_cli(*"flow --model anil --t-max 1e8 --dt 0.01 --no-progress --out".split(), str(out))
+    assert res.returncode == 2
+    assert "GiB" in res.stderr and "record_every" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not out.exists()
+    # recording less often makes the same run acceptable (not run here: 10^10 steps)
+    with pytest.raises(ValueError, match="record_every"):
+        runtime.flow("scm", GOOD, t_max=1e8, dt=0.01)
+
+
+def test_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
+    import runtime.cli
+
+    def no_memory(*a, **k):
+        raise MemoryError("Allocation failed (probably too large).")
+
+    monkeypatch.setattr(runtime.cli, "flow", no_memory)
+    out = tmp_path / "out"
+    assert cli_main([*COMMANDS["flow"][0].split(), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "memory" in err and "--K" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_large_flow_says_it_is_preparing(tmp_path, monkeypatch, capsys):
+    import runtime.cli
+
+    monkeypatch.setattr(runtime.cli, "_init", lambda *a: (_ for _ in ()).throw(ValueError("stop here")))
+    assert cli_main("flow --model scm --K 200 --t-max 1 --dt 0.01 --no-progress".split()) == 2
+    assert "sampling a start of K = 200" in capsys.readouterr().err

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import runtime
-from runtime import FlowDiverged, Init
+from runtime import FlowDiverged, Init, integrate
 
 T_MAX = 2.0
 PARAMS = {"eta": 1.0, "eta_v": 0.5, "sigma": 0.2, "kappa": 0.05}
@@ -116,6 +116,64 @@ def test_progress_bar_chunks_do_not_change_the_result():
     chunked = runtime.flow(*args, progress=True, **kw)
     for k in ("alpha", "Q", "R", "v", "eps_g"):
         assert np.array_equal(getattr(plain, k), getattr(chunked, k)), k
+
+
+@pytest.mark.parametrize("chunk_seconds", [1e-9, 1e9])  # chunks of one step; of as many as allowed
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_chunks_give_the_records_of_one_compiled_call(method, chunk_seconds, monkeypatch):
+    """The loop runs in chunks of about CHUNK_SECONDS (whole recording intervals or
+    parts of one), so that an interrupt is seen between them; the records must be
+    those of a single call of the compiled loop, to the bit."""
+    monkeypatch.setattr(integrate, "CHUNK_SECONDS", chunk_seconds)
+    dt, rec, n_rec = 0.01, 7, 30
+    traj = runtime.flow(
+        "two_layer", start(), PARAMS, t_max=rec * n_rec * dt, dt=dt, method=method, record_every=rec * dt
+    )
+    kernel = runtime.load("two_layer")
+    init = start().validate(kernel.model)
+    K, M = init.K, init.M
+    y = kernel.pack_state(init.arrays(), K, M)
+    c = kernel.pack_consts(init.arrays(), K, M)
+    p = kernel.param_vector(kernel.model.resolve_params(PARAMS))
+    records = np.empty((n_rec + 1, y.size))
+    records[0] = y
+    assert getattr(kernel.module, f"run_{method}")(y, c, p, K, M, dt, rec * n_rec, rec, records, 0) == -1
+    state = np.concatenate([traj.arrays[k].reshape(n_rec + 1, -1) for k, _ in kernel.module.STATE], axis=1)
+    assert np.array_equal(state, records)
+
+
+def test_interrupt_between_chunks_gives_a_partial_trajectory_that_resumes(monkeypatch):
+    """A KeyboardInterrupt between chunks raises FlowInterrupted with the records so
+    far, marked partial; given back as ``resume`` they are continued to the same bits."""
+    kw = {"t_max": 1.0, "dt": 0.01, "record_every": 0.05}
+    full = runtime.flow("two_layer", start(), PARAMS, **kw)
+    monkeypatch.setattr(integrate, "CHUNK_SECONDS", 1e-9)  # one step per chunk
+    real_perf_counter, calls = integrate.time.perf_counter, [0]
+
+    def interrupting_clock():  # the 2 x 43rd reading: after 42 steps and a bit
+        calls[0] += 1
+        if calls[0] == 87:
+            raise KeyboardInterrupt
+        return real_perf_counter()
+
+    monkeypatch.setattr(integrate.time, "perf_counter", interrupting_clock)
+    with pytest.raises(integrate.FlowInterrupted) as info:
+        runtime.flow("two_layer", start(), PARAMS, **kw)
+    monkeypatch.setattr(integrate.time, "perf_counter", real_perf_counter)
+    part = info.value.trajectory
+    assert info.value.alpha == pytest.approx(0.4) and part.alpha[-1] == pytest.approx(0.4)
+    assert part.metadata["complete"] is False and part.metadata["alpha_reached"] == pytest.approx(0.4)
+    for k in ("Q", "R", "v", "eps_g"):
+        assert np.array_equal(part.arrays[k], full.arrays[k][:9]), k
+    resumed = runtime.flow("two_layer", start(), PARAMS, resume=part, **kw)
+    assert resumed.metadata["complete"] is True
+    assert resumed.metadata["resumed_from_alpha"] == pytest.approx(0.4)
+    for k in ("Q", "R", "v", "eps_g"):
+        assert np.array_equal(resumed.arrays[k], full.arrays[k]), k
+    # a partial run of other arguments is not continued
+    other = runtime.flow("two_layer", start(), {**PARAMS, "eta": 0.5}, resume=part, **kw)
+    assert "resumed_from_alpha" not in other.metadata
+    assert not np.array_equal(other.Q[:9], part.Q)
 
 
 # --- the trajectory object --------------------------------------------------------
@@ -235,6 +293,11 @@ def test_diverging_flow_raises_with_alpha(model, params, activation, method):
     steps = round(exc.alpha / 0.01)
     assert abs(steps * 0.01 - exc.alpha) < 1e-9, "alpha is not at a step"
     assert f"{exc.alpha:.6g}" in str(exc)
+    # the records before it, marked partial
+    part = exc.trajectory
+    assert part.metadata["complete"] is False and part.metadata["stopped"] == "diverged"
+    assert part.alpha[-1] == part.metadata["alpha_reached"] < exc.alpha
+    assert exc.alpha - part.alpha[-1] <= 0.5 + 1e-12 and np.all(np.isfinite(part.Q))
     # alpha is the first step with a non-finite state, whatever the recording interval or chunking
     with pytest.raises(FlowDiverged) as again:
         runtime.flow(model, init, params, progress=True, record_every=0.01, **kw)
