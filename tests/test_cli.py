@@ -264,7 +264,7 @@ def test_run_folder_does_not_depend_on_options_that_do_not_change_the_result(tmp
     Init(np.eye(2), np.zeros((2, 2)), np.eye(2)).save(tmp_path / "b.npz")
     Init(np.eye(2), np.full((2, 2), 0.1), np.eye(2)).save(tmp_path / "c.npz")
     from_a = folder("--init", "a.npz")
-    assert folder("--init", "b.npz", "--K", "3", "--seed", "5") == from_a != plain
+    assert folder("--init", "b.npz", "--seed", "5") == from_a != plain
     assert folder("--init", "c.npz") != from_a
 
 
@@ -290,4 +290,5 @@ def test_interrupted_main_job_keeps_its_flow_and_the_simulation_so_far(tmp_path)
     fl = runtime.Trajectory.load(out / "flow")
     assert fl.metadata["complete"] is True and fl.alpha[-1] == 300
     sim = runtime.Trajectory.load(out / "simulation")
-    assert sim.metadata["complete"] is False and 0 < sim.alpha[-1] < 300
+    # the records so far: at least the start (a busy machine may not reach the first record in 1 s)
+    assert sim.metadata["complete"] is False and 0 <= sim.alpha[-1] < 300
