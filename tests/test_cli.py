@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import signal
 import subprocess
@@ -198,11 +199,11 @@ def test_interrupted_simulation_stops_at_once_and_keeps_its_records(tmp_path):
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         seen = ""
-        while "simulate two_layer" not in seen:  # the progress bar: the seeds are running
+        # the progress bar past its start: the seeds are running and have made records
+        while not re.search(r"simulate two_layer[^\r\n]*?\b[1-9][0-9]?%\|", seen):
             char = proc.stderr.read(1)
             assert char, seen
             seen += char
-        time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
         t0 = time.monotonic()
         _, err = proc.communicate(timeout=120)
