@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 
@@ -296,7 +298,35 @@ def cmd_validate(args) -> Path:
     return out
 
 
+class _Terminated:
+    """SIGTERM is taken as an interrupt (KeyboardInterrupt): the same partial
+    records are saved, and the exit status is 128 + 15 = 143 instead of 130."""
+
+    received = False
+
+    @classmethod
+    def handler(cls, signum, frame):
+        cls.received = True
+        raise KeyboardInterrupt
+
+
+def _stop_status(what: str = "interrupted") -> tuple[str, int]:
+    return ("terminated", 143) if _Terminated.received else (what, 130)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; SIGTERM is handled as Ctrl-C is (exit 143) while it runs."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _Terminated.handler) if in_main else None
+    _Terminated.received = False
+    try:
+        return _main(argv)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
     parser.add_argument("--out", help="output directory of the main job")
     sub = parser.add_subparsers(dest="command")
@@ -326,11 +356,13 @@ def main(argv: list[str] | None = None) -> int:
             if where
             else "nothing was written"
         )
-        print(f"interrupted at alpha = {exc.alpha:g}; {tail}", file=sys.stderr)
-        return 130
+        what, code = _stop_status()
+        print(f"{what} at alpha = {exc.alpha:g}; {tail}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 130
+        what, code = _stop_status()
+        print(f"{what}; nothing was written", file=sys.stderr)
+        return code
     except FlowDiverged as exc:
         where = getattr(exc, "out", None)
         tail = f"; the trajectory up to it saved to {where} (partial)" if where else "; nothing was written"

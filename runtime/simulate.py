@@ -158,6 +158,9 @@ def _init_worker(value, stop) -> None:
     _STOP = stop
     # the parent decides: an interrupt sets _STOP, and each worker returns its records
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGTERM (the parent's, which stops the run as SIGINT does) ends a worker: the
+    # pool's terminate() sends it
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # The kernels of the simulations of this process, by id. A Kernel holds a module,

@@ -291,3 +291,43 @@ def test_interrupted_main_job_keeps_its_flow_and_the_simulation_so_far(tmp_path)
     assert fl.metadata["complete"] is True and fl.alpha[-1] == 300
     sim = runtime.Trajectory.load(out / "simulation")
     assert sim.metadata["complete"] is False and 0 < sim.alpha[-1] < 300
+
+
+def _wait_for(proc, text: str) -> str:
+    seen = ""
+    while text not in seen:
+        char = proc.stderr.read(1)
+        assert char, seen
+        seen += char
+    return seen
+
+
+@pytest.mark.parametrize(
+    "cmd, started",
+    [
+        ("flow --model anil --set order=2 --K 4 --M 4 --t-max 120 --dt 0.01 --record-every 1", "ms per step"),
+        ("simulate --model two_layer --n 2000 --seeds 1 --t-max 50", "simulate two_layer"),  # one process
+    ],
+    ids=["flow", "simulate"],
+)
+def test_sigterm_is_an_interrupt_that_keeps_the_records_exit_143(tmp_path, cmd, started):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "runtime", *cmd.split(), "--out", str(out)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(proc, started)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        stopped_after = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert stopped_after < 5.0  # about 1 s, generous for a busy machine
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("terminated at alpha = ") and str(out) in last
+    assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "trajectory.npz"]
+    meta = runtime.Trajectory.load(out).metadata
+    assert meta["complete"] is False and meta["stopped"] == "interrupted" and meta["alpha_reached"] > 0
