@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -168,9 +169,16 @@ def _curves(ax, runs, metric, logy=True):
 
 
 def _run(params, init, t_max, progress):
+    """One flow of a study; ``progress`` is the study's bar (``run_study``), which
+    counts the flows (a bar per flow left a line each in logs), or None."""
     base = dict(REFERENCE["params"])
     base.update(params)
-    return flow("anil", init, base, t_max=t_max, dt=0.01, record_every=1.0, progress=progress)
+    bar = progress if hasattr(progress, "update") else None
+    log = (lambda message: bar.write(message, file=sys.stderr)) if bar is not None else None
+    tr = flow("anil", init, base, t_max=t_max, dt=0.01, record_every=1.0, log=log)
+    if bar is not None:
+        bar.update(1)
+    return tr
 
 
 def study_inner(out: Path, progress: bool) -> dict:
@@ -295,7 +303,16 @@ def run_study(name: str, out: Path, progress: bool = True) -> dict:
     if name not in STUDIES:
         raise ValueError(f"unknown study {name!r}; studies: {', '.join(STUDIES)}")
     out.mkdir(parents=True, exist_ok=True)
-    result = STUDIES[name](out, progress)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc=f"study {name}", unit=" flows", mininterval=0.5)  # one line, kept
+    try:
+        result = STUDIES[name](out, bar)
+    finally:
+        if bar is not None:
+            bar.close()
     write_text(out / f"{name}.json", json.dumps(result, indent=2) + "\n")
     return result
 

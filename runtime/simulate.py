@@ -29,11 +29,12 @@ from .integrate import (
     SimulationInterrupted,
     _bar,
     _gib,
+    _stderr,
     normalised_overlaps,
     physical_memory,
     steps_for,
 )
-from .kernels import Kernel, as_kernel
+from .kernels import Kernel, as_kernel, compile_notice, needs_compiling
 from .simulate_meta import SeedInterrupted, run_seed_meta
 from .trajectory import Trajectory, metadata
 
@@ -178,6 +179,18 @@ def _seed_job(job: dict, seed_i: int, bar=None):
     spec = kernel.model
     bar = bar if bar is not None else _COUNTER
     rng = np.random.default_rng(seed_i)
+    W, B, vec = _network(job, spec, rng)
+    try:
+        out = _run(kernel, job, (W, B, vec), job["N"], rng, bar)
+    except SeedInterrupted as exc:  # in this process (workers ignore SIGINT): stop the others
+        if _STOP is not None:
+            _STOP.value = 1
+        out = exc.records
+    return (*out, {o.name: o.of(W, B) for o in CONST_OVERLAPS})
+
+
+def _network(job: dict, spec, rng):
+    """A seed's student and teacher weights and its readouts (one flat vector)."""
     N, K, M = job["N"], job["K"], job["M"]
     if job["init"] is not None:
         W, B = realise(job["init"], N, rng)
@@ -187,14 +200,30 @@ def _seed_job(job: dict, seed_i: int, bar=None):
     vec = np.concatenate(
         [np.asarray(job["base_vectors"][v.name], dtype=np.float64) for v in order] + [np.zeros(0)]
     )
-    args = (W, B, vec)
+    return W, B, vec
+
+
+def _warm(kernel, job: dict, say) -> None:
+    """Compile the simulator's kernels (or load them from numba's cache) before the
+    progress bar starts and before the workers are forked (each would compile
+    them again): one step of a small network, with the types of the real run."""
+    spec = kernel.model
+    module = kernel.module
+    main = module.meta_steps if spec.inner_loop is not None and hasattr(module, "meta_steps") else None
+    if main is None and spec.inner_loop is None:
+        main = module.sample_gradients
+    functions = [f for f in (main, module.metrics) if f is not None]
+    if say and needs_compiling(*functions):
+        say(compile_notice(kernel, "simulator's kernels"))
+    K, M = job["K"], job["M"]
+    small = {**job, "N": K + M + 8, "n_steps": 1, "rec": 1}
+    rng = np.random.default_rng(0)
     try:
-        out = _run(kernel, job, args, N, rng, bar)
-    except SeedInterrupted as exc:  # in this process (workers ignore SIGINT): stop the others
-        if _STOP is not None:
-            _STOP.value = 1
-        out = exc.records
-    return (*out, {o.name: o.of(W, B) for o in CONST_OVERLAPS})
+        _run(kernel, small, _network(small, spec, rng), small["N"], rng, None)
+    except SimulationDiverged:  # one step of a small network may; it is compiled all the same
+        pass
+    c = np.zeros(kernel.consts_size(K, M))
+    kernel.metrics(np.zeros(kernel.state_size(K, M)), c, job["p"], K, M)
 
 
 def _run(kernel, job, args, N, rng, bar):
@@ -264,6 +293,7 @@ def simulate(
     activation: str = "erf",
     progress: bool = False,
     workers: int | None = None,
+    log=None,
 ) -> Trajectory:
     """Run ``seeds`` independent finite-N simulations of ``model`` up to ``alpha = t_max``.
 
@@ -275,7 +305,8 @@ def simulate(
     multiple of 1/N) defaults to about 100 records. Seeds run in ``workers`` processes
     (default: one per core for long runs); the results do not depend on it.
     ``model`` is a model name or a loaded ``Kernel`` (``runtime.kernels.load_path``;
-    its activation is its own).
+    its activation is its own). ``log`` (a function of a string; with ``progress``
+    by default stderr) hears that the kernels are being compiled, on a first run.
     """
     kernel = as_kernel(model, activation)
     _KERNELS[id(kernel)] = kernel
@@ -330,6 +361,8 @@ def simulate(
     }
     seeds_list = [seed + i for i in range(int(seeds))]
     total = n_steps * int(seeds)
+    with np.errstate(all="ignore"):  # the metrics of a zero state
+        _warm(kernel, job, log or (_stderr if progress else None))
     global _STOP
     _STOP = mp.get_context("fork").Value("b", 0)
     try:

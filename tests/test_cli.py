@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -331,3 +332,36 @@ def test_sigterm_is_an_interrupt_that_keeps_the_records_exit_143(tmp_path, cmd, 
     assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "trajectory.npz"]
     meta = runtime.Trajectory.load(out).metadata
     assert meta["complete"] is False and meta["stopped"] == "interrupted" and meta["alpha_reached"] > 0
+
+
+def test_a_first_run_says_it_is_compiling_before_its_progress_bar_starts(tmp_path):
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}  # an empty cache: numba compiles
+
+    def go(*args):
+        cmd = [sys.executable, "-m", "runtime", *args, "--out", str(tmp_path / args[0])]
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert res.returncode == 0, res.stderr
+        return res.stderr
+
+    flow_cmd = ("flow", "--model", "scm", "--activation", "linear", "--t-max", "1", "--dt", "0.01")
+    err = go(*flow_cmd)
+    notice = "compiling the kernels of scm/linear (first run only"
+    assert err.count(notice) == 1 and err.index(notice) < err.index("flow scm"), err
+    # the bar starts its clock after the compilation: no step is timed at seconds
+    assert "s/step" not in err, err
+    assert "compiling" not in go(*flow_cmd)  # now loaded from numba's cache
+    err = go("simulate", "--model", "two_layer", "--activation", "linear", "--n", "50", "--seeds", "2",
+             "--t-max", "0.2")  # fmt: skip
+    notice = "compiling the simulator's kernels of two_layer/linear (first run only"
+    assert err.count(notice) == 1 and err.index(notice) < err.index("simulate two_layer"), err
+
+
+def test_study_prints_one_progress_line_and_no_blank_lines(tmp_path):
+    res = run("runtime", "study", "symmetry", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert "" not in res.stdout.strip().splitlines()
+    # a bar per flow left a cleared line each (dozens in a log that shows the carriage returns)
+    shown = [line for line in res.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert all(line.startswith("study symmetry: ") for line in shown), shown
+    assert res.stderr.replace("\r", "\n").strip().splitlines() == shown  # no blank or space-only lines
+    assert res.stderr.endswith("\n") and shown[-1].startswith("study symmetry: 4 flows")
