@@ -176,6 +176,24 @@ def _figure(fl, sim, out: Path, title: str) -> None:
         )
 
 
+def _title(args, params: dict, traj: Trajectory, kind: str) -> str:
+    """The figure's title: the model, the parameters given other than their
+    defaults, K and M, and the start (init file or seed; a simulation's N and seeds)."""
+    spec = get_model(args.model)
+    parts = [f"{args.model} {kind}" + (f" ({args.activation})" if args.activation != "erf" else "")]
+    parts += [f"{k} = {v:g}" for k, v in params.items() if v != spec.param(k).default]
+    parts.append(f"K = {traj.metadata['K']}, M = {traj.metadata['M']}")
+    if kind == "simulation":
+        n = traj.metadata["seeds"]
+        seeds = f"seed {args.seed}" if n == 1 else f"{n} seeds from {args.seed}"
+        parts.append(f"N = {args.n}, {seeds}")
+    if args.init:
+        parts.append(f"start {Path(args.init).name}")
+    elif kind == "flow":
+        parts.append(f"start sampled at N = {args.n}, seed {args.seed}")
+    return ", ".join(parts)
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -217,7 +235,7 @@ def cmd_flow(args) -> Path:
     if "resumed_from_alpha" in traj.metadata:
         print(f"continued the partial run in {out} from alpha = {traj.metadata['resumed_from_alpha']:g}")
     traj.save(out)
-    _figure(traj, None, out, f"{args.model} flow")
+    _figure(traj, None, out, _title(args, params, traj, "flow"))
     return out
 
 
@@ -234,7 +252,7 @@ def cmd_simulate(args) -> Path:
         exc.out = out
         raise
     traj.save(out)
-    _figure(None, traj, out, f"{args.model} simulation")
+    _figure(None, traj, out, _title(args, params, traj, "simulation"))
     return out
 
 

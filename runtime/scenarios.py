@@ -128,7 +128,8 @@ def main_job(out: Path, cfg: dict = REFERENCE, progress: bool = True) -> Path:
     sim.save(out / "simulation")
     title = (
         f"ANIL, K = M = 2, S = {params['S']}, alpha_in = {params['alpha_in']}, eta = {params['eta']}, "
-        f"order {params['order']}"
+        f"order {params['order']}; simulation N = {cfg['N']}, "
+        f"{cfg['seeds']} seed{'s' if cfg['seeds'] != 1 else ''}"
     )
     plot_metrics(fl, sim, META_METRICS, out / "errors.png", title)
     plot_overlaps(fl, sim, out / "overlaps.png", title)
