@@ -336,6 +336,11 @@ VALIDATION = [
 ]
 
 
+# validate records every VALIDATION_RECORD of alpha; its networks have K + M = 4 units
+VALIDATION_RECORD = 0.5
+VALIDATION_MIN_N = 4
+
+
 def allowance(n_compared: int, seeds: int, level: float = 0.01) -> float:
     """The |z| (deviation in units of the seeds' standard error) that ``n_compared``
     deviations of an exact flow all stay below with probability ``1 - level``: each
@@ -363,12 +368,19 @@ def validate(sizes=(250, 1000), seeds: int = 10, t_max: float = 2.0, progress: b
         "all recorded times and entries; agree: max |z| within the allowance (1% chance to exceed it)"
     )
     for cfg in VALIDATION:
-        fl = flow("anil", init, cfg, t_max=t_max, dt=0.005, record_every=0.5)
+        fl = flow("anil", init, cfg, t_max=t_max, dt=0.005, record_every=VALIDATION_RECORD)
         line = {"config": cfg, "agree": True}
         for N in sizes:
             t0 = time.time()
             sim = simulate(
-                "anil", cfg, N=N, seeds=seeds, t_max=t_max, init=init, record_every=0.5, progress=progress
+                "anil",
+                cfg,
+                N=N,
+                seeds=seeds,
+                t_max=t_max,
+                init=init,
+                record_every=VALIDATION_RECORD,
+                progress=progress,
             )
             z, gap = [], []
             for name in names:
