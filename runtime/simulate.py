@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from derive.model import CONST_OVERLAPS, STATE_OVERLAPS
+from derive.simulator import standard_form
 
 from .init import Init, readouts, realise, sample_network
 from .integrate import (
@@ -209,19 +210,23 @@ def _warm(kernel, job: dict, say) -> None:
     them again): one step of a small network, with the types of the real run."""
     spec = kernel.model
     module = kernel.module
-    main = module.meta_steps if spec.inner_loop is not None and hasattr(module, "meta_steps") else None
-    if main is None and spec.inner_loop is None:
+    if spec.inner_loop is None:
         main = module.sample_gradients
+    elif hasattr(module, "meta_steps") and standard_form(spec) is not None:
+        main = module.meta_steps
+    else:  # the numpy reference (MetaStep): nothing to compile but the metrics
+        main = None
     functions = [f for f in (main, module.metrics) if f is not None]
     if say and needs_compiling(*functions):
         say(compile_notice(kernel, "simulator's kernels"))
     K, M = job["K"], job["M"]
-    small = {**job, "N": K + M + 8, "n_steps": 1, "rec": 1}
-    rng = np.random.default_rng(0)
-    try:
-        _run(kernel, small, _network(small, spec, rng), small["N"], rng, None)
-    except SimulationDiverged:  # one step of a small network may; it is compiled all the same
-        pass
+    if main is not None:
+        small = {**job, "N": K + M + 8, "n_steps": 1, "rec": 1}
+        rng = np.random.default_rng(0)
+        try:
+            _run(kernel, small, _network(small, spec, rng), small["N"], rng, None)
+        except SimulationDiverged:  # one step of a small network may; it is compiled all the same
+            pass
     c = np.zeros(kernel.consts_size(K, M))
     kernel.metrics(np.zeros(kernel.state_size(K, M)), c, job["p"], K, M)
 
