@@ -217,7 +217,7 @@ def flow(
     if use_parallel(parallel, K, _serial_estimate(run, y, c, p, K, M, dt, n_steps - done * rec)):
         run = getattr(kernel.module, f"run_{method}_parallel")
         if say and needs_compiling(run):
-            say(compile_notice(kernel, "threaded loops", "on every start, 5-20 s"))
+            say(compile_notice(kernel, "threaded loops", "on every start, numba cannot cache them; 5-20 s"))
         run(y.copy(), c, p, K, M, dt, 0, 1, scratch, 0)
     extra = {"t_max": t_max, "dt": dt, "method": method, "record_every": rec * dt, "run_key": key}
     if done:

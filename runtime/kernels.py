@@ -109,12 +109,11 @@ def needs_compiling(*functions) -> bool:
     return False
 
 
-def compile_notice(kernel: "Kernel", what: str = "kernels", seconds: str = "up to a minute") -> str:
+def compile_notice(
+    kernel: "Kernel", what: str = "kernels", note: str = "first run only, numba caches them; up to a minute"
+) -> str:
     """The line that tells that a compilation is under way."""
-    return (
-        f"compiling the {what} of {kernel.model.name}/{kernel.activation} "
-        f"(first run only, numba caches them; {seconds})"
-    )
+    return f"compiling the {what} of {kernel.model.name}/{kernel.activation} ({note})"
 
 
 @lru_cache(maxsize=None)

@@ -28,6 +28,10 @@ from .trajectory import Trajectory
 META_METRICS = ("eps_meta", "eps_pre", "eps_opt")
 
 
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def reference_init(d: float = 1e-3, K: int = 2, M: int = 2, q0: float = 0.01, r0: float = 0.01) -> Init:
     """docs/simulation.md section 7: ``Q0 = q0 I``, ``R0 = r0 (all ones) + d (+1 on the
     diagonal, -1 off it)`` (for K != M the pattern is unit k favouring teacher k mod M)."""
@@ -368,7 +372,8 @@ def validate(sizes=(250, 1000), seeds: int = 10, t_max: float = 2.0, progress: b
         "all recorded times and entries; agree: max |z| within the allowance (1% chance to exceed it)"
     )
     for cfg in VALIDATION:
-        fl = flow("anil", init, cfg, t_max=t_max, dt=0.005, record_every=VALIDATION_RECORD)
+        log = _log if progress else None
+        fl = flow("anil", init, cfg, t_max=t_max, dt=0.005, record_every=VALIDATION_RECORD, log=log)
         line = {"config": cfg, "agree": True}
         for N in sizes:
             t0 = time.time()
