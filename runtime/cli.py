@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
+import signal
 import sys
+import threading
 from pathlib import Path
 
 
@@ -23,10 +26,11 @@ from .integrate import (
     SimulationDiverged,
     SimulationInterrupted,
     flow,
+    steps_for,
 )
 from .output import check_out_dir, write_text
 from .plots import plot_metric, plot_metrics
-from .scenarios import REFERENCE, STUDIES, main_job, run_study, validate
+from .scenarios import REFERENCE, STUDIES, VALIDATION_MIN_N, VALIDATION_RECORD, main_job, run_study, validate
 from .simulate import simulate
 from .trajectory import Trajectory, jsonable
 
@@ -46,8 +50,64 @@ def parse_sets(items: list[str], model: str) -> dict[str, float]:
             num = float(val)
         except ValueError:
             raise ValueError(f"--set {key}: {val!r} is not a number") from None
-        out[key] = spec.param(key).check(num)
+        try:
+            out[key] = spec.param(key).check(num)
+        except ValueError as exc:
+            raise ValueError(f"--set {item}: {exc}") from None
     return out
+
+
+class _BadOption(Exception):
+    """An option argparse refuses; ``main`` says it in one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (no usage block)."""
+
+    def error(self, message: str):
+        raise _BadOption(f"{message} (see {self.prog} --help)")
+
+
+def _number(kind, minimum, what: str):
+    """An argparse type: a finite ``kind`` (int or float) of at least ``minimum``
+    (above it when ``what`` says positive)."""
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        strict = what.startswith("a positive")
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names the type in its own messages
+    return convert
+
+
+POSITIVE = _number(float, 0.0, "a positive number")
+NON_NEGATIVE = _number(float, 0.0, "a number >= 0")
+COUNT = _number(int, 1, "a whole number >= 1")
+SEED = _number(int, 0, "a whole number >= 0 (a numpy seed)")
+
+
+def _check_steps(args) -> None:
+    """--t-max, --record-every against the step (--dt, or 1/--n for a simulation),
+    by the options' names, before anything is computed."""
+    if args.command == "flow":
+        step, step_name = args.dt, "--dt"
+    else:
+        step, step_name = 1.0 / args.n, "1/--n"
+        if not args.init and args.n < args.K + args.M:
+            raise ValueError(f"--n {args.n} must be at least --K + --M = {args.K + args.M}")
+    n_steps = steps_for(args.t_max, step, "--t-max", step_name)
+    if args.record_every is not None:
+        rec = steps_for(args.record_every, step, "--record-every", step_name)
+        if n_steps % rec:
+            raise ValueError(
+                f"--t-max {args.t_max:g} is not a multiple of --record-every {args.record_every:g}"
+            )
 
 
 # options that do not change the result, so do not name the run folder
@@ -120,21 +180,21 @@ def _add_common(p: argparse.ArgumentParser, flow_cmd: bool) -> None:
         help="a model parameter (see `python -m runtime models`)",
     )
     p.add_argument("--init", help="initial order parameters (.npz with Q, R, T and the readouts)")
-    p.add_argument("--t-max", type=float, required=True, help="final alpha")
+    p.add_argument("--t-max", type=POSITIVE, required=True, help="final alpha")
     p.add_argument(
         "--record-every",
-        type=float,
+        type=POSITIVE,
         default=None,
         help="recording interval in alpha (default: every step for flow, about 100 records for simulate)",
     )
-    p.add_argument("--K", type=int, help="student units for a sampled start (no --init; default 2)")
-    p.add_argument("--M", type=int, help="teacher units for a sampled start (no --init; default 2)")
+    p.add_argument("--K", type=COUNT, help="student units for a sampled start (no --init; default 2)")
+    p.add_argument("--M", type=COUNT, help="teacher units for a sampled start (no --init; default 2)")
     p.add_argument(
-        "--sigma0", type=float, help="std of the sampled first-layer weights (no --init; default 0.1)"
+        "--sigma0", type=NON_NEGATIVE, help="std of the sampled first-layer weights (no --init; default 0.1)"
     )
     p.add_argument(
         "--seed",
-        type=int,
+        type=SEED,
         default=0,
         help="seed of the sampled start, >= 0 (simulate: of the first run; run i uses seed + i, so "
         "batches that must not share runs need seeds at least --seeds apart)",
@@ -142,7 +202,7 @@ def _add_common(p: argparse.ArgumentParser, flow_cmd: bool) -> None:
     p.add_argument("--out", help="output directory (default: runs/<kind>-<model>-<config hash>)")
     p.add_argument("--no-progress", action="store_true")
     if flow_cmd:
-        p.add_argument("--dt", type=float, required=True)
+        p.add_argument("--dt", type=POSITIVE, required=True, help="the step in alpha")
         p.add_argument("--method", default="euler", choices=METHODS)
         p.add_argument(
             "--parallel",
@@ -153,11 +213,13 @@ def _add_common(p: argparse.ArgumentParser, flow_cmd: bool) -> None:
             "the result is the same either way",
         )
         p.add_argument(
-            "--n", type=int, help="N of the sampled network behind a sampled start (no --init; default 1000)"
+            "--n",
+            type=COUNT,
+            help="N of the sampled network behind a sampled start (no --init; default 1000)",
         )
     else:
-        p.add_argument("--n", type=int, required=True, help="input dimension N")
-        p.add_argument("--seeds", type=int, default=5, help="number of independent runs")
+        p.add_argument("--n", type=COUNT, required=True, help="input dimension N")
+        p.add_argument("--seeds", type=COUNT, default=5, help="number of independent runs")
 
 
 def _figure(fl, sim, out: Path, title: str) -> None:
@@ -174,6 +236,24 @@ def _figure(fl, sim, out: Path, title: str) -> None:
         )
 
 
+def _title(args, params: dict, traj: Trajectory, kind: str) -> str:
+    """The figure's title: the model, the parameters given other than their
+    defaults, K and M, and the start (init file or seed; a simulation's N and seeds)."""
+    spec = get_model(args.model)
+    parts = [f"{args.model} {kind}" + (f" ({args.activation})" if args.activation != "erf" else "")]
+    parts += [f"{k} = {v:g}" for k, v in params.items() if v != spec.param(k).default]
+    parts.append(f"K = {traj.metadata['K']}, M = {traj.metadata['M']}")
+    if kind == "simulation":
+        n = traj.metadata["seeds"]
+        seeds = f"seed {args.seed}" if n == 1 else f"{n} seeds from {args.seed}"
+        parts.append(f"N = {args.n}, {seeds}")
+    if args.init:
+        parts.append(f"start {Path(args.init).name}")
+    elif kind == "flow":
+        parts.append(f"start sampled at N = {args.n}, seed {args.seed}")
+    return ", ".join(parts)
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -186,6 +266,7 @@ def _check_seed(args) -> None:
 def cmd_flow(args) -> Path:
     _sampled_start(args, SAMPLED_START_FLOW)
     _check_seed(args)
+    _check_steps(args)
     params = parse_sets(args.set, args.model)
     out = _out_dir(args, "flow", _config(args, params))
     if not args.init and args.K * (args.K + args.M) >= LARGE_STATE:
@@ -215,13 +296,14 @@ def cmd_flow(args) -> Path:
     if "resumed_from_alpha" in traj.metadata:
         print(f"continued the partial run in {out} from alpha = {traj.metadata['resumed_from_alpha']:g}")
     traj.save(out)
-    _figure(traj, None, out, f"{args.model} flow")
+    _figure(traj, None, out, _title(args, params, traj, "flow"))
     return out
 
 
 def cmd_simulate(args) -> Path:
     _sampled_start(args, SAMPLED_START)
     _check_seed(args)
+    _check_steps(args)
     params = parse_sets(args.set, args.model)
     init = Init.from_file(args.init, get_model(args.model)) if args.init else None
     out = _out_dir(args, "simulate", _config(args, params))
@@ -232,7 +314,7 @@ def cmd_simulate(args) -> Path:
         exc.out = out
         raise
     traj.save(out)
-    _figure(None, traj, out, f"{args.model} simulation")
+    _figure(None, traj, out, _title(args, params, traj, "simulation"))
     return out
 
 
@@ -288,6 +370,17 @@ def cmd_study(args) -> Path:
 def cmd_validate(args) -> Path:
     if args.seeds < 2:
         raise ValueError(f"--seeds must be >= 2 (a standard error needs two runs), got {args.seeds}")
+    steps_for(args.t_max, VALIDATION_RECORD, "--t-max", f"{VALIDATION_RECORD:g} (the recording interval)")
+    if min(args.sizes) < VALIDATION_MIN_N:
+        raise ValueError(f"--sizes must be >= {VALIDATION_MIN_N} (N >= K + M of the compared networks), "
+                         f"got {min(args.sizes)}")  # fmt: skip
+    for N in args.sizes:  # whole numbers of steps 1/N
+        if abs(VALIDATION_RECORD * N - round(VALIDATION_RECORD * N)) > 1e-9:
+            raise ValueError(
+                f"--sizes {N}: alpha is recorded every {VALIDATION_RECORD:g}, which must be a whole number "
+                "of steps 1/N (an even N)"
+            )
+        steps_for(args.t_max, 1.0 / N, "--t-max", f"1/N (--sizes {N})")
     out = check_out_dir(args.out or RUNS / "validation")
     rows = validate(sizes=tuple(args.sizes), seeds=args.seeds, t_max=args.t_max)
     if not all(row["agree"] for row in rows):
@@ -296,8 +389,36 @@ def cmd_validate(args) -> Path:
     return out
 
 
+class _Terminated:
+    """SIGTERM is taken as an interrupt (KeyboardInterrupt): the same partial
+    records are saved, and the exit status is 128 + 15 = 143 instead of 130."""
+
+    received = False
+
+    @classmethod
+    def handler(cls, signum, frame):
+        cls.received = True
+        raise KeyboardInterrupt
+
+
+def _stop_status(what: str = "interrupted") -> tuple[str, int]:
+    return ("terminated", 143) if _Terminated.received else (what, 130)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
+    """Run a command; SIGTERM is handled as Ctrl-C is (exit 143) while it runs."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _Terminated.handler) if in_main else None
+    _Terminated.received = False
+    try:
+        return _main(argv)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog="python -m runtime", description=__doc__)
     parser.add_argument("--out", help="output directory of the main job")
     sub = parser.add_subparsers(dest="command")
     _add_common(sub.add_parser("flow", help="integrate the flow of one model"), True)
@@ -307,11 +428,15 @@ def main(argv: list[str] | None = None) -> int:
     p_study.add_argument("name", choices=[*STUDIES, "all"])
     p_study.add_argument("--out", help="output directory (default runs/studies)")
     p_val = sub.add_parser("validate", help="flow against simulation at two sizes, many seeds (minutes)")
-    p_val.add_argument("--sizes", type=int, nargs="+", default=[250, 1000])
-    p_val.add_argument("--seeds", type=int, default=10)
-    p_val.add_argument("--t-max", type=float, default=2.0)
+    p_val.add_argument("--sizes", type=COUNT, nargs="+", default=[250, 1000])
+    p_val.add_argument("--seeds", type=COUNT, default=10)
+    p_val.add_argument("--t-max", type=POSITIVE, default=2.0)
     p_val.add_argument("--out", help="output directory (default runs/validation)")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _BadOption as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.command == "models":
             cmd_models(args)
@@ -326,11 +451,13 @@ def main(argv: list[str] | None = None) -> int:
             if where
             else "nothing was written"
         )
-        print(f"interrupted at alpha = {exc.alpha:g}; {tail}", file=sys.stderr)
-        return 130
+        what, code = _stop_status()
+        print(f"{what} at alpha = {exc.alpha:g}; {tail}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 130
+        what, code = _stop_status()
+        print(f"{what}; nothing was written", file=sys.stderr)
+        return code
     except FlowDiverged as exc:
         where = getattr(exc, "out", None)
         tail = f"; the trajectory up to it saved to {where} (partial)" if where else "; nothing was written"

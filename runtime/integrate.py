@@ -12,12 +12,13 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
 
 from .init import Init
-from .kernels import Kernel, as_kernel
+from .kernels import Kernel, as_kernel, compile_notice, needs_compiling
 from .trajectory import Trajectory, metadata
 
 METHODS = ("euler", "rk4")
@@ -204,9 +205,20 @@ def flow(
     resumed_at = done * rec * dt
     if log and y.size >= LARGE_STATE:
         log(f"preparing the {name} flow of K = {K}, M = {M} ({y.size} numbers in the state)")
+    say = log or (_stderr if progress else None)
     run = getattr(kernel.module, f"run_{method}")
+    scratch = np.empty((2, y.size))
+    # compiled (told, it takes a while) or loaded from numba's cache before the
+    # progress bar starts its clock, and before the first chunk is timed
+    if say and needs_compiling(run, kernel.module.metrics):
+        say(compile_notice(kernel))
+    run(y.copy(), c, p, K, M, dt, 0, 1, scratch, 0)
+    kernel.metrics(y, c, p, K, M)
     if use_parallel(parallel, K, _serial_estimate(run, y, c, p, K, M, dt, n_steps - done * rec)):
         run = getattr(kernel.module, f"run_{method}_parallel")
+        if say and needs_compiling(run):
+            say(compile_notice(kernel, "threaded loops", "on every start, numba cannot cache them; 5-20 s"))
+        run(y.copy(), c, p, K, M, dt, 0, 1, scratch, 0)
     extra = {"t_max": t_max, "dt": dt, "method": method, "record_every": rec * dt, "run_key": key}
     if done:
         extra["resumed_from_alpha"] = resumed_at
@@ -221,10 +233,8 @@ def flow(
         bar.update(done * rec)
     # Chunks of about CHUNK_SECONDS: whole recording intervals, or a part of one when
     # one interval takes longer (then the record is copied at its end).
-    scratch = np.empty((2, y.size))
     step = done * rec  # steps made; the state y is at step
     made = done  # the last record made
-    run(y.copy(), c, p, K, M, dt, 0, 1, scratch, 0)  # compiled or loaded, so the first chunk times steps
     chunk = 1
     first = True
     try:
@@ -303,6 +313,10 @@ def normalised_overlaps(Q: np.ndarray, R: np.ndarray, T: np.ndarray) -> np.ndarr
     q = np.einsum("...kk->...k", Q)
     with np.errstate(divide="ignore", invalid="ignore"):
         return R / np.sqrt(q[..., :, None] * np.diag(T)[None, :])
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _bar(total: int, enabled: bool, desc: str):

@@ -6,6 +6,7 @@ import hashlib
 import importlib
 import importlib.util
 import itertools
+import os
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
@@ -67,6 +68,9 @@ class Kernel:
             o += size
         return out
 
+    def consts_size(self, K: int, M: int) -> int:
+        return sum(int(np.prod(_dims(s, K, M))) for _, s in self.module.CONSTS)
+
     def pack_state(self, arrays, K, M):
         return self.pack(self.module.STATE, arrays, K, M)
 
@@ -86,6 +90,30 @@ class Kernel:
         for i in range(ys.shape[0]):
             self.module.metrics(np.ascontiguousarray(ys[i]), c, p, K, M, out[i])
         return out if y.ndim == 2 else out[0]
+
+
+def needs_compiling(*functions) -> bool:
+    """Whether a first call of these numba functions compiles them rather than
+    loading numba's cache (``NUMBA_CACHE_DIR``, by default ``generated/__pycache__``):
+    one of them has no signature in this process and no index in the cache. (A
+    stale cache entry, of an older kernel, is not seen: numba recompiles it.)"""
+    for f in functions:
+        if getattr(f, "signatures", None):
+            continue  # compiled or loaded in this process
+        try:
+            index = f._cache._cache_file._index_path
+        except AttributeError:  # not cached (the threaded loops), or numba's internals changed
+            return True
+        if not os.path.exists(index):
+            return True
+    return False
+
+
+def compile_notice(
+    kernel: "Kernel", what: str = "kernels", note: str = "first run only, numba caches them; up to a minute"
+) -> str:
+    """The line that tells that a compilation is under way."""
+    return f"compiling the {what} of {kernel.model.name}/{kernel.activation} ({note})"
 
 
 @lru_cache(maxsize=None)

@@ -37,31 +37,78 @@ def plot_metric(
     return plot_metrics(flow, sim, [metric], path, title)
 
 
+# The flow's r_km often coincide in pairs (e.g. on the symmetric plateau): each
+# curve its own dash pattern and width, the widest drawn first, so that all show.
+LINESTYLES = ("-", (0, (5, 2)), (0, (1, 1.5)), (0, (6, 2, 1, 2)))
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*")
+
+
+def _seeds_label(n: int) -> str:
+    return "1 seed" if n == 1 else f"{n} seeds, mean +- s.e.m."
+
+
+def _yerr(sim, name: str, index=...):
+    """The simulation's standard errors, or None (no bars) for a single seed."""
+    if sim.arrays[name].shape[0] < 2:
+        return None
+    return sim.arrays[f"{name}_sem"][index]
+
+
 def plot_overlaps(flow, sim=None, path: str | Path = "overlaps.png", title: str = "") -> Path:
-    """Normalised overlaps r_km = R_km / sqrt(Q_kk T_mm) against alpha."""
+    """Normalised overlaps r_km = R_km / sqrt(Q_kk T_mm) against alpha: the flow as
+    lines (a dash pattern each), the simulation as points (a marker each)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), constrained_layout=True)
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), constrained_layout=True)
     src = flow if flow is not None else sim
     K, M = src.arrays["R"].shape[-2:]
+    handles = []
     for k in range(K):
         for m in range(M):
-            color = f"C{(k * M + m) % 10}"
+            i = k * M + m
+            color = f"C{i % 10}"
+            style = LINESTYLES[i % len(LINESTYLES)]
+            width = max(2.8 - 0.6 * (i % len(LINESTYLES)), 1.0)
+            marker = MARKERS[i % len(MARKERS)]
             if flow is not None:
-                ax.plot(flow.alpha, flow.r[:, k, m], "-", color=color, label=f"r[{k},{m}]")
+                ax.plot(flow.alpha, flow.r[:, k, m], linestyle=style, lw=width, color=color, zorder=2 + i)
             if sim is not None:
                 ax.errorbar(
                     sim.alpha,
                     sim.r_mean[:, k, m],
-                    yerr=sim.r_sem[:, k, m],
-                    fmt="o",
-                    ms=2.5,
+                    yerr=_yerr(sim, "r", (slice(None), k, m)),
+                    fmt=marker,
+                    ms=3,
                     color=color,
                     capsize=2,
+                    alpha=0.8,
+                    zorder=10 + i,
                 )
+            handles.append(
+                Line2D(
+                    [], [], color=color, linestyle=style if flow is not None else "none", lw=width,
+                    marker=marker if sim is not None else None, ms=4, label=f"r[{k},{m}]",
+                )
+            )  # fmt: skip
+    what = []
+    if flow is not None:
+        what.append("lines: flow (N -> inf)")
+    if sim is not None:
+        n_seeds = sim.arrays["r"].shape[0]
+        what.append(f"points: simulation\nN = {sim.metadata.get('N')}, {_seeds_label(n_seeds)}")
     ax.set_xlabel("alpha (steps / N)")
     ax.set_ylabel("r_km = R_km / sqrt(Q_kk T_mm)")
-    ax.set_title(title)
-    ax.legend(fontsize=8, ncol=2)
+    ax.set_title(title, fontsize=9)
+    ax.legend(
+        handles=handles,
+        fontsize=8,
+        title="\n".join(what),
+        title_fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        alignment="left",
+    )
     return _save(fig, path)
 
 
@@ -79,13 +126,13 @@ def plot_metrics(flow, sim, metrics, path, title: str = "", logy: bool | None = 
             ax.errorbar(
                 sim.alpha,
                 sim.arrays[f"{name}_mean"],
-                yerr=sim.arrays[f"{name}_sem"],
+                yerr=_yerr(sim, name),
                 fmt="o",
                 ms=2.5,
                 color=color,
                 capsize=1.5,
                 alpha=0.8,
-                label=f"{name} (simulation N = {sim.metadata.get('N')}, {n_seeds} seeds, mean +- s.e.m.)",
+                label=f"{name} (simulation N = {sim.metadata.get('N')}, {_seeds_label(n_seeds)})",
             )
     ax.set_xlabel("alpha (steps / N)")
     ax.set_ylabel(metrics[0] if len(metrics) == 1 else "error")
@@ -95,9 +142,15 @@ def plot_metrics(flow, sim, metrics, path, title: str = "", logy: bool | None = 
         logy = bool(np.all(vals > 0) and vals.max() / max(vals.min(), 1e-300) > 20)
     if logy:
         ax.set_yscale("log")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def number(x: float, digits: int = 3) -> str:
+    """``x`` with ``digits`` decimals, never "-0.000"."""
+    text = f"{x:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
 def annotate_matrix(ax, r) -> None:
@@ -108,7 +161,7 @@ def annotate_matrix(ax, r) -> None:
             ax.text(
                 m,
                 k,
-                f"{r[k, m]:.2f}",
+                number(r[k, m]),
                 ha="center",
                 va="center",
                 fontsize=8,
@@ -123,7 +176,8 @@ def plot_r_heatmap(flow, sim, path, title: str = "") -> Path:
     plt = _plt()
     panels = [("flow", flow.r[-1])] if flow is not None else []
     if sim is not None:
-        panels.append((f"simulation (mean of {sim.r.shape[0]})", sim.r_mean[-1]))
+        n = sim.r.shape[0]
+        panels.append((f"simulation ({'1 seed' if n == 1 else f'mean of {n} seeds'})", sim.r_mean[-1]))
     fig, axes = plt.subplots(
         1, len(panels), figsize=(3.2 * len(panels) + 0.8, 3.2), constrained_layout=True, squeeze=False
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,10 @@ from .simulate import simulate
 from .trajectory import Trajectory
 
 META_METRICS = ("eps_meta", "eps_pre", "eps_opt")
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def reference_init(d: float = 1e-3, K: int = 2, M: int = 2, q0: float = 0.01, r0: float = 0.01) -> Init:
@@ -127,7 +132,8 @@ def main_job(out: Path, cfg: dict = REFERENCE, progress: bool = True) -> Path:
     sim.save(out / "simulation")
     title = (
         f"ANIL, K = M = 2, S = {params['S']}, alpha_in = {params['alpha_in']}, eta = {params['eta']}, "
-        f"order {params['order']}"
+        f"order {params['order']}; simulation N = {cfg['N']}, "
+        f"{cfg['seeds']} seed{'s' if cfg['seeds'] != 1 else ''}"
     )
     plot_metrics(fl, sim, META_METRICS, out / "errors.png", title)
     plot_overlaps(fl, sim, out / "overlaps.png", title)
@@ -168,9 +174,16 @@ def _curves(ax, runs, metric, logy=True):
 
 
 def _run(params, init, t_max, progress):
+    """One flow of a study; ``progress`` is the study's bar (``run_study``), which
+    counts the flows (a bar per flow left a line each in logs), or None."""
     base = dict(REFERENCE["params"])
     base.update(params)
-    return flow("anil", init, base, t_max=t_max, dt=0.01, record_every=1.0, progress=progress)
+    bar = progress if hasattr(progress, "update") else None
+    log = (lambda message: bar.write(message, file=sys.stderr)) if bar is not None else None
+    tr = flow("anil", init, base, t_max=t_max, dt=0.01, record_every=1.0, log=log)
+    if bar is not None:
+        bar.update(1)
+    return tr
 
 
 def study_inner(out: Path, progress: bool) -> dict:
@@ -295,7 +308,16 @@ def run_study(name: str, out: Path, progress: bool = True) -> dict:
     if name not in STUDIES:
         raise ValueError(f"unknown study {name!r}; studies: {', '.join(STUDIES)}")
     out.mkdir(parents=True, exist_ok=True)
-    result = STUDIES[name](out, progress)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc=f"study {name}", unit=" flows", mininterval=0.5)  # one line, kept
+    try:
+        result = STUDIES[name](out, bar)
+    finally:
+        if bar is not None:
+            bar.close()
     write_text(out / f"{name}.json", json.dumps(result, indent=2) + "\n")
     return result
 
@@ -316,6 +338,11 @@ VALIDATION = [
     {"order": 1, "eps_B": 0.5, "sigma": 0.3, "n_q": 2},
     {"order": 2, "eps_B": 0.5, "s": 0.7},
 ]
+
+
+# validate records every VALIDATION_RECORD of alpha; its networks have K + M = 4 units
+VALIDATION_RECORD = 0.5
+VALIDATION_MIN_N = 4
 
 
 def allowance(n_compared: int, seeds: int, level: float = 0.01) -> float:
@@ -345,12 +372,20 @@ def validate(sizes=(250, 1000), seeds: int = 10, t_max: float = 2.0, progress: b
         "all recorded times and entries; agree: max |z| within the allowance (1% chance to exceed it)"
     )
     for cfg in VALIDATION:
-        fl = flow("anil", init, cfg, t_max=t_max, dt=0.005, record_every=0.5)
+        log = _log if progress else None
+        fl = flow("anil", init, cfg, t_max=t_max, dt=0.005, record_every=VALIDATION_RECORD, log=log)
         line = {"config": cfg, "agree": True}
         for N in sizes:
             t0 = time.time()
             sim = simulate(
-                "anil", cfg, N=N, seeds=seeds, t_max=t_max, init=init, record_every=0.5, progress=progress
+                "anil",
+                cfg,
+                N=N,
+                seeds=seeds,
+                t_max=t_max,
+                init=init,
+                record_every=VALIDATION_RECORD,
+                progress=progress,
             )
             z, gap = [], []
             for name in names:

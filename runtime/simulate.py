@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from derive.model import CONST_OVERLAPS, STATE_OVERLAPS
+from derive.simulator import standard_form
 
 from .init import Init, readouts, realise, sample_network
 from .integrate import (
@@ -29,11 +30,12 @@ from .integrate import (
     SimulationInterrupted,
     _bar,
     _gib,
+    _stderr,
     normalised_overlaps,
     physical_memory,
     steps_for,
 )
-from .kernels import Kernel, as_kernel
+from .kernels import Kernel, as_kernel, compile_notice, needs_compiling
 from .simulate_meta import SeedInterrupted, run_seed_meta
 from .trajectory import Trajectory, metadata
 
@@ -158,6 +160,9 @@ def _init_worker(value, stop) -> None:
     _STOP = stop
     # the parent decides: an interrupt sets _STOP, and each worker returns its records
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGTERM (the parent's, which stops the run as SIGINT does) ends a worker: the
+    # pool's terminate() sends it
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # The kernels of the simulations of this process, by id. A Kernel holds a module,
@@ -175,6 +180,18 @@ def _seed_job(job: dict, seed_i: int, bar=None):
     spec = kernel.model
     bar = bar if bar is not None else _COUNTER
     rng = np.random.default_rng(seed_i)
+    W, B, vec = _network(job, spec, rng)
+    try:
+        out = _run(kernel, job, (W, B, vec), job["N"], rng, bar)
+    except SeedInterrupted as exc:  # in this process (workers ignore SIGINT): stop the others
+        if _STOP is not None:
+            _STOP.value = 1
+        out = exc.records
+    return (*out, {o.name: o.of(W, B) for o in CONST_OVERLAPS})
+
+
+def _network(job: dict, spec, rng):
+    """A seed's student and teacher weights and its readouts (one flat vector)."""
     N, K, M = job["N"], job["K"], job["M"]
     if job["init"] is not None:
         W, B = realise(job["init"], N, rng)
@@ -184,14 +201,34 @@ def _seed_job(job: dict, seed_i: int, bar=None):
     vec = np.concatenate(
         [np.asarray(job["base_vectors"][v.name], dtype=np.float64) for v in order] + [np.zeros(0)]
     )
-    args = (W, B, vec)
-    try:
-        out = _run(kernel, job, args, N, rng, bar)
-    except SeedInterrupted as exc:  # in this process (workers ignore SIGINT): stop the others
-        if _STOP is not None:
-            _STOP.value = 1
-        out = exc.records
-    return (*out, {o.name: o.of(W, B) for o in CONST_OVERLAPS})
+    return W, B, vec
+
+
+def _warm(kernel, job: dict, say) -> None:
+    """Compile the simulator's kernels (or load them from numba's cache) before the
+    progress bar starts and before the workers are forked (each would compile
+    them again): one step of a small network, with the types of the real run."""
+    spec = kernel.model
+    module = kernel.module
+    if spec.inner_loop is None:
+        main = module.sample_gradients
+    elif hasattr(module, "meta_steps") and standard_form(spec) is not None:
+        main = module.meta_steps
+    else:  # the numpy reference (MetaStep): nothing to compile but the metrics
+        main = None
+    functions = [f for f in (main, module.metrics) if f is not None]
+    if say and needs_compiling(*functions):
+        say(compile_notice(kernel, "simulator's kernels"))
+    K, M = job["K"], job["M"]
+    if main is not None:
+        small = {**job, "N": K + M + 8, "n_steps": 1, "rec": 1}
+        rng = np.random.default_rng(0)
+        try:
+            _run(kernel, small, _network(small, spec, rng), small["N"], rng, None)
+        except SimulationDiverged:  # one step of a small network may; it is compiled all the same
+            pass
+    c = np.zeros(kernel.consts_size(K, M))
+    kernel.metrics(np.zeros(kernel.state_size(K, M)), c, job["p"], K, M)
 
 
 def _run(kernel, job, args, N, rng, bar):
@@ -261,6 +298,7 @@ def simulate(
     activation: str = "erf",
     progress: bool = False,
     workers: int | None = None,
+    log=None,
 ) -> Trajectory:
     """Run ``seeds`` independent finite-N simulations of ``model`` up to ``alpha = t_max``.
 
@@ -272,7 +310,8 @@ def simulate(
     multiple of 1/N) defaults to about 100 records. Seeds run in ``workers`` processes
     (default: one per core for long runs); the results do not depend on it.
     ``model`` is a model name or a loaded ``Kernel`` (``runtime.kernels.load_path``;
-    its activation is its own).
+    its activation is its own). ``log`` (a function of a string; with ``progress``
+    by default stderr) hears that the kernels are being compiled, on a first run.
     """
     kernel = as_kernel(model, activation)
     _KERNELS[id(kernel)] = kernel
@@ -327,6 +366,8 @@ def simulate(
     }
     seeds_list = [seed + i for i in range(int(seeds))]
     total = n_steps * int(seeds)
+    with np.errstate(all="ignore"):  # the metrics of a zero state
+        _warm(kernel, job, log or (_stderr if progress else None))
     global _STOP
     _STOP = mp.get_context("fork").Value("b", 0)
     try:

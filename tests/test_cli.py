@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import signal
@@ -158,6 +159,8 @@ def test_interrupted_flow_keeps_its_records_and_the_same_command_completes_it(tm
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         started = proc.stderr.readline()  # once the first steps are timed
+        while started.startswith("compiling the "):  # a first run: numba compiles the kernels
+            started = proc.stderr.readline()
         assert "ms per step" in started, started
         time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
@@ -169,7 +172,7 @@ def test_interrupted_flow_keeps_its_records_and_the_same_command_completes_it(tm
     assert proc.returncode == 130, err
     assert stopped_after < 5.0  # about 1 s, generous for a busy machine
     assert "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1
+    assert len(err.strip().splitlines()) == 1  # (printed after the first line above)
     assert err.startswith("interrupted at alpha = ") and str(out) in err
     assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "trajectory.npz"]  # no figure
     partial = runtime.Trajectory.load(out)
@@ -265,6 +268,7 @@ def test_run_folder_does_not_depend_on_options_that_do_not_change_the_result(tmp
     Init(np.eye(2), np.zeros((2, 2)), np.eye(2)).save(tmp_path / "b.npz")
     Init(np.eye(2), np.full((2, 2), 0.1), np.eye(2)).save(tmp_path / "c.npz")
     from_a = folder("--init", "a.npz")
+    # (--K, --M, --sigma0, --n beside --init are refused: tests/test_inputs.py)
     assert folder("--init", "b.npz", "--seed", "5") == from_a != plain
     assert folder("--init", "c.npz") != from_a
 
@@ -293,3 +297,81 @@ def test_interrupted_main_job_keeps_its_flow_and_the_simulation_so_far(tmp_path)
     sim = runtime.Trajectory.load(out / "simulation")
     # the records so far: at least the start (a busy machine may not reach the first record in 1 s)
     assert sim.metadata["complete"] is False and 0 <= sim.alpha[-1] < 300
+
+
+def _wait_for(proc, text: str) -> str:
+    seen = ""
+    while text not in seen:
+        char = proc.stderr.read(1)
+        assert char, seen
+        seen += char
+    return seen
+
+
+@pytest.mark.parametrize(
+    "cmd, started",
+    [
+        ("flow --model anil --set order=2 --K 4 --M 4 --t-max 120 --dt 0.01 --record-every 1", "ms per step"),
+        ("simulate --model two_layer --n 2000 --seeds 1 --t-max 50", "simulate two_layer"),  # one process
+    ],
+    ids=["flow", "simulate"],
+)
+def test_sigterm_is_an_interrupt_that_keeps_the_records_exit_143(tmp_path, cmd, started):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "runtime", *cmd.split(), "--out", str(out)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(proc, started)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        stopped_after = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert stopped_after < 5.0  # about 1 s, generous for a busy machine
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("terminated at alpha = ") and str(out) in last
+    assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "trajectory.npz"]
+    meta = runtime.Trajectory.load(out).metadata
+    assert meta["complete"] is False and meta["stopped"] == "interrupted" and meta["alpha_reached"] > 0
+
+
+def test_a_first_run_says_it_is_compiling_before_its_progress_bar_starts(tmp_path):
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}  # an empty cache: numba compiles
+
+    def go(*args):
+        cmd = [sys.executable, "-m", "runtime", *args, "--out", str(tmp_path / args[0])]
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert res.returncode == 0, res.stderr
+        return res.stderr
+
+    flow_cmd = ("flow", "--model", "scm", "--activation", "linear", "--t-max", "1", "--dt", "0.01")
+    err = go(*flow_cmd)
+    notice = "compiling the kernels of scm/linear (first run only"
+    assert err.count(notice) == 1 and err.index(notice) < err.index("flow scm"), err
+    # the bar starts its clock after the compilation: no step is timed at seconds
+    assert "s/step" not in err, err
+    assert "compiling" not in go(*flow_cmd)  # now loaded from numba's cache
+    err = go("simulate", "--model", "two_layer", "--activation", "linear", "--n", "50", "--seeds", "2",
+             "--t-max", "0.2")  # fmt: skip
+    notice = "compiling the simulator's kernels of two_layer/linear (first run only"
+    assert err.count(notice) == 1 and err.index(notice) < err.index("simulate two_layer"), err
+
+
+def test_study_prints_one_progress_line_and_no_blank_lines(tmp_path):
+    res = run("runtime", "study", "symmetry", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert "" not in res.stdout.strip().splitlines()
+    # a bar per flow left a cleared line each (dozens in a log that shows the carriage returns)
+    shown = [
+        line
+        for line in res.stderr.replace("\r", "\n").splitlines()
+        if line.strip() and not line.startswith("compiling the ")  # a first run
+    ]
+    assert all(line.startswith("study symmetry: ") for line in shown), shown
+    lines = res.stderr.replace("\r", "\n").strip().splitlines()
+    assert [line for line in lines if not line.startswith("compiling the ")] == shown  # no blank lines
+    assert res.stderr.endswith("\n") and shown[-1].startswith("study symmetry: 4 flows")

@@ -41,6 +41,11 @@ def run_cli(*args, cwd=ROOT):
     )
 
 
+def messages(err: str) -> list[str]:
+    """The lines of stderr but the notice of a first run that it compiles the kernels."""
+    return [line for line in err.strip().splitlines() if not line.startswith("compiling the ")]
+
+
 def write_init(path, **arrays):
     np.savez(path, **arrays)
     return str(path)
@@ -413,7 +418,7 @@ def test_diverging_flow_on_the_command_line_saves_the_records_before_it(tmp_path
     assert res.returncode == 3
     assert "diverged" in res.stderr and "alpha" in res.stderr and "partial" in res.stderr
     assert "Traceback" not in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1
+    assert len(messages(res.stderr)) == 1
     # the records before the divergence, marked partial; no figure, no temporary file
     assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "trajectory.npz"]
     traj = Trajectory.load(out)
@@ -732,3 +737,123 @@ def test_large_flow_says_it_is_preparing(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(runtime.cli, "_init", lambda *a: (_ for _ in ()).throw(ValueError("stop here")))
     assert cli_main("flow --model scm --K 200 --t-max 1 --dt 0.01 --no-progress".split()) == 2
     assert "sampling a start of K = 200" in capsys.readouterr().err
+
+
+# --- the bad-input table of the command line ------------------------------------------------
+
+FLOW = "flow --model scm --t-max 1 --dt 0.01"
+SIM = "simulate --model scm --n 100 --seeds 2 --t-max 0.1"
+# A new user's mistakes, each: (command line, words its one-line message must hold, the
+# option first). 80 cases here; with the tables of init files (INIT_FILES 16 and
+# BAD_INIT_PATHS 4, through the command line), of the sampled start beside --init (6)
+# and of --out (test_unusable_out_is_refused_before_computing: 3 kinds x 5 commands),
+# 121 bad inputs of the command line, each exit 2 in one line with nothing written.
+BAD_INPUTS = [
+    # flow: the times
+    (FLOW.replace("--t-max 1", "--t-max -1"), ["--t-max", "positive"]),
+    (FLOW.replace("--t-max 1", "--t-max 0"), ["--t-max", "positive"]),
+    (FLOW.replace("--t-max 1", "--t-max nan"), ["--t-max", "nan"]),
+    (FLOW.replace("--t-max 1", "--t-max inf"), ["--t-max", "inf"]),
+    (FLOW.replace("--t-max 1", "--t-max ten"), ["--t-max", "ten"]),
+    (FLOW.replace("--t-max 1", ""), ["--t-max", "required"]),
+    (FLOW.replace("--dt 0.01", "--dt -0.01"), ["--dt", "positive"]),
+    (FLOW.replace("--dt 0.01", "--dt 0"), ["--dt", "positive"]),
+    (FLOW.replace("--dt 0.01", "--dt nan"), ["--dt"]),
+    (FLOW.replace("--dt 0.01", "--dt inf"), ["--dt"]),
+    (FLOW.replace("--dt 0.01", "--dt 1e-2x"), ["--dt", "1e-2x"]),
+    (FLOW.replace("--dt 0.01", ""), ["--dt", "required"]),
+    (FLOW.replace("--dt 0.01", "--dt 0.3"), ["--t-max", "--dt", "whole number of steps"]),
+    (FLOW + " --record-every 0.015", ["--record-every", "--dt"]),
+    (FLOW + " --record-every 0.005", ["--record-every", "--dt"]),
+    (FLOW + " --record-every 0.3", ["--record-every", "multiple"]),
+    (FLOW + " --record-every 0", ["--record-every", "positive"]),
+    (FLOW + " --record-every -1", ["--record-every", "positive"]),
+    (FLOW + " --record-every nan", ["--record-every"]),
+    # flow: the sampled start
+    (FLOW + " --K 0", ["--K", ">= 1"]),
+    (FLOW + " --K -2", ["--K", ">= 1"]),
+    (FLOW + " --K 1.5", ["--K", "whole number"]),
+    (FLOW + " --K two", ["--K", "two"]),
+    (FLOW + " --M 0", ["--M", ">= 1"]),
+    (FLOW + " --M -1", ["--M", ">= 1"]),
+    (FLOW + " --sigma0 -0.1", ["--sigma0", ">= 0"]),
+    (FLOW + " --sigma0 nan", ["--sigma0"]),
+    (FLOW + " --sigma0 inf", ["--sigma0"]),
+    (FLOW + " --seed -1", ["--seed", ">= 0"]),
+    (FLOW + " --seed 1.5", ["--seed", "whole number"]),
+    (FLOW + " --n 0", ["--n", ">= 1"]),
+    (FLOW + " --n -5", ["--n", ">= 1"]),
+    (FLOW + " --init missing.npz", ["missing.npz"]),
+    (FLOW + " --init init.npz --K 3", ["--K", "--init"]),
+    # flow: the choices
+    (FLOW + " --method heun", ["--method", "heun", "euler", "rk4"]),
+    (FLOW + " --parallel maybe", ["--parallel", "maybe", "auto"]),
+    (FLOW + " --activation tanh", ["--activation", "tanh", "erf", "linear"]),
+    (FLOW.replace("scm", "nosuchmodel"), ["--model", "nosuchmodel", "two_layer"]),
+    (FLOW.replace("--model scm", ""), ["--model", "required"]),
+    (FLOW + " --frobnicate 3", ["--frobnicate"]),
+    # the model's parameters
+    (FLOW + " --set eta=-1", ["--set eta=-1", ">= 0"]),
+    (FLOW + " --set eta=nan", ["eta", "finite"]),
+    (FLOW + " --set eta=inf", ["eta", "finite"]),
+    (FLOW + " --set eta=fast", ["--set eta", "not a number"]),
+    (FLOW + " --set eta", ["--set", "key=value"]),
+    (FLOW + " --set eta:0.5", ["--set", "key=value"]),
+    (FLOW + " --set =1", ["--set =1", "no parameter", "eta, sigma"]),
+    (FLOW + " --set etta=1", ["etta", "eta, sigma"]),
+    (FLOW + " --set sigma=-0.5", ["sigma", ">= 0"]),
+    (FLOW.replace("scm", "two_layer") + " --set kappa=-1", ["kappa", ">= 0"]),
+    (FLOW.replace("scm", "two_layer") + " --set alpha_in=1", ["alpha_in", "eta_v"]),
+    (FLOW.replace("scm", "anil") + " --set order=3", ["order", "1 or 2"]),
+    (FLOW.replace("scm", "anil") + " --set S=1.5", ["S", "integer"]),
+    (FLOW.replace("scm", "anil") + " --set n_s=10", ["n_s", "inf"]),
+    # simulate
+    (SIM.replace("--n 100", "--n 0"), ["--n", ">= 1"]),
+    (SIM.replace("--n 100", "--n -100"), ["--n", ">= 1"]),
+    (SIM.replace("--n 100", "--n lots"), ["--n", "lots"]),
+    (SIM.replace("--n 100", "--n 3"), ["--n 3", "--K + --M = 4"]),
+    (SIM.replace("--n 100", ""), ["--n", "required"]),
+    (SIM.replace("--seeds 2", "--seeds 0"), ["--seeds", ">= 1"]),
+    (SIM.replace("--seeds 2", "--seeds -1"), ["--seeds", ">= 1"]),
+    (SIM.replace("--seeds 2", "--seeds 2.5"), ["--seeds", "whole number"]),
+    (SIM.replace("--t-max 0.1", "--t-max 0.105"), ["--t-max", "1/--n"]),
+    (SIM.replace("--t-max 0.1", "--t-max -0.1"), ["--t-max", "positive"]),
+    (SIM + " --record-every 0.015", ["--record-every", "1/--n"]),
+    (SIM + " --record-every 0.03", ["--record-every", "multiple"]),
+    (SIM + " --seed -3", ["--seed", ">= 0"]),
+    (SIM + " --sigma0 -1", ["--sigma0", ">= 0"]),
+    (SIM + " --activation relu", ["--activation", "relu"]),
+    (SIM.replace("scm", "two_layer") + " --set eta_v=-1", ["eta_v", ">= 0"]),
+    # study, validate, the command
+    ("study nosuch", ["name", "nosuch", "symmetry"]),
+    ("study", ["name", "required"]),
+    ("validate --seeds 1", ["--seeds", ">= 2"]),
+    ("validate --seeds 0", ["--seeds", ">= 1"]),
+    ("validate --sizes 0", ["--sizes", ">= 1"]),
+    ("validate --sizes 2", ["--sizes", ">= 4"]),
+    ("validate --sizes 251", ["--sizes 251", "even"]),
+    ("validate --t-max 0.3", ["--t-max", "whole number of steps"]),
+    ("validate --t-max nan", ["--t-max"]),
+    ("bogus", ["command", "bogus", "flow"]),
+]
+
+
+def test_the_bad_input_table_has_at_least_the_cases_of_issue_11():
+    assert len(BAD_INPUTS) >= 57 and len({cmd for cmd, _ in BAD_INPUTS}) == len(BAD_INPUTS)
+
+
+@pytest.mark.parametrize("cmd, words", BAD_INPUTS, ids=[cmd for cmd, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_naming_the_option_exit_2_nothing_written(
+    cmd, words, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)  # the default run folder, runs/, would be made here
+    GOOD.save(tmp_path / "init.npz")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert cli_main([*cmd.split(), "--out", str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    err = captured.err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert "Traceback" not in err and captured.out == ""
+    for word in words:
+        assert word in err, f"{word!r} not in {err}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no --out folder, no runs/
