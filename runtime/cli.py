@@ -16,7 +16,9 @@ from derive.models import MODEL_NAMES, get_model
 
 from .init import Init, sampled_init
 from .integrate import (
+    ATOL,
     METHODS,
+    RTOL,
     FlowDiverged,
     LARGE_STATE,
     FlowInterrupted,
@@ -70,7 +72,8 @@ def _config(args, params: dict) -> dict:
     """What a command computes: its options, with the parameters as resolved and an
     init file by its content; the options of a sampled start are left out when an
     init file gives the start (all but N and the seed for a simulation)."""
-    config = {k: v for k, v in vars(args).items() if k != "set"}
+    # the tolerances only when given (method adaptive), so that other runs keep their folders
+    config = {k: v for k, v in vars(args).items() if k != "set" and not (k in TOLERANCES and v is None)}
     if args.init:
         unused = ("K", "M", "sigma0") if args.command == "simulate" else ("K", "M", "sigma0", "seed", "n")
         config = {k: v for k, v in config.items() if k not in unused}
@@ -80,6 +83,8 @@ def _config(args, params: dict) -> dict:
             pass  # reported when the file is read
     return {**config, "params": params}
 
+
+TOLERANCES = ("rtol", "atol")
 
 # The options of a sampled start and their defaults (flow: and --n, the N of the
 # sampled network); None on the parser, so that a value given with --init is seen.
@@ -142,8 +147,23 @@ def _add_common(p: argparse.ArgumentParser, flow_cmd: bool) -> None:
     p.add_argument("--out", help="output directory (default: runs/<kind>-<model>-<config hash>)")
     p.add_argument("--no-progress", action="store_true")
     if flow_cmd:
-        p.add_argument("--dt", type=float, required=True)
-        p.add_argument("--method", default="euler", choices=METHODS)
+        p.add_argument(
+            "--dt", type=float, required=True, help="the step; with --method adaptive, the first step"
+        )
+        p.add_argument(
+            "--method",
+            default="euler",
+            choices=METHODS,
+            help="euler, rk4 (fixed steps of --dt; --record-every a multiple of it), or adaptive "
+            "(Dormand-Prince 5(4) with error control: steps set by --rtol and --atol, records "
+            "from its dense output, --t-max a multiple of --record-every)",
+        )
+        p.add_argument(
+            "--rtol", type=float, help=f"relative tolerance of --method adaptive (default {RTOL:g})"
+        )
+        p.add_argument(
+            "--atol", type=float, help=f"absolute tolerance of --method adaptive (default {ATOL:g})"
+        )
         p.add_argument(
             "--parallel",
             default="auto",
@@ -203,6 +223,8 @@ def cmd_flow(args) -> Path:
             record_every=args.record_every,
             activation=args.activation,
             progress=not args.no_progress,
+            rtol=args.rtol,
+            atol=args.atol,
             parallel={"auto": None, "on": True, "off": False}[args.parallel],
             resume=resume,
             log=_log,
