@@ -250,6 +250,7 @@ def context(tab: Tableau = DP54) -> dict:
         "safety": _literal(SAFETY),
         "growth_min": _literal(GROWTH_MIN),
         "growth_max": _literal(GROWTH_MAX),
-        "exponent": _literal(-R(1, min(tab.order, tab.embedded_order) + 1)),
+        # err^(-1/(q+1)), applied to the mean square err^2 (the loop takes no root)
+        "exponent": _literal(-R(1, 2 * (min(tab.order, tab.embedded_order) + 1))),
         "underflow": _literal(UNDERFLOW_ULPS * sp.Integer(2) ** -52),
     }

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 0faeedae6433a663e334512de472830e7f4618047ba30c0f2dbcb19bbad38368
+# inputs:     sha256 9d8432d1ae09b8c1c3695570bdb3396e68d25e8adf3efa07cd43a53b46e9e066
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 854 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "0faeedae6433a663e334512de472830e7f4618047ba30c0f2dbcb19bbad38368"
+INPUTS_SHA256 = "9d8432d1ae09b8c1c3695570bdb3396e68d25e8adf3efa07cd43a53b46e9e066"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -1790,14 +1790,15 @@ def run_adaptive(y, c, p, K, M, t_end, rtol, atol, max_attempts, record_every, t
             y_new[q] = y[q] + h * (0.09114583333333333 * k1[q] + 0.44923629829290207 * k3[q] + 0.6510416666666666 * k4[q] - 0.322376179245283 * k5[q] + 0.13095238095238096 * k6[q])
         rhs_ws(y_new, c, p, K, M, k7, *ws)
         counts[0] += 6
-        # the error estimate; nan when anything is not finite (inf * 0 = nan)
-        err = 0.0
+        # the square of the error estimate, the mean over the state; nan when anything
+        # is not finite (inf * 0 = nan)
+        err2 = 0.0
         for q in range(n):
             scale = atol + rtol * max(abs(y[q]), abs(y_new[q]))
             e = h * (0.0012326388888888888 * k1[q] - 0.0042527702905061394 * k3[q] + 0.03697916666666667 * k4[q] - 0.05086379716981132 * k5[q] + 0.0419047619047619 * k6[q] - 0.025 * k7[q]) / scale
-            err += e * e + y_new[q] * 0.0
-        err = math.sqrt(err / n) if n else 0.0
-        if err <= 1.0:
+            err2 += e * e + y_new[q] * 0.0
+        err2 = err2 / n if n else 0.0
+        if err2 <= 1.0:
             counts[1] += 1
             alpha_new = t_end if final else alpha + h
             # the records this step passes, from its continuous extension
@@ -1823,7 +1824,7 @@ def run_adaptive(y, c, p, K, M, t_end, rtol, atol, max_attempts, record_every, t
                 y[q] = y_new[q]
                 k1[q] = k7[q]
             alpha = alpha_new
-            growth = 10.0 if err == 0.0 else 0.9 * err ** -0.2
+            growth = 10.0 if err2 == 0.0 else 0.9 * err2 ** -0.1
             growth = min(10.0, max(0.2, growth))
             if counts[4]:
                 growth = min(growth, 1.0)
@@ -1831,8 +1832,8 @@ def run_adaptive(y, c, p, K, M, t_end, rtol, atol, max_attempts, record_every, t
         else:
             counts[2] += 1
             counts[4] = 1
-            if err == err:
-                growth = max(0.2, 0.9 * err ** -0.2)
+            if err2 == err2:
+                growth = max(0.2, 0.9 * err2 ** -0.1)
             else:
                 growth = 0.2
             if h * growth < 3.552713678800501e-15 * max(abs(alpha), 1.0):
@@ -1961,14 +1962,15 @@ def run_adaptive_parallel(y, c, p, K, M, t_end, rtol, atol, max_attempts, record
             y_new[q] = y[q] + h * (0.09114583333333333 * k1[q] + 0.44923629829290207 * k3[q] + 0.6510416666666666 * k4[q] - 0.322376179245283 * k5[q] + 0.13095238095238096 * k6[q])
         rhs_parallel(y_new, c, p, K, M, k7)
         counts[0] += 6
-        # the error estimate; nan when anything is not finite (inf * 0 = nan)
-        err = 0.0
+        # the square of the error estimate, the mean over the state; nan when anything
+        # is not finite (inf * 0 = nan)
+        err2 = 0.0
         for q in range(n):
             scale = atol + rtol * max(abs(y[q]), abs(y_new[q]))
             e = h * (0.0012326388888888888 * k1[q] - 0.0042527702905061394 * k3[q] + 0.03697916666666667 * k4[q] - 0.05086379716981132 * k5[q] + 0.0419047619047619 * k6[q] - 0.025 * k7[q]) / scale
-            err += e * e + y_new[q] * 0.0
-        err = math.sqrt(err / n) if n else 0.0
-        if err <= 1.0:
+            err2 += e * e + y_new[q] * 0.0
+        err2 = err2 / n if n else 0.0
+        if err2 <= 1.0:
             counts[1] += 1
             alpha_new = t_end if final else alpha + h
             # the records this step passes, from its continuous extension
@@ -1994,7 +1996,7 @@ def run_adaptive_parallel(y, c, p, K, M, t_end, rtol, atol, max_attempts, record
                 y[q] = y_new[q]
                 k1[q] = k7[q]
             alpha = alpha_new
-            growth = 10.0 if err == 0.0 else 0.9 * err ** -0.2
+            growth = 10.0 if err2 == 0.0 else 0.9 * err2 ** -0.1
             growth = min(10.0, max(0.2, growth))
             if counts[4]:
                 growth = min(growth, 1.0)
@@ -2002,8 +2004,8 @@ def run_adaptive_parallel(y, c, p, K, M, t_end, rtol, atol, max_attempts, record
         else:
             counts[2] += 1
             counts[4] = 1
-            if err == err:
-                growth = max(0.2, 0.9 * err ** -0.2)
+            if err2 == err2:
+                growth = max(0.2, 0.9 * err2 ** -0.1)
             else:
                 growth = 0.2
             if h * growth < 3.552713678800501e-15 * max(abs(alpha), 1.0):

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 1c3604456af7e878bec2d2c5373dcc09aa1b1e9e2b6feea5501913be505a57e5
+# inputs:     sha256 a1d80f75d03c6cf6cb53843c70d8878ae15c98209d0a8cafd1d7d34fead1d69f
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 587 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "1c3604456af7e878bec2d2c5373dcc09aa1b1e9e2b6feea5501913be505a57e5"
+INPUTS_SHA256 = "a1d80f75d03c6cf6cb53843c70d8878ae15c98209d0a8cafd1d7d34fead1d69f"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -1658,14 +1658,15 @@ def run_adaptive(y, c, p, K, M, t_end, rtol, atol, max_attempts, record_every, t
             y_new[q] = y[q] + h * (0.09114583333333333 * k1[q] + 0.44923629829290207 * k3[q] + 0.6510416666666666 * k4[q] - 0.322376179245283 * k5[q] + 0.13095238095238096 * k6[q])
         rhs_ws(y_new, c, p, K, M, k7, *ws)
         counts[0] += 6
-        # the error estimate; nan when anything is not finite (inf * 0 = nan)
-        err = 0.0
+        # the square of the error estimate, the mean over the state; nan when anything
+        # is not finite (inf * 0 = nan)
+        err2 = 0.0
         for q in range(n):
             scale = atol + rtol * max(abs(y[q]), abs(y_new[q]))
             e = h * (0.0012326388888888888 * k1[q] - 0.0042527702905061394 * k3[q] + 0.03697916666666667 * k4[q] - 0.05086379716981132 * k5[q] + 0.0419047619047619 * k6[q] - 0.025 * k7[q]) / scale
-            err += e * e + y_new[q] * 0.0
-        err = math.sqrt(err / n) if n else 0.0
-        if err <= 1.0:
+            err2 += e * e + y_new[q] * 0.0
+        err2 = err2 / n if n else 0.0
+        if err2 <= 1.0:
             counts[1] += 1
             alpha_new = t_end if final else alpha + h
             # the records this step passes, from its continuous extension
@@ -1691,7 +1692,7 @@ def run_adaptive(y, c, p, K, M, t_end, rtol, atol, max_attempts, record_every, t
                 y[q] = y_new[q]
                 k1[q] = k7[q]
             alpha = alpha_new
-            growth = 10.0 if err == 0.0 else 0.9 * err ** -0.2
+            growth = 10.0 if err2 == 0.0 else 0.9 * err2 ** -0.1
             growth = min(10.0, max(0.2, growth))
             if counts[4]:
                 growth = min(growth, 1.0)
@@ -1699,8 +1700,8 @@ def run_adaptive(y, c, p, K, M, t_end, rtol, atol, max_attempts, record_every, t
         else:
             counts[2] += 1
             counts[4] = 1
-            if err == err:
-                growth = max(0.2, 0.9 * err ** -0.2)
+            if err2 == err2:
+                growth = max(0.2, 0.9 * err2 ** -0.1)
             else:
                 growth = 0.2
             if h * growth < 3.552713678800501e-15 * max(abs(alpha), 1.0):
@@ -1829,14 +1830,15 @@ def run_adaptive_parallel(y, c, p, K, M, t_end, rtol, atol, max_attempts, record
             y_new[q] = y[q] + h * (0.09114583333333333 * k1[q] + 0.44923629829290207 * k3[q] + 0.6510416666666666 * k4[q] - 0.322376179245283 * k5[q] + 0.13095238095238096 * k6[q])
         rhs_parallel(y_new, c, p, K, M, k7)
         counts[0] += 6
-        # the error estimate; nan when anything is not finite (inf * 0 = nan)
-        err = 0.0
+        # the square of the error estimate, the mean over the state; nan when anything
+        # is not finite (inf * 0 = nan)
+        err2 = 0.0
         for q in range(n):
             scale = atol + rtol * max(abs(y[q]), abs(y_new[q]))
             e = h * (0.0012326388888888888 * k1[q] - 0.0042527702905061394 * k3[q] + 0.03697916666666667 * k4[q] - 0.05086379716981132 * k5[q] + 0.0419047619047619 * k6[q] - 0.025 * k7[q]) / scale
-            err += e * e + y_new[q] * 0.0
-        err = math.sqrt(err / n) if n else 0.0
-        if err <= 1.0:
+            err2 += e * e + y_new[q] * 0.0
+        err2 = err2 / n if n else 0.0
+        if err2 <= 1.0:
             counts[1] += 1
             alpha_new = t_end if final else alpha + h
             # the records this step passes, from its continuous extension
@@ -1862,7 +1864,7 @@ def run_adaptive_parallel(y, c, p, K, M, t_end, rtol, atol, max_attempts, record
                 y[q] = y_new[q]
                 k1[q] = k7[q]
             alpha = alpha_new
-            growth = 10.0 if err == 0.0 else 0.9 * err ** -0.2
+            growth = 10.0 if err2 == 0.0 else 0.9 * err2 ** -0.1
             growth = min(10.0, max(0.2, growth))
             if counts[4]:
                 growth = min(growth, 1.0)
@@ -1870,8 +1872,8 @@ def run_adaptive_parallel(y, c, p, K, M, t_end, rtol, atol, max_attempts, record
         else:
             counts[2] += 1
             counts[4] = 1
-            if err == err:
-                growth = max(0.2, 0.9 * err ** -0.2)
+            if err2 == err2:
+                growth = max(0.2, 0.9 * err2 ** -0.1)
             else:
                 growth = 0.2
             if h * growth < 3.552713678800501e-15 * max(abs(alpha), 1.0):

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 2bba6bbe307545271d034481797fa12ac5bda05404ccc390542409b9611bdb13
+# inputs:     sha256 8a5c338c81974240e6342160360595cd28b82bf2141b025304340890b3e70931
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "2bba6bbe307545271d034481797fa12ac5bda05404ccc390542409b9611bdb13"
+INPUTS_SHA256 = "8a5c338c81974240e6342160360595cd28b82bf2141b025304340890b3e70931"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
@@ -648,14 +648,15 @@ def run_adaptive(y, c, p, K, M, t_end, rtol, atol, max_attempts, record_every, t
             y_new[q] = y[q] + h * (0.09114583333333333 * k1[q] + 0.44923629829290207 * k3[q] + 0.6510416666666666 * k4[q] - 0.322376179245283 * k5[q] + 0.13095238095238096 * k6[q])
         rhs_ws(y_new, c, p, K, M, k7, *ws)
         counts[0] += 6
-        # the error estimate; nan when anything is not finite (inf * 0 = nan)
-        err = 0.0
+        # the square of the error estimate, the mean over the state; nan when anything
+        # is not finite (inf * 0 = nan)
+        err2 = 0.0
         for q in range(n):
             scale = atol + rtol * max(abs(y[q]), abs(y_new[q]))
             e = h * (0.0012326388888888888 * k1[q] - 0.0042527702905061394 * k3[q] + 0.03697916666666667 * k4[q] - 0.05086379716981132 * k5[q] + 0.0419047619047619 * k6[q] - 0.025 * k7[q]) / scale
-            err += e * e + y_new[q] * 0.0
-        err = math.sqrt(err / n) if n else 0.0
-        if err <= 1.0:
+            err2 += e * e + y_new[q] * 0.0
+        err2 = err2 / n if n else 0.0
+        if err2 <= 1.0:
             counts[1] += 1
             alpha_new = t_end if final else alpha + h
             # the records this step passes, from its continuous extension
@@ -681,7 +682,7 @@ def run_adaptive(y, c, p, K, M, t_end, rtol, atol, max_attempts, record_every, t
                 y[q] = y_new[q]
                 k1[q] = k7[q]
             alpha = alpha_new
-            growth = 10.0 if err == 0.0 else 0.9 * err ** -0.2
+            growth = 10.0 if err2 == 0.0 else 0.9 * err2 ** -0.1
             growth = min(10.0, max(0.2, growth))
             if counts[4]:
                 growth = min(growth, 1.0)
@@ -689,8 +690,8 @@ def run_adaptive(y, c, p, K, M, t_end, rtol, atol, max_attempts, record_every, t
         else:
             counts[2] += 1
             counts[4] = 1
-            if err == err:
-                growth = max(0.2, 0.9 * err ** -0.2)
+            if err2 == err2:
+                growth = max(0.2, 0.9 * err2 ** -0.1)
             else:
                 growth = 0.2
             if h * growth < 3.552713678800501e-15 * max(abs(alpha), 1.0):
@@ -819,14 +820,15 @@ def run_adaptive_parallel(y, c, p, K, M, t_end, rtol, atol, max_attempts, record
             y_new[q] = y[q] + h * (0.09114583333333333 * k1[q] + 0.44923629829290207 * k3[q] + 0.6510416666666666 * k4[q] - 0.322376179245283 * k5[q] + 0.13095238095238096 * k6[q])
         rhs_parallel(y_new, c, p, K, M, k7)
         counts[0] += 6
-        # the error estimate; nan when anything is not finite (inf * 0 = nan)
-        err = 0.0
+        # the square of the error estimate, the mean over the state; nan when anything
+        # is not finite (inf * 0 = nan)
+        err2 = 0.0
         for q in range(n):
             scale = atol + rtol * max(abs(y[q]), abs(y_new[q]))
             e = h * (0.0012326388888888888 * k1[q] - 0.0042527702905061394 * k3[q] + 0.03697916666666667 * k4[q] - 0.05086379716981132 * k5[q] + 0.0419047619047619 * k6[q] - 0.025 * k7[q]) / scale
-            err += e * e + y_new[q] * 0.0
-        err = math.sqrt(err / n) if n else 0.0
-        if err <= 1.0:
+            err2 += e * e + y_new[q] * 0.0
+        err2 = err2 / n if n else 0.0
+        if err2 <= 1.0:
             counts[1] += 1
             alpha_new = t_end if final else alpha + h
             # the records this step passes, from its continuous extension
@@ -852,7 +854,7 @@ def run_adaptive_parallel(y, c, p, K, M, t_end, rtol, atol, max_attempts, record
                 y[q] = y_new[q]
                 k1[q] = k7[q]
             alpha = alpha_new
-            growth = 10.0 if err == 0.0 else 0.9 * err ** -0.2
+            growth = 10.0 if err2 == 0.0 else 0.9 * err2 ** -0.1
             growth = min(10.0, max(0.2, growth))
             if counts[4]:
                 growth = min(growth, 1.0)
@@ -860,8 +862,8 @@ def run_adaptive_parallel(y, c, p, K, M, t_end, rtol, atol, max_attempts, record
         else:
             counts[2] += 1
             counts[4] = 1
-            if err == err:
-                growth = max(0.2, 0.9 * err ** -0.2)
+            if err2 == err2:
+                growth = max(0.2, 0.9 * err2 ** -0.1)
             else:
                 growth = 0.2
             if h * growth < 3.552713678800501e-15 * max(abs(alpha), 1.0):

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 e59f73d3bf0a5d274c9d2daeff788ef49a26f83cc561f1cd958834a91c369ef2
+# inputs:     sha256 811aedab11be98089337e0f807c0149545a10be2792c45237b0cf28ec291f913
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "e59f73d3bf0a5d274c9d2daeff788ef49a26f83cc561f1cd958834a91c369ef2"
+INPUTS_SHA256 = "811aedab11be98089337e0f807c0149545a10be2792c45237b0cf28ec291f913"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
@@ -550,14 +550,15 @@ def run_adaptive(y, c, p, K, M, t_end, rtol, atol, max_attempts, record_every, t
             y_new[q] = y[q] + h * (0.09114583333333333 * k1[q] + 0.44923629829290207 * k3[q] + 0.6510416666666666 * k4[q] - 0.322376179245283 * k5[q] + 0.13095238095238096 * k6[q])
         rhs_ws(y_new, c, p, K, M, k7, *ws)
         counts[0] += 6
-        # the error estimate; nan when anything is not finite (inf * 0 = nan)
-        err = 0.0
+        # the square of the error estimate, the mean over the state; nan when anything
+        # is not finite (inf * 0 = nan)
+        err2 = 0.0
         for q in range(n):
             scale = atol + rtol * max(abs(y[q]), abs(y_new[q]))
             e = h * (0.0012326388888888888 * k1[q] - 0.0042527702905061394 * k3[q] + 0.03697916666666667 * k4[q] - 0.05086379716981132 * k5[q] + 0.0419047619047619 * k6[q] - 0.025 * k7[q]) / scale
-            err += e * e + y_new[q] * 0.0
-        err = math.sqrt(err / n) if n else 0.0
-        if err <= 1.0:
+            err2 += e * e + y_new[q] * 0.0
+        err2 = err2 / n if n else 0.0
+        if err2 <= 1.0:
             counts[1] += 1
             alpha_new = t_end if final else alpha + h
             # the records this step passes, from its continuous extension
@@ -583,7 +584,7 @@ def run_adaptive(y, c, p, K, M, t_end, rtol, atol, max_attempts, record_every, t
                 y[q] = y_new[q]
                 k1[q] = k7[q]
             alpha = alpha_new
-            growth = 10.0 if err == 0.0 else 0.9 * err ** -0.2
+            growth = 10.0 if err2 == 0.0 else 0.9 * err2 ** -0.1
             growth = min(10.0, max(0.2, growth))
             if counts[4]:
                 growth = min(growth, 1.0)
@@ -591,8 +592,8 @@ def run_adaptive(y, c, p, K, M, t_end, rtol, atol, max_attempts, record_every, t
         else:
             counts[2] += 1
             counts[4] = 1
-            if err == err:
-                growth = max(0.2, 0.9 * err ** -0.2)
+            if err2 == err2:
+                growth = max(0.2, 0.9 * err2 ** -0.1)
             else:
                 growth = 0.2
             if h * growth < 3.552713678800501e-15 * max(abs(alpha), 1.0):
@@ -721,14 +722,15 @@ def run_adaptive_parallel(y, c, p, K, M, t_end, rtol, atol, max_attempts, record
             y_new[q] = y[q] + h * (0.09114583333333333 * k1[q] + 0.44923629829290207 * k3[q] + 0.6510416666666666 * k4[q] - 0.322376179245283 * k5[q] + 0.13095238095238096 * k6[q])
         rhs_parallel(y_new, c, p, K, M, k7)
         counts[0] += 6
-        # the error estimate; nan when anything is not finite (inf * 0 = nan)
-        err = 0.0
+        # the square of the error estimate, the mean over the state; nan when anything
+        # is not finite (inf * 0 = nan)
+        err2 = 0.0
         for q in range(n):
             scale = atol + rtol * max(abs(y[q]), abs(y_new[q]))
             e = h * (0.0012326388888888888 * k1[q] - 0.0042527702905061394 * k3[q] + 0.03697916666666667 * k4[q] - 0.05086379716981132 * k5[q] + 0.0419047619047619 * k6[q] - 0.025 * k7[q]) / scale
-            err += e * e + y_new[q] * 0.0
-        err = math.sqrt(err / n) if n else 0.0
-        if err <= 1.0:
+            err2 += e * e + y_new[q] * 0.0
+        err2 = err2 / n if n else 0.0
+        if err2 <= 1.0:
             counts[1] += 1
             alpha_new = t_end if final else alpha + h
             # the records this step passes, from its continuous extension
@@ -754,7 +756,7 @@ def run_adaptive_parallel(y, c, p, K, M, t_end, rtol, atol, max_attempts, record
                 y[q] = y_new[q]
                 k1[q] = k7[q]
             alpha = alpha_new
-            growth = 10.0 if err == 0.0 else 0.9 * err ** -0.2
+            growth = 10.0 if err2 == 0.0 else 0.9 * err2 ** -0.1
             growth = min(10.0, max(0.2, growth))
             if counts[4]:
                 growth = min(growth, 1.0)
@@ -762,8 +764,8 @@ def run_adaptive_parallel(y, c, p, K, M, t_end, rtol, atol, max_attempts, record
         else:
             counts[2] += 1
             counts[4] = 1
-            if err == err:
-                growth = max(0.2, 0.9 * err ** -0.2)
+            if err2 == err2:
+                growth = max(0.2, 0.9 * err2 ** -0.1)
             else:
                 growth = 0.2
             if h * growth < 3.552713678800501e-15 * max(abs(alpha), 1.0):
