@@ -226,3 +226,15 @@ def test_reference_scenario_matches_rk4_through_the_plateau(d, symmetric):
     escape = escape_alpha(rk4, symmetric)
     assert 10 < escape < 250, "no escape from the plateau to compare"
     assert abs(escape_alpha(ada, symmetric) - escape) < 1e-3
+
+
+def test_threaded_loop_gives_the_same_bits():
+    """run_adaptive_parallel calls rhs_parallel, which computes every element with
+    the code of rhs: the same steps, records and counts."""
+    kw = {"t_max": 1.0, "dt": 0.05, "record_every": 0.25}
+    serial = runtime.flow("two_layer", start(4, 3), PARAMS, method="adaptive", parallel=False, **kw)
+    threaded = runtime.flow("two_layer", start(4, 3), PARAMS, method="adaptive", parallel=True, **kw)
+    for k in ("Q", "R", "v"):
+        np.testing.assert_array_equal(getattr(serial, k), getattr(threaded, k))
+    for k in integrate.COUNTS:
+        assert serial.metadata[k] == threaded.metadata[k], k
