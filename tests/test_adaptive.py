@@ -226,6 +226,11 @@ def test_reference_scenario_matches_rk4_through_the_plateau(d, symmetric):
     escape = escape_alpha(rk4, symmetric)
     assert 10 < escape < 250, "no escape from the plateau to compare"
     assert abs(escape_alpha(ada, symmetric) - escape) < 1e-3
+    # a first step of a third of the run is cut down by the controller: no escape skipped
+    big = runtime.flow("anil", reference_init(d), REFERENCE["params"], dt=100.0, method="adaptive", **kw)
+    assert big.metadata["steps_rejected"] >= 3
+    assert np.abs(big.Q - rk4.Q).max() < 1e-6
+    assert abs(escape_alpha(big, symmetric) - escape) < 1e-3
 
 
 def test_threaded_loop_gives_the_same_bits():
