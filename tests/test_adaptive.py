@@ -76,10 +76,9 @@ def test_the_continuous_extension_has_order_4_at_every_theta():
     assert any(d != 0 for d in I.order_defects(bt, TAB.A, 5, th))
 
 
-def test_the_kernels_print_the_tableau():
+def test_the_kernels_print_the_tableau(repo_root):
     """The literals of run_adaptive are the tableau's numbers, correctly rounded."""
-    text = (integrate.__file__.rsplit("/", 2)[0] + "/generated/two_layer_erf.py").replace("\\", "/")
-    src = open(text).read()
+    src = (repo_root / "generated" / "two_layer_erf.py").read_text()
     for i in range(1, TAB.stages):
         for j in range(i):
             if TAB.A[i, j] != 0:
