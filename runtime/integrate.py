@@ -341,15 +341,8 @@ def _flow_adaptive(
     n_est = max(1, round((t_max - alpha0) / dt))
     if use_parallel(parallel, K, _serial_estimate(kernel.module.run_rk4, y, c, p, K, M, dt, n_est)):
         run = kernel.module.run_adaptive_parallel
-    extra = {
-        "t_max": t_max,
-        "dt": dt,
-        "method": "adaptive",
-        "record_every": every,
-        "rtol": rtol,
-        "atol": atol,
-    }
-    extra["run_key"] = key
+    extra = {"t_max": t_max, "dt": dt, "method": "adaptive", "record_every": every}
+    extra.update({"rtol": rtol, "atol": atol, "run_key": key})
     if done:
         extra["resumed_from_alpha"] = alpha0
 
@@ -366,24 +359,9 @@ def _flow_adaptive(
         bar.update(done)
     clock = np.array([alpha0, dt])
     k1 = np.empty_like(y)
-    # compiled or loaded from the cache, so that the first chunk times steps
-    run(
-        y.copy(),
-        c,
-        p,
-        K,
-        M,
-        t_max,
-        rtol,
-        atol,
-        0,
-        every,
-        np.empty((1, y.size)),
-        clock.copy(),
-        counts.copy(),
-        k1,
-        False,
-    )
+    # compiled or loaded from the cache (no step tried), so that the first chunk times steps
+    scratch = (np.empty((1, y.size)), clock.copy(), counts.copy(), k1)
+    run(y.copy(), c, p, K, M, t_max, rtol, atol, 0, every, *scratch, False)
     chunk = 1  # steps tried per call, adapted to about CHUNK_SECONDS
     fresh = True  # the first call computes the slope at the start
     first = True
