@@ -27,6 +27,7 @@ from .model import CONST_OVERLAPS, STATE_OVERLAPS, UNITS, Model
 from .models import model_file
 from .printer import TILTED, TILTED1, code, field_rows
 from .simulator import context as simulator_context
+from .integrators import context as integrators_context
 from .special import asin_body
 from .tables import tilt_code
 from .symbols import STUDENT, K, M, field_doc, field_kind, index_kind
@@ -580,6 +581,8 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
         # the vectorisable arcsine, when a primitive needs one (derive/special.py)
         "asin": asin_body() if any(d.expr.has(sp.asin) for d in prim_list) else None,
         "simulator": simulator_context(ir),  # the compiled meta-learning simulator (derive/simulator.py)
+        # the adaptive integrator's tableau and controller, printed (derive/integrators.py)
+        "adaptive": integrators_context(),
     }
 
 

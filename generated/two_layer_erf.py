@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 f1d022ede6f99e19b2a7d6d7c90f8c22889ca4f0fb0db0a7b66092961ba67be2
+# inputs:     sha256 8a5c338c81974240e6342160360595cd28b82bf2141b025304340890b3e70931
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "f1d022ede6f99e19b2a7d6d7c90f8c22889ca4f0fb0db0a7b66092961ba67be2"
+INPUTS_SHA256 = "8a5c338c81974240e6342160360595cd28b82bf2141b025304340890b3e70931"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
@@ -29,7 +29,7 @@ VECTORS = (("v", "K"), ("vs", "M"), )
 METRICS = ("eps_g", )
 SAMPLES = ("G", "H_v", )
 # the functions the runtime calls; every other function here is called from them
-ENTRY_POINTS = ("workspace", "rhs", "rhs_ws", "rhs_parallel", "metrics", "sample_gradients", "run_euler", "run_rk4", "run_euler_parallel", "run_rk4_parallel")
+ENTRY_POINTS = ("workspace", "rhs", "rhs_ws", "rhs_parallel", "metrics", "sample_gradients", "run_euler", "run_rk4", "run_adaptive", "run_euler_parallel", "run_rk4_parallel", "run_adaptive_parallel")
 
 
 # activation and its derivatives, for the per-sample gradients
@@ -583,6 +583,128 @@ def run_rk4(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     return -1
 
 
+@njit(cache=True, error_model="numpy")
+def run_adaptive(y, c, p, K, M, t_end, rtol, atol, max_attempts, record_every, traj, clock, counts, k1, fresh):
+    """Steps of the embedded pair Dormand-Prince 5(4) (derive/integrators.py) from
+    alpha = clock[0] with the step clock[1], in place, until alpha = t_end or
+    `max_attempts` steps were tried. A step is accepted when the root mean square of
+    its error estimate over atol + rtol max(|y|, |y_new|) is at most 1; each step
+    sets the next from its error. The continuous extension of the pair writes
+    traj[j] at alpha = j * record_every (the last record at t_end) for every j from
+    counts[3] on that the step passes, so the records do not restrict the steps.
+    k1 is the slope at y, carried from call to call (computed first when `fresh`).
+    counts (in and out): right-hand-side evaluations, accepted steps, rejected
+    steps, the next record, whether the last step tried was rejected. Returns 0
+    at t_end, 1 after max_attempts, 2 when the slope at the state is not finite, 3
+    when a rejected step would shrink below 3.552713678800501e-15 max(|alpha|, 1)
+    (clock[0] is then where it stopped). A step whose new state or error is not
+    finite is rejected like any other."""
+    k2 = np.empty_like(y)
+    k3 = np.empty_like(y)
+    k4 = np.empty_like(y)
+    k5 = np.empty_like(y)
+    k6 = np.empty_like(y)
+    k7 = np.empty_like(y)
+    tmp = np.empty_like(y)
+    y_new = np.empty_like(y)
+    ws = workspace(K, M)
+    n = y.size
+    last_record = traj.shape[0] - 1
+    alpha = clock[0]
+    h = clock[1]
+    if fresh:
+        rhs_ws(y, c, p, K, M, k1, *ws)
+        counts[0] += 1
+        probe = 0.0
+        for q in range(n):
+            probe += k1[q] * 0.0
+        if probe != probe:
+            return 2
+    status = 1
+    for attempt in range(max_attempts):
+        if alpha >= t_end:
+            status = 0
+            break
+        final = alpha + h >= t_end
+        if final:
+            h = t_end - alpha
+        for q in range(n):
+            tmp[q] = y[q] + h * (0.2 * k1[q])
+        rhs_ws(tmp, c, p, K, M, k2, *ws)
+        for q in range(n):
+            tmp[q] = y[q] + h * (0.075 * k1[q] + 0.225 * k2[q])
+        rhs_ws(tmp, c, p, K, M, k3, *ws)
+        for q in range(n):
+            tmp[q] = y[q] + h * (0.9777777777777777 * k1[q] - 3.7333333333333334 * k2[q] + 3.5555555555555554 * k3[q])
+        rhs_ws(tmp, c, p, K, M, k4, *ws)
+        for q in range(n):
+            tmp[q] = y[q] + h * (2.9525986892242035 * k1[q] - 11.595793324188385 * k2[q] + 9.822892851699436 * k3[q] - 0.2908093278463649 * k4[q])
+        rhs_ws(tmp, c, p, K, M, k5, *ws)
+        for q in range(n):
+            tmp[q] = y[q] + h * (2.8462752525252526 * k1[q] - 10.757575757575758 * k2[q] + 8.906422717743473 * k3[q] + 0.2784090909090909 * k4[q] - 0.2735313036020583 * k5[q])
+        rhs_ws(tmp, c, p, K, M, k6, *ws)
+        # the new solution, and its slope: the first stage of the next step
+        for q in range(n):
+            y_new[q] = y[q] + h * (0.09114583333333333 * k1[q] + 0.44923629829290207 * k3[q] + 0.6510416666666666 * k4[q] - 0.322376179245283 * k5[q] + 0.13095238095238096 * k6[q])
+        rhs_ws(y_new, c, p, K, M, k7, *ws)
+        counts[0] += 6
+        # the square of the error estimate, the mean over the state; nan when anything
+        # is not finite (inf * 0 = nan)
+        err2 = 0.0
+        for q in range(n):
+            scale = atol + rtol * max(abs(y[q]), abs(y_new[q]))
+            e = h * (0.0012326388888888888 * k1[q] - 0.0042527702905061394 * k3[q] + 0.03697916666666667 * k4[q] - 0.05086379716981132 * k5[q] + 0.0419047619047619 * k6[q] - 0.025 * k7[q]) / scale
+            err2 += e * e + y_new[q] * 0.0
+        err2 = err2 / n if n else 0.0
+        if err2 <= 1.0:
+            counts[1] += 1
+            alpha_new = t_end if final else alpha + h
+            # the records this step passes, from its continuous extension
+            while counts[3] <= last_record:
+                j = counts[3]
+                at = t_end if j == last_record else j * record_every
+                if at > alpha_new:
+                    break
+                if at == alpha_new:
+                    traj[j, :] = y_new
+                else:
+                    theta = (at - alpha) / h
+                    w1 = (((-1.1270175653862835 * theta + 3.0717434641059005) * theta - 2.8535800653862835) * theta + 1.0) * theta
+                    w3 = ((2.675424484351598 * theta - 6.249321565289) * theta + 4.023133379230305) * theta * theta
+                    w4 = ((-5.685526961588504 * theta + 10.068970589843675) * theta - 3.7324019615885042) * theta * theta
+                    w5 = ((3.5219323679207912 * theta - 6.399112377351017) * theta + 2.5548038301849423) * theta * theta
+                    w6 = ((-1.7672812570757455 * theta + 3.272657752246729) * theta - 1.3744241142186024) * theta * theta
+                    w7 = ((2.382468931778144 * theta - 3.764937863556287) * theta + 1.3824689317781436) * theta * theta
+                    for q in range(n):
+                        traj[j, q] = y[q] + h * (w1 * k1[q] + w3 * k3[q] + w4 * k4[q] + w5 * k5[q] + w6 * k6[q] + w7 * k7[q])
+                counts[3] += 1
+            for q in range(n):
+                y[q] = y_new[q]
+                k1[q] = k7[q]
+            alpha = alpha_new
+            growth = 10.0 if err2 == 0.0 else 0.9 * err2 ** -0.1
+            growth = min(10.0, max(0.2, growth))
+            if counts[4]:
+                growth = min(growth, 1.0)
+            counts[4] = 0
+        else:
+            counts[2] += 1
+            counts[4] = 1
+            if err2 == err2:
+                growth = max(0.2, 0.9 * err2 ** -0.1)
+            else:
+                growth = 0.2
+            if h * growth < 3.552713678800501e-15 * max(abs(alpha), 1.0):
+                status = 3
+                break
+        h = h * growth
+    if status == 1 and alpha >= t_end:
+        status = 0
+    clock[0] = alpha
+    clock[1] = h
+    return status
+
+
 
 @njit(cache=False, error_model="numpy")
 def run_euler_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
@@ -632,4 +754,125 @@ def run_rk4_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_recor
         if (i + 1) % record_every == 0:
             traj[first_record + (i + 1) // record_every, :] = y
     return -1
+
+
+@njit(cache=False, error_model="numpy")
+def run_adaptive_parallel(y, c, p, K, M, t_end, rtol, atol, max_attempts, record_every, traj, clock, counts, k1, fresh):
+    """Steps of the embedded pair Dormand-Prince 5(4) (derive/integrators.py) from
+    alpha = clock[0] with the step clock[1], in place, until alpha = t_end or
+    `max_attempts` steps were tried. A step is accepted when the root mean square of
+    its error estimate over atol + rtol max(|y|, |y_new|) is at most 1; each step
+    sets the next from its error. The continuous extension of the pair writes
+    traj[j] at alpha = j * record_every (the last record at t_end) for every j from
+    counts[3] on that the step passes, so the records do not restrict the steps.
+    k1 is the slope at y, carried from call to call (computed first when `fresh`).
+    counts (in and out): right-hand-side evaluations, accepted steps, rejected
+    steps, the next record, whether the last step tried was rejected. Returns 0
+    at t_end, 1 after max_attempts, 2 when the slope at the state is not finite, 3
+    when a rejected step would shrink below 3.552713678800501e-15 max(|alpha|, 1)
+    (clock[0] is then where it stopped). A step whose new state or error is not
+    finite is rejected like any other."""
+    k2 = np.empty_like(y)
+    k3 = np.empty_like(y)
+    k4 = np.empty_like(y)
+    k5 = np.empty_like(y)
+    k6 = np.empty_like(y)
+    k7 = np.empty_like(y)
+    tmp = np.empty_like(y)
+    y_new = np.empty_like(y)
+    n = y.size
+    last_record = traj.shape[0] - 1
+    alpha = clock[0]
+    h = clock[1]
+    if fresh:
+        rhs_parallel(y, c, p, K, M, k1)
+        counts[0] += 1
+        probe = 0.0
+        for q in range(n):
+            probe += k1[q] * 0.0
+        if probe != probe:
+            return 2
+    status = 1
+    for attempt in range(max_attempts):
+        if alpha >= t_end:
+            status = 0
+            break
+        final = alpha + h >= t_end
+        if final:
+            h = t_end - alpha
+        for q in range(n):
+            tmp[q] = y[q] + h * (0.2 * k1[q])
+        rhs_parallel(tmp, c, p, K, M, k2)
+        for q in range(n):
+            tmp[q] = y[q] + h * (0.075 * k1[q] + 0.225 * k2[q])
+        rhs_parallel(tmp, c, p, K, M, k3)
+        for q in range(n):
+            tmp[q] = y[q] + h * (0.9777777777777777 * k1[q] - 3.7333333333333334 * k2[q] + 3.5555555555555554 * k3[q])
+        rhs_parallel(tmp, c, p, K, M, k4)
+        for q in range(n):
+            tmp[q] = y[q] + h * (2.9525986892242035 * k1[q] - 11.595793324188385 * k2[q] + 9.822892851699436 * k3[q] - 0.2908093278463649 * k4[q])
+        rhs_parallel(tmp, c, p, K, M, k5)
+        for q in range(n):
+            tmp[q] = y[q] + h * (2.8462752525252526 * k1[q] - 10.757575757575758 * k2[q] + 8.906422717743473 * k3[q] + 0.2784090909090909 * k4[q] - 0.2735313036020583 * k5[q])
+        rhs_parallel(tmp, c, p, K, M, k6)
+        # the new solution, and its slope: the first stage of the next step
+        for q in range(n):
+            y_new[q] = y[q] + h * (0.09114583333333333 * k1[q] + 0.44923629829290207 * k3[q] + 0.6510416666666666 * k4[q] - 0.322376179245283 * k5[q] + 0.13095238095238096 * k6[q])
+        rhs_parallel(y_new, c, p, K, M, k7)
+        counts[0] += 6
+        # the square of the error estimate, the mean over the state; nan when anything
+        # is not finite (inf * 0 = nan)
+        err2 = 0.0
+        for q in range(n):
+            scale = atol + rtol * max(abs(y[q]), abs(y_new[q]))
+            e = h * (0.0012326388888888888 * k1[q] - 0.0042527702905061394 * k3[q] + 0.03697916666666667 * k4[q] - 0.05086379716981132 * k5[q] + 0.0419047619047619 * k6[q] - 0.025 * k7[q]) / scale
+            err2 += e * e + y_new[q] * 0.0
+        err2 = err2 / n if n else 0.0
+        if err2 <= 1.0:
+            counts[1] += 1
+            alpha_new = t_end if final else alpha + h
+            # the records this step passes, from its continuous extension
+            while counts[3] <= last_record:
+                j = counts[3]
+                at = t_end if j == last_record else j * record_every
+                if at > alpha_new:
+                    break
+                if at == alpha_new:
+                    traj[j, :] = y_new
+                else:
+                    theta = (at - alpha) / h
+                    w1 = (((-1.1270175653862835 * theta + 3.0717434641059005) * theta - 2.8535800653862835) * theta + 1.0) * theta
+                    w3 = ((2.675424484351598 * theta - 6.249321565289) * theta + 4.023133379230305) * theta * theta
+                    w4 = ((-5.685526961588504 * theta + 10.068970589843675) * theta - 3.7324019615885042) * theta * theta
+                    w5 = ((3.5219323679207912 * theta - 6.399112377351017) * theta + 2.5548038301849423) * theta * theta
+                    w6 = ((-1.7672812570757455 * theta + 3.272657752246729) * theta - 1.3744241142186024) * theta * theta
+                    w7 = ((2.382468931778144 * theta - 3.764937863556287) * theta + 1.3824689317781436) * theta * theta
+                    for q in range(n):
+                        traj[j, q] = y[q] + h * (w1 * k1[q] + w3 * k3[q] + w4 * k4[q] + w5 * k5[q] + w6 * k6[q] + w7 * k7[q])
+                counts[3] += 1
+            for q in range(n):
+                y[q] = y_new[q]
+                k1[q] = k7[q]
+            alpha = alpha_new
+            growth = 10.0 if err2 == 0.0 else 0.9 * err2 ** -0.1
+            growth = min(10.0, max(0.2, growth))
+            if counts[4]:
+                growth = min(growth, 1.0)
+            counts[4] = 0
+        else:
+            counts[2] += 1
+            counts[4] = 1
+            if err2 == err2:
+                growth = max(0.2, 0.9 * err2 ** -0.1)
+            else:
+                growth = 0.2
+            if h * growth < 3.552713678800501e-15 * max(abs(alpha), 1.0):
+                status = 3
+                break
+        h = h * growth
+    if status == 1 and alpha >= t_end:
+        status = 0
+    clock[0] = alpha
+    clock[1] = h
+    return status
 

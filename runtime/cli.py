@@ -19,7 +19,9 @@ from derive.models import MODEL_NAMES, get_model
 
 from .init import Init, sampled_init
 from .integrate import (
+    ATOL,
     METHODS,
+    RTOL,
     FlowDiverged,
     LARGE_STATE,
     FlowInterrupted,
@@ -95,6 +97,11 @@ SEED = _number(int, 0, "a whole number >= 0 (a numpy seed)")
 def _check_steps(args) -> None:
     """--t-max, --record-every against the step (--dt, or 1/--n for a simulation),
     by the options' names, before anything is computed."""
+    if args.command == "flow" and args.method == "adaptive":
+        # steps set by the tolerances; the records come from the dense output
+        every = args.record_every if args.record_every is not None else args.dt
+        steps_for(args.t_max, every, "--t-max", "--record-every" if args.record_every else "--dt")
+        return
     if args.command == "flow":
         step, step_name = args.dt, "--dt"
     else:
@@ -130,7 +137,8 @@ def _config(args, params: dict) -> dict:
     """What a command computes: its options, with the parameters as resolved and an
     init file by its content; the options of a sampled start are left out when an
     init file gives the start (all but N and the seed for a simulation)."""
-    config = {k: v for k, v in vars(args).items() if k != "set"}
+    # the tolerances only when given (method adaptive), so that other runs keep their folders
+    config = {k: v for k, v in vars(args).items() if k != "set" and not (k in TOLERANCES and v is None)}
     if args.init:
         unused = ("K", "M", "sigma0") if args.command == "simulate" else ("K", "M", "sigma0", "seed", "n")
         config = {k: v for k, v in config.items() if k not in unused}
@@ -140,6 +148,8 @@ def _config(args, params: dict) -> dict:
             pass  # reported when the file is read
     return {**config, "params": params}
 
+
+TOLERANCES = ("rtol", "atol")
 
 # The options of a sampled start and their defaults (flow: and --n, the N of the
 # sampled network); None on the parser, so that a value given with --init is seen.
@@ -202,8 +212,23 @@ def _add_common(p: argparse.ArgumentParser, flow_cmd: bool) -> None:
     p.add_argument("--out", help="output directory (default: runs/<kind>-<model>-<config hash>)")
     p.add_argument("--no-progress", action="store_true")
     if flow_cmd:
-        p.add_argument("--dt", type=POSITIVE, required=True, help="the step in alpha")
-        p.add_argument("--method", default="euler", choices=METHODS)
+        p.add_argument(
+            "--dt", type=POSITIVE, required=True, help="the step; with --method adaptive, the first step"
+        )
+        p.add_argument(
+            "--method",
+            default="euler",
+            choices=METHODS,
+            help="euler, rk4 (fixed steps of --dt; --record-every a multiple of it), or adaptive "
+            "(Dormand-Prince 5(4) with error control: steps set by --rtol and --atol, records "
+            "from its dense output, --t-max a multiple of --record-every)",
+        )
+        p.add_argument(
+            "--rtol", type=POSITIVE, help=f"relative tolerance of --method adaptive (default {RTOL:g})"
+        )
+        p.add_argument(
+            "--atol", type=POSITIVE, help=f"absolute tolerance of --method adaptive (default {ATOL:g})"
+        )
         p.add_argument(
             "--parallel",
             default="auto",
@@ -284,6 +309,8 @@ def cmd_flow(args) -> Path:
             record_every=args.record_every,
             activation=args.activation,
             progress=not args.no_progress,
+            rtol=args.rtol,
+            atol=args.atol,
             parallel={"auto": None, "on": True, "off": False}[args.parallel],
             resume=resume,
             log=_log,

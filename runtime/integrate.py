@@ -1,9 +1,11 @@
-"""Integrating a generated flow (Euler as in the literature, or RK4).
+"""Integrating a generated flow (Euler as in the literature, RK4, or the adaptive
+Dormand-Prince 5(4) pair with error control).
 
-The time loops are the generated ``run_euler`` and ``run_rk4`` (rendered from
-derive/templates/_macros.jinja into every kernel, so numba's cache sees them
-with their right-hand side); this front end checks inputs, runs them in chunks
-for the progress bar, stops on divergence and assembles the trajectory.
+The time loops are the generated ``run_euler``, ``run_rk4`` and ``run_adaptive``
+(rendered from derive/templates/_macros.jinja into every kernel, so numba's cache
+sees them with their right-hand side; the adaptive pair's numbers come from
+derive/integrators.py); this front end checks inputs, runs them in chunks for the
+progress bar and for interrupts, stops on divergence and assembles the trajectory.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from .init import Init
 from .kernels import Kernel, as_kernel, compile_notice, needs_compiling
 from .trajectory import Trajectory, metadata
 
-METHODS = ("euler", "rk4")
+METHODS = ("euler", "rk4", "adaptive")
+# the tolerances of method="adaptive" when none are given
+RTOL = 1e-8
+ATOL = 1e-10
 # The threaded right-hand side (rhs_parallel) shares the pairs (k, l) of dQ among
 # numba's threads. Below PARALLEL_FROM_K student units the threads cost more than
 # they save (two threads, benchmarks/flow_speed.py: 1.25x for two_layer and 1.06x
@@ -65,13 +70,17 @@ class FlowDiverged(RuntimeError):
     """The state stopped being finite; ``alpha`` says where, ``trajectory`` holds
     the records before it (marked partial), if any."""
 
-    def __init__(self, alpha: float, model: str, trajectory: Trajectory | None = None):
+    def __init__(
+        self,
+        alpha: float,
+        model: str,
+        trajectory: Trajectory | None = None,
+        reason: str = "state no longer finite",
+        hint: str = "try a smaller dt or learning rate",
+    ):
         self.alpha = alpha
         self.trajectory = trajectory
-        super().__init__(
-            f"the {model} flow diverged at alpha = {alpha:.6g} (state no longer finite); "
-            "try a smaller dt or learning rate"
-        )
+        super().__init__(f"the {model} flow diverged at alpha = {alpha:.6g} ({reason}); {hint}")
 
 
 class FlowInterrupted(KeyboardInterrupt):
@@ -122,12 +131,16 @@ def steps_for(t: float, dt: float, what: str, step_name: str = "dt") -> int:
     return n
 
 
-def run_key(kernel: Kernel, values: dict, y0, c, method: str, dt: float, rec: int, n_steps: int) -> str:
+def run_key(
+    kernel: Kernel, values: dict, y0, c, method: str, dt: float, rec: int, n_steps: int, tolerances=None
+) -> str:
     """What determines a flow's records: a partial trajectory with the same key can
-    be resumed (``flow(..., resume=...)``) and gives the uninterrupted result."""
+    be resumed (``flow(..., resume=...)``) and gives the uninterrupted result (for
+    method="adaptive", to within the tolerances ``(rtol, atol)``)."""
     h = hashlib.sha256()
     what = [kernel.model.name, kernel.activation, kernel.file_hash, sorted(values.items())]
-    h.update(json.dumps([*what, method, repr(dt), rec, n_steps], default=str).encode())
+    more = [repr(float(x)) for x in tolerances] if tolerances is not None else []
+    h.update(json.dumps([*what, method, repr(dt), rec, n_steps, *more], default=str).encode())
     h.update(np.ascontiguousarray(y0, dtype=np.float64).tobytes())
     h.update(np.ascontiguousarray(c, dtype=np.float64).tobytes())
     return h.hexdigest()
@@ -154,6 +167,8 @@ def flow(
     parallel: bool | None = None,
     resume: Trajectory | None = None,
     log=None,
+    rtol: float | None = None,
+    atol: float | None = None,
 ) -> Trajectory:
     """Integrate the flow of ``model`` from ``init`` up to ``alpha = t_max``.
 
@@ -173,6 +188,19 @@ def flow(
     (``metadata["run_key"]`` differs) or a complete one is ignored. ``log``, a
     function of a string, hears of a long run: that a large flow is being prepared,
     and the time per step once the first steps are timed.
+
+    ``method="adaptive"``: the embedded Dormand-Prince 5(4) pair with error control
+    (``run_adaptive``): each step is accepted when its estimated error is within
+    ``atol + rtol |y|`` (root mean square over the state; defaults RTOL and ATOL),
+    and sets the next step. ``dt`` is then only the first step; ``record_every``
+    (default ``dt``) need not be a multiple of it, but ``t_max`` must be a multiple
+    of ``record_every``. The records come from the pair's continuous extension (of
+    order 4), so they do not restrict the steps. The metadata count the
+    right-hand-side evaluations and the accepted and rejected steps. A state whose
+    slope is not finite, or a step that must shrink below about 1e-15 alpha, stops
+    the flow with ``FlowDiverged``. A resumed adaptive run restarts its steps at
+    the last record with the step ``dt``: the same as the uninterrupted run to
+    within the tolerances, not to the bit.
     """
     kernel = as_kernel(model, activation)
     name = kernel.model.name
@@ -181,6 +209,12 @@ def flow(
     values = kernel.model.resolve_params(params)
     kernel.model.check_flow(values)
     init = init.validate(kernel.model)
+    if method == "adaptive":
+        return _flow_adaptive(
+            kernel, init, values, t_max, dt, record_every, rtol, atol, progress, parallel, resume, log
+        )
+    if rtol is not None or atol is not None:
+        raise ValueError(f"rtol and atol are for method='adaptive', not {method!r}")
     n_steps = steps_for(t_max, dt, "t_max")
     rec = steps_for(record_every if record_every is not None else dt, dt, "record_every")
     if n_steps % rec:
@@ -271,6 +305,123 @@ def flow(
     return _assemble(kernel, traj, c, p, K, M, np.arange(n_rec + 1) * (rec * dt), values, extra)
 
 
+def _flow_adaptive(
+    kernel, init, values, t_max, dt, record_every, rtol, atol, progress, parallel, resume, log
+):
+    """``flow`` with method="adaptive" (its docstring), after the common checks."""
+    name = kernel.model.name
+    rtol = RTOL if rtol is None else rtol
+    atol = ATOL if atol is None else atol
+    if not (math.isfinite(rtol) and rtol > 0):
+        raise ValueError(f"rtol must be a positive number, got {rtol}")
+    if not (math.isfinite(atol) and atol >= 0):
+        raise ValueError(f"atol must be a number >= 0, got {atol}")
+    if not (dt > 0 and math.isfinite(dt)):
+        raise ValueError(f"dt (the first step) must be a positive number, got {dt}")
+    every = record_every if record_every is not None else dt
+    n_rec = steps_for(t_max, every, "t_max", "record_every")
+    K, M = init.K, init.M
+    y = kernel.pack_state(init.arrays(), K, M)
+    c = kernel.pack_consts(init.arrays(), K, M)
+    p = kernel.param_vector(values)
+    check_trajectory_size(n_rec + 1, y.size, "record_every")
+    key = run_key(kernel, values, y, c, "adaptive", dt, n_rec, n_rec, (rtol, atol, every))
+    traj = np.empty((n_rec + 1, y.size))
+    traj[0] = y
+    done = 0  # records made
+    # counts: right-hand-side evaluations, accepted steps, rejected steps, the next record,
+    # whether the last step was rejected (run_adaptive in derive/templates/_macros.jinja)
+    counts = np.zeros(5, np.int64)
+    if resume is not None and resume.metadata.get("run_key") == key and not resume.metadata.get("complete"):
+        n = len(resume.arrays["alpha"])
+        if 1 <= n <= n_rec + 1:
+            traj[:n] = np.concatenate(
+                [resume.arrays[k].reshape(n, -1) for k, _ in kernel.module.STATE], axis=1
+            )
+            done = n - 1
+            y = traj[done].copy()
+            for i, k in enumerate(COUNTS):
+                counts[i] = int(resume.metadata.get(k, 0))
+    alpha0 = t_max if done == n_rec else done * every
+    counts[3] = done + 1
+    if log and y.size >= LARGE_STATE:
+        log(f"preparing the {name} flow of K = {K}, M = {M} ({y.size} numbers in the state)")
+    run = kernel.module.run_adaptive
+    # the time of the serial loop, estimated by RK4 steps of dt (more than the adaptive run takes)
+    n_est = max(1, round((t_max - alpha0) / dt))
+    if use_parallel(parallel, K, _serial_estimate(kernel.module.run_rk4, y, c, p, K, M, dt, n_est)):
+        run = kernel.module.run_adaptive_parallel
+    extra = {"t_max": t_max, "dt": dt, "method": "adaptive", "record_every": every}
+    extra.update({"rtol": rtol, "atol": atol, "run_key": key})
+    if done:
+        extra["resumed_from_alpha"] = alpha0
+
+    def tally() -> dict:
+        return {k: int(counts[i]) for i, k in enumerate(COUNTS)}
+
+    def partial(n_records: int, stopped: str) -> Trajectory:
+        alpha = record_times(n_records, every, t_max, n_rec)
+        more = {"complete": False, "alpha_reached": float(alpha[-1]), "stopped": stopped, **tally()}
+        return _assemble(kernel, traj[:n_records], c, p, K, M, alpha, values, {**extra, **more})
+
+    bar = _bar(n_rec, progress, f"flow {name}", "record")
+    if bar:
+        bar.update(done)
+    clock = np.array([alpha0, dt])
+    k1 = np.empty_like(y)
+    # compiled or loaded from the cache (no step tried), so that the first chunk times steps
+    scratch = (np.empty((1, y.size)), clock.copy(), counts.copy(), k1)
+    run(y.copy(), c, p, K, M, t_max, rtol, atol, 0, every, *scratch, False)
+    chunk = 1  # steps tried per call, adapted to about CHUNK_SECONDS
+    fresh = True  # the first call computes the slope at the start
+    first = True
+    try:
+        while True:
+            before = int(counts[3])
+            t0 = time.perf_counter()
+            status = run(y, c, p, K, M, t_max, rtol, atol, chunk, every, traj, clock, counts, k1, fresh)
+            elapsed = time.perf_counter() - t0
+            fresh = False
+            made = int(counts[3]) - 1  # the last record made
+            if bar:
+                bar.update(made + 1 - before)
+            if status == 0:
+                break
+            if status in (2, 3):
+                why = "slope no longer finite" if status == 2 else "step size underflow"
+                hint = "try a smaller learning rate" + (" or tolerance" if status == 3 else "")
+                raise FlowDiverged(float(clock[0]), name, partial(made + 1, "diverged"), why, hint)
+            if log and first:
+                left = (t_max - clock[0]) / max(clock[0] - alpha0, 1e-300) * elapsed
+                if left > LOG_SECONDS and clock[0] > alpha0:
+                    log(f"flow {name}: {elapsed / chunk * 1e3:.3g} ms per step, about {left:.0f} s to go")
+            first = False
+            chunk = int(min(max(chunk * CHUNK_SECONDS / max(elapsed, 1e-6), chunk / 4, 1), chunk * 8))
+    except KeyboardInterrupt:
+        made = int(counts[3]) - 1
+        raise FlowInterrupted(
+            float(record_times(made + 1, every, t_max, n_rec)[-1]), partial(made + 1, "interrupted")
+        ) from None
+    finally:
+        if bar:
+            bar.close()
+    alpha = record_times(n_rec + 1, every, t_max, n_rec)
+    return _assemble(kernel, traj, c, p, K, M, alpha, values, {**extra, **tally()})
+
+
+# the counts of an adaptive flow in its metadata, in the order of run_adaptive's counts
+COUNTS = ("rhs_evaluations", "steps_accepted", "steps_rejected")
+
+
+def record_times(n_records: int, every: float, t_max: float, n_rec: int) -> np.ndarray:
+    """The first ``n_records`` of the times ``j * every`` (j = 0..n_rec), the last
+    being ``t_max`` itself (where run_adaptive writes it)."""
+    alpha = np.arange(n_records) * every
+    if n_records == n_rec + 1:
+        alpha[-1] = t_max
+    return alpha
+
+
 def check_trajectory_size(n_records: int, size: int, hint: str) -> None:
     """Refuse a trajectory (n_records, size) of float64 larger than the memory."""
     need = n_records * size * 8
@@ -319,9 +470,9 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _bar(total: int, enabled: bool, desc: str):
+def _bar(total: int, enabled: bool, desc: str, unit: str = "step"):
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", leave=False, mininterval=0.5)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, mininterval=0.5)

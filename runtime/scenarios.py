@@ -162,6 +162,24 @@ def summarise(fl: Trajectory) -> dict:
     return out
 
 
+def escape_alpha(fl: Trajectory, symmetric: Trajectory, margin: float = 0.01) -> float:
+    """Where ``fl`` leaves the permutation-symmetric plateau: the first alpha at which
+    its eps_meta falls ``margin`` below that of ``symmetric``, the flow from the
+    exactly symmetric start (``reference_init(0)``, which stays on the plateau),
+    recorded at the same times; linear between records, nan if it never does."""
+    if not np.array_equal(fl.alpha, symmetric.alpha):
+        raise ValueError("the flow and the symmetric flow must be recorded at the same times")
+    gap = symmetric.eps_meta - margin - fl.eps_meta  # > 0 once escaped
+    idx = np.nonzero(gap > 0)[0]
+    if idx.size == 0:
+        return float("nan")
+    i = int(idx[0])
+    if i == 0:
+        return float(fl.alpha[0])
+    a0, a1, g0, g1 = fl.alpha[i - 1], fl.alpha[i], gap[i - 1], gap[i]
+    return float(a0 + (a1 - a0) * (-g0) / (g1 - g0))
+
+
 # --------------------------------------------------------------------------- studies
 def _curves(ax, runs, metric, logy=True):
     for label, tr in runs:
@@ -420,4 +438,4 @@ def validate(sizes=(250, 1000), seeds: int = 10, t_max: float = 2.0, progress: b
     return rows
 
 
-__all__ = ["REFERENCE", "STUDIES", "main_job", "reference_init", "run_study", "validate"]
+__all__ = ["REFERENCE", "STUDIES", "escape_alpha", "main_job", "reference_init", "run_study", "validate"]

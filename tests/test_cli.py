@@ -101,6 +101,49 @@ def test_flow_command_rk4_differs_from_euler(init_file, tmp_path):
     assert json.loads((outs["rk4"] / "metadata.json").read_text())["method"] == "rk4"
 
 
+def test_flow_command_adaptive(init_file, tmp_path):
+    """--method adaptive with its tolerances: --dt is the first step, --record-every
+    need not be a multiple of it; the counts are in the metadata; the same numbers as
+    the Python call."""
+    out = tmp_path / "adaptive"
+    cmd = "flow --model two_layer --t-max 1 --dt 0.3 --record-every 0.25 --method adaptive --no-progress"
+    res = run(
+        "runtime",
+        *cmd.split(),
+        "--rtol",
+        "1e-9",
+        "--atol",
+        "1e-11",
+        "--init",
+        str(init_file),
+        "--out",
+        str(out),
+    )
+    assert res.returncode == 0, res.stderr
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["method"] == "adaptive" and meta["rtol"] == 1e-9 and meta["atol"] == 1e-11
+    assert meta["rhs_evaluations"] == 1 + 6 * (meta["steps_accepted"] + meta["steps_rejected"])
+    init = Init.from_file(init_file, runtime.load("two_layer").model)
+    py = runtime.flow(
+        "two_layer", init, {}, t_max=1.0, dt=0.3, record_every=0.25, method="adaptive", rtol=1e-9, atol=1e-11
+    )
+    with np.load(out / "trajectory.npz") as tr:
+        assert tr["Q"].shape == (5, 3, 3)
+        assert np.array_equal(tr["Q"], py.Q)
+    # tolerances belong to the adaptive method
+    bad = run(
+        "runtime",
+        *cmd.replace("adaptive", "rk4").split(),
+        "--rtol",
+        "1e-9",
+        "--init",
+        str(init_file),
+        "--out",
+        str(tmp_path / "bad"),
+    )
+    assert bad.returncode != 0 and "rtol and atol are for method='adaptive'" in bad.stderr
+
+
 def test_simulate_command(tmp_path):
     out = tmp_path / "sim"
     cmd = "simulate --model scm --n 200 --seeds 3 --t-max 0.5 --no-progress"
