@@ -97,6 +97,10 @@ SEED = _number(int, 0, "a whole number >= 0 (a numpy seed)")
 def _check_steps(args) -> None:
     """--t-max, --record-every against the step (--dt, or 1/--n for a simulation),
     by the options' names, before anything is computed."""
+    if args.command == "flow" and args.method != "adaptive":
+        given = [f"--{k}" for k in ("rtol", "atol") if getattr(args, k) is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)}: tolerances of --method adaptive, not {args.method}")
     if args.command == "flow" and args.method == "adaptive":
         # steps set by the tolerances; the records come from the dense output
         every = args.record_every if args.record_every is not None else args.dt

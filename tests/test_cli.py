@@ -141,7 +141,7 @@ def test_flow_command_adaptive(init_file, tmp_path):
         "--out",
         str(tmp_path / "bad"),
     )
-    assert bad.returncode != 0 and "rtol and atol are for method='adaptive'" in bad.stderr
+    assert bad.returncode == 2 and "--rtol: tolerances of --method adaptive, not rk4" in bad.stderr
 
 
 def test_simulate_command(tmp_path):
