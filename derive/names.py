@@ -33,6 +33,10 @@ _GROUPS = {
     ),
     "a module constant": "MODEL ACTIVATION INPUTS_SHA256 PARAMS STATE CONSTS VECTORS METRICS SAMPLES",
     "the inner loop's readout map": "A_S",
+    "a variable of the adaptive integrator": (
+        "alpha alpha_new at atol attempt clock counts e err2 final fresh growth h last_record "
+        "max_attempts rtol scale status t_end theta y_new"
+    ),
 }
 
 _KERNELS = "the generated kernels use it as "

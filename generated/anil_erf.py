@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 9d8432d1ae09b8c1c3695570bdb3396e68d25e8adf3efa07cd43a53b46e9e066
+# inputs:     sha256 a99b6680174e6cd7ea451560e46130882c202af5f2f05dd4d480a02c3163ff1c
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 854 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "9d8432d1ae09b8c1c3695570bdb3396e68d25e8adf3efa07cd43a53b46e9e066"
+INPUTS_SHA256 = "a99b6680174e6cd7ea451560e46130882c202af5f2f05dd4d480a02c3163ff1c"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

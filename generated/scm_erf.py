@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 cfd8c93b0f0ffcc1a94b07d0be9f39dffcbef72aed1d5732f8566d88eeb09693
+# inputs:     sha256 475bc2e2e3f5673f2e8caa956e47a557d823b1f56b4d56232549683452612e5b
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "cfd8c93b0f0ffcc1a94b07d0be9f39dffcbef72aed1d5732f8566d88eeb09693"
+INPUTS_SHA256 = "475bc2e2e3f5673f2e8caa956e47a557d823b1f56b4d56232549683452612e5b"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 69dadc7896a9f3099e664ead65383193928d6e09324899a0b3a0151608436e41
+# inputs:     sha256 a69c54b83a04df381aa39c0ed4e9bfb1c6f5d420993138e5da233a3caa261eb4
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "69dadc7896a9f3099e664ead65383193928d6e09324899a0b3a0151608436e41"
+INPUTS_SHA256 = "a69c54b83a04df381aa39c0ed4e9bfb1c6f5d420993138e5da233a3caa261eb4"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 8a5c338c81974240e6342160360595cd28b82bf2141b025304340890b3e70931
+# inputs:     sha256 a8fe97478d9137321b1667d55e69571a17d1c1e64b629544de84f9a2f186dd6e
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "8a5c338c81974240e6342160360595cd28b82bf2141b025304340890b3e70931"
+INPUTS_SHA256 = "a8fe97478d9137321b1667d55e69571a17d1c1e64b629544de84f9a2f186dd6e"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
