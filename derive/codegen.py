@@ -37,9 +37,10 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 KERNEL_TEMPLATE = "kernel.py.jinja"
 
 
-def environment() -> jinja2.Environment:
+def environment(folder: Path = TEMPLATES) -> jinja2.Environment:
+    """The jinja environment of the templates in ``folder`` (the kernels', or the docs')."""
     return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        loader=jinja2.FileSystemLoader(str(folder)),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,

@@ -14,37 +14,25 @@ derive check`` compares docs/ with a fresh rendering, byte for byte.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 import math
 from pathlib import Path
 
-import jinja2
 import sympy as sp
 
-from .codegen import ROOT
+from .codegen import ROOT, environment
 from .flow import build_flow
 from .model import Model, Param
 from . import models as models_package
 from .models import MODEL_NAMES, get_model, model_file
 from .show import latex_equations, signed, tex, tex_name
+from .regenerate import differences
 from .symbols import STUDENT, K, field_doc, field_kind, zeta
 
 DOCS = ROOT / "docs"
 TEMPLATES = Path(__file__).resolve().parent / "templates" / "docs"
 INDEX = "README.md"
-
-
-def environment() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
 
 
 def page_name(model: str) -> str:
@@ -249,12 +237,12 @@ def render_model_page(model: Model, source: str | None = None, prose: str | None
     ctx = model_context(model, source)
     if prose is not None:
         ctx["prose"] = prose
-    return environment().get_template("model.md.jinja").render(**ctx)
+    return environment(TEMPLATES).get_template("model.md.jinja").render(**ctx)
 
 
 def render_index(models=MODEL_NAMES) -> str:
     rows = [{"name": n, "doc": get_model(n).doc, "page": page_name(n)} for n in models]
-    return environment().get_template("index.md.jinja").render(models=rows)
+    return environment(TEMPLATES).get_template("index.md.jinja").render(models=rows)
 
 
 def render_docs(models=None) -> dict[str, str]:
@@ -302,23 +290,7 @@ def check_docs(out: Path = DOCS, models=None) -> tuple[bool, str]:
     """Compare the generated pages of ``models`` (default: all) in ``out`` with a fresh rendering."""
     files = render_docs(models)
     have = _existing(out, models)
-    report = []
-    for rel in sorted(set(files) | have):
-        if rel not in have:
-            report.append(f"missing: docs/{rel}")
-            continue
-        if rel not in files:
-            report.append(f"orphan (no model produces it): docs/{rel}")
-            continue
-        old = (out / rel).read_text(encoding="utf-8")
-        if old != files[rel]:
-            diff = difflib.unified_diff(
-                old.splitlines(keepends=True),
-                files[rel].splitlines(keepends=True),
-                f"docs/{rel} (committed)",
-                f"docs/{rel} (regenerated)",
-            )
-            report.append("".join(diff))
+    report = differences(files, have, out, "docs")
     if report:
         fix = "python -m derive docs" + "".join(f" {m}" for m in models or ())
         report.append(f"docs/ is out of date; fix with: {fix}")

@@ -94,27 +94,34 @@ def regenerate(out: Path = GENERATED, progress=None, models=None) -> list[str]:
     return list(files)
 
 
-def check(out: Path = GENERATED, models=None) -> tuple[bool, str]:
-    """Compare the files of ``models`` (default: all) in ``out`` with a fresh rendering."""
-    files = render_all(models=models)
-    have = {p.name for p in out.glob("*.py") if _owned(p.name, models)} if out.is_dir() else set()
+def differences(files: dict[str, str], have: set[str], out: Path, label: str) -> list[str]:
+    """What differs between the fresh rendering ``files`` (name -> text) and the files
+    ``have`` in ``out`` (shown as ``label/NAME``): missing, orphaned, or a unified diff."""
     report = []
     for name in sorted(set(files) | have):
         if name not in have:
-            report.append(f"missing: generated/{name}")
+            report.append(f"missing: {label}/{name}")
             continue
         if name not in files:
-            report.append(f"orphan (no model produces it): generated/{name}")
+            report.append(f"orphan (no model produces it): {label}/{name}")
             continue
         old = (out / name).read_text(encoding="utf-8")
         if old != files[name]:
             diff = difflib.unified_diff(
                 old.splitlines(keepends=True),
                 files[name].splitlines(keepends=True),
-                f"generated/{name} (committed)",
-                f"generated/{name} (regenerated)",
+                f"{label}/{name} (committed)",
+                f"{label}/{name} (regenerated)",
             )
             report.append("".join(diff))
+    return report
+
+
+def check(out: Path = GENERATED, models=None) -> tuple[bool, str]:
+    """Compare the files of ``models`` (default: all) in ``out`` with a fresh rendering."""
+    files = render_all(models=models)
+    have = {p.name for p in out.glob("*.py") if _owned(p.name, models)} if out.is_dir() else set()
+    report = differences(files, have, out, "generated")
     fix = "python -m derive regenerate" + "".join(f" {m}" for m in models or ())
     if report:
         report.append(f"generated/ is out of date; fix with: {fix}")

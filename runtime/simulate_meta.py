@@ -115,7 +115,8 @@ class Task(NamedTuple):
     """One task's draws: the task readouts ``v_task`` (the law's vector), the task
     teacher ``Bt`` (the last teacher family the model perturbs, else ``B``), the
     support inputs and noise (samples mode; None in population mode), the query
-    inputs and noise; ``teachers``: every teacher family's vectors by name."""
+    inputs and noise; ``teachers``: every teacher family's vectors by name; ``xi``
+    the task noise the law read, ``vectors`` the model's vectors it was drawn with."""
 
     v_task: np.ndarray
     Bt: np.ndarray
@@ -124,6 +125,8 @@ class Task(NamedTuple):
     Xq: np.ndarray
     zq: np.ndarray
     teachers: dict
+    xi: np.ndarray
+    vectors: dict
 
 
 def _lambdify(args, exprs):
@@ -145,21 +148,11 @@ class _Concrete:
         sub = {p.symbol: values[p.name] for p in model.params}
         self.sources = field_sources(model)
         fams = [s_.family for s_ in self.sources]
-        self.c = c = sp.IndexedBase("c_inner")
+        c = sp.IndexedBase("c_inner")
         self.law_vector = next(tv for tv in model.task_vectors if tv.law is not None)
-        self.vectors = [v.base for v in model.vectors]
+        vectors = [v.base for v in model.vectors]
         tasks = [tv.base for tv in model.task_vectors]
-        da = inner.da.base
-        self.args = (*fams, zeta, c, *self.vectors, *tasks, inner.noise.base, da)
-        self.names = (
-            *[str(f) for f in fams],
-            "zeta",
-            "c",
-            *[v.name for v in model.vectors],
-            *[tv.name for tv in model.task_vectors],
-            "xi",
-            "da",
-        )
+        self.args = (*fams, zeta, c, *vectors, *tasks, inner.noise.base, inner.da.base)
 
         def conc(e, act=activation):
             return concrete(sp.sympify(e).subs(sub), K, M, act)
@@ -184,7 +177,6 @@ class _Concrete:
             raise ValueError(f"model {model.name!r}: the support loss must be quadratic in the readout")
         zero = {c[k]: 0 for k in ks}
         fs = [-gr.xreplace(zero) for gr in grad]
-        self.Hs_exprs, self.fs_exprs = Hs, fs
         act = get_activation(activation)
 
         def with_act(e):
@@ -223,6 +215,7 @@ class _Concrete:
         (_, Gk) = model.first_layer.sample_gradient(loss)
         self.query_G = _lambdify(self.args, [conc(Gk.xreplace({k_: sp.Integer(k)})) for k in ks])
         self.query_b = _lambdify(self.args, [conc(sp.diff(loss, adapted[sp.Integer(k)])) for k in ks])
+        self.query_loss = _lambdify(self.args, [conc(loss)])
         rules = model.readout_updates
         if len(rules) > 1 or (rules and rules[0].vector != inner.start):
             raise ValueError(
@@ -325,7 +318,7 @@ class MetaStep:
         Xq = rng.standard_normal((self.n_q, N))
         zq = rng.standard_normal(self.n_q)
         law = self._law(xi, vectors)
-        return Task(law, Bt, Xs, zs, Xq, zq, {**teachers, "_xi": xi, "_vectors": dict(vectors)})
+        return Task(law, Bt, Xs, zs, Xq, zq, teachers, xi, dict(vectors))
 
     def _law(self, xi, vectors):
         """The law's vector for the task noise ``xi`` (written out at M, and at the K of
@@ -382,7 +375,7 @@ class MetaStep:
 
     def _regulariser(self, cc, a, task):
         K = cc.K
-        args = self._args(cc, vectors={**task.teachers["_vectors"], self.model.inner_loop.start.name: a})
+        args = self._args(cc, vectors={**task.vectors, self.model.inner_loop.start.name: a})
         r = _values(cc.regulariser, args)
         return r[: K * K].reshape(K, K), r[K * K :], _values(cc.regulariser_da, args).reshape(K, K)
 
@@ -405,7 +398,7 @@ class MetaStep:
         tasks = {cc.law_vector.name: task.v_task, inner.adapted.name: c}
         if optimal is not None and inner.optimal is not None:
             tasks[inner.optimal.name] = optimal
-        vectors = dict(task.teachers["_vectors"])
+        vectors = dict(task.vectors)
         if a is not None:
             vectors[inner.start.name] = a
         fields = self._fields(W, task, task.Xq)
@@ -420,9 +413,6 @@ class MetaStep:
         """The mean per-sample loss over the query samples with the adapted readout
         held at ``c`` (the inner loop frozen)."""
         cc, args = self._query_args(W, c, task, a=a)
-        loss = self.model.sample_loss
-        if not hasattr(cc, "query_loss"):
-            cc.query_loss = _lambdify(cc.args, [concrete(loss.subs(_sub(self)), cc.K, cc.M, self.activation)])
         return float(np.mean(_values(cc.query_loss, args, n=self.n_q)))
 
     def metric_samples(self, W, a, task, optimal=None):
