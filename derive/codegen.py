@@ -448,7 +448,7 @@ def _task_context(ir: FlowIR, names, where, frows) -> dict | None:
             if name.startswith("mu_"):
                 continue  # returned by task_moments directly
             x, y = (by_name[n] for n in name[2:].split("__"))
-            cov = meta.covariance_component(x, y, inner.noise)
+            cov = meta.covariance_component(x, y, inner.noise, meta.support_families(inner))
             dims = [_bound(i) for i in cov.free]
             assign = {"kind": "assign", "comp": _comp(cov, names, frows)}
             if {x.name, y.name} & sens:
@@ -463,6 +463,7 @@ def _task_context(ir: FlowIR, names, where, frows) -> dict | None:
         return opt is not None and any(opt in str(b)[2:].split("__") or str(b) == f"mu_{opt}" for b in bases)
 
     returns = ", ".join(f"mu_{f.name}, L_{f.name}" for f in model.random_families)
+    returns += "".join(f", {meta.SUPPORT_COV.format(n)}" for n in meta.support_families(inner))
     return {
         "family_names": ", ".join(f.name for f in model.random_families),
         "returns": returns,

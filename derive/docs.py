@@ -211,7 +211,9 @@ def model_context(model: Model, source: str | None = None) -> dict:
         "metrics": [{"name": tex_name(n).replace("eps", r"\epsilon"), "integrand": tex(e)}
                     for n, e in model.metrics.items()],
         "flow_requires": [
-            {"name": n, "value": _number(v), "why": why} for n, v, why in model.flow_requires
+            {"name": n, "value": _number(v), "why": why,
+             "when": ", ".join(f"{k} = {_number(x)}" for k, x in (w[0] if w else {}).items())}
+            for n, v, why, *w in model.flow_requires
         ],
         "activation": act,
         "flow": equations[:n_flow],

@@ -87,15 +87,15 @@ class _Expander:
                 terms = [t * u for t in terms for u in self.run(e.base)]
             return terms
         if isinstance(e, sp.Sum):
-            if len(e.limits) != 1:
-                return self.run(sp.Sum(sp.Sum(e.function, *e.limits[1:]), e.limits[0]))
-            idx, lo, hi = e.limits[0]
-            index_kind(idx)  # raises on a range that is not 0..K-1 or 0..M-1
-            if lo != 0 or hi != idx.upper:
-                raise ValueError(f"sum over {idx} must run over all units, got {lo}..{hi}")
-            new = self.fresh(idx)
-            body = self.run(e.function.subs(idx, new))
-            return [RawTerm(t.coeff, (new,) + t.sums, t.factors, t.zeta_power) for t in body]
+            # sympy keeps nested sums as one Sum with several limits
+            body, new = e.function, []
+            for idx, lo, hi in e.limits:
+                index_kind(idx)  # raises on a range that is not 0..K-1 or 0..M-1
+                if lo != 0 or hi != idx.upper:
+                    raise ValueError(f"sum over {idx} must run over all units, got {lo}..{hi}")
+                new.append(self.fresh(idx))
+                body = body.subs(idx, new[-1])
+            return [RawTerm(t.coeff, tuple(new) + t.sums, t.factors, t.zeta_power) for t in self.run(body)]
         if isinstance(e, sp.Function) and e.func in KIND_OF_FUNC:
             (arg,) = e.args
             if not is_field(arg):

@@ -315,6 +315,12 @@ def task_program(model, activation: str, used: dict) -> TaskProgram:
         ]
         fams.append(inner.optimal)
 
+    # 4b. finite support sets (docs/models/anil.md 5.6): the moments of the adapted
+    # readout over the support set, added to the population ones when the support
+    # size is finite
+    if sp.sympify(inner.support) != sp.oo:
+        stmts += _support_moments(inner, laws, comp, assign, step, steps, s, r, nr)
+
     # 5. the forward sensitivities of c^(S), read by the second-order terms only:
     # the recursion differentiated along a direction (dc, dHs, dh)
     dcb, dHb, dhb = sp.IndexedBase("dc"), sp.IndexedBase("dH"), sp.IndexedBase("dh")
@@ -424,13 +430,202 @@ def task_program(model, activation: str, used: dict) -> TaskProgram:
     return TaskProgram(tuple(fams), tuple(stmts))
 
 
-def covariance_component(x, y, noise):
+def _named(kinds, prefix: str) -> tuple[sp.Idx, ...]:
+    return tuple(sp.Idx(f"{prefix}{n}", K if kd == STUDENT else M) for n, kd in enumerate(kinds))
+
+
+def _summed(expr: sp.Expr, idx) -> sp.Expr:
+    for i in reversed(idx):
+        expr = sp.Sum(expr, (i, 0, i.upper))
+    return expr
+
+
+# the support-set covariance of the adapted readout, added to L L^T by covariance_component
+SUPPORT_COV = "V_{}"
+
+
+def _support_moments(inner, laws, comp, assign, step, steps, s, r, nr) -> list:
+    """The moments of the adapted readout over a finite support set of ``n_s``
+    samples (docs/models/anil.md 5.6), to O(1/n_s), exact for one step.
+
+    The sample support gradient at ``c`` is ``(1/n_s) sum_mu A(x^mu) w``, with
+    ``w = (c, the task vectors, 1)`` and ``A`` the per-sample gradient's
+    coefficients (derived from the per-sample loss, checked affine); its
+    fluctuation ``eps(c)`` has covariance ``(1/n_s) N[w, w']``, ``N`` the
+    covariance of the coefficients over the fields (four-factor expectations:
+    G4). The recursion, perturbed to first order in the fluctuation,
+    ``J^(s+1) = P J^s - B eps(c^s)`` (``P = d step / d c``, ``B = d step / d h``),
+    gives the covariance ``V = E[J^S J^S^T]`` (with ``X^s_t = Cov(J^s, eps(c^t))``);
+    to second order, the mean shift ``m^(s+1) = P m^s + D2 : Cov(dH, J^s)``
+    (``D2`` the mixed second derivative of the step in ``H`` and ``c``). Every
+    moment of ``w`` over the task draws is its mean times mean plus its loadings'
+    product: the task average of the support-set moments is exact."""
+    k, l_ = student_index("k"), student_index("l")
+    i_, n_ = student_index("i_"), student_index("n_")
+    c = sp.IndexedBase("c")
+    per = rename_bound(inner.loss(c))  # the regulariser is deterministic: no fluctuation
+    bases = [c, *[tv.base for tv in laws]]
+
+    def zero(e, keep=()):
+        for b in bases:
+            if b not in keep:
+                e = _replace_base(e, b, lambda ix: sp.S.Zero)
+        return e
+
+    # the coefficients of the per-sample gradient: families c, the task vectors, 1
+    fams = [("c", (STUDENT,))] + [(tv.name, tv.kinds) for tv in laws] + [("1", ())]
+    rank = {name: n for n, (name, _) in enumerate(fams)}
+
+    def coefficient(name, kk, ix):
+        grad = sp.diff(per, c[kk])
+        if name == "c":
+            a = sp.diff(grad, c[ix[0]])
+        elif name == "1":
+            a = zero(grad)
+        else:
+            a = zero(sp.diff(grad, laws[rank[name] - 1].base[ix]))
+        if any(_count(t.coeff, bases) for t in expand(a)):
+            raise ValueError(f"the per-sample support gradient of {inner.adapted.name} is not affine in {name}")
+        return a
+
+    def mean(name, at, ix):
+        """Mean over the task draws of family ``name`` (the iterate at step ``at``)."""
+        if name == "c":
+            return sp.IndexedBase("mu_c")[(at,) + ix]
+        return sp.S.One if name == "1" else mean_base(name)[ix]
+
+    def loading(name, at, ix):
+        if name == "c":
+            return sp.IndexedBase("L_c")[(at,) + ix + (r,)]
+        return sp.S.Zero if name == "1" else loading_base(name)[ix + (r,)]
+
+    stmts: list = [Alloc(SUPPORT_COV.format(inner.adapted.name), ("K", "K"))]
+    body: list = []
+    # mean of each coefficient over the fields, then the covariance N of two
+    for name, kinds in fams:
+        ix = _named(kinds, "p")
+        body += [Alloc(f"EA_{name}", ("K", *_dims(kinds))), assign(comp(f"EA_{name}", (k, *ix), coefficient(name, k, ix)))]
+    for P, kp in fams:
+        for Qn, kq in fams[rank[P]:]:
+            ip, iq = _named(kp, "p"), _named(kq, "q")
+            e = coefficient(P, k, ip) * coefficient(Qn, l_, iq)
+            e -= sp.IndexedBase(f"EA_{P}")[(k, *ip)] * sp.IndexedBase(f"EA_{Qn}")[(l_, *iq)]
+            name = f"N_{P}__{Qn}"
+            body += [Alloc(name, ("K", *_dims(kp), "K", *_dims(kq))), assign(comp(name, (k, *ip, l_, *iq), e))]
+
+    def ncov(P, kk, ip, Qn, ll, iq):
+        if rank[P] <= rank[Qn]:
+            return sp.IndexedBase(f"N_{P}__{Qn}")[(kk, *ip, ll, *iq)]
+        return sp.IndexedBase(f"N_{Qn}__{P}")[(ll, *iq, kk, *ip)]
+
+    inv_n = 1 / sp.sympify(inner.support)
+    t = sp.Symbol("t_", integer=True)
+    # Sig[s, t] = Cov(eps(c^s), eps(c^t)), averaged over the task draws
+    sig = sp.S.Zero
+    for P, kp in fams:
+        for Qn, kq in fams:
+            ip, iq = _named(kp, "p"), _named(kq, "q")
+            mom = mean(P, s, ip) * mean(Qn, t, iq) + sp.Sum(loading(P, s, ip) * loading(Qn, t, iq), (r, 0, r.upper))
+            sig += _summed(ncov(P, k, ip, Qn, l_, iq) * mom, ip + iq)
+    # the step's derivatives: P = d step/d c, B = d step/d h, D2 = d2 step/dH dc
+    cb, Hb, hb = sp.IndexedBase("c"), sp.IndexedBase("H_s"), sp.IndexedBase("h")
+    st = rename_bound(step)
+    a_, b_ = student_index("a_"), student_index("b_")
+    dP = sp.diff(st, cb[i_])
+    dB = sp.diff(st, hb[i_])
+    dH = sp.diff(st, Hb[a_, b_])
+    if any(_count(t_.coeff, [cb, Hb, hb]) for t_ in expand(dB)) or any(
+        _count(t_.coeff, [Hb, hb]) for t_ in expand(sp.diff(dH, cb[i_]))
+    ):
+        raise ValueError(f"the inner step of {inner.adapted.name} is not a gradient step on H c - h")
+    # the step must read (H, h) only through the gradient H c - h: dstep/dH_ab = -dstep/dh_a c_b
+    chk = expand(dH + sp.diff(st, hb[a_]) * cb[b_])
+    if any(t_.coeff != 0 for t_ in chk):
+        raise ValueError(f"the inner step of {inner.adapted.name} reads H and h other than through H c - h")
+    D2 = sp.diff(dH, cb[i_])
+    Pm, Bm = sp.IndexedBase("P_"), sp.IndexedBase("B_")
+    V, X, Sg = sp.IndexedBase("V_s"), sp.IndexedBase("X_s"), sp.IndexedBase("Sig_s")
+    Zm, ZL = sp.IndexedBase("Zmu_s"), sp.IndexedBase("ZL_s")
+    mm, mL = sp.IndexedBase("mmu_s"), sp.IndexedBase("mL_s")
+    j1, j2 = student_index("j1_"), student_index("j2_")
+
+    def S2(e, *idx):
+        return _summed(e, idx)
+
+    # V^(s+1) = P V^s P^T + B Sig^ss B^T - P X^s_s B^T - B X^s_s^T P^T
+    Pk = lambda a, b: Pm[a, b]  # noqa: E731
+    Bk = lambda a, b: Bm[a, b]  # noqa: E731
+    v_next = S2(Pk(k, j1) * V[s, j1, j2] * Pk(l_, j2), j1, j2) + S2(Bk(k, j1) * Sg[s, s, j1, j2] * Bk(l_, j2), j1, j2)
+    v_next -= S2(Pk(k, j1) * X[s, s, j1, j2] * Bk(l_, j2), j1, j2) + S2(Bk(k, j1) * X[s, s, j2, j1] * Pk(l_, j2), j1, j2)
+    # X^(s+1)_t = P X^s_t - B Sig^st, for t > s
+    x_next = S2(Pk(k, j1) * X[s, t, j1, l_], j1) - S2(Bk(k, j1) * Sg[s, t, j1, l_], j1)
+    # Z^(s+1)[a, b, n] = Cov(dH_ab, J^(s+1)_n) = sum_m P[n, m] Z^s[a, b, m] - sum_m B[n, m] Cov(dH_ab, eps_m(c^s))
+    zmu_next = S2(Pk(n_, j1) * Zm[s, a_, b_, j1], j1)
+    zL_next = S2(Pk(n_, j1) * ZL[s, a_, b_, j1, r], j1)
+    for Qn, kq in fams:
+        iq = _named(kq, "q")
+        cov = ncov("c", a_, (b_,), Qn, j1, iq)
+        zmu_next -= inv_n * S2(Bk(n_, j1) * _summed(cov * mean(Qn, s, iq), iq), j1)
+        zL_next -= inv_n * S2(Bk(n_, j1) * _summed(cov * loading(Qn, s, iq), iq), j1)
+    # m^(s+1) = P m^s + D2 : Z^s (mean and loading)
+    mmu_next = S2(Pk(k, i_) * mm[s, i_], i_) + S2(D2 * Zm[s, a_, b_, i_], a_, b_, i_)
+    mL_next = S2(Pk(k, i_) * mL[s, i_, r], i_) + S2(D2 * ZL[s, a_, b_, i_, r], a_, b_, i_)
+    adapted = inner.adapted.name
+    body += [
+        Alloc("P_", ("K", "K")),
+        Alloc("B_", ("K", "K")),
+        assign(comp("P_", (k, i_), dP)),
+        assign(comp("B_", (k, i_), dB)),
+        Alloc("Sig_s", ("steps_", "steps_", "K", "K")),
+        Alloc("V_s", ("steps_ + 1", "K", "K")),
+        Alloc("X_s", ("steps_ + 1", "steps_", "K", "K")),
+        Alloc("Zmu_s", ("steps_ + 1", "K", "K", "K")),
+        Alloc("ZL_s", ("steps_ + 1", "K", "K", "K", nr)),
+        Alloc("mmu_s", ("steps_ + 1", "K")),
+        Alloc("mL_s", ("steps_ + 1", "K", nr)),
+        Repeat(
+            "s_",
+            steps,
+            (
+                Repeat("t_", steps, (Guard("t_ >= s_", (assign(comp("Sig_s", (k, l_), inv_n * sig), "Sig_s", ("s_", "t_", "k", "l")),)),)),
+                assign(comp("V_s", (k, l_), v_next), "V_s", ("s_ + 1", "k", "l")),
+                Repeat("t_", steps, (Guard("t_ > s_", (assign(comp("X_s", (k, l_), x_next), "X_s", ("s_ + 1", "t_", "k", "l")),)),)),
+                assign(comp("Zmu_s", (a_, b_, n_), zmu_next), "Zmu_s", ("s_ + 1", "a_", "b_", "n_")),
+                assign(comp("ZL_s", (a_, b_, n_, r), zL_next), "ZL_s", ("s_ + 1", "a_", "b_", "n_", "r_")),
+                assign(comp("mmu_s", (k,), mmu_next), "mmu_s", ("s_ + 1", "k")),
+                assign(comp("mL_s", (k, r), mL_next), "mL_s", ("s_ + 1", "k", "r_")),
+            ),
+        ),
+        assign(comp(f"mu_{adapted}", (k,), mean_base(adapted)[k] + mm[steps, k])),
+        assign(comp(f"L_{adapted}", (k, r), loading_base(adapted)[k, r] + mL[steps, k, r])),
+        assign(comp(SUPPORT_COV.format(adapted), (k, l_), V[steps, k, l_])),
+    ]
+    return stmts + [Guard(f"math.isfinite({_code(inner.support)})", tuple(body))]
+
+
+def _code(e) -> str:
+    from .printer import code
+
+    return code(sp.sympify(e))
+
+
+def support_families(inner) -> tuple[str, ...]:
+    """The task quantities with a support-set covariance (``V_<name>``, returned by
+    the task program beside the means and loadings): the adapted readout when the
+    support set may be finite."""
+    return (inner.adapted.name,) if sp.sympify(inner.support) != sp.oo else ()
+
+
+def covariance_component(x, y, noise, support=()):
     """``S_X__Y[ix, iy] = sum_r L_X[ix, r] L_Y[iy, r]``: the covariance of two task
-    quantities over the draws (docs/models/anil.md 5.3)."""
+    quantities over the draws (docs/models/anil.md 5.3), plus the support-set
+    covariance ``V_X`` for ``X = Y`` in ``support`` (5.6)."""
     from .flow import Component, average
 
     ix = _idx(x.kinds)
     iy = _idx(y.kinds, len(ix))
     r = sp.Idx("r_", K if noise.kind == STUDENT else M)
     e = sp.Sum(loading_base(x.name)[ix + (r,)] * loading_base(y.name)[iy + (r,)], (r, 0, r.upper))
+    if x.name == y.name and x.name in support:
+        e += sp.IndexedBase(SUPPORT_COV.format(x.name))[ix + iy]
     return Component(f"S_{x.name}__{y.name}", ix + iy, average(expand(e), "linear", {}))

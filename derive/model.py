@@ -452,7 +452,8 @@ class Model:
     covariance: dict = field(default_factory=lambda: dict(DEFAULT_COVARIANCE))
     task_vectors: tuple[TaskVector, ...] = ()
     inner_loop: InnerLoop | None = None
-    # (parameter, value the flow needs, why): e.g. finite support sets are simulated only
+    # (parameter, value the flow needs, why[, when]): e.g. finite support sets at second
+    # order are simulated only (when = {"order": 2.0})
     flow_requires: tuple = ()
     # the activations generated/ holds kernels for (derive/activations.py names)
     activations: tuple[str, ...] = ("erf", "linear")
@@ -572,11 +573,16 @@ class Model:
         return out
 
     def check_flow(self, params: dict[str, float]) -> None:
-        """Raise if the flow of this model is not derived for these parameter values."""
-        for name, value, why in self.flow_requires:
-            if params[name] != value:
+        """Raise if the flow of this model is not derived for these parameter values.
+        An entry of ``flow_requires`` is ``(name, value, why)`` or
+        ``(name, value, why, when)``, ``when`` a dict of parameter values under which
+        it applies."""
+        for name, value, why, *when in self.flow_requires:
+            cond = when[0] if when else {}
+            if all(params[k] == v for k, v in cond.items()) and params[name] != value:
+                where = "".join(f" with {k} = {v:g}" for k, v in cond.items())
                 raise ValueError(
-                    f"parameter {name} = {params[name]:g}: the flow needs {name} = {value:g} ({why})"
+                    f"parameter {name} = {params[name]:g}: the flow{where} needs {name} = {value:g} ({why})"
                 )
 
     def numeric(self, expr: sp.Expr, params: dict[str, float]) -> float:

@@ -2,9 +2,9 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 2c52238b4ea6da28fff38c4e70dfda7f24a77d73d51f115844b89de231cf3380
+# inputs:     sha256 4ff5cfc2ade6d7633fd22a0eeb90bf83938d965011462a7a339102f9afba6563
 # versions:   derive 0.1.0, sympy 1.14.0
-# operations: 587 (sympy count_ops of the primitives and coefficients)
+# operations: 592 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
 
 Flat arrays, row-major, in the order of STATE (y), CONSTS (c) and PARAMS (p);
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "2c52238b4ea6da28fff38c4e70dfda7f24a77d73d51f115844b89de231cf3380"
+INPUTS_SHA256 = "4ff5cfc2ade6d7633fd22a0eeb90bf83938d965011462a7a339102f9afba6563"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -45,6 +45,24 @@ def gp(z):
 
 
 # Gaussian primitives, derived by derive/gaussian.py
+@njit(cache=True, error_model="numpy")
+def E_g_g_g_g(C, a, b, c, d):
+    """E[g(u_a) g(u_b) g(u_c) g(u_d)] at covariance C.
+
+    - Stein on u_a
+    - Stein on u_c
+    - Stein on u_b
+    - Stein on u_b
+    """
+    C_ab = C[a, b]
+    C_ac = C[a, c]
+    C_ad = C[a, d]
+    C_bc = C[b, c]
+    C_bd = C[b, d]
+    C_cd = C[c, d]
+    return C_ab*C_cd + C_ac*C_bd + C_ad*C_bc
+
+
 @njit(cache=True, error_model="numpy")
 def I2(C, a, b):
     """E[g(u_a) g(u_b)] at covariance C.
@@ -264,6 +282,238 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                     s0 += H_p[k, j0]*L_h[j0, r_]
                 acc += 1 * s0
                 L_a_best[k, r_] = acc
+    V_adapted = np.zeros((K, K,))
+    if math.isfinite(n_s):
+        EA_c = np.zeros((K, K,))
+        for k in range(K):
+            for p0 in range(K):
+                acc = 0.0
+                acc += I2(C, k, p0)
+                EA_c[k, p0] = acc
+        EA_v_task = np.zeros((K, M,))
+        for k in range(K):
+            for p0 in range(M):
+                acc = 0.0
+                acc += -I2(C, k, K + M + p0)
+                EA_v_task[k, p0] = acc
+        EA_1 = np.zeros((K,))
+        for k in range(K):
+            acc = 0.0
+            EA_1[k] = acc
+        N_c__c = np.zeros((K, K, K, K,))
+        for k in range(K):
+            for p0 in range(K):
+                for l in range(K):
+                    for q0 in range(K):
+                        acc = 0.0
+                        acc += E_g_g_g_g(C, k, l, p0, q0)
+                        acc += -EA_c[k, p0]*EA_c[l, q0]
+                        N_c__c[k, p0, l, q0] = acc
+        N_c__v_task = np.zeros((K, K, K, M,))
+        for k in range(K):
+            for p0 in range(K):
+                for l in range(K):
+                    for q0 in range(M):
+                        acc = 0.0
+                        acc += -E_g_g_g_g(C, k, l, p0, K + M + q0)
+                        acc += -EA_c[k, p0]*EA_v_task[l, q0]
+                        N_c__v_task[k, p0, l, q0] = acc
+        N_c__1 = np.zeros((K, K, K,))
+        for k in range(K):
+            for p0 in range(K):
+                for l in range(K):
+                    acc = 0.0
+                    acc += -EA_1[l]*EA_c[k, p0]
+                    N_c__1[k, p0, l] = acc
+        N_v_task__v_task = np.zeros((K, M, K, M,))
+        for k in range(K):
+            for p0 in range(M):
+                for l in range(K):
+                    for q0 in range(M):
+                        acc = 0.0
+                        acc += E_g_g_g_g(C, k, l, K + M + p0, K + M + q0)
+                        acc += -EA_v_task[k, p0]*EA_v_task[l, q0]
+                        N_v_task__v_task[k, p0, l, q0] = acc
+        N_v_task__1 = np.zeros((K, M, K,))
+        for k in range(K):
+            for p0 in range(M):
+                for l in range(K):
+                    acc = 0.0
+                    acc += -EA_1[l]*EA_v_task[k, p0]
+                    N_v_task__1[k, p0, l] = acc
+        N_1__1 = np.zeros((K, K,))
+        for k in range(K):
+            for l in range(K):
+                acc = 0.0
+                acc += sigma**2*I2(C, k, l)
+                acc += -EA_1[k]*EA_1[l]
+                N_1__1[k, l] = acc
+        P_ = np.zeros((K, K,))
+        B_ = np.zeros((K, K,))
+        for k in range(K):
+            for i_ in range(K):
+                acc = 0.0
+                acc += -alpha_in*H_s[k, i_] + (1.0 if i_ == k else 0.0)
+                P_[k, i_] = acc
+        for k in range(K):
+            for i_ in range(K):
+                acc = 0.0
+                acc += alpha_in*(1.0 if i_ == k else 0.0)
+                B_[k, i_] = acc
+        Sig_s = np.zeros((steps_, steps_, K, K,))
+        V_s = np.zeros((steps_ + 1, K, K,))
+        X_s = np.zeros((steps_ + 1, steps_, K, K,))
+        Zmu_s = np.zeros((steps_ + 1, K, K, K,))
+        ZL_s = np.zeros((steps_ + 1, K, K, K, M,))
+        mmu_s = np.zeros((steps_ + 1, K,))
+        mL_s = np.zeros((steps_ + 1, K, M,))
+        for s_ in range(steps_):
+            for t_ in range(steps_):
+                if t_ >= s_:
+                    for k in range(K):
+                        for l in range(K):
+                            acc = 0.0
+                            acc += N_1__1[k, l]/n_s
+                            s0 = 0.0
+                            for j0 in range(K):
+                                s0 += N_c__1[k, j0, l]*mu_c[s_, j0] + N_c__1[l, j0, k]*mu_c[t_, j0]
+                            acc += 1/n_s * s0
+                            s0 = 0.0
+                            for m0 in range(M):
+                                s0 += (N_v_task__1[k, m0, l] + N_v_task__1[l, m0, k])*mu_v_task[m0]
+                            acc += 1/n_s * s0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                for j1 in range(K):
+                                    s0 += N_c__c[k, j1, l, j0]*mu_c[s_, j1]*mu_c[t_, j0]
+                            acc += 1/n_s * s0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                for m0 in range(M):
+                                    s0 += N_c__v_task[l, j0, k, m0]*mu_c[t_, j0]*mu_v_task[m0]
+                            acc += 1/n_s * s0
+                            s0 = 0.0
+                            for m0 in range(M):
+                                for j0 in range(K):
+                                    s0 += N_c__v_task[k, j0, l, m0]*mu_c[s_, j0]*mu_v_task[m0]
+                            acc += 1/n_s * s0
+                            s0 = 0.0
+                            for m0 in range(M):
+                                for m1 in range(M):
+                                    s0 += N_v_task__v_task[k, m0, l, m1]*mu_v_task[m0]*mu_v_task[m1]
+                            acc += 1/n_s * s0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                for j1 in range(K):
+                                    for m0 in range(M):
+                                        s0 += L_c[s_, j1, m0]*L_c[t_, j0, m0]*N_c__c[k, j1, l, j0]
+                            acc += 1/n_s * s0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                for m0 in range(M):
+                                    for m1 in range(M):
+                                        s0 += L_c[t_, j0, m1]*L_v_task[m0, m1]*N_c__v_task[l, j0, k, m0]
+                            acc += 1/n_s * s0
+                            s0 = 0.0
+                            for m0 in range(M):
+                                for j0 in range(K):
+                                    for m1 in range(M):
+                                        s0 += L_c[s_, j0, m1]*L_v_task[m0, m1]*N_c__v_task[k, j0, l, m0]
+                            acc += 1/n_s * s0
+                            s0 = 0.0
+                            for m0 in range(M):
+                                for m1 in range(M):
+                                    for m2 in range(M):
+                                        s0 += L_v_task[m0, m1]*L_v_task[m2, m1]*N_v_task__v_task[k, m0, l, m2]
+                            acc += 1/n_s * s0
+                            Sig_s[s_, t_, k, l] = acc
+            for k in range(K):
+                for l in range(K):
+                    acc = 0.0
+                    s0 = 0.0
+                    for j0 in range(K):
+                        for j1 in range(K):
+                            s0 += B_[k, j1]*B_[l, j0]*Sig_s[s_, s_, j1, j0] - B_[k, j1]*P_[l, j0]*X_s[s_, s_, j0, j1] - B_[l, j0]*P_[k, j1]*X_s[s_, s_, j1, j0] + P_[k, j1]*P_[l, j0]*V_s[s_, j1, j0]
+                    acc += 1 * s0
+                    V_s[s_ + 1, k, l] = acc
+            for t_ in range(steps_):
+                if t_ > s_:
+                    for k in range(K):
+                        for l in range(K):
+                            acc = 0.0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                s0 += -B_[k, j0]*Sig_s[s_, t_, j0, l] + P_[k, j0]*X_s[s_, t_, j0, l]
+                            acc += 1 * s0
+                            X_s[s_ + 1, t_, k, l] = acc
+            for a_ in range(K):
+                for b_ in range(K):
+                    for n_ in range(K):
+                        acc = 0.0
+                        s0 = 0.0
+                        for j0 in range(K):
+                            s0 += P_[n_, j0]*Zmu_s[s_, a_, b_, j0] - B_[n_, j0]*N_c__1[a_, b_, j0]/n_s
+                        acc += 1 * s0
+                        s0 = 0.0
+                        for j0 in range(K):
+                            for j1 in range(K):
+                                s0 += B_[n_, j0]*N_c__c[a_, b_, j0, j1]*mu_c[s_, j1]
+                        acc += -1/n_s * s0
+                        s0 = 0.0
+                        for j0 in range(K):
+                            for m0 in range(M):
+                                s0 += B_[n_, j0]*N_c__v_task[a_, b_, j0, m0]*mu_v_task[m0]
+                        acc += -1/n_s * s0
+                        Zmu_s[s_ + 1, a_, b_, n_] = acc
+            for a_ in range(K):
+                for b_ in range(K):
+                    for n_ in range(K):
+                        for r_ in range(M):
+                            acc = 0.0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                s0 += P_[n_, j0]*ZL_s[s_, a_, b_, j0, r_]
+                            acc += 1 * s0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                for j1 in range(K):
+                                    s0 += B_[n_, j0]*L_c[s_, j1, r_]*N_c__c[a_, b_, j0, j1]
+                            acc += -1/n_s * s0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                for m0 in range(M):
+                                    s0 += B_[n_, j0]*L_v_task[m0, r_]*N_c__v_task[a_, b_, j0, m0]
+                            acc += -1/n_s * s0
+                            ZL_s[s_ + 1, a_, b_, n_, r_] = acc
+            for k in range(K):
+                acc = 0.0
+                s0 = 0.0
+                for j0 in range(K):
+                    s0 += -alpha_in*Zmu_s[s_, k, j0, j0] + P_[k, j0]*mmu_s[s_, j0]
+                acc += 1 * s0
+                mmu_s[s_ + 1, k] = acc
+            for k in range(K):
+                for r_ in range(M):
+                    acc = 0.0
+                    s0 = 0.0
+                    for j0 in range(K):
+                        s0 += -alpha_in*ZL_s[s_, k, j0, j0, r_] + P_[k, j0]*mL_s[s_, j0, r_]
+                    acc += 1 * s0
+                    mL_s[s_ + 1, k, r_] = acc
+        for k in range(K):
+            acc = 0.0
+            acc += mmu_s[steps_, k] + mu_adapted[k]
+            mu_adapted[k] = acc
+        for k in range(K):
+            for r_ in range(M):
+                acc = 0.0
+                acc += L_adapted[k, r_] + mL_s[steps_, k, r_]
+                L_adapted[k, r_] = acc
+        for k in range(K):
+            for l in range(K):
+                acc = 0.0
+                acc += V_s[steps_, k, l]
+                V_adapted[k, l] = acc
     n2_ = K if (((1) if (order == 2) else (0))) != 0 else 0
     mu_adapted_dQ = np.zeros((K, n2_, n2_,))
     L_adapted_dQ = np.zeros((K, n2_, n2_, M,))
@@ -467,7 +717,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                     acc += L_dc[steps_, j, r_]
                     L_adapted_da[j, a_, r_] = acc
 
-    return mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da
+    return mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted
 
 
 @njit(cache=True, error_model="numpy")
@@ -513,7 +763,7 @@ def rhs_ws(y, c, p, K, M, dy, C):
     eps_B = p[8]
     sigma = p[9]
     covariance(y, c, p, K, M, C)
-    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da = task_moments(y, c, p, K, M, C, False)
+    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted = task_moments(y, c, p, K, M, C, False)
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
     s2_ = 1 if (((1) if (order == 2) else (0))) != 0 else 0
@@ -521,6 +771,7 @@ def rhs_ws(y, c, p, K, M, dy, C):
     for i0 in range(K):
         for i1 in range(K):
             acc = 0.0
+            acc += V_adapted[i0, i1]
             s0 = 0.0
             for m0 in range(M):
                 s0 += L_adapted[i0, m0]*L_adapted[i1, m0]
@@ -809,7 +1060,7 @@ def rhs_parallel(y, c, p, K, M, dy):
     eps_B = p[8]
     sigma = p[9]
     covariance(y, c, p, K, M, C)
-    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da = task_moments(y, c, p, K, M, C, False)
+    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted = task_moments(y, c, p, K, M, C, False)
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
     s2_ = 1 if (((1) if (order == 2) else (0))) != 0 else 0
@@ -817,6 +1068,7 @@ def rhs_parallel(y, c, p, K, M, dy):
     for i0 in range(K):
         for i1 in range(K):
             acc = 0.0
+            acc += V_adapted[i0, i1]
             s0 = 0.0
             for m0 in range(M):
                 s0 += L_adapted[i0, m0]*L_adapted[i1, m0]
@@ -1112,7 +1364,7 @@ def metrics(y, c, p, K, M, out):
     sigma = p[9]
     C = np.empty((K + 2*M, K + 2*M))
     covariance(y, c, p, K, M, C)
-    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da = task_moments(y, c, p, K, M, C, True)
+    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted = task_moments(y, c, p, K, M, C, True)
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
     s2_ = 1 if (((1) if (order == 2) else (0))) != 0 else 0
@@ -1129,6 +1381,7 @@ def metrics(y, c, p, K, M, out):
     for i0 in range(K):
         for i1 in range(K):
             acc = 0.0
+            acc += V_adapted[i0, i1]
             s0 = 0.0
             for m0 in range(M):
                 s0 += L_adapted[i0, m0]*L_adapted[i1, m0]

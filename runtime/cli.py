@@ -32,7 +32,7 @@ from .integrate import (
 )
 from .output import check_out_dir, write_text
 from .plots import plot_metric, plot_metrics
-from .scenarios import REFERENCE, STUDIES, VALIDATION_MIN_N, VALIDATION_RECORD, main_job, run_study, validate
+from .scenarios import REFERENCE, STUDIES, VALIDATION_MIN_N, VALIDATION_RECORD, main_job, run_study, validate, validate_support
 from .simulate import simulate
 from .trajectory import Trajectory, jsonable
 
@@ -399,6 +399,11 @@ def cmd_study(args) -> Path:
 
 
 def cmd_validate(args) -> Path:
+    defaults = {"sizes": [1000, 4000], "seeds": 20, "t_max": 4.0} if args.support else {
+        "sizes": [250, 1000], "seeds": 10, "t_max": 2.0}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.seeds < 2:
         raise ValueError(f"--seeds must be >= 2 (a standard error needs two runs), got {args.seeds}")
     steps_for(args.t_max, VALIDATION_RECORD, "--t-max", f"{VALIDATION_RECORD:g} (the recording interval)")
@@ -412,8 +417,11 @@ def cmd_validate(args) -> Path:
                 "of steps 1/N (an even N)"
             )
         steps_for(args.t_max, 1.0 / N, "--t-max", f"1/N (--sizes {N})")
-    out = check_out_dir(args.out or RUNS / "validation")
-    rows = validate(sizes=tuple(args.sizes), seeds=args.seeds, t_max=args.t_max)
+    out = check_out_dir(args.out or RUNS / ("validation-support" if args.support else "validation"))
+    if args.support:
+        rows = validate_support(sizes=tuple(args.sizes), seeds=args.seeds, t_max=args.t_max)
+    else:
+        rows = validate(sizes=tuple(args.sizes), seeds=args.seeds, t_max=args.t_max)
     if not all(row["agree"] for row in rows):
         args.exit_code = 1  # the results are written; the verdict is the exit code
     write_text(out / "validation.json", json.dumps(jsonable(rows), indent=2, allow_nan=False) + "\n")
@@ -459,10 +467,14 @@ def _main(argv: list[str] | None = None) -> int:
     p_study.add_argument("name", choices=[*STUDIES, "all"])
     p_study.add_argument("--out", help="output directory (default runs/studies)")
     p_val = sub.add_parser("validate", help="flow against simulation at two sizes, many seeds (minutes)")
-    p_val.add_argument("--sizes", type=COUNT, nargs="+", default=[250, 1000])
-    p_val.add_argument("--seeds", type=COUNT, default=10)
-    p_val.add_argument("--t-max", type=POSITIVE, default=2.0)
-    p_val.add_argument("--out", help="output directory (default runs/validation)")
+    p_val.add_argument("--sizes", type=COUNT, nargs="+", help="default 250 1000 (--support: 1000 4000)")
+    p_val.add_argument("--seeds", type=COUNT, help="default 10 (--support: 20)")
+    p_val.add_argument("--t-max", type=POSITIVE, help="default 2 (--support: 4)")
+    p_val.add_argument(
+        "--support", action="store_true",
+        help="the finite-support-set flows (first order, n_s = 2..6) against simulations with real support sets",
+    )
+    p_val.add_argument("--out", help="output directory (default runs/validation, runs/validation-support)")
     try:
         args = parser.parse_args(argv)
     except _BadOption as exc:

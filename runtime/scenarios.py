@@ -438,4 +438,87 @@ def validate(sizes=(250, 1000), seeds: int = 10, t_max: float = 2.0, progress: b
     return rows
 
 
-__all__ = ["REFERENCE", "STUDIES", "escape_alpha", "main_job", "reference_init", "run_study", "validate"]
+def validation_init_wide() -> Init:
+    """K = 3 student units for M = 2 teacher units, explicit and well conditioned."""
+    R = np.array([[0.4, 0.1], [0.05, 0.3], [0.2, -0.15]])
+    A = np.array([[0.3, 0.0, 0.1], [0.1, 0.25, 0.0], [0.0, 0.1, 0.3]])
+    Q = R @ R.T + A @ A.T + 0.05 * np.eye(3)
+    return Init(Q, R, np.eye(2), {"a": np.array([0.3, -0.2, 0.1]), "vbar": np.zeros(2)})
+
+
+# finite support sets (docs/models/anil.md 5.6), first order: (label, start, parameters)
+VALIDATION_SUPPORT = [
+    ("S = 1, n_s = 3", validation_init, {"n_s": 3, "s": 1.5}),
+    ("S = 2, n_s = 6", validation_init, {"n_s": 6, "S": 2, "alpha_in": 0.6, "s": 1.5}),
+    ("K = 3 > M = 2, eps_B, n_s = 4", validation_init_wide, {"n_s": 4, "eps_B": 0.5, "s": 1.5}),
+    ("vbar, eta_a, noise, n_s = 2", validation_init, {"n_s": 2, "eta_a": 0.5, "sigma": 0.3}),
+]
+# the band of validate_support: 3 s.e.m. plus this allowance per 1/sqrt(N) (the
+# finite-N offset of the seed average, tests/test_flow_vs_simulation.py), on at
+# least SUPPORT_FRACTION of the recorded alphas
+SUPPORT_C = 0.1
+SUPPORT_FRACTION = 0.85
+
+
+def _band_fraction(fl: Trajectory, sim: Trajectory, N: int, names) -> tuple[float, float]:
+    """Fraction of recorded alphas (after the start) where every entry of ``names`` is
+    within 3 s.e.m. + SUPPORT_C / sqrt(N) of the flow, and the mean |gap|."""
+    ok = np.ones(sim.alpha.size - 1, bool)
+    gap = []
+    for name in names:
+        dev = np.abs(sim.arrays[f"{name}_mean"][1:] - fl.arrays[name][1:])
+        band = 3 * sim.arrays[f"{name}_sem"][1:] + SUPPORT_C / np.sqrt(N)
+        ok &= (dev <= band).reshape(dev.shape[0], -1).all(axis=1)
+        gap.extend(dev.ravel())
+    return float(ok.mean()), float(np.mean(gap))
+
+
+def validate_support(sizes=(1000, 4000), seeds: int = 20, t_max: float = 4.0, progress: bool = True) -> list[dict]:
+    """The finite-support flow (first order) against simulations with real support sets
+    of n_s samples: eps_meta (after adapting on n_s samples), Q and R within 3 s.e.m.
+    + SUPPORT_C / sqrt(N) on at least SUPPORT_FRACTION of the recorded alphas, at every
+    size, the gap shrinking with N; the population flow (n_s = inf) judged by the
+    same comparison, which it should fail."""
+    if int(seeds) < 2:
+        raise ValueError(f"seeds must be >= 2 (a standard error needs two runs), got {seeds}")
+    names = ("eps_meta", "Q", "R")
+    rows = []
+    print(
+        f"anil, first order, finite support sets; {seeds} seeds; fraction of the alphas where eps_meta, Q, R "
+        f"are all within 3 s.e.m. + {SUPPORT_C}/sqrt(N) of the flow (agree: >= {SUPPORT_FRACTION:.0%} at "
+        "every size)"
+    )
+    for label, start, cfg in VALIDATION_SUPPORT:
+        init = start()
+        log = _log if progress else None
+        kw = dict(t_max=t_max, dt=0.005, record_every=VALIDATION_RECORD, log=log)
+        fl = flow("anil", init, cfg, **kw)
+        pop = flow("anil", init, {**cfg, "n_s": float("inf")}, **kw)
+        line = {"config": label, "params": cfg, "agree": True}
+        for N in sizes:
+            t0 = time.time()
+            sim = simulate(
+                "anil", cfg, N=N, seeds=seeds, t_max=t_max, init=init, record_every=VALIDATION_RECORD,
+                progress=progress,
+            )
+            frac, gap = _band_fraction(fl, sim, N, names)
+            frac_pop, gap_pop = _band_fraction(pop, sim, N, names)
+            agree = frac >= SUPPORT_FRACTION
+            line["agree"] = line["agree"] and agree
+            line[N] = {"fraction": frac, "mean_gap": gap, "population_fraction": frac_pop,
+                       "population_mean_gap": gap_pop, "agree": agree, "seconds": time.time() - t0}
+            print(
+                f"  {label:<32} N = {N:>5}: within the band at {frac:.0%} of the alphas (mean |gap| "
+                f"{gap:.2e}); population flow {frac_pop:.0%} (mean |gap| {gap_pop:.2e})  "
+                f"[{time.time() - t0:.0f} s]"
+            )
+        rows.append(line)
+        print(f"  {label:<32} verdict: {'agree' if line['agree'] else 'DISAGREE'}")
+    shrink = sum(row[sizes[-1]]["mean_gap"] < row[sizes[0]]["mean_gap"] for row in rows)
+    print(f"gap smaller at N = {sizes[-1]} than at N = {sizes[0]} in {shrink} of {len(rows)} configurations")
+    bad = sum(not row["agree"] for row in rows)
+    print(f"{len(rows) - bad} of {len(rows)} configurations agree" + (f", {bad} disagree" if bad else ""))
+    return rows
+
+
+__all__ = ["REFERENCE", "STUDIES", "escape_alpha", "main_job", "reference_init", "run_study", "validate", "validate_support"]

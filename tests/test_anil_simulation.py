@@ -590,10 +590,12 @@ def anil_init_file(tmp_path_factory):
     return path
 
 
-def test_flow_refuses_finite_support_sets():
+def test_flow_refuses_finite_support_sets_at_second_order():
     with pytest.raises(ValueError, match="n_s") as exc:
-        runtime.flow("anil", validation_init(), {"n_s": 10}, t_max=0.1, dt=0.01)
-    assert "simulated" in str(exc.value)
+        runtime.flow("anil", validation_init(), {"n_s": 10, "order": 2}, t_max=0.1, dt=0.01)
+    assert "with order = 2" in str(exc.value) and "simulated" in str(exc.value)
+    # first order: derived (docs/models/anil.md 5.6)
+    runtime.flow("anil", validation_init(), {"n_s": 10}, t_max=0.1, dt=0.01)
     # n_s = inf (the default, and explicitly) is the population flow
     a = runtime.flow("anil", validation_init(), {"n_s": math.inf}, t_max=0.1, dt=0.01)
     b = runtime.flow("anil", validation_init(), {}, t_max=0.1, dt=0.01)

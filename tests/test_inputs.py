@@ -806,7 +806,7 @@ BAD_INPUTS = [
     (FLOW.replace("scm", "two_layer") + " --set alpha_in=1", ["alpha_in", "eta_v"]),
     (FLOW.replace("scm", "anil") + " --set order=3", ["order", "1 or 2"]),
     (FLOW.replace("scm", "anil") + " --set S=1.5", ["S", "integer"]),
-    (FLOW.replace("scm", "anil") + " --set n_s=10", ["n_s", "inf"]),
+    (FLOW.replace("scm", "anil") + " --set n_s=10 --set order=2", ["n_s", "inf", "order = 2"]),
     # simulate
     (SIM.replace("--n 100", "--n 0"), ["--n", ">= 1"]),
     (SIM.replace("--n 100", "--n -100"), ["--n", ">= 1"]),

@@ -125,9 +125,33 @@ Cross terms of first- and second-order steps are O(1/N).
 
 With `n_s` finite, each task's inner loop uses $n_s$ fresh support samples: the
 sample matrices $\hat C = \frac1{n_s} \sum_\mu g^\mu g^{\mu T}$ and
-$\hat h = \frac1{n_s} \sum_\mu y^\mu g^\mu$ replace $C$ and $D \tilde v^\tau$. The
-finite-N simulator runs this (inner mode `samples`); the flow is derived for
-$n_s = \infty$ only, and asking a flow for finite `n_s` is an error.
+$\hat h = \frac1{n_s} \sum_\mu y^\mu g^\mu$ replace $C$ and $D \tilde v^\tau$, so
+that $a'$ depends on the support set as well as on the task. At first order the
+update of 5.4 is unchanged, and the flows of 5.5 hold with the moments of
+$z = (a', \tilde v^\tau)$ over the task and the support set; their fourth moments
+are taken by Isserlis' theorem from the first and second (a Gaussian closure
+over the support set, exact for the means and covariances it is given).
+
+The engine derives these moments from the per-sample support loss
+(derive/meta.py, `_support_moments`). The sample gradient at a readout $c$ is
+$\frac1{n_s}\sum_\mu A(x^\mu)\, w$ with $w = (c, \tilde v^\tau, 1)$ and $A$ the
+per-sample gradient's coefficients; its fluctuation $\varepsilon(c)$ has
+covariance $\frac1{n_s} N[w, w']$, with $N$ the covariance of the coefficients
+over the fields, whose entries are expectations of four $g$ factors ($G_4$ of
+docs/conventions.md section 2). Perturbing the recursion to first order in the
+fluctuation, $J^{(s+1)} = P J^{(s)} - B\, \varepsilon(c^{(s)})$ with
+$P = \partial c^{(s+1)} / \partial c^{(s)}$ and $B = \partial c^{(s+1)}/\partial h$,
+gives the support set's covariance of $a'$, $V = \mathrm{E}[J^{(S)} J^{(S)T}]$,
+which is added to the task covariance; to second order the mean moves by
+$m^{(S)}$, $m^{(s+1)} = P m^{(s)} + \partial^2_{H c}c^{(s+1)} : \mathrm{Cov}(\delta H, J^{(s)})$
+(an affine function of the task draws, so it shifts the loadings too). One
+inner step is exact at every $n_s$ ($a' = a + \alpha_\mathrm{in} \bar r$, an
+average of i.i.d. terms); more steps are exact to $O(1/n_s)$, with an error
+$O(1/n_s^2)$. $n_s = \infty$ is the population flow exactly.
+
+At second order the gradient through the inner loop runs along the support
+inputs as well; that flow is not derived: `order = 2` with a finite `n_s` is
+simulated only (inner mode `samples`).
 
 ## 5.7 Metrics
 
@@ -136,7 +160,9 @@ forms in $I_2$ and the task moments:
 
 - `eps_pre`: with the readout before adaptation, $a$;
 - `eps_meta`: with the adapted readout $a'$ (the meta-generalisation error, what
-  is trained);
+  is trained); with a finite `n_s`, after adapting on $n_s$ support samples,
+  averaged over the task and the support set (exact from the first and second
+  moments of 5.6);
 - `eps_opt`: with the best readout for the task, $a^* = C^{+} D \tilde v^\tau$:
   the quality of the representation alone.
 
@@ -272,7 +298,9 @@ MODEL = Model(
         (
             "n_s",
             math.inf,
-            "finite support sets (docs/models/anil.md 5.6) are simulated (inner mode samples), not derived",
+            "at second order, finite support sets (docs/models/anil.md 5.6) are simulated "
+            "(inner mode samples), not derived",
+            {"order": 2.0},
         ),
     ),
 )
