@@ -297,9 +297,19 @@ def _factor_expr(act: Activation, kind: str, u: sp.Symbol) -> sp.Expr:
     return act.at(_ORDER[kind], u)
 
 
-@lru_cache(maxsize=None)
 def expectation(kinds: tuple[str, ...], activation: str, name: str | None = None) -> Derived:
-    """Derive ``E[prod_i h_i(u_i)]`` with ``h_i`` given by ``kinds``, labels a, b, c, ..."""
+    """Derive ``E[prod_i h_i(u_i)]`` with ``h_i`` given by ``kinds``, labels a, b, c, ...;
+    named ``name``, by default the primitive's name (``name_of``: G4 for four g)."""
+    kinds = tuple(kinds)
+    return _expectation(kinds, activation, name or name_of(kinds))
+
+
+# one cache for expectation(), whatever the spelling of its arguments
+expectation.cache_clear = lambda: _expectation.cache_clear()
+
+
+@lru_cache(maxsize=None)
+def _expectation(kinds: tuple[str, ...], activation: str, name: str) -> Derived:
     for k in kinds:
         if k not in FACTOR_KINDS:
             raise ValueError(f"unknown factor kind {k!r}; allowed {FACTOR_KINDS}")
@@ -314,7 +324,7 @@ def expectation(kinds: tuple[str, ...], activation: str, name: str | None = None
     # since simplify costs minutes there and the code generator runs cse anyway
     expr = sp.simplify(expr) if sp.count_ops(expr) < 60 else expr
     return Derived(
-        name=name or "E_" + "_".join(kinds),
+        name=name,
         kinds=tuple(kinds),
         labels=labels,
         expr=expr,

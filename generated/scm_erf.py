@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 a6907a5310394836d3aa2ca1cd1d0db360ef8dfd947584cd669560a93c0a7483
+# inputs:     sha256 bb090fb6e7b1b63c0152c7560c829b48fed490ec9e7b915bfe639548ce795331
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "a6907a5310394836d3aa2ca1cd1d0db360ef8dfd947584cd669560a93c0a7483"
+INPUTS_SHA256 = "bb090fb6e7b1b63c0152c7560c829b48fed490ec9e7b915bfe639548ce795331"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )
