@@ -21,7 +21,7 @@ from . import __version__
 from .activations import get_activation, z
 from .expand import FUNC_OF_KIND, RawTerm
 from .flow import Component, FlowIR, FlowTerm, build_flow
-from . import meta
+from . import gaussian, meta
 from .gaussian import PRIMITIVES, tilt_split
 from .model import CONST_OVERLAPS, STATE_OVERLAPS, UNITS, Model
 from .models import model_file
@@ -29,6 +29,7 @@ from .printer import TILTED, TILTED1, code, field_rows
 from .simulator import context as simulator_context
 from .integrators import context as integrators_context
 from .special import asin_body
+from .quadrature import NODES, rule_code, rule_names
 from .tables import tilt_code
 from .symbols import STUDENT, K, M, field_doc, field_kind, index_kind
 
@@ -336,25 +337,73 @@ def _triangular(t) -> bool:
     return sp.expand(t.coeff.xreplace({s0: s1, s1: s0}) - t.coeff) == 0
 
 
-def primitive_code(d) -> dict:
-    """Body of one primitive: covariance loads, cse temporaries, return value."""
+def primitive_code(d, nodes: int = NODES) -> dict:
+    """Body of one primitive: covariance loads, cse temporaries, return value. An
+    integral over [0, 1] (Price's path, derive/gaussian.py) is a Gauss-Legendre sum
+    over ``nodes`` nodes (derive/quadrature.py; see ``integral_code``)."""
     syms = sorted(d.expr.free_symbols, key=str)
     loads = []
     for s in syms:
         matrix, pair = str(s).split("_")
         loads.append(f"{s} = {matrix}[{pair[0]}, {pair[1]}]")
-    temps, (ret,) = sp.cse([d.expr], symbols=sp.numbered_symbols("t"), order="canonical")
+    expr, lines = d.expr, []
+    integrals = sorted(expr.atoms(sp.Integral), key=sp.default_sort_key)
+    for i, integral in enumerate(integrals):
+        q = sp.Symbol(f"q{i}")
+        prefix = f"s{i}_" if len(integrals) > 1 else "s"
+        lines += integral_code(integral, str(q), nodes, prefix)
+        expr = expr.xreplace({integral: q})
+    temps, (ret,) = sp.cse([expr], symbols=sp.numbered_symbols("t"), order="canonical")
     return {
         "name": d.name,
         "args": ("C, dC, " if d.name.endswith("_dir") else "C, ") + ", ".join(d.labels),
         "labels": list(d.labels),
         "kinds": list(d.kinds),
         "loads": loads,
-        "temps": [f"{s} = {code(e)}" for s, e in temps],
+        "temps": lines + [f"{s} = {code(e)}" for s, e in temps],
         "ret": code(ret),
         "provenance": list(d.provenance),
         "ops": int(sp.count_ops(d.expr)),
+        # the Gauss-Legendre rules the body reads (module-level arrays, rule_code)
+        "rules": [nodes] if integrals else [],
     }
+
+
+def quadrature_lines(prims: list[dict]) -> list[str]:
+    """The module-level arrays of every Gauss-Legendre rule the primitives read."""
+    return [line for n in sorted({n for p in prims for n in p["rules"]}) for line in rule_code(n)]
+
+
+def integral_code(integral: sp.Integral, target: str, nodes: int, prefix: str = "s") -> list[str]:
+    """Lines that set ``target`` to ``integral`` (over one variable from 0 to 1, its
+    integrand free of integrals): the ``nodes``-point Gauss-Legendre sum over the
+    module's arrays of derive/quadrature.py. The integrand's cse temporaries that do
+    not depend on the variable are computed once, before the loop over the nodes."""
+    (limit,) = integral.limits
+    if len(limit) != 3 or (limit[1], limit[2]) != (0, 1):
+        raise ValueError(f"{integral}: only an integral over one variable from 0 to 1 is printed")
+    var = limit[0]
+    integrand = integral.function
+    if integrand.has(sp.Integral):
+        raise ValueError(f"{integral}: nested integrals are not printed")
+    temps, (value,) = sp.cse([integrand], symbols=sp.numbered_symbols(prefix), order="canonical")
+    moving = {var}
+    before, inside = [], []
+    for s, e in temps:
+        if e.free_symbols & moving:
+            moving.add(s)
+            inside.append(f"    {s} = {code(e)}")
+        else:
+            before.append(f"{s} = {code(e)}")
+    tn, wn = rule_names(nodes)
+    return [
+        *before,
+        f"{target} = 0.0",
+        f"for node in range({nodes}):",
+        f"    {var} = {tn}[node]",
+        *inside,
+        f"    {target} += {wn}[node]*({code(value)})",
+    ]
 
 
 def _shape(v) -> str:
@@ -566,6 +615,7 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
         "metrics": mets,
         "samples": samples,
         "primitives": prims,
+        "quadrature": quadrature_lines(prims),
         "activations": acts,
         "z": str(z),
         "cov_size": cov_size,
@@ -586,6 +636,34 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
         # the adaptive integrator's tableau and controller, printed (derive/integrators.py)
         "adaptive": integrators_context(),
     }
+
+
+PRIMITIVES_TEMPLATE = "primitives.py.jinja"
+
+
+def render_primitives(names, activation: str, nodes: int = NODES) -> str:
+    """A module of the named primitives (``gaussian.PRIMITIVES``) for ``activation``,
+    each rendered as in a kernel module (``primitive_code``, integrals over ``nodes``
+    Gauss-Legendre nodes), with the arcsine and the rules they read: the tests and
+    benchmarks of a primitive that no committed kernel calls yet (G4) import it."""
+    act = get_activation(activation)
+    derived = [gaussian.primitive(n, act.name) for n in names]
+    prims = [primitive_code(d, nodes) for d in derived]
+    ctx = {
+        "names": list(names),
+        "activation": act.name,
+        "activation_doc": act.doc,
+        "template": f"derive/templates/{PRIMITIVES_TEMPLATE}",
+        "derive_version": __version__,
+        "sympy_version": sp.__version__,
+        "nodes": nodes,
+        "asin": asin_body() if any(d.expr.has(sp.asin) for d in derived) else None,
+        "quadrature": quadrature_lines(prims),
+        "primitives": prims,
+    }
+    env = environment()
+    check_context(env, PRIMITIVES_TEMPLATE, ctx)
+    return env.get_template(PRIMITIVES_TEMPLATE).render(**ctx)
 
 
 def inputs_hash(model_name: str, activation: str, root: Path = ROOT, source: str | None = None) -> str:

@@ -39,9 +39,13 @@ PRIMITIVES: dict[str, tuple[str, ...]] = {
     "I3": ("gp", "id", "g"),
     "I4": ("gp", "gp", "g", "g"),
     "J2": ("gp", "gp"),
+    # no elementary closed form for erf: an integral along Price's path (_price_path)
+    "G4": ("g", "g", "g", "g"),
 }
 
 LABELS = "abcdefgh"
+# the variable of Price's path (a sympy Integral over it from 0 to 1, see _price_path)
+PATH_VARIABLE = "t"
 
 
 def cov_symbol(a: str, b: str) -> sp.Symbol:
@@ -215,15 +219,50 @@ class _Engine:
     def _base(self, factors, variables, C):
         if not factors:
             return sp.S.One
-        if len(factors) == 2:
-            (a,) = self._vars(factors[0], variables) or (None,)
-            (b,) = self._vars(factors[1], variables) or (None,)
-            if a is not None and b is not None and a != b:
-                if self._parity(factors[0], [a]) == -1 and self._parity(factors[1], [b]) == -1:
-                    return self._price(factors[0], a, factors[1], b, C)
+        fields = [self._vars(f, variables) for f in factors]
+        odd = (
+            all(len(v) == 1 for v in fields)
+            and len({v[0] for v in fields}) == len(fields)
+            and all(self._parity(f, v) == -1 for f, v in zip(factors, fields))
+        )
+        if odd and len(factors) == 2:
+            return self._price(factors[0], fields[0][0], factors[1], fields[1][0], C)
+        if odd and len(factors) > 2:
+            return self._price_path(factors, [v[0] for v in fields], variables, C)
         raise UnreducibleExpectation(
             f"no rule reduces E[{sp.Mul(*factors)}] for activation {self.act.name!r}"
         )
+
+    def _price_path(self, factors, fields, variables, C):
+        """E[prod_i h_i(u_i)] for more than two odd h_i on distinct fields, by Price's
+        theorem along the path ``C(t)``: ``C_aj -> t C_aj`` for the first field ``a`` and
+        every ``j != a``, other entries kept. ``C(t) = t C + (1 - t) diag(C_aa, C_rest)``
+        is a covariance for every t in [0, 1]; at t = 0, u_a is independent of the rest
+        and the odd ``h_a`` has mean 0, so
+        ``E = int_0^1 sum_j C_aj E_t[h_a'(u_a) h_j'(u_j) prod_{i != a, j} h_i(u_i)] dt``,
+        each integrand derived by the rules at the covariance ``C(t)``."""
+        a, rest = fields[0], fields[1:]
+        t = sp.Symbol(PATH_VARIABLE, real=True)
+        if any(t in e.free_symbols for e in C.values()):
+            raise UnreducibleExpectation("Price's path inside a Price's path: nested integrals")
+        Ct = dict(C)
+        for v in variables:
+            if v != a:
+                Ct[a, v] = t * C[a, v]
+                Ct[v, a] = t * C[v, a]
+        la = str(a).removeprefix("u_")
+        others = ", ".join(str(v).removeprefix("u_") for v in rest)
+        self.trace.append(
+            f"Price's theorem along a path that shrinks the covariances of u_{la}: C_{la}j -> t C_{la}j "
+            f"(j = {others}), a covariance for every t in [0, 1]; at t = 0 the odd factor of u_{la} "
+            f"has mean 0, so E = integral over t from 0 to 1 of sum_j C_{la}j E_t[h_{la}'(u_{la}) "
+            f"h_j'(u_j) (the other factors)], each integrand derived at the covariance C(t):"
+        )
+        F = sp.Mul(*factors)
+        integrand = sp.S.Zero
+        for j in rest:
+            integrand += C[a, j] * self.expect(sp.diff(F, a, j), variables, Ct)
+        return sp.Integral(integrand, (t, 0, 1))
 
     def _price(self, h1, a, h2, b, C):
         """E[h1(u_a) h2(u_b)] for odd h1, h2 by Price's theorem along C_ab."""
@@ -258,9 +297,19 @@ def _factor_expr(act: Activation, kind: str, u: sp.Symbol) -> sp.Expr:
     return act.at(_ORDER[kind], u)
 
 
-@lru_cache(maxsize=None)
 def expectation(kinds: tuple[str, ...], activation: str, name: str | None = None) -> Derived:
-    """Derive ``E[prod_i h_i(u_i)]`` with ``h_i`` given by ``kinds``, labels a, b, c, ..."""
+    """Derive ``E[prod_i h_i(u_i)]`` with ``h_i`` given by ``kinds``, labels a, b, c, ...;
+    named ``name``, by default the primitive's name (``name_of``: G4 for four g)."""
+    kinds = tuple(kinds)
+    return _expectation(kinds, activation, name or name_of(kinds))
+
+
+# one cache for expectation(), whatever the spelling of its arguments
+expectation.cache_clear = lambda: _expectation.cache_clear()
+
+
+@lru_cache(maxsize=None)
+def _expectation(kinds: tuple[str, ...], activation: str, name: str) -> Derived:
     for k in kinds:
         if k not in FACTOR_KINDS:
             raise ValueError(f"unknown factor kind {k!r}; allowed {FACTOR_KINDS}")
@@ -275,7 +324,7 @@ def expectation(kinds: tuple[str, ...], activation: str, name: str | None = None
     # since simplify costs minutes there and the code generator runs cse anyway
     expr = sp.simplify(expr) if sp.count_ops(expr) < 60 else expr
     return Derived(
-        name=name or "E_" + "_".join(kinds),
+        name=name,
         kinds=tuple(kinds),
         labels=labels,
         expr=expr,

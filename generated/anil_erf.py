@@ -2,9 +2,9 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 239548dca0c857fc8a20f6584bdebba0ab0d621e19a722e93301d1589612a2d8
+# inputs:     sha256 0bd68b0ae7b938a195e8701e062dc9eecfd0f027555c30cbfcf4eceaf2f037d1
 # versions:   derive 0.1.0, sympy 1.14.0
-# operations: 854 (sympy count_ops of the primitives and coefficients)
+# operations: 1442 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
 
 Flat arrays, row-major, in the order of STATE (y), CONSTS (c) and PARAMS (p);
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "239548dca0c857fc8a20f6584bdebba0ab0d621e19a722e93301d1589612a2d8"
+INPUTS_SHA256 = "0bd68b0ae7b938a195e8701e062dc9eecfd0f027555c30cbfcf4eceaf2f037d1"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -72,6 +72,52 @@ def asin_(x):
 
 
 # Gaussian primitives, derived by derive/gaussian.py
+GL20_T = np.array([
+    0.0034357004074525377,
+    0.018014036361043106,
+    0.04388278587433705,
+    0.0804415140888906,
+    0.1268340467699246,
+    0.1819731596367425,
+    0.24456649902458646,
+    0.3131469556422902,
+    0.38610707442917747,
+    0.46173673943325133,
+    0.5382632605667487,
+    0.6138929255708225,
+    0.6868530443577098,
+    0.7554335009754135,
+    0.8180268403632576,
+    0.8731659532300754,
+    0.9195584859111094,
+    0.956117214125663,
+    0.9819859636389568,
+    0.9965642995925474,
+])
+GL20_W = np.array([
+    0.008807003569576059,
+    0.02030071490019347,
+    0.031336024167054534,
+    0.04163837078835238,
+    0.05096505990862022,
+    0.059097265980759206,
+    0.06584431922458832,
+    0.07104805465919102,
+    0.07458649323630187,
+    0.07637669356536292,
+    0.07637669356536292,
+    0.07458649323630187,
+    0.07104805465919102,
+    0.06584431922458832,
+    0.059097265980759206,
+    0.05096505990862022,
+    0.04163837078835238,
+    0.031336024167054534,
+    0.02030071490019347,
+    0.008807003569576059,
+])
+
+
 @njit(cache=True, error_model="numpy")
 def E_id_g(C, a, b):
     """E[(u_a) g(u_b)] at covariance C.
@@ -82,6 +128,80 @@ def E_id_g(C, a, b):
     C_ab = C[a, b]
     C_bb = C[b, b]
     return math.sqrt(2)*C_ab/(math.sqrt(math.pi)*math.sqrt(C_bb + 1))
+
+
+@njit(cache=True, error_model="numpy")
+def G4(C, a, b, c, d):
+    """E[g(u_a) g(u_b) g(u_c) g(u_d)] at covariance C.
+
+    - Price's theorem along a path that shrinks the covariances of u_a: C_aj -> t C_aj (j
+      = b, c, d), a covariance for every t in [0, 1]; at t = 0 the odd factor of u_a has
+      mean 0, so E = integral over t from 0 to 1 of sum_j C_aj E_t[h_a'(u_a) h_j'(u_j)
+      (the other factors)], each integrand derived at the covariance C(t):
+    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    """
+    C_aa = C[a, a]
+    C_ab = C[a, b]
+    C_ac = C[a, c]
+    C_ad = C[a, d]
+    C_bb = C[b, b]
+    C_bc = C[b, c]
+    C_bd = C[b, d]
+    C_cc = C[c, c]
+    C_cd = C[c, d]
+    C_dd = C[d, d]
+    s1 = C_aa + 1
+    s6 = -s1
+    s8 = -C_bb - 1
+    s9 = C_ab*C_bc + C_ac*s8
+    s16 = 4/math.pi**2
+    s20 = -C_cc - 1
+    s21 = C_ab*s20 + C_ac*C_bc
+    s29 = -C_dd - 1
+    s30 = C_ab*s29 + C_ad*C_bd
+    q0 = 0.0
+    for node in range(20):
+        t = GL20_T[node]
+        s0 = t**2
+        s2 = C_aa*C_bb - C_ab**2*s0 + C_bb + s1
+        s3 = -s2
+        s4 = 1/s3
+        s5 = C_ac*s0
+        s7 = C_ab*s5 + C_bc*s6
+        s10 = C_ad*s0
+        s11 = C_bc*s7
+        s12 = C_cc*s3 - s11 - s5*s9
+        s13 = C_ab*s10 + C_bd*s6
+        s14 = C_bd*s13
+        s15 = C_dd*s3 - s10*(C_ab*C_bd + C_ad*s8) - s14
+        s17 = C_aa*C_cc - C_ac**2*s0 + C_cc + s1
+        s18 = -s17
+        s19 = 1/s18
+        s22 = C_ab*s0
+        s23 = C_bb*s18 - s11 - s21*s22
+        s24 = C_cd*(C_ad*s5 + C_cd*s6)
+        s25 = C_dd*s18 - s10*(C_ac*C_cd + C_ad*s20) - s24
+        s26 = C_aa*C_dd - C_ad**2*s0 + C_dd + s1
+        s27 = -s26
+        s28 = 1/s27
+        s31 = C_bb*s27 - s14 - s22*s30
+        s32 = C_cc*s27 - s24 - s5*(C_ac*s29 + C_ad*C_cd)
+        q0 += GL20_W[node]*(C_ab*s16*asin_(s4*(-C_bd*s7 + C_cd*s3 - s10*s9)/math.sqrt(s12*s15/s3**2 + s12*s4 + s15*s4 + 1))/math.sqrt(s2) + C_ac*s16*asin_(s19*(C_bd*s18 - C_cd*s7 - s10*s21)/math.sqrt(s19*s23 + s19*s25 + 1 + s23*s25/s18**2))/math.sqrt(s17) + C_ad*s16*asin_(s28*(C_bc*s27 - C_cd*s13 - s30*s5)/math.sqrt(s28*s31 + s28*s32 + 1 + s31*s32/s27**2))/math.sqrt(s26))
+    return q0
 
 
 @njit(cache=True, error_model="numpy")
@@ -353,6 +473,238 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                     s0 += H_p[k, j0]*L_h[j0, r_]
                 acc += 1 * s0
                 L_a_best[k, r_] = acc
+    V_adapted = np.zeros((K, K,))
+    if math.isfinite(n_s):
+        EA_c = np.zeros((K, K,))
+        for k in range(K):
+            for p0 in range(K):
+                acc = 0.0
+                acc += I2(C, k, p0)
+                EA_c[k, p0] = acc
+        EA_v_task = np.zeros((K, M,))
+        for k in range(K):
+            for p0 in range(M):
+                acc = 0.0
+                acc += -I2(C, k, K + M + p0)
+                EA_v_task[k, p0] = acc
+        EA_1 = np.zeros((K,))
+        for k in range(K):
+            acc = 0.0
+            EA_1[k] = acc
+        N_c__c = np.zeros((K, K, K, K,))
+        for k in range(K):
+            for p0 in range(K):
+                for l in range(K):
+                    for q0 in range(K):
+                        acc = 0.0
+                        acc += G4(C, k, l, p0, q0)
+                        acc += -EA_c[k, p0]*EA_c[l, q0]
+                        N_c__c[k, p0, l, q0] = acc
+        N_c__v_task = np.zeros((K, K, K, M,))
+        for k in range(K):
+            for p0 in range(K):
+                for l in range(K):
+                    for q0 in range(M):
+                        acc = 0.0
+                        acc += -G4(C, k, l, p0, K + M + q0)
+                        acc += -EA_c[k, p0]*EA_v_task[l, q0]
+                        N_c__v_task[k, p0, l, q0] = acc
+        N_c__1 = np.zeros((K, K, K,))
+        for k in range(K):
+            for p0 in range(K):
+                for l in range(K):
+                    acc = 0.0
+                    acc += -EA_1[l]*EA_c[k, p0]
+                    N_c__1[k, p0, l] = acc
+        N_v_task__v_task = np.zeros((K, M, K, M,))
+        for k in range(K):
+            for p0 in range(M):
+                for l in range(K):
+                    for q0 in range(M):
+                        acc = 0.0
+                        acc += G4(C, k, l, K + M + p0, K + M + q0)
+                        acc += -EA_v_task[k, p0]*EA_v_task[l, q0]
+                        N_v_task__v_task[k, p0, l, q0] = acc
+        N_v_task__1 = np.zeros((K, M, K,))
+        for k in range(K):
+            for p0 in range(M):
+                for l in range(K):
+                    acc = 0.0
+                    acc += -EA_1[l]*EA_v_task[k, p0]
+                    N_v_task__1[k, p0, l] = acc
+        N_1__1 = np.zeros((K, K,))
+        for k in range(K):
+            for l in range(K):
+                acc = 0.0
+                acc += sigma**2*I2(C, k, l)
+                acc += -EA_1[k]*EA_1[l]
+                N_1__1[k, l] = acc
+        P_ = np.zeros((K, K,))
+        B_ = np.zeros((K, K,))
+        for k in range(K):
+            for i_ in range(K):
+                acc = 0.0
+                acc += -alpha_in*H_s[k, i_] + (1.0 if i_ == k else 0.0)
+                P_[k, i_] = acc
+        for k in range(K):
+            for i_ in range(K):
+                acc = 0.0
+                acc += alpha_in*(1.0 if i_ == k else 0.0)
+                B_[k, i_] = acc
+        Sig_s = np.zeros((steps_, steps_, K, K,))
+        V_s = np.zeros((steps_ + 1, K, K,))
+        X_s = np.zeros((steps_ + 1, steps_, K, K,))
+        Zmu_s = np.zeros((steps_ + 1, K, K, K,))
+        ZL_s = np.zeros((steps_ + 1, K, K, K, M,))
+        mmu_s = np.zeros((steps_ + 1, K,))
+        mL_s = np.zeros((steps_ + 1, K, M,))
+        for s_ in range(steps_):
+            for t_ in range(steps_):
+                if t_ >= s_:
+                    for k in range(K):
+                        for l in range(K):
+                            acc = 0.0
+                            acc += N_1__1[k, l]/n_s
+                            s0 = 0.0
+                            for j0 in range(K):
+                                s0 += N_c__1[k, j0, l]*mu_c[s_, j0] + N_c__1[l, j0, k]*mu_c[t_, j0]
+                            acc += 1/n_s * s0
+                            s0 = 0.0
+                            for m0 in range(M):
+                                s0 += (N_v_task__1[k, m0, l] + N_v_task__1[l, m0, k])*mu_v_task[m0]
+                            acc += 1/n_s * s0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                for j1 in range(K):
+                                    s0 += N_c__c[k, j1, l, j0]*mu_c[s_, j1]*mu_c[t_, j0]
+                            acc += 1/n_s * s0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                for m0 in range(M):
+                                    s0 += N_c__v_task[l, j0, k, m0]*mu_c[t_, j0]*mu_v_task[m0]
+                            acc += 1/n_s * s0
+                            s0 = 0.0
+                            for m0 in range(M):
+                                for j0 in range(K):
+                                    s0 += N_c__v_task[k, j0, l, m0]*mu_c[s_, j0]*mu_v_task[m0]
+                            acc += 1/n_s * s0
+                            s0 = 0.0
+                            for m0 in range(M):
+                                for m1 in range(M):
+                                    s0 += N_v_task__v_task[k, m0, l, m1]*mu_v_task[m0]*mu_v_task[m1]
+                            acc += 1/n_s * s0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                for j1 in range(K):
+                                    for m0 in range(M):
+                                        s0 += L_c[s_, j1, m0]*L_c[t_, j0, m0]*N_c__c[k, j1, l, j0]
+                            acc += 1/n_s * s0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                for m0 in range(M):
+                                    for m1 in range(M):
+                                        s0 += L_c[t_, j0, m1]*L_v_task[m0, m1]*N_c__v_task[l, j0, k, m0]
+                            acc += 1/n_s * s0
+                            s0 = 0.0
+                            for m0 in range(M):
+                                for j0 in range(K):
+                                    for m1 in range(M):
+                                        s0 += L_c[s_, j0, m1]*L_v_task[m0, m1]*N_c__v_task[k, j0, l, m0]
+                            acc += 1/n_s * s0
+                            s0 = 0.0
+                            for m0 in range(M):
+                                for m1 in range(M):
+                                    for m2 in range(M):
+                                        s0 += L_v_task[m0, m1]*L_v_task[m2, m1]*N_v_task__v_task[k, m0, l, m2]
+                            acc += 1/n_s * s0
+                            Sig_s[s_, t_, k, l] = acc
+            for k in range(K):
+                for l in range(K):
+                    acc = 0.0
+                    s0 = 0.0
+                    for j0 in range(K):
+                        for j1 in range(K):
+                            s0 += B_[k, j1]*B_[l, j0]*Sig_s[s_, s_, j1, j0] - B_[k, j1]*P_[l, j0]*X_s[s_, s_, j0, j1] - B_[l, j0]*P_[k, j1]*X_s[s_, s_, j1, j0] + P_[k, j1]*P_[l, j0]*V_s[s_, j1, j0]
+                    acc += 1 * s0
+                    V_s[s_ + 1, k, l] = acc
+            for t_ in range(steps_):
+                if t_ > s_:
+                    for k in range(K):
+                        for l in range(K):
+                            acc = 0.0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                s0 += -B_[k, j0]*Sig_s[s_, t_, j0, l] + P_[k, j0]*X_s[s_, t_, j0, l]
+                            acc += 1 * s0
+                            X_s[s_ + 1, t_, k, l] = acc
+            for a_ in range(K):
+                for b_ in range(K):
+                    for n_ in range(K):
+                        acc = 0.0
+                        s0 = 0.0
+                        for j0 in range(K):
+                            s0 += P_[n_, j0]*Zmu_s[s_, a_, b_, j0] - B_[n_, j0]*N_c__1[a_, b_, j0]/n_s
+                        acc += 1 * s0
+                        s0 = 0.0
+                        for j0 in range(K):
+                            for j1 in range(K):
+                                s0 += B_[n_, j0]*N_c__c[a_, b_, j0, j1]*mu_c[s_, j1]
+                        acc += -1/n_s * s0
+                        s0 = 0.0
+                        for j0 in range(K):
+                            for m0 in range(M):
+                                s0 += B_[n_, j0]*N_c__v_task[a_, b_, j0, m0]*mu_v_task[m0]
+                        acc += -1/n_s * s0
+                        Zmu_s[s_ + 1, a_, b_, n_] = acc
+            for a_ in range(K):
+                for b_ in range(K):
+                    for n_ in range(K):
+                        for r_ in range(M):
+                            acc = 0.0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                s0 += P_[n_, j0]*ZL_s[s_, a_, b_, j0, r_]
+                            acc += 1 * s0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                for j1 in range(K):
+                                    s0 += B_[n_, j0]*L_c[s_, j1, r_]*N_c__c[a_, b_, j0, j1]
+                            acc += -1/n_s * s0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                for m0 in range(M):
+                                    s0 += B_[n_, j0]*L_v_task[m0, r_]*N_c__v_task[a_, b_, j0, m0]
+                            acc += -1/n_s * s0
+                            ZL_s[s_ + 1, a_, b_, n_, r_] = acc
+            for k in range(K):
+                acc = 0.0
+                s0 = 0.0
+                for j0 in range(K):
+                    s0 += -alpha_in*Zmu_s[s_, k, j0, j0] + P_[k, j0]*mmu_s[s_, j0]
+                acc += 1 * s0
+                mmu_s[s_ + 1, k] = acc
+            for k in range(K):
+                for r_ in range(M):
+                    acc = 0.0
+                    s0 = 0.0
+                    for j0 in range(K):
+                        s0 += -alpha_in*ZL_s[s_, k, j0, j0, r_] + P_[k, j0]*mL_s[s_, j0, r_]
+                    acc += 1 * s0
+                    mL_s[s_ + 1, k, r_] = acc
+        for k in range(K):
+            acc = 0.0
+            acc += mmu_s[steps_, k] + mu_adapted[k]
+            mu_adapted[k] = acc
+        for k in range(K):
+            for r_ in range(M):
+                acc = 0.0
+                acc += L_adapted[k, r_] + mL_s[steps_, k, r_]
+                L_adapted[k, r_] = acc
+        for k in range(K):
+            for l in range(K):
+                acc = 0.0
+                acc += V_s[steps_, k, l]
+                V_adapted[k, l] = acc
     n2_ = K if (((1) if (order == 2) else (0))) != 0 else 0
     mu_adapted_dQ = np.zeros((K, n2_, n2_,))
     L_adapted_dQ = np.zeros((K, n2_, n2_, M,))
@@ -556,7 +908,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                     acc += L_dc[steps_, j, r_]
                     L_adapted_da[j, a_, r_] = acc
 
-    return mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da
+    return mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted
 
 
 @njit(cache=True, error_model="numpy")
@@ -619,7 +971,7 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1):
         for j in range(rows.size):
             Cu[i, j] = C[rows[i], rows[j]]
     tilt1_all(C, K, Ct1, tilt1_pref)
-    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da = task_moments(y, c, p, K, M, C, False)
+    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted = task_moments(y, c, p, K, M, C, False)
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
     s2_ = 1 if (((1) if (order == 2) else (0))) != 0 else 0
@@ -627,6 +979,7 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1):
     for i0 in range(K):
         for i1 in range(K):
             acc = 0.0
+            acc += V_adapted[i0, i1]
             s0 = 0.0
             for m0 in range(M):
                 s0 += L_adapted[i0, m0]*L_adapted[i1, m0]
@@ -929,7 +1282,7 @@ def rhs_parallel(y, c, p, K, M, dy):
         for j in range(rows.size):
             Cu[i, j] = C[rows[i], rows[j]]
     tilt1_all(C, K, Ct1, tilt1_pref)
-    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da = task_moments(y, c, p, K, M, C, False)
+    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted = task_moments(y, c, p, K, M, C, False)
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
     s2_ = 1 if (((1) if (order == 2) else (0))) != 0 else 0
@@ -937,6 +1290,7 @@ def rhs_parallel(y, c, p, K, M, dy):
     for i0 in range(K):
         for i1 in range(K):
             acc = 0.0
+            acc += V_adapted[i0, i1]
             s0 = 0.0
             for m0 in range(M):
                 s0 += L_adapted[i0, m0]*L_adapted[i1, m0]
@@ -1237,7 +1591,7 @@ def metrics(y, c, p, K, M, out):
     sigma = p[9]
     C = np.empty((K + 2*M, K + 2*M))
     covariance(y, c, p, K, M, C)
-    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da = task_moments(y, c, p, K, M, C, True)
+    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted = task_moments(y, c, p, K, M, C, True)
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
     s2_ = 1 if (((1) if (order == 2) else (0))) != 0 else 0
@@ -1254,6 +1608,7 @@ def metrics(y, c, p, K, M, out):
     for i0 in range(K):
         for i1 in range(K):
             acc = 0.0
+            acc += V_adapted[i0, i1]
             s0 = 0.0
             for m0 in range(M):
                 s0 += L_adapted[i0, m0]*L_adapted[i1, m0]

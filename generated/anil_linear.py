@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 4ff5cfc2ade6d7633fd22a0eeb90bf83938d965011462a7a339102f9afba6563
+# inputs:     sha256 edcfdd05da72604b676c4ca5d09f2b035915a0a53037ae730d2b3c1edf50d3a6
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 592 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "4ff5cfc2ade6d7633fd22a0eeb90bf83938d965011462a7a339102f9afba6563"
+INPUTS_SHA256 = "edcfdd05da72604b676c4ca5d09f2b035915a0a53037ae730d2b3c1edf50d3a6"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -46,7 +46,7 @@ def gp(z):
 
 # Gaussian primitives, derived by derive/gaussian.py
 @njit(cache=True, error_model="numpy")
-def E_g_g_g_g(C, a, b, c, d):
+def G4(C, a, b, c, d):
     """E[g(u_a) g(u_b) g(u_c) g(u_d)] at covariance C.
 
     - Stein on u_a
@@ -306,7 +306,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                 for l in range(K):
                     for q0 in range(K):
                         acc = 0.0
-                        acc += E_g_g_g_g(C, k, l, p0, q0)
+                        acc += G4(C, k, l, p0, q0)
                         acc += -EA_c[k, p0]*EA_c[l, q0]
                         N_c__c[k, p0, l, q0] = acc
         N_c__v_task = np.zeros((K, K, K, M,))
@@ -315,7 +315,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                 for l in range(K):
                     for q0 in range(M):
                         acc = 0.0
-                        acc += -E_g_g_g_g(C, k, l, p0, K + M + q0)
+                        acc += -G4(C, k, l, p0, K + M + q0)
                         acc += -EA_c[k, p0]*EA_v_task[l, q0]
                         N_c__v_task[k, p0, l, q0] = acc
         N_c__1 = np.zeros((K, K, K,))
@@ -331,7 +331,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                 for l in range(K):
                     for q0 in range(M):
                         acc = 0.0
-                        acc += E_g_g_g_g(C, k, l, K + M + p0, K + M + q0)
+                        acc += G4(C, k, l, K + M + p0, K + M + q0)
                         acc += -EA_v_task[k, p0]*EA_v_task[l, q0]
                         N_v_task__v_task[k, p0, l, q0] = acc
         N_v_task__1 = np.zeros((K, M, K,))
