@@ -501,22 +501,34 @@ def _support_moments(inner, laws, comp, assign, step, steps, s, r, nr) -> list:
 
     stmts: list = [Alloc(SUPPORT_COV.format(inner.adapted.name), ("K", "K"))]
     body: list = []
-    # mean of each coefficient over the fields, then the covariance N of two
+    # mean of each coefficient over the fields, then the covariance N of two; a
+    # component whose derived terms cancel is zero (anil: the label noise's
+    # coefficient has mean 0 and no covariance with the others) and is skipped
+    zero_mean, nonzero = set(), set()
     for name, kinds in fams:
         ix = _named(kinds, "p")
-        body += [Alloc(f"EA_{name}", ("K", *_dims(kinds))), assign(comp(f"EA_{name}", (k, *ix), coefficient(name, k, ix)))]
+        ea = comp(f"EA_{name}", (k, *ix), coefficient(name, k, ix))
+        if not ea.terms:
+            zero_mean.add(name)
+            continue
+        body += [Alloc(ea.name, ("K", *_dims(kinds))), assign(ea)]
     for P, kp in fams:
         for Qn, kq in fams[rank[P]:]:
             ip, iq = _named(kp, "p"), _named(kq, "q")
             e = coefficient(P, k, ip) * coefficient(Qn, l_, iq)
-            e -= sp.IndexedBase(f"EA_{P}")[(k, *ip)] * sp.IndexedBase(f"EA_{Qn}")[(l_, *iq)]
-            name = f"N_{P}__{Qn}"
-            body += [Alloc(name, ("K", *_dims(kp), "K", *_dims(kq))), assign(comp(name, (k, *ip, l_, *iq), e))]
+            if not {P, Qn} & zero_mean:
+                e -= sp.IndexedBase(f"EA_{P}")[(k, *ip)] * sp.IndexedBase(f"EA_{Qn}")[(l_, *iq)]
+            nc = comp(f"N_{P}__{Qn}", (k, *ip, l_, *iq), e)
+            if nc.terms:
+                nonzero.add((P, Qn))
+                body += [Alloc(nc.name, ("K", *_dims(kp), "K", *_dims(kq))), assign(nc)]
 
     def ncov(P, kk, ip, Qn, ll, iq):
-        if rank[P] <= rank[Qn]:
-            return sp.IndexedBase(f"N_{P}__{Qn}")[(kk, *ip, ll, *iq)]
-        return sp.IndexedBase(f"N_{Qn}__{P}")[(ll, *iq, kk, *ip)]
+        if rank[P] > rank[Qn]:
+            P, kk, ip, Qn, ll, iq = Qn, ll, iq, P, kk, ip
+        if (P, Qn) not in nonzero:
+            return sp.S.Zero
+        return sp.IndexedBase(f"N_{P}__{Qn}")[(kk, *ip, ll, *iq)]
 
     inv_n = 1 / sp.sympify(inner.support)
     t = sp.Symbol("t_", integer=True)

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 0bd68b0ae7b938a195e8701e062dc9eecfd0f027555c30cbfcf4eceaf2f037d1
+# inputs:     sha256 543972b3ccf04e1c98d52147a090d7343394f42c2166cf3c583aff127a7ead8a
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 1442 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "0bd68b0ae7b938a195e8701e062dc9eecfd0f027555c30cbfcf4eceaf2f037d1"
+INPUTS_SHA256 = "543972b3ccf04e1c98d52147a090d7343394f42c2166cf3c583aff127a7ead8a"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -487,10 +487,6 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                 acc = 0.0
                 acc += -I2(C, k, K + M + p0)
                 EA_v_task[k, p0] = acc
-        EA_1 = np.zeros((K,))
-        for k in range(K):
-            acc = 0.0
-            EA_1[k] = acc
         N_c__c = np.zeros((K, K, K, K,))
         for k in range(K):
             for p0 in range(K):
@@ -509,13 +505,6 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                         acc += -G4(C, k, l, p0, K + M + q0)
                         acc += -EA_c[k, p0]*EA_v_task[l, q0]
                         N_c__v_task[k, p0, l, q0] = acc
-        N_c__1 = np.zeros((K, K, K,))
-        for k in range(K):
-            for p0 in range(K):
-                for l in range(K):
-                    acc = 0.0
-                    acc += -EA_1[l]*EA_c[k, p0]
-                    N_c__1[k, p0, l] = acc
         N_v_task__v_task = np.zeros((K, M, K, M,))
         for k in range(K):
             for p0 in range(M):
@@ -525,19 +514,11 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                         acc += G4(C, k, l, K + M + p0, K + M + q0)
                         acc += -EA_v_task[k, p0]*EA_v_task[l, q0]
                         N_v_task__v_task[k, p0, l, q0] = acc
-        N_v_task__1 = np.zeros((K, M, K,))
-        for k in range(K):
-            for p0 in range(M):
-                for l in range(K):
-                    acc = 0.0
-                    acc += -EA_1[l]*EA_v_task[k, p0]
-                    N_v_task__1[k, p0, l] = acc
         N_1__1 = np.zeros((K, K,))
         for k in range(K):
             for l in range(K):
                 acc = 0.0
                 acc += sigma**2*I2(C, k, l)
-                acc += -EA_1[k]*EA_1[l]
                 N_1__1[k, l] = acc
         P_ = np.zeros((K, K,))
         B_ = np.zeros((K, K,))
@@ -567,14 +548,6 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                             acc += N_1__1[k, l]/n_s
                             s0 = 0.0
                             for j0 in range(K):
-                                s0 += N_c__1[k, j0, l]*mu_c[s_, j0] + N_c__1[l, j0, k]*mu_c[t_, j0]
-                            acc += 1/n_s * s0
-                            s0 = 0.0
-                            for m0 in range(M):
-                                s0 += (N_v_task__1[k, m0, l] + N_v_task__1[l, m0, k])*mu_v_task[m0]
-                            acc += 1/n_s * s0
-                            s0 = 0.0
-                            for j0 in range(K):
                                 for j1 in range(K):
                                     s0 += N_c__c[k, j1, l, j0]*mu_c[s_, j1]*mu_c[t_, j0]
                             acc += 1/n_s * s0
@@ -591,7 +564,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                             s0 = 0.0
                             for m0 in range(M):
                                 for m1 in range(M):
-                                    s0 += N_v_task__v_task[k, m0, l, m1]*mu_v_task[m0]*mu_v_task[m1]
+                                    s0 += N_v_task__v_task[k, m1, l, m0]*mu_v_task[m0]*mu_v_task[m1]
                             acc += 1/n_s * s0
                             s0 = 0.0
                             for j0 in range(K):
@@ -600,22 +573,16 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                                         s0 += L_c[s_, j1, m0]*L_c[t_, j0, m0]*N_c__c[k, j1, l, j0]
                             acc += 1/n_s * s0
                             s0 = 0.0
-                            for j0 in range(K):
-                                for m0 in range(M):
-                                    for m1 in range(M):
-                                        s0 += L_c[t_, j0, m1]*L_v_task[m0, m1]*N_c__v_task[l, j0, k, m0]
-                            acc += 1/n_s * s0
-                            s0 = 0.0
                             for m0 in range(M):
                                 for j0 in range(K):
                                     for m1 in range(M):
-                                        s0 += L_c[s_, j0, m1]*L_v_task[m0, m1]*N_c__v_task[k, j0, l, m0]
+                                        s0 += L_c[s_, j0, m1]*L_v_task[m0, m1]*N_c__v_task[k, j0, l, m0] + L_c[t_, j0, m0]*L_v_task[m1, m0]*N_c__v_task[l, j0, k, m1]
                             acc += 1/n_s * s0
                             s0 = 0.0
                             for m0 in range(M):
                                 for m1 in range(M):
                                     for m2 in range(M):
-                                        s0 += L_v_task[m0, m1]*L_v_task[m2, m1]*N_v_task__v_task[k, m0, l, m2]
+                                        s0 += L_v_task[m0, m2]*L_v_task[m1, m2]*N_v_task__v_task[k, m1, l, m0]
                             acc += 1/n_s * s0
                             Sig_s[s_, t_, k, l] = acc
             for k in range(K):
@@ -643,7 +610,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                         acc = 0.0
                         s0 = 0.0
                         for j0 in range(K):
-                            s0 += P_[n_, j0]*Zmu_s[s_, a_, b_, j0] - B_[n_, j0]*N_c__1[a_, b_, j0]/n_s
+                            s0 += P_[n_, j0]*Zmu_s[s_, a_, b_, j0]
                         acc += 1 * s0
                         s0 = 0.0
                         for j0 in range(K):
