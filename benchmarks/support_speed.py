@@ -1,7 +1,7 @@
 """Cost of a finite-support-set step of ``anil`` against a population step: prints
 figures, asserts nothing.
 
-    python benchmarks/finite_support.py [--sizes 2 4 8] [--S 1 2] [--repeats 20]
+    python benchmarks/support_speed.py [--sizes 2 4 8] [--S 1 2] [--repeats 20]
 
 For each K = M: the time of one right-hand side (``rhs``, first order, erf) at
 ``n_s = inf`` and at ``n_s = 10``, the ratio, and the share of the support-set
