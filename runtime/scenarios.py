@@ -313,12 +313,53 @@ def study_symmetry(out: Path, progress: bool) -> dict:
     return result
 
 
+def study_phase(out: Path, progress: bool) -> dict:
+    """The escape from the permutation-symmetric plateau against the initial
+    asymmetry d: escape_alpha of adaptive flows at d = 1e-3 .. 1e-8, beside the
+    delay that linear stability predicts (runtime.analyze: ln(10) / lambda_max per
+    decade at the plateau's fixed point, drawn through the flow at d = 1e-6)."""
+    from .analyze import analyze
+
+    bar = progress if hasattr(progress, "update") else None
+    ds = [1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8]
+    runs = {}
+    for d in [0.0, *ds]:
+        runs[d] = flow("anil", reference_init(d), REFERENCE["params"], t_max=300, dt=0.01, method="adaptive",
+                       record_every=0.5)  # fmt: skip
+        if bar is not None:
+            bar.update(1)
+    esc = np.array([escape_alpha(runs[d], runs[0.0]) for d in ds])
+    anchor = ds.index(1e-6)
+    fixed = [pa.fixed_point for pa in analyze(runs[1e-6]).plateaus if pa.plateau.left and pa.fixed_point]
+    per_decade = fixed[0].escape_per_decade if fixed else float("nan")
+    decades = np.log10(1 / np.array(ds))
+    predicted = esc[anchor] + (decades - decades[anchor]) * per_decade
+    measured = float(np.polyfit(decades[1:], esc[1:], 1)[0])
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    ax.semilogx(ds, esc, "o", label=f"escape_alpha of the flows ({measured:.3g} per decade for d <= 1e-4)")
+    ax.semilogx(
+        ds, predicted, "--", label=f"linear stability: ln(10)/lambda_max = {per_decade:.3g} per decade"
+    )
+    ax.invert_xaxis()
+    ax.set_xlabel("initial asymmetry d")
+    ax.set_ylabel("escape alpha")
+    ax.set_title("anil reference scenario: escape from the symmetric plateau")
+    ax.legend(fontsize=8)
+    _save(fig, out / "phase.png")
+    result = {f"d = {d:g}: escape alpha": float(e) for d, e in zip(ds, esc)}
+    result["escape alpha per decade of d: measured (d <= 1e-4)"] = measured
+    result["escape alpha per decade of d: ln(10)/lambda_max"] = per_decade
+    return result
+
+
 STUDIES = {
     "symmetry": study_symmetry,
     "inner": study_inner,
     "overparam": study_overparam,
     "variability": study_variability,
     "order": study_order,
+    "phase": study_phase,
 }
 
 
