@@ -9,7 +9,8 @@ arrays of Python objects. Every operation of the generated code then carries
 its exact derivative along (the chain rule, applied by the operators), so the
 Jacobian is that of the very code that integrates the flow, to round-off, and no
 formula is typed here: only the derivatives of the elementary functions the
-generated code calls (sqrt, exp, erf, copysign, arithmetic).
+generated code calls (arithmetic, and sqrt, exp, log, erf, asin differentiated by
+sympy; copysign).
 """
 
 from __future__ import annotations
@@ -133,15 +134,20 @@ def _copysign(x, y):
     return math.copysign(x, _value(y))
 
 
-_SQRT_2_PI = 2.0 / math.sqrt(math.pi)
-_MATH = {
-    "sqrt": _unary(math.sqrt, lambda v: 0.5 / math.sqrt(v)),
-    "exp": _unary(math.exp, math.exp),
-    "log": _unary(math.log, lambda v: 1.0 / v),
-    "erf": _unary(math.erf, lambda v: _SQRT_2_PI * math.exp(-v * v)),
-    "asin": _unary(math.asin, lambda v: 1.0 / math.sqrt(1.0 - v * v)),
-    "copysign": _copysign,
-}
+def _derivative_rules() -> dict:
+    """Dual versions of the elementary functions the generated code calls, their
+    derivatives by sympy (no formula typed here)."""
+    import sympy as sp
+
+    z = sp.Symbol("z")
+    out = {"copysign": _copysign}
+    for name in ("sqrt", "exp", "log", "erf", "asin"):
+        df = sp.lambdify(z, sp.diff(getattr(sp, name)(z), z), "math")
+        out[name] = _unary(getattr(math, name), df)
+    return out
+
+
+_MATH = _derivative_rules()
 
 
 def _math_module() -> types.ModuleType:
