@@ -8,25 +8,27 @@ stability of each plateau (``python -m runtime analyze --traj DIR``).
 - **Plateaus** (``find_plateaus``): maximal runs of records where the speed is
   at most ``fraction`` (default 0.5) times the typical speed around them
   (``typical_speed``: the smaller of the largest speeds before and after the
-  record; a slow stretch that lasts to the last record is judged against the
-  largest speed before it), lasting at least ``min_length`` alpha (default 5 %
-  of the recorded span). No error threshold: the rule sees only how fast the
-  flow moves, relative to itself, so it finds the slow phases between fast ones
-  at any scale; the slow start of a flow from small weights is not one (nothing
-  faster came before it). A plateau that lasts until the last record is *not
-  left* (the final state, or a plateau the run did not escape by its end).
+  record; after the last peak of the speed, the speed of that peak), lasting
+  at least ``min_length`` alpha (default 5 % of the recorded span). No error
+  threshold: the rule sees only how fast the flow moves, relative to itself,
+  so it finds the slow phases between fast ones at any scale; the slow start
+  of a flow from small weights is not one (nothing faster came before it). A
+  plateau that lasts until the last record is *not left* (the final state, or
+  a plateau the run did not escape by its end).
 - **Escape** alpha: the end of the first plateau the flow leaves; **specialisation**
   alpha: the first record where the units' specialisation (for each student unit
   the gap between its largest and second-largest ``|r_km|``, averaged over units)
   reaches half its final value, when that final value is at least 0.5 (else nan).
 - **Fixed point** of a plateau (``plateau_fixed_point``): Newton's method on the
-  right-hand side from the plateau's first and slowest records (a plateau on
-  the way between fixed points may reach a different one from each; the one
-  nearest to the plateau's records is kept), with the Jacobian of the
+  right-hand side from the plateau's slowest record and from records spread
+  over it (a plateau on the way between fixed points may reach a different one
+  from each; the one nearest to the last record, where the flow leaves, is
+  kept), with the Jacobian of the
   generated code by forward differentiation (runtime/tangent.py), damped by
   halving the step until ``|f|`` falls; its eigenvalues give the linear
-  stability. With ``lambda_max`` the largest real part and ``l`` its left
-  eigenvector, the amplitude ``A = |l^H (x - x*)|`` of the unstable mode grows
+  stability. With ``lambda_max`` the largest real part, the amplitude ``A`` of
+  the unstable mode (the length of the component of ``x - x*`` in its
+  eigenspace, projected along the other eigenvectors) grows
   like ``exp(lambda_max alpha)``: from the plateau's start it reaches
   ``escape_amplitude`` (default 0.1) at the predicted escape
   ``alpha_start + ln(escape_amplitude / A_start) / lambda_max``; an initial
@@ -57,6 +59,7 @@ MIN_LENGTH = 0.05  # of the recorded span of alpha
 ESCAPE_AMPLITUDE = 0.1
 NEWTON_TOL = 1e-12
 NEWTON_STEPS = 50
+STALL_STEPS = 10
 
 
 class AnalysisError(ValueError):
@@ -195,18 +198,19 @@ def metric_name(traj: Trajectory) -> str:
     raise AnalysisError("the trajectory has neither eps_meta nor eps_g")
 
 
-def typical_speed(speed: np.ndarray, fraction: float = FRACTION) -> np.ndarray:
+def typical_speed(speed: np.ndarray) -> np.ndarray:
     """At each record, the speed the flow has around it: the smaller of the largest
-    speeds before and after it; in a slow stretch that lasts to the last record
-    (no faster motion after it), the largest speed before."""
+    speeds before and after it. After the last peak (the final stretch where each
+    record is at least as fast as every later one, e.g. the approach to the final
+    state) there is no faster motion after: there it is the speed of that peak."""
     speed = np.asarray(speed, dtype=np.float64)
     before = np.maximum.accumulate(speed)
     after = np.maximum.accumulate(speed[::-1])[::-1]
     typical = np.minimum(before, after)
-    tail = len(speed)
-    while tail > 0 and speed[tail - 1] <= fraction * before[tail - 1]:
-        tail -= 1
-    typical[tail:] = before[tail:]
+    peak = len(speed) - 1
+    while peak > 0 and speed[peak - 1] >= after[peak]:
+        peak -= 1
+    typical[peak:] = speed[peak]
     return typical
 
 
@@ -226,7 +230,7 @@ def find_plateaus(
     n = len(alpha)
     span = float(alpha[-1] - alpha[0])
     min_length = MIN_LENGTH * span if min_length is None else min_length
-    slow = speed <= fraction * typical_speed(speed, fraction)
+    slow = speed <= fraction * typical_speed(speed)
     metric = traj.arrays[metric_name(traj)]
     out = []
     i = 0
@@ -337,45 +341,51 @@ def fixed_point(fl: Flow, x0: np.ndarray, tol: float = NEWTON_TOL, max_steps: in
     x = np.array(x0, dtype=np.float64)
     f, J = fl.jacobian(x)
     norm = float(np.linalg.norm(f))
+    history = [norm]
     steps = 0
     while norm > tol and steps < max_steps:
-        try:
-            dx = np.linalg.solve(J, -f)
-        except np.linalg.LinAlgError:
-            dx = np.linalg.lstsq(J, -f, rcond=None)[0]
+        # least squares (the pseudo-inverse): quadratic convergence also onto a manifold
+        # of fixed points (a singular Jacobian, e.g. over-parameterised students)
+        dx = np.linalg.lstsq(J, -f, rcond=1e-12)[0]
         t = 1.0
-        while True:
+        while t >= 1e-6:
             x_new = x + t * dx
-            f_new = fl.rhs(x_new)
-            n_new = float(np.linalg.norm(f_new))
-            if np.isfinite(n_new) and (n_new < norm or t < 1e-6):
+            n_new = float(np.linalg.norm(fl.rhs(x_new)))
+            if np.isfinite(n_new) and n_new < norm:
                 break
             t /= 2
+        else:
+            break  # no step along the Newton direction lowers the residual
         x = x_new
         steps += 1
         f, J = fl.jacobian(x)
         norm = float(np.linalg.norm(f))
-        if t < 1e-6 and n_new >= norm:
-            break
+        history.append(norm)
+        if steps >= STALL_STEPS and norm > 0.5 * history[-STALL_STEPS]:
+            break  # not even halved in STALL_STEPS steps: no fixed point within reach
     if not norm <= tol:
         raise AnalysisError(f"Newton's method did not converge: |rhs| = {norm:.3g} after {steps} steps")
     return x, norm, steps, J
 
 
 def plateau_fixed_point(fl: Flow, xs: np.ndarray, slowest: int, tol: float = NEWTON_TOL):
-    """The fixed point a plateau (its records ``xs``) passes nearest: Newton from its
-    first and its slowest record (a plateau near several fixed points, e.g. on the
-    way from one to another, reaches different ones from each); of those reached,
-    the one nearest to any record of the plateau. Returns as ``fixed_point``."""
+    """The fixed point that governs a plateau (its records ``xs``): Newton from its
+    slowest record and from records at 0, 1/4, 1/2, 3/4 and all of its length; of
+    the fixed points reached, the one nearest to the last record. A plateau can
+    lead from one fixed point to another (the flow first passes near a saddle,
+    then drifts towards a second one while the unstable mode grows; so does
+    ``scm`` with K = M = 2): the escape happens, and its timing is set, near the
+    one the flow is at when it leaves. Returns as ``fixed_point``."""
     found, errors = [], []
-    for i in sorted({0, slowest}):
+    n = len(xs) - 1
+    for i in sorted({slowest, *(round(n * q) for q in (0, 0.25, 0.5, 0.75, 1))}):
         try:
             found.append(fixed_point(fl, xs[i], tol))
         except AnalysisError as exc:
             errors.append(str(exc))
     if not found:
         raise AnalysisError(errors[0])
-    return min(found, key=lambda r: float(np.min(np.linalg.norm(xs - r[0], axis=1))))
+    return min(found, key=lambda r: float(np.linalg.norm(xs[-1] - r[0])))
 
 
 def linear_stability(
@@ -387,9 +397,9 @@ def linear_stability(
 ):
     """``(eigenvalues, lambda_max, amplitude, predicted escape, per decade)`` of the
     flow linearised at ``x_star`` (Jacobian ``J``): eigenvalues largest real part
-    first; the amplitude ``|l^H (x_start - x_star)|`` of the most unstable mode
-    (``l`` its left eigenvector, scaled so that ``l^H r = 1`` for its right one
-    ``r`` of unit length); the alpha at which it grows to ``escape_amplitude``
+    first; the amplitude of the most unstable mode at ``x_start`` (the length of
+    the component of ``x_start - x_star`` in the eigenspace of ``lambda_max``,
+    projected along the other eigenvectors); the alpha at which it grows to ``escape_amplitude``
     from ``alpha_start``; and ``ln(10) / lambda_max`` (nan unless unstable)."""
     from scipy.linalg import eig
 
@@ -397,9 +407,13 @@ def linear_stability(
     order = np.argsort(-w.real, kind="stable")
     w, vl, vr = w[order], vl[:, order], vr[:, order]
     lam = float(w[0].real)
-    right = vr[:, 0] / np.linalg.norm(vr[:, 0])
-    left = vl[:, 0] / np.conj(np.vdot(vl[:, 0], right))
-    amp = float(abs(np.vdot(left, x_start - x_star)))
+    # the eigenspace of lambda_max (a symmetry often makes it degenerate; with a complex
+    # pair, both): the oblique projection onto it along the others, V (L^H V)^-1 L^H
+    scale = 1e-8 * max(1.0, abs(w[0]))
+    same = (np.abs(w.real - w[0].real) <= scale) & (np.abs(np.abs(w.imag) - abs(w[0].imag)) <= scale)
+    V, L = vr[:, same], vl[:, same]
+    dx = x_start - x_star
+    amp = float(np.linalg.norm(V @ np.linalg.solve(L.conj().T @ V, L.conj().T @ dx)))
     if lam > 0 and amp > 0:
         predicted = alpha_start + math.log(escape_amplitude / amp) / lam
         per_decade = math.log(10) / lam
@@ -606,7 +620,7 @@ def plot(result: Analysis, traj: Trajectory, path: Path) -> None:
     alpha = np.asarray(traj.alpha)
     ax.plot(alpha, traj.arrays[result.metric], label=result.metric)
     bx.semilogy(alpha, np.maximum(result.speed, 1e-300), color="C1", label="speed |d state / d alpha|")
-    threshold = result.rule["fraction"] * typical_speed(result.speed, result.rule["fraction"])
+    threshold = result.rule["fraction"] * typical_speed(result.speed)
     bx.semilogy(alpha, threshold, color="grey", ls=":", label="plateau threshold")
     for i, pa in enumerate(result.plateaus):
         for a_ in (ax, bx):

@@ -194,3 +194,25 @@ def test_bad_input_is_one_line_naming_traj(tmp_path, capsys, flows):
     assert "kind 'simulation'" in error("--traj", str(tmp_path / "sim"))
     with pytest.raises(AnalysisError, match="--traj"):
         as_trajectory(tmp_path / "missing")
+
+
+def test_scm_plateau_escape_per_decade():
+    """A second model: the soft committee machine (K = M = 2) from the same kind of
+    nearly symmetric start. Its plateau leads from the identical-units saddle to
+    the symmetric one with Q_00 != Q_01 (Saad & Solla's plateau), which sets the
+    escape: the plateau's end (``escape_alpha`` of summaries, no symmetric flow
+    needed) moves by ln(10) / lambda_max per decade of d."""
+
+    def start(d):
+        R = np.full((2, 2), 0.01) + d * np.array([[1.0, -1.0], [-1.0, 1.0]])
+        return Init(0.01 * np.eye(2), R, np.eye(2), {})
+
+    ds = [1e-4, 1e-5, 1e-6, 1e-7]
+    runs = {d: runtime.flow("scm", start(d), {"eta": 1.0}, t_max=300, dt=0.01, method="adaptive",
+                            record_every=EVERY) for d in ds}  # fmt: skip
+    esc = [summaries(runs[d])["escape_alpha"] for d in ds]
+    slope = np.polyfit(np.log10(1 / np.array(ds)), esc, 1)[0]
+    fp = analyze(runs[1e-6]).plateaus[0].fixed_point
+    Q, R = fp.state["Q"], fp.state["R"]
+    assert fp.rhs_norm < 1e-10 and np.ptp(R) < 1e-9 and Q[0, 0] - Q[0, 1] > 0.05
+    assert abs(fp.escape_per_decade - slope) < 0.1 * slope, (fp.escape_per_decade, slope, esc)
