@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -129,6 +130,15 @@ def _symbols(rule):
 
 def flow_of(traj: Trajectory) -> Flow:
     """The ``Flow`` of a saved flow trajectory (its model, parameters and constants)."""
+    try:
+        return _flow_of(traj)
+    except KeyError as exc:
+        raise AnalysisError(
+            f"--traj: the trajectory has no {exc.args[0]!r} (not written by a flow?)"
+        ) from None
+
+
+def _flow_of(traj: Trajectory) -> Flow:
     meta = traj.metadata
     kernel = load(meta["model"], meta.get("activation", "erf"))
     values = kernel.model.resolve_params({k: float(v) for k, v in meta["params"].items()})
@@ -136,11 +146,11 @@ def flow_of(traj: Trajectory) -> Flow:
     c = kernel.pack_consts(traj.arrays, K, M)
     p = kernel.param_vector(values)
     moving = _evolving_readouts(kernel, values)
+    readouts = {v.name for v in kernel.model.state_vectors}
     names, rows, cols = [], [], []
     size = kernel.state_size(K, M)
-    offset = 0
     layout = kernel.unpack_state(np.arange(size), K, M)
-    for name, shape in kernel.module.STATE:
+    for name, _ in kernel.module.STATE:
         idx = layout[name]
         if name == "Q":
             for k in range(K):
@@ -148,14 +158,13 @@ def flow_of(traj: Trajectory) -> Flow:
                     names.append(f"Q[{k},{l_}]")
                     rows.append(idx[k, l_])
                     cols.append({idx[k, l_], idx[l_, k]})
-        elif len(shape) == 1 and name not in moving:
+        elif name in readouts and name not in moving:
             pass  # a frozen readout: a constant
         else:
             for pos in np.ndindex(idx.shape):
                 names.append(f"{name}[{','.join(map(str, pos))}]")
                 rows.append(idx[pos])
                 cols.append({idx[pos]})
-        offset += idx.size
     embed = np.zeros((size, len(names)))
     for j, entries in enumerate(cols):
         for i in entries:
@@ -483,7 +492,7 @@ def as_trajectory(traj_or_dir) -> Trajectory:
         raise AnalysisError(f"--traj {path} is not a trajectory folder (no {' or '.join(missing)})")
     try:
         return Trajectory.load(path)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise AnalysisError(f"--traj {path}: cannot read the trajectory ({exc})") from None
 
 

@@ -192,6 +192,11 @@ def test_bad_input_is_one_line_naming_traj(tmp_path, capsys, flows):
     sim = runtime.Trajectory(dict(flows[1e-5].arrays), {**flows[1e-5].metadata, "kind": "simulation"})
     sim.save(tmp_path / "sim")
     assert "kind 'simulation'" in error("--traj", str(tmp_path / "sim"))
+    (tmp_path / "sim" / "trajectory.npz").write_bytes(b"not a zip file")
+    assert "cannot read the trajectory" in error("--traj", str(tmp_path / "sim"))
+    meta = {k: v for k, v in flows[1e-5].metadata.items() if k != "params"}
+    runtime.Trajectory(dict(flows[1e-5].arrays), meta).save(tmp_path / "noparams")
+    assert "'params'" in error("--traj", str(tmp_path / "noparams"))
     with pytest.raises(AnalysisError, match="--traj"):
         as_trajectory(tmp_path / "missing")
 
