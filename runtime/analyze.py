@@ -293,6 +293,13 @@ def _check(traj: Trajectory) -> None:
         raise AnalysisError(f"--traj has {len(traj.alpha)} records; the analysis needs at least 3")
 
 
+def _check_rule(fraction: float, min_length: float | None) -> None:
+    if not (0 < fraction < 1):
+        raise AnalysisError(f"fraction (--fraction) must be between 0 and 1, got {fraction}")
+    if min_length is not None and not (min_length >= 0 and math.isfinite(min_length)):
+        raise AnalysisError(f"min_length (--min-length) must be a number >= 0, got {min_length}")
+
+
 def summaries(
     traj: Trajectory, fraction: float = FRACTION, min_length: float | None = None, speed=None
 ) -> dict[str, float]:
@@ -301,6 +308,7 @@ def summaries(
     the escape alpha (end of the first plateau left),
     the specialisation alpha, the number of plateaus and the final errors
     (``final_<metric>``). For sweeps: every value a float."""
+    _check_rule(fraction, min_length)
     _check(traj)
     if speed is None:
         speed = speeds(traj)
@@ -338,9 +346,9 @@ class FixedPoint:
     newton_steps: int
     eigenvalues: list  # complex, largest real part first
     lambda_max: float
-    predicted_escape: float  # alpha; nan when stable or not left
+    predicted_escape: float  # alpha; nan unless unstable
     escape_per_decade: float  # ln(10) / lambda_max: delay per decade of the initial asymmetry
-    amplitude_at_start: float
+    amplitude_at_start: float  # of the most unstable mode, at the plateau's start
 
 
 def fixed_point(fl: Flow, x0: np.ndarray, tol: float = NEWTON_TOL, max_steps: int = NEWTON_STEPS):
@@ -505,10 +513,7 @@ def analyze(
 ) -> Analysis:
     """The phases of a flow (a ``Trajectory`` or the folder of one) and the linear
     stability of each plateau: see the module docstring for the rules."""
-    if not (0 < fraction < 1):
-        raise AnalysisError(f"fraction (--fraction) must be between 0 and 1, got {fraction}")
-    if min_length is not None and not (min_length >= 0 and math.isfinite(min_length)):
-        raise AnalysisError(f"min_length (--min-length) must be a number >= 0, got {min_length}")
+    _check_rule(fraction, min_length)
     if not (escape_amplitude > 0 and math.isfinite(escape_amplitude)):
         raise AnalysisError(
             f"escape_amplitude (--escape-amplitude) must be a positive number, got {escape_amplitude}"
