@@ -424,7 +424,7 @@ def cmd_analyze(args) -> Path:
     from .analyze import analyze, as_trajectory, report, write
 
     traj = as_trajectory(args.traj)
-    out = check_out_dir(args.out or args.traj)
+    out = check_out_dir(args.out, "--out") if args.out else check_out_dir(args.traj, "--traj (without --out)")
     result = analyze(traj, args.fraction, args.min_length, args.escape_amplitude)
     print(report(result))
     write(result, traj, out)

@@ -174,6 +174,9 @@ def test_cli_flow_then_analyze(tmp_path):
     data = json.loads((tmp_path / "a" / "analysis.json").read_text())
     assert data["plateaus"][0]["fixed_point"]["rhs_norm"] < 1e-10
     assert (tmp_path / "a" / "analysis.png").stat().st_size > 0
+    # without --out, beside the trajectory
+    assert main(["analyze", "--traj", str(tmp_path / "f")]) == 0
+    assert json.loads((tmp_path / "f" / "analysis.json").read_text()) == data
 
 
 def test_bad_input_is_one_line_naming_traj(tmp_path, capsys, flows):
