@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -357,7 +358,7 @@ def primitive_code(d, nodes: int = NODES) -> dict:
     return {
         "name": d.name,
         "args": ("C, dC, " if d.name.endswith("_dir") else "C, ") + ", ".join(d.labels),
-        "labels": list(d.labels),
+        "labels": list(d.pattern or d.labels),
         "kinds": list(d.kinds),
         "loads": loads,
         "temps": lines + [f"{s} = {code(e)}" for s, e in temps],
@@ -366,6 +367,65 @@ def primitive_code(d, nodes: int = NODES) -> dict:
         "ops": int(sp.count_ops(d.expr)),
         # the Gauss-Legendre rules the body reads (module-level arrays, rule_code)
         "rules": [nodes] if integrals else [],
+    }
+
+
+def primitive_codes(d, nodes: int = NODES) -> list[dict]:
+    """The functions of one primitive: its body (``primitive_code``), or, for an integral
+    along Price's path with forms at equal indices (``gaussian.pattern_forms``: G4),
+    each form and a function of the primitive's name that dispatches on the equality
+    pattern of its runtime indices (``dispatch_code``)."""
+    forms = gaussian.pattern_forms(d)
+    if forms is None:
+        return [primitive_code(d, nodes)]
+    return [primitive_code(f, nodes) for f in forms] + [dispatch_code(d, forms)]
+
+
+def set_partitions(n: int) -> list[tuple[int, ...]]:
+    """The equality patterns of ``n`` indices as restricted growth strings, all distinct first."""
+    out = [
+        s
+        for s in itertools.product(range(n), repeat=n)
+        if s[0] == 0 and all(s[i] <= max(s[:i]) + 1 for i in range(1, n))
+    ]
+    return sorted(out, key=lambda s: (-max(s), s))
+
+
+def dispatch_code(d, forms) -> dict:
+    """A primitive that calls, for each equality pattern of its indices (the set
+    partitions of its arguments), the form of that pattern's class with the arguments
+    in the form's order (fields that occur fewer times first, as
+    ``gaussian.canonical_patterns``). The last pattern (all equal) is the fallthrough."""
+    by_pattern = {f.pattern: f for f in forms}
+    args = list(d.labels)
+    lines, last = [], None
+    for rgs in set_partitions(len(args)):
+        blocks = [[i for i, b in enumerate(rgs) if b == k] for k in range(max(rgs) + 1)]
+        ordered = sorted(blocks, key=lambda blk: (len(blk), blk[0]))
+        pattern = "".join(gaussian.LABELS[i] * len(blk) for i, blk in enumerate(ordered))
+        call = f"{by_pattern[pattern].name}(C, {', '.join(args[blk[0]] for blk in ordered)})"
+        conds = [f"{args[blk[i]]} == {args[blk[i + 1]]}" for blk in blocks for i in range(len(blk) - 1)]
+        conds += [f"{args[x[0]]} != {args[y[0]]}" for x, y in itertools.combinations(blocks, 2)]
+        if len(blocks) == 1:
+            last = call
+        else:
+            lines += [f"if {' and '.join(conds)}:", f"    return {call}"]
+    names = ", ".join(f.name for f in forms)
+    return {
+        "name": d.name,
+        "args": "C, " + ", ".join(args),
+        "labels": args,
+        "kinds": list(d.kinds),
+        "loads": [],
+        "temps": lines,
+        "ret": last,
+        "provenance": [
+            f"dispatch on which of the runtime indices are equal, to the form of that pattern ({names}), "
+            "each derived as follows at distinct fields, then the equal fields identified:",
+            *d.provenance,
+        ],
+        "ops": 0,
+        "rules": [],
     }
 
 
@@ -584,7 +644,7 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
         }
         for c in ir.samples
     ]
-    prims = [primitive_code(d) for d in prim_list]
+    prims = [p for d in prim_list for p in primitive_codes(d)]
     acts = [
         {"name": "g", "code": code(act.expr)},
         {"name": "gp", "code": code(act.d1)},
@@ -647,7 +707,7 @@ def render_primitives(names, activation: str, nodes: int = NODES) -> str:
     benchmarks of a primitive that no committed kernel calls yet (G4) import it."""
     act = get_activation(activation)
     derived = [gaussian.primitive(n, act.name) for n in names]
-    prims = [primitive_code(d, nodes) for d in derived]
+    prims = [p for d in derived for p in primitive_codes(d, nodes)]
     ctx = {
         "names": list(names),
         "activation": act.name,

@@ -202,6 +202,31 @@ def test_g4_is_an_integral_along_prices_path():
     assert sum("tilt by u_a, u_" in line for line in d.provenance) == 3
 
 
+def test_forms_at_equal_indices():
+    """The forms the generated G4 dispatches to: one per class of equal indices, the
+    path shrinking a field that occurs once where there is one, the pair a, a for
+    (a, a, b, b), whose start is I2(a, a) I2(b, b); the dispatch covers the 15 patterns."""
+    from derive.gaussian import pattern_forms
+
+    forms = {f.pattern: f for f in pattern_forms(primitive("G4", "erf"))}
+    assert set(forms) == {"abcd", "abcc", "abbb", "aabb", "aaaa"}
+    assert forms["abcc"].labels == ("a", "b", "c") and forms["aaaa"].labels == ("a",)
+    assert "covariances of (u_a, u_b) and the rest" in forms["aabb"].provenance[1]
+    (integral,) = forms["aabb"].expr.atoms(sp.Integral)
+    start = forms["aabb"].expr - integral
+    i2 = primitive("I2", "erf").expr
+    c = cov_symbol
+    want = i2.xreplace({c("b", "b"): c("a", "a"), c("a", "b"): c("a", "a")}) * i2.xreplace(
+        {c("a", "a"): c("b", "b"), c("a", "b"): c("b", "b")}
+    )
+    assert sp.simplify(start - want) == 0
+    code = codegen.primitive_codes(primitive("G4", "erf"))
+    assert [p["name"] for p in code] == ["G4_abcd", "G4_abcc", "G4_aabb", "G4_abbb", "G4_aaaa", "G4"]
+    dispatch = code[-1]
+    assert sum(line.startswith("if ") for line in dispatch["temps"]) == 14  # + the fallthrough aaaa
+    assert dispatch["ret"] == "G4_aaaa(C, a)"
+
+
 def test_g4_linear_is_isserlis_exactly(g4_linear, random_covariance):
     d = primitive("G4", "linear")
     c = cov_symbol
