@@ -100,7 +100,7 @@ def main(argv=None) -> None:
         for m in mods.values():  # compile outside the tables' timing
             m.G4(C0, 0, 1, 2, 3)
 
-        print(f"\nconvergence: max |G4(n nodes) - G4({REFERENCE_NODES} nodes)| over "
+        print(f"\nconvergence: max |G4(n nodes) - G4({REFERENCE_NODES} nodes)| (path rule) over "
               f"{args.covariances} covariances x 15 equality patterns (kernels use {NODES})")
         head = "".join(f"{n:>10d}" for n in args.nodes)
         print(f"{'scale':>6} {'max var':>8}  {'pattern':<10}{head}")

@@ -340,8 +340,8 @@ def _triangular(t) -> bool:
 
 def primitive_code(d, nodes: int = NODES) -> dict:
     """Body of one primitive: covariance loads, cse temporaries, return value. An
-    integral over [0, 1] (Price's path, derive/gaussian.py) is a Gauss-Legendre sum
-    over ``nodes`` nodes (derive/quadrature.py; see ``integral_code``)."""
+    integral over [0, 1] (Price's path, derive/gaussian.py) is a weighted sum over the
+    ``nodes`` nodes of ``quadrature.path_rule`` (see ``integral_code``)."""
     syms = sorted(d.expr.free_symbols, key=str)
     loads = []
     for s in syms:
@@ -365,7 +365,7 @@ def primitive_code(d, nodes: int = NODES) -> dict:
         "ret": code(ret),
         "provenance": list(d.provenance),
         "ops": int(sp.count_ops(d.expr)),
-        # the Gauss-Legendre rules the body reads (module-level arrays, rule_code)
+        # the path rules the body reads (module-level arrays, rule_code)
         "rules": [nodes] if integrals else [],
     }
 
@@ -430,14 +430,14 @@ def dispatch_code(d, forms) -> dict:
 
 
 def quadrature_lines(prims: list[dict]) -> list[str]:
-    """The module-level arrays of every Gauss-Legendre rule the primitives read."""
+    """The module-level arrays of every path rule (derive/quadrature.py) the primitives read."""
     return [line for n in sorted({n for p in prims for n in p["rules"]}) for line in rule_code(n)]
 
 
 def integral_code(integral: sp.Integral, target: str, nodes: int, prefix: str = "s") -> list[str]:
     """Lines that set ``target`` to ``integral`` (over one variable from 0 to 1, its
-    integrand free of integrals): the ``nodes``-point Gauss-Legendre sum over the
-    module's arrays of derive/quadrature.py. The integrand's cse temporaries that do
+    integrand free of integrals): the weighted sum over the ``nodes`` nodes of
+    ``quadrature.path_rule``, module-level arrays. The integrand's cse temporaries that do
     not depend on the variable are computed once, before the loop over the nodes."""
     (limit,) = integral.limits
     if len(limit) != 3 or (limit[1], limit[2]) != (0, 1):
@@ -702,8 +702,8 @@ PRIMITIVES_TEMPLATE = "primitives.py.jinja"
 
 def render_primitives(names, activation: str, nodes: int = NODES) -> str:
     """A module of the named primitives (``gaussian.PRIMITIVES``) for ``activation``,
-    each rendered as in a kernel module (``primitive_code``, integrals over ``nodes``
-    Gauss-Legendre nodes), with the arcsine and the rules they read: the tests and
+    each rendered as in a kernel module (``primitive_code``, integrals over the ``nodes``
+    nodes of the path rule), with the arcsine and the rules they read: the tests and
     benchmarks of a primitive that no committed kernel calls yet (G4) import it."""
     act = get_activation(activation)
     derived = [gaussian.primitive(n, act.name) for n in names]

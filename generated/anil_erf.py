@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 d148dbd871f17850beece778d104deae6362fb289b87556399c1f060a08b1597
+# inputs:     sha256 b7365498a9cdee05890b27a7fae57b8d8a6359a40f6f98124898d63b264f1a4e
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 854 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "d148dbd871f17850beece778d104deae6362fb289b87556399c1f060a08b1597"
+INPUTS_SHA256 = "b7365498a9cdee05890b27a7fae57b8d8a6359a40f6f98124898d63b264f1a4e"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 e42b2fbd5b85ae00afc96375232f9fabb4e786718639a1a71420c25183b12312
+# inputs:     sha256 b1d89dd7d01243f864de26ebc5773887debc2bcf89ccc36f58407dbb63bb88e9
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 587 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "e42b2fbd5b85ae00afc96375232f9fabb4e786718639a1a71420c25183b12312"
+INPUTS_SHA256 = "b1d89dd7d01243f864de26ebc5773887debc2bcf89ccc36f58407dbb63bb88e9"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 09bcfa89d166919934fce7661f115a5aa73cb3e07538c43735372165b20c0619
+# inputs:     sha256 209560b73a87c1a6cd6d1921dce92dbac6f2dbe0f725f6151729bc79569ec555
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "09bcfa89d166919934fce7661f115a5aa73cb3e07538c43735372165b20c0619"
+INPUTS_SHA256 = "209560b73a87c1a6cd6d1921dce92dbac6f2dbe0f725f6151729bc79569ec555"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

@@ -2,9 +2,11 @@
 
 The engine derives G4 by Price's theorem along a path that shrinks the covariances of
 one field (derive/gaussian.py ``_price_path``): a sympy Integral over t in [0, 1] of
-I4-type closed forms, which the code generator prints as a Gauss-Legendre sum
-(derive/quadrature.py). Here the G4 function rendered as a kernel module renders it
-(derive/codegen.py ``render_primitives``) is compared with
+I4-type closed forms, which the code generator prints as a weighted sum over the
+nodes of a Gauss-Legendre rule graded towards t = 1 (derive/quadrature.py). Here the
+G4 function rendered as a kernel module renders it (derive/codegen.py
+``render_primitives``: a G4 that dispatches on the equality pattern of its indices to
+forms derived for each) is compared with
 
 - an independent high-order quadrature, typed here: the distinct fields of the four
   arguments, a tensor Gauss-Legendre rule on [-9, 9]^d in the coordinates of a
@@ -252,6 +254,15 @@ def test_gauss_legendre_is_exact_for_polynomials(n):
         assert sum(wi * ti**k for ti, wi in zip(t, w)) == pytest.approx(1 / (k + 1), rel=1e-14)
 
 
+@pytest.mark.parametrize("n", [1, 5, 20])
+def test_path_rule_integrates_polynomials_in_t(n):
+    """t = 1 - (1 - s)^2: a polynomial of degree k in t is one of degree 2k + 1 in s."""
+    t, w = quadrature.path_rule(n)
+    assert all(0 < x < 1 for x in t) and list(t) == sorted(t)
+    for k in range(n):
+        assert sum(wi * ti**k for ti, wi in zip(t, w)) == pytest.approx(1 / (k + 1), rel=1e-14)
+
+
 def test_gauss_legendre_bad_node_count():
     with pytest.raises(ValueError, match=r"nodes: a whole number >= 1"):
         quadrature.gauss_legendre(0)
@@ -268,8 +279,8 @@ def test_integral_printed_as_a_sum_over_nodes():
         "s1 = C_ab*s0",
         "q0 = 0.0",
         "for node in range(16):",
-        "    t = GL16_T[node]",
-        "    q0 += GL16_W[node]*(s0*math.sin(s1*t) + s1*t**2)",
+        "    t = PATH16_T[node]",
+        "    q0 += PATH16_W[node]*(s0*math.sin(s1*t) + s1*t**2)",
     ]
     with pytest.raises(ValueError, match="from 0 to 1"):
         codegen.integral_code(sp.Integral(t, (t, 0, 2)), "q0", 16)
