@@ -347,7 +347,7 @@ def primitive_code(d, nodes: int = NODES) -> dict:
     for s in syms:
         matrix, pair = str(s).split("_")
         loads.append(f"{s} = {matrix}[{pair[0]}, {pair[1]}]")
-    expr, lines = d.expr, []
+    expr, lines = merge_integrals(d.expr), []
     integrals = sorted(expr.atoms(sp.Integral), key=sp.default_sort_key)
     for i, integral in enumerate(integrals):
         q = sp.Symbol(f"q{i}")
@@ -432,6 +432,29 @@ def dispatch_code(d, forms) -> dict:
 def quadrature_lines(prims: list[dict]) -> list[str]:
     """The module-level arrays of every path rule (derive/quadrature.py) the primitives read."""
     return [line for n in sorted({n for p in prims for n in p["rules"]}) for line in rule_code(n)]
+
+
+def merge_integrals(expr: sp.Expr) -> sp.Expr:
+    """``sum_i c_i Integral(f_i, (t, 0, 1))`` with the ``c_i`` free of t as one
+    ``Integral(sum_i c_i f_i, (t, 0, 1))`` (one loop over the nodes, e.g. for the
+    derivative of G4 along dC, whose sympy form has an integral per entry of dC)."""
+    if not isinstance(expr, sp.Add):
+        return expr
+    merged, rest = {}, []
+    for term in expr.args:
+        ints = [f for f in sp.Mul.make_args(term) if isinstance(f, sp.Integral)]
+        if len(ints) != 1 or len(ints[0].limits) != 1:
+            rest.append(term)
+            continue
+        (integral,) = ints
+        coeff = term / integral
+        var = integral.limits[0][0]
+        if coeff.has(var) or coeff.has(sp.Integral):
+            rest.append(term)
+            continue
+        merged.setdefault(integral.limits, []).append(coeff * integral.function)
+    out = [sp.Integral(sp.Add(*fs), limits[0]) for limits, fs in merged.items()]
+    return sp.Add(*rest, *out)
 
 
 def integral_code(integral: sp.Integral, target: str, nodes: int, prefix: str = "s") -> list[str]:
@@ -701,12 +724,18 @@ PRIMITIVES_TEMPLATE = "primitives.py.jinja"
 
 
 def render_primitives(names, activation: str, nodes: int = NODES) -> str:
-    """A module of the named primitives (``gaussian.PRIMITIVES``) for ``activation``,
+    """A module of the named primitives (``gaussian.PRIMITIVES``, or ``NAME_dir``, the
+    derivative along dC, ``gaussian.directional``) for ``activation``,
     each rendered as in a kernel module (``primitive_code``, integrals over the ``nodes``
     nodes of the path rule), with the arcsine and the rules they read: the tests and
     benchmarks of a primitive that no committed kernel calls yet (G4) import it."""
     act = get_activation(activation)
-    derived = [gaussian.primitive(n, act.name) for n in names]
+    derived = [
+        gaussian.directional(gaussian.primitive(n.removesuffix("_dir"), act.name))
+        if n.endswith("_dir")
+        else gaussian.primitive(n, act.name)
+        for n in names
+    ]
     prims = [p for d in derived for p in primitive_codes(d, nodes)]
     ctx = {
         "names": list(names),

@@ -417,6 +417,8 @@ def pattern_forms(d: Derived) -> tuple[Derived, ...] | None:
     the equality of its runtime indices; None for a closed form."""
     if not d.expr.has(sp.Integral) or d.pattern is not None or len(set(d.kinds)) != 1:
         return None
+    if d.name != name_of(d.kinds):
+        return None  # a derived primitive (P_dir) keeps the distinct-field form
     return tuple(pattern_form(d.kinds, d.activation, p) for p in canonical_patterns(len(d.kinds)))
 
 
