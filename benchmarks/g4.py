@@ -10,7 +10,8 @@ Gauss-Legendre nodes. Prints figures, asserts nothing.
   independent tensor quadrature to 1e-10);
 - speed: ns per G4 call from a compiled loop over 1e5 random index tuples (all
   patterns mixed) at 16, 20 and 24 nodes, beside I4 (the closed form of each node's
-  integrand) for scale.
+  integrand) for scale; and G4(k, l, p, q) for every (p, q) at once (G4_table, the
+  pair-tilt tables per node) against the n(n+1)/2 calls of G4 it replaces.
 Each node count is a module rendered by derive/codegen.py ``render_primitives`` and
 compiled by numba (a few seconds each).
 """
@@ -83,6 +84,55 @@ def ns_per_call(fn, C, idx, repeats: int = 7) -> float:
     return 1e9 * min(times) / idx.shape[0]
 
 
+def load_table(folder: Path):
+    path = folder / "g4_table.py"
+    path.write_text(codegen.render_primitives(["G4"], "erf", NODES, table=True))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def covariance_n(rng, n: int) -> np.ndarray:
+    A = rng.normal(size=(n, n)) * rng.uniform(0.3, 1.8, size=(n, 1))
+    return A @ A.T / n + 1e-2 * np.eye(n)
+
+
+def table_times(mod, C, repeats: int = 7) -> tuple[float, float]:
+    """us per (k, l) = (0, 1): the n(n+1)/2 calls of G4 (symmetric in p, q), G4_table."""
+    from numba import njit
+
+    g4, table = mod.G4, mod.G4_table
+
+    @njit(cache=False)
+    def direct(C, k, j, F):
+        n = C.shape[0]
+        for p in range(n):
+            for q in range(p, n):
+                F[p, q] = g4(C, k, j, p, q)
+                F[q, p] = F[p, q]
+
+    n = C.shape[0]
+    F, B = np.empty((n, n)), np.empty((n, n))
+    Cp, A = np.empty((n + 1, n + 1)), np.empty((n + 1, n + 1))
+    out, Dn, U0, U1 = (np.empty(n + 1) for _ in range(4))
+    runs = {
+        "direct": lambda: direct(C, 0, 1, F),
+        "table": lambda: table(C, 0, 1, F, Cp, A, B, out, Dn, U0, U1),
+    }
+    best = {}
+    for name, run in runs.items():
+        run()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for _ in range(10):
+                run()
+            times.append((time.perf_counter() - t) / 10)
+        best[name] = 1e6 * min(times)
+    return best["direct"], best["table"]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, nargs="+", default=[6, 8, 10, 12, 16, 20, 24, 32])
@@ -131,6 +181,14 @@ def main(argv=None) -> None:
             g4 = ns_per_call(mods[n].G4, C, idx)
             print(f"  G4, {n} nodes: {g4:7.0f} ns ({g4 / i4:.0f} I4 calls)")
         print(f"  I4 (closed form): {i4:7.1f} ns")
+
+        print(f"\nG4(k, l, p, q) for every (p, q) of an n x n covariance, {NODES} nodes: us per (k, l)")
+        table_mod = load_table(folder)
+        for n in (6, 10, 16):
+            C = covariance_n(rng, n)
+            direct, table = table_times(table_mod, C)
+            print(f"  n = {n:2d}: G4_table {table:7.1f} us, n(n+1)/2 G4 calls {direct:7.1f} us "
+                  f"({direct / table:.1f}x)")
 
 
 if __name__ == "__main__":

@@ -723,9 +723,27 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
 PRIMITIVES_TEMPLATE = "primitives.py.jinja"
 
 
-def render_primitives(names, activation: str, nodes: int = NODES) -> str:
+def g4_table_plan(activation: str, nodes: int) -> dict:
+    """The pieces of the G4 table (templates/primitives.py.jinja ``G4_table``): the pair
+    tilt of I4 (``tilt_split``, printed by derive/tables.py), I2 in its separable form,
+    the entry of Price's path (``gaussian.path_entry``) and the path rule's arrays."""
+    split = tilt_split(PRIMITIVES["I4"], activation)
+    if split is None or split.n != 2 or split.base is None:
+        raise ValueError(f"activation {activation!r}: I4 does not split into a pair tilt and I2")
+    c, t = sp.Symbol("c"), sp.Symbol("t")
+    return {
+        "base": split.base.name,
+        **separable_form(split.base),
+        "tilt": tilt_code(2, split.amplitude, split.width),
+        "path_entry": code(gaussian.path_entry(c, t)),
+        "rule": rule_names(nodes),
+    }
+
+
+def render_primitives(names, activation: str, nodes: int = NODES, table: bool = False) -> str:
     """A module of the named primitives (``gaussian.PRIMITIVES``, or ``NAME_dir``, the
-    derivative along dC, ``gaussian.directional``) for ``activation``,
+    derivative along dC, ``gaussian.directional``) for ``activation``, with ``table``
+    the G4 table (``g4_table_plan``),
     each rendered as in a kernel module (``primitive_code``, integrals over the ``nodes``
     nodes of the path rule), with the arcsine and the rules they read: the tests and
     benchmarks of a primitive that no committed kernel calls yet (G4) import it."""
@@ -748,6 +766,8 @@ def render_primitives(names, activation: str, nodes: int = NODES) -> str:
         "asin": asin_body() if any(d.expr.has(sp.asin) for d in derived) else None,
         "quadrature": quadrature_lines(prims),
         "primitives": prims,
+        # G4(k, l, p, q) for every (p, q) at once (needs G4 among the names: its rule)
+        "table": g4_table_plan(act.name, nodes) if table else None,
     }
     env = environment()
     check_context(env, PRIMITIVES_TEMPLATE, ctx)

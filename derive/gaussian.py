@@ -109,6 +109,12 @@ def tilted_entry(Cxy: sp.Expr, cx, cy, inv: sp.Matrix) -> sp.Expr:
     return Cxy - (sp.Matrix(1, n, list(cx)) * inv * sp.Matrix(n, 1, list(cy)))[0, 0]
 
 
+def path_entry(Cxy: sp.Expr, t: sp.Expr) -> sp.Expr:
+    """An entry of Price's path between a shrunk field and another, ``C_xy(t) = t C_xy``
+    (``_Engine._price_path``; the kernels' G4 table prints it, derive/codegen.py)."""
+    return t * Cxy
+
+
 class _Engine:
     def __init__(self, act: Activation, path_group=()):
         self.act = act
@@ -261,8 +267,8 @@ class _Engine:
         for x in group:
             for v in variables:
                 if v not in group:
-                    Ct[x, v] = t * C[x, v]
-                    Ct[v, x] = t * C[v, x]
+                    Ct[x, v] = path_entry(C[x, v], t)
+                    Ct[v, x] = path_entry(C[v, x], t)
         names = [str(v).removeprefix("u_") for v in group]
         others = ", ".join(str(v).removeprefix("u_") for v in rest)
         if len(names) == 1:

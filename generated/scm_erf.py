@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 d39ad4bb5c5cd8a9b3dddc6dd9e9581bb6259c3b33ebf727ab6f3a906e7699bc
+# inputs:     sha256 3e90fb8126c9b4e60b72137dd00c2a9890be2363c2099e974dc58d6c26447d8b
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "d39ad4bb5c5cd8a9b3dddc6dd9e9581bb6259c3b33ebf727ab6f3a906e7699bc"
+INPUTS_SHA256 = "3e90fb8126c9b4e60b72137dd00c2a9890be2363c2099e974dc58d6c26447d8b"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 3ff55f58ad6299fe0067e11e8f0ed0c9a9f61bc6c439c239c6a7ae0ad7251ae7
+# inputs:     sha256 6096869785309300fb67c3a6d476700d452fd52df1dd28175193554c26ef15cc
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "3ff55f58ad6299fe0067e11e8f0ed0c9a9f61bc6c439c239c6a7ae0ad7251ae7"
+INPUTS_SHA256 = "6096869785309300fb67c3a6d476700d452fd52df1dd28175193554c26ef15cc"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

@@ -50,7 +50,8 @@ PATTERNS = set_partitions()
 
 
 def _module(tmp_path_factory, activation: str):
-    text = codegen.render_primitives(["G4", "G4_dir"] if activation == "erf" else ["G4"], activation)
+    erf = activation == "erf"
+    text = codegen.render_primitives(["G4", "G4_dir"] if erf else ["G4"], activation, table=erf)
     folder = tmp_path_factory.mktemp(f"g4_{activation}")
     path = folder / f"g4_{activation}.py"
     path.write_text(text)
@@ -145,6 +146,24 @@ def test_g4_is_symmetric_in_its_arguments(g4_erf, random_covariance):
     for idx in [(0, 1, 2, 3), (0, 0, 1, 2), (4, 4, 5, 5), (1, 1, 1, 3)]:
         values = [g4_erf.G4(C, *p) for p in itertools.permutations(idx)]
         assert max(values) - min(values) < 1e-14, idx
+
+
+def test_g4_table_equals_g4(g4_erf, random_covariance):
+    """G4_table(C, k, l) fills F[p, q] = G4(k, l, p, q) for every (p, q) at once (the
+    pair-tilt table per node): equal to the dispatched G4 for every (k, l), k = l and
+    p, q in {k, l} included."""
+    rng = np.random.default_rng(12)
+    n = DIM
+    C = random_covariance(rng, n)
+    F, B = np.empty((n, n)), np.empty((n, n))
+    Cp, A = np.empty((n + 1, n + 1)), np.empty((n + 1, n + 1))
+    out, Dn, U0, U1 = (np.empty(n + 1) for _ in range(4))
+    worst = 0.0
+    for k, j in itertools.product(range(n), repeat=2):
+        g4_erf.G4_table(C, k, j, F, Cp, A, B, out, Dn, U0, U1)
+        want = np.array([[g4_erf.G4(C, k, j, p, q) for q in range(n)] for p in range(n)])
+        worst = max(worst, float(np.max(np.abs(F - want))))
+    assert worst < 1e-13
 
 
 def test_g4_dir_is_the_derivative_along_dc(g4_erf, random_covariance):
