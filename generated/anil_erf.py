@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 239548dca0c857fc8a20f6584bdebba0ab0d621e19a722e93301d1589612a2d8
+# inputs:     sha256 45be9124b0c091594c5d063836efccdad04c3c83c72a5e852c5ce561a7f80d07
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 854 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "239548dca0c857fc8a20f6584bdebba0ab0d621e19a722e93301d1589612a2d8"
+INPUTS_SHA256 = "45be9124b0c091594c5d063836efccdad04c3c83c72a5e852c5ce561a7f80d07"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 92bb193201d071379b4d459037ab0a1c76bec725d0bf70404be4932f53b775c9
+# inputs:     sha256 3e90fb8126c9b4e60b72137dd00c2a9890be2363c2099e974dc58d6c26447d8b
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "92bb193201d071379b4d459037ab0a1c76bec725d0bf70404be4932f53b775c9"
+INPUTS_SHA256 = "3e90fb8126c9b4e60b72137dd00c2a9890be2363c2099e974dc58d6c26447d8b"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 469bbd7ef2e9704b41ef2d3bb1eb7e78de77fa113110900570b7cc37d74fa986
+# inputs:     sha256 f14605763038d7dee65ce6480a5be84b81bc6bb4d670b7dc361cc15591149698
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "469bbd7ef2e9704b41ef2d3bb1eb7e78de77fa113110900570b7cc37d74fa986"
+INPUTS_SHA256 = "f14605763038d7dee65ce6480a5be84b81bc6bb4d670b7dc361cc15591149698"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

@@ -301,7 +301,15 @@ def test_unknown_activation():
         primitive("I2", "tanh")
 
 
-def test_unreducible_pattern_is_reported():
-    """G4 for erf has no closed form; the engine says which pattern it cannot reduce."""
-    with pytest.raises(UnreducibleExpectation, match=r"no rule reduces E\[.*erf"):
-        expectation(("g", "g", "g", "g"), "erf")
+def test_unreducible_pattern_is_reported(monkeypatch):
+    """An activation the rules cannot handle (tanh: its derivative is not Gaussian,
+    so Price's base case finds no tilt): the engine says which pattern it cannot
+    reduce. (G4 for erf, which has no closed form, is an integral along Price's path:
+    tests/test_g4.py.)"""
+    from derive import activations
+
+    z = activations.z
+    tanh = activations.Activation("tanh_test", sp.tanh(z), "g(z) = tanh(z)")
+    monkeypatch.setitem(activations.ACTIVATIONS, "tanh_test", tanh)
+    with pytest.raises(UnreducibleExpectation, match=r"no rule reduces E\[.*tanh_test"):
+        expectation(("g", "g"), "tanh_test")
