@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -339,14 +340,14 @@ def _triangular(t) -> bool:
 
 def primitive_code(d, nodes: int = NODES) -> dict:
     """Body of one primitive: covariance loads, cse temporaries, return value. An
-    integral over [0, 1] (Price's path, derive/gaussian.py) is a Gauss-Legendre sum
-    over ``nodes`` nodes (derive/quadrature.py; see ``integral_code``)."""
+    integral over [0, 1] (Price's path, derive/gaussian.py) is a weighted sum over the
+    ``nodes`` nodes of ``quadrature.path_rule`` (see ``integral_code``)."""
     syms = sorted(d.expr.free_symbols, key=str)
     loads = []
     for s in syms:
         matrix, pair = str(s).split("_")
         loads.append(f"{s} = {matrix}[{pair[0]}, {pair[1]}]")
-    expr, lines = d.expr, []
+    expr, lines = merge_integrals(d.expr), []
     integrals = sorted(expr.atoms(sp.Integral), key=sp.default_sort_key)
     for i, integral in enumerate(integrals):
         q = sp.Symbol(f"q{i}")
@@ -357,27 +358,109 @@ def primitive_code(d, nodes: int = NODES) -> dict:
     return {
         "name": d.name,
         "args": ("C, dC, " if d.name.endswith("_dir") else "C, ") + ", ".join(d.labels),
-        "labels": list(d.labels),
+        "labels": list(d.pattern or d.labels),
         "kinds": list(d.kinds),
         "loads": loads,
         "temps": lines + [f"{s} = {code(e)}" for s, e in temps],
         "ret": code(ret),
         "provenance": list(d.provenance),
         "ops": int(sp.count_ops(d.expr)),
-        # the Gauss-Legendre rules the body reads (module-level arrays, rule_code)
+        # the path rules the body reads (module-level arrays, rule_code)
         "rules": [nodes] if integrals else [],
     }
 
 
+def primitive_codes(d, nodes: int = NODES) -> list[dict]:
+    """The functions of one primitive: its body (``primitive_code``), or, for an integral
+    along Price's path with forms at equal indices (``gaussian.pattern_forms``: G4),
+    each form and a function of the primitive's name that dispatches on the equality
+    pattern of its runtime indices (``dispatch_code``)."""
+    forms = gaussian.pattern_forms(d)
+    if forms is None:
+        return [primitive_code(d, nodes)]
+    return [primitive_code(f, nodes) for f in forms] + [dispatch_code(d, forms)]
+
+
+def set_partitions(n: int) -> list[tuple[int, ...]]:
+    """The equality patterns of ``n`` indices as restricted growth strings, all distinct first."""
+    out = [
+        s
+        for s in itertools.product(range(n), repeat=n)
+        if s[0] == 0 and all(s[i] <= max(s[:i]) + 1 for i in range(1, n))
+    ]
+    return sorted(out, key=lambda s: (-max(s), s))
+
+
+def dispatch_code(d, forms) -> dict:
+    """A primitive that calls, for each equality pattern of its indices (the set
+    partitions of its arguments), the form of that pattern's class with the arguments
+    in the form's order (fields that occur fewer times first, as
+    ``gaussian.canonical_patterns``). The last pattern (all equal) is the fallthrough."""
+    by_pattern = {f.pattern: f for f in forms}
+    args = list(d.labels)
+    lines, last = [], None
+    for rgs in set_partitions(len(args)):
+        blocks = [[i for i, b in enumerate(rgs) if b == k] for k in range(max(rgs) + 1)]
+        ordered = sorted(blocks, key=lambda blk: (len(blk), blk[0]))
+        pattern = "".join(gaussian.LABELS[i] * len(blk) for i, blk in enumerate(ordered))
+        call = f"{by_pattern[pattern].name}(C, {', '.join(args[blk[0]] for blk in ordered)})"
+        conds = [f"{args[blk[i]]} == {args[blk[i + 1]]}" for blk in blocks for i in range(len(blk) - 1)]
+        conds += [f"{args[x[0]]} != {args[y[0]]}" for x, y in itertools.combinations(blocks, 2)]
+        if len(blocks) == 1:
+            last = call
+        else:
+            lines += [f"if {' and '.join(conds)}:", f"    return {call}"]
+    names = ", ".join(f.name for f in forms)
+    return {
+        "name": d.name,
+        "args": "C, " + ", ".join(args),
+        "labels": args,
+        "kinds": list(d.kinds),
+        "loads": [],
+        "temps": lines,
+        "ret": last,
+        "provenance": [
+            f"dispatch on which of the runtime indices are equal, to the form of that pattern ({names}), "
+            "each derived as follows at distinct fields, then the equal fields identified:",
+            *d.provenance,
+        ],
+        "ops": 0,
+        "rules": [],
+    }
+
+
 def quadrature_lines(prims: list[dict]) -> list[str]:
-    """The module-level arrays of every Gauss-Legendre rule the primitives read."""
+    """The module-level arrays of every path rule (derive/quadrature.py) the primitives read."""
     return [line for n in sorted({n for p in prims for n in p["rules"]}) for line in rule_code(n)]
+
+
+def merge_integrals(expr: sp.Expr) -> sp.Expr:
+    """``sum_i c_i Integral(f_i, (t, 0, 1))`` with the ``c_i`` free of t as one
+    ``Integral(sum_i c_i f_i, (t, 0, 1))`` (one loop over the nodes, e.g. for the
+    derivative of G4 along dC, whose sympy form has an integral per entry of dC)."""
+    if not isinstance(expr, sp.Add):
+        return expr
+    merged, rest = {}, []
+    for term in expr.args:
+        ints = [f for f in sp.Mul.make_args(term) if isinstance(f, sp.Integral)]
+        if len(ints) != 1 or len(ints[0].limits) != 1:
+            rest.append(term)
+            continue
+        (integral,) = ints
+        coeff = term / integral
+        var = integral.limits[0][0]
+        if coeff.has(var) or coeff.has(sp.Integral):
+            rest.append(term)
+            continue
+        merged.setdefault(integral.limits, []).append(coeff * integral.function)
+    out = [sp.Integral(sp.Add(*fs), limits[0]) for limits, fs in merged.items()]
+    return sp.Add(*rest, *out)
 
 
 def integral_code(integral: sp.Integral, target: str, nodes: int, prefix: str = "s") -> list[str]:
     """Lines that set ``target`` to ``integral`` (over one variable from 0 to 1, its
-    integrand free of integrals): the ``nodes``-point Gauss-Legendre sum over the
-    module's arrays of derive/quadrature.py. The integrand's cse temporaries that do
+    integrand free of integrals): the weighted sum over the ``nodes`` nodes of
+    ``quadrature.path_rule``, module-level arrays. The integrand's cse temporaries that do
     not depend on the variable are computed once, before the loop over the nodes."""
     (limit,) = integral.limits
     if len(limit) != 3 or (limit[1], limit[2]) != (0, 1):
@@ -585,7 +668,7 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
         }
         for c in ir.samples
     ]
-    prims = [primitive_code(d) for d in prim_list]
+    prims = [p for d in prim_list for p in primitive_codes(d)]
     acts = [
         {"name": "g", "code": code(act.expr)},
         {"name": "gp", "code": code(act.d1)},
@@ -641,14 +724,38 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
 PRIMITIVES_TEMPLATE = "primitives.py.jinja"
 
 
-def render_primitives(names, activation: str, nodes: int = NODES) -> str:
-    """A module of the named primitives (``gaussian.PRIMITIVES``) for ``activation``,
-    each rendered as in a kernel module (``primitive_code``, integrals over ``nodes``
-    Gauss-Legendre nodes), with the arcsine and the rules they read: the tests and
+def g4_table_plan(activation: str, nodes: int) -> dict:
+    """The pieces of the G4 table (templates/primitives.py.jinja ``G4_table``): the pair
+    tilt of I4 (``tilt_split``, printed by derive/tables.py), I2 in its separable form,
+    the entry of Price's path (``gaussian.path_entry``) and the path rule's arrays."""
+    split = tilt_split(PRIMITIVES["I4"], activation)
+    if split is None or split.n != 2 or split.base is None:
+        raise ValueError(f"activation {activation!r}: I4 does not split into a pair tilt and I2")
+    c, t = sp.Symbol("c"), sp.Symbol("t")
+    return {
+        "base": split.base.name,
+        **separable_form(split.base),
+        "tilt": tilt_code(2, split.amplitude, split.width),
+        "path_entry": code(gaussian.path_entry(c, t)),
+        "rule": rule_names(nodes),
+    }
+
+
+def render_primitives(names, activation: str, nodes: int = NODES, table: bool = False) -> str:
+    """A module of the named primitives (``gaussian.PRIMITIVES``, or ``NAME_dir``, the
+    derivative along dC, ``gaussian.directional``) for ``activation``, with ``table``
+    the G4 table (``g4_table_plan``),
+    each rendered as in a kernel module (``primitive_code``, integrals over the ``nodes``
+    nodes of the path rule), with the arcsine and the rules they read: the tests and
     benchmarks of a primitive that no committed kernel calls yet (G4) import it."""
     act = get_activation(activation)
-    derived = [gaussian.primitive(n, act.name) for n in names]
-    prims = [primitive_code(d, nodes) for d in derived]
+    derived = [
+        gaussian.directional(gaussian.primitive(n.removesuffix("_dir"), act.name))
+        if n.endswith("_dir")
+        else gaussian.primitive(n, act.name)
+        for n in names
+    ]
+    prims = [p for d in derived for p in primitive_codes(d, nodes)]
     ctx = {
         "names": list(names),
         "activation": act.name,
@@ -660,6 +767,8 @@ def render_primitives(names, activation: str, nodes: int = NODES) -> str:
         "asin": asin_body() if any(d.expr.has(sp.asin) for d in derived) else None,
         "quadrature": quadrature_lines(prims),
         "primitives": prims,
+        # G4(k, l, p, q) for every (p, q) at once (needs G4 among the names: its rule)
+        "table": g4_table_plan(act.name, nodes) if table else None,
     }
     env = environment()
     check_context(env, PRIMITIVES_TEMPLATE, ctx)

@@ -68,6 +68,9 @@ class Derived:
     expr: sp.Expr
     provenance: tuple[str, ...]
     activation: str
+    # the fields of the factors, in order, when some are equal (a pattern form, e.g.
+    # "abcc": E[g(u_a) g(u_b) g(u_c) g(u_c)]); None when every factor has its own label
+    pattern: str | None = None
 
     @property
     def cov_symbols(self) -> tuple[sp.Symbol, ...]:
@@ -106,9 +109,17 @@ def tilted_entry(Cxy: sp.Expr, cx, cy, inv: sp.Matrix) -> sp.Expr:
     return Cxy - (sp.Matrix(1, n, list(cx)) * inv * sp.Matrix(n, 1, list(cy)))[0, 0]
 
 
+def path_entry(Cxy: sp.Expr, t: sp.Expr) -> sp.Expr:
+    """An entry of Price's path between a shrunk field and another, ``C_xy(t) = t C_xy``
+    (``_Engine._price_path``; the kernels' G4 table prints it, derive/codegen.py)."""
+    return t * Cxy
+
+
 class _Engine:
-    def __init__(self, act: Activation):
+    def __init__(self, act: Activation, path_group=()):
         self.act = act
+        # the fields whose covariances Price's path shrinks (default: the first field)
+        self.path_group = tuple(path_group)
         self.trace: list[str] = []
         self._base_cache: dict = {}
 
@@ -235,34 +246,56 @@ class _Engine:
 
     def _price_path(self, factors, fields, variables, C):
         """E[prod_i h_i(u_i)] for more than two odd h_i on distinct fields, by Price's
-        theorem along the path ``C(t)``: ``C_aj -> t C_aj`` for the first field ``a`` and
-        every ``j != a``, other entries kept. ``C(t) = t C + (1 - t) diag(C_aa, C_rest)``
-        is a covariance for every t in [0, 1]; at t = 0, u_a is independent of the rest
-        and the odd ``h_a`` has mean 0, so
-        ``E = int_0^1 sum_j C_aj E_t[h_a'(u_a) h_j'(u_j) prod_{i != a, j} h_i(u_i)] dt``,
-        each integrand derived by the rules at the covariance ``C(t)``."""
-        a, rest = fields[0], fields[1:]
+        theorem along the path ``C(t)`` that shrinks the covariances between a group
+        ``A`` of the fields and the rest, ``C_ij -> t C_ij`` for i in A, j not in A,
+        other entries kept. ``A`` is the first field unless the caller chose a group
+        (``path_group``, for a pattern of equal indices: ``expectation(..., pattern)``).
+        ``C(t) = t C + (1 - t) diag(C_AA, C_rest)`` is a covariance for every t in
+        [0, 1]; at t = 0 the group is independent of the rest, so
+        ``E = E[prod_A h] E[prod_rest h] + int_0^1 sum_{i in A, j not in A} C_ij
+        E_t[h_i'(u_i) h_j'(u_j) (the other factors)] dt`` (the first term vanishes when
+        A has an odd number of odd factors), each integrand derived at ``C(t)``."""
+        group = [f for f in fields if f in self.path_group] or fields[:1]
+        rest = [f for f in fields if f not in group]
+        if not rest:
+            group, rest = fields[:1], fields[1:]
+        self.path_group = ()  # the integrands' own paths, if any, start from their first field
         t = sp.Symbol(PATH_VARIABLE, real=True)
         if any(t in e.free_symbols for e in C.values()):
             raise UnreducibleExpectation("Price's path inside a Price's path: nested integrals")
         Ct = dict(C)
-        for v in variables:
-            if v != a:
-                Ct[a, v] = t * C[a, v]
-                Ct[v, a] = t * C[v, a]
-        la = str(a).removeprefix("u_")
+        for x in group:
+            for v in variables:
+                if v not in group:
+                    Ct[x, v] = path_entry(C[x, v], t)
+                    Ct[v, x] = path_entry(C[v, x], t)
+        names = [str(v).removeprefix("u_") for v in group]
         others = ", ".join(str(v).removeprefix("u_") for v in rest)
+        if len(names) == 1:
+            (x,) = names
+            which, entries, start_text = f"u_{x}", f"C_{x}j -> t C_{x}j (j = {others})", ""
+        else:
+            which = "(" + ", ".join(f"u_{x}" for x in names) + ") and the rest"
+            entries = f"C_ij -> t C_ij (i = {', '.join(names)}; j = {others})"
+            start_text = f"E[factors of {', '.join(names)}] E[the others] + "
         self.trace.append(
-            f"Price's theorem along a path that shrinks the covariances of u_{la}: C_{la}j -> t C_{la}j "
-            f"(j = {others}), a covariance for every t in [0, 1]; at t = 0 the odd factor of u_{la} "
-            f"has mean 0, so E = integral over t from 0 to 1 of sum_j C_{la}j E_t[h_{la}'(u_{la}) "
-            f"h_j'(u_j) (the other factors)], each integrand derived at the covariance C(t):"
+            f"Price's theorem along a path that shrinks the covariances of {which}: {entries}, a "
+            f"covariance for every t in [0, 1], the shrunk fields independent of the rest at t = 0 "
+            f"(where an odd number of odd factors has mean 0); E = {start_text}integral over t from 0 "
+            f"to 1 of the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i) h_j'(u_j) (the "
+            f"other factors)], each term derived at the covariance C(t):"
         )
         F = sp.Mul(*factors)
+        inside = [f for f in factors if f.has(*group)]
+        outside = [f for f in factors if not f.has(*group)]
+        start = sp.S.Zero
+        if len(inside) % 2 == 0:
+            start = self.expect(sp.Mul(*inside), group, C) * self.expect(sp.Mul(*outside), rest, C)
         integrand = sp.S.Zero
-        for j in rest:
-            integrand += C[a, j] * self.expect(sp.diff(F, a, j), variables, Ct)
-        return sp.Integral(integrand, (t, 0, 1))
+        for i in group:
+            for j in rest:
+                integrand += C[i, j] * self.expect(sp.diff(F, i, j), variables, Ct)
+        return start + sp.Integral(integrand, (t, 0, 1))
 
     def _price(self, h1, a, h2, b, C):
         """E[h1(u_a) h2(u_b)] for odd h1, h2 by Price's theorem along C_ab."""
@@ -331,6 +364,68 @@ def _expectation(kinds: tuple[str, ...], activation: str, name: str) -> Derived:
         provenance=tuple(eng.trace),
         activation=activation,
     )
+
+
+def canonical_patterns(n: int) -> tuple[str, ...]:
+    """One equality pattern of ``n`` indices per class of multiplicities, the fields
+    that occur fewer times first: for n = 4 "abcd", "abcc", "abbb", "aabb", "aaaa"."""
+    out = []
+
+    def parts(m, top):
+        if m == 0:
+            yield ()
+        for k in range(min(m, top), 0, -1):
+            for rest in parts(m - k, k):
+                yield (k, *rest)
+
+    for sizes in parts(n, n):
+        out.append("".join(LABELS[i] * k for i, k in enumerate(sorted(sizes))))
+    return tuple(sorted(out, key=lambda p: (-len(set(p)), p)))
+
+
+@lru_cache(maxsize=None)
+def pattern_form(kinds: tuple[str, ...], activation: str, pattern: str) -> Derived:
+    """``E[prod_i h_i(u_{pattern_i})]`` for a primitive of equal factor kinds that the
+    engine reduces along Price's path (G4), at fields equal as ``pattern`` says (e.g.
+    "abcc"): derived with a field per factor, the path shrinking the covariances of the
+    first letter's fields (a field that occurs once where there is one: the integrand
+    then stays far from the singular covariances of t > 1; for "aabb" the pair a, a,
+    whose start is I2(a, a) I2(b, b)), then the equal fields identified. Named
+    ``NAME_pattern``, its labels the distinct letters (docs/conventions.md section 2)."""
+    if len(set(kinds)) != 1 or len(pattern) != len(kinds):
+        raise ValueError(f"pattern {pattern!r}: one letter per factor of equal kinds {kinds} is allowed")
+    labels = tuple(LABELS[: len(kinds)])
+    if pattern.count(pattern[0]) in (1, len(pattern)):
+        # the path of the distinct-field expectation (its first field) is the one wanted
+        # (all fields equal: no group to split off, the first field is shrunk)
+        whole = expectation(tuple(kinds), activation)
+        expr, steps = whole.expr, whole.provenance
+    else:
+        act = get_activation(activation)
+        us = [field_symbol(a) for a in labels]
+        C = {(us[i], us[j]): cov_symbol(labels[i], labels[j]) for i in range(len(us)) for j in range(len(us))}
+        eng = _Engine(act, path_group=[u for u, x in zip(us, pattern) if x == pattern[0]])
+        expr = eng.expect(sp.Mul(*[_factor_expr(act, k, u) for k, u in zip(kinds, us)]), us, C)
+        steps = tuple(eng.trace)
+    same = {
+        cov_symbol(labels[i], labels[j]): cov_symbol(pattern[i], pattern[j])
+        for i, j in itertools.combinations_with_replacement(range(len(labels)), 2)
+    }
+    fields = tuple(dict.fromkeys(pattern))
+    trace = (f"at equal fields {', '.join(pattern)} (C_xy of the factors' fields identified):", *steps)
+    name = f"{name_of(kinds)}_{pattern}"
+    return Derived(name, tuple(kinds), fields, expr.xreplace(same), trace, activation, pattern)
+
+
+def pattern_forms(d: Derived) -> tuple[Derived, ...] | None:
+    """The forms of ``d`` at every canonical pattern of equal indices (``pattern_form``)
+    when ``d`` is an integral along Price's path (G4), so that a kernel can dispatch on
+    the equality of its runtime indices; None for a closed form."""
+    if not d.expr.has(sp.Integral) or d.pattern is not None or len(set(d.kinds)) != 1:
+        return None
+    if d.name != name_of(d.kinds):
+        return None  # a derived primitive (P_dir) keeps the distinct-field form
+    return tuple(pattern_form(d.kinds, d.activation, p) for p in canonical_patterns(len(d.kinds)))
 
 
 def dcov_symbol(a: str, b: str) -> sp.Symbol:

@@ -2,9 +2,9 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 543972b3ccf04e1c98d52147a090d7343394f42c2166cf3c583aff127a7ead8a
+# inputs:     sha256 94ccca045596f772e75e6fe0aaea95d4dc7b81f20b407d2d9ae9ccd90132e127
 # versions:   derive 0.1.0, sympy 1.14.0
-# operations: 1442 (sympy count_ops of the primitives and coefficients)
+# operations: 2259 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
 
 Flat arrays, row-major, in the order of STATE (y), CONSTS (c) and PARAMS (p);
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "543972b3ccf04e1c98d52147a090d7343394f42c2166cf3c583aff127a7ead8a"
+INPUTS_SHA256 = "94ccca045596f772e75e6fe0aaea95d4dc7b81f20b407d2d9ae9ccd90132e127"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -72,49 +72,49 @@ def asin_(x):
 
 
 # Gaussian primitives, derived by derive/gaussian.py
-GL20_T = np.array([
-    0.0034357004074525377,
-    0.018014036361043106,
-    0.04388278587433705,
-    0.0804415140888906,
-    0.1268340467699246,
-    0.1819731596367425,
-    0.24456649902458646,
-    0.3131469556422902,
-    0.38610707442917747,
-    0.46173673943325133,
-    0.5382632605667487,
-    0.6138929255708225,
-    0.6868530443577098,
-    0.7554335009754135,
-    0.8180268403632576,
-    0.8731659532300754,
-    0.9195584859111094,
-    0.956117214125663,
-    0.9819859636389568,
-    0.9965642995925474,
+PATH20_T = np.array([
+    0.006859596777615305,
+    0.035703567216069224,
+    0.08583987285258118,
+    0.154412190988868,
+    0.23758121811981378,
+    0.3308320884453056,
+    0.4293202256040299,
+    0.528232895456546,
+    0.6231354759340966,
+    0.7102726623240524,
+    0.7867991834575497,
+    0.8509213270757416,
+    0.9019389841719655,
+    0.940187227554857,
+    0.9668857691718207,
+    0.9839131245799646,
+    0.9935291628110868,
+    0.998074301103907,
+    0.999675494493983,
+    0.9999881959627103,
 ])
-GL20_W = np.array([
-    0.008807003569576059,
-    0.02030071490019347,
-    0.031336024167054534,
-    0.04163837078835238,
-    0.05096505990862022,
-    0.059097265980759206,
-    0.06584431922458832,
-    0.07104805465919102,
-    0.07458649323630187,
-    0.07637669356536292,
-    0.07637669356536292,
-    0.07458649323630187,
-    0.07104805465919102,
-    0.06584431922458832,
-    0.059097265980759206,
-    0.05096505990862022,
-    0.04163837078835238,
-    0.031336024167054534,
-    0.02030071490019347,
-    0.008807003569576059,
+PATH20_W = np.array([
+    0.01755349068764726,
+    0.03987003416765243,
+    0.05992182425675725,
+    0.07657783439588535,
+    0.08900191023307655,
+    0.09668629952869497,
+    0.09948200918234695,
+    0.09759914527671665,
+    0.09157624108180346,
+    0.08222153621959932,
+    0.07053185091112653,
+    0.0575967453908003,
+    0.04449696404166541,
+    0.03220662926682967,
+    0.021508232432823453,
+    0.012928209584163892,
+    0.0066989071808193955,
+    0.0027502240773518098,
+    0.0007313956327345095,
+    6.051645150485684e-05,
 ])
 
 
@@ -131,13 +131,15 @@ def E_id_g(C, a, b):
 
 
 @njit(cache=True, error_model="numpy")
-def G4(C, a, b, c, d):
+def G4_abcd(C, a, b, c, d):
     """E[g(u_a) g(u_b) g(u_c) g(u_d)] at covariance C.
 
+    - at equal fields a, b, c, d (C_xy of the factors' fields identified):
     - Price's theorem along a path that shrinks the covariances of u_a: C_aj -> t C_aj (j
-      = b, c, d), a covariance for every t in [0, 1]; at t = 0 the odd factor of u_a has
-      mean 0, so E = integral over t from 0 to 1 of sum_j C_aj E_t[h_a'(u_a) h_j'(u_j)
-      (the other factors)], each integrand derived at the covariance C(t):
+      = b, c, d), a covariance for every t in [0, 1], the shrunk fields independent of the
+      rest at t = 0 (where an odd number of odd factors has mean 0); E = integral over t
+      from 0 to 1 of the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i)
+      h_j'(u_j) (the other factors)], each term derived at the covariance C(t):
     - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
     - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
       of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
@@ -175,7 +177,7 @@ def G4(C, a, b, c, d):
     s30 = C_ab*s29 + C_ad*C_bd
     q0 = 0.0
     for node in range(20):
-        t = GL20_T[node]
+        t = PATH20_T[node]
         s0 = t**2
         s2 = C_aa*C_bb - C_ab**2*s0 + C_bb + s1
         s3 = -s2
@@ -200,8 +202,273 @@ def G4(C, a, b, c, d):
         s28 = 1/s27
         s31 = C_bb*s27 - s14 - s22*s30
         s32 = C_cc*s27 - s24 - s5*(C_ac*s29 + C_ad*C_cd)
-        q0 += GL20_W[node]*(C_ab*s16*asin_(s4*(-C_bd*s7 + C_cd*s3 - s10*s9)/math.sqrt(s12*s15/s3**2 + s12*s4 + s15*s4 + 1))/math.sqrt(s2) + C_ac*s16*asin_(s19*(C_bd*s18 - C_cd*s7 - s10*s21)/math.sqrt(s19*s23 + s19*s25 + 1 + s23*s25/s18**2))/math.sqrt(s17) + C_ad*s16*asin_(s28*(C_bc*s27 - C_cd*s13 - s30*s5)/math.sqrt(s28*s31 + s28*s32 + 1 + s31*s32/s27**2))/math.sqrt(s26))
+        q0 += PATH20_W[node]*(C_ab*s16*asin_(s4*(-C_bd*s7 + C_cd*s3 - s10*s9)/math.sqrt(s12*s15/s3**2 + s12*s4 + s15*s4 + 1))/math.sqrt(s2) + C_ac*s16*asin_(s19*(C_bd*s18 - C_cd*s7 - s10*s21)/math.sqrt(s19*s23 + s19*s25 + 1 + s23*s25/s18**2))/math.sqrt(s17) + C_ad*s16*asin_(s28*(C_bc*s27 - C_cd*s13 - s30*s5)/math.sqrt(s28*s31 + s28*s32 + 1 + s31*s32/s27**2))/math.sqrt(s26))
     return q0
+
+
+@njit(cache=True, error_model="numpy")
+def G4_abcc(C, a, b, c):
+    """E[g(u_a) g(u_b) g(u_c) g(u_c)] at covariance C.
+
+    - at equal fields a, b, c, c (C_xy of the factors' fields identified):
+    - Price's theorem along a path that shrinks the covariances of u_a: C_aj -> t C_aj (j
+      = b, c, d), a covariance for every t in [0, 1], the shrunk fields independent of the
+      rest at t = 0 (where an odd number of odd factors has mean 0); E = integral over t
+      from 0 to 1 of the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i)
+      h_j'(u_j) (the other factors)], each term derived at the covariance C(t):
+    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    """
+    C_aa = C[a, a]
+    C_ab = C[a, b]
+    C_ac = C[a, c]
+    C_bb = C[b, b]
+    C_bc = C[b, c]
+    C_cc = C[c, c]
+    s0 = math.pi**(-2)
+    s2 = C_aa + 1
+    s6 = -s2
+    s15 = -C_cc - 1
+    s16 = C_ab*s15 + C_ac*C_bc
+    q0 = 0.0
+    for node in range(20):
+        t = PATH20_T[node]
+        s1 = t**2
+        s3 = C_aa*C_bb - C_ab**2*s1 + C_bb + s2
+        s4 = -s3
+        s5 = C_ac*s1
+        s7 = C_ab*s5 + C_bc*s6
+        s8 = C_bc*s7
+        s9 = C_cc*s4 - s5*(C_ab*C_bc + C_ac*(-C_bb - 1)) - s8
+        s10 = s9/s4
+        s11 = C_ac**2*s1
+        s12 = C_aa*C_cc + C_cc - s11 + s2
+        s13 = -s12
+        s14 = 1/s13
+        s17 = -C_ab*s1*s16 + C_bb*s13 - s8
+        s18 = C_cc*s13 - C_cc*(C_cc*s6 + s11) - s5*(C_ac*C_cc + C_ac*s15)
+        q0 += PATH20_W[node]*(4*C_ab*s0*asin_(s10/math.sqrt(2*s10 + 1 + s9**2/s4**2))/math.sqrt(s3) + 8*C_ac*s0*asin_(s14*(C_bc*s13 - C_cc*s7 - s16*s5)/math.sqrt(s14*s17 + s14*s18 + 1 + s17*s18/s13**2))/math.sqrt(s12))
+    return q0
+
+
+@njit(cache=True, error_model="numpy")
+def G4_aabb(C, a, b):
+    """E[g(u_a) g(u_a) g(u_b) g(u_b)] at covariance C.
+
+    - at equal fields a, a, b, b (C_xy of the factors' fields identified):
+    - Price's theorem along a path that shrinks the covariances of (u_a, u_b) and the
+      rest: C_ij -> t C_ij (i = a, b; j = c, d), a covariance for every t in [0, 1], the
+      shrunk fields independent of the rest at t = 0 (where an odd number of odd factors
+      has mean 0); E = E[factors of a, b] E[the others] + integral over t from 0 to 1 of
+      the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i) h_j'(u_j) (the other
+      factors)], each term derived at the covariance C(t):
+    - Price's theorem on the covariance of (u_a, u_b): E = integral over c from 0 to C_ab
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_aa, q = C_bb) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_b, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_a, u_d): E = integral over c from 0 to C_ad
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_aa, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_b, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_a, u_c): E = integral over c from 0 to C_ac
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_aa, q = C_cc) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    """
+    C_aa = C[a, a]
+    C_ab = C[a, b]
+    C_bb = C[b, b]
+    s2 = C_bb + 1
+    s6 = -C_aa - 1
+    s7 = C_aa*C_ab + C_ab*s6
+    s8 = -s2
+    q0 = 0.0
+    for node in range(20):
+        t = PATH20_T[node]
+        s0 = t**2
+        s1 = C_ab**2*s0
+        s3 = C_aa*C_bb + C_aa - s1 + s2
+        s4 = -s3
+        s5 = 1/s4
+        s9 = C_aa*s8 + s1
+        s10 = C_ab*s0
+        s11 = C_aa*s4 - C_aa*s9 - s10*s7
+        s12 = C_bb*s4 - C_bb*(C_bb*s6 + s1) - s10*(C_ab*C_bb + C_ab*s8)
+        q0 += PATH20_W[node]*(16*C_ab*asin_(s5*t*(C_ab*s4 - C_ab*s9 - C_bb*s7)/math.sqrt(s11*s12/s4**2 + s11*s5 + s12*s5 + 1))/(math.pi**2*math.sqrt(s3)))
+    return q0 + 4*asin_(C_aa/math.sqrt(C_aa**2 + 2*C_aa + 1))*asin_(C_bb/math.sqrt(C_bb**2 + 2*C_bb + 1))/math.pi**2
+
+
+@njit(cache=True, error_model="numpy")
+def G4_abbb(C, a, b):
+    """E[g(u_a) g(u_b) g(u_b) g(u_b)] at covariance C.
+
+    - at equal fields a, b, b, b (C_xy of the factors' fields identified):
+    - Price's theorem along a path that shrinks the covariances of u_a: C_aj -> t C_aj (j
+      = b, c, d), a covariance for every t in [0, 1], the shrunk fields independent of the
+      rest at t = 0 (where an odd number of odd factors has mean 0); E = integral over t
+      from 0 to 1 of the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i)
+      h_j'(u_j) (the other factors)], each term derived at the covariance C(t):
+    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    """
+    C_aa = C[a, a]
+    C_ab = C[a, b]
+    C_bb = C[b, b]
+    s2 = C_aa + 1
+    q0 = 0.0
+    for node in range(20):
+        t = PATH20_T[node]
+        s0 = t**2
+        s1 = C_ab**2*s0
+        s3 = C_aa*C_bb + C_bb - s1 + s2
+        s4 = -s3
+        s5 = -C_ab*s0*(C_ab*C_bb + C_ab*(-C_bb - 1)) + C_bb*s4 - C_bb*(-C_bb*s2 + s1)
+        s6 = s5/s4
+        q0 += PATH20_W[node]*(12*C_ab*asin_(s6/math.sqrt(2*s6 + 1 + s5**2/s4**2))/(math.pi**2*math.sqrt(s3)))
+    return q0
+
+
+@njit(cache=True, error_model="numpy")
+def G4_aaaa(C, a):
+    """E[g(u_a) g(u_a) g(u_a) g(u_a)] at covariance C.
+
+    - at equal fields a, a, a, a (C_xy of the factors' fields identified):
+    - Price's theorem along a path that shrinks the covariances of u_a: C_aj -> t C_aj (j
+      = b, c, d), a covariance for every t in [0, 1], the shrunk fields independent of the
+      rest at t = 0 (where an odd number of odd factors has mean 0); E = integral over t
+      from 0 to 1 of the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i)
+      h_j'(u_j) (the other factors)], each term derived at the covariance C(t):
+    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    """
+    C_aa = C[a, a]
+    s0 = C_aa**2
+    s5 = C_aa*(-C_aa - 1)
+    q0 = 0.0
+    for node in range(20):
+        t = PATH20_T[node]
+        s1 = t**2
+        s2 = s0*s1
+        s3 = 2*C_aa + s0 - s2 + 1
+        s4 = -s3
+        s6 = -C_aa*s1*(s0 + s5) + C_aa*s4 - C_aa*(s2 + s5)
+        s7 = s6/s4
+        q0 += PATH20_W[node]*(12*C_aa*asin_(s7/math.sqrt(2*s7 + 1 + s6**2/s4**2))/(math.pi**2*math.sqrt(s3)))
+    return q0
+
+
+@njit(cache=True, error_model="numpy")
+def G4(C, a, b, c, d):
+    """E[g(u_a) g(u_b) g(u_c) g(u_d)] at covariance C.
+
+    - dispatch on which of the runtime indices are equal, to the form of that pattern
+      (G4_abcd, G4_abcc, G4_aabb, G4_abbb, G4_aaaa), each derived as follows at distinct
+      fields, then the equal fields identified:
+    - Price's theorem along a path that shrinks the covariances of u_a: C_aj -> t C_aj (j
+      = b, c, d), a covariance for every t in [0, 1], the shrunk fields independent of the
+      rest at t = 0 (where an odd number of odd factors has mean 0); E = integral over t
+      from 0 to 1 of the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i)
+      h_j'(u_j) (the other factors)], each term derived at the covariance C(t):
+    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    """
+    if a != b and a != c and a != d and b != c and b != d and c != d:
+        return G4_abcd(C, a, b, c, d)
+    if a == b and a != c and a != d and c != d:
+        return G4_abcc(C, c, d, a)
+    if a == c and a != b and a != d and b != d:
+        return G4_abcc(C, b, d, a)
+    if b == c and a != b and a != d and b != d:
+        return G4_abcc(C, a, d, b)
+    if a == d and a != b and a != c and b != c:
+        return G4_abcc(C, b, c, a)
+    if b == d and a != b and a != c and b != c:
+        return G4_abcc(C, a, c, b)
+    if c == d and a != b and a != c and b != c:
+        return G4_abcc(C, a, b, c)
+    if a == b and b == c and a != d:
+        return G4_abbb(C, d, a)
+    if a == b and b == d and a != c:
+        return G4_abbb(C, c, a)
+    if a == b and c == d and a != c:
+        return G4_aabb(C, a, c)
+    if a == c and c == d and a != b:
+        return G4_abbb(C, b, a)
+    if a == c and b == d and a != b:
+        return G4_aabb(C, a, b)
+    if a == d and b == c and a != b:
+        return G4_aabb(C, a, b)
+    if b == c and c == d and a != b:
+        return G4_abbb(C, a, b)
+    return G4_aaaa(C, a)
 
 
 @njit(cache=True, error_model="numpy")

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 de5d937c08036a52c48375bd560d8b69119110cd6048fac8ebd29cf9a51fd11b
+# inputs:     sha256 67bc8380c3a40ee39570a23d9034afc977b4b5a5719aee15644242256c234f18
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "de5d937c08036a52c48375bd560d8b69119110cd6048fac8ebd29cf9a51fd11b"
+INPUTS_SHA256 = "67bc8380c3a40ee39570a23d9034afc977b4b5a5719aee15644242256c234f18"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

@@ -6,6 +6,7 @@ traj = flow("two_layer", init, {"eta": 1.0}, t_max=10, dt=0.01)
 traj.eps_g, traj.Q, traj.alpha
 """
 
+from .analyze import analyze, summaries
 from .init import Init, realise, sample_network, sampled_init
 from .integrate import FlowDiverged, SimulationDiverged, flow
 from .kernels import load, load_path
@@ -17,6 +18,7 @@ __all__ = [
     "Init",
     "SimulationDiverged",
     "Trajectory",
+    "analyze",
     "flow",
     "load",
     "load_path",
@@ -24,4 +26,5 @@ __all__ = [
     "sample_network",
     "sampled_init",
     "simulate",
+    "summaries",
 ]

@@ -428,6 +428,17 @@ def cmd_validate(args) -> Path:
     return out
 
 
+def cmd_analyze(args) -> Path:
+    from .analyze import analyze, as_trajectory, report, write
+
+    traj = as_trajectory(args.traj)
+    out = check_out_dir(args.out, "--out") if args.out else check_out_dir(args.traj, "--traj (without --out)")
+    result = analyze(traj, args.fraction, args.min_length, args.escape_amplitude)
+    print(report(result))
+    write(result, traj, out)
+    return out
+
+
 class _Terminated:
     """SIGTERM is taken as an interrupt (KeyboardInterrupt): the same partial
     records are saved, and the exit status is 128 + 15 = 143 instead of 130."""
@@ -475,6 +486,15 @@ def _main(argv: list[str] | None = None) -> int:
         help="the finite-support-set flows (first order, n_s = 2..6) against simulations with real support sets",
     )
     p_val.add_argument("--out", help="output directory (default runs/validation, runs/validation-support)")
+    p_an = sub.add_parser("analyze", help="plateaus, escape, fixed points and their stability of a flow")
+    p_an.add_argument("--traj", required=True, help="a flow's output folder (trajectory.npz, metadata.json)")
+    p_an.add_argument("--out", help="where analysis.json and analysis.png go (default: --traj)")
+    p_an.add_argument("--fraction", type=float, default=0.5, help="plateau: speed below this fraction of "
+                      "the typical speed around it (default 0.5)")  # fmt: skip
+    p_an.add_argument("--min-length", type=float, default=None, help="plateau: at least this long in alpha "
+                      "(default 5%% of the recorded span)")  # fmt: skip
+    p_an.add_argument("--escape-amplitude", type=float, default=0.1, help="amplitude of the unstable mode "
+                      "at which the predicted escape happens (default 0.1)")  # fmt: skip
     try:
         args = parser.parse_args(argv)
     except _BadOption as exc:
@@ -485,6 +505,7 @@ def _main(argv: list[str] | None = None) -> int:
             cmd_models(args)
             return 0
         commands = {"flow": cmd_flow, "simulate": cmd_simulate, "study": cmd_study, "validate": cmd_validate}
+        commands["analyze"] = cmd_analyze
         out = commands.get(args.command, cmd_main)(args)
     except (FlowInterrupted, SimulationInterrupted) as exc:
         where = getattr(exc, "out", None)

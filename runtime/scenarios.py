@@ -313,12 +313,113 @@ def study_symmetry(out: Path, progress: bool) -> dict:
     return result
 
 
+def study_phase(out: Path, progress: bool) -> dict:
+    """The escape from the permutation-symmetric plateau against the initial
+    asymmetry d: escape_alpha of adaptive flows at d = 1e-3 .. 1e-8, beside the
+    delay that linear stability predicts (runtime.analyze: ln(10) / lambda_max per
+    decade at the plateau's fixed point, drawn through the flow at d = 1e-6); and
+    heat maps of escape_alpha and the final eps_meta at d = 1e-5 over (alpha_in, S)
+    and (alpha_in, eta)."""
+    from .analyze import analyze
+
+    bar = progress if hasattr(progress, "update") else None
+    ds = [1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8]
+    runs = {}
+    for d in [0.0, *ds]:
+        runs[d] = flow("anil", reference_init(d), REFERENCE["params"], t_max=300, dt=0.01, method="adaptive",
+                       record_every=0.5)  # fmt: skip
+        if bar is not None:
+            bar.update(1)
+    esc = np.array([escape_alpha(runs[d], runs[0.0]) for d in ds])
+    anchor = ds.index(1e-6)
+    fixed = [pa.fixed_point for pa in analyze(runs[1e-6]).plateaus if pa.plateau.left and pa.fixed_point]
+    per_decade = fixed[0].escape_per_decade if fixed else float("nan")
+    decades = np.log10(1 / np.array(ds))
+    predicted = esc[anchor] + (decades - decades[anchor]) * per_decade
+    measured = float(np.polyfit(decades[1:], esc[1:], 1)[0])
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    ax.semilogx(ds, esc, "o", label=f"escape_alpha of the flows ({measured:.3g} per decade for d <= 1e-4)")
+    ax.semilogx(
+        ds, predicted, "--", label=f"linear stability: ln(10)/lambda_max = {per_decade:.3g} per decade"
+    )
+    ax.invert_xaxis()
+    ax.set_xlabel("initial asymmetry d")
+    ax.set_ylabel("escape alpha")
+    ax.set_title("anil reference scenario: escape from the symmetric plateau")
+    ax.legend(fontsize=8)
+    _save(fig, out / "phase.png")
+    result = {f"d = {d:g}: escape alpha": float(e) for d, e in zip(ds, esc)}
+    result["escape alpha per decade of d: measured (d <= 1e-4)"] = measured
+    result["escape alpha per decade of d: ln(10)/lambda_max"] = per_decade
+    result.update(_phase_maps(out, bar))
+    return result
+
+
+PHASE_ALPHA_IN = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+PHASE_GRIDS = {"S": (1, 2, 3, 4), "eta": (0.25, 0.5, 1.0, 2.0)}
+
+
+def _phase_maps(out: Path, bar) -> dict:
+    """escape_alpha (against the flow from the symmetric start, nan when it does not
+    escape by alpha = 300) and the final eps_meta over alpha_in and each of
+    PHASE_GRIDS, the other parameters of the reference scenario, d = 1e-5."""
+    plt = _plt()
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5), constrained_layout=True)
+    result = {}
+    for row, (name, values) in enumerate(PHASE_GRIDS.items()):
+        esc = np.full((len(values), len(PHASE_ALPHA_IN)), np.nan)
+        final = np.full_like(esc, np.nan)
+        for i, v in enumerate(values):
+            for j, a_in in enumerate(PHASE_ALPHA_IN):
+                params = {**REFERENCE["params"], "alpha_in": a_in, name: v}
+                try:
+                    fl, sym = (
+                        flow(
+                            "anil",
+                            reference_init(d),
+                            params,
+                            t_max=300,
+                            dt=0.01,
+                            method="adaptive",
+                            record_every=1.0,
+                        )  # fmt: skip
+                        for d in (1e-5, 0.0)
+                    )
+                except FlowDiverged:
+                    continue
+                finally:
+                    if bar is not None:
+                        bar.update(2)
+                esc[i, j] = escape_alpha(fl, sym)
+                final[i, j] = fl.eps_meta[-1]
+        for ax, data, what in ((axes[row, 0], esc, "escape alpha"), (axes[row, 1], final, "final eps_meta")):
+            im = ax.imshow(data, origin="lower", aspect="auto", cmap="viridis")
+            ax.set_xticks(range(len(PHASE_ALPHA_IN)), [f"{a:g}" for a in PHASE_ALPHA_IN])
+            ax.set_yticks(range(len(values)), [f"{v:g}" for v in values])
+            ax.set_xlabel("alpha_in")
+            ax.set_ylabel(name)
+            ax.set_title(f"{what} (d = 1e-5; blank: none by alpha = 300)" if what == "escape alpha" else what)
+            middle = np.nanmean([np.nanmin(data), np.nanmax(data)]) if np.isfinite(data).any() else 0.0
+            for (i, j), val in np.ndenumerate(data):
+                if np.isfinite(val):
+                    color = "black" if val > middle else "white"  # readable on viridis' light and dark ends
+                    ax.text(j, i, f"{val:.3g}", ha="center", va="center", fontsize=7, color=color)
+            fig.colorbar(im, ax=ax, shrink=0.8)
+        for i, v in enumerate(values):
+            for j, a_in in enumerate(PHASE_ALPHA_IN):
+                result[f"alpha_in = {a_in:g}, {name} = {v:g}: escape alpha"] = float(esc[i, j])
+    _save(fig, out / "phase_maps.png")
+    return result
+
+
 STUDIES = {
     "symmetry": study_symmetry,
     "inner": study_inner,
     "overparam": study_overparam,
     "variability": study_variability,
     "order": study_order,
+    "phase": study_phase,
 }
 
 

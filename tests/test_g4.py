@@ -2,9 +2,11 @@
 
 The engine derives G4 by Price's theorem along a path that shrinks the covariances of
 one field (derive/gaussian.py ``_price_path``): a sympy Integral over t in [0, 1] of
-I4-type closed forms, which the code generator prints as a Gauss-Legendre sum
-(derive/quadrature.py). Here the G4 function rendered as a kernel module renders it
-(derive/codegen.py ``render_primitives``) is compared with
+I4-type closed forms, which the code generator prints as a weighted sum over the
+nodes of a Gauss-Legendre rule graded towards t = 1 (derive/quadrature.py). Here the
+G4 function rendered as a kernel module renders it (derive/codegen.py
+``render_primitives``: a G4 that dispatches on the equality pattern of its indices to
+forms derived for each) is compared with
 
 - an independent high-order quadrature, typed here: the distinct fields of the four
   arguments, a tensor Gauss-Legendre rule on [-9, 9]^d in the coordinates of a
@@ -48,7 +50,8 @@ PATTERNS = set_partitions()
 
 
 def _module(tmp_path_factory, activation: str):
-    text = codegen.render_primitives(["G4"], activation)
+    erf = activation == "erf"
+    text = codegen.render_primitives(["G4", "G4_dir"] if erf else ["G4"], activation, table=erf)
     folder = tmp_path_factory.mktemp(f"g4_{activation}")
     path = folder / f"g4_{activation}.py"
     path.write_text(text)
@@ -78,7 +81,7 @@ def _indices(rng, pattern) -> tuple[int, ...]:
 # the independent reference
 
 BOX = 9.0  # the Gaussian mass outside [-9, 9] is 2e-19
-REF_NODES = {1: 400, 2: 200, 3: 96}  # per dimension; at 1.3-1.5x these the values move by < 1e-15
+REF_NODES = {1: 400, 2: 200, 3: 80}  # per dimension; at 1.5x these the values move by < 3e-12
 
 
 @functools.lru_cache(maxsize=None)
@@ -145,6 +148,37 @@ def test_g4_is_symmetric_in_its_arguments(g4_erf, random_covariance):
         assert max(values) - min(values) < 1e-14, idx
 
 
+def test_g4_table_equals_g4(g4_erf, random_covariance):
+    """G4_table(C, k, l) fills F[p, q] = G4(k, l, p, q) for every (p, q) at once (the
+    pair-tilt table per node): equal to the dispatched G4 for every (k, l), k = l and
+    p, q in {k, l} included."""
+    rng = np.random.default_rng(12)
+    n = DIM
+    C = random_covariance(rng, n)
+    F, B = np.empty((n, n)), np.empty((n, n))
+    Cp, A = np.empty((n + 1, n + 1)), np.empty((n + 1, n + 1))
+    out, Dn, U0, U1 = (np.empty(n + 1) for _ in range(4))
+    worst = 0.0
+    for k, j in itertools.product(range(n), repeat=2):
+        g4_erf.G4_table(C, k, j, F, Cp, A, B, out, Dn, U0, U1)
+        want = np.array([[g4_erf.G4(C, k, j, p, q) for q in range(n)] for p in range(n)])
+        worst = max(worst, float(np.max(np.abs(F - want))))
+    assert worst < 1e-13
+
+
+def test_g4_dir_is_the_derivative_along_dc(g4_erf, random_covariance):
+    """G4_dir (the chain rule through the integral, one loop over the nodes) against
+    central differences of G4 along a random symmetric dC, repeated indices included."""
+    rng = np.random.default_rng(11)
+    C = random_covariance(rng, DIM)
+    A = rng.normal(size=(DIM, DIM))
+    dC, h = (A + A.T) / 2, 1e-5
+    for pattern in [(0, 1, 2, 3), (0, 0, 1, 2), (0, 0, 1, 1), (0, 0, 0, 1), (0, 0, 0, 0), (0, 1, 0, 2)]:
+        idx = _indices(rng, pattern)
+        fd = (g4_erf.G4(C + h * dC, *idx) - g4_erf.G4(C - h * dC, *idx)) / (2 * h)
+        assert g4_erf.G4_dir(C, dC, *idx) == pytest.approx(fd, abs=1e-8), idx
+
+
 MC_SAMPLES = 2_000_000
 
 
@@ -202,6 +236,31 @@ def test_g4_is_an_integral_along_prices_path():
     assert sum("tilt by u_a, u_" in line for line in d.provenance) == 3
 
 
+def test_forms_at_equal_indices():
+    """The forms the generated G4 dispatches to: one per class of equal indices, the
+    path shrinking a field that occurs once where there is one, the pair a, a for
+    (a, a, b, b), whose start is I2(a, a) I2(b, b); the dispatch covers the 15 patterns."""
+    from derive.gaussian import pattern_forms
+
+    forms = {f.pattern: f for f in pattern_forms(primitive("G4", "erf"))}
+    assert set(forms) == {"abcd", "abcc", "abbb", "aabb", "aaaa"}
+    assert forms["abcc"].labels == ("a", "b", "c") and forms["aaaa"].labels == ("a",)
+    assert "covariances of (u_a, u_b) and the rest" in forms["aabb"].provenance[1]
+    (integral,) = forms["aabb"].expr.atoms(sp.Integral)
+    start = forms["aabb"].expr - integral
+    i2 = primitive("I2", "erf").expr
+    c = cov_symbol
+    want = i2.xreplace({c("b", "b"): c("a", "a"), c("a", "b"): c("a", "a")}) * i2.xreplace(
+        {c("a", "a"): c("b", "b"), c("a", "b"): c("b", "b")}
+    )
+    assert sp.simplify(start - want) == 0
+    code = codegen.primitive_codes(primitive("G4", "erf"))
+    assert [p["name"] for p in code] == ["G4_abcd", "G4_abcc", "G4_aabb", "G4_abbb", "G4_aaaa", "G4"]
+    dispatch = code[-1]
+    assert sum(line.startswith("if ") for line in dispatch["temps"]) == 14  # + the fallthrough aaaa
+    assert dispatch["ret"] == "G4_aaaa(C, a)"
+
+
 def test_g4_linear_is_isserlis_exactly(g4_linear, random_covariance):
     d = primitive("G4", "linear")
     c = cov_symbol
@@ -227,6 +286,15 @@ def test_gauss_legendre_is_exact_for_polynomials(n):
         assert sum(wi * ti**k for ti, wi in zip(t, w)) == pytest.approx(1 / (k + 1), rel=1e-14)
 
 
+@pytest.mark.parametrize("n", [1, 5, 20])
+def test_path_rule_integrates_polynomials_in_t(n):
+    """t = 1 - (1 - s)^2: a polynomial of degree k in t is one of degree 2k + 1 in s."""
+    t, w = quadrature.path_rule(n)
+    assert all(0 < x < 1 for x in t) and list(t) == sorted(t)
+    for k in range(n):
+        assert sum(wi * ti**k for ti, wi in zip(t, w)) == pytest.approx(1 / (k + 1), rel=1e-14)
+
+
 def test_gauss_legendre_bad_node_count():
     with pytest.raises(ValueError, match=r"nodes: a whole number >= 1"):
         quadrature.gauss_legendre(0)
@@ -243,8 +311,8 @@ def test_integral_printed_as_a_sum_over_nodes():
         "s1 = C_ab*s0",
         "q0 = 0.0",
         "for node in range(16):",
-        "    t = GL16_T[node]",
-        "    q0 += GL16_W[node]*(s0*math.sin(s1*t) + s1*t**2)",
+        "    t = PATH16_T[node]",
+        "    q0 += PATH16_W[node]*(s0*math.sin(s1*t) + s1*t**2)",
     ]
     with pytest.raises(ValueError, match="from 0 to 1"):
         codegen.integral_code(sp.Integral(t, (t, 0, 2)), "q0", 16)
