@@ -36,7 +36,7 @@ from .integrate import (
     steps_for,
 )
 from .kernels import Kernel, as_kernel, compile_notice, needs_compiling
-from .simulate_meta import METRIC_TASKS, SeedInterrupted, prepare_metrics, run_seed_meta
+from .simulate_meta import SeedInterrupted, default_metric_tasks, prepare_metrics, run_seed_meta
 from .trajectory import Trajectory, metadata
 
 
@@ -306,7 +306,7 @@ def simulate(
     progress: bool = False,
     workers: int | None = None,
     log=None,
-    metric_tasks: int = METRIC_TASKS,
+    metric_tasks: int | None = None,
 ) -> Trajectory:
     """Run ``seeds`` independent finite-N simulations of ``model`` up to ``alpha = t_max``.
 
@@ -324,7 +324,8 @@ def simulate(
     With a finite support set (``n_s``), the metrics that depend on it (``eps_meta``)
     are the error after adapting on ``n_s`` fresh support samples, estimated at each
     record at the simulated weights over ``metric_tasks`` tasks and support sets
-    (``runtime.simulate_meta.realised_metrics``; the query expectation exact), with
+    (default ``runtime.simulate_meta.default_metric_tasks(n_s)``: 2000 up to n_s = 50,
+    fewer beyond; ``realised_metrics``: the query expectation exact), with
     their Monte Carlo s.e.m. per seed in ``NAME_mc_sem``; the other metrics, and all
     of them with ``n_s = inf``, are the kernel's at the recorded order parameters.
     """
@@ -340,6 +341,8 @@ def simulate(
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     if int(seed) < 0:
         raise ValueError(f"seed must be >= 0 (a numpy seed), got {seed}")
+    if metric_tasks is None:
+        metric_tasks = default_metric_tasks(values.get("n_s", math.inf))
     if int(metric_tasks) < 2:
         raise ValueError(f"metric_tasks must be >= 2 (a Monte Carlo s.e.m.), got {metric_tasks}")
     if init is not None:
