@@ -10,6 +10,7 @@ from .analyze import analyze, summaries
 from .init import Init, realise, sample_network, sampled_init
 from .integrate import FlowDiverged, SimulationDiverged, flow
 from .kernels import load, load_path
+from .few_shot import MetaTest, metatest
 from .simulate import simulate
 from .trajectory import Trajectory
 
@@ -22,6 +23,8 @@ __all__ = [
     "flow",
     "load",
     "load_path",
+    "MetaTest",
+    "metatest",
     "realise",
     "sample_network",
     "sampled_init",
