@@ -1,4 +1,5 @@
-"""The few-shot meta-test of a learned representation (docs/models/anil.md 5.8).
+"""The few-shot meta-test of a learned representation (eps_meta of docs/models/anil.md 5.7
+at test-time settings).
 
 At each recorded point of a flow trajectory of a meta-learning model, the
 representation ``(Q, R, a)`` is tested on new tasks with test-time settings of
@@ -67,8 +68,8 @@ def _settings(values, name: str, spec, kind) -> np.ndarray:
 
 
 def metatest(traj: Trajectory, n_s=None, S=None, alpha_in=None) -> MetaTest:
-    """``eps_test`` of docs/models/anil.md 5.8 along the flow trajectory ``traj`` (a
-    ``Trajectory`` of a model with an inner loop, as ``flow`` returns or
+    """``eps_test`` (eps_meta of docs/models/anil.md 5.7 at test settings) along the flow
+    trajectory ``traj`` (a ``Trajectory`` of a model with an inner loop, as ``flow`` returns or
     ``Trajectory.load`` reads): at every recorded alpha and every combination of
     the test settings ``n_s``, ``S``, ``alpha_in`` (defaults: n_s = 1, 2, 5, 10, 20,
     50, inf and the trajectory's own S and alpha_in)."""

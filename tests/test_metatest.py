@@ -1,4 +1,4 @@
-"""The few-shot meta-test (docs/models/anil.md 5.8; runtime.metatest, python -m runtime metatest).
+"""The few-shot meta-test (eps_meta of docs/models/anil.md 5.7 at test settings; runtime.metatest).
 
 At the trained settings and ``n_s = inf`` ``eps_test`` is the flow's own eps_meta;
 at other steps and rates it is the population closed form of 5.3/5.7, typed here
