@@ -981,27 +981,63 @@ def expected_update(model, params: dict, Q, R, T, vectors: dict, n_tasks: int, r
 def realised_covariances(step: MetaStep, W, B, n: int, rng):
     """The covariance of the field rows that the real vectors realise, ``V V^T / N`` with
     ``V`` the student weights and each teacher family's vectors (``MetaStep.draw_task``'s
-    task teachers: ``B`` plus a fresh isotropic perturbation where the model has one):
-    (rows, rows) when no family is perturbed, else (n, rows, rows), one per task."""
+    task teachers: ``B`` plus ``spread Z``, ``Z`` a fresh standard normal (M, N), where
+    the model has a perturbation): (rows, rows) when no family is perturbed, else
+    (n, rows, rows), one per task.
+
+    A task's ``Z`` enters only through ``U Z^T`` (``U`` the fixed rows ``W``, ``B``) and
+    ``Z Z^T``; these are drawn exactly, at a cost free of N: with ``U^T = E L^T``
+    (``E`` (N, r) orthonormal columns, a QR factorisation), ``Xi = Z E`` is a standard
+    normal (M, r) matrix, ``U Z^T = L Xi^T``, and ``Z Z^T = Xi Xi^T + P`` with ``P``
+    independent, Wishart with ``N - r`` degrees of freedom and scale I (Bartlett's
+    construction); the ``Z`` of several perturbed families are stacked into one.
+    ``tests/test_finite_support.py`` holds it against real draws of Z."""
     N = W.shape[1]
     spreads = step.spreads[1:]
+    U = np.vstack([W, B])
+    G = U @ U.T / N
+    K, M = W.shape[0], B.shape[0]
     if all(sp_ == 0 for sp_ in spreads):
-        V = np.vstack([W] + [B] * len(spreads))
-        return V @ V.T / N
-    M = B.shape[0]
-    rows = W.shape[0] + M * len(spreads)
+        idx = np.r_[np.arange(K), np.tile(np.arange(K, K + M), len(spreads))]
+        return G[np.ix_(idx, idx)]
+    r = U.shape[0]
+    perturbed = [f for f, sp_ in enumerate(spreads) if sp_ > 0]
+    Mp = M * len(perturbed)  # the Z of all perturbed families, stacked
+    if N < r + Mp:
+        raise ValueError(f"N = {N} must be at least {r + Mp} to realise the perturbed task teachers")
+    L = np.linalg.qr(U.T, mode="r").T  # U = L E^T
+    xi = rng.standard_normal((n, Mp, r))
+    A = np.zeros((n, Mp, Mp))
+    A[:, np.arange(Mp), np.arange(Mp)] = np.sqrt(rng.chisquare(N - r - np.arange(Mp), size=(n, Mp)))
+    low = np.tril_indices(Mp, -1)
+    A[:, low[0], low[1]] = rng.standard_normal((n, len(low[0])))
+    UZ = np.einsum("ij,tmj->tim", L, xi) / N  # U Z^T / N, (n, r, Mp)
+    ZZ = (np.einsum("tmj,tnj->tmn", xi, xi) + A @ A.transpose(0, 2, 1)) / N
+    # the rows of every family: W, then each teacher family B + spread Z_f
+    rows = K + M * len(spreads)
     out = np.empty((n, rows, rows))
-    chunk = max(1, SUPPORT_CHUNK // (rows * N))
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        parts = [np.broadcast_to(W, (hi - lo, *W.shape))]
-        for spread in spreads:
-            if spread > 0:
-                parts.append(B + spread * rng.standard_normal((hi - lo, M, N)))
-            else:
-                parts.append(np.broadcast_to(B, (hi - lo, M, N)))
-        V = np.concatenate(parts, axis=1)
-        out[lo:hi] = np.einsum("tin,tjn->tij", V, V) / N
+    out[:, :K, :K] = G[:K, :K]
+    z_of = {f: slice(M * i, M * (i + 1)) for i, f in enumerate(perturbed)}
+    B_rows = slice(K, K + M)
+    for f, sf_ in enumerate(spreads):
+        sf = slice(K + M * f, K + M * (f + 1))
+        block = np.broadcast_to(G[:K, B_rows], (n, K, M)).copy()
+        if f in z_of:
+            block += sf_ * UZ[:, :K, z_of[f]]
+        out[:, :K, sf] = block
+        out[:, sf, :K] = block.transpose(0, 2, 1)
+        for g_, sg_ in enumerate(spreads[: f + 1]):
+            sg = slice(K + M * g_, K + M * (g_ + 1))
+            # (B + s_f Z_f)(B + s_g Z_g)^T / N
+            block = np.broadcast_to(G[B_rows, B_rows], (n, M, M)).copy()
+            if f in z_of:
+                block += sf_ * UZ[:, B_rows, z_of[f]].transpose(0, 2, 1)
+            if g_ in z_of:
+                block += sg_ * UZ[:, B_rows, z_of[g_]]
+            if f in z_of and g_ in z_of:
+                block += sf_ * sg_ * ZZ[:, z_of[f], z_of[g_]]
+            out[:, sf, sg] = block
+            out[:, sg, sf] = block.transpose(0, 2, 1)
     return out
 
 

@@ -184,3 +184,31 @@ def test_simulation_reports_eps_meta_after_adapting_on_the_support_set():
 def test_metric_tasks_is_checked():
     with pytest.raises(ValueError, match="metric_tasks must be >= 2"):
         runtime.simulate("anil", {"n_s": 2}, N=20, seeds=1, t_max=0.1, metric_tasks=1)
+
+
+def test_realised_covariances_of_perturbed_task_teachers_match_real_draws():
+    """With feature variability each task has its own teacher B + eps_B Z: the
+    covariances realised by these vectors, drawn through their sufficient statistics
+    (QR and Bartlett's Wishart, no N-vector), have the law of real draws of Z; at a
+    small N (8 degrees of freedom left) a wrong count would move the means by 1/N."""
+    from runtime.simulate_meta import MetaStep, realised_covariances
+
+    eps_B, N, n = 0.7, 12, 40000
+    rng = np.random.default_rng(9)
+    W, B = rng.standard_normal((2, N)), rng.standard_normal((2, N))
+    step = MetaStep(
+        runtime.load("anil").model, "erf", runtime.load("anil").model.resolve_params({"eps_B": eps_B})
+    )
+    fast = realised_covariances(step, W, B, n, rng)
+    Bt = B + eps_B * rng.standard_normal((n, 2, N))
+    V = np.concatenate([np.broadcast_to(np.vstack([W, B]), (n, 4, N)), Bt], axis=1)
+    real = np.einsum("tin,tjn->tij", V, V) / N
+    iu = np.triu_indices(6)
+    a, b = fast[:, iu[0], iu[1]], real[:, iu[0], iu[1]]
+    fixed = (iu[0] < 4) & (iu[1] < 4)  # W and B alone: no random entry
+    assert np.abs(a[:, fixed] - b[:, fixed]).max() < 1e-12
+    sem = np.sqrt((a.var(0) + b.var(0)) / n) + 1e-15
+    assert np.all(np.abs(a.mean(0) - b.mean(0)) < 5 * sem)
+    ca, cb = np.cov(a.T), np.cov(b.T)
+    scale = np.sqrt(np.outer(np.diag(cb), np.diag(cb))) + 1e-15
+    assert np.abs(ca - cb).max() / scale.max() < 0.05, np.abs(ca - cb).max() / scale.max()
