@@ -471,13 +471,13 @@ def cmd_metatest(args) -> Path:
         raise ValueError(
             f"--traj {args.traj}: a trajectory of an unknown model {traj.metadata.get('model')!r}"
         )
+    config = {"command": "metatest", "model": traj.metadata["model"], "n_s": args.n_s, "S": args.S,
+              "alpha_in": args.alpha_in, "traj": str(Path(args.traj).resolve())}  # fmt: skip
+    out = _out_dir(args, "metatest", config)  # checked before anything is computed
     try:
         result = metatest(traj, n_s=args.n_s, S=args.S, alpha_in=args.alpha_in)
     except ValueError as exc:
         raise ValueError(f"--traj {args.traj}: {exc}") from None
-    config = {"command": "metatest", "model": traj.metadata["model"], "n_s": args.n_s, "S": args.S,
-              "alpha_in": args.alpha_in, "traj": str(Path(args.traj).resolve())}  # fmt: skip
-    out = _out_dir(args, "metatest", config)
     missing = [v for j, v in enumerate(result.n_s) if np.all(np.isnan(result.eps_test[:, j]))]
     if missing:
         listed = ", ".join(f"{v:g}" for v in missing)

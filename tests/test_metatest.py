@@ -156,3 +156,19 @@ def test_metatest_bad_trajectories(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "--traj" in err[0] and says in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["existing_file", "under_a_file"])
+def test_metatest_unusable_out_is_refused_before_computing(traj_dir, tmp_path, capsys, monkeypatch, kind):
+    import runtime.cli
+
+    def must_not_run(*a, **k):
+        raise AssertionError("metatest ran before --out was checked")
+
+    monkeypatch.setattr(runtime.cli, "metatest", must_not_run)
+    (tmp_path / "taken").write_text("keep me\n")
+    out = tmp_path / "taken" if kind == "existing_file" else tmp_path / "taken" / "sub"
+    assert main(["metatest", "--traj", str(traj_dir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out" in err[0], err
+    assert (tmp_path / "taken").read_text() == "keep me\n"
