@@ -929,6 +929,8 @@ def expected_update(model, params: dict, Q, R, T, vectors: dict, n_tasks: int, r
     step = MetaStep(model, activation, values)
     if step.order != 1:
         raise ValueError("expected_update: order must be 1 (the first-order update)")
+    if "eps_meta" not in model.metrics:
+        raise ValueError(f"expected_update: model {model.name!r} has no metric eps_meta")
     n_tasks = int(n_tasks)
     if n_tasks < 2:
         raise ValueError(f"expected_update: n_tasks must be >= 2 (a standard error), got {n_tasks}")
