@@ -39,6 +39,16 @@ task moments, the sensitivities): it runs the algorithm on real vectors, and its
 gradients are tested against finite differences of the query loss. The input
 norm ``sqrt(N)`` and the coefficients of the update rules are those of
 derive/model.py.
+
+Finite support sets (docs/models/anil.md 5.6-5.7) have a Monte Carlo over tasks and
+support sets of their own, at given field covariances and with no input vector:
+``draw_adapted`` (tasks, support fields Gaussian at the covariance, the inner loop),
+``metric_estimate`` and ``realised_metrics`` (eps_meta after adapting on ``n_s``
+samples, the query expectation exact: what a simulation records with finite
+``n_s``), and ``expected_update`` (the first-order flow at given order parameters,
+no closure: the reference the finite-``n_s`` flow is tested against). Each takes
+the query expectation of the model's integrands with the engine's Gaussian
+integrals (``_Concrete.field_mean``) and a control variate (``_controlled``).
 """
 
 from __future__ import annotations
