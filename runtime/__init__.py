@@ -4,12 +4,15 @@ from runtime import flow, simulate, Init, sampled_init
 init = sampled_init("two_layer", K=2, M=2, N=1000, seed=0)
 traj = flow("two_layer", init, {"eta": 1.0}, t_max=10, dt=0.01)
 traj.eps_g, traj.Q, traj.alpha
+
+runtime.metatest(traj_of_anil, n_s=[1, 10, float("inf")])  # docs/interface.md
 """
 
 from .analyze import analyze, summaries
 from .init import Init, realise, sample_network, sampled_init
 from .integrate import FlowDiverged, SimulationDiverged, flow
 from .kernels import load, load_path
+from .few_shot import MetaTest, metatest
 from .simulate import simulate
 from .trajectory import Trajectory
 
@@ -22,6 +25,8 @@ __all__ = [
     "flow",
     "load",
     "load_path",
+    "MetaTest",
+    "metatest",
     "realise",
     "sample_network",
     "sampled_init",

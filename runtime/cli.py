@@ -1,4 +1,4 @@
-"""Command line of runtime: the main job, flow, simulate, models, study, validate.
+"""Command line of runtime: the main job, flow, simulate, models, study, validate, metatest.
 
 The commands and files: docs/interface.md; the models' equations and
 parameters: docs/README.md and docs/models/MODEL.md."""
@@ -14,6 +14,8 @@ import sys
 import threading
 from pathlib import Path
 
+
+import numpy as np
 
 from derive.models import MODEL_NAMES, get_model
 
@@ -32,7 +34,17 @@ from .integrate import (
 )
 from .output import check_out_dir, write_text
 from .plots import plot_metric, plot_metrics
-from .scenarios import REFERENCE, STUDIES, VALIDATION_MIN_N, VALIDATION_RECORD, main_job, run_study, validate, validate_support
+from .scenarios import (
+    REFERENCE,
+    STUDIES,
+    VALIDATION_MIN_N,
+    VALIDATION_RECORD,
+    main_job,
+    run_study,
+    validate,
+    validate_support,
+)
+from .few_shot import metatest
 from .simulate import simulate
 from .trajectory import Trajectory, jsonable
 
@@ -439,6 +451,58 @@ def cmd_analyze(args) -> Path:
     return out
 
 
+def _support_size(text: str) -> float:
+    """An argparse type: a whole number >= 1, or inf (the population support loss)."""
+    if text.strip().lower() in ("inf", "infinity"):
+        return math.inf
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 or inf, got {text!r}") from None
+    if not math.isfinite(value) or value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 or inf, got {text!r}")
+    return value
+
+
+_support_size.__name__ = "n_s"
+STEPS = _number(int, 0, "a whole number >= 0")
+
+
+def _load_traj(path: str) -> Trajectory:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"--traj {path}: no such folder")
+    try:
+        return Trajectory.load(folder)
+    except FileNotFoundError as exc:
+        raise ValueError(
+            f"--traj {path}: not a trajectory folder ({Path(exc.filename).name} missing)"
+        ) from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"--traj {path}: cannot read its trajectory ({exc})") from None
+
+
+def cmd_metatest(args) -> Path:
+    traj = _load_traj(args.traj)
+    if traj.metadata.get("model") not in MODEL_NAMES:
+        raise ValueError(
+            f"--traj {args.traj}: a trajectory of an unknown model {traj.metadata.get('model')!r}"
+        )
+    config = {"command": "metatest", "model": traj.metadata["model"], "n_s": args.n_s, "S": args.S,
+              "alpha_in": args.alpha_in, "traj": str(Path(args.traj).resolve())}  # fmt: skip
+    out = _out_dir(args, "metatest", config)  # checked before anything is computed
+    try:
+        result = metatest(traj, n_s=args.n_s, S=args.S, alpha_in=args.alpha_in)
+    except ValueError as exc:
+        raise ValueError(f"--traj {args.traj}: {exc}") from None
+    missing = [v for j, v in enumerate(result.n_s) if np.all(np.isnan(result.eps_test[:, j]))]
+    if missing:
+        listed = ", ".join(f"{v:g}" for v in missing)
+        _log(f"n_s = {listed}: not evaluated, NaN in eps_test ({result.metadata['not_derived'][0]})")
+    result.save(out, f"meta-test of {traj.metadata['model']} ({Path(args.traj).name})")
+    return out
+
+
 class _Terminated:
     """SIGTERM is taken as an interrupt (KeyboardInterrupt): the same partial
     records are saved, and the exit status is 128 + 15 = 143 instead of 130."""
@@ -495,6 +559,23 @@ def _main(argv: list[str] | None = None) -> int:
                       "(default 5%% of the recorded span)")  # fmt: skip
     p_an.add_argument("--escape-amplitude", type=float, default=0.1, help="amplitude of the unstable mode "
                       "at which the predicted escape happens (default 0.1)")  # fmt: skip
+    p_meta = sub.add_parser("metatest", help="few-shot meta-test along a saved anil flow trajectory")
+    p_meta.add_argument(
+        "--traj", required=True, help="a flow's output folder (trajectory.npz, metadata.json)"
+    )
+    p_meta.add_argument(
+        "--n-s",
+        type=_support_size,
+        nargs="+",
+        help="test support sizes, >= 1 or inf (default 1 2 5 10 20 50 inf)",
+    )
+    p_meta.add_argument(
+        "--S", type=STEPS, nargs="+", help="test inner steps, >= 0 (default: the trajectory's)"
+    )
+    p_meta.add_argument(
+        "--alpha-in", type=NON_NEGATIVE, nargs="+", help="test inner rates, >= 0 (default: the trajectory's)"
+    )
+    p_meta.add_argument("--out", help="output directory (default runs/metatest-<model>-<config hash>)")
     try:
         args = parser.parse_args(argv)
     except _BadOption as exc:
@@ -506,6 +587,7 @@ def _main(argv: list[str] | None = None) -> int:
             return 0
         commands = {"flow": cmd_flow, "simulate": cmd_simulate, "study": cmd_study, "validate": cmd_validate}
         commands["analyze"] = cmd_analyze
+        commands["metatest"] = cmd_metatest
         out = commands.get(args.command, cmd_main)(args)
     except (FlowInterrupted, SimulationInterrupted) as exc:
         where = getattr(exc, "out", None)

@@ -36,7 +36,7 @@ from .integrate import (
     steps_for,
 )
 from .kernels import Kernel, as_kernel, compile_notice, needs_compiling
-from .simulate_meta import SeedInterrupted, run_seed_meta
+from .simulate_meta import SeedInterrupted, default_metric_tasks, prepare_metrics, run_seed_meta
 from .trajectory import Trajectory, metadata
 
 
@@ -181,8 +181,10 @@ def _seed_job(job: dict, seed_i: int, bar=None):
     bar = bar if bar is not None else _COUNTER
     rng = np.random.default_rng(seed_i)
     W, B, vec = _network(job, spec, rng)
+    # the draws of the metrics estimated over support sets: a stream of their own
+    metric_rng = np.random.default_rng(np.random.SeedSequence(seed_i).spawn(1)[0])
     try:
-        out = _run(kernel, job, (W, B, vec), job["N"], rng, bar)
+        out = _run(kernel, job, (W, B, vec), job["N"], rng, bar, metric_rng)
     except SeedInterrupted as exc:  # in this process (workers ignore SIGINT): stop the others
         if _STOP is not None:
             _STOP.value = 1
@@ -229,9 +231,12 @@ def _warm(kernel, job: dict, say) -> None:
             pass
     c = np.zeros(kernel.consts_size(K, M))
     kernel.metrics(np.zeros(kernel.state_size(K, M)), c, job["p"], K, M)
+    if spec.inner_loop is not None and math.isfinite(job["values"].get("n_s", math.inf)):
+        # the metrics over support sets: their expressions derived once, before a fork
+        prepare_metrics(spec, kernel.activation, job["values"], K, M)
 
 
-def _run(kernel, job, args, N, rng, bar):
+def _run(kernel, job, args, N, rng, bar, metric_rng=None):
     spec = kernel.model
     if spec.inner_loop is not None:
         out = run_seed_meta(
@@ -247,6 +252,8 @@ def _run(kernel, job, args, N, rng, bar):
             job["activation"],
             module=kernel.module,
             stop=_stopping,
+            metric_tasks=job["metric_tasks"] if metric_rng is not None else 0,
+            metric_rng=metric_rng,
         )
     else:
         args = (*args, job["p"], job["rates"], N, job["n_steps"], job["rec"], rng, bar)
@@ -299,6 +306,7 @@ def simulate(
     progress: bool = False,
     workers: int | None = None,
     log=None,
+    metric_tasks: int | None = None,
 ) -> Trajectory:
     """Run ``seeds`` independent finite-N simulations of ``model`` up to ``alpha = t_max``.
 
@@ -312,6 +320,14 @@ def simulate(
     ``model`` is a model name or a loaded ``Kernel`` (``runtime.kernels.load_path``;
     its activation is its own). ``log`` (a function of a string; with ``progress``
     by default stderr) hears that the kernels are being compiled, on a first run.
+
+    With a finite support set (``n_s``), the metrics that depend on it (``eps_meta``)
+    are the error after adapting on ``n_s`` fresh support samples, estimated at each
+    record at the simulated weights over ``metric_tasks`` tasks and support sets
+    (default ``runtime.simulate_meta.default_metric_tasks(n_s)``: 2000 up to n_s = 50,
+    fewer beyond; ``realised_metrics``: the query expectation exact), with
+    their Monte Carlo s.e.m. per seed in ``NAME_mc_sem``; the other metrics, and all
+    of them with ``n_s = inf``, are the kernel's at the recorded order parameters.
     """
     kernel = as_kernel(model, activation)
     _KERNELS[id(kernel)] = kernel
@@ -325,6 +341,10 @@ def simulate(
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     if int(seed) < 0:
         raise ValueError(f"seed must be >= 0 (a numpy seed), got {seed}")
+    if metric_tasks is None:
+        metric_tasks = default_metric_tasks(values.get("n_s", math.inf))
+    if int(metric_tasks) < 2:
+        raise ValueError(f"metric_tasks must be >= 2 (a Monte Carlo s.e.m.), got {metric_tasks}")
     if init is not None:
         init = init.validate(spec)
         K, M = init.K, init.M
@@ -363,6 +383,7 @@ def simulate(
         "rec": rec,
         "rates": rates,
         "p": p,
+        "metric_tasks": int(metric_tasks),
     }
     seeds_list = [seed + i for i in range(int(seeds))]
     total = n_steps * int(seeds)
@@ -423,9 +444,15 @@ def simulate(
             ]
         )
         mets[s] = kernel.metrics(states, c, p, K, M)
+        for i, name in enumerate(kernel.metric_names):  # estimated over support sets
+            if f"metric:{name}" in vectors_seeds[s]:
+                mets[s][:, i] = vectors_seeds[s][f"metric:{name}"]
         r[s] = normalised_overlaps(arrays["Q"][s], arrays["R"][s], T_seeds[s])
     for i, name in enumerate(kernel.metric_names):
         arrays[name] = mets[..., i]
+    estimated = [name for name in kernel.metric_names if f"metric_sem:{name}" in vectors_seeds[0]]
+    for name in estimated:
+        arrays[f"{name}_mc_sem"] = np.stack([vs[f"metric_sem:{name}"] for vs in vectors_seeds])
     arrays["r"] = r
     summarised = [o.name for o in STATE_OVERLAPS] + ["r"] + [v.name for v in spec.state_vectors]
     for name in summarised + list(kernel.metric_names):
@@ -448,6 +475,8 @@ def simulate(
         record_every=rec / N,
         sigma0=None if init is not None else sigma0,
         init="explicit overlaps (realised exactly)" if init is not None else "sampled network",
+        metric_tasks=int(metric_tasks) if estimated else None,
+        metrics_over_support_sets=estimated,
     )
     traj = Trajectory(arrays, meta)
     if interrupted:

@@ -39,6 +39,16 @@ task moments, the sensitivities): it runs the algorithm on real vectors, and its
 gradients are tested against finite differences of the query loss. The input
 norm ``sqrt(N)`` and the coefficients of the update rules are those of
 derive/model.py.
+
+Finite support sets (docs/models/anil.md 5.6-5.7) have a Monte Carlo over tasks and
+support sets of their own, at given field covariances and with no input vector:
+``draw_adapted`` (tasks, support fields Gaussian at the covariance, the inner loop),
+``metric_estimate`` and ``realised_metrics`` (eps_meta after adapting on ``n_s``
+samples, the query expectation exact: what a simulation records with finite
+``n_s``), and ``expected_update`` (the first-order flow at given order parameters,
+no closure: the reference the finite-``n_s`` flow is tested against). Each takes
+the query expectation of the model's integrands with the engine's Gaussian
+integrals (``_Concrete.field_mean``) and a control variate (``_controlled``).
 """
 
 from __future__ import annotations
@@ -51,9 +61,16 @@ import numpy as np
 import sympy as sp
 
 from derive.activations import get_activation, z
+from derive.expand import expand
 from derive.model import STATE_OVERLAPS, FirstLayer
+from derive.model import Q as Q_SYMBOL
+from derive.model import R as R_SYMBOL
+from derive.model import T as T_SYMBOL
 from derive.simulator import COV, concrete, field_mean, field_sources, formulas, inner_law, standard_form
-from derive.symbols import g, gp, gpp, student_index, zeta
+from derive.simulator import _block as covariance_block
+from derive.symbols import K as K_SYMBOL
+from derive.symbols import M as M_SYMBOL
+from derive.symbols import STUDENT, g, gp, gpp, index_kind, student_index, zeta
 
 from .integrate import SimulationDiverged
 from .kernels import load
@@ -226,6 +243,54 @@ class _Concrete:
             self.readout = _lambdify(self.args, [conc(self.rule.grad(loss, sp.Integer(k))) for k in ks])
         self.metric_names = tuple(model.metrics)
         self.metrics = _lambdify(self.args, [conc(e) for e in model.metrics.values()])
+        self._model, self._activation, self._sub, self._conc = model, activation, sub, conc
+        self._means: dict = {}
+
+    def covariance(self):
+        """``(Q, R, T) -> Cov``: the covariance of the field rows that the model's
+        covariance blocks give at these order parameters (docs/models/anil.md 5.1), as a
+        numpy function (the Monte Carlo of ``expected_update`` samples fields from it)."""
+        if "covariance" not in self._means:
+            sizes = {K_SYMBOL: self.K, M_SYMBOL: self.M}
+            rows = [(f, i) for f, _, n in self._model.layout for i in range(sizes[n])]
+            entries = [
+                [sp.sympify(covariance_block(self._model, f1, f2)(i, k)).subs(self._sub) for (f2, k) in rows]
+                for (f1, i) in rows
+            ]
+            fn = sp.lambdify((Q_SYMBOL, R_SYMBOL, T_SYMBOL), sp.Matrix(entries), MODULES)
+            self._means["covariance"] = lambda Qv, Rv, Tv: np.asarray(fn(Qv, Rv, Tv), dtype=float)
+        return self._means["covariance"]
+
+    def task_degree(self, key, exprs) -> int:
+        """The largest total degree of ``exprs`` in the task quantities (cached by
+        ``key``), read from the terms of derive's expansion (derive/expand.py)."""
+        key = ("degree", key)
+        if key not in self._means:
+            bases = {tv.base for tv in self._model.random_families}
+            deg = 0
+            for e in exprs:
+                for term in expand(sp.sympify(e).xreplace(self._sub)):
+                    n = 0
+                    for f in sp.Mul.make_args(term.coeff):
+                        base, power = f.as_base_exp()
+                        if isinstance(base, sp.Indexed) and base.base in bases:
+                            n += int(power)
+                    deg = max(deg, n)
+            self._means[key] = deg
+        return self._means[key]
+
+    def field_mean(self, key, exprs):
+        """The expectations of ``exprs`` (integrands of the model: metrics, update
+        rules) over the query sample's fields and label noise at the covariance ``Cov``,
+        given the task quantities: the engine's Gaussian integrals
+        (derive/simulator.py ``field_mean``), a numpy function of ``(*args, Cov)``,
+        derived once per ``key``."""
+        if key not in self._means:
+            # xreplace, not subs: the parameters are plain symbols, and subs is slow on these sums
+            at = [concrete(sp.sympify(e).xreplace(self._sub), self.K, self.M) for e in exprs]
+            means = [field_mean(e, self.rows, self._activation) for e in at]
+            self._means[key] = sp.lambdify((*self.args, COV), means, MODULES, cse=True)
+        return self._means[key]
 
 
 def _values(fn, args, n=None, shape=None):
@@ -237,6 +302,31 @@ def _values(fn, args, n=None, shape=None):
         return arr.reshape((*shape, n)) if shape else arr
     arr = np.array(out, dtype=float)
     return arr.reshape(shape) if shape else arr
+
+
+_CONCRETE: dict = {}
+
+
+def _expression_params(model) -> tuple[str, ...]:
+    """The parameters that the expressions ``_Concrete`` writes out read: all but the
+    support size, unless an expression reads it (the support size sets how many
+    samples are drawn, not an expression), so that steps at several ``n_s`` share one."""
+    inner = model.inner_loop
+    names = tuple(sorted(p.name for p in model.params))
+    support = sp.sympify(inner.support) if inner is not None else sp.S.Zero
+    if not isinstance(support, sp.Symbol):
+        return names
+    c = sp.IndexedBase("c_inner")
+    i, k = sp.symbols("i_ k_", integer=True)
+    exprs = [model.sample_loss, inner.loss(c), inner.regulariser(c), *model.metrics.values()]
+    exprs += [inner.steps, inner.rate, inner.second_order, model.first_layer.rate, model.first_layer.batch]
+    exprs += [model.first_layer.decay] + [e for r in model.readout_updates for e in (r.rate, r.decay)]
+    exprs += [r.grad(model.sample_loss, student_index("k")) for r in model.readout_updates]
+    exprs += [tv.law(i) for tv in model.task_vectors if tv.law is not None]
+    exprs += [entry(i, k) for entry in model.covariance.values()]
+    if any(sp.sympify(e).has(support) for e in exprs):
+        return names
+    return tuple(n for n in names if sp.Symbol(n, real=True) != support)
 
 
 class MetaStep:
@@ -275,7 +365,15 @@ class MetaStep:
 
     def concrete(self, K: int, M: int) -> _Concrete:
         if (K, M) not in self._at:
-            self._at[(K, M)] = _Concrete(self.model, self.activation, self.values, K, M)
+            # shared by the steps of one model, activation and parameters in this process
+            # (and, built before a fork, by the workers): deriving them takes seconds
+            used = _expression_params(self.model)
+            key = (_Concrete, id(self.model), self.activation, tuple((k, self.values[k]) for k in used), K, M)
+            hit = _CONCRETE.get(key)
+            if hit is None or hit[0] is not self.model:
+                hit = (self.model, _Concrete(self.model, self.activation, self.values, K, M))
+                _CONCRETE[key] = hit
+            self._at[(K, M)] = hit[1]
         return self._at[(K, M)]
 
     def _args(self, cc, fields=None, zeta_=0.0, c=None, vectors=None, tasks=None, xi=None, da=None):
@@ -491,8 +589,23 @@ CHUNK = 4096
 
 
 def run_seed_meta(
-    model, W, B, vec, values, rates, N, n_steps, rec, rng, bar, activation, path="compiled", module=None,
+    model,
+    W,
+    B,
+    vec,
+    values,
+    rates,
+    N,
+    n_steps,
+    rec,
+    rng,
+    bar,
+    activation,
+    path="compiled",
+    module=None,
     stop=None,
+    metric_tasks=0,
+    metric_rng=None,
 ):
     """One seed: ``n_steps`` outer steps, the order parameters every ``rec`` steps.
 
@@ -504,7 +617,13 @@ def run_seed_meta(
     (the reference, which reads any model). With a seeded ``rng`` the two draw the
     same random numbers and agree to round-off. An interrupt (KeyboardInterrupt),
     or ``stop()`` true between two chunks, ends the run early: the records made so
-    far are returned (``runtime.simulate``)."""
+    far are returned (``runtime.simulate``).
+
+    With a finite support set and ``metric_tasks > 0``, each record also estimates the
+    metrics that depend on the support set (``support_metrics``: eps_meta) at the
+    simulated weights, over ``metric_tasks`` tasks and support sets drawn from
+    ``metric_rng`` (``realised_metrics``; the run's own draws are untouched): the
+    records hold ``metric:NAME`` and ``metric_sem:NAME`` (the Monte Carlo s.e.m.)."""
     if path not in ("compiled", "numpy"):
         raise ValueError(f"path must be compiled or numpy, got {path!r}")
     K, M = W.shape[0], B.shape[0]
@@ -523,11 +642,21 @@ def run_seed_meta(
     overlaps = {o.name: np.empty((n_rec + 1, *o.shape(K, M))) for o in STATE_OVERLAPS}
     records = {v.name: np.empty((n_rec + 1, K)) for v in model.state_vectors}
 
+    estimated = support_metrics(model) if metric_tasks and not step.population else ()
+    for name in estimated:
+        records[f"metric:{name}"] = np.empty(n_rec + 1)
+        records[f"metric_sem:{name}"] = np.empty(n_rec + 1)
+
     def record(i):
         for o in STATE_OVERLAPS:
             overlaps[o.name][i] = o.of(W, B)
-        for name in records:
+        for name in (v.name for v in model.state_vectors):
             records[name][i] = vectors[name]
+        if estimated:
+            est = realised_metrics(step, W, B, vectors, metric_tasks, metric_rng)
+            for name, (m, e) in est.items():
+                records[f"metric:{name}"][i] = m
+                records[f"metric_sem:{name}"][i] = e
 
     form = standard_form(model) if path == "compiled" else None
     if form is not None and module is None:
@@ -590,3 +719,353 @@ def run_seed_meta(
     except KeyboardInterrupt:
         raise SeedInterrupted(made_so_far()) from None
     return made_so_far()
+
+
+# -- finite support sets: Monte Carlo over tasks and support sets ---------------------
+# (docs/models/anil.md 5.6-5.7). Given the covariance of the fields, a task's support
+# fields are Gaussian with that covariance: the draws below need no input vectors. The
+# query sample is not drawn: the expectation over it, given the adapted readout and the
+# task, is the engine's Gaussian integral of the model's integrand (``field_mean``).
+
+# tasks per chunk of the Monte Carlo: a chunk holds chunk * n_s * rows support fields
+SUPPORT_CHUNK = 2_000_000
+
+# The simulator's estimate of a metric that depends on the support set (eps_meta with
+# finite n_s) draws at each record METRIC_TASKS tasks, fewer (down to MIN_METRIC_TASKS)
+# when their support sets would hold more than METRIC_SAMPLES samples: the control
+# variate leaves a spread that shrinks like 1/n_s (``default_metric_tasks``)
+METRIC_TASKS = 2000
+MIN_METRIC_TASKS = 200
+METRIC_SAMPLES = 100_000
+
+
+def default_metric_tasks(n_s: float) -> int:
+    """Tasks per record of the simulator's estimate at support size ``n_s``: 2000 up to
+    n_s = 50, then 100000 / n_s, at least 200 (measured s.e.m. of eps_meta at the
+    validation start: 0.002 at n_s = 3, 0.0004 at n_s = 100, 0.001 at n_s = 400)."""
+    if not math.isfinite(n_s):
+        return METRIC_TASKS
+    return int(min(METRIC_TASKS, max(MIN_METRIC_TASKS, METRIC_SAMPLES // int(n_s))))
+
+
+def _factor(C):
+    """``L`` with ``L L^T = C`` for a positive semi-definite ``C`` (rows, rows) or a stack
+    of them (..., rows, rows): eigenvalues clipped at 0 (the fields of an unperturbed
+    task teacher repeat the teacher's rows, so ``C`` can be singular)."""
+    w, V = np.linalg.eigh(C)
+    return V * np.sqrt(np.clip(w, 0.0, None))[..., None, :]
+
+
+def _stack(C, n):
+    """``C`` (rows, rows) or (n, rows, rows) as (n, rows, rows)."""
+    C = np.asarray(C, dtype=float)
+    return np.broadcast_to(C, (n, *C.shape[-2:])) if C.ndim == 2 else C
+
+
+def _broadcast_list(values, shape):
+    return np.array([np.broadcast_to(np.asarray(x, dtype=float), shape) for x in values])
+
+
+def draw_adapted(step: MetaStep, cc: _Concrete, C, a, vectors: dict, n: int, rng, xi=None, population=None):
+    """``n`` tasks and their adapted readouts: ``(v_task (M, n), adapted (K, n))``.
+
+    Each task draws its noise ``xi`` (the task law of the model gives ``v_task``), then,
+    with a finite ``n_s`` (``step.n_s``), ``n_s`` support samples: fields Gaussian with
+    covariance ``C`` ((rows, rows), or (n, rows, rows): one per task), label noise
+    ``zeta``; the inner loop runs on the sample means of the model's per-sample support
+    gradient ``Hs c - fs`` plus its regulariser (docs/models/anil.md 5.6). With
+    ``n_s = inf`` (or ``population``) it runs on their expectations at ``C`` (the
+    population inner loop). ``xi`` (M, n): given task noise instead of drawn."""
+    K, M = cc.K, cc.M
+    vectors = {**vectors, step.model.inner_loop.start.name: a}
+    xi = rng.standard_normal((M, n)) if xi is None else np.asarray(xi, dtype=float)
+    v_task = _broadcast_list(cc.law(*step._args(cc, vectors=vectors, xi=xi)), (n,))
+    tasks = {cc.law_vector.name: v_task}
+    Cs = _stack(C, n)
+    if step.population or population:
+        args = (*step._args(cc, vectors=vectors, tasks=tasks), np.moveaxis(Cs, 0, -1))
+        vals = _broadcast_list(cc.support_mean(*args), (n,))
+    else:
+        ns = int(step.n_s)
+        L = _factor(Cs)
+        rows = L.shape[-1]
+        chunk = max(1, SUPPORT_CHUNK // (ns * rows))
+        vals = np.empty((K * K + K, n))
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            u = np.einsum("tij,tsj->its", L[lo:hi], rng.standard_normal((hi - lo, ns, rows)))
+            zs = rng.standard_normal((hi - lo, ns))
+            fields, r = [], 0
+            for s_ in cc.sources:
+                size = K if s_.kind == "student" else M
+                fields.append(u[r : r + size])
+                r += size
+            sub = {cc.law_vector.name: v_task[:, lo:hi, None]}
+            args = step._args(cc, fields=fields, zeta_=zs, tasks=sub, vectors=vectors)
+            vals[:, lo:hi] = _broadcast_list(cc.support_samples(*args), (hi - lo, ns)).mean(-1)
+    H = vals[: K * K].reshape(K, K, n)
+    f = vals[K * K :]
+    r = _values(cc.regulariser, step._args(cc, vectors=vectors))
+    H = H + r[: K * K].reshape(K, K, 1)
+    f = f + r[K * K :, None]
+    c = np.repeat(np.asarray(a, dtype=float)[:, None], n, axis=1)
+    for _ in range(step.S):
+        c = c - step.alpha_in * (np.einsum("kln,ln->kn", H, c) - f)
+    return v_task, c
+
+
+def _mean_sem(x):
+    x = np.asarray(x, dtype=float)
+    n = x.shape[-1]
+    return x.mean(-1), (x.std(-1, ddof=1) / math.sqrt(n) if n > 1 else np.full(x.shape[:-1], np.nan))
+
+
+def support_metrics(model) -> tuple[str, ...]:
+    """The metrics of ``model`` that read the adapted readout: with a finite support set
+    they depend on it (eps_meta); the others (eps_pre, eps_opt) do not."""
+    inner = model.inner_loop
+    if inner is None:
+        return ()
+    return tuple(k for k, e in model.metrics.items() if sp.sympify(e).has(inner.adapted.base))
+
+
+def metric_estimate(step: MetaStep, C, a, vectors: dict, n_tasks: int, rng, names=None) -> dict:
+    """The support-set metrics (``support_metrics``) averaged over ``n_tasks`` tasks and
+    support sets at the field covariance ``C`` (as ``draw_adapted``): for each task the
+    exact expectation over the query sample, given the adapted readout and the task, of
+    the metric's integrand (docs/models/anil.md 5.7). ``name -> (mean, Monte Carlo s.e.m.)``."""
+    names = support_metrics(step.model) if names is None else tuple(names)
+    K = np.size(a)
+    M = (np.asarray(C).shape[-1] - K) // (len(step.sources) - 1)
+    cc = step.concrete(K, M)
+    fn = cc.field_mean(("metrics", names), [step.model.metrics[k] for k in names])
+    inner = step.model.inner_loop
+    a = np.asarray(a, dtype=float)
+    xi = rng.standard_normal((M, n_tasks))
+
+    def values(xi_, population=None, C=C):
+        n = xi_.shape[1]
+        v_task, adapted = draw_adapted(step, cc, C, a, vectors, n, rng, xi=xi_, population=population)
+        tasks = {cc.law_vector.name: v_task, inner.adapted.name: adapted}
+        args = step._args(cc, tasks=tasks, vectors={**vectors, inner.start.name: a})
+        return _broadcast_list(fn(*args, np.moveaxis(_stack(C, n), 0, -1)), (n,))
+
+    exprs = [step.model.metrics[k] for k in names]
+    out = _controlled(step, cc, values, xi, C, ("metrics", names), exprs)
+    return dict(zip(names, out))
+
+
+# the control variate's exact mean needs 3^M points: beyond this many, none is used
+MAX_RULE_POINTS = 100_000
+
+
+def _controlled(step, cc, values, xi, C, key, exprs):
+    """``(mean, s.e.m.)`` of each row of ``values(xi, C=C)`` (conditional expectations
+    given the tasks drawn with noise ``xi`` at the field covariance ``C``, one for all
+    tasks or one per task) over the tasks.
+
+    With a finite support set, a control variate: the same tasks adapted by the
+    population inner loop (``values(xi, population=True)``). Its adapted readout is
+    affine in the task noise (a linear recursion whose Hessian does not depend on the
+    task, an affine task law), so for integrands of degree <= 5 in the task quantities
+    its mean over the noise at a given covariance is exact by the tensor rule of three
+    Gauss-Hermite points per entry (``_gauss_hermite3``). The estimate is that mean
+    (averaged over the tasks' covariances when each task has its own) plus the mean
+    difference, whose spread is that of the support set's effect alone (measured:
+    7x smaller s.e.m. of eps_meta at n_s = 3, 40x at n_s = 100). With the population
+    inner loop (``n_s = inf``) and one covariance that mean is the answer, s.e.m. 0."""
+    M, n = xi.shape
+    pts, w = _gauss_hermite3(M) if 3**M <= MAX_RULE_POINTS else (None, None)
+    one = np.ndim(C) == 2
+    usable = pts is not None and (one or n * pts.shape[1] <= MAX_RULE_POINTS)
+    if not usable or cc.task_degree(key, exprs) > 5:
+        return [_mean_sem(v) for v in values(xi, C=C)]
+    if one:
+        exact = values(pts, population=True, C=C) @ w
+        if step.population:  # no support set: the rule is the exact mean (s.e.m. 0)
+            return [(x, 0.0) for x in exact]
+        vals, pop = values(xi, C=C), values(xi, population=True, C=C)
+        return [(m + exact[i], e) for i, (m, e) in enumerate(_mean_sem(v) for v in vals - pop)]
+    # one covariance per task: the rule's mean at each task's own covariance
+    P = pts.shape[1]
+    per_task = values(np.tile(pts, n), population=True, C=np.repeat(C, P, axis=0))
+    exact = per_task.reshape(len(per_task), n, P) @ w
+    vals = values(xi, C=C) - values(xi, population=True, C=C) + exact
+    return [_mean_sem(v) for v in vals]
+
+
+def _gauss_hermite3(M: int):
+    """Points (M, 3^M) and weights of the product of the three-point Gauss-Hermite rule
+    for ``N(0, 1)`` (points 0, +-sqrt(3), weights 2/3, 1/6): exact for polynomials of
+    degree <= 5 in each entry."""
+    x1, w1 = np.array([0.0, math.sqrt(3.0), -math.sqrt(3.0)]), np.array([2 / 3, 1 / 6, 1 / 6])
+    grids = np.meshgrid(*([x1] * M), indexing="ij")
+    wgrid = np.meshgrid(*([w1] * M), indexing="ij")
+    return np.array([g_.ravel() for g_ in grids]), np.prod([w_.ravel() for w_ in wgrid], axis=0)
+
+
+class ExpectedUpdate(NamedTuple):
+    """The Monte Carlo estimate of ``expected_update``: each entry ``(mean, s.e.m.)``."""
+
+    dQ: tuple
+    dR: tuple
+    da: tuple
+    eps_meta: tuple
+    n_tasks: int
+
+
+def expected_update(model, params: dict, Q, R, T, vectors: dict, n_tasks: int, rng, activation="erf"):
+    """The first-order flow at given order parameters, as a Monte Carlo over tasks and
+    support sets with no closure (docs/models/anil.md 5.5-5.7; no N).
+
+    Each of ``n_tasks`` tasks draws its readout and ``n_s`` support samples, their fields
+    Gaussian with the covariance the model's blocks give at ``Q``, ``R``, ``T``
+    (population inner loop for ``n_s = inf``), and runs the inner loop to its adapted
+    readout ``a'`` (``draw_adapted``). Given ``(a', task)``, the update rules'
+    integrands (the first layer's for ``Q`` and ``R``, ``eta^2`` term included, and the
+    readout's; ``FirstLayer.flows``, ``ReadoutUpdate.flows``) and the ``eps_meta``
+    integrand are averaged exactly over the query sample by the engine (``field_mean``);
+    these conditional expectations are averaged over the tasks. Decay terms are added
+    as the rules state them. Returns ``ExpectedUpdate``: ``dQ`` (K, K), ``dR`` (K, M),
+    ``da`` (K,) (the start's rate of change), ``eps_meta``, each with its s.e.m.
+
+    Order 1 only: at order 2 the gradient also runs through the support fields
+    (docs/models/anil.md 5.6), which this reference does not take."""
+    if isinstance(model, str):
+        from derive.models import get_model
+
+        model = get_model(model)
+    values = model.resolve_params(params)
+    step = MetaStep(model, activation, values)
+    if step.order != 1:
+        raise ValueError("expected_update: order must be 1 (the first-order update)")
+    if "eps_meta" not in model.metrics:
+        raise ValueError(f"expected_update: model {model.name!r} has no metric eps_meta")
+    n_tasks = int(n_tasks)
+    if n_tasks < 2:
+        raise ValueError(f"expected_update: n_tasks must be >= 2 (a standard error), got {n_tasks}")
+    Q, R, T = (np.asarray(x, dtype=float) for x in (Q, R, T))
+    K, M = R.shape
+    cc = step.concrete(K, M)
+    inner = model.inner_loop
+    a = np.asarray(vectors[inner.start.name], dtype=float)
+    vectors = {k: np.asarray(v, dtype=float) for k, v in vectors.items()}
+    C = cc.covariance()(Q, R, T)
+    loss = model.sample_loss
+    # the update rules' integrands at every entry, and their deterministic parts
+    names, integrands, fixed, shapes, symbolic = [], [], [], {}, []
+    for rule in (model.first_layer, *model.readout_updates):
+        for name, (free, integrand, deterministic) in rule.flows(loss).items():
+            shape = tuple(K if index_kind(i) == STUDENT else M for i in free)
+            shapes[name] = shape
+            symbolic.append(integrand)
+            for idx in np.ndindex(*shape):
+                sub = {i: sp.Integer(v) for i, v in zip(free, idx)}
+                names.append((name, idx))
+                integrands.append(sp.sympify(integrand).xreplace(sub))
+                fixed.append(sp.sympify(deterministic).xreplace(sub))
+    key = ("updates", K, M)
+    fn = cc.field_mean(key, integrands + [model.metrics["eps_meta"]])
+    det_args = (Q_SYMBOL, R_SYMBOL, T_SYMBOL, *[v.base for v in model.vectors])
+    det = sp.lambdify(det_args, [cc._conc(e, None) for e in fixed], MODULES)
+    vec_values = [vectors.get(v.name, np.zeros(K if v.over == "student" else M)) for v in model.vectors]
+    det_vals = [float(x) for x in det(Q, R, T, *vec_values)]
+
+    def values(xi, population=None, C=C):
+        v_task, adapted = draw_adapted(
+            step, cc, C, a, vectors, xi.shape[1], rng, xi=xi, population=population
+        )
+        tasks = {cc.law_vector.name: v_task, inner.adapted.name: adapted}
+        args = step._args(cc, tasks=tasks, vectors=vectors)
+        return _broadcast_list(fn(*args, C[..., None]), (xi.shape[1],))
+
+    xi = rng.standard_normal((M, n_tasks))
+    est = _controlled(step, cc, values, xi, C, key, symbolic + [model.metrics["eps_meta"]])
+    out = {name: (np.zeros(shape), np.zeros(shape)) for name, shape in shapes.items()}
+    for (name, idx), d, (m, e) in zip(names, det_vals, est[:-1]):
+        out[name][0][idx] = m + d
+        out[name][1][idx] = e
+    start = inner.start.name
+    da = out.get(start, (np.zeros(K), np.zeros(K)))
+    return ExpectedUpdate(out["Q"], out["R"], da, est[-1], n_tasks)
+
+
+def realised_covariances(step: MetaStep, W, B, n: int, rng):
+    """The covariance of the field rows that the real vectors realise, ``V V^T / N`` with
+    ``V`` the student weights and each teacher family's vectors (``MetaStep.draw_task``'s
+    task teachers: ``B`` plus ``spread Z``, ``Z`` a fresh standard normal (M, N), where
+    the model has a perturbation): (rows, rows) when no family is perturbed, else
+    (n, rows, rows), one per task.
+
+    A task's ``Z`` enters only through ``U Z^T`` (``U`` the fixed rows ``W``, ``B``) and
+    ``Z Z^T``; these are drawn exactly, at a cost free of N: with ``U^T = E L^T``
+    (``E`` (N, r) orthonormal columns, a QR factorisation), ``Xi = Z E`` is a standard
+    normal (M, r) matrix, ``U Z^T = L Xi^T``, and ``Z Z^T = Xi Xi^T + P`` with ``P``
+    independent, Wishart with ``N - r`` degrees of freedom and scale I (Bartlett's
+    construction); the ``Z`` of several perturbed families are stacked into one.
+    ``tests/test_finite_support.py`` holds it against real draws of Z."""
+    N = W.shape[1]
+    spreads = step.spreads[1:]
+    U = np.vstack([W, B])
+    G = U @ U.T / N
+    K, M = W.shape[0], B.shape[0]
+    if all(sp_ == 0 for sp_ in spreads):
+        idx = np.r_[np.arange(K), np.tile(np.arange(K, K + M), len(spreads))]
+        return G[np.ix_(idx, idx)]
+    r = U.shape[0]
+    perturbed = [f for f, sp_ in enumerate(spreads) if sp_ > 0]
+    Mp = M * len(perturbed)  # the Z of all perturbed families, stacked
+    if N < r + Mp:
+        raise ValueError(f"N = {N} must be at least {r + Mp} to realise the perturbed task teachers")
+    L = np.linalg.qr(U.T, mode="r").T  # U = L E^T
+    xi = rng.standard_normal((n, Mp, r))
+    A = np.zeros((n, Mp, Mp))
+    A[:, np.arange(Mp), np.arange(Mp)] = np.sqrt(rng.chisquare(N - r - np.arange(Mp), size=(n, Mp)))
+    low = np.tril_indices(Mp, -1)
+    A[:, low[0], low[1]] = rng.standard_normal((n, len(low[0])))
+    UZ = np.einsum("ij,tmj->tim", L, xi) / N  # U Z^T / N, (n, r, Mp)
+    ZZ = (np.einsum("tmj,tnj->tmn", xi, xi) + A @ A.transpose(0, 2, 1)) / N
+    # the rows of every family: W, then each teacher family B + spread Z_f
+    rows = K + M * len(spreads)
+    out = np.empty((n, rows, rows))
+    out[:, :K, :K] = G[:K, :K]
+    z_of = {f: slice(M * i, M * (i + 1)) for i, f in enumerate(perturbed)}
+    B_rows = slice(K, K + M)
+    for f, sf_ in enumerate(spreads):
+        sf = slice(K + M * f, K + M * (f + 1))
+        block = np.broadcast_to(G[:K, B_rows], (n, K, M)).copy()
+        if f in z_of:
+            block += sf_ * UZ[:, :K, z_of[f]]
+        out[:, :K, sf] = block
+        out[:, sf, :K] = block.transpose(0, 2, 1)
+        for g_, sg_ in enumerate(spreads[: f + 1]):
+            sg = slice(K + M * g_, K + M * (g_ + 1))
+            # (B + s_f Z_f)(B + s_g Z_g)^T / N
+            block = np.broadcast_to(G[B_rows, B_rows], (n, M, M)).copy()
+            if f in z_of:
+                block += sf_ * UZ[:, B_rows, z_of[f]].transpose(0, 2, 1)
+            if g_ in z_of:
+                block += sg_ * UZ[:, B_rows, z_of[g_]]
+            if f in z_of and g_ in z_of:
+                block += sf_ * sg_ * ZZ[:, z_of[f], z_of[g_]]
+            out[:, sf, sg] = block
+            out[:, sg, sf] = block.transpose(0, 2, 1)
+    return out
+
+
+def realised_metrics(step: MetaStep, W, B, vectors: dict, n_tasks: int, rng) -> dict:
+    """The support-set metrics (eps_meta with finite ``n_s``, docs/models/anil.md 5.7) of the
+    network ``W``, ``B`` with readouts ``vectors``: ``metric_estimate`` over ``n_tasks``
+    tasks at the covariance each task's real vectors realise (``realised_covariances``).
+    ``name -> (mean, Monte Carlo s.e.m.)``."""
+    C = realised_covariances(step, W, B, n_tasks, rng)
+    a = vectors[step.model.inner_loop.start.name]
+    return metric_estimate(step, C, a, vectors, n_tasks, rng)
+
+
+def prepare_metrics(model, activation: str, values: dict, K: int, M: int) -> None:
+    """Derive what ``realised_metrics`` evaluates (kept in this process: forked workers
+    inherit it) for ``model`` at these parameters and sizes."""
+    step = MetaStep(model, activation, values)
+    names = support_metrics(model)
+    step.concrete(K, M).field_mean(("metrics", names), [model.metrics[k] for k in names])
