@@ -96,8 +96,38 @@ def isserlis(factors: list[sp.Indexed], rank: dict) -> sp.Expr:
     return out
 
 
-def task_average(coeff: sp.Expr, families) -> sp.Expr:
-    """Average a coefficient over the task quantities (``families``, in order)."""
+def support_excess(factors: list[sp.Indexed], rank: dict, support: dict) -> sp.Expr:
+    """The part of a fourth moment of task quantities that Isserlis' theorem misses
+    when the support set's covariance ``V`` of the adapted readout depends on the task
+    (docs/models/anil.md 5.6, derive/meta.py ``_support_excess``): for every split of
+    the four factors into two adapted readouts read through ``V`` and two conditional
+    means, ``Cov(m_x m_y, V_cd)``. ``support`` maps the adapted readout's base to the
+    excess arrays' names by pair of bases."""
+    if len(factors) < 3 or not support:
+        return sp.S.Zero
+    (base, names), = support.items()
+    if sum(f.base == base for f in factors) >= 2 and len(factors) != 4:
+        raise NotImplementedError(
+            f"a product of {len(factors)} task quantities with two finite-support readouts {base}: "
+            "only fourth moments are derived (docs/models/anil.md 5.6)"
+        )
+    out = sp.S.Zero
+    for pair in ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)):
+        c, d = (factors[i] for i in pair)
+        if c.base != base or d.base != base:
+            continue
+        x, y = sorted((factors[i] for i in range(4) if i not in pair), key=lambda e: (rank[e.base], str(e.indices)))
+        key = (x.base, y.base)
+        if key not in names:
+            raise NotImplementedError(f"finite support sets: no covariance of {x.base} {y.base} with V")
+        out += sp.IndexedBase(names[key])[c.indices + d.indices + x.indices + y.indices]
+    return out
+
+
+def task_average(coeff: sp.Expr, families, support: dict | None = None) -> sp.Expr:
+    """Average a coefficient over the task quantities (``families``, in order); with
+    ``support`` (see ``support_excess``), fourth moments include the support set's
+    task-dependent covariance."""
     rank = {f.base: i for i, f in enumerate(families)}
     if not rank or not coeff.has(*rank):
         return coeff
@@ -110,11 +140,14 @@ def task_average(coeff: sp.Expr, families) -> sp.Expr:
                 rand += [b] * int(e)
             else:
                 rest *= f
-        out += rest * isserlis(sorted(rand, key=lambda e: (rank[e.base], str(e.indices))), rank)
+        rand = sorted(rand, key=lambda e: (rank[e.base], str(e.indices)))
+        out += rest * (isserlis(rand, rank) + support_excess(rand, rank, support or {}))
     return out
 
 
-def average(raw: list[RawTerm], activation: str, used: dict, families=()) -> tuple[FlowTerm, ...]:
+def average(
+    raw: list[RawTerm], activation: str, used: dict, families=(), support=None
+) -> tuple[FlowTerm, ...]:
     """Expectation of each expanded term over the Gaussian fields, the noise and
     the task quantities ``families`` (independent of the query sample)."""
     merged: dict = {}
@@ -124,7 +157,7 @@ def average(raw: list[RawTerm], activation: str, used: dict, families=()) -> tup
             continue
         kinds = tuple(k for k, _ in t.factors)
         args = tuple(f for _, f in t.factors)
-        coeff = task_average(w * t.coeff, families)
+        coeff = task_average(w * t.coeff, families, support)
         name = None
         if kinds:
             d = expectation(kinds, activation, name_of(kinds))
@@ -189,11 +222,18 @@ def derive_flow(model: Model, activation: str) -> FlowIR:
     loss = model.sample_loss
     fams = model.random_families
     used: dict = {}
+    support = None
+    if model.inner_loop is not None:
+        from .meta import excess_name, excess_pairs
+
+        pairs = excess_pairs(model)
+        if pairs:
+            support = {model.inner_loop.adapted.base: {(x.base, y.base): excess_name(x, y) for x, y in pairs}}
     derivs = []
     rules = [model.first_layer, *model.readout_updates]
     for rule in rules:
         for name, (free, integrand, deterministic) in rule.flows(loss).items():
-            terms = average(expand(integrand), activation, used, fams)
+            terms = average(expand(integrand), activation, used, fams, support)
             terms += tuple(FlowTerm(t.coeff, t.sums, None, ()) for t in expand(deterministic))
             derivs.append(Component(name, free, terms, symmetric=name in rule.symmetric))
     # a student readout without an update rule stays constant in time
@@ -202,7 +242,7 @@ def derive_flow(model: Model, activation: str) -> FlowIR:
         if v.name not in updated:
             derivs.append(Component(v.name, (sp.Idx("k", v.length),), ()))
     metrics = tuple(
-        Component(name, (), average(expand(integrand), activation, used, fams))
+        Component(name, (), average(expand(integrand), activation, used, fams, support))
         for name, integrand in model.metrics.items()
     )
     samples = []

@@ -319,7 +319,8 @@ def task_program(model, activation: str, used: dict) -> TaskProgram:
     # readout over the support set, added to the population ones when the support
     # size is finite
     if sp.sympify(inner.support) != sp.oo:
-        stmts += _support_moments(inner, laws, comp, assign, step, steps, s, r, nr)
+        sup, nonzero = _support_moments(inner, laws, comp, assign, step, steps, s, r, nr)
+        stmts += sup + _support_excess(model, laws, comp, assign, steps, r, nonzero)
 
     # 5. the forward sensitivities of c^(S), read by the second-order terms only:
     # the recursion differentiated along a direction (dc, dHs, dh)
@@ -612,13 +613,131 @@ def _support_moments(inner, laws, comp, assign, step, steps, s, r, nr) -> list:
         assign(comp(f"L_{adapted}", (k, r), loading_base(adapted)[k, r] + mL[steps, k, r])),
         assign(comp(SUPPORT_COV.format(adapted), (k, l_), V[steps, k, l_])),
     ]
-    return stmts + [Guard(f"math.isfinite({_code(inner.support)})", tuple(body))]
+    return stmts + [Guard(f"math.isfinite({_code(inner.support)})", tuple(body))], nonzero
 
 
 def _code(e) -> str:
     from .printer import code
 
     return code(sp.sympify(e))
+
+
+def excess_pairs(model) -> list:
+    """The pairs (X, Y) of task quantities, in the order of ``model.random_families``,
+    whose conditional means' product covaries with the support-set covariance
+    ``V(xi)`` of the adapted readout: ``CMV_X__Y[c, d, ix, iy] = Cov(m_X m_Y, V_cd)``
+    (the task law's vectors and the adapted readout; empty for a population
+    support loss)."""
+    inner = model.inner_loop
+    if inner is None or not support_families(inner):
+        return []
+    names = [tv.name for tv in model.task_vectors if tv.law is not None] + [inner.adapted.name]
+    fams = [f for f in model.random_families if f.name in names]
+    return [(x, y) for n, x in enumerate(fams) for y in fams[n:]]
+
+
+def excess_name(x, y) -> str:
+    return f"CMV_{x.name}__{y.name}"
+
+
+def _support_excess(model, laws, comp, assign, steps, r, nonzero) -> list:
+    """``CMV_X__Y[c, d, ix, iy] = Cov(m_X[ix] m_Y[iy], V_cd(xi))`` (docs/models/anil.md
+    5.6): the support set's covariance of the adapted readout depends on the task
+    draws ``xi`` (``V(xi) = sum_{s,t} Pi^s Sig^st(xi) Pi^t^T``, ``Pi^s = P^(S-1-s) B``,
+    ``Sig^st(xi) = (1/n_s) N[w^s(xi), w^t(xi)]``), and so do the conditional means
+    ``m(xi) = mu + L xi`` of the task quantities. With the support set Gaussian given
+    the task, a fourth moment of ``z = (a', v_task)`` is Isserlis' value from the
+    means and covariances plus, for every split of its four factors into a pair
+    read through ``V`` (two adapted readouts) and a pair of means, this covariance.
+    ``w^s`` and ``m`` are affine in ``xi``: each covariance is Isserlis' connected part
+    ``Cov(xy, uv) = c_xu c_yv + c_xv c_yu + mu_x mu_u c_yv + mu_x mu_v c_yu + mu_y mu_u c_xv
+    + mu_y mu_v c_xu`` contracted with ``N``."""
+    inner = model.inner_loop
+    pairs = excess_pairs(model)
+    stmts = [Alloc(excess_name(x, y), ("K", "K", *_dims(x.kinds), *_dims(y.kinds))) for x, y in pairs]
+    k, i_, j_ = student_index("k"), student_index("i_"), student_index("j_")
+    c_, d_ = student_index("c_"), student_index("d_")
+    c = sp.IndexedBase("c")
+    wfams = [("c", (STUDENT,))] + [(tv.name, tv.kinds) for tv in laws]  # "1" has no loading
+    rank = {name: n for n, name in enumerate(["c", *[tv.name for tv in laws], "1"])}
+    s, t = sp.Symbol("s_", integer=True), sp.Symbol("t_", integer=True)
+    inv_n = 1 / sp.sympify(inner.support)
+    Pm, Bm, Pi = sp.IndexedBase("P_"), sp.IndexedBase("B_"), sp.IndexedBase("Pi_s")
+    body: list = [
+        Alloc("Pi_s", ("steps_", "K", "K")),
+        # Pi^s = P^(S-1-s) B, stored at S - 1 - s
+        Repeat("s_", steps, (
+            Guard("s_ == 0", (assign(comp("Pi_s", (k, i_), Bm[k, i_]), "Pi_s", ("0", "k", "i_")),)),
+            Guard("s_ > 0", (assign(comp("Pi_s", (k, i_), sp.Sum(Pm[k, j_] * Pi[s - 1, j_, i_], (j_, 0, j_.upper))),
+                                    "Pi_s", ("s_", "k", "i_")),)),
+        )),
+    ]
+    mfams = sorted({x.name: x for pair in pairs for x in pair}.values(), key=lambda f: [g.name for g in
+                   model.random_families].index(f.name))  # fmt: skip
+
+    def U(X, ia, P, at, ip):
+        """Cov(m_X[ia], w^at_P[ip]) over the task draws."""
+        if P == "1":
+            return sp.S.Zero
+        name = f"U_{X.name}__{P}"
+        return sp.IndexedBase(name)[((at,) if P == "c" else ()) + ia + ip]
+
+    for X in mfams:
+        ia = _named(X.kinds, "x")
+        for P, kp in wfams:
+            ip = _named(kp, "p")
+            Lw = sp.IndexedBase("L_c")[(s,) + ip + (r,)] if P == "c" else loading_base(P)[ip + (r,)]
+            e = sp.Sum(loading_base(X.name)[ia + (r,)] * Lw, (r, 0, r.upper))
+            name = f"U_{X.name}__{P}"
+            if P == "c":
+                body += [
+                    Alloc(name, ("steps_", *_dims(X.kinds), *_dims(kp))),
+                    Repeat("s_", steps, (assign(comp(name, ia + ip, e), name, ("s_", *[str(i) for i in ia + ip])),)),
+                ]
+            else:
+                body += [Alloc(name, (*_dims(X.kinds), *_dims(kp))), assign(comp(name, ia + ip, e.subs(s, 0)))]
+
+    def mean(P, at, ip):
+        if P == "c":
+            return sp.IndexedBase("mu_c")[(at,) + ip]
+        return sp.S.One if P == "1" else mean_base(P)[ip]
+
+    allw = wfams + [("1", ())]
+
+    def ncov(P, kk, ip, Q, ll, iq):
+        if rank[P] > rank[Q]:
+            P, kk, ip, Q, ll, iq = Q, ll, iq, P, kk, ip
+        if (P, Q) not in nonzero:
+            return sp.S.Zero
+        return sp.IndexedBase(f"N_{P}__{Q}")[(kk, *ip, ll, *iq)]
+
+    inner_body: list = []
+    for X, Y in pairs:
+        ia, ib = _named(X.kinds, "x"), _named(Y.kinds, "y")
+        muX, muY = mean_base(X.name)[ia], mean_base(Y.name)[ib]
+        e = sp.S.Zero
+        for P, kp in allw:
+            for Q, kq in allw:
+                ip, iq = _named(kp, "p"), _named(kq, "q")
+                xs, xt = U(X, ia, P, s, ip), U(X, ia, Q, t, iq)
+                ys, yt = U(Y, ib, P, s, ip), U(Y, ib, Q, t, iq)
+                ms, mt = mean(P, s, ip), mean(Q, t, iq)
+                inner_e = xs * yt + ys * xt + muX * (ms * yt + ys * mt) + muY * (ms * xt + xs * mt)
+                if inner_e != 0:
+                    e += _summed(ncov(P, i_, ip, Q, j_, iq) * inner_e, ip + iq)
+        name = "E1_" + excess_name(X, Y)[4:]
+        cmv = sp.IndexedBase(excess_name(X, Y))
+        E1 = sp.IndexedBase(name)
+        contract = cmv[(c_, d_) + ia + ib] + sp.Sum(
+            Pi[steps - 1 - s, c_, i_] * Pi[steps - 1 - t, d_, j_] * E1[(i_, j_) + ia + ib], (i_, 0, i_.upper), (j_, 0, j_.upper)
+        )
+        body.append(Alloc(name, ("K", "K", *_dims(X.kinds), *_dims(Y.kinds))))
+        inner_body += [
+            assign(comp(name, (i_, j_, *ia, *ib), inv_n * e)),
+            assign(comp(excess_name(X, Y), (c_, d_, *ia, *ib), contract)),
+        ]
+    body.append(Repeat("s_", steps, (Repeat("t_", steps, tuple(inner_body)),)))
+    return stmts + [Guard(f"math.isfinite({_code(inner.support)})", tuple(body))]
 
 
 def support_families(inner) -> tuple[str, ...]:

@@ -2,9 +2,9 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 d6e012f1c1cfee36a05eccfce484f6110dff22896ab5cdff37d40c47ff6c5c65
+# inputs:     sha256 3c9792d9418ebe5a1384e41581afee11d60a9dcf58c4646044a69fd07def20ae
 # versions:   derive 0.1.0, sympy 1.14.0
-# operations: 592 (sympy count_ops of the primitives and coefficients)
+# operations: 642 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
 
 Flat arrays, row-major, in the order of STATE (y), CONSTS (c) and PARAMS (p);
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "d6e012f1c1cfee36a05eccfce484f6110dff22896ab5cdff37d40c47ff6c5c65"
+INPUTS_SHA256 = "3c9792d9418ebe5a1384e41581afee11d60a9dcf58c4646044a69fd07def20ae"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -481,6 +481,184 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                 acc = 0.0
                 acc += V_s[steps_, k, l]
                 V_adapted[k, l] = acc
+    CMV_adapted__adapted = np.zeros((K, K, K, K,))
+    CMV_adapted__v_task = np.zeros((K, K, K, M,))
+    CMV_v_task__v_task = np.zeros((K, K, M, M,))
+    if math.isfinite(n_s):
+        Pi_s = np.zeros((steps_, K, K,))
+        for s_ in range(steps_):
+            if s_ == 0:
+                for k in range(K):
+                    for i_ in range(K):
+                        acc = 0.0
+                        acc += B_[k, i_]
+                        Pi_s[0, k, i_] = acc
+            if s_ > 0:
+                for k in range(K):
+                    for i_ in range(K):
+                        acc = 0.0
+                        s0 = 0.0
+                        for j0 in range(K):
+                            s0 += P_[k, j0]*Pi_s[s_ - 1, j0, i_]
+                        acc += 1 * s0
+                        Pi_s[s_, k, i_] = acc
+        U_adapted__c = np.zeros((steps_, K, K,))
+        for s_ in range(steps_):
+            for x0 in range(K):
+                for p0 in range(K):
+                    acc = 0.0
+                    s0 = 0.0
+                    for m0 in range(M):
+                        s0 += L_adapted[x0, m0]*L_c[s_, p0, m0]
+                    acc += 1 * s0
+                    U_adapted__c[s_, x0, p0] = acc
+        U_adapted__v_task = np.zeros((K, M,))
+        for x0 in range(K):
+            for p0 in range(M):
+                acc = 0.0
+                s0 = 0.0
+                for m0 in range(M):
+                    s0 += L_adapted[x0, m0]*L_v_task[p0, m0]
+                acc += 1 * s0
+                U_adapted__v_task[x0, p0] = acc
+        U_v_task__c = np.zeros((steps_, M, K,))
+        for s_ in range(steps_):
+            for x0 in range(M):
+                for p0 in range(K):
+                    acc = 0.0
+                    s0 = 0.0
+                    for m0 in range(M):
+                        s0 += L_c[s_, p0, m0]*L_v_task[x0, m0]
+                    acc += 1 * s0
+                    U_v_task__c[s_, x0, p0] = acc
+        U_v_task__v_task = np.zeros((M, M,))
+        for x0 in range(M):
+            for p0 in range(M):
+                acc = 0.0
+                s0 = 0.0
+                for m0 in range(M):
+                    s0 += L_v_task[p0, m0]*L_v_task[x0, m0]
+                acc += 1 * s0
+                U_v_task__v_task[x0, p0] = acc
+        E1_adapted__adapted = np.zeros((K, K, K, K,))
+        E1_adapted__v_task = np.zeros((K, K, K, M,))
+        E1_v_task__v_task = np.zeros((K, K, M, M,))
+        for s_ in range(steps_):
+            for t_ in range(steps_):
+                for i_ in range(K):
+                    for j_ in range(K):
+                        for x0 in range(K):
+                            for y0 in range(K):
+                                acc = 0.0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    for j1 in range(K):
+                                        s0 += (U_adapted__c[s_, x0, j1]*U_adapted__c[t_, y0, j0] + U_adapted__c[s_, x0, j1]*mu_adapted[y0]*mu_c[t_, j0] + U_adapted__c[s_, y0, j1]*U_adapted__c[t_, x0, j0] + U_adapted__c[s_, y0, j1]*mu_adapted[x0]*mu_c[t_, j0] + U_adapted__c[t_, x0, j0]*mu_adapted[y0]*mu_c[s_, j1] + U_adapted__c[t_, y0, j0]*mu_adapted[x0]*mu_c[s_, j1])*N_c__c[i_, j1, j_, j0]
+                                acc += 1/n_s * s0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    for m0 in range(M):
+                                        s0 += (U_adapted__c[t_, x0, j0]*U_adapted__v_task[y0, m0] + U_adapted__c[t_, x0, j0]*mu_adapted[y0]*mu_v_task[m0] + U_adapted__c[t_, y0, j0]*U_adapted__v_task[x0, m0] + U_adapted__c[t_, y0, j0]*mu_adapted[x0]*mu_v_task[m0] + U_adapted__v_task[x0, m0]*mu_adapted[y0]*mu_c[t_, j0] + U_adapted__v_task[y0, m0]*mu_adapted[x0]*mu_c[t_, j0])*N_c__v_task[j_, j0, i_, m0]
+                                acc += 1/n_s * s0
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    for j0 in range(K):
+                                        s0 += (U_adapted__c[s_, x0, j0]*U_adapted__v_task[y0, m0] + U_adapted__c[s_, x0, j0]*mu_adapted[y0]*mu_v_task[m0] + U_adapted__c[s_, y0, j0]*U_adapted__v_task[x0, m0] + U_adapted__c[s_, y0, j0]*mu_adapted[x0]*mu_v_task[m0] + U_adapted__v_task[x0, m0]*mu_adapted[y0]*mu_c[s_, j0] + U_adapted__v_task[y0, m0]*mu_adapted[x0]*mu_c[s_, j0])*N_c__v_task[i_, j0, j_, m0]
+                                acc += 1/n_s * s0
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    for m1 in range(M):
+                                        s0 += (U_adapted__v_task[x0, m0]*U_adapted__v_task[y0, m1] + U_adapted__v_task[x0, m0]*mu_adapted[y0]*mu_v_task[m1] + U_adapted__v_task[x0, m1]*U_adapted__v_task[y0, m0] + U_adapted__v_task[x0, m1]*mu_adapted[y0]*mu_v_task[m0] + U_adapted__v_task[y0, m0]*mu_adapted[x0]*mu_v_task[m1] + U_adapted__v_task[y0, m1]*mu_adapted[x0]*mu_v_task[m0])*N_v_task__v_task[i_, m1, j_, m0]
+                                acc += 1/n_s * s0
+                                E1_adapted__adapted[i_, j_, x0, y0] = acc
+                for c_ in range(K):
+                    for d_ in range(K):
+                        for x0 in range(K):
+                            for y0 in range(K):
+                                acc = 0.0
+                                acc += CMV_adapted__adapted[c_, d_, x0, y0]
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    for j1 in range(K):
+                                        s0 += E1_adapted__adapted[j0, j1, x0, y0]*Pi_s[-s_ + steps_ - 1, c_, j0]*Pi_s[steps_ - t_ - 1, d_, j1]
+                                acc += 1 * s0
+                                CMV_adapted__adapted[c_, d_, x0, y0] = acc
+                for i_ in range(K):
+                    for j_ in range(K):
+                        for x0 in range(K):
+                            for y0 in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    for j1 in range(K):
+                                        s0 += (U_adapted__c[s_, x0, j1]*U_v_task__c[t_, y0, j0] + U_adapted__c[s_, x0, j1]*mu_c[t_, j0]*mu_v_task[y0] + U_adapted__c[t_, x0, j0]*U_v_task__c[s_, y0, j1] + U_adapted__c[t_, x0, j0]*mu_c[s_, j1]*mu_v_task[y0] + U_v_task__c[s_, y0, j1]*mu_adapted[x0]*mu_c[t_, j0] + U_v_task__c[t_, y0, j0]*mu_adapted[x0]*mu_c[s_, j1])*N_c__c[i_, j1, j_, j0]
+                                acc += 1/n_s * s0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    for m0 in range(M):
+                                        s0 += (U_adapted__c[t_, x0, j0]*U_v_task__v_task[y0, m0] + U_adapted__c[t_, x0, j0]*mu_v_task[m0]*mu_v_task[y0] + U_adapted__v_task[x0, m0]*U_v_task__c[t_, y0, j0] + U_adapted__v_task[x0, m0]*mu_c[t_, j0]*mu_v_task[y0] + U_v_task__c[t_, y0, j0]*mu_adapted[x0]*mu_v_task[m0] + U_v_task__v_task[y0, m0]*mu_adapted[x0]*mu_c[t_, j0])*N_c__v_task[j_, j0, i_, m0]
+                                acc += 1/n_s * s0
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    for j0 in range(K):
+                                        s0 += (U_adapted__c[s_, x0, j0]*U_v_task__v_task[y0, m0] + U_adapted__c[s_, x0, j0]*mu_v_task[m0]*mu_v_task[y0] + U_adapted__v_task[x0, m0]*U_v_task__c[s_, y0, j0] + U_adapted__v_task[x0, m0]*mu_c[s_, j0]*mu_v_task[y0] + U_v_task__c[s_, y0, j0]*mu_adapted[x0]*mu_v_task[m0] + U_v_task__v_task[y0, m0]*mu_adapted[x0]*mu_c[s_, j0])*N_c__v_task[i_, j0, j_, m0]
+                                acc += 1/n_s * s0
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    for m1 in range(M):
+                                        s0 += (U_adapted__v_task[x0, m0]*U_v_task__v_task[y0, m1] + U_adapted__v_task[x0, m0]*mu_v_task[m1]*mu_v_task[y0] + U_adapted__v_task[x0, m1]*U_v_task__v_task[y0, m0] + U_adapted__v_task[x0, m1]*mu_v_task[m0]*mu_v_task[y0] + U_v_task__v_task[y0, m0]*mu_adapted[x0]*mu_v_task[m1] + U_v_task__v_task[y0, m1]*mu_adapted[x0]*mu_v_task[m0])*N_v_task__v_task[i_, m1, j_, m0]
+                                acc += 1/n_s * s0
+                                E1_adapted__v_task[i_, j_, x0, y0] = acc
+                for c_ in range(K):
+                    for d_ in range(K):
+                        for x0 in range(K):
+                            for y0 in range(M):
+                                acc = 0.0
+                                acc += CMV_adapted__v_task[c_, d_, x0, y0]
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    for j1 in range(K):
+                                        s0 += E1_adapted__v_task[j0, j1, x0, y0]*Pi_s[-s_ + steps_ - 1, c_, j0]*Pi_s[steps_ - t_ - 1, d_, j1]
+                                acc += 1 * s0
+                                CMV_adapted__v_task[c_, d_, x0, y0] = acc
+                for i_ in range(K):
+                    for j_ in range(K):
+                        for x0 in range(M):
+                            for y0 in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    for j1 in range(K):
+                                        s0 += (U_v_task__c[s_, x0, j1]*U_v_task__c[t_, y0, j0] + U_v_task__c[s_, x0, j1]*mu_c[t_, j0]*mu_v_task[y0] + U_v_task__c[s_, y0, j1]*U_v_task__c[t_, x0, j0] + U_v_task__c[s_, y0, j1]*mu_c[t_, j0]*mu_v_task[x0] + U_v_task__c[t_, x0, j0]*mu_c[s_, j1]*mu_v_task[y0] + U_v_task__c[t_, y0, j0]*mu_c[s_, j1]*mu_v_task[x0])*N_c__c[i_, j1, j_, j0]
+                                acc += 1/n_s * s0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    for m0 in range(M):
+                                        s0 += (U_v_task__c[t_, x0, j0]*U_v_task__v_task[y0, m0] + U_v_task__c[t_, x0, j0]*mu_v_task[m0]*mu_v_task[y0] + U_v_task__c[t_, y0, j0]*U_v_task__v_task[x0, m0] + U_v_task__c[t_, y0, j0]*mu_v_task[m0]*mu_v_task[x0] + U_v_task__v_task[x0, m0]*mu_c[t_, j0]*mu_v_task[y0] + U_v_task__v_task[y0, m0]*mu_c[t_, j0]*mu_v_task[x0])*N_c__v_task[j_, j0, i_, m0]
+                                acc += 1/n_s * s0
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    for j0 in range(K):
+                                        s0 += (U_v_task__c[s_, x0, j0]*U_v_task__v_task[y0, m0] + U_v_task__c[s_, x0, j0]*mu_v_task[m0]*mu_v_task[y0] + U_v_task__c[s_, y0, j0]*U_v_task__v_task[x0, m0] + U_v_task__c[s_, y0, j0]*mu_v_task[m0]*mu_v_task[x0] + U_v_task__v_task[x0, m0]*mu_c[s_, j0]*mu_v_task[y0] + U_v_task__v_task[y0, m0]*mu_c[s_, j0]*mu_v_task[x0])*N_c__v_task[i_, j0, j_, m0]
+                                acc += 1/n_s * s0
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    for m1 in range(M):
+                                        s0 += (U_v_task__v_task[x0, m0]*U_v_task__v_task[y0, m1] + U_v_task__v_task[x0, m0]*mu_v_task[m1]*mu_v_task[y0] + U_v_task__v_task[x0, m1]*U_v_task__v_task[y0, m0] + U_v_task__v_task[x0, m1]*mu_v_task[m0]*mu_v_task[y0] + U_v_task__v_task[y0, m0]*mu_v_task[m1]*mu_v_task[x0] + U_v_task__v_task[y0, m1]*mu_v_task[m0]*mu_v_task[x0])*N_v_task__v_task[i_, m1, j_, m0]
+                                acc += 1/n_s * s0
+                                E1_v_task__v_task[i_, j_, x0, y0] = acc
+                for c_ in range(K):
+                    for d_ in range(K):
+                        for x0 in range(M):
+                            for y0 in range(M):
+                                acc = 0.0
+                                acc += CMV_v_task__v_task[c_, d_, x0, y0]
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    for j1 in range(K):
+                                        s0 += E1_v_task__v_task[j0, j1, x0, y0]*Pi_s[-s_ + steps_ - 1, c_, j0]*Pi_s[steps_ - t_ - 1, d_, j1]
+                                acc += 1 * s0
+                                CMV_v_task__v_task[c_, d_, x0, y0] = acc
     n2_ = K if (((1) if (order == 2) else (0))) != 0 else 0
     mu_adapted_dQ = np.zeros((K, n2_, n2_,))
     L_adapted_dQ = np.zeros((K, n2_, n2_, M,))
@@ -684,7 +862,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                     acc += L_dc[steps_, j, r_]
                     L_adapted_da[j, a_, r_] = acc
 
-    return mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted
+    return mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task
 
 
 @njit(cache=True, error_model="numpy")
@@ -730,7 +908,7 @@ def rhs_ws(y, c, p, K, M, dy, C):
     eps_B = p[8]
     sigma = p[9]
     covariance(y, c, p, K, M, C)
-    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted = task_moments(y, c, p, K, M, C, False)
+    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task = task_moments(y, c, p, K, M, C, False)
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
     s2_ = 1 if (((1) if (order == 2) else (0))) != 0 else 0
@@ -863,7 +1041,7 @@ def rhs_ws(y, c, p, K, M, dy, C):
             s0 = 0.0
             for j0 in range(K):
                 for j1 in range(K):
-                    s0 += ((S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0])*I4(C, k, l, j0, j1)
+                    s0 += ((S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0] + CMV_adapted__adapted[j0, j1, k, l] + CMV_adapted__adapted[j0, k, j1, l] + CMV_adapted__adapted[j0, l, j1, k] + CMV_adapted__adapted[j1, k, j0, l] + CMV_adapted__adapted[j1, l, j0, k] + CMV_adapted__adapted[k, l, j0, j1])*I4(C, k, l, j0, j1)
             acc += eta**2/n_q * s0
             if ((order == 2)):
                 s0 = 0.0
@@ -874,12 +1052,12 @@ def rhs_ws(y, c, p, K, M, dy, C):
             s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    s0 += ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__v_task[j0, m0] + (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*S_adapted__adapted[j0, l] + (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__adapted[j0, k] + ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*mu_adapted[k] + S_adapted__adapted[k, l]*mu_v_task[m0] + S_adapted__v_task[k, m0]*mu_adapted[l])*mu_adapted[j0])*I4(C, k, l, j0, K + M + m0)
+                    s0 += ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__v_task[j0, m0] + (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*S_adapted__adapted[j0, l] + (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__adapted[j0, k] + ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*mu_adapted[k] + S_adapted__adapted[k, l]*mu_v_task[m0] + S_adapted__v_task[k, m0]*mu_adapted[l])*mu_adapted[j0] + CMV_adapted__v_task[j0, k, l, m0] + CMV_adapted__v_task[j0, l, k, m0] + CMV_adapted__v_task[k, l, j0, m0])*I4(C, k, l, j0, K + M + m0)
             acc += -2*eta**2/n_q * s0
             s0 = 0.0
             for m0 in range(M):
                 for m1 in range(M):
-                    s0 += ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + (S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k])*I4(C, k, l, K + M + m0, K + M + m1)
+                    s0 += ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + (S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k] + CMV_v_task__v_task[k, l, m0, m1])*I4(C, k, l, K + M + m0, K + M + m1)
             acc += eta**2/n_q * s0
             if ((order == 2)):
                 s0 = 0.0
@@ -1027,7 +1205,7 @@ def rhs_parallel(y, c, p, K, M, dy):
     eps_B = p[8]
     sigma = p[9]
     covariance(y, c, p, K, M, C)
-    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted = task_moments(y, c, p, K, M, C, False)
+    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task = task_moments(y, c, p, K, M, C, False)
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
     s2_ = 1 if (((1) if (order == 2) else (0))) != 0 else 0
@@ -1173,7 +1351,7 @@ def rhs_parallel(y, c, p, K, M, dy):
             s0 = 0.0
             for j0 in range(K):
                 for j1 in range(K):
-                    s0 += ((S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0])*I4(C, k, l, j0, j1)
+                    s0 += ((S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0] + CMV_adapted__adapted[j0, j1, k, l] + CMV_adapted__adapted[j0, k, j1, l] + CMV_adapted__adapted[j0, l, j1, k] + CMV_adapted__adapted[j1, k, j0, l] + CMV_adapted__adapted[j1, l, j0, k] + CMV_adapted__adapted[k, l, j0, j1])*I4(C, k, l, j0, j1)
             acc += eta**2/n_q * s0
             if ((order == 2)):
                 s0 = 0.0
@@ -1184,12 +1362,12 @@ def rhs_parallel(y, c, p, K, M, dy):
             s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    s0 += ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__v_task[j0, m0] + (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*S_adapted__adapted[j0, l] + (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__adapted[j0, k] + ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*mu_adapted[k] + S_adapted__adapted[k, l]*mu_v_task[m0] + S_adapted__v_task[k, m0]*mu_adapted[l])*mu_adapted[j0])*I4(C, k, l, j0, K + M + m0)
+                    s0 += ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__v_task[j0, m0] + (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*S_adapted__adapted[j0, l] + (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__adapted[j0, k] + ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*mu_adapted[k] + S_adapted__adapted[k, l]*mu_v_task[m0] + S_adapted__v_task[k, m0]*mu_adapted[l])*mu_adapted[j0] + CMV_adapted__v_task[j0, k, l, m0] + CMV_adapted__v_task[j0, l, k, m0] + CMV_adapted__v_task[k, l, j0, m0])*I4(C, k, l, j0, K + M + m0)
             acc += -2*eta**2/n_q * s0
             s0 = 0.0
             for m0 in range(M):
                 for m1 in range(M):
-                    s0 += ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + (S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k])*I4(C, k, l, K + M + m0, K + M + m1)
+                    s0 += ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + (S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k] + CMV_v_task__v_task[k, l, m0, m1])*I4(C, k, l, K + M + m0, K + M + m1)
             acc += eta**2/n_q * s0
             if ((order == 2)):
                 s0 = 0.0
@@ -1331,7 +1509,7 @@ def metrics(y, c, p, K, M, out):
     sigma = p[9]
     C = np.empty((K + 2*M, K + 2*M))
     covariance(y, c, p, K, M, C)
-    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted = task_moments(y, c, p, K, M, C, True)
+    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task = task_moments(y, c, p, K, M, C, True)
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
     s2_ = 1 if (((1) if (order == 2) else (0))) != 0 else 0
