@@ -597,6 +597,8 @@ def _task_context(ir: FlowIR, names, where, frows) -> dict | None:
     returns = ", ".join(f"mu_{f.name}, L_{f.name}" for f in model.random_families)
     returns += "".join(f", {meta.SUPPORT_COV.format(n)}" for n in meta.support_families(inner))
     returns += "".join(f", {meta.excess_name(x, y)}" for x, y in meta.excess_pairs(model))
+    if meta.excess_pairs(model):
+        returns += f", {meta.excess_vv_name(inner)}"
     return {
         "family_names": ", ".join(f.name for f in model.random_families),
         "returns": returns,

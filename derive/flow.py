@@ -105,7 +105,7 @@ def support_excess(factors: list[sp.Indexed], rank: dict, support: dict) -> sp.E
     excess arrays' names by pair of bases."""
     if len(factors) < 3 or not support:
         return sp.S.Zero
-    (base, names), = support.items()
+    (base, (names, vv)), = support.items()
     if sum(f.base == base for f in factors) >= 2 and len(factors) != 4:
         raise NotImplementedError(
             f"a product of {len(factors)} task quantities with two finite-support readouts {base}: "
@@ -121,6 +121,11 @@ def support_excess(factors: list[sp.Indexed], rank: dict, support: dict) -> sp.E
         if key not in names:
             raise NotImplementedError(f"finite support sets: no covariance of {x.base} {y.base} with V")
         out += sp.IndexedBase(names[key])[c.indices + d.indices + x.indices + y.indices]
+    if all(f.base == base for f in factors):
+        # four adapted readouts: E[V V] - E[V] E[V] over the task, for each pairing
+        a, b, c, d = (f.indices for f in factors)
+        for p1, p2 in ((a + b, c + d), (a + c, b + d), (a + d, b + c)):
+            out += sp.IndexedBase(vv)[p1 + p2]
     return out
 
 
@@ -224,11 +229,16 @@ def derive_flow(model: Model, activation: str) -> FlowIR:
     used: dict = {}
     support = None
     if model.inner_loop is not None:
-        from .meta import excess_name, excess_pairs
+        from .meta import excess_name, excess_pairs, excess_vv_name
 
         pairs = excess_pairs(model)
         if pairs:
-            support = {model.inner_loop.adapted.base: {(x.base, y.base): excess_name(x, y) for x, y in pairs}}
+            support = {
+                model.inner_loop.adapted.base: (
+                    {(x.base, y.base): excess_name(x, y) for x, y in pairs},
+                    excess_vv_name(model.inner_loop),
+                )
+            }
     derivs = []
     rules = [model.first_layer, *model.readout_updates]
     for rule in rules:

@@ -736,8 +736,55 @@ def _support_excess(model, laws, comp, assign, steps, r, nonzero) -> list:
             assign(comp(name, (i_, j_, *ia, *ib), inv_n * e)),
             assign(comp(excess_name(X, Y), (c_, d_, *ia, *ib), contract)),
         ]
+    # Cov(V_ab(xi), V_cd(xi)): V is a quadratic form in the stacked w = mu + Lambda xi,
+    # V_ab = const + l_ab . xi + xi^T A_ab xi, so (Isserlis) the covariance is
+    # l_ab . l_cd + 2 tr(sym(A_ab) sym(A_cd)); l and A contract N with the means and
+    # the loadings as E1 does (the four-adapted part of the fourth moments)
+    r2 = sp.Idx("r2_", r.upper + 1)
+    cvv = sp.IndexedBase(excess_vv_name(inner))
+    stmts.append(Alloc(cvv.name, ("K", "K", "K", "K")))
+    nr = _dims((inner.noise.kind,))[0]
+    e1, e2 = sp.S.Zero, sp.S.Zero
+    for P, kp in allw:
+        for Q, kq in allw:
+            ip, iq = _named(kp, "p"), _named(kq, "q")
+            if P == "1" and Q == "1":
+                continue
+            Ls = (lambda at, rr: sp.IndexedBase("L_c")[(at,) + ip + (rr,)]) if P == "c" else (
+                lambda at, rr: sp.S.Zero if P == "1" else loading_base(P)[ip + (rr,)])
+            Lt = (lambda at, rr: sp.IndexedBase("L_c")[(at,) + iq + (rr,)]) if Q == "c" else (
+                lambda at, rr: sp.S.Zero if Q == "1" else loading_base(Q)[iq + (rr,)])
+            n_ = ncov(P, i_, ip, Q, j_, iq)
+            e2 += _summed(n_ * Ls(s, r) * Lt(t, r2), ip + iq)
+            e1 += _summed(n_ * (mean(P, s, ip) * Lt(t, r) + Ls(s, r) * mean(Q, t, iq)), ip + iq)
+    lv, Av = sp.IndexedBase("lV_s"), sp.IndexedBase("AV_s")
+    F1, F2 = sp.IndexedBase("F1_s"), sp.IndexedBase("F2_s")
+    a_, b_ = student_index("a_"), student_index("b_")
+    pi2 = Pi[steps - 1 - s, a_, i_] * Pi[steps - 1 - t, b_, j_]
+    body += [
+        Alloc("F1_s", ("K", "K", nr)),
+        Alloc("F2_s", ("K", "K", nr, nr)),
+        Alloc("lV_s", ("K", "K", nr)),
+        Alloc("AV_s", ("K", "K", nr, nr)),
+        Repeat("s_", steps, (Repeat("t_", steps, (
+            assign(comp("F1_s", (i_, j_, r), inv_n * e1)),
+            assign(comp("F2_s", (i_, j_, r, r2), inv_n * e2)),
+            assign(comp("lV_s", (a_, b_, r), lv[a_, b_, r] + sp.Sum(pi2 * F1[i_, j_, r], (i_, 0, i_.upper),
+                                                                     (j_, 0, j_.upper)))),
+            assign(comp("AV_s", (a_, b_, r, r2), Av[a_, b_, r, r2] + sp.Sum(pi2 * F2[i_, j_, r, r2],
+                                                                           (i_, 0, i_.upper), (j_, 0, j_.upper)))),
+        )),)),
+        assign(comp(cvv.name, (a_, b_, c_, d_), sp.Sum(lv[a_, b_, r] * lv[c_, d_, r], (r, 0, r.upper)) + sp.Sum(
+            (Av[a_, b_, r, r2] + Av[a_, b_, r2, r]) * (Av[c_, d_, r, r2] + Av[c_, d_, r2, r]) / 2,
+            (r, 0, r.upper), (r2, 0, r2.upper)))),
+    ]
     body.append(Repeat("s_", steps, (Repeat("t_", steps, tuple(inner_body)),)))
     return stmts + [Guard(f"math.isfinite({_code(inner.support)})", tuple(body))]
+
+
+def excess_vv_name(inner) -> str:
+    """``CVV_<adapted>[a, b, c, d] = Cov(V_ab(xi), V_cd(xi))`` over the task draws."""
+    return f"CVV_{inner.adapted.name}"
 
 
 def support_families(inner) -> tuple[str, ...]:

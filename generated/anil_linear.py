@@ -2,9 +2,9 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 3c9792d9418ebe5a1384e41581afee11d60a9dcf58c4646044a69fd07def20ae
+# inputs:     sha256 803671518a2a39f04f74b47d00f549c81ac55fc7618c4e06f99275f28bf16f5e
 # versions:   derive 0.1.0, sympy 1.14.0
-# operations: 642 (sympy count_ops of the primitives and coefficients)
+# operations: 657 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
 
 Flat arrays, row-major, in the order of STATE (y), CONSTS (c) and PARAMS (p);
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "3c9792d9418ebe5a1384e41581afee11d60a9dcf58c4646044a69fd07def20ae"
+INPUTS_SHA256 = "803671518a2a39f04f74b47d00f549c81ac55fc7618c4e06f99275f28bf16f5e"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -484,6 +484,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
     CMV_adapted__adapted = np.zeros((K, K, K, K,))
     CMV_adapted__v_task = np.zeros((K, K, K, M,))
     CMV_v_task__v_task = np.zeros((K, K, M, M,))
+    CVV_adapted = np.zeros((K, K, K, K,))
     if math.isfinite(n_s):
         Pi_s = np.zeros((steps_, K, K,))
         for s_ in range(steps_):
@@ -543,6 +544,101 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
         E1_adapted__adapted = np.zeros((K, K, K, K,))
         E1_adapted__v_task = np.zeros((K, K, K, M,))
         E1_v_task__v_task = np.zeros((K, K, M, M,))
+        F1_s = np.zeros((K, K, M,))
+        F2_s = np.zeros((K, K, M, M,))
+        lV_s = np.zeros((K, K, M,))
+        AV_s = np.zeros((K, K, M, M,))
+        for s_ in range(steps_):
+            for t_ in range(steps_):
+                for i_ in range(K):
+                    for j_ in range(K):
+                        for r_ in range(M):
+                            acc = 0.0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                for j1 in range(K):
+                                    s0 += (L_c[s_, j1, r_]*mu_c[t_, j0] + L_c[t_, j0, r_]*mu_c[s_, j1])*N_c__c[i_, j1, j_, j0]
+                            acc += 1/n_s * s0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                for m0 in range(M):
+                                    s0 += (L_c[t_, j0, r_]*mu_v_task[m0] + L_v_task[m0, r_]*mu_c[t_, j0])*N_c__v_task[j_, j0, i_, m0]
+                            acc += 1/n_s * s0
+                            s0 = 0.0
+                            for m0 in range(M):
+                                for j0 in range(K):
+                                    s0 += (L_c[s_, j0, r_]*mu_v_task[m0] + L_v_task[m0, r_]*mu_c[s_, j0])*N_c__v_task[i_, j0, j_, m0]
+                            acc += 1/n_s * s0
+                            s0 = 0.0
+                            for m0 in range(M):
+                                for m1 in range(M):
+                                    s0 += (L_v_task[m0, r_]*mu_v_task[m1] + L_v_task[m1, r_]*mu_v_task[m0])*N_v_task__v_task[i_, m1, j_, m0]
+                            acc += 1/n_s * s0
+                            F1_s[i_, j_, r_] = acc
+                for i_ in range(K):
+                    for j_ in range(K):
+                        for r_ in range(M):
+                            for r2_ in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    for j1 in range(K):
+                                        s0 += L_c[s_, j1, r_]*L_c[t_, j0, r2_]*N_c__c[i_, j1, j_, j0]
+                                acc += 1/n_s * s0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    for m0 in range(M):
+                                        s0 += L_c[t_, j0, r2_]*L_v_task[m0, r_]*N_c__v_task[j_, j0, i_, m0]
+                                acc += 1/n_s * s0
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    for j0 in range(K):
+                                        s0 += L_c[s_, j0, r_]*L_v_task[m0, r2_]*N_c__v_task[i_, j0, j_, m0]
+                                acc += 1/n_s * s0
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    for m1 in range(M):
+                                        s0 += L_v_task[m0, r2_]*L_v_task[m1, r_]*N_v_task__v_task[i_, m1, j_, m0]
+                                acc += 1/n_s * s0
+                                F2_s[i_, j_, r_, r2_] = acc
+                for a_ in range(K):
+                    for b_ in range(K):
+                        for r_ in range(M):
+                            acc = 0.0
+                            acc += lV_s[a_, b_, r_]
+                            s0 = 0.0
+                            for j0 in range(K):
+                                for j1 in range(K):
+                                    s0 += F1_s[j0, j1, r_]*Pi_s[-s_ + steps_ - 1, a_, j0]*Pi_s[steps_ - t_ - 1, b_, j1]
+                            acc += 1 * s0
+                            lV_s[a_, b_, r_] = acc
+                for a_ in range(K):
+                    for b_ in range(K):
+                        for r_ in range(M):
+                            for r2_ in range(M):
+                                acc = 0.0
+                                acc += AV_s[a_, b_, r_, r2_]
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    for j1 in range(K):
+                                        s0 += F2_s[j0, j1, r_, r2_]*Pi_s[-s_ + steps_ - 1, a_, j0]*Pi_s[steps_ - t_ - 1, b_, j1]
+                                acc += 1 * s0
+                                AV_s[a_, b_, r_, r2_] = acc
+        for a_ in range(K):
+            for b_ in range(K):
+                for c_ in range(K):
+                    for d_ in range(K):
+                        acc = 0.0
+                        s0 = 0.0
+                        for m0 in range(M):
+                            s0 += lV_s[a_, b_, m0]*lV_s[c_, d_, m0]
+                        acc += 1 * s0
+                        s0 = 0.0
+                        for m0 in range(M):
+                            for m1 in range(M):
+                                s0 += AV_s[a_, b_, m0, m1]*AV_s[c_, d_, m0, m1] + AV_s[a_, b_, m0, m1]*AV_s[c_, d_, m1, m0] + AV_s[a_, b_, m1, m0]*AV_s[c_, d_, m0, m1] + AV_s[a_, b_, m1, m0]*AV_s[c_, d_, m1, m0]
+                        acc += 1.0/2.0 * s0
+                        CVV_adapted[a_, b_, c_, d_] = acc
         for s_ in range(steps_):
             for t_ in range(steps_):
                 for i_ in range(K):
@@ -862,7 +958,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                     acc += L_dc[steps_, j, r_]
                     L_adapted_da[j, a_, r_] = acc
 
-    return mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task
+    return mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted
 
 
 @njit(cache=True, error_model="numpy")
@@ -908,7 +1004,7 @@ def rhs_ws(y, c, p, K, M, dy, C):
     eps_B = p[8]
     sigma = p[9]
     covariance(y, c, p, K, M, C)
-    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task = task_moments(y, c, p, K, M, C, False)
+    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted = task_moments(y, c, p, K, M, C, False)
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
     s2_ = 1 if (((1) if (order == 2) else (0))) != 0 else 0
@@ -1041,7 +1137,7 @@ def rhs_ws(y, c, p, K, M, dy, C):
             s0 = 0.0
             for j0 in range(K):
                 for j1 in range(K):
-                    s0 += ((S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0] + CMV_adapted__adapted[j0, j1, k, l] + CMV_adapted__adapted[j0, k, j1, l] + CMV_adapted__adapted[j0, l, j1, k] + CMV_adapted__adapted[j1, k, j0, l] + CMV_adapted__adapted[j1, l, j0, k] + CMV_adapted__adapted[k, l, j0, j1])*I4(C, k, l, j0, j1)
+                    s0 += ((S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0] + CMV_adapted__adapted[j0, j1, k, l] + CMV_adapted__adapted[j0, k, j1, l] + CMV_adapted__adapted[j0, l, j1, k] + CMV_adapted__adapted[j1, k, j0, l] + CMV_adapted__adapted[j1, l, j0, k] + CMV_adapted__adapted[k, l, j0, j1] + CVV_adapted[j0, j1, k, l] + CVV_adapted[j0, k, j1, l] + CVV_adapted[j0, l, j1, k])*I4(C, k, l, j0, j1)
             acc += eta**2/n_q * s0
             if ((order == 2)):
                 s0 = 0.0
@@ -1205,7 +1301,7 @@ def rhs_parallel(y, c, p, K, M, dy):
     eps_B = p[8]
     sigma = p[9]
     covariance(y, c, p, K, M, C)
-    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task = task_moments(y, c, p, K, M, C, False)
+    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted = task_moments(y, c, p, K, M, C, False)
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
     s2_ = 1 if (((1) if (order == 2) else (0))) != 0 else 0
@@ -1351,7 +1447,7 @@ def rhs_parallel(y, c, p, K, M, dy):
             s0 = 0.0
             for j0 in range(K):
                 for j1 in range(K):
-                    s0 += ((S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0] + CMV_adapted__adapted[j0, j1, k, l] + CMV_adapted__adapted[j0, k, j1, l] + CMV_adapted__adapted[j0, l, j1, k] + CMV_adapted__adapted[j1, k, j0, l] + CMV_adapted__adapted[j1, l, j0, k] + CMV_adapted__adapted[k, l, j0, j1])*I4(C, k, l, j0, j1)
+                    s0 += ((S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0] + CMV_adapted__adapted[j0, j1, k, l] + CMV_adapted__adapted[j0, k, j1, l] + CMV_adapted__adapted[j0, l, j1, k] + CMV_adapted__adapted[j1, k, j0, l] + CMV_adapted__adapted[j1, l, j0, k] + CMV_adapted__adapted[k, l, j0, j1] + CVV_adapted[j0, j1, k, l] + CVV_adapted[j0, k, j1, l] + CVV_adapted[j0, l, j1, k])*I4(C, k, l, j0, j1)
             acc += eta**2/n_q * s0
             if ((order == 2)):
                 s0 = 0.0
@@ -1509,7 +1605,7 @@ def metrics(y, c, p, K, M, out):
     sigma = p[9]
     C = np.empty((K + 2*M, K + 2*M))
     covariance(y, c, p, K, M, C)
-    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task = task_moments(y, c, p, K, M, C, True)
+    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted = task_moments(y, c, p, K, M, C, True)
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
     s2_ = 1 if (((1) if (order == 2) else (0))) != 0 else 0
