@@ -1,0 +1,75 @@
+"""The 64-point sweep of the reference scenario (8 alpha_in x 8 eta, alpha to 300,
+adaptive) on an embedded LocalCluster of 1 and of 2 worker processes: seconds and
+speed-up. Each cluster is started, and its workers load the kernel (a one-point
+sweep), before the clock starts; the start-up is printed apart.
+
+    python benchmarks/sweep_speed.py [--workers 1 2] [--t-max 300] [--record-every 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def spec(t_max: float, every: float, alpha_in, eta) -> dict:
+    return {
+        "model": "anil",
+        "t_max": t_max,
+        "method": "adaptive",
+        "record_every": every,
+        "params": {"S": 1, "order": 1},
+        "grid": {"alpha_in": list(alpha_in), "eta": list(eta)},
+        "init": {"scenario": "reference"},
+    }
+
+
+def main() -> None:
+    from distributed import LocalCluster
+
+    from runtime.sweep import sweep
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--t-max", type=float, default=300.0)
+    ap.add_argument("--record-every", type=float, default=1.0)
+    ap.add_argument("--repeats", type=int, default=2, help="timed sweeps per cluster (the best is kept)")
+    args = ap.parse_args()
+    grid = np.round(np.linspace(0.25, 2.0, 8), 4)
+    big = spec(args.t_max, args.record_every, grid, grid)
+    small = spec(args.record_every, args.record_every, [1.0], [1.0])
+    times = {}
+    for n in args.workers:
+        t0 = time.perf_counter()
+        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None) as cl:
+            with tempfile.TemporaryDirectory() as tmp:
+                sweep(small, scheduler=cl.scheduler_address, out=Path(tmp) / "warm", progress=False)
+                startup = time.perf_counter() - t0
+                best = []
+                for r in range(args.repeats):
+                    t1 = time.perf_counter()
+                    ds = sweep(big, scheduler=cl.scheduler_address, out=Path(tmp) / f"s{r}", progress=False)
+                    best.append(time.perf_counter() - t1)
+                    assert int(ds.done.sum()) == ds.done.size == 64
+        times[n] = min(best)
+        print(
+            f"{n} worker{'s' if n > 1 else ' '}: 64 points in {times[n]:.2f} s "
+            f"({times[n] / 64 * 1e3:.0f} ms per point; runs {', '.join(f'{b:.2f}' for b in best)} s); "
+            f"cluster start and kernel load {startup:.1f} s"
+        )
+    if 1 in times:
+        for n in times:
+            if n != 1:
+                print(f"speed-up with {n} workers: {times[1] / times[n]:.2f}x")
+    div = int(np.isfinite(ds.diverged_alpha.values).sum())
+    print(f"diverged points: {div}; final eps_meta from {float(ds.final_eps_meta.min()):.4f} "
+          f"to {float(ds.final_eps_meta.max()):.4f}; rhs evaluations per point "
+          f"{int(ds.rhs_evaluations.min())}-{int(ds.rhs_evaluations.max())}")
+
+
+if __name__ == "__main__":
+    main()
