@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from distributed.diagnostics.plugin import WorkerPlugin
 
 from derive import __version__
 from derive.models import MODEL_NAMES, get_model
@@ -421,9 +420,10 @@ def summarise(alpha: np.ndarray, metrics: dict[str, np.ndarray]) -> dict[str, fl
     """The summaries of one point: each metric's final value, and the plateau of the
     main metric (eps_meta, else eps_g): the longest run of at least
     PLATEAU_MIN_RECORDS records over which it moves by less than PLATEAU_SLOPE per
-    unit alpha and after which it falls by ESCAPE_MARGIN or more; its level (the
-    mean over the run), its start, and the escape (linear between records, where
-    the metric first falls ESCAPE_MARGIN below the level). nan when there is none.
+    unit alpha and after which it falls by ESCAPE_MARGIN or more below its level;
+    its level (the metric at the run's last record, where the flow leaves it: a
+    plateau may drift slowly), its start, and the escape (linear between records,
+    where the metric first falls ESCAPE_MARGIN below the level). nan when there is none.
     A simple criterion, kept in this one function so that a finer analysis of the
     phases (the flow's speed, ``runtime analyze``) can take its place."""
     out = {f"final_{k}": float(v[-1]) for k, v in metrics.items()}
@@ -444,7 +444,7 @@ def summarise(alpha: np.ndarray, metrics: dict[str, np.ndarray]) -> dict[str, fl
         while j < flat.size and flat[j]:
             j += 1
         first, last = i, j  # records first..last are on the run
-        level = float(m[first : last + 1].mean())
+        level = float(m[last])  # where the flow leaves it (a plateau may drift slowly)
         if last - first + 1 >= PLATEAU_MIN_RECORDS and (m[last:] < level - ESCAPE_MARGIN).any():
             if best is None or last - first > best[0]:
                 best = (last - first, first, last, level)
@@ -649,27 +649,25 @@ def _open_done(path: Path, p: Plan) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- running
-class _WarmKernels(WorkerPlugin):
-    """A worker plugin: load the kernel once per worker process (numba's cache is
-    read once, by the first flow, before any task), not once per task."""
+def warm_kernels(p: Plan):
+    """A Dask worker plugin that loads the kernel once per worker process, before
+    any task: its first flow reads numba's cache (or compiles), later tasks find
+    the kernel loaded (``runtime.kernels.load`` keeps it)."""
+    from distributed.diagnostics.plugin import WorkerPlugin
 
-    name = "metaflow-ts-kernels"
+    class WarmKernels(WorkerPlugin):
+        name = "metaflow-ts-kernels"
 
-    def __init__(self, p: Plan):
-        super().__init__()
-        self.p = p
+        def setup(self, worker=None):
+            _, values = next(p.points())
+            every = float(p.alpha[1])
+            extra = {"rtol": p.rtol, "atol": p.atol} if p.method == "adaptive" else {}
+            flow(
+                p.model, p.point_init(values), p.point_params(values), t_max=every, dt=min(p.dt, every),
+                method=p.method, record_every=every, activation=p.activation, **extra,
+            )  # fmt: skip
 
-    def setup(self, worker=None):
-        p = self.p
-        _, values = next(p.points())
-        extra = {"rtol": p.rtol, "atol": p.atol} if p.method == "adaptive" else {}
-        flow(
-            p.model, p.point_init(values), p.point_params(values), t_max=p.alpha[1], dt=min(p.dt, p.alpha[1]),
-            method=p.method, record_every=p.alpha[1], activation=p.activation, **extra,
-        )  # fmt: skip
-
-    def teardown(self, worker=None):
-        pass
+    return WarmKernels()
 
 
 def default_out(p: Plan) -> Path:
@@ -729,16 +727,44 @@ def sweep(
         result = ds.load()
     result.attrs["points_computed"] = len(todo)
     result.attrs["out"] = str(out)
+    plot_summaries(result, out / "summaries.png")
     return result
+
+
+def plot_summaries(ds, path: Path) -> Path:
+    """The final main metric and the escape alpha against the first swept parameter,
+    a line per value of the second (the other swept parameters at their first value)."""
+    from .plots import _plt, _save
+
+    plt = _plt()
+    finals = [k for k in ds.data_vars if k.startswith("final_")]
+    main = next((f"final_{m}" for m in MAIN_METRICS if f"final_{m}" in ds), finals[0])
+    dims = list(ds.done.dims)
+    sel = ds.isel({d: 0 for d in dims[2:]})
+    x = dims[0]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, name in zip(axes, (main, "escape_alpha")):
+        lines = sel[dims[1]].values if len(dims) > 1 else [None]
+        for v in lines:
+            y = sel[name] if v is None else sel[name].sel({dims[1]: v})
+            ax.plot(sel[x].values, y.values, "o-", label=None if v is None else f"{dims[1]} = {v:g}")
+        ax.set_xlabel(x)
+        ax.set_ylabel(name)
+        if len(dims) > 1:
+            ax.legend(fontsize=7)
+    fixed = ", ".join(f"{d} = {float(ds[d].values[0]):g}" for d in dims[2:])
+    fig.suptitle(f"sweep of {ds.attrs['model']}" + (f" ({fixed})" if fixed else ""))
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def _compute(p, store, todo, this_run, scheduler, workers, progress, say, before, total):
     from distributed import Client, LocalCluster, as_completed
+    from distributed import progress as dask_progress
 
     cluster = None
     client = None
     futures = []
-    finished = 0
     try:
         if scheduler is None:
             n = workers or os.cpu_count() or 1
@@ -752,41 +778,30 @@ def _compute(p, store, todo, this_run, scheduler, workers, progress, say, before
         link = getattr(client, "dashboard_link", None)
         if link:
             say(f"sweep: Dask dashboard at {link}")
-        client.register_plugin(_WarmKernels(p), name=_WarmKernels.name)
+        plugin = warm_kernels(p)
+        client.register_plugin(plugin, name=plugin.name)
         futures = [
             client.submit(_task, p, store, idx, values, this_run, key=f"point-{p.key[:12]}-{idx}", pure=False)
             for idx, values in todo
         ]
-        bar = _bar(len(todo), progress)
-        try:
-            for fut in as_completed(futures):
-                fut.result()  # a point's error is raised here
-                finished += 1
-                if bar:
-                    bar.update(1)
-        finally:
-            if bar:
-                bar.close()
+        if progress:  # Dask's text progress bar (on stdout), until every point is done or failed
+            dask_progress(futures, notebook=False, multi=False)
+            print(flush=True)
+        for fut in as_completed(futures):
+            fut.result()  # a point's error is raised here
     except KeyboardInterrupt:
         if client is not None and futures:
             try:
                 client.cancel(futures)
             except Exception:  # noqa: BLE001 - stopping anyway
                 pass
+        finished = sum(f.status == "finished" for f in futures)
         raise SweepInterrupted(Path(store).parent, before + finished, total) from None
     finally:
         if client is not None:
             client.close()
         if cluster is not None:
             cluster.close()
-
-
-def _bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="sweep", unit="point", mininterval=0.5)
 
 
 def _stderr(message: str) -> None:
