@@ -3,7 +3,9 @@ adaptive) on an embedded LocalCluster of 1 and of 2 worker processes: seconds an
 speed-up. Each cluster is started, and its workers load the kernel (a one-point
 sweep), before the clock starts; the start-up is printed apart.
 
-    python benchmarks/sweep_speed.py [--workers 1 2] [--t-max 300] [--record-every 1]
+    python benchmarks/sweep_speed.py [--workers 1 2] [--t-max 300] [--record-every 1] [--method rk4 --dt 0.01]
+
+Every point is then compared with a single ``flow`` run of the same settings.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from pathlib import Path
 import numpy as np
 
 
-def spec(t_max: float, every: float, alpha_in, eta) -> dict:
+def spec(t_max: float, every: float, alpha_in, eta, method: str = "adaptive", dt: float = 0.01) -> dict:
+    fixed = {} if method == "adaptive" else {"dt": dt}
     return {
         "model": "anil",
         "t_max": t_max,
-        "method": "adaptive",
+        "method": method,
+        **fixed,
         "record_every": every,
         "params": {"S": 1, "order": 1},
         "grid": {"alpha_in": list(alpha_in), "eta": list(eta)},
@@ -37,11 +41,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--t-max", type=float, default=300.0)
     ap.add_argument("--record-every", type=float, default=1.0)
+    ap.add_argument("--method", default="adaptive", choices=("adaptive", "rk4", "euler"))
+    ap.add_argument("--dt", type=float, default=0.01, help="the step of rk4 and euler")
     ap.add_argument("--repeats", type=int, default=2, help="timed sweeps per cluster (the best is kept)")
     args = ap.parse_args()
     grid = np.round(np.linspace(0.25, 2.0, 8), 4)
-    big = spec(args.t_max, args.record_every, grid, grid)
-    small = spec(args.record_every, args.record_every, [1.0], [1.0])
+    big = spec(args.t_max, args.record_every, grid, grid, args.method, args.dt)
+    small = spec(args.record_every, args.record_every, [1.0], [1.0], args.method, args.dt)
+    fixed = {} if args.method == "adaptive" else {"dt": args.dt}
     times = {}
     for n in args.workers:
         t0 = time.perf_counter()
@@ -65,10 +72,29 @@ def main() -> None:
         for n in times:
             if n != 1:
                 print(f"speed-up with {n} workers: {times[1] / times[n]:.2f}x")
+    # every point against a single flow with the same settings, in this process
+    from runtime import flow
+    from runtime.scenarios import reference_init
+
+    same = 0
+    for i, alpha_in in enumerate(ds.alpha_in.values):
+        for j, eta in enumerate(ds.eta.values):
+            params = {"S": 1, "order": 1, "alpha_in": alpha_in, "eta": eta}
+            tr = flow("anil", reference_init(1e-3), params, t_max=args.t_max, method=args.method,
+                      record_every=args.record_every, **fixed)  # fmt: skip
+            point = ds.isel(alpha_in=i, eta=j)
+            same += all(
+                np.array_equal(point[k].values, tr.arrays[k]) for k in ("Q", "R", "a", "eps_meta", "eps_opt")
+            )
+    print(
+        f"{same} of {ds.done.size} points equal to single flow runs to the bit (Q, R, a, eps_meta, eps_opt)"
+    )
     div = int(np.isfinite(ds.diverged_alpha.values).sum())
-    print(f"diverged points: {div}; final eps_meta from {float(ds.final_eps_meta.min()):.4f} "
-          f"to {float(ds.final_eps_meta.max()):.4f}; rhs evaluations per point "
-          f"{int(ds.rhs_evaluations.min())}-{int(ds.rhs_evaluations.max())}")
+    print(
+        f"diverged points: {div}; final eps_meta from {float(ds.final_eps_meta.min()):.4f} "
+        f"to {float(ds.final_eps_meta.max()):.4f}; rhs evaluations per point "
+        f"{int(ds.rhs_evaluations.min())}-{int(ds.rhs_evaluations.max())}"
+    )
 
 
 if __name__ == "__main__":
