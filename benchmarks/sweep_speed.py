@@ -90,11 +90,12 @@ def main() -> None:
         f"{same} of {ds.done.size} points equal to single flow runs to the bit (Q, R, a, eps_meta, eps_opt)"
     )
     div = int(np.isfinite(ds.diverged_alpha.values).sum())
-    print(
-        f"diverged points: {div}; final eps_meta from {float(ds.final_eps_meta.min()):.4f} "
-        f"to {float(ds.final_eps_meta.max()):.4f}; rhs evaluations per point "
-        f"{int(ds.rhs_evaluations.min())}-{int(ds.rhs_evaluations.max())}"
-    )
+    counts = ""
+    if args.method == "adaptive":
+        n = ds.rhs_evaluations
+        counts = f"; rhs evaluations per point {int(n.min())}-{int(n.max())}"
+    lo, hi = float(ds.final_eps_meta.min()), float(ds.final_eps_meta.max())
+    print(f"diverged points: {div}; final eps_meta from {lo:.4f} to {hi:.4f}{counts}")
 
 
 if __name__ == "__main__":

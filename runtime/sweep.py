@@ -720,7 +720,13 @@ def sweep(
     before = total - len(todo)
     if todo:
         say(f"sweep: {len(todo)} of {total} points to compute ({before} done before), into {path}")
-        _compute(p, str(path), todo, this_run, scheduler, workers, progress, say, before, total)
+        try:
+            _compute(p, str(path), todo, this_run, scheduler, workers, progress, say, before, total)
+        except SweepInterrupted as exc:  # the store says which points are done
+            import zarr
+
+            exc.done = int(np.asarray(zarr.open_array(str(path / "done"), mode="r")[...]).sum())
+            raise
     else:
         say(f"sweep: all {total} points done before, in {path}")
     with xr.open_zarr(path, chunks=None) as ds:  # without dask: zarr reads the chunks concurrently
@@ -795,8 +801,7 @@ def _compute(p, store, todo, this_run, scheduler, workers, progress, say, before
                 client.cancel(futures)
             except Exception:  # noqa: BLE001 - stopping anyway
                 pass
-        finished = sum(f.status == "finished" for f in futures)
-        raise SweepInterrupted(Path(store).parent, before + finished, total) from None
+        raise SweepInterrupted(Path(store).parent, before, total) from None
     finally:
         if client is not None:
             client.close()
