@@ -230,18 +230,29 @@ def test_bad_spec_fails_before_any_work(tmp_path, change, message):
     assert not out.exists()
 
 
-def test_bad_spec_on_the_command_line(tmp_path):
+def test_bad_spec_on_the_command_line(tmp_path, capsys):
+    from runtime.cli import main
+
     path = tmp_path / "bad.toml"
-    path.write_text(
-        'model = "anil"\nt_max = 1.0\n[grid]\nalpha_in = [0.5, -1.0]\n[init]\nscenario = "reference"\n'
-    )
-    res = subprocess.run([sys.executable, "-m", "runtime", "sweep", str(path), "--out", str(tmp_path / "o")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert res.returncode == 2
-    assert res.stderr.strip().splitlines() == [
+    path.write_text(to_toml(tiny(grid={"alpha_in": [0.5, -1.0]})))
+    assert main(["sweep", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
         "error: grid.alpha_in[1]: parameter alpha_in must be >= 0 (inner-loop learning rate), got -1"
-    ] or res.stderr.startswith("error: grid.alpha_in[1]: parameter alpha_in must be")
+    ]
     assert not (tmp_path / "o").exists()
+
+
+def test_simulations_beside_the_flows(cluster, tmp_path):
+    from runtime import simulate
+
+    spec = tiny(grid={"alpha_in": [1.0]}, t_max=1.0, simulate={"n": 40, "seeds": 2, "seed": 5})
+    ds = sweep(spec, scheduler=cluster.scheduler_address, out=tmp_path / "sim", progress=False)
+    sim = simulate("anil", {"eta": 1.0, "alpha_in": 1.0}, N=40, seeds=2, seed=5, t_max=1.0,
+                   init=reference_init(1e-3), record_every=0.5, workers=1)  # fmt: skip
+    assert ds.sim_eps_meta_mean.dims == ("alpha_in", "alpha")
+    np.testing.assert_array_equal(ds.sim_eps_meta_mean.values[0], sim.eps_meta_mean)
+    np.testing.assert_array_equal(ds.sim_r_sem.values[0], sim.r_sem)
 
 
 def test_summarise_finds_plateau_and_escape():
