@@ -781,9 +781,7 @@ def _compute(p, store, todo, this_run, scheduler, workers, progress, say, before
             client = Client(cluster)
         else:
             client = Client(scheduler)
-        link = getattr(client, "dashboard_link", None)
-        if link:
-            say(f"sweep: Dask dashboard at {link}")
+        say(_dashboard(client, embedded=cluster is not None))
         plugin = warm_kernels(p)
         client.register_plugin(plugin, name=plugin.name)
         futures = [
@@ -807,6 +805,16 @@ def _compute(p, store, todo, this_run, scheduler, workers, progress, say, before
             client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _dashboard(client, embedded: bool) -> str:
+    """The line that says where Dask's dashboard is (served only where bokeh is installed:
+    here for the embedded cluster, by the scheduler's own process otherwise)."""
+    import importlib.util
+
+    if embedded and importlib.util.find_spec("bokeh") is None:
+        return "sweep: Dask's dashboard needs bokeh (pip install bokeh); the progress bar follows"
+    return f"sweep: Dask dashboard at {client.dashboard_link}"
 
 
 def _stderr(message: str) -> None:
