@@ -271,3 +271,20 @@ def test_summarise_finds_plateau_and_escape():
     assert abs(s["escape_alpha"] - (20 + 2 * np.log(15 / 14))) < 0.02
     flat = summarise(alpha, {"eps_g": np.full_like(alpha, 0.1)})
     assert np.isnan(flat["plateau_level"]) and np.isnan(flat["escape_alpha"])
+
+
+def test_init_file_relative_to_the_spec(tmp_path):
+    start = reference_init(2e-3)
+    start.vectors["a"] = np.array([0.1, -0.2])
+    start.save(tmp_path / "start.npz")
+    spec = tiny(init={"file": "start.npz"})
+    path = tmp_path / "spec.toml"
+    path.write_text(to_toml(spec))
+    p = plan(path)
+    init = p.point_init(next(p.points())[1])
+    np.testing.assert_array_equal(init.R, start.R)
+    np.testing.assert_array_equal(init.vectors["a"], start.vectors["a"])
+    # the key follows the file's content, not its name
+    other = reference_init(3e-3)
+    other.save(tmp_path / "start.npz")
+    assert plan(path).key != p.key
