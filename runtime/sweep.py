@@ -790,7 +790,19 @@ def plot_summaries(ds, path: Path) -> Path:
     return _save(fig, path)
 
 
+# The embedded cluster's settings. Each point's own work is small (a reference flow to
+# alpha = 300 takes about 10 ms), so the worker's statistical profiler (a thread that
+# samples the stacks every 10 ms) cost most of a point's time (writes 4x slower, the
+# GIL taken from the writing thread); the scheduler sends all the points to the workers
+# at once rather than one more as each ends (benchmarks/sweep_speed.py).
+EMBEDDED_CONFIG = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.scheduler.worker-saturation": "inf",
+}
+
+
 def _compute(p, store, todo, this_run, scheduler, workers, progress, say, before, total):
+    import dask
     from distributed import Client, LocalCluster, as_completed
     from distributed import progress as dask_progress
 
@@ -800,10 +812,11 @@ def _compute(p, store, todo, this_run, scheduler, workers, progress, say, before
     try:
         if scheduler is None:
             n = workers or os.cpu_count() or 1
-            cluster = LocalCluster(
-                n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
-                silence_logs=50,
-            )  # fmt: skip
+            with dask.config.set(EMBEDDED_CONFIG):
+                cluster = LocalCluster(
+                    n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+                    silence_logs=50,
+                )  # fmt: skip
             client = Client(cluster)
         else:
             client = Client(scheduler)

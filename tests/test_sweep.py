@@ -51,9 +51,14 @@ def slow(n_alpha_in: int = 3) -> dict:
 
 @pytest.fixture(scope="module")
 def cluster():
+    import dask
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cl:
+    from runtime.sweep import EMBEDDED_CONFIG
+
+    with dask.config.set(EMBEDDED_CONFIG):  # as the embedded cluster of runtime.sweep
+        cl = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    with cl:
         yield cl
 
 
