@@ -399,7 +399,7 @@ def cmd_study(args) -> Path:
 
 
 def cmd_sweep(args) -> Path:
-    from .sweep import sweep
+    from .sweep import plot_summaries, sweep
 
     ds = sweep(
         args.spec,
@@ -409,7 +409,9 @@ def cmd_sweep(args) -> Path:
         progress=not args.no_progress,
     )
     print(f"computed {ds.attrs['points_computed']} of {ds.done.size} points")
-    return Path(ds.attrs["out"])
+    out = Path(ds.attrs["out"])
+    plot_summaries(ds, out / "summaries.png")
+    return out
 
 
 def cmd_validate(args) -> Path:

@@ -759,7 +759,6 @@ def sweep(
         result = ds.load()
     result.attrs["points_computed"] = len(todo)
     result.attrs["out"] = str(out)
-    plot_summaries(result, out / "summaries.png")
     return result
 
 
