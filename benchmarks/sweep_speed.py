@@ -13,6 +13,7 @@ Every point is then compared with a single ``flow`` run of the same settings.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -53,6 +54,8 @@ def main() -> None:
     small = spec(args.record_every, args.record_every, [1.0], [1.0], args.method, args.dt)
     fixed = {} if args.method == "adaptive" else {"dt": args.dt}
     times = {}
+    # the machine's load beside the figures: on a shared machine other processes take cores
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} cores)")
     for n in args.workers:
         t0 = time.perf_counter()
         with dask.config.set(EMBEDDED_CONFIG):  # the embedded cluster's settings
@@ -73,6 +76,7 @@ def main() -> None:
             f"({times[n] / 64 * 1e3:.0f} ms per point; runs {', '.join(f'{b:.2f}' for b in best)} s); "
             f"cluster start and kernel load {startup:.1f} s"
         )
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if 1 in times:
         for n in times:
             if n != 1:
