@@ -747,11 +747,13 @@ def sweep(
     if todo:
         say(f"sweep: {len(todo)} of {total} points to compute ({before} done before), into {path}")
         try:
-            _compute(p, str(path), todo, this_run, scheduler, workers, progress, say, before, total)
+            # the workers write the store: an absolute path, whatever their working folder
+            _compute(p, str(path.resolve()), todo, this_run, scheduler, workers, progress, say, before, total)
         except SweepInterrupted as exc:  # the store says which points are done
             import zarr
 
             exc.done = int(np.asarray(zarr.open_array(str(path / "done"), mode="r")[...]).sum())
+            exc.out = out
             raise
     else:
         say(f"sweep: all {total} points done before, in {path}")
@@ -779,6 +781,8 @@ def plot_summaries(ds, path: Path) -> Path:
         for v in lines:
             y = sel[name] if v is None else sel[name].sel({dims[1]: v})
             ax.plot(sel[x].values, y.values, "o-", label=None if v is None else f"{dims[1]} = {v:g}")
+        if not np.isfinite(sel[name].values).any():
+            ax.text(0.5, 0.5, f"no {name} (nan at every point)", ha="center", transform=ax.transAxes)
         ax.set_xlabel(x)
         ax.set_ylabel(name)
         if len(dims) > 1:
