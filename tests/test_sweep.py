@@ -42,10 +42,10 @@ def tiny(**over) -> dict:
 
 
 def slow(n_alpha_in: int = 3) -> dict:
-    """Points of about 0.2-0.5 s each (RK4 at dt = 0.001 to alpha 12), so that a
+    """Points of about 0.25-0.6 s each (RK4 at dt = 0.001 to alpha 16), so that a
     worker can be killed, or the command interrupted, between points."""
     return tiny(
-        t_max=12.0, dt=0.001, record_every=1.0, grid={"alpha_in": [0.5, 1.0, 1.5][:n_alpha_in], "S": [1, 2]}
+        t_max=16.0, dt=0.001, record_every=1.0, grid={"alpha_in": [0.5, 1.0, 1.5][:n_alpha_in], "S": [1, 2]}
     )
 
 
