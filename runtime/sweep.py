@@ -33,7 +33,7 @@ from derive import __version__
 from derive.models import MODEL_NAMES, get_model
 
 from .init import Init, sampled_init
-from .integrate import ATOL, METHODS, RTOL, FlowDiverged, flow, record_times, steps_for
+from .integrate import ATOL, METHODS, RTOL, FlowDiverged, SimulationDiverged, flow, record_times, steps_for
 from .kernels import load
 from .output import OutputError, check_out_dir
 from .trajectory import command_line, jsonable
@@ -479,10 +479,13 @@ def run_point(p: Plan, values: dict):
     if p.simulate:
         from .simulate import simulate
 
-        sim = simulate(
-            p.model, params, N=p.simulate["n"], seeds=p.simulate["seeds"], t_max=p.t_max, init=init,
-            record_every=p.record_every, seed=p.simulate["seed"], activation=p.activation, workers=1,
-        )  # fmt: skip
+        try:
+            sim = simulate(
+                p.model, params, N=p.simulate["n"], seeds=p.simulate["seeds"], t_max=p.t_max, init=init,
+                record_every=p.record_every, seed=p.simulate["seed"], activation=p.activation, workers=1,
+            )  # fmt: skip
+        except SimulationDiverged:
+            pass  # the simulation's variables stay nan at this point
     return traj, diverged, sim
 
 

@@ -304,3 +304,17 @@ def test_init_file_relative_to_the_spec(tmp_path):
     other = reference_init(3e-3)
     other.save(tmp_path / "start.npz")
     assert plan(path).key != p.key
+
+
+def test_a_diverging_point_keeps_its_records_before_it():
+    # linear activation, eta far too large: Q grows by ~5000x per record until it overflows
+    spec = {"model": "scm", "activation": "linear", "t_max": 80.0, "method": "euler", "dt": 0.5,
+            "record_every": 0.5, "grid": {"eta": [50.0]},
+            "init": {"sample": {"K": 2, "M": 2, "N": 50}}}  # fmt: skip
+    p = plan(spec)
+    data = point_data(p, {"eta": 50.0, "seed": 0})
+    assert np.isfinite(data["diverged_alpha"]) and 0 < data["diverged_alpha"] <= 80
+    finite = np.isfinite(data["eps_g"])
+    assert finite[0] and not finite[-1]
+    assert np.all(finite[: finite.sum()])  # the records before the divergence, nan after
+    assert np.isnan(data["final_eps_g"])  # the value at t_max, which it never reached
