@@ -729,7 +729,10 @@ def sweep(
     say = log or (_stderr if progress else (lambda message: None))
     if workers is not None:
         if scheduler is not None:
-            raise SweepSpecError("workers: the number of workers of the embedded cluster, not with scheduler")
+            raise SweepSpecError(
+                "workers: the number of workers of the embedded cluster; not with a scheduler "
+                "(--workers is not for --scheduler)"
+            )
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise SweepSpecError(f"workers: must be a whole number >= 1, got {workers!r}")
     if out is None:
@@ -825,7 +828,11 @@ def _compute(p, store, todo, this_run, scheduler, workers, progress, say, before
                 )  # fmt: skip
             client = Client(cluster)
         else:
-            client = Client(scheduler)
+            try:
+                client = Client(scheduler, timeout="10s")
+            except (OSError, TimeoutError, ValueError) as exc:
+                why = f"scheduler: cannot reach a Dask scheduler at {scheduler} ({exc})"
+                raise SweepSpecError(why) from None
         say(_dashboard(client, embedded=cluster is not None))
         plugin = warm_kernels(p)
         client.register_plugin(plugin, name=plugin.name)
