@@ -22,6 +22,7 @@ from .activations import get_activation, z
 from .expand import FUNC_OF_KIND, RawTerm
 from .flow import Component, FlowIR, FlowTerm, build_flow
 from . import meta
+from . import gaussian
 from .gaussian import PRIMITIVES, tilt_split
 from .model import CONST_OVERLAPS, STATE_OVERLAPS, UNITS, Model
 from .models import model_file
@@ -175,7 +176,25 @@ def separable_form(d) -> dict:
         if abs(want - got) > 1e-12 * max(1.0, abs(want)):
             raise AssertionError(f"separable form of {d.name} is wrong: {value}, norm {norm}")
     text = f"{value}, D = {norm.xreplace({var: sp.Symbol('C_rr')})}"
-    return {"norm": code(norm), "value": code(value), "text": text}
+    # the numeric factor (2/pi for erf) is multiplied in, not divided per entry; a
+    # function of one argument (asin) is applied in a pass of its own over the
+    # arguments, packed (tilt2_table)
+    scale, scaled = value.as_independent(x, Da, Db, as_Add=False)
+    xi = sp.Symbol("xi")
+    if isinstance(scaled, sp.Function) and len(scaled.args) == 1:
+        argument, apply, func = scaled.args[0], scaled.func(xi), code(scaled.func(xi)).split("(")[0]
+    else:
+        argument, apply, func = scaled, xi, "its closed form"
+    return {
+        "norm": code(norm),
+        "value": code(value),
+        "scale": code(scale),
+        "scaled": code(scaled),
+        "argument": code(argument),
+        "apply": code(apply),
+        "func": func,
+        "text": text,
+    }
 
 
 def _table_plan(ir: FlowIR, activation: str) -> dict | None:
@@ -185,7 +204,7 @@ def _table_plan(ir: FlowIR, activation: str) -> dict | None:
     fills ``F[r, q] = base(Ct; r, q)`` in one vectorisable loop (``tilt2_table``)."""
     model = ir.model
     student = model.fields[0]  # the rows 0..K-1 of C, the units a table is tilted by
-    bases, fams, splits = {}, {student}, []
+    bases, fams, splits, reads = {}, {student}, [], []
     for c in ir.derivatives:
         for t in c.terms:
             t, _ = _guarded(t)
@@ -198,6 +217,7 @@ def _table_plan(ir: FlowIR, activation: str) -> dict | None:
                 return None
             bases[base.name] = base
             fams |= {a.base for a in t.args[2:]}
+            reads.append(t)
     if len(bases) != 1:
         return None
     (base,) = bases.values()
@@ -209,16 +229,48 @@ def _table_plan(ir: FlowIR, activation: str) -> dict | None:
         rows[f] = f"{at} + " if sizes else ""
         blocks.append({"to": at, "src": code(src), "n": str(n)})
         sizes.append(str(n))
+    # a base symmetric in its two fields is filled on the upper triangle only (each
+    # distinct integral once); mirrored when some read is not provably on it
+    if not gaussian.exchange_symmetric(base, 0, 1):
+        fill = "full"
+    elif all(_reads_upper(t, list(rows)) for t in reads):
+        fill = "upper"
+    else:
+        fill = "mirror"
     return {
         "rows": rows,
         "blocks": blocks,
         "size": " + ".join(sizes),
         "whole": len(rows) == len(model.fields),
         "base": base.name,
+        "fill": fill,
         **separable_form(base),
+        "views": _table_views(tilt_code(2, splits[0].amplitude, splits[0].width)),
         # the engine's tilt rule for the pair, as the levels of the table's loops
         "tilt": tilt_code(2, splits[0].amplitude, splits[0].width),
     }
+
+
+def _table_views(tilt) -> dict:
+    """The views of the rows that the packed fill of the table reads from column r on:
+    the tilt's (derive/tables.py) and the per-row factors Dq = Dn[r:]."""
+    names = [n for n, _ in tilt.views] + ["Dq"]
+    sources = [src for _, src in tilt.views] + ["Dn[r:]"]
+    return {"lhs": ", ".join(names), "rhs": ", ".join(sources), "entry": tilt.entry_view}
+
+
+def _reads_upper(t, order) -> bool:
+    """Whether the table entry that term ``t`` reads, ``F[row(x), row(y)]`` for its last two
+    arguments ``x, y``, is on the upper triangle (row(x) <= row(y)) for every value of
+    the indices: ``x`` of a field family whose rows come before ``y``'s in the table
+    (``order``), the same field, or the two summation indices of a triangular nest
+    (``_triangular``: ``y`` runs from ``x`` upward)."""
+    x, y = t.args[-2], t.args[-1]
+    if x.base != y.base:
+        return order.index(x.base) < order.index(y.base)
+    if x == y:
+        return True
+    return _triangular(t) and (x.indices[0], y.indices[0]) == tuple(t.sums)
 
 
 def _tilt_buffers(table) -> list[tuple[str, str]]:
@@ -226,8 +278,10 @@ def _tilt_buffers(table) -> list[tuple[str, str]]:
     table F, the per-row factors Dn of its base, the row coefficients U_s[r]."""
     if not table:
         return []
-    rows = [(name.upper(), "np.empty(Cu.shape[0])") for name, _ in table["tilt"].row]
-    return [("F", "np.empty_like(Cu)"), ("Dn", "np.empty(Cu.shape[0])"), *rows]
+    bufs = [("F", "np.empty_like(Cu)"), ("Dn", "np.empty(Cu.shape[0])")]
+    if table["fill"] != "full":
+        bufs.append(("X", "np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)"))
+    return bufs
 
 
 def _workspace(table, tilt1) -> list[str]:

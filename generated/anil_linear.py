@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 2c52238b4ea6da28fff38c4e70dfda7f24a77d73d51f115844b89de231cf3380
+# inputs:     sha256 caad15ac241e29d934be1ae3fd662552b66c719a131a1ff322b50838c8308aa0
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 587 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "2c52238b4ea6da28fff38c4e70dfda7f24a77d73d51f115844b89de231cf3380"
+INPUTS_SHA256 = "caad15ac241e29d934be1ae3fd662552b66c719a131a1ff322b50838c8308aa0"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

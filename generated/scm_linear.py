@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 a582a0d722f97340780b8a8a5dd789534577c2e5cfe4df9a5756be112835278e
+# inputs:     sha256 3efab81aba0418973184e9371972a81314b03fd3b5bc2a2643c59bafe0dc2bea
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "a582a0d722f97340780b8a8a5dd789534577c2e5cfe4df9a5756be112835278e"
+INPUTS_SHA256 = "3efab81aba0418973184e9371972a81314b03fd3b5bc2a2643c59bafe0dc2bea"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

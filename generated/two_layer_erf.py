@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 469bbd7ef2e9704b41ef2d3bb1eb7e78de77fa113110900570b7cc37d74fa986
+# inputs:     sha256 5d0bbd274e79d233c27703970bba108ec59763f6f134f188ea12579fcbe4a8ca
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "469bbd7ef2e9704b41ef2d3bb1eb7e78de77fa113110900570b7cc37d74fa986"
+INPUTS_SHA256 = "5d0bbd274e79d233c27703970bba108ec59763f6f134f188ea12579fcbe4a8ca"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
@@ -117,15 +117,24 @@ def tilt1_all(C, K, Ct1, pref):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
-def tilt2_table(C, a, b, F, Dn, U0, U1):
+def tilt2_table(C, a, b, F, Dn, X):
     """The tilt rule of derive/gaussian.py for two g' factors on rows a, b of C,
     Ct = C - C[:, S] (w I + C_SS)^-1 C[S, :] with S = (a, b), prefactor A^2 det(I +
     C_SS / w)^(-1/2), for g' = A exp(-z^2 / (2 w)), A = sqrt(2)/sqrt(pi), w = 1,
     and I2 at the tilted covariance for every pair of rows:
     F[r, q] = I2(Ct; r, q), written as 2*asin(Da*Db*x)/pi, D = 1/sqrt(C_rr + 1)
     (derive/codegen.py: separable_form), so that D is computed once per row.
+    I2 is symmetric in its two fields (derive/gaussian.py: exchange_symmetric),
+    so only q >= r is computed (every read of the table is on it,
+    derive/codegen.py: _reads_upper):
+    one asin_ per distinct integral. A first pass, from the last row to the
+    first, computes each row's factors and the arguments of its entries q >= r
+    (D[q] is ready) into X, the triangle packed row by row; a second applies
+    asin_ to X in one flat loop (whole vectors, no ragged row ends); a third
+    copies X into F. The rows are read through views (C[a, r:], ...): indices
+    that start at 0 need no negative-index check, and the loops vectorise.
     Returns the prefactor. Each expression is the rule's own, split by loop level
-    in derive/tables.py; the loop over q has no branch or call: numba vectorises it."""
+    in derive/tables.py; the loops have no branch or call: numba vectorises them."""
     e0 = C[a, a]*C[b, b] + C[a, a] - C[a, b]**2 + C[b, b] + 1
     e1 = 1/e0
     e2 = e1*C[a, b]
@@ -134,21 +143,30 @@ def tilt2_table(C, a, b, F, Dn, U0, U1):
     k10 = e2
     k11 = -e1*C[a, a] - e1
     n = C.shape[0]
-    for r in range(n):
+    o = X.size
+    for r in range(n - 1, -1, -1):
         u0 = k00*C[r, a] + k01*C[r, b]
-        U0[r] = u0
         u1 = k10*C[r, a] + k11*C[r, b]
-        U1[r] = u1
         d = u0*C[a, r] + u1*C[b, r] + C[r, r]
-        Dn[r] = 1/math.sqrt(d + 1)
+        Da = 1/math.sqrt(d + 1)
+        Dn[r] = Da
+        o -= n - r
+        Ca, Cb, Cr, Dq = C[a, r:], C[b, r:], C[r, r:], Dn[r:]
+        Xr = X[o : o + n - r]
+        for j in range(n - r):
+            x = u0*Ca[j] + u1*Cb[j] + Cr[j]
+            Db = Dq[j]
+            Xr[j] = Da*Db*x
+    for i in range(X.size):
+        xi = X[i]
+        X[i] = 2/math.pi * asin_(xi)
+    o = 0
     for r in range(n):
-        u0 = U0[r]
-        u1 = U1[r]
-        Da = Dn[r]
-        for q in range(n):
-            x = u0*C[a, q] + u1*C[b, q] + C[r, q]
-            Db = Dn[q]
-            F[r, q] = 2*asin_(Da*Db*x)/math.pi
+        Xr = X[o : o + n - r]
+        Fr = F[r, r:]
+        for j in range(n - r):
+            Fr[j] = Xr[j]
+        o += n - r
     return 2/(math.pi*math.sqrt(e0))
 
 
@@ -200,9 +218,8 @@ def workspace(K, M):
 
     F = np.empty_like(Cu)
     Dn = np.empty(Cu.shape[0])
-    U0 = np.empty(Cu.shape[0])
-    U1 = np.empty(Cu.shape[0])
-    return (C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1,)
+    X = np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)
+    return (C, Cu, rows, Ct1, tilt1_pref, F, Dn, X,)
 
 
 @njit(cache=True, error_model="numpy")
@@ -212,7 +229,7 @@ def rhs(y, c, p, K, M, dy):
 
 
 @njit(cache=True, error_model="numpy")
-def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1):
+def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, X):
     """rhs with its buffers given (from workspace(K, M)): no allocation of its own."""
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
@@ -240,7 +257,7 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1):
     o += K * K
     for k in range(K):
         for l in range(k, K):
-            tilt_pref = tilt2_table(Cu, k, l, F, Dn, U0, U1)
+            tilt_pref = tilt2_table(Cu, k, l, F, Dn, X)
             acc = 0.0
             acc += eta**2*sigma**2*tilt_pref*v[k]*v[l]
             acc += -2*kappa*Q[k, l]
@@ -362,12 +379,11 @@ def rhs_parallel(y, c, p, K, M, dy):
     for chunk in prange(n_chunks):
         F = np.empty_like(Cu)
         Dn = np.empty(Cu.shape[0])
-        U0 = np.empty(Cu.shape[0])
-        U1 = np.empty(Cu.shape[0])
+        X = np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)
         for i_ in range(chunk, n_pairs, n_chunks):
             k = pair_k[i_]
             l = pair_l[i_]
-            tilt_pref = tilt2_table(Cu, k, l, F, Dn, U0, U1)
+            tilt_pref = tilt2_table(Cu, k, l, F, Dn, X)
             acc = 0.0
             acc += eta**2*sigma**2*tilt_pref*v[k]*v[l]
             acc += -2*kappa*Q[k, l]

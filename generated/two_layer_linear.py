@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 1744f8066addfb240716bc49da0a0433aec229e294a7d4eed93026f736248778
+# inputs:     sha256 a4f1044d2c87d8f438e45a002dfd9db1c9a8eb97dba8864418e119918333a671
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "1744f8066addfb240716bc49da0a0433aec229e294a7d4eed93026f736248778"
+INPUTS_SHA256 = "a4f1044d2c87d8f438e45a002dfd9db1c9a8eb97dba8864418e119918333a671"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
