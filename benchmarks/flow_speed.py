@@ -1,6 +1,6 @@
 """Speed of the generated flows and of the simulator: prints figures, asserts nothing.
 
-    python benchmarks/flow_speed.py [--sizes 2 8 16 32 64] [--anil-sizes 2 8 16 32 64]
+    python benchmarks/flow_speed.py [--sizes 2 4 8 12 16 32 64] [--anil-sizes ...]
                                     [--repeats 5] [--threads 2] [--plot FILE]
                                     [--count-sizes 2 3 4 5 6 8 16]
 
@@ -13,8 +13,10 @@
   per arcsine, and the time per step over the floor (distinct integrals times
   the arcsine's cost);
 - with --threads T > 1: the same with the threaded right-hand side
-  (run_euler_parallel, T numba threads; its compile time is not counted) for
-  K >= 8, and the speed-up over one thread;
+  (run_euler_parallel, T numba threads, in wall time; its compile time is not
+  counted) for K >= 4, the speed-up over one thread, and the K from which the
+  threads pay, beside the rule the runtime follows (PARALLEL_FROM_K); the cold
+  and warm start of a process that runs the threaded loops (numba caches them);
 - the simulator's outer step of anil (order 1, population mode, N = 1000, K = M = 2);
 - time of `python -m derive regenerate` (in a scratch copy, the tree untouched);
 - cold start (empty numba cache: compile) and warm start (cache filled) of a
@@ -174,12 +176,37 @@ print(time.perf_counter() - t0)
 """
 
 
-def startup(cache: str) -> float:
-    env = dict(os.environ, NUMBA_CACHE_DIR=cache, NUMBA_NUM_THREADS="1")
+STARTUP_THREADED = """
+import time; t0 = time.perf_counter()
+import numpy as np
+from runtime import Init, flow
+K = 16
+init = Init(0.5 * np.eye(K), 0.1 * np.ones((K, K)), np.eye(K))
+flow("two_layer", init, {"eta_v": 0.5}, t_max=0.01, dt=0.01, parallel=True)
+print(time.perf_counter() - t0)
+"""
+
+
+def startup(cache: str, threads: int = 1) -> float:
+    """Seconds of a fresh process to its first integrated step, with numba's cache in
+    ``cache``: two_layer K = M = 2 on one thread, or K = M = 16 on the threaded loops."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache, NUMBA_NUM_THREADS=str(threads))
+    script = STARTUP if threads == 1 else STARTUP_THREADED
     out = subprocess.run(
-        [sys.executable, "-c", STARTUP], env=env, cwd=ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, check=True
     )
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def threads_pay_from(threaded: list[tuple[int, float, float]]) -> int | None:
+    """The least K from which the threads are faster at every measured size
+    (``threaded``: K, one-thread and threaded time per step), or None."""
+    best = None
+    for K, t1, tp in sorted(threaded, reverse=True):
+        if tp >= t1:
+            break
+        best = K
+    return best
 
 
 def regenerate_time() -> float:
@@ -218,8 +245,8 @@ def main() -> None:
     adapted = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    adapted.add_argument("--sizes", type=int, nargs="+", default=[2, 8, 16, 32, 64])
-    adapted.add_argument("--anil-sizes", type=int, nargs="+", default=[2, 8, 16, 32, 64])
+    adapted.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8, 12, 16, 32, 64])
+    adapted.add_argument("--anil-sizes", type=int, nargs="+", default=[2, 4, 8, 12, 16, 32, 64])
     adapted.add_argument("--repeats", type=int, default=5)
     adapted.add_argument(
         "--count-sizes",
@@ -268,12 +295,20 @@ def main() -> None:
                 f"{K:>6} {t * 1e3:>11.4f} {t * 100:>10.4f} {mark}{calls:>11} {mark}{distinct:>10}"
                 f" {t / calls * 1e9:>9.2f} {floor * 1e3:>9.4f} {t / floor:>8.2f}"
             )
-            if args.threads > 1 and K >= 8:
+            if args.threads > 1 and K >= 4:
                 tp = step_time(model, K, K, reps, threads=args.threads)
-                threaded.append((K, tp))
+                threaded.append((K, t, tp))
                 line += f" {tp * 1e3:>11.4f} {t / tp:>9.2f}"
             print(line, flush=True)
         print(f"  cost ~ K^{fit_exponent(sizes, times):.2f} (fit over K >= 8, one thread)")
+        if threaded:
+            since = threads_pay_from(threaded)
+            from runtime.integrate import PARALLEL_FROM_K
+
+            print(
+                f"  {args.threads} threads pay from K = {since} on (faster at every measured K from there);"
+                f" runtime's rule: K >= PARALLEL_FROM_K = {PARALLEL_FROM_K}"
+            )
         results[model] = (sizes, times, threaded)
     sim_us = simulator_step_time() * 1e6
     print(f"anil simulator, order 1, population, N = 1000, K = M = 2: {sim_us:.1f} us / outer step")
@@ -283,6 +318,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         print(f"cold start to first step (empty numba cache): {startup(cache):.2f} s")
         print(f"warm start to first step (numba cache filled): {startup(cache):.2f} s")
+    if args.threads > 1:
+        with tempfile.TemporaryDirectory() as cache:
+            cold = startup(cache, args.threads)
+            warm = startup(cache, args.threads)
+            print(
+                f"threaded loops, {args.threads} threads, two_layer K = M = 16, to the first step:"
+                f" cold {cold:.2f} s, warm {warm:.2f} s (numba caches them)"
+            )
 
 
 def plot(results, path, threads) -> None:
@@ -296,7 +339,7 @@ def plot(results, path, threads) -> None:
     for i, (model, (sizes, times, threaded)) in enumerate(results.items()):
         ax.loglog(sizes, np.array(times) * 1e3, "o-", color=f"C{i}", label=f"{model}, one thread")
         if threaded:
-            ks, ts = zip(*threaded)
+            ks, _, ts = zip(*threaded)
             label = f"{model}, {threads} threads"
             ax.loglog(ks, np.array(ts) * 1e3, "s--", color=f"C{i}", mfc="none", label=label)
     # Goldt et al.'s C++ reference integrator, two_layer, one thread (issue 4)
