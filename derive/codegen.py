@@ -140,8 +140,10 @@ def separable_form(d) -> dict:
     """The primitive ``d(C; a, b)`` written as ``value(x, Da, Db)`` with ``x = C_ab`` and
     ``Dr = norm(C_rr)``, so that a table over all pairs of rows computes ``norm`` once
     per row. A square root of a polynomial in the two variances that factors as
-    ``f(C_aa) f(C_bb)`` becomes ``1 / (Da Db)`` with ``norm = 1/sqrt(f)``; for
-    erf, ``I2 = 2 asin(C_ab / sqrt((1 + C_aa)(1 + C_bb))) / pi = 2 asin(x Da Db) / pi``.
+    ``f(C_aa) f(C_bb)`` becomes ``1 / (Da Db)`` with ``norm = 1/sqrt(f)`` (one of
+    ``f(C_bb)`` alone, ``1 / Db``); for erf,
+    ``I2 = 2 asin(C_ab / sqrt((1 + C_aa)(1 + C_bb))) / pi = 2 asin(x Da Db) / pi`` and
+    ``E[u_a g(u_b)] = sqrt(2/pi) C_ab / sqrt(1 + C_bb) = sqrt(2/pi) x Db``.
     Otherwise ``norm`` is the variance itself. The rewrite is checked numerically."""
     la, lb = d.labels
     by_name = {str(s): s for s in d.expr.free_symbols}
@@ -157,13 +159,19 @@ def separable_form(d) -> dict:
         const, factors = sp.factor_list(pw.base)
         fa = sp.Mul(*[f**m for f, m in factors if f.free_symbols == {caa}])
         fb = sp.Mul(*[f**m for f, m in factors if f.free_symbols == {cbb}])
-        if sp.Mul(*[f**m for f, m in factors]) != fa * fb or fb != fa.xreplace({caa: cbb}) or fa == 1:
+        if sp.Mul(*[f**m for f, m in factors]) != fa * fb or fa == fb == 1:
             continue
-        cand = 1 / sp.sqrt(fa.xreplace({caa: var}))
+        if fa != 1 and fb != 1:
+            if fb != fa.xreplace({caa: cbb}):
+                continue
+            cand, root = 1 / sp.sqrt(fa.xreplace({caa: var})), sp.sqrt(const) / (Da * Db)
+        elif fa != 1:  # a root of one variance only (E_id_g: of C_bb)
+            cand, root = 1 / sp.sqrt(fa.xreplace({caa: var})), sp.sqrt(const) / Da
+        else:
+            cand, root = 1 / sp.sqrt(fb.xreplace({cbb: var})), sp.sqrt(const) / Db
         if norm is not None and cand != norm:
             continue
         norm = cand
-        root = sp.sqrt(const) / (Da * Db)
         expr = expr.xreplace({pw: root if pw.exp > 0 else 1 / root})
     if norm is None or expr.has(caa) or expr.has(cbb):
         norm, expr = var, d.expr.xreplace({caa: Da, cbb: Db})
@@ -180,6 +188,7 @@ def separable_form(d) -> dict:
     # function of one argument (asin) is applied in a pass of its own over the
     # arguments, packed (tilt2_table)
     scale, scaled = value.as_independent(x, Da, Db, as_Add=False)
+    form = {"expr": scaled, "scale": scale, "x": x, "Da": Da, "Db": Db}
     xi = sp.Symbol("xi")
     if isinstance(scaled, sp.Function) and len(scaled.args) == 1:
         argument, apply, func = scaled.args[0], scaled.func(xi), code(scaled.func(xi)).split("(")[0]
@@ -194,6 +203,7 @@ def separable_form(d) -> dict:
         "apply": code(apply),
         "func": func,
         "text": text,
+        "form": form,
     }
 
 
@@ -273,6 +283,21 @@ def _reads_upper(t, order) -> bool:
     return _triangular(t) and (x.indices[0], y.indices[0]) == tuple(t.sums)
 
 
+def _tilt1_plan(ir: FlowIR, activation: str):
+    """The split of the one-unit tilt (I3 = tilt by u_a, then E[u_b g(u_c)]) that the
+    derivatives use, and the separable form of its two-field base, so that tilt1_all
+    computes the base's per-row factor once per (unit, row) and each I3 is a product
+    (None, None without such terms)."""
+    for c in ir.derivatives:
+        for t in c.terms:
+            t, _ = _guarded(t)
+            h = _hoisted_tilt(c, t, activation, pair=False)
+            if h is not None and h[1].n == 1:
+                base = h[1].base
+                return h[1], (separable_form(base) if len(base.labels) == 2 else None)
+    return None, None
+
+
 def _tilt_buffers(table) -> list[tuple[str, str]]:
     """(name, allocation) of the buffers of the table of the hoisted pair tilt: the
     table F, the per-row factors Dn of its base, the row coefficients U_s[r]."""
@@ -289,7 +314,7 @@ def _workspace(table, tilt1) -> list[str]:
     if table:
         names += ["Cu", "rows"]
     if tilt1:
-        names += ["Ct1", "tilt1_pref"]
+        names += ["Ct1", "tilt1_pref", "D1"]
     return names + [name for name, _ in _tilt_buffers(table)]
 
 
@@ -306,6 +331,7 @@ def loops(
     hoisted=None,
     table=None,
     rows=None,
+    tilt1_form=None,
 ) -> list[Loop]:
     """Group the component's terms by their summation indices, one loop nest each.
 
@@ -321,20 +347,26 @@ def loops(
         if h is not None and hoisted is not None:
             expr, split = h
             hoisted.append(split)
+            if split.n == 1 and tilt1_form is not None:
+                # the printer writes the base without its numeric factor: here it is
+                # a factor free of the summation indices, multiplied once after the sum
+                expr = expr * tilt1_form["scale"]
         else:
             expr = _term_expr(t)
         tri = _triangular(t)
         key = (tuple((str(s.label), _bound(s)) for s in t.sums), tri, guard)
-        groups.setdefault(key, []).append(_sum(expr, t.sums, tri, primitive_names, table, rows))
+        groups.setdefault(key, []).append(_sum(expr, t.sums, tri, primitive_names, table, rows, tilt1_form))
     return [Loop(k, tuple(v), tri, guard) for (k, tri, guard), v in groups.items()]
 
 
-def _sum(expr: sp.Expr, sums, triangular: bool, primitive_names, table, field_rows=None) -> Sum:
+def _sum(
+    expr: sp.Expr, sums, triangular: bool, primitive_names, table, field_rows=None, tilt1_form=None
+) -> Sum:
     """Split ``expr`` into the factors free of the summation indices and the rest."""
     table_rows = table["rows"] if table else None
 
     def pr(e):
-        return code(e, primitive_names, table_rows, field_rows)
+        return code(e, primitive_names, table_rows, field_rows, tilt1_form)
 
     if not sums:
         return Sum("1.0", pr(expr))
@@ -545,9 +577,11 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
     comps = []
     splits = []
     table = _table_plan(ir, act.name)
+    _, tilt1_sep = _tilt1_plan(ir, act.name)
+    tilt1_form = tilt1_sep["form"] if tilt1_sep else None
     for c in ir.derivatives:
         hoisted: list = []
-        lps = loops(c, names, act.name, hoisted, table, frows)
+        lps = loops(c, names, act.name, hoisted, table, frows, tilt1_form)
         splits += hoisted
         free = [str(i.label) for i in c.free]
         hoist = []
@@ -628,6 +662,8 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
         "cov_blocks": cov_blocks,
         "task": _task_context(ir, names, where, frows),
         "tilt1": tilt1,
+        # the per-row factor of the one-unit tilt's base (D1[a, r] from d = Ct1[a, r, r])
+        "tilt1_norm": tilt1_sep["norm"] if tilt1_sep else "1.0",
         "table": table,
         # buffers of the hoisted pair tilt: in the workspace of rhs, once per chunk of rhs_parallel
         "tilt_buffers": _tilt_buffers(table),

@@ -23,8 +23,12 @@ TILTED1 = "__tilted1"
 class KernelPrinter(PythonCodePrinter):
     """Python code for numba: ``math`` functions, array slots for indexed symbols."""
 
-    def __init__(self, primitive_names=(), table_rows=None, field_rows=None, settings=None):
+    def __init__(self, primitive_names=(), table_rows=None, field_rows=None, settings=None, tilt1_form=None):
         super().__init__(settings or {"fully_qualified_modules": True, "standard": "python3"})
+        # the base of the one-unit tilt in separable form (codegen.separable_form): its
+        # value in x = Ct1[a, r, q] and the per-row factors D1[a, r], D1[a, q] of tilt1_all,
+        # without its numeric factor (codegen.loops multiplies the term by it)
+        self.tilt1_form = tilt1_form
         self.primitive_names = set(primitive_names) | set(PRIMITIVES)
         # field family -> offset of its rows in the table F of a hoisted tilt
         self.table_rows = table_rows
@@ -51,6 +55,12 @@ class KernelPrinter(PythonCodePrinter):
         if name.endswith(TILTED1):
             # a primitive at the covariance tilted by the unit of its first argument
             (a, *rest) = expr.args
+            form = self.tilt1_form
+            if form is not None and len(rest) == 2:
+                at, r, q = (sp.Symbol(self._field_row(x)) for x in (a, *rest))
+                Ct1, D1 = sp.IndexedBase("Ct1"), sp.IndexedBase("D1")
+                slots = {form["x"]: Ct1[at, r, q], form["Da"]: D1[at, r], form["Db"]: D1[at, q]}
+                return self._print(form["expr"].xreplace(slots))
             rows = ", ".join(self._field_row(x) for x in rest)
             return f"{name[: -len(TILTED1)]}(Ct1[{self._field_row(a)}], {rows})"
         if name.endswith(TILTED):
@@ -81,10 +91,11 @@ class KernelPrinter(PythonCodePrinter):
         return f"{int(expr)}"
 
 
-def code(expr: sp.Expr, primitive_names=(), table_rows=None, field_rows=None) -> str:
+def code(expr: sp.Expr, primitive_names=(), table_rows=None, field_rows=None, tilt1_form=None) -> str:
     """``expr`` as numba code; ``field_rows`` maps each field family to the offset of
-    its rows in C (``"K + "``), ``table_rows`` to its rows in the table of a tilt."""
-    return KernelPrinter(primitive_names, table_rows, field_rows).doprint(expr)
+    its rows in C (``"K + "``), ``table_rows`` to its rows in the table of a tilt,
+    ``tilt1_form`` the separable form of the base of the one-unit tilt."""
+    return KernelPrinter(primitive_names, table_rows, field_rows, tilt1_form=tilt1_form).doprint(expr)
 
 
 def field_rows(layout) -> dict:

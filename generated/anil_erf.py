@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 5c56d36424dbd3fbdc986182c7cf48a89dc0b432395f31551d945ca4722e6727
+# inputs:     sha256 c9b68497a55e5e2c52a016e693d3969c62e492fadab7a7491ed6b6b14e035a70
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 854 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "5c56d36424dbd3fbdc986182c7cf48a89dc0b432395f31551d945ca4722e6727"
+INPUTS_SHA256 = "c9b68497a55e5e2c52a016e693d3969c62e492fadab7a7491ed6b6b14e035a70"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -73,18 +73,6 @@ def asin_(x):
 
 # Gaussian primitives, derived by derive/gaussian.py
 @njit(cache=True, error_model="numpy")
-def E_id_g(C, a, b):
-    """E[(u_a) g(u_b)] at covariance C.
-
-    - Stein on u_a
-    - tilt by u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    """
-    C_ab = C[a, b]
-    C_bb = C[b, b]
-    return math.sqrt(2)*C_ab/(math.sqrt(math.pi)*math.sqrt(C_bb + 1))
-
-
-@njit(cache=True, error_model="numpy")
 def I2(C, a, b):
     """E[g(u_a) g(u_b)] at covariance C.
 
@@ -122,12 +110,14 @@ def I2_dir(C, dC, a, b):
 
 
 @njit(cache=True, error_model="numpy")
-def tilt1_all(C, K, Ct1, pref):
+def tilt1_all(C, K, Ct1, pref, D1):
     """The tilt rule of derive/gaussian.py for one g' factor, on every student row a:
     Ct = C - C[:, S] (w I + C_SS)^-1 C[S, :] with S = (a), prefactor A^1 det(I +
     C_SS / w)^(-1/2), for g' = A exp(-z^2 / (2 w)), A = sqrt(2)/sqrt(pi), w = 1.
     Ct1[a] is the tilted covariance and pref[a] the prefactor; each expression is
-    the rule's own, split by loop level in derive/tables.py."""
+    the rule's own, split by loop level in derive/tables.py. D1[a, r] is the per-row
+    factor of the base primitive read at Ct1[a] (derive/codegen.py: separable_form),
+    computed once per (a, r) instead of once per read."""
     n = C.shape[0]
     for a in range(K):
         e0 = C[a, a] + 1
@@ -137,6 +127,8 @@ def tilt1_all(C, K, Ct1, pref):
             u0 = k00*C[r, a]
             for q in range(n):
                 Ct1[a, r, q] = u0*C[a, q] + C[r, q]
+            d = Ct1[a, r, r]
+            D1[a, r] = 1/math.sqrt(d + 1)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
@@ -592,11 +584,12 @@ def workspace(K, M):
         rows[K + i] = K + M + i
     Ct1 = np.empty((K, C.shape[0], C.shape[0]))
     tilt1_pref = np.empty(K)
+    D1 = np.empty((K, C.shape[0]))
 
     F = np.empty_like(Cu)
     Dn = np.empty(Cu.shape[0])
     X = np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)
-    return (C, Cu, rows, Ct1, tilt1_pref, F, Dn, X,)
+    return (C, Cu, rows, Ct1, tilt1_pref, D1, F, Dn, X,)
 
 
 @njit(cache=True, error_model="numpy")
@@ -606,7 +599,7 @@ def rhs(y, c, p, K, M, dy):
 
 
 @njit(cache=True, error_model="numpy")
-def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, X):
+def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, F, Dn, X):
     """rhs with its buffers given (from workspace(K, M)): no allocation of its own beyond the task moments."""
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
@@ -636,7 +629,7 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, X):
     for i in range(rows.size):
         for j in range(rows.size):
             Cu[i, j] = C[rows[i], rows[j]]
-    tilt1_all(C, K, Ct1, tilt1_pref)
+    tilt1_all(C, K, Ct1, tilt1_pref, D1)
     mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da = task_moments(y, c, p, K, M, C, False)
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
@@ -750,17 +743,17 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, X):
             s0 = 0.0
             s1 = 0.0
             for j0 in range(K):
-                s0 += (S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*E_id_g(Ct1[k], l, j0)
-                s1 += (S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*E_id_g(Ct1[l], k, j0)
-            acc += -eta*tilt1_pref[k] * s0
-            acc += -eta*tilt1_pref[l] * s1
+                s0 += (S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*Ct1[k, l, j0]*D1[k, j0]
+                s1 += (S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*Ct1[l, k, j0]*D1[l, j0]
+            acc += -math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
+            acc += -math.sqrt(2)*eta*tilt1_pref[l]/math.sqrt(math.pi) * s1
             s0 = 0.0
             s1 = 0.0
             for m0 in range(M):
-                s0 += (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*E_id_g(Ct1[k], l, K + M + m0)
-                s1 += (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*E_id_g(Ct1[l], k, K + M + m0)
-            acc += eta*tilt1_pref[k] * s0
-            acc += eta*tilt1_pref[l] * s1
+                s0 += (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*Ct1[k, l, K + M + m0]*D1[k, K + M + m0]
+                s1 += (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*Ct1[l, k, K + M + m0]*D1[l, K + M + m0]
+            acc += math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
+            acc += math.sqrt(2)*eta*tilt1_pref[l]/math.sqrt(math.pi) * s1
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -825,12 +818,12 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, X):
             acc = 0.0
             s0 = 0.0
             for j0 in range(K):
-                s0 += (S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*E_id_g(Ct1[k], K + n, j0)
-            acc += -eta*tilt1_pref[k] * s0
+                s0 += (S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*Ct1[k, K + n, j0]*D1[k, j0]
+            acc += -math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
             s0 = 0.0
             for m0 in range(M):
-                s0 += (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*E_id_g(Ct1[k], K + n, K + M + m0)
-            acc += eta*tilt1_pref[k] * s0
+                s0 += (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*Ct1[k, K + n, K + M + m0]*D1[k, K + M + m0]
+            acc += math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -917,6 +910,7 @@ def rhs_parallel(y, c, p, K, M, dy):
         rows[K + i] = K + M + i
     Ct1 = np.empty((K, C.shape[0], C.shape[0]))
     tilt1_pref = np.empty(K)
+    D1 = np.empty((K, C.shape[0]))
 
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
@@ -946,7 +940,7 @@ def rhs_parallel(y, c, p, K, M, dy):
     for i in range(rows.size):
         for j in range(rows.size):
             Cu[i, j] = C[rows[i], rows[j]]
-    tilt1_all(C, K, Ct1, tilt1_pref)
+    tilt1_all(C, K, Ct1, tilt1_pref, D1)
     mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da = task_moments(y, c, p, K, M, C, False)
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
@@ -1076,17 +1070,17 @@ def rhs_parallel(y, c, p, K, M, dy):
             s0 = 0.0
             s1 = 0.0
             for j0 in range(K):
-                s0 += (S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*E_id_g(Ct1[k], l, j0)
-                s1 += (S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*E_id_g(Ct1[l], k, j0)
-            acc += -eta*tilt1_pref[k] * s0
-            acc += -eta*tilt1_pref[l] * s1
+                s0 += (S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*Ct1[k, l, j0]*D1[k, j0]
+                s1 += (S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*Ct1[l, k, j0]*D1[l, j0]
+            acc += -math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
+            acc += -math.sqrt(2)*eta*tilt1_pref[l]/math.sqrt(math.pi) * s1
             s0 = 0.0
             s1 = 0.0
             for m0 in range(M):
-                s0 += (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*E_id_g(Ct1[k], l, K + M + m0)
-                s1 += (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*E_id_g(Ct1[l], k, K + M + m0)
-            acc += eta*tilt1_pref[k] * s0
-            acc += eta*tilt1_pref[l] * s1
+                s0 += (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*Ct1[k, l, K + M + m0]*D1[k, K + M + m0]
+                s1 += (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*Ct1[l, k, K + M + m0]*D1[l, K + M + m0]
+            acc += math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
+            acc += math.sqrt(2)*eta*tilt1_pref[l]/math.sqrt(math.pi) * s1
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -1151,12 +1145,12 @@ def rhs_parallel(y, c, p, K, M, dy):
             acc = 0.0
             s0 = 0.0
             for j0 in range(K):
-                s0 += (S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*E_id_g(Ct1[k], K + n, j0)
-            acc += -eta*tilt1_pref[k] * s0
+                s0 += (S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*Ct1[k, K + n, j0]*D1[k, j0]
+            acc += -math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
             s0 = 0.0
             for m0 in range(M):
-                s0 += (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*E_id_g(Ct1[k], K + n, K + M + m0)
-            acc += eta*tilt1_pref[k] * s0
+                s0 += (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*Ct1[k, K + n, K + M + m0]*D1[k, K + M + m0]
+            acc += math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 a3adcdae9a8d38a1e7183c20f4faa6a7a8c3eb092f664c1decc6621249896a57
+# inputs:     sha256 9431785ed4383f7a7fe3c25ca893be160b15bc8e64861e6b5e9cd25664dce1f4
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 587 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "a3adcdae9a8d38a1e7183c20f4faa6a7a8c3eb092f664c1decc6621249896a57"
+INPUTS_SHA256 = "9431785ed4383f7a7fe3c25ca893be160b15bc8e64861e6b5e9cd25664dce1f4"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 a62f68c9616df3b9bcea67eea7a1c7403626b018e2e2ef9b783559fdfbf57813
+# inputs:     sha256 d32025cd8d95df88067cf4490758a58c7b14a80fe7f607ecb775b5a016f3e3dc
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "a62f68c9616df3b9bcea67eea7a1c7403626b018e2e2ef9b783559fdfbf57813"
+INPUTS_SHA256 = "d32025cd8d95df88067cf4490758a58c7b14a80fe7f607ecb775b5a016f3e3dc"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )
@@ -72,18 +72,6 @@ def asin_(x):
 
 # Gaussian primitives, derived by derive/gaussian.py
 @njit(cache=True, error_model="numpy")
-def E_id_g(C, a, b):
-    """E[(u_a) g(u_b)] at covariance C.
-
-    - Stein on u_a
-    - tilt by u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    """
-    C_ab = C[a, b]
-    C_bb = C[b, b]
-    return math.sqrt(2)*C_ab/(math.sqrt(math.pi)*math.sqrt(C_bb + 1))
-
-
-@njit(cache=True, error_model="numpy")
 def I2(C, a, b):
     """E[g(u_a) g(u_b)] at covariance C.
 
@@ -99,12 +87,14 @@ def I2(C, a, b):
 
 
 @njit(cache=True, error_model="numpy")
-def tilt1_all(C, K, Ct1, pref):
+def tilt1_all(C, K, Ct1, pref, D1):
     """The tilt rule of derive/gaussian.py for one g' factor, on every student row a:
     Ct = C - C[:, S] (w I + C_SS)^-1 C[S, :] with S = (a), prefactor A^1 det(I +
     C_SS / w)^(-1/2), for g' = A exp(-z^2 / (2 w)), A = sqrt(2)/sqrt(pi), w = 1.
     Ct1[a] is the tilted covariance and pref[a] the prefactor; each expression is
-    the rule's own, split by loop level in derive/tables.py."""
+    the rule's own, split by loop level in derive/tables.py. D1[a, r] is the per-row
+    factor of the base primitive read at Ct1[a] (derive/codegen.py: separable_form),
+    computed once per (a, r) instead of once per read."""
     n = C.shape[0]
     for a in range(K):
         e0 = C[a, a] + 1
@@ -114,6 +104,8 @@ def tilt1_all(C, K, Ct1, pref):
             u0 = k00*C[r, a]
             for q in range(n):
                 Ct1[a, r, q] = u0*C[a, q] + C[r, q]
+            d = Ct1[a, r, r]
+            D1[a, r] = 1/math.sqrt(d + 1)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
@@ -209,11 +201,12 @@ def workspace(K, M):
     rows = np.arange(C.shape[0])
     Ct1 = np.empty((K, C.shape[0], C.shape[0]))
     tilt1_pref = np.empty(K)
+    D1 = np.empty((K, C.shape[0]))
 
     F = np.empty_like(Cu)
     Dn = np.empty(Cu.shape[0])
     X = np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)
-    return (C, Cu, rows, Ct1, tilt1_pref, F, Dn, X,)
+    return (C, Cu, rows, Ct1, tilt1_pref, D1, F, Dn, X,)
 
 
 @njit(cache=True, error_model="numpy")
@@ -223,7 +216,7 @@ def rhs(y, c, p, K, M, dy):
 
 
 @njit(cache=True, error_model="numpy")
-def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, X):
+def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, F, Dn, X):
     """rhs with its buffers given (from workspace(K, M)): no allocation of its own."""
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
@@ -238,7 +231,7 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, X):
     eta = p[0]
     sigma = p[1]
     covariance(y, c, p, K, M, C)
-    tilt1_all(C, K, Ct1, tilt1_pref)
+    tilt1_all(C, K, Ct1, tilt1_pref, D1)
 
     o = 0
     dQ = dy[o : o + K * K].reshape((K, K))
@@ -251,17 +244,17 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, X):
             s0 = 0.0
             s1 = 0.0
             for j0 in range(K):
-                s0 += E_id_g(Ct1[k], l, j0)
-                s1 += E_id_g(Ct1[l], k, j0)
-            acc += -eta*tilt1_pref[k] * s0
-            acc += -eta*tilt1_pref[l] * s1
+                s0 += Ct1[k, l, j0]*D1[k, j0]
+                s1 += Ct1[l, k, j0]*D1[l, j0]
+            acc += -math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
+            acc += -math.sqrt(2)*eta*tilt1_pref[l]/math.sqrt(math.pi) * s1
             s0 = 0.0
             s1 = 0.0
             for m0 in range(M):
-                s0 += E_id_g(Ct1[k], l, K + m0)
-                s1 += E_id_g(Ct1[l], k, K + m0)
-            acc += eta*tilt1_pref[k] * s0
-            acc += eta*tilt1_pref[l] * s1
+                s0 += Ct1[k, l, K + m0]*D1[k, K + m0]
+                s1 += Ct1[l, k, K + m0]*D1[l, K + m0]
+            acc += math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
+            acc += math.sqrt(2)*eta*tilt1_pref[l]/math.sqrt(math.pi) * s1
             s0 = 0.0
             d0 = 0.0
             for j0 in range(K):
@@ -290,12 +283,12 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, X):
             acc = 0.0
             s0 = 0.0
             for j0 in range(K):
-                s0 += E_id_g(Ct1[k], K + n, j0)
-            acc += -eta*tilt1_pref[k] * s0
+                s0 += Ct1[k, K + n, j0]*D1[k, j0]
+            acc += -math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
             s0 = 0.0
             for m0 in range(M):
-                s0 += E_id_g(Ct1[k], K + n, K + m0)
-            acc += eta*tilt1_pref[k] * s0
+                s0 += Ct1[k, K + n, K + m0]*D1[k, K + m0]
+            acc += math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
             dR[k, n] = acc
 
 
@@ -312,6 +305,7 @@ def rhs_parallel(y, c, p, K, M, dy):
     rows = np.arange(C.shape[0])
     Ct1 = np.empty((K, C.shape[0], C.shape[0]))
     tilt1_pref = np.empty(K)
+    D1 = np.empty((K, C.shape[0]))
 
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
@@ -326,7 +320,7 @@ def rhs_parallel(y, c, p, K, M, dy):
     eta = p[0]
     sigma = p[1]
     covariance(y, c, p, K, M, C)
-    tilt1_all(C, K, Ct1, tilt1_pref)
+    tilt1_all(C, K, Ct1, tilt1_pref, D1)
 
     o = 0
     dQ = dy[o : o + K * K].reshape((K, K))
@@ -355,17 +349,17 @@ def rhs_parallel(y, c, p, K, M, dy):
             s0 = 0.0
             s1 = 0.0
             for j0 in range(K):
-                s0 += E_id_g(Ct1[k], l, j0)
-                s1 += E_id_g(Ct1[l], k, j0)
-            acc += -eta*tilt1_pref[k] * s0
-            acc += -eta*tilt1_pref[l] * s1
+                s0 += Ct1[k, l, j0]*D1[k, j0]
+                s1 += Ct1[l, k, j0]*D1[l, j0]
+            acc += -math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
+            acc += -math.sqrt(2)*eta*tilt1_pref[l]/math.sqrt(math.pi) * s1
             s0 = 0.0
             s1 = 0.0
             for m0 in range(M):
-                s0 += E_id_g(Ct1[k], l, K + m0)
-                s1 += E_id_g(Ct1[l], k, K + m0)
-            acc += eta*tilt1_pref[k] * s0
-            acc += eta*tilt1_pref[l] * s1
+                s0 += Ct1[k, l, K + m0]*D1[k, K + m0]
+                s1 += Ct1[l, k, K + m0]*D1[l, K + m0]
+            acc += math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
+            acc += math.sqrt(2)*eta*tilt1_pref[l]/math.sqrt(math.pi) * s1
             s0 = 0.0
             d0 = 0.0
             for j0 in range(K):
@@ -394,12 +388,12 @@ def rhs_parallel(y, c, p, K, M, dy):
             acc = 0.0
             s0 = 0.0
             for j0 in range(K):
-                s0 += E_id_g(Ct1[k], K + n, j0)
-            acc += -eta*tilt1_pref[k] * s0
+                s0 += Ct1[k, K + n, j0]*D1[k, j0]
+            acc += -math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
             s0 = 0.0
             for m0 in range(M):
-                s0 += E_id_g(Ct1[k], K + n, K + m0)
-            acc += eta*tilt1_pref[k] * s0
+                s0 += Ct1[k, K + n, K + m0]*D1[k, K + m0]
+            acc += math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
             dR[k, n] = acc
 
 

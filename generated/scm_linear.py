@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 5930371c18b794edc8706d2cd296f8eca92d38926a14f8b69ddca41df42a7ff3
+# inputs:     sha256 d20881488420d6d1a29712a82f5eead1ada9a306684a9aa20fc9158093ca2fff
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "5930371c18b794edc8706d2cd296f8eca92d38926a14f8b69ddca41df42a7ff3"
+INPUTS_SHA256 = "d20881488420d6d1a29712a82f5eead1ada9a306684a9aa20fc9158093ca2fff"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

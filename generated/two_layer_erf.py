@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 dd94b1716efe71241e9d07298113a9af49abbc14494b153cff7bf61260254527
+# inputs:     sha256 095631cc7802b24a622d8709b002224f33dc44658d07cbd191a3a165be01c071
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "dd94b1716efe71241e9d07298113a9af49abbc14494b153cff7bf61260254527"
+INPUTS_SHA256 = "095631cc7802b24a622d8709b002224f33dc44658d07cbd191a3a165be01c071"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
@@ -72,18 +72,6 @@ def asin_(x):
 
 # Gaussian primitives, derived by derive/gaussian.py
 @njit(cache=True, error_model="numpy")
-def E_id_g(C, a, b):
-    """E[(u_a) g(u_b)] at covariance C.
-
-    - Stein on u_a
-    - tilt by u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    """
-    C_ab = C[a, b]
-    C_bb = C[b, b]
-    return math.sqrt(2)*C_ab/(math.sqrt(math.pi)*math.sqrt(C_bb + 1))
-
-
-@njit(cache=True, error_model="numpy")
 def I2(C, a, b):
     """E[g(u_a) g(u_b)] at covariance C.
 
@@ -99,12 +87,14 @@ def I2(C, a, b):
 
 
 @njit(cache=True, error_model="numpy")
-def tilt1_all(C, K, Ct1, pref):
+def tilt1_all(C, K, Ct1, pref, D1):
     """The tilt rule of derive/gaussian.py for one g' factor, on every student row a:
     Ct = C - C[:, S] (w I + C_SS)^-1 C[S, :] with S = (a), prefactor A^1 det(I +
     C_SS / w)^(-1/2), for g' = A exp(-z^2 / (2 w)), A = sqrt(2)/sqrt(pi), w = 1.
     Ct1[a] is the tilted covariance and pref[a] the prefactor; each expression is
-    the rule's own, split by loop level in derive/tables.py."""
+    the rule's own, split by loop level in derive/tables.py. D1[a, r] is the per-row
+    factor of the base primitive read at Ct1[a] (derive/codegen.py: separable_form),
+    computed once per (a, r) instead of once per read."""
     n = C.shape[0]
     for a in range(K):
         e0 = C[a, a] + 1
@@ -114,6 +104,8 @@ def tilt1_all(C, K, Ct1, pref):
             u0 = k00*C[r, a]
             for q in range(n):
                 Ct1[a, r, q] = u0*C[a, q] + C[r, q]
+            d = Ct1[a, r, r]
+            D1[a, r] = 1/math.sqrt(d + 1)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
@@ -215,11 +207,12 @@ def workspace(K, M):
     rows = np.arange(C.shape[0])
     Ct1 = np.empty((K, C.shape[0], C.shape[0]))
     tilt1_pref = np.empty(K)
+    D1 = np.empty((K, C.shape[0]))
 
     F = np.empty_like(Cu)
     Dn = np.empty(Cu.shape[0])
     X = np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)
-    return (C, Cu, rows, Ct1, tilt1_pref, F, Dn, X,)
+    return (C, Cu, rows, Ct1, tilt1_pref, D1, F, Dn, X,)
 
 
 @njit(cache=True, error_model="numpy")
@@ -229,7 +222,7 @@ def rhs(y, c, p, K, M, dy):
 
 
 @njit(cache=True, error_model="numpy")
-def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, X):
+def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, F, Dn, X):
     """rhs with its buffers given (from workspace(K, M)): no allocation of its own."""
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
@@ -250,7 +243,7 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, X):
     kappa = p[2]
     sigma = p[3]
     covariance(y, c, p, K, M, C)
-    tilt1_all(C, K, Ct1, tilt1_pref)
+    tilt1_all(C, K, Ct1, tilt1_pref, D1)
 
     o = 0
     dQ = dy[o : o + K * K].reshape((K, K))
@@ -264,17 +257,17 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, X):
             s0 = 0.0
             s1 = 0.0
             for j0 in range(K):
-                s0 += E_id_g(Ct1[k], l, j0)*v[j0]
-                s1 += E_id_g(Ct1[l], k, j0)*v[j0]
-            acc += -eta*tilt1_pref[k]*v[k] * s0
-            acc += -eta*tilt1_pref[l]*v[l] * s1
+                s0 += Ct1[k, l, j0]*D1[k, j0]*v[j0]
+                s1 += Ct1[l, k, j0]*D1[l, j0]*v[j0]
+            acc += -math.sqrt(2)*eta*tilt1_pref[k]*v[k]/math.sqrt(math.pi) * s0
+            acc += -math.sqrt(2)*eta*tilt1_pref[l]*v[l]/math.sqrt(math.pi) * s1
             s0 = 0.0
             s1 = 0.0
             for m0 in range(M):
-                s0 += E_id_g(Ct1[k], l, K + m0)*vs[m0]
-                s1 += E_id_g(Ct1[l], k, K + m0)*vs[m0]
-            acc += eta*tilt1_pref[k]*v[k] * s0
-            acc += eta*tilt1_pref[l]*v[l] * s1
+                s0 += Ct1[k, l, K + m0]*D1[k, K + m0]*vs[m0]
+                s1 += Ct1[l, k, K + m0]*D1[l, K + m0]*vs[m0]
+            acc += math.sqrt(2)*eta*tilt1_pref[k]*v[k]/math.sqrt(math.pi) * s0
+            acc += math.sqrt(2)*eta*tilt1_pref[l]*v[l]/math.sqrt(math.pi) * s1
             s0 = 0.0
             d0 = 0.0
             for j0 in range(K):
@@ -303,12 +296,12 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, X):
             acc = 0.0
             s0 = 0.0
             for j0 in range(K):
-                s0 += E_id_g(Ct1[k], K + n, j0)*v[j0]
-            acc += -eta*tilt1_pref[k]*v[k] * s0
+                s0 += Ct1[k, K + n, j0]*D1[k, j0]*v[j0]
+            acc += -math.sqrt(2)*eta*tilt1_pref[k]*v[k]/math.sqrt(math.pi) * s0
             s0 = 0.0
             for m0 in range(M):
-                s0 += E_id_g(Ct1[k], K + n, K + m0)*vs[m0]
-            acc += eta*tilt1_pref[k]*v[k] * s0
+                s0 += Ct1[k, K + n, K + m0]*D1[k, K + m0]*vs[m0]
+            acc += math.sqrt(2)*eta*tilt1_pref[k]*v[k]/math.sqrt(math.pi) * s0
             acc += -kappa*R[k, n]
             dR[k, n] = acc
     dv = dy[o : o + K]
@@ -340,6 +333,7 @@ def rhs_parallel(y, c, p, K, M, dy):
     rows = np.arange(C.shape[0])
     Ct1 = np.empty((K, C.shape[0], C.shape[0]))
     tilt1_pref = np.empty(K)
+    D1 = np.empty((K, C.shape[0]))
 
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
@@ -360,7 +354,7 @@ def rhs_parallel(y, c, p, K, M, dy):
     kappa = p[2]
     sigma = p[3]
     covariance(y, c, p, K, M, C)
-    tilt1_all(C, K, Ct1, tilt1_pref)
+    tilt1_all(C, K, Ct1, tilt1_pref, D1)
 
     o = 0
     dQ = dy[o : o + K * K].reshape((K, K))
@@ -390,17 +384,17 @@ def rhs_parallel(y, c, p, K, M, dy):
             s0 = 0.0
             s1 = 0.0
             for j0 in range(K):
-                s0 += E_id_g(Ct1[k], l, j0)*v[j0]
-                s1 += E_id_g(Ct1[l], k, j0)*v[j0]
-            acc += -eta*tilt1_pref[k]*v[k] * s0
-            acc += -eta*tilt1_pref[l]*v[l] * s1
+                s0 += Ct1[k, l, j0]*D1[k, j0]*v[j0]
+                s1 += Ct1[l, k, j0]*D1[l, j0]*v[j0]
+            acc += -math.sqrt(2)*eta*tilt1_pref[k]*v[k]/math.sqrt(math.pi) * s0
+            acc += -math.sqrt(2)*eta*tilt1_pref[l]*v[l]/math.sqrt(math.pi) * s1
             s0 = 0.0
             s1 = 0.0
             for m0 in range(M):
-                s0 += E_id_g(Ct1[k], l, K + m0)*vs[m0]
-                s1 += E_id_g(Ct1[l], k, K + m0)*vs[m0]
-            acc += eta*tilt1_pref[k]*v[k] * s0
-            acc += eta*tilt1_pref[l]*v[l] * s1
+                s0 += Ct1[k, l, K + m0]*D1[k, K + m0]*vs[m0]
+                s1 += Ct1[l, k, K + m0]*D1[l, K + m0]*vs[m0]
+            acc += math.sqrt(2)*eta*tilt1_pref[k]*v[k]/math.sqrt(math.pi) * s0
+            acc += math.sqrt(2)*eta*tilt1_pref[l]*v[l]/math.sqrt(math.pi) * s1
             s0 = 0.0
             d0 = 0.0
             for j0 in range(K):
@@ -429,12 +423,12 @@ def rhs_parallel(y, c, p, K, M, dy):
             acc = 0.0
             s0 = 0.0
             for j0 in range(K):
-                s0 += E_id_g(Ct1[k], K + n, j0)*v[j0]
-            acc += -eta*tilt1_pref[k]*v[k] * s0
+                s0 += Ct1[k, K + n, j0]*D1[k, j0]*v[j0]
+            acc += -math.sqrt(2)*eta*tilt1_pref[k]*v[k]/math.sqrt(math.pi) * s0
             s0 = 0.0
             for m0 in range(M):
-                s0 += E_id_g(Ct1[k], K + n, K + m0)*vs[m0]
-            acc += eta*tilt1_pref[k]*v[k] * s0
+                s0 += Ct1[k, K + n, K + m0]*D1[k, K + m0]*vs[m0]
+            acc += math.sqrt(2)*eta*tilt1_pref[k]*v[k]/math.sqrt(math.pi) * s0
             acc += -kappa*R[k, n]
             dR[k, n] = acc
     dv = dy[o : o + K]

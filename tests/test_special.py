@@ -116,11 +116,13 @@ def test_tilt_by_one_unit_equals_the_schur_complement():
     for n, K in ((3, 2), (7, 4)):
         A = rng.standard_normal((n, n + 2))
         C = A @ A.T / n + 0.2 * np.eye(n)
-        Ct1, pref = np.empty((K, n, n)), np.empty(K)
-        two_layer_erf.tilt1_all(C, K, Ct1, pref)
+        Ct1, pref, D1 = np.empty((K, n, n)), np.empty(K), np.empty((K, n))
+        two_layer_erf.tilt1_all(C, K, Ct1, pref, D1)
         for a in range(K):
             ref = C - np.outer(C[:, a], C[a, :]) / (1 + C[a, a])
             np.testing.assert_allclose(Ct1[a], ref, rtol=1e-13, atol=1e-15)
+            # the per-row factor of E[u_b g(u_c)] = sqrt(2/pi) C_bc / sqrt(1 + C_cc) at Ct1[a]
+            np.testing.assert_allclose(D1[a], 1 / np.sqrt(1 + np.diag(ref)), rtol=1e-13)
             assert pref[a] == pytest.approx(math.sqrt(2 / math.pi) / math.sqrt(1 + C[a, a]), rel=1e-14)
 
 
