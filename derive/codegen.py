@@ -303,9 +303,13 @@ def _tilt_buffers(table) -> list[tuple[str, str]]:
     table F, the per-row factors Dn of its base, the row coefficients U_s[r]."""
     if not table:
         return []
+    packed = ("X", "np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)")
+    if table["fill"] == "upper":
+        # read where it is filled: F[r, q] = X[P[r] + q], q >= r
+        return [("Dn", "np.empty(Cu.shape[0])"), packed, ("P", "np.empty(Cu.shape[0], np.int64)")]
     bufs = [("F", "np.empty_like(Cu)"), ("Dn", "np.empty(Cu.shape[0])")]
-    if table["fill"] != "full":
-        bufs.append(("X", "np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)"))
+    if table["fill"] == "mirror":
+        bufs.append(packed)
     return bufs
 
 
@@ -364,9 +368,10 @@ def _sum(
 ) -> Sum:
     """Split ``expr`` into the factors free of the summation indices and the rest."""
     table_rows = table["rows"] if table else None
+    packed = bool(table) and table["fill"] == "upper"
 
     def pr(e):
-        return code(e, primitive_names, table_rows, field_rows, tilt1_form)
+        return code(e, primitive_names, table_rows, field_rows, tilt1_form, packed)
 
     if not sums:
         return Sum("1.0", pr(expr))

@@ -23,12 +23,22 @@ TILTED1 = "__tilted1"
 class KernelPrinter(PythonCodePrinter):
     """Python code for numba: ``math`` functions, array slots for indexed symbols."""
 
-    def __init__(self, primitive_names=(), table_rows=None, field_rows=None, settings=None, tilt1_form=None):
+    def __init__(
+        self,
+        primitive_names=(),
+        table_rows=None,
+        field_rows=None,
+        settings=None,
+        tilt1_form=None,
+        packed=False,
+    ):
         super().__init__(settings or {"fully_qualified_modules": True, "standard": "python3"})
         # the base of the one-unit tilt in separable form (codegen.separable_form): its
         # value in x = Ct1[a, r, q] and the per-row factors D1[a, r], D1[a, q] of tilt1_all,
         # without its numeric factor (codegen.loops multiplies the term by it)
         self.tilt1_form = tilt1_form
+        # the table of the pair tilt is read packed, X[P[r] + q] (its upper triangle)
+        self.packed = packed
         self.primitive_names = set(primitive_names) | set(PRIMITIVES)
         # field family -> offset of its rows in the table F of a hoisted tilt
         self.table_rows = table_rows
@@ -67,8 +77,10 @@ class KernelPrinter(PythonCodePrinter):
             # a primitive at the tilted covariance, read from the table of the hoisted tilt
             if self.table_rows is None:
                 raise ValueError(f"{name}: a primitive at a pair-tilted covariance needs its table")
-            rows = ", ".join(self._field_row(a, self.table_rows) for a in expr.args)
-            return f"F[{rows}]"
+            rows = [self._field_row(a, self.table_rows) for a in expr.args]
+            if self.packed:
+                return f"X[P[{rows[0]}] + {rows[1]}]"
+            return f"F[{', '.join(rows)}]"
         if name in self.primitive_names:
             rows = ", ".join(self._field_row(a) for a in expr.args)
             return f"{name}(C, dC, {rows})" if name.endswith("_dir") else f"{name}(C, {rows})"
@@ -91,11 +103,15 @@ class KernelPrinter(PythonCodePrinter):
         return f"{int(expr)}"
 
 
-def code(expr: sp.Expr, primitive_names=(), table_rows=None, field_rows=None, tilt1_form=None) -> str:
+def code(
+    expr: sp.Expr, primitive_names=(), table_rows=None, field_rows=None, tilt1_form=None, packed=False
+) -> str:
     """``expr`` as numba code; ``field_rows`` maps each field family to the offset of
-    its rows in C (``"K + "``), ``table_rows`` to its rows in the table of a tilt,
-    ``tilt1_form`` the separable form of the base of the one-unit tilt."""
-    return KernelPrinter(primitive_names, table_rows, field_rows, tilt1_form=tilt1_form).doprint(expr)
+    its rows in C (``"K + "``), ``table_rows`` to its rows in the table of a tilt
+    (read ``packed`` when only its upper triangle is filled), ``tilt1_form`` the
+    separable form of the base of the one-unit tilt."""
+    printer = KernelPrinter(primitive_names, table_rows, field_rows, tilt1_form=tilt1_form, packed=packed)
+    return printer.doprint(expr)
 
 
 def field_rows(layout) -> dict:

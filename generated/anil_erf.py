@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 c9b68497a55e5e2c52a016e693d3969c62e492fadab7a7491ed6b6b14e035a70
+# inputs:     sha256 d04c83cd72938e98312f9ae4b2c4858bae927c7bf04f3986b658f0f776c81854
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 854 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "c9b68497a55e5e2c52a016e693d3969c62e492fadab7a7491ed6b6b14e035a70"
+INPUTS_SHA256 = "d04c83cd72938e98312f9ae4b2c4858bae927c7bf04f3986b658f0f776c81854"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -144,9 +144,10 @@ def tilt2_table(C, a, b, F, Dn, X):
     one asin_ per distinct integral. A first pass, from the last row to the
     first, computes each row's factors and the arguments of its entries q >= r
     (D[q] is ready) into X, the triangle packed row by row; a second applies
-    asin_ to X in one flat loop (whole vectors, no ragged row ends); a third
-    copies X into F. The rows are read through views (C[a, r:], ...): indices
-    that start at 0 need no negative-index check, and the loops vectorise.
+    asin_ to X in one flat loop (whole vectors, no ragged row ends);
+    a third copies X into F.
+    The rows are read through views (C[a, r:], ...): indices that start at 0 need
+    no negative-index check, and the loops vectorise.
     Returns the prefactor. Each expression is the rule's own, split by loop level
     in derive/tables.py; the loops have no branch or call: numba vectorises them."""
     e0 = C[a, a]*C[b, b] + C[a, a] - C[a, b]**2 + C[b, b] + 1

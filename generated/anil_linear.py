@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 9431785ed4383f7a7fe3c25ca893be160b15bc8e64861e6b5e9cd25664dce1f4
+# inputs:     sha256 95d51623aba87e5e0f0d701ea826ed3d2e6b4381de04e674a7029ea1fe2070b8
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 587 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "9431785ed4383f7a7fe3c25ca893be160b15bc8e64861e6b5e9cd25664dce1f4"
+INPUTS_SHA256 = "95d51623aba87e5e0f0d701ea826ed3d2e6b4381de04e674a7029ea1fe2070b8"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 d32025cd8d95df88067cf4490758a58c7b14a80fe7f607ecb775b5a016f3e3dc
+# inputs:     sha256 d8026fcf90ff18692a0bca9ffb0b27f9539705135cd8872990382a0c97a2a430
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "d32025cd8d95df88067cf4490758a58c7b14a80fe7f607ecb775b5a016f3e3dc"
+INPUTS_SHA256 = "d8026fcf90ff18692a0bca9ffb0b27f9539705135cd8872990382a0c97a2a430"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )
@@ -109,7 +109,7 @@ def tilt1_all(C, K, Ct1, pref, D1):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
-def tilt2_table(C, a, b, F, Dn, X):
+def tilt2_table(C, a, b, Dn, X, P):
     """The tilt rule of derive/gaussian.py for two g' factors on rows a, b of C,
     Ct = C - C[:, S] (w I + C_SS)^-1 C[S, :] with S = (a, b), prefactor A^2 det(I +
     C_SS / w)^(-1/2), for g' = A exp(-z^2 / (2 w)), A = sqrt(2)/sqrt(pi), w = 1,
@@ -122,9 +122,10 @@ def tilt2_table(C, a, b, F, Dn, X):
     one asin_ per distinct integral. A first pass, from the last row to the
     first, computes each row's factors and the arguments of its entries q >= r
     (D[q] is ready) into X, the triangle packed row by row; a second applies
-    asin_ to X in one flat loop (whole vectors, no ragged row ends); a third
-    copies X into F. The rows are read through views (C[a, r:], ...): indices
-    that start at 0 need no negative-index check, and the loops vectorise.
+    asin_ to X in one flat loop (whole vectors, no ragged row ends);
+    the sums read X where it is: F[r, q] = X[P[r] + q] for q >= r.
+    The rows are read through views (C[a, r:], ...): indices that start at 0 need
+    no negative-index check, and the loops vectorise.
     Returns the prefactor. Each expression is the rule's own, split by loop level
     in derive/tables.py; the loops have no branch or call: numba vectorises them."""
     e0 = C[a, a]*C[b, b] + C[a, a] - C[a, b]**2 + C[b, b] + 1
@@ -143,6 +144,7 @@ def tilt2_table(C, a, b, F, Dn, X):
         Da = 1/math.sqrt(d + 1)
         Dn[r] = Da
         o -= n - r
+        P[r] = o - r
         Ca, Cb, Cr, Dq = C[a, r:], C[b, r:], C[r, r:], Dn[r:]
         Xr = X[o : o + n - r]
         for j in range(n - r):
@@ -152,13 +154,6 @@ def tilt2_table(C, a, b, F, Dn, X):
     for i in range(X.size):
         xi = X[i]
         X[i] = 2/math.pi * asin_(xi)
-    o = 0
-    for r in range(n):
-        Xr = X[o : o + n - r]
-        Fr = F[r, r:]
-        for j in range(n - r):
-            Fr[j] = Xr[j]
-        o += n - r
     return 2/(math.pi*math.sqrt(e0))
 
 
@@ -203,10 +198,10 @@ def workspace(K, M):
     tilt1_pref = np.empty(K)
     D1 = np.empty((K, C.shape[0]))
 
-    F = np.empty_like(Cu)
     Dn = np.empty(Cu.shape[0])
     X = np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)
-    return (C, Cu, rows, Ct1, tilt1_pref, D1, F, Dn, X,)
+    P = np.empty(Cu.shape[0], np.int64)
+    return (C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P,)
 
 
 @njit(cache=True, error_model="numpy")
@@ -216,7 +211,7 @@ def rhs(y, c, p, K, M, dy):
 
 
 @njit(cache=True, error_model="numpy")
-def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, F, Dn, X):
+def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P):
     """rhs with its buffers given (from workspace(K, M)): no allocation of its own."""
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
@@ -238,7 +233,7 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, F, Dn, X):
     o += K * K
     for k in range(K):
         for l in range(k, K):
-            tilt_pref = tilt2_table(Cu, k, l, F, Dn, X)
+            tilt_pref = tilt2_table(Cu, k, l, Dn, X, P)
             acc = 0.0
             acc += eta**2*sigma**2*tilt_pref
             s0 = 0.0
@@ -258,21 +253,21 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, F, Dn, X):
             s0 = 0.0
             d0 = 0.0
             for j0 in range(K):
-                d0 += F[j0, j0]
+                d0 += X[P[j0] + j0]
                 for j1 in range(j0 + 1, K):
-                    s0 += F[j0, j1]
+                    s0 += X[P[j0] + j1]
             acc += eta**2*tilt_pref * (d0 + 2.0 * s0)
             s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    s0 += F[j0, K + m0]
+                    s0 += X[P[j0] + K + m0]
             acc += -2*eta**2*tilt_pref * s0
             s0 = 0.0
             d0 = 0.0
             for m0 in range(M):
-                d0 += F[K + m0, K + m0]
+                d0 += X[P[K + m0] + K + m0]
                 for m1 in range(m0 + 1, M):
-                    s0 += F[K + m0, K + m1]
+                    s0 += X[P[K + m0] + K + m1]
             acc += eta**2*tilt_pref * (d0 + 2.0 * s0)
             dQ[k, l] = acc
             dQ[l, k] = acc
@@ -337,13 +332,13 @@ def rhs_parallel(y, c, p, K, M, dy):
             i_ += 1
     n_chunks = min(n_pairs, 64)
     for chunk in prange(n_chunks):
-        F = np.empty_like(Cu)
         Dn = np.empty(Cu.shape[0])
         X = np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)
+        P = np.empty(Cu.shape[0], np.int64)
         for i_ in range(chunk, n_pairs, n_chunks):
             k = pair_k[i_]
             l = pair_l[i_]
-            tilt_pref = tilt2_table(Cu, k, l, F, Dn, X)
+            tilt_pref = tilt2_table(Cu, k, l, Dn, X, P)
             acc = 0.0
             acc += eta**2*sigma**2*tilt_pref
             s0 = 0.0
@@ -363,21 +358,21 @@ def rhs_parallel(y, c, p, K, M, dy):
             s0 = 0.0
             d0 = 0.0
             for j0 in range(K):
-                d0 += F[j0, j0]
+                d0 += X[P[j0] + j0]
                 for j1 in range(j0 + 1, K):
-                    s0 += F[j0, j1]
+                    s0 += X[P[j0] + j1]
             acc += eta**2*tilt_pref * (d0 + 2.0 * s0)
             s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    s0 += F[j0, K + m0]
+                    s0 += X[P[j0] + K + m0]
             acc += -2*eta**2*tilt_pref * s0
             s0 = 0.0
             d0 = 0.0
             for m0 in range(M):
-                d0 += F[K + m0, K + m0]
+                d0 += X[P[K + m0] + K + m0]
                 for m1 in range(m0 + 1, M):
-                    s0 += F[K + m0, K + m1]
+                    s0 += X[P[K + m0] + K + m1]
             acc += eta**2*tilt_pref * (d0 + 2.0 * s0)
             dQ[k, l] = acc
             dQ[l, k] = acc

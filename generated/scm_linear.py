@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 d20881488420d6d1a29712a82f5eead1ada9a306684a9aa20fc9158093ca2fff
+# inputs:     sha256 45e363962270a2a6b22a7a30599a2d3b68aa2e826917e68e42be3741203b9b4a
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "d20881488420d6d1a29712a82f5eead1ada9a306684a9aa20fc9158093ca2fff"
+INPUTS_SHA256 = "45e363962270a2a6b22a7a30599a2d3b68aa2e826917e68e42be3741203b9b4a"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

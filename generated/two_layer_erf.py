@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 095631cc7802b24a622d8709b002224f33dc44658d07cbd191a3a165be01c071
+# inputs:     sha256 936de3b49d948eba540b7effe14688db58958cc42b566bf9f77c3bca6dc814cd
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "095631cc7802b24a622d8709b002224f33dc44658d07cbd191a3a165be01c071"
+INPUTS_SHA256 = "936de3b49d948eba540b7effe14688db58958cc42b566bf9f77c3bca6dc814cd"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
@@ -109,7 +109,7 @@ def tilt1_all(C, K, Ct1, pref, D1):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
-def tilt2_table(C, a, b, F, Dn, X):
+def tilt2_table(C, a, b, Dn, X, P):
     """The tilt rule of derive/gaussian.py for two g' factors on rows a, b of C,
     Ct = C - C[:, S] (w I + C_SS)^-1 C[S, :] with S = (a, b), prefactor A^2 det(I +
     C_SS / w)^(-1/2), for g' = A exp(-z^2 / (2 w)), A = sqrt(2)/sqrt(pi), w = 1,
@@ -122,9 +122,10 @@ def tilt2_table(C, a, b, F, Dn, X):
     one asin_ per distinct integral. A first pass, from the last row to the
     first, computes each row's factors and the arguments of its entries q >= r
     (D[q] is ready) into X, the triangle packed row by row; a second applies
-    asin_ to X in one flat loop (whole vectors, no ragged row ends); a third
-    copies X into F. The rows are read through views (C[a, r:], ...): indices
-    that start at 0 need no negative-index check, and the loops vectorise.
+    asin_ to X in one flat loop (whole vectors, no ragged row ends);
+    the sums read X where it is: F[r, q] = X[P[r] + q] for q >= r.
+    The rows are read through views (C[a, r:], ...): indices that start at 0 need
+    no negative-index check, and the loops vectorise.
     Returns the prefactor. Each expression is the rule's own, split by loop level
     in derive/tables.py; the loops have no branch or call: numba vectorises them."""
     e0 = C[a, a]*C[b, b] + C[a, a] - C[a, b]**2 + C[b, b] + 1
@@ -143,6 +144,7 @@ def tilt2_table(C, a, b, F, Dn, X):
         Da = 1/math.sqrt(d + 1)
         Dn[r] = Da
         o -= n - r
+        P[r] = o - r
         Ca, Cb, Cr, Dq = C[a, r:], C[b, r:], C[r, r:], Dn[r:]
         Xr = X[o : o + n - r]
         for j in range(n - r):
@@ -152,13 +154,6 @@ def tilt2_table(C, a, b, F, Dn, X):
     for i in range(X.size):
         xi = X[i]
         X[i] = 2/math.pi * asin_(xi)
-    o = 0
-    for r in range(n):
-        Xr = X[o : o + n - r]
-        Fr = F[r, r:]
-        for j in range(n - r):
-            Fr[j] = Xr[j]
-        o += n - r
     return 2/(math.pi*math.sqrt(e0))
 
 
@@ -209,10 +204,10 @@ def workspace(K, M):
     tilt1_pref = np.empty(K)
     D1 = np.empty((K, C.shape[0]))
 
-    F = np.empty_like(Cu)
     Dn = np.empty(Cu.shape[0])
     X = np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)
-    return (C, Cu, rows, Ct1, tilt1_pref, D1, F, Dn, X,)
+    P = np.empty(Cu.shape[0], np.int64)
+    return (C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P,)
 
 
 @njit(cache=True, error_model="numpy")
@@ -222,7 +217,7 @@ def rhs(y, c, p, K, M, dy):
 
 
 @njit(cache=True, error_model="numpy")
-def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, F, Dn, X):
+def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P):
     """rhs with its buffers given (from workspace(K, M)): no allocation of its own."""
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
@@ -250,7 +245,7 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, F, Dn, X):
     o += K * K
     for k in range(K):
         for l in range(k, K):
-            tilt_pref = tilt2_table(Cu, k, l, F, Dn, X)
+            tilt_pref = tilt2_table(Cu, k, l, Dn, X, P)
             acc = 0.0
             acc += eta**2*sigma**2*tilt_pref*v[k]*v[l]
             acc += -2*kappa*Q[k, l]
@@ -271,21 +266,21 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, F, Dn, X):
             s0 = 0.0
             d0 = 0.0
             for j0 in range(K):
-                d0 += F[j0, j0]*v[j0]**2
+                d0 += X[P[j0] + j0]*v[j0]**2
                 for j1 in range(j0 + 1, K):
-                    s0 += F[j0, j1]*v[j0]*v[j1]
+                    s0 += X[P[j0] + j1]*v[j0]*v[j1]
             acc += eta**2*tilt_pref*v[k]*v[l] * (d0 + 2.0 * s0)
             s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    s0 += F[j0, K + m0]*v[j0]*vs[m0]
+                    s0 += X[P[j0] + K + m0]*v[j0]*vs[m0]
             acc += -2*eta**2*tilt_pref*v[k]*v[l] * s0
             s0 = 0.0
             d0 = 0.0
             for m0 in range(M):
-                d0 += F[K + m0, K + m0]*vs[m0]**2
+                d0 += X[P[K + m0] + K + m0]*vs[m0]**2
                 for m1 in range(m0 + 1, M):
-                    s0 += F[K + m0, K + m1]*vs[m0]*vs[m1]
+                    s0 += X[P[K + m0] + K + m1]*vs[m0]*vs[m1]
             acc += eta**2*tilt_pref*v[k]*v[l] * (d0 + 2.0 * s0)
             dQ[k, l] = acc
             dQ[l, k] = acc
@@ -371,13 +366,13 @@ def rhs_parallel(y, c, p, K, M, dy):
             i_ += 1
     n_chunks = min(n_pairs, 64)
     for chunk in prange(n_chunks):
-        F = np.empty_like(Cu)
         Dn = np.empty(Cu.shape[0])
         X = np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)
+        P = np.empty(Cu.shape[0], np.int64)
         for i_ in range(chunk, n_pairs, n_chunks):
             k = pair_k[i_]
             l = pair_l[i_]
-            tilt_pref = tilt2_table(Cu, k, l, F, Dn, X)
+            tilt_pref = tilt2_table(Cu, k, l, Dn, X, P)
             acc = 0.0
             acc += eta**2*sigma**2*tilt_pref*v[k]*v[l]
             acc += -2*kappa*Q[k, l]
@@ -398,21 +393,21 @@ def rhs_parallel(y, c, p, K, M, dy):
             s0 = 0.0
             d0 = 0.0
             for j0 in range(K):
-                d0 += F[j0, j0]*v[j0]**2
+                d0 += X[P[j0] + j0]*v[j0]**2
                 for j1 in range(j0 + 1, K):
-                    s0 += F[j0, j1]*v[j0]*v[j1]
+                    s0 += X[P[j0] + j1]*v[j0]*v[j1]
             acc += eta**2*tilt_pref*v[k]*v[l] * (d0 + 2.0 * s0)
             s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    s0 += F[j0, K + m0]*v[j0]*vs[m0]
+                    s0 += X[P[j0] + K + m0]*v[j0]*vs[m0]
             acc += -2*eta**2*tilt_pref*v[k]*v[l] * s0
             s0 = 0.0
             d0 = 0.0
             for m0 in range(M):
-                d0 += F[K + m0, K + m0]*vs[m0]**2
+                d0 += X[P[K + m0] + K + m0]*vs[m0]**2
                 for m1 in range(m0 + 1, M):
-                    s0 += F[K + m0, K + m1]*vs[m0]*vs[m1]
+                    s0 += X[P[K + m0] + K + m1]*vs[m0]*vs[m1]
             acc += eta**2*tilt_pref*v[k]*v[l] * (d0 + 2.0 * s0)
             dQ[k, l] = acc
             dQ[l, k] = acc

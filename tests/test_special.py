@@ -90,23 +90,31 @@ def _tilted_I2_table(C, a, b):
 
 @pytest.mark.parametrize("module", [two_layer_erf, anil_erf], ids=["two_layer", "anil"])
 def test_tilt_table_equals_the_tilted_I2(module):
+    """I2 is symmetric: the table is filled on one triangle (q >= r). two_layer reads
+    it packed (F[r, q] = X[P[r] + q]); anil, whose reads are not all on the
+    triangle, gets the whole table F (mirrored)."""
+    f = module.tilt2_table.py_func
+    names = f.__code__.co_varnames[3 : f.__code__.co_argcount]
     rng = np.random.default_rng(3)
     for n in (3, 6, 11):
         A = rng.standard_normal((n, n + 2))
         C = A @ A.T / n + 0.2 * np.eye(n)
-        F = np.empty((n, n))
-        Dn, X = np.empty(n), np.empty(n * (n + 1) // 2)  # X: the triangle, packed
+        shapes = {"F": (n, n), "Dn": (n,), "X": (n * (n + 1) // 2,)}
         for a, b in ((0, 0), (0, 1), (1, 2), (2, 0)):
-            F[:] = np.nan  # an entry the table leaves out stays nan
-            pref = module.tilt2_table(C, a, b, F, Dn, X)
+            # an entry the table leaves out stays nan
+            bufs = {k: np.full(shapes[k], np.nan) if k != "P" else np.full(n, -1, np.int64) for k in names}
+            pref = module.tilt2_table(C, a, b, *bufs.values())
             F_ref, pref_ref = _tilted_I2_table(C, a, b)
-            # I2 is symmetric: the table holds one triangle (q >= r) at least, every
-            # entry when it mirrors it (anil, whose reads are not all on the triangle)
-            upper = np.triu_indices(n)
-            np.testing.assert_allclose(F[upper], F_ref[upper], rtol=1e-12, atol=1e-14)
-            if module is anil_erf:
-                np.testing.assert_allclose(F, F_ref, rtol=1e-12, atol=1e-14)
+            if "F" in bufs:
+                np.testing.assert_allclose(bufs["F"], F_ref, rtol=1e-12, atol=1e-14)
+            else:
+                X, P = bufs["X"], bufs["P"]
+                for r in range(n):
+                    got = X[P[r] + np.arange(r, n)]
+                    np.testing.assert_allclose(got, F_ref[r, r:], rtol=1e-12, atol=1e-14)
+                assert np.isfinite(X).all()  # X is the triangle exactly, every slot filled
             assert pref == pytest.approx(pref_ref, rel=1e-13)
+    assert module is anil_erf or set(names) == {"Dn", "X", "P"}
 
 
 def test_tilt_by_one_unit_equals_the_schur_complement():
