@@ -181,7 +181,7 @@ import time; t0 = time.perf_counter()
 import numpy as np
 from runtime import Init, flow
 K = 16
-init = Init(0.5 * np.eye(K), 0.1 * np.ones((K, K)), np.eye(K))
+init = Init(0.5 * np.eye(K), 0.1 * np.ones((K, K)) / K, np.eye(K))
 flow("two_layer", init, {"eta_v": 0.5}, t_max=0.01, dt=0.01, parallel=True)
 print(time.perf_counter() - t0)
 """
@@ -267,7 +267,8 @@ def main() -> None:
         "asin / step: arcsines one right-hand side computes; distinct: the distinct integrals among\n"
         "them (counted by running the module as Python, K <= max of --count-sizes; above, the\n"
         "degree-4 polynomial through the counts, marked ~); ns / asin: time per step over asin / step;\n"
-        "floor: distinct x the arcsine's own cost; x floor: time per step over the floor"
+        "floor: distinct x the arcsine's own cost; x floor: time per step over the floor;\n"
+        "speed-up: one thread (CPU time) over the threads (wall time), so a busy machine understates it"
     )
     results = {}
     for model, sizes, what in (
