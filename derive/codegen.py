@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+from functools import lru_cache
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,6 +219,7 @@ def _table_plan(ir: FlowIR, activation: str) -> dict | None:
     for c in ir.derivatives:
         for t in c.terms:
             t, _ = _guarded(t)
+            t = _symmetrized(t, activation)
             h = _hoisted_tilt(c, t, activation)
             if h is None or h[1].n != 2 or h[1].base is None:
                 continue
@@ -347,6 +349,7 @@ def loops(
     groups: dict[tuple, list[Sum]] = {}
     for t in component.terms:
         t, guard = _guarded(t)
+        t = _symmetrized(t, activation)
         h = _hoisted_tilt(component, t, activation, pair=table is not None)
         if h is not None and hoisted is not None:
             expr, split = h
@@ -407,6 +410,36 @@ def _guarded(t):
         return t, None
     guard = " and ".join(f"({code(c)})" for c in conds)
     return FlowTerm(sp.Mul(*rest), t.sums, t.primitive, t.args), guard
+
+
+@lru_cache(maxsize=None)
+def _symmetric_last_two(kinds: tuple[str, ...], activation: str) -> bool:
+    """Whether the engine proves the expectation of ``kinds`` symmetric in its last two
+    arguments (gaussian.exchange_symmetric)."""
+    n = len(kinds)
+    return gaussian.exchange_symmetric(gaussian.expectation(kinds, activation), n - 2, n - 1)
+
+
+def _symmetrized(t, activation: str | None):
+    """A term summed over two indices of one kind that are the last two arguments of a
+    primitive the engine proves symmetric in them, whose coefficient is not: the
+    coefficient replaced by its mean over the exchange of the two indices. The sum
+    over all pairs is unchanged and the term becomes triangular (``_triangular``):
+    each distinct integral is read once (anil's I4(k, l, j0, j1) in dQ)."""
+    if activation is None or not isinstance(t, FlowTerm) or t.primitive is None:
+        return t
+    if len(t.sums) != 2 or len(t.args) < 2:
+        return t
+    s0, s1 = t.sums
+    a0, a1 = t.args[-2], t.args[-1]
+    if index_kind(s0) != index_kind(s1) or a0.base != a1.base or (a0.indices[0], a1.indices[0]) != (s0, s1):
+        return t
+    if any(s0 in a.indices or s1 in a.indices for a in t.args[:-2]):
+        return t
+    swapped = t.coeff.xreplace({s0: s1, s1: s0})
+    if sp.expand(swapped - t.coeff) == 0 or not _symmetric_last_two(_kinds_of(t.primitive), activation):
+        return t
+    return FlowTerm(sp.factor_terms((t.coeff + swapped) / 2), t.sums, t.primitive, t.args)
 
 
 def _triangular(t) -> bool:

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 d04c83cd72938e98312f9ae4b2c4858bae927c7bf04f3986b658f0f776c81854
+# inputs:     sha256 c92cacf111366a7afa8654f2ade8110c72d35767356f9448e5605ce4e707c031
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 854 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "d04c83cd72938e98312f9ae4b2c4858bae927c7bf04f3986b658f0f776c81854"
+INPUTS_SHA256 = "c92cacf111366a7afa8654f2ade8110c72d35767356f9448e5605ce4e707c031"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -132,7 +132,7 @@ def tilt1_all(C, K, Ct1, pref, D1):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
-def tilt2_table(C, a, b, F, Dn, X):
+def tilt2_table(C, a, b, Dn, X, P):
     """The tilt rule of derive/gaussian.py for two g' factors on rows a, b of C,
     Ct = C - C[:, S] (w I + C_SS)^-1 C[S, :] with S = (a, b), prefactor A^2 det(I +
     C_SS / w)^(-1/2), for g' = A exp(-z^2 / (2 w)), A = sqrt(2)/sqrt(pi), w = 1,
@@ -140,12 +140,13 @@ def tilt2_table(C, a, b, F, Dn, X):
     F[r, q] = I2(Ct; r, q), written as 2*asin(Da*Db*x)/pi, D = 1/sqrt(C_rr + 1)
     (derive/codegen.py: separable_form), so that D is computed once per row.
     I2 is symmetric in its two fields (derive/gaussian.py: exchange_symmetric),
-    so only q >= r is computed, then mirrored:
+    so only q >= r is computed (every read of the table is on it,
+    derive/codegen.py: _reads_upper):
     one asin_ per distinct integral. A first pass, from the last row to the
     first, computes each row's factors and the arguments of its entries q >= r
     (D[q] is ready) into X, the triangle packed row by row; a second applies
     asin_ to X in one flat loop (whole vectors, no ragged row ends);
-    a third copies X into F.
+    the sums read X where it is: F[r, q] = X[P[r] + q] for q >= r.
     The rows are read through views (C[a, r:], ...): indices that start at 0 need
     no negative-index check, and the loops vectorise.
     Returns the prefactor. Each expression is the rule's own, split by loop level
@@ -166,6 +167,7 @@ def tilt2_table(C, a, b, F, Dn, X):
         Da = 1/math.sqrt(d + 1)
         Dn[r] = Da
         o -= n - r
+        P[r] = o - r
         Ca, Cb, Cr, Dq = C[a, r:], C[b, r:], C[r, r:], Dn[r:]
         Xr = X[o : o + n - r]
         for j in range(n - r):
@@ -175,15 +177,6 @@ def tilt2_table(C, a, b, F, Dn, X):
     for i in range(X.size):
         xi = X[i]
         X[i] = 2/math.pi * asin_(xi)
-    o = 0
-    for r in range(n):
-        Xr = X[o : o + n - r]
-        Fr = F[r, r:]
-        for j in range(n - r):
-            Fr[j] = Xr[j]
-        for j in range(1, n - r):
-            F[r + j, r] = Xr[j]
-        o += n - r
     return 2/(math.pi*math.sqrt(e0))
 
 
@@ -587,10 +580,10 @@ def workspace(K, M):
     tilt1_pref = np.empty(K)
     D1 = np.empty((K, C.shape[0]))
 
-    F = np.empty_like(Cu)
     Dn = np.empty(Cu.shape[0])
     X = np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)
-    return (C, Cu, rows, Ct1, tilt1_pref, D1, F, Dn, X,)
+    P = np.empty(Cu.shape[0], np.int64)
+    return (C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P,)
 
 
 @njit(cache=True, error_model="numpy")
@@ -600,7 +593,7 @@ def rhs(y, c, p, K, M, dy):
 
 
 @njit(cache=True, error_model="numpy")
-def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, F, Dn, X):
+def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P):
     """rhs with its buffers given (from workspace(K, M)): no allocation of its own beyond the task moments."""
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
@@ -738,7 +731,7 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, F, Dn, X):
     o += K * K
     for k in range(K):
         for l in range(k, K):
-            tilt_pref = tilt2_table(Cu, k, l, F, Dn, X)
+            tilt_pref = tilt2_table(Cu, k, l, Dn, X, P)
             acc = 0.0
             acc += eta**2*sigma**2*tilt_pref*(S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])/n_q
             s0 = 0.0
@@ -757,15 +750,19 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, F, Dn, X):
             acc += math.sqrt(2)*eta*tilt1_pref[l]/math.sqrt(math.pi) * s1
             if ((order == 2)):
                 s0 = 0.0
+                d0 = 0.0
                 for j0 in range(K):
-                    for j1 in range(K):
-                        s0 += ((S_adapted__adapted_dQ[j0, j1, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j0, j1, l, l] + mu_adapted[j0]*mu_adapted_dQ[j1, l, l])*Q[l, k])*I2(C, j0, j1)
-                acc += -eta * s0
+                    d0 += (2*(S_adapted__adapted_dQ[j0, j0, k, k] + mu_adapted[j0]*mu_adapted_dQ[j0, k, k])*Q[k, l] + 2*(S_adapted__adapted_dQ[j0, j0, l, l] + mu_adapted[j0]*mu_adapted_dQ[j0, l, l])*Q[l, k])*I2(C, j0, j0)
+                    for j1 in range(j0 + 1, K):
+                        s0 += ((S_adapted__adapted_dQ[j0, j1, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j0, j1, l, l] + mu_adapted[j0]*mu_adapted_dQ[j1, l, l])*Q[l, k] + (S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j1, j0, l, l] + mu_adapted[j1]*mu_adapted_dQ[j0, l, l])*Q[l, k])*I2(C, j0, j1)
+                acc += -1.0/2.0*eta * (d0 + 2.0 * s0)
             s0 = 0.0
+            d0 = 0.0
             for j0 in range(K):
-                for j1 in range(K):
-                    s0 += ((S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0])*F[j0, j1]
-            acc += eta**2*tilt_pref/n_q * s0
+                d0 += (2*(S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*S_adapted__adapted[j0, l] + 2*(S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*S_adapted__adapted[j0, k] + 2*(S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j0] + 2*((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j0] + S_adapted__adapted[j0, k]*mu_adapted[l] + S_adapted__adapted[j0, l]*mu_adapted[k])*mu_adapted[j0])*X[P[j0] + j0]
+                for j1 in range(j0 + 1, K):
+                    s0 += ((S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*S_adapted__adapted[j1, l] + (S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*S_adapted__adapted[j1, k] + (S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j1, j0] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j0] + S_adapted__adapted[j0, k]*mu_adapted[l] + S_adapted__adapted[j0, l]*mu_adapted[k])*mu_adapted[j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0])*X[P[j0] + j1]
+            acc += (1.0/2.0)*eta**2*tilt_pref/n_q * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -775,13 +772,15 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, F, Dn, X):
             s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    s0 += ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__v_task[j0, m0] + (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*S_adapted__adapted[j0, l] + (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__adapted[j0, k] + ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*mu_adapted[k] + S_adapted__adapted[k, l]*mu_v_task[m0] + S_adapted__v_task[k, m0]*mu_adapted[l])*mu_adapted[j0])*F[j0, K + m0]
+                    s0 += ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__v_task[j0, m0] + (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*S_adapted__adapted[j0, l] + (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__adapted[j0, k] + ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*mu_adapted[k] + S_adapted__adapted[k, l]*mu_v_task[m0] + S_adapted__v_task[k, m0]*mu_adapted[l])*mu_adapted[j0])*X[P[j0] + K + m0]
             acc += -2*eta**2*tilt_pref/n_q * s0
             s0 = 0.0
+            d0 = 0.0
             for m0 in range(M):
-                for m1 in range(M):
-                    s0 += ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + (S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k])*F[K + m0, K + m1]
-            acc += eta**2*tilt_pref/n_q * s0
+                d0 += (2*((S_v_task__v_task[m0, m0] + mu_v_task[m0]**2)*mu_adapted[l] + 2*S_adapted__v_task[l, m0]*mu_v_task[m0])*mu_adapted[k] + 4*(S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m0] + 2*(S_v_task__v_task[m0, m0] + mu_v_task[m0]**2)*S_adapted__adapted[k, l])*X[P[K + m0] + K + m0]
+                for m1 in range(m0 + 1, M):
+                    s0 += (2*(S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + 2*(S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + (S_v_task__v_task[m1, m0] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k] + ((S_v_task__v_task[m1, m0] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k])*X[P[K + m0] + K + m1]
+            acc += (1.0/2.0)*eta**2*tilt_pref/n_q * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -827,10 +826,12 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, F, Dn, X):
             acc += math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
             if ((order == 2)):
                 s0 = 0.0
+                d0 = 0.0
                 for j0 in range(K):
-                    for j1 in range(K):
-                        s0 += (S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j1)
-                acc += -eta*R[k, n] * s0
+                    d0 += (2*S_adapted__adapted_dQ[j0, j0, k, k] + 2*mu_adapted[j0]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j0)
+                    for j1 in range(j0 + 1, K):
+                        s0 += (S_adapted__adapted_dQ[j0, j1, k, k] + S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j1)
+                acc += -1.0/2.0*eta*R[k, n] * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -880,10 +881,12 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, F, Dn, X):
         acc += eta_a*(1 - ((1) if (order == 2) else (0))) * s0
         if ((order == 2)):
             s0 = 0.0
+            d0 = 0.0
             for j0 in range(K):
-                for j1 in range(K):
-                    s0 += (S_adapted__adapted_da[j0, j1, k] + mu_adapted[j0]*mu_adapted_da[j1, k])*I2(C, j0, j1)
-            acc += -eta_a * s0
+                d0 += (2*S_adapted__adapted_da[j0, j0, k] + 2*mu_adapted[j0]*mu_adapted_da[j0, k])*I2(C, j0, j0)
+                for j1 in range(j0 + 1, K):
+                    s0 += (S_adapted__adapted_da[j0, j1, k] + S_adapted__adapted_da[j1, j0, k] + mu_adapted[j0]*mu_adapted_da[j1, k] + mu_adapted[j1]*mu_adapted_da[j0, k])*I2(C, j0, j1)
+            acc += -1.0/2.0*eta_a * (d0 + 2.0 * s0)
         if ((order == 2)):
             s0 = 0.0
             for j0 in range(K):
@@ -1059,13 +1062,13 @@ def rhs_parallel(y, c, p, K, M, dy):
             i_ += 1
     n_chunks = min(n_pairs, 64)
     for chunk in prange(n_chunks):
-        F = np.empty_like(Cu)
         Dn = np.empty(Cu.shape[0])
         X = np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)
+        P = np.empty(Cu.shape[0], np.int64)
         for i_ in range(chunk, n_pairs, n_chunks):
             k = pair_k[i_]
             l = pair_l[i_]
-            tilt_pref = tilt2_table(Cu, k, l, F, Dn, X)
+            tilt_pref = tilt2_table(Cu, k, l, Dn, X, P)
             acc = 0.0
             acc += eta**2*sigma**2*tilt_pref*(S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])/n_q
             s0 = 0.0
@@ -1084,15 +1087,19 @@ def rhs_parallel(y, c, p, K, M, dy):
             acc += math.sqrt(2)*eta*tilt1_pref[l]/math.sqrt(math.pi) * s1
             if ((order == 2)):
                 s0 = 0.0
+                d0 = 0.0
                 for j0 in range(K):
-                    for j1 in range(K):
-                        s0 += ((S_adapted__adapted_dQ[j0, j1, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j0, j1, l, l] + mu_adapted[j0]*mu_adapted_dQ[j1, l, l])*Q[l, k])*I2(C, j0, j1)
-                acc += -eta * s0
+                    d0 += (2*(S_adapted__adapted_dQ[j0, j0, k, k] + mu_adapted[j0]*mu_adapted_dQ[j0, k, k])*Q[k, l] + 2*(S_adapted__adapted_dQ[j0, j0, l, l] + mu_adapted[j0]*mu_adapted_dQ[j0, l, l])*Q[l, k])*I2(C, j0, j0)
+                    for j1 in range(j0 + 1, K):
+                        s0 += ((S_adapted__adapted_dQ[j0, j1, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j0, j1, l, l] + mu_adapted[j0]*mu_adapted_dQ[j1, l, l])*Q[l, k] + (S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j1, j0, l, l] + mu_adapted[j1]*mu_adapted_dQ[j0, l, l])*Q[l, k])*I2(C, j0, j1)
+                acc += -1.0/2.0*eta * (d0 + 2.0 * s0)
             s0 = 0.0
+            d0 = 0.0
             for j0 in range(K):
-                for j1 in range(K):
-                    s0 += ((S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0])*F[j0, j1]
-            acc += eta**2*tilt_pref/n_q * s0
+                d0 += (2*(S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*S_adapted__adapted[j0, l] + 2*(S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*S_adapted__adapted[j0, k] + 2*(S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j0] + 2*((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j0] + S_adapted__adapted[j0, k]*mu_adapted[l] + S_adapted__adapted[j0, l]*mu_adapted[k])*mu_adapted[j0])*X[P[j0] + j0]
+                for j1 in range(j0 + 1, K):
+                    s0 += ((S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*S_adapted__adapted[j1, l] + (S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*S_adapted__adapted[j1, k] + (S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j1, j0] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j0] + S_adapted__adapted[j0, k]*mu_adapted[l] + S_adapted__adapted[j0, l]*mu_adapted[k])*mu_adapted[j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0])*X[P[j0] + j1]
+            acc += (1.0/2.0)*eta**2*tilt_pref/n_q * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -1102,13 +1109,15 @@ def rhs_parallel(y, c, p, K, M, dy):
             s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    s0 += ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__v_task[j0, m0] + (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*S_adapted__adapted[j0, l] + (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__adapted[j0, k] + ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*mu_adapted[k] + S_adapted__adapted[k, l]*mu_v_task[m0] + S_adapted__v_task[k, m0]*mu_adapted[l])*mu_adapted[j0])*F[j0, K + m0]
+                    s0 += ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__v_task[j0, m0] + (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*S_adapted__adapted[j0, l] + (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__adapted[j0, k] + ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*mu_adapted[k] + S_adapted__adapted[k, l]*mu_v_task[m0] + S_adapted__v_task[k, m0]*mu_adapted[l])*mu_adapted[j0])*X[P[j0] + K + m0]
             acc += -2*eta**2*tilt_pref/n_q * s0
             s0 = 0.0
+            d0 = 0.0
             for m0 in range(M):
-                for m1 in range(M):
-                    s0 += ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + (S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k])*F[K + m0, K + m1]
-            acc += eta**2*tilt_pref/n_q * s0
+                d0 += (2*((S_v_task__v_task[m0, m0] + mu_v_task[m0]**2)*mu_adapted[l] + 2*S_adapted__v_task[l, m0]*mu_v_task[m0])*mu_adapted[k] + 4*(S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m0] + 2*(S_v_task__v_task[m0, m0] + mu_v_task[m0]**2)*S_adapted__adapted[k, l])*X[P[K + m0] + K + m0]
+                for m1 in range(m0 + 1, M):
+                    s0 += (2*(S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + 2*(S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + (S_v_task__v_task[m1, m0] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k] + ((S_v_task__v_task[m1, m0] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k])*X[P[K + m0] + K + m1]
+            acc += (1.0/2.0)*eta**2*tilt_pref/n_q * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -1154,10 +1163,12 @@ def rhs_parallel(y, c, p, K, M, dy):
             acc += math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
             if ((order == 2)):
                 s0 = 0.0
+                d0 = 0.0
                 for j0 in range(K):
-                    for j1 in range(K):
-                        s0 += (S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j1)
-                acc += -eta*R[k, n] * s0
+                    d0 += (2*S_adapted__adapted_dQ[j0, j0, k, k] + 2*mu_adapted[j0]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j0)
+                    for j1 in range(j0 + 1, K):
+                        s0 += (S_adapted__adapted_dQ[j0, j1, k, k] + S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j1)
+                acc += -1.0/2.0*eta*R[k, n] * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -1207,10 +1218,12 @@ def rhs_parallel(y, c, p, K, M, dy):
         acc += eta_a*(1 - ((1) if (order == 2) else (0))) * s0
         if ((order == 2)):
             s0 = 0.0
+            d0 = 0.0
             for j0 in range(K):
-                for j1 in range(K):
-                    s0 += (S_adapted__adapted_da[j0, j1, k] + mu_adapted[j0]*mu_adapted_da[j1, k])*I2(C, j0, j1)
-            acc += -eta_a * s0
+                d0 += (2*S_adapted__adapted_da[j0, j0, k] + 2*mu_adapted[j0]*mu_adapted_da[j0, k])*I2(C, j0, j0)
+                for j1 in range(j0 + 1, K):
+                    s0 += (S_adapted__adapted_da[j0, j1, k] + S_adapted__adapted_da[j1, j0, k] + mu_adapted[j0]*mu_adapted_da[j1, k] + mu_adapted[j1]*mu_adapted_da[j0, k])*I2(C, j0, j1)
+            acc += -1.0/2.0*eta_a * (d0 + 2.0 * s0)
         if ((order == 2)):
             s0 = 0.0
             for j0 in range(K):

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 95d51623aba87e5e0f0d701ea826ed3d2e6b4381de04e674a7029ea1fe2070b8
+# inputs:     sha256 cf076d52506833f396de35a65ad36f350e3cb2c88c093af43bc8b3e1aa200797
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 587 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "95d51623aba87e5e0f0d701ea826ed3d2e6b4381de04e674a7029ea1fe2070b8"
+INPUTS_SHA256 = "cf076d52506833f396de35a65ad36f350e3cb2c88c093af43bc8b3e1aa200797"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -638,15 +638,19 @@ def rhs_ws(y, c, p, K, M, dy, C):
             acc += eta * s1
             if ((order == 2)):
                 s0 = 0.0
+                d0 = 0.0
                 for j0 in range(K):
-                    for j1 in range(K):
-                        s0 += ((S_adapted__adapted_dQ[j0, j1, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j0, j1, l, l] + mu_adapted[j0]*mu_adapted_dQ[j1, l, l])*Q[l, k])*I2(C, j0, j1)
-                acc += -eta * s0
+                    d0 += (2*(S_adapted__adapted_dQ[j0, j0, k, k] + mu_adapted[j0]*mu_adapted_dQ[j0, k, k])*Q[k, l] + 2*(S_adapted__adapted_dQ[j0, j0, l, l] + mu_adapted[j0]*mu_adapted_dQ[j0, l, l])*Q[l, k])*I2(C, j0, j0)
+                    for j1 in range(j0 + 1, K):
+                        s0 += ((S_adapted__adapted_dQ[j0, j1, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j0, j1, l, l] + mu_adapted[j0]*mu_adapted_dQ[j1, l, l])*Q[l, k] + (S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j1, j0, l, l] + mu_adapted[j1]*mu_adapted_dQ[j0, l, l])*Q[l, k])*I2(C, j0, j1)
+                acc += -1.0/2.0*eta * (d0 + 2.0 * s0)
             s0 = 0.0
+            d0 = 0.0
             for j0 in range(K):
-                for j1 in range(K):
-                    s0 += ((S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0])*I4(C, k, l, j0, j1)
-            acc += eta**2/n_q * s0
+                d0 += (2*(S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*S_adapted__adapted[j0, l] + 2*(S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*S_adapted__adapted[j0, k] + 2*(S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j0] + 2*((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j0] + S_adapted__adapted[j0, k]*mu_adapted[l] + S_adapted__adapted[j0, l]*mu_adapted[k])*mu_adapted[j0])*I4(C, k, l, j0, j0)
+                for j1 in range(j0 + 1, K):
+                    s0 += ((S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*S_adapted__adapted[j1, l] + (S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*S_adapted__adapted[j1, k] + (S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j1, j0] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j0] + S_adapted__adapted[j0, k]*mu_adapted[l] + S_adapted__adapted[j0, l]*mu_adapted[k])*mu_adapted[j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0])*I4(C, k, l, j0, j1)
+            acc += (1.0/2.0)*eta**2/n_q * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -659,10 +663,12 @@ def rhs_ws(y, c, p, K, M, dy, C):
                     s0 += ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__v_task[j0, m0] + (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*S_adapted__adapted[j0, l] + (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__adapted[j0, k] + ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*mu_adapted[k] + S_adapted__adapted[k, l]*mu_v_task[m0] + S_adapted__v_task[k, m0]*mu_adapted[l])*mu_adapted[j0])*I4(C, k, l, j0, K + M + m0)
             acc += -2*eta**2/n_q * s0
             s0 = 0.0
+            d0 = 0.0
             for m0 in range(M):
-                for m1 in range(M):
-                    s0 += ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + (S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k])*I4(C, k, l, K + M + m0, K + M + m1)
-            acc += eta**2/n_q * s0
+                d0 += (2*((S_v_task__v_task[m0, m0] + mu_v_task[m0]**2)*mu_adapted[l] + 2*S_adapted__v_task[l, m0]*mu_v_task[m0])*mu_adapted[k] + 4*(S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m0] + 2*(S_v_task__v_task[m0, m0] + mu_v_task[m0]**2)*S_adapted__adapted[k, l])*I4(C, k, l, K + M + m0, K + M + m0)
+                for m1 in range(m0 + 1, M):
+                    s0 += (2*(S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + 2*(S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + (S_v_task__v_task[m1, m0] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k] + ((S_v_task__v_task[m1, m0] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k])*I4(C, k, l, K + M + m0, K + M + m1)
+            acc += (1.0/2.0)*eta**2/n_q * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -708,10 +714,12 @@ def rhs_ws(y, c, p, K, M, dy, C):
             acc += eta * s0
             if ((order == 2)):
                 s0 = 0.0
+                d0 = 0.0
                 for j0 in range(K):
-                    for j1 in range(K):
-                        s0 += (S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j1)
-                acc += -eta*R[k, n] * s0
+                    d0 += (2*S_adapted__adapted_dQ[j0, j0, k, k] + 2*mu_adapted[j0]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j0)
+                    for j1 in range(j0 + 1, K):
+                        s0 += (S_adapted__adapted_dQ[j0, j1, k, k] + S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j1)
+                acc += -1.0/2.0*eta*R[k, n] * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -761,10 +769,12 @@ def rhs_ws(y, c, p, K, M, dy, C):
         acc += eta_a*(1 - ((1) if (order == 2) else (0))) * s0
         if ((order == 2)):
             s0 = 0.0
+            d0 = 0.0
             for j0 in range(K):
-                for j1 in range(K):
-                    s0 += (S_adapted__adapted_da[j0, j1, k] + mu_adapted[j0]*mu_adapted_da[j1, k])*I2(C, j0, j1)
-            acc += -eta_a * s0
+                d0 += (2*S_adapted__adapted_da[j0, j0, k] + 2*mu_adapted[j0]*mu_adapted_da[j0, k])*I2(C, j0, j0)
+                for j1 in range(j0 + 1, K):
+                    s0 += (S_adapted__adapted_da[j0, j1, k] + S_adapted__adapted_da[j1, j0, k] + mu_adapted[j0]*mu_adapted_da[j1, k] + mu_adapted[j1]*mu_adapted_da[j0, k])*I2(C, j0, j1)
+            acc += -1.0/2.0*eta_a * (d0 + 2.0 * s0)
         if ((order == 2)):
             s0 = 0.0
             for j0 in range(K):
@@ -947,15 +957,19 @@ def rhs_parallel(y, c, p, K, M, dy):
             acc += eta * s1
             if ((order == 2)):
                 s0 = 0.0
+                d0 = 0.0
                 for j0 in range(K):
-                    for j1 in range(K):
-                        s0 += ((S_adapted__adapted_dQ[j0, j1, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j0, j1, l, l] + mu_adapted[j0]*mu_adapted_dQ[j1, l, l])*Q[l, k])*I2(C, j0, j1)
-                acc += -eta * s0
+                    d0 += (2*(S_adapted__adapted_dQ[j0, j0, k, k] + mu_adapted[j0]*mu_adapted_dQ[j0, k, k])*Q[k, l] + 2*(S_adapted__adapted_dQ[j0, j0, l, l] + mu_adapted[j0]*mu_adapted_dQ[j0, l, l])*Q[l, k])*I2(C, j0, j0)
+                    for j1 in range(j0 + 1, K):
+                        s0 += ((S_adapted__adapted_dQ[j0, j1, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j0, j1, l, l] + mu_adapted[j0]*mu_adapted_dQ[j1, l, l])*Q[l, k] + (S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j1, j0, l, l] + mu_adapted[j1]*mu_adapted_dQ[j0, l, l])*Q[l, k])*I2(C, j0, j1)
+                acc += -1.0/2.0*eta * (d0 + 2.0 * s0)
             s0 = 0.0
+            d0 = 0.0
             for j0 in range(K):
-                for j1 in range(K):
-                    s0 += ((S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0])*I4(C, k, l, j0, j1)
-            acc += eta**2/n_q * s0
+                d0 += (2*(S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*S_adapted__adapted[j0, l] + 2*(S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*S_adapted__adapted[j0, k] + 2*(S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j0] + 2*((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j0] + S_adapted__adapted[j0, k]*mu_adapted[l] + S_adapted__adapted[j0, l]*mu_adapted[k])*mu_adapted[j0])*I4(C, k, l, j0, j0)
+                for j1 in range(j0 + 1, K):
+                    s0 += ((S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*S_adapted__adapted[j1, l] + (S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*S_adapted__adapted[j1, k] + (S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j1, j0] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j0] + S_adapted__adapted[j0, k]*mu_adapted[l] + S_adapted__adapted[j0, l]*mu_adapted[k])*mu_adapted[j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0])*I4(C, k, l, j0, j1)
+            acc += (1.0/2.0)*eta**2/n_q * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -968,10 +982,12 @@ def rhs_parallel(y, c, p, K, M, dy):
                     s0 += ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__v_task[j0, m0] + (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*S_adapted__adapted[j0, l] + (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__adapted[j0, k] + ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*mu_adapted[k] + S_adapted__adapted[k, l]*mu_v_task[m0] + S_adapted__v_task[k, m0]*mu_adapted[l])*mu_adapted[j0])*I4(C, k, l, j0, K + M + m0)
             acc += -2*eta**2/n_q * s0
             s0 = 0.0
+            d0 = 0.0
             for m0 in range(M):
-                for m1 in range(M):
-                    s0 += ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + (S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k])*I4(C, k, l, K + M + m0, K + M + m1)
-            acc += eta**2/n_q * s0
+                d0 += (2*((S_v_task__v_task[m0, m0] + mu_v_task[m0]**2)*mu_adapted[l] + 2*S_adapted__v_task[l, m0]*mu_v_task[m0])*mu_adapted[k] + 4*(S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m0] + 2*(S_v_task__v_task[m0, m0] + mu_v_task[m0]**2)*S_adapted__adapted[k, l])*I4(C, k, l, K + M + m0, K + M + m0)
+                for m1 in range(m0 + 1, M):
+                    s0 += (2*(S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + 2*(S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + (S_v_task__v_task[m1, m0] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k] + ((S_v_task__v_task[m1, m0] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k])*I4(C, k, l, K + M + m0, K + M + m1)
+            acc += (1.0/2.0)*eta**2/n_q * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -1017,10 +1033,12 @@ def rhs_parallel(y, c, p, K, M, dy):
             acc += eta * s0
             if ((order == 2)):
                 s0 = 0.0
+                d0 = 0.0
                 for j0 in range(K):
-                    for j1 in range(K):
-                        s0 += (S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j1)
-                acc += -eta*R[k, n] * s0
+                    d0 += (2*S_adapted__adapted_dQ[j0, j0, k, k] + 2*mu_adapted[j0]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j0)
+                    for j1 in range(j0 + 1, K):
+                        s0 += (S_adapted__adapted_dQ[j0, j1, k, k] + S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j1)
+                acc += -1.0/2.0*eta*R[k, n] * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -1070,10 +1088,12 @@ def rhs_parallel(y, c, p, K, M, dy):
         acc += eta_a*(1 - ((1) if (order == 2) else (0))) * s0
         if ((order == 2)):
             s0 = 0.0
+            d0 = 0.0
             for j0 in range(K):
-                for j1 in range(K):
-                    s0 += (S_adapted__adapted_da[j0, j1, k] + mu_adapted[j0]*mu_adapted_da[j1, k])*I2(C, j0, j1)
-            acc += -eta_a * s0
+                d0 += (2*S_adapted__adapted_da[j0, j0, k] + 2*mu_adapted[j0]*mu_adapted_da[j0, k])*I2(C, j0, j0)
+                for j1 in range(j0 + 1, K):
+                    s0 += (S_adapted__adapted_da[j0, j1, k] + S_adapted__adapted_da[j1, j0, k] + mu_adapted[j0]*mu_adapted_da[j1, k] + mu_adapted[j1]*mu_adapted_da[j0, k])*I2(C, j0, j1)
+            acc += -1.0/2.0*eta_a * (d0 + 2.0 * s0)
         if ((order == 2)):
             s0 = 0.0
             for j0 in range(K):

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 d8026fcf90ff18692a0bca9ffb0b27f9539705135cd8872990382a0c97a2a430
+# inputs:     sha256 cac7ed4b0b8a6fab59d83ee8ebfb6839f27548f678a23b739d2cc605c96e5bc6
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "d8026fcf90ff18692a0bca9ffb0b27f9539705135cd8872990382a0c97a2a430"
+INPUTS_SHA256 = "cac7ed4b0b8a6fab59d83ee8ebfb6839f27548f678a23b739d2cc605c96e5bc6"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

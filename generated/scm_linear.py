@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 45e363962270a2a6b22a7a30599a2d3b68aa2e826917e68e42be3741203b9b4a
+# inputs:     sha256 12a1f246e7d6181197faa2744bdc76c9c532a0be544a80fa91a06aaa90b4dc06
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "45e363962270a2a6b22a7a30599a2d3b68aa2e826917e68e42be3741203b9b4a"
+INPUTS_SHA256 = "12a1f246e7d6181197faa2744bdc76c9c532a0be544a80fa91a06aaa90b4dc06"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 936de3b49d948eba540b7effe14688db58958cc42b566bf9f77c3bca6dc814cd
+# inputs:     sha256 69de4783518a77f437afcdfd2dc72f5c9723fc8e1aba70df84cb9d0579167704
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "936de3b49d948eba540b7effe14688db58958cc42b566bf9f77c3bca6dc814cd"
+INPUTS_SHA256 = "69de4783518a77f437afcdfd2dc72f5c9723fc8e1aba70df84cb9d0579167704"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 4ce0f626513984611dfa227443af7381e0b772e9bb15d6dc126320fd64af2d04
+# inputs:     sha256 1218fb63066a6c1f70f05ad192bb1c84c2ec79b514339b79c8ba8ed40f9a6b48
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "4ce0f626513984611dfa227443af7381e0b772e9bb15d6dc126320fd64af2d04"
+INPUTS_SHA256 = "1218fb63066a6c1f70f05ad192bb1c84c2ec79b514339b79c8ba8ed40f9a6b48"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
