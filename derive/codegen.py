@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import itertools
+from functools import lru_cache
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,8 +142,10 @@ def separable_form(d) -> dict:
     """The primitive ``d(C; a, b)`` written as ``value(x, Da, Db)`` with ``x = C_ab`` and
     ``Dr = norm(C_rr)``, so that a table over all pairs of rows computes ``norm`` once
     per row. A square root of a polynomial in the two variances that factors as
-    ``f(C_aa) f(C_bb)`` becomes ``1 / (Da Db)`` with ``norm = 1/sqrt(f)``; for
-    erf, ``I2 = 2 asin(C_ab / sqrt((1 + C_aa)(1 + C_bb))) / pi = 2 asin(x Da Db) / pi``.
+    ``f(C_aa) f(C_bb)`` becomes ``1 / (Da Db)`` with ``norm = 1/sqrt(f)`` (one of
+    ``f(C_bb)`` alone, ``1 / Db``); for erf,
+    ``I2 = 2 asin(C_ab / sqrt((1 + C_aa)(1 + C_bb))) / pi = 2 asin(x Da Db) / pi`` and
+    ``E[u_a g(u_b)] = sqrt(2/pi) C_ab / sqrt(1 + C_bb) = sqrt(2/pi) x Db``.
     Otherwise ``norm`` is the variance itself. The rewrite is checked numerically."""
     la, lb = d.labels
     by_name = {str(s): s for s in d.expr.free_symbols}
@@ -158,13 +161,19 @@ def separable_form(d) -> dict:
         const, factors = sp.factor_list(pw.base)
         fa = sp.Mul(*[f**m for f, m in factors if f.free_symbols == {caa}])
         fb = sp.Mul(*[f**m for f, m in factors if f.free_symbols == {cbb}])
-        if sp.Mul(*[f**m for f, m in factors]) != fa * fb or fb != fa.xreplace({caa: cbb}) or fa == 1:
+        if sp.Mul(*[f**m for f, m in factors]) != fa * fb or fa == fb == 1:
             continue
-        cand = 1 / sp.sqrt(fa.xreplace({caa: var}))
+        if fa != 1 and fb != 1:
+            if fb != fa.xreplace({caa: cbb}):
+                continue
+            cand, root = 1 / sp.sqrt(fa.xreplace({caa: var})), sp.sqrt(const) / (Da * Db)
+        elif fa != 1:  # a root of one variance only (E_id_g: of C_bb)
+            cand, root = 1 / sp.sqrt(fa.xreplace({caa: var})), sp.sqrt(const) / Da
+        else:
+            cand, root = 1 / sp.sqrt(fb.xreplace({cbb: var})), sp.sqrt(const) / Db
         if norm is not None and cand != norm:
             continue
         norm = cand
-        root = sp.sqrt(const) / (Da * Db)
         expr = expr.xreplace({pw: root if pw.exp > 0 else 1 / root})
     if norm is None or expr.has(caa) or expr.has(cbb):
         norm, expr = var, d.expr.xreplace({caa: Da, cbb: Db})
@@ -177,7 +186,27 @@ def separable_form(d) -> dict:
         if abs(want - got) > 1e-12 * max(1.0, abs(want)):
             raise AssertionError(f"separable form of {d.name} is wrong: {value}, norm {norm}")
     text = f"{value}, D = {norm.xreplace({var: sp.Symbol('C_rr')})}"
-    return {"norm": code(norm), "value": code(value), "text": text}
+    # the numeric factor (2/pi for erf) is multiplied in, not divided per entry; a
+    # function of one argument (asin) is applied in a pass of its own over the
+    # arguments, packed (tilt2_table)
+    scale, scaled = value.as_independent(x, Da, Db, as_Add=False)
+    form = {"expr": scaled, "scale": scale, "x": x, "Da": Da, "Db": Db}
+    xi = sp.Symbol("xi")
+    if isinstance(scaled, sp.Function) and len(scaled.args) == 1:
+        argument, apply, func = scaled.args[0], scaled.func(xi), code(scaled.func(xi)).split("(")[0]
+    else:
+        argument, apply, func = scaled, xi, "its closed form"
+    return {
+        "norm": code(norm),
+        "value": code(value),
+        "scale": code(scale),
+        "scaled": code(scaled),
+        "argument": code(argument),
+        "apply": code(apply),
+        "func": func,
+        "text": text,
+        "form": form,
+    }
 
 
 def _table_plan(ir: FlowIR, activation: str) -> dict | None:
@@ -187,10 +216,11 @@ def _table_plan(ir: FlowIR, activation: str) -> dict | None:
     fills ``F[r, q] = base(Ct; r, q)`` in one vectorisable loop (``tilt2_table``)."""
     model = ir.model
     student = model.fields[0]  # the rows 0..K-1 of C, the units a table is tilted by
-    bases, fams, splits = {}, {student}, []
+    bases, fams, splits, reads = {}, {student}, [], []
     for c in ir.derivatives:
         for t in c.terms:
             t, _ = _guarded(t)
+            t = _symmetrized(t, activation)
             h = _hoisted_tilt(c, t, activation)
             if h is None or h[1].n != 2 or h[1].base is None:
                 continue
@@ -200,6 +230,7 @@ def _table_plan(ir: FlowIR, activation: str) -> dict | None:
                 return None
             bases[base.name] = base
             fams |= {a.base for a in t.args[2:]}
+            reads.append(t)
     if len(bases) != 1:
         return None
     (base,) = bases.values()
@@ -211,16 +242,63 @@ def _table_plan(ir: FlowIR, activation: str) -> dict | None:
         rows[f] = f"{at} + " if sizes else ""
         blocks.append({"to": at, "src": code(src), "n": str(n)})
         sizes.append(str(n))
+    # a base symmetric in its two fields is filled on the upper triangle only (each
+    # distinct integral once); mirrored when some read is not provably on it
+    if not gaussian.exchange_symmetric(base, 0, 1):
+        fill = "full"
+    elif all(_reads_upper(t, list(rows)) for t in reads):
+        fill = "upper"
+    else:
+        fill = "mirror"
     return {
         "rows": rows,
         "blocks": blocks,
         "size": " + ".join(sizes),
         "whole": len(rows) == len(model.fields),
         "base": base.name,
+        "fill": fill,
         **separable_form(base),
+        "views": _table_views(tilt_code(2, splits[0].amplitude, splits[0].width)),
         # the engine's tilt rule for the pair, as the levels of the table's loops
         "tilt": tilt_code(2, splits[0].amplitude, splits[0].width),
     }
+
+
+def _table_views(tilt) -> dict:
+    """The views of the rows that the packed fill of the table reads from column r on:
+    the tilt's (derive/tables.py) and the per-row factors Dq = Dn[r:]."""
+    names = [n for n, _ in tilt.views] + ["Dq"]
+    sources = [src for _, src in tilt.views] + ["Dn[r:]"]
+    return {"lhs": ", ".join(names), "rhs": ", ".join(sources), "entry": tilt.entry_view}
+
+
+def _reads_upper(t, order) -> bool:
+    """Whether the table entry that term ``t`` reads, ``F[row(x), row(y)]`` for its last two
+    arguments ``x, y``, is on the upper triangle (row(x) <= row(y)) for every value of
+    the indices: ``x`` of a field family whose rows come before ``y``'s in the table
+    (``order``), the same field, or the two summation indices of a triangular nest
+    (``_triangular``: ``y`` runs from ``x`` upward)."""
+    x, y = t.args[-2], t.args[-1]
+    if x.base != y.base:
+        return order.index(x.base) < order.index(y.base)
+    if x == y:
+        return True
+    return _triangular(t) and (x.indices[0], y.indices[0]) == tuple(t.sums)
+
+
+def _tilt1_plan(ir: FlowIR, activation: str):
+    """The split of the one-unit tilt (I3 = tilt by u_a, then E[u_b g(u_c)]) that the
+    derivatives use, and the separable form of its two-field base, so that tilt1_all
+    computes the base's per-row factor once per (unit, row) and each I3 is a product
+    (None, None without such terms)."""
+    for c in ir.derivatives:
+        for t in c.terms:
+            t, _ = _guarded(t)
+            h = _hoisted_tilt(c, t, activation, pair=False)
+            if h is not None and h[1].n == 1:
+                base = h[1].base
+                return h[1], (separable_form(base) if len(base.labels) == 2 else None)
+    return None, None
 
 
 def _tilt_buffers(table) -> list[tuple[str, str]]:
@@ -228,8 +306,14 @@ def _tilt_buffers(table) -> list[tuple[str, str]]:
     table F, the per-row factors Dn of its base, the row coefficients U_s[r]."""
     if not table:
         return []
-    rows = [(name.upper(), "np.empty(Cu.shape[0])") for name, _ in table["tilt"].row]
-    return [("F", "np.empty_like(Cu)"), ("Dn", "np.empty(Cu.shape[0])"), *rows]
+    packed = ("X", "np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)")
+    if table["fill"] == "upper":
+        # read where it is filled: F[r, q] = X[P[r] + q], q >= r
+        return [("Dn", "np.empty(Cu.shape[0])"), packed, ("P", "np.empty(Cu.shape[0], np.int64)")]
+    bufs = [("F", "np.empty_like(Cu)"), ("Dn", "np.empty(Cu.shape[0])")]
+    if table["fill"] == "mirror":
+        bufs.append(packed)
+    return bufs
 
 
 def _workspace(table, tilt1) -> list[str]:
@@ -237,7 +321,7 @@ def _workspace(table, tilt1) -> list[str]:
     if table:
         names += ["Cu", "rows"]
     if tilt1:
-        names += ["Ct1", "tilt1_pref"]
+        names += ["Ct1", "tilt1_pref", "D1"]
     return names + [name for name, _ in _tilt_buffers(table)]
 
 
@@ -254,6 +338,7 @@ def loops(
     hoisted=None,
     table=None,
     rows=None,
+    tilt1_form=None,
 ) -> list[Loop]:
     """Group the component's terms by their summation indices, one loop nest each.
 
@@ -265,24 +350,32 @@ def loops(
     groups: dict[tuple, list[Sum]] = {}
     for t in component.terms:
         t, guard = _guarded(t)
+        t = _symmetrized(t, activation)
         h = _hoisted_tilt(component, t, activation, pair=table is not None)
         if h is not None and hoisted is not None:
             expr, split = h
             hoisted.append(split)
+            if split.n == 1 and tilt1_form is not None:
+                # the printer writes the base without its numeric factor: here it is
+                # a factor free of the summation indices, multiplied once after the sum
+                expr = expr * tilt1_form["scale"]
         else:
             expr = _term_expr(t)
         tri = _triangular(t)
         key = (tuple((str(s.label), _bound(s)) for s in t.sums), tri, guard)
-        groups.setdefault(key, []).append(_sum(expr, t.sums, tri, primitive_names, table, rows))
+        groups.setdefault(key, []).append(_sum(expr, t.sums, tri, primitive_names, table, rows, tilt1_form))
     return [Loop(k, tuple(v), tri, guard) for (k, tri, guard), v in groups.items()]
 
 
-def _sum(expr: sp.Expr, sums, triangular: bool, primitive_names, table, field_rows=None) -> Sum:
+def _sum(
+    expr: sp.Expr, sums, triangular: bool, primitive_names, table, field_rows=None, tilt1_form=None
+) -> Sum:
     """Split ``expr`` into the factors free of the summation indices and the rest."""
     table_rows = table["rows"] if table else None
+    packed = bool(table) and table["fill"] == "upper"
 
     def pr(e):
-        return code(e, primitive_names, table_rows, field_rows)
+        return code(e, primitive_names, table_rows, field_rows, tilt1_form, packed)
 
     if not sums:
         return Sum("1.0", pr(expr))
@@ -318,6 +411,36 @@ def _guarded(t):
         return t, None
     guard = " and ".join(f"({code(c)})" for c in conds)
     return FlowTerm(sp.Mul(*rest), t.sums, t.primitive, t.args), guard
+
+
+@lru_cache(maxsize=None)
+def _symmetric_last_two(kinds: tuple[str, ...], activation: str) -> bool:
+    """Whether the engine proves the expectation of ``kinds`` symmetric in its last two
+    arguments (gaussian.exchange_symmetric)."""
+    n = len(kinds)
+    return gaussian.exchange_symmetric(gaussian.expectation(kinds, activation), n - 2, n - 1)
+
+
+def _symmetrized(t, activation: str | None):
+    """A term summed over two indices of one kind that are the last two arguments of a
+    primitive the engine proves symmetric in them, whose coefficient is not: the
+    coefficient replaced by its mean over the exchange of the two indices. The sum
+    over all pairs is unchanged and the term becomes triangular (``_triangular``):
+    each distinct integral is read once (anil's I4(k, l, j0, j1) in dQ)."""
+    if activation is None or not isinstance(t, FlowTerm) or t.primitive is None:
+        return t
+    if len(t.sums) != 2 or len(t.args) < 2:
+        return t
+    s0, s1 = t.sums
+    a0, a1 = t.args[-2], t.args[-1]
+    if index_kind(s0) != index_kind(s1) or a0.base != a1.base or (a0.indices[0], a1.indices[0]) != (s0, s1):
+        return t
+    if any(s0 in a.indices or s1 in a.indices for a in t.args[:-2]):
+        return t
+    swapped = t.coeff.xreplace({s0: s1, s1: s0})
+    if sp.expand(swapped - t.coeff) == 0 or not _symmetric_last_two(_kinds_of(t.primitive), activation):
+        return t
+    return FlowTerm(sp.factor_terms((t.coeff + swapped) / 2), t.sums, t.primitive, t.args)
 
 
 def _triangular(t) -> bool:
@@ -627,9 +750,11 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
     comps = []
     splits = []
     table = _table_plan(ir, act.name)
+    _, tilt1_sep = _tilt1_plan(ir, act.name)
+    tilt1_form = tilt1_sep["form"] if tilt1_sep else None
     for c in ir.derivatives:
         hoisted: list = []
-        lps = loops(c, names, act.name, hoisted, table, frows)
+        lps = loops(c, names, act.name, hoisted, table, frows, tilt1_form)
         splits += hoisted
         free = [str(i.label) for i in c.free]
         hoist = []
@@ -711,6 +836,8 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
         "cov_blocks": cov_blocks,
         "task": _task_context(ir, names, where, frows),
         "tilt1": tilt1,
+        # the per-row factor of the one-unit tilt's base (D1[a, r] from d = Ct1[a, r, r])
+        "tilt1_norm": tilt1_sep["norm"] if tilt1_sep else "1.0",
         "table": table,
         # buffers of the hoisted pair tilt: in the workspace of rhs, once per chunk of rhs_parallel
         "tilt_buffers": _tilt_buffers(table),

@@ -462,6 +462,25 @@ def primitive(name: str, activation: str) -> Derived:
     return expectation(kinds, activation, name)
 
 
+def exchange_symmetric(d: Derived, i: int, j: int) -> bool:
+    """Whether ``d`` is unchanged by exchanging its arguments ``i`` and ``j``: the two
+    factors are of one kind and the derived expression, with the labels exchanged
+    in its covariance entries, is itself (structurally, or once expanded). A kernel that tabulates ``d``
+    over pairs of rows then computes one triangle (derive/codegen.py: _table_plan)."""
+    if d.kinds[i] != d.kinds[j]:
+        return False
+    a, b = d.labels[i], d.labels[j]
+    swap = {a: b, b: a}
+    relabel = {
+        cov_symbol(x, y): cov_symbol(swap.get(x, x), swap.get(y, y))
+        for x, y in itertools.combinations_with_replacement(d.labels, 2)
+    }
+    swapped = d.expr.xreplace(relabel)
+    # structural equality, or of the expanded forms (a proof, and fast); sympy's simplify
+    # on I4 takes minutes, and a difference that only it could cancel is not trusted
+    return swapped == d.expr or sp.expand(swapped - d.expr) == 0
+
+
 @dataclass(frozen=True)
 class TiltSplit:
     """``E[g'(u_a) g'(u_b) F(u_rest)] = pref(C_SS) E'[F]`` (the tilt rule, applied first):

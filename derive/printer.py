@@ -23,8 +23,22 @@ TILTED1 = "__tilted1"
 class KernelPrinter(PythonCodePrinter):
     """Python code for numba: ``math`` functions, array slots for indexed symbols."""
 
-    def __init__(self, primitive_names=(), table_rows=None, field_rows=None, settings=None):
+    def __init__(
+        self,
+        primitive_names=(),
+        table_rows=None,
+        field_rows=None,
+        settings=None,
+        tilt1_form=None,
+        packed=False,
+    ):
         super().__init__(settings or {"fully_qualified_modules": True, "standard": "python3"})
+        # the base of the one-unit tilt in separable form (codegen.separable_form): its
+        # value in x = Ct1[a, r, q] and the per-row factors D1[a, r], D1[a, q] of tilt1_all,
+        # without its numeric factor (codegen.loops multiplies the term by it)
+        self.tilt1_form = tilt1_form
+        # the table of the pair tilt is read packed, X[P[r] + q] (its upper triangle)
+        self.packed = packed
         self.primitive_names = set(primitive_names) | set(PRIMITIVES)
         # field family -> offset of its rows in the table F of a hoisted tilt
         self.table_rows = table_rows
@@ -51,14 +65,22 @@ class KernelPrinter(PythonCodePrinter):
         if name.endswith(TILTED1):
             # a primitive at the covariance tilted by the unit of its first argument
             (a, *rest) = expr.args
+            form = self.tilt1_form
+            if form is not None and len(rest) == 2:
+                at, r, q = (sp.Symbol(self._field_row(x)) for x in (a, *rest))
+                Ct1, D1 = sp.IndexedBase("Ct1"), sp.IndexedBase("D1")
+                slots = {form["x"]: Ct1[at, r, q], form["Da"]: D1[at, r], form["Db"]: D1[at, q]}
+                return self._print(form["expr"].xreplace(slots))
             rows = ", ".join(self._field_row(x) for x in rest)
             return f"{name[: -len(TILTED1)]}(Ct1[{self._field_row(a)}], {rows})"
         if name.endswith(TILTED):
             # a primitive at the tilted covariance, read from the table of the hoisted tilt
             if self.table_rows is None:
                 raise ValueError(f"{name}: a primitive at a pair-tilted covariance needs its table")
-            rows = ", ".join(self._field_row(a, self.table_rows) for a in expr.args)
-            return f"F[{rows}]"
+            rows = [self._field_row(a, self.table_rows) for a in expr.args]
+            if self.packed:
+                return f"X[P[{rows[0]}] + {rows[1]}]"
+            return f"F[{', '.join(rows)}]"
         if name in self.primitive_names:
             rows = ", ".join(self._field_row(a) for a in expr.args)
             return f"{name}(C, dC, {rows})" if name.endswith("_dir") else f"{name}(C, {rows})"
@@ -81,10 +103,15 @@ class KernelPrinter(PythonCodePrinter):
         return f"{int(expr)}"
 
 
-def code(expr: sp.Expr, primitive_names=(), table_rows=None, field_rows=None) -> str:
+def code(
+    expr: sp.Expr, primitive_names=(), table_rows=None, field_rows=None, tilt1_form=None, packed=False
+) -> str:
     """``expr`` as numba code; ``field_rows`` maps each field family to the offset of
-    its rows in C (``"K + "``), ``table_rows`` to its rows in the table of a tilt."""
-    return KernelPrinter(primitive_names, table_rows, field_rows).doprint(expr)
+    its rows in C (``"K + "``), ``table_rows`` to its rows in the table of a tilt
+    (read ``packed`` when only its upper triangle is filled), ``tilt1_form`` the
+    separable form of the base of the one-unit tilt."""
+    printer = KernelPrinter(primitive_names, table_rows, field_rows, tilt1_form=tilt1_form, packed=packed)
+    return printer.doprint(expr)
 
 
 def field_rows(layout) -> dict:

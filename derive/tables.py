@@ -50,6 +50,10 @@ class TiltCode:
     entry: str
     diagonal: str
     text: str  # the rule in words, for the generated docstring
+    # the entry (r, q), q = r + j, read through views of the rows from column r on
+    # (``C[a, r:]``, ...): (name, source) of each view, and the entry in terms of them
+    views: tuple[tuple[str, str], ...] = ()
+    entry_view: str = ""
 
 
 def _affine(expr: sp.Expr, symbols) -> tuple[list[sp.Expr], sp.Expr]:
@@ -121,4 +125,9 @@ def tilt_code(n: int, amplitude: sp.Expr, width: sp.Expr) -> TiltCode:
         f"Ct = C - C[:, S] (w I + C_SS)^-1 C[S, :] with S = ({rows}), prefactor "
         f"A^{n} det(I + C_SS / w)^(-1/2), for g' = A exp(-z^2 / (2 w)), A = {amplitude}, w = {width}"
     )
-    return TiltCode(n, tuple(tilt), code(pref_r), row, code(at(q)), code(at(r)), text)
+    # the entry through row views starting at column r: an index j = q - r from 0
+    j = sp.Symbol("j", integer=True)
+    view_of = {C[x, q]: sp.IndexedBase(f"C{x}")[j] for x in (*S, r)}
+    views = tuple((f"C{x}", f"C[{x}, {r}:]") for x in (*S, r))
+    entry_view = code(at(q).xreplace(view_of))
+    return TiltCode(n, tuple(tilt), code(pref_r), row, code(at(q)), code(at(r)), text, views, entry_view)

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 f988dbb8b5448d7fb37712155e812f79003487da2a8d14988bd707701f64d5ed
+# inputs:     sha256 75f79c03e096c267ef5f9fc01a0c98c7e245cdca081db24bd95a5102f30cdd75
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 2324 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "f988dbb8b5448d7fb37712155e812f79003487da2a8d14988bd707701f64d5ed"
+INPUTS_SHA256 = "75f79c03e096c267ef5f9fc01a0c98c7e245cdca081db24bd95a5102f30cdd75"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -116,18 +116,6 @@ PATH20_W = np.array([
     0.0007313956327345095,
     6.051645150485684e-05,
 ])
-
-
-@njit(cache=True, error_model="numpy")
-def E_id_g(C, a, b):
-    """E[(u_a) g(u_b)] at covariance C.
-
-    - Stein on u_a
-    - tilt by u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    """
-    C_ab = C[a, b]
-    C_bb = C[b, b]
-    return math.sqrt(2)*C_ab/(math.sqrt(math.pi)*math.sqrt(C_bb + 1))
 
 
 @njit(cache=True, error_model="numpy")
@@ -509,12 +497,14 @@ def I2_dir(C, dC, a, b):
 
 
 @njit(cache=True, error_model="numpy")
-def tilt1_all(C, K, Ct1, pref):
+def tilt1_all(C, K, Ct1, pref, D1):
     """The tilt rule of derive/gaussian.py for one g' factor, on every student row a:
     Ct = C - C[:, S] (w I + C_SS)^-1 C[S, :] with S = (a), prefactor A^1 det(I +
     C_SS / w)^(-1/2), for g' = A exp(-z^2 / (2 w)), A = sqrt(2)/sqrt(pi), w = 1.
     Ct1[a] is the tilted covariance and pref[a] the prefactor; each expression is
-    the rule's own, split by loop level in derive/tables.py."""
+    the rule's own, split by loop level in derive/tables.py. D1[a, r] is the per-row
+    factor of the base primitive read at Ct1[a] (derive/codegen.py: separable_form),
+    computed once per (a, r) instead of once per read."""
     n = C.shape[0]
     for a in range(K):
         e0 = C[a, a] + 1
@@ -524,18 +514,30 @@ def tilt1_all(C, K, Ct1, pref):
             u0 = k00*C[r, a]
             for q in range(n):
                 Ct1[a, r, q] = u0*C[a, q] + C[r, q]
+            d = Ct1[a, r, r]
+            D1[a, r] = 1/math.sqrt(d + 1)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
-def tilt2_table(C, a, b, F, Dn, U0, U1):
+def tilt2_table(C, a, b, Dn, X, P):
     """The tilt rule of derive/gaussian.py for two g' factors on rows a, b of C,
     Ct = C - C[:, S] (w I + C_SS)^-1 C[S, :] with S = (a, b), prefactor A^2 det(I +
     C_SS / w)^(-1/2), for g' = A exp(-z^2 / (2 w)), A = sqrt(2)/sqrt(pi), w = 1,
     and I2 at the tilted covariance for every pair of rows:
     F[r, q] = I2(Ct; r, q), written as 2*asin(Da*Db*x)/pi, D = 1/sqrt(C_rr + 1)
     (derive/codegen.py: separable_form), so that D is computed once per row.
+    I2 is symmetric in its two fields (derive/gaussian.py: exchange_symmetric),
+    so only q >= r is computed (every read of the table is on it,
+    derive/codegen.py: _reads_upper):
+    one asin_ per distinct integral. A first pass, from the last row to the
+    first, computes each row's factors and the arguments of its entries q >= r
+    (D[q] is ready) into X, the triangle packed row by row; a second applies
+    asin_ to X in one flat loop (whole vectors, no ragged row ends);
+    the sums read X where it is: F[r, q] = X[P[r] + q] for q >= r.
+    The rows are read through views (C[a, r:], ...): indices that start at 0 need
+    no negative-index check, and the loops vectorise.
     Returns the prefactor. Each expression is the rule's own, split by loop level
-    in derive/tables.py; the loop over q has no branch or call: numba vectorises it."""
+    in derive/tables.py; the loops have no branch or call: numba vectorises them."""
     e0 = C[a, a]*C[b, b] + C[a, a] - C[a, b]**2 + C[b, b] + 1
     e1 = 1/e0
     e2 = e1*C[a, b]
@@ -544,21 +546,24 @@ def tilt2_table(C, a, b, F, Dn, U0, U1):
     k10 = e2
     k11 = -e1*C[a, a] - e1
     n = C.shape[0]
-    for r in range(n):
+    o = X.size
+    for r in range(n - 1, -1, -1):
         u0 = k00*C[r, a] + k01*C[r, b]
-        U0[r] = u0
         u1 = k10*C[r, a] + k11*C[r, b]
-        U1[r] = u1
         d = u0*C[a, r] + u1*C[b, r] + C[r, r]
-        Dn[r] = 1/math.sqrt(d + 1)
-    for r in range(n):
-        u0 = U0[r]
-        u1 = U1[r]
-        Da = Dn[r]
-        for q in range(n):
-            x = u0*C[a, q] + u1*C[b, q] + C[r, q]
-            Db = Dn[q]
-            F[r, q] = 2*asin_(Da*Db*x)/math.pi
+        Da = 1/math.sqrt(d + 1)
+        Dn[r] = Da
+        o -= n - r
+        P[r] = o - r
+        Ca, Cb, Cr, Dq = C[a, r:], C[b, r:], C[r, r:], Dn[r:]
+        Xr = X[o : o + n - r]
+        for j in range(n - r):
+            x = u0*Ca[j] + u1*Cb[j] + Cr[j]
+            Db = Dq[j]
+            Xr[j] = Da*Db*x
+    for i in range(X.size):
+        xi = X[i]
+        X[i] = 2/math.pi * asin_(xi)
     return 2/(math.pi*math.sqrt(e0))
 
 
@@ -1433,12 +1438,12 @@ def workspace(K, M):
         rows[K + i] = K + M + i
     Ct1 = np.empty((K, C.shape[0], C.shape[0]))
     tilt1_pref = np.empty(K)
+    D1 = np.empty((K, C.shape[0]))
 
-    F = np.empty_like(Cu)
     Dn = np.empty(Cu.shape[0])
-    U0 = np.empty(Cu.shape[0])
-    U1 = np.empty(Cu.shape[0])
-    return (C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1,)
+    X = np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)
+    P = np.empty(Cu.shape[0], np.int64)
+    return (C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P,)
 
 
 @njit(cache=True, error_model="numpy")
@@ -1448,7 +1453,7 @@ def rhs(y, c, p, K, M, dy):
 
 
 @njit(cache=True, error_model="numpy")
-def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1):
+def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P):
     """rhs with its buffers given (from workspace(K, M)): no allocation of its own beyond the task moments."""
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
@@ -1478,7 +1483,7 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1):
     for i in range(rows.size):
         for j in range(rows.size):
             Cu[i, j] = C[rows[i], rows[j]]
-    tilt1_all(C, K, Ct1, tilt1_pref)
+    tilt1_all(C, K, Ct1, tilt1_pref, D1)
     mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted = task_moments(y, c, p, K, M, C, False)
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
@@ -1587,34 +1592,38 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1):
     o += K * K
     for k in range(K):
         for l in range(k, K):
-            tilt_pref = tilt2_table(Cu, k, l, F, Dn, U0, U1)
+            tilt_pref = tilt2_table(Cu, k, l, Dn, X, P)
             acc = 0.0
             acc += eta**2*sigma**2*tilt_pref*(S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])/n_q
             s0 = 0.0
             s1 = 0.0
             for j0 in range(K):
-                s0 += (S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*E_id_g(Ct1[k], l, j0)
-                s1 += (S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*E_id_g(Ct1[l], k, j0)
-            acc += -eta*tilt1_pref[k] * s0
-            acc += -eta*tilt1_pref[l] * s1
+                s0 += (S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*Ct1[k, l, j0]*D1[k, j0]
+                s1 += (S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*Ct1[l, k, j0]*D1[l, j0]
+            acc += -math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
+            acc += -math.sqrt(2)*eta*tilt1_pref[l]/math.sqrt(math.pi) * s1
             s0 = 0.0
             s1 = 0.0
             for m0 in range(M):
-                s0 += (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*E_id_g(Ct1[k], l, K + M + m0)
-                s1 += (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*E_id_g(Ct1[l], k, K + M + m0)
-            acc += eta*tilt1_pref[k] * s0
-            acc += eta*tilt1_pref[l] * s1
+                s0 += (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*Ct1[k, l, K + M + m0]*D1[k, K + M + m0]
+                s1 += (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*Ct1[l, k, K + M + m0]*D1[l, K + M + m0]
+            acc += math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
+            acc += math.sqrt(2)*eta*tilt1_pref[l]/math.sqrt(math.pi) * s1
             if ((order == 2)):
                 s0 = 0.0
+                d0 = 0.0
                 for j0 in range(K):
-                    for j1 in range(K):
-                        s0 += ((S_adapted__adapted_dQ[j0, j1, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j0, j1, l, l] + mu_adapted[j0]*mu_adapted_dQ[j1, l, l])*Q[l, k])*I2(C, j0, j1)
-                acc += -eta * s0
+                    d0 += (2*(S_adapted__adapted_dQ[j0, j0, k, k] + mu_adapted[j0]*mu_adapted_dQ[j0, k, k])*Q[k, l] + 2*(S_adapted__adapted_dQ[j0, j0, l, l] + mu_adapted[j0]*mu_adapted_dQ[j0, l, l])*Q[l, k])*I2(C, j0, j0)
+                    for j1 in range(j0 + 1, K):
+                        s0 += ((S_adapted__adapted_dQ[j0, j1, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j0, j1, l, l] + mu_adapted[j0]*mu_adapted_dQ[j1, l, l])*Q[l, k] + (S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j1, j0, l, l] + mu_adapted[j1]*mu_adapted_dQ[j0, l, l])*Q[l, k])*I2(C, j0, j1)
+                acc += -1.0/2.0*eta * (d0 + 2.0 * s0)
             s0 = 0.0
+            d0 = 0.0
             for j0 in range(K):
-                for j1 in range(K):
-                    s0 += ((S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0] + CMV_adapted__adapted[j0, j1, k, l] + CMV_adapted__adapted[j0, k, j1, l] + CMV_adapted__adapted[j0, l, j1, k] + CMV_adapted__adapted[j1, k, j0, l] + CMV_adapted__adapted[j1, l, j0, k] + CMV_adapted__adapted[k, l, j0, j1] + CVV_adapted[j0, j1, k, l] + CVV_adapted[j0, k, j1, l] + CVV_adapted[j0, l, j1, k])*F[j0, j1]
-            acc += eta**2*tilt_pref/n_q * s0
+                d0 += (2*(S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*S_adapted__adapted[j0, l] + 2*(S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*S_adapted__adapted[j0, k] + 2*(S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j0] + 2*((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j0] + S_adapted__adapted[j0, k]*mu_adapted[l] + S_adapted__adapted[j0, l]*mu_adapted[k])*mu_adapted[j0] + 2*CMV_adapted__adapted[j0, j0, k, l] + 4*CMV_adapted__adapted[j0, k, j0, l] + 4*CMV_adapted__adapted[j0, l, j0, k] + 2*CMV_adapted__adapted[k, l, j0, j0] + 2*CVV_adapted[j0, j0, k, l] + 2*CVV_adapted[j0, k, j0, l] + 2*CVV_adapted[j0, l, j0, k])*X[P[j0] + j0]
+                for j1 in range(j0 + 1, K):
+                    s0 += ((S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*S_adapted__adapted[j1, l] + (S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*S_adapted__adapted[j1, k] + (S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j1, j0] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j0] + S_adapted__adapted[j0, k]*mu_adapted[l] + S_adapted__adapted[j0, l]*mu_adapted[k])*mu_adapted[j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0] + CMV_adapted__adapted[j0, j1, k, l] + 2*CMV_adapted__adapted[j0, k, j1, l] + 2*CMV_adapted__adapted[j0, l, j1, k] + CMV_adapted__adapted[j1, j0, k, l] + 2*CMV_adapted__adapted[j1, k, j0, l] + 2*CMV_adapted__adapted[j1, l, j0, k] + CMV_adapted__adapted[k, l, j0, j1] + CMV_adapted__adapted[k, l, j1, j0] + CVV_adapted[j0, j1, k, l] + CVV_adapted[j0, k, j1, l] + CVV_adapted[j0, l, j1, k] + CVV_adapted[j1, j0, k, l] + CVV_adapted[j1, k, j0, l] + CVV_adapted[j1, l, j0, k])*X[P[j0] + j1]
+            acc += (1.0/2.0)*eta**2*tilt_pref/n_q * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -1624,13 +1633,15 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1):
             s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    s0 += ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__v_task[j0, m0] + (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*S_adapted__adapted[j0, l] + (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__adapted[j0, k] + ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*mu_adapted[k] + S_adapted__adapted[k, l]*mu_v_task[m0] + S_adapted__v_task[k, m0]*mu_adapted[l])*mu_adapted[j0] + CMV_adapted__v_task[j0, k, l, m0] + CMV_adapted__v_task[j0, l, k, m0] + CMV_adapted__v_task[k, l, j0, m0])*F[j0, K + m0]
+                    s0 += ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__v_task[j0, m0] + (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*S_adapted__adapted[j0, l] + (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__adapted[j0, k] + ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*mu_adapted[k] + S_adapted__adapted[k, l]*mu_v_task[m0] + S_adapted__v_task[k, m0]*mu_adapted[l])*mu_adapted[j0] + CMV_adapted__v_task[j0, k, l, m0] + CMV_adapted__v_task[j0, l, k, m0] + CMV_adapted__v_task[k, l, j0, m0])*X[P[j0] + K + m0]
             acc += -2*eta**2*tilt_pref/n_q * s0
             s0 = 0.0
+            d0 = 0.0
             for m0 in range(M):
-                for m1 in range(M):
-                    s0 += ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + (S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k] + CMV_v_task__v_task[k, l, m0, m1])*F[K + m0, K + m1]
-            acc += eta**2*tilt_pref/n_q * s0
+                d0 += (2*((S_v_task__v_task[m0, m0] + mu_v_task[m0]**2)*mu_adapted[l] + 2*S_adapted__v_task[l, m0]*mu_v_task[m0])*mu_adapted[k] + 4*(S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m0] + 2*(S_v_task__v_task[m0, m0] + mu_v_task[m0]**2)*S_adapted__adapted[k, l] + 2*CMV_v_task__v_task[k, l, m0, m0])*X[P[K + m0] + K + m0]
+                for m1 in range(m0 + 1, M):
+                    s0 += (2*(S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + 2*(S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + (S_v_task__v_task[m1, m0] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k] + ((S_v_task__v_task[m1, m0] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k] + CMV_v_task__v_task[k, l, m0, m1] + CMV_v_task__v_task[k, l, m1, m0])*X[P[K + m0] + K + m1]
+            acc += (1.0/2.0)*eta**2*tilt_pref/n_q * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -1668,18 +1679,20 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1):
             acc = 0.0
             s0 = 0.0
             for j0 in range(K):
-                s0 += (S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*E_id_g(Ct1[k], K + n, j0)
-            acc += -eta*tilt1_pref[k] * s0
+                s0 += (S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*Ct1[k, K + n, j0]*D1[k, j0]
+            acc += -math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
             s0 = 0.0
             for m0 in range(M):
-                s0 += (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*E_id_g(Ct1[k], K + n, K + M + m0)
-            acc += eta*tilt1_pref[k] * s0
+                s0 += (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*Ct1[k, K + n, K + M + m0]*D1[k, K + M + m0]
+            acc += math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
             if ((order == 2)):
                 s0 = 0.0
+                d0 = 0.0
                 for j0 in range(K):
-                    for j1 in range(K):
-                        s0 += (S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j1)
-                acc += -eta*R[k, n] * s0
+                    d0 += (2*S_adapted__adapted_dQ[j0, j0, k, k] + 2*mu_adapted[j0]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j0)
+                    for j1 in range(j0 + 1, K):
+                        s0 += (S_adapted__adapted_dQ[j0, j1, k, k] + S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j1)
+                acc += -1.0/2.0*eta*R[k, n] * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -1729,10 +1742,12 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1):
         acc += eta_a*(1 - ((1) if (order == 2) else (0))) * s0
         if ((order == 2)):
             s0 = 0.0
+            d0 = 0.0
             for j0 in range(K):
-                for j1 in range(K):
-                    s0 += (S_adapted__adapted_da[j0, j1, k] + mu_adapted[j0]*mu_adapted_da[j1, k])*I2(C, j0, j1)
-            acc += -eta_a * s0
+                d0 += (2*S_adapted__adapted_da[j0, j0, k] + 2*mu_adapted[j0]*mu_adapted_da[j0, k])*I2(C, j0, j0)
+                for j1 in range(j0 + 1, K):
+                    s0 += (S_adapted__adapted_da[j0, j1, k] + S_adapted__adapted_da[j1, j0, k] + mu_adapted[j0]*mu_adapted_da[j1, k] + mu_adapted[j1]*mu_adapted_da[j0, k])*I2(C, j0, j1)
+            acc += -1.0/2.0*eta_a * (d0 + 2.0 * s0)
         if ((order == 2)):
             s0 = 0.0
             for j0 in range(K):
@@ -1742,14 +1757,14 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1):
         da[k] = acc
 
 
-@njit(cache=False, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def rhs_parallel(y, c, p, K, M, dy):
     """rhs with the pairs (k, l) of its symmetric components shared among numba's
     threads (each chunk of pairs with its own table buffers); each element is
     computed by the same code as in rhs, so the result is the same to the last bit.
-    Not cached, nor are the loops that call it: numba's cache of threaded functions
-    depends on the thread count and on the order of compilation (numba issues 8578
-    and 10128: a stale entry crashes the process)."""
+    Cached like the loops that call it: since numba 0.56 a threaded function reads
+    the thread count at run time (numba PR 7625), so one cache entry serves any
+    NUMBA_NUM_THREADS, bit for bit (benchmarks/flow_speed.py times the warm start)."""
     C = np.empty((K + 2*M, K + 2*M))
     # the rows of the table: the fields the tilted primitive is read at
     Cu = np.empty((K + M, K + M))
@@ -1760,6 +1775,7 @@ def rhs_parallel(y, c, p, K, M, dy):
         rows[K + i] = K + M + i
     Ct1 = np.empty((K, C.shape[0], C.shape[0]))
     tilt1_pref = np.empty(K)
+    D1 = np.empty((K, C.shape[0]))
 
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
@@ -1789,7 +1805,7 @@ def rhs_parallel(y, c, p, K, M, dy):
     for i in range(rows.size):
         for j in range(rows.size):
             Cu[i, j] = C[rows[i], rows[j]]
-    tilt1_all(C, K, Ct1, tilt1_pref)
+    tilt1_all(C, K, Ct1, tilt1_pref, D1)
     mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted = task_moments(y, c, p, K, M, C, False)
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
@@ -1908,41 +1924,44 @@ def rhs_parallel(y, c, p, K, M, dy):
             i_ += 1
     n_chunks = min(n_pairs, 64)
     for chunk in prange(n_chunks):
-        F = np.empty_like(Cu)
         Dn = np.empty(Cu.shape[0])
-        U0 = np.empty(Cu.shape[0])
-        U1 = np.empty(Cu.shape[0])
+        X = np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)
+        P = np.empty(Cu.shape[0], np.int64)
         for i_ in range(chunk, n_pairs, n_chunks):
             k = pair_k[i_]
             l = pair_l[i_]
-            tilt_pref = tilt2_table(Cu, k, l, F, Dn, U0, U1)
+            tilt_pref = tilt2_table(Cu, k, l, Dn, X, P)
             acc = 0.0
             acc += eta**2*sigma**2*tilt_pref*(S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])/n_q
             s0 = 0.0
             s1 = 0.0
             for j0 in range(K):
-                s0 += (S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*E_id_g(Ct1[k], l, j0)
-                s1 += (S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*E_id_g(Ct1[l], k, j0)
-            acc += -eta*tilt1_pref[k] * s0
-            acc += -eta*tilt1_pref[l] * s1
+                s0 += (S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*Ct1[k, l, j0]*D1[k, j0]
+                s1 += (S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*Ct1[l, k, j0]*D1[l, j0]
+            acc += -math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
+            acc += -math.sqrt(2)*eta*tilt1_pref[l]/math.sqrt(math.pi) * s1
             s0 = 0.0
             s1 = 0.0
             for m0 in range(M):
-                s0 += (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*E_id_g(Ct1[k], l, K + M + m0)
-                s1 += (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*E_id_g(Ct1[l], k, K + M + m0)
-            acc += eta*tilt1_pref[k] * s0
-            acc += eta*tilt1_pref[l] * s1
+                s0 += (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*Ct1[k, l, K + M + m0]*D1[k, K + M + m0]
+                s1 += (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*Ct1[l, k, K + M + m0]*D1[l, K + M + m0]
+            acc += math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
+            acc += math.sqrt(2)*eta*tilt1_pref[l]/math.sqrt(math.pi) * s1
             if ((order == 2)):
                 s0 = 0.0
+                d0 = 0.0
                 for j0 in range(K):
-                    for j1 in range(K):
-                        s0 += ((S_adapted__adapted_dQ[j0, j1, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j0, j1, l, l] + mu_adapted[j0]*mu_adapted_dQ[j1, l, l])*Q[l, k])*I2(C, j0, j1)
-                acc += -eta * s0
+                    d0 += (2*(S_adapted__adapted_dQ[j0, j0, k, k] + mu_adapted[j0]*mu_adapted_dQ[j0, k, k])*Q[k, l] + 2*(S_adapted__adapted_dQ[j0, j0, l, l] + mu_adapted[j0]*mu_adapted_dQ[j0, l, l])*Q[l, k])*I2(C, j0, j0)
+                    for j1 in range(j0 + 1, K):
+                        s0 += ((S_adapted__adapted_dQ[j0, j1, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j0, j1, l, l] + mu_adapted[j0]*mu_adapted_dQ[j1, l, l])*Q[l, k] + (S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j1, j0, l, l] + mu_adapted[j1]*mu_adapted_dQ[j0, l, l])*Q[l, k])*I2(C, j0, j1)
+                acc += -1.0/2.0*eta * (d0 + 2.0 * s0)
             s0 = 0.0
+            d0 = 0.0
             for j0 in range(K):
-                for j1 in range(K):
-                    s0 += ((S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0] + CMV_adapted__adapted[j0, j1, k, l] + CMV_adapted__adapted[j0, k, j1, l] + CMV_adapted__adapted[j0, l, j1, k] + CMV_adapted__adapted[j1, k, j0, l] + CMV_adapted__adapted[j1, l, j0, k] + CMV_adapted__adapted[k, l, j0, j1] + CVV_adapted[j0, j1, k, l] + CVV_adapted[j0, k, j1, l] + CVV_adapted[j0, l, j1, k])*F[j0, j1]
-            acc += eta**2*tilt_pref/n_q * s0
+                d0 += (2*(S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*S_adapted__adapted[j0, l] + 2*(S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*S_adapted__adapted[j0, k] + 2*(S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j0] + 2*((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j0] + S_adapted__adapted[j0, k]*mu_adapted[l] + S_adapted__adapted[j0, l]*mu_adapted[k])*mu_adapted[j0] + 2*CMV_adapted__adapted[j0, j0, k, l] + 4*CMV_adapted__adapted[j0, k, j0, l] + 4*CMV_adapted__adapted[j0, l, j0, k] + 2*CMV_adapted__adapted[k, l, j0, j0] + 2*CVV_adapted[j0, j0, k, l] + 2*CVV_adapted[j0, k, j0, l] + 2*CVV_adapted[j0, l, j0, k])*X[P[j0] + j0]
+                for j1 in range(j0 + 1, K):
+                    s0 += ((S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*S_adapted__adapted[j1, l] + (S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*S_adapted__adapted[j1, k] + (S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j1, j0] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j0] + S_adapted__adapted[j0, k]*mu_adapted[l] + S_adapted__adapted[j0, l]*mu_adapted[k])*mu_adapted[j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0] + CMV_adapted__adapted[j0, j1, k, l] + 2*CMV_adapted__adapted[j0, k, j1, l] + 2*CMV_adapted__adapted[j0, l, j1, k] + CMV_adapted__adapted[j1, j0, k, l] + 2*CMV_adapted__adapted[j1, k, j0, l] + 2*CMV_adapted__adapted[j1, l, j0, k] + CMV_adapted__adapted[k, l, j0, j1] + CMV_adapted__adapted[k, l, j1, j0] + CVV_adapted[j0, j1, k, l] + CVV_adapted[j0, k, j1, l] + CVV_adapted[j0, l, j1, k] + CVV_adapted[j1, j0, k, l] + CVV_adapted[j1, k, j0, l] + CVV_adapted[j1, l, j0, k])*X[P[j0] + j1]
+            acc += (1.0/2.0)*eta**2*tilt_pref/n_q * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -1952,13 +1971,15 @@ def rhs_parallel(y, c, p, K, M, dy):
             s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    s0 += ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__v_task[j0, m0] + (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*S_adapted__adapted[j0, l] + (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__adapted[j0, k] + ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*mu_adapted[k] + S_adapted__adapted[k, l]*mu_v_task[m0] + S_adapted__v_task[k, m0]*mu_adapted[l])*mu_adapted[j0] + CMV_adapted__v_task[j0, k, l, m0] + CMV_adapted__v_task[j0, l, k, m0] + CMV_adapted__v_task[k, l, j0, m0])*F[j0, K + m0]
+                    s0 += ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__v_task[j0, m0] + (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*S_adapted__adapted[j0, l] + (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__adapted[j0, k] + ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*mu_adapted[k] + S_adapted__adapted[k, l]*mu_v_task[m0] + S_adapted__v_task[k, m0]*mu_adapted[l])*mu_adapted[j0] + CMV_adapted__v_task[j0, k, l, m0] + CMV_adapted__v_task[j0, l, k, m0] + CMV_adapted__v_task[k, l, j0, m0])*X[P[j0] + K + m0]
             acc += -2*eta**2*tilt_pref/n_q * s0
             s0 = 0.0
+            d0 = 0.0
             for m0 in range(M):
-                for m1 in range(M):
-                    s0 += ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + (S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k] + CMV_v_task__v_task[k, l, m0, m1])*F[K + m0, K + m1]
-            acc += eta**2*tilt_pref/n_q * s0
+                d0 += (2*((S_v_task__v_task[m0, m0] + mu_v_task[m0]**2)*mu_adapted[l] + 2*S_adapted__v_task[l, m0]*mu_v_task[m0])*mu_adapted[k] + 4*(S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m0] + 2*(S_v_task__v_task[m0, m0] + mu_v_task[m0]**2)*S_adapted__adapted[k, l] + 2*CMV_v_task__v_task[k, l, m0, m0])*X[P[K + m0] + K + m0]
+                for m1 in range(m0 + 1, M):
+                    s0 += (2*(S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + 2*(S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + (S_v_task__v_task[m1, m0] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k] + ((S_v_task__v_task[m1, m0] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k] + CMV_v_task__v_task[k, l, m0, m1] + CMV_v_task__v_task[k, l, m1, m0])*X[P[K + m0] + K + m1]
+            acc += (1.0/2.0)*eta**2*tilt_pref/n_q * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -1996,18 +2017,20 @@ def rhs_parallel(y, c, p, K, M, dy):
             acc = 0.0
             s0 = 0.0
             for j0 in range(K):
-                s0 += (S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*E_id_g(Ct1[k], K + n, j0)
-            acc += -eta*tilt1_pref[k] * s0
+                s0 += (S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*Ct1[k, K + n, j0]*D1[k, j0]
+            acc += -math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
             s0 = 0.0
             for m0 in range(M):
-                s0 += (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*E_id_g(Ct1[k], K + n, K + M + m0)
-            acc += eta*tilt1_pref[k] * s0
+                s0 += (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*Ct1[k, K + n, K + M + m0]*D1[k, K + M + m0]
+            acc += math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
             if ((order == 2)):
                 s0 = 0.0
+                d0 = 0.0
                 for j0 in range(K):
-                    for j1 in range(K):
-                        s0 += (S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j1)
-                acc += -eta*R[k, n] * s0
+                    d0 += (2*S_adapted__adapted_dQ[j0, j0, k, k] + 2*mu_adapted[j0]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j0)
+                    for j1 in range(j0 + 1, K):
+                        s0 += (S_adapted__adapted_dQ[j0, j1, k, k] + S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j1)
+                acc += -1.0/2.0*eta*R[k, n] * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -2057,10 +2080,12 @@ def rhs_parallel(y, c, p, K, M, dy):
         acc += eta_a*(1 - ((1) if (order == 2) else (0))) * s0
         if ((order == 2)):
             s0 = 0.0
+            d0 = 0.0
             for j0 in range(K):
-                for j1 in range(K):
-                    s0 += (S_adapted__adapted_da[j0, j1, k] + mu_adapted[j0]*mu_adapted_da[j1, k])*I2(C, j0, j1)
-            acc += -eta_a * s0
+                d0 += (2*S_adapted__adapted_da[j0, j0, k] + 2*mu_adapted[j0]*mu_adapted_da[j0, k])*I2(C, j0, j0)
+                for j1 in range(j0 + 1, K):
+                    s0 += (S_adapted__adapted_da[j0, j1, k] + S_adapted__adapted_da[j1, j0, k] + mu_adapted[j0]*mu_adapted_da[j1, k] + mu_adapted[j1]*mu_adapted_da[j0, k])*I2(C, j0, j1)
+            acc += -1.0/2.0*eta_a * (d0 + 2.0 * s0)
         if ((order == 2)):
             s0 = 0.0
             for j0 in range(K):
@@ -2711,7 +2736,7 @@ def run_adaptive(y, c, p, K, M, t_end, rtol, atol, max_attempts, record_every, t
 
 
 
-@njit(cache=False, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def run_euler_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     """Euler steps y <- y + dt * rhs(y) in place; every `record_every` steps the
     state is written to traj[first_record + 1 + i]. Returns -1, or the number of
@@ -2731,7 +2756,7 @@ def run_euler_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_rec
     return -1
 
 
-@njit(cache=False, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def run_rk4_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     """Classical fourth-order Runge-Kutta steps, recorded as in run_euler."""
     k1 = np.empty_like(y)
@@ -2761,7 +2786,7 @@ def run_rk4_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_recor
     return -1
 
 
-@njit(cache=False, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def run_adaptive_parallel(y, c, p, K, M, t_end, rtol, atol, max_attempts, record_every, traj, clock, counts, k1, fresh):
     """Steps of the embedded pair Dormand-Prince 5(4) (derive/integrators.py) from
     alpha = clock[0] with the step clock[1], in place, until alpha = t_end or

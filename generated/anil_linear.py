@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 803671518a2a39f04f74b47d00f549c81ac55fc7618c4e06f99275f28bf16f5e
+# inputs:     sha256 fc94ce3c1425498fdd78bf5a84eb5cfb39bd306549168aa6f1b70efeebdeab38
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 657 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "803671518a2a39f04f74b47d00f549c81ac55fc7618c4e06f99275f28bf16f5e"
+INPUTS_SHA256 = "fc94ce3c1425498fdd78bf5a84eb5cfb39bd306549168aa6f1b70efeebdeab38"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -1130,15 +1130,19 @@ def rhs_ws(y, c, p, K, M, dy, C):
             acc += eta * s1
             if ((order == 2)):
                 s0 = 0.0
+                d0 = 0.0
                 for j0 in range(K):
-                    for j1 in range(K):
-                        s0 += ((S_adapted__adapted_dQ[j0, j1, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j0, j1, l, l] + mu_adapted[j0]*mu_adapted_dQ[j1, l, l])*Q[l, k])*I2(C, j0, j1)
-                acc += -eta * s0
+                    d0 += (2*(S_adapted__adapted_dQ[j0, j0, k, k] + mu_adapted[j0]*mu_adapted_dQ[j0, k, k])*Q[k, l] + 2*(S_adapted__adapted_dQ[j0, j0, l, l] + mu_adapted[j0]*mu_adapted_dQ[j0, l, l])*Q[l, k])*I2(C, j0, j0)
+                    for j1 in range(j0 + 1, K):
+                        s0 += ((S_adapted__adapted_dQ[j0, j1, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j0, j1, l, l] + mu_adapted[j0]*mu_adapted_dQ[j1, l, l])*Q[l, k] + (S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j1, j0, l, l] + mu_adapted[j1]*mu_adapted_dQ[j0, l, l])*Q[l, k])*I2(C, j0, j1)
+                acc += -1.0/2.0*eta * (d0 + 2.0 * s0)
             s0 = 0.0
+            d0 = 0.0
             for j0 in range(K):
-                for j1 in range(K):
-                    s0 += ((S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0] + CMV_adapted__adapted[j0, j1, k, l] + CMV_adapted__adapted[j0, k, j1, l] + CMV_adapted__adapted[j0, l, j1, k] + CMV_adapted__adapted[j1, k, j0, l] + CMV_adapted__adapted[j1, l, j0, k] + CMV_adapted__adapted[k, l, j0, j1] + CVV_adapted[j0, j1, k, l] + CVV_adapted[j0, k, j1, l] + CVV_adapted[j0, l, j1, k])*I4(C, k, l, j0, j1)
-            acc += eta**2/n_q * s0
+                d0 += (2*(S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*S_adapted__adapted[j0, l] + 2*(S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*S_adapted__adapted[j0, k] + 2*(S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j0] + 2*((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j0] + S_adapted__adapted[j0, k]*mu_adapted[l] + S_adapted__adapted[j0, l]*mu_adapted[k])*mu_adapted[j0] + 2*CMV_adapted__adapted[j0, j0, k, l] + 4*CMV_adapted__adapted[j0, k, j0, l] + 4*CMV_adapted__adapted[j0, l, j0, k] + 2*CMV_adapted__adapted[k, l, j0, j0] + 2*CVV_adapted[j0, j0, k, l] + 2*CVV_adapted[j0, k, j0, l] + 2*CVV_adapted[j0, l, j0, k])*I4(C, k, l, j0, j0)
+                for j1 in range(j0 + 1, K):
+                    s0 += ((S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*S_adapted__adapted[j1, l] + (S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*S_adapted__adapted[j1, k] + (S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j1, j0] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j0] + S_adapted__adapted[j0, k]*mu_adapted[l] + S_adapted__adapted[j0, l]*mu_adapted[k])*mu_adapted[j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0] + CMV_adapted__adapted[j0, j1, k, l] + 2*CMV_adapted__adapted[j0, k, j1, l] + 2*CMV_adapted__adapted[j0, l, j1, k] + CMV_adapted__adapted[j1, j0, k, l] + 2*CMV_adapted__adapted[j1, k, j0, l] + 2*CMV_adapted__adapted[j1, l, j0, k] + CMV_adapted__adapted[k, l, j0, j1] + CMV_adapted__adapted[k, l, j1, j0] + CVV_adapted[j0, j1, k, l] + CVV_adapted[j0, k, j1, l] + CVV_adapted[j0, l, j1, k] + CVV_adapted[j1, j0, k, l] + CVV_adapted[j1, k, j0, l] + CVV_adapted[j1, l, j0, k])*I4(C, k, l, j0, j1)
+            acc += (1.0/2.0)*eta**2/n_q * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -1151,10 +1155,12 @@ def rhs_ws(y, c, p, K, M, dy, C):
                     s0 += ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__v_task[j0, m0] + (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*S_adapted__adapted[j0, l] + (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__adapted[j0, k] + ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*mu_adapted[k] + S_adapted__adapted[k, l]*mu_v_task[m0] + S_adapted__v_task[k, m0]*mu_adapted[l])*mu_adapted[j0] + CMV_adapted__v_task[j0, k, l, m0] + CMV_adapted__v_task[j0, l, k, m0] + CMV_adapted__v_task[k, l, j0, m0])*I4(C, k, l, j0, K + M + m0)
             acc += -2*eta**2/n_q * s0
             s0 = 0.0
+            d0 = 0.0
             for m0 in range(M):
-                for m1 in range(M):
-                    s0 += ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + (S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k] + CMV_v_task__v_task[k, l, m0, m1])*I4(C, k, l, K + M + m0, K + M + m1)
-            acc += eta**2/n_q * s0
+                d0 += (2*((S_v_task__v_task[m0, m0] + mu_v_task[m0]**2)*mu_adapted[l] + 2*S_adapted__v_task[l, m0]*mu_v_task[m0])*mu_adapted[k] + 4*(S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m0] + 2*(S_v_task__v_task[m0, m0] + mu_v_task[m0]**2)*S_adapted__adapted[k, l] + 2*CMV_v_task__v_task[k, l, m0, m0])*I4(C, k, l, K + M + m0, K + M + m0)
+                for m1 in range(m0 + 1, M):
+                    s0 += (2*(S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + 2*(S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + (S_v_task__v_task[m1, m0] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k] + ((S_v_task__v_task[m1, m0] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k] + CMV_v_task__v_task[k, l, m0, m1] + CMV_v_task__v_task[k, l, m1, m0])*I4(C, k, l, K + M + m0, K + M + m1)
+            acc += (1.0/2.0)*eta**2/n_q * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -1200,10 +1206,12 @@ def rhs_ws(y, c, p, K, M, dy, C):
             acc += eta * s0
             if ((order == 2)):
                 s0 = 0.0
+                d0 = 0.0
                 for j0 in range(K):
-                    for j1 in range(K):
-                        s0 += (S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j1)
-                acc += -eta*R[k, n] * s0
+                    d0 += (2*S_adapted__adapted_dQ[j0, j0, k, k] + 2*mu_adapted[j0]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j0)
+                    for j1 in range(j0 + 1, K):
+                        s0 += (S_adapted__adapted_dQ[j0, j1, k, k] + S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j1)
+                acc += -1.0/2.0*eta*R[k, n] * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -1253,10 +1261,12 @@ def rhs_ws(y, c, p, K, M, dy, C):
         acc += eta_a*(1 - ((1) if (order == 2) else (0))) * s0
         if ((order == 2)):
             s0 = 0.0
+            d0 = 0.0
             for j0 in range(K):
-                for j1 in range(K):
-                    s0 += (S_adapted__adapted_da[j0, j1, k] + mu_adapted[j0]*mu_adapted_da[j1, k])*I2(C, j0, j1)
-            acc += -eta_a * s0
+                d0 += (2*S_adapted__adapted_da[j0, j0, k] + 2*mu_adapted[j0]*mu_adapted_da[j0, k])*I2(C, j0, j0)
+                for j1 in range(j0 + 1, K):
+                    s0 += (S_adapted__adapted_da[j0, j1, k] + S_adapted__adapted_da[j1, j0, k] + mu_adapted[j0]*mu_adapted_da[j1, k] + mu_adapted[j1]*mu_adapted_da[j0, k])*I2(C, j0, j1)
+            acc += -1.0/2.0*eta_a * (d0 + 2.0 * s0)
         if ((order == 2)):
             s0 = 0.0
             for j0 in range(K):
@@ -1266,14 +1276,14 @@ def rhs_ws(y, c, p, K, M, dy, C):
         da[k] = acc
 
 
-@njit(cache=False, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def rhs_parallel(y, c, p, K, M, dy):
     """rhs with the pairs (k, l) of its symmetric components shared among numba's
     threads (each chunk of pairs with its own table buffers); each element is
     computed by the same code as in rhs, so the result is the same to the last bit.
-    Not cached, nor are the loops that call it: numba's cache of threaded functions
-    depends on the thread count and on the order of compilation (numba issues 8578
-    and 10128: a stale entry crashes the process)."""
+    Cached like the loops that call it: since numba 0.56 a threaded function reads
+    the thread count at run time (numba PR 7625), so one cache entry serves any
+    NUMBA_NUM_THREADS, bit for bit (benchmarks/flow_speed.py times the warm start)."""
     C = np.empty((K + 2*M, K + 2*M))
 
     o = 0
@@ -1440,15 +1450,19 @@ def rhs_parallel(y, c, p, K, M, dy):
             acc += eta * s1
             if ((order == 2)):
                 s0 = 0.0
+                d0 = 0.0
                 for j0 in range(K):
-                    for j1 in range(K):
-                        s0 += ((S_adapted__adapted_dQ[j0, j1, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j0, j1, l, l] + mu_adapted[j0]*mu_adapted_dQ[j1, l, l])*Q[l, k])*I2(C, j0, j1)
-                acc += -eta * s0
+                    d0 += (2*(S_adapted__adapted_dQ[j0, j0, k, k] + mu_adapted[j0]*mu_adapted_dQ[j0, k, k])*Q[k, l] + 2*(S_adapted__adapted_dQ[j0, j0, l, l] + mu_adapted[j0]*mu_adapted_dQ[j0, l, l])*Q[l, k])*I2(C, j0, j0)
+                    for j1 in range(j0 + 1, K):
+                        s0 += ((S_adapted__adapted_dQ[j0, j1, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j0, j1, l, l] + mu_adapted[j0]*mu_adapted_dQ[j1, l, l])*Q[l, k] + (S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j1, j0, l, l] + mu_adapted[j1]*mu_adapted_dQ[j0, l, l])*Q[l, k])*I2(C, j0, j1)
+                acc += -1.0/2.0*eta * (d0 + 2.0 * s0)
             s0 = 0.0
+            d0 = 0.0
             for j0 in range(K):
-                for j1 in range(K):
-                    s0 += ((S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0] + CMV_adapted__adapted[j0, j1, k, l] + CMV_adapted__adapted[j0, k, j1, l] + CMV_adapted__adapted[j0, l, j1, k] + CMV_adapted__adapted[j1, k, j0, l] + CMV_adapted__adapted[j1, l, j0, k] + CMV_adapted__adapted[k, l, j0, j1] + CVV_adapted[j0, j1, k, l] + CVV_adapted[j0, k, j1, l] + CVV_adapted[j0, l, j1, k])*I4(C, k, l, j0, j1)
-            acc += eta**2/n_q * s0
+                d0 += (2*(S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*S_adapted__adapted[j0, l] + 2*(S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*S_adapted__adapted[j0, k] + 2*(S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j0] + 2*((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j0] + S_adapted__adapted[j0, k]*mu_adapted[l] + S_adapted__adapted[j0, l]*mu_adapted[k])*mu_adapted[j0] + 2*CMV_adapted__adapted[j0, j0, k, l] + 4*CMV_adapted__adapted[j0, k, j0, l] + 4*CMV_adapted__adapted[j0, l, j0, k] + 2*CMV_adapted__adapted[k, l, j0, j0] + 2*CVV_adapted[j0, j0, k, l] + 2*CVV_adapted[j0, k, j0, l] + 2*CVV_adapted[j0, l, j0, k])*I4(C, k, l, j0, j0)
+                for j1 in range(j0 + 1, K):
+                    s0 += ((S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*S_adapted__adapted[j1, l] + (S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*S_adapted__adapted[j1, k] + (S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j1, j0] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j0] + S_adapted__adapted[j0, k]*mu_adapted[l] + S_adapted__adapted[j0, l]*mu_adapted[k])*mu_adapted[j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0] + CMV_adapted__adapted[j0, j1, k, l] + 2*CMV_adapted__adapted[j0, k, j1, l] + 2*CMV_adapted__adapted[j0, l, j1, k] + CMV_adapted__adapted[j1, j0, k, l] + 2*CMV_adapted__adapted[j1, k, j0, l] + 2*CMV_adapted__adapted[j1, l, j0, k] + CMV_adapted__adapted[k, l, j0, j1] + CMV_adapted__adapted[k, l, j1, j0] + CVV_adapted[j0, j1, k, l] + CVV_adapted[j0, k, j1, l] + CVV_adapted[j0, l, j1, k] + CVV_adapted[j1, j0, k, l] + CVV_adapted[j1, k, j0, l] + CVV_adapted[j1, l, j0, k])*I4(C, k, l, j0, j1)
+            acc += (1.0/2.0)*eta**2/n_q * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -1461,10 +1475,12 @@ def rhs_parallel(y, c, p, K, M, dy):
                     s0 += ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__v_task[j0, m0] + (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*S_adapted__adapted[j0, l] + (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__adapted[j0, k] + ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*mu_adapted[k] + S_adapted__adapted[k, l]*mu_v_task[m0] + S_adapted__v_task[k, m0]*mu_adapted[l])*mu_adapted[j0] + CMV_adapted__v_task[j0, k, l, m0] + CMV_adapted__v_task[j0, l, k, m0] + CMV_adapted__v_task[k, l, j0, m0])*I4(C, k, l, j0, K + M + m0)
             acc += -2*eta**2/n_q * s0
             s0 = 0.0
+            d0 = 0.0
             for m0 in range(M):
-                for m1 in range(M):
-                    s0 += ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + (S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k] + CMV_v_task__v_task[k, l, m0, m1])*I4(C, k, l, K + M + m0, K + M + m1)
-            acc += eta**2/n_q * s0
+                d0 += (2*((S_v_task__v_task[m0, m0] + mu_v_task[m0]**2)*mu_adapted[l] + 2*S_adapted__v_task[l, m0]*mu_v_task[m0])*mu_adapted[k] + 4*(S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m0] + 2*(S_v_task__v_task[m0, m0] + mu_v_task[m0]**2)*S_adapted__adapted[k, l] + 2*CMV_v_task__v_task[k, l, m0, m0])*I4(C, k, l, K + M + m0, K + M + m0)
+                for m1 in range(m0 + 1, M):
+                    s0 += (2*(S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + 2*(S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + (S_v_task__v_task[m1, m0] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k] + ((S_v_task__v_task[m1, m0] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k] + CMV_v_task__v_task[k, l, m0, m1] + CMV_v_task__v_task[k, l, m1, m0])*I4(C, k, l, K + M + m0, K + M + m1)
+            acc += (1.0/2.0)*eta**2/n_q * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -1510,10 +1526,12 @@ def rhs_parallel(y, c, p, K, M, dy):
             acc += eta * s0
             if ((order == 2)):
                 s0 = 0.0
+                d0 = 0.0
                 for j0 in range(K):
-                    for j1 in range(K):
-                        s0 += (S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j1)
-                acc += -eta*R[k, n] * s0
+                    d0 += (2*S_adapted__adapted_dQ[j0, j0, k, k] + 2*mu_adapted[j0]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j0)
+                    for j1 in range(j0 + 1, K):
+                        s0 += (S_adapted__adapted_dQ[j0, j1, k, k] + S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j1)
+                acc += -1.0/2.0*eta*R[k, n] * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -1563,10 +1581,12 @@ def rhs_parallel(y, c, p, K, M, dy):
         acc += eta_a*(1 - ((1) if (order == 2) else (0))) * s0
         if ((order == 2)):
             s0 = 0.0
+            d0 = 0.0
             for j0 in range(K):
-                for j1 in range(K):
-                    s0 += (S_adapted__adapted_da[j0, j1, k] + mu_adapted[j0]*mu_adapted_da[j1, k])*I2(C, j0, j1)
-            acc += -eta_a * s0
+                d0 += (2*S_adapted__adapted_da[j0, j0, k] + 2*mu_adapted[j0]*mu_adapted_da[j0, k])*I2(C, j0, j0)
+                for j1 in range(j0 + 1, K):
+                    s0 += (S_adapted__adapted_da[j0, j1, k] + S_adapted__adapted_da[j1, j0, k] + mu_adapted[j0]*mu_adapted_da[j1, k] + mu_adapted[j1]*mu_adapted_da[j0, k])*I2(C, j0, j1)
+            acc += -1.0/2.0*eta_a * (d0 + 2.0 * s0)
         if ((order == 2)):
             s0 = 0.0
             for j0 in range(K):
@@ -2210,7 +2230,7 @@ def run_adaptive(y, c, p, K, M, t_end, rtol, atol, max_attempts, record_every, t
 
 
 
-@njit(cache=False, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def run_euler_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     """Euler steps y <- y + dt * rhs(y) in place; every `record_every` steps the
     state is written to traj[first_record + 1 + i]. Returns -1, or the number of
@@ -2230,7 +2250,7 @@ def run_euler_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_rec
     return -1
 
 
-@njit(cache=False, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def run_rk4_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     """Classical fourth-order Runge-Kutta steps, recorded as in run_euler."""
     k1 = np.empty_like(y)
@@ -2260,7 +2280,7 @@ def run_rk4_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_recor
     return -1
 
 
-@njit(cache=False, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def run_adaptive_parallel(y, c, p, K, M, t_end, rtol, atol, max_attempts, record_every, traj, clock, counts, k1, fresh):
     """Steps of the embedded pair Dormand-Prince 5(4) (derive/integrators.py) from
     alpha = clock[0] with the step clock[1], in place, until alpha = t_end or

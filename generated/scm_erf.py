@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 de8a18310b3cc0a36502f9312483460237ce8991d97c783767909a394ea9d311
+# inputs:     sha256 9662c62411ccc07b0c8c4cce3176210882c3c9acc625e2789f3af0a604eab3fd
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "de8a18310b3cc0a36502f9312483460237ce8991d97c783767909a394ea9d311"
+INPUTS_SHA256 = "9662c62411ccc07b0c8c4cce3176210882c3c9acc625e2789f3af0a604eab3fd"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )
@@ -72,18 +72,6 @@ def asin_(x):
 
 # Gaussian primitives, derived by derive/gaussian.py
 @njit(cache=True, error_model="numpy")
-def E_id_g(C, a, b):
-    """E[(u_a) g(u_b)] at covariance C.
-
-    - Stein on u_a
-    - tilt by u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    """
-    C_ab = C[a, b]
-    C_bb = C[b, b]
-    return math.sqrt(2)*C_ab/(math.sqrt(math.pi)*math.sqrt(C_bb + 1))
-
-
-@njit(cache=True, error_model="numpy")
 def I2(C, a, b):
     """E[g(u_a) g(u_b)] at covariance C.
 
@@ -99,12 +87,14 @@ def I2(C, a, b):
 
 
 @njit(cache=True, error_model="numpy")
-def tilt1_all(C, K, Ct1, pref):
+def tilt1_all(C, K, Ct1, pref, D1):
     """The tilt rule of derive/gaussian.py for one g' factor, on every student row a:
     Ct = C - C[:, S] (w I + C_SS)^-1 C[S, :] with S = (a), prefactor A^1 det(I +
     C_SS / w)^(-1/2), for g' = A exp(-z^2 / (2 w)), A = sqrt(2)/sqrt(pi), w = 1.
     Ct1[a] is the tilted covariance and pref[a] the prefactor; each expression is
-    the rule's own, split by loop level in derive/tables.py."""
+    the rule's own, split by loop level in derive/tables.py. D1[a, r] is the per-row
+    factor of the base primitive read at Ct1[a] (derive/codegen.py: separable_form),
+    computed once per (a, r) instead of once per read."""
     n = C.shape[0]
     for a in range(K):
         e0 = C[a, a] + 1
@@ -114,18 +104,30 @@ def tilt1_all(C, K, Ct1, pref):
             u0 = k00*C[r, a]
             for q in range(n):
                 Ct1[a, r, q] = u0*C[a, q] + C[r, q]
+            d = Ct1[a, r, r]
+            D1[a, r] = 1/math.sqrt(d + 1)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
-def tilt2_table(C, a, b, F, Dn, U0, U1):
+def tilt2_table(C, a, b, Dn, X, P):
     """The tilt rule of derive/gaussian.py for two g' factors on rows a, b of C,
     Ct = C - C[:, S] (w I + C_SS)^-1 C[S, :] with S = (a, b), prefactor A^2 det(I +
     C_SS / w)^(-1/2), for g' = A exp(-z^2 / (2 w)), A = sqrt(2)/sqrt(pi), w = 1,
     and I2 at the tilted covariance for every pair of rows:
     F[r, q] = I2(Ct; r, q), written as 2*asin(Da*Db*x)/pi, D = 1/sqrt(C_rr + 1)
     (derive/codegen.py: separable_form), so that D is computed once per row.
+    I2 is symmetric in its two fields (derive/gaussian.py: exchange_symmetric),
+    so only q >= r is computed (every read of the table is on it,
+    derive/codegen.py: _reads_upper):
+    one asin_ per distinct integral. A first pass, from the last row to the
+    first, computes each row's factors and the arguments of its entries q >= r
+    (D[q] is ready) into X, the triangle packed row by row; a second applies
+    asin_ to X in one flat loop (whole vectors, no ragged row ends);
+    the sums read X where it is: F[r, q] = X[P[r] + q] for q >= r.
+    The rows are read through views (C[a, r:], ...): indices that start at 0 need
+    no negative-index check, and the loops vectorise.
     Returns the prefactor. Each expression is the rule's own, split by loop level
-    in derive/tables.py; the loop over q has no branch or call: numba vectorises it."""
+    in derive/tables.py; the loops have no branch or call: numba vectorises them."""
     e0 = C[a, a]*C[b, b] + C[a, a] - C[a, b]**2 + C[b, b] + 1
     e1 = 1/e0
     e2 = e1*C[a, b]
@@ -134,21 +136,24 @@ def tilt2_table(C, a, b, F, Dn, U0, U1):
     k10 = e2
     k11 = -e1*C[a, a] - e1
     n = C.shape[0]
-    for r in range(n):
+    o = X.size
+    for r in range(n - 1, -1, -1):
         u0 = k00*C[r, a] + k01*C[r, b]
-        U0[r] = u0
         u1 = k10*C[r, a] + k11*C[r, b]
-        U1[r] = u1
         d = u0*C[a, r] + u1*C[b, r] + C[r, r]
-        Dn[r] = 1/math.sqrt(d + 1)
-    for r in range(n):
-        u0 = U0[r]
-        u1 = U1[r]
-        Da = Dn[r]
-        for q in range(n):
-            x = u0*C[a, q] + u1*C[b, q] + C[r, q]
-            Db = Dn[q]
-            F[r, q] = 2*asin_(Da*Db*x)/math.pi
+        Da = 1/math.sqrt(d + 1)
+        Dn[r] = Da
+        o -= n - r
+        P[r] = o - r
+        Ca, Cb, Cr, Dq = C[a, r:], C[b, r:], C[r, r:], Dn[r:]
+        Xr = X[o : o + n - r]
+        for j in range(n - r):
+            x = u0*Ca[j] + u1*Cb[j] + Cr[j]
+            Db = Dq[j]
+            Xr[j] = Da*Db*x
+    for i in range(X.size):
+        xi = X[i]
+        X[i] = 2/math.pi * asin_(xi)
     return 2/(math.pi*math.sqrt(e0))
 
 
@@ -191,12 +196,12 @@ def workspace(K, M):
     rows = np.arange(C.shape[0])
     Ct1 = np.empty((K, C.shape[0], C.shape[0]))
     tilt1_pref = np.empty(K)
+    D1 = np.empty((K, C.shape[0]))
 
-    F = np.empty_like(Cu)
     Dn = np.empty(Cu.shape[0])
-    U0 = np.empty(Cu.shape[0])
-    U1 = np.empty(Cu.shape[0])
-    return (C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1,)
+    X = np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)
+    P = np.empty(Cu.shape[0], np.int64)
+    return (C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P,)
 
 
 @njit(cache=True, error_model="numpy")
@@ -206,7 +211,7 @@ def rhs(y, c, p, K, M, dy):
 
 
 @njit(cache=True, error_model="numpy")
-def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1):
+def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P):
     """rhs with its buffers given (from workspace(K, M)): no allocation of its own."""
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
@@ -221,48 +226,48 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1):
     eta = p[0]
     sigma = p[1]
     covariance(y, c, p, K, M, C)
-    tilt1_all(C, K, Ct1, tilt1_pref)
+    tilt1_all(C, K, Ct1, tilt1_pref, D1)
 
     o = 0
     dQ = dy[o : o + K * K].reshape((K, K))
     o += K * K
     for k in range(K):
         for l in range(k, K):
-            tilt_pref = tilt2_table(Cu, k, l, F, Dn, U0, U1)
+            tilt_pref = tilt2_table(Cu, k, l, Dn, X, P)
             acc = 0.0
             acc += eta**2*sigma**2*tilt_pref
             s0 = 0.0
             s1 = 0.0
             for j0 in range(K):
-                s0 += E_id_g(Ct1[k], l, j0)
-                s1 += E_id_g(Ct1[l], k, j0)
-            acc += -eta*tilt1_pref[k] * s0
-            acc += -eta*tilt1_pref[l] * s1
+                s0 += Ct1[k, l, j0]*D1[k, j0]
+                s1 += Ct1[l, k, j0]*D1[l, j0]
+            acc += -math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
+            acc += -math.sqrt(2)*eta*tilt1_pref[l]/math.sqrt(math.pi) * s1
             s0 = 0.0
             s1 = 0.0
             for m0 in range(M):
-                s0 += E_id_g(Ct1[k], l, K + m0)
-                s1 += E_id_g(Ct1[l], k, K + m0)
-            acc += eta*tilt1_pref[k] * s0
-            acc += eta*tilt1_pref[l] * s1
+                s0 += Ct1[k, l, K + m0]*D1[k, K + m0]
+                s1 += Ct1[l, k, K + m0]*D1[l, K + m0]
+            acc += math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
+            acc += math.sqrt(2)*eta*tilt1_pref[l]/math.sqrt(math.pi) * s1
             s0 = 0.0
             d0 = 0.0
             for j0 in range(K):
-                d0 += F[j0, j0]
+                d0 += X[P[j0] + j0]
                 for j1 in range(j0 + 1, K):
-                    s0 += F[j0, j1]
+                    s0 += X[P[j0] + j1]
             acc += eta**2*tilt_pref * (d0 + 2.0 * s0)
             s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    s0 += F[j0, K + m0]
+                    s0 += X[P[j0] + K + m0]
             acc += -2*eta**2*tilt_pref * s0
             s0 = 0.0
             d0 = 0.0
             for m0 in range(M):
-                d0 += F[K + m0, K + m0]
+                d0 += X[P[K + m0] + K + m0]
                 for m1 in range(m0 + 1, M):
-                    s0 += F[K + m0, K + m1]
+                    s0 += X[P[K + m0] + K + m1]
             acc += eta**2*tilt_pref * (d0 + 2.0 * s0)
             dQ[k, l] = acc
             dQ[l, k] = acc
@@ -273,28 +278,29 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, F, Dn, U0, U1):
             acc = 0.0
             s0 = 0.0
             for j0 in range(K):
-                s0 += E_id_g(Ct1[k], K + n, j0)
-            acc += -eta*tilt1_pref[k] * s0
+                s0 += Ct1[k, K + n, j0]*D1[k, j0]
+            acc += -math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
             s0 = 0.0
             for m0 in range(M):
-                s0 += E_id_g(Ct1[k], K + n, K + m0)
-            acc += eta*tilt1_pref[k] * s0
+                s0 += Ct1[k, K + n, K + m0]*D1[k, K + m0]
+            acc += math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
             dR[k, n] = acc
 
 
-@njit(cache=False, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def rhs_parallel(y, c, p, K, M, dy):
     """rhs with the pairs (k, l) of its symmetric components shared among numba's
     threads (each chunk of pairs with its own table buffers); each element is
     computed by the same code as in rhs, so the result is the same to the last bit.
-    Not cached, nor are the loops that call it: numba's cache of threaded functions
-    depends on the thread count and on the order of compilation (numba issues 8578
-    and 10128: a stale entry crashes the process)."""
+    Cached like the loops that call it: since numba 0.56 a threaded function reads
+    the thread count at run time (numba PR 7625), so one cache entry serves any
+    NUMBA_NUM_THREADS, bit for bit (benchmarks/flow_speed.py times the warm start)."""
     C = np.empty((K + M, K + M))
     Cu = C
     rows = np.arange(C.shape[0])
     Ct1 = np.empty((K, C.shape[0], C.shape[0]))
     tilt1_pref = np.empty(K)
+    D1 = np.empty((K, C.shape[0]))
 
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
@@ -309,7 +315,7 @@ def rhs_parallel(y, c, p, K, M, dy):
     eta = p[0]
     sigma = p[1]
     covariance(y, c, p, K, M, C)
-    tilt1_all(C, K, Ct1, tilt1_pref)
+    tilt1_all(C, K, Ct1, tilt1_pref, D1)
 
     o = 0
     dQ = dy[o : o + K * K].reshape((K, K))
@@ -326,48 +332,47 @@ def rhs_parallel(y, c, p, K, M, dy):
             i_ += 1
     n_chunks = min(n_pairs, 64)
     for chunk in prange(n_chunks):
-        F = np.empty_like(Cu)
         Dn = np.empty(Cu.shape[0])
-        U0 = np.empty(Cu.shape[0])
-        U1 = np.empty(Cu.shape[0])
+        X = np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)
+        P = np.empty(Cu.shape[0], np.int64)
         for i_ in range(chunk, n_pairs, n_chunks):
             k = pair_k[i_]
             l = pair_l[i_]
-            tilt_pref = tilt2_table(Cu, k, l, F, Dn, U0, U1)
+            tilt_pref = tilt2_table(Cu, k, l, Dn, X, P)
             acc = 0.0
             acc += eta**2*sigma**2*tilt_pref
             s0 = 0.0
             s1 = 0.0
             for j0 in range(K):
-                s0 += E_id_g(Ct1[k], l, j0)
-                s1 += E_id_g(Ct1[l], k, j0)
-            acc += -eta*tilt1_pref[k] * s0
-            acc += -eta*tilt1_pref[l] * s1
+                s0 += Ct1[k, l, j0]*D1[k, j0]
+                s1 += Ct1[l, k, j0]*D1[l, j0]
+            acc += -math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
+            acc += -math.sqrt(2)*eta*tilt1_pref[l]/math.sqrt(math.pi) * s1
             s0 = 0.0
             s1 = 0.0
             for m0 in range(M):
-                s0 += E_id_g(Ct1[k], l, K + m0)
-                s1 += E_id_g(Ct1[l], k, K + m0)
-            acc += eta*tilt1_pref[k] * s0
-            acc += eta*tilt1_pref[l] * s1
+                s0 += Ct1[k, l, K + m0]*D1[k, K + m0]
+                s1 += Ct1[l, k, K + m0]*D1[l, K + m0]
+            acc += math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
+            acc += math.sqrt(2)*eta*tilt1_pref[l]/math.sqrt(math.pi) * s1
             s0 = 0.0
             d0 = 0.0
             for j0 in range(K):
-                d0 += F[j0, j0]
+                d0 += X[P[j0] + j0]
                 for j1 in range(j0 + 1, K):
-                    s0 += F[j0, j1]
+                    s0 += X[P[j0] + j1]
             acc += eta**2*tilt_pref * (d0 + 2.0 * s0)
             s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    s0 += F[j0, K + m0]
+                    s0 += X[P[j0] + K + m0]
             acc += -2*eta**2*tilt_pref * s0
             s0 = 0.0
             d0 = 0.0
             for m0 in range(M):
-                d0 += F[K + m0, K + m0]
+                d0 += X[P[K + m0] + K + m0]
                 for m1 in range(m0 + 1, M):
-                    s0 += F[K + m0, K + m1]
+                    s0 += X[P[K + m0] + K + m1]
             acc += eta**2*tilt_pref * (d0 + 2.0 * s0)
             dQ[k, l] = acc
             dQ[l, k] = acc
@@ -378,12 +383,12 @@ def rhs_parallel(y, c, p, K, M, dy):
             acc = 0.0
             s0 = 0.0
             for j0 in range(K):
-                s0 += E_id_g(Ct1[k], K + n, j0)
-            acc += -eta*tilt1_pref[k] * s0
+                s0 += Ct1[k, K + n, j0]*D1[k, j0]
+            acc += -math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
             s0 = 0.0
             for m0 in range(M):
-                s0 += E_id_g(Ct1[k], K + n, K + m0)
-            acc += eta*tilt1_pref[k] * s0
+                s0 += Ct1[k, K + n, K + m0]*D1[k, K + m0]
+            acc += math.sqrt(2)*eta*tilt1_pref[k]/math.sqrt(math.pi) * s0
             dR[k, n] = acc
 
 
@@ -629,7 +634,7 @@ def run_adaptive(y, c, p, K, M, t_end, rtol, atol, max_attempts, record_every, t
 
 
 
-@njit(cache=False, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def run_euler_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     """Euler steps y <- y + dt * rhs(y) in place; every `record_every` steps the
     state is written to traj[first_record + 1 + i]. Returns -1, or the number of
@@ -649,7 +654,7 @@ def run_euler_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_rec
     return -1
 
 
-@njit(cache=False, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def run_rk4_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     """Classical fourth-order Runge-Kutta steps, recorded as in run_euler."""
     k1 = np.empty_like(y)
@@ -679,7 +684,7 @@ def run_rk4_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_recor
     return -1
 
 
-@njit(cache=False, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def run_adaptive_parallel(y, c, p, K, M, t_end, rtol, atol, max_attempts, record_every, traj, clock, counts, k1, fresh):
     """Steps of the embedded pair Dormand-Prince 5(4) (derive/integrators.py) from
     alpha = clock[0] with the step clock[1], in place, until alpha = t_end or

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 c424cdf1b0f9cf22e25351892c40aef4d1431019e1f97b3fedc59493b743a762
+# inputs:     sha256 905b2545764ae9f801ede70c05e2a334bca492799b03bb231ce99a546d70078a
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "c424cdf1b0f9cf22e25351892c40aef4d1431019e1f97b3fedc59493b743a762"
+INPUTS_SHA256 = "905b2545764ae9f801ede70c05e2a334bca492799b03bb231ce99a546d70078a"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )
@@ -194,14 +194,14 @@ def rhs_ws(y, c, p, K, M, dy, C):
             dR[k, n] = acc
 
 
-@njit(cache=False, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def rhs_parallel(y, c, p, K, M, dy):
     """rhs with the pairs (k, l) of its symmetric components shared among numba's
     threads (each chunk of pairs with its own table buffers); each element is
     computed by the same code as in rhs, so the result is the same to the last bit.
-    Not cached, nor are the loops that call it: numba's cache of threaded functions
-    depends on the thread count and on the order of compilation (numba issues 8578
-    and 10128: a stale entry crashes the process)."""
+    Cached like the loops that call it: since numba 0.56 a threaded function reads
+    the thread count at run time (numba PR 7625), so one cache entry serves any
+    NUMBA_NUM_THREADS, bit for bit (benchmarks/flow_speed.py times the warm start)."""
     C = np.empty((K + M, K + M))
 
     o = 0
@@ -531,7 +531,7 @@ def run_adaptive(y, c, p, K, M, t_end, rtol, atol, max_attempts, record_every, t
 
 
 
-@njit(cache=False, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def run_euler_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     """Euler steps y <- y + dt * rhs(y) in place; every `record_every` steps the
     state is written to traj[first_record + 1 + i]. Returns -1, or the number of
@@ -551,7 +551,7 @@ def run_euler_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_rec
     return -1
 
 
-@njit(cache=False, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def run_rk4_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     """Classical fourth-order Runge-Kutta steps, recorded as in run_euler."""
     k1 = np.empty_like(y)
@@ -581,7 +581,7 @@ def run_rk4_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_recor
     return -1
 
 
-@njit(cache=False, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def run_adaptive_parallel(y, c, p, K, M, t_end, rtol, atol, max_attempts, record_every, traj, clock, counts, k1, fresh):
     """Steps of the embedded pair Dormand-Prince 5(4) (derive/integrators.py) from
     alpha = clock[0] with the step clock[1], in place, until alpha = t_end or

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 67bc8380c3a40ee39570a23d9034afc977b4b5a5719aee15644242256c234f18
+# inputs:     sha256 2a9a3e6192070765cd0e19865d330a9cdf25a516724c10d1599170a7f7041915
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "67bc8380c3a40ee39570a23d9034afc977b4b5a5719aee15644242256c234f18"
+INPUTS_SHA256 = "2a9a3e6192070765cd0e19865d330a9cdf25a516724c10d1599170a7f7041915"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
@@ -222,14 +222,14 @@ def rhs_ws(y, c, p, K, M, dy, C):
         dv[k] = acc
 
 
-@njit(cache=False, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def rhs_parallel(y, c, p, K, M, dy):
     """rhs with the pairs (k, l) of its symmetric components shared among numba's
     threads (each chunk of pairs with its own table buffers); each element is
     computed by the same code as in rhs, so the result is the same to the last bit.
-    Not cached, nor are the loops that call it: numba's cache of threaded functions
-    depends on the thread count and on the order of compilation (numba issues 8578
-    and 10128: a stale entry crashes the process)."""
+    Cached like the loops that call it: since numba 0.56 a threaded function reads
+    the thread count at run time (numba PR 7625), so one cache entry serves any
+    NUMBA_NUM_THREADS, bit for bit (benchmarks/flow_speed.py times the warm start)."""
     C = np.empty((K + M, K + M))
 
     o = 0
@@ -608,7 +608,7 @@ def run_adaptive(y, c, p, K, M, t_end, rtol, atol, max_attempts, record_every, t
 
 
 
-@njit(cache=False, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def run_euler_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     """Euler steps y <- y + dt * rhs(y) in place; every `record_every` steps the
     state is written to traj[first_record + 1 + i]. Returns -1, or the number of
@@ -628,7 +628,7 @@ def run_euler_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_rec
     return -1
 
 
-@njit(cache=False, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def run_rk4_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_record):
     """Classical fourth-order Runge-Kutta steps, recorded as in run_euler."""
     k1 = np.empty_like(y)
@@ -658,7 +658,7 @@ def run_rk4_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_recor
     return -1
 
 
-@njit(cache=False, error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def run_adaptive_parallel(y, c, p, K, M, t_end, rtol, atol, max_attempts, record_every, traj, clock, counts, k1, fresh):
     """Steps of the embedded pair Dormand-Prince 5(4) (derive/integrators.py) from
     alpha = clock[0] with the step clock[1], in place, until alpha = t_end or

@@ -6,6 +6,7 @@ traj = flow("two_layer", init, {"eta": 1.0}, t_max=10, dt=0.01)
 traj.eps_g, traj.Q, traj.alpha
 
 runtime.metatest(traj_of_anil, n_s=[1, 10, float("inf")])  # docs/interface.md
+ds = sweep("spec.toml")  # an xarray.Dataset (docs/interface.md, Sweeps)
 """
 
 from .analyze import analyze, summaries
@@ -14,6 +15,7 @@ from .integrate import FlowDiverged, SimulationDiverged, flow
 from .kernels import load, load_path
 from .few_shot import MetaTest, metatest
 from .simulate import simulate
+from .sweep import sweep
 from .trajectory import Trajectory
 
 __all__ = [
@@ -32,4 +34,5 @@ __all__ = [
     "sampled_init",
     "simulate",
     "summaries",
+    "sweep",
 ]

@@ -1,4 +1,5 @@
-"""Command line of runtime: the main job, flow, simulate, models, study, validate, metatest.
+"""Command line of runtime: the main job, flow, simulate, models, study, sweep, validate,
+analyze, metatest.
 
 The commands and files: docs/interface.md; the models' equations and
 parameters: docs/README.md and docs/models/MODEL.md."""
@@ -410,6 +411,22 @@ def cmd_study(args) -> Path:
     return out
 
 
+def cmd_sweep(args) -> Path:
+    from .sweep import plot_summaries, sweep
+
+    ds = sweep(
+        args.spec,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        out=args.out,
+        progress=not args.no_progress,
+    )
+    print(f"computed {ds.attrs['points_computed']} of {ds.done.size} points")
+    out = Path(ds.attrs["out"])
+    plot_summaries(ds, out / "summaries.png")
+    return out
+
+
 def cmd_validate(args) -> Path:
     defaults = {"sizes": [1000, 4000], "seeds": 20, "t_max": 4.0} if args.support else {
         "sizes": [250, 1000], "seeds": 10, "t_max": 2.0}
@@ -541,6 +558,14 @@ def _main(argv: list[str] | None = None) -> int:
     p_study = sub.add_parser("study", help="one of the studies of the meta-learning model, or all")
     p_study.add_argument("name", choices=[*STUDIES, "all"])
     p_study.add_argument("--out", help="output directory (default runs/studies)")
+    p_sweep = sub.add_parser("sweep", help="flows over a grid of parameters on Dask (resumable)")
+    p_sweep.add_argument("spec", help="the sweep's TOML spec (docs/interface.md)")
+    p_sweep.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:8786)")
+    p_sweep.add_argument(
+        "--workers", type=COUNT, help="worker processes of the embedded cluster (default: one per core)"
+    )
+    p_sweep.add_argument("--out", help="output directory (default: runs/sweep-<model>-<spec hash>)")
+    p_sweep.add_argument("--no-progress", action="store_true")
     p_val = sub.add_parser("validate", help="flow against simulation at two sizes, many seeds (minutes)")
     p_val.add_argument("--sizes", type=COUNT, nargs="+", help="default 250 1000 (--support: 1000 4000)")
     p_val.add_argument("--seeds", type=COUNT, help="default 10 (--support: 20)")
@@ -588,6 +613,7 @@ def _main(argv: list[str] | None = None) -> int:
         commands = {"flow": cmd_flow, "simulate": cmd_simulate, "study": cmd_study, "validate": cmd_validate}
         commands["analyze"] = cmd_analyze
         commands["metatest"] = cmd_metatest
+        commands["sweep"] = cmd_sweep
         out = commands.get(args.command, cmd_main)(args)
     except (FlowInterrupted, SimulationInterrupted) as exc:
         where = getattr(exc, "out", None)
@@ -600,8 +626,15 @@ def _main(argv: list[str] | None = None) -> int:
         what, code = _stop_status()
         print(f"{what} at alpha = {exc.alpha:g}; {tail}", file=sys.stderr)
         return code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         what, code = _stop_status()
+        if hasattr(exc, "total"):  # a sweep: its points done are kept
+            print(
+                f"{what}; {exc.done} of {exc.total} points done in {exc.out} (the same command "
+                "computes the rest)",
+                file=sys.stderr,
+            )
+            return code
         print(f"{what}; nothing was written", file=sys.stderr)
         return code
     except FlowDiverged as exc:

@@ -29,23 +29,36 @@ RTOL = 1e-8
 ATOL = 1e-10
 # The threaded right-hand side (rhs_parallel) shares the pairs (k, l) of dQ among
 # numba's threads. Below PARALLEL_FROM_K student units the threads cost more than
-# they save (two threads, benchmarks/flow_speed.py: 1.25x for two_layer and 1.06x
-# for anil at K = M = 8, 1.5x for both at K = M = 16). Its loops are compiled on
-# each start (5-20 s; numba cannot cache threaded functions safely), so the
-# automatic choice takes it only for runs that would last PARALLEL_MIN_SECONDS serially.
+# they save: benchmarks/flow_speed.py measures the speed-up at each K and prints the
+# K from which it pays (two threads: see the README's figures). The threaded loops
+# are cached by numba like the others (parallel=True functions are cacheable since
+# numba 0.56: the thread count is read at run time, not compiled in; the same cache
+# serves 1, 2 or 4 threads, bit for bit), so once compiled a run starts them at
+# once, when a few steps timed each way find them faster (on a machine whose cores
+# are busy the threads wait for each other: 7.7 ms a step at K = 16 against 0.3 ms
+# on one thread, measured here); while they are not yet compiled (about 30 s),
+# they are taken only for a run that would last PARALLEL_MIN_SECONDS serially.
 PARALLEL_FROM_K = 12
 PARALLEL_MIN_SECONDS = 60.0
 
 
-def use_parallel(parallel: bool | None, K: int, serial_seconds=None) -> bool:
+def use_parallel(
+    parallel: bool | None, K: int, serial_seconds=None, compiled: bool = False, threads_faster=None
+) -> bool:
     """Whether to run the threaded right-hand side: ``parallel`` if given; if None,
-    ``K >= PARALLEL_FROM_K``, more than one numba thread, and ``serial_seconds()``
-    (an estimate of the serial run time) above ``PARALLEL_MIN_SECONDS``."""
+    ``K >= PARALLEL_FROM_K`` and more than one numba thread, and: when the threaded
+    loops are ``compiled`` (in this process or numba's cache), ``threads_faster()``
+    if given (a few steps timed each way: on a machine whose cores are busy with
+    other work the threads wait for each other and lose); otherwise
+    ``serial_seconds()`` (an estimate of the serial run time) above
+    ``PARALLEL_MIN_SECONDS``."""
     if parallel is None:
         import numba
 
         if K < PARALLEL_FROM_K or numba.get_num_threads() < 2:
             return False
+        if compiled:
+            return threads_faster is None or threads_faster()
         return serial_seconds is None or serial_seconds() > PARALLEL_MIN_SECONDS
     if not isinstance(parallel, bool):
         raise ValueError(f"parallel must be True, False or None (automatic), got {parallel!r}")
@@ -64,6 +77,23 @@ def _serial_estimate(run, y, c, p, K, M, dt, n_steps):
         return (time.perf_counter() - t0) / probe * n_steps
 
     return estimate
+
+
+def _threads_faster(serial, threaded, y, c, p, K, M, dt, probe: int = 4) -> bool:
+    """Whether ``threaded`` runs Euler-like steps at least 10 % faster than ``serial``
+    now (the least of three timings of ``probe`` steps each, on copies of the state)."""
+
+    def timed(run):
+        scratch = np.empty((1, y.size))
+        run(y.copy(), c, p, K, M, dt, 1, 2, scratch, 0)  # loaded, threads started
+        best = math.inf
+        for _ in range(3):
+            t0 = time.perf_counter()
+            run(y.copy(), c, p, K, M, dt, probe, probe + 1, scratch, 0)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    return timed(threaded) < 0.9 * timed(serial)
 
 
 class FlowDiverged(RuntimeError):
@@ -248,10 +278,13 @@ def flow(
         say(compile_notice(kernel))
     run(y.copy(), c, p, K, M, dt, 0, 1, scratch, 0)
     kernel.metrics(y, c, p, K, M)
-    if use_parallel(parallel, K, _serial_estimate(run, y, c, p, K, M, dt, n_steps - done * rec)):
-        run = getattr(kernel.module, f"run_{method}_parallel")
+    threaded = getattr(kernel.module, f"run_{method}_parallel")
+    estimate = _serial_estimate(run, y, c, p, K, M, dt, n_steps - done * rec)
+    faster = lambda: _threads_faster(run, threaded, y, c, p, K, M, dt)  # noqa: E731
+    if use_parallel(parallel, K, estimate, not needs_compiling(threaded), faster):
+        run = threaded
         if say and needs_compiling(run):
-            say(compile_notice(kernel, "threaded loops", "on every start, numba cannot cache them; 5-20 s"))
+            say(compile_notice(kernel, "threaded loops", "first run only, numba caches them; about 30 s"))
         run(y.copy(), c, p, K, M, dt, 0, 1, scratch, 0)
     extra = {"t_max": t_max, "dt": dt, "method": method, "record_every": rec * dt, "run_key": key}
     if done:
@@ -349,7 +382,11 @@ def _flow_adaptive(
     run = kernel.module.run_adaptive
     # the time of the serial loop, estimated by RK4 steps of dt (more than the adaptive run takes)
     n_est = max(1, round((t_max - alpha0) / dt))
-    if use_parallel(parallel, K, _serial_estimate(kernel.module.run_rk4, y, c, p, K, M, dt, n_est)):
+    estimate = _serial_estimate(kernel.module.run_rk4, y, c, p, K, M, dt, n_est)
+    rk4, rk4_threaded = kernel.module.run_rk4, kernel.module.run_rk4_parallel
+    compiled = not needs_compiling(kernel.module.run_adaptive_parallel, rk4_threaded)
+    faster = lambda: _threads_faster(rk4, rk4_threaded, y, c, p, K, M, dt)  # noqa: E731
+    if use_parallel(parallel, K, estimate, compiled, faster):
         run = kernel.module.run_adaptive_parallel
     extra = {"t_max": t_max, "dt": dt, "method": "adaptive", "record_every": every}
     extra.update({"rtol": rtol, "atol": atol, "run_key": key})

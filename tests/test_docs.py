@@ -82,6 +82,7 @@ HELP = [
     ("runtime", ["models"]),
     ("runtime", ["study"]),
     ("runtime", ["validate"]),
+    ("runtime", ["sweep"]),
     ("derive", []),
     ("derive", ["regenerate"]),
     ("derive", ["check"]),

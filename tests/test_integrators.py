@@ -404,7 +404,8 @@ def test_automatic_choice_estimates_without_touching_the_state(monkeypatch):
     monkeypatch.setattr(integrate, "PARALLEL_FROM_K", 1)
     taken = []
     real = integrate.use_parallel
-    monkeypatch.setattr(integrate, "use_parallel", lambda *a: taken.append(real(*a)) or taken[-1])
+    # as if the threaded loops were not compiled yet: the estimate decides
+    monkeypatch.setattr(integrate, "use_parallel", lambda *a: taken.append(real(*a[:3])) or taken[-1])
     monkeypatch.setattr(integrate, "PARALLEL_MIN_SECONDS", 0.0)
     auto = runtime.flow("two_layer", start(K, M), PARAMS, t_max=0.2, dt=0.05)
     monkeypatch.setattr(integrate, "PARALLEL_MIN_SECONDS", 1e9)
@@ -423,6 +424,12 @@ def test_parallel_choice(monkeypatch):
     assert not use_parallel(None, PARALLEL_FROM_K - 1, lambda: 1e9)
     assert use_parallel(None, PARALLEL_FROM_K, lambda: 2 * PARALLEL_MIN_SECONDS)
     assert not use_parallel(None, PARALLEL_FROM_K, lambda: 0.5 * PARALLEL_MIN_SECONDS)
+    # once compiled (cached), the threaded loops are taken from PARALLEL_FROM_K whatever the
+    # length, when a few timed steps find them faster
+    assert use_parallel(None, PARALLEL_FROM_K, lambda: 0.0, compiled=True)
+    assert use_parallel(None, PARALLEL_FROM_K, lambda: 0.0, True, lambda: True)
+    assert not use_parallel(None, PARALLEL_FROM_K, lambda: 1e9, True, lambda: False)
+    assert not use_parallel(None, PARALLEL_FROM_K - 1, lambda: 1e9, compiled=True)
     monkeypatch.setattr(numba, "get_num_threads", lambda: 1)
     assert not use_parallel(None, 64, lambda: 1e9)
     with pytest.raises(ValueError, match="parallel must be"):

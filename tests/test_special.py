@@ -90,17 +90,31 @@ def _tilted_I2_table(C, a, b):
 
 @pytest.mark.parametrize("module", [two_layer_erf, anil_erf], ids=["two_layer", "anil"])
 def test_tilt_table_equals_the_tilted_I2(module):
+    """I2 is symmetric: the table is filled on one triangle (q >= r) and read packed,
+    F[r, q] = X[P[r] + q] (a model whose reads are not all on the triangle would get
+    the whole table F, mirrored: checked against the reference too)."""
+    f = module.tilt2_table.py_func
+    names = f.__code__.co_varnames[3 : f.__code__.co_argcount]
     rng = np.random.default_rng(3)
     for n in (3, 6, 11):
         A = rng.standard_normal((n, n + 2))
         C = A @ A.T / n + 0.2 * np.eye(n)
-        F = np.empty((n, n))
-        Dn, ua, ub = np.empty(n), np.empty(n), np.empty(n)
+        shapes = {"F": (n, n), "Dn": (n,), "X": (n * (n + 1) // 2,)}
         for a, b in ((0, 0), (0, 1), (1, 2), (2, 0)):
-            pref = module.tilt2_table(C, a, b, F, Dn, ua, ub)
+            # an entry the table leaves out stays nan
+            bufs = {k: np.full(shapes[k], np.nan) if k != "P" else np.full(n, -1, np.int64) for k in names}
+            pref = module.tilt2_table(C, a, b, *bufs.values())
             F_ref, pref_ref = _tilted_I2_table(C, a, b)
-            np.testing.assert_allclose(F, F_ref, rtol=1e-12, atol=1e-14)
+            if "F" in bufs:
+                np.testing.assert_allclose(bufs["F"], F_ref, rtol=1e-12, atol=1e-14)
+            else:
+                X, P = bufs["X"], bufs["P"]
+                for r in range(n):
+                    got = X[P[r] + np.arange(r, n)]
+                    np.testing.assert_allclose(got, F_ref[r, r:], rtol=1e-12, atol=1e-14)
+                assert np.isfinite(X).all()  # X is the triangle exactly, every slot filled
             assert pref == pytest.approx(pref_ref, rel=1e-13)
+    assert set(names) == {"Dn", "X", "P"}  # both models read the packed triangle
 
 
 def test_tilt_by_one_unit_equals_the_schur_complement():
@@ -110,11 +124,13 @@ def test_tilt_by_one_unit_equals_the_schur_complement():
     for n, K in ((3, 2), (7, 4)):
         A = rng.standard_normal((n, n + 2))
         C = A @ A.T / n + 0.2 * np.eye(n)
-        Ct1, pref = np.empty((K, n, n)), np.empty(K)
-        two_layer_erf.tilt1_all(C, K, Ct1, pref)
+        Ct1, pref, D1 = np.empty((K, n, n)), np.empty(K), np.empty((K, n))
+        two_layer_erf.tilt1_all(C, K, Ct1, pref, D1)
         for a in range(K):
             ref = C - np.outer(C[:, a], C[a, :]) / (1 + C[a, a])
             np.testing.assert_allclose(Ct1[a], ref, rtol=1e-13, atol=1e-15)
+            # the per-row factor of E[u_b g(u_c)] = sqrt(2/pi) C_bc / sqrt(1 + C_cc) at Ct1[a]
+            np.testing.assert_allclose(D1[a], 1 / np.sqrt(1 + np.diag(ref)), rtol=1e-13)
             assert pref[a] == pytest.approx(math.sqrt(2 / math.pi) / math.sqrt(1 + C[a, a]), rel=1e-14)
 
 
