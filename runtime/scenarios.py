@@ -174,14 +174,21 @@ def few_shot_summary(fl: Trajectory, n_s=SUMMARY_N_S) -> dict:
     samples at the flow's own S and alpha_in, for the final and the initial
     representation and for the teacher's own features."""
     mt = metatest(fl, n_s=n_s)
-    return {
+
+    def values(array):  # None where the kernel does not derive the setting (metadata["not_derived"])
+        return [float(v) if np.isfinite(v) else None for v in array]
+
+    out = {
         "n_s": [float(v) for v in mt.n_s],
         "S": float(mt.S[0]),
         "alpha_in": float(mt.alpha_in[0]),
-        "eps_test_final": [float(v) for v in mt.eps_test[-1, :, 0, 0]],
-        "eps_test_initial": [float(v) for v in mt.eps_test[0, :, 0, 0]],
-        "eps_test_teacher": [float(v) for v in mt.eps_test_teacher[:, 0, 0]],
+        "eps_test_final": values(mt.eps_test[-1, :, 0, 0]),
+        "eps_test_initial": values(mt.eps_test[0, :, 0, 0]),
+        "eps_test_teacher": values(mt.eps_test_teacher[:, 0, 0]),
     }
+    if mt.metadata["not_derived"]:
+        out["not_derived"] = list(mt.metadata["not_derived"])
+    return out
 
 
 def summary_lines(summary: dict) -> list[str]:
@@ -204,7 +211,10 @@ def summary_lines(summary: dict) -> list[str]:
         whats = (("final", "learned representation"), ("initial", "initial representation"),
                  ("teacher", "teacher's features"))  # fmt: skip
         for key, what in whats:
-            values = ", ".join(f"n_s = {n:g}: {v:.4f}" for n, v in zip(fs["n_s"], fs[f"eps_test_{key}"]))
+            values = ", ".join(
+                f"n_s = {n:g}: " + ("not derived" if v is None else f"{v:.4f}")
+                for n, v in zip(fs["n_s"], fs[f"eps_test_{key}"])
+            )
             lines.append(f"    {what:<24} {values}")
     return lines
 

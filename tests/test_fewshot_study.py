@@ -62,3 +62,19 @@ def test_fewshot_study_numbers_are_sane(study):
     teacher = np.array([r[f"teacher's features: eps_test at n_s_test = {_tag(v)}"] for v in DEFAULT_N_S])
     assert np.all(np.diff(teacher) < 0), teacher
     assert sum(n_s in DEFAULT_N_S for n_s in FEWSHOT_N_S) >= 2  # the identity above was checked
+
+
+def test_few_shot_summary_says_what_the_kernel_does_not_derive():
+    """At second order finite support sets are not derived (docs/models/anil.md 5.6):
+    the main job's summary has None there, says why, and prints "not derived"."""
+    from runtime import flow
+    from runtime.scenarios import REFERENCE, few_shot_summary, reference_init, summary_lines
+
+    fl = flow("anil", reference_init(1e-3), {**REFERENCE["params"], "order": 2}, t_max=0.1, dt=0.01)
+    fs = few_shot_summary(fl)
+    assert fs["eps_test_final"] == fs["eps_test_initial"] == fs["eps_test_teacher"] == [None] * 3
+    assert len(fs["not_derived"]) == 3 and all("n_s" in why for why in fs["not_derived"])
+    json.dumps(fs, allow_nan=False)  # valid JSON, no NaN
+    summary = {"final_alpha": 0.1, "final_eps_meta": 0.3, "final_eps_opt": 0.3, "final_max_abs_r": 0.1}
+    lines = summary_lines({**summary, "few_shot": fs})
+    assert lines[-1].count("not derived") == 3
