@@ -42,6 +42,7 @@ from .scenarios import (
     VALIDATION_RECORD,
     main_job,
     run_study,
+    summary_lines,
     validate,
     validate_support,
 )
@@ -396,6 +397,8 @@ def cmd_models(args) -> None:
 def cmd_main(args) -> Path:
     out = _out_dir(args, "main", REFERENCE)
     main_job(out, REFERENCE, progress=True)
+    for line in summary_lines(json.loads((out / "summary.json").read_text())):
+        print(line)
     return out
 
 

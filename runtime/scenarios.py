@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .few_shot import DEFAULT_N_S, _positions, metatest
 from .init import Init
 from .integrate import FlowDiverged, FlowInterrupted, SimulationInterrupted, flow
 from .output import write_text
@@ -139,6 +140,7 @@ def main_job(out: Path, cfg: dict = REFERENCE, progress: bool = True) -> Path:
     plot_overlaps(fl, sim, out / "overlaps.png", title)
     plot_r_heatmap(fl, sim, out / "r_final.png", f"final r_km at alpha = {cfg['t_max']:g}")
     summary = summarise(fl)
+    summary["few_shot"] = few_shot_summary(fl)
     write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return out
 
@@ -160,6 +162,61 @@ def summarise(fl: Trajectory) -> dict:
         out["symmetric_phase_alpha"] = [float(fl.alpha[idx[0]]), float(fl.alpha[idx[-1]])]
         out["symmetric_phase_eps_meta"] = float(fl.eps_meta[idx[-1]])
     return out
+
+
+# the support sizes of the main job's few-shot summary
+SUMMARY_N_S = (1, 5, 20)
+
+
+def few_shot_summary(fl: Trajectory, n_s=SUMMARY_N_S) -> dict:
+    """How the learned representation adapts to new tasks from a few samples:
+    ``eps_test`` (runtime.metatest, docs/models/anil.md 5.7) with ``n_s`` support
+    samples at the flow's own S and alpha_in, for the final and the initial
+    representation and for the teacher's own features."""
+    mt = metatest(fl, n_s=n_s)
+
+    def values(array):  # None where the kernel does not derive the setting (metadata["not_derived"])
+        return [float(v) if np.isfinite(v) else None for v in array]
+
+    out = {
+        "n_s": [float(v) for v in mt.n_s],
+        "S": float(mt.S[0]),
+        "alpha_in": float(mt.alpha_in[0]),
+        "eps_test_final": values(mt.eps_test[-1, :, 0, 0]),
+        "eps_test_initial": values(mt.eps_test[0, :, 0, 0]),
+        "eps_test_teacher": values(mt.eps_test_teacher[:, 0, 0]),
+    }
+    if mt.metadata["not_derived"]:
+        out["not_derived"] = list(mt.metadata["not_derived"])
+    return out
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The main job's summary as printed lines."""
+    lines = [
+        f"final alpha {summary['final_alpha']:g}: eps_meta {summary['final_eps_meta']:.4f}, "
+        f"eps_opt {summary['final_eps_opt']:.4f}, max |r| {summary['final_max_abs_r']:.3f}"
+    ]
+    if "symmetric_phase_alpha" in summary:
+        a0, a1 = summary["symmetric_phase_alpha"]
+        lines.append(
+            f"permutation-symmetric phase: alpha {a0:g} .. {a1:g}, "
+            f"eps_meta {summary['symmetric_phase_eps_meta']:.4f}"
+        )
+    fs = summary.get("few_shot")
+    if fs:
+        lines.append(
+            f"few-shot eps_test, adapting on n_s samples (S = {fs['S']:g}, alpha_in = {fs['alpha_in']:g}):"
+        )
+        whats = (("final", "learned representation"), ("initial", "initial representation"),
+                 ("teacher", "teacher's features"))  # fmt: skip
+        for key, what in whats:
+            values = ", ".join(
+                f"n_s = {n:g}: " + ("not derived" if v is None else f"{v:.4f}")
+                for n, v in zip(fs["n_s"], fs[f"eps_test_{key}"])
+            )
+            lines.append(f"    {what:<24} {values}")
+    return lines
 
 
 def escape_alpha(fl: Trajectory, symmetric: Trajectory, margin: float = 0.01) -> float:
@@ -413,6 +470,103 @@ def _phase_maps(out: Path, bar) -> dict:
     return result
 
 
+FEWSHOT_N_S = (2, 4, 8, 16, 64, float("inf"))
+
+
+def _label_n_s(v: float) -> str:
+    return f"n_s = {v:g}" if np.isfinite(v) else "n_s = inf"
+
+
+def study_fewshot(out: Path, progress: bool, t_max: float = 300.0) -> dict:
+    """Finite support sets (first order): the reference scenario trained with n_s =
+    2, 4, 8, 16, 64, inf support samples per task (adaptive flows); eps_meta against
+    alpha, the final Q and r, and the few-shot learning curves (eps_test against the
+    test support size, runtime.metatest) of each final representation, beside the
+    initial representation and the teacher's own features."""
+    bar = progress if hasattr(progress, "update") else None
+    init = reference_init(1e-3)
+    runs = []
+    for n_s in FEWSHOT_N_S:
+        params = {**REFERENCE["params"], "n_s": n_s}
+        tr = flow("anil", init, params, t_max=t_max, dt=0.01, method="adaptive", record_every=1.0)
+        runs.append((_label_n_s(n_s), tr, metatest(tr, n_s=DEFAULT_N_S)))
+        if bar is not None:
+            bar.update(1)
+    first = runs[0][2]
+    n_test = first.n_s
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    _curves(axes[0], [(label, tr) for label, tr, _ in runs], "eps_meta")
+    axes[0].set_title("eps_meta (after adapting on n_s samples)")
+    # the final Q and r: every student unit specialises to one teacher unit, so the
+    # diagonal and the largest off-diagonal entries say it all
+    x, ticks = _positions(np.array(FEWSHOT_N_S))
+    finals = {
+        "Q_kk (mean)": [float(np.mean(np.diag(tr.Q[-1]))) for _, tr, _ in runs],
+        "max |Q_kl|, k != l": [float(_off(tr.Q[-1])) for _, tr, _ in runs],
+    }
+    overlaps = {
+        "r_kk (mean)": [float(np.mean(np.diag(tr.r[-1]))) for _, tr, _ in runs],
+        "max |r_km|, k != m": [float(_off(tr.r[-1])) for _, tr, _ in runs],
+    }
+    ax = axes[1]
+    for i, (name, values) in enumerate(finals.items()):
+        ax.plot(x, values, "o-", color=f"C{i}", label=name)
+    ax.set_xscale("log")
+    ax.set_xticks(x, ticks)
+    ax.minorticks_off()
+    ax.set_xlabel("support samples n_s in training")
+    ax.set_ylabel("final Q")
+    twin = ax.twinx()
+    for i, (name, values) in enumerate(overlaps.items(), start=2):
+        twin.plot(x, values, "s--", color=f"C{i}", label=name)
+    twin.set_ylabel("final r")
+    twin.set_ylim(-0.05, 1.05)
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="center right")
+    ax.set_title(f"final order parameters (alpha = {t_max:g})")
+    ax = axes[2]
+    xt, tick_t = _positions(n_test)
+    order = np.argsort(xt)
+    colors = plt.get_cmap("viridis")(np.linspace(0, 0.85, len(runs)))
+    for c, (label, _, mt) in zip(colors, runs):
+        ax.plot(xt[order], mt.eps_test[-1, order, 0, 0], "o-", color=c, label=f"trained with {label}")
+    ax.plot(xt[order], first.eps_test[0, order, 0, 0], ":", color="gray", label="initial representation")
+    ax.plot(xt[order], first.eps_test_teacher[order, 0, 0], "s--", color="k", label="teacher's features")
+    ax.set_xscale("log")
+    ax.set_xticks(xt[order], [tick_t[i] for i in order])
+    ax.minorticks_off()
+    ax.set_yscale("log")
+    ax.set_xlabel("support samples n_s at test")
+    ax.set_ylabel("eps_test")
+    ax.set_title(f"few-shot curves of the final representations (S = {first.S[0]:g}, "
+                 f"alpha_in = {first.alpha_in[0]:g})", fontsize=9)  # fmt: skip
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    _save(fig, out / "fewshot.png")
+
+    def tests(prefix, values):
+        return {
+            f"{prefix}: eps_test at n_s_test = {_label_n_s(v)[6:]}": float(e) for v, e in zip(n_test, values)
+        }
+
+    result = {}
+    for i, (label, tr, mt) in enumerate(runs):
+        result[label] = float(tr.eps_meta[-1])
+        for name, values in (*finals.items(), *overlaps.items()):
+            result[f"{label}: final {name}"] = values[i]
+        result.update(tests(label, mt.eps_test[-1, :, 0, 0]))
+    result.update(tests("initial representation", first.eps_test[0, :, 0, 0]))
+    result.update(tests("teacher's features", first.eps_test_teacher[:, 0, 0]))
+    return result
+
+
+def _off(matrix: np.ndarray) -> float:
+    """The largest |entry| off the diagonal (k != m) of a (K, M) matrix."""
+    mask = ~np.eye(*matrix.shape, dtype=bool)
+    return float(np.abs(matrix[mask]).max()) if mask.any() else 0.0
+
+
 STUDIES = {
     "symmetry": study_symmetry,
     "inner": study_inner,
@@ -420,6 +574,7 @@ STUDIES = {
     "variability": study_variability,
     "order": study_order,
     "phase": study_phase,
+    "fewshot": study_fewshot,
 }
 
 

@@ -30,7 +30,7 @@ import runtime
 from derive.models import get_model
 from runtime import Init
 from runtime.init import realise
-from runtime.scenarios import REFERENCE, main_job, validation_init
+from runtime.scenarios import REFERENCE, main_job, summary_lines, validation_init
 from runtime.simulate_meta import Activation, MetaStep
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -806,6 +806,20 @@ def test_main_job_smoke(tmp_path):
     assert summary["final_alpha"] == 4.0
     assert summary["final_eps_meta"] == pytest.approx(float(fl.eps_meta[-1]), rel=1e-12)
     assert summary["final_eps_opt"] == pytest.approx(float(fl.eps_opt[-1]), rel=1e-12)
+    # the few-shot summary: eps_test at n_s = 1, 5, 20 of the final and initial
+    # representations and of the teacher's features, at the trained S and alpha_in
+    fs = summary["few_shot"]
+    assert fs["n_s"] == [1.0, 5.0, 20.0] and fs["S"] == 1.0 and fs["alpha_in"] == 1.0
+    mt = runtime.metatest(fl, n_s=[1, 5, 20])
+    expected = {"final": mt.eps_test[-1], "initial": mt.eps_test[0], "teacher": mt.eps_test_teacher}
+    for key, values in expected.items():
+        assert fs[f"eps_test_{key}"] == pytest.approx(values[:, 0, 0].tolist(), rel=1e-12), key
+    # more support samples, a better adapted readout
+    assert fs["eps_test_teacher"][0] > fs["eps_test_teacher"][1] > fs["eps_test_teacher"][2] > 0
+    lines = summary_lines(summary)
+    assert any(line.startswith("few-shot eps_test") for line in lines)
+    learned = next(line for line in lines if "learned representation" in line)
+    assert f"n_s = 20: {fs['eps_test_final'][2]:.4f}" in learned
     # the reference start (docs/simulation.md section 7) is the flow's first point
     np.testing.assert_allclose(fl.Q[0], 0.01 * np.eye(2), atol=1e-15)
     np.testing.assert_allclose(fl.R[0], [[0.011, 0.009], [0.009, 0.011]], atol=1e-15)
