@@ -54,7 +54,8 @@ def main():
     ap.add_argument("--S", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
-    print(f"{'K = M':>6} {'S':>3} {'rhs n_s=inf':>14} {'rhs n_s=10':>14} {'ratio':>7} {'support moments':>16}")
+    head = f"{'K = M':>6} {'S':>3} {'rhs n_s=inf':>14} {'rhs n_s=10':>14} {'ratio':>7}"
+    print(head + f" {'support moments':>16}")
     for K in args.sizes:
         for S in args.S:
             pop, tpop = case(K, K, S, float("inf"), args.repeats)

@@ -116,7 +116,8 @@ def support_excess(factors: list[sp.Indexed], rank: dict, support: dict) -> sp.E
         c, d = (factors[i] for i in pair)
         if c.base != base or d.base != base:
             continue
-        x, y = sorted((factors[i] for i in range(4) if i not in pair), key=lambda e: (rank[e.base], str(e.indices)))
+        rest = (factors[i] for i in range(4) if i not in pair)
+        x, y = sorted(rest, key=lambda e: (rank[e.base], str(e.indices)))
         key = (x.base, y.base)
         if key not in names:
             raise NotImplementedError(f"finite support sets: no covariance of {x.base} {y.base} with V")

@@ -575,7 +575,8 @@ def _main(argv: list[str] | None = None) -> int:
     p_val.add_argument("--t-max", type=POSITIVE, help="default 2 (--support: 4)")
     p_val.add_argument(
         "--support", action="store_true",
-        help="the finite-support-set flows (first order, n_s = 2..6) against simulations with real support sets",
+        help="the finite-support-set flows (first order, n_s = 2..6) against simulations with real "
+        "support sets",
     )
     p_val.add_argument("--out", help="output directory (default runs/validation, runs/validation-support)")
     p_an = sub.add_parser("analyze", help="plateaus, escape, fixed points and their stability of a flow")

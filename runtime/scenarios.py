@@ -729,7 +729,9 @@ def _band_fraction(fl: Trajectory, sim: Trajectory, N: int, names) -> tuple[floa
     return float(ok.mean()), float(np.mean(gap))
 
 
-def validate_support(sizes=(1000, 4000), seeds: int = 20, t_max: float = 4.0, progress: bool = True) -> list[dict]:
+def validate_support(
+    sizes=(1000, 4000), seeds: int = 20, t_max: float = 4.0, progress: bool = True
+) -> list[dict]:
     """The finite-support flow (first order) against simulations with real support sets
     of n_s samples: eps_meta (after adapting on n_s samples), Q and R within 3 s.e.m.
     + SUPPORT_C / sqrt(N) on at least SUPPORT_FRACTION of the recorded alphas, at every
@@ -777,4 +779,13 @@ def validate_support(sizes=(1000, 4000), seeds: int = 20, t_max: float = 4.0, pr
     return rows
 
 
-__all__ = ["REFERENCE", "STUDIES", "escape_alpha", "main_job", "reference_init", "run_study", "validate", "validate_support"]
+__all__ = [
+    "REFERENCE",
+    "STUDIES",
+    "escape_alpha",
+    "main_job",
+    "reference_init",
+    "run_study",
+    "validate",
+    "validate_support",
+]
