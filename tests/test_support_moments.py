@@ -30,6 +30,7 @@ import pytest
 from test_anil_rhs import field_cov, pack, run, state_case
 
 from closed_forms import load
+from derive.models import get_model
 
 FAMILIES = ("adapted", "v_task")
 
@@ -40,7 +41,8 @@ def moments(mod, Q, R, T, a, vbar, prm):
     y, c, p = pack(mod, Q, R, T, a, vbar, prm)
     out = mod.task_moments(y, c, p, K, M, field_cov(Q, R, T, prm["eps_B"]))
     mu, L, _, Lv = out[:4]
-    V = out[-1]
+    # after the means and loadings of the task quantities: the support set's covariance
+    V = out[2 * len(get_model("anil").random_families)]
     return mu, L @ L.T + V, L @ Lv.T
 
 
