@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 75f79c03e096c267ef5f9fc01a0c98c7e245cdca081db24bd95a5102f30cdd75
+# inputs:     sha256 f546e5eb35637a7b6d975f9f2bc0098e46d611f233f91373764049e04df51029
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 2324 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "75f79c03e096c267ef5f9fc01a0c98c7e245cdca081db24bd95a5102f30cdd75"
+INPUTS_SHA256 = "f546e5eb35637a7b6d975f9f2bc0098e46d611f233f91373764049e04df51029"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 fc94ce3c1425498fdd78bf5a84eb5cfb39bd306549168aa6f1b70efeebdeab38
+# inputs:     sha256 fd45d780abef08c5f4d29da1d20e867ea210e35df42dca98db2bdda119b5fbb3
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 657 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "fc94ce3c1425498fdd78bf5a84eb5cfb39bd306549168aa6f1b70efeebdeab38"
+INPUTS_SHA256 = "fd45d780abef08c5f4d29da1d20e867ea210e35df42dca98db2bdda119b5fbb3"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
