@@ -553,6 +553,19 @@ def test_small_support_sets_leave_the_population_flow():
     assert gap[-1] > 2 * gap[1], gap
 
 
+def test_small_support_sets_follow_the_finite_support_flow():
+    """The same n_s = 3 simulation (cached above) sits on the flow derived for n_s = 3
+    (docs/models/anil.md 5.6, first order): Q, R and eps_meta (after adapting on 3
+    samples) in the band of part 2 at every record, where the population flow fails
+    it. (python -m runtime validate --support: the same at N = 1000 and 4000 over
+    four configurations.)"""
+    params = {"order": 1, "S": 1, **NS_SPREAD}
+    few = anil_sim({**params, "n_s": 3}, N=NS_N, seeds=24, t_max=2.0, record=0.5, seed=3000)
+    fl = anil_flow({**params, "n_s": 3}, t_max=2.0, record=0.5)
+    assert not violations(fl, few, NS_N, keys=("Q", "R", "eps_meta")), violations(fl, few, NS_N)
+    assert violations(anil_flow(params, t_max=2.0, record=0.5), few, NS_N, keys=("Q", "R", "eps_meta"))
+
+
 def population_eps_meta(sim, params):
     """The kernel's eps_meta (population inner loop) at each seed's recorded states."""
     k = runtime.load("anil")
