@@ -49,12 +49,6 @@ ADAPTIVE_DT = 0.01
 DEFAULT_RECORDS = 100
 # the main metric of a point's summaries, the first of these the model has
 MAIN_METRICS = ("eps_meta", "eps_g")
-# plateau detection (summarise): a plateau is a run of records over which the main
-# metric changes by less than PLATEAU_SLOPE per unit alpha, followed by a fall of at
-# least ESCAPE_MARGIN below it; the escape is where that fall crosses the margin
-PLATEAU_SLOPE = 1e-3
-ESCAPE_MARGIN = 0.01
-PLATEAU_MIN_RECORDS = 3
 
 
 class SweepSpecError(ValueError):
@@ -414,50 +408,34 @@ def layout(p: Plan) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], str]]:
 
 
 def summary_names(metric_names) -> list[str]:
-    return [f"final_{m}" for m in metric_names] + ["plateau_level", "plateau_start", "escape_alpha"]
+    return [f"final_{m}" for m in metric_names] + list(SUMMARY_KEYS)
 
 
-def summarise(alpha: np.ndarray, metrics: dict[str, np.ndarray]) -> dict[str, float]:
-    """The summaries of one point: each metric's final value, and the plateau of the
-    main metric (eps_meta, else eps_g): the longest run of at least
-    PLATEAU_MIN_RECORDS records over which it moves by less than PLATEAU_SLOPE per
-    unit alpha and after which it falls by ESCAPE_MARGIN or more below its level;
-    its level (the metric at the run's last record, where the flow leaves it: a
-    plateau may drift slowly), its start, and the escape (linear between records,
-    where the metric first falls ESCAPE_MARGIN below the level). nan when there is none.
-    A simple criterion, kept in this one function so that a finer analysis of the
-    phases (the flow's speed, ``runtime analyze``) can take its place."""
-    out = {f"final_{k}": float(v[-1]) for k, v in metrics.items()}
-    out.update(plateau_level=math.nan, plateau_start=math.nan, escape_alpha=math.nan)
-    main = next((metrics[k] for k in MAIN_METRICS if k in metrics), next(iter(metrics.values())))
-    ok = np.isfinite(main)
-    if ok.sum() < PLATEAU_MIN_RECORDS + 1:
-        return out
-    a, m = alpha[ok], main[ok]
-    flat = np.abs(np.diff(m)) < PLATEAU_SLOPE * np.diff(a)
-    best = None  # (length, first record, last record)
-    i = 0
-    while i < flat.size:
-        if not flat[i]:
-            i += 1
-            continue
-        j = i
-        while j < flat.size and flat[j]:
-            j += 1
-        first, last = i, j  # records first..last are on the run
-        level = float(m[last])  # where the flow leaves it (a plateau may drift slowly)
-        if last - first + 1 >= PLATEAU_MIN_RECORDS and (m[last:] < level - ESCAPE_MARGIN).any():
-            if best is None or last - first > best[0]:
-                best = (last - first, first, last, level)
-        i = j
-    if best is None:
-        return out
-    _, first, last, level = best
-    gap = level - ESCAPE_MARGIN - m  # > 0 once escaped
-    k = last + int(np.nonzero(gap[last:] > 0)[0][0])
-    esc = a[k - 1] + (a[k] - a[k - 1]) * (-gap[k - 1]) / (gap[k] - gap[k - 1])
-    out.update(plateau_level=level, plateau_start=float(a[first]), escape_alpha=float(esc))
-    return out
+# analyze.summaries' keys besides the final metrics
+SUMMARY_KEYS = (
+    "plateau_level",
+    "plateau_start",
+    "plateau_end",
+    "plateau_left",
+    "plateaus",
+    "escape_alpha",
+    "specialisation_alpha",
+)
+
+
+def summarise(traj) -> dict[str, float]:
+    """The summaries of one point: those of ``runtime analyze`` (``analyze.summaries``:
+    the first plateau found by the flow's own speed, its level, start, end and
+    whether the flow left it, the escape and specialisation alphas, the number of
+    plateaus, each metric's final value); nan where a trajectory is too short to
+    read (a flow that diverged at once)."""
+    from .analyze import AnalysisError, summaries
+
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverged flow's last records
+            return summaries(traj)
+    except AnalysisError:
+        return {}
 
 
 # --------------------------------------------------------------------------- a point
@@ -508,8 +486,10 @@ def point_data(p: Plan, values: dict) -> dict[str, np.ndarray]:
                     out[name][:n] = a
                 else:
                     out[name][...] = a
-        metrics = {k: out[k] for k in kernel.metric_names}
-        out.update({k: np.asarray(v) for k, v in summarise(p.alpha, metrics).items()})
+        out.update({k: np.asarray(v) for k, v in summarise(traj).items() if k in out})
+        if n < len(p.alpha):  # diverged: the final values are those at t_max, never reached
+            for m in kernel.metric_names:
+                out[f"final_{m}"][...] = np.nan
         for k in ("rhs_evaluations", "steps_accepted", "steps_rejected"):
             if k in out:
                 out[k][...] = traj.metadata.get(k, 0)

@@ -271,22 +271,17 @@ def test_simulations_beside_the_flows(cluster, tmp_path):
     np.testing.assert_array_equal(ds.sim_r_sem.values[0], sim.r_sem)
 
 
-def test_summarise_finds_plateau_and_escape():
-    alpha = np.arange(0.0, 50.5, 0.5)
-    # a fall to a plateau at 0.2 (alpha 5..20), then a fall to 0.05 from alpha 20 on
-    m = np.where(alpha < 5, 0.3 - 0.02 * alpha, 0.2)
-    m = np.where(alpha > 20, 0.05 + 0.15 * np.exp(-(alpha - 20) / 2.0), m)
-    s = summarise(alpha, {"eps_meta": m, "eps_opt": m / 2})
-    assert s["final_eps_meta"] == m[-1] and s["final_eps_opt"] == m[-1] / 2
-    assert s["plateau_level"] == pytest.approx(0.2)
-    assert s["plateau_start"] == 5.0
-    # 0.01 below the plateau: 0.19 is crossed between the records at alpha 20 (0.2) and 20.5
-    # (0.05 + 0.15 exp(-1/4)), linearly; the curve itself crosses it at 20 + 2 ln(15/14) = 20.138
-    after = 0.05 + 0.15 * np.exp(-0.25)
-    assert s["escape_alpha"] == pytest.approx(20 + 0.5 * 0.01 / (0.2 - after), abs=1e-12)
-    assert abs(s["escape_alpha"] - (20 + 2 * np.log(15 / 14))) < 0.02
-    flat = summarise(alpha, {"eps_g": np.full_like(alpha, 0.1)})
-    assert np.isnan(flat["plateau_level"]) and np.isnan(flat["escape_alpha"])
+def test_summaries_are_those_of_analyze():
+    """A point's summaries are runtime analyze's (plateaus by the flow's own speed),
+    computed on the point's trajectory: equal to analyze.summaries of the same flow."""
+    from runtime.analyze import summaries
+
+    start = reference_init(1e-5)
+    fl = flow("anil", start, {}, t_max=120.0, dt=0.01, method="adaptive", record_every=1.0)
+    got = summarise(fl)
+    assert got == summaries(fl)
+    assert 40 < got["plateau_start"] < got["escape_alpha"] < 90 and got["plateau_left"] == 1.0
+    assert got["plateau_level"] == pytest.approx(0.19, abs=0.01)
 
 
 def test_init_file_relative_to_the_spec(tmp_path):
