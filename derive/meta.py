@@ -98,6 +98,19 @@ class Directions:
 
 
 @dataclass(frozen=True)
+class Table:
+    """``name[k, l, p, q] = primitive(k, l, p, q)`` for every pair of student units k, l
+    and every pair of rows p, q of the fields ``families`` (the primitive is symmetric
+    in its arguments): filled once, where the kernel can, by its table of the
+    primitive (G4: ``G4_table``, one Price path per pair k <= l, mirrored), and read
+    in place of calls by the components after it; otherwise the calls stay."""
+
+    name: str
+    primitive: str
+    families: tuple
+
+
+@dataclass(frozen=True)
 class TaskProgram:
     families: tuple  # TaskVector, in the order of the returned (mu, L) pairs
     statements: tuple
@@ -442,6 +455,8 @@ def _summed(expr: sp.Expr, idx) -> sp.Expr:
 
 # the support-set covariance of the adapted readout, added to L L^T by covariance_component
 SUPPORT_COV = "V_{}"
+# the table of the four-factor expectations that the support-set covariances read
+G4_TABLE = ("G4t_", "G4")
 
 
 def _support_moments(inner, laws, comp, assign, step, steps, s, r, nr) -> list:
@@ -512,6 +527,7 @@ def _support_moments(inner, laws, comp, assign, step, steps, s, r, nr) -> list:
             zero_mean.add(name)
             continue
         body += [Alloc(ea.name, ("K", *_dims(kinds))), assign(ea)]
+    ncovs: list = []
     for P, kp in fams:
         for Qn, kq in fams[rank[P]:]:
             ip, iq = _named(kp, "p"), _named(kq, "q")
@@ -521,7 +537,18 @@ def _support_moments(inner, laws, comp, assign, step, steps, s, r, nr) -> list:
             nc = comp(f"N_{P}__{Qn}", (k, *ip, l_, *iq), e)
             if nc.terms:
                 nonzero.add((P, Qn))
-                body += [Alloc(nc.name, ("K", *_dims(kp), "K", *_dims(kq))), assign(nc)]
+                ncovs += [Alloc(nc.name, ("K", *_dims(kp), "K", *_dims(kq))), assign(nc)]
+    # the covariances' four-factor expectations G4(k, l, p, q), over the fields that
+    # they read: one table for all blocks (G4 is symmetric in its four arguments)
+    fields = []
+    for st in ncovs:
+        terms = st.component.terms if isinstance(st, Assign) else ()
+        for t in terms:
+            if getattr(t, "primitive", None) == G4_TABLE[1]:
+                fields += [a.base for a in t.args if a.base not in fields]
+    if fields:
+        body.append(Table(G4_TABLE[0], G4_TABLE[1], tuple(fields)))
+    body += ncovs
 
     def ncov(P, kk, ip, Qn, ll, iq):
         if rank[P] > rank[Qn]:

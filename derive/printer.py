@@ -23,8 +23,11 @@ TILTED1 = "__tilted1"
 class KernelPrinter(PythonCodePrinter):
     """Python code for numba: ``math`` functions, array slots for indexed symbols."""
 
-    def __init__(self, primitive_names=(), table_rows=None, field_rows=None, settings=None):
+    def __init__(self, primitive_names=(), table_rows=None, field_rows=None, settings=None, tables=None):
         super().__init__(settings or {"fully_qualified_modules": True, "standard": "python3"})
+        # primitive -> (name of its table, field family -> offset of its rows in the
+        # table, the family of the table's first two arguments): calls read the table
+        self.tables = tables or {}
         self.primitive_names = set(primitive_names) | set(PRIMITIVES)
         # field family -> offset of its rows in the table F of a hoisted tilt
         self.table_rows = table_rows
@@ -59,6 +62,14 @@ class KernelPrinter(PythonCodePrinter):
                 raise ValueError(f"{name}: a primitive at a pair-tilted covariance needs its table")
             rows = ", ".join(self._field_row(a, self.table_rows) for a in expr.args)
             return f"F[{rows}]"
+        if name in self.tables:
+            table, rows, first = self.tables[name]
+            args = expr.args
+            if all(isinstance(a, sp.Indexed) and a.base in rows for a in args) and {
+                args[0].base,
+                args[1].base,
+            } == {first}:
+                return f"{table}[{', '.join(self._field_row(a, rows) for a in args)}]"
         if name in self.primitive_names:
             rows = ", ".join(self._field_row(a) for a in expr.args)
             return f"{name}(C, dC, {rows})" if name.endswith("_dir") else f"{name}(C, {rows})"
@@ -81,10 +92,11 @@ class KernelPrinter(PythonCodePrinter):
         return f"{int(expr)}"
 
 
-def code(expr: sp.Expr, primitive_names=(), table_rows=None, field_rows=None) -> str:
+def code(expr: sp.Expr, primitive_names=(), table_rows=None, field_rows=None, tables=None) -> str:
     """``expr`` as numba code; ``field_rows`` maps each field family to the offset of
-    its rows in C (``"K + "``), ``table_rows`` to its rows in the table of a tilt."""
-    return KernelPrinter(primitive_names, table_rows, field_rows).doprint(expr)
+    its rows in C (``"K + "``), ``table_rows`` to its rows in the table of a tilt,
+    ``tables`` the primitives read from a table (see ``KernelPrinter``)."""
+    return KernelPrinter(primitive_names, table_rows, field_rows, tables=tables).doprint(expr)
 
 
 def field_rows(layout) -> dict:

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 d6e012f1c1cfee36a05eccfce484f6110dff22896ab5cdff37d40c47ff6c5c65
+# inputs:     sha256 fde568228bdf8e40afce9ab0d1d5cd33613ef60536ee3f52787a973022d44266
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 592 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "d6e012f1c1cfee36a05eccfce484f6110dff22896ab5cdff37d40c47ff6c5c65"
+INPUTS_SHA256 = "fde568228bdf8e40afce9ab0d1d5cd33613ef60536ee3f52787a973022d44266"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 de8a18310b3cc0a36502f9312483460237ce8991d97c783767909a394ea9d311
+# inputs:     sha256 15dfe3608a439ed06760047829cb0590aaa2efb459e6ad28221b8604bb7753d9
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "de8a18310b3cc0a36502f9312483460237ce8991d97c783767909a394ea9d311"
+INPUTS_SHA256 = "15dfe3608a439ed06760047829cb0590aaa2efb459e6ad28221b8604bb7753d9"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

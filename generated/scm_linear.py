@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 c424cdf1b0f9cf22e25351892c40aef4d1431019e1f97b3fedc59493b743a762
+# inputs:     sha256 a4a2cf8f5375195a421606374a4f91e06e18609f58f596b8afd952fa4a5a83e4
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "c424cdf1b0f9cf22e25351892c40aef4d1431019e1f97b3fedc59493b743a762"
+INPUTS_SHA256 = "a4a2cf8f5375195a421606374a4f91e06e18609f58f596b8afd952fa4a5a83e4"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 fdb582129a914bab5c7b138ac9d2275a7c980a385d2c1477a7c81c5b63e82c58
+# inputs:     sha256 7a9be81fcb5d4a6fd09a58fadaafd2c595ffca8527db90fe8fce5920ee294487
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "fdb582129a914bab5c7b138ac9d2275a7c980a385d2c1477a7c81c5b63e82c58"
+INPUTS_SHA256 = "7a9be81fcb5d4a6fd09a58fadaafd2c595ffca8527db90fe8fce5920ee294487"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
