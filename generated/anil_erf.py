@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 b32808c8c7b64ab16ebf936b505ba0ad153d8d0f1f4c4cb7502be0582ab9fc0b
+# inputs:     sha256 ef2fc75aaba84d162602d2071d2839580d411f90055c15d8e6c8fa0623a625b0
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 2259 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "b32808c8c7b64ab16ebf936b505ba0ad153d8d0f1f4c4cb7502be0582ab9fc0b"
+INPUTS_SHA256 = "ef2fc75aaba84d162602d2071d2839580d411f90055c15d8e6c8fa0623a625b0"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -223,10 +223,11 @@ def tilt2_table(C, a, b, F, Dn, U0, U1):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
-def tilt2_row(C, a, b, row, out, Dn, U0, U1):
-    """One row of tilt2_table: out[q] = I2(Ct; row, q) for every q, Ct the
-    covariance tilted by rows a, b (the same rule, split by loop level in
-    derive/tables.py). Returns the prefactor."""
+def tilt2_rows(C, a, b, rows, nrows, out, Dn, U0, U1):
+    """Rows rows[:nrows] of tilt2_table: out[i, q] = I2(Ct; rows[i], q) for
+    every q, Ct the covariance tilted by rows a, b (the same rule, split by loop level in
+    derive/tables.py; the row coefficients and D once for all the rows). Returns the
+    prefactor."""
     e0 = C[a, a]*C[b, b] + C[a, a] - C[a, b]**2 + C[b, b] + 1
     e1 = 1/e0
     e2 = e1*C[a, b]
@@ -242,53 +243,16 @@ def tilt2_row(C, a, b, row, out, Dn, U0, U1):
         U1[r] = u1
         d = u0*C[a, r] + u1*C[b, r] + C[r, r]
         Dn[r] = 1/math.sqrt(d + 1)
-    r = row
-    u0 = U0[r]
-    u1 = U1[r]
-    Da = Dn[r]
-    for q in range(n):
-        x = u0*C[a, q] + u1*C[b, q] + C[r, q]
-        Db = Dn[q]
-        out[q] = 2*asin_(Da*Db*x)/math.pi
-    return 2/(math.pi*math.sqrt(e0))
-
-
-@njit(cache=True, error_model="numpy")
-def G4_table(C, k, l, F, Cp, A, B, out, Dn, U0, U1):
-    """F[p, q] = G4(C; k, l, p, q) for every pair of rows (p, q) of C, along Price's path
-    of derive/gaussian.py that shrinks row k (20 nodes of the path rule). At each
-    node the path covariance Cp has an extra row n, the unshrunk copy of k (read when
-    l, p or q is k); I4(k, l; p, q) = prefactor * I2 at the covariance tilted by (k, l),
-    for every (p, q) from tilt2_table; I4(k, p; l, q) for every q from tilt2_row of the
-    tilt by (k, p). Buffers: Cp, A (n+1, n+1); B (n, n); out, Dn, U (n+1)."""
-    n = C.shape[0]
-    L = n if l == k else l
-    for p in range(n):
+    for i in range(nrows):
+        r = rows[i]
+        u0 = U0[r]
+        u1 = U1[r]
+        Da = Dn[r]
         for q in range(n):
-            F[p, q] = 0.0
-    for node in range(20):
-        t = PATH20_T[node]
-        w = PATH20_W[node]
-        for r in range(n + 1):
-            x = k if r == n else r
-            for q in range(n + 1):
-                y = k if q == n else q
-                c = C[x, y]
-                Cp[r, q] = c*t if (r == k) != (q == k) else c
-        pref = tilt2_table(Cp, k, L, A, Dn, U0, U1)
-        ckl = w * C[k, l] * pref
-        for p in range(n):
-            P = n if p == k else p
-            for q in range(n):
-                F[p, q] += ckl * A[P, n if q == k else q]
-        for p in range(n):
-            P = n if p == k else p
-            prefp = w * C[k, p] * tilt2_row(Cp, k, P, L, out, Dn, U0, U1)
-            for q in range(n):
-                B[p, q] = prefp * out[n if q == k else q]
-        for p in range(n):
-            for q in range(n):
-                F[p, q] += B[p, q] + B[q, p]
+            x = u0*C[a, q] + u1*C[b, q] + C[r, q]
+            Db = Dn[q]
+            out[i, q] = 2*asin_(Da*Db*x)/math.pi
+    return 2/(math.pi*math.sqrt(e0))
 
 
 
@@ -296,28 +260,64 @@ def G4_table(C, k, l, F, Cp, A, B, out, Dn, U0, U1):
 def G4_tables(C, K, rows, out):
     """out[k, l, p, q] = G4(C; k, l, rows[p], rows[q]) for every pair of student units
     k, l (rows 0..K-1 of C and of the table) and every pair of the rows of C listed in
-    rows: G4_table on the covariance of those rows, once per pair k <= l, mirrored to
-    (l, k) (G4 is symmetric in its four arguments)."""
+    rows, on the covariance Cs of those rows, along Price's path of derive/gaussian.py
+    that shrinks row k (20 nodes of the path rule), as G4_table but once per k for
+    all l >= k: at each node the path covariance Cp (with an extra row n, the unshrunk
+    copy of k); for each l >= k, I4(k, l; p, q) = prefactor * I2 at the covariance tilted
+    by (k, l), for every (p, q), from tilt2_table; for each p, I4(k, p; l, q) for every
+    l >= k and q from tilt2_rows of the tilt by (k, p). Mirrored to (l, k) (G4 is
+    symmetric in its four arguments)."""
     n = rows.shape[0]
     Cs = np.empty((n, n))
     for p in range(n):
         for q in range(n):
             Cs[p, q] = C[rows[p], rows[q]]
-    F = np.empty((n, n))
     Cp = np.empty((n + 1, n + 1))
     A = np.empty((n + 1, n + 1))
-    B = np.empty((n, n))
-    o = np.empty(n + 1)
+    B = np.empty((K, n, n))
+    R = np.empty((K, n + 1))
+    Lr = np.empty(K, np.int64)
     Dn = np.empty(n + 1)
     U0 = np.empty(n + 1)
     U1 = np.empty(n + 1)
     for k in range(K):
-        for l in range(k, K):
-            G4_table(Cs, k, l, F, Cp, A, B, o, Dn, U0, U1)
+        nl = K - k
+        for i in range(nl):
+            Lr[i] = n if i == 0 else k + i
             for p in range(n):
                 for q in range(n):
-                    out[k, l, p, q] = F[p, q]
-                    out[l, k, p, q] = F[p, q]
+                    out[k, k + i, p, q] = 0.0
+        for node in range(20):
+            t = PATH20_T[node]
+            w = PATH20_W[node]
+            for r in range(n + 1):
+                x = k if r == n else r
+                for q in range(n + 1):
+                    y = k if q == n else q
+                    c = Cs[x, y]
+                    Cp[r, q] = c*t if (r == k) != (q == k) else c
+            for i in range(nl):
+                l = k + i
+                ckl = w * Cs[k, l] * tilt2_table(Cp, k, Lr[i], A, Dn, U0, U1)
+                for p in range(n):
+                    P = n if p == k else p
+                    for q in range(n):
+                        out[k, l, p, q] += ckl * A[P, n if q == k else q]
+            for p in range(n):
+                P = n if p == k else p
+                prefp = w * Cs[k, p] * tilt2_rows(Cp, k, P, Lr, nl, R, Dn, U0, U1)
+                for i in range(nl):
+                    for q in range(n):
+                        B[i, p, q] = prefp * R[i, n if q == k else q]
+            for i in range(nl):
+                l = k + i
+                for p in range(n):
+                    for q in range(n):
+                        out[k, l, p, q] += B[i, p, q] + B[i, q, p]
+        for i in range(1, nl):
+            for p in range(n):
+                for q in range(n):
+                    out[k + i, k, p, q] = out[k, k + i, p, q]
 
 
 @njit(cache=True, error_model="numpy")

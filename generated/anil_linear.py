@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 fde568228bdf8e40afce9ab0d1d5cd33613ef60536ee3f52787a973022d44266
+# inputs:     sha256 f13cbc8a3a225bec632a84d9c496910310173b84b350de6b32723b2b0da77073
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 592 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "fde568228bdf8e40afce9ab0d1d5cd33613ef60536ee3f52787a973022d44266"
+INPUTS_SHA256 = "f13cbc8a3a225bec632a84d9c496910310173b84b350de6b32723b2b0da77073"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

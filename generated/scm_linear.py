@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 a4a2cf8f5375195a421606374a4f91e06e18609f58f596b8afd952fa4a5a83e4
+# inputs:     sha256 af4b127cfbb626758876e51fe5b48493983863eb1c4b51f108bbcd7ef8c6e7f0
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "a4a2cf8f5375195a421606374a4f91e06e18609f58f596b8afd952fa4a5a83e4"
+INPUTS_SHA256 = "af4b127cfbb626758876e51fe5b48493983863eb1c4b51f108bbcd7ef8c6e7f0"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

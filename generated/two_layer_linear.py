@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 92d09a55244bd07213af3710f4c8c15287437c147a65eeb0c119a4d626adf8eb
+# inputs:     sha256 935556716c05111dc80ed185268c55f036a891de18572307682feadb9fe36184
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "92d09a55244bd07213af3710f4c8c15287437c147a65eeb0c119a4d626adf8eb"
+INPUTS_SHA256 = "935556716c05111dc80ed185268c55f036a891de18572307682feadb9fe36184"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
