@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 f13cbc8a3a225bec632a84d9c496910310173b84b350de6b32723b2b0da77073
+# inputs:     sha256 b329039b188f140c8a914a78145850b057a0f93faf5e793c97eb5f46eaa0ef71
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 592 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "f13cbc8a3a225bec632a84d9c496910310173b84b350de6b32723b2b0da77073"
+INPUTS_SHA256 = "b329039b188f140c8a914a78145850b057a0f93faf5e793c97eb5f46eaa0ef71"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -341,6 +341,28 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                 acc = 0.0
                 acc += alpha_in*(1.0 if i_ == k else 0.0)
                 B_[k, i_] = acc
+        BN_c = np.zeros((K, K, K, K,))
+        for a_ in range(K):
+            for b_ in range(K):
+                for n_ in range(K):
+                    for q0 in range(K):
+                        acc = 0.0
+                        s0 = 0.0
+                        for j0 in range(K):
+                            s0 += B_[n_, j0]*N_c__c[a_, b_, j0, q0]
+                        acc += 1 * s0
+                        BN_c[a_, b_, n_, q0] = acc
+        BN_v_task = np.zeros((K, K, K, M,))
+        for a_ in range(K):
+            for b_ in range(K):
+                for n_ in range(K):
+                    for q0 in range(M):
+                        acc = 0.0
+                        s0 = 0.0
+                        for j0 in range(K):
+                            s0 += B_[n_, j0]*N_c__v_task[a_, b_, j0, q0]
+                        acc += 1 * s0
+                        BN_v_task[a_, b_, n_, q0] = acc
         Sig_s = np.zeros((steps_, steps_, K, K,))
         V_s = np.zeros((steps_ + 1, K, K,))
         X_s = np.zeros((steps_ + 1, steps_, K, K,))
@@ -419,17 +441,11 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                         acc = 0.0
                         s0 = 0.0
                         for j0 in range(K):
-                            s0 += P_[n_, j0]*Zmu_s[s_, a_, b_, j0]
+                            s0 += P_[n_, j0]*Zmu_s[s_, a_, b_, j0] - BN_c[a_, b_, n_, j0]*mu_c[s_, j0]/n_s
                         acc += 1 * s0
                         s0 = 0.0
-                        for j0 in range(K):
-                            for j1 in range(K):
-                                s0 += B_[n_, j0]*N_c__c[a_, b_, j0, j1]*mu_c[s_, j1]
-                        acc += -1/n_s * s0
-                        s0 = 0.0
-                        for j0 in range(K):
-                            for m0 in range(M):
-                                s0 += B_[n_, j0]*N_c__v_task[a_, b_, j0, m0]*mu_v_task[m0]
+                        for m0 in range(M):
+                            s0 += BN_v_task[a_, b_, n_, m0]*mu_v_task[m0]
                         acc += -1/n_s * s0
                         Zmu_s[s_ + 1, a_, b_, n_] = acc
             for a_ in range(K):
@@ -439,17 +455,11 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                             acc = 0.0
                             s0 = 0.0
                             for j0 in range(K):
-                                s0 += P_[n_, j0]*ZL_s[s_, a_, b_, j0, r_]
+                                s0 += P_[n_, j0]*ZL_s[s_, a_, b_, j0, r_] - BN_c[a_, b_, n_, j0]*L_c[s_, j0, r_]/n_s
                             acc += 1 * s0
                             s0 = 0.0
-                            for j0 in range(K):
-                                for j1 in range(K):
-                                    s0 += B_[n_, j0]*L_c[s_, j1, r_]*N_c__c[a_, b_, j0, j1]
-                            acc += -1/n_s * s0
-                            s0 = 0.0
-                            for j0 in range(K):
-                                for m0 in range(M):
-                                    s0 += B_[n_, j0]*L_v_task[m0, r_]*N_c__v_task[a_, b_, j0, m0]
+                            for m0 in range(M):
+                                s0 += BN_v_task[a_, b_, n_, m0]*L_v_task[m0, r_]
                             acc += -1/n_s * s0
                             ZL_s[s_ + 1, a_, b_, n_, r_] = acc
             for k in range(K):

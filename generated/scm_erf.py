@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 135e811919123c1afa6b004abbe5629447a9cd4d4f7f4926f479d52acb14db96
+# inputs:     sha256 da5716d755e87e82103478c530feca344f13dc7494bf28014b8ec6cc6384bc27
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "135e811919123c1afa6b004abbe5629447a9cd4d4f7f4926f479d52acb14db96"
+INPUTS_SHA256 = "da5716d755e87e82103478c530feca344f13dc7494bf28014b8ec6cc6384bc27"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 af4b127cfbb626758876e51fe5b48493983863eb1c4b51f108bbcd7ef8c6e7f0
+# inputs:     sha256 526534e41f5d3265cbedd9cc76f9d9a8f057722a799453c93f2e4f3ddd321677
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "af4b127cfbb626758876e51fe5b48493983863eb1c4b51f108bbcd7ef8c6e7f0"
+INPUTS_SHA256 = "526534e41f5d3265cbedd9cc76f9d9a8f057722a799453c93f2e4f3ddd321677"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

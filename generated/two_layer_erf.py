@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 a73d6750d328f0c8caddc873a1add8c4aa7fae5812f68da4c658a4f1edf282d3
+# inputs:     sha256 7484f3eba0339ac5a301bacc9d65986207ff9d1e33819588d915f4a22ef6dadf
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "a73d6750d328f0c8caddc873a1add8c4aa7fae5812f68da4c658a4f1edf282d3"
+INPUTS_SHA256 = "7484f3eba0339ac5a301bacc9d65986207ff9d1e33819588d915f4a22ef6dadf"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
