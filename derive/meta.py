@@ -560,12 +560,25 @@ def _support_moments(inner, laws, comp, assign, step, steps, s, r, nr) -> list:
     inv_n = 1 / sp.sympify(inner.support)
     t = sp.Symbol("t_", integer=True)
     # Sig[s, t] = Cov(eps(c^s), eps(c^t)), averaged over the task draws
+    # = sum N[k, p, l, q] W[p, q], the second moments W of the families over the task
+    # draws contracted first (W_P__Q at steps s, t: K^2 rank work, then K^2 per entry
+    # of Sig, instead of K^2 rank per entry)
     sig = sp.S.Zero
+    moments, moment_allocs = [], []
     for P, kp in fams:
         for Qn, kq in fams:
             ip, iq = _named(kp, "p"), _named(kq, "q")
-            mom = mean(P, s, ip) * mean(Qn, t, iq) + sp.Sum(loading(P, s, ip) * loading(Qn, t, iq), (r, 0, r.upper))
-            sig += _summed(ncov(P, k, ip, Qn, l_, iq) * mom, ip + iq)
+            nc = ncov(P, k, ip, Qn, l_, iq)
+            if nc == 0:
+                continue
+            mom = mean(P, s, ip) * mean(Qn, t, iq)
+            mom += sp.Sum(loading(P, s, ip) * loading(Qn, t, iq), (r, 0, r.upper))
+            if ip or iq:
+                w = comp(f"W_{P}__{Qn}", ip + iq, mom)
+                moment_allocs.append(Alloc(w.name, _dims(kp) + _dims(kq)))
+                moments.append(assign(w))
+                mom = sp.IndexedBase(w.name)[ip + iq]
+            sig += _summed(nc * mom, ip + iq)
     # the step's derivatives: P = d step/d c, B = d step/d h, D2 = d2 step/dH dc
     cb, Hb, hb = sp.IndexedBase("c"), sp.IndexedBase("H_s"), sp.IndexedBase("h")
     st = rename_bound(step)
@@ -629,6 +642,7 @@ def _support_moments(inner, laws, comp, assign, step, steps, s, r, nr) -> list:
         assign(comp("P_", (k, i_), dP)),
         assign(comp("B_", (k, i_), dB)),
         *contracted,
+        *moment_allocs,
         Alloc("Sig_s", ("steps_", "steps_", "K", "K")),
         Alloc("V_s", ("steps_ + 1", "K", "K")),
         Alloc("X_s", ("steps_ + 1", "steps_", "K", "K")),
@@ -640,7 +654,11 @@ def _support_moments(inner, laws, comp, assign, step, steps, s, r, nr) -> list:
             "s_",
             steps,
             (
-                Repeat("t_", steps, (Guard("t_ >= s_", (assign(sig_c, "Sig_s", ("s_", "t_", "k", "l")),)),)),
+                Repeat(
+                    "t_",
+                    steps,
+                    (Guard("t_ >= s_", (*moments, assign(sig_c, "Sig_s", ("s_", "t_", "k", "l")))),),
+                ),
                 assign(comp("V_s", (k, l_), v_next), "V_s", ("s_ + 1", "k", "l")),
                 Repeat("t_", steps, (Guard("t_ > s_", (assign(x_c, "X_s", ("s_ + 1", "t_", "k", "l")),)),)),
                 assign(comp("Zmu_s", (a_, b_, n_), zmu_next), "Zmu_s", ("s_ + 1", "a_", "b_", "n_")),

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 737d1f3bf4a932cdf5bdb6f4324e27c25b96a9539ca7fa5250d6db743e891275
+# inputs:     sha256 d472001cc700f29ecb8fd92047f0599d79113c47152f1f53493be73a39278f22
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 2259 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "737d1f3bf4a932cdf5bdb6f4324e27c25b96a9539ca7fa5250d6db743e891275"
+INPUTS_SHA256 = "d472001cc700f29ecb8fd92047f0599d79113c47152f1f53493be73a39278f22"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -586,6 +586,10 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                             s0 += B_[n_, j0]*N_c__v_task[a_, b_, j0, q0]
                         acc += 1 * s0
                         BN_v_task[a_, b_, n_, q0] = acc
+        W_c__c = np.zeros((K, K,))
+        W_c__v_task = np.zeros((K, M,))
+        W_v_task__c = np.zeros((M, K,))
+        W_v_task__v_task = np.zeros((M, M,))
         Sig_s = np.zeros((steps_, steps_, K, K,))
         V_s = np.zeros((steps_ + 1, K, K,))
         X_s = np.zeros((steps_ + 1, steps_, K, K,))
@@ -596,6 +600,42 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
         for s_ in range(steps_):
             for t_ in range(steps_):
                 if t_ >= s_:
+                    for p0 in range(K):
+                        for q0 in range(K):
+                            acc = 0.0
+                            acc += mu_c[s_, p0]*mu_c[t_, q0]
+                            s0 = 0.0
+                            for m0 in range(M):
+                                s0 += L_c[s_, p0, m0]*L_c[t_, q0, m0]
+                            acc += 1 * s0
+                            W_c__c[p0, q0] = acc
+                    for p0 in range(K):
+                        for q0 in range(M):
+                            acc = 0.0
+                            acc += mu_c[s_, p0]*mu_v_task[q0]
+                            s0 = 0.0
+                            for m0 in range(M):
+                                s0 += L_c[s_, p0, m0]*L_v_task[q0, m0]
+                            acc += 1 * s0
+                            W_c__v_task[p0, q0] = acc
+                    for p0 in range(M):
+                        for q0 in range(K):
+                            acc = 0.0
+                            acc += mu_c[t_, q0]*mu_v_task[p0]
+                            s0 = 0.0
+                            for m0 in range(M):
+                                s0 += L_c[t_, q0, m0]*L_v_task[p0, m0]
+                            acc += 1 * s0
+                            W_v_task__c[p0, q0] = acc
+                    for p0 in range(M):
+                        for q0 in range(M):
+                            acc = 0.0
+                            acc += mu_v_task[p0]*mu_v_task[q0]
+                            s0 = 0.0
+                            for m0 in range(M):
+                                s0 += L_v_task[p0, m0]*L_v_task[q0, m0]
+                            acc += 1 * s0
+                            W_v_task__v_task[p0, q0] = acc
                     for k in range(K):
                         for l in range(K):
                             acc = 0.0
@@ -603,40 +643,22 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                             s0 = 0.0
                             for j0 in range(K):
                                 for j1 in range(K):
-                                    s0 += N_c__c[k, j1, l, j0]*mu_c[s_, j1]*mu_c[t_, j0]
+                                    s0 += N_c__c[k, j1, l, j0]*W_c__c[j1, j0]
                             acc += 1/n_s * s0
                             s0 = 0.0
                             for j0 in range(K):
                                 for m0 in range(M):
-                                    s0 += N_c__v_task[l, j0, k, m0]*mu_c[t_, j0]*mu_v_task[m0]
+                                    s0 += N_c__v_task[l, j0, k, m0]*W_v_task__c[m0, j0]
                             acc += 1/n_s * s0
                             s0 = 0.0
                             for m0 in range(M):
                                 for j0 in range(K):
-                                    s0 += N_c__v_task[k, j0, l, m0]*mu_c[s_, j0]*mu_v_task[m0]
+                                    s0 += N_c__v_task[k, j0, l, m0]*W_c__v_task[j0, m0]
                             acc += 1/n_s * s0
                             s0 = 0.0
                             for m0 in range(M):
                                 for m1 in range(M):
-                                    s0 += N_v_task__v_task[k, m1, l, m0]*mu_v_task[m0]*mu_v_task[m1]
-                            acc += 1/n_s * s0
-                            s0 = 0.0
-                            for j0 in range(K):
-                                for j1 in range(K):
-                                    for m0 in range(M):
-                                        s0 += L_c[s_, j1, m0]*L_c[t_, j0, m0]*N_c__c[k, j1, l, j0]
-                            acc += 1/n_s * s0
-                            s0 = 0.0
-                            for m0 in range(M):
-                                for j0 in range(K):
-                                    for m1 in range(M):
-                                        s0 += L_c[s_, j0, m1]*L_v_task[m0, m1]*N_c__v_task[k, j0, l, m0] + L_c[t_, j0, m0]*L_v_task[m1, m0]*N_c__v_task[l, j0, k, m1]
-                            acc += 1/n_s * s0
-                            s0 = 0.0
-                            for m0 in range(M):
-                                for m1 in range(M):
-                                    for m2 in range(M):
-                                        s0 += L_v_task[m0, m2]*L_v_task[m1, m2]*N_v_task__v_task[k, m1, l, m0]
+                                    s0 += N_v_task__v_task[k, m1, l, m0]*W_v_task__v_task[m1, m0]
                             acc += 1/n_s * s0
                             Sig_s[s_, t_, k, l] = acc
             for k in range(K):

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 5eee9ab860d0d59dad6d289d5bdc0df5ed4ac4fb0c040ffafeb51972d0b7c3db
+# inputs:     sha256 006b20625bb8f2f0003e94a9aea2a24e3a8ca874d12e68a45a36d6dc61f99bd8
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "5eee9ab860d0d59dad6d289d5bdc0df5ed4ac4fb0c040ffafeb51972d0b7c3db"
+INPUTS_SHA256 = "006b20625bb8f2f0003e94a9aea2a24e3a8ca874d12e68a45a36d6dc61f99bd8"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
