@@ -500,7 +500,8 @@ def _support_moments(inner, laws, comp, assign, step, steps, s, r, nr) -> list:
         else:
             a = zero(sp.diff(grad, laws[rank[name] - 1].base[ix]))
         if any(_count(t.coeff, bases) for t in expand(a)):
-            raise ValueError(f"the per-sample support gradient of {inner.adapted.name} is not affine in {name}")
+            what = f"the per-sample support gradient of {inner.adapted.name}"
+            raise ValueError(f"{what} is not affine in {name}")
         return a
 
     def mean(name, at, ix):

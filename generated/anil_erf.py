@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 d472001cc700f29ecb8fd92047f0599d79113c47152f1f53493be73a39278f22
+# inputs:     sha256 d43d75679886cd482b9b44712d73b7bde4d632d8e87d72ab635aff3950bb31ed
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 2259 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "d472001cc700f29ecb8fd92047f0599d79113c47152f1f53493be73a39278f22"
+INPUTS_SHA256 = "d43d75679886cd482b9b44712d73b7bde4d632d8e87d72ab635aff3950bb31ed"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

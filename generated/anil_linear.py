@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 61ed0567992b2cd7dd78e60bc922aa5d23c85f4283d2618c3d4dddb6ccfec04e
+# inputs:     sha256 bab5e3dff4d9f13a036fcc2fa6773e4448ec705c2434b355f2fe5f008433da09
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 592 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "61ed0567992b2cd7dd78e60bc922aa5d23c85f4283d2618c3d4dddb6ccfec04e"
+INPUTS_SHA256 = "bab5e3dff4d9f13a036fcc2fa6773e4448ec705c2434b355f2fe5f008433da09"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 13edc297751b53a9348bd8f6bb37df562874ae6fe4b8073582e2d7e8107bd9a5
+# inputs:     sha256 7cc5d1f185959352f6bf0fe6797cc351ebfdcda465631315debd3f5b76befb32
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "13edc297751b53a9348bd8f6bb37df562874ae6fe4b8073582e2d7e8107bd9a5"
+INPUTS_SHA256 = "7cc5d1f185959352f6bf0fe6797cc351ebfdcda465631315debd3f5b76befb32"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

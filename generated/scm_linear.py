@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 dfd5015bab1c2fca5f50fa773656f8835e41a946fc007f68893d449b89ae912c
+# inputs:     sha256 3df21f5d254af36f0ccbf9b12dc34be09553f6be0137ab885971a4d0ee256606
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "dfd5015bab1c2fca5f50fa773656f8835e41a946fc007f68893d449b89ae912c"
+INPUTS_SHA256 = "3df21f5d254af36f0ccbf9b12dc34be09553f6be0137ab885971a4d0ee256606"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 7649a4349b3e95f8710dec9866ef4083a9e71a6771b243ff41e3f50010f00ae6
+# inputs:     sha256 12fa0a60fc5a7f7c2da227e2eff3001e92d42807086357952f88e6d421961803
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "7649a4349b3e95f8710dec9866ef4083a9e71a6771b243ff41e3f50010f00ae6"
+INPUTS_SHA256 = "12fa0a60fc5a7f7c2da227e2eff3001e92d42807086357952f88e6d421961803"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 006b20625bb8f2f0003e94a9aea2a24e3a8ca874d12e68a45a36d6dc61f99bd8
+# inputs:     sha256 b52e2da7adf6ad969f67108ee6b3a394da7c2685c263d7b3c42cc09022e26a03
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "006b20625bb8f2f0003e94a9aea2a24e3a8ca874d12e68a45a36d6dc61f99bd8"
+INPUTS_SHA256 = "b52e2da7adf6ad969f67108ee6b3a394da7c2685c263d7b3c42cc09022e26a03"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
