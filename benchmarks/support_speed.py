@@ -10,10 +10,10 @@ moments (``task_moments`` at ``n_s = 10`` minus at ``inf``).
 Measured (2-core machine under load, rhs at n_s = 10 / population, the ratio):
 
     K = M   S   before (G4 per entry)       after (G4_tables, contracted)
-      8     1   18.1 ms / 0.065 (280x)      2.3 ms / 0.064 (35x)
-      8     2   18.9 ms / 0.064 (300x)      2.4 ms / 0.064 (38x)
-     16     1   962 ms / 1.2 (820x)         28.5 ms / 0.75 (38x)
-     16     2   3844 ms / 1.3 (2900x)       31 ms / 0.77 (40x)
+      8     1   19.0 ms / 0.065 (290x)      2.3 ms / 0.064 (35x)
+      8     2   18.5 ms / 0.065 (285x)      2.4 ms / 0.064 (38x)
+     16     1    337 ms / 0.75 (450x)       28.5 ms / 0.75 (38x)
+     16     2    378 ms / 0.75 (505x)       31 ms / 0.77 (40x)
 
 The rest is the G4 table itself (96 % of task_moments at K = 8): K (K + 1) / 2
 pairs k <= l, each about 2 (K + M)^2 pair-tilted I2 per node of the 20-node path
