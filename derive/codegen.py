@@ -339,6 +339,7 @@ def loops(
     table=None,
     rows=None,
     tilt1_form=None,
+    tables=None,
 ) -> list[Loop]:
     """Group the component's terms by their summation indices, one loop nest each.
 
@@ -346,7 +347,8 @@ def loops(
     are rewritten (see ``_hoisted_tilt``); their splits are collected in ``hoisted``.
     With ``table`` (see ``_table_plan``), the base primitive at the tilted
     covariance is read from the table filled once per pair of free indices.
-    ``rows``: the model's field rows (``printer.field_rows``)."""
+    ``rows``: the model's field rows (``printer.field_rows``); ``tables``: primitives
+    read from a table of the task program (``printer.KernelPrinter``)."""
     groups: dict[tuple, list[Sum]] = {}
     for t in component.terms:
         t, guard = _guarded(t)
@@ -363,19 +365,21 @@ def loops(
             expr = _term_expr(t)
         tri = _triangular(t)
         key = (tuple((str(s.label), _bound(s)) for s in t.sums), tri, guard)
-        groups.setdefault(key, []).append(_sum(expr, t.sums, tri, primitive_names, table, rows, tilt1_form))
+        groups.setdefault(key, []).append(
+            _sum(expr, t.sums, tri, primitive_names, table, rows, tilt1_form, tables)
+        )
     return [Loop(k, tuple(v), tri, guard) for (k, tri, guard), v in groups.items()]
 
 
 def _sum(
-    expr: sp.Expr, sums, triangular: bool, primitive_names, table, field_rows=None, tilt1_form=None
+    expr: sp.Expr, sums, triangular: bool, primitive_names, table, field_rows=None, tilt1_form=None, tables=None
 ) -> Sum:
     """Split ``expr`` into the factors free of the summation indices and the rest."""
     table_rows = table["rows"] if table else None
     packed = bool(table) and table["fill"] == "upper"
 
     def pr(e):
-        return code(e, primitive_names, table_rows, field_rows, tilt1_form, packed)
+        return code(e, primitive_names, table_rows, field_rows, tilt1_form, packed, tables)
 
     if not sums:
         return Sum("1.0", pr(expr))
@@ -645,42 +649,95 @@ def _dims(kinds) -> list[str]:
     return [UNITS[k] for k in kinds]
 
 
-def _comp(c, names, rows, out=None, target=None) -> dict:
+def _comp(c, names, rows, out=None, target=None, tables=None) -> dict:
     """A component as the template's ``component`` macro reads it."""
     return {
         "symmetric": False,
         "hoist": [],
         "name": c.name,
         "free": [(str(i.label), _bound(i)) for i in c.free],
-        "loops": loops(c, names, rows=rows),
+        "loops": loops(c, names, rows=rows, tables=tables),
         "target": list(target or [str(i.label) for i in c.free]),
         "out": out or c.name,
     }
 
 
-def _statements(stmts, names, rows, where) -> list[dict]:
-    """A task program (derive/meta.py) as the template's ``statements`` macro reads it."""
+def g4_plan(activation: str) -> dict | None:
+    """The G4 table's pieces (``g4_table_plan``) when the activation's G4 is an integral
+    along Price's path whose I4 splits into a pair tilt and I2 (erf); None otherwise
+    (linear: G4 is Isserlis' polynomial, called directly)."""
+    if not gaussian.primitive("G4", activation).expr.has(sp.Integral):
+        return None
+    try:
+        return g4_table_plan(activation, NODES)
+    except ValueError:
+        return None
+
+
+def _table_statement(st, layout, activation: str):
+    """A ``meta.Table`` as the template's ``table`` statement and the printer's map
+    (``KernelPrinter.tables``), or (None, None) when the kernel has no table of its
+    primitive: the rows of ``C`` of the table's field families, in the layout's order,
+    the family of the student units first (rows 0..K-1 of C and of the table)."""
+    if st.primitive != "G4" or g4_plan(activation) is None:
+        return None, None
+    blocks, rows, sizes = [], {}, []
+    for f, src, n in layout:
+        if f not in st.families:
+            continue
+        at = " + ".join(sizes) if sizes else "0"
+        rows[f] = f"{at} + " if sizes else ""
+        blocks.append({"to": at, "src": code(src), "n": str(n)})
+        sizes.append(str(n))
+    first = layout[0][0]
+    if first not in st.families or field_kind(first) != STUDENT or code(layout[0][1]) != "0":
+        raise ValueError(f"the table {st.name} needs the student units as the first rows of C")
+    stmt = {"kind": "table", "name": st.name, "blocks": blocks, "size": " + ".join(sizes)}
+    return stmt, {st.primitive: (st.name, rows, first)}
+
+
+def _statements(stmts, names, rows, where, model=None, activation=None, tables=None) -> list[dict]:
+    """A task program (derive/meta.py) as the template's ``statements`` macro reads it;
+    after a ``meta.Table``, its primitive is read from the table (``tables``)."""
     out = []
+    tables = dict(tables or {})
+
+    def sub(body):
+        return _statements(body, names, rows, where, model, activation, tables)
+
     for st in stmts:
         if isinstance(st, meta.Alloc):
             out.append({"kind": "alloc", "name": st.name, "dims": list(st.dims)})
         elif isinstance(st, meta.Let):
             out.append({"kind": "let", "target": st.target, "source": st.source})
         elif isinstance(st, meta.Assign):
-            out.append({"kind": "assign", "comp": _comp(st.component, names, rows, st.out, st.target)})
+            comp = _comp(st.component, names, rows, st.out, st.target, tables)
+            out.append({"kind": "assign", "comp": comp})
+        elif isinstance(st, meta.Table):
+            stmt, read = _table_statement(st, model.layout, activation)
+            if stmt is not None:
+                out.append(stmt)
+                tables.update(read)
         elif isinstance(st, meta.Repeat):
-            body = _statements(st.body, names, rows, where)
-            out.append({"kind": "repeat", "var": st.var, "count": code(st.count), "body": body})
+            out.append({"kind": "repeat", "var": st.var, "count": code(st.count), "body": sub(st.body)})
         elif isinstance(st, meta.Guard):
             cond = st.cond if isinstance(st.cond, str) else f"({code(st.cond)}) != 0"
-            out.append({"kind": "if", "cond": cond, "body": _statements(st.body, names, rows, where)})
+            out.append({"kind": "if", "cond": cond, "body": sub(st.body)})
         elif isinstance(st, meta.Directions):
             blocks = {**where, "start": []}[st.kind]
-            body = _statements(st.body, names, rows, where)
-            out.append({"kind": "directions", "dir": st.kind, "blocks": blocks, "body": body})
+            out.append({"kind": "directions", "dir": st.kind, "blocks": blocks, "body": sub(st.body)})
         else:  # pragma: no cover
             raise TypeError(f"unknown statement {st!r}")
     return out
+
+
+def _reads_table(stmts) -> bool:
+    for st in stmts:
+        if isinstance(st, meta.Table):
+            return True
+        if isinstance(st, (meta.Repeat, meta.Guard, meta.Directions)) and _reads_table(st.body):
+            return True
+    return False
 
 
 def _task_context(ir: FlowIR, names, where, frows) -> dict | None:
@@ -725,7 +782,7 @@ def _task_context(ir: FlowIR, names, where, frows) -> dict | None:
     return {
         "family_names": ", ".join(f.name for f in model.random_families),
         "returns": returns,
-        "program": _statements(ir.program.statements, names, frows, where),
+        "program": _statements(ir.program.statements, names, frows, where, model, ir.activation),
         "second_order": second,
         # the derivatives and the metrics each get only the moments they read; the
         # best readout (a pseudo-inverse) is computed only where it is read
@@ -803,6 +860,12 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
         {"name": "gpp", "code": code(act.d2)},
     ]
     cov_size, cov_blocks, where = _covariance(model)
+    g4 = None
+    if model.inner_loop is not None and _reads_table(ir.program.statements):
+        g4 = g4_plan(act.name)
+    g4_own_tilt = not (
+        table and g4 and all(table[key] == g4[key] for key in ("tilt", "base", "norm", "value"))
+    )
     ops = sum(p["ops"] for p in prims) + sum(
         int(sp.count_ops(t.coeff)) for c in ir.derivatives + ir.metrics for t in c.terms
     )
@@ -839,6 +902,11 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
         # the per-row factor of the one-unit tilt's base (D1[a, r] from d = Ct1[a, r, r])
         "tilt1_norm": tilt1_sep["norm"] if tilt1_sep else "1.0",
         "table": table,
+        # the G4 table of the task program (G4_table, G4_tables), its pair tilt shared
+        # with the kernel's tilt2_table when they are the same rule
+        "g4_table": g4,
+        "g4_own_tilt": g4_own_tilt,
+        "g4_prefix": "" if g4_own_tilt == (table is None) else "g4_",
         # buffers of the hoisted pair tilt: in the workspace of rhs, once per chunk of rhs_parallel
         "tilt_buffers": _tilt_buffers(table),
         # the buffers of rhs_ws, in the order of its arguments (see workspace in the template)
@@ -868,6 +936,7 @@ def g4_table_plan(activation: str, nodes: int) -> dict:
         "tilt": tilt_code(2, split.amplitude, split.width),
         "path_entry": code(gaussian.path_entry(c, t)),
         "rule": rule_names(nodes),
+        "nodes": nodes,
     }
 
 

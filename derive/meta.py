@@ -98,6 +98,19 @@ class Directions:
 
 
 @dataclass(frozen=True)
+class Table:
+    """``name[k, l, p, q] = primitive(k, l, p, q)`` for every pair of student units k, l
+    and every pair of rows p, q of the fields ``families`` (the primitive is symmetric
+    in its arguments): filled once, where the kernel can, by its table of the
+    primitive (G4: ``G4_table``, one Price path per pair k <= l, mirrored), and read
+    in place of calls by the components after it; otherwise the calls stay."""
+
+    name: str
+    primitive: str
+    families: tuple
+
+
+@dataclass(frozen=True)
 class TaskProgram:
     families: tuple  # TaskVector, in the order of the returned (mu, L) pairs
     statements: tuple
@@ -443,6 +456,8 @@ def _summed(expr: sp.Expr, idx) -> sp.Expr:
 
 # the support-set covariance of the adapted readout, added to L L^T by covariance_component
 SUPPORT_COV = "V_{}"
+# the table of the four-factor expectations that the support-set covariances read
+G4_TABLE = ("G4t_", "G4")
 
 
 def _support_moments(inner, laws, comp, assign, step, steps, s, r, nr) -> list:
@@ -486,7 +501,8 @@ def _support_moments(inner, laws, comp, assign, step, steps, s, r, nr) -> list:
         else:
             a = zero(sp.diff(grad, laws[rank[name] - 1].base[ix]))
         if any(_count(t.coeff, bases) for t in expand(a)):
-            raise ValueError(f"the per-sample support gradient of {inner.adapted.name} is not affine in {name}")
+            what = f"the per-sample support gradient of {inner.adapted.name}"
+            raise ValueError(f"{what} is not affine in {name}")
         return a
 
     def mean(name, at, ix):
@@ -513,6 +529,7 @@ def _support_moments(inner, laws, comp, assign, step, steps, s, r, nr) -> list:
             zero_mean.add(name)
             continue
         body += [Alloc(ea.name, ("K", *_dims(kinds))), assign(ea)]
+    ncovs: list = []
     for P, kp in fams:
         for Qn, kq in fams[rank[P]:]:
             ip, iq = _named(kp, "p"), _named(kq, "q")
@@ -522,7 +539,18 @@ def _support_moments(inner, laws, comp, assign, step, steps, s, r, nr) -> list:
             nc = comp(f"N_{P}__{Qn}", (k, *ip, l_, *iq), e)
             if nc.terms:
                 nonzero.add((P, Qn))
-                body += [Alloc(nc.name, ("K", *_dims(kp), "K", *_dims(kq))), assign(nc)]
+                ncovs += [Alloc(nc.name, ("K", *_dims(kp), "K", *_dims(kq))), assign(nc)]
+    # the covariances' four-factor expectations G4(k, l, p, q), over the fields that
+    # they read: one table for all blocks (G4 is symmetric in its four arguments)
+    fields = []
+    for st in ncovs:
+        terms = st.component.terms if isinstance(st, Assign) else ()
+        for t in terms:
+            if getattr(t, "primitive", None) == G4_TABLE[1]:
+                fields += [a.base for a in t.args if a.base not in fields]
+    if fields:
+        body.append(Table(G4_TABLE[0], G4_TABLE[1], tuple(fields)))
+    body += ncovs
 
     def ncov(P, kk, ip, Qn, ll, iq):
         if rank[P] > rank[Qn]:
@@ -534,12 +562,25 @@ def _support_moments(inner, laws, comp, assign, step, steps, s, r, nr) -> list:
     inv_n = 1 / sp.sympify(inner.support)
     t = sp.Symbol("t_", integer=True)
     # Sig[s, t] = Cov(eps(c^s), eps(c^t)), averaged over the task draws
+    # = sum N[k, p, l, q] W[p, q], the second moments W of the families over the task
+    # draws contracted first (W_P__Q at steps s, t: K^2 rank work, then K^2 per entry
+    # of Sig, instead of K^2 rank per entry)
     sig = sp.S.Zero
+    moments, moment_allocs = [], []
     for P, kp in fams:
         for Qn, kq in fams:
             ip, iq = _named(kp, "p"), _named(kq, "q")
-            mom = mean(P, s, ip) * mean(Qn, t, iq) + sp.Sum(loading(P, s, ip) * loading(Qn, t, iq), (r, 0, r.upper))
-            sig += _summed(ncov(P, k, ip, Qn, l_, iq) * mom, ip + iq)
+            nc = ncov(P, k, ip, Qn, l_, iq)
+            if nc == 0:
+                continue
+            mom = mean(P, s, ip) * mean(Qn, t, iq)
+            mom += sp.Sum(loading(P, s, ip) * loading(Qn, t, iq), (r, 0, r.upper))
+            if ip or iq:
+                w = comp(f"W_{P}__{Qn}", ip + iq, mom)
+                moment_allocs.append(Alloc(w.name, _dims(kp) + _dims(kq)))
+                moments.append(assign(w))
+                mom = sp.IndexedBase(w.name)[ip + iq]
+            sig += _summed(nc * mom, ip + iq)
     # the step's derivatives: P = d step/d c, B = d step/d h, D2 = d2 step/dH dc
     cb, Hb, hb = sp.IndexedBase("c"), sp.IndexedBase("H_s"), sp.IndexedBase("h")
     st = rename_bound(step)
@@ -568,27 +609,42 @@ def _support_moments(inner, laws, comp, assign, step, steps, s, r, nr) -> list:
     # V^(s+1) = P V^s P^T + B Sig^ss B^T - P X^s_s B^T - B X^s_s^T P^T
     Pk = lambda a, b: Pm[a, b]  # noqa: E731
     Bk = lambda a, b: Bm[a, b]  # noqa: E731
-    v_next = S2(Pk(k, j1) * V[s, j1, j2] * Pk(l_, j2), j1, j2) + S2(Bk(k, j1) * Sg[s, s, j1, j2] * Bk(l_, j2), j1, j2)
-    v_next -= S2(Pk(k, j1) * X[s, s, j1, j2] * Bk(l_, j2), j1, j2) + S2(Bk(k, j1) * X[s, s, j2, j1] * Pk(l_, j2), j1, j2)
+    v_next = S2(Pk(k, j1) * V[s, j1, j2] * Pk(l_, j2), j1, j2)
+    v_next += S2(Bk(k, j1) * Sg[s, s, j1, j2] * Bk(l_, j2), j1, j2)
+    v_next -= S2(Pk(k, j1) * X[s, s, j1, j2] * Bk(l_, j2), j1, j2)
+    v_next -= S2(Bk(k, j1) * X[s, s, j2, j1] * Pk(l_, j2), j1, j2)
     # X^(s+1)_t = P X^s_t - B Sig^st, for t > s
     x_next = S2(Pk(k, j1) * X[s, t, j1, l_], j1) - S2(Bk(k, j1) * Sg[s, t, j1, l_], j1)
-    # Z^(s+1)[a, b, n] = Cov(dH_ab, J^(s+1)_n) = sum_m P[n, m] Z^s[a, b, m] - sum_m B[n, m] Cov(dH_ab, eps_m(c^s))
+    # Z^(s+1)[a, b, n] = Cov(dH_ab, J^(s+1)_n)
+    #                 = sum_m P[n, m] Z^s[a, b, m] - sum_m B[n, m] Cov(dH_ab, eps_m(c^s))
+    # contracted before the steps: BN_Q[a, b, n, q] = sum_m B[n, m] N_c__Q[a, b, m, q] (B and
+    # N do not change along the inner loop), so that a step costs K^4 (1 + rank) per family
+    # instead of K^5 (1 + rank)
     zmu_next = S2(Pk(n_, j1) * Zm[s, a_, b_, j1], j1)
     zL_next = S2(Pk(n_, j1) * ZL[s, a_, b_, j1, r], j1)
+    contracted = []
     for Qn, kq in fams:
         iq = _named(kq, "q")
         cov = ncov("c", a_, (b_,), Qn, j1, iq)
-        zmu_next -= inv_n * S2(Bk(n_, j1) * _summed(cov * mean(Qn, s, iq), iq), j1)
-        zL_next -= inv_n * S2(Bk(n_, j1) * _summed(cov * loading(Qn, s, iq), iq), j1)
+        if cov == 0:
+            continue
+        bn = comp(f"BN_{Qn}", (a_, b_, n_, *iq), S2(Bk(n_, j1) * cov, j1))
+        contracted += [Alloc(bn.name, ("K", "K", "K", *_dims(kq))), assign(bn)]
+        BN = sp.IndexedBase(bn.name)[(a_, b_, n_, *iq)]
+        zmu_next -= inv_n * _summed(BN * mean(Qn, s, iq), iq)
+        zL_next -= inv_n * _summed(BN * loading(Qn, s, iq), iq)
     # m^(s+1) = P m^s + D2 : Z^s (mean and loading)
     mmu_next = S2(Pk(k, i_) * mm[s, i_], i_) + S2(D2 * Zm[s, a_, b_, i_], a_, b_, i_)
     mL_next = S2(Pk(k, i_) * mL[s, i_, r], i_) + S2(D2 * ZL[s, a_, b_, i_, r], a_, b_, i_)
     adapted = inner.adapted.name
+    sig_c, x_c = comp("Sig_s", (k, l_), inv_n * sig), comp("X_s", (k, l_), x_next)
     body += [
         Alloc("P_", ("K", "K")),
         Alloc("B_", ("K", "K")),
         assign(comp("P_", (k, i_), dP)),
         assign(comp("B_", (k, i_), dB)),
+        *contracted,
+        *moment_allocs,
         Alloc("Sig_s", ("steps_", "steps_", "K", "K")),
         Alloc("V_s", ("steps_ + 1", "K", "K")),
         Alloc("X_s", ("steps_ + 1", "steps_", "K", "K")),
@@ -600,9 +656,13 @@ def _support_moments(inner, laws, comp, assign, step, steps, s, r, nr) -> list:
             "s_",
             steps,
             (
-                Repeat("t_", steps, (Guard("t_ >= s_", (assign(comp("Sig_s", (k, l_), inv_n * sig), "Sig_s", ("s_", "t_", "k", "l")),)),)),
+                Repeat(
+                    "t_",
+                    steps,
+                    (Guard("t_ >= s_", (*moments, assign(sig_c, "Sig_s", ("s_", "t_", "k", "l")))),),
+                ),
                 assign(comp("V_s", (k, l_), v_next), "V_s", ("s_ + 1", "k", "l")),
-                Repeat("t_", steps, (Guard("t_ > s_", (assign(comp("X_s", (k, l_), x_next), "X_s", ("s_ + 1", "t_", "k", "l")),)),)),
+                Repeat("t_", steps, (Guard("t_ > s_", (assign(x_c, "X_s", ("s_ + 1", "t_", "k", "l")),)),)),
                 assign(comp("Zmu_s", (a_, b_, n_), zmu_next), "Zmu_s", ("s_ + 1", "a_", "b_", "n_")),
                 assign(comp("ZL_s", (a_, b_, n_, r), zL_next), "ZL_s", ("s_ + 1", "a_", "b_", "n_", "r_")),
                 assign(comp("mmu_s", (k,), mmu_next), "mmu_s", ("s_ + 1", "k")),

@@ -31,6 +31,7 @@ class KernelPrinter(PythonCodePrinter):
         settings=None,
         tilt1_form=None,
         packed=False,
+        tables=None,
     ):
         super().__init__(settings or {"fully_qualified_modules": True, "standard": "python3"})
         # the base of the one-unit tilt in separable form (codegen.separable_form): its
@@ -39,6 +40,9 @@ class KernelPrinter(PythonCodePrinter):
         self.tilt1_form = tilt1_form
         # the table of the pair tilt is read packed, X[P[r] + q] (its upper triangle)
         self.packed = packed
+        # primitive -> (name of its table, field family -> offset of its rows in the
+        # table, the family of the table's first two arguments): calls read the table
+        self.tables = tables or {}
         self.primitive_names = set(primitive_names) | set(PRIMITIVES)
         # field family -> offset of its rows in the table F of a hoisted tilt
         self.table_rows = table_rows
@@ -81,6 +85,14 @@ class KernelPrinter(PythonCodePrinter):
             if self.packed:
                 return f"X[P[{rows[0]}] + {rows[1]}]"
             return f"F[{', '.join(rows)}]"
+        if name in self.tables:
+            table, rows, first = self.tables[name]
+            args = expr.args
+            if all(isinstance(a, sp.Indexed) and a.base in rows for a in args) and {
+                args[0].base,
+                args[1].base,
+            } == {first}:
+                return f"{table}[{', '.join(self._field_row(a, rows) for a in args)}]"
         if name in self.primitive_names:
             rows = ", ".join(self._field_row(a) for a in expr.args)
             return f"{name}(C, dC, {rows})" if name.endswith("_dir") else f"{name}(C, {rows})"
@@ -104,13 +116,22 @@ class KernelPrinter(PythonCodePrinter):
 
 
 def code(
-    expr: sp.Expr, primitive_names=(), table_rows=None, field_rows=None, tilt1_form=None, packed=False
+    expr: sp.Expr,
+    primitive_names=(),
+    table_rows=None,
+    field_rows=None,
+    tilt1_form=None,
+    packed=False,
+    tables=None,
 ) -> str:
     """``expr`` as numba code; ``field_rows`` maps each field family to the offset of
     its rows in C (``"K + "``), ``table_rows`` to its rows in the table of a tilt
     (read ``packed`` when only its upper triangle is filled), ``tilt1_form`` the
-    separable form of the base of the one-unit tilt."""
-    printer = KernelPrinter(primitive_names, table_rows, field_rows, tilt1_form=tilt1_form, packed=packed)
+    separable form of the base of the one-unit tilt, ``tables`` the primitives read
+    from a table of the task program (see ``KernelPrinter``)."""
+    printer = KernelPrinter(
+        primitive_names, table_rows, field_rows, tilt1_form=tilt1_form, packed=packed, tables=tables
+    )
     return printer.doprint(expr)
 
 

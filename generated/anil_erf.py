@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 f546e5eb35637a7b6d975f9f2bc0098e46d611f233f91373764049e04df51029
+# inputs:     sha256 8302dd8fd6c6faa0ba02e45c9f12059437c11ace40361dbcbe78c541872baebe
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 2324 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "f546e5eb35637a7b6d975f9f2bc0098e46d611f233f91373764049e04df51029"
+INPUTS_SHA256 = "8302dd8fd6c6faa0ba02e45c9f12059437c11ace40361dbcbe78c541872baebe"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -116,347 +116,6 @@ PATH20_W = np.array([
     0.0007313956327345095,
     6.051645150485684e-05,
 ])
-
-
-@njit(cache=True, error_model="numpy")
-def G4_abcd(C, a, b, c, d):
-    """E[g(u_a) g(u_b) g(u_c) g(u_d)] at covariance C.
-
-    - at equal fields a, b, c, d (C_xy of the factors' fields identified):
-    - Price's theorem along a path that shrinks the covariances of u_a: C_aj -> t C_aj (j
-      = b, c, d), a covariance for every t in [0, 1], the shrunk fields independent of the
-      rest at t = 0 (where an odd number of odd factors has mean 0); E = integral over t
-      from 0 to 1 of the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i)
-      h_j'(u_j) (the other factors)], each term derived at the covariance C(t):
-    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    """
-    C_aa = C[a, a]
-    C_ab = C[a, b]
-    C_ac = C[a, c]
-    C_ad = C[a, d]
-    C_bb = C[b, b]
-    C_bc = C[b, c]
-    C_bd = C[b, d]
-    C_cc = C[c, c]
-    C_cd = C[c, d]
-    C_dd = C[d, d]
-    s1 = C_aa + 1
-    s6 = -s1
-    s8 = -C_bb - 1
-    s9 = C_ab*C_bc + C_ac*s8
-    s16 = 4/math.pi**2
-    s20 = -C_cc - 1
-    s21 = C_ab*s20 + C_ac*C_bc
-    s29 = -C_dd - 1
-    s30 = C_ab*s29 + C_ad*C_bd
-    q0 = 0.0
-    for node in range(20):
-        t = PATH20_T[node]
-        s0 = t**2
-        s2 = C_aa*C_bb - C_ab**2*s0 + C_bb + s1
-        s3 = -s2
-        s4 = 1/s3
-        s5 = C_ac*s0
-        s7 = C_ab*s5 + C_bc*s6
-        s10 = C_ad*s0
-        s11 = C_bc*s7
-        s12 = C_cc*s3 - s11 - s5*s9
-        s13 = C_ab*s10 + C_bd*s6
-        s14 = C_bd*s13
-        s15 = C_dd*s3 - s10*(C_ab*C_bd + C_ad*s8) - s14
-        s17 = C_aa*C_cc - C_ac**2*s0 + C_cc + s1
-        s18 = -s17
-        s19 = 1/s18
-        s22 = C_ab*s0
-        s23 = C_bb*s18 - s11 - s21*s22
-        s24 = C_cd*(C_ad*s5 + C_cd*s6)
-        s25 = C_dd*s18 - s10*(C_ac*C_cd + C_ad*s20) - s24
-        s26 = C_aa*C_dd - C_ad**2*s0 + C_dd + s1
-        s27 = -s26
-        s28 = 1/s27
-        s31 = C_bb*s27 - s14 - s22*s30
-        s32 = C_cc*s27 - s24 - s5*(C_ac*s29 + C_ad*C_cd)
-        q0 += PATH20_W[node]*(C_ab*s16*asin_(s4*(-C_bd*s7 + C_cd*s3 - s10*s9)/math.sqrt(s12*s15/s3**2 + s12*s4 + s15*s4 + 1))/math.sqrt(s2) + C_ac*s16*asin_(s19*(C_bd*s18 - C_cd*s7 - s10*s21)/math.sqrt(s19*s23 + s19*s25 + 1 + s23*s25/s18**2))/math.sqrt(s17) + C_ad*s16*asin_(s28*(C_bc*s27 - C_cd*s13 - s30*s5)/math.sqrt(s28*s31 + s28*s32 + 1 + s31*s32/s27**2))/math.sqrt(s26))
-    return q0
-
-
-@njit(cache=True, error_model="numpy")
-def G4_abcc(C, a, b, c):
-    """E[g(u_a) g(u_b) g(u_c) g(u_c)] at covariance C.
-
-    - at equal fields a, b, c, c (C_xy of the factors' fields identified):
-    - Price's theorem along a path that shrinks the covariances of u_a: C_aj -> t C_aj (j
-      = b, c, d), a covariance for every t in [0, 1], the shrunk fields independent of the
-      rest at t = 0 (where an odd number of odd factors has mean 0); E = integral over t
-      from 0 to 1 of the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i)
-      h_j'(u_j) (the other factors)], each term derived at the covariance C(t):
-    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    """
-    C_aa = C[a, a]
-    C_ab = C[a, b]
-    C_ac = C[a, c]
-    C_bb = C[b, b]
-    C_bc = C[b, c]
-    C_cc = C[c, c]
-    s0 = math.pi**(-2)
-    s2 = C_aa + 1
-    s6 = -s2
-    s15 = -C_cc - 1
-    s16 = C_ab*s15 + C_ac*C_bc
-    q0 = 0.0
-    for node in range(20):
-        t = PATH20_T[node]
-        s1 = t**2
-        s3 = C_aa*C_bb - C_ab**2*s1 + C_bb + s2
-        s4 = -s3
-        s5 = C_ac*s1
-        s7 = C_ab*s5 + C_bc*s6
-        s8 = C_bc*s7
-        s9 = C_cc*s4 - s5*(C_ab*C_bc + C_ac*(-C_bb - 1)) - s8
-        s10 = s9/s4
-        s11 = C_ac**2*s1
-        s12 = C_aa*C_cc + C_cc - s11 + s2
-        s13 = -s12
-        s14 = 1/s13
-        s17 = -C_ab*s1*s16 + C_bb*s13 - s8
-        s18 = C_cc*s13 - C_cc*(C_cc*s6 + s11) - s5*(C_ac*C_cc + C_ac*s15)
-        q0 += PATH20_W[node]*(4*C_ab*s0*asin_(s10/math.sqrt(2*s10 + 1 + s9**2/s4**2))/math.sqrt(s3) + 8*C_ac*s0*asin_(s14*(C_bc*s13 - C_cc*s7 - s16*s5)/math.sqrt(s14*s17 + s14*s18 + 1 + s17*s18/s13**2))/math.sqrt(s12))
-    return q0
-
-
-@njit(cache=True, error_model="numpy")
-def G4_aabb(C, a, b):
-    """E[g(u_a) g(u_a) g(u_b) g(u_b)] at covariance C.
-
-    - at equal fields a, a, b, b (C_xy of the factors' fields identified):
-    - Price's theorem along a path that shrinks the covariances of (u_a, u_b) and the
-      rest: C_ij -> t C_ij (i = a, b; j = c, d), a covariance for every t in [0, 1], the
-      shrunk fields independent of the rest at t = 0 (where an odd number of odd factors
-      has mean 0); E = E[factors of a, b] E[the others] + integral over t from 0 to 1 of
-      the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i) h_j'(u_j) (the other
-      factors)], each term derived at the covariance C(t):
-    - Price's theorem on the covariance of (u_a, u_b): E = integral over c from 0 to C_ab
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_aa, q = C_bb) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_b, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_a, u_d): E = integral over c from 0 to C_ad
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_aa, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_b, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_a, u_c): E = integral over c from 0 to C_ac
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_aa, q = C_cc) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    """
-    C_aa = C[a, a]
-    C_ab = C[a, b]
-    C_bb = C[b, b]
-    s2 = C_bb + 1
-    s6 = -C_aa - 1
-    s7 = C_aa*C_ab + C_ab*s6
-    s8 = -s2
-    q0 = 0.0
-    for node in range(20):
-        t = PATH20_T[node]
-        s0 = t**2
-        s1 = C_ab**2*s0
-        s3 = C_aa*C_bb + C_aa - s1 + s2
-        s4 = -s3
-        s5 = 1/s4
-        s9 = C_aa*s8 + s1
-        s10 = C_ab*s0
-        s11 = C_aa*s4 - C_aa*s9 - s10*s7
-        s12 = C_bb*s4 - C_bb*(C_bb*s6 + s1) - s10*(C_ab*C_bb + C_ab*s8)
-        q0 += PATH20_W[node]*(16*C_ab*asin_(s5*t*(C_ab*s4 - C_ab*s9 - C_bb*s7)/math.sqrt(s11*s12/s4**2 + s11*s5 + s12*s5 + 1))/(math.pi**2*math.sqrt(s3)))
-    return q0 + 4*asin_(C_aa/math.sqrt(C_aa**2 + 2*C_aa + 1))*asin_(C_bb/math.sqrt(C_bb**2 + 2*C_bb + 1))/math.pi**2
-
-
-@njit(cache=True, error_model="numpy")
-def G4_abbb(C, a, b):
-    """E[g(u_a) g(u_b) g(u_b) g(u_b)] at covariance C.
-
-    - at equal fields a, b, b, b (C_xy of the factors' fields identified):
-    - Price's theorem along a path that shrinks the covariances of u_a: C_aj -> t C_aj (j
-      = b, c, d), a covariance for every t in [0, 1], the shrunk fields independent of the
-      rest at t = 0 (where an odd number of odd factors has mean 0); E = integral over t
-      from 0 to 1 of the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i)
-      h_j'(u_j) (the other factors)], each term derived at the covariance C(t):
-    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    """
-    C_aa = C[a, a]
-    C_ab = C[a, b]
-    C_bb = C[b, b]
-    s2 = C_aa + 1
-    q0 = 0.0
-    for node in range(20):
-        t = PATH20_T[node]
-        s0 = t**2
-        s1 = C_ab**2*s0
-        s3 = C_aa*C_bb + C_bb - s1 + s2
-        s4 = -s3
-        s5 = -C_ab*s0*(C_ab*C_bb + C_ab*(-C_bb - 1)) + C_bb*s4 - C_bb*(-C_bb*s2 + s1)
-        s6 = s5/s4
-        q0 += PATH20_W[node]*(12*C_ab*asin_(s6/math.sqrt(2*s6 + 1 + s5**2/s4**2))/(math.pi**2*math.sqrt(s3)))
-    return q0
-
-
-@njit(cache=True, error_model="numpy")
-def G4_aaaa(C, a):
-    """E[g(u_a) g(u_a) g(u_a) g(u_a)] at covariance C.
-
-    - at equal fields a, a, a, a (C_xy of the factors' fields identified):
-    - Price's theorem along a path that shrinks the covariances of u_a: C_aj -> t C_aj (j
-      = b, c, d), a covariance for every t in [0, 1], the shrunk fields independent of the
-      rest at t = 0 (where an odd number of odd factors has mean 0); E = integral over t
-      from 0 to 1 of the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i)
-      h_j'(u_j) (the other factors)], each term derived at the covariance C(t):
-    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    """
-    C_aa = C[a, a]
-    s0 = C_aa**2
-    s5 = C_aa*(-C_aa - 1)
-    q0 = 0.0
-    for node in range(20):
-        t = PATH20_T[node]
-        s1 = t**2
-        s2 = s0*s1
-        s3 = 2*C_aa + s0 - s2 + 1
-        s4 = -s3
-        s6 = -C_aa*s1*(s0 + s5) + C_aa*s4 - C_aa*(s2 + s5)
-        s7 = s6/s4
-        q0 += PATH20_W[node]*(12*C_aa*asin_(s7/math.sqrt(2*s7 + 1 + s6**2/s4**2))/(math.pi**2*math.sqrt(s3)))
-    return q0
-
-
-@njit(cache=True, error_model="numpy")
-def G4(C, a, b, c, d):
-    """E[g(u_a) g(u_b) g(u_c) g(u_d)] at covariance C.
-
-    - dispatch on which of the runtime indices are equal, to the form of that pattern
-      (G4_abcd, G4_abcc, G4_aabb, G4_abbb, G4_aaaa), each derived as follows at distinct
-      fields, then the equal fields identified:
-    - Price's theorem along a path that shrinks the covariances of u_a: C_aj -> t C_aj (j
-      = b, c, d), a covariance for every t in [0, 1], the shrunk fields independent of the
-      rest at t = 0 (where an odd number of odd factors has mean 0); E = integral over t
-      from 0 to 1 of the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i)
-      h_j'(u_j) (the other factors)], each term derived at the covariance C(t):
-    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    """
-    if a != b and a != c and a != d and b != c and b != d and c != d:
-        return G4_abcd(C, a, b, c, d)
-    if a == b and a != c and a != d and c != d:
-        return G4_abcc(C, c, d, a)
-    if a == c and a != b and a != d and b != d:
-        return G4_abcc(C, b, d, a)
-    if b == c and a != b and a != d and b != d:
-        return G4_abcc(C, a, d, b)
-    if a == d and a != b and a != c and b != c:
-        return G4_abcc(C, b, c, a)
-    if b == d and a != b and a != c and b != c:
-        return G4_abcc(C, a, c, b)
-    if c == d and a != b and a != c and b != c:
-        return G4_abcc(C, a, b, c)
-    if a == b and b == c and a != d:
-        return G4_abbb(C, d, a)
-    if a == b and b == d and a != c:
-        return G4_abbb(C, c, a)
-    if a == b and c == d and a != c:
-        return G4_aabb(C, a, c)
-    if a == c and c == d and a != b:
-        return G4_abbb(C, b, a)
-    if a == c and b == d and a != b:
-        return G4_aabb(C, a, b)
-    if a == d and b == c and a != b:
-        return G4_aabb(C, a, b)
-    if b == c and c == d and a != b:
-        return G4_abbb(C, a, b)
-    return G4_aaaa(C, a)
 
 
 @njit(cache=True, error_model="numpy")
@@ -565,6 +224,105 @@ def tilt2_table(C, a, b, Dn, X, P):
         xi = X[i]
         X[i] = 2/math.pi * asin_(xi)
     return 2/(math.pi*math.sqrt(e0))
+
+
+
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
+def tilt2_rows(C, a, b, rows, nrows, out, Dn, U0, U1):
+    """Rows rows[:nrows] of tilt2_table: out[i, q] = I2(Ct; rows[i], q) for
+    every q, Ct the covariance tilted by rows a, b (the same rule, split by loop level in
+    derive/tables.py; the row coefficients and D once for all the rows). Returns the
+    prefactor."""
+    e0 = C[a, a]*C[b, b] + C[a, a] - C[a, b]**2 + C[b, b] + 1
+    e1 = 1/e0
+    e2 = e1*C[a, b]
+    k00 = -e1*C[b, b] - e1
+    k01 = e2
+    k10 = e2
+    k11 = -e1*C[a, a] - e1
+    n = C.shape[0]
+    for r in range(n):
+        u0 = k00*C[r, a] + k01*C[r, b]
+        U0[r] = u0
+        u1 = k10*C[r, a] + k11*C[r, b]
+        U1[r] = u1
+        d = u0*C[a, r] + u1*C[b, r] + C[r, r]
+        Dn[r] = 1/math.sqrt(d + 1)
+    for i in range(nrows):
+        r = rows[i]
+        u0 = U0[r]
+        u1 = U1[r]
+        Da = Dn[r]
+        for q in range(n):
+            x = u0*C[a, q] + u1*C[b, q] + C[r, q]
+            Db = Dn[q]
+            out[i, q] = 2*asin_(Da*Db*x)/math.pi
+    return 2/(math.pi*math.sqrt(e0))
+
+
+
+@njit(cache=True, error_model="numpy")
+def G4_tables(C, K, rows, out):
+    """out[k, l, p, q] = G4(C; k, l, rows[p], rows[q]) for every pair of student units
+    k, l (rows 0..K-1 of C and of the table) and every pair of the rows of C listed in
+    rows, on the covariance Cs of those rows, along Price's path of derive/gaussian.py
+    that shrinks row k (20 nodes of the path rule), as G4_table but once per k for
+    all l >= k: at each node the path covariance Cp (with an extra row n, the unshrunk
+    copy of k); for each l >= k, I4(k, l; p, q) = prefactor * I2 at the covariance tilted
+    by (k, l), for every (p, q), from tilt2_table; for each p, I4(k, p; l, q) for every
+    l >= k and q from tilt2_rows of the tilt by (k, p). Mirrored to (l, k) (G4 is
+    symmetric in its four arguments)."""
+    n = rows.shape[0]
+    Cs = np.empty((n, n))
+    for p in range(n):
+        for q in range(n):
+            Cs[p, q] = C[rows[p], rows[q]]
+    Cp = np.empty((n + 1, n + 1))
+    A = np.empty((n + 1, n + 1))
+    B = np.empty((K, n, n))
+    R = np.empty((K, n + 1))
+    Lr = np.empty(K, np.int64)
+    Dn = np.empty(n + 1)
+    U0 = np.empty(n + 1)
+    U1 = np.empty(n + 1)
+    for k in range(K):
+        nl = K - k
+        for i in range(nl):
+            Lr[i] = n if i == 0 else k + i
+            for p in range(n):
+                for q in range(n):
+                    out[k, k + i, p, q] = 0.0
+        for node in range(20):
+            t = PATH20_T[node]
+            w = PATH20_W[node]
+            for r in range(n + 1):
+                x = k if r == n else r
+                for q in range(n + 1):
+                    y = k if q == n else q
+                    c = Cs[x, y]
+                    Cp[r, q] = c*t if (r == k) != (q == k) else c
+            for i in range(nl):
+                l = k + i
+                ckl = w * Cs[k, l] * tilt2_table(Cp, k, Lr[i], A, Dn, U0, U1)
+                for p in range(n):
+                    P = n if p == k else p
+                    for q in range(n):
+                        out[k, l, p, q] += ckl * A[P, n if q == k else q]
+            for p in range(n):
+                P = n if p == k else p
+                prefp = w * Cs[k, p] * tilt2_rows(Cp, k, P, Lr, nl, R, Dn, U0, U1)
+                for i in range(nl):
+                    for q in range(n):
+                        B[i, p, q] = prefp * R[i, n if q == k else q]
+            for i in range(nl):
+                l = k + i
+                for p in range(n):
+                    for q in range(n):
+                        out[k, l, p, q] += B[i, p, q] + B[i, q, p]
+        for i in range(1, nl):
+            for p in range(n):
+                for q in range(n):
+                    out[k + i, k, p, q] = out[k, k + i, p, q]
 
 
 @njit(cache=True, error_model="numpy")
@@ -759,13 +517,20 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                 acc = 0.0
                 acc += -I2(C, k, K + M + p0)
                 EA_v_task[k, p0] = acc
+        G4t_rows = np.empty((K + M,), np.int64)
+        for i in range(K):
+            G4t_rows[0 + i] = 0 + i
+        for i in range(M):
+            G4t_rows[K + i] = K + M + i
+        G4t_ = np.empty((K, K, K + M, K + M))
+        G4_tables(C, K, G4t_rows, G4t_)
         N_c__c = np.zeros((K, K, K, K,))
         for k in range(K):
             for p0 in range(K):
                 for l in range(K):
                     for q0 in range(K):
                         acc = 0.0
-                        acc += G4(C, k, l, p0, q0)
+                        acc += G4t_[k, l, p0, q0]
                         acc += -EA_c[k, p0]*EA_c[l, q0]
                         N_c__c[k, p0, l, q0] = acc
         N_c__v_task = np.zeros((K, K, K, M,))
@@ -774,7 +539,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                 for l in range(K):
                     for q0 in range(M):
                         acc = 0.0
-                        acc += -G4(C, k, l, p0, K + M + q0)
+                        acc += -G4t_[k, l, p0, K + q0]
                         acc += -EA_c[k, p0]*EA_v_task[l, q0]
                         N_c__v_task[k, p0, l, q0] = acc
         N_v_task__v_task = np.zeros((K, M, K, M,))
@@ -783,7 +548,7 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                 for l in range(K):
                     for q0 in range(M):
                         acc = 0.0
-                        acc += G4(C, k, l, K + M + p0, K + M + q0)
+                        acc += G4t_[k, l, K + p0, K + q0]
                         acc += -EA_v_task[k, p0]*EA_v_task[l, q0]
                         N_v_task__v_task[k, p0, l, q0] = acc
         N_1__1 = np.zeros((K, K,))
@@ -804,6 +569,32 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                 acc = 0.0
                 acc += alpha_in*(1.0 if i_ == k else 0.0)
                 B_[k, i_] = acc
+        BN_c = np.zeros((K, K, K, K,))
+        for a_ in range(K):
+            for b_ in range(K):
+                for n_ in range(K):
+                    for q0 in range(K):
+                        acc = 0.0
+                        s0 = 0.0
+                        for j0 in range(K):
+                            s0 += B_[n_, j0]*N_c__c[a_, b_, j0, q0]
+                        acc += 1 * s0
+                        BN_c[a_, b_, n_, q0] = acc
+        BN_v_task = np.zeros((K, K, K, M,))
+        for a_ in range(K):
+            for b_ in range(K):
+                for n_ in range(K):
+                    for q0 in range(M):
+                        acc = 0.0
+                        s0 = 0.0
+                        for j0 in range(K):
+                            s0 += B_[n_, j0]*N_c__v_task[a_, b_, j0, q0]
+                        acc += 1 * s0
+                        BN_v_task[a_, b_, n_, q0] = acc
+        W_c__c = np.zeros((K, K,))
+        W_c__v_task = np.zeros((K, M,))
+        W_v_task__c = np.zeros((M, K,))
+        W_v_task__v_task = np.zeros((M, M,))
         Sig_s = np.zeros((steps_, steps_, K, K,))
         V_s = np.zeros((steps_ + 1, K, K,))
         X_s = np.zeros((steps_ + 1, steps_, K, K,))
@@ -814,6 +605,42 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
         for s_ in range(steps_):
             for t_ in range(steps_):
                 if t_ >= s_:
+                    for p0 in range(K):
+                        for q0 in range(K):
+                            acc = 0.0
+                            acc += mu_c[s_, p0]*mu_c[t_, q0]
+                            s0 = 0.0
+                            for m0 in range(M):
+                                s0 += L_c[s_, p0, m0]*L_c[t_, q0, m0]
+                            acc += 1 * s0
+                            W_c__c[p0, q0] = acc
+                    for p0 in range(K):
+                        for q0 in range(M):
+                            acc = 0.0
+                            acc += mu_c[s_, p0]*mu_v_task[q0]
+                            s0 = 0.0
+                            for m0 in range(M):
+                                s0 += L_c[s_, p0, m0]*L_v_task[q0, m0]
+                            acc += 1 * s0
+                            W_c__v_task[p0, q0] = acc
+                    for p0 in range(M):
+                        for q0 in range(K):
+                            acc = 0.0
+                            acc += mu_c[t_, q0]*mu_v_task[p0]
+                            s0 = 0.0
+                            for m0 in range(M):
+                                s0 += L_c[t_, q0, m0]*L_v_task[p0, m0]
+                            acc += 1 * s0
+                            W_v_task__c[p0, q0] = acc
+                    for p0 in range(M):
+                        for q0 in range(M):
+                            acc = 0.0
+                            acc += mu_v_task[p0]*mu_v_task[q0]
+                            s0 = 0.0
+                            for m0 in range(M):
+                                s0 += L_v_task[p0, m0]*L_v_task[q0, m0]
+                            acc += 1 * s0
+                            W_v_task__v_task[p0, q0] = acc
                     for k in range(K):
                         for l in range(K):
                             acc = 0.0
@@ -821,40 +648,22 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                             s0 = 0.0
                             for j0 in range(K):
                                 for j1 in range(K):
-                                    s0 += N_c__c[k, j1, l, j0]*mu_c[s_, j1]*mu_c[t_, j0]
+                                    s0 += N_c__c[k, j1, l, j0]*W_c__c[j1, j0]
                             acc += 1/n_s * s0
                             s0 = 0.0
                             for j0 in range(K):
                                 for m0 in range(M):
-                                    s0 += N_c__v_task[l, j0, k, m0]*mu_c[t_, j0]*mu_v_task[m0]
+                                    s0 += N_c__v_task[l, j0, k, m0]*W_v_task__c[m0, j0]
                             acc += 1/n_s * s0
                             s0 = 0.0
                             for m0 in range(M):
                                 for j0 in range(K):
-                                    s0 += N_c__v_task[k, j0, l, m0]*mu_c[s_, j0]*mu_v_task[m0]
+                                    s0 += N_c__v_task[k, j0, l, m0]*W_c__v_task[j0, m0]
                             acc += 1/n_s * s0
                             s0 = 0.0
                             for m0 in range(M):
                                 for m1 in range(M):
-                                    s0 += N_v_task__v_task[k, m1, l, m0]*mu_v_task[m0]*mu_v_task[m1]
-                            acc += 1/n_s * s0
-                            s0 = 0.0
-                            for j0 in range(K):
-                                for j1 in range(K):
-                                    for m0 in range(M):
-                                        s0 += L_c[s_, j1, m0]*L_c[t_, j0, m0]*N_c__c[k, j1, l, j0]
-                            acc += 1/n_s * s0
-                            s0 = 0.0
-                            for m0 in range(M):
-                                for j0 in range(K):
-                                    for m1 in range(M):
-                                        s0 += L_c[s_, j0, m1]*L_v_task[m0, m1]*N_c__v_task[k, j0, l, m0] + L_c[t_, j0, m0]*L_v_task[m1, m0]*N_c__v_task[l, j0, k, m1]
-                            acc += 1/n_s * s0
-                            s0 = 0.0
-                            for m0 in range(M):
-                                for m1 in range(M):
-                                    for m2 in range(M):
-                                        s0 += L_v_task[m0, m2]*L_v_task[m1, m2]*N_v_task__v_task[k, m1, l, m0]
+                                    s0 += N_v_task__v_task[k, m1, l, m0]*W_v_task__v_task[m1, m0]
                             acc += 1/n_s * s0
                             Sig_s[s_, t_, k, l] = acc
             for k in range(K):
@@ -882,17 +691,11 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                         acc = 0.0
                         s0 = 0.0
                         for j0 in range(K):
-                            s0 += P_[n_, j0]*Zmu_s[s_, a_, b_, j0]
+                            s0 += P_[n_, j0]*Zmu_s[s_, a_, b_, j0] - BN_c[a_, b_, n_, j0]*mu_c[s_, j0]/n_s
                         acc += 1 * s0
                         s0 = 0.0
-                        for j0 in range(K):
-                            for j1 in range(K):
-                                s0 += B_[n_, j0]*N_c__c[a_, b_, j0, j1]*mu_c[s_, j1]
-                        acc += -1/n_s * s0
-                        s0 = 0.0
-                        for j0 in range(K):
-                            for m0 in range(M):
-                                s0 += B_[n_, j0]*N_c__v_task[a_, b_, j0, m0]*mu_v_task[m0]
+                        for m0 in range(M):
+                            s0 += BN_v_task[a_, b_, n_, m0]*mu_v_task[m0]
                         acc += -1/n_s * s0
                         Zmu_s[s_ + 1, a_, b_, n_] = acc
             for a_ in range(K):
@@ -902,17 +705,11 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                             acc = 0.0
                             s0 = 0.0
                             for j0 in range(K):
-                                s0 += P_[n_, j0]*ZL_s[s_, a_, b_, j0, r_]
+                                s0 += P_[n_, j0]*ZL_s[s_, a_, b_, j0, r_] - BN_c[a_, b_, n_, j0]*L_c[s_, j0, r_]/n_s
                             acc += 1 * s0
                             s0 = 0.0
-                            for j0 in range(K):
-                                for j1 in range(K):
-                                    s0 += B_[n_, j0]*L_c[s_, j1, r_]*N_c__c[a_, b_, j0, j1]
-                            acc += -1/n_s * s0
-                            s0 = 0.0
-                            for j0 in range(K):
-                                for m0 in range(M):
-                                    s0 += B_[n_, j0]*L_v_task[m0, r_]*N_c__v_task[a_, b_, j0, m0]
+                            for m0 in range(M):
+                                s0 += BN_v_task[a_, b_, n_, m0]*L_v_task[m0, r_]
                             acc += -1/n_s * s0
                             ZL_s[s_ + 1, a_, b_, n_, r_] = acc
             for k in range(K):

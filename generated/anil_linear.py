@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 fd45d780abef08c5f4d29da1d20e867ea210e35df42dca98db2bdda119b5fbb3
+# inputs:     sha256 fb5e6808c7f0b8e03548d63677c8596d27964ccef0e8bd7eac8761497f0bcaf7
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 657 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "fd45d780abef08c5f4d29da1d20e867ea210e35df42dca98db2bdda119b5fbb3"
+INPUTS_SHA256 = "fb5e6808c7f0b8e03548d63677c8596d27964ccef0e8bd7eac8761497f0bcaf7"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -341,6 +341,32 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                 acc = 0.0
                 acc += alpha_in*(1.0 if i_ == k else 0.0)
                 B_[k, i_] = acc
+        BN_c = np.zeros((K, K, K, K,))
+        for a_ in range(K):
+            for b_ in range(K):
+                for n_ in range(K):
+                    for q0 in range(K):
+                        acc = 0.0
+                        s0 = 0.0
+                        for j0 in range(K):
+                            s0 += B_[n_, j0]*N_c__c[a_, b_, j0, q0]
+                        acc += 1 * s0
+                        BN_c[a_, b_, n_, q0] = acc
+        BN_v_task = np.zeros((K, K, K, M,))
+        for a_ in range(K):
+            for b_ in range(K):
+                for n_ in range(K):
+                    for q0 in range(M):
+                        acc = 0.0
+                        s0 = 0.0
+                        for j0 in range(K):
+                            s0 += B_[n_, j0]*N_c__v_task[a_, b_, j0, q0]
+                        acc += 1 * s0
+                        BN_v_task[a_, b_, n_, q0] = acc
+        W_c__c = np.zeros((K, K,))
+        W_c__v_task = np.zeros((K, M,))
+        W_v_task__c = np.zeros((M, K,))
+        W_v_task__v_task = np.zeros((M, M,))
         Sig_s = np.zeros((steps_, steps_, K, K,))
         V_s = np.zeros((steps_ + 1, K, K,))
         X_s = np.zeros((steps_ + 1, steps_, K, K,))
@@ -351,6 +377,42 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
         for s_ in range(steps_):
             for t_ in range(steps_):
                 if t_ >= s_:
+                    for p0 in range(K):
+                        for q0 in range(K):
+                            acc = 0.0
+                            acc += mu_c[s_, p0]*mu_c[t_, q0]
+                            s0 = 0.0
+                            for m0 in range(M):
+                                s0 += L_c[s_, p0, m0]*L_c[t_, q0, m0]
+                            acc += 1 * s0
+                            W_c__c[p0, q0] = acc
+                    for p0 in range(K):
+                        for q0 in range(M):
+                            acc = 0.0
+                            acc += mu_c[s_, p0]*mu_v_task[q0]
+                            s0 = 0.0
+                            for m0 in range(M):
+                                s0 += L_c[s_, p0, m0]*L_v_task[q0, m0]
+                            acc += 1 * s0
+                            W_c__v_task[p0, q0] = acc
+                    for p0 in range(M):
+                        for q0 in range(K):
+                            acc = 0.0
+                            acc += mu_c[t_, q0]*mu_v_task[p0]
+                            s0 = 0.0
+                            for m0 in range(M):
+                                s0 += L_c[t_, q0, m0]*L_v_task[p0, m0]
+                            acc += 1 * s0
+                            W_v_task__c[p0, q0] = acc
+                    for p0 in range(M):
+                        for q0 in range(M):
+                            acc = 0.0
+                            acc += mu_v_task[p0]*mu_v_task[q0]
+                            s0 = 0.0
+                            for m0 in range(M):
+                                s0 += L_v_task[p0, m0]*L_v_task[q0, m0]
+                            acc += 1 * s0
+                            W_v_task__v_task[p0, q0] = acc
                     for k in range(K):
                         for l in range(K):
                             acc = 0.0
@@ -358,40 +420,22 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                             s0 = 0.0
                             for j0 in range(K):
                                 for j1 in range(K):
-                                    s0 += N_c__c[k, j1, l, j0]*mu_c[s_, j1]*mu_c[t_, j0]
+                                    s0 += N_c__c[k, j1, l, j0]*W_c__c[j1, j0]
                             acc += 1/n_s * s0
                             s0 = 0.0
                             for j0 in range(K):
                                 for m0 in range(M):
-                                    s0 += N_c__v_task[l, j0, k, m0]*mu_c[t_, j0]*mu_v_task[m0]
+                                    s0 += N_c__v_task[l, j0, k, m0]*W_v_task__c[m0, j0]
                             acc += 1/n_s * s0
                             s0 = 0.0
                             for m0 in range(M):
                                 for j0 in range(K):
-                                    s0 += N_c__v_task[k, j0, l, m0]*mu_c[s_, j0]*mu_v_task[m0]
+                                    s0 += N_c__v_task[k, j0, l, m0]*W_c__v_task[j0, m0]
                             acc += 1/n_s * s0
                             s0 = 0.0
                             for m0 in range(M):
                                 for m1 in range(M):
-                                    s0 += N_v_task__v_task[k, m1, l, m0]*mu_v_task[m0]*mu_v_task[m1]
-                            acc += 1/n_s * s0
-                            s0 = 0.0
-                            for j0 in range(K):
-                                for j1 in range(K):
-                                    for m0 in range(M):
-                                        s0 += L_c[s_, j1, m0]*L_c[t_, j0, m0]*N_c__c[k, j1, l, j0]
-                            acc += 1/n_s * s0
-                            s0 = 0.0
-                            for m0 in range(M):
-                                for j0 in range(K):
-                                    for m1 in range(M):
-                                        s0 += L_c[s_, j0, m1]*L_v_task[m0, m1]*N_c__v_task[k, j0, l, m0] + L_c[t_, j0, m0]*L_v_task[m1, m0]*N_c__v_task[l, j0, k, m1]
-                            acc += 1/n_s * s0
-                            s0 = 0.0
-                            for m0 in range(M):
-                                for m1 in range(M):
-                                    for m2 in range(M):
-                                        s0 += L_v_task[m0, m2]*L_v_task[m1, m2]*N_v_task__v_task[k, m1, l, m0]
+                                    s0 += N_v_task__v_task[k, m1, l, m0]*W_v_task__v_task[m1, m0]
                             acc += 1/n_s * s0
                             Sig_s[s_, t_, k, l] = acc
             for k in range(K):
@@ -419,17 +463,11 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                         acc = 0.0
                         s0 = 0.0
                         for j0 in range(K):
-                            s0 += P_[n_, j0]*Zmu_s[s_, a_, b_, j0]
+                            s0 += P_[n_, j0]*Zmu_s[s_, a_, b_, j0] - BN_c[a_, b_, n_, j0]*mu_c[s_, j0]/n_s
                         acc += 1 * s0
                         s0 = 0.0
-                        for j0 in range(K):
-                            for j1 in range(K):
-                                s0 += B_[n_, j0]*N_c__c[a_, b_, j0, j1]*mu_c[s_, j1]
-                        acc += -1/n_s * s0
-                        s0 = 0.0
-                        for j0 in range(K):
-                            for m0 in range(M):
-                                s0 += B_[n_, j0]*N_c__v_task[a_, b_, j0, m0]*mu_v_task[m0]
+                        for m0 in range(M):
+                            s0 += BN_v_task[a_, b_, n_, m0]*mu_v_task[m0]
                         acc += -1/n_s * s0
                         Zmu_s[s_ + 1, a_, b_, n_] = acc
             for a_ in range(K):
@@ -439,17 +477,11 @@ def task_moments(y, c, p, K, M, C, with_optimal=True):
                             acc = 0.0
                             s0 = 0.0
                             for j0 in range(K):
-                                s0 += P_[n_, j0]*ZL_s[s_, a_, b_, j0, r_]
+                                s0 += P_[n_, j0]*ZL_s[s_, a_, b_, j0, r_] - BN_c[a_, b_, n_, j0]*L_c[s_, j0, r_]/n_s
                             acc += 1 * s0
                             s0 = 0.0
-                            for j0 in range(K):
-                                for j1 in range(K):
-                                    s0 += B_[n_, j0]*L_c[s_, j1, r_]*N_c__c[a_, b_, j0, j1]
-                            acc += -1/n_s * s0
-                            s0 = 0.0
-                            for j0 in range(K):
-                                for m0 in range(M):
-                                    s0 += B_[n_, j0]*L_v_task[m0, r_]*N_c__v_task[a_, b_, j0, m0]
+                            for m0 in range(M):
+                                s0 += BN_v_task[a_, b_, n_, m0]*L_v_task[m0, r_]
                             acc += -1/n_s * s0
                             ZL_s[s_ + 1, a_, b_, n_, r_] = acc
             for k in range(K):

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 4339940721d713acfb53f701b338dde9135b479df0c449dd7017592440b6b1c4
+# inputs:     sha256 eed6c786e591ec8217d24282090236f086ebd567ee3e3c2f7be1749873ce0a35
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "4339940721d713acfb53f701b338dde9135b479df0c449dd7017592440b6b1c4"
+INPUTS_SHA256 = "eed6c786e591ec8217d24282090236f086ebd567ee3e3c2f7be1749873ce0a35"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

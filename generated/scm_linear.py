@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 d615e0d1a6e417d82053c1090809bedc0d3ba1dce383c6d0b89b687eaa083a80
+# inputs:     sha256 73fa875c41dffbc28970680c058c046f7a08bb6e4aaf909b23a68beaeea4b819
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "d615e0d1a6e417d82053c1090809bedc0d3ba1dce383c6d0b89b687eaa083a80"
+INPUTS_SHA256 = "73fa875c41dffbc28970680c058c046f7a08bb6e4aaf909b23a68beaeea4b819"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

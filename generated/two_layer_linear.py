@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 61d53fa659ccedafa7b6ea757098d2c903ebab9d6f78a03df6bd6fd6d5b08bf2
+# inputs:     sha256 a4e1c5053dee138ab4e61e902cefb2749f3e843ce7d82dfd3342543153fce008
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "61d53fa659ccedafa7b6ea757098d2c903ebab9d6f78a03df6bd6fd6d5b08bf2"
+INPUTS_SHA256 = "a4e1c5053dee138ab4e61e902cefb2749f3e843ce7d82dfd3342543153fce008"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

@@ -166,6 +166,28 @@ def test_g4_table_equals_g4(g4_erf, random_covariance):
     assert worst < 1e-13
 
 
+def test_kernel_g4_tables_equal_g4(g4_erf, random_covariance):
+    """anil's kernel reads its support covariances' G4 from G4_tables (once per student
+    unit k, all l >= k, mirrored): every entry out[k, l, p, q] over a subset of the rows
+    of C (students 0..K-1 first, then rows further down) equals the dispatched G4 of
+    the primitives module, equal indices included."""
+    from generated import anil_erf
+
+    rng = np.random.default_rng(21)
+    n, K = 8, 3
+    C = random_covariance(rng, n)
+    rows = np.array([0, 1, 2, 5, 6, 7], dtype=np.int64)
+    out = np.empty((K, K, len(rows), len(rows)))
+    anil_erf.G4_tables(C, K, rows, out)
+    want = np.array(
+        [
+            [[[g4_erf.G4(C, k, j, p, q) for q in rows] for p in rows] for j in range(K)]
+            for k in range(K)
+        ]
+    )
+    assert np.max(np.abs(out - want)) < 1e-13
+
+
 def test_g4_dir_is_the_derivative_along_dc(g4_erf, random_covariance):
     """G4_dir (the chain rule through the integral, one loop over the nodes) against
     central differences of G4 along a random symmetric dC, repeated indices included."""
