@@ -863,9 +863,9 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
     g4 = None
     if model.inner_loop is not None and _reads_table(ir.program.statements):
         g4 = g4_plan(act.name)
-    g4_own_tilt = not (
-        table and g4 and all(table[key] == g4[key] for key in ("tilt", "base", "norm", "value"))
-    )
+    # the G4 tables read a full table of the pair tilt (F[r, q] for every r, q); the
+    # kernel's tilt2_table fills a packed triangle, so G4 has its own (g4_tilt2_table)
+    g4_own_tilt = True
     ops = sum(p["ops"] for p in prims) + sum(
         int(sp.count_ops(t.coeff)) for c in ir.derivatives + ir.metrics for t in c.terms
     )
@@ -906,7 +906,7 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
         # with the kernel's tilt2_table when they are the same rule
         "g4_table": g4,
         "g4_own_tilt": g4_own_tilt,
-        "g4_prefix": "" if g4_own_tilt == (table is None) else "g4_",
+        "g4_prefix": "g4_" if table is not None else "",
         # buffers of the hoisted pair tilt: in the workspace of rhs, once per chunk of rhs_parallel
         "tilt_buffers": _tilt_buffers(table),
         # the buffers of rhs_ws, in the order of its arguments (see workspace in the template)

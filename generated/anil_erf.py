@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 8302dd8fd6c6faa0ba02e45c9f12059437c11ace40361dbcbe78c541872baebe
+# inputs:     sha256 ea69729c05e59e677c3dace4faff75f38797249b026f4d77017c63153619a641
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 2324 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "8302dd8fd6c6faa0ba02e45c9f12059437c11ace40361dbcbe78c541872baebe"
+INPUTS_SHA256 = "ea69729c05e59e677c3dace4faff75f38797249b026f4d77017c63153619a641"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -226,10 +226,46 @@ def tilt2_table(C, a, b, Dn, X, P):
     return 2/(math.pi*math.sqrt(e0))
 
 
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
+def g4_tilt2_table(C, a, b, F, Dn, U0, U1):
+    """The tilt rule of derive/gaussian.py for two g' factors on rows a, b of C,
+    Ct = C - C[:, S] (w I + C_SS)^-1 C[S, :] with S = (a, b), prefactor A^2 det(I +
+    C_SS / w)^(-1/2), for g' = A exp(-z^2 / (2 w)), A = sqrt(2)/sqrt(pi), w = 1,
+    and I2 at the tilted covariance for every pair of rows:
+    F[r, q] = I2(Ct; r, q), written as 2*asin(Da*Db*x)/pi, D = 1/sqrt(C_rr + 1)
+    (derive/codegen.py: separable_form), so that D is computed once per row.
+    Returns the prefactor. Each expression is the rule's own, split by loop level
+    in derive/tables.py; the loop over q has no branch or call: numba vectorises it."""
+    e0 = C[a, a]*C[b, b] + C[a, a] - C[a, b]**2 + C[b, b] + 1
+    e1 = 1/e0
+    e2 = e1*C[a, b]
+    k00 = -e1*C[b, b] - e1
+    k01 = e2
+    k10 = e2
+    k11 = -e1*C[a, a] - e1
+    n = C.shape[0]
+    for r in range(n):
+        u0 = k00*C[r, a] + k01*C[r, b]
+        U0[r] = u0
+        u1 = k10*C[r, a] + k11*C[r, b]
+        U1[r] = u1
+        d = u0*C[a, r] + u1*C[b, r] + C[r, r]
+        Dn[r] = 1/math.sqrt(d + 1)
+    for r in range(n):
+        u0 = U0[r]
+        u1 = U1[r]
+        Da = Dn[r]
+        for q in range(n):
+            x = u0*C[a, q] + u1*C[b, q] + C[r, q]
+            Db = Dn[q]
+            F[r, q] = 2*asin_(Da*Db*x)/math.pi
+    return 2/(math.pi*math.sqrt(e0))
+
+
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
-def tilt2_rows(C, a, b, rows, nrows, out, Dn, U0, U1):
-    """Rows rows[:nrows] of tilt2_table: out[i, q] = I2(Ct; rows[i], q) for
+def g4_tilt2_rows(C, a, b, rows, nrows, out, Dn, U0, U1):
+    """Rows rows[:nrows] of g4_tilt2_table: out[i, q] = I2(Ct; rows[i], q) for
     every q, Ct the covariance tilted by rows a, b (the same rule, split by loop level in
     derive/tables.py; the row coefficients and D once for all the rows). Returns the
     prefactor."""
@@ -269,8 +305,8 @@ def G4_tables(C, K, rows, out):
     that shrinks row k (20 nodes of the path rule), as G4_table but once per k for
     all l >= k: at each node the path covariance Cp (with an extra row n, the unshrunk
     copy of k); for each l >= k, I4(k, l; p, q) = prefactor * I2 at the covariance tilted
-    by (k, l), for every (p, q), from tilt2_table; for each p, I4(k, p; l, q) for every
-    l >= k and q from tilt2_rows of the tilt by (k, p). Mirrored to (l, k) (G4 is
+    by (k, l), for every (p, q), from g4_tilt2_table; for each p, I4(k, p; l, q) for every
+    l >= k and q from g4_tilt2_rows of the tilt by (k, p). Mirrored to (l, k) (G4 is
     symmetric in its four arguments)."""
     n = rows.shape[0]
     Cs = np.empty((n, n))
@@ -303,14 +339,14 @@ def G4_tables(C, K, rows, out):
                     Cp[r, q] = c*t if (r == k) != (q == k) else c
             for i in range(nl):
                 l = k + i
-                ckl = w * Cs[k, l] * tilt2_table(Cp, k, Lr[i], A, Dn, U0, U1)
+                ckl = w * Cs[k, l] * g4_tilt2_table(Cp, k, Lr[i], A, Dn, U0, U1)
                 for p in range(n):
                     P = n if p == k else p
                     for q in range(n):
                         out[k, l, p, q] += ckl * A[P, n if q == k else q]
             for p in range(n):
                 P = n if p == k else p
-                prefp = w * Cs[k, p] * tilt2_rows(Cp, k, P, Lr, nl, R, Dn, U0, U1)
+                prefp = w * Cs[k, p] * g4_tilt2_rows(Cp, k, P, Lr, nl, R, Dn, U0, U1)
                 for i in range(nl):
                     for q in range(n):
                         B[i, p, q] = prefp * R[i, n if q == k else q]
