@@ -372,7 +372,14 @@ def loops(
 
 
 def _sum(
-    expr: sp.Expr, sums, triangular: bool, primitive_names, table, field_rows=None, tilt1_form=None, tables=None
+    expr: sp.Expr,
+    sums,
+    triangular: bool,
+    primitive_names,
+    table,
+    field_rows=None,
+    tilt1_form=None,
+    tables=None,
 ) -> Sum:
     """Split ``expr`` into the factors free of the summation indices and the rest."""
     table_rows = table["rows"] if table else None

@@ -717,7 +717,6 @@ def _support_excess(model, laws, comp, assign, steps, r, nonzero) -> list:
     stmts = [Alloc(excess_name(x, y), ("K", "K", *_dims(x.kinds), *_dims(y.kinds))) for x, y in pairs]
     k, i_, j_ = student_index("k"), student_index("i_"), student_index("j_")
     c_, d_ = student_index("c_"), student_index("d_")
-    c = sp.IndexedBase("c")
     wfams = [("c", (STUDENT,))] + [(tv.name, tv.kinds) for tv in laws]  # "1" has no loading
     rank = {name: n for n, name in enumerate(["c", *[tv.name for tv in laws], "1"])}
     s, t = sp.Symbol("s_", integer=True), sp.Symbol("t_", integer=True)
@@ -728,8 +727,9 @@ def _support_excess(model, laws, comp, assign, steps, r, nonzero) -> list:
         # Pi^s = P^(S-1-s) B, stored at S - 1 - s
         Repeat("s_", steps, (
             Guard("s_ == 0", (assign(comp("Pi_s", (k, i_), Bm[k, i_]), "Pi_s", ("0", "k", "i_")),)),
-            Guard("s_ > 0", (assign(comp("Pi_s", (k, i_), sp.Sum(Pm[k, j_] * Pi[s - 1, j_, i_], (j_, 0, j_.upper))),
-                                    "Pi_s", ("s_", "k", "i_")),)),
+            Guard("s_ > 0", (assign(
+                comp("Pi_s", (k, i_), sp.Sum(Pm[k, j_] * Pi[s - 1, j_, i_], (j_, 0, j_.upper))),
+                "Pi_s", ("s_", "k", "i_")),)),
         )),
     ]
     mfams = sorted({x.name: x for pair in pairs for x in pair}.values(), key=lambda f: [g.name for g in
@@ -752,10 +752,15 @@ def _support_excess(model, laws, comp, assign, steps, r, nonzero) -> list:
             if P == "c":
                 body += [
                     Alloc(name, ("steps_", *_dims(X.kinds), *_dims(kp))),
-                    Repeat("s_", steps, (assign(comp(name, ia + ip, e), name, ("s_", *[str(i) for i in ia + ip])),)),
+                    Repeat("s_", steps, (
+                        assign(comp(name, ia + ip, e), name, ("s_", *[str(i) for i in ia + ip])),
+                    )),
                 ]
             else:
-                body += [Alloc(name, (*_dims(X.kinds), *_dims(kp))), assign(comp(name, ia + ip, e.subs(s, 0)))]
+                body += [
+                    Alloc(name, (*_dims(X.kinds), *_dims(kp))),
+                    assign(comp(name, ia + ip, e.subs(s, 0))),
+                ]
 
     def mean(P, at, ip):
         if P == "c":
@@ -789,7 +794,9 @@ def _support_excess(model, laws, comp, assign, steps, r, nonzero) -> list:
         cmv = sp.IndexedBase(excess_name(X, Y))
         E1 = sp.IndexedBase(name)
         contract = cmv[(c_, d_) + ia + ib] + sp.Sum(
-            Pi[steps - 1 - s, c_, i_] * Pi[steps - 1 - t, d_, j_] * E1[(i_, j_) + ia + ib], (i_, 0, i_.upper), (j_, 0, j_.upper)
+            Pi[steps - 1 - s, c_, i_] * Pi[steps - 1 - t, d_, j_] * E1[(i_, j_) + ia + ib],
+            (i_, 0, i_.upper),
+            (j_, 0, j_.upper),
         )
         body.append(Alloc(name, ("K", "K", *_dims(X.kinds), *_dims(Y.kinds))))
         inner_body += [
@@ -831,10 +838,11 @@ def _support_excess(model, laws, comp, assign, steps, r, nonzero) -> list:
             assign(comp("F2_s", (i_, j_, r, r2), inv_n * e2)),
             assign(comp("lV_s", (a_, b_, r), lv[a_, b_, r] + sp.Sum(pi2 * F1[i_, j_, r], (i_, 0, i_.upper),
                                                                      (j_, 0, j_.upper)))),
-            assign(comp("AV_s", (a_, b_, r, r2), Av[a_, b_, r, r2] + sp.Sum(pi2 * F2[i_, j_, r, r2],
-                                                                           (i_, 0, i_.upper), (j_, 0, j_.upper)))),
+            assign(comp("AV_s", (a_, b_, r, r2), Av[a_, b_, r, r2] + sp.Sum(
+                pi2 * F2[i_, j_, r, r2], (i_, 0, i_.upper), (j_, 0, j_.upper)))),
         )),)),
-        assign(comp(cvv.name, (a_, b_, c_, d_), sp.Sum(lv[a_, b_, r] * lv[c_, d_, r], (r, 0, r.upper)) + sp.Sum(
+        assign(comp(cvv.name, (a_, b_, c_, d_), sp.Sum(
+            lv[a_, b_, r] * lv[c_, d_, r], (r, 0, r.upper)) + sp.Sum(
             (Av[a_, b_, r, r2] + Av[a_, b_, r2, r]) * (Av[c_, d_, r, r2] + Av[c_, d_, r2, r]) / 2,
             (r, 0, r.upper), (r2, 0, r2.upper)))),
     ]

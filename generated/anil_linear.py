@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 79418ca549b53710995b60b94f4f73a13da90b2d24d3094eb50e70b2548b5e4b
+# inputs:     sha256 a5e1cdcee2361036861fbbd483f90bed78bd77e91f0942943aabfd3da19f0681
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 657 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "79418ca549b53710995b60b94f4f73a13da90b2d24d3094eb50e70b2548b5e4b"
+INPUTS_SHA256 = "a5e1cdcee2361036861fbbd483f90bed78bd77e91f0942943aabfd3da19f0681"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 73fa875c41dffbc28970680c058c046f7a08bb6e4aaf909b23a68beaeea4b819
+# inputs:     sha256 b1f88cd22156a694d40f4706b702b69c92eb36a3080bd1dc33791a707234ec5d
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "73fa875c41dffbc28970680c058c046f7a08bb6e4aaf909b23a68beaeea4b819"
+INPUTS_SHA256 = "b1f88cd22156a694d40f4706b702b69c92eb36a3080bd1dc33791a707234ec5d"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )
