@@ -357,7 +357,7 @@ def loops(
         if h is not None and hoisted is not None:
             expr, split = h
             hoisted.append(split)
-            if split.n == 1 and tilt1_form is not None:
+            if split.n == 1 and tilt1_form is not None and split.base.name == tilt1_form["base"]:
                 # the printer writes the base without its numeric factor: here it is
                 # a factor free of the summation indices, multiplied once after the sum
                 expr = expr * tilt1_form["scale"]
@@ -814,8 +814,10 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
     comps = []
     splits = []
     table = _table_plan(ir, act.name)
-    _, tilt1_sep = _tilt1_plan(ir, act.name)
-    tilt1_form = tilt1_sep["form"] if tilt1_sep else None
+    split1, tilt1_sep = _tilt1_plan(ir, act.name)
+    # the separable form is that of one base (the plan's); the one-unit tilts of other
+    # bases (a model with two kinds of factor, say) are called as they are
+    tilt1_form = {**tilt1_sep["form"], "base": split1.base.name} if tilt1_sep else None
     for c in ir.derivatives:
         hoisted: list = []
         lps = loops(c, names, act.name, hoisted, table, frows, tilt1_form)

@@ -70,7 +70,7 @@ class KernelPrinter(PythonCodePrinter):
             # a primitive at the covariance tilted by the unit of its first argument
             (a, *rest) = expr.args
             form = self.tilt1_form
-            if form is not None and len(rest) == 2:
+            if form is not None and len(rest) == 2 and name[: -len(TILTED1)] == form["base"]:
                 at, r, q = (sp.Symbol(self._field_row(x)) for x in (a, *rest))
                 Ct1, D1 = sp.IndexedBase("Ct1"), sp.IndexedBase("D1")
                 slots = {form["x"]: Ct1[at, r, q], form["Da"]: D1[at, r], form["Db"]: D1[at, q]}

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 b1f88cd22156a694d40f4706b702b69c92eb36a3080bd1dc33791a707234ec5d
+# inputs:     sha256 ae49e64ee826ea9bc820306e5a7db6f51dd9f5eff664ff353490dc6179424c3e
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "b1f88cd22156a694d40f4706b702b69c92eb36a3080bd1dc33791a707234ec5d"
+INPUTS_SHA256 = "ae49e64ee826ea9bc820306e5a7db6f51dd9f5eff664ff353490dc6179424c3e"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )
