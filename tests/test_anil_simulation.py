@@ -758,7 +758,7 @@ def test_init_file_with_the_readout_of_another_model_is_rejected(tmp_path):
 
 def test_cli_names_the_bad_parameter(anil_init_file, tmp_path):
     for setting, words in (
-        ("n_s=10", ("parameter n_s", "simulated")),
+        ("n_s=10 --set order=2", ("parameter n_s", "with order = 2", "simulated")),
         ("order=3", ("parameter order", "1 or 2")),
         ("S=1.5", ("parameter S", "integer")),
     ):
