@@ -33,6 +33,10 @@ _GROUPS = {
     ),
     "a module constant": "MODEL ACTIVATION INPUTS_SHA256 PARAMS STATE CONSTS VECTORS METRICS SAMPLES",
     "the inner loop's readout map": "A_S",
+    "the packed table of a pair tilt": "P X",
+    "an array of the finite-support-set moments (derive/meta.py)": (
+        "AV_s F1_s F2_s Pi_s Sig_s V_s X_s ZL_s Zmu_s lV_s mL_s mmu_s G4_tables G4t_rows"
+    ),
     "a variable of the adaptive integrator": (
         "alpha alpha_new at atol attempt clock counts e err2 final fresh growth h last_record "
         "max_attempts rtol scale status t_end theta y_new"
@@ -59,6 +63,8 @@ RESERVED_PATTERNS: tuple[tuple[re.Pattern, str], ...] = tuple(
         (r"S_\w+__\w+", "a covariance of task vectors (S_NAME__OTHER)"),
         (r"L_\w+", "a factor of a task vector's covariance (L_NAME)"),
         (r"H_\w+", "the per-sample gradient of a readout (H_NAME)"),
+        (r"(CMV|E1|N|U|W)_\w+__\w+", "a finite-support-set array of two families (N_c__v_task, ...)"),
+        (r"(EA|BN|CVV|V)_\w+", "a finite-support-set array of one family (V_adapted, EA_c, ...)"),
     )
 )
 

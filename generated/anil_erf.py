@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 74819aac72ad6600ad95d833e9d6ca012600716b4049fd4548d3dbc130135c4c
+# inputs:     sha256 1b936a27533f7d22a549e5316cb6123de8f241ac1c4c133015cb8b2acb333935
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 2324 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "74819aac72ad6600ad95d833e9d6ca012600716b4049fd4548d3dbc130135c4c"
+INPUTS_SHA256 = "1b936a27533f7d22a549e5316cb6123de8f241ac1c4c133015cb8b2acb333935"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 f2a1bd54d7c5dad93610ba86d6f7dd078ead87688c8a2317b65459d895c1ccdb
+# inputs:     sha256 93b285d6cb4d2be5575b45497422f9baf55f5e9d5a7641c55d9b251f7a64fb6d
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 657 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "f2a1bd54d7c5dad93610ba86d6f7dd078ead87688c8a2317b65459d895c1ccdb"
+INPUTS_SHA256 = "93b285d6cb4d2be5575b45497422f9baf55f5e9d5a7641c55d9b251f7a64fb6d"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

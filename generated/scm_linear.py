@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 ae49e64ee826ea9bc820306e5a7db6f51dd9f5eff664ff353490dc6179424c3e
+# inputs:     sha256 836079cae69daa87813d2c9e57322b22ee0cb4df36cdca1c9e9e8354cd6b78e7
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "ae49e64ee826ea9bc820306e5a7db6f51dd9f5eff664ff353490dc6179424c3e"
+INPUTS_SHA256 = "836079cae69daa87813d2c9e57322b22ee0cb4df36cdca1c9e9e8354cd6b78e7"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 ef88127101f044f24af68ef94ed334d9a8302dfcda73d1303c6fc788c5473d0a
+# inputs:     sha256 ff7691f5f59fa3facf09f404b7828eaa37bd8aa354ecedfaf485320b00aa162d
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "ef88127101f044f24af68ef94ed334d9a8302dfcda73d1303c6fc788c5473d0a"
+INPUTS_SHA256 = "ff7691f5f59fa3facf09f404b7828eaa37bd8aa354ecedfaf485320b00aa162d"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
