@@ -460,6 +460,31 @@ SUPPORT_COV = "V_{}"
 G4_TABLE = ("G4t_", "G4")
 
 
+def _family_mean(name, at, ix):
+    """Mean over the task draws of a coefficient family of the support gradient: the
+    readout ``c`` (its iterate at step ``at``), a task vector, or ``1``."""
+    if name == "c":
+        return sp.IndexedBase("mu_c")[(at,) + ix]
+    return sp.S.One if name == "1" else mean_base(name)[ix]
+
+
+def _family_loading(name, at, ix, r):
+    """Loading over the task draws ``r`` of a coefficient family (0 for ``1``)."""
+    if name == "c":
+        return sp.IndexedBase("L_c")[(at,) + ix + (r,)]
+    return sp.S.Zero if name == "1" else loading_base(name)[ix + (r,)]
+
+
+def _coefficient_cov(rank, nonzero, P, kk, ip, Q, ll, iq):
+    """``N_P__Q[kk, ip, ll, iq]``, the covariance of two coefficients, stored once per
+    unordered pair of families (zero where its derived terms cancel)."""
+    if rank[P] > rank[Q]:
+        P, kk, ip, Q, ll, iq = Q, ll, iq, P, kk, ip
+    if (P, Q) not in nonzero:
+        return sp.S.Zero
+    return sp.IndexedBase(f"N_{P}__{Q}")[(kk, *ip, ll, *iq)]
+
+
 def _support_moments(inner, laws, comp, assign, step, steps, s, r, nr) -> list:
     """The moments of the adapted readout over a finite support set of ``n_s``
     samples (docs/models/anil.md 5.6), to O(1/n_s), exact for one step.
@@ -505,16 +530,10 @@ def _support_moments(inner, laws, comp, assign, step, steps, s, r, nr) -> list:
             raise ValueError(f"{what} is not affine in {name}")
         return a
 
-    def mean(name, at, ix):
-        """Mean over the task draws of family ``name`` (the iterate at step ``at``)."""
-        if name == "c":
-            return sp.IndexedBase("mu_c")[(at,) + ix]
-        return sp.S.One if name == "1" else mean_base(name)[ix]
+    mean = _family_mean
 
     def loading(name, at, ix):
-        if name == "c":
-            return sp.IndexedBase("L_c")[(at,) + ix + (r,)]
-        return sp.S.Zero if name == "1" else loading_base(name)[ix + (r,)]
+        return _family_loading(name, at, ix, r)
 
     stmts: list = [Alloc(SUPPORT_COV.format(inner.adapted.name), ("K", "K"))]
     body: list = []
@@ -553,11 +572,7 @@ def _support_moments(inner, laws, comp, assign, step, steps, s, r, nr) -> list:
     body += ncovs
 
     def ncov(P, kk, ip, Qn, ll, iq):
-        if rank[P] > rank[Qn]:
-            P, kk, ip, Qn, ll, iq = Qn, ll, iq, P, kk, ip
-        if (P, Qn) not in nonzero:
-            return sp.S.Zero
-        return sp.IndexedBase(f"N_{P}__{Qn}")[(kk, *ip, ll, *iq)]
+        return _coefficient_cov(rank, nonzero, P, kk, ip, Qn, ll, iq)
 
     inv_n = 1 / sp.sympify(inner.support)
     t = sp.Symbol("t_", integer=True)
@@ -762,19 +777,12 @@ def _support_excess(model, laws, comp, assign, steps, r, nonzero) -> list:
                     assign(comp(name, ia + ip, e.subs(s, 0))),
                 ]
 
-    def mean(P, at, ip):
-        if P == "c":
-            return sp.IndexedBase("mu_c")[(at,) + ip]
-        return sp.S.One if P == "1" else mean_base(P)[ip]
+    mean = _family_mean
 
     allw = wfams + [("1", ())]
 
     def ncov(P, kk, ip, Q, ll, iq):
-        if rank[P] > rank[Q]:
-            P, kk, ip, Q, ll, iq = Q, ll, iq, P, kk, ip
-        if (P, Q) not in nonzero:
-            return sp.S.Zero
-        return sp.IndexedBase(f"N_{P}__{Q}")[(kk, *ip, ll, *iq)]
+        return _coefficient_cov(rank, nonzero, P, kk, ip, Q, ll, iq)
 
     inner_body: list = []
     for X, Y in pairs:

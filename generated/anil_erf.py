@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 1b936a27533f7d22a549e5316cb6123de8f241ac1c4c133015cb8b2acb333935
+# inputs:     sha256 8f79a9434c479431b11550ffd189f115a65a7d7f0d0be7f2e486122d3a3b8500
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 2324 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "1b936a27533f7d22a549e5316cb6123de8f241ac1c4c133015cb8b2acb333935"
+INPUTS_SHA256 = "8f79a9434c479431b11550ffd189f115a65a7d7f0d0be7f2e486122d3a3b8500"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 6ee96573f56d8d1adce6e486dd96e2c6de6a496bfcb18902c329bfa539a056aa
+# inputs:     sha256 f933a2c46ef7196e56e311e41c98267ae53c39f0e86373fccaf4cecbf54d4cd8
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "6ee96573f56d8d1adce6e486dd96e2c6de6a496bfcb18902c329bfa539a056aa"
+INPUTS_SHA256 = "f933a2c46ef7196e56e311e41c98267ae53c39f0e86373fccaf4cecbf54d4cd8"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 836079cae69daa87813d2c9e57322b22ee0cb4df36cdca1c9e9e8354cd6b78e7
+# inputs:     sha256 1683976927514a9ee7b8f88b502d43b50c72475735c5c6bcc898023171c2c2fd
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "836079cae69daa87813d2c9e57322b22ee0cb4df36cdca1c9e9e8354cd6b78e7"
+INPUTS_SHA256 = "1683976927514a9ee7b8f88b502d43b50c72475735c5c6bcc898023171c2c2fd"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

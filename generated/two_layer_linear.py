@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 ff7691f5f59fa3facf09f404b7828eaa37bd8aa354ecedfaf485320b00aa162d
+# inputs:     sha256 2ae2ff2dc8f7853ac4eca9b837f3bd0e5ac8b785a47162a743c1d4f1a4bda24b
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "ff7691f5f59fa3facf09f404b7828eaa37bd8aa354ecedfaf485320b00aa162d"
+INPUTS_SHA256 = "2ae2ff2dc8f7853ac4eca9b837f3bd0e5ac8b785a47162a743c1d4f1a4bda24b"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
