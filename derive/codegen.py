@@ -12,7 +12,7 @@ import ast
 import hashlib
 import itertools
 from functools import lru_cache
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
@@ -85,6 +85,57 @@ class Loop:
     triangular: bool = False
     # a condition on the parameters outside which every term of the nest vanishes
     guard: str | None = None
+
+
+@dataclass
+class Contraction:
+    """The terms of a pair component (dQ) that read the table of the pair tilt with
+    weights free of the pair: ``outer(k, l) * sum over rows r <= q of W[r, q] F[r, q]``.
+    The weights W (packed like the table, ``fills``: loop nests that add each term's
+    weight at its entry) are computed once per evaluation of the right-hand side,
+    and each pair costs one dot product of the table with them (``packed_dot``)
+    instead of one loop nest per term."""
+
+    name: str  # the weight array (packed like X; row offsets PW)
+    outer: str  # the factor that depends on the pair (tilt_pref, v[k] v[l], ...)
+    guard: str | None
+    fills: list = field(default_factory=list)  # Loop nests of Fill statements
+
+
+@dataclass(frozen=True)
+class Fill:
+    """``slot += weight`` in the body of a weight loop nest of a ``Contraction``; on the
+    diagonal of a triangular nest ``diagonal_slot += diagonal`` (the pairs i0 < i1 twice)."""
+
+    slot: str
+    weight: str
+    diagonal_slot: str | None = None
+    diagonal: str | None = None
+
+
+def _contraction(component: Component, expr: sp.Expr, sums, table) -> tuple | None:
+    """``expr`` (a term of ``component`` rewritten by ``_hoisted_tilt``) as
+    ``(outer, weight, read)`` when it is a pair-independent weight times one read of
+    the table of the pair tilt at two summation indices, times factors that depend
+    on the pair (``outer``); None otherwise."""
+    if table is None or table["fill"] != "upper" or len(component.free) != 2 or len(sums) != 2:
+        return None
+    reads = [f for f in expr.atoms(sp.Function) if f.func.__name__.endswith(TILTED)]
+    if len(reads) != 1:
+        return None
+    (read,) = reads
+    if {a.indices[0] for a in read.args} != set(sums):
+        return None
+    free = set(component.free) | {TILT_PREF}
+    outer, weight = [], []
+    for f in sp.Mul.make_args(expr):
+        if f == read:
+            continue
+        dep = any(f.has(x) for x in free)
+        if dep and any(f.has(x) for x in sums):
+            return None
+        (outer if dep else weight).append(f)
+    return sp.Mul(*outer), sp.Mul(*weight), read
 
 
 def _bound(idx: sp.Idx) -> str:
@@ -301,6 +352,31 @@ def _tilt1_plan(ir: FlowIR, activation: str):
     return None, None
 
 
+def _base_tables(ir: FlowIR, activation: str, table) -> list[dict]:
+    """The two-field primitives that the derivatives call at the covariance C itself
+    (I2(j, k) in the readout's flow), when the engine proves them symmetric in their two
+    fields and they have a separable form: each is tabulated once per evaluation over
+    every pair of rows of C, in one vectorisable loop (its norm once per row), and the
+    derivatives read the table instead of calling the primitive per term."""
+    prims = {d.name: d for d in ir.primitives}
+    found = {}
+    for c in ir.derivatives:
+        for t in c.terms:
+            t, _ = _guarded(t)
+            t = _symmetrized(t, activation)
+            if _hoisted_tilt(c, t, activation, pair=table is not None) is not None:
+                continue
+            if not isinstance(t, FlowTerm) or t.primitive is None or len(t.args) != 2:
+                continue
+            d = prims.get(t.primitive)
+            if d is None or len(d.labels) != 2 or not gaussian.exchange_symmetric(d, 0, 1):
+                continue
+            if not d.expr.atoms(sp.Function):  # a polynomial (linear activation): as cheap read as computed
+                continue
+            found[d.name] = d
+    return [{"prim": name, "name": f"{name}C", **separable_form(d)} for name, d in sorted(found.items())]
+
+
 def _tilt_buffers(table) -> list[tuple[str, str]]:
     """(name, allocation) of the buffers of the table of the hoisted pair tilt: the
     table F, the per-row factors Dn of its base, the row coefficients U_s[r]."""
@@ -340,6 +416,7 @@ def loops(
     rows=None,
     tilt1_form=None,
     tables=None,
+    contractions: list | None = None,
 ) -> list[Loop]:
     """Group the component's terms by their summation indices, one loop nest each.
 
@@ -348,8 +425,12 @@ def loops(
     With ``table`` (see ``_table_plan``), the base primitive at the tilted
     covariance is read from the table filled once per pair of free indices.
     ``rows``: the model's field rows (``printer.field_rows``); ``tables``: primitives
-    read from a table of the task program (``printer.KernelPrinter``)."""
+    read from a table of the task program (``printer.KernelPrinter``).
+    With ``contractions`` (a list, filled here), the terms that read the pair table
+    with pair-independent weights (``_contraction``) are collected there, grouped by
+    their pair factor, and the loop nests read each group's dot product."""
     groups: dict[tuple, list[Sum]] = {}
+    contracted: dict[tuple, Contraction] = {}
     for t in component.terms:
         t, guard = _guarded(t)
         t = _symmetrized(t, activation)
@@ -365,10 +446,43 @@ def loops(
             expr = _term_expr(t)
         tri = _triangular(t)
         key = (tuple((str(s.label), _bound(s)) for s in t.sums), tri, guard)
+        parts = _contraction(component, expr, t.sums, table) if contractions is not None else None
+        if parts is not None:
+            outer, weight, read = parts
+            ct = contracted.get((outer, guard))
+            if ct is None:
+                ct = Contraction(f"W{len(contractions) + len(contracted)}", "", guard)
+                contracted[(outer, guard)] = ct
+            fill = _weight_fill(weight, read, t.sums, tri, guard, ct.name, table, rows, primitive_names)
+            ct.fills.append(fill)
+            continue
         groups.setdefault(key, []).append(
             _sum(expr, t.sums, tri, primitive_names, table, rows, tilt1_form, tables)
         )
-    return [Loop(k, tuple(v), tri, guard) for (k, tri, guard), v in groups.items()]
+    out = [Loop(k, tuple(v), tri, guard) for (k, tri, guard), v in groups.items()]
+    for (outer, guard), ct in contracted.items():
+        pr = code(outer, primitive_names, None, rows)
+        ct.outer = pr
+        contractions.append(ct)
+        out.append(Loop((), (Sum("1.0", f"{pr} * packed_dot(X, {ct.name})"),), False, guard))
+    return out
+
+
+def _weight_fill(weight, read, sums, triangular, guard, name, table, rows, primitive_names) -> Loop:
+    """The loop nest that adds one term's pair-independent ``weight`` into the weights
+    ``name`` of a contraction, at the packed slot of the table entry it multiplies
+    (``read``); a triangular nest adds the diagonal once and the pairs i0 < i1 twice."""
+
+    def pr(e, names=(name, "PW")):
+        return code(e, primitive_names, table["rows"], rows, packed=True, packed_names=names)
+
+    idx = tuple((str(s.label), _bound(s)) for s in sums)
+    fill = Fill(pr(read), pr(weight))
+    if triangular:
+        s0, s1 = sums
+        fill = Fill(fill.slot, fill.weight, pr(read.xreplace({s1: s0})), pr(weight.xreplace({s1: s0})))
+    return Loop(idx, (fill,), triangular, guard)
+
 
 
 def _sum(
@@ -818,9 +932,15 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
     # the separable form is that of one base (the plan's); the one-unit tilts of other
     # bases (a model with two kinds of factor, say) are called as they are
     tilt1_form = {**tilt1_sep["form"], "base": split1.base.name} if tilt1_sep else None
+    contractions: list[Contraction] = []
+    base_tables = _base_tables(ir, act.name, table)
+    reads_base = {b["prim"]: (b["name"], frows, None) for b in base_tables}
     for c in ir.derivatives:
         hoisted: list = []
-        lps = loops(c, names, act.name, hoisted, table, frows, tilt1_form)
+        first = len(contractions)
+        lps = loops(
+            c, names, act.name, hoisted, table, frows, tilt1_form, reads_base or None, contractions
+        )
         splits += hoisted
         free = [str(i.label) for i in c.free]
         hoist = []
@@ -836,6 +956,8 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
                 "symmetric": c.symmetric,
                 "hoist": hoist,
                 "target": free,
+                # the pair-independent weights of its table reads, once per evaluation
+                "contractions": contractions[first:],
             }
         )
     # the base primitives of hoisted tilts (I2 for I4) must be in the module
@@ -919,7 +1041,12 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
         # buffers of the hoisted pair tilt: in the workspace of rhs, once per chunk of rhs_parallel
         "tilt_buffers": _tilt_buffers(table),
         # the buffers of rhs_ws, in the order of its arguments (see workspace in the template)
-        "workspace": _workspace(table, tilt1),
+        "workspace": _workspace(table, tilt1)
+        + (["PW"] + [ct.name for ct in contractions] if contractions else [])
+        + [n for b in base_tables for n in (b["name"], b["name"] + "_D")],
+        # two-field primitives at C read from a table filled once per evaluation
+        "base_tables": base_tables,
+        "contractions": contractions,
         # the vectorisable arcsine, when a primitive needs one (derive/special.py)
         "asin": asin_body() if any(d.expr.has(sp.asin) for d in prim_list) else None,
         "simulator": simulator_context(ir),  # the compiled meta-learning simulator (derive/simulator.py)

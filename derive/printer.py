@@ -32,6 +32,7 @@ class KernelPrinter(PythonCodePrinter):
         tilt1_form=None,
         packed=False,
         tables=None,
+        packed_names=("X", "P"),
     ):
         super().__init__(settings or {"fully_qualified_modules": True, "standard": "python3"})
         # the base of the one-unit tilt in separable form (codegen.separable_form): its
@@ -40,8 +41,11 @@ class KernelPrinter(PythonCodePrinter):
         self.tilt1_form = tilt1_form
         # the table of the pair tilt is read packed, X[P[r] + q] (its upper triangle)
         self.packed = packed
+        # the names of the packed triangle and of its row offsets: (X, P) for the table,
+        # (W0, PW) for the weights of a contraction (codegen.Contraction)
+        self.packed_names = packed_names
         # primitive -> (name of its table, field family -> offset of its rows in the
-        # table, the family of the table's first two arguments): calls read the table
+        # table, the family of the table's first two arguments, or None: any): calls read the table
         self.tables = tables or {}
         self.primitive_names = set(primitive_names) | set(PRIMITIVES)
         # field family -> offset of its rows in the table F of a hoisted tilt
@@ -83,15 +87,15 @@ class KernelPrinter(PythonCodePrinter):
                 raise ValueError(f"{name}: a primitive at a pair-tilted covariance needs its table")
             rows = [self._field_row(a, self.table_rows) for a in expr.args]
             if self.packed:
-                return f"X[P[{rows[0]}] + {rows[1]}]"
+                x, p = self.packed_names
+                return f"{x}[{p}[{rows[0]}] + {rows[1]}]"
             return f"F[{', '.join(rows)}]"
         if name in self.tables:
             table, rows, first = self.tables[name]
             args = expr.args
-            if all(isinstance(a, sp.Indexed) and a.base in rows for a in args) and {
-                args[0].base,
-                args[1].base,
-            } == {first}:
+            if all(isinstance(a, sp.Indexed) and a.base in rows for a in args) and (
+                first is None or {args[0].base, args[1].base} == {first}
+            ):
                 return f"{table}[{', '.join(self._field_row(a, rows) for a in args)}]"
         if name in self.primitive_names:
             rows = ", ".join(self._field_row(a) for a in expr.args)
@@ -123,14 +127,22 @@ def code(
     tilt1_form=None,
     packed=False,
     tables=None,
+    packed_names=("X", "P"),
 ) -> str:
     """``expr`` as numba code; ``field_rows`` maps each field family to the offset of
     its rows in C (``"K + "``), ``table_rows`` to its rows in the table of a tilt
     (read ``packed`` when only its upper triangle is filled), ``tilt1_form`` the
     separable form of the base of the one-unit tilt, ``tables`` the primitives read
-    from a table of the task program (see ``KernelPrinter``)."""
+    from a table of the task program (see ``KernelPrinter``); ``packed_names`` the
+    names of the packed triangle and its row offsets."""
     printer = KernelPrinter(
-        primitive_names, table_rows, field_rows, tilt1_form=tilt1_form, packed=packed, tables=tables
+        primitive_names,
+        table_rows,
+        field_rows,
+        tilt1_form=tilt1_form,
+        packed=packed,
+        tables=tables,
+        packed_names=packed_names,
     )
     return printer.doprint(expr)
 

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 8f79a9434c479431b11550ffd189f115a65a7d7f0d0be7f2e486122d3a3b8500
+# inputs:     sha256 c4e945bfa6f532de44cb1d2be5dfe08323a7863105923d40a920f06f207a220e
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 2324 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "8f79a9434c479431b11550ffd189f115a65a7d7f0d0be7f2e486122d3a3b8500"
+INPUTS_SHA256 = "c4e945bfa6f532de44cb1d2be5dfe08323a7863105923d40a920f06f207a220e"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -1272,11 +1272,13 @@ def workspace(K, M):
     Ct1 = np.empty((K, C.shape[0], C.shape[0]))
     tilt1_pref = np.empty(K)
     D1 = np.empty((K, C.shape[0]))
+    I2C = np.empty((C.shape[0], C.shape[0]))
+    I2C_D = np.empty(C.shape[0])
 
     Dn = np.empty(Cu.shape[0])
     X = np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)
     P = np.empty(Cu.shape[0], np.int64)
-    return (C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P,)
+    return (C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P, I2C, I2C_D,)
 
 
 @njit(cache=True, error_model="numpy")
@@ -1286,7 +1288,7 @@ def rhs(y, c, p, K, M, dy):
 
 
 @njit(cache=True, error_model="numpy")
-def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P):
+def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P, I2C, I2C_D):
     """rhs with its buffers given (from workspace(K, M)): no allocation of its own beyond the task moments."""
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
@@ -1317,6 +1319,18 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P):
         for j in range(rows.size):
             Cu[i, j] = C[rows[i], rows[j]]
     tilt1_all(C, K, Ct1, tilt1_pref, D1)
+    # I2 at C for every pair of rows, once per evaluation: 2*asin(Da*Db*x)/pi, D = 1/sqrt(C_rr + 1)
+    # (derive/codegen.py: separable_form, _base_tables); the derivatives read I2C[r, q]
+    for r in range(C.shape[0]):
+        d = C[r, r]
+        I2C_D[r] = 1/math.sqrt(d + 1)
+    for r in range(C.shape[0]):
+        Da = I2C_D[r]
+        Cr, Tr, Dq = C[r], I2C[r], I2C_D
+        for q in range(C.shape[0]):
+            x = Cr[q]
+            Db = Dq[q]
+            Tr[q] = 2/math.pi * asin_(Da*Db*x)
     mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted = task_moments(y, c, p, K, M, C, False)
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
@@ -1446,9 +1460,9 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P):
                 s0 = 0.0
                 d0 = 0.0
                 for j0 in range(K):
-                    d0 += (2*(S_adapted__adapted_dQ[j0, j0, k, k] + mu_adapted[j0]*mu_adapted_dQ[j0, k, k])*Q[k, l] + 2*(S_adapted__adapted_dQ[j0, j0, l, l] + mu_adapted[j0]*mu_adapted_dQ[j0, l, l])*Q[l, k])*I2(C, j0, j0)
+                    d0 += (2*(S_adapted__adapted_dQ[j0, j0, k, k] + mu_adapted[j0]*mu_adapted_dQ[j0, k, k])*Q[k, l] + 2*(S_adapted__adapted_dQ[j0, j0, l, l] + mu_adapted[j0]*mu_adapted_dQ[j0, l, l])*Q[l, k])*I2C[j0, j0]
                     for j1 in range(j0 + 1, K):
-                        s0 += ((S_adapted__adapted_dQ[j0, j1, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j0, j1, l, l] + mu_adapted[j0]*mu_adapted_dQ[j1, l, l])*Q[l, k] + (S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j1, j0, l, l] + mu_adapted[j1]*mu_adapted_dQ[j0, l, l])*Q[l, k])*I2(C, j0, j1)
+                        s0 += ((S_adapted__adapted_dQ[j0, j1, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j0, j1, l, l] + mu_adapted[j0]*mu_adapted_dQ[j1, l, l])*Q[l, k] + (S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j1, j0, l, l] + mu_adapted[j1]*mu_adapted_dQ[j0, l, l])*Q[l, k])*I2C[j0, j1]
                 acc += -1.0/2.0*eta * (d0 + 2.0 * s0)
             s0 = 0.0
             d0 = 0.0
@@ -1461,7 +1475,7 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P):
                 s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
-                        s0 += ((S_v_task__adapted_dQ[m0, j0, k, k] + mu_adapted_dQ[j0, k, k]*mu_v_task[m0])*Q[k, l] + (S_v_task__adapted_dQ[m0, j0, l, l] + mu_adapted_dQ[j0, l, l]*mu_v_task[m0])*Q[l, k])*I2(C, j0, K + M + m0)
+                        s0 += ((S_v_task__adapted_dQ[m0, j0, k, k] + mu_adapted_dQ[j0, k, k]*mu_v_task[m0])*Q[k, l] + (S_v_task__adapted_dQ[m0, j0, l, l] + mu_adapted_dQ[j0, l, l]*mu_v_task[m0])*Q[l, k])*I2C[j0, K + M + m0]
                 acc += eta * s0
             s0 = 0.0
             for j0 in range(K):
@@ -1480,28 +1494,28 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P):
                 for j0 in range(K):
                     for j1 in range(K):
                         for j2 in range(K):
-                            s0 += ((S_adapted__adapted_dQ[j0, j1, k, j2] + mu_adapted[j0]*mu_adapted_dQ[j1, k, j2])*Q[j2, l] + (S_adapted__adapted_dQ[j0, j1, l, j2] + mu_adapted[j0]*mu_adapted_dQ[j1, l, j2])*Q[j2, k])*I2(C, j0, j1)
+                            s0 += ((S_adapted__adapted_dQ[j0, j1, k, j2] + mu_adapted[j0]*mu_adapted_dQ[j1, k, j2])*Q[j2, l] + (S_adapted__adapted_dQ[j0, j1, l, j2] + mu_adapted[j0]*mu_adapted_dQ[j1, l, j2])*Q[j2, k])*I2C[j0, j1]
                 acc += -eta * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
                         for m0 in range(M):
-                            s0 += ((S_adapted__adapted_dR[j0, j1, k, m0] + mu_adapted[j0]*mu_adapted_dR[j1, k, m0])*R[l, m0] + (S_adapted__adapted_dR[j0, j1, l, m0] + mu_adapted[j0]*mu_adapted_dR[j1, l, m0])*R[k, m0])*I2(C, j0, j1)
+                            s0 += ((S_adapted__adapted_dR[j0, j1, k, m0] + mu_adapted[j0]*mu_adapted_dR[j1, k, m0])*R[l, m0] + (S_adapted__adapted_dR[j0, j1, l, m0] + mu_adapted[j0]*mu_adapted_dR[j1, l, m0])*R[k, m0])*I2C[j0, j1]
                 acc += -eta * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
                         for j1 in range(K):
-                            s0 += ((S_v_task__adapted_dQ[m0, j0, k, j1] + mu_adapted_dQ[j0, k, j1]*mu_v_task[m0])*Q[j1, l] + (S_v_task__adapted_dQ[m0, j0, l, j1] + mu_adapted_dQ[j0, l, j1]*mu_v_task[m0])*Q[j1, k])*I2(C, j0, K + M + m0)
+                            s0 += ((S_v_task__adapted_dQ[m0, j0, k, j1] + mu_adapted_dQ[j0, k, j1]*mu_v_task[m0])*Q[j1, l] + (S_v_task__adapted_dQ[m0, j0, l, j1] + mu_adapted_dQ[j0, l, j1]*mu_v_task[m0])*Q[j1, k])*I2C[j0, K + M + m0]
                 acc += eta * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
                         for m1 in range(M):
-                            s0 += ((S_v_task__adapted_dR[m0, j0, k, m1] + mu_adapted_dR[j0, k, m1]*mu_v_task[m0])*R[l, m1] + (S_v_task__adapted_dR[m0, j0, l, m1] + mu_adapted_dR[j0, l, m1]*mu_v_task[m0])*R[k, m1])*I2(C, j0, K + M + m0)
+                            s0 += ((S_v_task__adapted_dR[m0, j0, k, m1] + mu_adapted_dR[j0, k, m1]*mu_v_task[m0])*R[l, m1] + (S_v_task__adapted_dR[m0, j0, l, m1] + mu_adapted_dR[j0, l, m1]*mu_v_task[m0])*R[k, m1])*I2C[j0, K + M + m0]
                 acc += eta * s0
             dQ[k, l] = acc
             dQ[l, k] = acc
@@ -1522,43 +1536,43 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P):
                 s0 = 0.0
                 d0 = 0.0
                 for j0 in range(K):
-                    d0 += (2*S_adapted__adapted_dQ[j0, j0, k, k] + 2*mu_adapted[j0]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j0)
+                    d0 += (2*S_adapted__adapted_dQ[j0, j0, k, k] + 2*mu_adapted[j0]*mu_adapted_dQ[j0, k, k])*I2C[j0, j0]
                     for j1 in range(j0 + 1, K):
-                        s0 += (S_adapted__adapted_dQ[j0, j1, k, k] + S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j1)
+                        s0 += (S_adapted__adapted_dQ[j0, j1, k, k] + S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*I2C[j0, j1]
                 acc += -1.0/2.0*eta*R[k, n] * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
-                        s0 += (S_v_task__adapted_dQ[m0, j0, k, k] + mu_adapted_dQ[j0, k, k]*mu_v_task[m0])*I2(C, j0, K + M + m0)
+                        s0 += (S_v_task__adapted_dQ[m0, j0, k, k] + mu_adapted_dQ[j0, k, k]*mu_v_task[m0])*I2C[j0, K + M + m0]
                 acc += eta*R[k, n] * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
                         for j2 in range(K):
-                            s0 += (S_adapted__adapted_dQ[j1, j0, k, j2] + mu_adapted[j1]*mu_adapted_dQ[j0, k, j2])*I2(C, j0, j1)*R[j2, n]
+                            s0 += (S_adapted__adapted_dQ[j1, j0, k, j2] + mu_adapted[j1]*mu_adapted_dQ[j0, k, j2])*I2C[j0, j1]*R[j2, n]
                 acc += -eta * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
                         for m0 in range(M):
-                            s0 += (S_adapted__adapted_dR[j1, j0, k, m0] + mu_adapted[j1]*mu_adapted_dR[j0, k, m0])*I2(C, j0, j1)*T[m0, n]
+                            s0 += (S_adapted__adapted_dR[j1, j0, k, m0] + mu_adapted[j1]*mu_adapted_dR[j0, k, m0])*I2C[j0, j1]*T[m0, n]
                 acc += -eta * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
                         for j1 in range(K):
-                            s0 += (S_v_task__adapted_dQ[m0, j0, k, j1] + mu_adapted_dQ[j0, k, j1]*mu_v_task[m0])*I2(C, j0, K + M + m0)*R[j1, n]
+                            s0 += (S_v_task__adapted_dQ[m0, j0, k, j1] + mu_adapted_dQ[j0, k, j1]*mu_v_task[m0])*I2C[j0, K + M + m0]*R[j1, n]
                 acc += eta * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
                         for m1 in range(M):
-                            s0 += (S_v_task__adapted_dR[m0, j0, k, m1] + mu_adapted_dR[j0, k, m1]*mu_v_task[m0])*I2(C, j0, K + M + m0)*T[m1, n]
+                            s0 += (S_v_task__adapted_dR[m0, j0, k, m1] + mu_adapted_dR[j0, k, m1]*mu_v_task[m0])*I2C[j0, K + M + m0]*T[m1, n]
                 acc += eta * s0
             dR[k, n] = acc
     da = dy[o : o + K]
@@ -1567,25 +1581,25 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P):
         acc = 0.0
         s0 = 0.0
         for j0 in range(K):
-            s0 += I2(C, j0, k)*mu_adapted[j0]
+            s0 += I2C[j0, k]*mu_adapted[j0]
         acc += eta_a*(((1) if (order == 2) else (0)) - 1) * s0
         s0 = 0.0
         for m0 in range(M):
-            s0 += I2(C, k, K + M + m0)*mu_v_task[m0]
+            s0 += I2C[k, K + M + m0]*mu_v_task[m0]
         acc += eta_a*(1 - ((1) if (order == 2) else (0))) * s0
         if ((order == 2)):
             s0 = 0.0
             d0 = 0.0
             for j0 in range(K):
-                d0 += (2*S_adapted__adapted_da[j0, j0, k] + 2*mu_adapted[j0]*mu_adapted_da[j0, k])*I2(C, j0, j0)
+                d0 += (2*S_adapted__adapted_da[j0, j0, k] + 2*mu_adapted[j0]*mu_adapted_da[j0, k])*I2C[j0, j0]
                 for j1 in range(j0 + 1, K):
-                    s0 += (S_adapted__adapted_da[j0, j1, k] + S_adapted__adapted_da[j1, j0, k] + mu_adapted[j0]*mu_adapted_da[j1, k] + mu_adapted[j1]*mu_adapted_da[j0, k])*I2(C, j0, j1)
+                    s0 += (S_adapted__adapted_da[j0, j1, k] + S_adapted__adapted_da[j1, j0, k] + mu_adapted[j0]*mu_adapted_da[j1, k] + mu_adapted[j1]*mu_adapted_da[j0, k])*I2C[j0, j1]
             acc += -1.0/2.0*eta_a * (d0 + 2.0 * s0)
         if ((order == 2)):
             s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    s0 += (S_v_task__adapted_da[m0, j0, k] + mu_adapted_da[j0, k]*mu_v_task[m0])*I2(C, j0, K + M + m0)
+                    s0 += (S_v_task__adapted_da[m0, j0, k] + mu_adapted_da[j0, k]*mu_v_task[m0])*I2C[j0, K + M + m0]
             acc += eta_a * s0
         da[k] = acc
 
@@ -1609,6 +1623,8 @@ def rhs_parallel(y, c, p, K, M, dy):
     Ct1 = np.empty((K, C.shape[0], C.shape[0]))
     tilt1_pref = np.empty(K)
     D1 = np.empty((K, C.shape[0]))
+    I2C = np.empty((C.shape[0], C.shape[0]))
+    I2C_D = np.empty(C.shape[0])
 
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
@@ -1639,6 +1655,18 @@ def rhs_parallel(y, c, p, K, M, dy):
         for j in range(rows.size):
             Cu[i, j] = C[rows[i], rows[j]]
     tilt1_all(C, K, Ct1, tilt1_pref, D1)
+    # I2 at C for every pair of rows, once per evaluation: 2*asin(Da*Db*x)/pi, D = 1/sqrt(C_rr + 1)
+    # (derive/codegen.py: separable_form, _base_tables); the derivatives read I2C[r, q]
+    for r in range(C.shape[0]):
+        d = C[r, r]
+        I2C_D[r] = 1/math.sqrt(d + 1)
+    for r in range(C.shape[0]):
+        Da = I2C_D[r]
+        Cr, Tr, Dq = C[r], I2C[r], I2C_D
+        for q in range(C.shape[0]):
+            x = Cr[q]
+            Db = Dq[q]
+            Tr[q] = 2/math.pi * asin_(Da*Db*x)
     mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted = task_moments(y, c, p, K, M, C, False)
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
@@ -1784,9 +1812,9 @@ def rhs_parallel(y, c, p, K, M, dy):
                 s0 = 0.0
                 d0 = 0.0
                 for j0 in range(K):
-                    d0 += (2*(S_adapted__adapted_dQ[j0, j0, k, k] + mu_adapted[j0]*mu_adapted_dQ[j0, k, k])*Q[k, l] + 2*(S_adapted__adapted_dQ[j0, j0, l, l] + mu_adapted[j0]*mu_adapted_dQ[j0, l, l])*Q[l, k])*I2(C, j0, j0)
+                    d0 += (2*(S_adapted__adapted_dQ[j0, j0, k, k] + mu_adapted[j0]*mu_adapted_dQ[j0, k, k])*Q[k, l] + 2*(S_adapted__adapted_dQ[j0, j0, l, l] + mu_adapted[j0]*mu_adapted_dQ[j0, l, l])*Q[l, k])*I2C[j0, j0]
                     for j1 in range(j0 + 1, K):
-                        s0 += ((S_adapted__adapted_dQ[j0, j1, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j0, j1, l, l] + mu_adapted[j0]*mu_adapted_dQ[j1, l, l])*Q[l, k] + (S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j1, j0, l, l] + mu_adapted[j1]*mu_adapted_dQ[j0, l, l])*Q[l, k])*I2(C, j0, j1)
+                        s0 += ((S_adapted__adapted_dQ[j0, j1, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j0, j1, l, l] + mu_adapted[j0]*mu_adapted_dQ[j1, l, l])*Q[l, k] + (S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*Q[k, l] + (S_adapted__adapted_dQ[j1, j0, l, l] + mu_adapted[j1]*mu_adapted_dQ[j0, l, l])*Q[l, k])*I2C[j0, j1]
                 acc += -1.0/2.0*eta * (d0 + 2.0 * s0)
             s0 = 0.0
             d0 = 0.0
@@ -1799,7 +1827,7 @@ def rhs_parallel(y, c, p, K, M, dy):
                 s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
-                        s0 += ((S_v_task__adapted_dQ[m0, j0, k, k] + mu_adapted_dQ[j0, k, k]*mu_v_task[m0])*Q[k, l] + (S_v_task__adapted_dQ[m0, j0, l, l] + mu_adapted_dQ[j0, l, l]*mu_v_task[m0])*Q[l, k])*I2(C, j0, K + M + m0)
+                        s0 += ((S_v_task__adapted_dQ[m0, j0, k, k] + mu_adapted_dQ[j0, k, k]*mu_v_task[m0])*Q[k, l] + (S_v_task__adapted_dQ[m0, j0, l, l] + mu_adapted_dQ[j0, l, l]*mu_v_task[m0])*Q[l, k])*I2C[j0, K + M + m0]
                 acc += eta * s0
             s0 = 0.0
             for j0 in range(K):
@@ -1818,28 +1846,28 @@ def rhs_parallel(y, c, p, K, M, dy):
                 for j0 in range(K):
                     for j1 in range(K):
                         for j2 in range(K):
-                            s0 += ((S_adapted__adapted_dQ[j0, j1, k, j2] + mu_adapted[j0]*mu_adapted_dQ[j1, k, j2])*Q[j2, l] + (S_adapted__adapted_dQ[j0, j1, l, j2] + mu_adapted[j0]*mu_adapted_dQ[j1, l, j2])*Q[j2, k])*I2(C, j0, j1)
+                            s0 += ((S_adapted__adapted_dQ[j0, j1, k, j2] + mu_adapted[j0]*mu_adapted_dQ[j1, k, j2])*Q[j2, l] + (S_adapted__adapted_dQ[j0, j1, l, j2] + mu_adapted[j0]*mu_adapted_dQ[j1, l, j2])*Q[j2, k])*I2C[j0, j1]
                 acc += -eta * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
                         for m0 in range(M):
-                            s0 += ((S_adapted__adapted_dR[j0, j1, k, m0] + mu_adapted[j0]*mu_adapted_dR[j1, k, m0])*R[l, m0] + (S_adapted__adapted_dR[j0, j1, l, m0] + mu_adapted[j0]*mu_adapted_dR[j1, l, m0])*R[k, m0])*I2(C, j0, j1)
+                            s0 += ((S_adapted__adapted_dR[j0, j1, k, m0] + mu_adapted[j0]*mu_adapted_dR[j1, k, m0])*R[l, m0] + (S_adapted__adapted_dR[j0, j1, l, m0] + mu_adapted[j0]*mu_adapted_dR[j1, l, m0])*R[k, m0])*I2C[j0, j1]
                 acc += -eta * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
                         for j1 in range(K):
-                            s0 += ((S_v_task__adapted_dQ[m0, j0, k, j1] + mu_adapted_dQ[j0, k, j1]*mu_v_task[m0])*Q[j1, l] + (S_v_task__adapted_dQ[m0, j0, l, j1] + mu_adapted_dQ[j0, l, j1]*mu_v_task[m0])*Q[j1, k])*I2(C, j0, K + M + m0)
+                            s0 += ((S_v_task__adapted_dQ[m0, j0, k, j1] + mu_adapted_dQ[j0, k, j1]*mu_v_task[m0])*Q[j1, l] + (S_v_task__adapted_dQ[m0, j0, l, j1] + mu_adapted_dQ[j0, l, j1]*mu_v_task[m0])*Q[j1, k])*I2C[j0, K + M + m0]
                 acc += eta * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
                         for m1 in range(M):
-                            s0 += ((S_v_task__adapted_dR[m0, j0, k, m1] + mu_adapted_dR[j0, k, m1]*mu_v_task[m0])*R[l, m1] + (S_v_task__adapted_dR[m0, j0, l, m1] + mu_adapted_dR[j0, l, m1]*mu_v_task[m0])*R[k, m1])*I2(C, j0, K + M + m0)
+                            s0 += ((S_v_task__adapted_dR[m0, j0, k, m1] + mu_adapted_dR[j0, k, m1]*mu_v_task[m0])*R[l, m1] + (S_v_task__adapted_dR[m0, j0, l, m1] + mu_adapted_dR[j0, l, m1]*mu_v_task[m0])*R[k, m1])*I2C[j0, K + M + m0]
                 acc += eta * s0
             dQ[k, l] = acc
             dQ[l, k] = acc
@@ -1860,43 +1888,43 @@ def rhs_parallel(y, c, p, K, M, dy):
                 s0 = 0.0
                 d0 = 0.0
                 for j0 in range(K):
-                    d0 += (2*S_adapted__adapted_dQ[j0, j0, k, k] + 2*mu_adapted[j0]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j0)
+                    d0 += (2*S_adapted__adapted_dQ[j0, j0, k, k] + 2*mu_adapted[j0]*mu_adapted_dQ[j0, k, k])*I2C[j0, j0]
                     for j1 in range(j0 + 1, K):
-                        s0 += (S_adapted__adapted_dQ[j0, j1, k, k] + S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*I2(C, j0, j1)
+                        s0 += (S_adapted__adapted_dQ[j0, j1, k, k] + S_adapted__adapted_dQ[j1, j0, k, k] + mu_adapted[j0]*mu_adapted_dQ[j1, k, k] + mu_adapted[j1]*mu_adapted_dQ[j0, k, k])*I2C[j0, j1]
                 acc += -1.0/2.0*eta*R[k, n] * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
-                        s0 += (S_v_task__adapted_dQ[m0, j0, k, k] + mu_adapted_dQ[j0, k, k]*mu_v_task[m0])*I2(C, j0, K + M + m0)
+                        s0 += (S_v_task__adapted_dQ[m0, j0, k, k] + mu_adapted_dQ[j0, k, k]*mu_v_task[m0])*I2C[j0, K + M + m0]
                 acc += eta*R[k, n] * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
                         for j2 in range(K):
-                            s0 += (S_adapted__adapted_dQ[j1, j0, k, j2] + mu_adapted[j1]*mu_adapted_dQ[j0, k, j2])*I2(C, j0, j1)*R[j2, n]
+                            s0 += (S_adapted__adapted_dQ[j1, j0, k, j2] + mu_adapted[j1]*mu_adapted_dQ[j0, k, j2])*I2C[j0, j1]*R[j2, n]
                 acc += -eta * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
                         for m0 in range(M):
-                            s0 += (S_adapted__adapted_dR[j1, j0, k, m0] + mu_adapted[j1]*mu_adapted_dR[j0, k, m0])*I2(C, j0, j1)*T[m0, n]
+                            s0 += (S_adapted__adapted_dR[j1, j0, k, m0] + mu_adapted[j1]*mu_adapted_dR[j0, k, m0])*I2C[j0, j1]*T[m0, n]
                 acc += -eta * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
                         for j1 in range(K):
-                            s0 += (S_v_task__adapted_dQ[m0, j0, k, j1] + mu_adapted_dQ[j0, k, j1]*mu_v_task[m0])*I2(C, j0, K + M + m0)*R[j1, n]
+                            s0 += (S_v_task__adapted_dQ[m0, j0, k, j1] + mu_adapted_dQ[j0, k, j1]*mu_v_task[m0])*I2C[j0, K + M + m0]*R[j1, n]
                 acc += eta * s0
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
                         for m1 in range(M):
-                            s0 += (S_v_task__adapted_dR[m0, j0, k, m1] + mu_adapted_dR[j0, k, m1]*mu_v_task[m0])*I2(C, j0, K + M + m0)*T[m1, n]
+                            s0 += (S_v_task__adapted_dR[m0, j0, k, m1] + mu_adapted_dR[j0, k, m1]*mu_v_task[m0])*I2C[j0, K + M + m0]*T[m1, n]
                 acc += eta * s0
             dR[k, n] = acc
     da = dy[o : o + K]
@@ -1905,25 +1933,25 @@ def rhs_parallel(y, c, p, K, M, dy):
         acc = 0.0
         s0 = 0.0
         for j0 in range(K):
-            s0 += I2(C, j0, k)*mu_adapted[j0]
+            s0 += I2C[j0, k]*mu_adapted[j0]
         acc += eta_a*(((1) if (order == 2) else (0)) - 1) * s0
         s0 = 0.0
         for m0 in range(M):
-            s0 += I2(C, k, K + M + m0)*mu_v_task[m0]
+            s0 += I2C[k, K + M + m0]*mu_v_task[m0]
         acc += eta_a*(1 - ((1) if (order == 2) else (0))) * s0
         if ((order == 2)):
             s0 = 0.0
             d0 = 0.0
             for j0 in range(K):
-                d0 += (2*S_adapted__adapted_da[j0, j0, k] + 2*mu_adapted[j0]*mu_adapted_da[j0, k])*I2(C, j0, j0)
+                d0 += (2*S_adapted__adapted_da[j0, j0, k] + 2*mu_adapted[j0]*mu_adapted_da[j0, k])*I2C[j0, j0]
                 for j1 in range(j0 + 1, K):
-                    s0 += (S_adapted__adapted_da[j0, j1, k] + S_adapted__adapted_da[j1, j0, k] + mu_adapted[j0]*mu_adapted_da[j1, k] + mu_adapted[j1]*mu_adapted_da[j0, k])*I2(C, j0, j1)
+                    s0 += (S_adapted__adapted_da[j0, j1, k] + S_adapted__adapted_da[j1, j0, k] + mu_adapted[j0]*mu_adapted_da[j1, k] + mu_adapted[j1]*mu_adapted_da[j0, k])*I2C[j0, j1]
             acc += -1.0/2.0*eta_a * (d0 + 2.0 * s0)
         if ((order == 2)):
             s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    s0 += (S_v_task__adapted_da[m0, j0, k] + mu_adapted_da[j0, k]*mu_v_task[m0])*I2(C, j0, K + M + m0)
+                    s0 += (S_v_task__adapted_da[m0, j0, k] + mu_adapted_da[j0, k]*mu_v_task[m0])*I2C[j0, K + M + m0]
             acc += eta_a * s0
         da[k] = acc
 

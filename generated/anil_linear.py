@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 357d947974351892fcb0fc20cf7fb3f2fc3ae9f64eee8c217701bfe7e64986f6
+# inputs:     sha256 17d326a7a13040e7609a28532f083ba5d768a14239e95f4bd7cc5319fa193a00
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 657 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "357d947974351892fcb0fc20cf7fb3f2fc3ae9f64eee8c217701bfe7e64986f6"
+INPUTS_SHA256 = "17d326a7a13040e7609a28532f083ba5d768a14239e95f4bd7cc5319fa193a00"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 1683976927514a9ee7b8f88b502d43b50c72475735c5c6bcc898023171c2c2fd
+# inputs:     sha256 82004b4932980581d090e1d66427b8f9fd9ce99dcb3c2d7d6f91d79c63537746
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "1683976927514a9ee7b8f88b502d43b50c72475735c5c6bcc898023171c2c2fd"
+INPUTS_SHA256 = "82004b4932980581d090e1d66427b8f9fd9ce99dcb3c2d7d6f91d79c63537746"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 a593578d558095ea974b13f170ba05817e748370654e662c6e0c7fee467fb464
+# inputs:     sha256 8a5608078a74b2fe31ada600dd52907afac30487ca3bd35533030850c6302e8e
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "a593578d558095ea974b13f170ba05817e748370654e662c6e0c7fee467fb464"
+INPUTS_SHA256 = "8a5608078a74b2fe31ada600dd52907afac30487ca3bd35533030850c6302e8e"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
@@ -158,6 +158,31 @@ def tilt2_table(C, a, b, Dn, X, P):
 
 
 @njit(cache=True, error_model="numpy")
+def packed_offsets(n):
+    """P[r] with F[r, q] = X[P[r] + q] (q >= r) for the triangle of an n x n table packed
+    row by row, as tilt2_table fills it."""
+    P = np.empty(n, np.int64)
+    o = 0
+    for r in range(n):
+        P[r] = o - r
+        o += n - r
+    return P
+
+
+@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+def packed_dot(X, W):
+    """sum_i X[i] W[i] over the packed triangle: the terms of a pair that read the table
+    with pair-independent weights W (derive/codegen.py: Contraction). The one sum
+    whose order the compiler may change (reassociation, so that it vectorises: 3x
+    faster than in order): its last bits depend on the CPU's vector width, as the
+    table's fused multiply-adds do; on one machine the same inputs give the same bits."""
+    s = 0.0
+    for i in range(X.size):
+        s += X[i] * W[i]
+    return s
+
+
+@njit(cache=True, error_model="numpy")
 def covariance(y, c, p, K, M, C):
     """Fill C (K + M, K + M), the covariance of the fields, from the order parameters."""
     o = 0
@@ -203,11 +228,16 @@ def workspace(K, M):
     Ct1 = np.empty((K, C.shape[0], C.shape[0]))
     tilt1_pref = np.empty(K)
     D1 = np.empty((K, C.shape[0]))
+    I2C = np.empty((C.shape[0], C.shape[0]))
+    I2C_D = np.empty(C.shape[0])
+    # the weights of the contractions (filled once per evaluation) and their row offsets
+    PW = packed_offsets(Cu.shape[0])
+    W0 = np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)
 
     Dn = np.empty(Cu.shape[0])
     X = np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)
     P = np.empty(Cu.shape[0], np.int64)
-    return (C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P,)
+    return (C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P, PW, W0, I2C, I2C_D,)
 
 
 @njit(cache=True, error_model="numpy")
@@ -217,7 +247,7 @@ def rhs(y, c, p, K, M, dy):
 
 
 @njit(cache=True, error_model="numpy")
-def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P):
+def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P, PW, W0, I2C, I2C_D):
     """rhs with its buffers given (from workspace(K, M)): no allocation of its own."""
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
@@ -239,10 +269,35 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P):
     sigma = p[3]
     covariance(y, c, p, K, M, C)
     tilt1_all(C, K, Ct1, tilt1_pref, D1)
+    # I2 at C for every pair of rows, once per evaluation: 2*asin(Da*Db*x)/pi, D = 1/sqrt(C_rr + 1)
+    # (derive/codegen.py: separable_form, _base_tables); the derivatives read I2C[r, q]
+    for r in range(C.shape[0]):
+        d = C[r, r]
+        I2C_D[r] = 1/math.sqrt(d + 1)
+    for r in range(C.shape[0]):
+        Da = I2C_D[r]
+        Cr, Tr, Dq = C[r], I2C[r], I2C_D
+        for q in range(C.shape[0]):
+            x = Cr[q]
+            Db = Dq[q]
+            Tr[q] = 2/math.pi * asin_(Da*Db*x)
 
     o = 0
     dQ = dy[o : o + K * K].reshape((K, K))
     o += K * K
+    # the pair-independent weights of the table reads (derive/codegen.py: Contraction)
+    W0[:] = 0.0
+    for j0 in range(K):
+        W0[PW[j0] + j0] += eta**2*v[j0]**2
+        for j1 in range(j0 + 1, K):
+            W0[PW[j0] + j1] += 2.0 * (eta**2*v[j0]*v[j1])
+    for j0 in range(K):
+        for m0 in range(M):
+            W0[PW[j0] + K + m0] += -2*eta**2*v[j0]*vs[m0]
+    for m0 in range(M):
+        W0[PW[K + m0] + K + m0] += eta**2*vs[m0]**2
+        for m1 in range(m0 + 1, M):
+            W0[PW[K + m0] + K + m1] += 2.0 * (eta**2*vs[m0]*vs[m1])
     for k in range(K):
         for l in range(k, K):
             tilt_pref = tilt2_table(Cu, k, l, Dn, X, P)
@@ -263,25 +318,7 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P):
                 s1 += Ct1[l, k, K + m0]*D1[l, K + m0]*vs[m0]
             acc += math.sqrt(2)*eta*tilt1_pref[k]*v[k]/math.sqrt(math.pi) * s0
             acc += math.sqrt(2)*eta*tilt1_pref[l]*v[l]/math.sqrt(math.pi) * s1
-            s0 = 0.0
-            d0 = 0.0
-            for j0 in range(K):
-                d0 += X[P[j0] + j0]*v[j0]**2
-                for j1 in range(j0 + 1, K):
-                    s0 += X[P[j0] + j1]*v[j0]*v[j1]
-            acc += eta**2*tilt_pref*v[k]*v[l] * (d0 + 2.0 * s0)
-            s0 = 0.0
-            for j0 in range(K):
-                for m0 in range(M):
-                    s0 += X[P[j0] + K + m0]*v[j0]*vs[m0]
-            acc += -2*eta**2*tilt_pref*v[k]*v[l] * s0
-            s0 = 0.0
-            d0 = 0.0
-            for m0 in range(M):
-                d0 += X[P[K + m0] + K + m0]*vs[m0]**2
-                for m1 in range(m0 + 1, M):
-                    s0 += X[P[K + m0] + K + m1]*vs[m0]*vs[m1]
-            acc += eta**2*tilt_pref*v[k]*v[l] * (d0 + 2.0 * s0)
+            acc += tilt_pref*v[k]*v[l] * packed_dot(X, W0)
             dQ[k, l] = acc
             dQ[l, k] = acc
     dR = dy[o : o + K * M].reshape((K, M))
@@ -305,11 +342,11 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P):
         acc = 0.0
         s0 = 0.0
         for j0 in range(K):
-            s0 += I2(C, j0, k)*v[j0]
+            s0 += I2C[j0, k]*v[j0]
         acc += -eta_v * s0
         s0 = 0.0
         for m0 in range(M):
-            s0 += I2(C, k, K + m0)*vs[m0]
+            s0 += I2C[k, K + m0]*vs[m0]
         acc += eta_v * s0
         acc += -((kappa) if (eta_v != 0) else (0))*v[k]
         dv[k] = acc
@@ -329,6 +366,11 @@ def rhs_parallel(y, c, p, K, M, dy):
     Ct1 = np.empty((K, C.shape[0], C.shape[0]))
     tilt1_pref = np.empty(K)
     D1 = np.empty((K, C.shape[0]))
+    I2C = np.empty((C.shape[0], C.shape[0]))
+    I2C_D = np.empty(C.shape[0])
+    # the weights of the contractions (filled once per evaluation) and their row offsets
+    PW = packed_offsets(Cu.shape[0])
+    W0 = np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)
 
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
@@ -350,10 +392,35 @@ def rhs_parallel(y, c, p, K, M, dy):
     sigma = p[3]
     covariance(y, c, p, K, M, C)
     tilt1_all(C, K, Ct1, tilt1_pref, D1)
+    # I2 at C for every pair of rows, once per evaluation: 2*asin(Da*Db*x)/pi, D = 1/sqrt(C_rr + 1)
+    # (derive/codegen.py: separable_form, _base_tables); the derivatives read I2C[r, q]
+    for r in range(C.shape[0]):
+        d = C[r, r]
+        I2C_D[r] = 1/math.sqrt(d + 1)
+    for r in range(C.shape[0]):
+        Da = I2C_D[r]
+        Cr, Tr, Dq = C[r], I2C[r], I2C_D
+        for q in range(C.shape[0]):
+            x = Cr[q]
+            Db = Dq[q]
+            Tr[q] = 2/math.pi * asin_(Da*Db*x)
 
     o = 0
     dQ = dy[o : o + K * K].reshape((K, K))
     o += K * K
+    # the pair-independent weights of the table reads (derive/codegen.py: Contraction)
+    W0[:] = 0.0
+    for j0 in range(K):
+        W0[PW[j0] + j0] += eta**2*v[j0]**2
+        for j1 in range(j0 + 1, K):
+            W0[PW[j0] + j1] += 2.0 * (eta**2*v[j0]*v[j1])
+    for j0 in range(K):
+        for m0 in range(M):
+            W0[PW[j0] + K + m0] += -2*eta**2*v[j0]*vs[m0]
+    for m0 in range(M):
+        W0[PW[K + m0] + K + m0] += eta**2*vs[m0]**2
+        for m1 in range(m0 + 1, M):
+            W0[PW[K + m0] + K + m1] += 2.0 * (eta**2*vs[m0]*vs[m1])
     # the pairs k <= l, shared among the threads in chunks, each with its own buffers
     n_pairs = K * (K + 1) // 2
     pair_k = np.empty(n_pairs, np.int64)
@@ -390,25 +457,7 @@ def rhs_parallel(y, c, p, K, M, dy):
                 s1 += Ct1[l, k, K + m0]*D1[l, K + m0]*vs[m0]
             acc += math.sqrt(2)*eta*tilt1_pref[k]*v[k]/math.sqrt(math.pi) * s0
             acc += math.sqrt(2)*eta*tilt1_pref[l]*v[l]/math.sqrt(math.pi) * s1
-            s0 = 0.0
-            d0 = 0.0
-            for j0 in range(K):
-                d0 += X[P[j0] + j0]*v[j0]**2
-                for j1 in range(j0 + 1, K):
-                    s0 += X[P[j0] + j1]*v[j0]*v[j1]
-            acc += eta**2*tilt_pref*v[k]*v[l] * (d0 + 2.0 * s0)
-            s0 = 0.0
-            for j0 in range(K):
-                for m0 in range(M):
-                    s0 += X[P[j0] + K + m0]*v[j0]*vs[m0]
-            acc += -2*eta**2*tilt_pref*v[k]*v[l] * s0
-            s0 = 0.0
-            d0 = 0.0
-            for m0 in range(M):
-                d0 += X[P[K + m0] + K + m0]*vs[m0]**2
-                for m1 in range(m0 + 1, M):
-                    s0 += X[P[K + m0] + K + m1]*vs[m0]*vs[m1]
-            acc += eta**2*tilt_pref*v[k]*v[l] * (d0 + 2.0 * s0)
+            acc += tilt_pref*v[k]*v[l] * packed_dot(X, W0)
             dQ[k, l] = acc
             dQ[l, k] = acc
     dR = dy[o : o + K * M].reshape((K, M))
@@ -432,11 +481,11 @@ def rhs_parallel(y, c, p, K, M, dy):
         acc = 0.0
         s0 = 0.0
         for j0 in range(K):
-            s0 += I2(C, j0, k)*v[j0]
+            s0 += I2C[j0, k]*v[j0]
         acc += -eta_v * s0
         s0 = 0.0
         for m0 in range(M):
-            s0 += I2(C, k, K + m0)*vs[m0]
+            s0 += I2C[k, K + m0]*vs[m0]
         acc += eta_v * s0
         acc += -((kappa) if (eta_v != 0) else (0))*v[k]
         dv[k] = acc

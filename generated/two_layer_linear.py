@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 2ae2ff2dc8f7853ac4eca9b837f3bd0e5ac8b785a47162a743c1d4f1a4bda24b
+# inputs:     sha256 a39e7b29ba8685f4257a84ba2331d0cfe748ecb52e42f4b7a8fbef445fe6e38a
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "2ae2ff2dc8f7853ac4eca9b837f3bd0e5ac8b785a47162a743c1d4f1a4bda24b"
+INPUTS_SHA256 = "a39e7b29ba8685f4257a84ba2331d0cfe748ecb52e42f4b7a8fbef445fe6e38a"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

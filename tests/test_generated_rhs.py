@@ -141,6 +141,28 @@ def test_kernel_layout():
         assert mod.MODEL + "_" + mod.ACTIVATION == name
 
 
+@pytest.mark.parametrize("module", ["two_layer_erf", "scm_erf"])
+def test_contraction_reads_the_table_where_tilt2_table_packs_it(module):
+    """The weights of a contraction (derive/codegen.py: Contraction) are written at
+    the offsets packed_offsets gives; the table at those tilt2_table fills: both
+    must pack the triangle the same way, and packed_dot is the plain dot product."""
+    mod = load(module)
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 7, 16, 33):
+        A = rng.normal(size=(n, n))
+        C = A @ A.T / n + np.eye(n)
+        a, b = (0, 0) if n == 1 else (0, 1)
+        Dn, X, P = np.empty(n), np.empty(n * (n + 1) // 2), np.empty(n, np.int64)
+        mod.tilt2_table(C, a, b, Dn, X, P)
+        assert np.array_equal(mod.packed_offsets(n), P)
+        W = rng.normal(size=X.size)
+        assert mod.packed_dot(X, W) == pytest.approx(float(X @ W), rel=1e-13, abs=1e-15)
+    # two_layer's pair terms read the table only through the contraction
+    src = open(mod.__file__).read()
+    rhs_ws = src[src.index("def rhs_ws") : src.index("def rhs_parallel")]
+    assert "packed_dot(X, W0)" in rhs_ws and "X[P[" not in rhs_ws
+
+
 # ---------------------------------------------------------------------------
 # rhs and metrics against the reference
 
