@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 17d326a7a13040e7609a28532f083ba5d768a14239e95f4bd7cc5319fa193a00
+# inputs:     sha256 c72db9e59b227d5a1ae9235489e20895a3fc9b757d20ba92cc814c1ce78a47f1
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 657 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "17d326a7a13040e7609a28532f083ba5d768a14239e95f4bd7cc5319fa193a00"
+INPUTS_SHA256 = "c72db9e59b227d5a1ae9235489e20895a3fc9b757d20ba92cc814c1ce78a47f1"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -161,7 +161,7 @@ def covariance(y, c, p, K, M, C):
 
 
 @njit(cache=True, error_model="numpy")
-def task_moments(y, c, p, K, M, C, with_optimal=True):
+def task_moments(y, c, p, K, M, C, with_optimal):
     """Means (mu_*) and loadings (L_*, over the task's draws) of the task quantities
     adapted, v_task, a_best, adapted_dQ, adapted_dR, adapted_da, by the program that derive/meta.py derives from the
     model's task law and inner loop (docs/models/anil.md 5.1-5.4): the support gradient
@@ -1036,7 +1036,9 @@ def rhs_ws(y, c, p, K, M, dy, C):
     eps_B = p[8]
     sigma = p[9]
     covariance(y, c, p, K, M, C)
-    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted = task_moments(y, c, p, K, M, C, False)
+    # np.bool_: a plain boolean, not a literal, so that task_moments compiles once for
+    # every caller (the tests pass True from Python)
+    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted = task_moments(y, c, p, K, M, C, np.bool_(False))
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
     s2_ = 1 if (((1) if (order == 2) else (0))) != 0 else 0
@@ -1343,7 +1345,9 @@ def rhs_parallel(y, c, p, K, M, dy):
     eps_B = p[8]
     sigma = p[9]
     covariance(y, c, p, K, M, C)
-    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted = task_moments(y, c, p, K, M, C, False)
+    # np.bool_: a plain boolean, not a literal, so that task_moments compiles once for
+    # every caller (the tests pass True from Python)
+    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted = task_moments(y, c, p, K, M, C, np.bool_(False))
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
     s2_ = 1 if (((1) if (order == 2) else (0))) != 0 else 0
@@ -1657,7 +1661,9 @@ def metrics(y, c, p, K, M, out):
     sigma = p[9]
     C = np.empty((K + 2*M, K + 2*M))
     covariance(y, c, p, K, M, C)
-    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted = task_moments(y, c, p, K, M, C, True)
+    # np.bool_: a plain boolean, not a literal, so that task_moments compiles once for
+    # every caller (the tests pass True from Python)
+    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted = task_moments(y, c, p, K, M, C, np.bool_(True))
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
     s2_ = 1 if (((1) if (order == 2) else (0))) != 0 else 0

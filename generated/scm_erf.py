@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 7ecbcfba9aed1683c2a947ecbb0e4fa622552cfd4eb572f8345ca35aea998126
+# inputs:     sha256 69a1b897a6812f4add7df68722e5e26204b4063f357abbdc97f5ea56213a7b38
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "7ecbcfba9aed1683c2a947ecbb0e4fa622552cfd4eb572f8345ca35aea998126"
+INPUTS_SHA256 = "69a1b897a6812f4add7df68722e5e26204b4063f357abbdc97f5ea56213a7b38"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

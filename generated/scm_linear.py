@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 82004b4932980581d090e1d66427b8f9fd9ce99dcb3c2d7d6f91d79c63537746
+# inputs:     sha256 5045d316fd462e85c17154f15affe44a45b8ca2a60609738c7dbff198a2cd3b9
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "82004b4932980581d090e1d66427b8f9fd9ce99dcb3c2d7d6f91d79c63537746"
+INPUTS_SHA256 = "5045d316fd462e85c17154f15affe44a45b8ca2a60609738c7dbff198a2cd3b9"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 8a5608078a74b2fe31ada600dd52907afac30487ca3bd35533030850c6302e8e
+# inputs:     sha256 73c843d0571fa2537cd7937222713ecc24af9b7dc21af01866ae64e2ed7c7ff5
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "8a5608078a74b2fe31ada600dd52907afac30487ca3bd35533030850c6302e8e"
+INPUTS_SHA256 = "73c843d0571fa2537cd7937222713ecc24af9b7dc21af01866ae64e2ed7c7ff5"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 a39e7b29ba8685f4257a84ba2331d0cfe748ecb52e42f4b7a8fbef445fe6e38a
+# inputs:     sha256 80714ad7145bc2a7328613a4d5123af4c42c5055d5539091d496e850cc91881f
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "a39e7b29ba8685f4257a84ba2331d0cfe748ecb52e42f4b7a8fbef445fe6e38a"
+INPUTS_SHA256 = "80714ad7145bc2a7328613a4d5123af4c42c5055d5539091d496e850cc91881f"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

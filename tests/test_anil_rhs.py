@@ -389,7 +389,7 @@ def test_sensitivities_match_finite_differences(i):
     K, M = R.shape
     y, c, p = pack(mod, Q, R, T, a, vbar, prm)
     Cf = field_cov(Q, R, T, prm["eps_B"])
-    out = mod.task_moments(y, c, p, K, M, Cf)
+    out = mod.task_moments(y, c, p, K, M, Cf, True)
     mu_dQ, L_dQ, mu_dR, L_dR = out[6], out[7], out[8], out[9]
     dmuQ, dGQ, dmuR, dGR = adapted_derivatives(
         Q, R, T, a, vbar, prm["eps_B"], prm["alpha_in"], int(prm["S"]), "erf"
@@ -607,7 +607,7 @@ def test_task_moments_monte_carlo(i):
     K, M = R.shape
     y, c, p = pack(mod, Q, R, T, a, vbar, prm)
     Cf = field_cov(Q, R, T, prm["eps_B"])
-    out = mod.task_moments(y, c, p, K, M, Cf)
+    out = mod.task_moments(y, c, p, K, M, Cf, True)
     mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best = out[:6]
     A_S = out[10]  # mu_adapted_da: d a'_j / d a_k, the sensitivity along the start
     C, D = support(Q, R, T, prm["eps_B"], "erf")

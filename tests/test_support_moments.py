@@ -39,7 +39,7 @@ def moments(mod, Q, R, T, a, vbar, prm):
     """(mean of a', Cov(a'), Cov(a', v_task)) from the kernel's task program."""
     K, M = R.shape
     y, c, p = pack(mod, Q, R, T, a, vbar, prm)
-    out = mod.task_moments(y, c, p, K, M, field_cov(Q, R, T, prm["eps_B"]))
+    out = mod.task_moments(y, c, p, K, M, field_cov(Q, R, T, prm["eps_B"]), True)
     mu, L, _, Lv = out[:4]
     # after the means and loadings of the task quantities: the support set's covariance
     V = out[2 * len(get_model("anil").random_families)]
