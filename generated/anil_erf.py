@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 09223a2583e6214c896a7e44dabd5d0d377a328c1815908519755ecfdd65032c
+# inputs:     sha256 19952e0ffc2f37c9150742d53ed6974758cabc166ad6f0301ef09849ffdfe06a
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 2324 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "09223a2583e6214c896a7e44dabd5d0d377a328c1815908519755ecfdd65032c"
+INPUTS_SHA256 = "19952e0ffc2f37c9150742d53ed6974758cabc166ad6f0301ef09849ffdfe06a"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -1787,7 +1787,9 @@ def rhs_parallel(y, c, p, K, M, dy):
             pair_k[i_] = k_
             pair_l[i_] = l_
             i_ += 1
-    n_chunks = min(n_pairs, 64)
+    # 12 chunks (pairs strided across them): an equal share for 1, 2, 3, 4 or 6 threads,
+    # and few buffers to allocate per step (numba's get_num_threads would stop the caching)
+    n_chunks = min(n_pairs, 12)
     for chunk in prange(n_chunks):
         Dn = np.empty(Cu.shape[0])
         X = np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)

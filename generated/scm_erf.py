@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 69a1b897a6812f4add7df68722e5e26204b4063f357abbdc97f5ea56213a7b38
+# inputs:     sha256 ffdd470f98d4b4a2a367135c8c2e677d18ad093b6cd874cb907997a77b782b5f
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "69a1b897a6812f4add7df68722e5e26204b4063f357abbdc97f5ea56213a7b38"
+INPUTS_SHA256 = "ffdd470f98d4b4a2a367135c8c2e677d18ad093b6cd874cb907997a77b782b5f"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )
@@ -260,7 +260,8 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P, PW, W0
     dQ = dy[o : o + K * K].reshape((K, K))
     o += K * K
     # the pair-independent weights of the table reads (derive/codegen.py: Contraction)
-    W0[:] = 0.0
+    for i_ in range(W0.size):  # a loop, not an array expression: no parallel region
+        W0[i_] = 0.0
     for j0 in range(K):
         W0[PW[j0] + j0] += eta**2
         for j1 in range(j0 + 1, K):
@@ -347,7 +348,8 @@ def rhs_parallel(y, c, p, K, M, dy):
     dQ = dy[o : o + K * K].reshape((K, K))
     o += K * K
     # the pair-independent weights of the table reads (derive/codegen.py: Contraction)
-    W0[:] = 0.0
+    for i_ in range(W0.size):  # a loop, not an array expression: no parallel region
+        W0[i_] = 0.0
     for j0 in range(K):
         W0[PW[j0] + j0] += eta**2
         for j1 in range(j0 + 1, K):
@@ -369,7 +371,9 @@ def rhs_parallel(y, c, p, K, M, dy):
             pair_k[i_] = k_
             pair_l[i_] = l_
             i_ += 1
-    n_chunks = min(n_pairs, 64)
+    # 12 chunks (pairs strided across them): an equal share for 1, 2, 3, 4 or 6 threads,
+    # and few buffers to allocate per step (numba's get_num_threads would stop the caching)
+    n_chunks = min(n_pairs, 12)
     for chunk in prange(n_chunks):
         Dn = np.empty(Cu.shape[0])
         X = np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)

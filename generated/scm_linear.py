@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 5045d316fd462e85c17154f15affe44a45b8ca2a60609738c7dbff198a2cd3b9
+# inputs:     sha256 d417aaadfd6f26ab6f87b74b1db902436cf90e1938f97334bb44781bcc5dc6b1
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "5045d316fd462e85c17154f15affe44a45b8ca2a60609738c7dbff198a2cd3b9"
+INPUTS_SHA256 = "d417aaadfd6f26ab6f87b74b1db902436cf90e1938f97334bb44781bcc5dc6b1"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )
@@ -231,7 +231,9 @@ def rhs_parallel(y, c, p, K, M, dy):
             pair_k[i_] = k_
             pair_l[i_] = l_
             i_ += 1
-    n_chunks = min(n_pairs, 64)
+    # 12 chunks (pairs strided across them): an equal share for 1, 2, 3, 4 or 6 threads,
+    # and few buffers to allocate per step (numba's get_num_threads would stop the caching)
+    n_chunks = min(n_pairs, 12)
     for chunk in prange(n_chunks):
         for i_ in range(chunk, n_pairs, n_chunks):
             k = pair_k[i_]

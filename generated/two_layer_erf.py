@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 73c843d0571fa2537cd7937222713ecc24af9b7dc21af01866ae64e2ed7c7ff5
+# inputs:     sha256 27be28c28a2e29f6949a23647a00fe2d437ae64d30ce6fe39003b19d9ae7ecf0
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "73c843d0571fa2537cd7937222713ecc24af9b7dc21af01866ae64e2ed7c7ff5"
+INPUTS_SHA256 = "27be28c28a2e29f6949a23647a00fe2d437ae64d30ce6fe39003b19d9ae7ecf0"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
@@ -286,7 +286,8 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P, PW, W0
     dQ = dy[o : o + K * K].reshape((K, K))
     o += K * K
     # the pair-independent weights of the table reads (derive/codegen.py: Contraction)
-    W0[:] = 0.0
+    for i_ in range(W0.size):  # a loop, not an array expression: no parallel region
+        W0[i_] = 0.0
     for j0 in range(K):
         W0[PW[j0] + j0] += eta**2*v[j0]**2
         for j1 in range(j0 + 1, K):
@@ -409,7 +410,8 @@ def rhs_parallel(y, c, p, K, M, dy):
     dQ = dy[o : o + K * K].reshape((K, K))
     o += K * K
     # the pair-independent weights of the table reads (derive/codegen.py: Contraction)
-    W0[:] = 0.0
+    for i_ in range(W0.size):  # a loop, not an array expression: no parallel region
+        W0[i_] = 0.0
     for j0 in range(K):
         W0[PW[j0] + j0] += eta**2*v[j0]**2
         for j1 in range(j0 + 1, K):
@@ -431,7 +433,9 @@ def rhs_parallel(y, c, p, K, M, dy):
             pair_k[i_] = k_
             pair_l[i_] = l_
             i_ += 1
-    n_chunks = min(n_pairs, 64)
+    # 12 chunks (pairs strided across them): an equal share for 1, 2, 3, 4 or 6 threads,
+    # and few buffers to allocate per step (numba's get_num_threads would stop the caching)
+    n_chunks = min(n_pairs, 12)
     for chunk in prange(n_chunks):
         Dn = np.empty(Cu.shape[0])
         X = np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 80714ad7145bc2a7328613a4d5123af4c42c5055d5539091d496e850cc91881f
+# inputs:     sha256 78b1ade9d24780c1e4c832f2bccfba18212d0440230221b9404876a2350ca4bf
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "80714ad7145bc2a7328613a4d5123af4c42c5055d5539091d496e850cc91881f"
+INPUTS_SHA256 = "78b1ade9d24780c1e4c832f2bccfba18212d0440230221b9404876a2350ca4bf"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
@@ -265,7 +265,9 @@ def rhs_parallel(y, c, p, K, M, dy):
             pair_k[i_] = k_
             pair_l[i_] = l_
             i_ += 1
-    n_chunks = min(n_pairs, 64)
+    # 12 chunks (pairs strided across them): an equal share for 1, 2, 3, 4 or 6 threads,
+    # and few buffers to allocate per step (numba's get_num_threads would stop the caching)
+    n_chunks = min(n_pairs, 12)
     for chunk in prange(n_chunks):
         for i_ in range(chunk, n_pairs, n_chunks):
             k = pair_k[i_]
