@@ -34,6 +34,7 @@ _GROUPS = {
     "a module constant": "MODEL ACTIVATION INPUTS_SHA256 PARAMS STATE CONSTS VECTORS METRICS SAMPLES",
     "the inner loop's readout map": "A_S",
     "the packed table of a pair tilt": "P X",
+    "a contraction of the pair table or a table at C (derive/codegen.py)": "PW packed_dot packed_offsets",
     "an array of the finite-support-set moments (derive/meta.py)": (
         "AV_s F1_s F2_s Pi_s Sig_s V_s X_s ZL_s Zmu_s lV_s mL_s mmu_s G4_tables G4t_rows"
     ),

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 19952e0ffc2f37c9150742d53ed6974758cabc166ad6f0301ef09849ffdfe06a
+# inputs:     sha256 216c019bfe07a808e00332bd6d0d83b263926d69a5666d1acdc2154eec0659a7
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 2324 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "19952e0ffc2f37c9150742d53ed6974758cabc166ad6f0301ef09849ffdfe06a"
+INPUTS_SHA256 = "216c019bfe07a808e00332bd6d0d83b263926d69a5666d1acdc2154eec0659a7"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -224,6 +224,25 @@ def tilt2_table(C, a, b, Dn, X, P):
         xi = X[i]
         X[i] = 2/math.pi * asin_(xi)
     return 2/(math.pi*math.sqrt(e0))
+
+
+@njit(cache=True, error_model="numpy")
+def I2C_fill(C, T, D):
+    """T[r, q] = I2(C; r, q) for every pair of rows of C, once per evaluation of
+    the right-hand side (derive/codegen.py: _base_tables), as 2*asin(Da*Db*x)/pi, D = 1/sqrt(C_rr + 1)
+    (derive/codegen.py: separable_form): D once per row, the rows in one loop that
+    vectorises. The derivatives read I2C[r, q] instead of calling I2."""
+    n = C.shape[0]
+    for r in range(n):
+        d = C[r, r]
+        D[r] = 1/math.sqrt(d + 1)
+    for r in range(n):
+        Da = D[r]
+        Cr, Tr = C[r], T[r]
+        for q in range(n):
+            x = Cr[q]
+            Db = D[q]
+            Tr[q] = 2/math.pi * asin_(Da*Db*x)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
@@ -1319,18 +1338,7 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P, I2C, I
         for j in range(rows.size):
             Cu[i, j] = C[rows[i], rows[j]]
     tilt1_all(C, K, Ct1, tilt1_pref, D1)
-    # I2 at C for every pair of rows, once per evaluation: 2*asin(Da*Db*x)/pi, D = 1/sqrt(C_rr + 1)
-    # (derive/codegen.py: separable_form, _base_tables); the derivatives read I2C[r, q]
-    for r in range(C.shape[0]):
-        d = C[r, r]
-        I2C_D[r] = 1/math.sqrt(d + 1)
-    for r in range(C.shape[0]):
-        Da = I2C_D[r]
-        Cr, Tr, Dq = C[r], I2C[r], I2C_D
-        for q in range(C.shape[0]):
-            x = Cr[q]
-            Db = Dq[q]
-            Tr[q] = 2/math.pi * asin_(Da*Db*x)
+    I2C_fill(C, I2C, I2C_D)
     # np.bool_: a plain boolean, not a literal, so that task_moments compiles once for
     # every caller (the tests pass True from Python)
     mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted = task_moments(y, c, p, K, M, C, np.bool_(False))
@@ -1657,18 +1665,7 @@ def rhs_parallel(y, c, p, K, M, dy):
         for j in range(rows.size):
             Cu[i, j] = C[rows[i], rows[j]]
     tilt1_all(C, K, Ct1, tilt1_pref, D1)
-    # I2 at C for every pair of rows, once per evaluation: 2*asin(Da*Db*x)/pi, D = 1/sqrt(C_rr + 1)
-    # (derive/codegen.py: separable_form, _base_tables); the derivatives read I2C[r, q]
-    for r in range(C.shape[0]):
-        d = C[r, r]
-        I2C_D[r] = 1/math.sqrt(d + 1)
-    for r in range(C.shape[0]):
-        Da = I2C_D[r]
-        Cr, Tr, Dq = C[r], I2C[r], I2C_D
-        for q in range(C.shape[0]):
-            x = Cr[q]
-            Db = Dq[q]
-            Tr[q] = 2/math.pi * asin_(Da*Db*x)
+    I2C_fill(C, I2C, I2C_D)
     # np.bool_: a plain boolean, not a literal, so that task_moments compiles once for
     # every caller (the tests pass True from Python)
     mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted = task_moments(y, c, p, K, M, C, np.bool_(False))

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 9559612089349ad9f552ea1b99aa2a3fe012ecbc494c2f036ed2677ecfbe4588
+# inputs:     sha256 e78638cc7999e68f961122e01c1deb55f2aff0c6ab7d490d6cf552ac824dbd49
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 657 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "9559612089349ad9f552ea1b99aa2a3fe012ecbc494c2f036ed2677ecfbe4588"
+INPUTS_SHA256 = "e78638cc7999e68f961122e01c1deb55f2aff0c6ab7d490d6cf552ac824dbd49"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 ffdd470f98d4b4a2a367135c8c2e677d18ad093b6cd874cb907997a77b782b5f
+# inputs:     sha256 a514110b400ada2fa81ebe0a6c42415a9fbece1d5e9274307a9a09cdde41b9ad
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "ffdd470f98d4b4a2a367135c8c2e677d18ad093b6cd874cb907997a77b782b5f"
+INPUTS_SHA256 = "a514110b400ada2fa81ebe0a6c42415a9fbece1d5e9274307a9a09cdde41b9ad"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 d417aaadfd6f26ab6f87b74b1db902436cf90e1938f97334bb44781bcc5dc6b1
+# inputs:     sha256 d418a453144aa2f42824c9ad7b355df2bd2faa0a37393390d67a664f1141a878
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "d417aaadfd6f26ab6f87b74b1db902436cf90e1938f97334bb44781bcc5dc6b1"
+INPUTS_SHA256 = "d418a453144aa2f42824c9ad7b355df2bd2faa0a37393390d67a664f1141a878"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

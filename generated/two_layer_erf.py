@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 27be28c28a2e29f6949a23647a00fe2d437ae64d30ce6fe39003b19d9ae7ecf0
+# inputs:     sha256 3fcb128f1e962a4090089567d9a7720da654baf5b5ffe129fe92fd3ee61b9d5e
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "27be28c28a2e29f6949a23647a00fe2d437ae64d30ce6fe39003b19d9ae7ecf0"
+INPUTS_SHA256 = "3fcb128f1e962a4090089567d9a7720da654baf5b5ffe129fe92fd3ee61b9d5e"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
@@ -158,6 +158,25 @@ def tilt2_table(C, a, b, Dn, X, P):
 
 
 @njit(cache=True, error_model="numpy")
+def I2C_fill(C, T, D):
+    """T[r, q] = I2(C; r, q) for every pair of rows of C, once per evaluation of
+    the right-hand side (derive/codegen.py: _base_tables), as 2*asin(Da*Db*x)/pi, D = 1/sqrt(C_rr + 1)
+    (derive/codegen.py: separable_form): D once per row, the rows in one loop that
+    vectorises. The derivatives read I2C[r, q] instead of calling I2."""
+    n = C.shape[0]
+    for r in range(n):
+        d = C[r, r]
+        D[r] = 1/math.sqrt(d + 1)
+    for r in range(n):
+        Da = D[r]
+        Cr, Tr = C[r], T[r]
+        for q in range(n):
+            x = Cr[q]
+            Db = D[q]
+            Tr[q] = 2/math.pi * asin_(Da*Db*x)
+
+
+@njit(cache=True, error_model="numpy")
 def packed_offsets(n):
     """P[r] with F[r, q] = X[P[r] + q] (q >= r) for the triangle of an n x n table packed
     row by row, as tilt2_table fills it."""
@@ -269,18 +288,7 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P, PW, W0
     sigma = p[3]
     covariance(y, c, p, K, M, C)
     tilt1_all(C, K, Ct1, tilt1_pref, D1)
-    # I2 at C for every pair of rows, once per evaluation: 2*asin(Da*Db*x)/pi, D = 1/sqrt(C_rr + 1)
-    # (derive/codegen.py: separable_form, _base_tables); the derivatives read I2C[r, q]
-    for r in range(C.shape[0]):
-        d = C[r, r]
-        I2C_D[r] = 1/math.sqrt(d + 1)
-    for r in range(C.shape[0]):
-        Da = I2C_D[r]
-        Cr, Tr, Dq = C[r], I2C[r], I2C_D
-        for q in range(C.shape[0]):
-            x = Cr[q]
-            Db = Dq[q]
-            Tr[q] = 2/math.pi * asin_(Da*Db*x)
+    I2C_fill(C, I2C, I2C_D)
 
     o = 0
     dQ = dy[o : o + K * K].reshape((K, K))
@@ -393,18 +401,7 @@ def rhs_parallel(y, c, p, K, M, dy):
     sigma = p[3]
     covariance(y, c, p, K, M, C)
     tilt1_all(C, K, Ct1, tilt1_pref, D1)
-    # I2 at C for every pair of rows, once per evaluation: 2*asin(Da*Db*x)/pi, D = 1/sqrt(C_rr + 1)
-    # (derive/codegen.py: separable_form, _base_tables); the derivatives read I2C[r, q]
-    for r in range(C.shape[0]):
-        d = C[r, r]
-        I2C_D[r] = 1/math.sqrt(d + 1)
-    for r in range(C.shape[0]):
-        Da = I2C_D[r]
-        Cr, Tr, Dq = C[r], I2C[r], I2C_D
-        for q in range(C.shape[0]):
-            x = Cr[q]
-            Db = Dq[q]
-            Tr[q] = 2/math.pi * asin_(Da*Db*x)
+    I2C_fill(C, I2C, I2C_D)
 
     o = 0
     dQ = dy[o : o + K * K].reshape((K, K))

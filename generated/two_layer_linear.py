@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 78b1ade9d24780c1e4c832f2bccfba18212d0440230221b9404876a2350ca4bf
+# inputs:     sha256 d6f98efde19a59eff8d45a049113863776313ac0b43649d6bce0342715f9eaff
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "78b1ade9d24780c1e4c832f2bccfba18212d0440230221b9404876a2350ca4bf"
+INPUTS_SHA256 = "d6f98efde19a59eff8d45a049113863776313ac0b43649d6bce0342715f9eaff"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

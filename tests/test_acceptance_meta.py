@@ -49,15 +49,23 @@ def _load_model_file(path: Path):
     return module
 
 
+_RENDERED: dict[str, object] = {}
+
+
 def _kernel_module(model, folder: Path):
-    """The model rendered into ``folder`` and imported (it is not in the registry)."""
+    """The model rendered into ``folder`` and imported (it is not in the registry);
+    a rendering already imported by an earlier test is reused, with what numba
+    compiled for it (the tests of one model file share its kernel)."""
     text = codegen.render_model(model, "erf", model_file=f"tests/acceptance_meta/{model.name}.py")
+    if text in _RENDERED:
+        return _RENDERED[text]
     path = folder / f"{model.name}_erf.py"
     path.write_text(text)
     spec = importlib.util.spec_from_file_location(f"_accept_{model.name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
+    _RENDERED[text] = module
     return module
 
 

@@ -197,7 +197,7 @@ def test_derive_show_unknown_model():
 
 def test_interrupted_flow_keeps_its_records_and_the_same_command_completes_it(tmp_path):
     out = tmp_path / "flow"
-    cmd = "flow --model anil --set order=2 --K 4 --M 4 --t-max 120 --dt 0.01 --record-every 1 --no-progress"
+    cmd = "flow --model anil --set order=2 --K 4 --M 4 --t-max 400 --dt 0.01 --record-every 1 --no-progress"
     args = [sys.executable, "-m", "runtime", *cmd.split(), "--out", str(out)]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -221,7 +221,7 @@ def test_interrupted_flow_keeps_its_records_and_the_same_command_completes_it(tm
     partial = runtime.Trajectory.load(out)
     meta = partial.metadata
     assert meta["complete"] is False and meta["stopped"] == "interrupted"
-    assert 0 < partial.alpha[-1] == meta["alpha_reached"] < 120
+    assert 0 < partial.alpha[-1] == meta["alpha_reached"] < 400
     assert float(err.split("alpha = ")[1].split(";")[0]) == meta["alpha_reached"]
     assert partial.Q.shape == (len(partial.alpha), 4, 4) and np.all(np.isfinite(partial.eps_meta))
     # the same command continues from the last record and completes the run
@@ -231,7 +231,7 @@ def test_interrupted_flow_keeps_its_records_and_the_same_command_completes_it(tm
     full = runtime.Trajectory.load(out)
     assert full.metadata["complete"] is True and full.metadata["resumed_from_alpha"] == meta["alpha_reached"]
     ref = runtime.flow(
-        "anil", runtime.sampled_init("anil", 4, 4, 1000, 0), {"order": 2}, t_max=120, dt=0.01, record_every=1
+        "anil", runtime.sampled_init("anil", 4, 4, 1000, 0), {"order": 2}, t_max=400, dt=0.01, record_every=1
     )
     assert set(full.arrays) == set(ref.arrays)
     for name, a in ref.arrays.items():
@@ -354,7 +354,7 @@ def _wait_for(proc, text: str) -> str:
 @pytest.mark.parametrize(
     "cmd, started",
     [
-        ("flow --model anil --set order=2 --K 4 --M 4 --t-max 120 --dt 0.01 --record-every 1", "ms per step"),
+        ("flow --model anil --set order=2 --K 4 --M 4 --t-max 400 --dt 0.01 --record-every 1", "ms per step"),
         ("simulate --model two_layer --n 2000 --seeds 1 --t-max 50", "simulate two_layer"),  # one process
     ],
     ids=["flow", "simulate"],
