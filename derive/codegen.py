@@ -377,19 +377,36 @@ def _base_tables(ir: FlowIR, activation: str, table) -> list[dict]:
     return [{"prim": name, "name": f"{name}C", **separable_form(d)} for name, d in sorted(found.items())]
 
 
-def _tilt_buffers(table) -> list[tuple[str, str]]:
-    """(name, allocation) of the buffers of the table of the hoisted pair tilt: the
-    table F, the per-row factors Dn of its base, the row coefficients U_s[r]."""
+def _tilt_buffer_specs(table) -> list[tuple[str, str, str]]:
+    """(name, shape, dtype argument) of the buffers of the table of the hoisted pair
+    tilt: the table F, the per-row factors Dn of its base, the packed triangle X and
+    its row offsets P."""
     if not table:
         return []
-    packed = ("X", "np.empty(Cu.shape[0] * (Cu.shape[0] + 1) // 2)")
+    n = "Cu.shape[0]"
+    packed = ("X", f"{n} * ({n} + 1) // 2", "")
     if table["fill"] == "upper":
         # read where it is filled: F[r, q] = X[P[r] + q], q >= r
-        return [("Dn", "np.empty(Cu.shape[0])"), packed, ("P", "np.empty(Cu.shape[0], np.int64)")]
-    bufs = [("F", "np.empty_like(Cu)"), ("Dn", "np.empty(Cu.shape[0])")]
+        return [("Dn", n, ""), packed, ("P", n, ", np.int64")]
+    bufs = [("F", f"{n}, {n}", ""), ("Dn", n, "")]
     if table["fill"] == "mirror":
         bufs.append(packed)
     return bufs
+
+
+def _tilt_buffers(table) -> list[tuple[str, str]]:
+    """(name, allocation) of the buffers of the table of the hoisted pair tilt."""
+    return [(name, f"np.empty(({shape},){dt})") for name, shape, dt in _tilt_buffer_specs(table)]
+
+
+def _chunk_buffers(table) -> list[tuple[str, str, str]]:
+    """(name, name of its stack, allocation of the stack) of the table's buffers in
+    rhs_parallel_ws: one slice per chunk of pairs (N_CHUNKS), allocated once per run
+    by workspace_parallel."""
+    return [
+        (name, f"{name}_c", f"np.empty((N_CHUNKS, {shape}){dt})")
+        for name, shape, dt in _tilt_buffer_specs(table)
+    ]
 
 
 def _workspace(table, tilt1) -> list[str]:
@@ -1000,6 +1017,12 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
     ops = sum(p["ops"] for p in prims) + sum(
         int(sp.count_ops(t.coeff)) for c in ir.derivatives + ir.metrics for t in c.terms
     )
+    workspace = (
+        _workspace(table, tilt1)
+        + (["PW"] + [ct.name for ct in contractions] if contractions else [])
+        + [n for b in base_tables for n in (b["name"], b["name"] + "_D")]
+    )
+    own = {name for name, _ in _tilt_buffers(table)}
     return {
         "model": model.name,
         "model_doc": model.doc,
@@ -1040,10 +1063,13 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
         "g4_prefix": "g4_" if table is not None else "",
         # buffers of the hoisted pair tilt: in the workspace of rhs, once per chunk of rhs_parallel
         "tilt_buffers": _tilt_buffers(table),
+        "chunk_buffers": _chunk_buffers(table),
         # the buffers of rhs_ws, in the order of its arguments (see workspace in the template)
-        "workspace": _workspace(table, tilt1)
-        + (["PW"] + [ct.name for ct in contractions] if contractions else [])
-        + [n for b in base_tables for n in (b["name"], b["name"] + "_D")],
+        "workspace": workspace,
+        # the buffers of rhs_parallel_ws: rhs_ws's shared by the threads, then the
+        # stacks of the table's buffers (one slice per chunk of pairs)
+        "workspace_parallel": [n for n in workspace if n not in own]
+        + [stack for _, stack, _ in _chunk_buffers(table)],
         # two-field primitives at C read from a table filled once per evaluation
         "base_tables": base_tables,
         "contractions": contractions,

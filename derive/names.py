@@ -28,10 +28,14 @@ _GROUPS = {
     "the activation and its derivatives": "g gp gpp",
     "a module name or a numba name": "math np numba njit prange",
     "a kernel function": (
-        "covariance workspace rhs rhs_ws rhs_parallel metrics sample_gradients task_moments "
-        "support_matrices support_matrices_dir run_euler run_rk4 run_euler_parallel run_rk4_parallel"
+        "covariance workspace workspace_parallel rhs rhs_ws rhs_parallel rhs_parallel_ws metrics "
+        "sample_gradients task_moments support_matrices support_matrices_dir run_euler run_rk4 "
+        "run_euler_parallel run_rk4_parallel"
     ),
-    "a module constant": "MODEL ACTIVATION INPUTS_SHA256 PARAMS STATE CONSTS VECTORS METRICS SAMPLES",
+    "a module constant": (
+        "MODEL ACTIVATION INPUTS_SHA256 PARAMS STATE CONSTS VECTORS METRICS SAMPLES N_CHUNKS"
+    ),
+    "a stack of a table's buffers, one slice per chunk of pairs": "Dn_c X_c P_c F_c",
     "the inner loop's readout map": "A_S",
     "the packed table of a pair tilt": "P X",
     "a contraction of the pair table or a table at C (derive/codegen.py)": "PW packed_dot packed_offsets",

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 d418a453144aa2f42824c9ad7b355df2bd2faa0a37393390d67a664f1141a878
+# inputs:     sha256 b50c8d52323a9583da0d68e5facc3b581996250f58052409c07c70a5d6361635
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,13 +21,15 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "d418a453144aa2f42824c9ad7b355df2bd2faa0a37393390d67a664f1141a878"
+INPUTS_SHA256 = "b50c8d52323a9583da0d68e5facc3b581996250f58052409c07c70a5d6361635"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )
 VECTORS = ()
 METRICS = ("eps_g", )
 SAMPLES = ("G", )
+# chunks of pairs of rhs_parallel_ws (an equal share for 1, 2, 3, 4 or 6 threads)
+N_CHUNKS = 12
 # the functions the runtime calls; every other function here is called from them
 ENTRY_POINTS = ("workspace", "rhs", "rhs_ws", "rhs_parallel", "metrics", "sample_gradients", "run_euler", "run_rk4", "run_adaptive", "run_euler_parallel", "run_rk4_parallel", "run_adaptive_parallel")
 
@@ -194,16 +196,25 @@ def rhs_ws(y, c, p, K, M, dy, C):
             dR[k, n] = acc
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
-def rhs_parallel(y, c, p, K, M, dy):
-    """rhs with the pairs (k, l) of its symmetric components shared among numba's
-    threads (each chunk of pairs with its own table buffers); each element is
-    computed by the same code as in rhs, so the result is the same to the last bit.
-    Cached like the loops that call it: since numba 0.56 a threaded function reads
-    the thread count at run time (numba PR 7625), so one cache entry serves any
-    NUMBA_NUM_THREADS, bit for bit (benchmarks/flow_speed.py times the warm start)."""
+@njit(cache=True, error_model="numpy")
+def workspace_parallel(K, M):
+    """The buffers of rhs_parallel_ws, allocated once per integration: those of rhs
+    shared by the threads, and one slice per chunk of pairs of the table's buffers."""
     C = np.empty((K + M, K + M))
 
+    return (C,)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def rhs_parallel_ws(y, c, p, K, M, dy, C):
+    """rhs_ws with the pairs (k, l) of its symmetric components shared among numba's
+    threads in N_CHUNKS chunks (the pairs strided across them: an equal share for 1,
+    2, 3, 4 or 6 threads), each with its own slice of the table's buffers; each
+    element is computed by the same code as in rhs, so the result is the same to the
+    last bit. Cached like the loops that call it: since numba 0.56 a threaded
+    function reads the thread count at run time (numba PR 7625), so one cache entry
+    serves any NUMBA_NUM_THREADS, bit for bit (benchmarks/flow_speed.py times the
+    warm start)."""
     o = 0
     Q = y[o : o + K * K].reshape((K, K))
     o += K * K
@@ -231,9 +242,7 @@ def rhs_parallel(y, c, p, K, M, dy):
             pair_k[i_] = k_
             pair_l[i_] = l_
             i_ += 1
-    # 12 chunks (pairs strided across them): an equal share for 1, 2, 3, 4 or 6 threads,
-    # and few buffers to allocate per step (numba's get_num_threads would stop the caching)
-    n_chunks = min(n_pairs, 12)
+    n_chunks = min(n_pairs, N_CHUNKS)
     for chunk in prange(n_chunks):
         for i_ in range(chunk, n_pairs, n_chunks):
             k = pair_k[i_]
@@ -289,6 +298,12 @@ def rhs_parallel(y, c, p, K, M, dy):
                 s0 += I3(C, k, K + n, K + m0)
             acc += eta * s0
             dR[k, n] = acc
+
+
+@njit(cache=True, error_model="numpy")
+def rhs_parallel(y, c, p, K, M, dy):
+    """dy = d(state)/d(alpha) at state y, by rhs_parallel_ws (numba's threads)."""
+    rhs_parallel_ws(y, c, p, K, M, dy, *workspace_parallel(K, M))
 
 
 @njit(cache=True, error_model="numpy")
@@ -539,8 +554,9 @@ def run_euler_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_rec
     state is written to traj[first_record + 1 + i]. Returns -1, or the number of
     the step after which the state was no longer finite."""
     dy = np.empty_like(y)
+    ws = workspace_parallel(K, M)
     for i in range(n_steps):
-        rhs_parallel(y, c, p, K, M, dy)
+        rhs_parallel_ws(y, c, p, K, M, dy, *ws)
         # nan if any entry is not finite (inf * 0 = nan), without a temporary array
         probe = 0.0
         for q in range(y.size):
@@ -561,17 +577,18 @@ def run_rk4_parallel(y, c, p, K, M, dt, n_steps, record_every, traj, first_recor
     k3 = np.empty_like(y)
     k4 = np.empty_like(y)
     tmp = np.empty_like(y)
+    ws = workspace_parallel(K, M)
     for i in range(n_steps):
-        rhs_parallel(y, c, p, K, M, k1)
+        rhs_parallel_ws(y, c, p, K, M, k1, *ws)
         for q in range(y.size):
             tmp[q] = y[q] + 0.5 * dt * k1[q]
-        rhs_parallel(tmp, c, p, K, M, k2)
+        rhs_parallel_ws(tmp, c, p, K, M, k2, *ws)
         for q in range(y.size):
             tmp[q] = y[q] + 0.5 * dt * k2[q]
-        rhs_parallel(tmp, c, p, K, M, k3)
+        rhs_parallel_ws(tmp, c, p, K, M, k3, *ws)
         for q in range(y.size):
             tmp[q] = y[q] + dt * k3[q]
-        rhs_parallel(tmp, c, p, K, M, k4)
+        rhs_parallel_ws(tmp, c, p, K, M, k4, *ws)
         probe = 0.0
         for q in range(y.size):
             y[q] += dt / 6.0 * (k1[q] + 2.0 * k2[q] + 2.0 * k3[q] + k4[q])
@@ -607,12 +624,13 @@ def run_adaptive_parallel(y, c, p, K, M, t_end, rtol, atol, max_attempts, record
     k7 = np.empty_like(y)
     tmp = np.empty_like(y)
     y_new = np.empty_like(y)
+    ws = workspace_parallel(K, M)
     n = y.size
     last_record = traj.shape[0] - 1
     alpha = clock[0]
     h = clock[1]
     if fresh:
-        rhs_parallel(y, c, p, K, M, k1)
+        rhs_parallel_ws(y, c, p, K, M, k1, *ws)
         counts[0] += 1
         probe = 0.0
         for q in range(n):
@@ -629,23 +647,23 @@ def run_adaptive_parallel(y, c, p, K, M, t_end, rtol, atol, max_attempts, record
             h = t_end - alpha
         for q in range(n):
             tmp[q] = y[q] + h * (0.2 * k1[q])
-        rhs_parallel(tmp, c, p, K, M, k2)
+        rhs_parallel_ws(tmp, c, p, K, M, k2, *ws)
         for q in range(n):
             tmp[q] = y[q] + h * (0.075 * k1[q] + 0.225 * k2[q])
-        rhs_parallel(tmp, c, p, K, M, k3)
+        rhs_parallel_ws(tmp, c, p, K, M, k3, *ws)
         for q in range(n):
             tmp[q] = y[q] + h * (0.9777777777777777 * k1[q] - 3.7333333333333334 * k2[q] + 3.5555555555555554 * k3[q])
-        rhs_parallel(tmp, c, p, K, M, k4)
+        rhs_parallel_ws(tmp, c, p, K, M, k4, *ws)
         for q in range(n):
             tmp[q] = y[q] + h * (2.9525986892242035 * k1[q] - 11.595793324188385 * k2[q] + 9.822892851699436 * k3[q] - 0.2908093278463649 * k4[q])
-        rhs_parallel(tmp, c, p, K, M, k5)
+        rhs_parallel_ws(tmp, c, p, K, M, k5, *ws)
         for q in range(n):
             tmp[q] = y[q] + h * (2.8462752525252526 * k1[q] - 10.757575757575758 * k2[q] + 8.906422717743473 * k3[q] + 0.2784090909090909 * k4[q] - 0.2735313036020583 * k5[q])
-        rhs_parallel(tmp, c, p, K, M, k6)
+        rhs_parallel_ws(tmp, c, p, K, M, k6, *ws)
         # the new solution, and its slope: the first stage of the next step
         for q in range(n):
             y_new[q] = y[q] + h * (0.09114583333333333 * k1[q] + 0.44923629829290207 * k3[q] + 0.6510416666666666 * k4[q] - 0.322376179245283 * k5[q] + 0.13095238095238096 * k6[q])
-        rhs_parallel(y_new, c, p, K, M, k7)
+        rhs_parallel_ws(y_new, c, p, K, M, k7, *ws)
         counts[0] += 6
         # the square of the error estimate, the mean over the state; nan when anything
         # is not finite (inf * 0 = nan)
