@@ -845,7 +845,7 @@ def _statements(stmts, names, rows, where, model=None, activation=None, tables=N
 
     for st in stmts:
         if isinstance(st, meta.Alloc):
-            out.append({"kind": "alloc", "name": st.name, "dims": list(st.dims)})
+            out.append({"kind": "alloc", "name": st.name, "dims": list(st.dims), "only_if": st.only_if})
         elif isinstance(st, meta.Let):
             out.append({"kind": "let", "target": st.target, "source": st.source})
         elif isinstance(st, meta.Assign):
@@ -905,7 +905,7 @@ def _task_context(ir: FlowIR, names, where, frows) -> dict | None:
                 # empty unless the second-order terms read it
                 dims = [f"{d} * s2_" for d in dims]
                 assign = {"kind": "if", "cond": second, "body": [assign]}
-            stmts += [{"kind": "alloc", "name": name, "dims": dims}, assign]
+            stmts += [{"kind": "alloc", "name": name, "dims": dims, "only_if": None}, assign]
         return stmts
 
     def reads_optimal(bases):

@@ -20,6 +20,7 @@ from .expand import RawTerm, expand
 from .gaussian import Derived, directional, expectation, name_of
 from .model import Model
 from .models import get_model
+from .symbols import finite
 
 
 @dataclass(frozen=True)
@@ -130,14 +131,16 @@ def support_excess(factors: list[sp.Indexed], rank: dict, support: dict) -> sp.E
     return out
 
 
-def task_average(coeff: sp.Expr, families, support: dict | None = None) -> sp.Expr:
+def task_average(coeff: sp.Expr, families, support: dict | None = None, parts: bool = False):
     """Average a coefficient over the task quantities (``families``, in order); with
     ``support`` (see ``support_excess``), fourth moments include the support set's
-    task-dependent covariance."""
+    task-dependent covariance. With ``parts``, the pair (Isserlis' part, that
+    covariance's part)."""
     rank = {f.base: i for i, f in enumerate(families)}
     if not rank or not coeff.has(*rank):
-        return coeff
+        return (coeff, sp.S.Zero) if parts else coeff
     out = sp.S.Zero
+    excess = sp.S.Zero
     for mono in sp.Add.make_args(sp.expand(coeff)):
         rand, rest = [], sp.S.One
         for f in sp.Mul.make_args(mono):
@@ -147,36 +150,43 @@ def task_average(coeff: sp.Expr, families, support: dict | None = None) -> sp.Ex
             else:
                 rest *= f
         rand = sorted(rand, key=lambda e: (rank[e.base], str(e.indices)))
-        out += rest * (isserlis(rand, rank) + support_excess(rand, rank, support or {}))
-    return out
+        out += rest * isserlis(rand, rank)
+        excess += rest * support_excess(rand, rank, support or {})
+    return (out, excess) if parts else out + excess
 
 
 def average(
-    raw: list[RawTerm], activation: str, used: dict, families=(), support=None
+    raw: list[RawTerm], activation: str, used: dict, families=(), support=None, guard=sp.S.One
 ) -> tuple[FlowTerm, ...]:
     """Expectation of each expanded term over the Gaussian fields, the noise and
-    the task quantities ``families`` (independent of the query sample)."""
+    the task quantities ``families`` (independent of the query sample). The part of
+    a term that the support set's task-dependent covariance adds (``support``) is a
+    term of its own, times ``guard`` (the indicator that the support set is finite:
+    codegen runs it only then)."""
     merged: dict = {}
     for t in raw:
         w = _noise_moment(t.zeta_power)
         if w == 0:
             continue
         kinds = tuple(k for k, _ in t.factors)
-        args = tuple(f for _, f in t.factors)
-        coeff = task_average(w * t.coeff, families, support)
-        name = None
-        if kinds:
-            d = expectation(kinds, activation, name_of(kinds))
-            if d.expr == 0:
+        args0 = tuple(f for _, f in t.factors)
+        regular, excess = task_average(w * t.coeff, families, support, parts=True)
+        for part, coeff in (("", regular), ("support", excess * guard)):
+            if coeff == 0:
                 continue
-            if d.expr.is_number:
-                coeff, args = coeff * d.expr, ()
-            else:
-                name = d.name
-                used[name] = d
-        key = (t.sums, name, args)
-        merged[key] = merged.get(key, sp.S.Zero) + coeff
-    return tuple(FlowTerm(sp.factor_terms(c), *key) for key, c in merged.items() if c != 0)
+            name, args = None, args0
+            if kinds:
+                d = expectation(kinds, activation, name_of(kinds))
+                if d.expr == 0:
+                    continue
+                if d.expr.is_number:
+                    coeff, args = coeff * d.expr, ()
+                else:
+                    name = d.name
+                    used[name] = d
+            key = (t.sums, name, args, part)
+            merged[key] = merged.get(key, sp.S.Zero) + coeff
+    return tuple(FlowTerm(sp.factor_terms(c), *key[:3]) for key, c in merged.items() if c != 0)
 
 
 def _directional(terms: tuple[FlowTerm, ...], activation: str, used: dict) -> tuple[FlowTerm, ...]:
@@ -229,6 +239,7 @@ def derive_flow(model: Model, activation: str) -> FlowIR:
     fams = model.random_families
     used: dict = {}
     support = None
+    guard = sp.S.One
     if model.inner_loop is not None:
         from .meta import excess_name, excess_pairs, excess_vv_name
 
@@ -240,11 +251,13 @@ def derive_flow(model: Model, activation: str) -> FlowIR:
                     excess_vv_name(model.inner_loop),
                 )
             }
+            # the support set's terms run only when it is finite (zero arrays otherwise)
+            guard = sp.Piecewise((1, finite(sp.sympify(model.inner_loop.support))), (0, True))
     derivs = []
     rules = [model.first_layer, *model.readout_updates]
     for rule in rules:
         for name, (free, integrand, deterministic) in rule.flows(loss).items():
-            terms = average(expand(integrand), activation, used, fams, support)
+            terms = average(expand(integrand), activation, used, fams, support, guard)
             terms += tuple(FlowTerm(t.coeff, t.sums, None, ()) for t in expand(deterministic))
             derivs.append(Component(name, free, terms, symmetric=name in rule.symmetric))
     # a student readout without an update rule stays constant in time
@@ -253,7 +266,7 @@ def derive_flow(model: Model, activation: str) -> FlowIR:
         if v.name not in updated:
             derivs.append(Component(v.name, (sp.Idx("k", v.length),), ()))
     metrics = tuple(
-        Component(name, (), average(expand(integrand), activation, used, fams, support))
+        Component(name, (), average(expand(integrand), activation, used, fams, support, guard))
         for name, integrand in model.metrics.items()
     )
     samples = []

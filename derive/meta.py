@@ -45,10 +45,12 @@ EPS = sp.Symbol("epsilon")
 
 @dataclass(frozen=True)
 class Alloc:
-    """``name = np.zeros(dims)``."""
+    """``name = np.zeros(dims)``; with ``only_if``, zero-length when the condition
+    does not hold (every read of the array is under the same condition)."""
 
     name: str
     dims: tuple[str, ...]
+    only_if: str | None = None
 
 
 @dataclass(frozen=True)
@@ -729,7 +731,12 @@ def _support_excess(model, laws, comp, assign, steps, r, nonzero) -> list:
     + mu_y mu_v c_xu`` contracted with ``N``."""
     inner = model.inner_loop
     pairs = excess_pairs(model)
-    stmts = [Alloc(excess_name(x, y), ("K", "K", *_dims(x.kinds), *_dims(y.kinds))) for x, y in pairs]
+    # K^4 entries and more, read only by the flow's terms guarded by a finite support
+    # set (derive/flow.py average): none with a population support loss
+    finite = f"math.isfinite({_code(inner.support)})"
+    stmts = [
+        Alloc(excess_name(x, y), ("K", "K", *_dims(x.kinds), *_dims(y.kinds)), finite) for x, y in pairs
+    ]
     k, i_, j_ = student_index("k"), student_index("i_"), student_index("j_")
     c_, d_ = student_index("c_"), student_index("d_")
     wfams = [("c", (STUDENT,))] + [(tv.name, tv.kinds) for tv in laws]  # "1" has no loading
@@ -817,7 +824,7 @@ def _support_excess(model, laws, comp, assign, steps, r, nonzero) -> list:
     # the loadings as E1 does (the four-adapted part of the fourth moments)
     r2 = sp.Idx("r2_", r.upper + 1)
     cvv = sp.IndexedBase(excess_vv_name(inner))
-    stmts.append(Alloc(cvv.name, ("K", "K", "K", "K")))
+    stmts.append(Alloc(cvv.name, ("K", "K", "K", "K"), finite))
     nr = _dims((inner.noise.kind,))[0]
     e1, e2 = sp.S.Zero, sp.S.Zero
     for P, kp in allw:

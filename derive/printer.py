@@ -57,6 +57,10 @@ class KernelPrinter(PythonCodePrinter):
         # the module's vectorisable arcsine (derive/special.py)
         return f"asin_({self._print(expr.args[0])})"
 
+    def _print_finite(self, expr):
+        # derive/symbols.py finite: the guard of the terms of a finite support set
+        return f"math.isfinite({self._print(expr.args[0])})"
+
     def _print_Idx(self, expr):
         return str(expr.label)
 

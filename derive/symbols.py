@@ -147,3 +147,17 @@ def rename_bound(expr: sp.Expr, prefix: str = "_b") -> sp.Expr:
         return e
 
     return walk(sp.sympify(expr))
+
+
+class finite(sp.logic.boolalg.BooleanFunction):
+    """``finite(n)``: true when the support-set size ``n`` is finite. It guards the
+    terms that vanish with a population support loss (``n = inf``, where their task
+    arrays are zero), so that codegen runs them only under ``if math.isfinite(n)``
+    (derive/flow.py ``average``, derive/codegen.py ``_guarded``). A number decides
+    it at once; a parameter stays a condition, whatever sympy assumes of it."""
+
+    @classmethod
+    def eval(cls, n):
+        if n.is_number:
+            return sp.true if n.is_finite else sp.false
+        return None

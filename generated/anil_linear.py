@@ -2,9 +2,9 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 632e15a75888f037bfe0886adc7eb0b2db71abd6fd957ccac8ba48be275a4ff0
+# inputs:     sha256 0566458965e29aa05f2c33f81d95b797f3513706d446032320d1d6c9e2711e03
 # versions:   derive 0.1.0, sympy 1.14.0
-# operations: 657 (sympy count_ops of the primitives and coefficients)
+# operations: 674 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
 
 Flat arrays, row-major, in the order of STATE (y), CONSTS (c) and PARAMS (p);
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "632e15a75888f037bfe0886adc7eb0b2db71abd6fd957ccac8ba48be275a4ff0"
+INPUTS_SHA256 = "0566458965e29aa05f2c33f81d95b797f3513706d446032320d1d6c9e2711e03"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -515,10 +515,10 @@ def task_moments(y, c, p, K, M, C, with_optimal):
                 acc = 0.0
                 acc += V_s[steps_, k, l]
                 V_adapted[k, l] = acc
-    CMV_adapted__adapted = np.zeros((K, K, K, K,))
-    CMV_adapted__v_task = np.zeros((K, K, K, M,))
-    CMV_v_task__v_task = np.zeros((K, K, M, M,))
-    CVV_adapted = np.zeros((K, K, K, K,))
+    CMV_adapted__adapted = np.zeros((K, K, K, K,)) if math.isfinite(n_s) else np.zeros((0, 0, 0, 0,))
+    CMV_adapted__v_task = np.zeros((K, K, K, M,)) if math.isfinite(n_s) else np.zeros((0, 0, 0, 0,))
+    CMV_v_task__v_task = np.zeros((K, K, M, M,)) if math.isfinite(n_s) else np.zeros((0, 0, 0, 0,))
+    CVV_adapted = np.zeros((K, K, K, K,)) if math.isfinite(n_s) else np.zeros((0, 0, 0, 0,))
     if math.isfinite(n_s):
         Pi_s = np.zeros((steps_, K, K,))
         for s_ in range(steps_):
@@ -1175,10 +1175,18 @@ def rhs_ws(y, c, p, K, M, dy, C):
             s0 = 0.0
             d0 = 0.0
             for j0 in range(K):
-                d0 += (2*(S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*S_adapted__adapted[j0, l] + 2*(S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*S_adapted__adapted[j0, k] + 2*(S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j0] + 2*((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j0] + S_adapted__adapted[j0, k]*mu_adapted[l] + S_adapted__adapted[j0, l]*mu_adapted[k])*mu_adapted[j0] + 2*CMV_adapted__adapted[j0, j0, k, l] + 4*CMV_adapted__adapted[j0, k, j0, l] + 4*CMV_adapted__adapted[j0, l, j0, k] + 2*CMV_adapted__adapted[k, l, j0, j0] + 2*CVV_adapted[j0, j0, k, l] + 2*CVV_adapted[j0, k, j0, l] + 2*CVV_adapted[j0, l, j0, k])*I4(C, k, l, j0, j0)
+                d0 += (2*(S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*S_adapted__adapted[j0, l] + 2*(S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*S_adapted__adapted[j0, k] + 2*(S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j0] + 2*((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j0] + S_adapted__adapted[j0, k]*mu_adapted[l] + S_adapted__adapted[j0, l]*mu_adapted[k])*mu_adapted[j0])*I4(C, k, l, j0, j0)
                 for j1 in range(j0 + 1, K):
-                    s0 += ((S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*S_adapted__adapted[j1, l] + (S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*S_adapted__adapted[j1, k] + (S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j1, j0] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j0] + S_adapted__adapted[j0, k]*mu_adapted[l] + S_adapted__adapted[j0, l]*mu_adapted[k])*mu_adapted[j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0] + CMV_adapted__adapted[j0, j1, k, l] + 2*CMV_adapted__adapted[j0, k, j1, l] + 2*CMV_adapted__adapted[j0, l, j1, k] + CMV_adapted__adapted[j1, j0, k, l] + 2*CMV_adapted__adapted[j1, k, j0, l] + 2*CMV_adapted__adapted[j1, l, j0, k] + CMV_adapted__adapted[k, l, j0, j1] + CMV_adapted__adapted[k, l, j1, j0] + CVV_adapted[j0, j1, k, l] + CVV_adapted[j0, k, j1, l] + CVV_adapted[j0, l, j1, k] + CVV_adapted[j1, j0, k, l] + CVV_adapted[j1, k, j0, l] + CVV_adapted[j1, l, j0, k])*I4(C, k, l, j0, j1)
+                    s0 += ((S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*S_adapted__adapted[j1, l] + (S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*S_adapted__adapted[j1, k] + (S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j1, j0] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j0] + S_adapted__adapted[j0, k]*mu_adapted[l] + S_adapted__adapted[j0, l]*mu_adapted[k])*mu_adapted[j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0])*I4(C, k, l, j0, j1)
             acc += (1.0/2.0)*eta**2/n_q * (d0 + 2.0 * s0)
+            if (math.isfinite(n_s)):
+                s0 = 0.0
+                d0 = 0.0
+                for j0 in range(K):
+                    d0 += (2*CMV_adapted__adapted[j0, j0, k, l] + 4*CMV_adapted__adapted[j0, k, j0, l] + 4*CMV_adapted__adapted[j0, l, j0, k] + 2*CMV_adapted__adapted[k, l, j0, j0] + 2*CVV_adapted[j0, j0, k, l] + 2*CVV_adapted[j0, k, j0, l] + 2*CVV_adapted[j0, l, j0, k])*I4(C, k, l, j0, j0)
+                    for j1 in range(j0 + 1, K):
+                        s0 += (CMV_adapted__adapted[j0, j1, k, l] + 2*CMV_adapted__adapted[j0, k, j1, l] + 2*CMV_adapted__adapted[j0, l, j1, k] + CMV_adapted__adapted[j1, j0, k, l] + 2*CMV_adapted__adapted[j1, k, j0, l] + 2*CMV_adapted__adapted[j1, l, j0, k] + CMV_adapted__adapted[k, l, j0, j1] + CMV_adapted__adapted[k, l, j1, j0] + CVV_adapted[j0, j1, k, l] + CVV_adapted[j0, k, j1, l] + CVV_adapted[j0, l, j1, k] + CVV_adapted[j1, j0, k, l] + CVV_adapted[j1, k, j0, l] + CVV_adapted[j1, l, j0, k])*I4(C, k, l, j0, j1)
+                acc += (1.0/2.0)*eta**2/n_q * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -1188,15 +1196,29 @@ def rhs_ws(y, c, p, K, M, dy, C):
             s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    s0 += ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__v_task[j0, m0] + (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*S_adapted__adapted[j0, l] + (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__adapted[j0, k] + ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*mu_adapted[k] + S_adapted__adapted[k, l]*mu_v_task[m0] + S_adapted__v_task[k, m0]*mu_adapted[l])*mu_adapted[j0] + CMV_adapted__v_task[j0, k, l, m0] + CMV_adapted__v_task[j0, l, k, m0] + CMV_adapted__v_task[k, l, j0, m0])*I4(C, k, l, j0, K + M + m0)
+                    s0 += ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__v_task[j0, m0] + (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*S_adapted__adapted[j0, l] + (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__adapted[j0, k] + ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*mu_adapted[k] + S_adapted__adapted[k, l]*mu_v_task[m0] + S_adapted__v_task[k, m0]*mu_adapted[l])*mu_adapted[j0])*I4(C, k, l, j0, K + M + m0)
             acc += -2*eta**2/n_q * s0
+            if (math.isfinite(n_s)):
+                s0 = 0.0
+                for j0 in range(K):
+                    for m0 in range(M):
+                        s0 += (CMV_adapted__v_task[j0, k, l, m0] + CMV_adapted__v_task[j0, l, k, m0] + CMV_adapted__v_task[k, l, j0, m0])*I4(C, k, l, j0, K + M + m0)
+                acc += -2*eta**2/n_q * s0
             s0 = 0.0
             d0 = 0.0
             for m0 in range(M):
-                d0 += (2*((S_v_task__v_task[m0, m0] + mu_v_task[m0]**2)*mu_adapted[l] + 2*S_adapted__v_task[l, m0]*mu_v_task[m0])*mu_adapted[k] + 4*(S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m0] + 2*(S_v_task__v_task[m0, m0] + mu_v_task[m0]**2)*S_adapted__adapted[k, l] + 2*CMV_v_task__v_task[k, l, m0, m0])*I4(C, k, l, K + M + m0, K + M + m0)
+                d0 += (2*((S_v_task__v_task[m0, m0] + mu_v_task[m0]**2)*mu_adapted[l] + 2*S_adapted__v_task[l, m0]*mu_v_task[m0])*mu_adapted[k] + 4*(S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m0] + 2*(S_v_task__v_task[m0, m0] + mu_v_task[m0]**2)*S_adapted__adapted[k, l])*I4(C, k, l, K + M + m0, K + M + m0)
                 for m1 in range(m0 + 1, M):
-                    s0 += (2*(S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + 2*(S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + (S_v_task__v_task[m1, m0] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k] + ((S_v_task__v_task[m1, m0] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k] + CMV_v_task__v_task[k, l, m0, m1] + CMV_v_task__v_task[k, l, m1, m0])*I4(C, k, l, K + M + m0, K + M + m1)
+                    s0 += (2*(S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + 2*(S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + (S_v_task__v_task[m1, m0] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k] + ((S_v_task__v_task[m1, m0] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k])*I4(C, k, l, K + M + m0, K + M + m1)
             acc += (1.0/2.0)*eta**2/n_q * (d0 + 2.0 * s0)
+            if (math.isfinite(n_s)):
+                s0 = 0.0
+                d0 = 0.0
+                for m0 in range(M):
+                    d0 += 2*I4(C, k, l, K + M + m0, K + M + m0)*CMV_v_task__v_task[k, l, m0, m0]
+                    for m1 in range(m0 + 1, M):
+                        s0 += (CMV_v_task__v_task[k, l, m0, m1] + CMV_v_task__v_task[k, l, m1, m0])*I4(C, k, l, K + M + m0, K + M + m1)
+                acc += (1.0/2.0)*eta**2/n_q * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -1506,10 +1528,18 @@ def rhs_parallel_ws(y, c, p, K, M, dy, C):
             s0 = 0.0
             d0 = 0.0
             for j0 in range(K):
-                d0 += (2*(S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*S_adapted__adapted[j0, l] + 2*(S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*S_adapted__adapted[j0, k] + 2*(S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j0] + 2*((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j0] + S_adapted__adapted[j0, k]*mu_adapted[l] + S_adapted__adapted[j0, l]*mu_adapted[k])*mu_adapted[j0] + 2*CMV_adapted__adapted[j0, j0, k, l] + 4*CMV_adapted__adapted[j0, k, j0, l] + 4*CMV_adapted__adapted[j0, l, j0, k] + 2*CMV_adapted__adapted[k, l, j0, j0] + 2*CVV_adapted[j0, j0, k, l] + 2*CVV_adapted[j0, k, j0, l] + 2*CVV_adapted[j0, l, j0, k])*I4(C, k, l, j0, j0)
+                d0 += (2*(S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*S_adapted__adapted[j0, l] + 2*(S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*S_adapted__adapted[j0, k] + 2*(S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j0] + 2*((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j0] + S_adapted__adapted[j0, k]*mu_adapted[l] + S_adapted__adapted[j0, l]*mu_adapted[k])*mu_adapted[j0])*I4(C, k, l, j0, j0)
                 for j1 in range(j0 + 1, K):
-                    s0 += ((S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*S_adapted__adapted[j1, l] + (S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*S_adapted__adapted[j1, k] + (S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j1, j0] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j0] + S_adapted__adapted[j0, k]*mu_adapted[l] + S_adapted__adapted[j0, l]*mu_adapted[k])*mu_adapted[j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0] + CMV_adapted__adapted[j0, j1, k, l] + 2*CMV_adapted__adapted[j0, k, j1, l] + 2*CMV_adapted__adapted[j0, l, j1, k] + CMV_adapted__adapted[j1, j0, k, l] + 2*CMV_adapted__adapted[j1, k, j0, l] + 2*CMV_adapted__adapted[j1, l, j0, k] + CMV_adapted__adapted[k, l, j0, j1] + CMV_adapted__adapted[k, l, j1, j0] + CVV_adapted[j0, j1, k, l] + CVV_adapted[j0, k, j1, l] + CVV_adapted[j0, l, j1, k] + CVV_adapted[j1, j0, k, l] + CVV_adapted[j1, k, j0, l] + CVV_adapted[j1, l, j0, k])*I4(C, k, l, j0, j1)
+                    s0 += ((S_adapted__adapted[j0, k] + mu_adapted[j0]*mu_adapted[k])*S_adapted__adapted[j1, l] + (S_adapted__adapted[j0, l] + mu_adapted[j0]*mu_adapted[l])*S_adapted__adapted[j1, k] + (S_adapted__adapted[j1, k] + mu_adapted[j1]*mu_adapted[k])*S_adapted__adapted[j0, l] + (S_adapted__adapted[j1, l] + mu_adapted[j1]*mu_adapted[l])*S_adapted__adapted[j0, k] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j0, j1] + (S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__adapted[j1, j0] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j0] + S_adapted__adapted[j0, k]*mu_adapted[l] + S_adapted__adapted[j0, l]*mu_adapted[k])*mu_adapted[j1] + ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*mu_adapted[j1] + S_adapted__adapted[j1, k]*mu_adapted[l] + S_adapted__adapted[j1, l]*mu_adapted[k])*mu_adapted[j0])*I4(C, k, l, j0, j1)
             acc += (1.0/2.0)*eta**2/n_q * (d0 + 2.0 * s0)
+            if (math.isfinite(n_s)):
+                s0 = 0.0
+                d0 = 0.0
+                for j0 in range(K):
+                    d0 += (2*CMV_adapted__adapted[j0, j0, k, l] + 4*CMV_adapted__adapted[j0, k, j0, l] + 4*CMV_adapted__adapted[j0, l, j0, k] + 2*CMV_adapted__adapted[k, l, j0, j0] + 2*CVV_adapted[j0, j0, k, l] + 2*CVV_adapted[j0, k, j0, l] + 2*CVV_adapted[j0, l, j0, k])*I4(C, k, l, j0, j0)
+                    for j1 in range(j0 + 1, K):
+                        s0 += (CMV_adapted__adapted[j0, j1, k, l] + 2*CMV_adapted__adapted[j0, k, j1, l] + 2*CMV_adapted__adapted[j0, l, j1, k] + CMV_adapted__adapted[j1, j0, k, l] + 2*CMV_adapted__adapted[j1, k, j0, l] + 2*CMV_adapted__adapted[j1, l, j0, k] + CMV_adapted__adapted[k, l, j0, j1] + CMV_adapted__adapted[k, l, j1, j0] + CVV_adapted[j0, j1, k, l] + CVV_adapted[j0, k, j1, l] + CVV_adapted[j0, l, j1, k] + CVV_adapted[j1, j0, k, l] + CVV_adapted[j1, k, j0, l] + CVV_adapted[j1, l, j0, k])*I4(C, k, l, j0, j1)
+                acc += (1.0/2.0)*eta**2/n_q * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):
@@ -1519,15 +1549,29 @@ def rhs_parallel_ws(y, c, p, K, M, dy, C):
             s0 = 0.0
             for j0 in range(K):
                 for m0 in range(M):
-                    s0 += ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__v_task[j0, m0] + (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*S_adapted__adapted[j0, l] + (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__adapted[j0, k] + ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*mu_adapted[k] + S_adapted__adapted[k, l]*mu_v_task[m0] + S_adapted__v_task[k, m0]*mu_adapted[l])*mu_adapted[j0] + CMV_adapted__v_task[j0, k, l, m0] + CMV_adapted__v_task[j0, l, k, m0] + CMV_adapted__v_task[k, l, j0, m0])*I4(C, k, l, j0, K + M + m0)
+                    s0 += ((S_adapted__adapted[k, l] + mu_adapted[k]*mu_adapted[l])*S_adapted__v_task[j0, m0] + (S_adapted__v_task[k, m0] + mu_adapted[k]*mu_v_task[m0])*S_adapted__adapted[j0, l] + (S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__adapted[j0, k] + ((S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*mu_adapted[k] + S_adapted__adapted[k, l]*mu_v_task[m0] + S_adapted__v_task[k, m0]*mu_adapted[l])*mu_adapted[j0])*I4(C, k, l, j0, K + M + m0)
             acc += -2*eta**2/n_q * s0
+            if (math.isfinite(n_s)):
+                s0 = 0.0
+                for j0 in range(K):
+                    for m0 in range(M):
+                        s0 += (CMV_adapted__v_task[j0, k, l, m0] + CMV_adapted__v_task[j0, l, k, m0] + CMV_adapted__v_task[k, l, j0, m0])*I4(C, k, l, j0, K + M + m0)
+                acc += -2*eta**2/n_q * s0
             s0 = 0.0
             d0 = 0.0
             for m0 in range(M):
-                d0 += (2*((S_v_task__v_task[m0, m0] + mu_v_task[m0]**2)*mu_adapted[l] + 2*S_adapted__v_task[l, m0]*mu_v_task[m0])*mu_adapted[k] + 4*(S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m0] + 2*(S_v_task__v_task[m0, m0] + mu_v_task[m0]**2)*S_adapted__adapted[k, l] + 2*CMV_v_task__v_task[k, l, m0, m0])*I4(C, k, l, K + M + m0, K + M + m0)
+                d0 += (2*((S_v_task__v_task[m0, m0] + mu_v_task[m0]**2)*mu_adapted[l] + 2*S_adapted__v_task[l, m0]*mu_v_task[m0])*mu_adapted[k] + 4*(S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m0] + 2*(S_v_task__v_task[m0, m0] + mu_v_task[m0]**2)*S_adapted__adapted[k, l])*I4(C, k, l, K + M + m0, K + M + m0)
                 for m1 in range(m0 + 1, M):
-                    s0 += (2*(S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + 2*(S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + (S_v_task__v_task[m1, m0] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k] + ((S_v_task__v_task[m1, m0] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k] + CMV_v_task__v_task[k, l, m0, m1] + CMV_v_task__v_task[k, l, m1, m0])*I4(C, k, l, K + M + m0, K + M + m1)
+                    s0 += (2*(S_adapted__v_task[l, m0] + mu_adapted[l]*mu_v_task[m0])*S_adapted__v_task[k, m1] + 2*(S_adapted__v_task[l, m1] + mu_adapted[l]*mu_v_task[m1])*S_adapted__v_task[k, m0] + (S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + (S_v_task__v_task[m1, m0] + mu_v_task[m0]*mu_v_task[m1])*S_adapted__adapted[k, l] + ((S_v_task__v_task[m0, m1] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k] + ((S_v_task__v_task[m1, m0] + mu_v_task[m0]*mu_v_task[m1])*mu_adapted[l] + S_adapted__v_task[l, m0]*mu_v_task[m1] + S_adapted__v_task[l, m1]*mu_v_task[m0])*mu_adapted[k])*I4(C, k, l, K + M + m0, K + M + m1)
             acc += (1.0/2.0)*eta**2/n_q * (d0 + 2.0 * s0)
+            if (math.isfinite(n_s)):
+                s0 = 0.0
+                d0 = 0.0
+                for m0 in range(M):
+                    d0 += 2*I4(C, k, l, K + M + m0, K + M + m0)*CMV_v_task__v_task[k, l, m0, m0]
+                    for m1 in range(m0 + 1, M):
+                        s0 += (CMV_v_task__v_task[k, l, m0, m1] + CMV_v_task__v_task[k, l, m1, m0])*I4(C, k, l, K + M + m0, K + M + m1)
+                acc += (1.0/2.0)*eta**2/n_q * (d0 + 2.0 * s0)
             if ((order == 2)):
                 s0 = 0.0
                 for j0 in range(K):

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 f385f561bc440b987b4e6da3d77edb4dc1acb796a2ea630f151c02e89e82dab2
+# inputs:     sha256 41275aba891c344de98b69ca95ceb856601ca687470797801bca66924a42de0a
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "f385f561bc440b987b4e6da3d77edb4dc1acb796a2ea630f151c02e89e82dab2"
+INPUTS_SHA256 = "41275aba891c344de98b69ca95ceb856601ca687470797801bca66924a42de0a"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

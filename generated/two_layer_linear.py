@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 73e8a236433c451799d9141487657490d9169ec326a6721b0a6c077f5f4d33b9
+# inputs:     sha256 f816533f67b3f3c77229cb92dc0ae5e96dc0dab81d5a747f9032842b996c8d49
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "73e8a236433c451799d9141487657490d9169ec326a6721b0a6c077f5f4d33b9"
+INPUTS_SHA256 = "f816533f67b3f3c77229cb92dc0ae5e96dc0dab81d5a747f9032842b996c8d49"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
