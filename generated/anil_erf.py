@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 9a5e06601998a8c4077edde17ef6a9100bac5e153c9ca015dc2f194558e2809a
+# inputs:     sha256 e92cdb3d75a761d313a7ace6e2c21d95d9ccbb2ac7820b51d368ceb185ac4a47
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 2341 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "9a5e06601998a8c4077edde17ef6a9100bac5e153c9ca015dc2f194558e2809a"
+INPUTS_SHA256 = "e92cdb3d75a761d313a7ace6e2c21d95d9ccbb2ac7820b51d368ceb185ac4a47"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -232,19 +232,23 @@ def tilt2_table(C, a, b, Dn, X, P):
 def I2C_fill(C, T, D):
     """T[r, q] = I2(C; r, q) for every pair of rows of C, once per evaluation of
     the right-hand side (derive/codegen.py: _base_tables), as 2*asin(Da*Db*x)/pi, D = 1/sqrt(C_rr + 1)
-    (derive/codegen.py: separable_form): D once per row, the rows in one loop that
-    vectorises. The derivatives read I2C[r, q] instead of calling I2."""
+    (derive/codegen.py: separable_form): D once per row; I2 is symmetric in
+    its two fields (derive/gaussian.py: exchange_symmetric), so each row computes
+    q >= r in one loop that vectorises and is mirrored. The derivatives read
+    I2C[r, q] instead of calling I2."""
     n = C.shape[0]
     for r in range(n):
         d = C[r, r]
         D[r] = 1/math.sqrt(d + 1)
     for r in range(n):
         Da = D[r]
-        Cr, Tr = C[r], T[r]
-        for q in range(n):
-            x = Cr[q]
-            Db = D[q]
-            Tr[q] = 2/math.pi * asin_(Da*Db*x)
+        Cr, Tr, Dq = C[r, r:], T[r, r:], D[r:]
+        for j in range(n - r):
+            x = Cr[j]
+            Db = Dq[j]
+            Tr[j] = 2/math.pi * asin_(Da*Db*x)
+        for j in range(1, n - r):
+            T[r + j, r] = Tr[j]
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})

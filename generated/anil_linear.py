@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 0566458965e29aa05f2c33f81d95b797f3513706d446032320d1d6c9e2711e03
+# inputs:     sha256 c6894b34c50846df47233847899412700efbd2665d6e55aa1a532d4fe8dff6a5
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 674 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "0566458965e29aa05f2c33f81d95b797f3513706d446032320d1d6c9e2711e03"
+INPUTS_SHA256 = "c6894b34c50846df47233847899412700efbd2665d6e55aa1a532d4fe8dff6a5"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

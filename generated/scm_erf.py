@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 9c8aeb882a818ed323e719260aa2a7349bed3dbb8e7f6d4bfd09d828bfdb8e9e
+# inputs:     sha256 2d710d803ab538ece67298ebb4631835bc7fe2f1947bd3eeccc02263a3219fa3
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "9c8aeb882a818ed323e719260aa2a7349bed3dbb8e7f6d4bfd09d828bfdb8e9e"
+INPUTS_SHA256 = "2d710d803ab538ece67298ebb4631835bc7fe2f1947bd3eeccc02263a3219fa3"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

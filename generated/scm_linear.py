@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 a018099a39e2976fd6547c4da2481e3da3d679f3c075e2a9a69c11a9a75e71fe
+# inputs:     sha256 23f4b2b3a0b61015fdd88272acacf07c82862ea013a4dd8ae8a79c17d521c481
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "a018099a39e2976fd6547c4da2481e3da3d679f3c075e2a9a69c11a9a75e71fe"
+INPUTS_SHA256 = "23f4b2b3a0b61015fdd88272acacf07c82862ea013a4dd8ae8a79c17d521c481"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

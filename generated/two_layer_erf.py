@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 41275aba891c344de98b69ca95ceb856601ca687470797801bca66924a42de0a
+# inputs:     sha256 7d9fe70df3399b0c306aa4745348ccb813b0382f4874d2db53ed59e5ccbd69dd
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "41275aba891c344de98b69ca95ceb856601ca687470797801bca66924a42de0a"
+INPUTS_SHA256 = "7d9fe70df3399b0c306aa4745348ccb813b0382f4874d2db53ed59e5ccbd69dd"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
@@ -163,19 +163,23 @@ def tilt2_table(C, a, b, Dn, X, P):
 def I2C_fill(C, T, D):
     """T[r, q] = I2(C; r, q) for every pair of rows of C, once per evaluation of
     the right-hand side (derive/codegen.py: _base_tables), as 2*asin(Da*Db*x)/pi, D = 1/sqrt(C_rr + 1)
-    (derive/codegen.py: separable_form): D once per row, the rows in one loop that
-    vectorises. The derivatives read I2C[r, q] instead of calling I2."""
+    (derive/codegen.py: separable_form): D once per row; I2 is symmetric in
+    its two fields (derive/gaussian.py: exchange_symmetric), so each row computes
+    q >= r in one loop that vectorises and is mirrored. The derivatives read
+    I2C[r, q] instead of calling I2."""
     n = C.shape[0]
     for r in range(n):
         d = C[r, r]
         D[r] = 1/math.sqrt(d + 1)
     for r in range(n):
         Da = D[r]
-        Cr, Tr = C[r], T[r]
-        for q in range(n):
-            x = Cr[q]
-            Db = D[q]
-            Tr[q] = 2/math.pi * asin_(Da*Db*x)
+        Cr, Tr, Dq = C[r, r:], T[r, r:], D[r:]
+        for j in range(n - r):
+            x = Cr[j]
+            Db = Dq[j]
+            Tr[j] = 2/math.pi * asin_(Da*Db*x)
+        for j in range(1, n - r):
+            T[r + j, r] = Tr[j]
 
 
 @njit(cache=True, error_model="numpy")

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 f816533f67b3f3c77229cb92dc0ae5e96dc0dab81d5a747f9032842b996c8d49
+# inputs:     sha256 026bab3fb327e5f72a74957b4e8f3da7e013a7e67a1b6fa1a8bcc22b3f46d7e7
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "f816533f67b3f3c77229cb92dc0ae5e96dc0dab81d5a747f9032842b996c8d49"
+INPUTS_SHA256 = "026bab3fb327e5f72a74957b4e8f3da7e013a7e67a1b6fa1a8bcc22b3f46d7e7"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
