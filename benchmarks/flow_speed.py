@@ -18,6 +18,8 @@
   threads pay, beside the rule the runtime follows (PARALLEL_FROM_K); the cold
   and warm start of a process that runs the threaded loops (numba caches them);
 - the simulator's outer step of anil (order 1, population mode, N = 1000, K = M = 2);
+- the vectorisation of the table loops (tilt2_table, packed_dot, I2C_fill): packed
+  against scalar double-precision instructions in numba's machine code;
 - time of `python -m derive regenerate` (in a scratch copy, the tree untouched);
 - cold start (empty numba cache: compile) and warm start (cache filled) of a
   fresh process, up to the first integrated step;
@@ -232,6 +234,46 @@ def simulator_step_time(N: int = 1000, steps: int = 2000) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+VECTORS = """
+import re, sys
+import numpy as np
+sys.path.insert(0, {bench!r})
+import flow_speed
+module = flow_speed.state({model!r}, 8, 8)[0].module
+n = 16
+A = np.random.default_rng(0).standard_normal((n, n))
+C = A @ A.T / n + np.eye(n)
+X, W = np.empty(n * (n + 1) // 2), np.ones(n * (n + 1) // 2)
+# each called once, so that numba compiles it with the kernels' types
+module.tilt2_table(C, 0, 1, np.empty(n), X, np.empty(n, np.int64))
+module.packed_dot(X, W)
+module.I2C_fill(C, np.empty((n, n)), np.empty(n))
+ops = r"v?(?:fn?m(?:add|sub)\\d{{3}}|add|sub|mul|div|sqrt|max|min|and|or|xor)"
+for name in ("tilt2_table", "packed_dot", "I2C_fill"):
+    fn = getattr(module, name)
+    asm = fn.inspect_asm(fn.signatures[0])
+    packed = len(re.findall(rf"\\b{{ops}}pd\\b", asm))
+    scalar = len(re.findall(rf"\\b{{ops}}sd\\b", asm))
+    widest = "ymm" if "ymm" in asm else ("xmm" if "xmm" in asm else "none")
+    print(f"  {{name}}: {{packed}} packed, {{scalar}} scalar double instructions (widest: {{widest}})")
+"""
+
+
+def vector_report(model: str = "two_layer") -> list[str]:
+    """For the table loops of ``model``'s kernel (erf): how many of the
+    double-precision arithmetic instructions in the machine code numba generates
+    (``inspect_asm``, in a process with an empty numba cache: cached code cannot be
+    inspected) are packed (``...pd``) rather than scalar (``...sd``), and the widest
+    vector register used: the loops are meant to vectorise."""
+    code = VECTORS.format(bench=str(ROOT / "benchmarks"), model=model)
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True
+        )
+    return out.stdout.strip().splitlines()
+
+
 def fit_exponent(sizes, times) -> float:
     """Slope of log(time) against log(K) over the sizes >= 8 (the asymptotic regime)."""
     pts = [(math.log(k), math.log(t)) for k, t in zip(sizes, times) if k >= 8]
@@ -315,6 +357,9 @@ def main() -> None:
     print(f"anil simulator, order 1, population, N = 1000, K = M = 2: {sim_us:.1f} us / outer step")
     if args.plot:
         plot(results, args.plot, args.threads)
+    print("vectorisation of the table loops (two_layer, machine code of this CPU):")
+    for line in vector_report():
+        print(line)
     print(f"regenerate (all models): {regenerate_time():.2f} s")
     with tempfile.TemporaryDirectory() as cache:
         print(f"cold start to first step (empty numba cache): {startup(cache):.2f} s")
