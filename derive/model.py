@@ -426,6 +426,18 @@ def square_loss(f: sp.Expr, y: sp.Expr) -> sp.Expr:
     return (f - y) ** 2 / 2
 
 
+def _check_requires(entries, params: dict[str, float], what: str) -> None:
+    """Raise at the first entry ``(name, value, why[, when])`` whose ``when`` holds
+    and whose parameter is not ``value``."""
+    for name, value, why, *when in entries:
+        cond = when[0] if when else {}
+        if all(params[k] == v for k, v in cond.items()) and params[name] != value:
+            where = "".join(f" with {k} = {v:g}" for k, v in cond.items())
+            raise ValueError(
+                f"parameter {name} = {params[name]:g}: {what}{where} needs {name} = {value:g} ({why})"
+            )
+
+
 @dataclass(frozen=True)
 class Model:
     """A model file's content: network, loss, updates, metrics (docs/models/).
@@ -453,8 +465,11 @@ class Model:
     task_vectors: tuple[TaskVector, ...] = ()
     inner_loop: InnerLoop | None = None
     # (parameter, value the flow needs, why[, when]): e.g. finite support sets at second
-    # order are simulated only (when = {"order": 2.0})
+    # order are simulated only (when = {"order": 2.0}). The flow's right-hand side only:
+    # the metrics are functions of the state, checked by metric_requires
     flow_requires: tuple = ()
+    # the same for the metrics (runtime.metatest evaluates them at test settings)
+    metric_requires: tuple = ()
     # the activations generated/ holds kernels for (derive/activations.py names)
     activations: tuple[str, ...] = ("erf", "linear")
     loss: Callable[[sp.Expr, sp.Expr], sp.Expr] = square_loss
@@ -577,13 +592,12 @@ class Model:
         An entry of ``flow_requires`` is ``(name, value, why)`` or
         ``(name, value, why, when)``, ``when`` a dict of parameter values under which
         it applies."""
-        for name, value, why, *when in self.flow_requires:
-            cond = when[0] if when else {}
-            if all(params[k] == v for k, v in cond.items()) and params[name] != value:
-                where = "".join(f" with {k} = {v:g}" for k, v in cond.items())
-                raise ValueError(
-                    f"parameter {name} = {params[name]:g}: the flow{where} needs {name} = {value:g} ({why})"
-                )
+        _check_requires(self.flow_requires, params, "the flow")
+
+    def check_metrics(self, params: dict[str, float]) -> None:
+        """Raise if the metrics of this model are not derived for these parameter
+        values (``metric_requires``, entries as in ``check_flow``)."""
+        _check_requires(self.metric_requires, params, "the metrics")
 
     def numeric(self, expr: sp.Expr, params: dict[str, float]) -> float:
         """Evaluate a rate or decay expression of the update rules at ``params``."""

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 2d710d803ab538ece67298ebb4631835bc7fe2f1947bd3eeccc02263a3219fa3
+# inputs:     sha256 bb428f13e87dedb998b337f200bcff04266775d4f82ad3a55c58cdbcb72f4c0b
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "2d710d803ab538ece67298ebb4631835bc7fe2f1947bd3eeccc02263a3219fa3"
+INPUTS_SHA256 = "bb428f13e87dedb998b337f200bcff04266775d4f82ad3a55c58cdbcb72f4c0b"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

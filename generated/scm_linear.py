@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 23f4b2b3a0b61015fdd88272acacf07c82862ea013a4dd8ae8a79c17d521c481
+# inputs:     sha256 24bc10e218bc2e8d580cc136c7896e1ce704c9f14f0c87ce7e1d8e6853926c98
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "23f4b2b3a0b61015fdd88272acacf07c82862ea013a4dd8ae8a79c17d521c481"
+INPUTS_SHA256 = "24bc10e218bc2e8d580cc136c7896e1ce704c9f14f0c87ce7e1d8e6853926c98"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

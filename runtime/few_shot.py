@@ -10,10 +10,13 @@ substituted into the parameters: no gradient and no flow, a metric of the state.
 Beside it, ``eps_test_teacher``: the same metric for the teacher's own features
 (``Q = R = T``, M units, readout start ``vbar``, the mean task readout).
 
-A setting the kernel does not derive (``Model.flow_requires``: today a finite
-``n_s``, docs/models/anil.md 5.6) is not evaluated: its entries are NaN and the
-result says why (``metadata["not_derived"]``); the same call gives numbers once
-the kernel accepts it.
+The metric is a function of the state: it does not depend on how the state was
+trained (the outer order, the outer rates), so a trajectory of a flow at second
+order is tested like one at first order, finite support sets included, though
+the flow itself does not derive that combination (``Model.flow_requires``). A
+setting whose metrics the kernel does not derive (``Model.metric_requires``,
+none for anil) is not evaluated: its entries are NaN and the result says why
+(``metadata["not_derived"]``).
 """
 
 from __future__ import annotations
@@ -113,7 +116,7 @@ def metatest(traj: Trajectory, n_s=None, S=None, alpha_in=None) -> MetaTest:
     for j, k, l_ in np.ndindex(*shape):
         values = {**params, "n_s": n_s[j], "S": S[k], "alpha_in": alpha_in[l_]}
         try:
-            spec.check_flow(values)
+            spec.check_metrics(values)
         except ValueError as exc:
             if str(exc) not in not_derived:
                 not_derived.append(str(exc))

@@ -102,6 +102,26 @@ def test_metatest_with_one_support_sample_against_monte_carlo(traj_dir):
     assert res.eps_test[-1, 0, 0, 0] > res.eps_test[-1, 1, 0, 0]
 
 
+def test_settings_whose_metrics_are_not_derived_are_nan_and_said(traj_dir, monkeypatch):
+    """Model.metric_requires (none for anil): a setting it excludes is NaN in eps_test,
+    and the result says why; the other settings are evaluated as before."""
+    import dataclasses
+
+    from runtime import few_shot
+    from runtime.kernels import Kernel
+
+    real = few_shot.load("anil")
+    why = ("n_s", math.inf, "a restriction for this test")
+    model = dataclasses.replace(real.model, metric_requires=(why,))
+    monkeypatch.setattr(few_shot, "load", lambda *a: Kernel(real.module, model, real.activation))
+    traj = runtime.Trajectory.load(traj_dir)
+    res = runtime.metatest(traj, n_s=[2, math.inf])
+    assert np.all(np.isnan(res.eps_test[:, 0])) and np.all(np.isnan(res.eps_test_teacher[0]))
+    assert np.all(np.isfinite(res.eps_test[:, 1]))
+    (said,) = res.metadata["not_derived"]
+    assert "n_s = 2" in said and "the metrics" in said and "a restriction for this test" in said
+
+
 def test_metatest_command_writes_its_file(traj_dir, tmp_path, capsys):
     out = tmp_path / "mt"
     assert (

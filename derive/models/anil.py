@@ -173,6 +173,10 @@ forms in $I_2$ and the task moments:
 - `eps_opt`: with the best readout for the task, $a^* = C^{+} D \tilde v^\tau$:
   the quality of the representation alone.
 
+The metrics are functions of the state and of the inner loop's settings only,
+not of the outer order: they are derived for every `n_s` at both orders (the
+meta-test, `runtime.metatest`, tests a second-order trajectory at finite `n_s`).
+
 The normalised overlaps $r_{km} = R_{km} / \sqrt{Q_{kk} T_{mm}}$ measure
 specialisation: one student unit per teacher unit with $|r| \to 1$.
 """
