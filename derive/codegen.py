@@ -97,8 +97,6 @@ class Contraction:
     instead of one loop nest per term."""
 
     name: str  # the weight array (packed like X; row offsets PW)
-    outer: str  # the factor that depends on the pair (tilt_pref, v[k] v[l], ...)
-    guard: str | None
     fills: list = field(default_factory=list)  # Loop nests of Fill statements
 
 
@@ -468,7 +466,7 @@ def loops(
             outer, weight, read = parts
             ct = contracted.get((outer, guard))
             if ct is None:
-                ct = Contraction(f"W{len(contractions) + len(contracted)}", "", guard)
+                ct = Contraction(f"W{len(contractions) + len(contracted)}")
                 contracted[(outer, guard)] = ct
             fill = _weight_fill(weight, read, t.sums, tri, guard, ct.name, table, rows, primitive_names)
             ct.fills.append(fill)
@@ -478,9 +476,8 @@ def loops(
         )
     out = [Loop(k, tuple(v), tri, guard) for (k, tri, guard), v in groups.items()]
     for (outer, guard), ct in contracted.items():
-        pr = code(outer, primitive_names, None, rows)
-        ct.outer = pr
         contractions.append(ct)
+        pr = code(outer, primitive_names, None, rows)
         out.append(Loop((), (Sum("1.0", f"{pr} * packed_dot(X, {ct.name})"),), False, guard))
     return out
 

@@ -131,14 +131,13 @@ def support_excess(factors: list[sp.Indexed], rank: dict, support: dict) -> sp.E
     return out
 
 
-def task_average(coeff: sp.Expr, families, support: dict | None = None, parts: bool = False):
-    """Average a coefficient over the task quantities (``families``, in order); with
-    ``support`` (see ``support_excess``), fourth moments include the support set's
-    task-dependent covariance. With ``parts``, the pair (Isserlis' part, that
-    covariance's part)."""
+def task_average(coeff: sp.Expr, families, support: dict | None = None) -> tuple[sp.Expr, sp.Expr]:
+    """Average a coefficient over the task quantities (``families``, in order): the
+    pair (Isserlis' part, the part that the support set's task-dependent covariance
+    adds to fourth moments, with ``support``; see ``support_excess``)."""
     rank = {f.base: i for i, f in enumerate(families)}
     if not rank or not coeff.has(*rank):
-        return (coeff, sp.S.Zero) if parts else coeff
+        return coeff, sp.S.Zero
     out = sp.S.Zero
     excess = sp.S.Zero
     for mono in sp.Add.make_args(sp.expand(coeff)):
@@ -152,7 +151,7 @@ def task_average(coeff: sp.Expr, families, support: dict | None = None, parts: b
         rand = sorted(rand, key=lambda e: (rank[e.base], str(e.indices)))
         out += rest * isserlis(rand, rank)
         excess += rest * support_excess(rand, rank, support or {})
-    return (out, excess) if parts else out + excess
+    return out, excess
 
 
 def average(
@@ -170,7 +169,7 @@ def average(
             continue
         kinds = tuple(k for k, _ in t.factors)
         args0 = tuple(f for _, f in t.factors)
-        regular, excess = task_average(w * t.coeff, families, support, parts=True)
+        regular, excess = task_average(w * t.coeff, families, support)
         for part, coeff in (("", regular), ("support", excess * guard)):
             if coeff == 0:
                 continue

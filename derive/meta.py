@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from .expand import expand
-from .symbols import STUDENT, K, M, rename_bound, student_index
+from .symbols import STUDENT, K, M, finite, rename_bound, student_index
 
 EPS = sp.Symbol("epsilon")
 
@@ -690,13 +690,20 @@ def _support_moments(inner, laws, comp, assign, step, steps, s, r, nr) -> list:
         assign(comp(f"L_{adapted}", (k, r), loading_base(adapted)[k, r] + mL[steps, k, r])),
         assign(comp(SUPPORT_COV.format(adapted), (k, l_), V[steps, k, l_])),
     ]
-    return stmts + [Guard(f"math.isfinite({_code(inner.support)})", tuple(body))], nonzero
+    return stmts + [Guard(_finite_support(inner), tuple(body))], nonzero
 
 
 def _code(e) -> str:
     from .printer import code
 
     return code(sp.sympify(e))
+
+
+def _finite_support(inner) -> str:
+    """The condition that the support set is finite, as the flow's guard prints it
+    (derive/symbols.py ``finite``): the task program computes the support set's
+    arrays under it."""
+    return _code(finite(sp.sympify(inner.support)))
 
 
 def excess_pairs(model) -> list:
@@ -733,9 +740,9 @@ def _support_excess(model, laws, comp, assign, steps, r, nonzero) -> list:
     pairs = excess_pairs(model)
     # K^4 entries and more, read only by the flow's terms guarded by a finite support
     # set (derive/flow.py average): none with a population support loss
-    finite = f"math.isfinite({_code(inner.support)})"
+    when_finite = _finite_support(inner)
     stmts = [
-        Alloc(excess_name(x, y), ("K", "K", *_dims(x.kinds), *_dims(y.kinds)), finite) for x, y in pairs
+        Alloc(excess_name(x, y), ("K", "K", *_dims(x.kinds), *_dims(y.kinds)), when_finite) for x, y in pairs
     ]
     k, i_, j_ = student_index("k"), student_index("i_"), student_index("j_")
     c_, d_ = student_index("c_"), student_index("d_")
@@ -824,7 +831,7 @@ def _support_excess(model, laws, comp, assign, steps, r, nonzero) -> list:
     # the loadings as E1 does (the four-adapted part of the fourth moments)
     r2 = sp.Idx("r2_", r.upper + 1)
     cvv = sp.IndexedBase(excess_vv_name(inner))
-    stmts.append(Alloc(cvv.name, ("K", "K", "K", "K"), finite))
+    stmts.append(Alloc(cvv.name, ("K", "K", "K", "K"), when_finite))
     nr = _dims((inner.noise.kind,))[0]
     e1, e2 = sp.S.Zero, sp.S.Zero
     for P, kp in allw:
@@ -862,7 +869,7 @@ def _support_excess(model, laws, comp, assign, steps, r, nonzero) -> list:
             (r, 0, r.upper), (r2, 0, r2.upper)))),
     ]
     body.append(Repeat("s_", steps, (Repeat("t_", steps, tuple(inner_body)),)))
-    return stmts + [Guard(f"math.isfinite({_code(inner.support)})", tuple(body))]
+    return stmts + [Guard(_finite_support(inner), tuple(body))]
 
 
 def excess_vv_name(inner) -> str:

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 4465ea3ac28a58d45c65c8e512120d6a88017ac7589905da47d06b61d0ae7bfe
+# inputs:     sha256 5ccd23374bb656cf9f8388658b98c44c1e0bdf00fc0e797b5c405e99f3912611
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 2341 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "4465ea3ac28a58d45c65c8e512120d6a88017ac7589905da47d06b61d0ae7bfe"
+INPUTS_SHA256 = "5ccd23374bb656cf9f8388658b98c44c1e0bdf00fc0e797b5c405e99f3912611"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

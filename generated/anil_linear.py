@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 b13592f7ed9bb5147ef92950442919ff2a91d312d6b4f1d40f9f330281bc18cb
+# inputs:     sha256 7af39dca0799c5326b1458742cdefab5b51507c1aa5fc74d46086fc23114f800
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 674 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "b13592f7ed9bb5147ef92950442919ff2a91d312d6b4f1d40f9f330281bc18cb"
+INPUTS_SHA256 = "7af39dca0799c5326b1458742cdefab5b51507c1aa5fc74d46086fc23114f800"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
