@@ -45,14 +45,17 @@ support sets of their own, at given field covariances and with no input vector:
 ``draw_adapted`` (tasks, support fields Gaussian at the covariance, the inner loop),
 ``metric_estimate`` and ``realised_metrics`` (eps_meta after adapting on ``n_s``
 samples, the query expectation exact: what a simulation records with finite
-``n_s``), and ``expected_update`` (the first-order flow at given order parameters,
-no closure: the reference the finite-``n_s`` flow is tested against). Each takes
+``n_s``), and ``expected_update`` (the flow at given order parameters, no closure:
+the reference the finite-``n_s`` flow is tested against; at order 2 the gradient
+through the inner loop into each support sample's fields, ``support_sensitivities``,
+with the support-direction parts of ``dQ`` and ``dR`` reported apart). Each takes
 the query expectation of the model's integrands with the engine's Gaussian
 integrals (``_Concrete.field_mean``) and a control variate (``_controlled``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import cached_property, lru_cache
 from typing import NamedTuple
@@ -290,6 +293,38 @@ class _Concrete:
             at = [concrete(sp.sympify(e).xreplace(self._sub), self.K, self.M) for e in exprs]
             means = [field_mean(e, self.rows, self._activation) for e in at]
             self._means[key] = sp.lambdify((*self.args, COV), means, MODULES, cse=True)
+        return self._means[key]
+
+    def field_mean_path(self, key, exprs):
+        """``field_mean`` for integrands whose expectation the engine reduces to an
+        integral over Price's path (four ``g`` factors: ``G4``, docs/conventions.md 2):
+        each ``Integral(f(t), (t, 0, 1))`` is the kernels' rule (derive/quadrature.py
+        ``path_rule``, ``NODES`` nodes), ``f`` evaluated at all nodes at once on a
+        leading axis. A numpy function of ``(*args, Cov)``, derived once per ``key``."""
+        if key not in self._means:
+            from derive.quadrature import NODES, path_rule
+
+            at = [concrete(sp.sympify(e).xreplace(self._sub), self.K, self.M) for e in exprs]
+            means = [field_mean(e, self.rows, self._activation) for e in at]
+            tp = sp.Symbol("t_path_")
+            path_sum = sp.Function("path_sum_")
+
+            def as_sum(integral):
+                ((var, lo, hi),) = integral.limits
+                if (lo, hi) != (0, 1):
+                    raise ValueError(f"an integral over [{lo}, {hi}], not Price's path [0, 1]")
+                return path_sum(integral.function.xreplace({var: tp}))
+
+            means = [m.replace(lambda e: isinstance(e, sp.Integral), as_sum) for m in means]
+            nodes, weights = (np.array(x) for x in path_rule(NODES))
+
+            def rule(x):
+                x = np.asarray(x, dtype=float)
+                return np.tensordot(weights, np.broadcast_to(x, (nodes.size, *x.shape[1:])), axes=1)
+
+            fn = sp.lambdify((*self.args, COV, tp), means, [{"path_sum_": rule}, *MODULES], cse=True)
+            t_axis = nodes.reshape(-1, 1)
+            self._means[key] = lambda *args: fn(*args, t_axis)
         return self._means[key]
 
 
@@ -905,17 +940,28 @@ def _gauss_hermite3(M: int):
 
 
 class ExpectedUpdate(NamedTuple):
-    """The Monte Carlo estimate of ``expected_update``: each entry ``(mean, s.e.m.)``."""
+    """The Monte Carlo estimate of ``expected_update``: each entry ``(mean, s.e.m.)``.
+
+    At order 2 (finite ``n_s``) also the parts of ``dR`` and ``dQ`` along the support
+    inputs (docs/models/anil.md 5.6 "Order 2"; ``gamma^mu_k = sum_j b_j da'_j/dlambda^mu_k``,
+    ``b`` the query gradient in ``a'``), already included in ``dR`` and ``dQ``:
+    ``sup_R`` (K, M) ``-eta w E[sum_mu gamma^mu_k nu^mu_n]``, ``sup_Q1`` (K, K)
+    ``-eta w E[sum_mu (gamma^mu_k lambda^mu_l + gamma^mu_l lambda^mu_k)]`` and ``sup_Q2``
+    (K, K) ``eta^2 w^2 E[sum_mu gamma^mu_k gamma^mu_l]`` (``w`` the MetaGradient weight);
+    None at order 1."""
 
     dQ: tuple
     dR: tuple
     da: tuple
     eps_meta: tuple
     n_tasks: int
+    sup_R: tuple | None = None
+    sup_Q1: tuple | None = None
+    sup_Q2: tuple | None = None
 
 
 def expected_update(model, params: dict, Q, R, T, vectors: dict, n_tasks: int, rng, activation="erf"):
-    """The first-order flow at given order parameters, as a Monte Carlo over tasks and
+    """The flow at given order parameters, as a Monte Carlo over tasks and
     support sets with no closure (docs/models/anil.md 5.5-5.7; no N).
 
     Each of ``n_tasks`` tasks draws its readout and ``n_s`` support samples, their fields
@@ -929,21 +975,31 @@ def expected_update(model, params: dict, Q, R, T, vectors: dict, n_tasks: int, r
     as the rules state them. Returns ``ExpectedUpdate``: ``dQ`` (K, K), ``dR`` (K, M),
     ``da`` (K,) (the start's rate of change), ``eps_meta``, each with its s.e.m.
 
-    Order 1 only: at order 2 the gradient also runs through the support fields
-    (docs/models/anil.md 5.6), which this reference does not take."""
+    Order 2 with a finite ``n_s`` (docs/models/anil.md 5.6 "Order 2"): the gradient
+    also runs through the inner loop into each support sample's fields; see
+    ``_expected_update_order2`` (the query terms are the first-order integrands, the
+    readout's step ``-eta_a A^T b`` with the sample ``A = da'/da``, and the
+    support-direction parts ``sup_R``, ``sup_Q1``, ``sup_Q2`` of ``ExpectedUpdate``).
+    Order 2 with ``n_s = inf`` is refused: its second-order terms are the population
+    ones (through ``Q`` and ``R``), the generated kernel's flow."""
     if isinstance(model, str):
         from derive.models import get_model
 
         model = get_model(model)
     values = model.resolve_params(params)
     step = MetaStep(model, activation, values)
-    if step.order != 1:
-        raise ValueError("expected_update: order must be 1 (the first-order update)")
+    if step.order != 1 and step.population:
+        raise ValueError(
+            "expected_update: order 2 needs a finite n_s (at n_s = inf the second-order terms are "
+            "the population ones, through Q and R: the generated kernel's flow)"
+        )
     if "eps_meta" not in model.metrics:
         raise ValueError(f"expected_update: model {model.name!r} has no metric eps_meta")
     n_tasks = int(n_tasks)
     if n_tasks < 2:
         raise ValueError(f"expected_update: n_tasks must be >= 2 (a standard error), got {n_tasks}")
+    if step.order != 1:
+        return _expected_update_order2(step, Q, R, T, vectors, n_tasks, rng)
     Q, R, T = (np.asarray(x, dtype=float) for x in (Q, R, T))
     K, M = R.shape
     cc = step.concrete(K, M)
@@ -988,6 +1044,233 @@ def expected_update(model, params: dict, Q, R, T, vectors: dict, n_tasks: int, r
     start = inner.start.name
     da = out.get(start, (np.zeros(K), np.zeros(K)))
     return ExpectedUpdate(out["Q"], out["R"], da, est[-1], n_tasks)
+
+
+# -- order 2 with finite support sets (docs/models/anil.md 5.6 "Order 2") --------------
+
+
+class SupportDraw(NamedTuple):
+    """Tasks, their support sets and what the second-order update reads of them
+    (``support_sensitivities``): ``v_task`` (M, n), ``adapted`` a' (K, n), ``A`` =
+    da'/da (K, K, n) with ``A[j, k] = da'_j / da_k``, ``J`` (K, K, n, n_s) with
+    ``J[j, r, t, mu] = da'_j / dlambda^mu_r`` of task ``t``, ``fields`` the support
+    fields of every family (``step.sources``' order) as (rows, n, n_s) arrays and
+    ``zeta`` (n, n_s) the support labels' noise."""
+
+    v_task: np.ndarray
+    adapted: np.ndarray
+    A: np.ndarray
+    J: np.ndarray
+    fields: list
+    zeta: np.ndarray
+
+
+def support_sensitivities(
+    step: MetaStep, cc: _Concrete, C, a, vectors: dict, n: int, rng, xi=None
+) -> SupportDraw:
+    """``draw_adapted`` with a finite ``n_s`` (the same random draws in the same order,
+    so the same adapted readouts for the same generator state), keeping the support
+    fields and the derivatives of the adapted readout: ``A = da'/da`` and, for every
+    support sample ``mu``, the Jacobian ``da'/dlambda^mu`` (K x K), by forward mode
+    through ``c^(s+1) = c^(s) - alpha_in (Ct c^(s) - ht)``: ``Ct``, ``ht`` the sample
+    means of the per-sample support Hessian and force plus the regulariser, and
+    sample ``mu``'s own ``(Hs^mu, fs^mu)`` differentiated in its student fields by the
+    model's expressions (``_Concrete.support_samples_d``, as ``MetaStep.gradients``):
+    ``J^(s+1) = (I - alpha_in Ct) J^(s) - (alpha_in / n_s) (dHs^mu c^(s) - dfs^mu)``."""
+    if step.population:
+        raise ValueError("support_sensitivities: needs a finite n_s")
+    K, M = cc.K, cc.M
+    vectors = {**vectors, step.model.inner_loop.start.name: a}
+    xi = rng.standard_normal((M, n)) if xi is None else np.asarray(xi, dtype=float)
+    v_task = _broadcast_list(cc.law(*step._args(cc, vectors=vectors, xi=xi)), (n,))
+    Cs = _stack(C, n)
+    ns = int(step.n_s)
+    L = _factor(Cs)
+    rows = L.shape[-1]
+    chunk = max(1, SUPPORT_CHUNK // (ns * rows))
+    r = _values(cc.regulariser, step._args(cc, vectors=vectors))
+    Hr, fr = r[: K * K].reshape(K, K, 1), r[K * K :, None]
+    fr_da = _values(cc.regulariser_da, step._args(cc, vectors=vectors)).reshape(K, K, 1)
+    alpha = step.alpha_in
+    E = K * K + K
+    adapted = np.empty((K, n))
+    A_all = np.empty((K, K, n))
+    J_all = np.empty((K, K, n, ns))
+    U = np.empty((rows, n, ns))
+    Z = np.empty((n, ns))
+    a = np.asarray(a, dtype=float)
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        t = hi - lo
+        u = np.einsum("tij,tsj->its", L[lo:hi], rng.standard_normal((t, ns, rows)))
+        zs = rng.standard_normal((t, ns))
+        U[:, lo:hi], Z[lo:hi] = u, zs
+        fields, r0 = [], 0
+        for s_ in cc.sources:
+            size = K if s_.kind == "student" else M
+            fields.append(u[r0 : r0 + size])
+            r0 += size
+        sub = {cc.law_vector.name: v_task[:, lo:hi, None]}
+        args = step._args(cc, fields=fields, zeta_=zs, tasks=sub, vectors=vectors)
+        vals = _broadcast_list(cc.support_samples(*args), (t, ns)).mean(-1)
+        d = _broadcast_list(cc.support_samples_d(*args), (t, ns)).reshape(E, K, t, ns)
+        dH = d[: K * K].reshape(K, K, K, t, ns)  # [j, l, r, t, mu]
+        df = d[K * K :]  # [j, r, t, mu]
+        H = vals[: K * K].reshape(K, K, t) + Hr
+        f = vals[K * K :] + fr
+        c = np.repeat(a[:, None], t, axis=1)
+        A = np.repeat(np.eye(K)[:, :, None], t, axis=2)
+        J = np.zeros((K, K, t, ns))
+        for _ in range(step.S):
+            J = J - alpha * (
+                np.einsum("jlt,lrtm->jrtm", H, J) + (np.einsum("jlrtm,lt->jrtm", dH, c) - df) / ns
+            )
+            A = A - alpha * (np.einsum("jlt,lkt->jkt", H, A) - fr_da)
+            c = c - alpha * (np.einsum("kln,ln->kn", H, c) - f)
+        adapted[:, lo:hi], A_all[:, :, lo:hi], J_all[:, :, lo:hi] = c, A, J
+    fields, r0 = [], 0
+    for s_ in cc.sources:
+        size = K if s_.kind == "student" else M
+        fields.append(U[r0 : r0 + size])
+        r0 += size
+    return SupportDraw(v_task, adapted, A_all, J_all, fields, Z)
+
+
+def _population_A(step: MetaStep, cc: _Concrete, C, a, vectors: dict, v_task) -> np.ndarray:
+    """``A = da'/da`` (K, K, n) of the population inner loop at the covariance ``C``."""
+    K, n = cc.K, v_task.shape[1]
+    vectors = {**vectors, step.model.inner_loop.start.name: a}
+    args = (*step._args(cc, vectors=vectors, tasks={cc.law_vector.name: v_task}), np.asarray(C)[..., None])
+    H = _broadcast_list(cc.support_mean(*args), (n,))[: K * K].reshape(K, K, n)
+    r = _values(cc.regulariser, step._args(cc, vectors=vectors))
+    H = H + r[: K * K].reshape(K, K, 1)
+    fr_da = _values(cc.regulariser_da, step._args(cc, vectors=vectors)).reshape(K, K, 1)
+    A = np.repeat(np.eye(K)[:, :, None], n, axis=2)
+    for _ in range(step.S):
+        A = A - step.alpha_in * (np.einsum("jlt,lkt->jkt", H, A) - fr_da)
+    return A
+
+
+def _shared_teacher(step: MetaStep) -> int:
+    """The index (in ``step.sources``) of the shared teacher's field family, the one ``R``
+    measures: the first teacher family with no perturbation."""
+    for i, (s_, spread) in enumerate(zip(step.sources, step.spreads)):
+        if i > 0 and spread == 0:
+            return i
+    raise ValueError(f"model {step.model.name!r}: no unperturbed teacher field family (the one R measures)")
+
+
+def _expected_update_order2(step: MetaStep, Q, R, T, vectors: dict, n_tasks: int, rng) -> ExpectedUpdate:
+    """``expected_update`` at order 2 with a finite support set (docs/models/anil.md 5.6
+    "Order 2"), no closure.
+
+    Each task draws its readout and support set (``support_sensitivities``: the adapted
+    readout a', ``A = da'/da`` and the Jacobians ``J^mu = da'/dlambda^mu``). Given them, a'
+    is fixed and the query expectations are exact (the engine's ``field_mean``):
+
+    - the query-direction terms: the first layer's first-order integrands (``FirstLayer``
+      without its ``MetaGradient``; ``eta^2 / n_q`` term included) and the readout rule's
+      integrand at order 2 with the sample ``A`` (``-eta_a A^T b``), ``eps_meta``;
+    - ``b_j = dL_q/da'_j`` (``delta g(lambda_j)``, averaged over the ``n_q`` queries):
+      ``E_q[b]`` and ``E_q[b b^T] = E[b1 b1^T] / n_q + (1 - 1/n_q) E_q[b] E_q[b]^T``
+      (``b1`` one query's; label noise included);
+    - with ``gamma^mu_k = sum_j E_q[b_j] J^mu_jk``, the support-direction parts
+      ``sup_R = -eta w sum_mu gamma^mu_k nu^mu_n`` (``nu^mu`` the shared teacher's
+      field), ``sup_Q1 = -eta w sum_mu (gamma^mu_k lambda^mu_l + gamma^mu_l lambda^mu_k)``
+      and ``sup_Q2 = eta^2 w^2 sum_mu (J^mu^T E_q[b b^T] J^mu)_kl``.
+
+    These are averaged over the tasks with a control variate on the query terms (the same
+    tasks adapted by the population inner loop, ``_controlled``; the support parts have
+    none). ``dQ`` and ``dR`` are the sums of their query and support parts (their s.e.m.
+    from the per-task sums) plus the decay terms."""
+    model = step.model
+    K, M = R.shape
+    cc = step.concrete(K, M)
+    inner = model.inner_loop
+    a = np.asarray(vectors[inner.start.name], dtype=float)
+    vectors = {k: np.asarray(v, dtype=float) for k, v in vectors.items()}
+    C = cc.covariance()(Q, R, T)
+    loss = model.sample_loss
+    eta = float(model.numeric(model.first_layer.rate, step.values))
+    w = float(step.weight)
+    first = dataclasses.replace(model.first_layer, meta=None)
+    names, integrands, fixed, shapes, symbolic = [], [], [], {}, []
+    for rule in (first, *model.readout_updates):
+        for name, (free, integrand, deterministic) in rule.flows(loss).items():
+            shape = tuple(K if index_kind(i) == STUDENT else M for i in free)
+            shapes[name] = shape
+            symbolic.append(integrand)
+            for idx in np.ndindex(*shape):
+                sub = {i: sp.Integer(v) for i, v in zip(free, idx)}
+                names.append((name, idx))
+                integrands.append(sp.sympify(integrand).xreplace(sub))
+                fixed.append(sp.sympify(deterministic).xreplace(sub))
+    key = ("updates2", K, M)
+    fn = cc.field_mean(key, integrands + [model.metrics["eps_meta"]])
+    adapted_ = inner.adapted.base
+    db = [sp.diff(loss, adapted_[sp.Integer(j)]) for j in range(K)]
+    fn_b = cc.field_mean_path(("query_b", K, M), db + [db[i] * db[j] for i in range(K) for j in range(K)])
+    det_args = (Q_SYMBOL, R_SYMBOL, T_SYMBOL, *[v.base for v in model.vectors])
+    det = sp.lambdify(det_args, [cc._conc(e, None) for e in fixed], MODULES)
+    vec_values = [vectors.get(v.name, np.zeros(K if v.over == "student" else M)) for v in model.vectors]
+    det_vals = [float(x) for x in det(Q, R, T, *vec_values)]
+    row_Q = [i for i, (name, _) in enumerate(names) if name == "Q"]
+    row_R = [i for i, (name, _) in enumerate(names) if name == "R"]
+    teacher = _shared_teacher(step)
+    n_q = step.n_q
+
+    def values(xi, population=None, C=C):
+        n = xi.shape[1]
+        if population:
+            v_task, adapted = draw_adapted(step, cc, C, a, vectors, n, rng, xi=xi, population=True)
+            A = _population_A(step, cc, C, a, vectors, v_task)
+        else:
+            draw = support_sensitivities(step, cc, C, a, vectors, n, rng, xi=xi)
+            v_task, adapted, A = draw.v_task, draw.adapted, draw.A
+        tasks = {cc.law_vector.name: v_task, inner.adapted.name: adapted}
+        args = step._args(cc, tasks=tasks, vectors=vectors, da=A)
+        query = _broadcast_list(fn(*args, C[..., None]), (n,))
+        if population:
+            supR, supQ1, supQ2 = np.zeros((K, M, n)), np.zeros((K, K, n)), np.zeros((K, K, n))
+        else:
+            bq = _broadcast_list(fn_b(*args, C[..., None]), (n,))
+            Eb = bq[:K]  # (K, n)
+            Ebb = bq[K:].reshape(K, K, n) / n_q + (1 - 1 / n_q) * Eb[:, None] * Eb[None, :]
+            gam = np.einsum("jt,jrtm->rtm", Eb, draw.J)  # E_q[gamma^mu_r] (K, n, n_s)
+            lam_s, nu_s = draw.fields[0], draw.fields[teacher]
+            supR = -eta * w * np.einsum("ktm,ntm->knt", gam, nu_s)
+            x = np.einsum("ktm,ltm->klt", gam, lam_s)
+            supQ1 = -eta * w * (x + x.transpose(1, 0, 2))
+            supQ2 = eta**2 * w**2 * np.einsum("iktm,ijt,jltm->klt", draw.J, Ebb, draw.J)
+        totQ = query[row_Q].reshape(K, K, n) + supQ1 + supQ2
+        totR = query[row_R].reshape(K, M, n) + supR
+        parts = [x.reshape(-1, n) for x in (supR, supQ1, supQ2, totQ, totR)]
+        return np.concatenate([query, *parts])
+
+    xi = rng.standard_normal((M, n_tasks))
+    exprs = symbolic + [model.metrics["eps_meta"]]
+    est = _controlled(step, cc, values, xi, C, key, exprs)
+    nq_rows = len(names) + 1
+    out = {name: (np.zeros(shape), np.zeros(shape)) for name, shape in shapes.items()}
+    for (name, idx), d, (m, e) in zip(names, det_vals, est[: len(names)]):
+        out[name][0][idx] = m + d
+        out[name][1][idx] = e
+
+    def block(lo, shape, add=None):
+        n_ = int(np.prod(shape))
+        mean = np.array([m for m, _ in est[lo : lo + n_]]).reshape(shape)
+        sem = np.array([e for _, e in est[lo : lo + n_]]).reshape(shape)
+        return (mean if add is None else mean + add, sem), lo + n_
+
+    o = nq_rows
+    sup_R, o = block(o, (K, M))
+    sup_Q1, o = block(o, (K, K))
+    sup_Q2, o = block(o, (K, K))
+    dQ, o = block(o, (K, K), np.array([det_vals[i] for i in row_Q]).reshape(K, K))
+    dR, o = block(o, (K, M), np.array([det_vals[i] for i in row_R]).reshape(K, M))
+    start = inner.start.name
+    da = out.get(start, (np.zeros(K), np.zeros(K)))
+    return ExpectedUpdate(dQ, dR, da, est[nq_rows - 1], n_tasks, sup_R, sup_Q1, sup_Q2)
 
 
 def realised_covariances(step: MetaStep, W, B, n: int, rng):
