@@ -859,8 +859,11 @@ def _statements(stmts, names, rows, where, model=None, activation=None, tables=N
             cond = st.cond if isinstance(st.cond, str) else f"({code(st.cond)}) != 0"
             out.append({"kind": "if", "cond": cond, "body": sub(st.body)})
         elif isinstance(st, meta.Directions):
-            blocks = {**where, "start": []}[st.kind]
-            out.append({"kind": "directions", "dir": st.kind, "blocks": blocks, "body": sub(st.body)})
+            blocks = {**where, "start": [], "QR": []}[st.kind]
+            stmt = {"kind": "directions", "dir": st.kind, "blocks": blocks, "body": sub(st.body)}
+            if st.kind == "QR":
+                stmt["q_blocks"], stmt["r_blocks"] = where["Q"], where["R"]
+            out.append(stmt)
         else:  # pragma: no cover
             raise TypeError(f"unknown statement {st!r}")
     return out
@@ -895,7 +898,7 @@ def _task_context(ir: FlowIR, names, where, frows) -> dict | None:
             if name.startswith("mu_"):
                 continue  # returned by task_moments directly
             x, y = (by_name[n] for n in name[2:].split("__"))
-            cov = meta.covariance_component(x, y, inner.noise, meta.support_families(inner))
+            cov = meta.covariance_component(x, y, inner.noise, meta.support_covariances(inner))
             dims = [_bound(i) for i in cov.free]
             assign = {"kind": "assign", "comp": _comp(cov, names, frows)}
             if {x.name, y.name} & sens:
@@ -910,7 +913,9 @@ def _task_context(ir: FlowIR, names, where, frows) -> dict | None:
         return opt is not None and any(opt in str(b)[2:].split("__") or str(b) == f"mu_{opt}" for b in bases)
 
     returns = ", ".join(f"mu_{f.name}, L_{f.name}" for f in model.random_families)
-    returns += "".join(f", {meta.SUPPORT_COV.format(n)}" for n in meta.support_families(inner))
+    returns += "".join(f", {n}" for n in meta.support_covariances(inner).values())
+    if meta.support_covariances(inner):
+        returns += f", {meta.support_square_name(inner)}"
     returns += "".join(f", {meta.excess_name(x, y)}" for x, y in meta.excess_pairs(model))
     if meta.excess_pairs(model):
         returns += f", {meta.excess_vv_name(inner)}"

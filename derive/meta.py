@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from .expand import expand
-from .symbols import STUDENT, K, M, finite, rename_bound, student_index
+from .symbols import STUDENT, K, M, finite, lam, rename_bound, student_index
 
 EPS = sp.Symbol("epsilon")
 
@@ -92,8 +92,9 @@ class Guard:
 class Directions:
     """The body once per direction of ``kind``: ``Q`` (pairs a_ <= b_ of student
     units), ``R`` (a student unit a_ and a teacher unit b_) with the covariance
-    perturbation ``dC`` set to the entries where that overlap sits, or ``start``
-    (a student unit a_, the entry of the inner loop's start)."""
+    perturbation ``dC`` set to the entries where that overlap sits, ``QR`` (those
+    of Q, then those of R, in one loop: ``kind_`` is 0 for Q, 1 for R), or
+    ``start`` (a student unit a_, the entry of the inner loop's start)."""
 
     kind: str
     body: tuple
@@ -333,9 +334,12 @@ def task_program(model, activation: str, used: dict) -> TaskProgram:
     # 4b. finite support sets (docs/models/anil.md 5.6): the moments of the adapted
     # readout over the support set, added to the population ones when the support
     # size is finite
+    support_body = ()
     if sp.sympify(inner.support) != sp.oo:
         sup, nonzero = _support_moments(inner, laws, comp, assign, step, steps, s, r, nr)
         stmts += sup + _support_excess(model, laws, comp, assign, steps, r, nonzero)
+        outputs = {f"mu_{inner.adapted.name}", f"L_{inner.adapted.name}", SUPPORT_COV.format(inner.adapted.name)}
+        support_body = tuple(st for st in sup[-1].body if not (isinstance(st, Assign) and st.out in outputs))
 
     # 5. the forward sensitivities of c^(S), read by the second-order terms only:
     # the recursion differentiated along a direction (dc, dHs, dh)
@@ -379,6 +383,65 @@ def task_program(model, activation: str, used: dict) -> TaskProgram:
 
     dQ, dR, dS = inner.dQ.name, inner.dR.name, inner.da.name
     a_ = sp.Idx("a_", K)  # the entry of the start that a direction moves
+    b_ = sp.Idx("b_", K)
+    bm_ = sp.Idx("b_", M)
+    i2 = student_index("i2_")
+    # finite support sets (docs/models/anil.md 5.6, order 2): the gradient through the
+    # support inputs. Moving w_k along a direction u moves every support field
+    # lambda^mu_k by u . x^mu / sqrt(N), i.e. the support set's covariance as Q_kl, R_km
+    # move; so E[sum_mu gamma^mu_k (u . x^mu)/sqrt(N)] is the derivative of the expected
+    # query loss along that change of the support covariance alone. The query loss is
+    # quadratic in a': its expectation reads the mean of a' over the support set (the
+    # population iterate plus the mean shift mm) and its covariance V. The tangent of
+    # the support block along each direction gives both: the mean shift's into the
+    # sensitivity's mean and loading, half of V's into the sensitivity's support-set
+    # covariance with a' (V_<adapted>_dQ ...; the query loss reads V through
+    # tr(C V) / 2 = sum_jl C_jl Cov(a'_j, dV_jl / 2), covariance_component)
+    fin_cov: list = [[], []]
+    fin_tan: list = []
+    fin_start: list = []
+    fin_allocs: list = []
+    if support_body:
+        given = {"H_s": "H_ds", "mu_c": "mu_dc", "L_c": "L_dc"}
+        al_c, st_c, vary_c = tangent(support_body, given, True, activation, used)
+        al_s, st_s, vary_s = tangent(support_body, {"mu_c": "mu_dc", "L_c": "L_dc"}, False, activation, used)
+        seen = set()
+        for al in al_c + al_s:
+            if al.name not in seen:
+                seen.add(al.name)
+                fin_allocs.append(al)
+        mm_, mL_, Vs_ = (sp.IndexedBase(TANGENT.format(n)) for n in ("mmu_s", "mL_s", "V_s"))
+
+        def outputs(kind, pairs):
+            body = []
+            for n, tgt in enumerate(pairs):
+                if n:  # the mirror entry of a symmetric direction: a copy, not a second shift
+                    first = pairs[0]
+                    body += [
+                        assign(comp(f"mu_{kind}", (j,), sp.IndexedBase(f"mu_{kind}")[(j, *first)]),
+                               f"mu_{kind}", ("j", *[str(x) for x in tgt])),
+                        assign(comp(f"L_{kind}", (j, r), sp.IndexedBase(f"L_{kind}")[(j, *first, r)]),
+                               f"L_{kind}", ("j", *[str(x) for x in tgt], "r_")),
+                        assign(comp(SUPPORT_COV.format(kind), (i2, j), Vs_[steps, i2, j] / 2),
+                               SUPPORT_COV.format(kind), ("i2_", "j", *[str(x) for x in tgt])),
+                    ]
+                    continue
+                body += [
+                    assign(comp(f"mu_{kind}", (j,), sp.IndexedBase(f"mu_{kind}")[(j, *tgt)] + mm_[steps, j]),
+                           f"mu_{kind}", ("j", *[str(x) for x in tgt])),
+                    assign(comp(f"L_{kind}", (j, r), sp.IndexedBase(f"L_{kind}")[(j, *tgt, r)] + mL_[steps, j, r]),
+                           f"L_{kind}", ("j", *[str(x) for x in tgt], "r_")),
+                    assign(comp(SUPPORT_COV.format(kind), (i2, j), Vs_[steps, i2, j] / 2),
+                           SUPPORT_COV.format(kind), ("i2_", "j", *[str(x) for x in tgt])),
+                ]
+            return body
+
+        fin_tan = [Guard(_finite_support(inner), tuple(st_c))]
+        fin_cov = [outputs(dQ, [(a_, b_), (b_, a_)]), outputs(dR, [(a_, bm_)])]
+        fin_start = [Guard(_finite_support(inner), tuple(st_s + outputs(dS, [(a_,)])))]
+        gg_allocs, gg_body = _support_square(model, activation, used, steps, r, nr)
+        fin_allocs += gg_allocs
+        fin_cov = [[Guard(_finite_support(inner), tuple(out))] for out in fin_cov]
     along_cov = [
         assign(Component("H_ds", (k, l_), _directional(Hs.terms, activation, used))),
         assign(Component("mu_dh0", (k,), _directional(H0.terms, activation, used))),
@@ -395,6 +458,7 @@ def task_program(model, activation: str, used: dict) -> TaskProgram:
         assign(comp("L_dh", (k, r), sp.diff(loading_of(hexpr), inner.start.base[a_]))),
     ]
     sens = (
+        *fin_allocs,
         Alloc("H_ds", ("K", "K")),
         Alloc("mu_dh0", ("K",)),
         *[Alloc("H_d" + name[2:], ("K", *_dims(tv.kinds))) for tv, _, name in jacobians],
@@ -402,25 +466,34 @@ def task_program(model, activation: str, used: dict) -> TaskProgram:
         Alloc("L_dh", ("K", nr)),
         Alloc("mu_dc", ("steps_ + 1", "K")),
         Alloc("L_dc", ("steps_ + 1", "K", nr)),
+        # one loop over the directions of Q (kind_ 0) and of R (kind_ 1): the
+        # differentiated recursion and the support block's tangent rendered once
         Directions(
-            "Q",
+            "QR",
             tuple(
                 along_cov
                 + recursion(sp.S.Zero)
+                + fin_tan
                 + [
-                    last(f"mu_{dQ}", ("j", "a_", "b_")),
-                    last(f"mu_{dQ}", ("j", "b_", "a_")),
-                    last(f"L_{dQ}", ("j", "a_", "b_", "r_"), True),
-                    last(f"L_{dQ}", ("j", "b_", "a_", "r_"), True),
+                    Guard(
+                        "kind_ == 0",
+                        (
+                            last(f"mu_{dQ}", ("j", "a_", "b_")),
+                            last(f"mu_{dQ}", ("j", "b_", "a_")),
+                            last(f"L_{dQ}", ("j", "a_", "b_", "r_"), True),
+                            last(f"L_{dQ}", ("j", "b_", "a_", "r_"), True),
+                            *fin_cov[0],
+                        ),
+                    ),
+                    Guard(
+                        "kind_ == 1",
+                        (
+                            last(f"mu_{dR}", ("j", "a_", "b_")),
+                            last(f"L_{dR}", ("j", "a_", "b_", "r_"), True),
+                            *fin_cov[1],
+                        ),
+                    ),
                 ]
-            ),
-        ),
-        Directions(
-            "R",
-            tuple(
-                along_cov
-                + recursion(sp.S.Zero)
-                + [last(f"mu_{dR}", ("j", "a_", "b_")), last(f"L_{dR}", ("j", "a_", "b_", "r_"), True)]
             ),
         ),
         Directions(
@@ -429,6 +502,7 @@ def task_program(model, activation: str, used: dict) -> TaskProgram:
                 along_start
                 + recursion(sp.diff(start, inner.start.base[a_]))
                 + [last(f"mu_{dS}", ("j", "a_")), last(f"L_{dS}", ("j", "a_", "r_"), True)]
+                + fin_start
             ),
         ),
     )
@@ -440,10 +514,257 @@ def task_program(model, activation: str, used: dict) -> TaskProgram:
         Alloc(f"L_{dR}", ("K", "n2_", "M", nr)),
         Alloc(f"mu_{dS}", ("K", "n2_")),
         Alloc(f"L_{dS}", ("K", "n2_", nr)),
-        Guard(inner.second_order, sens),
+        *[Alloc(SUPPORT_COV.format(f.name), ("K", "K", *dims)) for f, dims in _sensitivity_dims(inner) if support_body],
+        *([Alloc(support_square_name(inner), ("K", "K"))] if support_body else []),
+        Guard(inner.second_order, sens + ((Guard(_finite_support(inner), tuple(gg_body)),) if support_body else ())),
     ]
     fams += [inner.dQ, inner.dR, inner.da]
     return TaskProgram(tuple(fams), tuple(stmts))
+
+
+TANGENT = "D_{}"
+
+
+def _assigned(stmts) -> list:
+    """Every ``Assign`` of ``stmts``, in order, with the repeat variables around it."""
+    out = []
+
+    def walk(body, loops):
+        for st in body:
+            if isinstance(st, Assign):
+                out.append((st, loops))
+            elif isinstance(st, Repeat):
+                walk(st.body, loops + (st.var,))
+            elif isinstance(st, (Guard, Directions)):
+                walk(st.body, loops)
+
+    walk(stmts, ())
+    return out
+
+
+def _reads(component, names) -> bool:
+    return any(
+        str(x.base) in names for t in component.terms for x in sp.sympify(t.coeff).atoms(sp.Indexed)
+    )
+
+
+def tangent(stmts, varying: dict, along_cov: bool, activation: str, used: dict):
+    """The forward-mode tangent of a task program's statements (derive/meta.py) along
+    one direction: for every array ``X`` that the statements compute from the arrays
+    of ``varying`` (``name -> its tangent's name``, given) or, ``along_cov``, from
+    primitives of the covariance, an array ``D_X`` of the same shape with the
+    directional derivative. A term ``coeff * P(args)`` gives ``dcoeff * P(args)`` (every
+    varying entry ``X[i]`` of ``coeff`` moved to ``X[i] + eps D_X[i]``, sympy's
+    derivative at eps = 0) plus ``coeff * P_dir(args)`` (``gaussian.directional``: the
+    derivative along the perturbation ``dC`` of the covariance). A statement inside a
+    repeat whose target does not move with the repeat (a scratch array, overwritten)
+    is replayed before its tangent. Returns ``(allocations, statements, varying)``,
+    ``varying`` extended by the computed arrays."""
+    from .flow import Component, FlowTerm
+
+    varying = dict(varying)
+    # which arrays move: a fixed point over the program (a repeat feeds its own body)
+    changed = True
+    while changed:
+        changed = False
+        for st, _ in _assigned(stmts):
+            if st.out in varying:
+                continue
+            comp = st.component
+            if _reads(comp, varying) or (along_cov and any(t.primitive for t in comp.terms)):
+                varying[st.out] = TANGENT.format(st.out)
+                changed = True
+
+    def d_component(comp, name):
+        terms = []
+        for t in comp.terms:
+            coeff = sp.sympify(t.coeff)
+            moved = coeff.replace(
+                lambda e: isinstance(e, sp.Indexed) and str(e.base) in varying,
+                lambda e: e + EPS * sp.IndexedBase(varying[str(e.base)])[e.indices],
+            )
+            dcoeff = sp.expand(sp.diff(moved, EPS).subs(EPS, 0))
+            for part in sp.Add.make_args(dcoeff):
+                if part != 0:
+                    terms.append(FlowTerm(part, t.sums, t.primitive, t.args))
+            if along_cov and t.primitive is not None:
+                d = gaussian_directional(used[t.primitive])
+                used[d.name] = d
+                terms.append(FlowTerm(coeff, t.sums, d.name, t.args))
+        return Component(name, comp.free, tuple(terms))
+
+    allocs: list = []
+
+    def walk(body, loops):
+        out = []
+        for st in body:
+            if isinstance(st, Alloc):
+                if st.name in varying and varying[st.name] == TANGENT.format(st.name):
+                    allocs.append(Alloc(varying[st.name], st.dims, st.only_if))
+            elif isinstance(st, Assign):
+                if st.out not in varying or varying[st.out] != TANGENT.format(st.out):
+                    continue
+                if loops and not any(v in tgt for tgt in st.target for v in loops):
+                    out.append(st)  # a scratch array: its primal value, then its tangent
+                dname = varying[st.out]
+                out.append(Assign(d_component(st.component, dname), dname, st.target))
+            elif isinstance(st, Repeat):
+                body_ = walk(st.body, loops + (st.var,))
+                if body_:
+                    out.append(Repeat(st.var, st.count, tuple(body_)))
+            elif isinstance(st, Guard):
+                body_ = walk(st.body, loops)
+                if body_:
+                    out.append(Guard(st.cond, tuple(body_)))
+            elif isinstance(st, (Table, Let)):
+                continue  # a table's primitive is differentiated where it is read
+            else:  # pragma: no cover
+                raise TypeError(f"tangent: unsupported statement {st!r}")
+        return out
+
+    return allocs, walk(stmts, ()), varying
+
+
+def gaussian_directional(d):
+    from .gaussian import directional
+
+    return directional(d)
+
+
+def support_square_name(inner) -> str:
+    """``GG_<adapted>[k, l] = E[sum_mu gamma^mu_k gamma^mu_l]``, the second moment of the
+    gradient along the support inputs (docs/models/anil.md 5.6, the ``eta^2`` term of
+    ``dQ`` at second order), computed by the task program when the support set is finite."""
+    return f"GG_{inner.adapted.name}"
+
+
+def _quadratic_parts(terms, subs, r, r2):
+    """The terms of a component whose coefficients are polynomials of degree <= 2 in
+    task quantities, each ``X[i] = mu_X[i] + sum_r L_X[i, r] xi_r`` (``subs``: base ->
+    ``(mean(i), loading(i, r))``), split by their degree in the task draws ``xi``:
+    ``(E0, E1[r], E2[r, r2])`` with ``E = E0 + E1 . xi + xi^T E2 xi`` (``E2`` symmetric):
+    the value at the means, the first and the halved mixed second derivatives along
+    the loadings (sympy)."""
+    from .flow import FlowTerm
+
+    e1, e2 = sp.Symbol("epsilon_1"), sp.Symbol("epsilon_2")
+    parts = ([], [], [])
+    for t in terms:
+        coeff = sp.sympify(t.coeff)
+        moved = coeff.replace(
+            lambda e: isinstance(e, sp.Indexed) and e.base in subs,
+            lambda e: subs[e.base][0](e.indices) + e1 * subs[e.base][1](e.indices, r)
+            + e2 * subs[e.base][1](e.indices, r2),
+        )
+        for n, part in enumerate((
+            moved.subs({e1: 0, e2: 0}),
+            sp.diff(moved, e1).subs({e1: 0, e2: 0}),
+            sp.diff(moved, e1, e2).subs({e1: 0, e2: 0}) / 2,
+        )):
+            for x in sp.Add.make_args(sp.expand(part)):
+                if x != 0:
+                    parts[n].append(FlowTerm(x, t.sums, t.primitive, t.args))
+    return parts
+
+
+def _support_square(model, activation, used, steps, r, nr):
+    """``GG = E[sum_mu gamma^mu gamma^mu^T]`` to leading order in ``1/n_s`` (docs/models/anil.md
+    5.6): ``gamma^mu_k = b . d a' / d lambda^mu_k``, ``b = dL_q / d a'`` averaged over the
+    ``n_q`` query samples. With ``psi_jk(c; x) = d^2 l / dc_j dlambda_k`` (``l`` the
+    per-sample support loss), ``d a' / d lambda^mu_k = -(1/n_s) sum_s Pi^s psi_k(c^s; x^mu)``
+    (``Pi^s = P^(S-1-s) B``, the recursion's response, ``c^s`` the population iterates);
+    the query and the support sample are independent given the task, so
+    ``GG_kl = (1/n_s) sum_{s,t} E_task[sum_jj' BB^st_jj' PS^st_jk,j'l]`` with
+    ``BB^st = Pi^s^T E_q[b b^T] Pi^t`` and ``PS^st_jk,j'l = E_x[psi_jk(c^s) psi_j'l(c^t)]``,
+    ``E_q[b b^T] = E[b_1 b_1^T] / n_q + (1 - 1/n_q) E[b] E[b]^T``. Both factors are
+    quadratic in the task draws (``_quadratic_parts``): their product's mean is
+    ``(A0 + tr A2)(B0 + tr B2) + A1 . B1 + 2 tr(A2 B2)``, exact over the task."""
+    from .flow import Component, average
+
+    inner = model.inner_loop
+    adapted = inner.adapted
+    laws = [tv for tv in model.task_vectors if tv.law is not None]
+    k, l_, j, j2 = (student_index(x) for x in ("k", "l", "j", "jj_"))
+    i_, i2 = student_index("i_"), student_index("i2_")
+    r2 = sp.Idx("r2_", r.upper + 1)
+    s, t = sp.Symbol("s_", integer=True), sp.Symbol("t_", integer=True)
+    c, c2 = sp.IndexedBase("c"), sp.IndexedBase("c2")
+    nq = sp.sympify(model.first_layer.batch)
+    inv_n = 1 / sp.sympify(inner.support)
+
+    def law_subs():
+        return {
+            tv.base: (lambda ix, n=tv.name: mean_base(n)[ix], lambda ix, rr, n=tv.name: loading_base(n)[ix + (rr,)])
+            for tv in laws
+        }
+
+    def readout(at):
+        return (
+            lambda ix: sp.IndexedBase("mu_c")[(at,) + ix],
+            lambda ix, rr: sp.IndexedBase("L_c")[(at,) + ix + (rr,)],
+        )
+
+    q_subs = {**law_subs(), adapted.base: (lambda ix: mean_base(adapted.name)[ix],
+                                            lambda ix, rr: loading_base(adapted.name)[ix + (rr,)])}
+    x_subs = {**law_subs(), c: readout(s), c2: readout(t)}
+
+    def avg(expr):
+        return average(expand(rename_bound(sp.sympify(expr))), activation, used)
+
+    loss = model.sample_loss
+    b_i, b_i2 = sp.diff(loss, adapted.base[i_]), sp.diff(loss, adapted.base[i2])
+    per = rename_bound(inner.loss(c))
+    psi = sp.diff(sp.diff(per, c[j]), lam[k])
+    psi2 = sp.diff(sp.diff(rename_bound(inner.loss(c2)), c2[j2]), lam[l_])
+
+    def parts(name, free, terms, subs):
+        out = []
+        frees = (tuple(free), tuple(free) + (r,), tuple(free) + (r, r2))
+        dims = (*_dims([STUDENT] * len(free)),)
+        for n, ts in enumerate(_quadratic_parts(terms, subs, r, r2)):
+            comp_ = Component(f"{name}{n}", frees[n], tuple(ts))
+            out.append((Alloc(comp_.name, dims + (nr,) * n), Assign(comp_, comp_.name, tuple(str(x.label) for x in frees[n]))))
+        return out
+
+    Eq = parts("Eqbb_", (i_, i2), avg(b_i * b_i2), q_subs)
+    Eb = parts("Eqb_", (i_,), avg(b_i), q_subs)[:2]
+    PS = parts("PS_", (j, k, j2, l_), avg(psi * psi2), x_subs)
+    E0, E1 = sp.IndexedBase("Eqb_0"), sp.IndexedBase("Eqb_1")
+    Q0, Q1, Q2 = (sp.IndexedBase(f"Eqbb_{n}") for n in range(3))
+    # E_q[b b^T] over n_q queries, its three parts
+    bq = [
+        Q0[i_, i2] / nq + (1 - 1 / nq) * E0[i_] * E0[i2],
+        Q1[i_, i2, r] / nq + (1 - 1 / nq) * (E0[i_] * E1[i2, r] + E1[i_, r] * E0[i2]),
+        Q2[i_, i2, r, r2] / nq + (1 - 1 / nq) * (E1[i_, r] * E1[i2, r2] + E1[i_, r2] * E1[i2, r]) / 2,
+    ]
+    Pi = sp.IndexedBase("Pi_s")
+    pis = Pi[steps - 1 - s, i_, j] * Pi[steps - 1 - t, i2, j2]
+    BB = []
+    for n, e in enumerate(bq):
+        free = (j, j2) + (r, r2)[:n]
+        comp_ = Component(f"BB_{n}", free, average(expand(sp.Sum(pis * e, (i_, 0, i_.upper), (i2, 0, i2.upper))), "linear", {}))
+        BB.append((Alloc(comp_.name, ("K", "K") + (nr,) * n), Assign(comp_, comp_.name, tuple(str(x.label) for x in free))))
+    B0, B1, B2 = (sp.IndexedBase(f"BB_{n}") for n in range(3))
+    P0, P1, P2 = (sp.IndexedBase(f"PS_{n}") for n in range(3))
+    tr = lambda X, *ix: sp.Sum(X[ix + (r, r)], (r, 0, r.upper))  # noqa: E731
+    prod = (B0[j, j2] + tr(B2, j, j2)) * (P0[j, k, j2, l_] + tr(P2, j, k, j2, l_))
+    prod += sp.Sum(B1[j, j2, r] * P1[j, k, j2, l_, r], (r, 0, r.upper))
+    prod += 2 * sp.Sum(B2[j, j2, r, r2] * P2[j, k, j2, l_, r2, r], (r, 0, r.upper), (r2, 0, r2.upper))
+    name = support_square_name(inner)
+    GG = sp.IndexedBase(name)
+    acc = GG[k, l_] + inv_n * sp.Sum(prod, (j, 0, j.upper), (j2, 0, j2.upper))
+    acc_c = Component(name, (k, l_), average(expand(acc), "linear", {}))
+    allocs = [a for a, _ in Eq + Eb + PS + BB]
+    zero = Component(name, (k, l_), ())
+    body = [Assign(zero, name, ("k", "l")), *[x for _, x in Eq + Eb]]
+    body.append(Repeat("s_", steps, (Repeat("t_", steps, (*[x for _, x in PS + BB], Assign(acc_c, name, ("k", "l")))),)))
+    return allocs, body
+
+
+def _sensitivity_dims(inner):
+    """The sensitivity families of ``inner`` and their direction dimensions (empty
+    unless the second-order terms read them: ``n2_``)."""
+    return [(inner.dQ, ("n2_", "n2_")), (inner.dR, ("n2_", "M")), (inner.da, ("n2_",))]
 
 
 def _named(kinds, prefix: str) -> tuple[sp.Idx, ...]:
@@ -601,7 +922,8 @@ def _support_moments(inner, laws, comp, assign, step, steps, s, r, nr) -> list:
     # the step's derivatives: P = d step/d c, B = d step/d h, D2 = d2 step/dH dc
     cb, Hb, hb = sp.IndexedBase("c"), sp.IndexedBase("H_s"), sp.IndexedBase("h")
     st = rename_bound(step)
-    a_, b_ = student_index("a_"), student_index("b_")
+    # not a_, b_: the directions of the sensitivities loop over those, around its tangent
+    a_, b_ = student_index("e_"), student_index("f_")
     dP = sp.diff(st, cb[i_])
     dB = sp.diff(st, hb[i_])
     dH = sp.diff(st, Hb[a_, b_])
@@ -680,8 +1002,8 @@ def _support_moments(inner, laws, comp, assign, step, steps, s, r, nr) -> list:
                 ),
                 assign(comp("V_s", (k, l_), v_next), "V_s", ("s_ + 1", "k", "l")),
                 Repeat("t_", steps, (Guard("t_ > s_", (assign(x_c, "X_s", ("s_ + 1", "t_", "k", "l")),)),)),
-                assign(comp("Zmu_s", (a_, b_, n_), zmu_next), "Zmu_s", ("s_ + 1", "a_", "b_", "n_")),
-                assign(comp("ZL_s", (a_, b_, n_, r), zL_next), "ZL_s", ("s_ + 1", "a_", "b_", "n_", "r_")),
+                assign(comp("Zmu_s", (a_, b_, n_), zmu_next), "Zmu_s", ("s_ + 1", "e_", "f_", "n_")),
+                assign(comp("ZL_s", (a_, b_, n_, r), zL_next), "ZL_s", ("s_ + 1", "e_", "f_", "n_", "r_")),
                 assign(comp("mmu_s", (k,), mmu_next), "mmu_s", ("s_ + 1", "k")),
                 assign(comp("mL_s", (k, r), mL_next), "mL_s", ("s_ + 1", "k", "r_")),
             ),
@@ -884,16 +1206,32 @@ def support_families(inner) -> tuple[str, ...]:
     return (inner.adapted.name,) if sp.sympify(inner.support) != sp.oo else ()
 
 
-def covariance_component(x, y, noise, support=()):
+def support_covariances(inner) -> dict:
+    """``(X, Y) -> name`` of the support-set covariances that the task program returns
+    beside the means and loadings (docs/models/anil.md 5.6): ``V_<adapted>`` of the
+    adapted readout, and at second order its covariance with each sensitivity family
+    ``V_<adapted>_dQ`` ... (half the tangent of ``V``: what the expected query loss reads
+    through the support directions); empty for a population support loss."""
+    if not support_families(inner):
+        return {}
+    a = inner.adapted.name
+    out = {(a, a): SUPPORT_COV.format(a)}
+    for f in inner.sensitivities:
+        out[(a, f.name)] = SUPPORT_COV.format(f.name)
+    return out
+
+
+def covariance_component(x, y, noise, support=None):
     """``S_X__Y[ix, iy] = sum_r L_X[ix, r] L_Y[iy, r]``: the covariance of two task
-    quantities over the draws (docs/models/anil.md 5.3), plus the support-set
-    covariance ``V_X`` for ``X = Y`` in ``support`` (5.6)."""
+    quantities over the draws (docs/models/anil.md 5.3), plus their support-set
+    covariance where ``support`` (``support_covariances``) has one (5.6)."""
     from .flow import Component, average
 
     ix = _idx(x.kinds)
     iy = _idx(y.kinds, len(ix))
     r = sp.Idx("r_", K if noise.kind == STUDENT else M)
     e = sp.Sum(loading_base(x.name)[ix + (r,)] * loading_base(y.name)[iy + (r,)], (r, 0, r.upper))
-    if x.name == y.name and x.name in support:
-        e += sp.IndexedBase(SUPPORT_COV.format(x.name))[ix + iy]
+    name = (support or {}).get((x.name, y.name))
+    if name is not None:
+        e += sp.IndexedBase(name)[ix + iy]
     return Component(f"S_{x.name}__{y.name}", ix + iy, average(expand(e), "linear", {}))

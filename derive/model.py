@@ -324,8 +324,16 @@ class FirstLayer:
             weight = self.meta.weight
             dQ += -r * weight * (through(k, with_w(l_)) + through(l_, with_w(k)))
             dR += -r * weight * through(k, with_B(n))
+        fixed = -2 * d * Q[k, l_]
+        if self.meta is not None and sp.sympify(self.meta.inner.support) != sp.oo:
+            from .meta import support_square_name
+
+            # finite support sets: the squared step along the support inputs (zero at
+            # n_s = inf and when the second-order terms are off; docs/models/anil.md 5.6)
+            GG = sp.IndexedBase(support_square_name(self.meta.inner))
+            fixed += r**2 * sp.piecewise_fold(self.meta.weight**2) * GG[k, l_]
         return {
-            "Q": ((k, l_), dQ, -2 * d * Q[k, l_]),
+            "Q": ((k, l_), dQ, fixed),
             "R": ((k, n), dR, -d * R[k, n]),
         }
 

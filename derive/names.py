@@ -62,7 +62,7 @@ RESERVED_PATTERNS: tuple[tuple[re.Pattern, str], ...] = tuple(
         (r"_\w*", "a private helper or a throwaway name (_sensitivity, _)"),
         (r"\w*_", "a loop index or helper ending in an underscore (i_, mm_, asin_)"),
         (r"d?C_[a-z]{2}", "an entry of a primitive's covariance (C_ab, dC_ab)"),
-        (r"[IJ]\d\w*|E_\w+", "a Gaussian primitive (I2, I4, J2, E_id_g, I2_dir)"),
+        (r"[GIJ]\d\w*|E_\w+", "a Gaussian primitive (I2, I4, J2, G4, E_id_g, I2_dir, G4_dir)"),
         (r"tilt\w*", "the tilted-Gaussian tables (tilt_pref, tilt1_all)"),
         (r"mu_\w+", "the mean of a task vector (mu_NAME)"),
         (r"S_\w+__\w+", "a covariance of task vectors (S_NAME__OTHER)"),
@@ -70,6 +70,8 @@ RESERVED_PATTERNS: tuple[tuple[re.Pattern, str], ...] = tuple(
         (r"H_\w+", "the per-sample gradient of a readout (H_NAME)"),
         (r"(CMV|E1|N|U|W)_\w+__\w+", "a finite-support-set array of two families (N_c__v_task, ...)"),
         (r"(EA|BN|CVV|V)_\w+", "a finite-support-set array of one family (V_adapted, EA_c, ...)"),
+        (r"D_\w+", "the tangent of a task-program array along a direction (D_V_s, derive/meta.py tangent)"),
+        (r"(GG|Eqbb|Eqb|PS|BB)_\w*", "an array of the support-direction square (GG_adapted, PS_0, ...)"),
     )
 )
 

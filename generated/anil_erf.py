@@ -2,9 +2,9 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 5ccd23374bb656cf9f8388658b98c44c1e0bdf00fc0e797b5c405e99f3912611
+# inputs:     sha256 080b923906074775a1cf83ea4fbbd9ef6b1af97626b2ba8b2673b68f0ce6e11c
 # versions:   derive 0.1.0, sympy 1.14.0
-# operations: 2341 (sympy count_ops of the primitives and coefficients)
+# operations: 24878 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
 
 Flat arrays, row-major, in the order of STATE (y), CONSTS (c) and PARAMS (p);
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "5ccd23374bb656cf9f8388658b98c44c1e0bdf00fc0e797b5c405e99f3912611"
+INPUTS_SHA256 = "080b923906074775a1cf83ea4fbbd9ef6b1af97626b2ba8b2673b68f0ce6e11c"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -121,6 +121,582 @@ PATH20_W = np.array([
 
 
 @njit(cache=True, error_model="numpy")
+def G4_abcd(C, a, b, c, d):
+    """E[g(u_a) g(u_b) g(u_c) g(u_d)] at covariance C.
+
+    - at equal fields a, b, c, d (C_xy of the factors' fields identified):
+    - Price's theorem along a path that shrinks the covariances of u_a: C_aj -> t C_aj (j
+      = b, c, d), a covariance for every t in [0, 1], the shrunk fields independent of the
+      rest at t = 0 (where an odd number of odd factors has mean 0); E = integral over t
+      from 0 to 1 of the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i)
+      h_j'(u_j) (the other factors)], each term derived at the covariance C(t):
+    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    """
+    C_aa = C[a, a]
+    C_ab = C[a, b]
+    C_ac = C[a, c]
+    C_ad = C[a, d]
+    C_bb = C[b, b]
+    C_bc = C[b, c]
+    C_bd = C[b, d]
+    C_cc = C[c, c]
+    C_cd = C[c, d]
+    C_dd = C[d, d]
+    s1 = C_aa + 1
+    s6 = -s1
+    s8 = -C_bb - 1
+    s9 = C_ab*C_bc + C_ac*s8
+    s16 = 4/math.pi**2
+    s20 = -C_cc - 1
+    s21 = C_ab*s20 + C_ac*C_bc
+    s29 = -C_dd - 1
+    s30 = C_ab*s29 + C_ad*C_bd
+    q0 = 0.0
+    for node in range(20):
+        t = PATH20_T[node]
+        s0 = t**2
+        s2 = C_aa*C_bb - C_ab**2*s0 + C_bb + s1
+        s3 = -s2
+        s4 = 1/s3
+        s5 = C_ac*s0
+        s7 = C_ab*s5 + C_bc*s6
+        s10 = C_ad*s0
+        s11 = C_bc*s7
+        s12 = C_cc*s3 - s11 - s5*s9
+        s13 = C_ab*s10 + C_bd*s6
+        s14 = C_bd*s13
+        s15 = C_dd*s3 - s10*(C_ab*C_bd + C_ad*s8) - s14
+        s17 = C_aa*C_cc - C_ac**2*s0 + C_cc + s1
+        s18 = -s17
+        s19 = 1/s18
+        s22 = C_ab*s0
+        s23 = C_bb*s18 - s11 - s21*s22
+        s24 = C_cd*(C_ad*s5 + C_cd*s6)
+        s25 = C_dd*s18 - s10*(C_ac*C_cd + C_ad*s20) - s24
+        s26 = C_aa*C_dd - C_ad**2*s0 + C_dd + s1
+        s27 = -s26
+        s28 = 1/s27
+        s31 = C_bb*s27 - s14 - s22*s30
+        s32 = C_cc*s27 - s24 - s5*(C_ac*s29 + C_ad*C_cd)
+        q0 += PATH20_W[node]*(C_ab*s16*asin_(s4*(-C_bd*s7 + C_cd*s3 - s10*s9)/math.sqrt(s12*s15/s3**2 + s12*s4 + s15*s4 + 1))/math.sqrt(s2) + C_ac*s16*asin_(s19*(C_bd*s18 - C_cd*s7 - s10*s21)/math.sqrt(s19*s23 + s19*s25 + 1 + s23*s25/s18**2))/math.sqrt(s17) + C_ad*s16*asin_(s28*(C_bc*s27 - C_cd*s13 - s30*s5)/math.sqrt(s28*s31 + s28*s32 + 1 + s31*s32/s27**2))/math.sqrt(s26))
+    return q0
+
+
+@njit(cache=True, error_model="numpy")
+def G4_abcc(C, a, b, c):
+    """E[g(u_a) g(u_b) g(u_c) g(u_c)] at covariance C.
+
+    - at equal fields a, b, c, c (C_xy of the factors' fields identified):
+    - Price's theorem along a path that shrinks the covariances of u_a: C_aj -> t C_aj (j
+      = b, c, d), a covariance for every t in [0, 1], the shrunk fields independent of the
+      rest at t = 0 (where an odd number of odd factors has mean 0); E = integral over t
+      from 0 to 1 of the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i)
+      h_j'(u_j) (the other factors)], each term derived at the covariance C(t):
+    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    """
+    C_aa = C[a, a]
+    C_ab = C[a, b]
+    C_ac = C[a, c]
+    C_bb = C[b, b]
+    C_bc = C[b, c]
+    C_cc = C[c, c]
+    s0 = math.pi**(-2)
+    s2 = C_aa + 1
+    s6 = -s2
+    s15 = -C_cc - 1
+    s16 = C_ab*s15 + C_ac*C_bc
+    q0 = 0.0
+    for node in range(20):
+        t = PATH20_T[node]
+        s1 = t**2
+        s3 = C_aa*C_bb - C_ab**2*s1 + C_bb + s2
+        s4 = -s3
+        s5 = C_ac*s1
+        s7 = C_ab*s5 + C_bc*s6
+        s8 = C_bc*s7
+        s9 = C_cc*s4 - s5*(C_ab*C_bc + C_ac*(-C_bb - 1)) - s8
+        s10 = s9/s4
+        s11 = C_ac**2*s1
+        s12 = C_aa*C_cc + C_cc - s11 + s2
+        s13 = -s12
+        s14 = 1/s13
+        s17 = -C_ab*s1*s16 + C_bb*s13 - s8
+        s18 = C_cc*s13 - C_cc*(C_cc*s6 + s11) - s5*(C_ac*C_cc + C_ac*s15)
+        q0 += PATH20_W[node]*(4*C_ab*s0*asin_(s10/math.sqrt(2*s10 + 1 + s9**2/s4**2))/math.sqrt(s3) + 8*C_ac*s0*asin_(s14*(C_bc*s13 - C_cc*s7 - s16*s5)/math.sqrt(s14*s17 + s14*s18 + 1 + s17*s18/s13**2))/math.sqrt(s12))
+    return q0
+
+
+@njit(cache=True, error_model="numpy")
+def G4_aabb(C, a, b):
+    """E[g(u_a) g(u_a) g(u_b) g(u_b)] at covariance C.
+
+    - at equal fields a, a, b, b (C_xy of the factors' fields identified):
+    - Price's theorem along a path that shrinks the covariances of (u_a, u_b) and the
+      rest: C_ij -> t C_ij (i = a, b; j = c, d), a covariance for every t in [0, 1], the
+      shrunk fields independent of the rest at t = 0 (where an odd number of odd factors
+      has mean 0); E = E[factors of a, b] E[the others] + integral over t from 0 to 1 of
+      the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i) h_j'(u_j) (the other
+      factors)], each term derived at the covariance C(t):
+    - Price's theorem on the covariance of (u_a, u_b): E = integral over c from 0 to C_ab
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_aa, q = C_bb) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_b, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_a, u_d): E = integral over c from 0 to C_ad
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_aa, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_b, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_a, u_c): E = integral over c from 0 to C_ac
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_aa, q = C_cc) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    """
+    C_aa = C[a, a]
+    C_ab = C[a, b]
+    C_bb = C[b, b]
+    s2 = C_bb + 1
+    s6 = -C_aa - 1
+    s7 = C_aa*C_ab + C_ab*s6
+    s8 = -s2
+    q0 = 0.0
+    for node in range(20):
+        t = PATH20_T[node]
+        s0 = t**2
+        s1 = C_ab**2*s0
+        s3 = C_aa*C_bb + C_aa - s1 + s2
+        s4 = -s3
+        s5 = 1/s4
+        s9 = C_aa*s8 + s1
+        s10 = C_ab*s0
+        s11 = C_aa*s4 - C_aa*s9 - s10*s7
+        s12 = C_bb*s4 - C_bb*(C_bb*s6 + s1) - s10*(C_ab*C_bb + C_ab*s8)
+        q0 += PATH20_W[node]*(16*C_ab*asin_(s5*t*(C_ab*s4 - C_ab*s9 - C_bb*s7)/math.sqrt(s11*s12/s4**2 + s11*s5 + s12*s5 + 1))/(math.pi**2*math.sqrt(s3)))
+    return q0 + 4*asin_(C_aa/math.sqrt(C_aa**2 + 2*C_aa + 1))*asin_(C_bb/math.sqrt(C_bb**2 + 2*C_bb + 1))/math.pi**2
+
+
+@njit(cache=True, error_model="numpy")
+def G4_abbb(C, a, b):
+    """E[g(u_a) g(u_b) g(u_b) g(u_b)] at covariance C.
+
+    - at equal fields a, b, b, b (C_xy of the factors' fields identified):
+    - Price's theorem along a path that shrinks the covariances of u_a: C_aj -> t C_aj (j
+      = b, c, d), a covariance for every t in [0, 1], the shrunk fields independent of the
+      rest at t = 0 (where an odd number of odd factors has mean 0); E = integral over t
+      from 0 to 1 of the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i)
+      h_j'(u_j) (the other factors)], each term derived at the covariance C(t):
+    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    """
+    C_aa = C[a, a]
+    C_ab = C[a, b]
+    C_bb = C[b, b]
+    s2 = C_aa + 1
+    q0 = 0.0
+    for node in range(20):
+        t = PATH20_T[node]
+        s0 = t**2
+        s1 = C_ab**2*s0
+        s3 = C_aa*C_bb + C_bb - s1 + s2
+        s4 = -s3
+        s5 = -C_ab*s0*(C_ab*C_bb + C_ab*(-C_bb - 1)) + C_bb*s4 - C_bb*(-C_bb*s2 + s1)
+        s6 = s5/s4
+        q0 += PATH20_W[node]*(12*C_ab*asin_(s6/math.sqrt(2*s6 + 1 + s5**2/s4**2))/(math.pi**2*math.sqrt(s3)))
+    return q0
+
+
+@njit(cache=True, error_model="numpy")
+def G4_aaaa(C, a):
+    """E[g(u_a) g(u_a) g(u_a) g(u_a)] at covariance C.
+
+    - at equal fields a, a, a, a (C_xy of the factors' fields identified):
+    - Price's theorem along a path that shrinks the covariances of u_a: C_aj -> t C_aj (j
+      = b, c, d), a covariance for every t in [0, 1], the shrunk fields independent of the
+      rest at t = 0 (where an odd number of odd factors has mean 0); E = integral over t
+      from 0 to 1 of the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i)
+      h_j'(u_j) (the other factors)], each term derived at the covariance C(t):
+    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    """
+    C_aa = C[a, a]
+    s0 = C_aa**2
+    s5 = C_aa*(-C_aa - 1)
+    q0 = 0.0
+    for node in range(20):
+        t = PATH20_T[node]
+        s1 = t**2
+        s2 = s0*s1
+        s3 = 2*C_aa + s0 - s2 + 1
+        s4 = -s3
+        s6 = -C_aa*s1*(s0 + s5) + C_aa*s4 - C_aa*(s2 + s5)
+        s7 = s6/s4
+        q0 += PATH20_W[node]*(12*C_aa*asin_(s7/math.sqrt(2*s7 + 1 + s6**2/s4**2))/(math.pi**2*math.sqrt(s3)))
+    return q0
+
+
+@njit(cache=True, error_model="numpy")
+def G4(C, a, b, c, d):
+    """E[g(u_a) g(u_b) g(u_c) g(u_d)] at covariance C.
+
+    - dispatch on which of the runtime indices are equal, to the form of that pattern
+      (G4_abcd, G4_abcc, G4_aabb, G4_abbb, G4_aaaa), each derived as follows at distinct
+      fields, then the equal fields identified:
+    - Price's theorem along a path that shrinks the covariances of u_a: C_aj -> t C_aj (j
+      = b, c, d), a covariance for every t in [0, 1], the shrunk fields independent of the
+      rest at t = 0 (where an odd number of odd factors has mean 0); E = integral over t
+      from 0 to 1 of the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i)
+      h_j'(u_j) (the other factors)], each term derived at the covariance C(t):
+    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    """
+    if a != b and a != c and a != d and b != c and b != d and c != d:
+        return G4_abcd(C, a, b, c, d)
+    if a == b and a != c and a != d and c != d:
+        return G4_abcc(C, c, d, a)
+    if a == c and a != b and a != d and b != d:
+        return G4_abcc(C, b, d, a)
+    if b == c and a != b and a != d and b != d:
+        return G4_abcc(C, a, d, b)
+    if a == d and a != b and a != c and b != c:
+        return G4_abcc(C, b, c, a)
+    if b == d and a != b and a != c and b != c:
+        return G4_abcc(C, a, c, b)
+    if c == d and a != b and a != c and b != c:
+        return G4_abcc(C, a, b, c)
+    if a == b and b == c and a != d:
+        return G4_abbb(C, d, a)
+    if a == b and b == d and a != c:
+        return G4_abbb(C, c, a)
+    if a == b and c == d and a != c:
+        return G4_aabb(C, a, c)
+    if a == c and c == d and a != b:
+        return G4_abbb(C, b, a)
+    if a == c and b == d and a != b:
+        return G4_aabb(C, a, b)
+    if a == d and b == c and a != b:
+        return G4_aabb(C, a, b)
+    if b == c and c == d and a != b:
+        return G4_abbb(C, a, b)
+    return G4_aaaa(C, a)
+
+
+@njit(cache=True, error_model="numpy")
+def G4_dir(C, dC, a, b, c, d):
+    """E[g(u_a) g(u_b) g(u_c) g(u_d)] at covariance C.
+
+    - Price's theorem along a path that shrinks the covariances of u_a: C_aj -> t C_aj (j
+      = b, c, d), a covariance for every t in [0, 1], the shrunk fields independent of the
+      rest at t = 0 (where an odd number of odd factors has mean 0); E = integral over t
+      from 0 to 1 of the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i)
+      h_j'(u_j) (the other factors)], each term derived at the covariance C(t):
+    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    - derivative along dC: sum over a <= b of dP/dC_ab dC_ab (sympy diff)
+    """
+    C_aa = C[a, a]
+    C_ab = C[a, b]
+    C_ac = C[a, c]
+    C_ad = C[a, d]
+    C_bb = C[b, b]
+    C_bc = C[b, c]
+    C_bd = C[b, d]
+    C_cc = C[c, c]
+    C_cd = C[c, d]
+    C_dd = C[d, d]
+    dC_aa = dC[a, a]
+    dC_ab = dC[a, b]
+    dC_ac = dC[a, c]
+    dC_ad = dC[a, d]
+    dC_bb = dC[b, b]
+    dC_bc = dC[b, c]
+    dC_bd = dC[b, d]
+    dC_cc = dC[c, c]
+    dC_cd = dC[c, d]
+    dC_dd = dC[d, d]
+    s0 = C_ad**2
+    s2 = C_aa + 1
+    s8 = -s2
+    s9 = C_bd*s8
+    s12 = C_ad*C_bd
+    s13 = C_dd + 1
+    s14 = -s13
+    s15 = C_ab*s14
+    s21 = C_cd*s8
+    s24 = C_ad*C_cd
+    s25 = C_ac*s14
+    s34 = 4/math.pi**2
+    s38 = C_ab**2
+    s43 = C_bc*s8
+    s46 = C_ab*C_bc
+    s47 = C_bb + 1
+    s48 = -s47
+    s49 = C_ac*s48
+    s53 = C_ab*C_bd
+    s54 = C_ad*s48
+    s73 = C_ac**2
+    s77 = C_ac*C_bc
+    s78 = C_cc + 1
+    s79 = -s78
+    s80 = C_ab*s79
+    s84 = C_ac*C_cd
+    s85 = C_ad*s79
+    s114 = -1.0/2.0*C_aa - 1.0/2.0
+    s125 = 2*C_aa + 2
+    s161 = 2*C_dd
+    s167 = 2*C_cc
+    s170 = C_bc**2
+    s171 = C_cc*s48 + s170
+    s172 = C_bd**2
+    s173 = C_dd*s48 + s172
+    s174 = (1.0/2.0)*s47
+    s175 = C_cd**2
+    s176 = C_dd*s79 + s175
+    s177 = C_bb*s79 + s170
+    s178 = (1.0/2.0)*s78
+    s179 = C_bb*s14 + s172
+    s180 = C_cc*s14 + s175
+    s181 = (1.0/2.0)*s13
+    q0 = 0.0
+    for node in range(20):
+        t = PATH20_T[node]
+        s1 = t**2
+        s3 = C_aa*C_dd + C_dd - s0*s1 + s2
+        s4 = -s3
+        s5 = 1/s4
+        s6 = C_ab*s1
+        s7 = C_ad*s6
+        s10 = s7 + s9
+        s11 = C_bd*s10
+        s16 = s1*(s12 + s15)
+        s17 = -C_ab*s16 + C_bb*s4 - s11
+        s18 = s17*s5
+        s19 = C_ac*s1
+        s20 = C_ad*s19
+        s22 = s20 + s21
+        s23 = C_cd*s22
+        s26 = s1*(s24 + s25)
+        s27 = -C_ac*s26 + C_cc*s4 - s23
+        s28 = s27*s5
+        s29 = s4**(-2)
+        s30 = s17*s29
+        s31 = s18 + s27*s30 + s28 + 1
+        s32 = 1/math.sqrt(s31)
+        s33 = -C_ac*s16 + C_bc*s4 - C_cd*s10
+        s35 = s34/math.sqrt(s3)
+        s36 = C_ad*s35/math.sqrt(-s29*s33**2/s31 + 1)
+        s37 = -s10
+        s39 = C_aa*C_bb + C_bb - s1*s38 + s2
+        s40 = -s39
+        s41 = 1/s40
+        s42 = C_ac*s6
+        s44 = s42 + s43
+        s45 = C_bc*s44
+        s50 = s1*(s46 + s49)
+        s51 = -C_ac*s50 + C_cc*s40 - s45
+        s52 = s41*s51
+        s55 = s1*(s53 + s54)
+        s56 = -C_ad*s55 + C_dd*s40 - s11
+        s57 = s41*s56
+        s58 = s40**(-2)
+        s59 = s51*s58
+        s60 = s52 + s56*s59 + s57 + 1
+        s61 = 1/math.sqrt(s60)
+        s62 = s41*s61
+        s63 = -2*s42 - 2*s43
+        s64 = (1.0/2.0)*s41
+        s65 = s56*s58
+        s66 = (1.0/2.0)*s65
+        s67 = -C_ad*s50 - C_bd*s44 + C_cd*s40
+        s68 = s60**(-3.0/2.0)
+        s69 = s41*s67*s68
+        s70 = s34/math.sqrt(s39)
+        s71 = C_ab*s70/math.sqrt(-s58*s67**2/s60 + 1)
+        s72 = -s22
+        s74 = C_aa*C_cc + C_cc - s1*s73 + s2
+        s75 = -s74
+        s76 = 1/s75
+        s81 = s1*(s77 + s80)
+        s82 = -C_ab*s81 + C_bb*s75 - s45
+        s83 = s76*s82
+        s86 = s1*(s84 + s85)
+        s87 = -C_ad*s86 + C_dd*s75 - s23
+        s88 = s76*s87
+        s89 = s75**(-2)
+        s90 = s82*s89
+        s91 = s83 + s87*s90 + s88 + 1
+        s92 = 1/math.sqrt(s91)
+        s93 = s76*s92
+        s94 = (1.0/2.0)*s76
+        s95 = s87*s89
+        s96 = (1.0/2.0)*s95
+        s97 = -C_ad*s81 + C_bd*s75 - C_cd*s44
+        s98 = s91**(-3.0/2.0)
+        s99 = s76*s97*s98
+        s100 = s34/math.sqrt(s74)
+        s101 = C_ac*s100/math.sqrt(-s89*s97**2/s91 + 1)
+        s102 = -s44
+        s103 = -2*s7 - 2*s9
+        s104 = (1.0/2.0)*s59
+        s105 = s32*s5
+        s106 = (1.0/2.0)*s5
+        s107 = s27*s29
+        s108 = (1.0/2.0)*s107
+        s109 = s31**(-3.0/2.0)
+        s110 = s109*s33*s5
+        s111 = -2*s20 - 2*s21
+        s112 = (1.0/2.0)*s90
+        s113 = (1.0/2.0)*s30
+        s115 = asin_(s62*s67)
+        s116 = s115*s34/s39**(3.0/2.0)
+        s117 = C_ab*s116
+        s118 = s101*s99
+        s119 = s110*s36
+        s120 = s58*s61*s67
+        s121 = s1*s73
+        s122 = C_cc*s8 + s121
+        s123 = s0*s1
+        s124 = C_dd*s8 + s123
+        s126 = s40**(-3)
+        s127 = (1.0/2.0)*s126*s51*s56
+        s128 = asin_(s93*s97)
+        s129 = s128*s34/s74**(3.0/2.0)
+        s130 = C_ac*s129
+        s131 = s69*s71
+        s132 = s89*s92*s97
+        s133 = s1*s38
+        s134 = C_bb*s8 + s133
+        s135 = s75**(-3)
+        s136 = (1.0/2.0)*s135*s82*s87
+        s137 = asin_(s105*s33)
+        s138 = s137*s34/s3**(3.0/2.0)
+        s139 = C_ad*s138
+        s140 = s29*s32*s33
+        s141 = s4**(-3)
+        s142 = (1.0/2.0)*s141*s17*s27
+        s143 = s1*s53
+        s144 = s1*s54 + s143
+        s145 = -s144 - s55
+        s146 = s1*s84
+        s147 = s1*s85 + s146
+        s148 = -s147 - s86
+        s149 = C_cd*s6
+        s150 = C_bd*s19
+        s151 = C_ad*s1
+        s152 = 2*C_ad*C_bb*s1 - 2*s143
+        s153 = 2*C_ad*C_cc*s1 - 2*s146
+        s154 = s1*s24
+        s155 = s1*s25 + s154
+        s156 = -s155 - s26
+        s157 = s1*s46
+        s158 = -s1*s49 - s157 - s50
+        s159 = C_bc*s151
+        s160 = 2*C_ac*C_bb*s1 - 2*s157
+        s162 = -2*s154 + s161*s19
+        s163 = s1*s77
+        s164 = -s1*s80 - s163 - s81
+        s165 = s1*s12
+        s166 = -s1*s15 - s16 - s165
+        s168 = -2*s163 + s167*s6
+        s169 = s161*s6 - 2*s165
+        q0 += PATH20_W[node]*(dC_aa*(s101*(s132*s78 + s93*(C_bc*C_cd + C_bd*s79) + s99*(-s112*s176 - s136*(s167 + 2) - s176*s94 - s177*s94 - s177*s96 - s178*s90 - s178*s95)) + s117*(-1.0/2.0*C_bb - 1.0/2.0) + s130*(-1.0/2.0*C_cc - 1.0/2.0) + s139*(-1.0/2.0*C_dd - 1.0/2.0) + s36*(s105*(C_bc*s14 + C_bd*C_cd) + s110*(-s106*s179 - s106*s180 - s107*s181 - s108*s179 - s113*s180 - s142*(s161 + 2) - s181*s30) + s13*s140) + s71*(s120*s47 + s62*(C_bc*C_bd + C_cd*s48) + s69*(-s104*s173 - s127*(2*C_bb + 2) - s171*s64 - s171*s66 - s173*s64 - s174*s59 - s174*s65))) + dC_ab*(s101*(-s147*s93 + s99*(-s164*s94 - s164*s96)) + s115*s70 + s116*s133 + s36*(-s105*s155 + s110*(-s106*s166 - s108*s166)) + s71*(-2*s120*s6 + s62*(2*C_ab*C_cd*s1 - s150 - s159) + s69*(2*C_ab*s1*s126*s51*s56 + C_ab*s1*s51*s58 + C_ab*s1*s56*s58 - s104*s169 - s168*s64 - s168*s66 - s169*s64))) + dC_ac*(s100*s128 + s101*(-2*s132*s19 + s93*(2*C_ac*C_bd*s1 - s149 - s159) + s99*(2*C_ac*s1*s135*s82*s87 + C_ac*s1*s82*s89 + C_ac*s1*s87*s89 - s112*s162 - s160*s94 - s160*s96 - s162*s94)) + s121*s129 + s36*(-s105*s16 + s109*s33*s5*(-s106*s156 - s113*s156)) + s71*(-s144*s62 + s69*(-s158*s64 - s158*s66))) + dC_ad*(s101*(s76*s97*s98*(-s112*s148 - s148*s94) - s81*s93) + s123*s138 + s137*s35 + s36*(s105*(2*C_ad*C_bc*s1 - s149 - s150) + s110*(2*C_ad*s1*s141*s17*s27 + C_ad*s1*s17*s29 + C_ad*s1*s27*s29 - s106*s152 - s106*s153 - s108*s152 - s113*s153) - 2*s140*s151) + s71*(s41*s67*s68*(-s104*s145 - s145*s64) - s50*s62)) + dC_bb*(s114*s117 + s118*(-1.0/2.0*s88 - 1.0/2.0) + s119*(-1.0/2.0*s28 - 1.0/2.0) + s71*(s120*s2 + s22*s62 + s69*(-s104*s124 - s104*s2 - s122*s64 - s122*s66 - s124*s64 - s125*s127 - s2*s66))) + dC_bc*(s101*(s72*s93 + s99*(-s63*s94 - s63*s96)) + s32*s36 + s71*(s37*s62 + s69*(-s63*s64 - s63*s66))) + dC_bd*(s101*s92 + s36*(s105*s72 + s110*(-s103*s106 - s103*s108)) + s71*(s102*s62 + s69*(-s103*s104 - s103*s64))) + dC_cc*(s101*(s10*s93 + s132*s2 + s99*(-s112*s124 - s112*s2 - s124*s94 - s125*s136 - s134*s94 - s134*s96 - s2*s96)) + s114*s130 + s119*(-1.0/2.0*s18 - 1.0/2.0) + s131*(-1.0/2.0*s57 - 1.0/2.0)) + dC_cd*(s101*(s102*s93 + s99*(-s111*s112 - s111*s94)) + s36*(s105*s37 + s110*(-s106*s111 - s111*s113)) + s61*s71) + dC_dd*(s114*s139 + s118*(-1.0/2.0*s83 - 1.0/2.0) + s131*(-1.0/2.0*s52 - 1.0/2.0) + s36*(s105*s44 + s110*(-s106*s122 - s106*s134 - s108*s134 - s108*s2 - s113*s122 - s113*s2 - s125*s142) + s140*s2)))
+    return q0
+
+
+@njit(cache=True, error_model="numpy")
 def I2(C, a, b):
     """E[g(u_a) g(u_b)] at covariance C.
 
@@ -155,6 +731,49 @@ def I2_dir(C, dC, a, b):
     t1 = 2/(math.pi*math.sqrt(-C_ab**2/t0 + 1))
     t2 = C_ab*t1/t0**(3.0/2.0)
     return dC_aa*t2*(-1.0/2.0*C_bb - 1.0/2.0) + dC_ab*t1/math.sqrt(t0) + dC_bb*t2*(-1.0/2.0*C_aa - 1.0/2.0)
+
+
+@njit(cache=True, error_model="numpy")
+def I4(C, a, b, c, d):
+    """E[g'(u_a) g'(u_b) g(u_c) g(u_d)] at covariance C.
+
+    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
+      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
+      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
+      2*asin(x/sqrt(p*q + p + q + 1))/pi
+    """
+    C_aa = C[a, a]
+    C_ab = C[a, b]
+    C_ac = C[a, c]
+    C_ad = C[a, d]
+    C_bb = C[b, b]
+    C_bc = C[b, c]
+    C_bd = C[b, d]
+    C_cc = C[c, c]
+    C_cd = C[c, d]
+    C_dd = C[d, d]
+    t0 = C_bb + 1
+    t1 = C_aa*C_bb + C_aa - C_ab**2 + t0
+    t2 = 1/t1
+    t3 = -C_ab*C_bc + C_ac*t0
+    t4 = C_aa + 1
+    t5 = -C_ab*C_ac + C_bc*t4
+    t6 = -C_ac*t3 - C_bc*t5 + C_cc*t1
+    t7 = -C_ad*(-C_ab*C_bd + C_ad*t0) - C_bd*(-C_ab*C_ad + C_bd*t4) + C_dd*t1
+    return 4*asin_(t2*(-C_ad*t3 - C_bd*t5 + C_cd*t1)/math.sqrt(t2*t6 + t2*t7 + 1 + t6*t7/t1**2))/(math.pi**2*math.sqrt(t1))
+
+
+@njit(cache=True, error_model="numpy")
+def J2(C, a, b):
+    """E[g'(u_a) g'(u_b)] at covariance C.
+
+    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
+    """
+    C_aa = C[a, a]
+    C_ab = C[a, b]
+    C_bb = C[b, b]
+    return 2/(math.pi*math.sqrt(C_aa*C_bb + C_aa - C_ab**2 + C_bb + 1))
 
 
 @njit(cache=True, error_model="numpy")
@@ -631,27 +1250,27 @@ def task_moments(y, c, p, K, M, C, with_optimal):
                 acc += alpha_in*(1.0 if i_ == k else 0.0)
                 B_[k, i_] = acc
         BN_c = np.zeros((K, K, K, K,))
-        for a_ in range(K):
-            for b_ in range(K):
+        for e_ in range(K):
+            for f_ in range(K):
                 for n_ in range(K):
                     for q0 in range(K):
                         acc = 0.0
                         s0 = 0.0
                         for j0 in range(K):
-                            s0 += B_[n_, j0]*N_c__c[a_, b_, j0, q0]
+                            s0 += B_[n_, j0]*N_c__c[e_, f_, j0, q0]
                         acc += 1 * s0
-                        BN_c[a_, b_, n_, q0] = acc
+                        BN_c[e_, f_, n_, q0] = acc
         BN_v_task = np.zeros((K, K, K, M,))
-        for a_ in range(K):
-            for b_ in range(K):
+        for e_ in range(K):
+            for f_ in range(K):
                 for n_ in range(K):
                     for q0 in range(M):
                         acc = 0.0
                         s0 = 0.0
                         for j0 in range(K):
-                            s0 += B_[n_, j0]*N_c__v_task[a_, b_, j0, q0]
+                            s0 += B_[n_, j0]*N_c__v_task[e_, f_, j0, q0]
                         acc += 1 * s0
-                        BN_v_task[a_, b_, n_, q0] = acc
+                        BN_v_task[e_, f_, n_, q0] = acc
         W_c__c = np.zeros((K, K,))
         W_c__v_task = np.zeros((K, M,))
         W_v_task__c = np.zeros((M, K,))
@@ -746,33 +1365,33 @@ def task_moments(y, c, p, K, M, C, with_optimal):
                                 s0 += -B_[k, j0]*Sig_s[s_, t_, j0, l] + P_[k, j0]*X_s[s_, t_, j0, l]
                             acc += 1 * s0
                             X_s[s_ + 1, t_, k, l] = acc
-            for a_ in range(K):
-                for b_ in range(K):
+            for e_ in range(K):
+                for f_ in range(K):
                     for n_ in range(K):
                         acc = 0.0
                         s0 = 0.0
                         for j0 in range(K):
-                            s0 += P_[n_, j0]*Zmu_s[s_, a_, b_, j0] - BN_c[a_, b_, n_, j0]*mu_c[s_, j0]/n_s
+                            s0 += P_[n_, j0]*Zmu_s[s_, e_, f_, j0] - BN_c[e_, f_, n_, j0]*mu_c[s_, j0]/n_s
                         acc += 1 * s0
                         s0 = 0.0
                         for m0 in range(M):
-                            s0 += BN_v_task[a_, b_, n_, m0]*mu_v_task[m0]
+                            s0 += BN_v_task[e_, f_, n_, m0]*mu_v_task[m0]
                         acc += -1/n_s * s0
-                        Zmu_s[s_ + 1, a_, b_, n_] = acc
-            for a_ in range(K):
-                for b_ in range(K):
+                        Zmu_s[s_ + 1, e_, f_, n_] = acc
+            for e_ in range(K):
+                for f_ in range(K):
                     for n_ in range(K):
                         for r_ in range(M):
                             acc = 0.0
                             s0 = 0.0
                             for j0 in range(K):
-                                s0 += P_[n_, j0]*ZL_s[s_, a_, b_, j0, r_] - BN_c[a_, b_, n_, j0]*L_c[s_, j0, r_]/n_s
+                                s0 += P_[n_, j0]*ZL_s[s_, e_, f_, j0, r_] - BN_c[e_, f_, n_, j0]*L_c[s_, j0, r_]/n_s
                             acc += 1 * s0
                             s0 = 0.0
                             for m0 in range(M):
-                                s0 += BN_v_task[a_, b_, n_, m0]*L_v_task[m0, r_]
+                                s0 += BN_v_task[e_, f_, n_, m0]*L_v_task[m0, r_]
                             acc += -1/n_s * s0
-                            ZL_s[s_ + 1, a_, b_, n_, r_] = acc
+                            ZL_s[s_ + 1, e_, f_, n_, r_] = acc
             for k in range(K):
                 acc = 0.0
                 s0 = 0.0
@@ -1083,7 +1702,41 @@ def task_moments(y, c, p, K, M, C, with_optimal):
     L_adapted_dR = np.zeros((K, n2_, M, M,))
     mu_adapted_da = np.zeros((K, n2_,))
     L_adapted_da = np.zeros((K, n2_, M,))
+    V_adapted_dQ = np.zeros((K, K, n2_, n2_,))
+    V_adapted_dR = np.zeros((K, K, n2_, M,))
+    V_adapted_da = np.zeros((K, K, n2_,))
+    GG_adapted = np.zeros((K, K,))
     if (((1) if (order == 2) else (0))) != 0:
+        D_EA_c = np.zeros((K, K,))
+        D_EA_v_task = np.zeros((K, M,))
+        D_N_c__c = np.zeros((K, K, K, K,))
+        D_N_c__v_task = np.zeros((K, K, K, M,))
+        D_N_v_task__v_task = np.zeros((K, M, K, M,))
+        D_N_1__1 = np.zeros((K, K,))
+        D_P_ = np.zeros((K, K,))
+        D_BN_c = np.zeros((K, K, K, K,))
+        D_BN_v_task = np.zeros((K, K, K, M,))
+        D_W_c__c = np.zeros((K, K,))
+        D_W_c__v_task = np.zeros((K, M,))
+        D_W_v_task__c = np.zeros((M, K,))
+        D_Sig_s = np.zeros((steps_, steps_, K, K,))
+        D_V_s = np.zeros((steps_ + 1, K, K,))
+        D_X_s = np.zeros((steps_ + 1, steps_, K, K,))
+        D_Zmu_s = np.zeros((steps_ + 1, K, K, K,))
+        D_ZL_s = np.zeros((steps_ + 1, K, K, K, M,))
+        D_mmu_s = np.zeros((steps_ + 1, K,))
+        D_mL_s = np.zeros((steps_ + 1, K, M,))
+        Eqbb_0 = np.zeros((K, K,))
+        Eqbb_1 = np.zeros((K, K, M,))
+        Eqbb_2 = np.zeros((K, K, M, M,))
+        Eqb_0 = np.zeros((K,))
+        Eqb_1 = np.zeros((K, M,))
+        PS_0 = np.zeros((K, K, K, K,))
+        PS_1 = np.zeros((K, K, K, K, M,))
+        PS_2 = np.zeros((K, K, K, K, M, M,))
+        BB_0 = np.zeros((K, K,))
+        BB_1 = np.zeros((K, K, M,))
+        BB_2 = np.zeros((K, K, M, M,))
         H_ds = np.zeros((K, K,))
         mu_dh0 = np.zeros((K,))
         H_dv_task = np.zeros((K, M,))
@@ -1091,65 +1744,364 @@ def task_moments(y, c, p, K, M, C, with_optimal):
         L_dh = np.zeros((K, M,))
         mu_dc = np.zeros((steps_ + 1, K,))
         L_dc = np.zeros((steps_ + 1, K, M,))
-        dC = np.zeros_like(C)
+        # the directions of Q (kind_ 0: a_ <= b_, Q_ab and Q_ba one variable), then of R
+        # (kind_ 1: a_ a student unit, b_ a teacher unit), one body for both
+        dirs_ = np.empty((K * (K + 1) // 2 + K * M, 3), np.int64)
+        nd_ = 0
         for a_ in range(K):
             for b_ in range(a_, K):
-                # d/dQ_ab, Q symmetric: Q_ab and Q_ba are one variable
-                dC[:, :] = 0.0
+                dirs_[nd_, 0], dirs_[nd_, 1], dirs_[nd_, 2] = 0, a_, b_
+                nd_ += 1
+        for a_ in range(K):
+            for b_ in range(M):
+                dirs_[nd_, 0], dirs_[nd_, 1], dirs_[nd_, 2] = 1, a_, b_
+                nd_ += 1
+        dC = np.zeros_like(C)
+        for d_ in range(nd_):
+            kind_, a_, b_ = dirs_[d_, 0], dirs_[d_, 1], dirs_[d_, 2]
+            dC[:, :] = 0.0
+            if kind_ == 0:
                 dC[0 + a_, 0 + b_] = 1.0
                 dC[0 + b_, 0 + a_] = 1.0
                 dC[0 + b_, 0 + a_] = 1.0
                 dC[0 + a_, 0 + b_] = 1.0
-                for k in range(K):
-                    for l in range(K):
-                        acc = 0.0
-                        acc += I2_dir(C, dC, k, l)
-                        H_ds[k, l] = acc
-                for k in range(K):
+            else:
+                dC[0 + a_, K + b_] = 1.0
+                dC[K + b_, 0 + a_] = 1.0
+                dC[0 + a_, K + M + b_] = 1.0
+                dC[K + M + b_, 0 + a_] = 1.0
+            for k in range(K):
+                for l in range(K):
                     acc = 0.0
-                    mu_dh0[k] = acc
-                for k in range(K):
-                    for i0 in range(M):
-                        acc = 0.0
-                        acc += I2_dir(C, dC, k, K + M + i0)
-                        H_dv_task[k, i0] = acc
-                for k in range(K):
+                    acc += I2_dir(C, dC, k, l)
+                    H_ds[k, l] = acc
+            for k in range(K):
+                acc = 0.0
+                mu_dh0[k] = acc
+            for k in range(K):
+                for i0 in range(M):
                     acc = 0.0
-                    acc += mu_dh0[k]
+                    acc += I2_dir(C, dC, k, K + M + i0)
+                    H_dv_task[k, i0] = acc
+            for k in range(K):
+                acc = 0.0
+                acc += mu_dh0[k]
+                s0 = 0.0
+                for m0 in range(M):
+                    s0 += H_dv_task[k, m0]*mu_v_task[m0]
+                acc += 1 * s0
+                mu_dh[k] = acc
+            for k in range(K):
+                for r_ in range(M):
+                    acc = 0.0
                     s0 = 0.0
                     for m0 in range(M):
-                        s0 += H_dv_task[k, m0]*mu_v_task[m0]
+                        s0 += H_dv_task[k, m0]*L_v_task[m0, r_]
                     acc += 1 * s0
-                    mu_dh[k] = acc
+                    L_dh[k, r_] = acc
+            for k in range(K):
+                acc = 0.0
+                mu_dc[0, k] = acc
+            for s_ in range(steps_):
+                for k in range(K):
+                    acc = 0.0
+                    acc += alpha_in*mu_dh[k] + mu_dc[s_, k]
+                    s0 = 0.0
+                    for j0 in range(K):
+                        s0 += H_ds[k, j0]*mu_c[s_, j0] + H_s[k, j0]*mu_dc[s_, j0]
+                    acc += -alpha_in * s0
+                    mu_dc[s_ + 1, k] = acc
                 for k in range(K):
                     for r_ in range(M):
                         acc = 0.0
-                        s0 = 0.0
-                        for m0 in range(M):
-                            s0 += H_dv_task[k, m0]*L_v_task[m0, r_]
-                        acc += 1 * s0
-                        L_dh[k, r_] = acc
-                for k in range(K):
-                    acc = 0.0
-                    mu_dc[0, k] = acc
-                for s_ in range(steps_):
-                    for k in range(K):
-                        acc = 0.0
-                        acc += alpha_in*mu_dh[k] + mu_dc[s_, k]
+                        acc += alpha_in*L_dh[k, r_] + L_dc[s_, k, r_]
                         s0 = 0.0
                         for j0 in range(K):
-                            s0 += H_ds[k, j0]*mu_c[s_, j0] + H_s[k, j0]*mu_dc[s_, j0]
+                            s0 += H_ds[k, j0]*L_c[s_, j0, r_] + H_s[k, j0]*L_dc[s_, j0, r_]
                         acc += -alpha_in * s0
-                        mu_dc[s_ + 1, k] = acc
+                        L_dc[s_ + 1, k, r_] = acc
+            if math.isfinite(n_s):
+                for k in range(K):
+                    for p0 in range(K):
+                        acc = 0.0
+                        acc += I2_dir(C, dC, k, p0)
+                        D_EA_c[k, p0] = acc
+                for k in range(K):
+                    for p0 in range(M):
+                        acc = 0.0
+                        acc += -I2_dir(C, dC, k, K + M + p0)
+                        D_EA_v_task[k, p0] = acc
+                for k in range(K):
+                    for p0 in range(K):
+                        for l in range(K):
+                            for q0 in range(K):
+                                acc = 0.0
+                                acc += G4_dir(C, dC, k, l, p0, q0)
+                                acc += -D_EA_c[k, p0]*EA_c[l, q0]
+                                acc += -D_EA_c[l, q0]*EA_c[k, p0]
+                                D_N_c__c[k, p0, l, q0] = acc
+                for k in range(K):
+                    for p0 in range(K):
+                        for l in range(K):
+                            for q0 in range(M):
+                                acc = 0.0
+                                acc += -G4_dir(C, dC, k, l, p0, K + M + q0)
+                                acc += -D_EA_c[k, p0]*EA_v_task[l, q0]
+                                acc += -D_EA_v_task[l, q0]*EA_c[k, p0]
+                                D_N_c__v_task[k, p0, l, q0] = acc
+                for k in range(K):
+                    for p0 in range(M):
+                        for l in range(K):
+                            for q0 in range(M):
+                                acc = 0.0
+                                acc += G4_dir(C, dC, k, l, K + M + p0, K + M + q0)
+                                acc += -D_EA_v_task[k, p0]*EA_v_task[l, q0]
+                                acc += -D_EA_v_task[l, q0]*EA_v_task[k, p0]
+                                D_N_v_task__v_task[k, p0, l, q0] = acc
+                for k in range(K):
+                    for l in range(K):
+                        acc = 0.0
+                        acc += sigma**2*I2_dir(C, dC, k, l)
+                        D_N_1__1[k, l] = acc
+                for k in range(K):
+                    for i_ in range(K):
+                        acc = 0.0
+                        acc += -alpha_in*H_ds[k, i_]
+                        D_P_[k, i_] = acc
+                for e_ in range(K):
+                    for f_ in range(K):
+                        for n_ in range(K):
+                            for q0 in range(K):
+                                acc = 0.0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    s0 += B_[n_, j0]*D_N_c__c[e_, f_, j0, q0]
+                                acc += 1 * s0
+                                D_BN_c[e_, f_, n_, q0] = acc
+                for e_ in range(K):
+                    for f_ in range(K):
+                        for n_ in range(K):
+                            for q0 in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    s0 += B_[n_, j0]*D_N_c__v_task[e_, f_, j0, q0]
+                                acc += 1 * s0
+                                D_BN_v_task[e_, f_, n_, q0] = acc
+                for s_ in range(steps_):
+                    for t_ in range(steps_):
+                        if t_ >= s_:
+                            for p0 in range(K):
+                                for q0 in range(K):
+                                    acc = 0.0
+                                    acc += mu_c[s_, p0]*mu_c[t_, q0]
+                                    s0 = 0.0
+                                    for m0 in range(M):
+                                        s0 += L_c[s_, p0, m0]*L_c[t_, q0, m0]
+                                    acc += 1 * s0
+                                    W_c__c[p0, q0] = acc
+                            for p0 in range(K):
+                                for q0 in range(K):
+                                    acc = 0.0
+                                    acc += mu_c[s_, p0]*mu_dc[t_, q0]
+                                    acc += mu_c[t_, q0]*mu_dc[s_, p0]
+                                    s0 = 0.0
+                                    s1 = 0.0
+                                    for m0 in range(M):
+                                        s0 += L_c[s_, p0, m0]*L_dc[t_, q0, m0]
+                                        s1 += L_c[t_, q0, m0]*L_dc[s_, p0, m0]
+                                    acc += 1 * s0
+                                    acc += 1 * s1
+                                    D_W_c__c[p0, q0] = acc
+                            for p0 in range(K):
+                                for q0 in range(M):
+                                    acc = 0.0
+                                    acc += mu_c[s_, p0]*mu_v_task[q0]
+                                    s0 = 0.0
+                                    for m0 in range(M):
+                                        s0 += L_c[s_, p0, m0]*L_v_task[q0, m0]
+                                    acc += 1 * s0
+                                    W_c__v_task[p0, q0] = acc
+                            for p0 in range(K):
+                                for q0 in range(M):
+                                    acc = 0.0
+                                    acc += mu_dc[s_, p0]*mu_v_task[q0]
+                                    s0 = 0.0
+                                    for m0 in range(M):
+                                        s0 += L_dc[s_, p0, m0]*L_v_task[q0, m0]
+                                    acc += 1 * s0
+                                    D_W_c__v_task[p0, q0] = acc
+                            for p0 in range(M):
+                                for q0 in range(K):
+                                    acc = 0.0
+                                    acc += mu_c[t_, q0]*mu_v_task[p0]
+                                    s0 = 0.0
+                                    for m0 in range(M):
+                                        s0 += L_c[t_, q0, m0]*L_v_task[p0, m0]
+                                    acc += 1 * s0
+                                    W_v_task__c[p0, q0] = acc
+                            for p0 in range(M):
+                                for q0 in range(K):
+                                    acc = 0.0
+                                    acc += mu_dc[t_, q0]*mu_v_task[p0]
+                                    s0 = 0.0
+                                    for m0 in range(M):
+                                        s0 += L_dc[t_, q0, m0]*L_v_task[p0, m0]
+                                    acc += 1 * s0
+                                    D_W_v_task__c[p0, q0] = acc
+                            for k in range(K):
+                                for l in range(K):
+                                    acc = 0.0
+                                    acc += D_N_1__1[k, l]/n_s
+                                    s0 = 0.0
+                                    s1 = 0.0
+                                    for j0 in range(K):
+                                        for j1 in range(K):
+                                            s0 += D_W_c__c[j1, j0]*N_c__c[k, j1, l, j0]
+                                            s1 += D_N_c__c[k, j1, l, j0]*W_c__c[j1, j0]
+                                    acc += 1/n_s * s0
+                                    acc += 1/n_s * s1
+                                    s0 = 0.0
+                                    s1 = 0.0
+                                    for j0 in range(K):
+                                        for m0 in range(M):
+                                            s0 += D_W_v_task__c[m0, j0]*N_c__v_task[l, j0, k, m0]
+                                            s1 += D_N_c__v_task[l, j0, k, m0]*W_v_task__c[m0, j0]
+                                    acc += 1/n_s * s0
+                                    acc += 1/n_s * s1
+                                    s0 = 0.0
+                                    s1 = 0.0
+                                    for m0 in range(M):
+                                        for j0 in range(K):
+                                            s0 += D_W_c__v_task[j0, m0]*N_c__v_task[k, j0, l, m0]
+                                            s1 += D_N_c__v_task[k, j0, l, m0]*W_c__v_task[j0, m0]
+                                    acc += 1/n_s * s0
+                                    acc += 1/n_s * s1
+                                    s0 = 0.0
+                                    for m0 in range(M):
+                                        for m1 in range(M):
+                                            s0 += D_N_v_task__v_task[k, m1, l, m0]*W_v_task__v_task[m1, m0]
+                                    acc += 1/n_s * s0
+                                    D_Sig_s[s_, t_, k, l] = acc
+                    for k in range(K):
+                        for l in range(K):
+                            acc = 0.0
+                            s0 = 0.0
+                            s1 = 0.0
+                            s2 = 0.0
+                            s3 = 0.0
+                            s4 = 0.0
+                            s5 = 0.0
+                            s6 = 0.0
+                            s7 = 0.0
+                            for j0 in range(K):
+                                for j1 in range(K):
+                                    s0 += B_[k, j1]*B_[l, j0]*D_Sig_s[s_, s_, j1, j0]
+                                    s1 += D_P_[k, j1]*P_[l, j0]*V_s[s_, j1, j0]
+                                    s2 += D_P_[l, j0]*P_[k, j1]*V_s[s_, j1, j0]
+                                    s3 += D_V_s[s_, j1, j0]*P_[k, j1]*P_[l, j0]
+                                    s4 += B_[k, j1]*D_P_[l, j0]*X_s[s_, s_, j0, j1]
+                                    s5 += B_[k, j1]*D_X_s[s_, s_, j0, j1]*P_[l, j0]
+                                    s6 += B_[l, j0]*D_P_[k, j1]*X_s[s_, s_, j1, j0]
+                                    s7 += B_[l, j0]*D_X_s[s_, s_, j1, j0]*P_[k, j1]
+                            acc += 1 * s0
+                            acc += 1 * s1
+                            acc += 1 * s2
+                            acc += 1 * s3
+                            acc += -1 * s4
+                            acc += -1 * s5
+                            acc += -1 * s6
+                            acc += -1 * s7
+                            D_V_s[s_ + 1, k, l] = acc
+                    for t_ in range(steps_):
+                        if t_ > s_:
+                            for k in range(K):
+                                for l in range(K):
+                                    acc = 0.0
+                                    s0 = 0.0
+                                    s1 = 0.0
+                                    s2 = 0.0
+                                    for j0 in range(K):
+                                        s0 += D_P_[k, j0]*X_s[s_, t_, j0, l]
+                                        s1 += D_X_s[s_, t_, j0, l]*P_[k, j0]
+                                        s2 += B_[k, j0]*D_Sig_s[s_, t_, j0, l]
+                                    acc += 1 * s0
+                                    acc += 1 * s1
+                                    acc += -1 * s2
+                                    D_X_s[s_ + 1, t_, k, l] = acc
+                    for e_ in range(K):
+                        for f_ in range(K):
+                            for n_ in range(K):
+                                acc = 0.0
+                                s0 = 0.0
+                                s1 = 0.0
+                                s2 = 0.0
+                                s3 = 0.0
+                                for j0 in range(K):
+                                    s0 += D_P_[n_, j0]*Zmu_s[s_, e_, f_, j0]
+                                    s1 += D_Zmu_s[s_, e_, f_, j0]*P_[n_, j0]
+                                    s2 += D_BN_c[e_, f_, n_, j0]*mu_c[s_, j0]
+                                    s3 += BN_c[e_, f_, n_, j0]*mu_dc[s_, j0]
+                                acc += 1 * s0
+                                acc += 1 * s1
+                                acc += -1/n_s * s2
+                                acc += -1/n_s * s3
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    s0 += D_BN_v_task[e_, f_, n_, m0]*mu_v_task[m0]
+                                acc += -1/n_s * s0
+                                D_Zmu_s[s_ + 1, e_, f_, n_] = acc
+                    for e_ in range(K):
+                        for f_ in range(K):
+                            for n_ in range(K):
+                                for r_ in range(M):
+                                    acc = 0.0
+                                    s0 = 0.0
+                                    s1 = 0.0
+                                    s2 = 0.0
+                                    s3 = 0.0
+                                    for j0 in range(K):
+                                        s0 += D_P_[n_, j0]*ZL_s[s_, e_, f_, j0, r_]
+                                        s1 += D_ZL_s[s_, e_, f_, j0, r_]*P_[n_, j0]
+                                        s2 += D_BN_c[e_, f_, n_, j0]*L_c[s_, j0, r_]
+                                        s3 += BN_c[e_, f_, n_, j0]*L_dc[s_, j0, r_]
+                                    acc += 1 * s0
+                                    acc += 1 * s1
+                                    acc += -1/n_s * s2
+                                    acc += -1/n_s * s3
+                                    s0 = 0.0
+                                    for m0 in range(M):
+                                        s0 += D_BN_v_task[e_, f_, n_, m0]*L_v_task[m0, r_]
+                                    acc += -1/n_s * s0
+                                    D_ZL_s[s_ + 1, e_, f_, n_, r_] = acc
+                    for k in range(K):
+                        acc = 0.0
+                        s0 = 0.0
+                        s1 = 0.0
+                        s2 = 0.0
+                        for j0 in range(K):
+                            s0 += D_P_[k, j0]*mmu_s[s_, j0]
+                            s1 += D_mmu_s[s_, j0]*P_[k, j0]
+                            s2 += D_Zmu_s[s_, k, j0, j0]
+                        acc += 1 * s0
+                        acc += 1 * s1
+                        acc += -alpha_in * s2
+                        D_mmu_s[s_ + 1, k] = acc
                     for k in range(K):
                         for r_ in range(M):
                             acc = 0.0
-                            acc += alpha_in*L_dh[k, r_] + L_dc[s_, k, r_]
                             s0 = 0.0
+                            s1 = 0.0
+                            s2 = 0.0
                             for j0 in range(K):
-                                s0 += H_ds[k, j0]*L_c[s_, j0, r_] + H_s[k, j0]*L_dc[s_, j0, r_]
-                            acc += -alpha_in * s0
-                            L_dc[s_ + 1, k, r_] = acc
+                                s0 += D_P_[k, j0]*mL_s[s_, j0, r_]
+                                s1 += D_mL_s[s_, j0, r_]*P_[k, j0]
+                                s2 += D_ZL_s[s_, k, j0, j0, r_]
+                            acc += 1 * s0
+                            acc += 1 * s1
+                            acc += -alpha_in * s2
+                            D_mL_s[s_ + 1, k, r_] = acc
+            if kind_ == 0:
                 for j in range(K):
                     acc = 0.0
                     acc += mu_dc[steps_, j]
@@ -1168,64 +2120,36 @@ def task_moments(y, c, p, K, M, C, with_optimal):
                         acc = 0.0
                         acc += L_dc[steps_, j, r_]
                         L_adapted_dQ[j, b_, a_, r_] = acc
-        dC = np.zeros_like(C)
-        for a_ in range(K):
-            for b_ in range(M):
-                dC[:, :] = 0.0
-                dC[0 + a_, K + b_] = 1.0
-                dC[K + b_, 0 + a_] = 1.0
-                dC[0 + a_, K + M + b_] = 1.0
-                dC[K + M + b_, 0 + a_] = 1.0
-                for k in range(K):
-                    for l in range(K):
+                if math.isfinite(n_s):
+                    for j in range(K):
                         acc = 0.0
-                        acc += I2_dir(C, dC, k, l)
-                        H_ds[k, l] = acc
-                for k in range(K):
-                    acc = 0.0
-                    mu_dh0[k] = acc
-                for k in range(K):
-                    for i0 in range(M):
-                        acc = 0.0
-                        acc += I2_dir(C, dC, k, K + M + i0)
-                        H_dv_task[k, i0] = acc
-                for k in range(K):
-                    acc = 0.0
-                    acc += mu_dh0[k]
-                    s0 = 0.0
-                    for m0 in range(M):
-                        s0 += H_dv_task[k, m0]*mu_v_task[m0]
-                    acc += 1 * s0
-                    mu_dh[k] = acc
-                for k in range(K):
-                    for r_ in range(M):
-                        acc = 0.0
-                        s0 = 0.0
-                        for m0 in range(M):
-                            s0 += H_dv_task[k, m0]*L_v_task[m0, r_]
-                        acc += 1 * s0
-                        L_dh[k, r_] = acc
-                for k in range(K):
-                    acc = 0.0
-                    mu_dc[0, k] = acc
-                for s_ in range(steps_):
-                    for k in range(K):
-                        acc = 0.0
-                        acc += alpha_in*mu_dh[k] + mu_dc[s_, k]
-                        s0 = 0.0
-                        for j0 in range(K):
-                            s0 += H_ds[k, j0]*mu_c[s_, j0] + H_s[k, j0]*mu_dc[s_, j0]
-                        acc += -alpha_in * s0
-                        mu_dc[s_ + 1, k] = acc
-                    for k in range(K):
+                        acc += D_mmu_s[steps_, j] + mu_adapted_dQ[j, a_, b_]
+                        mu_adapted_dQ[j, a_, b_] = acc
+                    for j in range(K):
                         for r_ in range(M):
                             acc = 0.0
-                            acc += alpha_in*L_dh[k, r_] + L_dc[s_, k, r_]
-                            s0 = 0.0
-                            for j0 in range(K):
-                                s0 += H_ds[k, j0]*L_c[s_, j0, r_] + H_s[k, j0]*L_dc[s_, j0, r_]
-                            acc += -alpha_in * s0
-                            L_dc[s_ + 1, k, r_] = acc
+                            acc += D_mL_s[steps_, j, r_] + L_adapted_dQ[j, a_, b_, r_]
+                            L_adapted_dQ[j, a_, b_, r_] = acc
+                    for i2_ in range(K):
+                        for j in range(K):
+                            acc = 0.0
+                            acc += (1.0/2.0)*D_V_s[steps_, i2_, j]
+                            V_adapted_dQ[i2_, j, a_, b_] = acc
+                    for j in range(K):
+                        acc = 0.0
+                        acc += mu_adapted_dQ[j, a_, b_]
+                        mu_adapted_dQ[j, b_, a_] = acc
+                    for j in range(K):
+                        for r_ in range(M):
+                            acc = 0.0
+                            acc += L_adapted_dQ[j, a_, b_, r_]
+                            L_adapted_dQ[j, b_, a_, r_] = acc
+                    for i2_ in range(K):
+                        for j in range(K):
+                            acc = 0.0
+                            acc += (1.0/2.0)*D_V_s[steps_, i2_, j]
+                            V_adapted_dQ[i2_, j, b_, a_] = acc
+            if kind_ == 1:
                 for j in range(K):
                     acc = 0.0
                     acc += mu_dc[steps_, j]
@@ -1235,6 +2159,21 @@ def task_moments(y, c, p, K, M, C, with_optimal):
                         acc = 0.0
                         acc += L_dc[steps_, j, r_]
                         L_adapted_dR[j, a_, b_, r_] = acc
+                if math.isfinite(n_s):
+                    for j in range(K):
+                        acc = 0.0
+                        acc += D_mmu_s[steps_, j] + mu_adapted_dR[j, a_, b_]
+                        mu_adapted_dR[j, a_, b_] = acc
+                    for j in range(K):
+                        for r_ in range(M):
+                            acc = 0.0
+                            acc += D_mL_s[steps_, j, r_] + L_adapted_dR[j, a_, b_, r_]
+                            L_adapted_dR[j, a_, b_, r_] = acc
+                    for i2_ in range(K):
+                        for j in range(K):
+                            acc = 0.0
+                            acc += (1.0/2.0)*D_V_s[steps_, i2_, j]
+                            V_adapted_dR[i2_, j, a_, b_] = acc
         for a_ in range(K):
             for k in range(K):
                 for l in range(K):
@@ -1278,8 +2217,517 @@ def task_moments(y, c, p, K, M, C, with_optimal):
                     acc = 0.0
                     acc += L_dc[steps_, j, r_]
                     L_adapted_da[j, a_, r_] = acc
+            if math.isfinite(n_s):
+                for s_ in range(steps_):
+                    for t_ in range(steps_):
+                        if t_ >= s_:
+                            for p0 in range(K):
+                                for q0 in range(K):
+                                    acc = 0.0
+                                    acc += mu_c[s_, p0]*mu_c[t_, q0]
+                                    s0 = 0.0
+                                    for m0 in range(M):
+                                        s0 += L_c[s_, p0, m0]*L_c[t_, q0, m0]
+                                    acc += 1 * s0
+                                    W_c__c[p0, q0] = acc
+                            for p0 in range(K):
+                                for q0 in range(K):
+                                    acc = 0.0
+                                    acc += mu_c[s_, p0]*mu_dc[t_, q0]
+                                    acc += mu_c[t_, q0]*mu_dc[s_, p0]
+                                    s0 = 0.0
+                                    s1 = 0.0
+                                    for m0 in range(M):
+                                        s0 += L_c[s_, p0, m0]*L_dc[t_, q0, m0]
+                                        s1 += L_c[t_, q0, m0]*L_dc[s_, p0, m0]
+                                    acc += 1 * s0
+                                    acc += 1 * s1
+                                    D_W_c__c[p0, q0] = acc
+                            for p0 in range(K):
+                                for q0 in range(M):
+                                    acc = 0.0
+                                    acc += mu_c[s_, p0]*mu_v_task[q0]
+                                    s0 = 0.0
+                                    for m0 in range(M):
+                                        s0 += L_c[s_, p0, m0]*L_v_task[q0, m0]
+                                    acc += 1 * s0
+                                    W_c__v_task[p0, q0] = acc
+                            for p0 in range(K):
+                                for q0 in range(M):
+                                    acc = 0.0
+                                    acc += mu_dc[s_, p0]*mu_v_task[q0]
+                                    s0 = 0.0
+                                    for m0 in range(M):
+                                        s0 += L_dc[s_, p0, m0]*L_v_task[q0, m0]
+                                    acc += 1 * s0
+                                    D_W_c__v_task[p0, q0] = acc
+                            for p0 in range(M):
+                                for q0 in range(K):
+                                    acc = 0.0
+                                    acc += mu_c[t_, q0]*mu_v_task[p0]
+                                    s0 = 0.0
+                                    for m0 in range(M):
+                                        s0 += L_c[t_, q0, m0]*L_v_task[p0, m0]
+                                    acc += 1 * s0
+                                    W_v_task__c[p0, q0] = acc
+                            for p0 in range(M):
+                                for q0 in range(K):
+                                    acc = 0.0
+                                    acc += mu_dc[t_, q0]*mu_v_task[p0]
+                                    s0 = 0.0
+                                    for m0 in range(M):
+                                        s0 += L_dc[t_, q0, m0]*L_v_task[p0, m0]
+                                    acc += 1 * s0
+                                    D_W_v_task__c[p0, q0] = acc
+                            for k in range(K):
+                                for l in range(K):
+                                    acc = 0.0
+                                    s0 = 0.0
+                                    for j0 in range(K):
+                                        for j1 in range(K):
+                                            s0 += D_W_c__c[j1, j0]*N_c__c[k, j1, l, j0]
+                                    acc += 1/n_s * s0
+                                    s0 = 0.0
+                                    for j0 in range(K):
+                                        for m0 in range(M):
+                                            s0 += D_W_v_task__c[m0, j0]*N_c__v_task[l, j0, k, m0]
+                                    acc += 1/n_s * s0
+                                    s0 = 0.0
+                                    for m0 in range(M):
+                                        for j0 in range(K):
+                                            s0 += D_W_c__v_task[j0, m0]*N_c__v_task[k, j0, l, m0]
+                                    acc += 1/n_s * s0
+                                    D_Sig_s[s_, t_, k, l] = acc
+                    for k in range(K):
+                        for l in range(K):
+                            acc = 0.0
+                            s0 = 0.0
+                            s1 = 0.0
+                            s2 = 0.0
+                            s3 = 0.0
+                            for j0 in range(K):
+                                for j1 in range(K):
+                                    s0 += B_[k, j1]*B_[l, j0]*D_Sig_s[s_, s_, j1, j0]
+                                    s1 += D_V_s[s_, j1, j0]*P_[k, j1]*P_[l, j0]
+                                    s2 += B_[k, j1]*D_X_s[s_, s_, j0, j1]*P_[l, j0]
+                                    s3 += B_[l, j0]*D_X_s[s_, s_, j1, j0]*P_[k, j1]
+                            acc += 1 * s0
+                            acc += 1 * s1
+                            acc += -1 * s2
+                            acc += -1 * s3
+                            D_V_s[s_ + 1, k, l] = acc
+                    for t_ in range(steps_):
+                        if t_ > s_:
+                            for k in range(K):
+                                for l in range(K):
+                                    acc = 0.0
+                                    s0 = 0.0
+                                    s1 = 0.0
+                                    for j0 in range(K):
+                                        s0 += D_X_s[s_, t_, j0, l]*P_[k, j0]
+                                        s1 += B_[k, j0]*D_Sig_s[s_, t_, j0, l]
+                                    acc += 1 * s0
+                                    acc += -1 * s1
+                                    D_X_s[s_ + 1, t_, k, l] = acc
+                    for e_ in range(K):
+                        for f_ in range(K):
+                            for n_ in range(K):
+                                acc = 0.0
+                                s0 = 0.0
+                                s1 = 0.0
+                                for j0 in range(K):
+                                    s0 += D_Zmu_s[s_, e_, f_, j0]*P_[n_, j0]
+                                    s1 += BN_c[e_, f_, n_, j0]*mu_dc[s_, j0]
+                                acc += 1 * s0
+                                acc += -1/n_s * s1
+                                D_Zmu_s[s_ + 1, e_, f_, n_] = acc
+                    for e_ in range(K):
+                        for f_ in range(K):
+                            for n_ in range(K):
+                                for r_ in range(M):
+                                    acc = 0.0
+                                    s0 = 0.0
+                                    s1 = 0.0
+                                    for j0 in range(K):
+                                        s0 += D_ZL_s[s_, e_, f_, j0, r_]*P_[n_, j0]
+                                        s1 += BN_c[e_, f_, n_, j0]*L_dc[s_, j0, r_]
+                                    acc += 1 * s0
+                                    acc += -1/n_s * s1
+                                    D_ZL_s[s_ + 1, e_, f_, n_, r_] = acc
+                    for k in range(K):
+                        acc = 0.0
+                        s0 = 0.0
+                        s1 = 0.0
+                        for j0 in range(K):
+                            s0 += D_mmu_s[s_, j0]*P_[k, j0]
+                            s1 += D_Zmu_s[s_, k, j0, j0]
+                        acc += 1 * s0
+                        acc += -alpha_in * s1
+                        D_mmu_s[s_ + 1, k] = acc
+                    for k in range(K):
+                        for r_ in range(M):
+                            acc = 0.0
+                            s0 = 0.0
+                            s1 = 0.0
+                            for j0 in range(K):
+                                s0 += D_mL_s[s_, j0, r_]*P_[k, j0]
+                                s1 += D_ZL_s[s_, k, j0, j0, r_]
+                            acc += 1 * s0
+                            acc += -alpha_in * s1
+                            D_mL_s[s_ + 1, k, r_] = acc
+                for j in range(K):
+                    acc = 0.0
+                    acc += D_mmu_s[steps_, j] + mu_adapted_da[j, a_]
+                    mu_adapted_da[j, a_] = acc
+                for j in range(K):
+                    for r_ in range(M):
+                        acc = 0.0
+                        acc += D_mL_s[steps_, j, r_] + L_adapted_da[j, a_, r_]
+                        L_adapted_da[j, a_, r_] = acc
+                for i2_ in range(K):
+                    for j in range(K):
+                        acc = 0.0
+                        acc += (1.0/2.0)*D_V_s[steps_, i2_, j]
+                        V_adapted_da[i2_, j, a_] = acc
+        if math.isfinite(n_s):
+            for k in range(K):
+                for l in range(K):
+                    acc = 0.0
+                    GG_adapted[k, l] = acc
+            for i_ in range(K):
+                for i2_ in range(K):
+                    acc = 0.0
+                    acc += sigma**2*I2(C, i2_, i_)
+                    s0 = 0.0
+                    for j0 in range(K):
+                        for j1 in range(K):
+                            s0 += G4(C, j0, j1, i2_, i_)*mu_adapted[j0]*mu_adapted[j1]
+                    acc += 1 * s0
+                    s0 = 0.0
+                    for j0 in range(K):
+                        for m0 in range(M):
+                            s0 += G4(C, j0, i2_, i_, K + M + m0)*mu_adapted[j0]*mu_v_task[m0]
+                    acc += -2 * s0
+                    s0 = 0.0
+                    d0 = 0.0
+                    for m0 in range(M):
+                        d0 += G4(C, i2_, i_, K + M + m0, K + M + m0)*mu_v_task[m0]**2
+                        for m1 in range(m0 + 1, M):
+                            s0 += G4(C, i2_, i_, K + M + m0, K + M + m1)*mu_v_task[m0]*mu_v_task[m1]
+                    acc += 1 * (d0 + 2.0 * s0)
+                    Eqbb_0[i_, i2_] = acc
+            for i_ in range(K):
+                for i2_ in range(K):
+                    for r_ in range(M):
+                        acc = 0.0
+                        s0 = 0.0
+                        s1 = 0.0
+                        for j0 in range(K):
+                            for j1 in range(K):
+                                s0 += G4(C, j0, j1, i2_, i_)*L_adapted[j1, r_]*mu_adapted[j0]
+                                s1 += G4(C, j0, j1, i2_, i_)*L_adapted[j0, r_]*mu_adapted[j1]
+                        acc += 1 * s0
+                        acc += 1 * s1
+                        s0 = 0.0
+                        s1 = 0.0
+                        for j0 in range(K):
+                            for m0 in range(M):
+                                s0 += G4(C, j0, i2_, i_, K + M + m0)*L_v_task[m0, r_]*mu_adapted[j0]
+                                s1 += G4(C, j0, i2_, i_, K + M + m0)*L_adapted[j0, r_]*mu_v_task[m0]
+                        acc += -2 * s0
+                        acc += -2 * s1
+                        s0 = 0.0
+                        s1 = 0.0
+                        for m0 in range(M):
+                            for m1 in range(M):
+                                s0 += G4(C, i2_, i_, K + M + m0, K + M + m1)*L_v_task[m1, r_]*mu_v_task[m0]
+                                s1 += G4(C, i2_, i_, K + M + m0, K + M + m1)*L_v_task[m0, r_]*mu_v_task[m1]
+                        acc += 1 * s0
+                        acc += 1 * s1
+                        Eqbb_1[i_, i2_, r_] = acc
+            for i_ in range(K):
+                for i2_ in range(K):
+                    for r_ in range(M):
+                        for r2_ in range(M):
+                            acc = 0.0
+                            s0 = 0.0
+                            s1 = 0.0
+                            for j0 in range(K):
+                                for j1 in range(K):
+                                    s0 += G4(C, j0, j1, i2_, i_)*L_adapted[j0, r2_]*L_adapted[j1, r_]
+                                    s1 += G4(C, j0, j1, i2_, i_)*L_adapted[j0, r_]*L_adapted[j1, r2_]
+                            acc += 1.0/2.0 * s0
+                            acc += 1.0/2.0 * s1
+                            s0 = 0.0
+                            s1 = 0.0
+                            for j0 in range(K):
+                                for m0 in range(M):
+                                    s0 += G4(C, j0, i2_, i_, K + M + m0)*L_adapted[j0, r2_]*L_v_task[m0, r_]
+                                    s1 += G4(C, j0, i2_, i_, K + M + m0)*L_adapted[j0, r_]*L_v_task[m0, r2_]
+                            acc += -1 * s0
+                            acc += -1 * s1
+                            s0 = 0.0
+                            s1 = 0.0
+                            for m0 in range(M):
+                                for m1 in range(M):
+                                    s0 += G4(C, i2_, i_, K + M + m0, K + M + m1)*L_v_task[m0, r2_]*L_v_task[m1, r_]
+                                    s1 += G4(C, i2_, i_, K + M + m0, K + M + m1)*L_v_task[m0, r_]*L_v_task[m1, r2_]
+                            acc += 1.0/2.0 * s0
+                            acc += 1.0/2.0 * s1
+                            Eqbb_2[i_, i2_, r_, r2_] = acc
+            for i_ in range(K):
+                acc = 0.0
+                s0 = 0.0
+                for j0 in range(K):
+                    s0 += I2(C, j0, i_)*mu_adapted[j0]
+                acc += 1 * s0
+                s0 = 0.0
+                for m0 in range(M):
+                    s0 += I2(C, i_, K + M + m0)*mu_v_task[m0]
+                acc += -1 * s0
+                Eqb_0[i_] = acc
+            for i_ in range(K):
+                for r_ in range(M):
+                    acc = 0.0
+                    s0 = 0.0
+                    for j0 in range(K):
+                        s0 += I2(C, j0, i_)*L_adapted[j0, r_]
+                    acc += 1 * s0
+                    s0 = 0.0
+                    for m0 in range(M):
+                        s0 += I2(C, i_, K + M + m0)*L_v_task[m0, r_]
+                    acc += -1 * s0
+                    Eqb_1[i_, r_] = acc
+            for s_ in range(steps_):
+                for t_ in range(steps_):
+                    for j in range(K):
+                        for k in range(K):
+                            for jj_ in range(K):
+                                for l in range(K):
+                                    acc = 0.0
+                                    acc += sigma**2*J2(C, j, jj_)*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0)
+                                    acc += I4(C, k, l, j, jj_)*mu_c[s_, k]*mu_c[t_, l]
+                                    s0 = 0.0
+                                    s1 = 0.0
+                                    for j0 in range(K):
+                                        s0 += I4(C, j, l, j0, jj_)*mu_c[s_, j0]
+                                        s1 += I4(C, jj_, k, j0, j)*mu_c[t_, j0]
+                                    acc += (1.0 if j == k else 0.0)*mu_c[t_, l] * s0
+                                    acc += (1.0 if jj_ == l else 0.0)*mu_c[s_, k] * s1
+                                    s0 = 0.0
+                                    s1 = 0.0
+                                    for m0 in range(M):
+                                        s0 += I4(C, j, l, jj_, K + M + m0)*mu_v_task[m0]
+                                        s1 += I4(C, jj_, k, j, K + M + m0)*mu_v_task[m0]
+                                    acc += -(1.0 if j == k else 0.0)*mu_c[t_, l] * s0
+                                    acc += -(1.0 if jj_ == l else 0.0)*mu_c[s_, k] * s1
+                                    s0 = 0.0
+                                    for j0 in range(K):
+                                        for j1 in range(K):
+                                            s0 += I4(C, j, jj_, j0, j1)*mu_c[s_, j0]*mu_c[t_, j1]
+                                    acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
+                                    s0 = 0.0
+                                    s1 = 0.0
+                                    for j0 in range(K):
+                                        for m0 in range(M):
+                                            s0 += I4(C, j, jj_, j0, K + M + m0)*mu_c[s_, j0]*mu_v_task[m0]
+                                            s1 += I4(C, j, jj_, j0, K + M + m0)*mu_c[t_, j0]*mu_v_task[m0]
+                                    acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
+                                    acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
+                                    s0 = 0.0
+                                    d0 = 0.0
+                                    for m0 in range(M):
+                                        d0 += I4(C, j, jj_, K + M + m0, K + M + m0)*mu_v_task[m0]**2
+                                        for m1 in range(m0 + 1, M):
+                                            s0 += I4(C, j, jj_, K + M + m0, K + M + m1)*mu_v_task[m0]*mu_v_task[m1]
+                                    acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * (d0 + 2.0 * s0)
+                                    PS_0[j, k, jj_, l] = acc
+                    for j in range(K):
+                        for k in range(K):
+                            for jj_ in range(K):
+                                for l in range(K):
+                                    for r_ in range(M):
+                                        acc = 0.0
+                                        acc += I4(C, k, l, j, jj_)*L_c[t_, l, r_]*mu_c[s_, k]
+                                        acc += I4(C, k, l, j, jj_)*L_c[s_, k, r_]*mu_c[t_, l]
+                                        s0 = 0.0
+                                        s1 = 0.0
+                                        s2 = 0.0
+                                        s3 = 0.0
+                                        for j0 in range(K):
+                                            s0 += I4(C, j, l, j0, jj_)*mu_c[s_, j0]
+                                            s1 += I4(C, j, l, j0, jj_)*L_c[s_, j0, r_]
+                                            s2 += I4(C, jj_, k, j0, j)*L_c[t_, j0, r_]
+                                            s3 += I4(C, jj_, k, j0, j)*mu_c[t_, j0]
+                                        acc += (1.0 if j == k else 0.0)*L_c[t_, l, r_] * s0
+                                        acc += (1.0 if j == k else 0.0)*mu_c[t_, l] * s1
+                                        acc += (1.0 if jj_ == l else 0.0)*mu_c[s_, k] * s2
+                                        acc += (1.0 if jj_ == l else 0.0)*L_c[s_, k, r_] * s3
+                                        s0 = 0.0
+                                        s1 = 0.0
+                                        s2 = 0.0
+                                        s3 = 0.0
+                                        for m0 in range(M):
+                                            s0 += I4(C, j, l, jj_, K + M + m0)*mu_v_task[m0]
+                                            s1 += I4(C, j, l, jj_, K + M + m0)*L_v_task[m0, r_]
+                                            s2 += I4(C, jj_, k, j, K + M + m0)*mu_v_task[m0]
+                                            s3 += I4(C, jj_, k, j, K + M + m0)*L_v_task[m0, r_]
+                                        acc += -(1.0 if j == k else 0.0)*L_c[t_, l, r_] * s0
+                                        acc += -(1.0 if j == k else 0.0)*mu_c[t_, l] * s1
+                                        acc += -(1.0 if jj_ == l else 0.0)*L_c[s_, k, r_] * s2
+                                        acc += -(1.0 if jj_ == l else 0.0)*mu_c[s_, k] * s3
+                                        s0 = 0.0
+                                        s1 = 0.0
+                                        for j0 in range(K):
+                                            for j1 in range(K):
+                                                s0 += I4(C, j, jj_, j0, j1)*L_c[t_, j1, r_]*mu_c[s_, j0]
+                                                s1 += I4(C, j, jj_, j0, j1)*L_c[s_, j0, r_]*mu_c[t_, j1]
+                                        acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
+                                        acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
+                                        s0 = 0.0
+                                        s1 = 0.0
+                                        s2 = 0.0
+                                        s3 = 0.0
+                                        for j0 in range(K):
+                                            for m0 in range(M):
+                                                s0 += I4(C, j, jj_, j0, K + M + m0)*L_c[s_, j0, r_]*mu_v_task[m0]
+                                                s1 += I4(C, j, jj_, j0, K + M + m0)*L_c[t_, j0, r_]*mu_v_task[m0]
+                                                s2 += I4(C, j, jj_, j0, K + M + m0)*L_v_task[m0, r_]*mu_c[s_, j0]
+                                                s3 += I4(C, j, jj_, j0, K + M + m0)*L_v_task[m0, r_]*mu_c[t_, j0]
+                                        acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
+                                        acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
+                                        acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s2
+                                        acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s3
+                                        s0 = 0.0
+                                        s1 = 0.0
+                                        for m0 in range(M):
+                                            for m1 in range(M):
+                                                s0 += I4(C, j, jj_, K + M + m0, K + M + m1)*L_v_task[m1, r_]*mu_v_task[m0]
+                                                s1 += I4(C, j, jj_, K + M + m0, K + M + m1)*L_v_task[m0, r_]*mu_v_task[m1]
+                                        acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
+                                        acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
+                                        PS_1[j, k, jj_, l, r_] = acc
+                    for j in range(K):
+                        for k in range(K):
+                            for jj_ in range(K):
+                                for l in range(K):
+                                    for r_ in range(M):
+                                        for r2_ in range(M):
+                                            acc = 0.0
+                                            acc += (1.0/2.0)*I4(C, k, l, j, jj_)*L_c[s_, k, r2_]*L_c[t_, l, r_]
+                                            acc += (1.0/2.0)*I4(C, k, l, j, jj_)*L_c[s_, k, r_]*L_c[t_, l, r2_]
+                                            s0 = 0.0
+                                            s1 = 0.0
+                                            s2 = 0.0
+                                            s3 = 0.0
+                                            for j0 in range(K):
+                                                s0 += I4(C, j, l, j0, jj_)*L_c[s_, j0, r2_]
+                                                s1 += I4(C, j, l, j0, jj_)*L_c[s_, j0, r_]
+                                                s2 += I4(C, jj_, k, j0, j)*L_c[t_, j0, r_]
+                                                s3 += I4(C, jj_, k, j0, j)*L_c[t_, j0, r2_]
+                                            acc += (1.0/2.0)*(1.0 if j == k else 0.0)*L_c[t_, l, r_] * s0
+                                            acc += (1.0/2.0)*(1.0 if j == k else 0.0)*L_c[t_, l, r2_] * s1
+                                            acc += (1.0/2.0)*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r2_] * s2
+                                            acc += (1.0/2.0)*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r_] * s3
+                                            s0 = 0.0
+                                            s1 = 0.0
+                                            s2 = 0.0
+                                            s3 = 0.0
+                                            for m0 in range(M):
+                                                s0 += I4(C, j, l, jj_, K + M + m0)*L_v_task[m0, r2_]
+                                                s1 += I4(C, j, l, jj_, K + M + m0)*L_v_task[m0, r_]
+                                                s2 += I4(C, jj_, k, j, K + M + m0)*L_v_task[m0, r2_]
+                                                s3 += I4(C, jj_, k, j, K + M + m0)*L_v_task[m0, r_]
+                                            acc += -1.0/2.0*(1.0 if j == k else 0.0)*L_c[t_, l, r_] * s0
+                                            acc += -1.0/2.0*(1.0 if j == k else 0.0)*L_c[t_, l, r2_] * s1
+                                            acc += -1.0/2.0*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r_] * s2
+                                            acc += -1.0/2.0*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r2_] * s3
+                                            s0 = 0.0
+                                            s1 = 0.0
+                                            for j0 in range(K):
+                                                for j1 in range(K):
+                                                    s0 += I4(C, j, jj_, j0, j1)*L_c[s_, j0, r2_]*L_c[t_, j1, r_]
+                                                    s1 += I4(C, j, jj_, j0, j1)*L_c[s_, j0, r_]*L_c[t_, j1, r2_]
+                                            acc += (1.0/2.0)*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
+                                            acc += (1.0/2.0)*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
+                                            s0 = 0.0
+                                            s1 = 0.0
+                                            s2 = 0.0
+                                            s3 = 0.0
+                                            for j0 in range(K):
+                                                for m0 in range(M):
+                                                    s0 += I4(C, j, jj_, j0, K + M + m0)*L_c[s_, j0, r_]*L_v_task[m0, r2_]
+                                                    s1 += I4(C, j, jj_, j0, K + M + m0)*L_c[t_, j0, r_]*L_v_task[m0, r2_]
+                                                    s2 += I4(C, j, jj_, j0, K + M + m0)*L_c[s_, j0, r2_]*L_v_task[m0, r_]
+                                                    s3 += I4(C, j, jj_, j0, K + M + m0)*L_c[t_, j0, r2_]*L_v_task[m0, r_]
+                                            acc += -1.0/2.0*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
+                                            acc += -1.0/2.0*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
+                                            acc += -1.0/2.0*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s2
+                                            acc += -1.0/2.0*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s3
+                                            s0 = 0.0
+                                            s1 = 0.0
+                                            for m0 in range(M):
+                                                for m1 in range(M):
+                                                    s0 += I4(C, j, jj_, K + M + m0, K + M + m1)*L_v_task[m0, r2_]*L_v_task[m1, r_]
+                                                    s1 += I4(C, j, jj_, K + M + m0, K + M + m1)*L_v_task[m0, r_]*L_v_task[m1, r2_]
+                                            acc += (1.0/2.0)*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
+                                            acc += (1.0/2.0)*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
+                                            PS_2[j, k, jj_, l, r_, r2_] = acc
+                    for j in range(K):
+                        for jj_ in range(K):
+                            acc = 0.0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                for j1 in range(K):
+                                    s0 += (Eqb_0[j0]*Eqb_0[j1] - Eqb_0[j0]*Eqb_0[j1]/n_q + Eqbb_0[j0, j1]/n_q)*Pi_s[-s_ + steps_ - 1, j0, j]*Pi_s[steps_ - t_ - 1, j1, jj_]
+                            acc += 1 * s0
+                            BB_0[j, jj_] = acc
+                    for j in range(K):
+                        for jj_ in range(K):
+                            for r_ in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    for j1 in range(K):
+                                        s0 += (Eqb_0[j0]*Eqb_1[j1, r_] + Eqb_0[j1]*Eqb_1[j0, r_] - Eqb_0[j0]*Eqb_1[j1, r_]/n_q - Eqb_0[j1]*Eqb_1[j0, r_]/n_q + Eqbb_1[j0, j1, r_]/n_q)*Pi_s[-s_ + steps_ - 1, j0, j]*Pi_s[steps_ - t_ - 1, j1, jj_]
+                                acc += 1 * s0
+                                BB_1[j, jj_, r_] = acc
+                    for j in range(K):
+                        for jj_ in range(K):
+                            for r_ in range(M):
+                                for r2_ in range(M):
+                                    acc = 0.0
+                                    s0 = 0.0
+                                    for j0 in range(K):
+                                        for j1 in range(K):
+                                            s0 += ((1.0/2.0)*Eqb_1[j0, r2_]*Eqb_1[j1, r_] + (1.0/2.0)*Eqb_1[j0, r_]*Eqb_1[j1, r2_] - 1.0/2.0*Eqb_1[j0, r2_]*Eqb_1[j1, r_]/n_q - 1.0/2.0*Eqb_1[j0, r_]*Eqb_1[j1, r2_]/n_q + Eqbb_2[j0, j1, r_, r2_]/n_q)*Pi_s[-s_ + steps_ - 1, j0, j]*Pi_s[steps_ - t_ - 1, j1, jj_]
+                                    acc += 1 * s0
+                                    BB_2[j, jj_, r_, r2_] = acc
+                    for k in range(K):
+                        for l in range(K):
+                            acc = 0.0
+                            acc += GG_adapted[k, l]
+                            s0 = 0.0
+                            for j0 in range(K):
+                                for j1 in range(K):
+                                    s0 += BB_0[j0, j1]*PS_0[j0, k, j1, l]
+                            acc += 1/n_s * s0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                for j1 in range(K):
+                                    for m0 in range(M):
+                                        s0 += BB_0[j0, j1]*PS_2[j0, k, j1, l, m0, m0] + BB_1[j0, j1, m0]*PS_1[j0, k, j1, l, m0] + BB_2[j0, j1, m0, m0]*PS_0[j0, k, j1, l]
+                            acc += 1/n_s * s0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                for j1 in range(K):
+                                    for m0 in range(M):
+                                        for m1 in range(M):
+                                            s0 += BB_2[j0, j1, m0, m0]*PS_2[j0, k, j1, l, m1, m1] + 2*BB_2[j0, j1, m0, m1]*PS_2[j0, k, j1, l, m1, m0]
+                            acc += 1/n_s * s0
+                            GG_adapted[k, l] = acc
 
-    return mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted
+    return mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, V_adapted_dQ, V_adapted_dR, V_adapted_da, GG_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted
 
 
 @njit(cache=True, error_model="numpy")
@@ -1347,7 +2795,7 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P, I2C, I
     I2C_fill(C, I2C, I2C_D)
     # np.bool_: a plain boolean, not a literal, so that task_moments compiles once for
     # every caller (the tests pass True from Python)
-    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted = task_moments(y, c, p, K, M, C, np.bool_(False))
+    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, V_adapted_dQ, V_adapted_dR, V_adapted_da, GG_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted = task_moments(y, c, p, K, M, C, np.bool_(False))
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
     s2_ = 1 if (((1) if (order == 2) else (0))) != 0 else 0
@@ -1368,6 +2816,7 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P, I2C, I
                 for i2 in range(K):
                     for i3 in range(K):
                         acc = 0.0
+                        acc += V_adapted_dQ[i0, i1, i2, i3]
                         s0 = 0.0
                         for m0 in range(M):
                             s0 += L_adapted[i0, m0]*L_adapted_dQ[i1, i2, i3, m0]
@@ -1380,6 +2829,7 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P, I2C, I
                 for i2 in range(K):
                     for i3 in range(M):
                         acc = 0.0
+                        acc += V_adapted_dR[i0, i1, i2, i3]
                         s0 = 0.0
                         for m0 in range(M):
                             s0 += L_adapted[i0, m0]*L_adapted_dR[i1, i2, i3, m0]
@@ -1391,6 +2841,7 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P, I2C, I
             for i1 in range(K):
                 for i2 in range(K):
                     acc = 0.0
+                    acc += V_adapted_da[i0, i1, i2]
                     s0 = 0.0
                     for m0 in range(M):
                         s0 += L_adapted[i0, m0]*L_adapted_da[i1, i2, m0]
@@ -1555,6 +3006,8 @@ def rhs_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, Dn, X, P, I2C, I
                         for m1 in range(M):
                             s0 += ((S_v_task__adapted_dR[m0, j0, k, m1] + mu_adapted_dR[j0, k, m1]*mu_v_task[m0])*R[l, m1] + (S_v_task__adapted_dR[m0, j0, l, m1] + mu_adapted_dR[j0, l, m1]*mu_v_task[m0])*R[k, m1])*I2C[j0, K + M + m0]
                 acc += eta * s0
+            if ((order == 2)):
+                acc += eta**2*GG_adapted[k, l]
             dQ[k, l] = acc
             dQ[l, k] = acc
     dR = dy[o : o + K * M].reshape((K, M))
@@ -1708,7 +3161,7 @@ def rhs_parallel_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, I2C, I2
     I2C_fill(C, I2C, I2C_D)
     # np.bool_: a plain boolean, not a literal, so that task_moments compiles once for
     # every caller (the tests pass True from Python)
-    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted = task_moments(y, c, p, K, M, C, np.bool_(False))
+    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, V_adapted_dQ, V_adapted_dR, V_adapted_da, GG_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted = task_moments(y, c, p, K, M, C, np.bool_(False))
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
     s2_ = 1 if (((1) if (order == 2) else (0))) != 0 else 0
@@ -1729,6 +3182,7 @@ def rhs_parallel_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, I2C, I2
                 for i2 in range(K):
                     for i3 in range(K):
                         acc = 0.0
+                        acc += V_adapted_dQ[i0, i1, i2, i3]
                         s0 = 0.0
                         for m0 in range(M):
                             s0 += L_adapted[i0, m0]*L_adapted_dQ[i1, i2, i3, m0]
@@ -1741,6 +3195,7 @@ def rhs_parallel_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, I2C, I2
                 for i2 in range(K):
                     for i3 in range(M):
                         acc = 0.0
+                        acc += V_adapted_dR[i0, i1, i2, i3]
                         s0 = 0.0
                         for m0 in range(M):
                             s0 += L_adapted[i0, m0]*L_adapted_dR[i1, i2, i3, m0]
@@ -1752,6 +3207,7 @@ def rhs_parallel_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, I2C, I2
             for i1 in range(K):
                 for i2 in range(K):
                     acc = 0.0
+                    acc += V_adapted_da[i0, i1, i2]
                     s0 = 0.0
                     for m0 in range(M):
                         s0 += L_adapted[i0, m0]*L_adapted_da[i1, i2, m0]
@@ -1932,6 +3388,8 @@ def rhs_parallel_ws(y, c, p, K, M, dy, C, Cu, rows, Ct1, tilt1_pref, D1, I2C, I2
                         for m1 in range(M):
                             s0 += ((S_v_task__adapted_dR[m0, j0, k, m1] + mu_adapted_dR[j0, k, m1]*mu_v_task[m0])*R[l, m1] + (S_v_task__adapted_dR[m0, j0, l, m1] + mu_adapted_dR[j0, l, m1]*mu_v_task[m0])*R[k, m1])*I2C[j0, K + M + m0]
                 acc += eta * s0
+            if ((order == 2)):
+                acc += eta**2*GG_adapted[k, l]
             dQ[k, l] = acc
             dQ[l, k] = acc
     dR = dy[o : o + K * M].reshape((K, M))
@@ -2056,7 +3514,7 @@ def metrics(y, c, p, K, M, out):
     covariance(y, c, p, K, M, C)
     # np.bool_: a plain boolean, not a literal, so that task_moments compiles once for
     # every caller (the tests pass True from Python)
-    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted = task_moments(y, c, p, K, M, C, np.bool_(True))
+    mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, V_adapted_dQ, V_adapted_dR, V_adapted_da, GG_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted = task_moments(y, c, p, K, M, C, np.bool_(True))
     # the covariances of the task quantities that are read; those of the
     # sensitivities only by the second-order terms (empty otherwise)
     s2_ = 1 if (((1) if (order == 2) else (0))) != 0 else 0

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 2069df290d892de56fe343d0d1255032795f3f0a254f31bc302d2785ae9dce24
+# inputs:     sha256 d9dc9f9ba8454bc253f42a0f9ddfb452aad5a50a4f174ac2efc41a10b2260879
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "2069df290d892de56fe343d0d1255032795f3f0a254f31bc302d2785ae9dce24"
+INPUTS_SHA256 = "d9dc9f9ba8454bc253f42a0f9ddfb452aad5a50a4f174ac2efc41a10b2260879"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -438,6 +438,15 @@ def cmd_validate(args) -> Path:
             setattr(args, key, value)
     if args.seeds < 2:
         raise ValueError(f"--seeds must be >= 2 (a standard error needs two runs), got {args.seeds}")
+    if args.only is not None:
+        from .scenarios import SUPPORT_CLOSURE_LIMITED, VALIDATION_SUPPORT
+
+        if not args.support:
+            raise ValueError("--only selects configurations of --support; give --support")
+        labels = [c[0] for c in VALIDATION_SUPPORT + SUPPORT_CLOSURE_LIMITED]
+        if not any(o in lab for o in args.only for lab in labels):
+            raise ValueError(f"--only {' '.join(args.only)} matches no configuration of --support (they are: "
+                             f"{'; '.join(labels)})")  # fmt: skip
     steps_for(args.t_max, VALIDATION_RECORD, "--t-max", f"{VALIDATION_RECORD:g} (the recording interval)")
     if min(args.sizes) < VALIDATION_MIN_N:
         raise ValueError(f"--sizes must be >= {VALIDATION_MIN_N} (N >= K + M of the compared networks), "
@@ -451,7 +460,7 @@ def cmd_validate(args) -> Path:
         steps_for(args.t_max, 1.0 / N, "--t-max", f"1/N (--sizes {N})")
     out = check_out_dir(args.out or RUNS / ("validation-support" if args.support else "validation"))
     if args.support:
-        rows = validate_support(sizes=tuple(args.sizes), seeds=args.seeds, t_max=args.t_max)
+        rows = validate_support(sizes=tuple(args.sizes), seeds=args.seeds, t_max=args.t_max, only=args.only)
     else:
         rows = validate(sizes=tuple(args.sizes), seeds=args.seeds, t_max=args.t_max)
     if not all(row["agree"] for row in rows):
@@ -575,8 +584,13 @@ def _main(argv: list[str] | None = None) -> int:
     p_val.add_argument("--t-max", type=POSITIVE, help="default 2 (--support: 4)")
     p_val.add_argument(
         "--support", action="store_true",
-        help="the finite-support-set flows (first order, n_s = 2..6) against simulations with real "
+        help="the finite-support-set flows (first and second order, n_s = 2..10) against simulations with real "
         "support sets",
+    )
+    p_val.add_argument(
+        "--only", nargs="+", metavar="TEXT",
+        help="with --support: the configurations whose label contains one of these texts (e.g. 'order 2'; "
+        "'closure' runs those not run by default, where the 1/n_s^2 remainder shows)",
     )
     p_val.add_argument("--out", help="output directory (default runs/validation, runs/validation-support)")
     p_an = sub.add_parser("analyze", help="plateaus, escape, fixed points and their stability of a flow")

@@ -708,6 +708,18 @@ VALIDATION_SUPPORT = [
     ("S = 2, n_s = 6", validation_init, {"n_s": 6, "S": 2, "alpha_in": 0.6, "s": 1.5}),
     ("K = 3 > M = 2, eps_B, n_s = 4", validation_init_wide, {"n_s": 4, "eps_B": 0.5, "s": 1.5}),
     ("vbar, eta_a, noise, n_s = 2", validation_init, {"n_s": 2, "eta_a": 0.5, "sigma": 0.3}),
+    # second order: the gradient through the inner loop along the support inputs
+    ("order 2, S = 1, n_s = 10", validation_init, {"order": 2, "n_s": 10, "s": 1.5}),
+    ("order 2, S = 2, eta_a, n_s = 10", validation_init,
+     {"order": 2, "n_s": 10, "S": 2, "alpha_in": 0.6, "s": 1.5, "eta_a": 0.5}),
+]
+# run only when named (validate --support --only closure): second order with fewer
+# support samples, where the O(1/n_s^2) remainder of the derivation (the eta^2 term
+# at leading order; with S = 2 the moments too) shows at N = 4000 (docs/models/anil.md 5.6)
+SUPPORT_CLOSURE_LIMITED = [
+    ("closure-limited: order 2, S = 1, n_s = 3", validation_init, {"order": 2, "n_s": 3, "s": 1.5}),
+    ("closure-limited: order 2, S = 2, eta_a, n_s = 6", validation_init,
+     {"order": 2, "n_s": 6, "S": 2, "alpha_in": 0.6, "s": 1.5, "eta_a": 0.5}),
 ]
 # the band of validate_support: 3 s.e.m. plus this allowance per 1/sqrt(N) (the
 # finite-N offset of the seed average, tests/test_flow_vs_simulation.py), on at
@@ -730,23 +742,29 @@ def _band_fraction(fl: Trajectory, sim: Trajectory, N: int, names) -> tuple[floa
 
 
 def validate_support(
-    sizes=(1000, 4000), seeds: int = 20, t_max: float = 4.0, progress: bool = True
+    sizes=(1000, 4000), seeds: int = 20, t_max: float = 4.0, progress: bool = True, only=None
 ) -> list[dict]:
-    """The finite-support flow (first order) against simulations with real support sets
-    of n_s samples: eps_meta (after adapting on n_s samples), Q and R within 3 s.e.m.
-    + SUPPORT_C / sqrt(N) on at least SUPPORT_FRACTION of the recorded alphas, at every
-    size, the gap shrinking with N; the population flow (n_s = inf) judged by the
-    same comparison, which it should fail."""
+    """The finite-support flows (first and second order) against simulations with real
+    support sets of n_s samples: eps_meta (after adapting on n_s samples), Q and R within
+    3 s.e.m. + SUPPORT_C / sqrt(N) on at least SUPPORT_FRACTION of the recorded alphas,
+    at every size, the gap shrinking with N; the population flow (n_s = inf) judged by
+    the same comparison, which it should fail. ``only``: the configurations whose label
+    contains one of these texts (default all of VALIDATION_SUPPORT)."""
     if int(seeds) < 2:
         raise ValueError(f"seeds must be >= 2 (a standard error needs two runs), got {seeds}")
+    known = VALIDATION_SUPPORT if only is None else VALIDATION_SUPPORT + SUPPORT_CLOSURE_LIMITED
+    configs = [c for c in known if only is None or any(o in c[0] for o in only)]
+    if not configs:
+        labels = "; ".join(c[0] for c in known)
+        raise ValueError(f"only: {list(only)} matches no configuration (they are: {labels})")
     names = ("eps_meta", "Q", "R")
     rows = []
     print(
-        f"anil, first order, finite support sets; {seeds} seeds; fraction of the alphas where eps_meta, Q, R "
+        f"anil, finite support sets; {seeds} seeds; fraction of the alphas where eps_meta, Q, R "
         f"are all within 3 s.e.m. + {SUPPORT_C}/sqrt(N) of the flow (agree: >= {SUPPORT_FRACTION:.0%} at "
         "every size)"
     )
-    for label, start, cfg in VALIDATION_SUPPORT:
+    for label, start, cfg in configs:
         init = start()
         log = _log if progress else None
         kw = dict(t_max=t_max, dt=0.005, record_every=VALIDATION_RECORD, log=log)

@@ -66,10 +66,9 @@ def test_fewshot_study_numbers_are_sane(study):
 
 def test_few_shot_summary_at_second_order_tests_the_state():
     """eps_test is a metric of the state (docs/models/anil.md 5.7): the representation
-    of a second-order flow is tested at finite n_s like that of a first-order one,
-    though the flow does not derive finite support sets at second order
-    (Model.flow_requires); the numbers are the kernel's metric at the same states,
-    which does not depend on the outer order."""
+    of a second-order flow is tested at finite n_s like that of a first-order one;
+    the numbers are the kernel's metric at the same states, which does not depend
+    on the outer order."""
     from runtime import flow, load
     from runtime.scenarios import REFERENCE, few_shot_summary, reference_init, summary_lines
 

@@ -806,7 +806,6 @@ BAD_INPUTS = [
     (FLOW.replace("scm", "two_layer") + " --set alpha_in=1", ["alpha_in", "eta_v"]),
     (FLOW.replace("scm", "anil") + " --set order=3", ["order", "1 or 2"]),
     (FLOW.replace("scm", "anil") + " --set S=1.5", ["S", "integer"]),
-    (FLOW.replace("scm", "anil") + " --set n_s=10 --set order=2", ["n_s", "inf", "order = 2"]),
     # simulate
     (SIM.replace("--n 100", "--n 0"), ["--n", ">= 1"]),
     (SIM.replace("--n 100", "--n -100"), ["--n", ">= 1"]),
@@ -828,6 +827,8 @@ BAD_INPUTS = [
     ("study nosuch", ["name", "nosuch", "symmetry"]),
     ("study", ["name", "required"]),
     ("validate --seeds 1", ["--seeds", ">= 2"]),
+    ("validate --only order", ["--only", "--support"]),
+    ("validate --support --only nosuch", ["--only", "nosuch", "order 2"]),
     ("validate --seeds 0", ["--seeds", ">= 1"]),
     ("validate --sizes 0", ["--sizes", ">= 1"]),
     ("validate --sizes 2", ["--sizes", ">= 4"]),
