@@ -858,6 +858,8 @@ def _statements(stmts, names, rows, where, model=None, activation=None, tables=N
         elif isinstance(st, meta.Guard):
             cond = st.cond if isinstance(st.cond, str) else f"({code(st.cond)}) != 0"
             out.append({"kind": "if", "cond": cond, "body": sub(st.body)})
+        elif isinstance(st, meta.Outlined):
+            out.append({"kind": "outlined", "name": st.name, "body": sub(st.body)})
         elif isinstance(st, meta.Directions):
             blocks = {**where, "start": [], "QR": []}[st.kind]
             stmt = {"kind": "directions", "dir": st.kind, "blocks": blocks, "body": sub(st.body)}
@@ -873,7 +875,7 @@ def _reads_table(stmts) -> bool:
     for st in stmts:
         if isinstance(st, meta.Table):
             return True
-        if isinstance(st, (meta.Repeat, meta.Guard, meta.Directions)) and _reads_table(st.body):
+        if isinstance(st, (meta.Repeat, meta.Guard, meta.Directions, meta.Outlined)) and _reads_table(st.body):
             return True
     return False
 
@@ -919,10 +921,19 @@ def _task_context(ir: FlowIR, names, where, frows) -> dict | None:
     returns += "".join(f", {meta.excess_name(x, y)}" for x, y in meta.excess_pairs(model))
     if meta.excess_pairs(model):
         returns += f", {meta.excess_vv_name(inner)}"
+    program = _statements(ir.program.statements, names, frows, where, model, ir.activation)
+
+    def outlined(stmts):
+        for st in stmts:
+            if st["kind"] == "outlined":
+                yield st
+            yield from outlined(st.get("body", []))
+
     return {
         "family_names": ", ".join(f.name for f in model.random_families),
         "returns": returns,
-        "program": _statements(ir.program.statements, names, frows, where, model, ir.activation),
+        "program": program,
+        "outlined": list(outlined(program)),
         "second_order": second,
         # the derivatives and the metrics each get only the moments they read; the
         # best readout (a pseudo-inverse) is computed only where it is read
@@ -1178,6 +1189,37 @@ def reachable(tree: ast.Module, entry_points) -> set[str]:
     return seen
 
 
+OUTLINED_ARGS = "__args_{}__"
+
+
+def outlined_arguments(text: str) -> str:
+    """Fill in the arguments of each outlined function of the task program
+    (``meta.Outlined``; the template writes ``OUTLINED_ARGS`` in its signature and at
+    its call): the names its body reads and does not bind, in sorted order, which
+    are the caller's locals (the module's functions, imports and Python's builtins
+    excepted)."""
+    import builtins
+
+    tree = ast.parse(text)
+    module = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    for n in tree.body:
+        if isinstance(n, (ast.Import, ast.ImportFrom)):
+            module |= {(a.asname or a.name).split(".")[0] for a in n.names}
+        elif isinstance(n, ast.Assign):
+            module |= {t.id for t in n.targets if isinstance(t, ast.Name)}
+    for node in tree.body:
+        if not isinstance(node, ast.FunctionDef) or node.args.args[:1] == []:
+            continue
+        marker = OUTLINED_ARGS.format(node.name)
+        if [a.arg for a in node.args.args] != [marker]:
+            continue
+        bound = {x.id for x in ast.walk(node) if isinstance(x, ast.Name) and isinstance(x.ctx, ast.Store)}
+        read = {x.id for x in ast.walk(node) if isinstance(x, ast.Name) and isinstance(x.ctx, ast.Load)}
+        free = sorted(read - bound - module - set(dir(builtins)))
+        text = text.replace(marker, ", ".join(free))
+    return text
+
+
 def prune(text: str) -> str:
     """Drop the top-level functions that no entry point (``ENTRY_POINTS`` of the
     module) reaches: a primitive whose every use was hoisted into a table, the
@@ -1212,7 +1254,7 @@ def render_model(model: Model, activation: str, model_file: str | Path) -> str:
     shown = path.relative_to(ROOT).as_posix() if inside else str(path)
     ctx = context(ir, shown)
     check_context(env, KERNEL_TEMPLATE, ctx)
-    return prune(env.get_template(KERNEL_TEMPLATE).render(**ctx))
+    return prune(outlined_arguments(env.get_template(KERNEL_TEMPLATE).render(**ctx)))
 
 
 def render(model_name: str, activation: str) -> str:
@@ -1221,4 +1263,4 @@ def render(model_name: str, activation: str) -> str:
     env = environment()
     ctx = context(ir)
     check_context(env, KERNEL_TEMPLATE, ctx)
-    return prune(env.get_template(KERNEL_TEMPLATE).render(**ctx))
+    return prune(outlined_arguments(env.get_template(KERNEL_TEMPLATE).render(**ctx)))

@@ -101,6 +101,18 @@ class Directions:
 
 
 @dataclass(frozen=True)
+class Outlined:
+    """``body`` as a function of its own (``name``), called where it stands through
+    numba's object mode: it is compiled when it first runs, so that a kernel whose
+    runs never reach it (population support sets, first order) never compiles it.
+    Its arguments are the names the body reads from the program around it (found
+    by codegen in the rendered body)."""
+
+    name: str
+    body: tuple
+
+
+@dataclass(frozen=True)
 class Table:
     """``name[k, l, p, q] = primitive(k, l, p, q)`` for every pair of student units k, l
     and every pair of rows p, q of the fields ``families`` (the primitive is symmetric
@@ -457,6 +469,46 @@ def task_program(model, activation: str, used: dict) -> TaskProgram:
         assign(comp("mu_dh", (k,), sp.diff(mean_of(hexpr), inner.start.base[a_]))),
         assign(comp("L_dh", (k, r), sp.diff(loading_of(hexpr), inner.start.base[a_]))),
     ]
+    def sensitivities(fin_allocs, fin_tan, fin_cov, fin_start):
+        return _sensitivity_program(
+            fin_allocs, fin_tan, fin_cov, fin_start, along_cov, along_start, recursion, last, jacobians,
+            nr, dQ, dR, dS, start, inner, a_,
+        )
+
+    if support_body:
+        # finite support sets: the same program with the support block's tangent and the
+        # eta^2 term, outlined (compiled only when a run reaches it)
+        full = sensitivities(fin_allocs, fin_tan, fin_cov, fin_start) + (
+            Guard(_finite_support(inner), tuple(gg_body)),
+        )
+        second_body = (
+            Guard(f"not ({_finite_support(inner)})", sensitivities([], [], [[], []], [])),
+            Guard(_finite_support(inner), (Outlined("support_second_order_", full),)),
+        )
+    else:
+        second_body = sensitivities([], [], [[], []], [])
+    stmts += [
+        Let("n2_", f"K if ({code(inner.second_order)}) != 0 else 0"),
+        Alloc(f"mu_{dQ}", ("K", "n2_", "n2_")),
+        Alloc(f"L_{dQ}", ("K", "n2_", "n2_", nr)),
+        Alloc(f"mu_{dR}", ("K", "n2_", "M")),
+        Alloc(f"L_{dR}", ("K", "n2_", "M", nr)),
+        Alloc(f"mu_{dS}", ("K", "n2_")),
+        Alloc(f"L_{dS}", ("K", "n2_", nr)),
+        *[Alloc(SUPPORT_COV.format(f.name), ("K", "K", *dims)) for f, dims in _sensitivity_dims(inner) if support_body],
+        *([Alloc(support_square_name(inner), ("K", "K"))] if support_body else []),
+        Guard(inner.second_order, second_body),
+    ]
+    fams += [inner.dQ, inner.dR, inner.da]
+    return TaskProgram(tuple(fams), tuple(stmts))
+
+
+def _sensitivity_program(
+    fin_allocs, fin_tan, fin_cov, fin_start, along_cov, along_start, recursion, last, jacobians,
+    nr, dQ, dR, dS, start, inner, a_,
+) -> tuple:
+    """The forward sensitivities of c^(S) along every direction of Q and R (one loop)
+    and of the start, with the finite-support-set parts given (or empty)."""
     sens = (
         *fin_allocs,
         Alloc("H_ds", ("K", "K")),
@@ -506,20 +558,7 @@ def task_program(model, activation: str, used: dict) -> TaskProgram:
             ),
         ),
     )
-    stmts += [
-        Let("n2_", f"K if ({code(inner.second_order)}) != 0 else 0"),
-        Alloc(f"mu_{dQ}", ("K", "n2_", "n2_")),
-        Alloc(f"L_{dQ}", ("K", "n2_", "n2_", nr)),
-        Alloc(f"mu_{dR}", ("K", "n2_", "M")),
-        Alloc(f"L_{dR}", ("K", "n2_", "M", nr)),
-        Alloc(f"mu_{dS}", ("K", "n2_")),
-        Alloc(f"L_{dS}", ("K", "n2_", nr)),
-        *[Alloc(SUPPORT_COV.format(f.name), ("K", "K", *dims)) for f, dims in _sensitivity_dims(inner) if support_body],
-        *([Alloc(support_square_name(inner), ("K", "K"))] if support_body else []),
-        Guard(inner.second_order, sens + ((Guard(_finite_support(inner), tuple(gg_body)),) if support_body else ())),
-    ]
-    fams += [inner.dQ, inner.dR, inner.da]
-    return TaskProgram(tuple(fams), tuple(stmts))
+    return sens
 
 
 TANGENT = "D_{}"

@@ -26,7 +26,7 @@ _GROUPS = {
     ),
     "a field or the label noise": "lam nu nu_task zeta z",
     "the activation and its derivatives": "g gp gpp",
-    "a module name or a numba name": "math np numba njit prange",
+    "a module name or a numba name": "math np numba njit objmode prange",
     "a kernel function": (
         "covariance workspace workspace_parallel rhs rhs_ws rhs_parallel rhs_parallel_ws metrics "
         "sample_gradients task_moments support_matrices support_matrices_dir run_euler run_rk4 "

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 607b1e0802aa2d5bcb50e3ff7a71cf770a4d36b997b1386c76e64519c360d23e
+# inputs:     sha256 f56b5bfddb416941d7cbbc40ac765940d4ceee53183c31713c3642d41eaeb934
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 691 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -18,11 +18,11 @@ task's teacher fields (docs/models/anil.md 5.1)).
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, objmode, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "607b1e0802aa2d5bcb50e3ff7a71cf770a4d36b997b1386c76e64519c360d23e"
+INPUTS_SHA256 = "f56b5bfddb416941d7cbbc40ac765940d4ceee53183c31713c3642d41eaeb934"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -826,1027 +826,1193 @@ def task_moments(y, c, p, K, M, C, with_optimal):
     V_adapted_da = np.zeros((K, K, n2_,))
     GG_adapted = np.zeros((K, K,))
     if (((1) if (order == 2) else (0))) != 0:
-        D_EA_c = np.zeros((K, K,))
-        D_EA_v_task = np.zeros((K, M,))
-        D_N_c__c = np.zeros((K, K, K, K,))
-        D_N_c__v_task = np.zeros((K, K, K, M,))
-        D_N_v_task__v_task = np.zeros((K, M, K, M,))
-        D_N_1__1 = np.zeros((K, K,))
-        D_P_ = np.zeros((K, K,))
-        D_BN_c = np.zeros((K, K, K, K,))
-        D_BN_v_task = np.zeros((K, K, K, M,))
-        D_W_c__c = np.zeros((K, K,))
-        D_W_c__v_task = np.zeros((K, M,))
-        D_W_v_task__c = np.zeros((M, K,))
-        D_Sig_s = np.zeros((steps_, steps_, K, K,))
-        D_V_s = np.zeros((steps_ + 1, K, K,))
-        D_X_s = np.zeros((steps_ + 1, steps_, K, K,))
-        D_Zmu_s = np.zeros((steps_ + 1, K, K, K,))
-        D_ZL_s = np.zeros((steps_ + 1, K, K, K, M,))
-        D_mmu_s = np.zeros((steps_ + 1, K,))
-        D_mL_s = np.zeros((steps_ + 1, K, M,))
-        Eqbb_0 = np.zeros((K, K,))
-        Eqbb_1 = np.zeros((K, K, M,))
-        Eqbb_2 = np.zeros((K, K, M, M,))
-        Eqb_0 = np.zeros((K,))
-        Eqb_1 = np.zeros((K, M,))
-        PS_0 = np.zeros((K, K, K, K,))
-        PS_1 = np.zeros((K, K, K, K, M,))
-        PS_2 = np.zeros((K, K, K, K, M, M,))
-        BB_0 = np.zeros((K, K,))
-        BB_1 = np.zeros((K, K, M,))
-        BB_2 = np.zeros((K, K, M, M,))
-        H_ds = np.zeros((K, K,))
-        mu_dh0 = np.zeros((K,))
-        H_dv_task = np.zeros((K, M,))
-        mu_dh = np.zeros((K,))
-        L_dh = np.zeros((K, M,))
-        mu_dc = np.zeros((steps_ + 1, K,))
-        L_dc = np.zeros((steps_ + 1, K, M,))
-        # the directions of Q (kind_ 0: a_ <= b_, Q_ab and Q_ba one variable), then of R
-        # (kind_ 1: a_ a student unit, b_ a teacher unit), one body for both
-        dirs_ = np.empty((K * (K + 1) // 2 + K * M, 3), np.int64)
-        nd_ = 0
-        for a_ in range(K):
-            for b_ in range(a_, K):
-                dirs_[nd_, 0], dirs_[nd_, 1], dirs_[nd_, 2] = 0, a_, b_
-                nd_ += 1
-        for a_ in range(K):
-            for b_ in range(M):
-                dirs_[nd_, 0], dirs_[nd_, 1], dirs_[nd_, 2] = 1, a_, b_
-                nd_ += 1
-        dC = np.zeros_like(C)
-        for d_ in range(nd_):
-            kind_, a_, b_ = dirs_[d_, 0], dirs_[d_, 1], dirs_[d_, 2]
-            dC[:, :] = 0.0
-            if kind_ == 0:
-                dC[0 + a_, 0 + b_] = 1.0
-                dC[0 + b_, 0 + a_] = 1.0
-                dC[0 + b_, 0 + a_] = 1.0
-                dC[0 + a_, 0 + b_] = 1.0
-            else:
-                dC[0 + a_, K + b_] = 1.0
-                dC[K + b_, 0 + a_] = 1.0
-                dC[0 + a_, K + M + b_] = 1.0
-                dC[K + M + b_, 0 + a_] = 1.0
-            for k in range(K):
-                for l in range(K):
-                    acc = 0.0
-                    acc += I2_dir(C, dC, k, l)
-                    H_ds[k, l] = acc
-            for k in range(K):
-                acc = 0.0
-                mu_dh0[k] = acc
-            for k in range(K):
-                for i0 in range(M):
-                    acc = 0.0
-                    acc += I2_dir(C, dC, k, K + M + i0)
-                    H_dv_task[k, i0] = acc
-            for k in range(K):
-                acc = 0.0
-                acc += mu_dh0[k]
-                s0 = 0.0
-                for m0 in range(M):
-                    s0 += H_dv_task[k, m0]*mu_v_task[m0]
-                acc += 1 * s0
-                mu_dh[k] = acc
-            for k in range(K):
-                for r_ in range(M):
-                    acc = 0.0
-                    s0 = 0.0
-                    for m0 in range(M):
-                        s0 += H_dv_task[k, m0]*L_v_task[m0, r_]
-                    acc += 1 * s0
-                    L_dh[k, r_] = acc
-            for k in range(K):
-                acc = 0.0
-                mu_dc[0, k] = acc
-            for s_ in range(steps_):
-                for k in range(K):
-                    acc = 0.0
-                    acc += alpha_in*mu_dh[k] + mu_dc[s_, k]
-                    s0 = 0.0
-                    for j0 in range(K):
-                        s0 += H_ds[k, j0]*mu_c[s_, j0] + H_s[k, j0]*mu_dc[s_, j0]
-                    acc += -alpha_in * s0
-                    mu_dc[s_ + 1, k] = acc
-                for k in range(K):
-                    for r_ in range(M):
-                        acc = 0.0
-                        acc += alpha_in*L_dh[k, r_] + L_dc[s_, k, r_]
-                        s0 = 0.0
-                        for j0 in range(K):
-                            s0 += H_ds[k, j0]*L_c[s_, j0, r_] + H_s[k, j0]*L_dc[s_, j0, r_]
-                        acc += -alpha_in * s0
-                        L_dc[s_ + 1, k, r_] = acc
-            if math.isfinite(n_s):
-                for k in range(K):
-                    for p0 in range(K):
-                        acc = 0.0
-                        acc += I2_dir(C, dC, k, p0)
-                        D_EA_c[k, p0] = acc
-                for k in range(K):
-                    for p0 in range(M):
-                        acc = 0.0
-                        acc += -I2_dir(C, dC, k, K + M + p0)
-                        D_EA_v_task[k, p0] = acc
-                for k in range(K):
-                    for p0 in range(K):
-                        for l in range(K):
-                            for q0 in range(K):
-                                acc = 0.0
-                                acc += G4_dir(C, dC, k, l, p0, q0)
-                                acc += -D_EA_c[k, p0]*EA_c[l, q0]
-                                acc += -D_EA_c[l, q0]*EA_c[k, p0]
-                                D_N_c__c[k, p0, l, q0] = acc
-                for k in range(K):
-                    for p0 in range(K):
-                        for l in range(K):
-                            for q0 in range(M):
-                                acc = 0.0
-                                acc += -G4_dir(C, dC, k, l, p0, K + M + q0)
-                                acc += -D_EA_c[k, p0]*EA_v_task[l, q0]
-                                acc += -D_EA_v_task[l, q0]*EA_c[k, p0]
-                                D_N_c__v_task[k, p0, l, q0] = acc
-                for k in range(K):
-                    for p0 in range(M):
-                        for l in range(K):
-                            for q0 in range(M):
-                                acc = 0.0
-                                acc += G4_dir(C, dC, k, l, K + M + p0, K + M + q0)
-                                acc += -D_EA_v_task[k, p0]*EA_v_task[l, q0]
-                                acc += -D_EA_v_task[l, q0]*EA_v_task[k, p0]
-                                D_N_v_task__v_task[k, p0, l, q0] = acc
+        if not (math.isfinite(n_s)):
+            H_ds = np.zeros((K, K,))
+            mu_dh0 = np.zeros((K,))
+            H_dv_task = np.zeros((K, M,))
+            mu_dh = np.zeros((K,))
+            L_dh = np.zeros((K, M,))
+            mu_dc = np.zeros((steps_ + 1, K,))
+            L_dc = np.zeros((steps_ + 1, K, M,))
+            # the directions of Q (kind_ 0: a_ <= b_, Q_ab and Q_ba one variable), then of R
+            # (kind_ 1: a_ a student unit, b_ a teacher unit), one body for both
+            dirs_ = np.empty((K * (K + 1) // 2 + K * M, 3), np.int64)
+            nd_ = 0
+            for a_ in range(K):
+                for b_ in range(a_, K):
+                    dirs_[nd_, 0], dirs_[nd_, 1], dirs_[nd_, 2] = 0, a_, b_
+                    nd_ += 1
+            for a_ in range(K):
+                for b_ in range(M):
+                    dirs_[nd_, 0], dirs_[nd_, 1], dirs_[nd_, 2] = 1, a_, b_
+                    nd_ += 1
+            dC = np.zeros_like(C)
+            for d_ in range(nd_):
+                kind_, a_, b_ = dirs_[d_, 0], dirs_[d_, 1], dirs_[d_, 2]
+                dC[:, :] = 0.0
+                if kind_ == 0:
+                    dC[0 + a_, 0 + b_] = 1.0
+                    dC[0 + b_, 0 + a_] = 1.0
+                    dC[0 + b_, 0 + a_] = 1.0
+                    dC[0 + a_, 0 + b_] = 1.0
+                else:
+                    dC[0 + a_, K + b_] = 1.0
+                    dC[K + b_, 0 + a_] = 1.0
+                    dC[0 + a_, K + M + b_] = 1.0
+                    dC[K + M + b_, 0 + a_] = 1.0
                 for k in range(K):
                     for l in range(K):
                         acc = 0.0
-                        acc += sigma**2*I2_dir(C, dC, k, l)
-                        D_N_1__1[k, l] = acc
+                        acc += I2_dir(C, dC, k, l)
+                        H_ds[k, l] = acc
                 for k in range(K):
-                    for i_ in range(K):
+                    acc = 0.0
+                    mu_dh0[k] = acc
+                for k in range(K):
+                    for i0 in range(M):
                         acc = 0.0
-                        acc += -alpha_in*H_ds[k, i_]
-                        D_P_[k, i_] = acc
-                for e_ in range(K):
-                    for f_ in range(K):
-                        for n_ in range(K):
+                        acc += I2_dir(C, dC, k, K + M + i0)
+                        H_dv_task[k, i0] = acc
+                for k in range(K):
+                    acc = 0.0
+                    acc += mu_dh0[k]
+                    s0 = 0.0
+                    for m0 in range(M):
+                        s0 += H_dv_task[k, m0]*mu_v_task[m0]
+                    acc += 1 * s0
+                    mu_dh[k] = acc
+                for k in range(K):
+                    for r_ in range(M):
+                        acc = 0.0
+                        s0 = 0.0
+                        for m0 in range(M):
+                            s0 += H_dv_task[k, m0]*L_v_task[m0, r_]
+                        acc += 1 * s0
+                        L_dh[k, r_] = acc
+                for k in range(K):
+                    acc = 0.0
+                    mu_dc[0, k] = acc
+                for s_ in range(steps_):
+                    for k in range(K):
+                        acc = 0.0
+                        acc += alpha_in*mu_dh[k] + mu_dc[s_, k]
+                        s0 = 0.0
+                        for j0 in range(K):
+                            s0 += H_ds[k, j0]*mu_c[s_, j0] + H_s[k, j0]*mu_dc[s_, j0]
+                        acc += -alpha_in * s0
+                        mu_dc[s_ + 1, k] = acc
+                    for k in range(K):
+                        for r_ in range(M):
+                            acc = 0.0
+                            acc += alpha_in*L_dh[k, r_] + L_dc[s_, k, r_]
+                            s0 = 0.0
+                            for j0 in range(K):
+                                s0 += H_ds[k, j0]*L_c[s_, j0, r_] + H_s[k, j0]*L_dc[s_, j0, r_]
+                            acc += -alpha_in * s0
+                            L_dc[s_ + 1, k, r_] = acc
+                if kind_ == 0:
+                    for j in range(K):
+                        acc = 0.0
+                        acc += mu_dc[steps_, j]
+                        mu_adapted_dQ[j, a_, b_] = acc
+                    for j in range(K):
+                        acc = 0.0
+                        acc += mu_dc[steps_, j]
+                        mu_adapted_dQ[j, b_, a_] = acc
+                    for j in range(K):
+                        for r_ in range(M):
+                            acc = 0.0
+                            acc += L_dc[steps_, j, r_]
+                            L_adapted_dQ[j, a_, b_, r_] = acc
+                    for j in range(K):
+                        for r_ in range(M):
+                            acc = 0.0
+                            acc += L_dc[steps_, j, r_]
+                            L_adapted_dQ[j, b_, a_, r_] = acc
+                if kind_ == 1:
+                    for j in range(K):
+                        acc = 0.0
+                        acc += mu_dc[steps_, j]
+                        mu_adapted_dR[j, a_, b_] = acc
+                    for j in range(K):
+                        for r_ in range(M):
+                            acc = 0.0
+                            acc += L_dc[steps_, j, r_]
+                            L_adapted_dR[j, a_, b_, r_] = acc
+            for a_ in range(K):
+                for k in range(K):
+                    for l in range(K):
+                        acc = 0.0
+                        H_ds[k, l] = acc
+                for k in range(K):
+                    acc = 0.0
+                    mu_dh[k] = acc
+                for k in range(K):
+                    for r_ in range(M):
+                        acc = 0.0
+                        L_dh[k, r_] = acc
+                for k in range(K):
+                    acc = 0.0
+                    acc += (1.0 if a_ == k else 0.0)
+                    mu_dc[0, k] = acc
+                for s_ in range(steps_):
+                    for k in range(K):
+                        acc = 0.0
+                        acc += alpha_in*mu_dh[k] + mu_dc[s_, k]
+                        s0 = 0.0
+                        for j0 in range(K):
+                            s0 += H_ds[k, j0]*mu_c[s_, j0] + H_s[k, j0]*mu_dc[s_, j0]
+                        acc += -alpha_in * s0
+                        mu_dc[s_ + 1, k] = acc
+                    for k in range(K):
+                        for r_ in range(M):
+                            acc = 0.0
+                            acc += alpha_in*L_dh[k, r_] + L_dc[s_, k, r_]
+                            s0 = 0.0
+                            for j0 in range(K):
+                                s0 += H_ds[k, j0]*L_c[s_, j0, r_] + H_s[k, j0]*L_dc[s_, j0, r_]
+                            acc += -alpha_in * s0
+                            L_dc[s_ + 1, k, r_] = acc
+                for j in range(K):
+                    acc = 0.0
+                    acc += mu_dc[steps_, j]
+                    mu_adapted_da[j, a_] = acc
+                for j in range(K):
+                    for r_ in range(M):
+                        acc = 0.0
+                        acc += L_dc[steps_, j, r_]
+                        L_adapted_da[j, a_, r_] = acc
+        if math.isfinite(n_s):
+            # compiled when a run first reaches it (numba's object mode calls it)
+            with objmode():
+                support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_adapted, L_adapted_dQ, L_adapted_dR, L_adapted_da, L_c, L_v_task, M, N_c__c, N_c__v_task, P_, Pi_s, V_adapted_dQ, V_adapted_dR, V_adapted_da, V_s, W_c__c, W_c__v_task, W_v_task__c, W_v_task__v_task, X_s, ZL_s, Zmu_s, alpha_in, mL_s, mmu_s, mu_adapted, mu_adapted_dQ, mu_adapted_dR, mu_adapted_da, mu_c, mu_v_task, n_q, n_s, sigma, steps_)
+
+    return mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, V_adapted_dQ, V_adapted_dR, V_adapted_da, GG_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted
+
+
+@njit(cache=True, error_model="numpy")
+def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_adapted, L_adapted_dQ, L_adapted_dR, L_adapted_da, L_c, L_v_task, M, N_c__c, N_c__v_task, P_, Pi_s, V_adapted_dQ, V_adapted_dR, V_adapted_da, V_s, W_c__c, W_c__v_task, W_v_task__c, W_v_task__v_task, X_s, ZL_s, Zmu_s, alpha_in, mL_s, mmu_s, mu_adapted, mu_adapted_dQ, mu_adapted_dR, mu_adapted_da, mu_c, mu_v_task, n_q, n_s, sigma, steps_):
+    """A part of task_moments' program (derive/meta.py ``Outlined``), compiled when a
+    run first reaches it; it writes into the arrays it is given."""
+    D_EA_c = np.zeros((K, K,))
+    D_EA_v_task = np.zeros((K, M,))
+    D_N_c__c = np.zeros((K, K, K, K,))
+    D_N_c__v_task = np.zeros((K, K, K, M,))
+    D_N_v_task__v_task = np.zeros((K, M, K, M,))
+    D_N_1__1 = np.zeros((K, K,))
+    D_P_ = np.zeros((K, K,))
+    D_BN_c = np.zeros((K, K, K, K,))
+    D_BN_v_task = np.zeros((K, K, K, M,))
+    D_W_c__c = np.zeros((K, K,))
+    D_W_c__v_task = np.zeros((K, M,))
+    D_W_v_task__c = np.zeros((M, K,))
+    D_Sig_s = np.zeros((steps_, steps_, K, K,))
+    D_V_s = np.zeros((steps_ + 1, K, K,))
+    D_X_s = np.zeros((steps_ + 1, steps_, K, K,))
+    D_Zmu_s = np.zeros((steps_ + 1, K, K, K,))
+    D_ZL_s = np.zeros((steps_ + 1, K, K, K, M,))
+    D_mmu_s = np.zeros((steps_ + 1, K,))
+    D_mL_s = np.zeros((steps_ + 1, K, M,))
+    Eqbb_0 = np.zeros((K, K,))
+    Eqbb_1 = np.zeros((K, K, M,))
+    Eqbb_2 = np.zeros((K, K, M, M,))
+    Eqb_0 = np.zeros((K,))
+    Eqb_1 = np.zeros((K, M,))
+    PS_0 = np.zeros((K, K, K, K,))
+    PS_1 = np.zeros((K, K, K, K, M,))
+    PS_2 = np.zeros((K, K, K, K, M, M,))
+    BB_0 = np.zeros((K, K,))
+    BB_1 = np.zeros((K, K, M,))
+    BB_2 = np.zeros((K, K, M, M,))
+    H_ds = np.zeros((K, K,))
+    mu_dh0 = np.zeros((K,))
+    H_dv_task = np.zeros((K, M,))
+    mu_dh = np.zeros((K,))
+    L_dh = np.zeros((K, M,))
+    mu_dc = np.zeros((steps_ + 1, K,))
+    L_dc = np.zeros((steps_ + 1, K, M,))
+    # the directions of Q (kind_ 0: a_ <= b_, Q_ab and Q_ba one variable), then of R
+    # (kind_ 1: a_ a student unit, b_ a teacher unit), one body for both
+    dirs_ = np.empty((K * (K + 1) // 2 + K * M, 3), np.int64)
+    nd_ = 0
+    for a_ in range(K):
+        for b_ in range(a_, K):
+            dirs_[nd_, 0], dirs_[nd_, 1], dirs_[nd_, 2] = 0, a_, b_
+            nd_ += 1
+    for a_ in range(K):
+        for b_ in range(M):
+            dirs_[nd_, 0], dirs_[nd_, 1], dirs_[nd_, 2] = 1, a_, b_
+            nd_ += 1
+    dC = np.zeros_like(C)
+    for d_ in range(nd_):
+        kind_, a_, b_ = dirs_[d_, 0], dirs_[d_, 1], dirs_[d_, 2]
+        dC[:, :] = 0.0
+        if kind_ == 0:
+            dC[0 + a_, 0 + b_] = 1.0
+            dC[0 + b_, 0 + a_] = 1.0
+            dC[0 + b_, 0 + a_] = 1.0
+            dC[0 + a_, 0 + b_] = 1.0
+        else:
+            dC[0 + a_, K + b_] = 1.0
+            dC[K + b_, 0 + a_] = 1.0
+            dC[0 + a_, K + M + b_] = 1.0
+            dC[K + M + b_, 0 + a_] = 1.0
+        for k in range(K):
+            for l in range(K):
+                acc = 0.0
+                acc += I2_dir(C, dC, k, l)
+                H_ds[k, l] = acc
+        for k in range(K):
+            acc = 0.0
+            mu_dh0[k] = acc
+        for k in range(K):
+            for i0 in range(M):
+                acc = 0.0
+                acc += I2_dir(C, dC, k, K + M + i0)
+                H_dv_task[k, i0] = acc
+        for k in range(K):
+            acc = 0.0
+            acc += mu_dh0[k]
+            s0 = 0.0
+            for m0 in range(M):
+                s0 += H_dv_task[k, m0]*mu_v_task[m0]
+            acc += 1 * s0
+            mu_dh[k] = acc
+        for k in range(K):
+            for r_ in range(M):
+                acc = 0.0
+                s0 = 0.0
+                for m0 in range(M):
+                    s0 += H_dv_task[k, m0]*L_v_task[m0, r_]
+                acc += 1 * s0
+                L_dh[k, r_] = acc
+        for k in range(K):
+            acc = 0.0
+            mu_dc[0, k] = acc
+        for s_ in range(steps_):
+            for k in range(K):
+                acc = 0.0
+                acc += alpha_in*mu_dh[k] + mu_dc[s_, k]
+                s0 = 0.0
+                for j0 in range(K):
+                    s0 += H_ds[k, j0]*mu_c[s_, j0] + H_s[k, j0]*mu_dc[s_, j0]
+                acc += -alpha_in * s0
+                mu_dc[s_ + 1, k] = acc
+            for k in range(K):
+                for r_ in range(M):
+                    acc = 0.0
+                    acc += alpha_in*L_dh[k, r_] + L_dc[s_, k, r_]
+                    s0 = 0.0
+                    for j0 in range(K):
+                        s0 += H_ds[k, j0]*L_c[s_, j0, r_] + H_s[k, j0]*L_dc[s_, j0, r_]
+                    acc += -alpha_in * s0
+                    L_dc[s_ + 1, k, r_] = acc
+        if math.isfinite(n_s):
+            for k in range(K):
+                for p0 in range(K):
+                    acc = 0.0
+                    acc += I2_dir(C, dC, k, p0)
+                    D_EA_c[k, p0] = acc
+            for k in range(K):
+                for p0 in range(M):
+                    acc = 0.0
+                    acc += -I2_dir(C, dC, k, K + M + p0)
+                    D_EA_v_task[k, p0] = acc
+            for k in range(K):
+                for p0 in range(K):
+                    for l in range(K):
+                        for q0 in range(K):
+                            acc = 0.0
+                            acc += G4_dir(C, dC, k, l, p0, q0)
+                            acc += -D_EA_c[k, p0]*EA_c[l, q0]
+                            acc += -D_EA_c[l, q0]*EA_c[k, p0]
+                            D_N_c__c[k, p0, l, q0] = acc
+            for k in range(K):
+                for p0 in range(K):
+                    for l in range(K):
+                        for q0 in range(M):
+                            acc = 0.0
+                            acc += -G4_dir(C, dC, k, l, p0, K + M + q0)
+                            acc += -D_EA_c[k, p0]*EA_v_task[l, q0]
+                            acc += -D_EA_v_task[l, q0]*EA_c[k, p0]
+                            D_N_c__v_task[k, p0, l, q0] = acc
+            for k in range(K):
+                for p0 in range(M):
+                    for l in range(K):
+                        for q0 in range(M):
+                            acc = 0.0
+                            acc += G4_dir(C, dC, k, l, K + M + p0, K + M + q0)
+                            acc += -D_EA_v_task[k, p0]*EA_v_task[l, q0]
+                            acc += -D_EA_v_task[l, q0]*EA_v_task[k, p0]
+                            D_N_v_task__v_task[k, p0, l, q0] = acc
+            for k in range(K):
+                for l in range(K):
+                    acc = 0.0
+                    acc += sigma**2*I2_dir(C, dC, k, l)
+                    D_N_1__1[k, l] = acc
+            for k in range(K):
+                for i_ in range(K):
+                    acc = 0.0
+                    acc += -alpha_in*H_ds[k, i_]
+                    D_P_[k, i_] = acc
+            for e_ in range(K):
+                for f_ in range(K):
+                    for n_ in range(K):
+                        for q0 in range(K):
+                            acc = 0.0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                s0 += B_[n_, j0]*D_N_c__c[e_, f_, j0, q0]
+                            acc += 1 * s0
+                            D_BN_c[e_, f_, n_, q0] = acc
+            for e_ in range(K):
+                for f_ in range(K):
+                    for n_ in range(K):
+                        for q0 in range(M):
+                            acc = 0.0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                s0 += B_[n_, j0]*D_N_c__v_task[e_, f_, j0, q0]
+                            acc += 1 * s0
+                            D_BN_v_task[e_, f_, n_, q0] = acc
+            for s_ in range(steps_):
+                for t_ in range(steps_):
+                    if t_ >= s_:
+                        for p0 in range(K):
                             for q0 in range(K):
                                 acc = 0.0
+                                acc += mu_c[s_, p0]*mu_c[t_, q0]
                                 s0 = 0.0
-                                for j0 in range(K):
-                                    s0 += B_[n_, j0]*D_N_c__c[e_, f_, j0, q0]
+                                for m0 in range(M):
+                                    s0 += L_c[s_, p0, m0]*L_c[t_, q0, m0]
                                 acc += 1 * s0
-                                D_BN_c[e_, f_, n_, q0] = acc
+                                W_c__c[p0, q0] = acc
+                        for p0 in range(K):
+                            for q0 in range(K):
+                                acc = 0.0
+                                acc += mu_c[s_, p0]*mu_dc[t_, q0]
+                                acc += mu_c[t_, q0]*mu_dc[s_, p0]
+                                s0 = 0.0
+                                s1 = 0.0
+                                for m0 in range(M):
+                                    s0 += L_c[s_, p0, m0]*L_dc[t_, q0, m0]
+                                    s1 += L_c[t_, q0, m0]*L_dc[s_, p0, m0]
+                                acc += 1 * s0
+                                acc += 1 * s1
+                                D_W_c__c[p0, q0] = acc
+                        for p0 in range(K):
+                            for q0 in range(M):
+                                acc = 0.0
+                                acc += mu_c[s_, p0]*mu_v_task[q0]
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    s0 += L_c[s_, p0, m0]*L_v_task[q0, m0]
+                                acc += 1 * s0
+                                W_c__v_task[p0, q0] = acc
+                        for p0 in range(K):
+                            for q0 in range(M):
+                                acc = 0.0
+                                acc += mu_dc[s_, p0]*mu_v_task[q0]
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    s0 += L_dc[s_, p0, m0]*L_v_task[q0, m0]
+                                acc += 1 * s0
+                                D_W_c__v_task[p0, q0] = acc
+                        for p0 in range(M):
+                            for q0 in range(K):
+                                acc = 0.0
+                                acc += mu_c[t_, q0]*mu_v_task[p0]
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    s0 += L_c[t_, q0, m0]*L_v_task[p0, m0]
+                                acc += 1 * s0
+                                W_v_task__c[p0, q0] = acc
+                        for p0 in range(M):
+                            for q0 in range(K):
+                                acc = 0.0
+                                acc += mu_dc[t_, q0]*mu_v_task[p0]
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    s0 += L_dc[t_, q0, m0]*L_v_task[p0, m0]
+                                acc += 1 * s0
+                                D_W_v_task__c[p0, q0] = acc
+                        for k in range(K):
+                            for l in range(K):
+                                acc = 0.0
+                                acc += D_N_1__1[k, l]/n_s
+                                s0 = 0.0
+                                s1 = 0.0
+                                for j0 in range(K):
+                                    for j1 in range(K):
+                                        s0 += D_W_c__c[j1, j0]*N_c__c[k, j1, l, j0]
+                                        s1 += D_N_c__c[k, j1, l, j0]*W_c__c[j1, j0]
+                                acc += 1/n_s * s0
+                                acc += 1/n_s * s1
+                                s0 = 0.0
+                                s1 = 0.0
+                                for j0 in range(K):
+                                    for m0 in range(M):
+                                        s0 += D_W_v_task__c[m0, j0]*N_c__v_task[l, j0, k, m0]
+                                        s1 += D_N_c__v_task[l, j0, k, m0]*W_v_task__c[m0, j0]
+                                acc += 1/n_s * s0
+                                acc += 1/n_s * s1
+                                s0 = 0.0
+                                s1 = 0.0
+                                for m0 in range(M):
+                                    for j0 in range(K):
+                                        s0 += D_W_c__v_task[j0, m0]*N_c__v_task[k, j0, l, m0]
+                                        s1 += D_N_c__v_task[k, j0, l, m0]*W_c__v_task[j0, m0]
+                                acc += 1/n_s * s0
+                                acc += 1/n_s * s1
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    for m1 in range(M):
+                                        s0 += D_N_v_task__v_task[k, m1, l, m0]*W_v_task__v_task[m1, m0]
+                                acc += 1/n_s * s0
+                                D_Sig_s[s_, t_, k, l] = acc
+                for k in range(K):
+                    for l in range(K):
+                        acc = 0.0
+                        s0 = 0.0
+                        s1 = 0.0
+                        s2 = 0.0
+                        s3 = 0.0
+                        s4 = 0.0
+                        s5 = 0.0
+                        s6 = 0.0
+                        s7 = 0.0
+                        for j0 in range(K):
+                            for j1 in range(K):
+                                s0 += B_[k, j1]*B_[l, j0]*D_Sig_s[s_, s_, j1, j0]
+                                s1 += D_P_[k, j1]*P_[l, j0]*V_s[s_, j1, j0]
+                                s2 += D_P_[l, j0]*P_[k, j1]*V_s[s_, j1, j0]
+                                s3 += D_V_s[s_, j1, j0]*P_[k, j1]*P_[l, j0]
+                                s4 += B_[k, j1]*D_P_[l, j0]*X_s[s_, s_, j0, j1]
+                                s5 += B_[k, j1]*D_X_s[s_, s_, j0, j1]*P_[l, j0]
+                                s6 += B_[l, j0]*D_P_[k, j1]*X_s[s_, s_, j1, j0]
+                                s7 += B_[l, j0]*D_X_s[s_, s_, j1, j0]*P_[k, j1]
+                        acc += 1 * s0
+                        acc += 1 * s1
+                        acc += 1 * s2
+                        acc += 1 * s3
+                        acc += -1 * s4
+                        acc += -1 * s5
+                        acc += -1 * s6
+                        acc += -1 * s7
+                        D_V_s[s_ + 1, k, l] = acc
+                for t_ in range(steps_):
+                    if t_ > s_:
+                        for k in range(K):
+                            for l in range(K):
+                                acc = 0.0
+                                s0 = 0.0
+                                s1 = 0.0
+                                s2 = 0.0
+                                for j0 in range(K):
+                                    s0 += D_P_[k, j0]*X_s[s_, t_, j0, l]
+                                    s1 += D_X_s[s_, t_, j0, l]*P_[k, j0]
+                                    s2 += B_[k, j0]*D_Sig_s[s_, t_, j0, l]
+                                acc += 1 * s0
+                                acc += 1 * s1
+                                acc += -1 * s2
+                                D_X_s[s_ + 1, t_, k, l] = acc
                 for e_ in range(K):
                     for f_ in range(K):
                         for n_ in range(K):
-                            for q0 in range(M):
-                                acc = 0.0
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    s0 += B_[n_, j0]*D_N_c__v_task[e_, f_, j0, q0]
-                                acc += 1 * s0
-                                D_BN_v_task[e_, f_, n_, q0] = acc
-                for s_ in range(steps_):
-                    for t_ in range(steps_):
-                        if t_ >= s_:
-                            for p0 in range(K):
-                                for q0 in range(K):
-                                    acc = 0.0
-                                    acc += mu_c[s_, p0]*mu_c[t_, q0]
-                                    s0 = 0.0
-                                    for m0 in range(M):
-                                        s0 += L_c[s_, p0, m0]*L_c[t_, q0, m0]
-                                    acc += 1 * s0
-                                    W_c__c[p0, q0] = acc
-                            for p0 in range(K):
-                                for q0 in range(K):
-                                    acc = 0.0
-                                    acc += mu_c[s_, p0]*mu_dc[t_, q0]
-                                    acc += mu_c[t_, q0]*mu_dc[s_, p0]
-                                    s0 = 0.0
-                                    s1 = 0.0
-                                    for m0 in range(M):
-                                        s0 += L_c[s_, p0, m0]*L_dc[t_, q0, m0]
-                                        s1 += L_c[t_, q0, m0]*L_dc[s_, p0, m0]
-                                    acc += 1 * s0
-                                    acc += 1 * s1
-                                    D_W_c__c[p0, q0] = acc
-                            for p0 in range(K):
-                                for q0 in range(M):
-                                    acc = 0.0
-                                    acc += mu_c[s_, p0]*mu_v_task[q0]
-                                    s0 = 0.0
-                                    for m0 in range(M):
-                                        s0 += L_c[s_, p0, m0]*L_v_task[q0, m0]
-                                    acc += 1 * s0
-                                    W_c__v_task[p0, q0] = acc
-                            for p0 in range(K):
-                                for q0 in range(M):
-                                    acc = 0.0
-                                    acc += mu_dc[s_, p0]*mu_v_task[q0]
-                                    s0 = 0.0
-                                    for m0 in range(M):
-                                        s0 += L_dc[s_, p0, m0]*L_v_task[q0, m0]
-                                    acc += 1 * s0
-                                    D_W_c__v_task[p0, q0] = acc
-                            for p0 in range(M):
-                                for q0 in range(K):
-                                    acc = 0.0
-                                    acc += mu_c[t_, q0]*mu_v_task[p0]
-                                    s0 = 0.0
-                                    for m0 in range(M):
-                                        s0 += L_c[t_, q0, m0]*L_v_task[p0, m0]
-                                    acc += 1 * s0
-                                    W_v_task__c[p0, q0] = acc
-                            for p0 in range(M):
-                                for q0 in range(K):
-                                    acc = 0.0
-                                    acc += mu_dc[t_, q0]*mu_v_task[p0]
-                                    s0 = 0.0
-                                    for m0 in range(M):
-                                        s0 += L_dc[t_, q0, m0]*L_v_task[p0, m0]
-                                    acc += 1 * s0
-                                    D_W_v_task__c[p0, q0] = acc
-                            for k in range(K):
-                                for l in range(K):
-                                    acc = 0.0
-                                    acc += D_N_1__1[k, l]/n_s
-                                    s0 = 0.0
-                                    s1 = 0.0
-                                    for j0 in range(K):
-                                        for j1 in range(K):
-                                            s0 += D_W_c__c[j1, j0]*N_c__c[k, j1, l, j0]
-                                            s1 += D_N_c__c[k, j1, l, j0]*W_c__c[j1, j0]
-                                    acc += 1/n_s * s0
-                                    acc += 1/n_s * s1
-                                    s0 = 0.0
-                                    s1 = 0.0
-                                    for j0 in range(K):
-                                        for m0 in range(M):
-                                            s0 += D_W_v_task__c[m0, j0]*N_c__v_task[l, j0, k, m0]
-                                            s1 += D_N_c__v_task[l, j0, k, m0]*W_v_task__c[m0, j0]
-                                    acc += 1/n_s * s0
-                                    acc += 1/n_s * s1
-                                    s0 = 0.0
-                                    s1 = 0.0
-                                    for m0 in range(M):
-                                        for j0 in range(K):
-                                            s0 += D_W_c__v_task[j0, m0]*N_c__v_task[k, j0, l, m0]
-                                            s1 += D_N_c__v_task[k, j0, l, m0]*W_c__v_task[j0, m0]
-                                    acc += 1/n_s * s0
-                                    acc += 1/n_s * s1
-                                    s0 = 0.0
-                                    for m0 in range(M):
-                                        for m1 in range(M):
-                                            s0 += D_N_v_task__v_task[k, m1, l, m0]*W_v_task__v_task[m1, m0]
-                                    acc += 1/n_s * s0
-                                    D_Sig_s[s_, t_, k, l] = acc
-                    for k in range(K):
-                        for l in range(K):
                             acc = 0.0
                             s0 = 0.0
                             s1 = 0.0
                             s2 = 0.0
                             s3 = 0.0
-                            s4 = 0.0
-                            s5 = 0.0
-                            s6 = 0.0
-                            s7 = 0.0
                             for j0 in range(K):
-                                for j1 in range(K):
-                                    s0 += B_[k, j1]*B_[l, j0]*D_Sig_s[s_, s_, j1, j0]
-                                    s1 += D_P_[k, j1]*P_[l, j0]*V_s[s_, j1, j0]
-                                    s2 += D_P_[l, j0]*P_[k, j1]*V_s[s_, j1, j0]
-                                    s3 += D_V_s[s_, j1, j0]*P_[k, j1]*P_[l, j0]
-                                    s4 += B_[k, j1]*D_P_[l, j0]*X_s[s_, s_, j0, j1]
-                                    s5 += B_[k, j1]*D_X_s[s_, s_, j0, j1]*P_[l, j0]
-                                    s6 += B_[l, j0]*D_P_[k, j1]*X_s[s_, s_, j1, j0]
-                                    s7 += B_[l, j0]*D_X_s[s_, s_, j1, j0]*P_[k, j1]
+                                s0 += D_P_[n_, j0]*Zmu_s[s_, e_, f_, j0]
+                                s1 += D_Zmu_s[s_, e_, f_, j0]*P_[n_, j0]
+                                s2 += D_BN_c[e_, f_, n_, j0]*mu_c[s_, j0]
+                                s3 += BN_c[e_, f_, n_, j0]*mu_dc[s_, j0]
                             acc += 1 * s0
                             acc += 1 * s1
-                            acc += 1 * s2
-                            acc += 1 * s3
-                            acc += -1 * s4
-                            acc += -1 * s5
-                            acc += -1 * s6
-                            acc += -1 * s7
-                            D_V_s[s_ + 1, k, l] = acc
-                    for t_ in range(steps_):
-                        if t_ > s_:
-                            for k in range(K):
-                                for l in range(K):
-                                    acc = 0.0
-                                    s0 = 0.0
-                                    s1 = 0.0
-                                    s2 = 0.0
-                                    for j0 in range(K):
-                                        s0 += D_P_[k, j0]*X_s[s_, t_, j0, l]
-                                        s1 += D_X_s[s_, t_, j0, l]*P_[k, j0]
-                                        s2 += B_[k, j0]*D_Sig_s[s_, t_, j0, l]
-                                    acc += 1 * s0
-                                    acc += 1 * s1
-                                    acc += -1 * s2
-                                    D_X_s[s_ + 1, t_, k, l] = acc
-                    for e_ in range(K):
-                        for f_ in range(K):
-                            for n_ in range(K):
+                            acc += -1/n_s * s2
+                            acc += -1/n_s * s3
+                            s0 = 0.0
+                            for m0 in range(M):
+                                s0 += D_BN_v_task[e_, f_, n_, m0]*mu_v_task[m0]
+                            acc += -1/n_s * s0
+                            D_Zmu_s[s_ + 1, e_, f_, n_] = acc
+                for e_ in range(K):
+                    for f_ in range(K):
+                        for n_ in range(K):
+                            for r_ in range(M):
                                 acc = 0.0
                                 s0 = 0.0
                                 s1 = 0.0
                                 s2 = 0.0
                                 s3 = 0.0
                                 for j0 in range(K):
-                                    s0 += D_P_[n_, j0]*Zmu_s[s_, e_, f_, j0]
-                                    s1 += D_Zmu_s[s_, e_, f_, j0]*P_[n_, j0]
-                                    s2 += D_BN_c[e_, f_, n_, j0]*mu_c[s_, j0]
-                                    s3 += BN_c[e_, f_, n_, j0]*mu_dc[s_, j0]
+                                    s0 += D_P_[n_, j0]*ZL_s[s_, e_, f_, j0, r_]
+                                    s1 += D_ZL_s[s_, e_, f_, j0, r_]*P_[n_, j0]
+                                    s2 += D_BN_c[e_, f_, n_, j0]*L_c[s_, j0, r_]
+                                    s3 += BN_c[e_, f_, n_, j0]*L_dc[s_, j0, r_]
                                 acc += 1 * s0
                                 acc += 1 * s1
                                 acc += -1/n_s * s2
                                 acc += -1/n_s * s3
                                 s0 = 0.0
                                 for m0 in range(M):
-                                    s0 += D_BN_v_task[e_, f_, n_, m0]*mu_v_task[m0]
+                                    s0 += D_BN_v_task[e_, f_, n_, m0]*L_v_task[m0, r_]
                                 acc += -1/n_s * s0
-                                D_Zmu_s[s_ + 1, e_, f_, n_] = acc
-                    for e_ in range(K):
-                        for f_ in range(K):
-                            for n_ in range(K):
-                                for r_ in range(M):
-                                    acc = 0.0
-                                    s0 = 0.0
-                                    s1 = 0.0
-                                    s2 = 0.0
-                                    s3 = 0.0
-                                    for j0 in range(K):
-                                        s0 += D_P_[n_, j0]*ZL_s[s_, e_, f_, j0, r_]
-                                        s1 += D_ZL_s[s_, e_, f_, j0, r_]*P_[n_, j0]
-                                        s2 += D_BN_c[e_, f_, n_, j0]*L_c[s_, j0, r_]
-                                        s3 += BN_c[e_, f_, n_, j0]*L_dc[s_, j0, r_]
-                                    acc += 1 * s0
-                                    acc += 1 * s1
-                                    acc += -1/n_s * s2
-                                    acc += -1/n_s * s3
-                                    s0 = 0.0
-                                    for m0 in range(M):
-                                        s0 += D_BN_v_task[e_, f_, n_, m0]*L_v_task[m0, r_]
-                                    acc += -1/n_s * s0
-                                    D_ZL_s[s_ + 1, e_, f_, n_, r_] = acc
-                    for k in range(K):
+                                D_ZL_s[s_ + 1, e_, f_, n_, r_] = acc
+                for k in range(K):
+                    acc = 0.0
+                    s0 = 0.0
+                    s1 = 0.0
+                    s2 = 0.0
+                    for j0 in range(K):
+                        s0 += D_P_[k, j0]*mmu_s[s_, j0]
+                        s1 += D_mmu_s[s_, j0]*P_[k, j0]
+                        s2 += D_Zmu_s[s_, k, j0, j0]
+                    acc += 1 * s0
+                    acc += 1 * s1
+                    acc += -alpha_in * s2
+                    D_mmu_s[s_ + 1, k] = acc
+                for k in range(K):
+                    for r_ in range(M):
                         acc = 0.0
                         s0 = 0.0
                         s1 = 0.0
                         s2 = 0.0
                         for j0 in range(K):
-                            s0 += D_P_[k, j0]*mmu_s[s_, j0]
-                            s1 += D_mmu_s[s_, j0]*P_[k, j0]
-                            s2 += D_Zmu_s[s_, k, j0, j0]
+                            s0 += D_P_[k, j0]*mL_s[s_, j0, r_]
+                            s1 += D_mL_s[s_, j0, r_]*P_[k, j0]
+                            s2 += D_ZL_s[s_, k, j0, j0, r_]
                         acc += 1 * s0
                         acc += 1 * s1
                         acc += -alpha_in * s2
-                        D_mmu_s[s_ + 1, k] = acc
-                    for k in range(K):
-                        for r_ in range(M):
-                            acc = 0.0
-                            s0 = 0.0
-                            s1 = 0.0
-                            s2 = 0.0
-                            for j0 in range(K):
-                                s0 += D_P_[k, j0]*mL_s[s_, j0, r_]
-                                s1 += D_mL_s[s_, j0, r_]*P_[k, j0]
-                                s2 += D_ZL_s[s_, k, j0, j0, r_]
-                            acc += 1 * s0
-                            acc += 1 * s1
-                            acc += -alpha_in * s2
-                            D_mL_s[s_ + 1, k, r_] = acc
-            if kind_ == 0:
-                for j in range(K):
-                    acc = 0.0
-                    acc += mu_dc[steps_, j]
-                    mu_adapted_dQ[j, a_, b_] = acc
-                for j in range(K):
-                    acc = 0.0
-                    acc += mu_dc[steps_, j]
-                    mu_adapted_dQ[j, b_, a_] = acc
-                for j in range(K):
-                    for r_ in range(M):
-                        acc = 0.0
-                        acc += L_dc[steps_, j, r_]
-                        L_adapted_dQ[j, a_, b_, r_] = acc
-                for j in range(K):
-                    for r_ in range(M):
-                        acc = 0.0
-                        acc += L_dc[steps_, j, r_]
-                        L_adapted_dQ[j, b_, a_, r_] = acc
-                if math.isfinite(n_s):
-                    for j in range(K):
-                        acc = 0.0
-                        acc += D_mmu_s[steps_, j] + mu_adapted_dQ[j, a_, b_]
-                        mu_adapted_dQ[j, a_, b_] = acc
-                    for j in range(K):
-                        for r_ in range(M):
-                            acc = 0.0
-                            acc += D_mL_s[steps_, j, r_] + L_adapted_dQ[j, a_, b_, r_]
-                            L_adapted_dQ[j, a_, b_, r_] = acc
-                    for i2_ in range(K):
-                        for j in range(K):
-                            acc = 0.0
-                            acc += (1.0/2.0)*D_V_s[steps_, i2_, j]
-                            V_adapted_dQ[i2_, j, a_, b_] = acc
-                    for j in range(K):
-                        acc = 0.0
-                        acc += mu_adapted_dQ[j, a_, b_]
-                        mu_adapted_dQ[j, b_, a_] = acc
-                    for j in range(K):
-                        for r_ in range(M):
-                            acc = 0.0
-                            acc += L_adapted_dQ[j, a_, b_, r_]
-                            L_adapted_dQ[j, b_, a_, r_] = acc
-                    for i2_ in range(K):
-                        for j in range(K):
-                            acc = 0.0
-                            acc += (1.0/2.0)*D_V_s[steps_, i2_, j]
-                            V_adapted_dQ[i2_, j, b_, a_] = acc
-            if kind_ == 1:
-                for j in range(K):
-                    acc = 0.0
-                    acc += mu_dc[steps_, j]
-                    mu_adapted_dR[j, a_, b_] = acc
-                for j in range(K):
-                    for r_ in range(M):
-                        acc = 0.0
-                        acc += L_dc[steps_, j, r_]
-                        L_adapted_dR[j, a_, b_, r_] = acc
-                if math.isfinite(n_s):
-                    for j in range(K):
-                        acc = 0.0
-                        acc += D_mmu_s[steps_, j] + mu_adapted_dR[j, a_, b_]
-                        mu_adapted_dR[j, a_, b_] = acc
-                    for j in range(K):
-                        for r_ in range(M):
-                            acc = 0.0
-                            acc += D_mL_s[steps_, j, r_] + L_adapted_dR[j, a_, b_, r_]
-                            L_adapted_dR[j, a_, b_, r_] = acc
-                    for i2_ in range(K):
-                        for j in range(K):
-                            acc = 0.0
-                            acc += (1.0/2.0)*D_V_s[steps_, i2_, j]
-                            V_adapted_dR[i2_, j, a_, b_] = acc
-        for a_ in range(K):
-            for k in range(K):
-                for l in range(K):
-                    acc = 0.0
-                    H_ds[k, l] = acc
-            for k in range(K):
-                acc = 0.0
-                mu_dh[k] = acc
-            for k in range(K):
-                for r_ in range(M):
-                    acc = 0.0
-                    L_dh[k, r_] = acc
-            for k in range(K):
-                acc = 0.0
-                acc += (1.0 if a_ == k else 0.0)
-                mu_dc[0, k] = acc
-            for s_ in range(steps_):
-                for k in range(K):
-                    acc = 0.0
-                    acc += alpha_in*mu_dh[k] + mu_dc[s_, k]
-                    s0 = 0.0
-                    for j0 in range(K):
-                        s0 += H_ds[k, j0]*mu_c[s_, j0] + H_s[k, j0]*mu_dc[s_, j0]
-                    acc += -alpha_in * s0
-                    mu_dc[s_ + 1, k] = acc
-                for k in range(K):
-                    for r_ in range(M):
-                        acc = 0.0
-                        acc += alpha_in*L_dh[k, r_] + L_dc[s_, k, r_]
-                        s0 = 0.0
-                        for j0 in range(K):
-                            s0 += H_ds[k, j0]*L_c[s_, j0, r_] + H_s[k, j0]*L_dc[s_, j0, r_]
-                        acc += -alpha_in * s0
-                        L_dc[s_ + 1, k, r_] = acc
+                        D_mL_s[s_ + 1, k, r_] = acc
+        if kind_ == 0:
             for j in range(K):
                 acc = 0.0
                 acc += mu_dc[steps_, j]
-                mu_adapted_da[j, a_] = acc
+                mu_adapted_dQ[j, a_, b_] = acc
+            for j in range(K):
+                acc = 0.0
+                acc += mu_dc[steps_, j]
+                mu_adapted_dQ[j, b_, a_] = acc
             for j in range(K):
                 for r_ in range(M):
                     acc = 0.0
                     acc += L_dc[steps_, j, r_]
-                    L_adapted_da[j, a_, r_] = acc
+                    L_adapted_dQ[j, a_, b_, r_] = acc
+            for j in range(K):
+                for r_ in range(M):
+                    acc = 0.0
+                    acc += L_dc[steps_, j, r_]
+                    L_adapted_dQ[j, b_, a_, r_] = acc
             if math.isfinite(n_s):
-                for s_ in range(steps_):
-                    for t_ in range(steps_):
-                        if t_ >= s_:
-                            for p0 in range(K):
-                                for q0 in range(K):
-                                    acc = 0.0
-                                    acc += mu_c[s_, p0]*mu_c[t_, q0]
-                                    s0 = 0.0
-                                    for m0 in range(M):
-                                        s0 += L_c[s_, p0, m0]*L_c[t_, q0, m0]
-                                    acc += 1 * s0
-                                    W_c__c[p0, q0] = acc
-                            for p0 in range(K):
-                                for q0 in range(K):
-                                    acc = 0.0
-                                    acc += mu_c[s_, p0]*mu_dc[t_, q0]
-                                    acc += mu_c[t_, q0]*mu_dc[s_, p0]
-                                    s0 = 0.0
-                                    s1 = 0.0
-                                    for m0 in range(M):
-                                        s0 += L_c[s_, p0, m0]*L_dc[t_, q0, m0]
-                                        s1 += L_c[t_, q0, m0]*L_dc[s_, p0, m0]
-                                    acc += 1 * s0
-                                    acc += 1 * s1
-                                    D_W_c__c[p0, q0] = acc
-                            for p0 in range(K):
-                                for q0 in range(M):
-                                    acc = 0.0
-                                    acc += mu_c[s_, p0]*mu_v_task[q0]
-                                    s0 = 0.0
-                                    for m0 in range(M):
-                                        s0 += L_c[s_, p0, m0]*L_v_task[q0, m0]
-                                    acc += 1 * s0
-                                    W_c__v_task[p0, q0] = acc
-                            for p0 in range(K):
-                                for q0 in range(M):
-                                    acc = 0.0
-                                    acc += mu_dc[s_, p0]*mu_v_task[q0]
-                                    s0 = 0.0
-                                    for m0 in range(M):
-                                        s0 += L_dc[s_, p0, m0]*L_v_task[q0, m0]
-                                    acc += 1 * s0
-                                    D_W_c__v_task[p0, q0] = acc
-                            for p0 in range(M):
-                                for q0 in range(K):
-                                    acc = 0.0
-                                    acc += mu_c[t_, q0]*mu_v_task[p0]
-                                    s0 = 0.0
-                                    for m0 in range(M):
-                                        s0 += L_c[t_, q0, m0]*L_v_task[p0, m0]
-                                    acc += 1 * s0
-                                    W_v_task__c[p0, q0] = acc
-                            for p0 in range(M):
-                                for q0 in range(K):
-                                    acc = 0.0
-                                    acc += mu_dc[t_, q0]*mu_v_task[p0]
-                                    s0 = 0.0
-                                    for m0 in range(M):
-                                        s0 += L_dc[t_, q0, m0]*L_v_task[p0, m0]
-                                    acc += 1 * s0
-                                    D_W_v_task__c[p0, q0] = acc
-                            for k in range(K):
-                                for l in range(K):
-                                    acc = 0.0
-                                    s0 = 0.0
-                                    for j0 in range(K):
-                                        for j1 in range(K):
-                                            s0 += D_W_c__c[j1, j0]*N_c__c[k, j1, l, j0]
-                                    acc += 1/n_s * s0
-                                    s0 = 0.0
-                                    for j0 in range(K):
-                                        for m0 in range(M):
-                                            s0 += D_W_v_task__c[m0, j0]*N_c__v_task[l, j0, k, m0]
-                                    acc += 1/n_s * s0
-                                    s0 = 0.0
-                                    for m0 in range(M):
-                                        for j0 in range(K):
-                                            s0 += D_W_c__v_task[j0, m0]*N_c__v_task[k, j0, l, m0]
-                                    acc += 1/n_s * s0
-                                    D_Sig_s[s_, t_, k, l] = acc
-                    for k in range(K):
-                        for l in range(K):
-                            acc = 0.0
-                            s0 = 0.0
-                            s1 = 0.0
-                            s2 = 0.0
-                            s3 = 0.0
-                            for j0 in range(K):
-                                for j1 in range(K):
-                                    s0 += B_[k, j1]*B_[l, j0]*D_Sig_s[s_, s_, j1, j0]
-                                    s1 += D_V_s[s_, j1, j0]*P_[k, j1]*P_[l, j0]
-                                    s2 += B_[k, j1]*D_X_s[s_, s_, j0, j1]*P_[l, j0]
-                                    s3 += B_[l, j0]*D_X_s[s_, s_, j1, j0]*P_[k, j1]
-                            acc += 1 * s0
-                            acc += 1 * s1
-                            acc += -1 * s2
-                            acc += -1 * s3
-                            D_V_s[s_ + 1, k, l] = acc
-                    for t_ in range(steps_):
-                        if t_ > s_:
-                            for k in range(K):
-                                for l in range(K):
-                                    acc = 0.0
-                                    s0 = 0.0
-                                    s1 = 0.0
-                                    for j0 in range(K):
-                                        s0 += D_X_s[s_, t_, j0, l]*P_[k, j0]
-                                        s1 += B_[k, j0]*D_Sig_s[s_, t_, j0, l]
-                                    acc += 1 * s0
-                                    acc += -1 * s1
-                                    D_X_s[s_ + 1, t_, k, l] = acc
-                    for e_ in range(K):
-                        for f_ in range(K):
-                            for n_ in range(K):
-                                acc = 0.0
-                                s0 = 0.0
-                                s1 = 0.0
-                                for j0 in range(K):
-                                    s0 += D_Zmu_s[s_, e_, f_, j0]*P_[n_, j0]
-                                    s1 += BN_c[e_, f_, n_, j0]*mu_dc[s_, j0]
-                                acc += 1 * s0
-                                acc += -1/n_s * s1
-                                D_Zmu_s[s_ + 1, e_, f_, n_] = acc
-                    for e_ in range(K):
-                        for f_ in range(K):
-                            for n_ in range(K):
-                                for r_ in range(M):
-                                    acc = 0.0
-                                    s0 = 0.0
-                                    s1 = 0.0
-                                    for j0 in range(K):
-                                        s0 += D_ZL_s[s_, e_, f_, j0, r_]*P_[n_, j0]
-                                        s1 += BN_c[e_, f_, n_, j0]*L_dc[s_, j0, r_]
-                                    acc += 1 * s0
-                                    acc += -1/n_s * s1
-                                    D_ZL_s[s_ + 1, e_, f_, n_, r_] = acc
-                    for k in range(K):
-                        acc = 0.0
-                        s0 = 0.0
-                        s1 = 0.0
-                        for j0 in range(K):
-                            s0 += D_mmu_s[s_, j0]*P_[k, j0]
-                            s1 += D_Zmu_s[s_, k, j0, j0]
-                        acc += 1 * s0
-                        acc += -alpha_in * s1
-                        D_mmu_s[s_ + 1, k] = acc
-                    for k in range(K):
-                        for r_ in range(M):
-                            acc = 0.0
-                            s0 = 0.0
-                            s1 = 0.0
-                            for j0 in range(K):
-                                s0 += D_mL_s[s_, j0, r_]*P_[k, j0]
-                                s1 += D_ZL_s[s_, k, j0, j0, r_]
-                            acc += 1 * s0
-                            acc += -alpha_in * s1
-                            D_mL_s[s_ + 1, k, r_] = acc
                 for j in range(K):
                     acc = 0.0
-                    acc += D_mmu_s[steps_, j] + mu_adapted_da[j, a_]
-                    mu_adapted_da[j, a_] = acc
+                    acc += D_mmu_s[steps_, j] + mu_adapted_dQ[j, a_, b_]
+                    mu_adapted_dQ[j, a_, b_] = acc
                 for j in range(K):
                     for r_ in range(M):
                         acc = 0.0
-                        acc += D_mL_s[steps_, j, r_] + L_adapted_da[j, a_, r_]
-                        L_adapted_da[j, a_, r_] = acc
+                        acc += D_mL_s[steps_, j, r_] + L_adapted_dQ[j, a_, b_, r_]
+                        L_adapted_dQ[j, a_, b_, r_] = acc
                 for i2_ in range(K):
                     for j in range(K):
                         acc = 0.0
                         acc += (1.0/2.0)*D_V_s[steps_, i2_, j]
-                        V_adapted_da[i2_, j, a_] = acc
-        if math.isfinite(n_s):
-            for k in range(K):
-                for l in range(K):
+                        V_adapted_dQ[i2_, j, a_, b_] = acc
+                for j in range(K):
                     acc = 0.0
-                    GG_adapted[k, l] = acc
-            for i_ in range(K):
+                    acc += mu_adapted_dQ[j, a_, b_]
+                    mu_adapted_dQ[j, b_, a_] = acc
+                for j in range(K):
+                    for r_ in range(M):
+                        acc = 0.0
+                        acc += L_adapted_dQ[j, a_, b_, r_]
+                        L_adapted_dQ[j, b_, a_, r_] = acc
                 for i2_ in range(K):
+                    for j in range(K):
+                        acc = 0.0
+                        acc += (1.0/2.0)*D_V_s[steps_, i2_, j]
+                        V_adapted_dQ[i2_, j, b_, a_] = acc
+        if kind_ == 1:
+            for j in range(K):
+                acc = 0.0
+                acc += mu_dc[steps_, j]
+                mu_adapted_dR[j, a_, b_] = acc
+            for j in range(K):
+                for r_ in range(M):
                     acc = 0.0
-                    acc += sigma**2*I2(C, i2_, i_)
+                    acc += L_dc[steps_, j, r_]
+                    L_adapted_dR[j, a_, b_, r_] = acc
+            if math.isfinite(n_s):
+                for j in range(K):
+                    acc = 0.0
+                    acc += D_mmu_s[steps_, j] + mu_adapted_dR[j, a_, b_]
+                    mu_adapted_dR[j, a_, b_] = acc
+                for j in range(K):
+                    for r_ in range(M):
+                        acc = 0.0
+                        acc += D_mL_s[steps_, j, r_] + L_adapted_dR[j, a_, b_, r_]
+                        L_adapted_dR[j, a_, b_, r_] = acc
+                for i2_ in range(K):
+                    for j in range(K):
+                        acc = 0.0
+                        acc += (1.0/2.0)*D_V_s[steps_, i2_, j]
+                        V_adapted_dR[i2_, j, a_, b_] = acc
+    for a_ in range(K):
+        for k in range(K):
+            for l in range(K):
+                acc = 0.0
+                H_ds[k, l] = acc
+        for k in range(K):
+            acc = 0.0
+            mu_dh[k] = acc
+        for k in range(K):
+            for r_ in range(M):
+                acc = 0.0
+                L_dh[k, r_] = acc
+        for k in range(K):
+            acc = 0.0
+            acc += (1.0 if a_ == k else 0.0)
+            mu_dc[0, k] = acc
+        for s_ in range(steps_):
+            for k in range(K):
+                acc = 0.0
+                acc += alpha_in*mu_dh[k] + mu_dc[s_, k]
+                s0 = 0.0
+                for j0 in range(K):
+                    s0 += H_ds[k, j0]*mu_c[s_, j0] + H_s[k, j0]*mu_dc[s_, j0]
+                acc += -alpha_in * s0
+                mu_dc[s_ + 1, k] = acc
+            for k in range(K):
+                for r_ in range(M):
+                    acc = 0.0
+                    acc += alpha_in*L_dh[k, r_] + L_dc[s_, k, r_]
                     s0 = 0.0
+                    for j0 in range(K):
+                        s0 += H_ds[k, j0]*L_c[s_, j0, r_] + H_s[k, j0]*L_dc[s_, j0, r_]
+                    acc += -alpha_in * s0
+                    L_dc[s_ + 1, k, r_] = acc
+        for j in range(K):
+            acc = 0.0
+            acc += mu_dc[steps_, j]
+            mu_adapted_da[j, a_] = acc
+        for j in range(K):
+            for r_ in range(M):
+                acc = 0.0
+                acc += L_dc[steps_, j, r_]
+                L_adapted_da[j, a_, r_] = acc
+        if math.isfinite(n_s):
+            for s_ in range(steps_):
+                for t_ in range(steps_):
+                    if t_ >= s_:
+                        for p0 in range(K):
+                            for q0 in range(K):
+                                acc = 0.0
+                                acc += mu_c[s_, p0]*mu_c[t_, q0]
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    s0 += L_c[s_, p0, m0]*L_c[t_, q0, m0]
+                                acc += 1 * s0
+                                W_c__c[p0, q0] = acc
+                        for p0 in range(K):
+                            for q0 in range(K):
+                                acc = 0.0
+                                acc += mu_c[s_, p0]*mu_dc[t_, q0]
+                                acc += mu_c[t_, q0]*mu_dc[s_, p0]
+                                s0 = 0.0
+                                s1 = 0.0
+                                for m0 in range(M):
+                                    s0 += L_c[s_, p0, m0]*L_dc[t_, q0, m0]
+                                    s1 += L_c[t_, q0, m0]*L_dc[s_, p0, m0]
+                                acc += 1 * s0
+                                acc += 1 * s1
+                                D_W_c__c[p0, q0] = acc
+                        for p0 in range(K):
+                            for q0 in range(M):
+                                acc = 0.0
+                                acc += mu_c[s_, p0]*mu_v_task[q0]
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    s0 += L_c[s_, p0, m0]*L_v_task[q0, m0]
+                                acc += 1 * s0
+                                W_c__v_task[p0, q0] = acc
+                        for p0 in range(K):
+                            for q0 in range(M):
+                                acc = 0.0
+                                acc += mu_dc[s_, p0]*mu_v_task[q0]
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    s0 += L_dc[s_, p0, m0]*L_v_task[q0, m0]
+                                acc += 1 * s0
+                                D_W_c__v_task[p0, q0] = acc
+                        for p0 in range(M):
+                            for q0 in range(K):
+                                acc = 0.0
+                                acc += mu_c[t_, q0]*mu_v_task[p0]
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    s0 += L_c[t_, q0, m0]*L_v_task[p0, m0]
+                                acc += 1 * s0
+                                W_v_task__c[p0, q0] = acc
+                        for p0 in range(M):
+                            for q0 in range(K):
+                                acc = 0.0
+                                acc += mu_dc[t_, q0]*mu_v_task[p0]
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    s0 += L_dc[t_, q0, m0]*L_v_task[p0, m0]
+                                acc += 1 * s0
+                                D_W_v_task__c[p0, q0] = acc
+                        for k in range(K):
+                            for l in range(K):
+                                acc = 0.0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    for j1 in range(K):
+                                        s0 += D_W_c__c[j1, j0]*N_c__c[k, j1, l, j0]
+                                acc += 1/n_s * s0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    for m0 in range(M):
+                                        s0 += D_W_v_task__c[m0, j0]*N_c__v_task[l, j0, k, m0]
+                                acc += 1/n_s * s0
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    for j0 in range(K):
+                                        s0 += D_W_c__v_task[j0, m0]*N_c__v_task[k, j0, l, m0]
+                                acc += 1/n_s * s0
+                                D_Sig_s[s_, t_, k, l] = acc
+                for k in range(K):
+                    for l in range(K):
+                        acc = 0.0
+                        s0 = 0.0
+                        s1 = 0.0
+                        s2 = 0.0
+                        s3 = 0.0
+                        for j0 in range(K):
+                            for j1 in range(K):
+                                s0 += B_[k, j1]*B_[l, j0]*D_Sig_s[s_, s_, j1, j0]
+                                s1 += D_V_s[s_, j1, j0]*P_[k, j1]*P_[l, j0]
+                                s2 += B_[k, j1]*D_X_s[s_, s_, j0, j1]*P_[l, j0]
+                                s3 += B_[l, j0]*D_X_s[s_, s_, j1, j0]*P_[k, j1]
+                        acc += 1 * s0
+                        acc += 1 * s1
+                        acc += -1 * s2
+                        acc += -1 * s3
+                        D_V_s[s_ + 1, k, l] = acc
+                for t_ in range(steps_):
+                    if t_ > s_:
+                        for k in range(K):
+                            for l in range(K):
+                                acc = 0.0
+                                s0 = 0.0
+                                s1 = 0.0
+                                for j0 in range(K):
+                                    s0 += D_X_s[s_, t_, j0, l]*P_[k, j0]
+                                    s1 += B_[k, j0]*D_Sig_s[s_, t_, j0, l]
+                                acc += 1 * s0
+                                acc += -1 * s1
+                                D_X_s[s_ + 1, t_, k, l] = acc
+                for e_ in range(K):
+                    for f_ in range(K):
+                        for n_ in range(K):
+                            acc = 0.0
+                            s0 = 0.0
+                            s1 = 0.0
+                            for j0 in range(K):
+                                s0 += D_Zmu_s[s_, e_, f_, j0]*P_[n_, j0]
+                                s1 += BN_c[e_, f_, n_, j0]*mu_dc[s_, j0]
+                            acc += 1 * s0
+                            acc += -1/n_s * s1
+                            D_Zmu_s[s_ + 1, e_, f_, n_] = acc
+                for e_ in range(K):
+                    for f_ in range(K):
+                        for n_ in range(K):
+                            for r_ in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                s1 = 0.0
+                                for j0 in range(K):
+                                    s0 += D_ZL_s[s_, e_, f_, j0, r_]*P_[n_, j0]
+                                    s1 += BN_c[e_, f_, n_, j0]*L_dc[s_, j0, r_]
+                                acc += 1 * s0
+                                acc += -1/n_s * s1
+                                D_ZL_s[s_ + 1, e_, f_, n_, r_] = acc
+                for k in range(K):
+                    acc = 0.0
+                    s0 = 0.0
+                    s1 = 0.0
+                    for j0 in range(K):
+                        s0 += D_mmu_s[s_, j0]*P_[k, j0]
+                        s1 += D_Zmu_s[s_, k, j0, j0]
+                    acc += 1 * s0
+                    acc += -alpha_in * s1
+                    D_mmu_s[s_ + 1, k] = acc
+                for k in range(K):
+                    for r_ in range(M):
+                        acc = 0.0
+                        s0 = 0.0
+                        s1 = 0.0
+                        for j0 in range(K):
+                            s0 += D_mL_s[s_, j0, r_]*P_[k, j0]
+                            s1 += D_ZL_s[s_, k, j0, j0, r_]
+                        acc += 1 * s0
+                        acc += -alpha_in * s1
+                        D_mL_s[s_ + 1, k, r_] = acc
+            for j in range(K):
+                acc = 0.0
+                acc += D_mmu_s[steps_, j] + mu_adapted_da[j, a_]
+                mu_adapted_da[j, a_] = acc
+            for j in range(K):
+                for r_ in range(M):
+                    acc = 0.0
+                    acc += D_mL_s[steps_, j, r_] + L_adapted_da[j, a_, r_]
+                    L_adapted_da[j, a_, r_] = acc
+            for i2_ in range(K):
+                for j in range(K):
+                    acc = 0.0
+                    acc += (1.0/2.0)*D_V_s[steps_, i2_, j]
+                    V_adapted_da[i2_, j, a_] = acc
+    if math.isfinite(n_s):
+        for k in range(K):
+            for l in range(K):
+                acc = 0.0
+                GG_adapted[k, l] = acc
+        for i_ in range(K):
+            for i2_ in range(K):
+                acc = 0.0
+                acc += sigma**2*I2(C, i2_, i_)
+                s0 = 0.0
+                for j0 in range(K):
+                    for j1 in range(K):
+                        s0 += G4(C, j0, j1, i2_, i_)*mu_adapted[j0]*mu_adapted[j1]
+                acc += 1 * s0
+                s0 = 0.0
+                for j0 in range(K):
+                    for m0 in range(M):
+                        s0 += G4(C, j0, i2_, i_, K + M + m0)*mu_adapted[j0]*mu_v_task[m0]
+                acc += -2 * s0
+                s0 = 0.0
+                d0 = 0.0
+                for m0 in range(M):
+                    d0 += G4(C, i2_, i_, K + M + m0, K + M + m0)*mu_v_task[m0]**2
+                    for m1 in range(m0 + 1, M):
+                        s0 += G4(C, i2_, i_, K + M + m0, K + M + m1)*mu_v_task[m0]*mu_v_task[m1]
+                acc += 1 * (d0 + 2.0 * s0)
+                Eqbb_0[i_, i2_] = acc
+        for i_ in range(K):
+            for i2_ in range(K):
+                for r_ in range(M):
+                    acc = 0.0
+                    s0 = 0.0
+                    s1 = 0.0
                     for j0 in range(K):
                         for j1 in range(K):
-                            s0 += G4(C, j0, j1, i2_, i_)*mu_adapted[j0]*mu_adapted[j1]
+                            s0 += G4(C, j0, j1, i2_, i_)*L_adapted[j1, r_]*mu_adapted[j0]
+                            s1 += G4(C, j0, j1, i2_, i_)*L_adapted[j0, r_]*mu_adapted[j1]
                     acc += 1 * s0
+                    acc += 1 * s1
                     s0 = 0.0
+                    s1 = 0.0
                     for j0 in range(K):
                         for m0 in range(M):
-                            s0 += G4(C, j0, i2_, i_, K + M + m0)*mu_adapted[j0]*mu_v_task[m0]
+                            s0 += G4(C, j0, i2_, i_, K + M + m0)*L_v_task[m0, r_]*mu_adapted[j0]
+                            s1 += G4(C, j0, i2_, i_, K + M + m0)*L_adapted[j0, r_]*mu_v_task[m0]
                     acc += -2 * s0
+                    acc += -2 * s1
                     s0 = 0.0
-                    d0 = 0.0
+                    s1 = 0.0
                     for m0 in range(M):
-                        d0 += G4(C, i2_, i_, K + M + m0, K + M + m0)*mu_v_task[m0]**2
-                        for m1 in range(m0 + 1, M):
-                            s0 += G4(C, i2_, i_, K + M + m0, K + M + m1)*mu_v_task[m0]*mu_v_task[m1]
-                    acc += 1 * (d0 + 2.0 * s0)
-                    Eqbb_0[i_, i2_] = acc
-            for i_ in range(K):
-                for i2_ in range(K):
-                    for r_ in range(M):
+                        for m1 in range(M):
+                            s0 += G4(C, i2_, i_, K + M + m0, K + M + m1)*L_v_task[m1, r_]*mu_v_task[m0]
+                            s1 += G4(C, i2_, i_, K + M + m0, K + M + m1)*L_v_task[m0, r_]*mu_v_task[m1]
+                    acc += 1 * s0
+                    acc += 1 * s1
+                    Eqbb_1[i_, i2_, r_] = acc
+        for i_ in range(K):
+            for i2_ in range(K):
+                for r_ in range(M):
+                    for r2_ in range(M):
                         acc = 0.0
                         s0 = 0.0
                         s1 = 0.0
                         for j0 in range(K):
                             for j1 in range(K):
-                                s0 += G4(C, j0, j1, i2_, i_)*L_adapted[j1, r_]*mu_adapted[j0]
-                                s1 += G4(C, j0, j1, i2_, i_)*L_adapted[j0, r_]*mu_adapted[j1]
-                        acc += 1 * s0
-                        acc += 1 * s1
+                                s0 += G4(C, j0, j1, i2_, i_)*L_adapted[j0, r2_]*L_adapted[j1, r_]
+                                s1 += G4(C, j0, j1, i2_, i_)*L_adapted[j0, r_]*L_adapted[j1, r2_]
+                        acc += 1.0/2.0 * s0
+                        acc += 1.0/2.0 * s1
                         s0 = 0.0
                         s1 = 0.0
                         for j0 in range(K):
                             for m0 in range(M):
-                                s0 += G4(C, j0, i2_, i_, K + M + m0)*L_v_task[m0, r_]*mu_adapted[j0]
-                                s1 += G4(C, j0, i2_, i_, K + M + m0)*L_adapted[j0, r_]*mu_v_task[m0]
-                        acc += -2 * s0
-                        acc += -2 * s1
+                                s0 += G4(C, j0, i2_, i_, K + M + m0)*L_adapted[j0, r2_]*L_v_task[m0, r_]
+                                s1 += G4(C, j0, i2_, i_, K + M + m0)*L_adapted[j0, r_]*L_v_task[m0, r2_]
+                        acc += -1 * s0
+                        acc += -1 * s1
                         s0 = 0.0
                         s1 = 0.0
                         for m0 in range(M):
                             for m1 in range(M):
-                                s0 += G4(C, i2_, i_, K + M + m0, K + M + m1)*L_v_task[m1, r_]*mu_v_task[m0]
-                                s1 += G4(C, i2_, i_, K + M + m0, K + M + m1)*L_v_task[m0, r_]*mu_v_task[m1]
-                        acc += 1 * s0
-                        acc += 1 * s1
-                        Eqbb_1[i_, i2_, r_] = acc
-            for i_ in range(K):
-                for i2_ in range(K):
-                    for r_ in range(M):
-                        for r2_ in range(M):
-                            acc = 0.0
-                            s0 = 0.0
-                            s1 = 0.0
-                            for j0 in range(K):
-                                for j1 in range(K):
-                                    s0 += G4(C, j0, j1, i2_, i_)*L_adapted[j0, r2_]*L_adapted[j1, r_]
-                                    s1 += G4(C, j0, j1, i2_, i_)*L_adapted[j0, r_]*L_adapted[j1, r2_]
-                            acc += 1.0/2.0 * s0
-                            acc += 1.0/2.0 * s1
-                            s0 = 0.0
-                            s1 = 0.0
-                            for j0 in range(K):
-                                for m0 in range(M):
-                                    s0 += G4(C, j0, i2_, i_, K + M + m0)*L_adapted[j0, r2_]*L_v_task[m0, r_]
-                                    s1 += G4(C, j0, i2_, i_, K + M + m0)*L_adapted[j0, r_]*L_v_task[m0, r2_]
-                            acc += -1 * s0
-                            acc += -1 * s1
-                            s0 = 0.0
-                            s1 = 0.0
-                            for m0 in range(M):
-                                for m1 in range(M):
-                                    s0 += G4(C, i2_, i_, K + M + m0, K + M + m1)*L_v_task[m0, r2_]*L_v_task[m1, r_]
-                                    s1 += G4(C, i2_, i_, K + M + m0, K + M + m1)*L_v_task[m0, r_]*L_v_task[m1, r2_]
-                            acc += 1.0/2.0 * s0
-                            acc += 1.0/2.0 * s1
-                            Eqbb_2[i_, i2_, r_, r2_] = acc
-            for i_ in range(K):
+                                s0 += G4(C, i2_, i_, K + M + m0, K + M + m1)*L_v_task[m0, r2_]*L_v_task[m1, r_]
+                                s1 += G4(C, i2_, i_, K + M + m0, K + M + m1)*L_v_task[m0, r_]*L_v_task[m1, r2_]
+                        acc += 1.0/2.0 * s0
+                        acc += 1.0/2.0 * s1
+                        Eqbb_2[i_, i2_, r_, r2_] = acc
+        for i_ in range(K):
+            acc = 0.0
+            s0 = 0.0
+            for j0 in range(K):
+                s0 += I2(C, j0, i_)*mu_adapted[j0]
+            acc += 1 * s0
+            s0 = 0.0
+            for m0 in range(M):
+                s0 += I2(C, i_, K + M + m0)*mu_v_task[m0]
+            acc += -1 * s0
+            Eqb_0[i_] = acc
+        for i_ in range(K):
+            for r_ in range(M):
                 acc = 0.0
                 s0 = 0.0
                 for j0 in range(K):
-                    s0 += I2(C, j0, i_)*mu_adapted[j0]
+                    s0 += I2(C, j0, i_)*L_adapted[j0, r_]
                 acc += 1 * s0
                 s0 = 0.0
                 for m0 in range(M):
-                    s0 += I2(C, i_, K + M + m0)*mu_v_task[m0]
+                    s0 += I2(C, i_, K + M + m0)*L_v_task[m0, r_]
                 acc += -1 * s0
-                Eqb_0[i_] = acc
-            for i_ in range(K):
-                for r_ in range(M):
-                    acc = 0.0
-                    s0 = 0.0
-                    for j0 in range(K):
-                        s0 += I2(C, j0, i_)*L_adapted[j0, r_]
-                    acc += 1 * s0
-                    s0 = 0.0
-                    for m0 in range(M):
-                        s0 += I2(C, i_, K + M + m0)*L_v_task[m0, r_]
-                    acc += -1 * s0
-                    Eqb_1[i_, r_] = acc
-            for s_ in range(steps_):
-                for t_ in range(steps_):
-                    for j in range(K):
-                        for k in range(K):
-                            for jj_ in range(K):
-                                for l in range(K):
+                Eqb_1[i_, r_] = acc
+        for s_ in range(steps_):
+            for t_ in range(steps_):
+                for j in range(K):
+                    for k in range(K):
+                        for jj_ in range(K):
+                            for l in range(K):
+                                acc = 0.0
+                                acc += sigma**2*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0)
+                                acc += I4(C, k, l, j, jj_)*mu_c[s_, k]*mu_c[t_, l]
+                                s0 = 0.0
+                                s1 = 0.0
+                                for j0 in range(K):
+                                    s0 += I4(C, j, l, j0, jj_)*mu_c[s_, j0]
+                                    s1 += I4(C, jj_, k, j0, j)*mu_c[t_, j0]
+                                acc += (1.0 if j == k else 0.0)*mu_c[t_, l] * s0
+                                acc += (1.0 if jj_ == l else 0.0)*mu_c[s_, k] * s1
+                                s0 = 0.0
+                                s1 = 0.0
+                                for m0 in range(M):
+                                    s0 += I4(C, j, l, jj_, K + M + m0)*mu_v_task[m0]
+                                    s1 += I4(C, jj_, k, j, K + M + m0)*mu_v_task[m0]
+                                acc += -(1.0 if j == k else 0.0)*mu_c[t_, l] * s0
+                                acc += -(1.0 if jj_ == l else 0.0)*mu_c[s_, k] * s1
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    for j1 in range(K):
+                                        s0 += I4(C, j, jj_, j0, j1)*mu_c[s_, j0]*mu_c[t_, j1]
+                                acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
+                                s0 = 0.0
+                                s1 = 0.0
+                                for j0 in range(K):
+                                    for m0 in range(M):
+                                        s0 += I4(C, j, jj_, j0, K + M + m0)*mu_c[s_, j0]*mu_v_task[m0]
+                                        s1 += I4(C, j, jj_, j0, K + M + m0)*mu_c[t_, j0]*mu_v_task[m0]
+                                acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
+                                acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
+                                s0 = 0.0
+                                d0 = 0.0
+                                for m0 in range(M):
+                                    d0 += I4(C, j, jj_, K + M + m0, K + M + m0)*mu_v_task[m0]**2
+                                    for m1 in range(m0 + 1, M):
+                                        s0 += I4(C, j, jj_, K + M + m0, K + M + m1)*mu_v_task[m0]*mu_v_task[m1]
+                                acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * (d0 + 2.0 * s0)
+                                PS_0[j, k, jj_, l] = acc
+                for j in range(K):
+                    for k in range(K):
+                        for jj_ in range(K):
+                            for l in range(K):
+                                for r_ in range(M):
                                     acc = 0.0
-                                    acc += sigma**2*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0)
-                                    acc += I4(C, k, l, j, jj_)*mu_c[s_, k]*mu_c[t_, l]
+                                    acc += I4(C, k, l, j, jj_)*L_c[t_, l, r_]*mu_c[s_, k]
+                                    acc += I4(C, k, l, j, jj_)*L_c[s_, k, r_]*mu_c[t_, l]
                                     s0 = 0.0
                                     s1 = 0.0
+                                    s2 = 0.0
+                                    s3 = 0.0
                                     for j0 in range(K):
                                         s0 += I4(C, j, l, j0, jj_)*mu_c[s_, j0]
-                                        s1 += I4(C, jj_, k, j0, j)*mu_c[t_, j0]
-                                    acc += (1.0 if j == k else 0.0)*mu_c[t_, l] * s0
-                                    acc += (1.0 if jj_ == l else 0.0)*mu_c[s_, k] * s1
+                                        s1 += I4(C, j, l, j0, jj_)*L_c[s_, j0, r_]
+                                        s2 += I4(C, jj_, k, j0, j)*L_c[t_, j0, r_]
+                                        s3 += I4(C, jj_, k, j0, j)*mu_c[t_, j0]
+                                    acc += (1.0 if j == k else 0.0)*L_c[t_, l, r_] * s0
+                                    acc += (1.0 if j == k else 0.0)*mu_c[t_, l] * s1
+                                    acc += (1.0 if jj_ == l else 0.0)*mu_c[s_, k] * s2
+                                    acc += (1.0 if jj_ == l else 0.0)*L_c[s_, k, r_] * s3
                                     s0 = 0.0
                                     s1 = 0.0
+                                    s2 = 0.0
+                                    s3 = 0.0
                                     for m0 in range(M):
                                         s0 += I4(C, j, l, jj_, K + M + m0)*mu_v_task[m0]
-                                        s1 += I4(C, jj_, k, j, K + M + m0)*mu_v_task[m0]
-                                    acc += -(1.0 if j == k else 0.0)*mu_c[t_, l] * s0
-                                    acc += -(1.0 if jj_ == l else 0.0)*mu_c[s_, k] * s1
-                                    s0 = 0.0
-                                    for j0 in range(K):
-                                        for j1 in range(K):
-                                            s0 += I4(C, j, jj_, j0, j1)*mu_c[s_, j0]*mu_c[t_, j1]
-                                    acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
+                                        s1 += I4(C, j, l, jj_, K + M + m0)*L_v_task[m0, r_]
+                                        s2 += I4(C, jj_, k, j, K + M + m0)*mu_v_task[m0]
+                                        s3 += I4(C, jj_, k, j, K + M + m0)*L_v_task[m0, r_]
+                                    acc += -(1.0 if j == k else 0.0)*L_c[t_, l, r_] * s0
+                                    acc += -(1.0 if j == k else 0.0)*mu_c[t_, l] * s1
+                                    acc += -(1.0 if jj_ == l else 0.0)*L_c[s_, k, r_] * s2
+                                    acc += -(1.0 if jj_ == l else 0.0)*mu_c[s_, k] * s3
                                     s0 = 0.0
                                     s1 = 0.0
                                     for j0 in range(K):
+                                        for j1 in range(K):
+                                            s0 += I4(C, j, jj_, j0, j1)*L_c[t_, j1, r_]*mu_c[s_, j0]
+                                            s1 += I4(C, j, jj_, j0, j1)*L_c[s_, j0, r_]*mu_c[t_, j1]
+                                    acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
+                                    acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
+                                    s0 = 0.0
+                                    s1 = 0.0
+                                    s2 = 0.0
+                                    s3 = 0.0
+                                    for j0 in range(K):
                                         for m0 in range(M):
-                                            s0 += I4(C, j, jj_, j0, K + M + m0)*mu_c[s_, j0]*mu_v_task[m0]
-                                            s1 += I4(C, j, jj_, j0, K + M + m0)*mu_c[t_, j0]*mu_v_task[m0]
+                                            s0 += I4(C, j, jj_, j0, K + M + m0)*L_c[s_, j0, r_]*mu_v_task[m0]
+                                            s1 += I4(C, j, jj_, j0, K + M + m0)*L_c[t_, j0, r_]*mu_v_task[m0]
+                                            s2 += I4(C, j, jj_, j0, K + M + m0)*L_v_task[m0, r_]*mu_c[s_, j0]
+                                            s3 += I4(C, j, jj_, j0, K + M + m0)*L_v_task[m0, r_]*mu_c[t_, j0]
                                     acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
                                     acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
+                                    acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s2
+                                    acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s3
                                     s0 = 0.0
-                                    d0 = 0.0
+                                    s1 = 0.0
                                     for m0 in range(M):
-                                        d0 += I4(C, j, jj_, K + M + m0, K + M + m0)*mu_v_task[m0]**2
-                                        for m1 in range(m0 + 1, M):
-                                            s0 += I4(C, j, jj_, K + M + m0, K + M + m1)*mu_v_task[m0]*mu_v_task[m1]
-                                    acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * (d0 + 2.0 * s0)
-                                    PS_0[j, k, jj_, l] = acc
-                    for j in range(K):
-                        for k in range(K):
-                            for jj_ in range(K):
-                                for l in range(K):
-                                    for r_ in range(M):
+                                        for m1 in range(M):
+                                            s0 += I4(C, j, jj_, K + M + m0, K + M + m1)*L_v_task[m1, r_]*mu_v_task[m0]
+                                            s1 += I4(C, j, jj_, K + M + m0, K + M + m1)*L_v_task[m0, r_]*mu_v_task[m1]
+                                    acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
+                                    acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
+                                    PS_1[j, k, jj_, l, r_] = acc
+                for j in range(K):
+                    for k in range(K):
+                        for jj_ in range(K):
+                            for l in range(K):
+                                for r_ in range(M):
+                                    for r2_ in range(M):
                                         acc = 0.0
-                                        acc += I4(C, k, l, j, jj_)*L_c[t_, l, r_]*mu_c[s_, k]
-                                        acc += I4(C, k, l, j, jj_)*L_c[s_, k, r_]*mu_c[t_, l]
+                                        acc += (1.0/2.0)*I4(C, k, l, j, jj_)*L_c[s_, k, r2_]*L_c[t_, l, r_]
+                                        acc += (1.0/2.0)*I4(C, k, l, j, jj_)*L_c[s_, k, r_]*L_c[t_, l, r2_]
                                         s0 = 0.0
                                         s1 = 0.0
                                         s2 = 0.0
                                         s3 = 0.0
                                         for j0 in range(K):
-                                            s0 += I4(C, j, l, j0, jj_)*mu_c[s_, j0]
+                                            s0 += I4(C, j, l, j0, jj_)*L_c[s_, j0, r2_]
                                             s1 += I4(C, j, l, j0, jj_)*L_c[s_, j0, r_]
                                             s2 += I4(C, jj_, k, j0, j)*L_c[t_, j0, r_]
-                                            s3 += I4(C, jj_, k, j0, j)*mu_c[t_, j0]
-                                        acc += (1.0 if j == k else 0.0)*L_c[t_, l, r_] * s0
-                                        acc += (1.0 if j == k else 0.0)*mu_c[t_, l] * s1
-                                        acc += (1.0 if jj_ == l else 0.0)*mu_c[s_, k] * s2
-                                        acc += (1.0 if jj_ == l else 0.0)*L_c[s_, k, r_] * s3
+                                            s3 += I4(C, jj_, k, j0, j)*L_c[t_, j0, r2_]
+                                        acc += (1.0/2.0)*(1.0 if j == k else 0.0)*L_c[t_, l, r_] * s0
+                                        acc += (1.0/2.0)*(1.0 if j == k else 0.0)*L_c[t_, l, r2_] * s1
+                                        acc += (1.0/2.0)*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r2_] * s2
+                                        acc += (1.0/2.0)*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r_] * s3
                                         s0 = 0.0
                                         s1 = 0.0
                                         s2 = 0.0
                                         s3 = 0.0
                                         for m0 in range(M):
-                                            s0 += I4(C, j, l, jj_, K + M + m0)*mu_v_task[m0]
+                                            s0 += I4(C, j, l, jj_, K + M + m0)*L_v_task[m0, r2_]
                                             s1 += I4(C, j, l, jj_, K + M + m0)*L_v_task[m0, r_]
-                                            s2 += I4(C, jj_, k, j, K + M + m0)*mu_v_task[m0]
+                                            s2 += I4(C, jj_, k, j, K + M + m0)*L_v_task[m0, r2_]
                                             s3 += I4(C, jj_, k, j, K + M + m0)*L_v_task[m0, r_]
-                                        acc += -(1.0 if j == k else 0.0)*L_c[t_, l, r_] * s0
-                                        acc += -(1.0 if j == k else 0.0)*mu_c[t_, l] * s1
-                                        acc += -(1.0 if jj_ == l else 0.0)*L_c[s_, k, r_] * s2
-                                        acc += -(1.0 if jj_ == l else 0.0)*mu_c[s_, k] * s3
+                                        acc += -1.0/2.0*(1.0 if j == k else 0.0)*L_c[t_, l, r_] * s0
+                                        acc += -1.0/2.0*(1.0 if j == k else 0.0)*L_c[t_, l, r2_] * s1
+                                        acc += -1.0/2.0*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r_] * s2
+                                        acc += -1.0/2.0*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r2_] * s3
                                         s0 = 0.0
                                         s1 = 0.0
                                         for j0 in range(K):
                                             for j1 in range(K):
-                                                s0 += I4(C, j, jj_, j0, j1)*L_c[t_, j1, r_]*mu_c[s_, j0]
-                                                s1 += I4(C, j, jj_, j0, j1)*L_c[s_, j0, r_]*mu_c[t_, j1]
-                                        acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
-                                        acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
+                                                s0 += I4(C, j, jj_, j0, j1)*L_c[s_, j0, r2_]*L_c[t_, j1, r_]
+                                                s1 += I4(C, j, jj_, j0, j1)*L_c[s_, j0, r_]*L_c[t_, j1, r2_]
+                                        acc += (1.0/2.0)*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
+                                        acc += (1.0/2.0)*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
                                         s0 = 0.0
                                         s1 = 0.0
                                         s2 = 0.0
                                         s3 = 0.0
                                         for j0 in range(K):
                                             for m0 in range(M):
-                                                s0 += I4(C, j, jj_, j0, K + M + m0)*L_c[s_, j0, r_]*mu_v_task[m0]
-                                                s1 += I4(C, j, jj_, j0, K + M + m0)*L_c[t_, j0, r_]*mu_v_task[m0]
-                                                s2 += I4(C, j, jj_, j0, K + M + m0)*L_v_task[m0, r_]*mu_c[s_, j0]
-                                                s3 += I4(C, j, jj_, j0, K + M + m0)*L_v_task[m0, r_]*mu_c[t_, j0]
-                                        acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
-                                        acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
-                                        acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s2
-                                        acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s3
+                                                s0 += I4(C, j, jj_, j0, K + M + m0)*L_c[s_, j0, r_]*L_v_task[m0, r2_]
+                                                s1 += I4(C, j, jj_, j0, K + M + m0)*L_c[t_, j0, r_]*L_v_task[m0, r2_]
+                                                s2 += I4(C, j, jj_, j0, K + M + m0)*L_c[s_, j0, r2_]*L_v_task[m0, r_]
+                                                s3 += I4(C, j, jj_, j0, K + M + m0)*L_c[t_, j0, r2_]*L_v_task[m0, r_]
+                                        acc += -1.0/2.0*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
+                                        acc += -1.0/2.0*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
+                                        acc += -1.0/2.0*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s2
+                                        acc += -1.0/2.0*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s3
                                         s0 = 0.0
                                         s1 = 0.0
                                         for m0 in range(M):
                                             for m1 in range(M):
-                                                s0 += I4(C, j, jj_, K + M + m0, K + M + m1)*L_v_task[m1, r_]*mu_v_task[m0]
-                                                s1 += I4(C, j, jj_, K + M + m0, K + M + m1)*L_v_task[m0, r_]*mu_v_task[m1]
-                                        acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
-                                        acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
-                                        PS_1[j, k, jj_, l, r_] = acc
-                    for j in range(K):
-                        for k in range(K):
-                            for jj_ in range(K):
-                                for l in range(K):
-                                    for r_ in range(M):
-                                        for r2_ in range(M):
-                                            acc = 0.0
-                                            acc += (1.0/2.0)*I4(C, k, l, j, jj_)*L_c[s_, k, r2_]*L_c[t_, l, r_]
-                                            acc += (1.0/2.0)*I4(C, k, l, j, jj_)*L_c[s_, k, r_]*L_c[t_, l, r2_]
-                                            s0 = 0.0
-                                            s1 = 0.0
-                                            s2 = 0.0
-                                            s3 = 0.0
-                                            for j0 in range(K):
-                                                s0 += I4(C, j, l, j0, jj_)*L_c[s_, j0, r2_]
-                                                s1 += I4(C, j, l, j0, jj_)*L_c[s_, j0, r_]
-                                                s2 += I4(C, jj_, k, j0, j)*L_c[t_, j0, r_]
-                                                s3 += I4(C, jj_, k, j0, j)*L_c[t_, j0, r2_]
-                                            acc += (1.0/2.0)*(1.0 if j == k else 0.0)*L_c[t_, l, r_] * s0
-                                            acc += (1.0/2.0)*(1.0 if j == k else 0.0)*L_c[t_, l, r2_] * s1
-                                            acc += (1.0/2.0)*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r2_] * s2
-                                            acc += (1.0/2.0)*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r_] * s3
-                                            s0 = 0.0
-                                            s1 = 0.0
-                                            s2 = 0.0
-                                            s3 = 0.0
-                                            for m0 in range(M):
-                                                s0 += I4(C, j, l, jj_, K + M + m0)*L_v_task[m0, r2_]
-                                                s1 += I4(C, j, l, jj_, K + M + m0)*L_v_task[m0, r_]
-                                                s2 += I4(C, jj_, k, j, K + M + m0)*L_v_task[m0, r2_]
-                                                s3 += I4(C, jj_, k, j, K + M + m0)*L_v_task[m0, r_]
-                                            acc += -1.0/2.0*(1.0 if j == k else 0.0)*L_c[t_, l, r_] * s0
-                                            acc += -1.0/2.0*(1.0 if j == k else 0.0)*L_c[t_, l, r2_] * s1
-                                            acc += -1.0/2.0*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r_] * s2
-                                            acc += -1.0/2.0*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r2_] * s3
-                                            s0 = 0.0
-                                            s1 = 0.0
-                                            for j0 in range(K):
-                                                for j1 in range(K):
-                                                    s0 += I4(C, j, jj_, j0, j1)*L_c[s_, j0, r2_]*L_c[t_, j1, r_]
-                                                    s1 += I4(C, j, jj_, j0, j1)*L_c[s_, j0, r_]*L_c[t_, j1, r2_]
-                                            acc += (1.0/2.0)*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
-                                            acc += (1.0/2.0)*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
-                                            s0 = 0.0
-                                            s1 = 0.0
-                                            s2 = 0.0
-                                            s3 = 0.0
-                                            for j0 in range(K):
-                                                for m0 in range(M):
-                                                    s0 += I4(C, j, jj_, j0, K + M + m0)*L_c[s_, j0, r_]*L_v_task[m0, r2_]
-                                                    s1 += I4(C, j, jj_, j0, K + M + m0)*L_c[t_, j0, r_]*L_v_task[m0, r2_]
-                                                    s2 += I4(C, j, jj_, j0, K + M + m0)*L_c[s_, j0, r2_]*L_v_task[m0, r_]
-                                                    s3 += I4(C, j, jj_, j0, K + M + m0)*L_c[t_, j0, r2_]*L_v_task[m0, r_]
-                                            acc += -1.0/2.0*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
-                                            acc += -1.0/2.0*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
-                                            acc += -1.0/2.0*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s2
-                                            acc += -1.0/2.0*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s3
-                                            s0 = 0.0
-                                            s1 = 0.0
-                                            for m0 in range(M):
-                                                for m1 in range(M):
-                                                    s0 += I4(C, j, jj_, K + M + m0, K + M + m1)*L_v_task[m0, r2_]*L_v_task[m1, r_]
-                                                    s1 += I4(C, j, jj_, K + M + m0, K + M + m1)*L_v_task[m0, r_]*L_v_task[m1, r2_]
-                                            acc += (1.0/2.0)*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
-                                            acc += (1.0/2.0)*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
-                                            PS_2[j, k, jj_, l, r_, r2_] = acc
-                    for j in range(K):
-                        for jj_ in range(K):
+                                                s0 += I4(C, j, jj_, K + M + m0, K + M + m1)*L_v_task[m0, r2_]*L_v_task[m1, r_]
+                                                s1 += I4(C, j, jj_, K + M + m0, K + M + m1)*L_v_task[m0, r_]*L_v_task[m1, r2_]
+                                        acc += (1.0/2.0)*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
+                                        acc += (1.0/2.0)*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
+                                        PS_2[j, k, jj_, l, r_, r2_] = acc
+                for j in range(K):
+                    for jj_ in range(K):
+                        acc = 0.0
+                        s0 = 0.0
+                        for j0 in range(K):
+                            for j1 in range(K):
+                                s0 += (Eqb_0[j0]*Eqb_0[j1] - Eqb_0[j0]*Eqb_0[j1]/n_q + Eqbb_0[j0, j1]/n_q)*Pi_s[-s_ + steps_ - 1, j0, j]*Pi_s[steps_ - t_ - 1, j1, jj_]
+                        acc += 1 * s0
+                        BB_0[j, jj_] = acc
+                for j in range(K):
+                    for jj_ in range(K):
+                        for r_ in range(M):
                             acc = 0.0
                             s0 = 0.0
                             for j0 in range(K):
                                 for j1 in range(K):
-                                    s0 += (Eqb_0[j0]*Eqb_0[j1] - Eqb_0[j0]*Eqb_0[j1]/n_q + Eqbb_0[j0, j1]/n_q)*Pi_s[-s_ + steps_ - 1, j0, j]*Pi_s[steps_ - t_ - 1, j1, jj_]
+                                    s0 += (Eqb_0[j0]*Eqb_1[j1, r_] + Eqb_0[j1]*Eqb_1[j0, r_] - Eqb_0[j0]*Eqb_1[j1, r_]/n_q - Eqb_0[j1]*Eqb_1[j0, r_]/n_q + Eqbb_1[j0, j1, r_]/n_q)*Pi_s[-s_ + steps_ - 1, j0, j]*Pi_s[steps_ - t_ - 1, j1, jj_]
                             acc += 1 * s0
-                            BB_0[j, jj_] = acc
-                    for j in range(K):
-                        for jj_ in range(K):
-                            for r_ in range(M):
+                            BB_1[j, jj_, r_] = acc
+                for j in range(K):
+                    for jj_ in range(K):
+                        for r_ in range(M):
+                            for r2_ in range(M):
                                 acc = 0.0
                                 s0 = 0.0
                                 for j0 in range(K):
                                     for j1 in range(K):
-                                        s0 += (Eqb_0[j0]*Eqb_1[j1, r_] + Eqb_0[j1]*Eqb_1[j0, r_] - Eqb_0[j0]*Eqb_1[j1, r_]/n_q - Eqb_0[j1]*Eqb_1[j0, r_]/n_q + Eqbb_1[j0, j1, r_]/n_q)*Pi_s[-s_ + steps_ - 1, j0, j]*Pi_s[steps_ - t_ - 1, j1, jj_]
+                                        s0 += ((1.0/2.0)*Eqb_1[j0, r2_]*Eqb_1[j1, r_] + (1.0/2.0)*Eqb_1[j0, r_]*Eqb_1[j1, r2_] - 1.0/2.0*Eqb_1[j0, r2_]*Eqb_1[j1, r_]/n_q - 1.0/2.0*Eqb_1[j0, r_]*Eqb_1[j1, r2_]/n_q + Eqbb_2[j0, j1, r_, r2_]/n_q)*Pi_s[-s_ + steps_ - 1, j0, j]*Pi_s[steps_ - t_ - 1, j1, jj_]
                                 acc += 1 * s0
-                                BB_1[j, jj_, r_] = acc
-                    for j in range(K):
-                        for jj_ in range(K):
-                            for r_ in range(M):
-                                for r2_ in range(M):
-                                    acc = 0.0
-                                    s0 = 0.0
-                                    for j0 in range(K):
-                                        for j1 in range(K):
-                                            s0 += ((1.0/2.0)*Eqb_1[j0, r2_]*Eqb_1[j1, r_] + (1.0/2.0)*Eqb_1[j0, r_]*Eqb_1[j1, r2_] - 1.0/2.0*Eqb_1[j0, r2_]*Eqb_1[j1, r_]/n_q - 1.0/2.0*Eqb_1[j0, r_]*Eqb_1[j1, r2_]/n_q + Eqbb_2[j0, j1, r_, r2_]/n_q)*Pi_s[-s_ + steps_ - 1, j0, j]*Pi_s[steps_ - t_ - 1, j1, jj_]
-                                    acc += 1 * s0
-                                    BB_2[j, jj_, r_, r2_] = acc
-                    for k in range(K):
-                        for l in range(K):
-                            acc = 0.0
-                            acc += GG_adapted[k, l]
-                            s0 = 0.0
-                            for j0 in range(K):
-                                for j1 in range(K):
-                                    s0 += BB_0[j0, j1]*PS_0[j0, k, j1, l]
-                            acc += 1/n_s * s0
-                            s0 = 0.0
-                            for j0 in range(K):
-                                for j1 in range(K):
-                                    for m0 in range(M):
-                                        s0 += BB_0[j0, j1]*PS_2[j0, k, j1, l, m0, m0] + BB_1[j0, j1, m0]*PS_1[j0, k, j1, l, m0] + BB_2[j0, j1, m0, m0]*PS_0[j0, k, j1, l]
-                            acc += 1/n_s * s0
-                            s0 = 0.0
-                            for j0 in range(K):
-                                for j1 in range(K):
-                                    for m0 in range(M):
-                                        for m1 in range(M):
-                                            s0 += BB_2[j0, j1, m0, m0]*PS_2[j0, k, j1, l, m1, m1] + 2*BB_2[j0, j1, m0, m1]*PS_2[j0, k, j1, l, m1, m0]
-                            acc += 1/n_s * s0
-                            GG_adapted[k, l] = acc
-
-    return mu_adapted, L_adapted, mu_v_task, L_v_task, mu_a_best, L_a_best, mu_adapted_dQ, L_adapted_dQ, mu_adapted_dR, L_adapted_dR, mu_adapted_da, L_adapted_da, V_adapted, V_adapted_dQ, V_adapted_dR, V_adapted_da, GG_adapted, CMV_adapted__adapted, CMV_adapted__v_task, CMV_v_task__v_task, CVV_adapted
+                                BB_2[j, jj_, r_, r2_] = acc
+                for k in range(K):
+                    for l in range(K):
+                        acc = 0.0
+                        acc += GG_adapted[k, l]
+                        s0 = 0.0
+                        for j0 in range(K):
+                            for j1 in range(K):
+                                s0 += BB_0[j0, j1]*PS_0[j0, k, j1, l]
+                        acc += 1/n_s * s0
+                        s0 = 0.0
+                        for j0 in range(K):
+                            for j1 in range(K):
+                                for m0 in range(M):
+                                    s0 += BB_0[j0, j1]*PS_2[j0, k, j1, l, m0, m0] + BB_1[j0, j1, m0]*PS_1[j0, k, j1, l, m0] + BB_2[j0, j1, m0, m0]*PS_0[j0, k, j1, l]
+                        acc += 1/n_s * s0
+                        s0 = 0.0
+                        for j0 in range(K):
+                            for j1 in range(K):
+                                for m0 in range(M):
+                                    for m1 in range(M):
+                                        s0 += BB_2[j0, j1, m0, m0]*PS_2[j0, k, j1, l, m1, m1] + 2*BB_2[j0, j1, m0, m1]*PS_2[j0, k, j1, l, m1, m0]
+                        acc += 1/n_s * s0
+                        GG_adapted[k, l] = acc
 
 
 @njit(cache=True, error_model="numpy")

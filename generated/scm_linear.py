@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 d9dc9f9ba8454bc253f42a0f9ddfb452aad5a50a4f174ac2efc41a10b2260879
+# inputs:     sha256 b380c9ba73bd6526bbe70bfe19bc1c456e734e64609c4e92287566a6b0a88ace
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "d9dc9f9ba8454bc253f42a0f9ddfb452aad5a50a4f174ac2efc41a10b2260879"
+INPUTS_SHA256 = "b380c9ba73bd6526bbe70bfe19bc1c456e734e64609c4e92287566a6b0a88ace"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )
