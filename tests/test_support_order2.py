@@ -172,3 +172,35 @@ def test_large_support_sets_approach_the_population_flow(start):
     np.testing.assert_allclose(sq[0], sq[1], rtol=2e-2)
     _, parts = kernel_parts({**cfg, "n_s": float("inf")}, start)
     assert not parts["sup_Q2"].any()
+
+
+@pytest.mark.parametrize("act", ["erf", "linear"])
+def test_the_second_order_support_block_is_outlined(act):
+    """The second-order finite-support block (derive/meta.py ``Outlined``) is a function of
+    its own in the generated module, called only inside ``with objmode():`` under the
+    finite-support guard, so that numba compiles it when a run first reaches it and
+    population or first-order runs never do; its arguments are the caller's names that
+    its body reads (codegen ``outlined_arguments``)."""
+    import ast
+    from pathlib import Path
+
+    import generated
+
+    tree = ast.parse(Path(generated.__file__).with_name(f"anil_{act}.py").read_text())
+    defs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert "support_second_order_" in defs
+    calls = []
+    for fn in defs.values():
+        for node in ast.walk(fn):
+            if isinstance(node, ast.With):
+                ctx = node.items[0].context_expr
+                if isinstance(ctx, ast.Call) and getattr(ctx.func, "id", "") == "objmode":
+                    calls += [c for c in ast.walk(node) if isinstance(c, ast.Call)
+                              and getattr(c.func, "id", "") == "support_second_order_"]
+    every = [c for fn in defs.values() for c in ast.walk(fn) if isinstance(c, ast.Call)
+             and getattr(c.func, "id", "") == "support_second_order_"]
+    assert len(calls) == len(every) == 1
+    (call,) = calls
+    args = [a.id for a in call.args]
+    params = [a.arg for a in defs["support_second_order_"].args.args]
+    assert args == params == sorted(params) and {"C", "n_s", "GG_adapted", "mu_adapted_dQ"} <= set(args)
