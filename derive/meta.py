@@ -33,6 +33,7 @@ generator turns into loop nests) and control flow:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import sympy as sp
@@ -643,7 +644,8 @@ def tangent(stmts, varying: dict, along_cov: bool, activation: str, used: dict):
             elif isinstance(st, Assign):
                 if st.out not in varying or varying[st.out] != TANGENT.format(st.out):
                     continue
-                if loops and not any(v in tgt for tgt in st.target for v in loops):
+                names = {w for tgt in st.target for w in re.findall(r"[A-Za-z_]\w*", tgt)}
+                if loops and not names & set(loops):
                     out.append(st)  # a scratch array: its primal value, then its tangent
                 dname = varying[st.out]
                 out.append(Assign(d_component(st.component, dname), dname, st.target))
