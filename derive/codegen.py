@@ -875,7 +875,8 @@ def _reads_table(stmts) -> bool:
     for st in stmts:
         if isinstance(st, meta.Table):
             return True
-        if isinstance(st, (meta.Repeat, meta.Guard, meta.Directions, meta.Outlined)) and _reads_table(st.body):
+        nested = (meta.Repeat, meta.Guard, meta.Directions, meta.Outlined)
+        if isinstance(st, nested) and _reads_table(st.body):
             return True
     return False
 

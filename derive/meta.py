@@ -351,7 +351,8 @@ def task_program(model, activation: str, used: dict) -> TaskProgram:
     if sp.sympify(inner.support) != sp.oo:
         sup, nonzero = _support_moments(inner, laws, comp, assign, step, steps, s, r, nr)
         stmts += sup + _support_excess(model, laws, comp, assign, steps, r, nonzero)
-        outputs = {f"mu_{inner.adapted.name}", f"L_{inner.adapted.name}", SUPPORT_COV.format(inner.adapted.name)}
+        name = inner.adapted.name
+        outputs = {f"mu_{name}", f"L_{name}", SUPPORT_COV.format(name)}
         support_body = tuple(st for st in sup[-1].body if not (isinstance(st, Assign) and st.out in outputs))
 
     # 5. the forward sensitivities of c^(S), read by the second-order terms only:
@@ -442,7 +443,8 @@ def task_program(model, activation: str, used: dict) -> TaskProgram:
                 body += [
                     assign(comp(f"mu_{kind}", (j,), sp.IndexedBase(f"mu_{kind}")[(j, *tgt)] + mm_[steps, j]),
                            f"mu_{kind}", ("j", *[str(x) for x in tgt])),
-                    assign(comp(f"L_{kind}", (j, r), sp.IndexedBase(f"L_{kind}")[(j, *tgt, r)] + mL_[steps, j, r]),
+                    assign(comp(f"L_{kind}", (j, r),
+                                sp.IndexedBase(f"L_{kind}")[(j, *tgt, r)] + mL_[steps, j, r]),
                            f"L_{kind}", ("j", *[str(x) for x in tgt], "r_")),
                     assign(comp(SUPPORT_COV.format(kind), (i2, j), Vs_[steps, i2, j] / 2),
                            SUPPORT_COV.format(kind), ("i2_", "j", *[str(x) for x in tgt])),
@@ -496,7 +498,11 @@ def task_program(model, activation: str, used: dict) -> TaskProgram:
         Alloc(f"L_{dR}", ("K", "n2_", "M", nr)),
         Alloc(f"mu_{dS}", ("K", "n2_")),
         Alloc(f"L_{dS}", ("K", "n2_", nr)),
-        *[Alloc(SUPPORT_COV.format(f.name), ("K", "K", *dims)) for f, dims in _sensitivity_dims(inner) if support_body],
+        *[
+            Alloc(SUPPORT_COV.format(f.name), ("K", "K", *dims))
+            for f, dims in _sensitivity_dims(inner)
+            if support_body
+        ],
         *([Alloc(support_square_name(inner), ("K", "K"))] if support_body else []),
         Guard(inner.second_order, second_body),
     ]
@@ -735,7 +741,10 @@ def _support_square(model, activation, used, steps, r, nr):
 
     def law_subs():
         return {
-            tv.base: (lambda ix, n=tv.name: mean_base(n)[ix], lambda ix, rr, n=tv.name: loading_base(n)[ix + (rr,)])
+            tv.base: (
+                lambda ix, n=tv.name: mean_base(n)[ix],
+                lambda ix, rr, n=tv.name: loading_base(n)[ix + (rr,)],
+            )
             for tv in laws
         }
 
@@ -764,7 +773,8 @@ def _support_square(model, activation, used, steps, r, nr):
         dims = (*_dims([STUDENT] * len(free)),)
         for n, ts in enumerate(_quadratic_parts(terms, subs, r, r2)):
             comp_ = Component(f"{name}{n}", frees[n], tuple(ts))
-            out.append((Alloc(comp_.name, dims + (nr,) * n), Assign(comp_, comp_.name, tuple(str(x.label) for x in frees[n]))))
+            target = tuple(str(x.label) for x in frees[n])
+            out.append((Alloc(comp_.name, dims + (nr,) * n), Assign(comp_, comp_.name, target)))
         return out
 
     Eq = parts("Eqbb_", (i_, i2), avg(b_i * b_i2), q_subs)
@@ -783,8 +793,10 @@ def _support_square(model, activation, used, steps, r, nr):
     BB = []
     for n, e in enumerate(bq):
         free = (j, j2) + (r, r2)[:n]
-        comp_ = Component(f"BB_{n}", free, average(expand(sp.Sum(pis * e, (i_, 0, i_.upper), (i2, 0, i2.upper))), "linear", {}))
-        BB.append((Alloc(comp_.name, ("K", "K") + (nr,) * n), Assign(comp_, comp_.name, tuple(str(x.label) for x in free))))
+        summed = sp.Sum(pis * e, (i_, 0, i_.upper), (i2, 0, i2.upper))
+        comp_ = Component(f"BB_{n}", free, average(expand(summed), "linear", {}))
+        target = tuple(str(x.label) for x in free)
+        BB.append((Alloc(comp_.name, ("K", "K") + (nr,) * n), Assign(comp_, comp_.name, target)))
     B0, B1, B2 = (sp.IndexedBase(f"BB_{n}") for n in range(3))
     P0, P1, P2 = (sp.IndexedBase(f"PS_{n}") for n in range(3))
     tr = lambda X, *ix: sp.Sum(X[ix + (r, r)], (r, 0, r.upper))  # noqa: E731
@@ -798,7 +810,8 @@ def _support_square(model, activation, used, steps, r, nr):
     allocs = [a for a, _ in Eq + Eb + PS + BB]
     zero = Component(name, (k, l_), ())
     body = [Assign(zero, name, ("k", "l")), *[x for _, x in Eq + Eb]]
-    body.append(Repeat("s_", steps, (Repeat("t_", steps, (*[x for _, x in PS + BB], Assign(acc_c, name, ("k", "l")))),)))
+    pair = (*[x for _, x in PS + BB], Assign(acc_c, name, ("k", "l")))
+    body.append(Repeat("s_", steps, (Repeat("t_", steps, pair),)))
     return allocs, body
 
 

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 3536f9acafae3a625ab540be0abc56c3d171746c7fd9109a0d0c92e244d18e0e
+# inputs:     sha256 3a5eabccced4e79e48a1e09b119ac4c4f8fb73986c5325d6ef0a41186807bf2e
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 24878 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, objmode, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "3536f9acafae3a625ab540be0abc56c3d171746c7fd9109a0d0c92e244d18e0e"
+INPUTS_SHA256 = "3a5eabccced4e79e48a1e09b119ac4c4f8fb73986c5325d6ef0a41186807bf2e"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

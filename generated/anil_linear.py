@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 a3397dab7829f58b1273285ea42a814dce3c4ef8fe7f7181aeb5601d016fc668
+# inputs:     sha256 a810d7502003702a106246517391d9f5d33fce2d694a3768ee6732b1b4a1f360
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 691 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, objmode, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "a3397dab7829f58b1273285ea42a814dce3c4ef8fe7f7181aeb5601d016fc668"
+INPUTS_SHA256 = "a810d7502003702a106246517391d9f5d33fce2d694a3768ee6732b1b4a1f360"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

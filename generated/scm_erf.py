@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 84c857ecaa23790513d5d1750c9baf35c5cb017b23daa15d89d7f43363aeff4b
+# inputs:     sha256 350d21a60eeec91133e80e184d20581ef6940d3caa8e5551734b4344dcd57585
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "84c857ecaa23790513d5d1750c9baf35c5cb017b23daa15d89d7f43363aeff4b"
+INPUTS_SHA256 = "350d21a60eeec91133e80e184d20581ef6940d3caa8e5551734b4344dcd57585"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 6f3a3768f6ebc8599cc433823950d8ac86f390f1cd35ff56f1e90c59456507ee
+# inputs:     sha256 f19c2eec30ca63f7235757231b523633cb2bb9dc434b7ceacb798077e71e9e0f
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "6f3a3768f6ebc8599cc433823950d8ac86f390f1cd35ff56f1e90c59456507ee"
+INPUTS_SHA256 = "f19c2eec30ca63f7235757231b523633cb2bb9dc434b7ceacb798077e71e9e0f"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

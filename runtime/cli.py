@@ -584,8 +584,8 @@ def _main(argv: list[str] | None = None) -> int:
     p_val.add_argument("--t-max", type=POSITIVE, help="default 2 (--support: 4)")
     p_val.add_argument(
         "--support", action="store_true",
-        help="the finite-support-set flows (first and second order, n_s = 2..10) against simulations with real "
-        "support sets",
+        help="the finite-support-set flows (first and second order, n_s = 2..10) against simulations with "
+        "real support sets",
     )
     p_val.add_argument(
         "--only", nargs="+", metavar="TEXT",

@@ -132,7 +132,10 @@ def start():
     [
         ({"S": 1, "alpha_in": 1.0, "s": 1.5, "n_s": 3}, ("sup_R", "sup_Q1")),
         ({"S": 1, "alpha_in": 1.0, "s": 1.5, "n_s": 10}, ("sup_R", "sup_Q1", "sup_Q2")),
-        ({"S": 2, "alpha_in": 0.6, "s": 1.5, "n_s": 8, "eta_a": 0.5, "sigma": 0.3}, ("sup_R", "sup_Q1", "sup_Q2")),
+        (
+            {"S": 2, "alpha_in": 0.6, "s": 1.5, "n_s": 8, "eta_a": 0.5, "sigma": 0.3},
+            ("sup_R", "sup_Q1", "sup_Q2"),
+        ),
     ],
 )
 def test_flow_equals_the_closure_free_update(start, cfg, exact):
@@ -143,7 +146,8 @@ def test_flow_equals_the_closure_free_update(start, cfg, exact):
     measured)."""
     d, parts = kernel_parts(cfg, start)
     ref = expected_update(
-        "anil", {**cfg, "order": 2}, start.Q, start.R, start.T, start.vectors, 20_000, np.random.default_rng(3)
+        "anil", {**cfg, "order": 2}, start.Q, start.R, start.T, start.vectors, 20_000,
+        np.random.default_rng(3),
     )
     for name in exact:
         assert zmax(parts[name], getattr(ref, name)) < 4.5, (name, parts[name], getattr(ref, name))
