@@ -16,6 +16,7 @@ sympy; copysign).
 from __future__ import annotations
 
 import builtins
+import contextlib
 import math
 import types
 from functools import lru_cache
@@ -214,7 +215,8 @@ def _njit(*args, **kw):
     return lambda f: f
 
 
-_NUMBA = types.SimpleNamespace(njit=_njit, jit=_njit, prange=range)
+# objmode (a block numba runs in Python, derive/meta.py Outlined) is plain Python here
+_NUMBA = types.SimpleNamespace(njit=_njit, jit=_njit, prange=range, objmode=contextlib.nullcontext)
 
 
 @lru_cache(maxsize=None)
