@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 b380c9ba73bd6526bbe70bfe19bc1c456e734e64609c4e92287566a6b0a88ace
+# inputs:     sha256 3b004c1d421d49e7ef0647010b78160b3cf503089442914b9b0087add6145e32
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "b380c9ba73bd6526bbe70bfe19bc1c456e734e64609c4e92287566a6b0a88ace"
+INPUTS_SHA256 = "3b004c1d421d49e7ef0647010b78160b3cf503089442914b9b0087add6145e32"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )
