@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 fa22e3876311176bf73e12ce515ace19fcd669711fd6b9ce5ba58731d5f91767
+# inputs:     sha256 8fd3296055698dbf79f632f5ceee6a9f48ed6c20068043737a28e16f37f45ae7
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 691 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, objmode, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "fa22e3876311176bf73e12ce515ace19fcd669711fd6b9ce5ba58731d5f91767"
+INPUTS_SHA256 = "8fd3296055698dbf79f632f5ceee6a9f48ed6c20068043737a28e16f37f45ae7"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

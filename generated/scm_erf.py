@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 c391a5c1472c6b7e34d72656315aa105a34d6a945370b0b456a5a98e5be5ac48
+# inputs:     sha256 7a52892ac2449889781b0231a3530803093e07f5150ade21b61c7d9e8e759baf
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "c391a5c1472c6b7e34d72656315aa105a34d6a945370b0b456a5a98e5be5ac48"
+INPUTS_SHA256 = "7a52892ac2449889781b0231a3530803093e07f5150ade21b61c7d9e8e759baf"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

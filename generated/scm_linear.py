@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 3b004c1d421d49e7ef0647010b78160b3cf503089442914b9b0087add6145e32
+# inputs:     sha256 43e19d338cfc7e6d54d41c3b651e389ba6e8aad6da25bb4b6668afc596c7afde
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "3b004c1d421d49e7ef0647010b78160b3cf503089442914b9b0087add6145e32"
+INPUTS_SHA256 = "43e19d338cfc7e6d54d41c3b651e389ba6e8aad6da25bb4b6668afc596c7afde"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 7363423f39e32674cb50b8338ad22ffa80f7dd173ff0805eee085e11d3d9a5ab
+# inputs:     sha256 35aa6d1def43697ec77af030ef30984cb4666ec94cf670839d7d08a0fa9b1327
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "7363423f39e32674cb50b8338ad22ffa80f7dd173ff0805eee085e11d3d9a5ab"
+INPUTS_SHA256 = "35aa6d1def43697ec77af030ef30984cb4666ec94cf670839d7d08a0fa9b1327"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 bd947d49612246102bcb8b19fd44b23e8f17b03ed845eba3727567d52cd832b9
+# inputs:     sha256 1627511a79b0b792a8fba9e839a1aed8622337291fa2c106bfb08c541f6e76f3
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "bd947d49612246102bcb8b19fd44b23e8f17b03ed845eba3727567d52cd832b9"
+INPUTS_SHA256 = "1627511a79b0b792a8fba9e839a1aed8622337291fa2c106bfb08c541f6e76f3"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
