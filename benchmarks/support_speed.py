@@ -7,15 +7,42 @@ For each K = M: the time of one right-hand side (``rhs``, first order, erf) at
 ``n_s = inf`` and at ``n_s = 10``, the ratio, and the share of the support-set
 moments (``task_moments`` at ``n_s = 10`` minus at ``inf``).
 
-Measured (2-core machine under load, rhs at n_s = 10 / population, the ratio):
+Measured (2-core machine shared with a CI run and another user, load average 2.9;
+rhs at n_s = 10 / population, the ratio; the minimum of 60 repeats, the kernels
+interleaved in one run, so that only figures of the same run compare):
 
-    K = M   S   before (G4 per entry)       after (G4_tables, contracted)
-      8     1   19.0 ms / 0.065 (290x)      2.3 ms / 0.064 (35x)
-      8     2   18.5 ms / 0.065 (285x)      2.4 ms / 0.064 (38x)
-     16     1    337 ms / 0.75 (450x)       28.5 ms / 0.75 (38x)
-     16     2    378 ms / 0.75 (505x)       31 ms / 0.77 (40x)
+    K = M   S   E1 per (s, t) (acbba2c)   CMV from lV, AV (a094573)   + G4 rows >= k (ce0888d)
+      8     1   10.8 ms / 0.053 (202x)    2.64 ms / 0.054 (49x)       2.57 ms / 0.054 (48x)
+      8     2   35.7 ms / 0.062 (576x)    3.36 ms / 0.070 (48x)       3.25 ms / 0.063 (52x)
 
-The rest is the G4 table itself (96 % of task_moments at K = 8): K (K + 1) / 2
+(the population figure varies by 30 % between repeats under this load). This script,
+median of 30: at ce0888d, load 2.1, S = 1 2.79 ms / 0.046 (60x), S = 2 3.49 ms / 0.046
+(75x); at acbba2c, load 3.5, 23.3 ms / 0.045 (521x), 73.2 ms / 0.045 (1634x). The first
+change contracts N with the loadings and means of the families at step s, then at
+t, then with Pi^s and Pi^t one at a time, and reads CMV and CVV from lV and AV after
+the steps (derive/meta.py _support_excess): K^5 M work per (s, t) instead of K^6 per
+(s, t) and per pair of task quantities (E1: 43 % of the old step at S = 1, with F2,
+AV and the Pi contractions of CMV 12 % more). The second computes the G4 table of
+the path along k only for the rows p, q >= k (the rest by G4's symmetry) and the
+pair tilt's I2 on its upper triangle (G4_tables, g4_tilt2_block): half the
+arcsines, but shorter loops vectorise less well, so only 5-10 % faster.
+
+Where the time goes now (S = 1, median of 60 under load, objmode timers around the
+sections of a copy of task_moments): G4_tables 70 % (1.9 ms alone); CVV (K^4 M^2)
+9 %; the recursion of Sig, V, X, Z 7 %; Pi and the contraction of N with the
+families (NL, Nm, F1, F2) 9 %; CMV 5 %; the rest of the rhs 5 %. The floor is the
+G4 values: the covariance N of the coefficients needs G4(k, l, p, q) for k, l student
+units and p, q student units or task fields (the fields whose coefficients are
+nonzero; the label noise's reads I2 only), 2586 distinct values at K = M = 8 (330 +
+960 + 1296). In one run: population rhs 0.054 ms; one G4 call 1.30 us, 2586 calls
+3.35 ms (62x); the table 1.86 ms (0.72 us per value, 35x). At most 3x a population
+step is 0.16 ms, 124 G4 calls: out of reach at K = M = 8 by a factor of 12 (the
+table) to 21 (one call per value) on the G4 values alone; even three tilted I2 per
+value and node of the 20-node path rule, at the 7 ns of the vectorised loop, make
+1.1 ms (20x). Reaching 3x needs a cheaper G4 (fewer nodes lose accuracy, below) or
+a covariance that reads fewer of them.
+
+The G4 table (96 % of task_moments at K = 8 in an earlier version): K (K + 1) / 2
 pairs k <= l, each about 2 (K + M)^2 pair-tilted I2 per node of the 20-node path
 rule. Fewer nodes cost accuracy at large variances (max |G4_table(n) - G4_table(20)|,
 random covariances of max variance 5 / 19 / 74: 16 nodes 1.5e-14 / 1.7e-10 / 3.7e-8,
@@ -26,9 +53,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+# this checkout's runtime and generated/, not an installed copy's (a worktree)
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 
 def timed(f, repeats):

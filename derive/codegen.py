@@ -1025,9 +1025,6 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
     g4 = None
     if model.inner_loop is not None and _reads_table(ir.program.statements):
         g4 = g4_plan(act.name)
-    # the G4 tables read a full table of the pair tilt (F[r, q] for every r, q); the
-    # kernel's tilt2_table fills a packed triangle, so G4 has its own (g4_tilt2_table)
-    g4_own_tilt = True
     ops = sum(p["ops"] for p in prims) + sum(
         int(sp.count_ops(t.coeff)) for c in ir.derivatives + ir.metrics for t in c.terms
     )
@@ -1070,10 +1067,9 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
         # the per-row factor of the one-unit tilt's base (D1[a, r] from d = Ct1[a, r, r])
         "tilt1_norm": tilt1_sep["norm"] if tilt1_sep else "1.0",
         "table": table,
-        # the G4 table of the task program (G4_table, G4_tables), its pair tilt shared
-        # with the kernel's tilt2_table when they are the same rule
+        # the G4 table of the task program (G4_tables), with its own blocks of the pair
+        # tilt (g4_tilt2_block; the kernel's tilt2_table fills a packed triangle)
         "g4_table": g4,
-        "g4_own_tilt": g4_own_tilt,
         "g4_prefix": "g4_" if table is not None else "",
         # buffers of the hoisted pair tilt: in the workspace of rhs, once per chunk of rhs_parallel
         "tilt_buffers": _tilt_buffers(table),

@@ -1101,17 +1101,28 @@ def excess_name(x, y) -> str:
 
 
 def _support_excess(model, laws, comp, assign, steps, r, nonzero) -> list:
-    """``CMV_X__Y[c, d, ix, iy] = Cov(m_X[ix] m_Y[iy], V_cd(xi))`` (docs/models/anil.md
-    5.6): the support set's covariance of the adapted readout depends on the task
-    draws ``xi`` (``V(xi) = sum_{s,t} Pi^s Sig^st(xi) Pi^t^T``, ``Pi^s = P^(S-1-s) B``,
-    ``Sig^st(xi) = (1/n_s) N[w^s(xi), w^t(xi)]``), and so do the conditional means
-    ``m(xi) = mu + L xi`` of the task quantities. With the support set Gaussian given
-    the task, a fourth moment of ``z = (a', v_task)`` is Isserlis' value from the
-    means and covariances plus, for every split of its four factors into a pair
-    read through ``V`` (two adapted readouts) and a pair of means, this covariance.
-    ``w^s`` and ``m`` are affine in ``xi``: each covariance is Isserlis' connected part
-    ``Cov(xy, uv) = c_xu c_yv + c_xv c_yu + mu_x mu_u c_yv + mu_x mu_v c_yu + mu_y mu_u c_xv
-    + mu_y mu_v c_xu`` contracted with ``N``."""
+    """``CMV_X__Y[c, d, ix, iy] = Cov(m_X[ix] m_Y[iy], V_cd(xi))`` and ``CVV[a, b, c, d] =
+    Cov(V_ab(xi), V_cd(xi))`` over the task draws (docs/models/anil.md 5.6). The support
+    set's covariance of the adapted readout depends on the task draws ``xi``:
+    ``V(xi) = sum_{s,t} Pi^s Sig^st(xi) Pi^t^T``, ``Pi^s = P^(S-1-s) B``, ``Sig^st(xi) =
+    (1/n_s) N[w^s(xi), w^t(xi)]`` with ``w^s = mu^s + Lambda^s xi`` the stacked coefficient
+    families (the readout's iterate, the task vectors, 1); so V is a quadratic form in
+    ``xi``, ``V_cd = const + lV_cd . xi + xi^T AV_cd xi`` with
+
+        lV[c, d, r] = sum_{s,t} Pi^s Pi^t (1/n_s) N[mu^s, Lambda^t_r] + N[Lambda^s_r, mu^t]
+        AV[c, d, r, r2] = sum_{s,t} Pi^s Pi^t (1/n_s) N[Lambda^s_r, Lambda^t_r2].
+
+    The conditional means ``m_X = mu_X + L_X xi`` are affine in ``xi``, so (Isserlis)
+    ``Cov(m_X m_Y, V_cd) = (mu_X L_Y + mu_Y L_X) . lV_cd + L_X^T (AV_cd + AV_cd^T) L_Y`` and
+    ``Cov(V_ab, V_cd) = lV_ab . lV_cd + 2 tr(sym(AV_ab) sym(AV_cd))``. (With the support
+    set Gaussian given the task, a fourth moment of ``z = (a', v_task)`` is Isserlis'
+    value from the means and covariances plus, for every split of its four factors
+    into a pair read through ``V`` and a pair of means, the covariance CMV.)
+
+    Order of summation: ``N`` is contracted with the loadings and the means of the
+    families at step ``s`` first (``NL_Q``, ``Nm_Q``: K^2 (K + M)^2 M work), then with those
+    at step ``t`` (``F1_s``, ``F2_s``), then with ``Pi^s`` and ``Pi^t`` one at a time; CMV and
+    CVV read only lV and AV, after the steps: no K^4 array is built inside the steps."""
     inner = model.inner_loop
     pairs = excess_pairs(model)
     # K^4 entries and more, read only by the flow's terms guarded by a finite support
@@ -1120,13 +1131,16 @@ def _support_excess(model, laws, comp, assign, steps, r, nonzero) -> list:
     stmts = [
         Alloc(excess_name(x, y), ("K", "K", *_dims(x.kinds), *_dims(y.kinds)), when_finite) for x, y in pairs
     ]
-    k, i_, j_ = student_index("k"), student_index("i_"), student_index("j_")
+    i_, j_ = student_index("i_"), student_index("j_")
     c_, d_ = student_index("c_"), student_index("d_")
-    wfams = [("c", (STUDENT,))] + [(tv.name, tv.kinds) for tv in laws]  # "1" has no loading
-    rank = {name: n for n, name in enumerate(["c", *[tv.name for tv in laws], "1"])}
+    a_, b_ = student_index("a_"), student_index("b_")
+    wfams = [("c", (STUDENT,))] + [(tv.name, tv.kinds) for tv in laws]
+    allw = wfams + [("1", ())]
+    rank = {name: n for n, (name, _) in enumerate(allw)}
     s, t = sp.Symbol("s_", integer=True), sp.Symbol("t_", integer=True)
     inv_n = 1 / sp.sympify(inner.support)
     Pm, Bm, Pi = sp.IndexedBase("P_"), sp.IndexedBase("B_"), sp.IndexedBase("Pi_s")
+    k = student_index("k")
     body: list = [
         Alloc("Pi_s", ("steps_", "K", "K")),
         # Pi^s = P^(S-1-s) B, stored at S - 1 - s
@@ -1137,114 +1151,98 @@ def _support_excess(model, laws, comp, assign, steps, r, nonzero) -> list:
                 "Pi_s", ("s_", "k", "i_")),)),
         )),
     ]
-    mfams = sorted({x.name: x for pair in pairs for x in pair}.values(), key=lambda f: [g.name for g in
-                   model.random_families].index(f.name))  # fmt: skip
-
-    def U(X, ia, P, at, ip):
-        """Cov(m_X[ia], w^at_P[ip]) over the task draws."""
-        if P == "1":
-            return sp.S.Zero
-        name = f"U_{X.name}__{P}"
-        return sp.IndexedBase(name)[((at,) if P == "c" else ()) + ia + ip]
-
-    for X in mfams:
-        ia = _named(X.kinds, "x")
-        for P, kp in wfams:
-            ip = _named(kp, "p")
-            Lw = sp.IndexedBase("L_c")[(s,) + ip + (r,)] if P == "c" else loading_base(P)[ip + (r,)]
-            e = sp.Sum(loading_base(X.name)[ia + (r,)] * Lw, (r, 0, r.upper))
-            name = f"U_{X.name}__{P}"
-            if P == "c":
-                body += [
-                    Alloc(name, ("steps_", *_dims(X.kinds), *_dims(kp))),
-                    Repeat("s_", steps, (
-                        assign(comp(name, ia + ip, e), name, ("s_", *[str(i) for i in ia + ip])),
-                    )),
-                ]
-            else:
-                body += [
-                    Alloc(name, (*_dims(X.kinds), *_dims(kp))),
-                    assign(comp(name, ia + ip, e.subs(s, 0))),
-                ]
-
     mean = _family_mean
-
-    allw = wfams + [("1", ())]
+    r2 = sp.Idx("r2_", r.upper + 1)
+    nr = _dims((inner.noise.kind,))[0]
 
     def ncov(P, kk, ip, Q, ll, iq):
         return _coefficient_cov(rank, nonzero, P, kk, ip, Q, ll, iq)
 
-    inner_body: list = []
-    for X, Y in pairs:
-        ia, ib = _named(X.kinds, "x"), _named(Y.kinds, "y")
-        muX, muY = mean_base(X.name)[ia], mean_base(Y.name)[ib]
-        e = sp.S.Zero
+    def loading(P, at, ip, rr):
+        return _family_loading(P, at, ip, rr)
+
+    # N contracted with the families at step s: NL_Q[i, j, iq, r] = sum_P N_PQ[i, ., j, iq] .
+    # Lambda^s_P[., r], Nm_Q[i, j, iq] = sum_P N_PQ[i, ., j, iq] . mu^s_P; then F1, F2 at step t
+    first: list = []
+    f1, f2 = sp.S.Zero, sp.S.Zero
+    for Q, kq in allw:
+        iq = _named(kq, "q")
+        nl, nm = sp.S.Zero, sp.S.Zero
         for P, kp in allw:
-            for Q, kq in allw:
-                ip, iq = _named(kp, "p"), _named(kq, "q")
-                xs, xt = U(X, ia, P, s, ip), U(X, ia, Q, t, iq)
-                ys, yt = U(Y, ib, P, s, ip), U(Y, ib, Q, t, iq)
-                ms, mt = mean(P, s, ip), mean(Q, t, iq)
-                inner_e = xs * yt + ys * xt + muX * (ms * yt + ys * mt) + muY * (ms * xt + xs * mt)
-                if inner_e != 0:
-                    e += _summed(ncov(P, i_, ip, Q, j_, iq) * inner_e, ip + iq)
-        name = "E1_" + excess_name(X, Y)[4:]
-        cmv = sp.IndexedBase(excess_name(X, Y))
-        E1 = sp.IndexedBase(name)
-        contract = cmv[(c_, d_) + ia + ib] + sp.Sum(
-            Pi[steps - 1 - s, c_, i_] * Pi[steps - 1 - t, d_, j_] * E1[(i_, j_) + ia + ib],
-            (i_, 0, i_.upper),
-            (j_, 0, j_.upper),
-        )
-        body.append(Alloc(name, ("K", "K", *_dims(X.kinds), *_dims(Y.kinds))))
-        inner_body += [
-            assign(comp(name, (i_, j_, *ia, *ib), inv_n * e)),
-            assign(comp(excess_name(X, Y), (c_, d_, *ia, *ib), contract)),
-        ]
-    # Cov(V_ab(xi), V_cd(xi)): V is a quadratic form in the stacked w = mu + Lambda xi,
-    # V_ab = const + l_ab . xi + xi^T A_ab xi, so (Isserlis) the covariance is
-    # l_ab . l_cd + 2 tr(sym(A_ab) sym(A_cd)); l and A contract N with the means and
-    # the loadings as E1 does (the four-adapted part of the fourth moments)
-    r2 = sp.Idx("r2_", r.upper + 1)
-    cvv = sp.IndexedBase(excess_vv_name(inner))
-    stmts.append(Alloc(cvv.name, ("K", "K", "K", "K"), when_finite))
-    nr = _dims((inner.noise.kind,))[0]
-    e1, e2 = sp.S.Zero, sp.S.Zero
-    for P, kp in allw:
-        for Q, kq in allw:
-            ip, iq = _named(kp, "p"), _named(kq, "q")
-            if P == "1" and Q == "1":
+            ip = _named(kp, "p")
+            nc = ncov(P, i_, ip, Q, j_, iq)
+            if nc == 0:
                 continue
-            Ls = (lambda at, rr: sp.IndexedBase("L_c")[(at,) + ip + (rr,)]) if P == "c" else (
-                lambda at, rr: sp.S.Zero if P == "1" else loading_base(P)[ip + (rr,)])
-            Lt = (lambda at, rr: sp.IndexedBase("L_c")[(at,) + iq + (rr,)]) if Q == "c" else (
-                lambda at, rr: sp.S.Zero if Q == "1" else loading_base(Q)[iq + (rr,)])
-            n_ = ncov(P, i_, ip, Q, j_, iq)
-            e2 += _summed(n_ * Ls(s, r) * Lt(t, r2), ip + iq)
-            e1 += _summed(n_ * (mean(P, s, ip) * Lt(t, r) + Ls(s, r) * mean(Q, t, iq)), ip + iq)
+            nl += _summed(nc * loading(P, s, ip, r), ip)
+            nm += _summed(nc * mean(P, s, ip), ip)
+        lt = loading(Q, t, iq, r)
+        nlc = comp(f"NL_{Q}_", (i_, j_, *iq, r), nl)
+        nmc = comp(f"Nm_{Q}_", (i_, j_, *iq), nm)
+        if nlc.terms:
+            first += [Alloc(nlc.name, ("K", "K", *_dims(kq), nr)), assign(nlc)]
+            NL = sp.IndexedBase(nlc.name)
+            f2 += _summed(NL[(i_, j_, *iq, r)] * loading(Q, t, iq, r2), iq)
+            f1 += _summed(NL[(i_, j_, *iq, r)] * mean(Q, t, iq), iq)
+        if nmc.terms and lt != 0:
+            first += [Alloc(nmc.name, ("K", "K", *_dims(kq))), assign(nmc)]
+            f1 += _summed(sp.IndexedBase(nmc.name)[(i_, j_, *iq)] * lt, iq)
     lv, Av = sp.IndexedBase("lV_s"), sp.IndexedBase("AV_s")
     F1, F2 = sp.IndexedBase("F1_s"), sp.IndexedBase("F2_s")
-    a_, b_ = student_index("a_"), student_index("b_")
-    pi2 = Pi[steps - 1 - s, a_, i_] * Pi[steps - 1 - t, b_, j_]
+    Y1, Y2 = sp.IndexedBase("PF1_"), sp.IndexedBase("PF2_")
+    pis, pit = Pi[steps - 1 - s, a_, i_], Pi[steps - 1 - t, b_, j_]
     body += [
+        *[st for st in first if isinstance(st, Alloc)],
         Alloc("F1_s", ("K", "K", nr)),
         Alloc("F2_s", ("K", "K", nr, nr)),
+        Alloc("PF1_", ("K", "K", nr)),
+        Alloc("PF2_", ("K", "K", nr, nr)),
         Alloc("lV_s", ("K", "K", nr)),
         Alloc("AV_s", ("K", "K", nr, nr)),
         Repeat("s_", steps, (Repeat("t_", steps, (
-            assign(comp("F1_s", (i_, j_, r), inv_n * e1)),
-            assign(comp("F2_s", (i_, j_, r, r2), inv_n * e2)),
-            assign(comp("lV_s", (a_, b_, r), lv[a_, b_, r] + sp.Sum(pi2 * F1[i_, j_, r], (i_, 0, i_.upper),
-                                                                     (j_, 0, j_.upper)))),
+            *[st for st in first if not isinstance(st, Alloc)],
+            assign(comp("F1_s", (i_, j_, r), inv_n * f1)),
+            assign(comp("F2_s", (i_, j_, r, r2), inv_n * f2)),
+            # Pi^s on the first index, then Pi^t on the second
+            assign(comp("PF1_", (a_, j_, r), sp.Sum(pis * F1[i_, j_, r], (i_, 0, i_.upper)))),
+            assign(comp("PF2_", (a_, j_, r, r2), sp.Sum(pis * F2[i_, j_, r, r2], (i_, 0, i_.upper)))),
+            assign(comp("lV_s", (a_, b_, r), lv[a_, b_, r] + sp.Sum(pit * Y1[a_, j_, r], (j_, 0, j_.upper)))),
             assign(comp("AV_s", (a_, b_, r, r2), Av[a_, b_, r, r2] + sp.Sum(
-                pi2 * F2[i_, j_, r, r2], (i_, 0, i_.upper), (j_, 0, j_.upper)))),
+                pit * Y2[a_, j_, r, r2], (j_, 0, j_.upper)))),
         )),)),
+    ]
+    # after the steps: the symmetric part of AV, then CVV and CMV from lV and it
+    SA = sp.IndexedBase("SAV_")
+    cvv = sp.IndexedBase(excess_vv_name(inner))
+    stmts.append(Alloc(cvv.name, ("K", "K", "K", "K"), when_finite))
+    body += [
+        Alloc("SAV_", ("K", "K", nr, nr)),
+        assign(comp("SAV_", (a_, b_, r, r2), Av[a_, b_, r, r2] + Av[a_, b_, r2, r])),
         assign(comp(cvv.name, (a_, b_, c_, d_), sp.Sum(
             lv[a_, b_, r] * lv[c_, d_, r], (r, 0, r.upper)) + sp.Sum(
-            (Av[a_, b_, r, r2] + Av[a_, b_, r2, r]) * (Av[c_, d_, r, r2] + Av[c_, d_, r2, r]) / 2,
-            (r, 0, r.upper), (r2, 0, r2.upper)))),
+            SA[a_, b_, r, r2] * SA[c_, d_, r, r2] / 2, (r, 0, r.upper), (r2, 0, r2.upper)))),
     ]
-    body.append(Repeat("s_", steps, (Repeat("t_", steps, tuple(inner_body)),)))
+    mfams = sorted({x.name: x for pair in pairs for x in pair}.values(), key=lambda f: [g.name for g in
+                   model.random_families].index(f.name))  # fmt: skip
+    # per task quantity X: GA_X[c, d, ix, r2] = sum_r L_X[ix, r] SAV[c, d, r, r2] and
+    # GL_X[c, d, ix] = sum_r L_X[ix, r] lV[c, d, r]
+    for X in mfams:
+        ia = _named(X.kinds, "x")
+        LX = loading_base(X.name)
+        body += [
+            Alloc(f"GA_{X.name}_", ("K", "K", *_dims(X.kinds), nr)),
+            Alloc(f"GL_{X.name}_", ("K", "K", *_dims(X.kinds))),
+            assign(comp(f"GA_{X.name}_", (c_, d_, *ia, r2),
+                        sp.Sum(LX[ia + (r,)] * SA[c_, d_, r, r2], (r, 0, r.upper)))),
+            assign(comp(f"GL_{X.name}_", (c_, d_, *ia), sp.Sum(LX[ia + (r,)] * lv[c_, d_, r], (r, 0, r.upper)))),
+        ]
+    for X, Y in pairs:
+        ia, ib = _named(X.kinds, "x"), _named(Y.kinds, "y")
+        muX, muY = mean_base(X.name)[ia], mean_base(Y.name)[ib]
+        GA, GLX, GLY = (sp.IndexedBase(f"GA_{X.name}_"), sp.IndexedBase(f"GL_{X.name}_"),
+                        sp.IndexedBase(f"GL_{Y.name}_"))  # fmt: skip
+        e = sp.Sum(GA[(c_, d_, *ia, r2)] * loading_base(Y.name)[ib + (r2,)], (r2, 0, r2.upper))
+        e += muX * GLY[(c_, d_, *ib)] + muY * GLX[(c_, d_, *ia)]
+        body.append(assign(comp(excess_name(X, Y), (c_, d_, *ia, *ib), e)))
     return stmts + [Guard(_finite_support(inner), tuple(body))]
 
 

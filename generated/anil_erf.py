@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 3a5eabccced4e79e48a1e09b119ac4c4f8fb73986c5325d6ef0a41186807bf2e
+# inputs:     sha256 8cd2f2cccb1c1bc885c0476f95a767300fb54dfeaf0338843c1c0fe2ab0a0a95
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 24878 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, objmode, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "3a5eabccced4e79e48a1e09b119ac4c4f8fb73986c5325d6ef0a41186807bf2e"
+INPUTS_SHA256 = "8cd2f2cccb1c1bc885c0476f95a767300fb54dfeaf0338843c1c0fe2ab0a0a95"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -871,46 +871,11 @@ def I2C_fill(C, T, D):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
-def g4_tilt2_table(C, a, b, F, Dn, U0, U1):
-    """The tilt rule of derive/gaussian.py for two g' factors on rows a, b of C,
-    Ct = C - C[:, S] (w I + C_SS)^-1 C[S, :] with S = (a, b), prefactor A^2 det(I +
-    C_SS / w)^(-1/2), for g' = A exp(-z^2 / (2 w)), A = sqrt(2)/sqrt(pi), w = 1,
-    and I2 at the tilted covariance for every pair of rows:
-    F[r, q] = I2(Ct; r, q), written as 2*asin(Da*Db*x)/pi, D = 1/sqrt(C_rr + 1)
-    (derive/codegen.py: separable_form), so that D is computed once per row.
-    Returns the prefactor. Each expression is the rule's own, split by loop level
-    in derive/tables.py; the loop over q has no branch or call: numba vectorises it."""
-    e0 = C[a, a]*C[b, b] + C[a, a] - C[a, b]**2 + C[b, b] + 1
-    e1 = 1/e0
-    e2 = e1*C[a, b]
-    k00 = -e1*C[b, b] - e1
-    k01 = e2
-    k10 = e2
-    k11 = -e1*C[a, a] - e1
-    n = C.shape[0]
-    for r in range(n):
-        u0 = k00*C[r, a] + k01*C[r, b]
-        U0[r] = u0
-        u1 = k10*C[r, a] + k11*C[r, b]
-        U1[r] = u1
-        d = u0*C[a, r] + u1*C[b, r] + C[r, r]
-        Dn[r] = 1/math.sqrt(d + 1)
-    for r in range(n):
-        u0 = U0[r]
-        u1 = U1[r]
-        Da = Dn[r]
-        for q in range(n):
-            x = u0*C[a, q] + u1*C[b, q] + C[r, q]
-            Db = Dn[q]
-            F[r, q] = 2*asin_(Da*Db*x)/math.pi
-    return 2/(math.pi*math.sqrt(e0))
-
-
-
-@njit(cache=True, error_model="numpy", fastmath={"contract"})
-def g4_tilt2_rows(C, a, b, rows, nrows, out, Dn, U0, U1):
-    """Rows rows[:nrows] of g4_tilt2_table: out[i, q] = I2(Ct; rows[i], q) for
-    every q, Ct the covariance tilted by rows a, b (the same rule, split by loop level in
+def g4_tilt2_block(C, a, b, rows, nrows, first, upper, out, Dn, U0, U1):
+    """Rows rows[:nrows] of the table of the pair tilt (the rule of tilt2_table): out[i, q] =
+    I2(Ct; rows[i], q) for every column q >= first, or only q >= rows[i] when upper
+    (I2 is symmetric in its two fields: the upper triangle of the rows listed), Ct the
+    covariance tilted by rows a, b (the same rule, split by loop level in
     derive/tables.py; the row coefficients and D once for all the rows). Returns the
     prefactor."""
     e0 = C[a, a]*C[b, b] + C[a, a] - C[a, b]**2 + C[b, b] + 1
@@ -933,7 +898,7 @@ def g4_tilt2_rows(C, a, b, rows, nrows, out, Dn, U0, U1):
         u0 = U0[r]
         u1 = U1[r]
         Da = Dn[r]
-        for q in range(n):
+        for q in range(r if upper else first, n):
             x = u0*C[a, q] + u1*C[b, q] + C[r, q]
             Db = Dn[q]
             out[i, q] = 2*asin_(Da*Db*x)/math.pi
@@ -947,31 +912,39 @@ def G4_tables(C, K, rows, out):
     k, l (rows 0..K-1 of C and of the table) and every pair of the rows of C listed in
     rows, on the covariance Cs of those rows, along Price's path of derive/gaussian.py
     that shrinks row k (20 nodes of the path rule), as G4_table but once per k for
-    all l >= k: at each node the path covariance Cp (with an extra row n, the unshrunk
-    copy of k); for each l >= k, I4(k, l; p, q) = prefactor * I2 at the covariance tilted
-    by (k, l), for every (p, q), from g4_tilt2_table; for each p, I4(k, p; l, q) for every
-    l >= k and q from g4_tilt2_rows of the tilt by (k, p). Mirrored to (l, k) (G4 is
-    symmetric in its four arguments)."""
+    all l >= k, and only for the rows p, q >= k of the table: at each node the path
+    covariance Cp (with an extra row n, the unshrunk copy of k, read in place of k:
+    rows k + 1 .. n of Cp); for each l >= k, I4(k, l; p, q) = prefactor * I2 at the
+    covariance tilted by (k, l), for every p <= q (I2 is symmetric in its two fields);
+    for each p, I4(k, p; l, q) for every l >= k and q; both from g4_tilt2_block,
+    summed in G (upper triangle: the sum is symmetric in p, q). G4 is symmetric in its
+    four arguments: an entry with a student unit p < k or q < k is the entry of the path
+    along the smallest, m, out[m, k, l, the other]; and (l, k) is mirrored from (k, l)."""
     n = rows.shape[0]
     Cs = np.empty((n, n))
     for p in range(n):
         for q in range(n):
             Cs[p, q] = C[rows[p], rows[q]]
     Cp = np.empty((n + 1, n + 1))
-    A = np.empty((n + 1, n + 1))
-    B = np.empty((K, n, n))
+    A = np.empty((n, n + 1))
+    B = np.empty((K, n + 1, n + 1))
+    G = np.empty((K, n + 1, n + 1))
     R = np.empty((K, n + 1))
     Lr = np.empty(K, np.int64)
+    Rk = np.empty(n, np.int64)
     Dn = np.empty(n + 1)
     U0 = np.empty(n + 1)
     U1 = np.empty(n + 1)
     for k in range(K):
         nl = K - k
+        nn = n - k
+        for i in range(nn):
+            Rk[i] = k + 1 + i
         for i in range(nl):
             Lr[i] = n if i == 0 else k + i
-            for p in range(n):
-                for q in range(n):
-                    out[k, k + i, p, q] = 0.0
+            for P in range(k + 1, n + 1):
+                for Q in range(P, n + 1):
+                    G[i, P, Q] = 0.0
         for node in range(20):
             t = PATH20_T[node]
             w = PATH20_W[node]
@@ -982,27 +955,36 @@ def G4_tables(C, K, rows, out):
                     c = Cs[x, y]
                     Cp[r, q] = c*t if (r == k) != (q == k) else c
             for i in range(nl):
-                l = k + i
-                ckl = w * Cs[k, l] * g4_tilt2_table(Cp, k, Lr[i], A, Dn, U0, U1)
-                for p in range(n):
-                    P = n if p == k else p
-                    for q in range(n):
-                        out[k, l, p, q] += ckl * A[P, n if q == k else q]
-            for p in range(n):
-                P = n if p == k else p
-                prefp = w * Cs[k, p] * g4_tilt2_rows(Cp, k, P, Lr, nl, R, Dn, U0, U1)
+                ckl = w * Cs[k, k + i] * g4_tilt2_block(Cp, k, Lr[i], Rk, nn, k + 1, True, A, Dn, U0, U1)
+                for P in range(k + 1, n + 1):
+                    for Q in range(P, n + 1):
+                        G[i, P, Q] += ckl * A[P - k - 1, Q]
+            for P in range(k + 1, n + 1):
+                prefp = w * Cs[k, k if P == n else P] * g4_tilt2_block(Cp, k, P, Lr, nl, k + 1, False, R, Dn, U0, U1)
                 for i in range(nl):
-                    for q in range(n):
-                        B[i, p, q] = prefp * R[i, n if q == k else q]
+                    for Q in range(k + 1, n + 1):
+                        B[i, P, Q] = prefp * R[i, Q]
             for i in range(nl):
-                l = k + i
-                for p in range(n):
-                    for q in range(n):
-                        out[k, l, p, q] += B[i, p, q] + B[i, q, p]
-        for i in range(1, nl):
+                for P in range(k + 1, n + 1):
+                    for Q in range(P, n + 1):
+                        G[i, P, Q] += B[i, P, Q] + B[i, Q, P]
+        for i in range(nl):
+            for p in range(k, n):
+                P = n if p == k else p
+                for q in range(k, n):
+                    Q = n if q == k else q
+                    out[k, k + i, p, q] = G[i, min(P, Q), max(P, Q)]
+    for k in range(1, K):
+        for l in range(k, K):
             for p in range(n):
                 for q in range(n):
-                    out[k + i, k, p, q] = out[k, k + i, p, q]
+                    if p < k or q < k:
+                        out[k, l, p, q] = out[min(p, q), k, l, max(p, q)]
+    for k in range(K):
+        for l in range(k + 1, K):
+            for p in range(n):
+                for q in range(n):
+                    out[l, k, p, q] = out[k, l, p, q]
 
 
 @njit(cache=True, error_model="numpy")
@@ -1443,76 +1425,83 @@ def task_moments(y, c, p, K, M, C, with_optimal):
                             s0 += P_[k, j0]*Pi_s[s_ - 1, j0, i_]
                         acc += 1 * s0
                         Pi_s[s_, k, i_] = acc
-        U_adapted__c = np.zeros((steps_, K, K,))
-        for s_ in range(steps_):
-            for x0 in range(K):
-                for p0 in range(K):
-                    acc = 0.0
-                    s0 = 0.0
-                    for m0 in range(M):
-                        s0 += L_adapted[x0, m0]*L_c[s_, p0, m0]
-                    acc += 1 * s0
-                    U_adapted__c[s_, x0, p0] = acc
-        U_adapted__v_task = np.zeros((K, M,))
-        for x0 in range(K):
-            for p0 in range(M):
-                acc = 0.0
-                s0 = 0.0
-                for m0 in range(M):
-                    s0 += L_adapted[x0, m0]*L_v_task[p0, m0]
-                acc += 1 * s0
-                U_adapted__v_task[x0, p0] = acc
-        U_v_task__c = np.zeros((steps_, M, K,))
-        for s_ in range(steps_):
-            for x0 in range(M):
-                for p0 in range(K):
-                    acc = 0.0
-                    s0 = 0.0
-                    for m0 in range(M):
-                        s0 += L_c[s_, p0, m0]*L_v_task[x0, m0]
-                    acc += 1 * s0
-                    U_v_task__c[s_, x0, p0] = acc
-        U_v_task__v_task = np.zeros((M, M,))
-        for x0 in range(M):
-            for p0 in range(M):
-                acc = 0.0
-                s0 = 0.0
-                for m0 in range(M):
-                    s0 += L_v_task[p0, m0]*L_v_task[x0, m0]
-                acc += 1 * s0
-                U_v_task__v_task[x0, p0] = acc
-        E1_adapted__adapted = np.zeros((K, K, K, K,))
-        E1_adapted__v_task = np.zeros((K, K, K, M,))
-        E1_v_task__v_task = np.zeros((K, K, M, M,))
+        NL_c_ = np.zeros((K, K, K, M,))
+        Nm_c_ = np.zeros((K, K, K,))
+        NL_v_task_ = np.zeros((K, K, M, M,))
+        Nm_v_task_ = np.zeros((K, K, M,))
         F1_s = np.zeros((K, K, M,))
         F2_s = np.zeros((K, K, M, M,))
+        PF1_ = np.zeros((K, K, M,))
+        PF2_ = np.zeros((K, K, M, M,))
         lV_s = np.zeros((K, K, M,))
         AV_s = np.zeros((K, K, M, M,))
         for s_ in range(steps_):
             for t_ in range(steps_):
                 for i_ in range(K):
                     for j_ in range(K):
+                        for q0 in range(K):
+                            for r_ in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    s0 += L_c[s_, j0, r_]*N_c__c[i_, j0, j_, q0]
+                                acc += 1 * s0
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    s0 += L_v_task[m0, r_]*N_c__v_task[j_, q0, i_, m0]
+                                acc += 1 * s0
+                                NL_c_[i_, j_, q0, r_] = acc
+                for i_ in range(K):
+                    for j_ in range(K):
+                        for q0 in range(K):
+                            acc = 0.0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                s0 += N_c__c[i_, j0, j_, q0]*mu_c[s_, j0]
+                            acc += 1 * s0
+                            s0 = 0.0
+                            for m0 in range(M):
+                                s0 += N_c__v_task[j_, q0, i_, m0]*mu_v_task[m0]
+                            acc += 1 * s0
+                            Nm_c_[i_, j_, q0] = acc
+                for i_ in range(K):
+                    for j_ in range(K):
+                        for q0 in range(M):
+                            for r_ in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    s0 += L_c[s_, j0, r_]*N_c__v_task[i_, j0, j_, q0]
+                                acc += 1 * s0
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    s0 += L_v_task[m0, r_]*N_v_task__v_task[i_, m0, j_, q0]
+                                acc += 1 * s0
+                                NL_v_task_[i_, j_, q0, r_] = acc
+                for i_ in range(K):
+                    for j_ in range(K):
+                        for q0 in range(M):
+                            acc = 0.0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                s0 += N_c__v_task[i_, j0, j_, q0]*mu_c[s_, j0]
+                            acc += 1 * s0
+                            s0 = 0.0
+                            for m0 in range(M):
+                                s0 += N_v_task__v_task[i_, m0, j_, q0]*mu_v_task[m0]
+                            acc += 1 * s0
+                            Nm_v_task_[i_, j_, q0] = acc
+                for i_ in range(K):
+                    for j_ in range(K):
                         for r_ in range(M):
                             acc = 0.0
                             s0 = 0.0
                             for j0 in range(K):
-                                for j1 in range(K):
-                                    s0 += (L_c[s_, j1, r_]*mu_c[t_, j0] + L_c[t_, j0, r_]*mu_c[s_, j1])*N_c__c[i_, j1, j_, j0]
-                            acc += 1/n_s * s0
-                            s0 = 0.0
-                            for j0 in range(K):
-                                for m0 in range(M):
-                                    s0 += (L_c[t_, j0, r_]*mu_v_task[m0] + L_v_task[m0, r_]*mu_c[t_, j0])*N_c__v_task[j_, j0, i_, m0]
+                                s0 += L_c[t_, j0, r_]*Nm_c_[i_, j_, j0] + NL_c_[i_, j_, j0, r_]*mu_c[t_, j0]
                             acc += 1/n_s * s0
                             s0 = 0.0
                             for m0 in range(M):
-                                for j0 in range(K):
-                                    s0 += (L_c[s_, j0, r_]*mu_v_task[m0] + L_v_task[m0, r_]*mu_c[s_, j0])*N_c__v_task[i_, j0, j_, m0]
-                            acc += 1/n_s * s0
-                            s0 = 0.0
-                            for m0 in range(M):
-                                for m1 in range(M):
-                                    s0 += (L_v_task[m0, r_]*mu_v_task[m1] + L_v_task[m1, r_]*mu_v_task[m0])*N_v_task__v_task[i_, m1, j_, m0]
+                                s0 += L_v_task[m0, r_]*Nm_v_task_[i_, j_, m0] + NL_v_task_[i_, j_, m0, r_]*mu_v_task[m0]
                             acc += 1/n_s * s0
                             F1_s[i_, j_, r_] = acc
                 for i_ in range(K):
@@ -1522,25 +1511,32 @@ def task_moments(y, c, p, K, M, C, with_optimal):
                                 acc = 0.0
                                 s0 = 0.0
                                 for j0 in range(K):
-                                    for j1 in range(K):
-                                        s0 += L_c[s_, j1, r_]*L_c[t_, j0, r2_]*N_c__c[i_, j1, j_, j0]
-                                acc += 1/n_s * s0
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    for m0 in range(M):
-                                        s0 += L_c[t_, j0, r2_]*L_v_task[m0, r_]*N_c__v_task[j_, j0, i_, m0]
+                                    s0 += L_c[t_, j0, r2_]*NL_c_[i_, j_, j0, r_]
                                 acc += 1/n_s * s0
                                 s0 = 0.0
                                 for m0 in range(M):
-                                    for j0 in range(K):
-                                        s0 += L_c[s_, j0, r_]*L_v_task[m0, r2_]*N_c__v_task[i_, j0, j_, m0]
-                                acc += 1/n_s * s0
-                                s0 = 0.0
-                                for m0 in range(M):
-                                    for m1 in range(M):
-                                        s0 += L_v_task[m0, r2_]*L_v_task[m1, r_]*N_v_task__v_task[i_, m1, j_, m0]
+                                    s0 += L_v_task[m0, r2_]*NL_v_task_[i_, j_, m0, r_]
                                 acc += 1/n_s * s0
                                 F2_s[i_, j_, r_, r2_] = acc
+                for a_ in range(K):
+                    for j_ in range(K):
+                        for r_ in range(M):
+                            acc = 0.0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                s0 += F1_s[j0, j_, r_]*Pi_s[-s_ + steps_ - 1, a_, j0]
+                            acc += 1 * s0
+                            PF1_[a_, j_, r_] = acc
+                for a_ in range(K):
+                    for j_ in range(K):
+                        for r_ in range(M):
+                            for r2_ in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    s0 += F2_s[j0, j_, r_, r2_]*Pi_s[-s_ + steps_ - 1, a_, j0]
+                                acc += 1 * s0
+                                PF2_[a_, j_, r_, r2_] = acc
                 for a_ in range(K):
                     for b_ in range(K):
                         for r_ in range(M):
@@ -1548,8 +1544,7 @@ def task_moments(y, c, p, K, M, C, with_optimal):
                             acc += lV_s[a_, b_, r_]
                             s0 = 0.0
                             for j0 in range(K):
-                                for j1 in range(K):
-                                    s0 += F1_s[j0, j1, r_]*Pi_s[-s_ + steps_ - 1, a_, j0]*Pi_s[steps_ - t_ - 1, b_, j1]
+                                s0 += PF1_[a_, j0, r_]*Pi_s[steps_ - t_ - 1, b_, j0]
                             acc += 1 * s0
                             lV_s[a_, b_, r_] = acc
                 for a_ in range(K):
@@ -1560,10 +1555,17 @@ def task_moments(y, c, p, K, M, C, with_optimal):
                                 acc += AV_s[a_, b_, r_, r2_]
                                 s0 = 0.0
                                 for j0 in range(K):
-                                    for j1 in range(K):
-                                        s0 += F2_s[j0, j1, r_, r2_]*Pi_s[-s_ + steps_ - 1, a_, j0]*Pi_s[steps_ - t_ - 1, b_, j1]
+                                    s0 += PF2_[a_, j0, r_, r2_]*Pi_s[steps_ - t_ - 1, b_, j0]
                                 acc += 1 * s0
                                 AV_s[a_, b_, r_, r2_] = acc
+        SAV_ = np.zeros((K, K, M, M,))
+        for a_ in range(K):
+            for b_ in range(K):
+                for r_ in range(M):
+                    for r2_ in range(M):
+                        acc = 0.0
+                        acc += AV_s[a_, b_, r2_, r_] + AV_s[a_, b_, r_, r2_]
+                        SAV_[a_, b_, r_, r2_] = acc
         for a_ in range(K):
             for b_ in range(K):
                 for c_ in range(K):
@@ -1576,125 +1578,84 @@ def task_moments(y, c, p, K, M, C, with_optimal):
                         s0 = 0.0
                         for m0 in range(M):
                             for m1 in range(M):
-                                s0 += AV_s[a_, b_, m0, m1]*AV_s[c_, d_, m0, m1] + AV_s[a_, b_, m0, m1]*AV_s[c_, d_, m1, m0] + AV_s[a_, b_, m1, m0]*AV_s[c_, d_, m0, m1] + AV_s[a_, b_, m1, m0]*AV_s[c_, d_, m1, m0]
+                                s0 += SAV_[a_, b_, m0, m1]*SAV_[c_, d_, m0, m1]
                         acc += 1.0/2.0 * s0
                         CVV_adapted[a_, b_, c_, d_] = acc
-        for s_ in range(steps_):
-            for t_ in range(steps_):
-                for i_ in range(K):
-                    for j_ in range(K):
-                        for x0 in range(K):
-                            for y0 in range(K):
-                                acc = 0.0
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    for j1 in range(K):
-                                        s0 += (U_adapted__c[s_, x0, j1]*U_adapted__c[t_, y0, j0] + U_adapted__c[s_, x0, j1]*mu_adapted[y0]*mu_c[t_, j0] + U_adapted__c[s_, y0, j1]*U_adapted__c[t_, x0, j0] + U_adapted__c[s_, y0, j1]*mu_adapted[x0]*mu_c[t_, j0] + U_adapted__c[t_, x0, j0]*mu_adapted[y0]*mu_c[s_, j1] + U_adapted__c[t_, y0, j0]*mu_adapted[x0]*mu_c[s_, j1])*N_c__c[i_, j1, j_, j0]
-                                acc += 1/n_s * s0
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    for m0 in range(M):
-                                        s0 += (U_adapted__c[t_, x0, j0]*U_adapted__v_task[y0, m0] + U_adapted__c[t_, x0, j0]*mu_adapted[y0]*mu_v_task[m0] + U_adapted__c[t_, y0, j0]*U_adapted__v_task[x0, m0] + U_adapted__c[t_, y0, j0]*mu_adapted[x0]*mu_v_task[m0] + U_adapted__v_task[x0, m0]*mu_adapted[y0]*mu_c[t_, j0] + U_adapted__v_task[y0, m0]*mu_adapted[x0]*mu_c[t_, j0])*N_c__v_task[j_, j0, i_, m0]
-                                acc += 1/n_s * s0
-                                s0 = 0.0
-                                for m0 in range(M):
-                                    for j0 in range(K):
-                                        s0 += (U_adapted__c[s_, x0, j0]*U_adapted__v_task[y0, m0] + U_adapted__c[s_, x0, j0]*mu_adapted[y0]*mu_v_task[m0] + U_adapted__c[s_, y0, j0]*U_adapted__v_task[x0, m0] + U_adapted__c[s_, y0, j0]*mu_adapted[x0]*mu_v_task[m0] + U_adapted__v_task[x0, m0]*mu_adapted[y0]*mu_c[s_, j0] + U_adapted__v_task[y0, m0]*mu_adapted[x0]*mu_c[s_, j0])*N_c__v_task[i_, j0, j_, m0]
-                                acc += 1/n_s * s0
-                                s0 = 0.0
-                                for m0 in range(M):
-                                    for m1 in range(M):
-                                        s0 += (U_adapted__v_task[x0, m0]*U_adapted__v_task[y0, m1] + U_adapted__v_task[x0, m0]*mu_adapted[y0]*mu_v_task[m1] + U_adapted__v_task[x0, m1]*U_adapted__v_task[y0, m0] + U_adapted__v_task[x0, m1]*mu_adapted[y0]*mu_v_task[m0] + U_adapted__v_task[y0, m0]*mu_adapted[x0]*mu_v_task[m1] + U_adapted__v_task[y0, m1]*mu_adapted[x0]*mu_v_task[m0])*N_v_task__v_task[i_, m1, j_, m0]
-                                acc += 1/n_s * s0
-                                E1_adapted__adapted[i_, j_, x0, y0] = acc
-                for c_ in range(K):
-                    for d_ in range(K):
-                        for x0 in range(K):
-                            for y0 in range(K):
-                                acc = 0.0
-                                acc += CMV_adapted__adapted[c_, d_, x0, y0]
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    for j1 in range(K):
-                                        s0 += E1_adapted__adapted[j0, j1, x0, y0]*Pi_s[-s_ + steps_ - 1, c_, j0]*Pi_s[steps_ - t_ - 1, d_, j1]
-                                acc += 1 * s0
-                                CMV_adapted__adapted[c_, d_, x0, y0] = acc
-                for i_ in range(K):
-                    for j_ in range(K):
-                        for x0 in range(K):
-                            for y0 in range(M):
-                                acc = 0.0
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    for j1 in range(K):
-                                        s0 += (U_adapted__c[s_, x0, j1]*U_v_task__c[t_, y0, j0] + U_adapted__c[s_, x0, j1]*mu_c[t_, j0]*mu_v_task[y0] + U_adapted__c[t_, x0, j0]*U_v_task__c[s_, y0, j1] + U_adapted__c[t_, x0, j0]*mu_c[s_, j1]*mu_v_task[y0] + U_v_task__c[s_, y0, j1]*mu_adapted[x0]*mu_c[t_, j0] + U_v_task__c[t_, y0, j0]*mu_adapted[x0]*mu_c[s_, j1])*N_c__c[i_, j1, j_, j0]
-                                acc += 1/n_s * s0
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    for m0 in range(M):
-                                        s0 += (U_adapted__c[t_, x0, j0]*U_v_task__v_task[y0, m0] + U_adapted__c[t_, x0, j0]*mu_v_task[m0]*mu_v_task[y0] + U_adapted__v_task[x0, m0]*U_v_task__c[t_, y0, j0] + U_adapted__v_task[x0, m0]*mu_c[t_, j0]*mu_v_task[y0] + U_v_task__c[t_, y0, j0]*mu_adapted[x0]*mu_v_task[m0] + U_v_task__v_task[y0, m0]*mu_adapted[x0]*mu_c[t_, j0])*N_c__v_task[j_, j0, i_, m0]
-                                acc += 1/n_s * s0
-                                s0 = 0.0
-                                for m0 in range(M):
-                                    for j0 in range(K):
-                                        s0 += (U_adapted__c[s_, x0, j0]*U_v_task__v_task[y0, m0] + U_adapted__c[s_, x0, j0]*mu_v_task[m0]*mu_v_task[y0] + U_adapted__v_task[x0, m0]*U_v_task__c[s_, y0, j0] + U_adapted__v_task[x0, m0]*mu_c[s_, j0]*mu_v_task[y0] + U_v_task__c[s_, y0, j0]*mu_adapted[x0]*mu_v_task[m0] + U_v_task__v_task[y0, m0]*mu_adapted[x0]*mu_c[s_, j0])*N_c__v_task[i_, j0, j_, m0]
-                                acc += 1/n_s * s0
-                                s0 = 0.0
-                                for m0 in range(M):
-                                    for m1 in range(M):
-                                        s0 += (U_adapted__v_task[x0, m0]*U_v_task__v_task[y0, m1] + U_adapted__v_task[x0, m0]*mu_v_task[m1]*mu_v_task[y0] + U_adapted__v_task[x0, m1]*U_v_task__v_task[y0, m0] + U_adapted__v_task[x0, m1]*mu_v_task[m0]*mu_v_task[y0] + U_v_task__v_task[y0, m0]*mu_adapted[x0]*mu_v_task[m1] + U_v_task__v_task[y0, m1]*mu_adapted[x0]*mu_v_task[m0])*N_v_task__v_task[i_, m1, j_, m0]
-                                acc += 1/n_s * s0
-                                E1_adapted__v_task[i_, j_, x0, y0] = acc
-                for c_ in range(K):
-                    for d_ in range(K):
-                        for x0 in range(K):
-                            for y0 in range(M):
-                                acc = 0.0
-                                acc += CMV_adapted__v_task[c_, d_, x0, y0]
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    for j1 in range(K):
-                                        s0 += E1_adapted__v_task[j0, j1, x0, y0]*Pi_s[-s_ + steps_ - 1, c_, j0]*Pi_s[steps_ - t_ - 1, d_, j1]
-                                acc += 1 * s0
-                                CMV_adapted__v_task[c_, d_, x0, y0] = acc
-                for i_ in range(K):
-                    for j_ in range(K):
-                        for x0 in range(M):
-                            for y0 in range(M):
-                                acc = 0.0
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    for j1 in range(K):
-                                        s0 += (U_v_task__c[s_, x0, j1]*U_v_task__c[t_, y0, j0] + U_v_task__c[s_, x0, j1]*mu_c[t_, j0]*mu_v_task[y0] + U_v_task__c[s_, y0, j1]*U_v_task__c[t_, x0, j0] + U_v_task__c[s_, y0, j1]*mu_c[t_, j0]*mu_v_task[x0] + U_v_task__c[t_, x0, j0]*mu_c[s_, j1]*mu_v_task[y0] + U_v_task__c[t_, y0, j0]*mu_c[s_, j1]*mu_v_task[x0])*N_c__c[i_, j1, j_, j0]
-                                acc += 1/n_s * s0
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    for m0 in range(M):
-                                        s0 += (U_v_task__c[t_, x0, j0]*U_v_task__v_task[y0, m0] + U_v_task__c[t_, x0, j0]*mu_v_task[m0]*mu_v_task[y0] + U_v_task__c[t_, y0, j0]*U_v_task__v_task[x0, m0] + U_v_task__c[t_, y0, j0]*mu_v_task[m0]*mu_v_task[x0] + U_v_task__v_task[x0, m0]*mu_c[t_, j0]*mu_v_task[y0] + U_v_task__v_task[y0, m0]*mu_c[t_, j0]*mu_v_task[x0])*N_c__v_task[j_, j0, i_, m0]
-                                acc += 1/n_s * s0
-                                s0 = 0.0
-                                for m0 in range(M):
-                                    for j0 in range(K):
-                                        s0 += (U_v_task__c[s_, x0, j0]*U_v_task__v_task[y0, m0] + U_v_task__c[s_, x0, j0]*mu_v_task[m0]*mu_v_task[y0] + U_v_task__c[s_, y0, j0]*U_v_task__v_task[x0, m0] + U_v_task__c[s_, y0, j0]*mu_v_task[m0]*mu_v_task[x0] + U_v_task__v_task[x0, m0]*mu_c[s_, j0]*mu_v_task[y0] + U_v_task__v_task[y0, m0]*mu_c[s_, j0]*mu_v_task[x0])*N_c__v_task[i_, j0, j_, m0]
-                                acc += 1/n_s * s0
-                                s0 = 0.0
-                                for m0 in range(M):
-                                    for m1 in range(M):
-                                        s0 += (U_v_task__v_task[x0, m0]*U_v_task__v_task[y0, m1] + U_v_task__v_task[x0, m0]*mu_v_task[m1]*mu_v_task[y0] + U_v_task__v_task[x0, m1]*U_v_task__v_task[y0, m0] + U_v_task__v_task[x0, m1]*mu_v_task[m0]*mu_v_task[y0] + U_v_task__v_task[y0, m0]*mu_v_task[m1]*mu_v_task[x0] + U_v_task__v_task[y0, m1]*mu_v_task[m0]*mu_v_task[x0])*N_v_task__v_task[i_, m1, j_, m0]
-                                acc += 1/n_s * s0
-                                E1_v_task__v_task[i_, j_, x0, y0] = acc
-                for c_ in range(K):
-                    for d_ in range(K):
-                        for x0 in range(M):
-                            for y0 in range(M):
-                                acc = 0.0
-                                acc += CMV_v_task__v_task[c_, d_, x0, y0]
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    for j1 in range(K):
-                                        s0 += E1_v_task__v_task[j0, j1, x0, y0]*Pi_s[-s_ + steps_ - 1, c_, j0]*Pi_s[steps_ - t_ - 1, d_, j1]
-                                acc += 1 * s0
-                                CMV_v_task__v_task[c_, d_, x0, y0] = acc
+        GA_adapted_ = np.zeros((K, K, K, M,))
+        GL_adapted_ = np.zeros((K, K, K,))
+        for c_ in range(K):
+            for d_ in range(K):
+                for x0 in range(K):
+                    for r2_ in range(M):
+                        acc = 0.0
+                        s0 = 0.0
+                        for m0 in range(M):
+                            s0 += L_adapted[x0, m0]*SAV_[c_, d_, m0, r2_]
+                        acc += 1 * s0
+                        GA_adapted_[c_, d_, x0, r2_] = acc
+        for c_ in range(K):
+            for d_ in range(K):
+                for x0 in range(K):
+                    acc = 0.0
+                    s0 = 0.0
+                    for m0 in range(M):
+                        s0 += L_adapted[x0, m0]*lV_s[c_, d_, m0]
+                    acc += 1 * s0
+                    GL_adapted_[c_, d_, x0] = acc
+        GA_v_task_ = np.zeros((K, K, M, M,))
+        GL_v_task_ = np.zeros((K, K, M,))
+        for c_ in range(K):
+            for d_ in range(K):
+                for x0 in range(M):
+                    for r2_ in range(M):
+                        acc = 0.0
+                        s0 = 0.0
+                        for m0 in range(M):
+                            s0 += L_v_task[x0, m0]*SAV_[c_, d_, m0, r2_]
+                        acc += 1 * s0
+                        GA_v_task_[c_, d_, x0, r2_] = acc
+        for c_ in range(K):
+            for d_ in range(K):
+                for x0 in range(M):
+                    acc = 0.0
+                    s0 = 0.0
+                    for m0 in range(M):
+                        s0 += L_v_task[x0, m0]*lV_s[c_, d_, m0]
+                    acc += 1 * s0
+                    GL_v_task_[c_, d_, x0] = acc
+        for c_ in range(K):
+            for d_ in range(K):
+                for x0 in range(K):
+                    for y0 in range(K):
+                        acc = 0.0
+                        acc += GL_adapted_[c_, d_, x0]*mu_adapted[y0] + GL_adapted_[c_, d_, y0]*mu_adapted[x0]
+                        s0 = 0.0
+                        for m0 in range(M):
+                            s0 += GA_adapted_[c_, d_, x0, m0]*L_adapted[y0, m0]
+                        acc += 1 * s0
+                        CMV_adapted__adapted[c_, d_, x0, y0] = acc
+        for c_ in range(K):
+            for d_ in range(K):
+                for x0 in range(K):
+                    for y0 in range(M):
+                        acc = 0.0
+                        acc += GL_adapted_[c_, d_, x0]*mu_v_task[y0] + GL_v_task_[c_, d_, y0]*mu_adapted[x0]
+                        s0 = 0.0
+                        for m0 in range(M):
+                            s0 += GA_adapted_[c_, d_, x0, m0]*L_v_task[y0, m0]
+                        acc += 1 * s0
+                        CMV_adapted__v_task[c_, d_, x0, y0] = acc
+        for c_ in range(K):
+            for d_ in range(K):
+                for x0 in range(M):
+                    for y0 in range(M):
+                        acc = 0.0
+                        acc += GL_v_task_[c_, d_, x0]*mu_v_task[y0] + GL_v_task_[c_, d_, y0]*mu_v_task[x0]
+                        s0 = 0.0
+                        for m0 in range(M):
+                            s0 += GA_v_task_[c_, d_, x0, m0]*L_v_task[y0, m0]
+                        acc += 1 * s0
+                        CMV_v_task__v_task[c_, d_, x0, y0] = acc
     n2_ = K if (((1) if (order == 2) else (0))) != 0 else 0
     mu_adapted_dQ = np.zeros((K, n2_, n2_,))
     L_adapted_dQ = np.zeros((K, n2_, n2_, M,))

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 a810d7502003702a106246517391d9f5d33fce2d694a3768ee6732b1b4a1f360
+# inputs:     sha256 f6eb5c343cf00329b96efd67edb50a74c6ad8816cad53ec970f59466bb5a1cf2
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 691 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, objmode, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "a810d7502003702a106246517391d9f5d33fce2d694a3768ee6732b1b4a1f360"
+INPUTS_SHA256 = "f6eb5c343cf00329b96efd67edb50a74c6ad8816cad53ec970f59466bb5a1cf2"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -562,76 +562,83 @@ def task_moments(y, c, p, K, M, C, with_optimal):
                             s0 += P_[k, j0]*Pi_s[s_ - 1, j0, i_]
                         acc += 1 * s0
                         Pi_s[s_, k, i_] = acc
-        U_adapted__c = np.zeros((steps_, K, K,))
-        for s_ in range(steps_):
-            for x0 in range(K):
-                for p0 in range(K):
-                    acc = 0.0
-                    s0 = 0.0
-                    for m0 in range(M):
-                        s0 += L_adapted[x0, m0]*L_c[s_, p0, m0]
-                    acc += 1 * s0
-                    U_adapted__c[s_, x0, p0] = acc
-        U_adapted__v_task = np.zeros((K, M,))
-        for x0 in range(K):
-            for p0 in range(M):
-                acc = 0.0
-                s0 = 0.0
-                for m0 in range(M):
-                    s0 += L_adapted[x0, m0]*L_v_task[p0, m0]
-                acc += 1 * s0
-                U_adapted__v_task[x0, p0] = acc
-        U_v_task__c = np.zeros((steps_, M, K,))
-        for s_ in range(steps_):
-            for x0 in range(M):
-                for p0 in range(K):
-                    acc = 0.0
-                    s0 = 0.0
-                    for m0 in range(M):
-                        s0 += L_c[s_, p0, m0]*L_v_task[x0, m0]
-                    acc += 1 * s0
-                    U_v_task__c[s_, x0, p0] = acc
-        U_v_task__v_task = np.zeros((M, M,))
-        for x0 in range(M):
-            for p0 in range(M):
-                acc = 0.0
-                s0 = 0.0
-                for m0 in range(M):
-                    s0 += L_v_task[p0, m0]*L_v_task[x0, m0]
-                acc += 1 * s0
-                U_v_task__v_task[x0, p0] = acc
-        E1_adapted__adapted = np.zeros((K, K, K, K,))
-        E1_adapted__v_task = np.zeros((K, K, K, M,))
-        E1_v_task__v_task = np.zeros((K, K, M, M,))
+        NL_c_ = np.zeros((K, K, K, M,))
+        Nm_c_ = np.zeros((K, K, K,))
+        NL_v_task_ = np.zeros((K, K, M, M,))
+        Nm_v_task_ = np.zeros((K, K, M,))
         F1_s = np.zeros((K, K, M,))
         F2_s = np.zeros((K, K, M, M,))
+        PF1_ = np.zeros((K, K, M,))
+        PF2_ = np.zeros((K, K, M, M,))
         lV_s = np.zeros((K, K, M,))
         AV_s = np.zeros((K, K, M, M,))
         for s_ in range(steps_):
             for t_ in range(steps_):
                 for i_ in range(K):
                     for j_ in range(K):
+                        for q0 in range(K):
+                            for r_ in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    s0 += L_c[s_, j0, r_]*N_c__c[i_, j0, j_, q0]
+                                acc += 1 * s0
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    s0 += L_v_task[m0, r_]*N_c__v_task[j_, q0, i_, m0]
+                                acc += 1 * s0
+                                NL_c_[i_, j_, q0, r_] = acc
+                for i_ in range(K):
+                    for j_ in range(K):
+                        for q0 in range(K):
+                            acc = 0.0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                s0 += N_c__c[i_, j0, j_, q0]*mu_c[s_, j0]
+                            acc += 1 * s0
+                            s0 = 0.0
+                            for m0 in range(M):
+                                s0 += N_c__v_task[j_, q0, i_, m0]*mu_v_task[m0]
+                            acc += 1 * s0
+                            Nm_c_[i_, j_, q0] = acc
+                for i_ in range(K):
+                    for j_ in range(K):
+                        for q0 in range(M):
+                            for r_ in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    s0 += L_c[s_, j0, r_]*N_c__v_task[i_, j0, j_, q0]
+                                acc += 1 * s0
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    s0 += L_v_task[m0, r_]*N_v_task__v_task[i_, m0, j_, q0]
+                                acc += 1 * s0
+                                NL_v_task_[i_, j_, q0, r_] = acc
+                for i_ in range(K):
+                    for j_ in range(K):
+                        for q0 in range(M):
+                            acc = 0.0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                s0 += N_c__v_task[i_, j0, j_, q0]*mu_c[s_, j0]
+                            acc += 1 * s0
+                            s0 = 0.0
+                            for m0 in range(M):
+                                s0 += N_v_task__v_task[i_, m0, j_, q0]*mu_v_task[m0]
+                            acc += 1 * s0
+                            Nm_v_task_[i_, j_, q0] = acc
+                for i_ in range(K):
+                    for j_ in range(K):
                         for r_ in range(M):
                             acc = 0.0
                             s0 = 0.0
                             for j0 in range(K):
-                                for j1 in range(K):
-                                    s0 += (L_c[s_, j1, r_]*mu_c[t_, j0] + L_c[t_, j0, r_]*mu_c[s_, j1])*N_c__c[i_, j1, j_, j0]
-                            acc += 1/n_s * s0
-                            s0 = 0.0
-                            for j0 in range(K):
-                                for m0 in range(M):
-                                    s0 += (L_c[t_, j0, r_]*mu_v_task[m0] + L_v_task[m0, r_]*mu_c[t_, j0])*N_c__v_task[j_, j0, i_, m0]
+                                s0 += L_c[t_, j0, r_]*Nm_c_[i_, j_, j0] + NL_c_[i_, j_, j0, r_]*mu_c[t_, j0]
                             acc += 1/n_s * s0
                             s0 = 0.0
                             for m0 in range(M):
-                                for j0 in range(K):
-                                    s0 += (L_c[s_, j0, r_]*mu_v_task[m0] + L_v_task[m0, r_]*mu_c[s_, j0])*N_c__v_task[i_, j0, j_, m0]
-                            acc += 1/n_s * s0
-                            s0 = 0.0
-                            for m0 in range(M):
-                                for m1 in range(M):
-                                    s0 += (L_v_task[m0, r_]*mu_v_task[m1] + L_v_task[m1, r_]*mu_v_task[m0])*N_v_task__v_task[i_, m1, j_, m0]
+                                s0 += L_v_task[m0, r_]*Nm_v_task_[i_, j_, m0] + NL_v_task_[i_, j_, m0, r_]*mu_v_task[m0]
                             acc += 1/n_s * s0
                             F1_s[i_, j_, r_] = acc
                 for i_ in range(K):
@@ -641,25 +648,32 @@ def task_moments(y, c, p, K, M, C, with_optimal):
                                 acc = 0.0
                                 s0 = 0.0
                                 for j0 in range(K):
-                                    for j1 in range(K):
-                                        s0 += L_c[s_, j1, r_]*L_c[t_, j0, r2_]*N_c__c[i_, j1, j_, j0]
-                                acc += 1/n_s * s0
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    for m0 in range(M):
-                                        s0 += L_c[t_, j0, r2_]*L_v_task[m0, r_]*N_c__v_task[j_, j0, i_, m0]
+                                    s0 += L_c[t_, j0, r2_]*NL_c_[i_, j_, j0, r_]
                                 acc += 1/n_s * s0
                                 s0 = 0.0
                                 for m0 in range(M):
-                                    for j0 in range(K):
-                                        s0 += L_c[s_, j0, r_]*L_v_task[m0, r2_]*N_c__v_task[i_, j0, j_, m0]
-                                acc += 1/n_s * s0
-                                s0 = 0.0
-                                for m0 in range(M):
-                                    for m1 in range(M):
-                                        s0 += L_v_task[m0, r2_]*L_v_task[m1, r_]*N_v_task__v_task[i_, m1, j_, m0]
+                                    s0 += L_v_task[m0, r2_]*NL_v_task_[i_, j_, m0, r_]
                                 acc += 1/n_s * s0
                                 F2_s[i_, j_, r_, r2_] = acc
+                for a_ in range(K):
+                    for j_ in range(K):
+                        for r_ in range(M):
+                            acc = 0.0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                s0 += F1_s[j0, j_, r_]*Pi_s[-s_ + steps_ - 1, a_, j0]
+                            acc += 1 * s0
+                            PF1_[a_, j_, r_] = acc
+                for a_ in range(K):
+                    for j_ in range(K):
+                        for r_ in range(M):
+                            for r2_ in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    s0 += F2_s[j0, j_, r_, r2_]*Pi_s[-s_ + steps_ - 1, a_, j0]
+                                acc += 1 * s0
+                                PF2_[a_, j_, r_, r2_] = acc
                 for a_ in range(K):
                     for b_ in range(K):
                         for r_ in range(M):
@@ -667,8 +681,7 @@ def task_moments(y, c, p, K, M, C, with_optimal):
                             acc += lV_s[a_, b_, r_]
                             s0 = 0.0
                             for j0 in range(K):
-                                for j1 in range(K):
-                                    s0 += F1_s[j0, j1, r_]*Pi_s[-s_ + steps_ - 1, a_, j0]*Pi_s[steps_ - t_ - 1, b_, j1]
+                                s0 += PF1_[a_, j0, r_]*Pi_s[steps_ - t_ - 1, b_, j0]
                             acc += 1 * s0
                             lV_s[a_, b_, r_] = acc
                 for a_ in range(K):
@@ -679,10 +692,17 @@ def task_moments(y, c, p, K, M, C, with_optimal):
                                 acc += AV_s[a_, b_, r_, r2_]
                                 s0 = 0.0
                                 for j0 in range(K):
-                                    for j1 in range(K):
-                                        s0 += F2_s[j0, j1, r_, r2_]*Pi_s[-s_ + steps_ - 1, a_, j0]*Pi_s[steps_ - t_ - 1, b_, j1]
+                                    s0 += PF2_[a_, j0, r_, r2_]*Pi_s[steps_ - t_ - 1, b_, j0]
                                 acc += 1 * s0
                                 AV_s[a_, b_, r_, r2_] = acc
+        SAV_ = np.zeros((K, K, M, M,))
+        for a_ in range(K):
+            for b_ in range(K):
+                for r_ in range(M):
+                    for r2_ in range(M):
+                        acc = 0.0
+                        acc += AV_s[a_, b_, r2_, r_] + AV_s[a_, b_, r_, r2_]
+                        SAV_[a_, b_, r_, r2_] = acc
         for a_ in range(K):
             for b_ in range(K):
                 for c_ in range(K):
@@ -695,125 +715,84 @@ def task_moments(y, c, p, K, M, C, with_optimal):
                         s0 = 0.0
                         for m0 in range(M):
                             for m1 in range(M):
-                                s0 += AV_s[a_, b_, m0, m1]*AV_s[c_, d_, m0, m1] + AV_s[a_, b_, m0, m1]*AV_s[c_, d_, m1, m0] + AV_s[a_, b_, m1, m0]*AV_s[c_, d_, m0, m1] + AV_s[a_, b_, m1, m0]*AV_s[c_, d_, m1, m0]
+                                s0 += SAV_[a_, b_, m0, m1]*SAV_[c_, d_, m0, m1]
                         acc += 1.0/2.0 * s0
                         CVV_adapted[a_, b_, c_, d_] = acc
-        for s_ in range(steps_):
-            for t_ in range(steps_):
-                for i_ in range(K):
-                    for j_ in range(K):
-                        for x0 in range(K):
-                            for y0 in range(K):
-                                acc = 0.0
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    for j1 in range(K):
-                                        s0 += (U_adapted__c[s_, x0, j1]*U_adapted__c[t_, y0, j0] + U_adapted__c[s_, x0, j1]*mu_adapted[y0]*mu_c[t_, j0] + U_adapted__c[s_, y0, j1]*U_adapted__c[t_, x0, j0] + U_adapted__c[s_, y0, j1]*mu_adapted[x0]*mu_c[t_, j0] + U_adapted__c[t_, x0, j0]*mu_adapted[y0]*mu_c[s_, j1] + U_adapted__c[t_, y0, j0]*mu_adapted[x0]*mu_c[s_, j1])*N_c__c[i_, j1, j_, j0]
-                                acc += 1/n_s * s0
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    for m0 in range(M):
-                                        s0 += (U_adapted__c[t_, x0, j0]*U_adapted__v_task[y0, m0] + U_adapted__c[t_, x0, j0]*mu_adapted[y0]*mu_v_task[m0] + U_adapted__c[t_, y0, j0]*U_adapted__v_task[x0, m0] + U_adapted__c[t_, y0, j0]*mu_adapted[x0]*mu_v_task[m0] + U_adapted__v_task[x0, m0]*mu_adapted[y0]*mu_c[t_, j0] + U_adapted__v_task[y0, m0]*mu_adapted[x0]*mu_c[t_, j0])*N_c__v_task[j_, j0, i_, m0]
-                                acc += 1/n_s * s0
-                                s0 = 0.0
-                                for m0 in range(M):
-                                    for j0 in range(K):
-                                        s0 += (U_adapted__c[s_, x0, j0]*U_adapted__v_task[y0, m0] + U_adapted__c[s_, x0, j0]*mu_adapted[y0]*mu_v_task[m0] + U_adapted__c[s_, y0, j0]*U_adapted__v_task[x0, m0] + U_adapted__c[s_, y0, j0]*mu_adapted[x0]*mu_v_task[m0] + U_adapted__v_task[x0, m0]*mu_adapted[y0]*mu_c[s_, j0] + U_adapted__v_task[y0, m0]*mu_adapted[x0]*mu_c[s_, j0])*N_c__v_task[i_, j0, j_, m0]
-                                acc += 1/n_s * s0
-                                s0 = 0.0
-                                for m0 in range(M):
-                                    for m1 in range(M):
-                                        s0 += (U_adapted__v_task[x0, m0]*U_adapted__v_task[y0, m1] + U_adapted__v_task[x0, m0]*mu_adapted[y0]*mu_v_task[m1] + U_adapted__v_task[x0, m1]*U_adapted__v_task[y0, m0] + U_adapted__v_task[x0, m1]*mu_adapted[y0]*mu_v_task[m0] + U_adapted__v_task[y0, m0]*mu_adapted[x0]*mu_v_task[m1] + U_adapted__v_task[y0, m1]*mu_adapted[x0]*mu_v_task[m0])*N_v_task__v_task[i_, m1, j_, m0]
-                                acc += 1/n_s * s0
-                                E1_adapted__adapted[i_, j_, x0, y0] = acc
-                for c_ in range(K):
-                    for d_ in range(K):
-                        for x0 in range(K):
-                            for y0 in range(K):
-                                acc = 0.0
-                                acc += CMV_adapted__adapted[c_, d_, x0, y0]
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    for j1 in range(K):
-                                        s0 += E1_adapted__adapted[j0, j1, x0, y0]*Pi_s[-s_ + steps_ - 1, c_, j0]*Pi_s[steps_ - t_ - 1, d_, j1]
-                                acc += 1 * s0
-                                CMV_adapted__adapted[c_, d_, x0, y0] = acc
-                for i_ in range(K):
-                    for j_ in range(K):
-                        for x0 in range(K):
-                            for y0 in range(M):
-                                acc = 0.0
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    for j1 in range(K):
-                                        s0 += (U_adapted__c[s_, x0, j1]*U_v_task__c[t_, y0, j0] + U_adapted__c[s_, x0, j1]*mu_c[t_, j0]*mu_v_task[y0] + U_adapted__c[t_, x0, j0]*U_v_task__c[s_, y0, j1] + U_adapted__c[t_, x0, j0]*mu_c[s_, j1]*mu_v_task[y0] + U_v_task__c[s_, y0, j1]*mu_adapted[x0]*mu_c[t_, j0] + U_v_task__c[t_, y0, j0]*mu_adapted[x0]*mu_c[s_, j1])*N_c__c[i_, j1, j_, j0]
-                                acc += 1/n_s * s0
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    for m0 in range(M):
-                                        s0 += (U_adapted__c[t_, x0, j0]*U_v_task__v_task[y0, m0] + U_adapted__c[t_, x0, j0]*mu_v_task[m0]*mu_v_task[y0] + U_adapted__v_task[x0, m0]*U_v_task__c[t_, y0, j0] + U_adapted__v_task[x0, m0]*mu_c[t_, j0]*mu_v_task[y0] + U_v_task__c[t_, y0, j0]*mu_adapted[x0]*mu_v_task[m0] + U_v_task__v_task[y0, m0]*mu_adapted[x0]*mu_c[t_, j0])*N_c__v_task[j_, j0, i_, m0]
-                                acc += 1/n_s * s0
-                                s0 = 0.0
-                                for m0 in range(M):
-                                    for j0 in range(K):
-                                        s0 += (U_adapted__c[s_, x0, j0]*U_v_task__v_task[y0, m0] + U_adapted__c[s_, x0, j0]*mu_v_task[m0]*mu_v_task[y0] + U_adapted__v_task[x0, m0]*U_v_task__c[s_, y0, j0] + U_adapted__v_task[x0, m0]*mu_c[s_, j0]*mu_v_task[y0] + U_v_task__c[s_, y0, j0]*mu_adapted[x0]*mu_v_task[m0] + U_v_task__v_task[y0, m0]*mu_adapted[x0]*mu_c[s_, j0])*N_c__v_task[i_, j0, j_, m0]
-                                acc += 1/n_s * s0
-                                s0 = 0.0
-                                for m0 in range(M):
-                                    for m1 in range(M):
-                                        s0 += (U_adapted__v_task[x0, m0]*U_v_task__v_task[y0, m1] + U_adapted__v_task[x0, m0]*mu_v_task[m1]*mu_v_task[y0] + U_adapted__v_task[x0, m1]*U_v_task__v_task[y0, m0] + U_adapted__v_task[x0, m1]*mu_v_task[m0]*mu_v_task[y0] + U_v_task__v_task[y0, m0]*mu_adapted[x0]*mu_v_task[m1] + U_v_task__v_task[y0, m1]*mu_adapted[x0]*mu_v_task[m0])*N_v_task__v_task[i_, m1, j_, m0]
-                                acc += 1/n_s * s0
-                                E1_adapted__v_task[i_, j_, x0, y0] = acc
-                for c_ in range(K):
-                    for d_ in range(K):
-                        for x0 in range(K):
-                            for y0 in range(M):
-                                acc = 0.0
-                                acc += CMV_adapted__v_task[c_, d_, x0, y0]
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    for j1 in range(K):
-                                        s0 += E1_adapted__v_task[j0, j1, x0, y0]*Pi_s[-s_ + steps_ - 1, c_, j0]*Pi_s[steps_ - t_ - 1, d_, j1]
-                                acc += 1 * s0
-                                CMV_adapted__v_task[c_, d_, x0, y0] = acc
-                for i_ in range(K):
-                    for j_ in range(K):
-                        for x0 in range(M):
-                            for y0 in range(M):
-                                acc = 0.0
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    for j1 in range(K):
-                                        s0 += (U_v_task__c[s_, x0, j1]*U_v_task__c[t_, y0, j0] + U_v_task__c[s_, x0, j1]*mu_c[t_, j0]*mu_v_task[y0] + U_v_task__c[s_, y0, j1]*U_v_task__c[t_, x0, j0] + U_v_task__c[s_, y0, j1]*mu_c[t_, j0]*mu_v_task[x0] + U_v_task__c[t_, x0, j0]*mu_c[s_, j1]*mu_v_task[y0] + U_v_task__c[t_, y0, j0]*mu_c[s_, j1]*mu_v_task[x0])*N_c__c[i_, j1, j_, j0]
-                                acc += 1/n_s * s0
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    for m0 in range(M):
-                                        s0 += (U_v_task__c[t_, x0, j0]*U_v_task__v_task[y0, m0] + U_v_task__c[t_, x0, j0]*mu_v_task[m0]*mu_v_task[y0] + U_v_task__c[t_, y0, j0]*U_v_task__v_task[x0, m0] + U_v_task__c[t_, y0, j0]*mu_v_task[m0]*mu_v_task[x0] + U_v_task__v_task[x0, m0]*mu_c[t_, j0]*mu_v_task[y0] + U_v_task__v_task[y0, m0]*mu_c[t_, j0]*mu_v_task[x0])*N_c__v_task[j_, j0, i_, m0]
-                                acc += 1/n_s * s0
-                                s0 = 0.0
-                                for m0 in range(M):
-                                    for j0 in range(K):
-                                        s0 += (U_v_task__c[s_, x0, j0]*U_v_task__v_task[y0, m0] + U_v_task__c[s_, x0, j0]*mu_v_task[m0]*mu_v_task[y0] + U_v_task__c[s_, y0, j0]*U_v_task__v_task[x0, m0] + U_v_task__c[s_, y0, j0]*mu_v_task[m0]*mu_v_task[x0] + U_v_task__v_task[x0, m0]*mu_c[s_, j0]*mu_v_task[y0] + U_v_task__v_task[y0, m0]*mu_c[s_, j0]*mu_v_task[x0])*N_c__v_task[i_, j0, j_, m0]
-                                acc += 1/n_s * s0
-                                s0 = 0.0
-                                for m0 in range(M):
-                                    for m1 in range(M):
-                                        s0 += (U_v_task__v_task[x0, m0]*U_v_task__v_task[y0, m1] + U_v_task__v_task[x0, m0]*mu_v_task[m1]*mu_v_task[y0] + U_v_task__v_task[x0, m1]*U_v_task__v_task[y0, m0] + U_v_task__v_task[x0, m1]*mu_v_task[m0]*mu_v_task[y0] + U_v_task__v_task[y0, m0]*mu_v_task[m1]*mu_v_task[x0] + U_v_task__v_task[y0, m1]*mu_v_task[m0]*mu_v_task[x0])*N_v_task__v_task[i_, m1, j_, m0]
-                                acc += 1/n_s * s0
-                                E1_v_task__v_task[i_, j_, x0, y0] = acc
-                for c_ in range(K):
-                    for d_ in range(K):
-                        for x0 in range(M):
-                            for y0 in range(M):
-                                acc = 0.0
-                                acc += CMV_v_task__v_task[c_, d_, x0, y0]
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    for j1 in range(K):
-                                        s0 += E1_v_task__v_task[j0, j1, x0, y0]*Pi_s[-s_ + steps_ - 1, c_, j0]*Pi_s[steps_ - t_ - 1, d_, j1]
-                                acc += 1 * s0
-                                CMV_v_task__v_task[c_, d_, x0, y0] = acc
+        GA_adapted_ = np.zeros((K, K, K, M,))
+        GL_adapted_ = np.zeros((K, K, K,))
+        for c_ in range(K):
+            for d_ in range(K):
+                for x0 in range(K):
+                    for r2_ in range(M):
+                        acc = 0.0
+                        s0 = 0.0
+                        for m0 in range(M):
+                            s0 += L_adapted[x0, m0]*SAV_[c_, d_, m0, r2_]
+                        acc += 1 * s0
+                        GA_adapted_[c_, d_, x0, r2_] = acc
+        for c_ in range(K):
+            for d_ in range(K):
+                for x0 in range(K):
+                    acc = 0.0
+                    s0 = 0.0
+                    for m0 in range(M):
+                        s0 += L_adapted[x0, m0]*lV_s[c_, d_, m0]
+                    acc += 1 * s0
+                    GL_adapted_[c_, d_, x0] = acc
+        GA_v_task_ = np.zeros((K, K, M, M,))
+        GL_v_task_ = np.zeros((K, K, M,))
+        for c_ in range(K):
+            for d_ in range(K):
+                for x0 in range(M):
+                    for r2_ in range(M):
+                        acc = 0.0
+                        s0 = 0.0
+                        for m0 in range(M):
+                            s0 += L_v_task[x0, m0]*SAV_[c_, d_, m0, r2_]
+                        acc += 1 * s0
+                        GA_v_task_[c_, d_, x0, r2_] = acc
+        for c_ in range(K):
+            for d_ in range(K):
+                for x0 in range(M):
+                    acc = 0.0
+                    s0 = 0.0
+                    for m0 in range(M):
+                        s0 += L_v_task[x0, m0]*lV_s[c_, d_, m0]
+                    acc += 1 * s0
+                    GL_v_task_[c_, d_, x0] = acc
+        for c_ in range(K):
+            for d_ in range(K):
+                for x0 in range(K):
+                    for y0 in range(K):
+                        acc = 0.0
+                        acc += GL_adapted_[c_, d_, x0]*mu_adapted[y0] + GL_adapted_[c_, d_, y0]*mu_adapted[x0]
+                        s0 = 0.0
+                        for m0 in range(M):
+                            s0 += GA_adapted_[c_, d_, x0, m0]*L_adapted[y0, m0]
+                        acc += 1 * s0
+                        CMV_adapted__adapted[c_, d_, x0, y0] = acc
+        for c_ in range(K):
+            for d_ in range(K):
+                for x0 in range(K):
+                    for y0 in range(M):
+                        acc = 0.0
+                        acc += GL_adapted_[c_, d_, x0]*mu_v_task[y0] + GL_v_task_[c_, d_, y0]*mu_adapted[x0]
+                        s0 = 0.0
+                        for m0 in range(M):
+                            s0 += GA_adapted_[c_, d_, x0, m0]*L_v_task[y0, m0]
+                        acc += 1 * s0
+                        CMV_adapted__v_task[c_, d_, x0, y0] = acc
+        for c_ in range(K):
+            for d_ in range(K):
+                for x0 in range(M):
+                    for y0 in range(M):
+                        acc = 0.0
+                        acc += GL_v_task_[c_, d_, x0]*mu_v_task[y0] + GL_v_task_[c_, d_, y0]*mu_v_task[x0]
+                        s0 = 0.0
+                        for m0 in range(M):
+                            s0 += GA_v_task_[c_, d_, x0, m0]*L_v_task[y0, m0]
+                        acc += 1 * s0
+                        CMV_v_task__v_task[c_, d_, x0, y0] = acc
     n2_ = K if (((1) if (order == 2) else (0))) != 0 else 0
     mu_adapted_dQ = np.zeros((K, n2_, n2_,))
     L_adapted_dQ = np.zeros((K, n2_, n2_, M,))

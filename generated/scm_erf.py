@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 350d21a60eeec91133e80e184d20581ef6940d3caa8e5551734b4344dcd57585
+# inputs:     sha256 ec58643ea34601d3110dd01c74d13d171163326535e3a541a31e1b3411c71465
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "350d21a60eeec91133e80e184d20581ef6940d3caa8e5551734b4344dcd57585"
+INPUTS_SHA256 = "ec58643ea34601d3110dd01c74d13d171163326535e3a541a31e1b3411c71465"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 ca0a11341c87b19312503d85bae4a5818ca9d4103b5983c0e3e7e02d5817f87f
+# inputs:     sha256 96b7a228f086c886b837412111c95c671e588c9ef8e9bc449e808c03f86a631a
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "ca0a11341c87b19312503d85bae4a5818ca9d4103b5983c0e3e7e02d5817f87f"
+INPUTS_SHA256 = "96b7a228f086c886b837412111c95c671e588c9ef8e9bc449e808c03f86a631a"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )
