@@ -1233,7 +1233,8 @@ def _support_excess(model, laws, comp, assign, steps, r, nonzero) -> list:
             Alloc(f"GL_{X.name}_", ("K", "K", *_dims(X.kinds))),
             assign(comp(f"GA_{X.name}_", (c_, d_, *ia, r2),
                         sp.Sum(LX[ia + (r,)] * SA[c_, d_, r, r2], (r, 0, r.upper)))),
-            assign(comp(f"GL_{X.name}_", (c_, d_, *ia), sp.Sum(LX[ia + (r,)] * lv[c_, d_, r], (r, 0, r.upper)))),
+            assign(comp(f"GL_{X.name}_", (c_, d_, *ia),
+                        sp.Sum(LX[ia + (r,)] * lv[c_, d_, r], (r, 0, r.upper)))),
         ]
     for X, Y in pairs:
         ia, ib = _named(X.kinds, "x"), _named(Y.kinds, "y")

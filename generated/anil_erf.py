@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 8cd2f2cccb1c1bc885c0476f95a767300fb54dfeaf0338843c1c0fe2ab0a0a95
+# inputs:     sha256 081996bf87aadc7f1959df6ba19c73782f139f7470c63982a3667e0a6be9086d
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 24878 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, objmode, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "8cd2f2cccb1c1bc885c0476f95a767300fb54dfeaf0338843c1c0fe2ab0a0a95"
+INPUTS_SHA256 = "081996bf87aadc7f1959df6ba19c73782f139f7470c63982a3667e0a6be9086d"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 f6eb5c343cf00329b96efd67edb50a74c6ad8816cad53ec970f59466bb5a1cf2
+# inputs:     sha256 7b81fbe12914030926fbb189cca3ed824e450ef522935b9e72dc0ff3749443f9
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 691 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, objmode, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "f6eb5c343cf00329b96efd67edb50a74c6ad8816cad53ec970f59466bb5a1cf2"
+INPUTS_SHA256 = "7b81fbe12914030926fbb189cca3ed824e450ef522935b9e72dc0ff3749443f9"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

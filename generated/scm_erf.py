@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 ec58643ea34601d3110dd01c74d13d171163326535e3a541a31e1b3411c71465
+# inputs:     sha256 3b9a173175f6a93096d8a28c3e4e68444ae017f67c523a622f82655118df09f3
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "ec58643ea34601d3110dd01c74d13d171163326535e3a541a31e1b3411c71465"
+INPUTS_SHA256 = "3b9a173175f6a93096d8a28c3e4e68444ae017f67c523a622f82655118df09f3"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )
