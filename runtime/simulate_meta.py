@@ -960,6 +960,24 @@ class ExpectedUpdate(NamedTuple):
     sup_Q2: tuple | None = None
 
 
+def _rule_entries(rules, loss, K: int, M: int):
+    """The update rules' integrands at every entry of their order parameters, and their
+    deterministic parts: ``(names, integrands, fixed, shapes, symbolic)``, ``names`` the
+    ``(parameter, index)`` of each entry, ``symbolic`` one integrand per parameter."""
+    names, integrands, fixed, shapes, symbolic = [], [], [], {}, []
+    for rule in rules:
+        for name, (free, integrand, deterministic) in rule.flows(loss).items():
+            shape = tuple(K if index_kind(i) == STUDENT else M for i in free)
+            shapes[name] = shape
+            symbolic.append(integrand)
+            for idx in np.ndindex(*shape):
+                sub = {i: sp.Integer(v) for i, v in zip(free, idx)}
+                names.append((name, idx))
+                integrands.append(sp.sympify(integrand).xreplace(sub))
+                fixed.append(sp.sympify(deterministic).xreplace(sub))
+    return names, integrands, fixed, shapes, symbolic
+
+
 def expected_update(model, params: dict, Q, R, T, vectors: dict, n_tasks: int, rng, activation="erf"):
     """The flow at given order parameters, as a Monte Carlo over tasks and
     support sets with no closure (docs/models/anil.md 5.5-5.7; no N).
@@ -1009,17 +1027,8 @@ def expected_update(model, params: dict, Q, R, T, vectors: dict, n_tasks: int, r
     C = cc.covariance()(Q, R, T)
     loss = model.sample_loss
     # the update rules' integrands at every entry, and their deterministic parts
-    names, integrands, fixed, shapes, symbolic = [], [], [], {}, []
-    for rule in (model.first_layer, *model.readout_updates):
-        for name, (free, integrand, deterministic) in rule.flows(loss).items():
-            shape = tuple(K if index_kind(i) == STUDENT else M for i in free)
-            shapes[name] = shape
-            symbolic.append(integrand)
-            for idx in np.ndindex(*shape):
-                sub = {i: sp.Integer(v) for i, v in zip(free, idx)}
-                names.append((name, idx))
-                integrands.append(sp.sympify(integrand).xreplace(sub))
-                fixed.append(sp.sympify(deterministic).xreplace(sub))
+    rules = (model.first_layer, *model.readout_updates)
+    names, integrands, fixed, shapes, symbolic = _rule_entries(rules, loss, K, M)
     key = ("updates", K, M)
     fn = cc.field_mean(key, integrands + [model.metrics["eps_meta"]])
     det_args = (Q_SYMBOL, R_SYMBOL, T_SYMBOL, *[v.base for v in model.vectors])
@@ -1194,17 +1203,7 @@ def _expected_update_order2(step: MetaStep, Q, R, T, vectors: dict, n_tasks: int
     eta = float(model.numeric(model.first_layer.rate, step.values))
     w = float(step.weight)
     first = dataclasses.replace(model.first_layer, meta=None)
-    names, integrands, fixed, shapes, symbolic = [], [], [], {}, []
-    for rule in (first, *model.readout_updates):
-        for name, (free, integrand, deterministic) in rule.flows(loss).items():
-            shape = tuple(K if index_kind(i) == STUDENT else M for i in free)
-            shapes[name] = shape
-            symbolic.append(integrand)
-            for idx in np.ndindex(*shape):
-                sub = {i: sp.Integer(v) for i, v in zip(free, idx)}
-                names.append((name, idx))
-                integrands.append(sp.sympify(integrand).xreplace(sub))
-                fixed.append(sp.sympify(deterministic).xreplace(sub))
+    names, integrands, fixed, shapes, symbolic = _rule_entries((first, *model.readout_updates), loss, K, M)
     key = ("updates2", K, M)
     fn = cc.field_mean(key, integrands + [model.metrics["eps_meta"]])
     adapted_ = inner.adapted.base
