@@ -39,14 +39,7 @@ def entries(name, value) -> list[str]:
 
 
 def kernel(params, init):
-    k = runtime.load("anil")
-    K, M = init.R.shape
-    y = k.pack_state({"Q": init.Q, "R": init.R, "a": init.vectors["a"]}, K, M)
-    c = k.pack_consts({"T": init.T, "vbar": init.vectors["vbar"]}, K, M)
-    p = k.param_vector(k.model.resolve_params(params))
-    dy = np.zeros_like(y)
-    k.module.rhs(y, c, p, K, M, dy)
-    d = k.unpack_state(dy, K, M)
+    d = runtime.load("anil").velocity(init, params)
     return d["Q"], d["R"]
 
 

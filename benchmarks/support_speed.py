@@ -1,11 +1,11 @@
 """Cost of a finite-support-set step of ``anil`` against a population step: prints
 figures, asserts nothing.
 
-    python benchmarks/support_speed.py [--sizes 2 4 8] [--S 1 2] [--repeats 20]
+    python benchmarks/support_speed.py [--sizes 2 4 8] [--S 1 2] [--order 1] [--repeats 20]
 
-For each K = M: the time of one right-hand side (``rhs``, first order, erf) at
-``n_s = inf`` and at ``n_s = 10``, the ratio, and the share of the support-set
-moments (``task_moments`` at ``n_s = 10`` minus at ``inf``).
+For each K = M: the time of one right-hand side (``rhs``, erf, first order unless
+``--order 2``) at ``n_s = inf`` and at ``n_s = 10``, the ratio, and the share of the
+support-set moments (``task_moments`` at ``n_s = 10`` minus at ``inf``).
 
 Measured (2-core machine shared with a CI run and another user, load average 2.9;
 rhs at n_s = 10 / population, the ratio; the minimum of 60 repeats, the kernels
@@ -42,6 +42,31 @@ value and node of the 20-node path rule, at the 7 ns of the vectorised loop, mak
 1.1 ms (20x). Reaching 3x needs a cheaper G4 (fewer nodes lose accuracy, below) or
 a covariance that reads fewer of them.
 
+Order 2 (``--order 2``: the tangent of the support moments along every direction of
+Q, R and the start, and the eta^2 term, in the outlined block). Before, at 7eeea34, in
+one run (median of 3-10): K = M = 2 3.8 ms (220x the population order-2 step), 4
+200 ms (1976x), 8 19.3 s (13375x) at S = 1; 4.9 ms, 327 ms at S = 2. Most of it: the
+K^4 directional G4 of every direction differentiated under G4's integral (7 us a
+call), the primitives of the eta^2 term called inside sums over indices they do not
+read (K^4 M^2 components with K^2-fold inner sums), and G4 called directly in E_q[b
+b^T]. Now (this script, median of 10, load 1.2): G4_dir by Price's theorem, entry by
+entry of dC (closed forms, only where dC is nonzero); the task program's sums and
+primitives hoisted to the indices they read (derive/meta.py hoist_partial_sums);
+E_q[b b^T] from a G4 table:
+
+    K = M   S   rhs n_s = inf   rhs n_s = 10   ratio
+      2     1      0.013 ms        0.241 ms      19
+      2     2      0.010 ms        0.283 ms      29
+      4     1      0.044 ms        1.98 ms       45
+      4     2      0.047 ms        2.87 ms       61
+      8     1      0.639 ms        67.3 ms      105
+      8     2      0.678 ms        102 ms       151
+
+(the values equal the old kernel's to 8e-16 relative, erf and linear, K, M up to 4, S
+= 1..3, n_s = 3, 10, inf). What remains at K = 8: the tangent's K^5 M contractions
+per direction (100 directions) and the K^4 G4_dir calls per direction, most of them
+on fields the direction does not touch (zero, returned after ten comparisons).
+
 The G4 table (96 % of task_moments at K = 8 in an earlier version): K (K + 1) / 2
 pairs k <= l, each about 2 (K + M)^2 pair-tilted I2 per node of the 20-node path
 rule. Fewer nodes cost accuracy at large variances (max |G4_table(n) - G4_table(20)|,
@@ -74,7 +99,7 @@ def timed(f, repeats):
     return statistics.median(out)
 
 
-def case(K, M, S, n_s, repeats):
+def case(K, M, S, n_s, repeats, order=1):
     from runtime import Init, load
 
     kernel = load("anil")
@@ -83,9 +108,7 @@ def case(K, M, S, n_s, repeats):
     full = A @ A.T / (K + M) + 0.5 * np.eye(K + M)
     init = Init(full[:K, :K], full[:K, K:], np.eye(M), {"a": 0.1 * np.ones(K), "vbar": np.zeros(M)})
     init = init.validate(kernel.model)
-    y = kernel.pack_state(init.arrays(), K, M)
-    c = kernel.pack_consts(init.arrays(), K, M)
-    p = kernel.param_vector(kernel.model.resolve_params({"S": S, "n_s": n_s, "alpha_in": 0.5}))
+    y, c, p, K, M = kernel.at(init, {"S": S, "n_s": n_s, "alpha_in": 0.5, "order": order})
     mod = kernel.module
     dy = np.empty_like(y)
     C = np.empty((K + 2 * M, K + 2 * M))
@@ -99,14 +122,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--S", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--order", type=int, default=1, choices=(1, 2))
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
+    print(f"order {args.order}")
     head = f"{'K = M':>6} {'S':>3} {'rhs n_s=inf':>14} {'rhs n_s=10':>14} {'ratio':>7}"
     print(head + f" {'support moments':>16}")
     for K in args.sizes:
         for S in args.S:
-            pop, tpop = case(K, K, S, float("inf"), args.repeats)
-            fin, tfin = case(K, K, S, 10.0, args.repeats)
+            pop, tpop = case(K, K, S, float("inf"), args.repeats, args.order)
+            fin, tfin = case(K, K, S, 10.0, args.repeats, args.order)
             print(
                 f"{K:>6} {S:>3} {pop * 1e3:>11.3f} ms {fin * 1e3:>11.3f} ms {fin / pop:>7.2f} "
                 f"{(tfin - tpop) * 1e3:>13.3f} ms"

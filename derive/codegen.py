@@ -616,7 +616,22 @@ def primitive_code(d, nodes: int = NODES) -> dict:
         prefix = f"s{i}_" if len(integrals) > 1 else "s"
         lines += integral_code(integral, str(q), nodes, prefix)
         expr = expr.xreplace({integral: q})
-    temps, (ret,) = sp.cse([expr], symbols=sp.numbered_symbols("t"), order="canonical")
+    ds = [s for s in syms if str(s).startswith("dC_")]
+    if d.name.endswith("_dir") and not integrals:
+        # a derivative along dC, linear in dC's entries at its fields: entry by entry,
+        # each only where dC is nonzero (a direction of one overlap touches one entry
+        # of the calls it touches at all)
+        lines.append("acc_ = 0.0")
+        for n, x in enumerate(ds):
+            part = expr.diff(x)
+            if part.has(*ds):
+                raise ValueError(f"{d.name} is not linear in the entries of dC")
+            temps, (value,) = sp.cse([part], symbols=sp.numbered_symbols(f"t{n}_"), order="canonical")
+            lines += [f"if {x} != 0.0:", *[f"    {t} = {code(e)}" for t, e in temps]]
+            lines.append(f"    acc_ += {x}*({code(value)})")
+        temps, ret = [], sp.Symbol("acc_")
+    else:
+        temps, (ret,) = sp.cse([expr], symbols=sp.numbered_symbols("t"), order="canonical")
     return {
         "name": d.name,
         "args": ("C, dC, " if d.name.endswith("_dir") else "C, ") + ", ".join(d.labels),

@@ -434,10 +434,64 @@ def dcov_symbol(a: str, b: str) -> sp.Symbol:
     return sp.Symbol(f"dC_{a}{b}", real=True)
 
 
+# the factor kind of a derivative: h -> h'
+DERIVATIVE = {"g": "gp", "gp": "gpp"}
+
+
+def _relabelled(e: Derived, labels) -> sp.Expr:
+    """``e``'s expression with its fields ``e.labels[n]`` renamed ``labels[n]``."""
+    to = dict(zip(e.labels, labels))
+    pairs = itertools.combinations_with_replacement(e.labels, 2)
+    return e.expr.xreplace({cov_symbol(x, y): cov_symbol(to[x], to[y]) for x, y in pairs})
+
+
+def _price_directional(d: Derived) -> tuple[sp.Expr, list[str]] | None:
+    """``P_dir`` of ``P = E[prod_i h_i(u_i)]`` by Price's theorem, entry by entry of dC:
+    ``dP/dC_ab = E[h_a' h_b' (the rest)]`` (a != b), ``dP/dC_aa = E[h_a'' (the rest)] / 2``,
+    each an expectation the engine derives (I4 and E[g'' g g g] for G4: closed forms,
+    where differentiating G4's integral along Price's path keeps the integral), and
+    the names of those expectations. None when a factor has no derivative among the
+    kinds or an expectation is itself an integral."""
+    expr, used = sp.S.Zero, []
+    for i, j in itertools.combinations_with_replacement(range(len(d.kinds)), 2):
+        kinds = list(d.kinds)
+        for n in {i, j} if i != j else (i, i):
+            if kinds[n] not in DERIVATIVE:
+                return None
+            kinds[n] = DERIVATIVE[kinds[n]]
+        order = [i, j] if i != j else [i]
+        order += [n for n in range(len(kinds)) if n not in order]
+        e = expectation(tuple(kinds[n] for n in order), d.activation)
+        if e.expr.has(sp.Integral):
+            return None
+        used += [e.name] if e.name not in used else []
+        coeff = _relabelled(e, [d.labels[n] for n in order])
+        expr += (coeff if i != j else coeff / 2) * dcov_symbol(d.labels[i], d.labels[j])
+    return expr, used
+
+
 @lru_cache(maxsize=None)
 def directional(d: Derived) -> Derived:
     """``P_dir = sum_{a<=b} (dP/dC_ab) dC_ab``: the derivative of a primitive along a
-    symmetric perturbation ``dC`` of the covariance (chain rule, by sympy)."""
+    symmetric perturbation ``dC`` of the covariance. A closed form is differentiated by
+    sympy (chain rule); an integral along Price's path (G4) by Price's theorem, into
+    the closed forms of one more derivative (``_price_directional``)."""
+    price = _price_directional(d) if d.expr.has(sp.Integral) else None
+    if price is not None:
+        expr, used = price
+        return Derived(
+            name=d.name + "_dir",
+            kinds=d.kinds,
+            labels=d.labels,
+            expr=expr,
+            provenance=(
+                f"the derivative of {d.name} along dC by Price's theorem: the sum over a < b of "
+                "dC_ab E[h_a'(u_a) h_b'(u_b) (the other factors)] and over a of dC_aa E[h_a''(u_a) "
+                f"(the other factors)] / 2, each expectation derived in closed form ({', '.join(used)}) "
+                "at its fields",
+            ),
+            activation=d.activation,
+        )
     expr = sp.S.Zero
     for a, b in itertools.combinations_with_replacement(d.labels, 2):
         c = cov_symbol(a, b)

@@ -33,8 +33,9 @@ generator turns into loop nests) and control flow:
 
 from __future__ import annotations
 
+import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy as sp
 
@@ -130,6 +131,81 @@ class Table:
 class TaskProgram:
     families: tuple  # TaskVector, in the order of the returned (mu, L) pairs
     statements: tuple
+
+
+def hoist_partial_sums(stmts, counter=None) -> tuple:
+    """``stmts`` with the costly part of each term of an ``Assign`` computed first when
+    it reads only some of the component's free indices. A term is ``outer * inner``:
+    ``inner`` its primitive and the factors that depend on its summation indices,
+    summed; ``outer`` the rest (Kronecker deltas, task quantities at a free index).
+    When ``inner`` reads fewer free indices than the component has, it goes into an
+    array over those (``part<n>_``, the inners of one ``outer`` and index set summed),
+    and the term reads it: ``delta(j, k) sum_j0 I4(j, l, j0, jj) c[j0]`` costs K^4
+    primitive calls, not K^5, and an ``I4(k, l, j, jj)`` in a component over six
+    indices is computed once per value of its own four. Before that, a primitive
+    summed in a term that reads more indices than the primitive does is tabulated over
+    its own (``tab<n>_``): ``sum_{j0, m0} I4(j, jj, j0, m0) L[j0, r] L[m0, r2]`` over
+    ``(j, jj, r, r2)`` calls I4 K^3 M times, not K^3 M^3. The terms are the
+    derivation's, regrouped; each value is unchanged up to the order of additions."""
+    from .flow import Component, FlowTerm
+
+    counter = counter if counter is not None else itertools.count()
+    out, cache = [], {}  # cache: (free, terms) -> (the array's read, the arrays it reads)
+
+    def array(prefix, free, terms):
+        """The read of an array over ``free`` holding the sum of ``terms``: one computed
+        before in this body when no statement since wrote what it reads, else a new one."""
+        key = (free, tuple(terms))
+        if key not in cache:
+            name = f"{prefix}{next(counter)}_"
+            out.extend([
+                Alloc(name, tuple(str(i.upper + 1) for i in free)),
+                Assign(Component(name, free, tuple(terms)), name, tuple(str(i.label) for i in free)),
+            ])
+            reads = {str(x.base) for t in terms for x in sp.sympify(t.coeff).atoms(sp.Indexed)}
+            cache[key] = (sp.IndexedBase(name)[free], reads)
+        return cache[key][0]
+
+    for st in stmts:
+        if isinstance(st, (Repeat, Guard, Directions, Outlined)):
+            out.append(replace(st, body=hoist_partial_sums(st.body, counter)))
+            cache.clear()  # it may write anything
+            continue
+        if not isinstance(st, Assign):
+            out.append(st)
+            cache = {k: v for k, v in cache.items() if st.name not in v[1]} if isinstance(st, Alloc) else {}
+            continue
+        comp, groups, kept = st.component, {}, []
+        for t in comp.terms:
+            if isinstance(t, FlowTerm) and t.primitive and t.sums:
+                # a primitive in a sum (one free of it is multiplied after the sum) that
+                # reads fewer of the nest's indices than its term: tabulated over its own
+                nest = (*comp.free, *t.sums)
+                own = tuple(i for i in nest if any(a.has(i) for a in t.args))
+                reads = sum(1 for i in nest if t.coeff.has(i) or any(a.has(i) for a in t.args))
+                if set(own) & set(t.sums) and len(own) < reads:
+                    table = array("tab", own, [FlowTerm(sp.S.One, (), t.primitive, t.args)])
+                    t = FlowTerm(t.coeff * table, t.sums, None, ())
+            if not isinstance(t, FlowTerm) or not (t.sums or t.primitive):
+                kept.append(t)
+                continue
+            factors = sp.Mul.make_args(sp.sympify(t.coeff))
+            inner = [f for f in factors if any(f.has(i) for i in t.sums)]
+            outer = sp.Mul(*[f for f in factors if not any(f.has(i) for i in t.sums)])
+            reads = [*inner, *t.args]
+            used = tuple(i for i in comp.free if any(f.has(i) for f in reads))
+            own_output = any(str(x.base) == st.out for f in inner for x in f.atoms(sp.Indexed))
+            if not used or len(used) == len(comp.free) or own_output:
+                kept.append(t)
+                continue
+            groups.setdefault((used, outer), []).append(FlowTerm(sp.Mul(*inner), t.sums, t.primitive, t.args))
+        for (used, outer), terms in groups.items():
+            kept.append(FlowTerm(outer * array("part", used, terms), (), None, ()))
+        if groups:
+            st = Assign(Component(comp.name, comp.free, tuple(kept), comp.symmetric), st.out, st.target)
+        out.append(st)
+        cache = {k: v for k, v in cache.items() if st.out not in v[1]}
+    return tuple(out)
 
 
 def _replace_base(expr: sp.Expr, base, make) -> sp.Expr:
@@ -486,7 +562,7 @@ def task_program(model, activation: str, used: dict) -> TaskProgram:
         )
         second_body = (
             Guard(f"not ({_finite_support(inner)})", sensitivities([], [], [[], []], [])),
-            Guard(_finite_support(inner), (Outlined("support_second_order_", full),)),
+            Guard(_finite_support(inner), (Outlined("support_second_order_", hoist_partial_sums(full)),)),
         )
     else:
         second_body = sensitivities([], [], [[], []], [])
@@ -809,7 +885,9 @@ def _support_square(model, activation, used, steps, r, nr):
     acc_c = Component(name, (k, l_), average(expand(acc), "linear", {}))
     allocs = [a for a, _ in Eq + Eb + PS + BB]
     zero = Component(name, (k, l_), ())
-    body = [Assign(zero, name, ("k", "l")), *[x for _, x in Eq + Eb]]
+    # the query's E[b b^T] reads G4 at the student units and the task's fields: from a
+    # table (that of the covariances of the support moments, filled again in this block)
+    body = [Assign(zero, name, ("k", "l")), *_g4_table([x for _, x in Eq]), *[x for _, x in Eq + Eb]]
     pair = (*[x for _, x in PS + BB], Assign(acc_c, name, ("k", "l")))
     body.append(Repeat("s_", steps, (Repeat("t_", steps, pair),)))
     return allocs, body
@@ -860,6 +938,16 @@ def _coefficient_cov(rank, nonzero, P, kk, ip, Q, ll, iq):
     if (P, Q) not in nonzero:
         return sp.S.Zero
     return sp.IndexedBase(f"N_{P}__{Q}")[(kk, *ip, ll, *iq)]
+
+
+def _g4_table(assigns) -> list:
+    """A ``Table`` of G4 over the fields at which ``assigns`` call it (none if they do not)."""
+    fields = []
+    for st in assigns:
+        for t in st.component.terms if isinstance(st, Assign) else ():
+            if getattr(t, "primitive", None) == G4_TABLE[1]:
+                fields += [a.base for a in t.args if a.base not in fields]
+    return [Table(G4_TABLE[0], G4_TABLE[1], tuple(fields))] if fields else []
 
 
 def _support_moments(inner, laws, comp, assign, step, steps, s, r, nr) -> list:
@@ -938,15 +1026,7 @@ def _support_moments(inner, laws, comp, assign, step, steps, s, r, nr) -> list:
                 ncovs += [Alloc(nc.name, ("K", *_dims(kp), "K", *_dims(kq))), assign(nc)]
     # the covariances' four-factor expectations G4(k, l, p, q), over the fields that
     # they read: one table for all blocks (G4 is symmetric in its four arguments)
-    fields = []
-    for st in ncovs:
-        terms = st.component.terms if isinstance(st, Assign) else ()
-        for t in terms:
-            if getattr(t, "primitive", None) == G4_TABLE[1]:
-                fields += [a.base for a in t.args if a.base not in fields]
-    if fields:
-        body.append(Table(G4_TABLE[0], G4_TABLE[1], tuple(fields)))
-    body += ncovs
+    body += _g4_table(ncovs) + ncovs
 
     def ncov(P, kk, ip, Qn, ll, iq):
         return _coefficient_cov(rank, nonzero, P, kk, ip, Qn, ll, iq)

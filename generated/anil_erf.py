@@ -2,9 +2,9 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 081996bf87aadc7f1959df6ba19c73782f139f7470c63982a3667e0a6be9086d
+# inputs:     sha256 995ee192fb22cf3071e6cc19489b457f6d164764cb9c76190c1fd41fe3a4af50
 # versions:   derive 0.1.0, sympy 1.14.0
-# operations: 24878 (sympy count_ops of the primitives and coefficients)
+# operations: 5154 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
 
 Flat arrays, row-major, in the order of STATE (y), CONSTS (c) and PARAMS (p);
@@ -22,7 +22,7 @@ from numba import njit, objmode, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "081996bf87aadc7f1959df6ba19c73782f139f7470c63982a3667e0a6be9086d"
+INPUTS_SHA256 = "995ee192fb22cf3071e6cc19489b457f6d164764cb9c76190c1fd41fe3a4af50"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -121,371 +121,13 @@ PATH20_W = np.array([
 
 
 @njit(cache=True, error_model="numpy")
-def G4_abcd(C, a, b, c, d):
-    """E[g(u_a) g(u_b) g(u_c) g(u_d)] at covariance C.
-
-    - at equal fields a, b, c, d (C_xy of the factors' fields identified):
-    - Price's theorem along a path that shrinks the covariances of u_a: C_aj -> t C_aj (j
-      = b, c, d), a covariance for every t in [0, 1], the shrunk fields independent of the
-      rest at t = 0 (where an odd number of odd factors has mean 0); E = integral over t
-      from 0 to 1 of the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i)
-      h_j'(u_j) (the other factors)], each term derived at the covariance C(t):
-    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    """
-    C_aa = C[a, a]
-    C_ab = C[a, b]
-    C_ac = C[a, c]
-    C_ad = C[a, d]
-    C_bb = C[b, b]
-    C_bc = C[b, c]
-    C_bd = C[b, d]
-    C_cc = C[c, c]
-    C_cd = C[c, d]
-    C_dd = C[d, d]
-    s1 = C_aa + 1
-    s6 = -s1
-    s8 = -C_bb - 1
-    s9 = C_ab*C_bc + C_ac*s8
-    s16 = 4/math.pi**2
-    s20 = -C_cc - 1
-    s21 = C_ab*s20 + C_ac*C_bc
-    s29 = -C_dd - 1
-    s30 = C_ab*s29 + C_ad*C_bd
-    q0 = 0.0
-    for node in range(20):
-        t = PATH20_T[node]
-        s0 = t**2
-        s2 = C_aa*C_bb - C_ab**2*s0 + C_bb + s1
-        s3 = -s2
-        s4 = 1/s3
-        s5 = C_ac*s0
-        s7 = C_ab*s5 + C_bc*s6
-        s10 = C_ad*s0
-        s11 = C_bc*s7
-        s12 = C_cc*s3 - s11 - s5*s9
-        s13 = C_ab*s10 + C_bd*s6
-        s14 = C_bd*s13
-        s15 = C_dd*s3 - s10*(C_ab*C_bd + C_ad*s8) - s14
-        s17 = C_aa*C_cc - C_ac**2*s0 + C_cc + s1
-        s18 = -s17
-        s19 = 1/s18
-        s22 = C_ab*s0
-        s23 = C_bb*s18 - s11 - s21*s22
-        s24 = C_cd*(C_ad*s5 + C_cd*s6)
-        s25 = C_dd*s18 - s10*(C_ac*C_cd + C_ad*s20) - s24
-        s26 = C_aa*C_dd - C_ad**2*s0 + C_dd + s1
-        s27 = -s26
-        s28 = 1/s27
-        s31 = C_bb*s27 - s14 - s22*s30
-        s32 = C_cc*s27 - s24 - s5*(C_ac*s29 + C_ad*C_cd)
-        q0 += PATH20_W[node]*(C_ab*s16*asin_(s4*(-C_bd*s7 + C_cd*s3 - s10*s9)/math.sqrt(s12*s15/s3**2 + s12*s4 + s15*s4 + 1))/math.sqrt(s2) + C_ac*s16*asin_(s19*(C_bd*s18 - C_cd*s7 - s10*s21)/math.sqrt(s19*s23 + s19*s25 + 1 + s23*s25/s18**2))/math.sqrt(s17) + C_ad*s16*asin_(s28*(C_bc*s27 - C_cd*s13 - s30*s5)/math.sqrt(s28*s31 + s28*s32 + 1 + s31*s32/s27**2))/math.sqrt(s26))
-    return q0
-
-
-@njit(cache=True, error_model="numpy")
-def G4_abcc(C, a, b, c):
-    """E[g(u_a) g(u_b) g(u_c) g(u_c)] at covariance C.
-
-    - at equal fields a, b, c, c (C_xy of the factors' fields identified):
-    - Price's theorem along a path that shrinks the covariances of u_a: C_aj -> t C_aj (j
-      = b, c, d), a covariance for every t in [0, 1], the shrunk fields independent of the
-      rest at t = 0 (where an odd number of odd factors has mean 0); E = integral over t
-      from 0 to 1 of the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i)
-      h_j'(u_j) (the other factors)], each term derived at the covariance C(t):
-    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    """
-    C_aa = C[a, a]
-    C_ab = C[a, b]
-    C_ac = C[a, c]
-    C_bb = C[b, b]
-    C_bc = C[b, c]
-    C_cc = C[c, c]
-    s0 = math.pi**(-2)
-    s2 = C_aa + 1
-    s6 = -s2
-    s15 = -C_cc - 1
-    s16 = C_ab*s15 + C_ac*C_bc
-    q0 = 0.0
-    for node in range(20):
-        t = PATH20_T[node]
-        s1 = t**2
-        s3 = C_aa*C_bb - C_ab**2*s1 + C_bb + s2
-        s4 = -s3
-        s5 = C_ac*s1
-        s7 = C_ab*s5 + C_bc*s6
-        s8 = C_bc*s7
-        s9 = C_cc*s4 - s5*(C_ab*C_bc + C_ac*(-C_bb - 1)) - s8
-        s10 = s9/s4
-        s11 = C_ac**2*s1
-        s12 = C_aa*C_cc + C_cc - s11 + s2
-        s13 = -s12
-        s14 = 1/s13
-        s17 = -C_ab*s1*s16 + C_bb*s13 - s8
-        s18 = C_cc*s13 - C_cc*(C_cc*s6 + s11) - s5*(C_ac*C_cc + C_ac*s15)
-        q0 += PATH20_W[node]*(4*C_ab*s0*asin_(s10/math.sqrt(2*s10 + 1 + s9**2/s4**2))/math.sqrt(s3) + 8*C_ac*s0*asin_(s14*(C_bc*s13 - C_cc*s7 - s16*s5)/math.sqrt(s14*s17 + s14*s18 + 1 + s17*s18/s13**2))/math.sqrt(s12))
-    return q0
-
-
-@njit(cache=True, error_model="numpy")
-def G4_aabb(C, a, b):
-    """E[g(u_a) g(u_a) g(u_b) g(u_b)] at covariance C.
-
-    - at equal fields a, a, b, b (C_xy of the factors' fields identified):
-    - Price's theorem along a path that shrinks the covariances of (u_a, u_b) and the
-      rest: C_ij -> t C_ij (i = a, b; j = c, d), a covariance for every t in [0, 1], the
-      shrunk fields independent of the rest at t = 0 (where an odd number of odd factors
-      has mean 0); E = E[factors of a, b] E[the others] + integral over t from 0 to 1 of
-      the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i) h_j'(u_j) (the other
-      factors)], each term derived at the covariance C(t):
-    - Price's theorem on the covariance of (u_a, u_b): E = integral over c from 0 to C_ab
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_aa, q = C_bb) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_b, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_a, u_d): E = integral over c from 0 to C_ad
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_aa, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_b, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_a, u_c): E = integral over c from 0 to C_ac
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_aa, q = C_cc) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    """
-    C_aa = C[a, a]
-    C_ab = C[a, b]
-    C_bb = C[b, b]
-    s2 = C_bb + 1
-    s6 = -C_aa - 1
-    s7 = C_aa*C_ab + C_ab*s6
-    s8 = -s2
-    q0 = 0.0
-    for node in range(20):
-        t = PATH20_T[node]
-        s0 = t**2
-        s1 = C_ab**2*s0
-        s3 = C_aa*C_bb + C_aa - s1 + s2
-        s4 = -s3
-        s5 = 1/s4
-        s9 = C_aa*s8 + s1
-        s10 = C_ab*s0
-        s11 = C_aa*s4 - C_aa*s9 - s10*s7
-        s12 = C_bb*s4 - C_bb*(C_bb*s6 + s1) - s10*(C_ab*C_bb + C_ab*s8)
-        q0 += PATH20_W[node]*(16*C_ab*asin_(s5*t*(C_ab*s4 - C_ab*s9 - C_bb*s7)/math.sqrt(s11*s12/s4**2 + s11*s5 + s12*s5 + 1))/(math.pi**2*math.sqrt(s3)))
-    return q0 + 4*asin_(C_aa/math.sqrt(C_aa**2 + 2*C_aa + 1))*asin_(C_bb/math.sqrt(C_bb**2 + 2*C_bb + 1))/math.pi**2
-
-
-@njit(cache=True, error_model="numpy")
-def G4_abbb(C, a, b):
-    """E[g(u_a) g(u_b) g(u_b) g(u_b)] at covariance C.
-
-    - at equal fields a, b, b, b (C_xy of the factors' fields identified):
-    - Price's theorem along a path that shrinks the covariances of u_a: C_aj -> t C_aj (j
-      = b, c, d), a covariance for every t in [0, 1], the shrunk fields independent of the
-      rest at t = 0 (where an odd number of odd factors has mean 0); E = integral over t
-      from 0 to 1 of the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i)
-      h_j'(u_j) (the other factors)], each term derived at the covariance C(t):
-    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    """
-    C_aa = C[a, a]
-    C_ab = C[a, b]
-    C_bb = C[b, b]
-    s2 = C_aa + 1
-    q0 = 0.0
-    for node in range(20):
-        t = PATH20_T[node]
-        s0 = t**2
-        s1 = C_ab**2*s0
-        s3 = C_aa*C_bb + C_bb - s1 + s2
-        s4 = -s3
-        s5 = -C_ab*s0*(C_ab*C_bb + C_ab*(-C_bb - 1)) + C_bb*s4 - C_bb*(-C_bb*s2 + s1)
-        s6 = s5/s4
-        q0 += PATH20_W[node]*(12*C_ab*asin_(s6/math.sqrt(2*s6 + 1 + s5**2/s4**2))/(math.pi**2*math.sqrt(s3)))
-    return q0
-
-
-@njit(cache=True, error_model="numpy")
-def G4_aaaa(C, a):
-    """E[g(u_a) g(u_a) g(u_a) g(u_a)] at covariance C.
-
-    - at equal fields a, a, a, a (C_xy of the factors' fields identified):
-    - Price's theorem along a path that shrinks the covariances of u_a: C_aj -> t C_aj (j
-      = b, c, d), a covariance for every t in [0, 1], the shrunk fields independent of the
-      rest at t = 0 (where an odd number of odd factors has mean 0); E = integral over t
-      from 0 to 1 of the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i)
-      h_j'(u_j) (the other factors)], each term derived at the covariance C(t):
-    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    """
-    C_aa = C[a, a]
-    s0 = C_aa**2
-    s5 = C_aa*(-C_aa - 1)
-    q0 = 0.0
-    for node in range(20):
-        t = PATH20_T[node]
-        s1 = t**2
-        s2 = s0*s1
-        s3 = 2*C_aa + s0 - s2 + 1
-        s4 = -s3
-        s6 = -C_aa*s1*(s0 + s5) + C_aa*s4 - C_aa*(s2 + s5)
-        s7 = s6/s4
-        q0 += PATH20_W[node]*(12*C_aa*asin_(s7/math.sqrt(2*s7 + 1 + s6**2/s4**2))/(math.pi**2*math.sqrt(s3)))
-    return q0
-
-
-@njit(cache=True, error_model="numpy")
-def G4(C, a, b, c, d):
-    """E[g(u_a) g(u_b) g(u_c) g(u_d)] at covariance C.
-
-    - dispatch on which of the runtime indices are equal, to the form of that pattern
-      (G4_abcd, G4_abcc, G4_aabb, G4_abbb, G4_aaaa), each derived as follows at distinct
-      fields, then the equal fields identified:
-    - Price's theorem along a path that shrinks the covariances of u_a: C_aj -> t C_aj (j
-      = b, c, d), a covariance for every t in [0, 1], the shrunk fields independent of the
-      rest at t = 0 (where an odd number of odd factors has mean 0); E = integral over t
-      from 0 to 1 of the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i)
-      h_j'(u_j) (the other factors)], each term derived at the covariance C(t):
-    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    """
-    if a != b and a != c and a != d and b != c and b != d and c != d:
-        return G4_abcd(C, a, b, c, d)
-    if a == b and a != c and a != d and c != d:
-        return G4_abcc(C, c, d, a)
-    if a == c and a != b and a != d and b != d:
-        return G4_abcc(C, b, d, a)
-    if b == c and a != b and a != d and b != d:
-        return G4_abcc(C, a, d, b)
-    if a == d and a != b and a != c and b != c:
-        return G4_abcc(C, b, c, a)
-    if b == d and a != b and a != c and b != c:
-        return G4_abcc(C, a, c, b)
-    if c == d and a != b and a != c and b != c:
-        return G4_abcc(C, a, b, c)
-    if a == b and b == c and a != d:
-        return G4_abbb(C, d, a)
-    if a == b and b == d and a != c:
-        return G4_abbb(C, c, a)
-    if a == b and c == d and a != c:
-        return G4_aabb(C, a, c)
-    if a == c and c == d and a != b:
-        return G4_abbb(C, b, a)
-    if a == c and b == d and a != b:
-        return G4_aabb(C, a, b)
-    if a == d and b == c and a != b:
-        return G4_aabb(C, a, b)
-    if b == c and c == d and a != b:
-        return G4_abbb(C, a, b)
-    return G4_aaaa(C, a)
-
-
-@njit(cache=True, error_model="numpy")
 def G4_dir(C, dC, a, b, c, d):
     """E[g(u_a) g(u_b) g(u_c) g(u_d)] at covariance C.
 
-    - Price's theorem along a path that shrinks the covariances of u_a: C_aj -> t C_aj (j
-      = b, c, d), a covariance for every t in [0, 1], the shrunk fields independent of the
-      rest at t = 0 (where an odd number of odd factors has mean 0); E = integral over t
-      from 0 to 1 of the sum over the shrunk i and the other j of C_ij E_t[h_i'(u_i)
-      h_j'(u_j) (the other factors)], each term derived at the covariance C(t):
-    - tilt by u_a, u_b: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_c, u_d): E = integral over c from 0 to C_cd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_cc, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_c: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_d): E = integral over c from 0 to C_bd
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_dd) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - tilt by u_a, u_d: factor det(I + C_SS)^(-1/2), Schur-complement covariance
-    - Price's theorem on the covariance of (u_b, u_c): E = integral over c from 0 to C_bc
-      of E[h1'(x_1) h2'(x_2)] = 2/(pi*sqrt(-c**2 + p*q + p + q + 1)) (tilt by x_1, x_2:
-      factor det(I + C_SS)^(-1/2), Schur-complement covariance; p = C_bb, q = C_cc) =
-      2*asin(x/sqrt(p*q + p + q + 1))/pi
-    - derivative along dC: sum over a <= b of dP/dC_ab dC_ab (sympy diff)
+    - the derivative of G4 along dC by Price's theorem: the sum over a < b of dC_ab
+      E[h_a'(u_a) h_b'(u_b) (the other factors)] and over a of dC_aa E[h_a''(u_a) (the
+      other factors)] / 2, each expectation derived in closed form (E_gpp_g_g_g, I4) at
+      its fields
     """
     C_aa = C[a, a]
     C_ab = C[a, b]
@@ -507,193 +149,192 @@ def G4_dir(C, dC, a, b, c, d):
     dC_cc = dC[c, c]
     dC_cd = dC[c, d]
     dC_dd = dC[d, d]
-    s0 = C_ad**2
-    s2 = C_aa + 1
-    s8 = -s2
-    s9 = C_bd*s8
-    s12 = C_ad*C_bd
-    s13 = C_dd + 1
-    s14 = -s13
-    s15 = C_ab*s14
-    s21 = C_cd*s8
-    s24 = C_ad*C_cd
-    s25 = C_ac*s14
-    s34 = 4/math.pi**2
-    s38 = C_ab**2
-    s43 = C_bc*s8
-    s46 = C_ab*C_bc
-    s47 = C_bb + 1
-    s48 = -s47
-    s49 = C_ac*s48
-    s53 = C_ab*C_bd
-    s54 = C_ad*s48
-    s73 = C_ac**2
-    s77 = C_ac*C_bc
-    s78 = C_cc + 1
-    s79 = -s78
-    s80 = C_ab*s79
-    s84 = C_ac*C_cd
-    s85 = C_ad*s79
-    s114 = -1.0/2.0*C_aa - 1.0/2.0
-    s125 = 2*C_aa + 2
-    s161 = 2*C_dd
-    s167 = 2*C_cc
-    s170 = C_bc**2
-    s171 = C_cc*s48 + s170
-    s172 = C_bd**2
-    s173 = C_dd*s48 + s172
-    s174 = (1.0/2.0)*s47
-    s175 = C_cd**2
-    s176 = C_dd*s79 + s175
-    s177 = C_bb*s79 + s170
-    s178 = (1.0/2.0)*s78
-    s179 = C_bb*s14 + s172
-    s180 = C_cc*s14 + s175
-    s181 = (1.0/2.0)*s13
-    q0 = 0.0
-    for node in range(20):
-        t = PATH20_T[node]
-        s1 = t**2
-        s3 = C_aa*C_dd + C_dd - s0*s1 + s2
-        s4 = -s3
-        s5 = 1/s4
-        s6 = C_ab*s1
-        s7 = C_ad*s6
-        s10 = s7 + s9
-        s11 = C_bd*s10
-        s16 = s1*(s12 + s15)
-        s17 = -C_ab*s16 + C_bb*s4 - s11
-        s18 = s17*s5
-        s19 = C_ac*s1
-        s20 = C_ad*s19
-        s22 = s20 + s21
-        s23 = C_cd*s22
-        s26 = s1*(s24 + s25)
-        s27 = -C_ac*s26 + C_cc*s4 - s23
-        s28 = s27*s5
-        s29 = s4**(-2)
-        s30 = s17*s29
-        s31 = s18 + s27*s30 + s28 + 1
-        s32 = 1/math.sqrt(s31)
-        s33 = -C_ac*s16 + C_bc*s4 - C_cd*s10
-        s35 = s34/math.sqrt(s3)
-        s36 = C_ad*s35/math.sqrt(-s29*s33**2/s31 + 1)
-        s37 = -s10
-        s39 = C_aa*C_bb + C_bb - s1*s38 + s2
-        s40 = -s39
-        s41 = 1/s40
-        s42 = C_ac*s6
-        s44 = s42 + s43
-        s45 = C_bc*s44
-        s50 = s1*(s46 + s49)
-        s51 = -C_ac*s50 + C_cc*s40 - s45
-        s52 = s41*s51
-        s55 = s1*(s53 + s54)
-        s56 = -C_ad*s55 + C_dd*s40 - s11
-        s57 = s41*s56
-        s58 = s40**(-2)
-        s59 = s51*s58
-        s60 = s52 + s56*s59 + s57 + 1
-        s61 = 1/math.sqrt(s60)
-        s62 = s41*s61
-        s63 = -2*s42 - 2*s43
-        s64 = (1.0/2.0)*s41
-        s65 = s56*s58
-        s66 = (1.0/2.0)*s65
-        s67 = -C_ad*s50 - C_bd*s44 + C_cd*s40
-        s68 = s60**(-3.0/2.0)
-        s69 = s41*s67*s68
-        s70 = s34/math.sqrt(s39)
-        s71 = C_ab*s70/math.sqrt(-s58*s67**2/s60 + 1)
-        s72 = -s22
-        s74 = C_aa*C_cc + C_cc - s1*s73 + s2
-        s75 = -s74
-        s76 = 1/s75
-        s81 = s1*(s77 + s80)
-        s82 = -C_ab*s81 + C_bb*s75 - s45
-        s83 = s76*s82
-        s86 = s1*(s84 + s85)
-        s87 = -C_ad*s86 + C_dd*s75 - s23
-        s88 = s76*s87
-        s89 = s75**(-2)
-        s90 = s82*s89
-        s91 = s83 + s87*s90 + s88 + 1
-        s92 = 1/math.sqrt(s91)
-        s93 = s76*s92
-        s94 = (1.0/2.0)*s76
-        s95 = s87*s89
-        s96 = (1.0/2.0)*s95
-        s97 = -C_ad*s81 + C_bd*s75 - C_cd*s44
-        s98 = s91**(-3.0/2.0)
-        s99 = s76*s97*s98
-        s100 = s34/math.sqrt(s74)
-        s101 = C_ac*s100/math.sqrt(-s89*s97**2/s91 + 1)
-        s102 = -s44
-        s103 = -2*s7 - 2*s9
-        s104 = (1.0/2.0)*s59
-        s105 = s32*s5
-        s106 = (1.0/2.0)*s5
-        s107 = s27*s29
-        s108 = (1.0/2.0)*s107
-        s109 = s31**(-3.0/2.0)
-        s110 = s109*s33*s5
-        s111 = -2*s20 - 2*s21
-        s112 = (1.0/2.0)*s90
-        s113 = (1.0/2.0)*s30
-        s115 = asin_(s62*s67)
-        s116 = s115*s34/s39**(3.0/2.0)
-        s117 = C_ab*s116
-        s118 = s101*s99
-        s119 = s110*s36
-        s120 = s58*s61*s67
-        s121 = s1*s73
-        s122 = C_cc*s8 + s121
-        s123 = s0*s1
-        s124 = C_dd*s8 + s123
-        s126 = s40**(-3)
-        s127 = (1.0/2.0)*s126*s51*s56
-        s128 = asin_(s93*s97)
-        s129 = s128*s34/s74**(3.0/2.0)
-        s130 = C_ac*s129
-        s131 = s69*s71
-        s132 = s89*s92*s97
-        s133 = s1*s38
-        s134 = C_bb*s8 + s133
-        s135 = s75**(-3)
-        s136 = (1.0/2.0)*s135*s82*s87
-        s137 = asin_(s105*s33)
-        s138 = s137*s34/s3**(3.0/2.0)
-        s139 = C_ad*s138
-        s140 = s29*s32*s33
-        s141 = s4**(-3)
-        s142 = (1.0/2.0)*s141*s17*s27
-        s143 = s1*s53
-        s144 = s1*s54 + s143
-        s145 = -s144 - s55
-        s146 = s1*s84
-        s147 = s1*s85 + s146
-        s148 = -s147 - s86
-        s149 = C_cd*s6
-        s150 = C_bd*s19
-        s151 = C_ad*s1
-        s152 = 2*C_ad*C_bb*s1 - 2*s143
-        s153 = 2*C_ad*C_cc*s1 - 2*s146
-        s154 = s1*s24
-        s155 = s1*s25 + s154
-        s156 = -s155 - s26
-        s157 = s1*s46
-        s158 = -s1*s49 - s157 - s50
-        s159 = C_bc*s151
-        s160 = 2*C_ac*C_bb*s1 - 2*s157
-        s162 = -2*s154 + s161*s19
-        s163 = s1*s77
-        s164 = -s1*s80 - s163 - s81
-        s165 = s1*s12
-        s166 = -s1*s15 - s16 - s165
-        s168 = -2*s163 + s167*s6
-        s169 = s161*s6 - 2*s165
-        q0 += PATH20_W[node]*(dC_aa*(s101*(s132*s78 + s93*(C_bc*C_cd + C_bd*s79) + s99*(-s112*s176 - s136*(s167 + 2) - s176*s94 - s177*s94 - s177*s96 - s178*s90 - s178*s95)) + s117*(-1.0/2.0*C_bb - 1.0/2.0) + s130*(-1.0/2.0*C_cc - 1.0/2.0) + s139*(-1.0/2.0*C_dd - 1.0/2.0) + s36*(s105*(C_bc*s14 + C_bd*C_cd) + s110*(-s106*s179 - s106*s180 - s107*s181 - s108*s179 - s113*s180 - s142*(s161 + 2) - s181*s30) + s13*s140) + s71*(s120*s47 + s62*(C_bc*C_bd + C_cd*s48) + s69*(-s104*s173 - s127*(2*C_bb + 2) - s171*s64 - s171*s66 - s173*s64 - s174*s59 - s174*s65))) + dC_ab*(s101*(-s147*s93 + s99*(-s164*s94 - s164*s96)) + s115*s70 + s116*s133 + s36*(-s105*s155 + s110*(-s106*s166 - s108*s166)) + s71*(-2*s120*s6 + s62*(2*C_ab*C_cd*s1 - s150 - s159) + s69*(2*C_ab*s1*s126*s51*s56 + C_ab*s1*s51*s58 + C_ab*s1*s56*s58 - s104*s169 - s168*s64 - s168*s66 - s169*s64))) + dC_ac*(s100*s128 + s101*(-2*s132*s19 + s93*(2*C_ac*C_bd*s1 - s149 - s159) + s99*(2*C_ac*s1*s135*s82*s87 + C_ac*s1*s82*s89 + C_ac*s1*s87*s89 - s112*s162 - s160*s94 - s160*s96 - s162*s94)) + s121*s129 + s36*(-s105*s16 + s109*s33*s5*(-s106*s156 - s113*s156)) + s71*(-s144*s62 + s69*(-s158*s64 - s158*s66))) + dC_ad*(s101*(s76*s97*s98*(-s112*s148 - s148*s94) - s81*s93) + s123*s138 + s137*s35 + s36*(s105*(2*C_ad*C_bc*s1 - s149 - s150) + s110*(2*C_ad*s1*s141*s17*s27 + C_ad*s1*s17*s29 + C_ad*s1*s27*s29 - s106*s152 - s106*s153 - s108*s152 - s113*s153) - 2*s140*s151) + s71*(s41*s67*s68*(-s104*s145 - s145*s64) - s50*s62)) + dC_bb*(s114*s117 + s118*(-1.0/2.0*s88 - 1.0/2.0) + s119*(-1.0/2.0*s28 - 1.0/2.0) + s71*(s120*s2 + s22*s62 + s69*(-s104*s124 - s104*s2 - s122*s64 - s122*s66 - s124*s64 - s125*s127 - s2*s66))) + dC_bc*(s101*(s72*s93 + s99*(-s63*s94 - s63*s96)) + s32*s36 + s71*(s37*s62 + s69*(-s63*s64 - s63*s66))) + dC_bd*(s101*s92 + s36*(s105*s72 + s110*(-s103*s106 - s103*s108)) + s71*(s102*s62 + s69*(-s103*s104 - s103*s64))) + dC_cc*(s101*(s10*s93 + s132*s2 + s99*(-s112*s124 - s112*s2 - s124*s94 - s125*s136 - s134*s94 - s134*s96 - s2*s96)) + s114*s130 + s119*(-1.0/2.0*s18 - 1.0/2.0) + s131*(-1.0/2.0*s57 - 1.0/2.0)) + dC_cd*(s101*(s102*s93 + s99*(-s111*s112 - s111*s94)) + s36*(s105*s37 + s110*(-s106*s111 - s111*s113)) + s61*s71) + dC_dd*(s114*s139 + s118*(-1.0/2.0*s83 - 1.0/2.0) + s131*(-1.0/2.0*s52 - 1.0/2.0) + s36*(s105*s44 + s110*(-s106*s122 - s106*s134 - s108*s134 - s108*s2 - s113*s122 - s113*s2 - s125*s142) + s140*s2)))
-    return q0
+    acc_ = 0.0
+    if dC_aa != 0.0:
+        t0_0 = math.sqrt(2)
+        t0_1 = C_aa + 1
+        t0_2 = 1/t0_1
+        t0_3 = C_ab**2
+        t0_4 = C_aa*C_bb + C_bb + t0_1 - t0_3
+        t0_5 = -C_ab*C_ac + C_bc*t0_1
+        t0_6 = -t0_5**2
+        t0_7 = C_ac**2
+        t0_8 = C_cc*t0_1 - t0_7
+        t0_9 = t0_4*t0_8 + t0_6
+        t0_10 = t0_2/t0_4
+        t0_11 = -C_ab*C_ad + C_bd*t0_1
+        t0_12 = -t0_11**2
+        t0_13 = C_ad**2
+        t0_14 = C_dd*t0_1 - t0_13
+        t0_15 = t0_12 + t0_14*t0_4
+        t0_16 = t0_1**(-2)
+        t0_17 = -C_ac*C_ad + C_cd*t0_1
+        t0_18 = 2*t0_0*t0_2/math.pi**(3.0/2.0)
+        t0_19 = C_aa*C_cc + C_cc + t0_1 - t0_7
+        t0_20 = C_bb*t0_1 - t0_3
+        t0_21 = t0_19*t0_20 + t0_6
+        t0_22 = t0_2/t0_19
+        t0_23 = -t0_17**2
+        t0_24 = t0_14*t0_19 + t0_23
+        t0_25 = C_aa*C_dd + C_dd + t0_1 - t0_13
+        t0_26 = t0_12 + t0_20*t0_25
+        t0_27 = t0_2/t0_25
+        t0_28 = t0_23 + t0_25*t0_8
+        acc_ += dC_aa*(-1.0/2.0*t0_0*(C_ab*t0_18*asin_(t0_10*(-t0_11*t0_5 + t0_17*t0_4)/math.sqrt(t0_10*t0_15 + t0_10*t0_9 + t0_15*t0_16*t0_9/t0_4**2 + 1))/math.sqrt(t0_2*t0_4) + C_ac*t0_18*asin_(t0_22*(t0_11*t0_19 - t0_17*t0_5)/math.sqrt(t0_16*t0_21*t0_24/t0_19**2 + t0_21*t0_22 + t0_22*t0_24 + 1))/math.sqrt(t0_19*t0_2) + C_ad*t0_18*asin_(t0_27*(-t0_11*t0_17 + t0_25*t0_5)/math.sqrt(t0_16*t0_26*t0_28/t0_25**2 + t0_26*t0_27 + t0_27*t0_28 + 1))/math.sqrt(t0_2*t0_25))/(math.sqrt(math.pi)*math.sqrt(t0_1)))
+    if dC_ab != 0.0:
+        t1_0 = C_bb + 1
+        t1_1 = C_aa*C_bb + C_aa - C_ab**2 + t1_0
+        t1_2 = 1/t1_1
+        t1_3 = -C_ab*C_bc + C_ac*t1_0
+        t1_4 = C_aa + 1
+        t1_5 = -C_ab*C_ac + C_bc*t1_4
+        t1_6 = -C_ac*t1_3 - C_bc*t1_5 + C_cc*t1_1
+        t1_7 = -C_ad*(-C_ab*C_bd + C_ad*t1_0) - C_bd*(-C_ab*C_ad + C_bd*t1_4) + C_dd*t1_1
+        acc_ += dC_ab*(4*asin_(t1_2*(-C_ad*t1_3 - C_bd*t1_5 + C_cd*t1_1)/math.sqrt(t1_2*t1_6 + t1_2*t1_7 + 1 + t1_6*t1_7/t1_1**2))/(math.pi**2*math.sqrt(t1_1)))
+    if dC_ac != 0.0:
+        t2_0 = C_cc + 1
+        t2_1 = C_aa*C_cc + C_aa - C_ac**2 + t2_0
+        t2_2 = 1/t2_1
+        t2_3 = C_ab*t2_0 - C_ac*C_bc
+        t2_4 = C_aa + 1
+        t2_5 = -C_ab*C_ac + C_bc*t2_4
+        t2_6 = -C_ab*t2_3 + C_bb*t2_1 - C_bc*t2_5
+        t2_7 = -C_ad*(-C_ac*C_cd + C_ad*t2_0) - C_cd*(-C_ac*C_ad + C_cd*t2_4) + C_dd*t2_1
+        acc_ += dC_ac*(4*asin_(t2_2*(-C_ad*t2_3 + C_bd*t2_1 - C_cd*t2_5)/math.sqrt(t2_2*t2_6 + t2_2*t2_7 + 1 + t2_6*t2_7/t2_1**2))/(math.pi**2*math.sqrt(t2_1)))
+    if dC_ad != 0.0:
+        t3_0 = C_dd + 1
+        t3_1 = C_aa*C_dd + C_aa - C_ad**2 + t3_0
+        t3_2 = 1/t3_1
+        t3_3 = C_ab*t3_0 - C_ad*C_bd
+        t3_4 = C_aa + 1
+        t3_5 = -C_ab*C_ad + C_bd*t3_4
+        t3_6 = -C_ab*t3_3 + C_bb*t3_1 - C_bd*t3_5
+        t3_7 = -C_ac*(C_ac*t3_0 - C_ad*C_cd) + C_cc*t3_1 - C_cd*(-C_ac*C_ad + C_cd*t3_4)
+        acc_ += dC_ad*(4*asin_(t3_2*(-C_ac*t3_3 + C_bc*t3_1 - C_cd*t3_5)/math.sqrt(t3_2*t3_6 + t3_2*t3_7 + 1 + t3_6*t3_7/t3_1**2))/(math.pi**2*math.sqrt(t3_1)))
+    if dC_bb != 0.0:
+        t4_0 = math.sqrt(2)
+        t4_1 = C_bb + 1
+        t4_2 = 1/t4_1
+        t4_3 = -C_ab**2
+        t4_4 = C_aa*C_bb + C_aa + t4_1 + t4_3
+        t4_5 = -C_ab*C_bc + C_ac*t4_1
+        t4_6 = -t4_5**2
+        t4_7 = C_bc**2
+        t4_8 = C_cc*t4_1 - t4_7
+        t4_9 = t4_4*t4_8 + t4_6
+        t4_10 = t4_2/t4_4
+        t4_11 = -C_ab*C_bd + C_ad*t4_1
+        t4_12 = -t4_11**2
+        t4_13 = C_bd**2
+        t4_14 = C_dd*t4_1 - t4_13
+        t4_15 = t4_12 + t4_14*t4_4
+        t4_16 = t4_1**(-2)
+        t4_17 = -C_bc*C_bd + C_cd*t4_1
+        t4_18 = 2*t4_0*t4_2/math.pi**(3.0/2.0)
+        t4_19 = C_bb*C_cc + C_cc + t4_1 - t4_7
+        t4_20 = -t4_17**2
+        t4_21 = t4_14*t4_19 + t4_20
+        t4_22 = t4_2/t4_19
+        t4_23 = C_aa*t4_1 + t4_3
+        t4_24 = t4_19*t4_23 + t4_6
+        t4_25 = C_bb*C_dd + C_dd + t4_1 - t4_13
+        t4_26 = t4_20 + t4_25*t4_8
+        t4_27 = t4_2/t4_25
+        t4_28 = t4_12 + t4_23*t4_25
+        acc_ += dC_bb*(-1.0/2.0*t4_0*(C_ab*t4_18*asin_(t4_10*(-t4_11*t4_5 + t4_17*t4_4)/math.sqrt(t4_10*t4_15 + t4_10*t4_9 + t4_15*t4_16*t4_9/t4_4**2 + 1))/math.sqrt(t4_2*t4_4) + C_bc*t4_18*asin_(t4_22*(t4_11*t4_19 - t4_17*t4_5)/math.sqrt(t4_16*t4_21*t4_24/t4_19**2 + t4_21*t4_22 + t4_22*t4_24 + 1))/math.sqrt(t4_19*t4_2) + C_bd*t4_18*asin_(t4_27*(-t4_11*t4_17 + t4_25*t4_5)/math.sqrt(t4_16*t4_26*t4_28/t4_25**2 + t4_26*t4_27 + t4_27*t4_28 + 1))/math.sqrt(t4_2*t4_25))/(math.sqrt(math.pi)*math.sqrt(t4_1)))
+    if dC_bc != 0.0:
+        t5_0 = C_cc + 1
+        t5_1 = C_bb*C_cc + C_bb - C_bc**2 + t5_0
+        t5_2 = 1/t5_1
+        t5_3 = C_ab*t5_0 - C_ac*C_bc
+        t5_4 = C_bb + 1
+        t5_5 = -C_ab*C_bc + C_ac*t5_4
+        t5_6 = C_aa*t5_1 - C_ab*t5_3 - C_ac*t5_5
+        t5_7 = -C_bd*(-C_bc*C_cd + C_bd*t5_0) - C_cd*(-C_bc*C_bd + C_cd*t5_4) + C_dd*t5_1
+        acc_ += dC_bc*(4*asin_(t5_2*(C_ad*t5_1 - C_bd*t5_3 - C_cd*t5_5)/math.sqrt(t5_2*t5_6 + t5_2*t5_7 + 1 + t5_6*t5_7/t5_1**2))/(math.pi**2*math.sqrt(t5_1)))
+    if dC_bd != 0.0:
+        t6_0 = C_dd + 1
+        t6_1 = C_bb*C_dd + C_bb - C_bd**2 + t6_0
+        t6_2 = 1/t6_1
+        t6_3 = C_ab*t6_0 - C_ad*C_bd
+        t6_4 = C_bb + 1
+        t6_5 = -C_ab*C_bd + C_ad*t6_4
+        t6_6 = C_aa*t6_1 - C_ab*t6_3 - C_ad*t6_5
+        t6_7 = -C_bc*(C_bc*t6_0 - C_bd*C_cd) + C_cc*t6_1 - C_cd*(-C_bc*C_bd + C_cd*t6_4)
+        acc_ += dC_bd*(4*asin_(t6_2*(C_ac*t6_1 - C_bc*t6_3 - C_cd*t6_5)/math.sqrt(t6_2*t6_6 + t6_2*t6_7 + 1 + t6_6*t6_7/t6_1**2))/(math.pi**2*math.sqrt(t6_1)))
+    if dC_cc != 0.0:
+        t7_0 = math.sqrt(2)
+        t7_1 = C_cc + 1
+        t7_2 = 1/t7_1
+        t7_3 = -C_ac**2
+        t7_4 = C_aa*C_cc + C_aa + t7_1 + t7_3
+        t7_5 = -C_ac*C_cd + C_ad*t7_1
+        t7_6 = -t7_5**2
+        t7_7 = C_cd**2
+        t7_8 = C_dd*t7_1 - t7_7
+        t7_9 = t7_4*t7_8 + t7_6
+        t7_10 = t7_2/t7_4
+        t7_11 = C_ab*t7_1 - C_ac*C_bc
+        t7_12 = t7_11**2
+        t7_13 = -C_bc**2
+        t7_14 = C_bb*t7_1 + t7_13
+        t7_15 = -t7_12 + t7_14*t7_4
+        t7_16 = t7_1**(-2)
+        t7_17 = -C_bc*C_cd + C_bd*t7_1
+        t7_18 = 2*t7_0*t7_2/math.pi**(3.0/2.0)
+        t7_19 = C_bb*C_cc + C_bb + t7_1 + t7_13
+        t7_20 = -t7_17**2
+        t7_21 = t7_19*t7_8 + t7_20
+        t7_22 = t7_2/t7_19
+        t7_23 = C_aa*t7_1 + t7_3
+        t7_24 = -t7_12 + t7_19*t7_23
+        t7_25 = C_cc*C_dd + C_dd + t7_1 - t7_7
+        t7_26 = t7_23*t7_25 + t7_6
+        t7_27 = t7_2/t7_25
+        t7_28 = t7_14*t7_25 + t7_20
+        acc_ += dC_cc*(-1.0/2.0*t7_0*(C_ac*t7_18*asin_(t7_10*(-t7_11*t7_5 + t7_17*t7_4)/math.sqrt(t7_10*t7_15 + t7_10*t7_9 + t7_15*t7_16*t7_9/t7_4**2 + 1))/math.sqrt(t7_2*t7_4) + C_bc*t7_18*asin_(t7_22*(-t7_11*t7_17 + t7_19*t7_5)/math.sqrt(t7_16*t7_21*t7_24/t7_19**2 + t7_21*t7_22 + t7_22*t7_24 + 1))/math.sqrt(t7_19*t7_2) + C_cd*t7_18*asin_(t7_27*(t7_11*t7_25 - t7_17*t7_5)/math.sqrt(t7_16*t7_26*t7_28/t7_25**2 + t7_26*t7_27 + t7_27*t7_28 + 1))/math.sqrt(t7_2*t7_25))/(math.sqrt(math.pi)*math.sqrt(t7_1)))
+    if dC_cd != 0.0:
+        t8_0 = C_dd + 1
+        t8_1 = C_cc*C_dd + C_cc - C_cd**2 + t8_0
+        t8_2 = 1/t8_1
+        t8_3 = C_ac*t8_0 - C_ad*C_cd
+        t8_4 = C_cc + 1
+        t8_5 = -C_ac*C_cd + C_ad*t8_4
+        t8_6 = C_aa*t8_1 - C_ac*t8_3 - C_ad*t8_5
+        t8_7 = C_bb*t8_1 - C_bc*(C_bc*t8_0 - C_bd*C_cd) - C_bd*(-C_bc*C_cd + C_bd*t8_4)
+        acc_ += dC_cd*(4*asin_(t8_2*(C_ab*t8_1 - C_bc*t8_3 - C_bd*t8_5)/math.sqrt(t8_2*t8_6 + t8_2*t8_7 + 1 + t8_6*t8_7/t8_1**2))/(math.pi**2*math.sqrt(t8_1)))
+    if dC_dd != 0.0:
+        t9_0 = math.sqrt(2)
+        t9_1 = C_dd + 1
+        t9_2 = 1/t9_1
+        t9_3 = -C_ad**2
+        t9_4 = C_aa*C_dd + C_aa + t9_1 + t9_3
+        t9_5 = C_ab*t9_1 - C_ad*C_bd
+        t9_6 = t9_5**2
+        t9_7 = -C_bd**2
+        t9_8 = C_bb*t9_1 + t9_7
+        t9_9 = t9_4*t9_8 - t9_6
+        t9_10 = t9_2/t9_4
+        t9_11 = C_ac*t9_1 - C_ad*C_cd
+        t9_12 = t9_11**2
+        t9_13 = -C_cd**2
+        t9_14 = C_cc*t9_1 + t9_13
+        t9_15 = -t9_12 + t9_14*t9_4
+        t9_16 = t9_1**(-2)
+        t9_17 = C_bc*t9_1 - C_bd*C_cd
+        t9_18 = 2*t9_0*t9_2/math.pi**(3.0/2.0)
+        t9_19 = C_bb*C_dd + C_bb + t9_1 + t9_7
+        t9_20 = C_aa*t9_1 + t9_3
+        t9_21 = t9_19*t9_20 - t9_6
+        t9_22 = t9_2/t9_19
+        t9_23 = t9_17**2
+        t9_24 = t9_14*t9_19 - t9_23
+        t9_25 = C_cc*C_dd + C_cc + t9_1 + t9_13
+        t9_26 = -t9_12 + t9_20*t9_25
+        t9_27 = t9_2/t9_25
+        t9_28 = -t9_23 + t9_25*t9_8
+        acc_ += dC_dd*(-1.0/2.0*t9_0*(C_ad*t9_18*asin_(t9_10*(-t9_11*t9_5 + t9_17*t9_4)/math.sqrt(t9_10*t9_15 + t9_10*t9_9 + t9_15*t9_16*t9_9/t9_4**2 + 1))/math.sqrt(t9_2*t9_4) + C_bd*t9_18*asin_(t9_22*(t9_11*t9_19 - t9_17*t9_5)/math.sqrt(t9_16*t9_21*t9_24/t9_19**2 + t9_21*t9_22 + t9_22*t9_24 + 1))/math.sqrt(t9_19*t9_2) + C_cd*t9_18*asin_(t9_27*(-t9_11*t9_17 + t9_25*t9_5)/math.sqrt(t9_16*t9_26*t9_28/t9_25**2 + t9_26*t9_27 + t9_27*t9_28 + 1))/math.sqrt(t9_2*t9_25))/(math.sqrt(math.pi)*math.sqrt(t9_1)))
+    return acc_
 
 
 @njit(cache=True, error_model="numpy")
@@ -727,10 +368,17 @@ def I2_dir(C, dC, a, b):
     dC_aa = dC[a, a]
     dC_ab = dC[a, b]
     dC_bb = dC[b, b]
-    t0 = C_aa*C_bb + C_aa + C_bb + 1
-    t1 = 2/(math.pi*math.sqrt(-C_ab**2/t0 + 1))
-    t2 = C_ab*t1/t0**(3.0/2.0)
-    return dC_aa*t2*(-1.0/2.0*C_bb - 1.0/2.0) + dC_ab*t1/math.sqrt(t0) + dC_bb*t2*(-1.0/2.0*C_aa - 1.0/2.0)
+    acc_ = 0.0
+    if dC_aa != 0.0:
+        t0_0 = C_aa*C_bb + C_aa + C_bb + 1
+        acc_ += dC_aa*(2*C_ab*(-1.0/2.0*C_bb - 1.0/2.0)/(math.pi*t0_0**(3.0/2.0)*math.sqrt(-C_ab**2/t0_0 + 1)))
+    if dC_ab != 0.0:
+        t1_0 = C_aa*C_bb + C_aa + C_bb + 1
+        acc_ += dC_ab*(2/(math.pi*math.sqrt(t1_0)*math.sqrt(-C_ab**2/t1_0 + 1)))
+    if dC_bb != 0.0:
+        t2_0 = C_aa*C_bb + C_aa + C_bb + 1
+        acc_ += dC_bb*(2*C_ab*(-1.0/2.0*C_aa - 1.0/2.0)/(math.pi*t2_0**(3.0/2.0)*math.sqrt(-C_ab**2/t2_0 + 1)))
+    return acc_
 
 
 @njit(cache=True, error_model="numpy")
@@ -2523,6 +2171,13 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
             for l in range(K):
                 acc = 0.0
                 GG_adapted[k, l] = acc
+        G4t_rows = np.empty((K + M,), np.int64)
+        for i in range(K):
+            G4t_rows[0 + i] = 0 + i
+        for i in range(M):
+            G4t_rows[K + i] = K + M + i
+        G4t_ = np.empty((K, K, K + M, K + M))
+        G4_tables(C, K, G4t_rows, G4t_)
         for i_ in range(K):
             for i2_ in range(K):
                 acc = 0.0
@@ -2530,21 +2185,45 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
                 s0 = 0.0
                 for j0 in range(K):
                     for j1 in range(K):
-                        s0 += G4(C, j0, j1, i2_, i_)*mu_adapted[j0]*mu_adapted[j1]
+                        s0 += G4t_[j0, j1, i2_, i_]*mu_adapted[j0]*mu_adapted[j1]
                 acc += 1 * s0
                 s0 = 0.0
                 for j0 in range(K):
                     for m0 in range(M):
-                        s0 += G4(C, j0, i2_, i_, K + M + m0)*mu_adapted[j0]*mu_v_task[m0]
+                        s0 += G4t_[j0, i2_, i_, K + m0]*mu_adapted[j0]*mu_v_task[m0]
                 acc += -2 * s0
                 s0 = 0.0
                 d0 = 0.0
                 for m0 in range(M):
-                    d0 += G4(C, i2_, i_, K + M + m0, K + M + m0)*mu_v_task[m0]**2
+                    d0 += G4t_[i2_, i_, K + m0, K + m0]*mu_v_task[m0]**2
                     for m1 in range(m0 + 1, M):
-                        s0 += G4(C, i2_, i_, K + M + m0, K + M + m1)*mu_v_task[m0]*mu_v_task[m1]
+                        s0 += G4t_[i2_, i_, K + m0, K + m1]*mu_v_task[m0]*mu_v_task[m1]
                 acc += 1 * (d0 + 2.0 * s0)
                 Eqbb_0[i_, i2_] = acc
+        tab0_ = np.zeros((K, K, K, K,))
+        for i_ in range(K):
+            for i2_ in range(K):
+                for j0 in range(K):
+                    for j1 in range(K):
+                        acc = 0.0
+                        acc += G4t_[j0, j1, i2_, i_]
+                        tab0_[i_, i2_, j0, j1] = acc
+        tab1_ = np.zeros((K, K, K, M,))
+        for i_ in range(K):
+            for i2_ in range(K):
+                for j0 in range(K):
+                    for m0 in range(M):
+                        acc = 0.0
+                        acc += G4t_[j0, i2_, i_, K + m0]
+                        tab1_[i_, i2_, j0, m0] = acc
+        tab2_ = np.zeros((K, K, M, M,))
+        for i_ in range(K):
+            for i2_ in range(K):
+                for m0 in range(M):
+                    for m1 in range(M):
+                        acc = 0.0
+                        acc += G4t_[i2_, i_, K + m0, K + m1]
+                        tab2_[i_, i2_, m0, m1] = acc
         for i_ in range(K):
             for i2_ in range(K):
                 for r_ in range(M):
@@ -2553,24 +2232,24 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
                     s1 = 0.0
                     for j0 in range(K):
                         for j1 in range(K):
-                            s0 += G4(C, j0, j1, i2_, i_)*L_adapted[j1, r_]*mu_adapted[j0]
-                            s1 += G4(C, j0, j1, i2_, i_)*L_adapted[j0, r_]*mu_adapted[j1]
+                            s0 += G4t_[j0, j1, i2_, i_]*L_adapted[j1, r_]*mu_adapted[j0]
+                            s1 += G4t_[j0, j1, i2_, i_]*L_adapted[j0, r_]*mu_adapted[j1]
                     acc += 1 * s0
                     acc += 1 * s1
                     s0 = 0.0
                     s1 = 0.0
                     for j0 in range(K):
                         for m0 in range(M):
-                            s0 += G4(C, j0, i2_, i_, K + M + m0)*L_v_task[m0, r_]*mu_adapted[j0]
-                            s1 += G4(C, j0, i2_, i_, K + M + m0)*L_adapted[j0, r_]*mu_v_task[m0]
+                            s0 += G4t_[j0, i2_, i_, K + m0]*L_v_task[m0, r_]*mu_adapted[j0]
+                            s1 += G4t_[j0, i2_, i_, K + m0]*L_adapted[j0, r_]*mu_v_task[m0]
                     acc += -2 * s0
                     acc += -2 * s1
                     s0 = 0.0
                     s1 = 0.0
                     for m0 in range(M):
                         for m1 in range(M):
-                            s0 += G4(C, i2_, i_, K + M + m0, K + M + m1)*L_v_task[m1, r_]*mu_v_task[m0]
-                            s1 += G4(C, i2_, i_, K + M + m0, K + M + m1)*L_v_task[m0, r_]*mu_v_task[m1]
+                            s0 += G4t_[i2_, i_, K + m0, K + m1]*L_v_task[m1, r_]*mu_v_task[m0]
+                            s1 += G4t_[i2_, i_, K + m0, K + m1]*L_v_task[m0, r_]*mu_v_task[m1]
                     acc += 1 * s0
                     acc += 1 * s1
                     Eqbb_1[i_, i2_, r_] = acc
@@ -2583,24 +2262,24 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
                         s1 = 0.0
                         for j0 in range(K):
                             for j1 in range(K):
-                                s0 += G4(C, j0, j1, i2_, i_)*L_adapted[j0, r2_]*L_adapted[j1, r_]
-                                s1 += G4(C, j0, j1, i2_, i_)*L_adapted[j0, r_]*L_adapted[j1, r2_]
+                                s0 += G4t_[j0, j1, i2_, i_]*L_adapted[j0, r2_]*L_adapted[j1, r_]
+                                s1 += G4t_[j0, j1, i2_, i_]*L_adapted[j0, r_]*L_adapted[j1, r2_]
                         acc += 1.0/2.0 * s0
                         acc += 1.0/2.0 * s1
                         s0 = 0.0
                         s1 = 0.0
                         for j0 in range(K):
                             for m0 in range(M):
-                                s0 += G4(C, j0, i2_, i_, K + M + m0)*L_adapted[j0, r2_]*L_v_task[m0, r_]
-                                s1 += G4(C, j0, i2_, i_, K + M + m0)*L_adapted[j0, r_]*L_v_task[m0, r2_]
+                                s0 += G4t_[j0, i2_, i_, K + m0]*L_adapted[j0, r2_]*L_v_task[m0, r_]
+                                s1 += G4t_[j0, i2_, i_, K + m0]*L_adapted[j0, r_]*L_v_task[m0, r2_]
                         acc += -1 * s0
                         acc += -1 * s1
                         s0 = 0.0
                         s1 = 0.0
                         for m0 in range(M):
                             for m1 in range(M):
-                                s0 += G4(C, i2_, i_, K + M + m0, K + M + m1)*L_v_task[m0, r2_]*L_v_task[m1, r_]
-                                s1 += G4(C, i2_, i_, K + M + m0, K + M + m1)*L_v_task[m0, r_]*L_v_task[m1, r2_]
+                                s0 += G4t_[i2_, i_, K + m0, K + m1]*L_v_task[m0, r2_]*L_v_task[m1, r_]
+                                s1 += G4t_[i2_, i_, K + m0, K + m1]*L_v_task[m0, r_]*L_v_task[m1, r2_]
                         acc += 1.0/2.0 * s0
                         acc += 1.0/2.0 * s1
                         Eqbb_2[i_, i2_, r_, r2_] = acc
@@ -2615,6 +2294,18 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
                 s0 += I2(C, i_, K + M + m0)*mu_v_task[m0]
             acc += -1 * s0
             Eqb_0[i_] = acc
+        tab3_ = np.zeros((K, K,))
+        for i_ in range(K):
+            for j0 in range(K):
+                acc = 0.0
+                acc += I2(C, j0, i_)
+                tab3_[i_, j0] = acc
+        tab4_ = np.zeros((K, M,))
+        for i_ in range(K):
+            for m0 in range(M):
+                acc = 0.0
+                acc += I2(C, i_, K + M + m0)
+                tab4_[i_, m0] = acc
         for i_ in range(K):
             for r_ in range(M):
                 acc = 0.0
@@ -2629,113 +2320,351 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
                 Eqb_1[i_, r_] = acc
         for s_ in range(steps_):
             for t_ in range(steps_):
+                tab5_ = np.zeros((K, K, K, K,))
+                for j in range(K):
+                    for jj_ in range(K):
+                        for l in range(K):
+                            for j0 in range(K):
+                                acc = 0.0
+                                acc += I4(C, j, l, j0, jj_)
+                                tab5_[j, jj_, l, j0] = acc
+                tab6_ = np.zeros((K, K, K, K,))
+                for j in range(K):
+                    for k in range(K):
+                        for jj_ in range(K):
+                            for j0 in range(K):
+                                acc = 0.0
+                                acc += I4(C, jj_, k, j0, j)
+                                tab6_[j, k, jj_, j0] = acc
+                tab7_ = np.zeros((K, K, K, M,))
+                for j in range(K):
+                    for jj_ in range(K):
+                        for l in range(K):
+                            for m0 in range(M):
+                                acc = 0.0
+                                acc += I4(C, j, l, jj_, K + M + m0)
+                                tab7_[j, jj_, l, m0] = acc
+                tab8_ = np.zeros((K, K, K, M,))
+                for j in range(K):
+                    for k in range(K):
+                        for jj_ in range(K):
+                            for m0 in range(M):
+                                acc = 0.0
+                                acc += I4(C, jj_, k, j, K + M + m0)
+                                tab8_[j, k, jj_, m0] = acc
+                tab9_ = np.zeros((K, K, K, K,))
+                for j in range(K):
+                    for jj_ in range(K):
+                        for j0 in range(K):
+                            for j1 in range(K):
+                                acc = 0.0
+                                acc += I4(C, j, jj_, j0, j1)
+                                tab9_[j, jj_, j0, j1] = acc
+                tab10_ = np.zeros((K, K, K, M,))
+                for j in range(K):
+                    for jj_ in range(K):
+                        for j0 in range(K):
+                            for m0 in range(M):
+                                acc = 0.0
+                                acc += I4(C, j, jj_, j0, K + M + m0)
+                                tab10_[j, jj_, j0, m0] = acc
+                tab11_ = np.zeros((K, K, M, M,))
+                for j in range(K):
+                    for jj_ in range(K):
+                        for m0 in range(M):
+                            for m1 in range(M):
+                                acc = 0.0
+                                acc += I4(C, j, jj_, K + M + m0, K + M + m1)
+                                tab11_[j, jj_, m0, m1] = acc
+                part12_ = np.zeros((K, K,))
+                for j in range(K):
+                    for jj_ in range(K):
+                        acc = 0.0
+                        acc += J2(C, j, jj_)
+                        part12_[j, jj_] = acc
+                part13_ = np.zeros((K, K, K,))
+                for j in range(K):
+                    for jj_ in range(K):
+                        for l in range(K):
+                            acc = 0.0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                s0 += mu_c[s_, j0]*tab5_[j, jj_, l, j0]
+                            acc += 1 * s0
+                            part13_[j, jj_, l] = acc
+                part14_ = np.zeros((K, K, K,))
+                for j in range(K):
+                    for k in range(K):
+                        for jj_ in range(K):
+                            acc = 0.0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                s0 += mu_c[t_, j0]*tab6_[j, k, jj_, j0]
+                            acc += 1 * s0
+                            part14_[j, k, jj_] = acc
+                part15_ = np.zeros((K, K, K,))
+                for j in range(K):
+                    for jj_ in range(K):
+                        for l in range(K):
+                            acc = 0.0
+                            s0 = 0.0
+                            for m0 in range(M):
+                                s0 += mu_v_task[m0]*tab7_[j, jj_, l, m0]
+                            acc += 1 * s0
+                            part15_[j, jj_, l] = acc
+                part16_ = np.zeros((K, K, K,))
+                for j in range(K):
+                    for k in range(K):
+                        for jj_ in range(K):
+                            acc = 0.0
+                            s0 = 0.0
+                            for m0 in range(M):
+                                s0 += mu_v_task[m0]*tab8_[j, k, jj_, m0]
+                            acc += 1 * s0
+                            part16_[j, k, jj_] = acc
+                part17_ = np.zeros((K, K,))
+                for j in range(K):
+                    for jj_ in range(K):
+                        acc = 0.0
+                        s0 = 0.0
+                        for j0 in range(K):
+                            for j1 in range(K):
+                                s0 += mu_c[s_, j0]*mu_c[t_, j1]*tab9_[j, jj_, j0, j1]
+                        acc += 1 * s0
+                        s0 = 0.0
+                        for m0 in range(M):
+                            for m1 in range(M):
+                                s0 += mu_v_task[m0]*mu_v_task[m1]*tab11_[j, jj_, m0, m1]
+                        acc += 1 * s0
+                        part17_[j, jj_] = acc
+                part18_ = np.zeros((K, K,))
+                for j in range(K):
+                    for jj_ in range(K):
+                        acc = 0.0
+                        s0 = 0.0
+                        s1 = 0.0
+                        for j0 in range(K):
+                            for m0 in range(M):
+                                s0 += mu_c[s_, j0]*mu_v_task[m0]*tab10_[j, jj_, j0, m0]
+                                s1 += mu_c[t_, j0]*mu_v_task[m0]*tab10_[j, jj_, j0, m0]
+                        acc += 1 * s0
+                        acc += 1 * s1
+                        part18_[j, jj_] = acc
                 for j in range(K):
                     for k in range(K):
                         for jj_ in range(K):
                             for l in range(K):
                                 acc = 0.0
-                                acc += sigma**2*J2(C, j, jj_)*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0)
                                 acc += I4(C, k, l, j, jj_)*mu_c[s_, k]*mu_c[t_, l]
-                                s0 = 0.0
-                                s1 = 0.0
-                                for j0 in range(K):
-                                    s0 += I4(C, j, l, j0, jj_)*mu_c[s_, j0]
-                                    s1 += I4(C, jj_, k, j0, j)*mu_c[t_, j0]
-                                acc += (1.0 if j == k else 0.0)*mu_c[t_, l] * s0
-                                acc += (1.0 if jj_ == l else 0.0)*mu_c[s_, k] * s1
-                                s0 = 0.0
-                                s1 = 0.0
-                                for m0 in range(M):
-                                    s0 += I4(C, j, l, jj_, K + M + m0)*mu_v_task[m0]
-                                    s1 += I4(C, jj_, k, j, K + M + m0)*mu_v_task[m0]
-                                acc += -(1.0 if j == k else 0.0)*mu_c[t_, l] * s0
-                                acc += -(1.0 if jj_ == l else 0.0)*mu_c[s_, k] * s1
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    for j1 in range(K):
-                                        s0 += I4(C, j, jj_, j0, j1)*mu_c[s_, j0]*mu_c[t_, j1]
-                                acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
-                                s0 = 0.0
-                                s1 = 0.0
-                                for j0 in range(K):
-                                    for m0 in range(M):
-                                        s0 += I4(C, j, jj_, j0, K + M + m0)*mu_c[s_, j0]*mu_v_task[m0]
-                                        s1 += I4(C, j, jj_, j0, K + M + m0)*mu_c[t_, j0]*mu_v_task[m0]
-                                acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
-                                acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
-                                s0 = 0.0
-                                d0 = 0.0
-                                for m0 in range(M):
-                                    d0 += I4(C, j, jj_, K + M + m0, K + M + m0)*mu_v_task[m0]**2
-                                    for m1 in range(m0 + 1, M):
-                                        s0 += I4(C, j, jj_, K + M + m0, K + M + m1)*mu_v_task[m0]*mu_v_task[m1]
-                                acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * (d0 + 2.0 * s0)
+                                acc += sigma**2*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0)*part12_[j, jj_]
+                                acc += (1.0 if j == k else 0.0)*mu_c[t_, l]*part13_[j, jj_, l]
+                                acc += (1.0 if jj_ == l else 0.0)*mu_c[s_, k]*part14_[j, k, jj_]
+                                acc += -(1.0 if j == k else 0.0)*mu_c[t_, l]*part15_[j, jj_, l]
+                                acc += -(1.0 if jj_ == l else 0.0)*mu_c[s_, k]*part16_[j, k, jj_]
+                                acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0)*part17_[j, jj_]
+                                acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0)*part18_[j, jj_]
                                 PS_0[j, k, jj_, l] = acc
+                part19_ = np.zeros((K, K, K, K,))
+                for j in range(K):
+                    for k in range(K):
+                        for jj_ in range(K):
+                            for l in range(K):
+                                acc = 0.0
+                                acc += I4(C, k, l, j, jj_)
+                                part19_[j, k, jj_, l] = acc
+                part20_ = np.zeros((K, K, K, M,))
+                for j in range(K):
+                    for jj_ in range(K):
+                        for l in range(K):
+                            for r_ in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    s0 += L_c[s_, j0, r_]*tab5_[j, jj_, l, j0]
+                                acc += 1 * s0
+                                part20_[j, jj_, l, r_] = acc
+                part21_ = np.zeros((K, K, K, M,))
+                for j in range(K):
+                    for k in range(K):
+                        for jj_ in range(K):
+                            for r_ in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    s0 += L_c[t_, j0, r_]*tab6_[j, k, jj_, j0]
+                                acc += 1 * s0
+                                part21_[j, k, jj_, r_] = acc
+                part22_ = np.zeros((K, K, K, M,))
+                for j in range(K):
+                    for jj_ in range(K):
+                        for l in range(K):
+                            for r_ in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    s0 += L_v_task[m0, r_]*tab7_[j, jj_, l, m0]
+                                acc += 1 * s0
+                                part22_[j, jj_, l, r_] = acc
+                part23_ = np.zeros((K, K, K, M,))
+                for j in range(K):
+                    for k in range(K):
+                        for jj_ in range(K):
+                            for r_ in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    s0 += L_v_task[m0, r_]*tab8_[j, k, jj_, m0]
+                                acc += 1 * s0
+                                part23_[j, k, jj_, r_] = acc
+                part24_ = np.zeros((K, K, M,))
+                for j in range(K):
+                    for jj_ in range(K):
+                        for r_ in range(M):
+                            acc = 0.0
+                            s0 = 0.0
+                            s1 = 0.0
+                            for j0 in range(K):
+                                for j1 in range(K):
+                                    s0 += L_c[t_, j1, r_]*mu_c[s_, j0]*tab9_[j, jj_, j0, j1]
+                                    s1 += L_c[s_, j0, r_]*mu_c[t_, j1]*tab9_[j, jj_, j0, j1]
+                            acc += 1 * s0
+                            acc += 1 * s1
+                            s0 = 0.0
+                            s1 = 0.0
+                            for m0 in range(M):
+                                for m1 in range(M):
+                                    s0 += L_v_task[m1, r_]*mu_v_task[m0]*tab11_[j, jj_, m0, m1]
+                                    s1 += L_v_task[m0, r_]*mu_v_task[m1]*tab11_[j, jj_, m0, m1]
+                            acc += 1 * s0
+                            acc += 1 * s1
+                            part24_[j, jj_, r_] = acc
+                part25_ = np.zeros((K, K, M,))
+                for j in range(K):
+                    for jj_ in range(K):
+                        for r_ in range(M):
+                            acc = 0.0
+                            s0 = 0.0
+                            s1 = 0.0
+                            s2 = 0.0
+                            s3 = 0.0
+                            for j0 in range(K):
+                                for m0 in range(M):
+                                    s0 += L_c[s_, j0, r_]*mu_v_task[m0]*tab10_[j, jj_, j0, m0]
+                                    s1 += L_c[t_, j0, r_]*mu_v_task[m0]*tab10_[j, jj_, j0, m0]
+                                    s2 += L_v_task[m0, r_]*mu_c[s_, j0]*tab10_[j, jj_, j0, m0]
+                                    s3 += L_v_task[m0, r_]*mu_c[t_, j0]*tab10_[j, jj_, j0, m0]
+                            acc += 1 * s0
+                            acc += 1 * s1
+                            acc += 1 * s2
+                            acc += 1 * s3
+                            part25_[j, jj_, r_] = acc
                 for j in range(K):
                     for k in range(K):
                         for jj_ in range(K):
                             for l in range(K):
                                 for r_ in range(M):
                                     acc = 0.0
-                                    acc += I4(C, k, l, j, jj_)*L_c[t_, l, r_]*mu_c[s_, k]
-                                    acc += I4(C, k, l, j, jj_)*L_c[s_, k, r_]*mu_c[t_, l]
-                                    s0 = 0.0
-                                    s1 = 0.0
-                                    s2 = 0.0
-                                    s3 = 0.0
-                                    for j0 in range(K):
-                                        s0 += I4(C, j, l, j0, jj_)*mu_c[s_, j0]
-                                        s1 += I4(C, j, l, j0, jj_)*L_c[s_, j0, r_]
-                                        s2 += I4(C, jj_, k, j0, j)*L_c[t_, j0, r_]
-                                        s3 += I4(C, jj_, k, j0, j)*mu_c[t_, j0]
-                                    acc += (1.0 if j == k else 0.0)*L_c[t_, l, r_] * s0
-                                    acc += (1.0 if j == k else 0.0)*mu_c[t_, l] * s1
-                                    acc += (1.0 if jj_ == l else 0.0)*mu_c[s_, k] * s2
-                                    acc += (1.0 if jj_ == l else 0.0)*L_c[s_, k, r_] * s3
-                                    s0 = 0.0
-                                    s1 = 0.0
-                                    s2 = 0.0
-                                    s3 = 0.0
-                                    for m0 in range(M):
-                                        s0 += I4(C, j, l, jj_, K + M + m0)*mu_v_task[m0]
-                                        s1 += I4(C, j, l, jj_, K + M + m0)*L_v_task[m0, r_]
-                                        s2 += I4(C, jj_, k, j, K + M + m0)*mu_v_task[m0]
-                                        s3 += I4(C, jj_, k, j, K + M + m0)*L_v_task[m0, r_]
-                                    acc += -(1.0 if j == k else 0.0)*L_c[t_, l, r_] * s0
-                                    acc += -(1.0 if j == k else 0.0)*mu_c[t_, l] * s1
-                                    acc += -(1.0 if jj_ == l else 0.0)*L_c[s_, k, r_] * s2
-                                    acc += -(1.0 if jj_ == l else 0.0)*mu_c[s_, k] * s3
-                                    s0 = 0.0
-                                    s1 = 0.0
-                                    for j0 in range(K):
-                                        for j1 in range(K):
-                                            s0 += I4(C, j, jj_, j0, j1)*L_c[t_, j1, r_]*mu_c[s_, j0]
-                                            s1 += I4(C, j, jj_, j0, j1)*L_c[s_, j0, r_]*mu_c[t_, j1]
-                                    acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
-                                    acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
-                                    s0 = 0.0
-                                    s1 = 0.0
-                                    s2 = 0.0
-                                    s3 = 0.0
-                                    for j0 in range(K):
-                                        for m0 in range(M):
-                                            s0 += I4(C, j, jj_, j0, K + M + m0)*L_c[s_, j0, r_]*mu_v_task[m0]
-                                            s1 += I4(C, j, jj_, j0, K + M + m0)*L_c[t_, j0, r_]*mu_v_task[m0]
-                                            s2 += I4(C, j, jj_, j0, K + M + m0)*L_v_task[m0, r_]*mu_c[s_, j0]
-                                            s3 += I4(C, j, jj_, j0, K + M + m0)*L_v_task[m0, r_]*mu_c[t_, j0]
-                                    acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
-                                    acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
-                                    acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s2
-                                    acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s3
-                                    s0 = 0.0
-                                    s1 = 0.0
-                                    for m0 in range(M):
-                                        for m1 in range(M):
-                                            s0 += I4(C, j, jj_, K + M + m0, K + M + m1)*L_v_task[m1, r_]*mu_v_task[m0]
-                                            s1 += I4(C, j, jj_, K + M + m0, K + M + m1)*L_v_task[m0, r_]*mu_v_task[m1]
-                                    acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
-                                    acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
+                                    acc += L_c[t_, l, r_]*mu_c[s_, k]*part19_[j, k, jj_, l]
+                                    acc += L_c[s_, k, r_]*mu_c[t_, l]*part19_[j, k, jj_, l]
+                                    acc += (1.0 if j == k else 0.0)*L_c[t_, l, r_]*part13_[j, jj_, l]
+                                    acc += (1.0 if j == k else 0.0)*mu_c[t_, l]*part20_[j, jj_, l, r_]
+                                    acc += (1.0 if jj_ == l else 0.0)*mu_c[s_, k]*part21_[j, k, jj_, r_]
+                                    acc += (1.0 if jj_ == l else 0.0)*L_c[s_, k, r_]*part14_[j, k, jj_]
+                                    acc += -(1.0 if j == k else 0.0)*L_c[t_, l, r_]*part15_[j, jj_, l]
+                                    acc += -(1.0 if j == k else 0.0)*mu_c[t_, l]*part22_[j, jj_, l, r_]
+                                    acc += -(1.0 if jj_ == l else 0.0)*L_c[s_, k, r_]*part16_[j, k, jj_]
+                                    acc += -(1.0 if jj_ == l else 0.0)*mu_c[s_, k]*part23_[j, k, jj_, r_]
+                                    acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0)*part24_[j, jj_, r_]
+                                    acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0)*part25_[j, jj_, r_]
                                     PS_1[j, k, jj_, l, r_] = acc
+                part26_ = np.zeros((K, K, K, M,))
+                for j in range(K):
+                    for jj_ in range(K):
+                        for l in range(K):
+                            for r2_ in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    s0 += L_c[s_, j0, r2_]*tab5_[j, jj_, l, j0]
+                                acc += 1 * s0
+                                part26_[j, jj_, l, r2_] = acc
+                part27_ = np.zeros((K, K, K, M,))
+                for j in range(K):
+                    for k in range(K):
+                        for jj_ in range(K):
+                            for r2_ in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    s0 += L_c[t_, j0, r2_]*tab6_[j, k, jj_, j0]
+                                acc += 1 * s0
+                                part27_[j, k, jj_, r2_] = acc
+                part28_ = np.zeros((K, K, K, M,))
+                for j in range(K):
+                    for jj_ in range(K):
+                        for l in range(K):
+                            for r2_ in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    s0 += L_v_task[m0, r2_]*tab7_[j, jj_, l, m0]
+                                acc += 1 * s0
+                                part28_[j, jj_, l, r2_] = acc
+                part29_ = np.zeros((K, K, K, M,))
+                for j in range(K):
+                    for k in range(K):
+                        for jj_ in range(K):
+                            for r2_ in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    s0 += L_v_task[m0, r2_]*tab8_[j, k, jj_, m0]
+                                acc += 1 * s0
+                                part29_[j, k, jj_, r2_] = acc
+                part30_ = np.zeros((K, K, M, M,))
+                for j in range(K):
+                    for jj_ in range(K):
+                        for r_ in range(M):
+                            for r2_ in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                s1 = 0.0
+                                for j0 in range(K):
+                                    for j1 in range(K):
+                                        s0 += L_c[s_, j0, r2_]*L_c[t_, j1, r_]*tab9_[j, jj_, j0, j1]
+                                        s1 += L_c[s_, j0, r_]*L_c[t_, j1, r2_]*tab9_[j, jj_, j0, j1]
+                                acc += 1 * s0
+                                acc += 1 * s1
+                                s0 = 0.0
+                                s1 = 0.0
+                                for m0 in range(M):
+                                    for m1 in range(M):
+                                        s0 += L_v_task[m0, r2_]*L_v_task[m1, r_]*tab11_[j, jj_, m0, m1]
+                                        s1 += L_v_task[m0, r_]*L_v_task[m1, r2_]*tab11_[j, jj_, m0, m1]
+                                acc += 1 * s0
+                                acc += 1 * s1
+                                part30_[j, jj_, r_, r2_] = acc
+                part31_ = np.zeros((K, K, M, M,))
+                for j in range(K):
+                    for jj_ in range(K):
+                        for r_ in range(M):
+                            for r2_ in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                s1 = 0.0
+                                s2 = 0.0
+                                s3 = 0.0
+                                for j0 in range(K):
+                                    for m0 in range(M):
+                                        s0 += L_c[s_, j0, r_]*L_v_task[m0, r2_]*tab10_[j, jj_, j0, m0]
+                                        s1 += L_c[t_, j0, r_]*L_v_task[m0, r2_]*tab10_[j, jj_, j0, m0]
+                                        s2 += L_c[s_, j0, r2_]*L_v_task[m0, r_]*tab10_[j, jj_, j0, m0]
+                                        s3 += L_c[t_, j0, r2_]*L_v_task[m0, r_]*tab10_[j, jj_, j0, m0]
+                                acc += 1 * s0
+                                acc += 1 * s1
+                                acc += 1 * s2
+                                acc += 1 * s3
+                                part31_[j, jj_, r_, r2_] = acc
                 for j in range(K):
                     for k in range(K):
                         for jj_ in range(K):
@@ -2743,64 +2672,18 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
                                 for r_ in range(M):
                                     for r2_ in range(M):
                                         acc = 0.0
-                                        acc += (1.0/2.0)*I4(C, k, l, j, jj_)*L_c[s_, k, r2_]*L_c[t_, l, r_]
-                                        acc += (1.0/2.0)*I4(C, k, l, j, jj_)*L_c[s_, k, r_]*L_c[t_, l, r2_]
-                                        s0 = 0.0
-                                        s1 = 0.0
-                                        s2 = 0.0
-                                        s3 = 0.0
-                                        for j0 in range(K):
-                                            s0 += I4(C, j, l, j0, jj_)*L_c[s_, j0, r2_]
-                                            s1 += I4(C, j, l, j0, jj_)*L_c[s_, j0, r_]
-                                            s2 += I4(C, jj_, k, j0, j)*L_c[t_, j0, r_]
-                                            s3 += I4(C, jj_, k, j0, j)*L_c[t_, j0, r2_]
-                                        acc += (1.0/2.0)*(1.0 if j == k else 0.0)*L_c[t_, l, r_] * s0
-                                        acc += (1.0/2.0)*(1.0 if j == k else 0.0)*L_c[t_, l, r2_] * s1
-                                        acc += (1.0/2.0)*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r2_] * s2
-                                        acc += (1.0/2.0)*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r_] * s3
-                                        s0 = 0.0
-                                        s1 = 0.0
-                                        s2 = 0.0
-                                        s3 = 0.0
-                                        for m0 in range(M):
-                                            s0 += I4(C, j, l, jj_, K + M + m0)*L_v_task[m0, r2_]
-                                            s1 += I4(C, j, l, jj_, K + M + m0)*L_v_task[m0, r_]
-                                            s2 += I4(C, jj_, k, j, K + M + m0)*L_v_task[m0, r2_]
-                                            s3 += I4(C, jj_, k, j, K + M + m0)*L_v_task[m0, r_]
-                                        acc += -1.0/2.0*(1.0 if j == k else 0.0)*L_c[t_, l, r_] * s0
-                                        acc += -1.0/2.0*(1.0 if j == k else 0.0)*L_c[t_, l, r2_] * s1
-                                        acc += -1.0/2.0*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r_] * s2
-                                        acc += -1.0/2.0*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r2_] * s3
-                                        s0 = 0.0
-                                        s1 = 0.0
-                                        for j0 in range(K):
-                                            for j1 in range(K):
-                                                s0 += I4(C, j, jj_, j0, j1)*L_c[s_, j0, r2_]*L_c[t_, j1, r_]
-                                                s1 += I4(C, j, jj_, j0, j1)*L_c[s_, j0, r_]*L_c[t_, j1, r2_]
-                                        acc += (1.0/2.0)*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
-                                        acc += (1.0/2.0)*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
-                                        s0 = 0.0
-                                        s1 = 0.0
-                                        s2 = 0.0
-                                        s3 = 0.0
-                                        for j0 in range(K):
-                                            for m0 in range(M):
-                                                s0 += I4(C, j, jj_, j0, K + M + m0)*L_c[s_, j0, r_]*L_v_task[m0, r2_]
-                                                s1 += I4(C, j, jj_, j0, K + M + m0)*L_c[t_, j0, r_]*L_v_task[m0, r2_]
-                                                s2 += I4(C, j, jj_, j0, K + M + m0)*L_c[s_, j0, r2_]*L_v_task[m0, r_]
-                                                s3 += I4(C, j, jj_, j0, K + M + m0)*L_c[t_, j0, r2_]*L_v_task[m0, r_]
-                                        acc += -1.0/2.0*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
-                                        acc += -1.0/2.0*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
-                                        acc += -1.0/2.0*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s2
-                                        acc += -1.0/2.0*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s3
-                                        s0 = 0.0
-                                        s1 = 0.0
-                                        for m0 in range(M):
-                                            for m1 in range(M):
-                                                s0 += I4(C, j, jj_, K + M + m0, K + M + m1)*L_v_task[m0, r2_]*L_v_task[m1, r_]
-                                                s1 += I4(C, j, jj_, K + M + m0, K + M + m1)*L_v_task[m0, r_]*L_v_task[m1, r2_]
-                                        acc += (1.0/2.0)*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s0
-                                        acc += (1.0/2.0)*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0) * s1
+                                        acc += (1.0/2.0)*L_c[s_, k, r2_]*L_c[t_, l, r_]*part19_[j, k, jj_, l]
+                                        acc += (1.0/2.0)*L_c[s_, k, r_]*L_c[t_, l, r2_]*part19_[j, k, jj_, l]
+                                        acc += (1.0/2.0)*(1.0 if j == k else 0.0)*L_c[t_, l, r_]*part26_[j, jj_, l, r2_]
+                                        acc += (1.0/2.0)*(1.0 if j == k else 0.0)*L_c[t_, l, r2_]*part20_[j, jj_, l, r_]
+                                        acc += (1.0/2.0)*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r2_]*part21_[j, k, jj_, r_]
+                                        acc += (1.0/2.0)*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r_]*part27_[j, k, jj_, r2_]
+                                        acc += -1.0/2.0*(1.0 if j == k else 0.0)*L_c[t_, l, r_]*part28_[j, jj_, l, r2_]
+                                        acc += -1.0/2.0*(1.0 if j == k else 0.0)*L_c[t_, l, r2_]*part22_[j, jj_, l, r_]
+                                        acc += -1.0/2.0*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r_]*part29_[j, k, jj_, r2_]
+                                        acc += -1.0/2.0*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r2_]*part23_[j, k, jj_, r_]
+                                        acc += (1.0/2.0)*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0)*part30_[j, jj_, r_, r2_]
+                                        acc += -1.0/2.0*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0)*part31_[j, jj_, r_, r2_]
                                         PS_2[j, k, jj_, l, r_, r2_] = acc
                 for j in range(K):
                     for jj_ in range(K):

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 2b52e3311ccf3370208c921631495724522c1eabbaab6bd7e84cb4465d508c98
+# inputs:     sha256 09209d26e5baf162471636384286d5048bf1eb582c644ac9de890cb9646ad1c6
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "2b52e3311ccf3370208c921631495724522c1eabbaab6bd7e84cb4465d508c98"
+INPUTS_SHA256 = "09209d26e5baf162471636384286d5048bf1eb582c644ac9de890cb9646ad1c6"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

@@ -83,6 +83,23 @@ class Kernel:
     def param_vector(self, values: dict[str, float]) -> np.ndarray:
         return np.array([values[p] for p in self.params], dtype=np.float64)
 
+    def at(self, arrays, params: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+        """``(y, c, p, K, M)``, the arguments of the module's functions: the state and
+        constants packed from ``arrays`` (an ``Init``, or a dict with Q, R, T and the
+        readouts) and the vector of the model's parameters ``params`` (defaults filled,
+        unknown names refused: ``Model.resolve_params``)."""
+        arrays = arrays.arrays() if hasattr(arrays, "arrays") else arrays
+        K, M = np.shape(arrays["R"])
+        p = self.param_vector(self.model.resolve_params(params))
+        return self.pack_state(arrays, K, M), self.pack_consts(arrays, K, M), p, K, M
+
+    def velocity(self, arrays, params: dict) -> dict[str, np.ndarray]:
+        """The right-hand side ``d(state)/d(alpha)`` at ``arrays`` (see ``at``), by name."""
+        y, c, p, K, M = self.at(arrays, params)
+        dy = np.zeros_like(y)
+        self.module.rhs(y, c, p, K, M, dy)
+        return self.unpack_state(dy, K, M)
+
     def metrics(self, y: np.ndarray, c: np.ndarray, p: np.ndarray, K: int, M: int) -> np.ndarray:
         """Metrics at one state (1-d y) or at each state of a stack (n, size)."""
         ys = np.atleast_2d(y)

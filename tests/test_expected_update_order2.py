@@ -40,14 +40,8 @@ def gp(x):
 def kernel_values(params, init):
     """(dQ, dR, da, eps_meta) of the generated kernel at ``init``."""
     k = runtime.load("anil")
-    K, M = init.R.shape
-    y = k.pack_state({"Q": init.Q, "R": init.R, "a": init.vectors["a"]}, K, M)
-    c = k.pack_consts({"T": init.T, "vbar": init.vectors["vbar"]}, K, M)
-    p = k.param_vector(k.model.resolve_params(params))
-    dy = np.zeros_like(y)
-    k.module.rhs(y, c, p, K, M, dy)
-    d = k.unpack_state(dy, K, M)
-    eps = k.metrics(y, c, p, K, M)[list(k.metric_names).index("eps_meta")]
+    d = k.velocity(init, params)
+    eps = k.metrics(*k.at(init, params))[list(k.metric_names).index("eps_meta")]
     return d["Q"], d["R"], d["a"], eps
 
 

@@ -189,16 +189,28 @@ def test_kernel_g4_tables_equal_g4(g4_erf, random_covariance):
 
 
 def test_g4_dir_is_the_derivative_along_dc(g4_erf, random_covariance):
-    """G4_dir (the chain rule through the integral, one loop over the nodes) against
-    central differences of G4 along a random symmetric dC, repeated indices included."""
+    """G4_dir (Price's theorem: I4 and E[g'' g g g] entry by entry of dC, each entry's
+    term only where dC is nonzero) against central differences of G4 (its integral
+    along Price's path) along a random symmetric dC and along directions of one entry
+    (as a kernel's directions of one overlap), repeated indices included."""
     rng = np.random.default_rng(11)
     C = random_covariance(rng, DIM)
     A = rng.normal(size=(DIM, DIM))
-    dC, h = (A + A.T) / 2, 1e-5
-    for pattern in [(0, 1, 2, 3), (0, 0, 1, 2), (0, 0, 1, 1), (0, 0, 0, 1), (0, 0, 0, 0), (0, 1, 0, 2)]:
-        idx = _indices(rng, pattern)
-        fd = (g4_erf.G4(C + h * dC, *idx) - g4_erf.G4(C - h * dC, *idx)) / (2 * h)
-        assert g4_erf.G4_dir(C, dC, *idx) == pytest.approx(fd, abs=1e-8), idx
+    h = 1e-5
+    single = []
+    for a, b in [(0, 1), (2, 2), (1, 3)]:
+        E = np.zeros((DIM, DIM))
+        E[a, b] = E[b, a] = 1.0
+        single.append(E)
+    for dC in [(A + A.T) / 2, *single]:
+        for pattern in [(0, 1, 2, 3), (0, 0, 1, 2), (0, 0, 1, 1), (0, 0, 0, 1), (0, 0, 0, 0), (0, 1, 0, 2)]:
+            idx = _indices(rng, pattern)
+            fd = (g4_erf.G4(C + h * dC, *idx) - g4_erf.G4(C - h * dC, *idx)) / (2 * h)
+            assert g4_erf.G4_dir(C, dC, *idx) == pytest.approx(fd, abs=1e-8), (idx, dC)
+    # a direction that misses the four fields: exactly zero
+    far = np.zeros((DIM, DIM))
+    far[DIM - 1, DIM - 1] = 1.0
+    assert g4_erf.G4_dir(C, far, 0, 1, 1, 2) == 0.0
 
 
 MC_SAMPLES = 2_000_000

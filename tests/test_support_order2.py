@@ -98,19 +98,13 @@ def kernel_parts(params, init):
     """The kernel's (dQ, dR, da) at order 2 and its support-direction parts: sup_R, sup_Q1
     (order 2 minus order 1, at the same n_s, less the eta^2 term) and sup_Q2 (eta^2 GG)."""
     k = runtime.load("anil")
-    K, M = init.R.shape
 
     def run(prm):
-        y = k.pack_state({"Q": init.Q, "R": init.R, "a": init.vectors["a"]}, K, M)
-        c = k.pack_consts({"T": init.T, "vbar": init.vectors["vbar"]}, K, M)
-        values = k.model.resolve_params(prm)
-        p = k.param_vector(values)
-        dy = np.zeros_like(y)
-        k.module.rhs(y, c, p, K, M, dy)
+        y, c, p, K, M = k.at(init, prm)
         C = np.empty((K + 2 * M, K + 2 * M))
         k.module.covariance(y, c, p, K, M, C)
         GG = k.module.task_moments(y, c, p, K, M, C, True)[GG_AT]
-        return k.unpack_state(dy, K, M), values["eta"] ** 2 * GG
+        return k.velocity(init, prm), k.model.resolve_params(prm)["eta"] ** 2 * GG
 
     d2, sq = run({**params, "order": 2})
     d1, _ = run({**params, "order": 1})
