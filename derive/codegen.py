@@ -896,6 +896,23 @@ def _reads_table(stmts) -> bool:
     return False
 
 
+def _reached(blocks, params) -> dict | None:
+    """``outlined_reached(p)`` of a kernel module, whether a run with the parameters p
+    reaches an outlined block (compiled at its first use): the conditions of the
+    branches on the way to each, when they read only parameters (else it answers yes).
+    The parameters it reads, and its return expression."""
+    if not blocks:
+        return None
+    ways, read = [], set()
+    for b in blocks:
+        names = {n.id for c in b["conds"] for n in ast.walk(ast.parse(c)) if isinstance(n, ast.Name)}
+        if not names <= set(params) | {"math"}:
+            return {"params": [], "expr": "True"}
+        read |= names & set(params)
+        ways.append(" and ".join(f"({c})" for c in b["conds"]) or "True")
+    return {"params": [(i, x) for i, x in enumerate(params) if x in read], "expr": " or ".join(ways)}
+
+
 def _task_context(ir: FlowIR, names, where, frows) -> dict | None:
     """The task program of a model with an inner loop, and the covariances of its
     task quantities that the flow and the metrics read (``frows``: the field rows)."""
@@ -939,17 +956,21 @@ def _task_context(ir: FlowIR, names, where, frows) -> dict | None:
         returns += f", {meta.excess_vv_name(inner)}"
     program = _statements(ir.program.statements, names, frows, where, model, ir.activation)
 
-    def outlined(stmts):
+    def outlined(stmts, conds=()):
         for st in stmts:
             if st["kind"] == "outlined":
-                yield st
-            yield from outlined(st.get("body", []))
+                yield {**st, "conds": conds}
+            inner = (*conds, st["cond"]) if st["kind"] == "if" else conds
+            yield from outlined(st.get("body", []), inner)
+
+    blocks = list(outlined(program))
 
     return {
         "family_names": ", ".join(f.name for f in model.random_families),
         "returns": returns,
         "program": program,
-        "outlined": list(outlined(program)),
+        "outlined": blocks,
+        "reached": _reached(blocks, [x.name for x in model.params]),
         "second_order": second,
         # the derivatives and the metrics each get only the moments they read; the
         # best readout (a pseudo-inverse) is computed only where it is read

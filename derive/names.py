@@ -30,10 +30,11 @@ _GROUPS = {
     "a kernel function": (
         "covariance workspace workspace_parallel rhs rhs_ws rhs_parallel rhs_parallel_ws metrics "
         "sample_gradients task_moments support_matrices support_matrices_dir run_euler run_rk4 "
+        "outlined_reached "
         "run_euler_parallel run_rk4_parallel"
     ),
     "a module constant": (
-        "MODEL ACTIVATION INPUTS_SHA256 PARAMS STATE CONSTS VECTORS METRICS SAMPLES N_CHUNKS"
+        "MODEL ACTIVATION INPUTS_SHA256 PARAMS STATE CONSTS VECTORS METRICS SAMPLES N_CHUNKS OUTLINED"
     ),
     "a stack of a table's buffers, one slice per chunk of pairs": "Dn_c X_c P_c F_c",
     "the inner loop's readout map": "A_S",

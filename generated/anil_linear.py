@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 14dc7b3b22f83c76a650184d63b23b759b3cf2aeed6f2dc60e8a132bff13e29a
+# inputs:     sha256 7044cd52762bb6e108240ee777f67decd06bf6b8542de429b984d604a451f9ea
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 691 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, objmode, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "14dc7b3b22f83c76a650184d63b23b759b3cf2aeed6f2dc60e8a132bff13e29a"
+INPUTS_SHA256 = "7044cd52762bb6e108240ee777f67decd06bf6b8542de429b984d604a451f9ea"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -32,7 +32,7 @@ SAMPLES = ()
 # chunks of pairs of rhs_parallel_ws (an equal share for 1, 2, 3, 4 or 6 threads)
 N_CHUNKS = 12
 # the functions the runtime calls; every other function here is called from them
-ENTRY_POINTS = ("workspace", "rhs", "rhs_ws", "rhs_parallel", "metrics", "run_euler", "run_rk4", "run_adaptive", "run_euler_parallel", "run_rk4_parallel", "run_adaptive_parallel", "meta_steps", "g", "gp", "I2_value", "I2_partials")
+ENTRY_POINTS = ("workspace", "rhs", "rhs_ws", "rhs_parallel", "metrics", "run_euler", "run_rk4", "run_adaptive", "run_euler_parallel", "run_rk4_parallel", "run_adaptive_parallel", "meta_steps", "g", "gp", "I2_value", "I2_partials", "outlined_reached")
 
 
 # activation and its derivatives, for the meta-learning simulator
@@ -2230,6 +2230,19 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
                                         s0 += BB_2[j0, j1, m0, m0]*PS_2[j0, k, j1, l, m1, m1] + 2*BB_2[j0, j1, m0, m1]*PS_2[j0, k, j1, l, m1, m0]
                         acc += 1/n_s * s0
                         GG_adapted[k, l] = acc
+
+
+# the outlined parts, which a run compiles when it first reaches them
+OUTLINED = ("support_second_order_",)
+
+
+def outlined_reached(p):
+    """Whether a run with the parameters p reaches the outlined parts of task_moments:
+    the conditions of the branches on the way to them (runtime/integrate.py tells that
+    they compile before it starts)."""
+    order = p[4]
+    n_s = p[6]
+    return bool(((((1) if (order == 2) else (0))) != 0) and (math.isfinite(n_s)))
 
 
 @njit(cache=True, error_model="numpy")

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 04471e8631fab25940a6486c90d1c344718660626f62ab0067a420d9fc6653db
+# inputs:     sha256 e9cf260ff11e2c95bf19a3fd4a5a1f776c3c2e8b05e29268ff99902a586e826f
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "04471e8631fab25940a6486c90d1c344718660626f62ab0067a420d9fc6653db"
+INPUTS_SHA256 = "e9cf260ff11e2c95bf19a3fd4a5a1f776c3c2e8b05e29268ff99902a586e826f"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 09209d26e5baf162471636384286d5048bf1eb582c644ac9de890cb9646ad1c6
+# inputs:     sha256 186b984d360526ff5e0a6e239a14f4657cca752d4b6cfc564608d295d67568a2
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "09209d26e5baf162471636384286d5048bf1eb582c644ac9de890cb9646ad1c6"
+INPUTS_SHA256 = "186b984d360526ff5e0a6e239a14f4657cca752d4b6cfc564608d295d67568a2"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

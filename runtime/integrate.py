@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from .init import Init
-from .kernels import Kernel, as_kernel, compile_notice, needs_compiling
+from .kernels import Kernel, as_kernel, compile_notice, needs_compiling, outlined
 from .trajectory import Trajectory, metadata
 
 METHODS = ("euler", "rk4", "adaptive")
@@ -276,6 +276,9 @@ def flow(
     # progress bar starts its clock, and before the first chunk is timed
     if say and needs_compiling(run, kernel.module.metrics):
         say(compile_notice(kernel))
+    if say and needs_compiling(*outlined(kernel, p)):
+        what = f"of {kernel.model.name}/{kernel.activation} that these parameters reach"
+        say(f"compiling the outlined part {what} (first run only, numba caches it; about 1.5 min)")
     run(y.copy(), c, p, K, M, dt, 0, 1, scratch, 0)
     kernel.metrics(y, c, p, K, M)
     threaded = getattr(kernel.module, f"run_{method}_parallel")

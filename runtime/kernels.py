@@ -109,19 +109,29 @@ class Kernel:
         return out if y.ndim == 2 else out[0]
 
 
+def outlined(kernel: "Kernel", p: np.ndarray) -> list:
+    """The outlined parts of the kernel's task program (``OUTLINED``, compiled at their
+    first use) that a run with the parameter vector ``p`` reaches (``outlined_reached``,
+    generated from the branches on the way to them)."""
+    names = getattr(kernel.module, "OUTLINED", ())
+    if not names or not kernel.module.outlined_reached(p):
+        return []
+    return [getattr(kernel.module, n) for n in names]
+
+
 def needs_compiling(*functions) -> bool:
     """Whether a first call of these numba functions compiles them rather than
     loading numba's cache (``NUMBA_CACHE_DIR``, by default ``generated/__pycache__``):
-    one of them has no signature in this process and no index in the cache. (A
-    stale cache entry, of an older kernel, is not seen: numba recompiles it.)"""
+    one of them has no signature in this process and no fresh index in the cache
+    (none, or one of an older version of the generated file, which numba recompiles)."""
     for f in functions:
         if getattr(f, "signatures", None):
             continue  # compiled or loaded in this process
         try:
-            index = f._cache._cache_file._index_path
+            index = f._cache._cache_file
+            if not os.path.exists(index._index_path) or not index._load_index():
+                return True
         except AttributeError:  # not cached (the threaded loops), or numba's internals changed
-            return True
-        if not os.path.exists(index):
             return True
     return False
 

@@ -202,3 +202,24 @@ def test_the_second_order_support_block_is_outlined(act):
     args = [a.id for a in call.args]
     params = [a.arg for a in defs["support_second_order_"].args.args]
     assert args == params == sorted(params) and {"C", "n_s", "GG_adapted", "mu_adapted_dQ"} <= set(args)
+
+
+@pytest.mark.parametrize("act", ["erf", "linear"])
+def test_a_run_knows_whether_it_reaches_the_outlined_block(act):
+    """``outlined_reached(p)``, generated from the branches on the way to the outlined
+    block, is true exactly for order 2 with finite n_s; ``runtime.kernels.outlined`` then
+    gives the block's function, whose compile a run announces before it starts (and no
+    block for a model without one)."""
+    import math
+
+    from runtime.kernels import outlined
+
+    k = runtime.load("anil", act)
+    for order in (1, 2):
+        for n_s in (3.0, math.inf):
+            p = k.param_vector(k.model.resolve_params({"order": order, "n_s": n_s}))
+            want = order == 2 and math.isfinite(n_s)
+            assert k.module.outlined_reached(p) is want
+            assert outlined(k, p) == ([k.module.support_second_order_] if want else [])
+    plain = runtime.load("two_layer", act)
+    assert outlined(plain, plain.param_vector(plain.model.resolve_params({}))) == []
