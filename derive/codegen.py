@@ -630,6 +630,11 @@ def primitive_code(d, nodes: int = NODES) -> dict:
             lines += [f"if {x} != 0.0:", *[f"    {t} = {code(e)}" for t, e in temps]]
             lines.append(f"    acc_ += {x}*({code(value)})")
         temps, ret = [], sp.Symbol("acc_")
+        # its guard (printer: the kernels call it only when dC touches its fields)
+        pairs = itertools.combinations_with_replacement(d.labels, 2)
+        touches = [f"dC[{a}, {b}] != 0.0" for a, b in pairs]
+        touch_rows = [" or ".join(touches[i : i + 4]) for i in range(0, len(touches), 4)]
+        touch_rows = [("or " if i else "") + row for i, row in enumerate(touch_rows)]
     else:
         temps, (ret,) = sp.cse([expr], symbols=sp.numbered_symbols("t"), order="canonical")
     return {
@@ -644,6 +649,7 @@ def primitive_code(d, nodes: int = NODES) -> dict:
         "ops": int(sp.count_ops(d.expr)),
         # the path rules the body reads (module-level arrays, rule_code)
         "rules": [nodes] if integrals else [],
+        "touches": touch_rows if d.name.endswith("_dir") and not integrals else None,
     }
 
 
@@ -703,6 +709,7 @@ def dispatch_code(d, forms) -> dict:
         ],
         "ops": 0,
         "rules": [],
+        "touches": None,
     }
 
 

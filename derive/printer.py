@@ -103,7 +103,10 @@ class KernelPrinter(PythonCodePrinter):
                 return f"{table}[{', '.join(self._field_row(a, rows) for a in args)}]"
         if name in self.primitive_names:
             rows = ", ".join(self._field_row(a) for a in expr.args)
-            return f"{name}(C, dC, {rows})" if name.endswith("_dir") else f"{name}(C, {rows})"
+            if name.endswith("_dir"):
+                # zero unless dC touches its fields (codegen primitive_code: its guard)
+                return f"({name}(C, dC, {rows}) if {name}_touches(dC, {rows}) else 0.0)"
+            return f"{name}(C, {rows})"
         if expr.func in (g, gp, gpp):
             return f"{name}({self._print(expr.args[0])})"
         return super()._print_Function(expr)

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 e937cd320fde6f2a0916ddac78bb84eaf3f465fdf7982ab4036c7111a7ad9a13
+# inputs:     sha256 388da83df3c55b8d0f499b5698cfdd91ddb2d3c76e3c4a39772d426e7df4c125
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 5154 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, objmode, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "e937cd320fde6f2a0916ddac78bb84eaf3f465fdf7982ab4036c7111a7ad9a13"
+INPUTS_SHA256 = "388da83df3c55b8d0f499b5698cfdd91ddb2d3c76e3c4a39772d426e7df4c125"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -337,6 +337,18 @@ def G4_dir(C, dC, a, b, c, d):
     return acc_
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def G4_dir_touches(dC, a, b, c, d):
+    """Whether dC has a nonzero entry among the fields of G4_dir, which is zero
+    otherwise: the kernels call it only then (inlined: a direction of one overlap
+    touches few of the calls of a loop nest)."""
+    return (
+        dC[a, a] != 0.0 or dC[a, b] != 0.0 or dC[a, c] != 0.0 or dC[a, d] != 0.0
+        or dC[b, b] != 0.0 or dC[b, c] != 0.0 or dC[b, d] != 0.0 or dC[c, c] != 0.0
+        or dC[c, d] != 0.0 or dC[d, d] != 0.0
+    )
+
+
 @njit(cache=True, error_model="numpy")
 def I2(C, a, b):
     """E[g(u_a) g(u_b)] at covariance C.
@@ -379,6 +391,16 @@ def I2_dir(C, dC, a, b):
         t2_0 = C_aa*C_bb + C_aa + C_bb + 1
         acc_ += dC_bb*(2*C_ab*(-1.0/2.0*C_aa - 1.0/2.0)/(math.pi*t2_0**(3.0/2.0)*math.sqrt(-C_ab**2/t2_0 + 1)))
     return acc_
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def I2_dir_touches(dC, a, b):
+    """Whether dC has a nonzero entry among the fields of I2_dir, which is zero
+    otherwise: the kernels call it only then (inlined: a direction of one overlap
+    touches few of the calls of a loop nest)."""
+    return (
+        dC[a, a] != 0.0 or dC[a, b] != 0.0 or dC[b, b] != 0.0
+    )
 
 
 @njit(cache=True, error_model="numpy")
@@ -1353,7 +1375,7 @@ def task_moments(y, c, p, K, M, C, with_optimal):
                 for k in range(K):
                     for l in range(K):
                         acc = 0.0
-                        acc += I2_dir(C, dC, k, l)
+                        acc += (I2_dir(C, dC, k, l) if I2_dir_touches(dC, k, l) else 0.0)
                         H_ds[k, l] = acc
                 for k in range(K):
                     acc = 0.0
@@ -1361,7 +1383,7 @@ def task_moments(y, c, p, K, M, C, with_optimal):
                 for k in range(K):
                     for i0 in range(M):
                         acc = 0.0
-                        acc += I2_dir(C, dC, k, K + M + i0)
+                        acc += (I2_dir(C, dC, k, K + M + i0) if I2_dir_touches(dC, k, K + M + i0) else 0.0)
                         H_dv_task[k, i0] = acc
                 for k in range(K):
                     acc = 0.0
@@ -1550,7 +1572,7 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
         for k in range(K):
             for l in range(K):
                 acc = 0.0
-                acc += I2_dir(C, dC, k, l)
+                acc += (I2_dir(C, dC, k, l) if I2_dir_touches(dC, k, l) else 0.0)
                 H_ds[k, l] = acc
         for k in range(K):
             acc = 0.0
@@ -1558,7 +1580,7 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
         for k in range(K):
             for i0 in range(M):
                 acc = 0.0
-                acc += I2_dir(C, dC, k, K + M + i0)
+                acc += (I2_dir(C, dC, k, K + M + i0) if I2_dir_touches(dC, k, K + M + i0) else 0.0)
                 H_dv_task[k, i0] = acc
         for k in range(K):
             acc = 0.0
@@ -1601,19 +1623,19 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
             for k in range(K):
                 for p0 in range(K):
                     acc = 0.0
-                    acc += I2_dir(C, dC, k, p0)
+                    acc += (I2_dir(C, dC, k, p0) if I2_dir_touches(dC, k, p0) else 0.0)
                     D_EA_c[k, p0] = acc
             for k in range(K):
                 for p0 in range(M):
                     acc = 0.0
-                    acc += -I2_dir(C, dC, k, K + M + p0)
+                    acc += -(I2_dir(C, dC, k, K + M + p0) if I2_dir_touches(dC, k, K + M + p0) else 0.0)
                     D_EA_v_task[k, p0] = acc
             for k in range(K):
                 for p0 in range(K):
                     for l in range(K):
                         for q0 in range(K):
                             acc = 0.0
-                            acc += G4_dir(C, dC, k, l, p0, q0)
+                            acc += (G4_dir(C, dC, k, l, p0, q0) if G4_dir_touches(dC, k, l, p0, q0) else 0.0)
                             acc += -D_EA_c[k, p0]*EA_c[l, q0]
                             acc += -D_EA_c[l, q0]*EA_c[k, p0]
                             D_N_c__c[k, p0, l, q0] = acc
@@ -1622,7 +1644,7 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
                     for l in range(K):
                         for q0 in range(M):
                             acc = 0.0
-                            acc += -G4_dir(C, dC, k, l, p0, K + M + q0)
+                            acc += -(G4_dir(C, dC, k, l, p0, K + M + q0) if G4_dir_touches(dC, k, l, p0, K + M + q0) else 0.0)
                             acc += -D_EA_c[k, p0]*EA_v_task[l, q0]
                             acc += -D_EA_v_task[l, q0]*EA_c[k, p0]
                             D_N_c__v_task[k, p0, l, q0] = acc
@@ -1631,14 +1653,14 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
                     for l in range(K):
                         for q0 in range(M):
                             acc = 0.0
-                            acc += G4_dir(C, dC, k, l, K + M + p0, K + M + q0)
+                            acc += (G4_dir(C, dC, k, l, K + M + p0, K + M + q0) if G4_dir_touches(dC, k, l, K + M + p0, K + M + q0) else 0.0)
                             acc += -D_EA_v_task[k, p0]*EA_v_task[l, q0]
                             acc += -D_EA_v_task[l, q0]*EA_v_task[k, p0]
                             D_N_v_task__v_task[k, p0, l, q0] = acc
             for k in range(K):
                 for l in range(K):
                     acc = 0.0
-                    acc += sigma**2*I2_dir(C, dC, k, l)
+                    acc += sigma**2*(I2_dir(C, dC, k, l) if I2_dir_touches(dC, k, l) else 0.0)
                     D_N_1__1[k, l] = acc
             for k in range(K):
                 for i_ in range(K):

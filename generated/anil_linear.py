@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 7044cd52762bb6e108240ee777f67decd06bf6b8542de429b984d604a451f9ea
+# inputs:     sha256 a6ef28dff4fa1c96be5c8a5f6d8133eafeb8df45c7bdaf4265221707a18bfbf2
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 691 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, objmode, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "7044cd52762bb6e108240ee777f67decd06bf6b8542de429b984d604a451f9ea"
+INPUTS_SHA256 = "a6ef28dff4fa1c96be5c8a5f6d8133eafeb8df45c7bdaf4265221707a18bfbf2"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -103,6 +103,18 @@ def G4_dir(C, dC, a, b, c, d):
     return acc_
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def G4_dir_touches(dC, a, b, c, d):
+    """Whether dC has a nonzero entry among the fields of G4_dir, which is zero
+    otherwise: the kernels call it only then (inlined: a direction of one overlap
+    touches few of the calls of a loop nest)."""
+    return (
+        dC[a, a] != 0.0 or dC[a, b] != 0.0 or dC[a, c] != 0.0 or dC[a, d] != 0.0
+        or dC[b, b] != 0.0 or dC[b, c] != 0.0 or dC[b, d] != 0.0 or dC[c, c] != 0.0
+        or dC[c, d] != 0.0 or dC[d, d] != 0.0
+    )
+
+
 @njit(cache=True, error_model="numpy")
 def I2(C, a, b):
     """E[g(u_a) g(u_b)] at covariance C.
@@ -125,6 +137,16 @@ def I2_dir(C, dC, a, b):
     if dC_ab != 0.0:
         acc_ += dC_ab*(1)
     return acc_
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def I2_dir_touches(dC, a, b):
+    """Whether dC has a nonzero entry among the fields of I2_dir, which is zero
+    otherwise: the kernels call it only then (inlined: a direction of one overlap
+    touches few of the calls of a loop nest)."""
+    return (
+        dC[a, a] != 0.0 or dC[a, b] != 0.0 or dC[b, b] != 0.0
+    )
 
 
 @njit(cache=True, error_model="numpy")
@@ -858,7 +880,7 @@ def task_moments(y, c, p, K, M, C, with_optimal):
                 for k in range(K):
                     for l in range(K):
                         acc = 0.0
-                        acc += I2_dir(C, dC, k, l)
+                        acc += (I2_dir(C, dC, k, l) if I2_dir_touches(dC, k, l) else 0.0)
                         H_ds[k, l] = acc
                 for k in range(K):
                     acc = 0.0
@@ -866,7 +888,7 @@ def task_moments(y, c, p, K, M, C, with_optimal):
                 for k in range(K):
                     for i0 in range(M):
                         acc = 0.0
-                        acc += I2_dir(C, dC, k, K + M + i0)
+                        acc += (I2_dir(C, dC, k, K + M + i0) if I2_dir_touches(dC, k, K + M + i0) else 0.0)
                         H_dv_task[k, i0] = acc
                 for k in range(K):
                     acc = 0.0
@@ -1055,7 +1077,7 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
         for k in range(K):
             for l in range(K):
                 acc = 0.0
-                acc += I2_dir(C, dC, k, l)
+                acc += (I2_dir(C, dC, k, l) if I2_dir_touches(dC, k, l) else 0.0)
                 H_ds[k, l] = acc
         for k in range(K):
             acc = 0.0
@@ -1063,7 +1085,7 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
         for k in range(K):
             for i0 in range(M):
                 acc = 0.0
-                acc += I2_dir(C, dC, k, K + M + i0)
+                acc += (I2_dir(C, dC, k, K + M + i0) if I2_dir_touches(dC, k, K + M + i0) else 0.0)
                 H_dv_task[k, i0] = acc
         for k in range(K):
             acc = 0.0
@@ -1106,19 +1128,19 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
             for k in range(K):
                 for p0 in range(K):
                     acc = 0.0
-                    acc += I2_dir(C, dC, k, p0)
+                    acc += (I2_dir(C, dC, k, p0) if I2_dir_touches(dC, k, p0) else 0.0)
                     D_EA_c[k, p0] = acc
             for k in range(K):
                 for p0 in range(M):
                     acc = 0.0
-                    acc += -I2_dir(C, dC, k, K + M + p0)
+                    acc += -(I2_dir(C, dC, k, K + M + p0) if I2_dir_touches(dC, k, K + M + p0) else 0.0)
                     D_EA_v_task[k, p0] = acc
             for k in range(K):
                 for p0 in range(K):
                     for l in range(K):
                         for q0 in range(K):
                             acc = 0.0
-                            acc += G4_dir(C, dC, k, l, p0, q0)
+                            acc += (G4_dir(C, dC, k, l, p0, q0) if G4_dir_touches(dC, k, l, p0, q0) else 0.0)
                             acc += -D_EA_c[k, p0]*EA_c[l, q0]
                             acc += -D_EA_c[l, q0]*EA_c[k, p0]
                             D_N_c__c[k, p0, l, q0] = acc
@@ -1127,7 +1149,7 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
                     for l in range(K):
                         for q0 in range(M):
                             acc = 0.0
-                            acc += -G4_dir(C, dC, k, l, p0, K + M + q0)
+                            acc += -(G4_dir(C, dC, k, l, p0, K + M + q0) if G4_dir_touches(dC, k, l, p0, K + M + q0) else 0.0)
                             acc += -D_EA_c[k, p0]*EA_v_task[l, q0]
                             acc += -D_EA_v_task[l, q0]*EA_c[k, p0]
                             D_N_c__v_task[k, p0, l, q0] = acc
@@ -1136,14 +1158,14 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
                     for l in range(K):
                         for q0 in range(M):
                             acc = 0.0
-                            acc += G4_dir(C, dC, k, l, K + M + p0, K + M + q0)
+                            acc += (G4_dir(C, dC, k, l, K + M + p0, K + M + q0) if G4_dir_touches(dC, k, l, K + M + p0, K + M + q0) else 0.0)
                             acc += -D_EA_v_task[k, p0]*EA_v_task[l, q0]
                             acc += -D_EA_v_task[l, q0]*EA_v_task[k, p0]
                             D_N_v_task__v_task[k, p0, l, q0] = acc
             for k in range(K):
                 for l in range(K):
                     acc = 0.0
-                    acc += sigma**2*I2_dir(C, dC, k, l)
+                    acc += sigma**2*(I2_dir(C, dC, k, l) if I2_dir_touches(dC, k, l) else 0.0)
                     D_N_1__1[k, l] = acc
             for k in range(K):
                 for i_ in range(K):

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 234b5eda53ea52459ec5affec143d3e7634dafb68aa159992d794039ed12e45b
+# inputs:     sha256 6c28bba459818cbd8b03bf7a1bfd466eaa5780966bd57dfd4274139aa5937c0e
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "234b5eda53ea52459ec5affec143d3e7634dafb68aa159992d794039ed12e45b"
+INPUTS_SHA256 = "6c28bba459818cbd8b03bf7a1bfd466eaa5780966bd57dfd4274139aa5937c0e"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 e9cf260ff11e2c95bf19a3fd4a5a1f776c3c2e8b05e29268ff99902a586e826f
+# inputs:     sha256 a27632261358dd8d78249ccfb6e2a08fdce65a1d439890b142b30ec49c186cee
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "e9cf260ff11e2c95bf19a3fd4a5a1f776c3c2e8b05e29268ff99902a586e826f"
+INPUTS_SHA256 = "a27632261358dd8d78249ccfb6e2a08fdce65a1d439890b142b30ec49c186cee"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )
