@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 388da83df3c55b8d0f499b5698cfdd91ddb2d3c76e3c4a39772d426e7df4c125
+# inputs:     sha256 ffacc87503693bcb103befeaca388f3deee206daf632014b213994642305d24f
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 5154 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = erf(z/sqrt(2)).
@@ -22,7 +22,7 @@ from numba import njit, objmode, prange
 
 MODEL = "anil"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "388da83df3c55b8d0f499b5698cfdd91ddb2d3c76e3c4a39772d426e7df4c125"
+INPUTS_SHA256 = "ffacc87503693bcb103befeaca388f3deee206daf632014b213994642305d24f"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 a27632261358dd8d78249ccfb6e2a08fdce65a1d439890b142b30ec49c186cee
+# inputs:     sha256 8ce398437822ab6863357abff95d56385c1e0820cd16c60f6592e72263c9bf03
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "a27632261358dd8d78249ccfb6e2a08fdce65a1d439890b142b30ec49c186cee"
+INPUTS_SHA256 = "8ce398437822ab6863357abff95d56385c1e0820cd16c60f6592e72263c9bf03"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

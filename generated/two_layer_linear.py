@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 2ec147eb3d2885b6b54910f6ab6e1288136da5df0630e1c550e8dfefb3c41111
+# inputs:     sha256 d8e0896746940c6a0e1e8588d71a890b52f13c75cbe3275c224aa0e0669ebbaf
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "2ec147eb3d2885b6b54910f6ab6e1288136da5df0630e1c550e8dfefb3c41111"
+INPUTS_SHA256 = "d8e0896746940c6a0e1e8588d71a890b52f13c75cbe3275c224aa0e0669ebbaf"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )
