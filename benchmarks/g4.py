@@ -2,6 +2,13 @@
 Gauss-Legendre nodes. Prints figures, asserts nothing.
 
     python benchmarks/g4.py [--nodes 6 8 10 12 16 20 24 32] [--scales 1 3 10] [--covariances 10]
+    python benchmarks/g4.py --calibrate
+
+- calibrate (the figures behind derive/quadrature.py RULES): for a grid of largest
+  variances c, the largest difference between G4 at n nodes and at 128 over 12
+  covariances whose largest variance is c (random, nearly of rank 2, equal variances)
+  and the 15 equality patterns with that variance's field among the four (where the
+  integrand's singularity is nearest), and the count RULES chooses there;
 
 - convergence: for random covariances of the fields of a (K + M) = 6 dimensional
   Gaussian with variances of order ``scale`` (the tests' random covariance times the
@@ -36,6 +43,10 @@ from derive.quadrature import NODES  # noqa: E402
 
 DIM = 6
 REFERENCE_NODES = 64
+CALIBRATION_NODES = [8, 10, 12, 14, 16, 18, 20, 24, 28, 32, 40, 48, 56, 64]
+CALIBRATION_REFERENCE = 128
+CALIBRATION_VARIANCES = [0.5, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512,
+                         768, 1024, 2048, 4096]
 
 
 def load(folder: Path, nodes: int):
@@ -133,15 +144,61 @@ def table_times(mod, C, repeats: int = 7) -> tuple[float, float]:
     return best["direct"], best["table"]
 
 
+def with_largest_variance(rng, c: float, kind: int) -> np.ndarray:
+    """A covariance of DIM fields whose largest variance is c: random (kind 0), nearly
+    of rank 2 (1), every variance c (2)."""
+    if kind == 1:
+        A = rng.normal(size=(DIM, 2))
+        C = A @ A.T + 1e-3 * np.eye(DIM)
+    else:
+        C = covariance(rng, 1.0)
+    d = np.sqrt(np.diag(C))
+    s = np.ones(DIM) if kind == 2 else rng.uniform(0.2, 1.0, DIM)
+    s[rng.integers(DIM)] = 1.0
+    return c * C / np.outer(d, d) * np.outer(s, s)
+
+
+def calibrate(folder: Path) -> None:
+    from derive.quadrature import nodes_for
+
+    mods = {n: load(folder, n) for n in CALIBRATION_NODES + [CALIBRATION_REFERENCE]}
+    rng = np.random.default_rng(7)
+    for m in mods.values():
+        m.G4(covariance(rng, 1.0), 0, 1, 2, 3)
+    print(f"max |G4(n nodes) - G4({CALIBRATION_REFERENCE} nodes)| against the largest variance c "
+          "(12 covariances x 15 patterns); * the count of derive/quadrature.py RULES")
+    print(f"{'c':>6} " + "".join(f"{n:>9d}" for n in CALIBRATION_NODES))
+    for c in CALIBRATION_VARIANCES:
+        worst = np.zeros(len(CALIBRATION_NODES))
+        for rep in range(12):
+            C = with_largest_variance(rng, c, rep % 3)
+            top = int(np.argmax(np.diag(C)))
+            for pat in patterns():
+                fields = rng.choice(DIM, size=max(pat) + 1, replace=False)
+                if top not in fields:
+                    fields[0] = top
+                idx = tuple(int(fields[p]) for p in pat)
+                ref = mods[CALIBRATION_REFERENCE].G4(C, *idx)
+                worst = np.maximum(worst, [abs(mods[n].G4(C, *idx) - ref) for n in CALIBRATION_NODES])
+        chosen = nodes_for(c)
+        marks = ("*" if n == chosen else " " for n in CALIBRATION_NODES)
+        cells = "".join(f"{e:>8.1e}{m}" for e, m in zip(worst, marks))
+        print(f"{c:>6g} {cells}", flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, nargs="+", default=[6, 8, 10, 12, 16, 20, 24, 32])
     ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 3.0, 10.0])
     ap.add_argument("--covariances", type=int, default=10)
+    ap.add_argument("--calibrate", action="store_true", help="the figures behind derive/quadrature.py RULES")
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        if args.calibrate:
+            calibrate(folder)
+            return
         t = time.perf_counter()
         mods = {n: load(folder, n) for n in sorted(set(args.nodes) | {16, 20, 24, REFERENCE_NODES})}
         print(f"rendered and imported {len(mods)} modules in {time.perf_counter() - t:.1f} s")
@@ -151,7 +208,8 @@ def main(argv=None) -> None:
             m.G4(C0, 0, 1, 2, 3)
 
         print(f"\nconvergence: max |G4(n nodes) - G4({REFERENCE_NODES} nodes)| (path rule) over "
-              f"{args.covariances} covariances x 15 equality patterns (kernels use {NODES})")
+              f"{args.covariances} covariances x 15 equality patterns (kernels: RULES, by the largest "
+              "variance)")
         head = "".join(f"{n:>10d}" for n in args.nodes)
         print(f"{'scale':>6} {'max var':>8}  {'pattern':<10}{head}")
         for scale in args.scales:

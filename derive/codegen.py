@@ -31,7 +31,7 @@ from .printer import TILTED, TILTED1, code, field_rows
 from .simulator import context as simulator_context
 from .integrators import context as integrators_context
 from .special import asin_body
-from .quadrature import NODES, rule_code, rule_names
+from .quadrature import SELECTOR, rule_code, rule_counts, rule_names, selector_code
 from .tables import tilt_code
 from .symbols import STUDENT, K, M, field_doc, field_kind, index_kind
 
@@ -600,11 +600,17 @@ def _triangular(t) -> bool:
     return sp.expand(t.coeff.xreplace({s0: s1, s1: s0}) - t.coeff) == 0
 
 
-def primitive_code(d, nodes: int = NODES) -> dict:
+def primitive_code(d, nodes: int | None = None) -> dict:
     """Body of one primitive: covariance loads, cse temporaries, return value. An
     integral over [0, 1] (Price's path, derive/gaussian.py) is a weighted sum over the
-    ``nodes`` nodes of ``quadrature.path_rule`` (see ``integral_code``)."""
-    syms = sorted(d.expr.free_symbols, key=str)
+    nodes of a path rule (``quadrature.path_rule``, see ``integral_code``): the rule of
+    ``quadrature.RULES`` for the largest variance of the primitive's fields (``nodes``
+    None, the kernels'), or the ``nodes``-point rule."""
+    syms = set(d.expr.free_symbols)
+    integrals = d.expr.atoms(sp.Integral)
+    if integrals and nodes is None:  # the rule is chosen by the fields' variances: load them
+        syms |= {gaussian.cov_symbol(a, a) for a in d.labels}
+    syms = sorted(syms, key=str)
     loads = []
     for s in syms:
         matrix, pair = str(s).split("_")
@@ -614,7 +620,8 @@ def primitive_code(d, nodes: int = NODES) -> dict:
     for i, integral in enumerate(integrals):
         q = sp.Symbol(f"q{i}")
         prefix = f"s{i}_" if len(integrals) > 1 else "s"
-        lines += integral_code(integral, str(q), nodes, prefix)
+        variances = [str(gaussian.cov_symbol(a, a)) for a in d.labels]
+        lines += integral_code(integral, str(q), nodes, prefix, variances)
         expr = expr.xreplace({integral: q})
     ds = [s for s in syms if str(s).startswith("dC_")]
     if d.name.endswith("_dir") and not integrals:
@@ -647,13 +654,15 @@ def primitive_code(d, nodes: int = NODES) -> dict:
         "ret": code(ret),
         "provenance": list(d.provenance),
         "ops": int(sp.count_ops(d.expr)),
-        # the path rules the body reads (module-level arrays, rule_code)
-        "rules": [nodes] if integrals else [],
+        # the path rules the body reads (module-level arrays, rule_code), and whether it
+        # chooses one by RULES (then the module has the selector, selector_code)
+        "rules": rule_counts(nodes) if integrals else [],
+        "adaptive": bool(integrals) and nodes is None,
         "touches": touch_rows if d.name.endswith("_dir") and not integrals else None,
     }
 
 
-def primitive_codes(d, nodes: int = NODES) -> list[dict]:
+def primitive_codes(d, nodes: int | None = None) -> list[dict]:
     """The functions of one primitive: its body (``primitive_code``), or, for an integral
     along Price's path with forms at equal indices (``gaussian.pattern_forms``: G4),
     each form and a function of the primitive's name that dispatches on the equality
@@ -709,13 +718,24 @@ def dispatch_code(d, forms) -> dict:
         ],
         "ops": 0,
         "rules": [],
+        "adaptive": False,
         "touches": None,
     }
 
 
-def quadrature_lines(prims: list[dict]) -> list[str]:
-    """The module-level arrays of every path rule (derive/quadrature.py) the primitives read."""
-    return [line for n in sorted({n for p in prims for n in p["rules"]}) for line in rule_code(n)]
+def quadrature_lines(prims: list[dict], table: dict | None = None) -> list[str]:
+    """The module-level arrays of every path rule (derive/quadrature.py) the primitives
+    and the G4 ``table`` (``g4_table_plan``) read, and the function that chooses among
+    them (``quadrature.selector_code``) when one of them chooses."""
+    counts = {n for p in prims for n in p["rules"]}
+    adaptive = any(p["adaptive"] for p in prims)
+    if table is not None:
+        counts |= set(rule_counts(table["nodes"]))
+        adaptive = adaptive or table["nodes"] is None
+    lines = [line for n in sorted(counts) for line in rule_code(n)]
+    if adaptive or table is not None:
+        lines += ["", "", *selector_code(None if adaptive else table["nodes"])]
+    return lines
 
 
 def merge_integrals(expr: sp.Expr) -> sp.Expr:
@@ -741,10 +761,14 @@ def merge_integrals(expr: sp.Expr) -> sp.Expr:
     return sp.Add(*rest, *out)
 
 
-def integral_code(integral: sp.Integral, target: str, nodes: int, prefix: str = "s") -> list[str]:
+def integral_code(
+    integral: sp.Integral, target: str, nodes: int | None, prefix: str = "s", variances=()
+) -> list[str]:
     """Lines that set ``target`` to ``integral`` (over one variable from 0 to 1, its
-    integrand free of integrals): the weighted sum over the ``nodes`` nodes of
-    ``quadrature.path_rule``, module-level arrays. The integrand's cse temporaries that do
+    integrand free of integrals): the weighted sum over the nodes of a path rule
+    (``quadrature.path_rule``, module-level arrays), the ``nodes``-point one, or for
+    ``nodes`` None the one that ``quadrature.SELECTOR`` chooses for the largest of the
+    ``variances`` (names of loaded variables). The integrand's cse temporaries that do
     not depend on the variable are computed once, before the loop over the nodes."""
     (limit,) = integral.limits
     if len(limit) != 3 or (limit[1], limit[2]) != (0, 1):
@@ -762,11 +786,19 @@ def integral_code(integral: sp.Integral, target: str, nodes: int, prefix: str = 
             inside.append(f"    {s} = {code(e)}")
         else:
             before.append(f"{s} = {code(e)}")
-    tn, wn = rule_names(nodes)
+    if nodes is None:
+        if not variances:
+            raise ValueError(f"{integral}: a rule chosen by the variances needs their names")
+        tn, wn = f"{prefix}T_", f"{prefix}W_"
+        largest = variances[0] if len(variances) == 1 else f"max({', '.join(variances)})"
+        choose, count = [f"{tn}, {wn} = {SELECTOR}({largest})"], f"{tn}.shape[0]"
+    else:
+        (tn, wn), choose, count = rule_names(nodes), [], str(nodes)
     return [
         *before,
+        *choose,
         f"{target} = 0.0",
-        f"for node in range({nodes}):",
+        f"for node in range({count}):",
         f"    {var} = {tn}[node]",
         *inside,
         f"    {target} += {wn}[node]*({code(value)})",
@@ -826,7 +858,7 @@ def g4_plan(activation: str) -> dict | None:
     if not gaussian.primitive("G4", activation).expr.has(sp.Integral):
         return None
     try:
-        return g4_table_plan(activation, NODES)
+        return g4_table_plan(activation, None)
     except ValueError:
         return None
 
@@ -1097,7 +1129,7 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
         "metrics": mets,
         "samples": samples,
         "primitives": prims,
-        "quadrature": quadrature_lines(prims),
+        "quadrature": quadrature_lines(prims, g4),
         "activations": acts,
         "z": str(z),
         "cov_size": cov_size,
@@ -1137,10 +1169,12 @@ def context(ir: FlowIR, source: str | None = None) -> dict:
 PRIMITIVES_TEMPLATE = "primitives.py.jinja"
 
 
-def g4_table_plan(activation: str, nodes: int) -> dict:
+def g4_table_plan(activation: str, nodes: int | None) -> dict:
     """The pieces of the G4 table (templates/primitives.py.jinja ``G4_table``): the pair
     tilt of I4 (``tilt_split``, printed by derive/tables.py), I2 in its separable form,
-    the entry of Price's path (``gaussian.path_entry``) and the path rule's arrays."""
+    the entry of Price's path (``gaussian.path_entry``) and the function that gives the
+    path rule for the largest variance of the table's rows (``quadrature.SELECTOR``: by
+    ``quadrature.RULES`` for ``nodes`` None, else always the ``nodes``-point rule)."""
     split = tilt_split(PRIMITIVES["I4"], activation)
     if split is None or split.n != 2 or split.base is None:
         raise ValueError(f"activation {activation!r}: I4 does not split into a pair tilt and I2")
@@ -1150,18 +1184,20 @@ def g4_table_plan(activation: str, nodes: int) -> dict:
         **separable_form(split.base),
         "tilt": tilt_code(2, split.amplitude, split.width),
         "path_entry": code(gaussian.path_entry(c, t)),
-        "rule": rule_names(nodes),
+        "selector": SELECTOR,
         "nodes": nodes,
     }
 
 
-def render_primitives(names, activation: str, nodes: int = NODES, table: bool = False) -> str:
+def render_primitives(names, activation: str, nodes: int | None = None, table: bool = False) -> str:
     """A module of the named primitives (``gaussian.PRIMITIVES``, or ``NAME_dir``, the
     derivative along dC, ``gaussian.directional``) for ``activation``, with ``table``
     the G4 table (``g4_table_plan``),
-    each rendered as in a kernel module (``primitive_code``, integrals over the ``nodes``
-    nodes of the path rule), with the arcsine and the rules they read: the tests and
-    benchmarks of a primitive that no committed kernel calls yet (G4) import it."""
+    each rendered as in a kernel module (``primitive_code``: integrals over the path rule
+    that ``quadrature.RULES`` gives for the largest variance of the fields, as the kernels
+    do, or with ``nodes`` over the ``nodes``-point rule), with the arcsine and the rules
+    they read: the tests and benchmarks of a primitive that no committed kernel calls
+    yet (G4) import it."""
     act = get_activation(activation)
     derived = [
         gaussian.directional(gaussian.primitive(n.removesuffix("_dir"), act.name))
@@ -1179,11 +1215,11 @@ def render_primitives(names, activation: str, nodes: int = NODES, table: bool = 
         "sympy_version": sp.__version__,
         "nodes": nodes,
         "asin": asin_body() if any(d.expr.has(sp.asin) for d in derived) else None,
-        "quadrature": quadrature_lines(prims),
         "primitives": prims,
         # G4(k, l, p, q) for every (p, q) at once (needs G4 among the names: its rule)
         "table": g4_table_plan(act.name, nodes) if table else None,
     }
+    ctx["quadrature"] = quadrature_lines(prims, ctx["table"])
     env = environment()
     check_context(env, PRIMITIVES_TEMPLATE, ctx)
     return env.get_template(PRIMITIVES_TEMPLATE).render(**ctx)

@@ -23,10 +23,32 @@ from functools import lru_cache
 
 import mpmath
 
-# the nodes of the kernels' rule. benchmarks/g4.py, max |G4(n) - G4(64)| over the 15
-# equality patterns of random covariances with variances up to 64: 12 nodes 1.1e-9,
-# 16 nodes 1.2e-12, 20 nodes 4.2e-15 (machine precision), at ~1.1 us per G4 call
+# A fixed node count, for the references and benchmarks that ask for one (the kernels
+# choose theirs by RULES).
 NODES = 20
+# The kernels' rule: the node count for fields whose largest variance is at most the
+# bound, the first bound that holds; above the last bound, the last count. The rule's
+# error is set by the singularity of the integrand nearest to [0, 1], at t = (1 + c) / c
+# for two equal fields of variance c (no covariance of variance at most c has one
+# nearer), so it depends on the largest variance alone. benchmarks/g4.py --calibrate, max
+# |G4(n) - G4(128)| over 12 covariances with that largest variance (4 nearly of rank 2),
+# the largest variance's field among the four, x 15 equality patterns: each count's error
+# is at most 1e-11 up to its bound (10x below the 1e-10 of tests/test_g4.py) and above
+# it past the next grid point (e.g. 20 nodes: 1.1e-12 at 24, 3.7e-11 at 32, 1.2e-9 at 64).
+RULES = (
+    (2.0, 10),
+    (3.0, 12),
+    (6.0, 14),
+    (8.0, 16),
+    (24.0, 20),
+    (48.0, 24),
+    (128.0, 32),
+    (384.0, 40),
+    (768.0, 48),
+    (2048.0, 64),
+)
+# the name of the generated function that chooses a rule (selector_code)
+SELECTOR = "path_rule_for"
 DIGITS = 40
 
 
@@ -87,6 +109,37 @@ def _legendre(n: int, x):
 def rule_names(n: int) -> tuple[str, str]:
     """Names of the module-level arrays of the ``n``-point path rule in a generated module."""
     return f"PATH{n}_T", f"PATH{n}_W"
+
+
+def nodes_for(c: float) -> int:
+    """The node count of ``RULES`` for fields whose largest variance is ``c``."""
+    for bound, n in RULES:
+        if c <= bound:
+            return n
+    return RULES[-1][1]
+
+
+def rule_counts(nodes: int | None) -> list[int]:
+    """The path rules a body of ``nodes`` nodes reads: that one, or every rule of
+    ``RULES`` for ``None`` (the kernels' choice by the largest variance)."""
+    return sorted({n for _, n in RULES}) if nodes is None else [nodes]
+
+
+def selector_code(nodes: int | None) -> list[str]:
+    """The generated function ``SELECTOR(c)``: the arrays (nodes, weights) of the path
+    rule for fields whose largest variance is ``c``, by ``RULES`` (``nodes`` None) or
+    always the ``nodes``-point rule. A NaN variance gets the last rule."""
+    lines = [
+        '@njit(cache=True, error_model="numpy", inline="always")',
+        f"def {SELECTOR}(c):",
+        '    """(nodes, weights) of the path rule for fields whose largest variance is c',
+        '    (derive/quadrature.py RULES)."""',
+    ]
+    if nodes is not None:
+        return lines + [f"    return {', '.join(rule_names(nodes))}"]
+    for bound, n in RULES[:-1]:
+        lines += [f"    if c <= {bound!r}:", f"        return {', '.join(rule_names(n))}"]
+    return lines + [f"    return {', '.join(rule_names(RULES[-1][1]))}"]
 
 
 def rule_code(n: int) -> list[str]:

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 327ed2036b20e5e7d74aa04a20b290f0c4c9af4ac7c683174d250af3be6c60ef
+# inputs:     sha256 148d32544567f416a39cf998b4e1518496ede30536aeafaa1f54334d17808dee
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 691 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, objmode, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "327ed2036b20e5e7d74aa04a20b290f0c4c9af4ac7c683174d250af3be6c60ef"
+INPUTS_SHA256 = "148d32544567f416a39cf998b4e1518496ede30536aeafaa1f54334d17808dee"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 1f4e73e2faf5033bc86d4f2a3901485808d17dbff59f25ee262c51c22bba6fd1
+# inputs:     sha256 260a503539446a8854d6e4d118c65d450a07cd685f92afdfaedf7228dfdb8cde
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "1f4e73e2faf5033bc86d4f2a3901485808d17dbff59f25ee262c51c22bba6fd1"
+INPUTS_SHA256 = "260a503539446a8854d6e4d118c65d450a07cd685f92afdfaedf7228dfdb8cde"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

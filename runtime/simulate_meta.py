@@ -299,10 +299,11 @@ class _Concrete:
         """``field_mean`` for integrands whose expectation the engine reduces to an
         integral over Price's path (four ``g`` factors: ``G4``, docs/conventions.md 2):
         each ``Integral(f(t), (t, 0, 1))`` is the kernels' rule (derive/quadrature.py
-        ``path_rule``, ``NODES`` nodes), ``f`` evaluated at all nodes at once on a
-        leading axis. A numpy function of ``(*args, Cov)``, derived once per ``key``."""
+        ``path_rule``, the count of ``RULES`` for the largest variance of ``Cov``, chosen
+        at each call), ``f`` evaluated at all nodes at once on a leading axis. A numpy
+        function of ``(*args, Cov)``, derived once per ``key``."""
         if key not in self._means:
-            from derive.quadrature import NODES, path_rule
+            from derive.quadrature import nodes_for, path_rule
 
             at = [concrete(sp.sympify(e).xreplace(self._sub), self.K, self.M) for e in exprs]
             means = [field_mean(e, self.rows, self._activation) for e in at]
@@ -316,15 +317,25 @@ class _Concrete:
                 return path_sum(integral.function.xreplace({var: tp}))
 
             means = [m.replace(lambda e: isinstance(e, sp.Integral), as_sum) for m in means]
-            nodes, weights = (np.array(x) for x in path_rule(NODES))
+            chosen = []  # the rule of the call in progress: (nodes, weights)
 
             def rule(x):
+                nodes, weights = chosen[-1]
                 x = np.asarray(x, dtype=float)
                 return np.tensordot(weights, np.broadcast_to(x, (nodes.size, *x.shape[1:])), axes=1)
 
             fn = sp.lambdify((*self.args, COV, tp), means, [{"path_sum_": rule}, *MODULES], cse=True)
-            t_axis = nodes.reshape(-1, 1)
-            self._means[key] = lambda *args: fn(*args, t_axis)
+
+            def mean(*args):
+                cov = np.asarray(args[-1], dtype=float)
+                nodes, weights = (np.array(x) for x in path_rule(nodes_for(float(np.max(np.diagonal(cov))))))
+                chosen.append((nodes, weights))
+                try:
+                    return fn(*args, nodes.reshape(-1, 1))
+                finally:
+                    chosen.pop()
+
+            self._means[key] = mean
         return self._means[key]
 
 

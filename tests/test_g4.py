@@ -49,13 +49,16 @@ def set_partitions(n: int = 4) -> list[tuple[int, ...]]:
 PATTERNS = set_partitions()
 
 
-def _module(tmp_path_factory, activation: str):
+def _module(tmp_path_factory, activation: str, nodes: int | None = None):
+    """The primitives module; ``nodes`` None: the path rule chosen by the largest
+    variance of the fields (quadrature.RULES), as the kernels choose it."""
     erf = activation == "erf"
-    text = codegen.render_primitives(["G4", "G4_dir"] if erf else ["G4"], activation, table=erf)
-    folder = tmp_path_factory.mktemp(f"g4_{activation}")
-    path = folder / f"g4_{activation}.py"
+    text = codegen.render_primitives(["G4", "G4_dir"] if erf else ["G4"], activation, nodes, table=erf)
+    name = f"g4_{activation}" + ("" if nodes is None else f"_n{nodes}")
+    folder = tmp_path_factory.mktemp(name)
+    path = folder / f"{name}.py"
     path.write_text(text)
-    spec = importlib.util.spec_from_file_location(f"g4_{activation}", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -69,6 +72,12 @@ def g4_erf(tmp_path_factory):
 @pytest.fixture(scope="module")
 def g4_linear(tmp_path_factory):
     return _module(tmp_path_factory, "linear")
+
+
+@pytest.fixture(scope="module")
+def g4_fixed(tmp_path_factory):
+    """``g4_fixed(n)``: the erf module with every integral on the ``n``-point path rule."""
+    return functools.cache(lambda n: _module(tmp_path_factory, "erf", n))
 
 
 def _indices(rng, pattern) -> tuple[int, ...]:
@@ -148,10 +157,12 @@ def test_g4_is_symmetric_in_its_arguments(g4_erf, random_covariance):
         assert max(values) - min(values) < 1e-14, idx
 
 
-def test_g4_table_equals_g4(g4_erf, random_covariance):
+def test_g4_table_equals_g4(g4_fixed, random_covariance):
     """G4_table(C, k, l) fills F[p, q] = G4(k, l, p, q) for every (p, q) at once (the
     pair-tilt table per node): equal to the dispatched G4 for every (k, l), k = l and
-    p, q in {k, l} included."""
+    p, q in {k, l} included. Both on the 20-point rule (each chooses its rule by the
+    variances it reads, the table by all of C's)."""
+    g4_erf = g4_fixed(20)
     rng = np.random.default_rng(12)
     n = DIM
     C = random_covariance(rng, n)
@@ -166,26 +177,75 @@ def test_g4_table_equals_g4(g4_erf, random_covariance):
     assert worst < 1e-13
 
 
-def test_kernel_g4_tables_equal_g4(g4_erf, random_covariance):
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_kernel_g4_tables_equal_g4(g4_fixed, random_covariance, scale):
     """anil's kernel reads its support covariances' G4 from G4_tables (once per student
     unit k, all l >= k, mirrored): every entry out[k, l, p, q] over a subset of the rows
     of C (students 0..K-1 first, then rows further down) equals the dispatched G4 of
-    the primitives module, equal indices included."""
+    the primitives module on the rule that quadrature.RULES gives for the largest
+    variance of those rows, equal indices included (so the kernel chooses that rule)."""
     from generated import anil_erf
 
     rng = np.random.default_rng(21)
     n, K = 8, 3
-    C = random_covariance(rng, n)
+    C = scale * random_covariance(rng, n)
     rows = np.array([0, 1, 2, 5, 6, 7], dtype=np.int64)
+    C[4, 4] = 10 * np.max(np.diag(C))  # a row outside the table does not choose the rule
+    nodes = quadrature.nodes_for(float(np.max(np.diag(C)[rows])))
+    assert nodes == {1.0: 10, 30.0: 24}[scale]  # the two covariances reach two rules
+    g4 = g4_fixed(nodes)
     out = np.empty((K, K, len(rows), len(rows)))
     anil_erf.G4_tables(C, K, rows, out)
     want = np.array(
-        [
-            [[[g4_erf.G4(C, k, j, p, q) for q in rows] for p in rows] for j in range(K)]
-            for k in range(K)
-        ]
+        [[[[g4.G4(C, k, j, p, q) for q in rows] for p in rows] for j in range(K)] for k in range(K)]
     )
-    assert np.max(np.abs(out - want)) < 1e-13
+    assert np.max(np.abs(out - want)) < 1e-13 * max(1.0, np.max(np.abs(want)))
+
+
+def _covariance_with_largest_variance(rng, c: float, kind: int) -> np.ndarray:
+    """A covariance of DIM fields whose largest variance is c: a random one (kind 0),
+    one nearly of rank 2 (1: strong correlations), one with every variance c (2)."""
+    if kind == 1:
+        A = rng.normal(size=(DIM, 2))
+        C = A @ A.T + 1e-3 * np.eye(DIM)
+    else:
+        A = rng.normal(size=(DIM, DIM))
+        C = A @ A.T / DIM + 1e-2 * np.eye(DIM)
+    d = np.sqrt(np.diag(C))
+    s = np.ones(DIM) if kind == 2 else rng.uniform(0.2, 1.0, DIM)
+    s[rng.integers(DIM)] = 1.0
+    return c * C / np.outer(d, d) * np.outer(s, s)
+
+
+# the middle of each rule's range of RULES, and beyond the last bound's half
+VARIANCES = [1.0, 2.5, 4.5, 7.0, 16.0, 36.0, 88.0, 256.0, 576.0, 1408.0]
+
+
+def test_the_rule_of_each_variance_is_within_1e_10(g4_erf, g4_fixed):
+    """The kernels' G4 (the path rule of quadrature.RULES for the largest variance of its
+    fields) against the 128-point rule, to 1e-10, for largest variances from 1 to 1400
+    (the rules of 10 to 64 nodes): random covariances, strongly correlated ones, equal
+    variances; every equality pattern with the largest variance's field among the four,
+    where the integrand's singularity is nearest. The 20-point rule alone, the kernels'
+    rule before RULES, is off by more than 1e-10 from variance 88 (a test that can fail)."""
+    rng = np.random.default_rng(2026)
+    reference, old = g4_fixed(128), g4_fixed(20)
+    worst, old_worst = {}, {}
+    for c in VARIANCES:
+        for kind in range(3):
+            C = _covariance_with_largest_variance(rng, c, kind)
+            top = int(np.argmax(np.diag(C)))
+            for pattern in PATTERNS:
+                fields = rng.choice(DIM, size=max(pattern) + 1, replace=False)
+                if top not in fields:
+                    fields[0] = top
+                idx = tuple(int(fields[p]) for p in pattern)
+                want = reference.G4(C, *idx)
+                worst[c] = max(worst.get(c, 0.0), abs(g4_erf.G4(C, *idx) - want))
+                old_worst[c] = max(old_worst.get(c, 0.0), abs(old.G4(C, *idx) - want))
+    bad = {c: e for c, e in worst.items() if not e <= 1e-10}
+    assert not bad, f"largest variance: error of the kernels' rule {bad}"
+    assert all(old_worst[c] > 1e-10 for c in VARIANCES if c >= 88.0), old_worst
 
 
 def test_g4_dir_is_the_derivative_along_dc(g4_erf, random_covariance):
@@ -350,3 +410,29 @@ def test_integral_printed_as_a_sum_over_nodes():
     ]
     with pytest.raises(ValueError, match="from 0 to 1"):
         codegen.integral_code(sp.Integral(t, (t, 0, 2)), "q0", 16)
+    # the kernels' choice: the rule that the selector gives for the largest variance
+    assert codegen.integral_code(integral, "q0", None, "s", ["C_aa", "C_bb"])[2:5] == [
+        f"sT_, sW_ = {quadrature.SELECTOR}(max(C_aa, C_bb))",
+        "q0 = 0.0",
+        "for node in range(sT_.shape[0]):",
+    ]
+
+
+def test_rules_choose_more_nodes_for_larger_variances():
+    """quadrature.RULES: bounds and counts increasing; nodes_for takes the first bound
+    that holds, the last count above it (and for NaN); the printed selector says the
+    same, branch by branch."""
+    bounds = [b for b, _ in quadrature.RULES]
+    counts = [n for _, n in quadrature.RULES]
+    assert bounds == sorted(set(bounds)) and counts == sorted(set(counts))
+    for (b, n), (_, n_next) in zip(quadrature.RULES, quadrature.RULES[1:]):
+        assert quadrature.nodes_for(b) == n and quadrature.nodes_for(b * 1.0001) == n_next
+    assert quadrature.nodes_for(1e9) == counts[-1] == quadrature.nodes_for(float("nan"))
+    ns = {}
+    exec("\n".join(["import numpy as np", *quadrature.selector_code(None)]).replace("@njit", "#"), ns)
+    for n in counts:
+        for name, values in zip(quadrature.rule_names(n), quadrature.path_rule(n)):
+            ns[name] = values
+    for c in [0.0, 0.5, *bounds, *(b * 1.0001 for b in bounds), 1e9, float("nan")]:
+        t, w = ns[quadrature.SELECTOR](c)
+        assert (t, w) == quadrature.path_rule(quadrature.nodes_for(c)), c
