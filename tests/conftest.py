@@ -37,3 +37,32 @@ def _random_covariance(rng: np.random.Generator, n: int, eps: float = 1e-2) -> n
 def random_covariance():
     """The function ``random_covariance(rng, n, eps=1e-2)`` above."""
     return _random_covariance
+
+
+def pytest_sessionstart(session):
+    """Before the workers of a whole-suite run over several processes come up (the
+    README's test command, CI), the slowest kernels are compiled into numba's cache
+    once, in parallel (tests/compile_ahead.py); otherwise two workers would compile the
+    same kernel at the same time. Not in a worker, a run in one process, or a run of
+    chosen tests (a path or an expression among the arguments)."""
+    import importlib.util
+    import subprocess
+    import time
+
+    config = session.config
+    if hasattr(config, "workerinput") or not (getattr(config.option, "numprocesses", 0) or 0) >= 2:
+        return
+    if config.option.collectonly:
+        return
+    if any(not a.startswith("-") for a in config.invocation_params.args):
+        return
+    script = Path(__file__).resolve().parent / "compile_ahead.py"
+    spec = importlib.util.spec_from_file_location("compile_ahead", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    start = time.perf_counter()
+    procs = {g: subprocess.Popen([sys.executable, str(script), g]) for g in module.GROUPS}
+    failed = [g for g, p in procs.items() if p.wait() != 0]
+    if failed:  # the tests that need them compile them, and fail there if they must
+        print(f"\ncompile ahead: group(s) {', '.join(failed)} failed", file=sys.stderr)
+    print(f"\nkernels compiled or loaded ahead of the workers in {time.perf_counter() - start:.0f} s")
