@@ -137,7 +137,9 @@ def needs_compiling(*functions) -> bool:
 
 
 def compile_notice(
-    kernel: "Kernel", what: str = "kernels", note: str = "first run only, numba caches them; up to two minutes"
+    kernel: "Kernel",
+    what: str = "kernels",
+    note: str = "first run only, numba caches them; up to two minutes",
 ) -> str:
     """The line that tells that a compilation is under way."""
     return f"compiling the {what} of {kernel.model.name}/{kernel.activation} ({note})"
