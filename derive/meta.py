@@ -133,7 +133,7 @@ class TaskProgram:
     statements: tuple
 
 
-def hoist_partial_sums(stmts, counter=None) -> tuple:
+def hoist_partial_sums(stmts, counter=None, tabled=()) -> tuple:
     """``stmts`` with the costly part of each term of an ``Assign`` computed first when
     it reads only some of the component's free indices. A term is ``outer * inner``:
     ``inner`` its primitive and the factors that depend on its summation indices,
@@ -145,11 +145,15 @@ def hoist_partial_sums(stmts, counter=None) -> tuple:
     indices is computed once per value of its own four. Before that, a primitive
     summed in a term that reads more indices than the primitive does is tabulated over
     its own (``tab<n>_``): ``sum_{j0, m0} I4(j, jj, j0, m0) L[j0, r] L[m0, r2]`` over
-    ``(j, jj, r, r2)`` calls I4 K^3 M times, not K^3 M^3. The terms are the
-    derivation's, regrouped; each value is unchanged up to the order of additions."""
+    ``(j, jj, r, r2)`` calls I4 K^3 M times, not K^3 M^3. A primitive that a ``Table``
+    before the statement (in its body or an enclosing one) serves is not tabulated
+    again: the kernel reads that table (``tabled``, the primitives of those tables).
+    The terms are the derivation's, regrouped; each value is unchanged up to the order
+    of additions."""
     from .flow import Component, FlowTerm
 
     counter = counter if counter is not None else itertools.count()
+    tabled = set(tabled)
     out, cache = [], {}  # cache: (free, terms) -> (the array's read, the arrays it reads)
 
     def array(prefix, free, terms):
@@ -168,16 +172,18 @@ def hoist_partial_sums(stmts, counter=None) -> tuple:
 
     for st in stmts:
         if isinstance(st, (Repeat, Guard, Directions, Outlined)):
-            out.append(replace(st, body=hoist_partial_sums(st.body, counter)))
+            out.append(replace(st, body=hoist_partial_sums(st.body, counter, tabled)))
             cache.clear()  # it may write anything
             continue
+        if isinstance(st, Table):
+            tabled.add(st.primitive)
         if not isinstance(st, Assign):
             out.append(st)
             cache = {k: v for k, v in cache.items() if st.name not in v[1]} if isinstance(st, Alloc) else {}
             continue
-        comp, groups, kept = st.component, {}, []
+        comp, groups, kept, tabulated = st.component, {}, [], False
         for t in comp.terms:
-            if isinstance(t, FlowTerm) and t.primitive and t.sums:
+            if isinstance(t, FlowTerm) and t.primitive and t.sums and t.primitive not in tabled:
                 # a primitive in a sum (one free of it is multiplied after the sum) that
                 # reads fewer of the nest's indices than its term: tabulated over its own
                 nest = (*comp.free, *t.sums)
@@ -185,7 +191,7 @@ def hoist_partial_sums(stmts, counter=None) -> tuple:
                 reads = sum(1 for i in nest if t.coeff.has(i) or any(a.has(i) for a in t.args))
                 if set(own) & set(t.sums) and len(own) < reads:
                     table = array("tab", own, [FlowTerm(sp.S.One, (), t.primitive, t.args)])
-                    t = FlowTerm(t.coeff * table, t.sums, None, ())
+                    t, tabulated = FlowTerm(t.coeff * table, t.sums, None, ()), True
             if not isinstance(t, FlowTerm) or not (t.sums or t.primitive):
                 kept.append(t)
                 continue
@@ -201,7 +207,7 @@ def hoist_partial_sums(stmts, counter=None) -> tuple:
             groups.setdefault((used, outer), []).append(FlowTerm(sp.Mul(*inner), t.sums, t.primitive, t.args))
         for (used, outer), terms in groups.items():
             kept.append(FlowTerm(outer * array("part", used, terms), (), None, ()))
-        if groups:
+        if groups or tabulated:
             st = Assign(Component(comp.name, comp.free, tuple(kept), comp.symmetric), st.out, st.target)
         out.append(st)
         cache = {k: v for k, v in cache.items() if st.out not in v[1]}

@@ -2,7 +2,7 @@
 # model:      anil (derive/models/anil.py, docs/models/anil.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 148d32544567f416a39cf998b4e1518496ede30536aeafaa1f54334d17808dee
+# inputs:     sha256 d60ed5afb3090407f2324a69d1404fdfe137b500e617f4fac965116ce5e53ad7
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 691 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `anil`: meta-learning a shared representation, ANIL on streaming tasks (Wang, Yip & Li 2024); g(z) = z.
@@ -22,7 +22,7 @@ from numba import njit, objmode, prange
 
 MODEL = "anil"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "148d32544567f416a39cf998b4e1518496ede30536aeafaa1f54334d17808dee"
+INPUTS_SHA256 = "d60ed5afb3090407f2324a69d1404fdfe137b500e617f4fac965116ce5e53ad7"
 PARAMS = ("eta", "eta_a", "alpha_in", "S", "order", "n_q", "n_s", "s", "eps_B", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("a", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vbar", ("M", )), )
@@ -1720,30 +1720,6 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
                         s0 += G4(C, i2_, i_, K + M + m0, K + M + m1)*mu_v_task[m0]*mu_v_task[m1]
                 acc += 1 * (d0 + 2.0 * s0)
                 Eqbb_0[i_, i2_] = acc
-        tab0_ = np.zeros((K, K, K, K,))
-        for i_ in range(K):
-            for i2_ in range(K):
-                for j0 in range(K):
-                    for j1 in range(K):
-                        acc = 0.0
-                        acc += G4(C, j0, j1, i2_, i_)
-                        tab0_[i_, i2_, j0, j1] = acc
-        tab1_ = np.zeros((K, K, K, M,))
-        for i_ in range(K):
-            for i2_ in range(K):
-                for j0 in range(K):
-                    for m0 in range(M):
-                        acc = 0.0
-                        acc += G4(C, j0, i2_, i_, K + M + m0)
-                        tab1_[i_, i2_, j0, m0] = acc
-        tab2_ = np.zeros((K, K, M, M,))
-        for i_ in range(K):
-            for i2_ in range(K):
-                for m0 in range(M):
-                    for m1 in range(M):
-                        acc = 0.0
-                        acc += G4(C, i2_, i_, K + M + m0, K + M + m1)
-                        tab2_[i_, i2_, m0, m1] = acc
         for i_ in range(K):
             for i2_ in range(K):
                 for r_ in range(M):
@@ -1814,144 +1790,144 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
                 s0 += I2(C, i_, K + M + m0)*mu_v_task[m0]
             acc += -1 * s0
             Eqb_0[i_] = acc
-        tab3_ = np.zeros((K, K,))
+        tab0_ = np.zeros((K, K,))
         for i_ in range(K):
             for j0 in range(K):
                 acc = 0.0
                 acc += I2(C, j0, i_)
-                tab3_[i_, j0] = acc
-        tab4_ = np.zeros((K, M,))
+                tab0_[i_, j0] = acc
+        tab1_ = np.zeros((K, M,))
         for i_ in range(K):
             for m0 in range(M):
                 acc = 0.0
                 acc += I2(C, i_, K + M + m0)
-                tab4_[i_, m0] = acc
+                tab1_[i_, m0] = acc
         for i_ in range(K):
             for r_ in range(M):
                 acc = 0.0
                 s0 = 0.0
                 for j0 in range(K):
-                    s0 += I2(C, j0, i_)*L_adapted[j0, r_]
+                    s0 += L_adapted[j0, r_]*tab0_[i_, j0]
                 acc += 1 * s0
                 s0 = 0.0
                 for m0 in range(M):
-                    s0 += I2(C, i_, K + M + m0)*L_v_task[m0, r_]
+                    s0 += L_v_task[m0, r_]*tab1_[i_, m0]
                 acc += -1 * s0
                 Eqb_1[i_, r_] = acc
         for s_ in range(steps_):
             for t_ in range(steps_):
-                tab5_ = np.zeros((K, K, K, K,))
+                tab2_ = np.zeros((K, K, K, K,))
                 for j in range(K):
                     for jj_ in range(K):
                         for l in range(K):
                             for j0 in range(K):
                                 acc = 0.0
                                 acc += I4(C, j, l, j0, jj_)
-                                tab5_[j, jj_, l, j0] = acc
-                tab6_ = np.zeros((K, K, K, K,))
+                                tab2_[j, jj_, l, j0] = acc
+                tab3_ = np.zeros((K, K, K, K,))
                 for j in range(K):
                     for k in range(K):
                         for jj_ in range(K):
                             for j0 in range(K):
                                 acc = 0.0
                                 acc += I4(C, jj_, k, j0, j)
-                                tab6_[j, k, jj_, j0] = acc
-                tab7_ = np.zeros((K, K, K, M,))
+                                tab3_[j, k, jj_, j0] = acc
+                tab4_ = np.zeros((K, K, K, M,))
                 for j in range(K):
                     for jj_ in range(K):
                         for l in range(K):
                             for m0 in range(M):
                                 acc = 0.0
                                 acc += I4(C, j, l, jj_, K + M + m0)
-                                tab7_[j, jj_, l, m0] = acc
-                tab8_ = np.zeros((K, K, K, M,))
+                                tab4_[j, jj_, l, m0] = acc
+                tab5_ = np.zeros((K, K, K, M,))
                 for j in range(K):
                     for k in range(K):
                         for jj_ in range(K):
                             for m0 in range(M):
                                 acc = 0.0
                                 acc += I4(C, jj_, k, j, K + M + m0)
-                                tab8_[j, k, jj_, m0] = acc
-                tab9_ = np.zeros((K, K, K, K,))
+                                tab5_[j, k, jj_, m0] = acc
+                tab6_ = np.zeros((K, K, K, K,))
                 for j in range(K):
                     for jj_ in range(K):
                         for j0 in range(K):
                             for j1 in range(K):
                                 acc = 0.0
                                 acc += I4(C, j, jj_, j0, j1)
-                                tab9_[j, jj_, j0, j1] = acc
-                tab10_ = np.zeros((K, K, K, M,))
+                                tab6_[j, jj_, j0, j1] = acc
+                tab7_ = np.zeros((K, K, K, M,))
                 for j in range(K):
                     for jj_ in range(K):
                         for j0 in range(K):
                             for m0 in range(M):
                                 acc = 0.0
                                 acc += I4(C, j, jj_, j0, K + M + m0)
-                                tab10_[j, jj_, j0, m0] = acc
-                tab11_ = np.zeros((K, K, M, M,))
+                                tab7_[j, jj_, j0, m0] = acc
+                tab8_ = np.zeros((K, K, M, M,))
                 for j in range(K):
                     for jj_ in range(K):
                         for m0 in range(M):
                             for m1 in range(M):
                                 acc = 0.0
                                 acc += I4(C, j, jj_, K + M + m0, K + M + m1)
-                                tab11_[j, jj_, m0, m1] = acc
+                                tab8_[j, jj_, m0, m1] = acc
+                part9_ = np.zeros((K, K, K,))
+                for j in range(K):
+                    for jj_ in range(K):
+                        for l in range(K):
+                            acc = 0.0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                s0 += mu_c[s_, j0]*tab2_[j, jj_, l, j0]
+                            acc += 1 * s0
+                            part9_[j, jj_, l] = acc
+                part10_ = np.zeros((K, K, K,))
+                for j in range(K):
+                    for k in range(K):
+                        for jj_ in range(K):
+                            acc = 0.0
+                            s0 = 0.0
+                            for j0 in range(K):
+                                s0 += mu_c[t_, j0]*tab3_[j, k, jj_, j0]
+                            acc += 1 * s0
+                            part10_[j, k, jj_] = acc
+                part11_ = np.zeros((K, K, K,))
+                for j in range(K):
+                    for jj_ in range(K):
+                        for l in range(K):
+                            acc = 0.0
+                            s0 = 0.0
+                            for m0 in range(M):
+                                s0 += mu_v_task[m0]*tab4_[j, jj_, l, m0]
+                            acc += 1 * s0
+                            part11_[j, jj_, l] = acc
                 part12_ = np.zeros((K, K, K,))
                 for j in range(K):
-                    for jj_ in range(K):
-                        for l in range(K):
-                            acc = 0.0
-                            s0 = 0.0
-                            for j0 in range(K):
-                                s0 += mu_c[s_, j0]*tab5_[j, jj_, l, j0]
-                            acc += 1 * s0
-                            part12_[j, jj_, l] = acc
-                part13_ = np.zeros((K, K, K,))
-                for j in range(K):
-                    for k in range(K):
-                        for jj_ in range(K):
-                            acc = 0.0
-                            s0 = 0.0
-                            for j0 in range(K):
-                                s0 += mu_c[t_, j0]*tab6_[j, k, jj_, j0]
-                            acc += 1 * s0
-                            part13_[j, k, jj_] = acc
-                part14_ = np.zeros((K, K, K,))
-                for j in range(K):
-                    for jj_ in range(K):
-                        for l in range(K):
-                            acc = 0.0
-                            s0 = 0.0
-                            for m0 in range(M):
-                                s0 += mu_v_task[m0]*tab7_[j, jj_, l, m0]
-                            acc += 1 * s0
-                            part14_[j, jj_, l] = acc
-                part15_ = np.zeros((K, K, K,))
-                for j in range(K):
                     for k in range(K):
                         for jj_ in range(K):
                             acc = 0.0
                             s0 = 0.0
                             for m0 in range(M):
-                                s0 += mu_v_task[m0]*tab8_[j, k, jj_, m0]
+                                s0 += mu_v_task[m0]*tab5_[j, k, jj_, m0]
                             acc += 1 * s0
-                            part15_[j, k, jj_] = acc
-                part16_ = np.zeros((K, K,))
+                            part12_[j, k, jj_] = acc
+                part13_ = np.zeros((K, K,))
                 for j in range(K):
                     for jj_ in range(K):
                         acc = 0.0
                         s0 = 0.0
                         for j0 in range(K):
                             for j1 in range(K):
-                                s0 += mu_c[s_, j0]*mu_c[t_, j1]*tab9_[j, jj_, j0, j1]
+                                s0 += mu_c[s_, j0]*mu_c[t_, j1]*tab6_[j, jj_, j0, j1]
                         acc += 1 * s0
                         s0 = 0.0
                         for m0 in range(M):
                             for m1 in range(M):
-                                s0 += mu_v_task[m0]*mu_v_task[m1]*tab11_[j, jj_, m0, m1]
+                                s0 += mu_v_task[m0]*mu_v_task[m1]*tab8_[j, jj_, m0, m1]
                         acc += 1 * s0
-                        part16_[j, jj_] = acc
-                part17_ = np.zeros((K, K,))
+                        part13_[j, jj_] = acc
+                part14_ = np.zeros((K, K,))
                 for j in range(K):
                     for jj_ in range(K):
                         acc = 0.0
@@ -1959,11 +1935,11 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
                         s1 = 0.0
                         for j0 in range(K):
                             for m0 in range(M):
-                                s0 += mu_c[s_, j0]*mu_v_task[m0]*tab10_[j, jj_, j0, m0]
-                                s1 += mu_c[t_, j0]*mu_v_task[m0]*tab10_[j, jj_, j0, m0]
+                                s0 += mu_c[s_, j0]*mu_v_task[m0]*tab7_[j, jj_, j0, m0]
+                                s1 += mu_c[t_, j0]*mu_v_task[m0]*tab7_[j, jj_, j0, m0]
                         acc += 1 * s0
                         acc += 1 * s1
-                        part17_[j, jj_] = acc
+                        part14_[j, jj_] = acc
                 for j in range(K):
                     for k in range(K):
                         for jj_ in range(K):
@@ -1971,66 +1947,66 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
                                 acc = 0.0
                                 acc += sigma**2*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0)
                                 acc += I4(C, k, l, j, jj_)*mu_c[s_, k]*mu_c[t_, l]
-                                acc += (1.0 if j == k else 0.0)*mu_c[t_, l]*part12_[j, jj_, l]
-                                acc += (1.0 if jj_ == l else 0.0)*mu_c[s_, k]*part13_[j, k, jj_]
-                                acc += -(1.0 if j == k else 0.0)*mu_c[t_, l]*part14_[j, jj_, l]
-                                acc += -(1.0 if jj_ == l else 0.0)*mu_c[s_, k]*part15_[j, k, jj_]
-                                acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0)*part16_[j, jj_]
-                                acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0)*part17_[j, jj_]
+                                acc += (1.0 if j == k else 0.0)*mu_c[t_, l]*part9_[j, jj_, l]
+                                acc += (1.0 if jj_ == l else 0.0)*mu_c[s_, k]*part10_[j, k, jj_]
+                                acc += -(1.0 if j == k else 0.0)*mu_c[t_, l]*part11_[j, jj_, l]
+                                acc += -(1.0 if jj_ == l else 0.0)*mu_c[s_, k]*part12_[j, k, jj_]
+                                acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0)*part13_[j, jj_]
+                                acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0)*part14_[j, jj_]
                                 PS_0[j, k, jj_, l] = acc
-                part18_ = np.zeros((K, K, K, K,))
+                part15_ = np.zeros((K, K, K, K,))
                 for j in range(K):
                     for k in range(K):
                         for jj_ in range(K):
                             for l in range(K):
                                 acc = 0.0
                                 acc += I4(C, k, l, j, jj_)
-                                part18_[j, k, jj_, l] = acc
+                                part15_[j, k, jj_, l] = acc
+                part16_ = np.zeros((K, K, K, M,))
+                for j in range(K):
+                    for jj_ in range(K):
+                        for l in range(K):
+                            for r_ in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    s0 += L_c[s_, j0, r_]*tab2_[j, jj_, l, j0]
+                                acc += 1 * s0
+                                part16_[j, jj_, l, r_] = acc
+                part17_ = np.zeros((K, K, K, M,))
+                for j in range(K):
+                    for k in range(K):
+                        for jj_ in range(K):
+                            for r_ in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    s0 += L_c[t_, j0, r_]*tab3_[j, k, jj_, j0]
+                                acc += 1 * s0
+                                part17_[j, k, jj_, r_] = acc
+                part18_ = np.zeros((K, K, K, M,))
+                for j in range(K):
+                    for jj_ in range(K):
+                        for l in range(K):
+                            for r_ in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    s0 += L_v_task[m0, r_]*tab4_[j, jj_, l, m0]
+                                acc += 1 * s0
+                                part18_[j, jj_, l, r_] = acc
                 part19_ = np.zeros((K, K, K, M,))
                 for j in range(K):
-                    for jj_ in range(K):
-                        for l in range(K):
-                            for r_ in range(M):
-                                acc = 0.0
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    s0 += L_c[s_, j0, r_]*tab5_[j, jj_, l, j0]
-                                acc += 1 * s0
-                                part19_[j, jj_, l, r_] = acc
-                part20_ = np.zeros((K, K, K, M,))
-                for j in range(K):
-                    for k in range(K):
-                        for jj_ in range(K):
-                            for r_ in range(M):
-                                acc = 0.0
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    s0 += L_c[t_, j0, r_]*tab6_[j, k, jj_, j0]
-                                acc += 1 * s0
-                                part20_[j, k, jj_, r_] = acc
-                part21_ = np.zeros((K, K, K, M,))
-                for j in range(K):
-                    for jj_ in range(K):
-                        for l in range(K):
-                            for r_ in range(M):
-                                acc = 0.0
-                                s0 = 0.0
-                                for m0 in range(M):
-                                    s0 += L_v_task[m0, r_]*tab7_[j, jj_, l, m0]
-                                acc += 1 * s0
-                                part21_[j, jj_, l, r_] = acc
-                part22_ = np.zeros((K, K, K, M,))
-                for j in range(K):
                     for k in range(K):
                         for jj_ in range(K):
                             for r_ in range(M):
                                 acc = 0.0
                                 s0 = 0.0
                                 for m0 in range(M):
-                                    s0 += L_v_task[m0, r_]*tab8_[j, k, jj_, m0]
+                                    s0 += L_v_task[m0, r_]*tab5_[j, k, jj_, m0]
                                 acc += 1 * s0
-                                part22_[j, k, jj_, r_] = acc
-                part23_ = np.zeros((K, K, M,))
+                                part19_[j, k, jj_, r_] = acc
+                part20_ = np.zeros((K, K, M,))
                 for j in range(K):
                     for jj_ in range(K):
                         for r_ in range(M):
@@ -2039,20 +2015,20 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
                             s1 = 0.0
                             for j0 in range(K):
                                 for j1 in range(K):
-                                    s0 += L_c[t_, j1, r_]*mu_c[s_, j0]*tab9_[j, jj_, j0, j1]
-                                    s1 += L_c[s_, j0, r_]*mu_c[t_, j1]*tab9_[j, jj_, j0, j1]
+                                    s0 += L_c[t_, j1, r_]*mu_c[s_, j0]*tab6_[j, jj_, j0, j1]
+                                    s1 += L_c[s_, j0, r_]*mu_c[t_, j1]*tab6_[j, jj_, j0, j1]
                             acc += 1 * s0
                             acc += 1 * s1
                             s0 = 0.0
                             s1 = 0.0
                             for m0 in range(M):
                                 for m1 in range(M):
-                                    s0 += L_v_task[m1, r_]*mu_v_task[m0]*tab11_[j, jj_, m0, m1]
-                                    s1 += L_v_task[m0, r_]*mu_v_task[m1]*tab11_[j, jj_, m0, m1]
+                                    s0 += L_v_task[m1, r_]*mu_v_task[m0]*tab8_[j, jj_, m0, m1]
+                                    s1 += L_v_task[m0, r_]*mu_v_task[m1]*tab8_[j, jj_, m0, m1]
                             acc += 1 * s0
                             acc += 1 * s1
-                            part23_[j, jj_, r_] = acc
-                part24_ = np.zeros((K, K, M,))
+                            part20_[j, jj_, r_] = acc
+                part21_ = np.zeros((K, K, M,))
                 for j in range(K):
                     for jj_ in range(K):
                         for r_ in range(M):
@@ -2063,79 +2039,79 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
                             s3 = 0.0
                             for j0 in range(K):
                                 for m0 in range(M):
-                                    s0 += L_c[s_, j0, r_]*mu_v_task[m0]*tab10_[j, jj_, j0, m0]
-                                    s1 += L_c[t_, j0, r_]*mu_v_task[m0]*tab10_[j, jj_, j0, m0]
-                                    s2 += L_v_task[m0, r_]*mu_c[s_, j0]*tab10_[j, jj_, j0, m0]
-                                    s3 += L_v_task[m0, r_]*mu_c[t_, j0]*tab10_[j, jj_, j0, m0]
+                                    s0 += L_c[s_, j0, r_]*mu_v_task[m0]*tab7_[j, jj_, j0, m0]
+                                    s1 += L_c[t_, j0, r_]*mu_v_task[m0]*tab7_[j, jj_, j0, m0]
+                                    s2 += L_v_task[m0, r_]*mu_c[s_, j0]*tab7_[j, jj_, j0, m0]
+                                    s3 += L_v_task[m0, r_]*mu_c[t_, j0]*tab7_[j, jj_, j0, m0]
                             acc += 1 * s0
                             acc += 1 * s1
                             acc += 1 * s2
                             acc += 1 * s3
-                            part24_[j, jj_, r_] = acc
+                            part21_[j, jj_, r_] = acc
                 for j in range(K):
                     for k in range(K):
                         for jj_ in range(K):
                             for l in range(K):
                                 for r_ in range(M):
                                     acc = 0.0
-                                    acc += L_c[t_, l, r_]*mu_c[s_, k]*part18_[j, k, jj_, l]
-                                    acc += L_c[s_, k, r_]*mu_c[t_, l]*part18_[j, k, jj_, l]
-                                    acc += (1.0 if j == k else 0.0)*L_c[t_, l, r_]*part12_[j, jj_, l]
-                                    acc += (1.0 if j == k else 0.0)*mu_c[t_, l]*part19_[j, jj_, l, r_]
-                                    acc += (1.0 if jj_ == l else 0.0)*mu_c[s_, k]*part20_[j, k, jj_, r_]
-                                    acc += (1.0 if jj_ == l else 0.0)*L_c[s_, k, r_]*part13_[j, k, jj_]
-                                    acc += -(1.0 if j == k else 0.0)*L_c[t_, l, r_]*part14_[j, jj_, l]
-                                    acc += -(1.0 if j == k else 0.0)*mu_c[t_, l]*part21_[j, jj_, l, r_]
-                                    acc += -(1.0 if jj_ == l else 0.0)*L_c[s_, k, r_]*part15_[j, k, jj_]
-                                    acc += -(1.0 if jj_ == l else 0.0)*mu_c[s_, k]*part22_[j, k, jj_, r_]
-                                    acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0)*part23_[j, jj_, r_]
-                                    acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0)*part24_[j, jj_, r_]
+                                    acc += L_c[t_, l, r_]*mu_c[s_, k]*part15_[j, k, jj_, l]
+                                    acc += L_c[s_, k, r_]*mu_c[t_, l]*part15_[j, k, jj_, l]
+                                    acc += (1.0 if j == k else 0.0)*L_c[t_, l, r_]*part9_[j, jj_, l]
+                                    acc += (1.0 if j == k else 0.0)*mu_c[t_, l]*part16_[j, jj_, l, r_]
+                                    acc += (1.0 if jj_ == l else 0.0)*mu_c[s_, k]*part17_[j, k, jj_, r_]
+                                    acc += (1.0 if jj_ == l else 0.0)*L_c[s_, k, r_]*part10_[j, k, jj_]
+                                    acc += -(1.0 if j == k else 0.0)*L_c[t_, l, r_]*part11_[j, jj_, l]
+                                    acc += -(1.0 if j == k else 0.0)*mu_c[t_, l]*part18_[j, jj_, l, r_]
+                                    acc += -(1.0 if jj_ == l else 0.0)*L_c[s_, k, r_]*part12_[j, k, jj_]
+                                    acc += -(1.0 if jj_ == l else 0.0)*mu_c[s_, k]*part19_[j, k, jj_, r_]
+                                    acc += (1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0)*part20_[j, jj_, r_]
+                                    acc += -(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0)*part21_[j, jj_, r_]
                                     PS_1[j, k, jj_, l, r_] = acc
+                part22_ = np.zeros((K, K, K, M,))
+                for j in range(K):
+                    for jj_ in range(K):
+                        for l in range(K):
+                            for r2_ in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    s0 += L_c[s_, j0, r2_]*tab2_[j, jj_, l, j0]
+                                acc += 1 * s0
+                                part22_[j, jj_, l, r2_] = acc
+                part23_ = np.zeros((K, K, K, M,))
+                for j in range(K):
+                    for k in range(K):
+                        for jj_ in range(K):
+                            for r2_ in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                for j0 in range(K):
+                                    s0 += L_c[t_, j0, r2_]*tab3_[j, k, jj_, j0]
+                                acc += 1 * s0
+                                part23_[j, k, jj_, r2_] = acc
+                part24_ = np.zeros((K, K, K, M,))
+                for j in range(K):
+                    for jj_ in range(K):
+                        for l in range(K):
+                            for r2_ in range(M):
+                                acc = 0.0
+                                s0 = 0.0
+                                for m0 in range(M):
+                                    s0 += L_v_task[m0, r2_]*tab4_[j, jj_, l, m0]
+                                acc += 1 * s0
+                                part24_[j, jj_, l, r2_] = acc
                 part25_ = np.zeros((K, K, K, M,))
                 for j in range(K):
-                    for jj_ in range(K):
-                        for l in range(K):
-                            for r2_ in range(M):
-                                acc = 0.0
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    s0 += L_c[s_, j0, r2_]*tab5_[j, jj_, l, j0]
-                                acc += 1 * s0
-                                part25_[j, jj_, l, r2_] = acc
-                part26_ = np.zeros((K, K, K, M,))
-                for j in range(K):
-                    for k in range(K):
-                        for jj_ in range(K):
-                            for r2_ in range(M):
-                                acc = 0.0
-                                s0 = 0.0
-                                for j0 in range(K):
-                                    s0 += L_c[t_, j0, r2_]*tab6_[j, k, jj_, j0]
-                                acc += 1 * s0
-                                part26_[j, k, jj_, r2_] = acc
-                part27_ = np.zeros((K, K, K, M,))
-                for j in range(K):
-                    for jj_ in range(K):
-                        for l in range(K):
-                            for r2_ in range(M):
-                                acc = 0.0
-                                s0 = 0.0
-                                for m0 in range(M):
-                                    s0 += L_v_task[m0, r2_]*tab7_[j, jj_, l, m0]
-                                acc += 1 * s0
-                                part27_[j, jj_, l, r2_] = acc
-                part28_ = np.zeros((K, K, K, M,))
-                for j in range(K):
                     for k in range(K):
                         for jj_ in range(K):
                             for r2_ in range(M):
                                 acc = 0.0
                                 s0 = 0.0
                                 for m0 in range(M):
-                                    s0 += L_v_task[m0, r2_]*tab8_[j, k, jj_, m0]
+                                    s0 += L_v_task[m0, r2_]*tab5_[j, k, jj_, m0]
                                 acc += 1 * s0
-                                part28_[j, k, jj_, r2_] = acc
-                part29_ = np.zeros((K, K, M, M,))
+                                part25_[j, k, jj_, r2_] = acc
+                part26_ = np.zeros((K, K, M, M,))
                 for j in range(K):
                     for jj_ in range(K):
                         for r_ in range(M):
@@ -2145,20 +2121,20 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
                                 s1 = 0.0
                                 for j0 in range(K):
                                     for j1 in range(K):
-                                        s0 += L_c[s_, j0, r2_]*L_c[t_, j1, r_]*tab9_[j, jj_, j0, j1]
-                                        s1 += L_c[s_, j0, r_]*L_c[t_, j1, r2_]*tab9_[j, jj_, j0, j1]
+                                        s0 += L_c[s_, j0, r2_]*L_c[t_, j1, r_]*tab6_[j, jj_, j0, j1]
+                                        s1 += L_c[s_, j0, r_]*L_c[t_, j1, r2_]*tab6_[j, jj_, j0, j1]
                                 acc += 1 * s0
                                 acc += 1 * s1
                                 s0 = 0.0
                                 s1 = 0.0
                                 for m0 in range(M):
                                     for m1 in range(M):
-                                        s0 += L_v_task[m0, r2_]*L_v_task[m1, r_]*tab11_[j, jj_, m0, m1]
-                                        s1 += L_v_task[m0, r_]*L_v_task[m1, r2_]*tab11_[j, jj_, m0, m1]
+                                        s0 += L_v_task[m0, r2_]*L_v_task[m1, r_]*tab8_[j, jj_, m0, m1]
+                                        s1 += L_v_task[m0, r_]*L_v_task[m1, r2_]*tab8_[j, jj_, m0, m1]
                                 acc += 1 * s0
                                 acc += 1 * s1
-                                part29_[j, jj_, r_, r2_] = acc
-                part30_ = np.zeros((K, K, M, M,))
+                                part26_[j, jj_, r_, r2_] = acc
+                part27_ = np.zeros((K, K, M, M,))
                 for j in range(K):
                     for jj_ in range(K):
                         for r_ in range(M):
@@ -2170,15 +2146,15 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
                                 s3 = 0.0
                                 for j0 in range(K):
                                     for m0 in range(M):
-                                        s0 += L_c[s_, j0, r_]*L_v_task[m0, r2_]*tab10_[j, jj_, j0, m0]
-                                        s1 += L_c[t_, j0, r_]*L_v_task[m0, r2_]*tab10_[j, jj_, j0, m0]
-                                        s2 += L_c[s_, j0, r2_]*L_v_task[m0, r_]*tab10_[j, jj_, j0, m0]
-                                        s3 += L_c[t_, j0, r2_]*L_v_task[m0, r_]*tab10_[j, jj_, j0, m0]
+                                        s0 += L_c[s_, j0, r_]*L_v_task[m0, r2_]*tab7_[j, jj_, j0, m0]
+                                        s1 += L_c[t_, j0, r_]*L_v_task[m0, r2_]*tab7_[j, jj_, j0, m0]
+                                        s2 += L_c[s_, j0, r2_]*L_v_task[m0, r_]*tab7_[j, jj_, j0, m0]
+                                        s3 += L_c[t_, j0, r2_]*L_v_task[m0, r_]*tab7_[j, jj_, j0, m0]
                                 acc += 1 * s0
                                 acc += 1 * s1
                                 acc += 1 * s2
                                 acc += 1 * s3
-                                part30_[j, jj_, r_, r2_] = acc
+                                part27_[j, jj_, r_, r2_] = acc
                 for j in range(K):
                     for k in range(K):
                         for jj_ in range(K):
@@ -2186,18 +2162,18 @@ def support_second_order_(BN_c, B_, C, EA_c, EA_v_task, GG_adapted, H_s, K, L_ad
                                 for r_ in range(M):
                                     for r2_ in range(M):
                                         acc = 0.0
-                                        acc += (1.0/2.0)*L_c[s_, k, r2_]*L_c[t_, l, r_]*part18_[j, k, jj_, l]
-                                        acc += (1.0/2.0)*L_c[s_, k, r_]*L_c[t_, l, r2_]*part18_[j, k, jj_, l]
-                                        acc += (1.0/2.0)*(1.0 if j == k else 0.0)*L_c[t_, l, r_]*part25_[j, jj_, l, r2_]
-                                        acc += (1.0/2.0)*(1.0 if j == k else 0.0)*L_c[t_, l, r2_]*part19_[j, jj_, l, r_]
-                                        acc += (1.0/2.0)*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r2_]*part20_[j, k, jj_, r_]
-                                        acc += (1.0/2.0)*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r_]*part26_[j, k, jj_, r2_]
-                                        acc += -1.0/2.0*(1.0 if j == k else 0.0)*L_c[t_, l, r_]*part27_[j, jj_, l, r2_]
-                                        acc += -1.0/2.0*(1.0 if j == k else 0.0)*L_c[t_, l, r2_]*part21_[j, jj_, l, r_]
-                                        acc += -1.0/2.0*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r_]*part28_[j, k, jj_, r2_]
-                                        acc += -1.0/2.0*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r2_]*part22_[j, k, jj_, r_]
-                                        acc += (1.0/2.0)*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0)*part29_[j, jj_, r_, r2_]
-                                        acc += -1.0/2.0*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0)*part30_[j, jj_, r_, r2_]
+                                        acc += (1.0/2.0)*L_c[s_, k, r2_]*L_c[t_, l, r_]*part15_[j, k, jj_, l]
+                                        acc += (1.0/2.0)*L_c[s_, k, r_]*L_c[t_, l, r2_]*part15_[j, k, jj_, l]
+                                        acc += (1.0/2.0)*(1.0 if j == k else 0.0)*L_c[t_, l, r_]*part22_[j, jj_, l, r2_]
+                                        acc += (1.0/2.0)*(1.0 if j == k else 0.0)*L_c[t_, l, r2_]*part16_[j, jj_, l, r_]
+                                        acc += (1.0/2.0)*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r2_]*part17_[j, k, jj_, r_]
+                                        acc += (1.0/2.0)*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r_]*part23_[j, k, jj_, r2_]
+                                        acc += -1.0/2.0*(1.0 if j == k else 0.0)*L_c[t_, l, r_]*part24_[j, jj_, l, r2_]
+                                        acc += -1.0/2.0*(1.0 if j == k else 0.0)*L_c[t_, l, r2_]*part18_[j, jj_, l, r_]
+                                        acc += -1.0/2.0*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r_]*part25_[j, k, jj_, r2_]
+                                        acc += -1.0/2.0*(1.0 if jj_ == l else 0.0)*L_c[s_, k, r2_]*part19_[j, k, jj_, r_]
+                                        acc += (1.0/2.0)*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0)*part26_[j, jj_, r_, r2_]
+                                        acc += -1.0/2.0*(1.0 if j == k else 0.0)*(1.0 if jj_ == l else 0.0)*part27_[j, jj_, r_, r2_]
                                         PS_2[j, k, jj_, l, r_, r2_] = acc
                 for j in range(K):
                     for jj_ in range(K):

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 260a503539446a8854d6e4d118c65d450a07cd685f92afdfaedf7228dfdb8cde
+# inputs:     sha256 b17e0b324957937d86847cc637083757b3d422fad55913857eee201c1334c1b8
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 210 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "260a503539446a8854d6e4d118c65d450a07cd685f92afdfaedf7228dfdb8cde"
+INPUTS_SHA256 = "b17e0b324957937d86847cc637083757b3d422fad55913857eee201c1334c1b8"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      scm (derive/models/scm.py, docs/models/scm.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 8dc0738a6eee4a8da16047f5f2fdb40597400d390687249eb98f5dcc813c7714
+# inputs:     sha256 a3f856eac11a3cd13d4861406a61ded8663625276fe7413e305d0db8d07f767b
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 14 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `scm`: soft committee machine, first layer only (Saad & Solla 1995); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "scm"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "8dc0738a6eee4a8da16047f5f2fdb40597400d390687249eb98f5dcc813c7714"
+INPUTS_SHA256 = "a3f856eac11a3cd13d4861406a61ded8663625276fe7413e305d0db8d07f767b"
 PARAMS = ("eta", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), )
 CONSTS = (("T", ("M", "M", )), )

@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: erf, g(z) = erf(z/sqrt(2))
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 a3a249c60cc199b97c3be3fe26ea48846a50aaea507e854d7e67898bdb886135
+# inputs:     sha256 4ed14f001dc58b54fa546a37d2d9a6890644147de3a1f00e6bf873d332f6d812
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 289 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = erf(z/sqrt(2)).
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "erf"
-INPUTS_SHA256 = "a3a249c60cc199b97c3be3fe26ea48846a50aaea507e854d7e67898bdb886135"
+INPUTS_SHA256 = "4ed14f001dc58b54fa546a37d2d9a6890644147de3a1f00e6bf873d332f6d812"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

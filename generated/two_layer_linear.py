@@ -2,7 +2,7 @@
 # model:      two_layer (derive/models/two_layer.py, docs/models/two_layer.md)
 # activation: linear, g(z) = z
 # template:   derive/templates/kernel.py.jinja
-# inputs:     sha256 595b88aa9dcd1d38466b201e45a376b0f54dd45c0263f9ff1376859dbb5413b3
+# inputs:     sha256 f9b12e565f60938d6306f09e1e72157c146195688d1f1aeec903cd7d8e1ecf54
 # versions:   derive 0.1.0, sympy 1.14.0
 # operations: 93 (sympy count_ops of the primitives and coefficients)
 """Order-parameter flow of `two_layer`: two-layer network, both layers trained (Goldt et al. 2019); g(z) = z.
@@ -21,7 +21,7 @@ from numba import njit, prange
 
 MODEL = "two_layer"
 ACTIVATION = "linear"
-INPUTS_SHA256 = "595b88aa9dcd1d38466b201e45a376b0f54dd45c0263f9ff1376859dbb5413b3"
+INPUTS_SHA256 = "f9b12e565f60938d6306f09e1e72157c146195688d1f1aeec903cd7d8e1ecf54"
 PARAMS = ("eta", "eta_v", "kappa", "sigma", )
 STATE = (("Q", ("K", "K", )), ("R", ("K", "M", )), ("v", ("K", )), )
 CONSTS = (("T", ("M", "M", )), ("vs", ("M", )), )

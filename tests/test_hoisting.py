@@ -156,3 +156,47 @@ def test_a_partial_sum_is_shared_until_what_it_reads_is_written():
         for name in ("X_", "Y_"):
             np.testing.assert_allclose(got[name], want[name], rtol=1e-12, atol=1e-12)
         assert np.abs(want["Y_"]).max() > 0.1
+
+
+def _reads(stmts) -> set:
+    """The arrays that the components of ``stmts`` read (their terms' coefficients and
+    primitive arguments), in guards too."""
+    out = set()
+    for st in stmts:
+        if isinstance(st, meta.Guard):
+            out |= _reads(st.body)
+        elif isinstance(st, meta.Assign):
+            for t in st.component.terms:
+                for e in (t.coeff, *t.args):
+                    out |= {str(x.base) for x in sp.sympify(e).atoms(sp.Indexed)}
+    return out
+
+
+def test_every_array_the_regrouping_adds_is_read():
+    """A table or partial sum is computed only to be read: a component whose terms get
+    a table but no partial sum reads the table too (the two I2 tables and three G4
+    tables of the query's E[b] and E[b b^T] were once computed and left unread)."""
+    free = (j, r)
+    comp = Component("Z_", free, (FlowTerm(Lc[j0, r] * mu[j0], (j0,), "P2", (lam[j0], lam[j])),))
+    stmts = (meta.Alloc("Z_", ("K", "M")), meta.Assign(comp, "Z_", ("j", "r_")))
+    for plain in (program(), stmts):
+        hoisted = meta.hoist_partial_sums(plain)
+        body = hoisted[0].body if isinstance(hoisted[0], meta.Guard) else hoisted
+        added = {st.name for st in body if isinstance(st, meta.Alloc)} - {"X_", "Z_"}
+        assert added and added <= _reads(hoisted), added - _reads(hoisted)
+        want, got = run(plain, inputs(2)), run(hoisted, inputs(2))
+        name = "X_" if plain is not stmts else "Z_"
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-12, atol=1e-12)
+
+
+def test_a_primitive_that_a_table_serves_is_not_tabulated_again():
+    """After a ``Table`` of a primitive, the kernel reads that table in place of the
+    primitive's calls: the regrouping adds no table of its own for it."""
+    free = (j, r)
+    comp = Component("Z_", free, (FlowTerm(Lc[j0, r] * mu[j0], (j0,), "P2", (lam[j0], lam[j])),))
+    stmts = (
+        meta.Alloc("Z_", ("K", "M")),
+        meta.Table("P2t_", "P2", (lam,)),
+        meta.Assign(comp, "Z_", ("j", "r_")),
+    )
+    assert meta.hoist_partial_sums(stmts) == stmts
