@@ -307,33 +307,27 @@ class _Concrete:
 
             at = [concrete(sp.sympify(e).xreplace(self._sub), self.K, self.M) for e in exprs]
             means = [field_mean(e, self.rows, self._activation) for e in at]
-            tp = sp.Symbol("t_path_")
+            tp, wp = sp.Symbol("t_path_"), sp.Symbol("w_path_")  # the rule's nodes and weights
             path_sum = sp.Function("path_sum_")
 
             def as_sum(integral):
                 ((var, lo, hi),) = integral.limits
                 if (lo, hi) != (0, 1):
                     raise ValueError(f"an integral over [{lo}, {hi}], not Price's path [0, 1]")
-                return path_sum(integral.function.xreplace({var: tp}))
+                return path_sum(integral.function.xreplace({var: tp}), wp)
 
             means = [m.replace(lambda e: isinstance(e, sp.Integral), as_sum) for m in means]
-            chosen = []  # the rule of the call in progress: (nodes, weights)
 
-            def rule(x):
-                nodes, weights = chosen[-1]
+            def rule(x, weights):
                 x = np.asarray(x, dtype=float)
-                return np.tensordot(weights, np.broadcast_to(x, (nodes.size, *x.shape[1:])), axes=1)
+                return np.tensordot(weights, np.broadcast_to(x, (weights.size, *x.shape[1:])), axes=1)
 
-            fn = sp.lambdify((*self.args, COV, tp), means, [{"path_sum_": rule}, *MODULES], cse=True)
+            fn = sp.lambdify((*self.args, COV, tp, wp), means, [{"path_sum_": rule}, *MODULES], cse=True)
 
             def mean(*args):
-                cov = np.asarray(args[-1], dtype=float)
-                nodes, weights = (np.array(x) for x in path_rule(nodes_for(float(np.max(np.diagonal(cov))))))
-                chosen.append((nodes, weights))
-                try:
-                    return fn(*args, nodes.reshape(-1, 1))
-                finally:
-                    chosen.pop()
+                largest = float(np.max(np.diagonal(np.asarray(args[-1], dtype=float))))
+                nodes, weights = (np.array(x) for x in path_rule(nodes_for(largest)))
+                return fn(*args, nodes.reshape(-1, 1), weights)
 
             self._means[key] = mean
         return self._means[key]
