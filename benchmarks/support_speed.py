@@ -72,10 +72,13 @@ tangent's K^5 M contractions per direction (100 directions) and the G4_dir calls
 a direction touches.
 
 The G4 table (96 % of task_moments at K = 8 in an earlier version): K (K + 1) / 2
-pairs k <= l, each about 2 (K + M)^2 pair-tilted I2 per node of the 20-node path
-rule. Fewer nodes cost accuracy at large variances (max |G4_table(n) - G4_table(20)|,
-random covariances of max variance 5 / 19 / 74: 16 nodes 1.5e-14 / 1.7e-10 / 3.7e-8,
-12 nodes 2.1e-11 / 4.0e-8 / 1.2e-6), for at most 20/16 or 20/12 of the time.
+pairs k <= l, each about 2 (K + M)^2 pair-tilted I2 per node of the path rule. Since
+d6bbf6b the node count follows the largest variance of the table's rows
+(derive/quadrature.py RULES: 10 nodes up to 2, 12 up to 3, ... 64 up to 2048, each
+within 1e-11), where it was 20 for every variance. In one run, K = M = 8, n_s = 10,
+largest variance 2.3 (12 nodes), median of 40: S = 1 3.85 -> 2.67 ms (87x -> 60x a
+population step of 0.044 ms), S = 2 4.57 -> 3.62 ms (102x -> 81x); G4_tables alone for
+16 rows 2.95 ms at 20 nodes, 1.46 ms at 10.
 """
 
 from __future__ import annotations
